@@ -1,0 +1,221 @@
+//! Delivering the result: `POST {X-Callback-Url}` with the function's body and headers plus the
+//! OpenFaaS callback headers, retried with exponential backoff on retryable failures.
+//!
+//! Only the callback is retried here, never the function: the result is already stored.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::WorkerConfig;
+use crate::invoke::{Outcome, is_hop_by_hop, transport_error_kind};
+use crate::message::CallMeta;
+
+/// How a callback ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// The receiver answered 2xx.
+    Delivered {
+        /// Its status.
+        status: u16,
+        /// Attempts used.
+        attempts: u32,
+    },
+    /// A permanent failure (4xx other than 408/429, 3xx, 410 Gone) or attempts exhausted.
+    GaveUp {
+        /// Data-free reason.
+        reason: String,
+        /// Attempts used.
+        attempts: u32,
+    },
+    /// Shutdown's grace period ended before delivery; the message is handed back.
+    Interrupted,
+}
+
+/// Sends callbacks.
+#[derive(Debug, Clone)]
+pub struct CallbackSender {
+    client: reqwest::Client,
+    timeout: Duration,
+    max_attempts: u32,
+    initial_wait: Duration,
+    max_wait: Duration,
+}
+
+/// Headers of a callback request, in order: the function's response headers, then ours.
+pub fn callback_headers(meta: &CallMeta, outcome: &Outcome) -> Vec<(String, String)> {
+    const OURS: [&str; 6] = [
+        "x-call-id",
+        "x-function-status",
+        "x-duration-seconds",
+        "x-function-name",
+        "x-start-time",
+        "x-function-error",
+    ];
+    let mut headers: Vec<(String, String)> = outcome
+        .headers
+        .iter()
+        .filter(|(name, _)| !is_hop_by_hop(name) && !OURS.iter().any(|o| name.eq_ignore_ascii_case(o)))
+        .cloned()
+        .collect();
+    headers.push(("X-Call-Id".into(), meta.call_id.clone()));
+    headers.push(("X-Function-Status".into(), outcome.status.to_string()));
+    headers.push((
+        "X-Duration-Seconds".into(),
+        format!("{:.6}", outcome.duration.as_secs_f64()),
+    ));
+    headers.push(("X-Function-Name".into(), meta.qualified_function()));
+    headers.push((
+        "X-Start-Time".into(),
+        meta.received_at_unix_nanos.to_string(),
+    ));
+    if let Some(err) = &outcome.error {
+        headers.push(("X-Function-Error".into(), err.clone()));
+    }
+    headers
+}
+
+enum AttemptResult {
+    Delivered(u16),
+    Retry(String, Option<Duration>),
+    Permanent(String),
+}
+
+impl CallbackSender {
+    /// From the worker configuration.
+    pub fn new(config: &WorkerConfig, client: reqwest::Client) -> Self {
+        Self {
+            client,
+            timeout: config.callback_timeout,
+            max_attempts: config.callback_max_attempts,
+            initial_wait: config.callback_initial_wait,
+            max_wait: config.callback_max_wait,
+        }
+    }
+
+    /// Delivers the callback, retrying retryable failures until it succeeds, fails for good,
+    /// runs out of attempts or `interrupt` fires.
+    pub async fn deliver(
+        &self,
+        url: &str,
+        meta: &CallMeta,
+        outcome: &Outcome,
+        interrupt: &CancellationToken,
+    ) -> Delivery {
+        let headers = callback_headers(meta, outcome);
+        let mut wait = self.initial_wait;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let result = tokio::select! {
+                r = self.attempt(url, &headers, outcome) => r,
+                () = interrupt.cancelled() => return Delivery::Interrupted,
+            };
+            let (reason, retry_after) = match result {
+                AttemptResult::Delivered(status) => {
+                    return Delivery::Delivered { status, attempts };
+                }
+                AttemptResult::Permanent(reason) => return Delivery::GaveUp { reason, attempts },
+                AttemptResult::Retry(reason, retry_after) => (reason, retry_after),
+            };
+            if attempts >= self.max_attempts {
+                return Delivery::GaveUp {
+                    reason: format!("{reason} after {attempts} attempts"),
+                    attempts,
+                };
+            }
+            let delay = retry_after.unwrap_or(wait).min(self.max_wait);
+            tracing::warn!(call_id = %meta.call_id, attempt = attempts, %reason, retry_in = ?delay, "callback failed; retrying");
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = interrupt.cancelled() => return Delivery::Interrupted,
+            }
+            wait = (wait * 2).min(self.max_wait);
+        }
+    }
+
+    async fn attempt(
+        &self,
+        url: &str,
+        headers: &[(String, String)],
+        outcome: &Outcome,
+    ) -> AttemptResult {
+        let mut request = self
+            .client
+            .post(url)
+            .timeout(self.timeout)
+            .body(outcome.body.clone());
+        for (name, value) in headers {
+            request = request.header(name.as_str(), value.as_str());
+        }
+        let response = match request.send().await {
+            Ok(r) => r,
+            Err(e) => return AttemptResult::Retry(transport_error_kind(&e).to_owned(), None),
+        };
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        // Drain the (small) body so the connection can be reused; ignore its content.
+        let _ = response.bytes().await;
+        let code = status.as_u16();
+        match code {
+            200..=299 => AttemptResult::Delivered(code),
+            408 | 429 | 500..=599 => AttemptResult::Retry(format!("status {code}"), retry_after),
+            410 => AttemptResult::Permanent("receiver answered 410 Gone".into()),
+            _ => AttemptResult::Permanent(format!("status {code}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::BodyLocation;
+    use bytes::Bytes;
+
+    #[test]
+    fn callback_headers_carry_the_openfaas_set_and_the_function_headers() {
+        let meta = CallMeta {
+            call_id: "abc".into(),
+            function: "fn".into(),
+            namespace: Some("ns".into()),
+            method: "POST".into(),
+            path: String::new(),
+            query: None,
+            headers: vec![],
+            callback_url: None,
+            received_at_unix_nanos: 42,
+            body: BodyLocation::Inline { len: 0 },
+        };
+        let outcome = Outcome {
+            status: 418,
+            headers: vec![
+                ("content-type".into(), "text/plain".into()),
+                ("x-call-id".into(), "spoofed".into()),
+                ("transfer-encoding".into(), "chunked".into()),
+            ],
+            body: Bytes::new(),
+            duration: Duration::from_millis(1250),
+            error: None,
+        };
+        let h = callback_headers(&meta, &outcome);
+        let get = |n: &str| {
+            h.iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case(n))
+                .map(|(_, v)| v.as_str())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(get("content-type"), ["text/plain"]);
+        assert_eq!(get("x-call-id"), ["abc"]);
+        assert_eq!(get("x-function-status"), ["418"]);
+        assert_eq!(get("x-duration-seconds"), ["1.250000"]);
+        assert_eq!(get("x-function-name"), ["fn.ns"]);
+        assert_eq!(get("x-start-time"), ["42"]);
+        assert!(get("transfer-encoding").is_empty());
+        assert!(get("x-function-error").is_empty());
+    }
+}

@@ -1,0 +1,361 @@
+//! Configuration: one clap-derive struct per binary, every setting a flag and an environment
+//! variable, durations in humantime form (`30s`, `5m`). The NATS and stream settings are
+//! shared with `gateway-plugin`, which flattens [`NatsArgs`] and [`StreamArgs`] into its own.
+//!
+//! OpenFaaS's queue-worker variables (`faas_nats_address`, `max_inflight`, ...) are accepted by
+//! [`openfaas_compat_args`], which turns them into flags that come before the real command line.
+//! Precedence: command-line flag > our environment variable > OpenFaaS variable > default.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, ValueEnum};
+
+/// Parses a humantime duration (`500ms`, `30s`, `5m`, `1h 30m`). A bare number is seconds,
+/// as OpenFaaS's Go durations are often written that way in old charts.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 30s, 5m, 1h)"))
+}
+
+/// Parses a byte size: `1048576`, `512KiB`, `1MiB`, `2MB`.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (expected e.g. 1048576, 512KiB, 1MiB)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?} (use B, KiB, MiB, GiB)")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// How to reach NATS. Shared by both binaries.
+#[derive(Debug, Clone, Args)]
+pub struct NatsArgs {
+    /// NATS server URL(s), comma-separated.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Name of the JetStream stream holding queued calls.
+    #[arg(long, env = "ASYNC_STREAM", default_value = "faas-async")]
+    pub stream: String,
+    /// Subject prefix: calls are published on `<prefix>.<namespace or _>.<function>`.
+    #[arg(long, env = "ASYNC_SUBJECT_PREFIX", default_value = "faas-async")]
+    pub subject_prefix: String,
+    /// Stream receiving dead letters (undecodable messages).
+    #[arg(long, env = "ASYNC_DEAD_LETTER_STREAM", default_value = "faas-async-dead")]
+    pub dead_letter_stream: String,
+    /// How long a JetStream API request or publish acknowledgement may take.
+    #[arg(long, env = "NATS_REQUEST_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub nats_request_timeout: Duration,
+}
+
+/// How the gateway creates or updates the stream. Only the gateway applies these; workers use
+/// the stream as they find it.
+#[derive(Debug, Clone, Args)]
+pub struct StreamArgs {
+    /// Queued calls older than this are dropped by JetStream.
+    #[arg(long, env = "ASYNC_STREAM_MAX_AGE", default_value = "24h", value_parser = parse_duration)]
+    pub stream_max_age: Duration,
+    /// Size limit of the stream; when full, new calls get 503 (discard-new policy). 0 = no limit.
+    #[arg(long, env = "ASYNC_STREAM_MAX_BYTES", default_value = "0", value_parser = parse_bytes)]
+    pub stream_max_bytes: u64,
+    /// Replicas of the stream (3 in a JetStream cluster).
+    #[arg(long, env = "ASYNC_STREAM_REPLICAS", default_value_t = 1)]
+    pub stream_replicas: usize,
+    /// Window in which a publish with the same call id is stored once.
+    #[arg(long, env = "ASYNC_STREAM_DUPLICATE_WINDOW", default_value = "2m", value_parser = parse_duration)]
+    pub stream_duplicate_window: Duration,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logging. Shared by both binaries.
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log filter in `tracing` syntax (`info`, `queue_worker=debug`).
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+/// How the worker reaches functions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum InvokeMode {
+    /// Through the OpenFaaS gateway: `{gateway}/function/{name}{path}` (OpenFaaS's default).
+    Gateway,
+    /// Straight to the function's service: `http://{name}.{namespace}{suffix}:8080{path}`.
+    Direct,
+}
+
+/// `queue-worker` settings.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "queue-worker", version, about, args_override_self = true)]
+pub struct WorkerConfig {
+    /// NATS connection and stream names.
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    /// Logging.
+    #[command(flatten)]
+    pub log: LogArgs,
+    /// Durable consumer shared by all workers.
+    #[arg(long, env = "QUEUE_WORKER_CONSUMER", default_value = "faas-async-workers")]
+    pub consumer: String,
+    /// Most function invocations this worker runs at once.
+    #[arg(long, env = "QUEUE_WORKER_MAX_INFLIGHT", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_inflight: u32,
+    /// Time JetStream waits for an ack (or in-progress heartbeat) before redelivering.
+    /// Short: a dead worker's calls are redelivered quickly; heartbeats keep long calls alive.
+    #[arg(long, env = "QUEUE_WORKER_ACK_WAIT", default_value = "30s", value_parser = parse_duration)]
+    pub ack_wait: Duration,
+    /// Upper bound on unacknowledged calls across all workers of the consumer.
+    #[arg(long, env = "QUEUE_WORKER_MAX_ACK_PENDING", default_value_t = 20_000)]
+    pub max_ack_pending: i64,
+    /// How long one pull request waits for messages before it is renewed.
+    #[arg(long, env = "QUEUE_WORKER_PULL_EXPIRES", default_value = "5s", value_parser = parse_duration)]
+    pub pull_expires: Duration,
+    /// Gateway or direct invocation.
+    #[arg(long, env = "QUEUE_WORKER_INVOKE_MODE", value_enum, default_value_t = InvokeMode::Gateway)]
+    pub invoke_mode: InvokeMode,
+    /// OpenFaaS gateway base URL (gateway mode).
+    #[arg(long, env = "QUEUE_WORKER_GATEWAY_URL", default_value = "http://gateway:8080")]
+    pub gateway_url: String,
+    /// Namespace used in direct mode when the call did not name one.
+    #[arg(long, env = "QUEUE_WORKER_DEFAULT_NAMESPACE", default_value = "openfaas-fn")]
+    pub default_namespace: String,
+    /// DNS suffix appended to `{name}.{namespace}` in direct mode (e.g. `.svc.cluster.local`).
+    #[arg(long, env = "QUEUE_WORKER_FUNCTION_SUFFIX", default_value = "")]
+    pub function_suffix: String,
+    /// Longest a single function call may take.
+    #[arg(long, env = "QUEUE_WORKER_UPSTREAM_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub upstream_timeout: Duration,
+    /// Largest function response kept and forwarded; a larger one is reported as status 502.
+    #[arg(long, env = "QUEUE_WORKER_MAX_RESPONSE_BYTES", default_value = "32MiB", value_parser = parse_bytes)]
+    pub max_response_bytes: u64,
+    /// Longest a single callback POST may take.
+    #[arg(long, env = "QUEUE_WORKER_CALLBACK_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub callback_timeout: Duration,
+    /// Callback attempts before the worker gives up on a callback (retryable failures only).
+    #[arg(long, env = "QUEUE_WORKER_CALLBACK_MAX_ATTEMPTS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub callback_max_attempts: u32,
+    /// First wait between callback attempts; doubles up to `--callback-max-wait`.
+    #[arg(long, env = "QUEUE_WORKER_CALLBACK_INITIAL_WAIT", default_value = "1s", value_parser = parse_duration)]
+    pub callback_initial_wait: Duration,
+    /// Longest wait between callback attempts.
+    #[arg(long, env = "QUEUE_WORKER_CALLBACK_MAX_WAIT", default_value = "30s", value_parser = parse_duration)]
+    pub callback_max_wait: Duration,
+    /// Directory of the worker's dedup state (sled). One worker process per directory.
+    #[arg(long, env = "QUEUE_WORKER_STATE_DIR", default_value = "./data/queue-worker")]
+    pub state_dir: PathBuf,
+    /// How long the worker remembers a finished call, to avoid invoking a redelivery again.
+    /// Keep it at least as long as the stream's max age.
+    #[arg(long, env = "QUEUE_WORKER_DEDUP_RETENTION", default_value = "24h", value_parser = parse_duration)]
+    pub dedup_retention: Duration,
+    /// Memory sled may use for its page cache.
+    #[arg(long, env = "QUEUE_WORKER_STATE_CACHE_BYTES", default_value = "16MiB", value_parser = parse_bytes)]
+    pub state_cache_bytes: u64,
+    /// On SIGTERM/SIGINT, how long in-flight calls may run before they are handed back.
+    #[arg(long, env = "QUEUE_WORKER_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+    /// Fault injection for crash tests: abort the process after a call's result is stored and
+    /// before its callback and ack. Never set this in production.
+    #[arg(long, env = "QUEUE_WORKER_FAULT_CRASH_AFTER_STORE", hide = true)]
+    pub fault_crash_after_store: bool,
+}
+
+impl WorkerConfig {
+    /// Checks relations between settings that clap cannot express.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.ack_wait < Duration::from_secs(1) {
+            return Err("--ack-wait must be at least 1s".into());
+        }
+        if self.callback_initial_wait > self.callback_max_wait {
+            return Err("--callback-initial-wait must not exceed --callback-max-wait".into());
+        }
+        if self.invoke_mode == InvokeMode::Gateway {
+            let url = url::Url::parse(&self.gateway_url)
+                .map_err(|e| format!("--gateway-url {:?}: {e}", self.gateway_url))?;
+            if url.scheme() != "http" && url.scheme() != "https" {
+                return Err(format!("--gateway-url {:?} is not http(s)", self.gateway_url));
+            }
+        }
+        Ok(())
+    }
+
+    /// How often an in-progress heartbeat is sent while a call is handled.
+    pub fn progress_interval(&self) -> Duration {
+        self.ack_wait / 3
+    }
+}
+
+/// Turns OpenFaaS queue-worker / gateway environment variables into flags, for those settings
+/// whose own variable is not set. `lookup` reads the environment (a map in tests).
+pub fn openfaas_compat_args(lookup: impl Fn(&str) -> Option<String>) -> Vec<OsString> {
+    let set = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+    let mut args: Vec<OsString> = Vec::new();
+    let mut flag = |ours: &str, flag: &str, value: String| {
+        if set(ours).is_none() {
+            args.push(format!("--{flag}={value}").into());
+        }
+    };
+    if let Some(addr) = set("faas_nats_address") {
+        let port = set("faas_nats_port").unwrap_or_else(|| "4222".into());
+        flag("NATS_URL", "nats-url", format!("nats://{addr}:{port}"));
+    }
+    if let Some(addr) = set("faas_gateway_address") {
+        let port = set("faas_gateway_port").unwrap_or_else(|| "8080".into());
+        flag(
+            "QUEUE_WORKER_GATEWAY_URL",
+            "gateway-url",
+            format!("http://{addr}:{port}"),
+        );
+    }
+    let direct: [(&str, &str, &str); 4] = [
+        ("max_inflight", "QUEUE_WORKER_MAX_INFLIGHT", "max-inflight"),
+        ("ack_wait", "QUEUE_WORKER_ACK_WAIT", "ack-wait"),
+        ("upstream_timeout", "QUEUE_WORKER_UPSTREAM_TIMEOUT", "upstream-timeout"),
+        ("faas_function_suffix", "QUEUE_WORKER_FUNCTION_SUFFIX", "function-suffix"),
+    ];
+    for (theirs, ours, name) in direct {
+        if let Some(v) = set(theirs) {
+            flag(ours, name, v);
+        }
+    }
+    if let Some(v) = set("gateway_invoke") {
+        let mode = if v.eq_ignore_ascii_case("true") { "gateway" } else { "direct" };
+        flag("QUEUE_WORKER_INVOKE_MODE", "invoke-mode", mode.into());
+    }
+    if set("write_debug").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+        flag("LOG_LEVEL", "log-level", "debug".into());
+    }
+    args
+}
+
+/// The argument list a binary parses: program name, OpenFaaS-derived flags, then the real
+/// command line (which wins, as later flags override earlier ones).
+pub fn args_with_openfaas_compat(
+    real_args: impl IntoIterator<Item = OsString>,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Vec<OsString> {
+    let mut real = real_args.into_iter();
+    let mut out: Vec<OsString> = real.next().into_iter().collect();
+    out.extend(openfaas_compat_args(lookup));
+    out.extend(real);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn parse(env: &[(&str, &str)], cli: &[&str]) -> WorkerConfig {
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let real = std::iter::once("queue-worker")
+            .chain(cli.iter().copied())
+            .map(OsString::from);
+        WorkerConfig::try_parse_from(args_with_openfaas_compat(real, |k| env.get(k).cloned()))
+            .unwrap()
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("1h 30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("60").unwrap(), Duration::from_secs(60));
+        assert!(parse_duration("soon").is_err());
+        assert_eq!(parse_bytes("1MiB").unwrap(), 1 << 20);
+        assert_eq!(parse_bytes("512 KiB").unwrap(), 512 << 10);
+        assert_eq!(parse_bytes("2MB").unwrap(), 2_000_000);
+        assert_eq!(parse_bytes("1024").unwrap(), 1024);
+        assert!(parse_bytes("1 parsec").is_err());
+        assert!(parse_bytes("99999999999999999999GiB").is_err());
+    }
+
+    #[test]
+    fn defaults_are_sane() {
+        let c = parse(&[], &[]);
+        assert_eq!(c.max_inflight, 50);
+        assert_eq!(c.ack_wait, Duration::from_secs(30));
+        assert_eq!(c.nats.nats_url, "nats://127.0.0.1:4222");
+        assert_eq!(c.invoke_mode, InvokeMode::Gateway);
+        assert!(c.validate().is_ok());
+        assert_eq!(c.progress_interval(), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn openfaas_variables_map_onto_settings() {
+        let c = parse(
+            &[
+                ("faas_nats_address", "nats.openfaas"),
+                ("faas_nats_port", "4223"),
+                ("faas_gateway_address", "gateway.openfaas"),
+                ("max_inflight", "7"),
+                ("ack_wait", "1m"),
+                ("gateway_invoke", "false"),
+                ("faas_function_suffix", ".openfaas-fn.svc.cluster.local"),
+                ("upstream_timeout", "2h"),
+                ("write_debug", "true"),
+            ],
+            &[],
+        );
+        assert_eq!(c.nats.nats_url, "nats://nats.openfaas:4223");
+        assert_eq!(c.gateway_url, "http://gateway.openfaas:8080");
+        assert_eq!(c.max_inflight, 7);
+        assert_eq!(c.ack_wait, Duration::from_secs(60));
+        assert_eq!(c.invoke_mode, InvokeMode::Direct);
+        assert_eq!(c.function_suffix, ".openfaas-fn.svc.cluster.local");
+        assert_eq!(c.upstream_timeout, Duration::from_secs(7200));
+        assert_eq!(c.log.log_level, "debug");
+    }
+
+    #[test]
+    fn our_variables_and_flags_win_over_openfaas_ones() {
+        // Our own variable set: the OpenFaaS one is ignored (clap reads ours from the real
+        // environment, so here we only check that no compat flag is produced).
+        let env: HashMap<&str, &str> =
+            [("max_inflight", "7"), ("QUEUE_WORKER_MAX_INFLIGHT", "9")].into();
+        assert!(openfaas_compat_args(|k| env.get(k).map(|v| (*v).to_owned())).is_empty());
+        // A flag on the command line beats the OpenFaaS variable.
+        let c = parse(&[("max_inflight", "7")], &["--max-inflight", "3"]);
+        assert_eq!(c.max_inflight, 3);
+    }
+
+    #[test]
+    fn bad_values_are_clear_errors() {
+        let err = WorkerConfig::try_parse_from(["queue-worker", "--ack-wait", "forever"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("expected e.g. 30s"), "{err}");
+        assert!(WorkerConfig::try_parse_from(["queue-worker", "--max-inflight", "0"]).is_err());
+        let c = parse(&[], &["--ack-wait", "100ms"]);
+        assert!(c.validate().unwrap_err().contains("ack-wait"));
+    }
+}

@@ -1,0 +1,275 @@
+//! Calling the function: the URL it lives at, forwarding method, path, query, headers and body,
+//! and turning whatever happens (response, timeout, refused connection) into an [`Outcome`].
+
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::config::{InvokeMode, WorkerConfig};
+use crate::message::QueuedCall;
+
+/// Headers that belong to one connection, not to the message (RFC 9110 §7.6.1), plus those the
+/// HTTP client sets itself. They are never stored or forwarded.
+pub const HOP_BY_HOP: [&str; 10] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+];
+
+/// True for headers that must not be copied from one HTTP exchange to another.
+pub fn is_hop_by_hop(name: &str) -> bool {
+    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h)) || name.eq_ignore_ascii_case("host")
+}
+
+/// What came of one invocation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    /// The function's status, or 503 when it could not be reached (OpenFaaS's convention),
+    /// 502 when its response was unusable.
+    pub status: u16,
+    /// The function's response headers (hop-by-hop removed).
+    pub headers: Vec<(String, String)>,
+    /// The function's response body (empty on a transport error).
+    pub body: Bytes,
+    /// Wall time of the call.
+    pub duration: Duration,
+    /// Why there is no real response, if so (`timeout`, `connect`, ...). Sent as
+    /// `X-Function-Error`; never contains request or response data.
+    pub error: Option<String>,
+}
+
+/// Builds function URLs and calls functions.
+#[derive(Debug, Clone)]
+pub struct FunctionInvoker {
+    client: reqwest::Client,
+    mode: InvokeMode,
+    gateway_url: String,
+    default_namespace: String,
+    function_suffix: String,
+    timeout: Duration,
+    max_response_bytes: u64,
+}
+
+/// Shared HTTP client settings: no redirects (a 3xx is an answer, not an instruction), bounded
+/// connect time, the process-wide rustls provider.
+pub fn http_client(user_agent: &str) -> Result<reqwest::Client, reqwest::Error> {
+    // async-nats already uses ring; install it for reqwest too so there is one provider.
+    // Err means it is already installed, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .user_agent(user_agent)
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(10))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .tcp_nodelay(true)
+        .build()
+}
+
+impl FunctionInvoker {
+    /// From the worker configuration.
+    pub fn new(config: &WorkerConfig, client: reqwest::Client) -> Self {
+        Self {
+            client,
+            mode: config.invoke_mode,
+            gateway_url: config.gateway_url.trim_end_matches('/').to_owned(),
+            default_namespace: config.default_namespace.clone(),
+            function_suffix: config.function_suffix.clone(),
+            timeout: config.upstream_timeout,
+            max_response_bytes: config.max_response_bytes,
+        }
+    }
+
+    /// The URL a call is sent to. The path and query are appended exactly as the client sent
+    /// them (the path was checked for dot segments before it was queued).
+    pub fn url(&self, call: &QueuedCall) -> String {
+        let m = &call.meta;
+        let mut url = match self.mode {
+            InvokeMode::Gateway => format!(
+                "{}/function/{}{}",
+                self.gateway_url,
+                m.qualified_function(),
+                m.path
+            ),
+            InvokeMode::Direct => {
+                let ns = m.namespace.as_deref().unwrap_or(&self.default_namespace);
+                let path = if m.path.is_empty() { "/" } else { &m.path };
+                format!(
+                    "http://{}.{ns}{}:8080{path}",
+                    m.function, self.function_suffix
+                )
+            }
+        };
+        if let Some(q) = m.query.as_deref().filter(|q| !q.is_empty()) {
+            url.push('?');
+            url.push_str(q);
+        }
+        url
+    }
+
+    /// Calls the function once. Never fails: transport problems become a 503 outcome.
+    pub async fn invoke(&self, call: &QueuedCall) -> Outcome {
+        let started = Instant::now();
+        let failed = |status: u16, error: &str| Outcome {
+            status,
+            headers: Vec::new(),
+            body: Bytes::new(),
+            duration: started.elapsed(),
+            error: Some(error.to_owned()),
+        };
+        let method = match reqwest::Method::from_bytes(call.meta.method.as_bytes()) {
+            Ok(m) => m,
+            Err(_) => return failed(502, "invalid method"),
+        };
+        let mut request = self
+            .client
+            .request(method, self.url(call))
+            .timeout(self.timeout)
+            .body(call.body.clone());
+        for (name, value) in &call.meta.headers {
+            if !is_hop_by_hop(name) {
+                request = request.header(name.as_str(), value.as_str());
+            }
+        }
+        let response = match request.send().await {
+            Ok(r) => r,
+            Err(e) => return failed(503, transport_error_kind(&e)),
+        };
+        let status = response.status().as_u16();
+        let headers = response_headers(response.headers());
+        match read_limited(response, self.max_response_bytes).await {
+            Ok(body) => Outcome {
+                status,
+                headers,
+                body,
+                duration: started.elapsed(),
+                error: None,
+            },
+            Err(ReadError::TooLarge) => failed(502, "response too large"),
+            Err(ReadError::Transport(e)) => failed(503, transport_error_kind(&e)),
+        }
+    }
+}
+
+/// Copies response headers that may be forwarded, as strings (non-UTF-8 values are dropped).
+pub fn response_headers(headers: &reqwest::header::HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .filter(|(name, _)| !is_hop_by_hop(name.as_str()))
+        .filter_map(|(name, value)| {
+            value
+                .to_str()
+                .ok()
+                .map(|v| (name.as_str().to_owned(), v.to_owned()))
+        })
+        .collect()
+}
+
+/// A short, data-free name for a transport error.
+pub fn transport_error_kind(e: &reqwest::Error) -> &'static str {
+    if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect"
+    } else if e.is_body() || e.is_decode() {
+        "body"
+    } else {
+        "request"
+    }
+}
+
+enum ReadError {
+    TooLarge,
+    Transport(reqwest::Error),
+}
+
+async fn read_limited(mut response: reqwest::Response, max: u64) -> Result<Bytes, ReadError> {
+    if response.content_length().is_some_and(|len| len > max) {
+        return Err(ReadError::TooLarge);
+    }
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = response.chunk().await.map_err(ReadError::Transport)? {
+        if (buf.len() + chunk.len()) as u64 > max {
+            return Err(ReadError::TooLarge);
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{BodyLocation, CallMeta};
+    use clap::Parser;
+
+    fn call(ns: Option<&str>, path: &str, query: Option<&str>) -> QueuedCall {
+        QueuedCall {
+            meta: CallMeta {
+                call_id: "c".into(),
+                function: "figlet".into(),
+                namespace: ns.map(Into::into),
+                method: "POST".into(),
+                path: path.into(),
+                query: query.map(Into::into),
+                headers: vec![],
+                callback_url: None,
+                received_at_unix_nanos: 0,
+                body: BodyLocation::Inline { len: 0 },
+            },
+            body: Bytes::new(),
+        }
+    }
+
+    fn invoker(args: &[&str]) -> FunctionInvoker {
+        let config = WorkerConfig::try_parse_from(
+            std::iter::once("queue-worker").chain(args.iter().copied()),
+        )
+        .unwrap();
+        FunctionInvoker::new(&config, http_client("test").unwrap())
+    }
+
+    #[test]
+    fn gateway_urls_keep_path_and_query_as_sent() {
+        let inv = invoker(&["--gateway-url", "http://gw:8080/"]);
+        assert_eq!(inv.url(&call(None, "", None)), "http://gw:8080/function/figlet");
+        assert_eq!(
+            inv.url(&call(Some("team"), "/a/b%20c/", Some("x=1&y=%2F"))),
+            "http://gw:8080/function/figlet.team/a/b%20c/?x=1&y=%2F"
+        );
+    }
+
+    #[test]
+    fn direct_urls_use_namespace_and_suffix() {
+        let inv = invoker(&[
+            "--invoke-mode",
+            "direct",
+            "--function-suffix",
+            ".svc.cluster.local",
+        ]);
+        assert_eq!(
+            inv.url(&call(None, "", Some("q=1"))),
+            "http://figlet.openfaas-fn.svc.cluster.local:8080/?q=1"
+        );
+        assert_eq!(
+            inv.url(&call(Some("dev"), "/x", None)),
+            "http://figlet.dev.svc.cluster.local:8080/x"
+        );
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_recognised() {
+        for h in ["Connection", "transfer-encoding", "Host", "Content-Length", "TE"] {
+            assert!(is_hop_by_hop(h), "{h}");
+        }
+        for h in ["content-type", "authorization", "x-call-id"] {
+            assert!(!is_hop_by_hop(h), "{h}");
+        }
+    }
+}

@@ -1,0 +1,439 @@
+//! The queued-call message: the versioned wire format between `gateway-plugin` and `queue-worker`.
+//!
+//! A queued call is one JetStream message whose payload is an *envelope*:
+//!
+//! ```text
+//! offset  size  field
+//! 0       4     magic  b"FAQC"  (faas async queued call)
+//! 4       1     format version (currently 1)
+//! 5       4     metadata length M, big-endian u32
+//! 9       M     metadata: UTF-8 JSON, see [`CallMeta`]
+//! 9+M     rest  the request body, raw bytes (never base64 inside JSON)
+//! ```
+//!
+//! Compatibility rules:
+//! - within a version, new *optional* metadata fields may be added; decoders ignore unknown fields;
+//! - anything an older worker must not silently ignore (an encrypted payload with a key id, a
+//!   new body location) either uses a variant of [`BodyLocation`] an older worker rejects, or
+//!   bumps the version byte. A worker dead-letters versions it does not know instead of guessing.
+//!
+//! The JetStream message also carries `Nats-Msg-Id: <call id>` so a retried publish is stored once.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+
+/// First bytes of every envelope.
+pub const MAGIC: [u8; 4] = *b"FAQC";
+/// The envelope version this build writes and reads.
+pub const FORMAT_VERSION: u8 = 1;
+const HEADER_LEN: usize = 4 + 1 + 4;
+
+/// Longest call id we accept (client-supplied ids included).
+pub const MAX_CALL_ID_LEN: usize = 128;
+/// Longest function name or namespace (Kubernetes DNS label length).
+pub const MAX_NAME_LEN: usize = 63;
+
+/// Where the request body is. Only `inline` exists today; a body kept in an object store and
+/// passed by reference will be another variant, which older workers reject rather than misread.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum BodyLocation {
+    /// The body follows the metadata in the same envelope.
+    Inline {
+        /// Body length in bytes, checked on decode.
+        len: u64,
+    },
+}
+
+/// Everything about a call except its body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallMeta {
+    /// Unique id of the call (`X-Call-Id`).
+    pub call_id: String,
+    /// Function name, without namespace.
+    pub function: String,
+    /// Namespace from `name.namespace` addressing, if given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// HTTP method the client used.
+    pub method: String,
+    /// Raw (still percent-encoded) path after the function name: empty, `/` or `/a/b`.
+    #[serde(default)]
+    pub path: String,
+    /// Raw query string without the leading `?`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    /// Request headers in arrival order, hop-by-hop headers removed. Names are lower-case.
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+    /// Where to POST the result, if anywhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<String>,
+    /// When the gateway accepted the call, Unix time in nanoseconds (`X-Start-Time`).
+    pub received_at_unix_nanos: u64,
+    /// Where the body is.
+    pub body: BodyLocation,
+}
+
+impl CallMeta {
+    /// `name` or `name.namespace`, as the client addressed the function.
+    pub fn qualified_function(&self) -> String {
+        match &self.namespace {
+            Some(ns) => format!("{}.{ns}", self.function),
+            None => self.function.clone(),
+        }
+    }
+}
+
+/// A decoded queued call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedCall {
+    /// Metadata.
+    pub meta: CallMeta,
+    /// Request body (a zero-copy slice of the message payload when decoded).
+    pub body: Bytes,
+}
+
+/// Why an envelope could not be decoded. Such a message is dead-lettered, never retried.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// Shorter than the fixed header.
+    #[error("message too short for an envelope ({0} bytes)")]
+    TooShort(usize),
+    /// Does not start with [`MAGIC`].
+    #[error("not a queued-call envelope (bad magic)")]
+    BadMagic,
+    /// A version this build does not read.
+    #[error("unsupported envelope version {0} (this worker reads version {FORMAT_VERSION})")]
+    UnsupportedVersion(u8),
+    /// Metadata length runs past the end.
+    #[error("metadata length {0} exceeds the message")]
+    MetadataLength(usize),
+    /// Metadata is not valid JSON of the expected shape.
+    #[error("invalid metadata: {0}")]
+    Metadata(#[from] serde_json::Error),
+    /// Body length disagrees with the metadata.
+    #[error("body is {actual} bytes but metadata says {declared}")]
+    BodyLength {
+        /// From the metadata.
+        declared: u64,
+        /// Found.
+        actual: usize,
+    },
+    /// Metadata decoded but holds values the worker must not act on.
+    #[error("invalid call: {0}")]
+    Invalid(#[from] InvalidCall),
+}
+
+/// A value in a call that must be refused (by the gateway with 400, by the worker as poison).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidCall {
+    /// Function or namespace name.
+    #[error(
+        "invalid function name {0:?}: use 1-63 characters of a-z, A-Z, 0-9, '-' and '_', optionally followed by .namespace"
+    )]
+    FunctionName(String),
+    /// Path with dot segments or characters that could change which function is called.
+    #[error("invalid path {0:?}: '.' and '..' segments, backslashes and control characters are not allowed")]
+    Path(String),
+    /// Call id.
+    #[error("invalid call id {0:?}: use 1-128 characters of a-z, A-Z, 0-9, '-' and '_'")]
+    CallId(String),
+    /// Method we do not forward.
+    #[error("unsupported method {0:?}")]
+    Method(String),
+    /// Callback URL.
+    #[error("invalid callback URL: {0}")]
+    CallbackUrl(String),
+}
+
+/// Methods the async path accepts and forwards.
+pub const METHODS: [&str; 5] = ["POST", "PUT", "PATCH", "DELETE", "GET"];
+
+fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '-' || c == '_'
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_NAME_LEN && s.chars().all(is_name_char) && !s.starts_with('-')
+}
+
+/// Splits and checks `name` or `name.namespace`.
+pub fn parse_function(addressed: &str) -> Result<(String, Option<String>), InvalidCall> {
+    let (name, ns) = match addressed.split_once('.') {
+        Some((name, ns)) => (name, Some(ns)),
+        None => (addressed, None),
+    };
+    if !valid_name(name) || ns.is_some_and(|ns| !valid_name(ns)) {
+        return Err(InvalidCall::FunctionName(addressed.to_owned()));
+    }
+    Ok((name.to_owned(), ns.map(str::to_owned)))
+}
+
+/// Checks the path after the function name. It is appended to the function's URL, so it must
+/// not be able to climb out of it (`/../other-function`).
+pub fn validate_path(path: &str) -> Result<(), InvalidCall> {
+    if path.is_empty() {
+        return Ok(());
+    }
+    let bad = !path.starts_with('/')
+        || path.chars().any(|c| c.is_control() || c == '\\' || c == ' ')
+        || path.split('/').any(|seg| {
+            let lower = seg.to_ascii_lowercase();
+            // Percent-encoded dots are decoded by some proxies before routing.
+            let decoded = lower.replace("%2e", ".");
+            decoded == "." || decoded == ".."
+        })
+        || path.to_ascii_lowercase().contains("%2f")
+        || path.to_ascii_lowercase().contains("%5c");
+    if bad {
+        return Err(InvalidCall::Path(path.to_owned()));
+    }
+    Ok(())
+}
+
+/// Is this an acceptable call id (client-supplied or generated)?
+pub fn valid_call_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_CALL_ID_LEN && id.chars().all(is_name_char)
+}
+
+/// Parses a callback URL: absolute, http or https, with a host.
+pub fn parse_callback_url(raw: &str) -> Result<url::Url, InvalidCall> {
+    let url = url::Url::parse(raw).map_err(|e| InvalidCall::CallbackUrl(e.to_string()))?;
+    if url.scheme() != "http" && url.scheme() != "https" {
+        return Err(InvalidCall::CallbackUrl(format!(
+            "scheme {:?} is not http or https",
+            url.scheme()
+        )));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(InvalidCall::CallbackUrl("URL has no host".to_owned()));
+    }
+    Ok(url)
+}
+
+impl QueuedCall {
+    /// Checks everything the worker relies on to build URLs.
+    pub fn validate(&self) -> Result<(), InvalidCall> {
+        let m = &self.meta;
+        if !valid_call_id(&m.call_id) {
+            return Err(InvalidCall::CallId(m.call_id.clone()));
+        }
+        if !valid_name(&m.function) || m.namespace.as_deref().is_some_and(|ns| !valid_name(ns)) {
+            return Err(InvalidCall::FunctionName(m.qualified_function()));
+        }
+        if !METHODS.contains(&m.method.as_str()) {
+            return Err(InvalidCall::Method(m.method.clone()));
+        }
+        validate_path(&m.path)?;
+        if let Some(cb) = &m.callback_url {
+            parse_callback_url(cb)?;
+        }
+        Ok(())
+    }
+
+    /// Metadata JSON with the body's real length written in.
+    fn meta_json(&self) -> Result<Vec<u8>, serde_json::Error> {
+        let mut meta = self.meta.clone();
+        meta.body = BodyLocation::Inline {
+            len: self.body.len() as u64,
+        };
+        serde_json::to_vec(&meta)
+    }
+
+    /// Length of the encoded envelope.
+    pub fn encoded_len(&self) -> Result<usize, serde_json::Error> {
+        Ok(HEADER_LEN + self.meta_json()?.len() + self.body.len())
+    }
+
+    /// Encodes the envelope. The body's length is written into the metadata.
+    pub fn encode(&self) -> Result<Bytes, serde_json::Error> {
+        let json = self.meta_json()?;
+        let meta_len = u32::try_from(json.len()).map_err(|_| {
+            serde_json::Error::io(std::io::Error::other("metadata larger than 4 GiB"))
+        })?;
+        let mut buf = BytesMut::with_capacity(HEADER_LEN + json.len() + self.body.len());
+        buf.put_slice(&MAGIC);
+        buf.put_u8(FORMAT_VERSION);
+        buf.put_u32(meta_len);
+        buf.put_slice(&json);
+        buf.put_slice(&self.body);
+        Ok(buf.freeze())
+    }
+
+    /// Decodes and validates an envelope. The body is a zero-copy slice of `payload`.
+    pub fn decode(payload: &Bytes) -> Result<Self, DecodeError> {
+        if payload.len() < HEADER_LEN {
+            return Err(DecodeError::TooShort(payload.len()));
+        }
+        if payload[..4] != MAGIC {
+            return Err(DecodeError::BadMagic);
+        }
+        if payload[4] != FORMAT_VERSION {
+            return Err(DecodeError::UnsupportedVersion(payload[4]));
+        }
+        let meta_len = u32::from_be_bytes([payload[5], payload[6], payload[7], payload[8]]) as usize;
+        let meta_end = HEADER_LEN
+            .checked_add(meta_len)
+            .filter(|end| *end <= payload.len())
+            .ok_or(DecodeError::MetadataLength(meta_len))?;
+        let meta: CallMeta = serde_json::from_slice(&payload[HEADER_LEN..meta_end])?;
+        let body = payload.slice(meta_end..);
+        let BodyLocation::Inline { len } = meta.body;
+        if len != body.len() as u64 {
+            return Err(DecodeError::BodyLength {
+                declared: len,
+                actual: body.len(),
+            });
+        }
+        let call = Self { meta, body };
+        call.validate()?;
+        Ok(call)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> QueuedCall {
+        QueuedCall {
+            meta: CallMeta {
+                call_id: "0192a7c4-1b2c-7d3e-8f40-123456789abc".into(),
+                function: "figlet".into(),
+                namespace: Some("team-a".into()),
+                method: "POST".into(),
+                path: "/render/x".into(),
+                query: Some("a=1&b=%20".into()),
+                headers: vec![
+                    ("content-type".into(), "text/plain".into()),
+                    ("x-multi".into(), "1".into()),
+                    ("x-multi".into(), "2".into()),
+                ],
+                callback_url: Some("http://127.0.0.1:9/cb".into()),
+                received_at_unix_nanos: 1_700_000_000_000_000_000,
+                body: BodyLocation::Inline { len: 0 },
+            },
+            body: Bytes::from_static(b"\x00\xffbinary body, not base64"),
+        }
+    }
+
+    #[test]
+    fn round_trips_and_keeps_the_body_raw() {
+        let call = sample();
+        let encoded = call.encode().unwrap();
+        assert_eq!(encoded.len(), call.encoded_len().unwrap());
+        // The raw body is the tail of the envelope: no base64 inflation.
+        assert!(encoded.ends_with(&call.body));
+        let decoded = QueuedCall::decode(&encoded).unwrap();
+        assert_eq!(decoded.body, call.body);
+        assert_eq!(decoded.meta.headers, call.meta.headers);
+        assert_eq!(
+            decoded.meta.body,
+            BodyLocation::Inline {
+                len: call.body.len() as u64
+            }
+        );
+        assert_eq!(decoded.meta.qualified_function(), "figlet.team-a");
+    }
+
+    #[test]
+    fn rejects_garbage_and_unknown_versions() {
+        assert!(matches!(
+            QueuedCall::decode(&Bytes::from_static(b"hi")),
+            Err(DecodeError::TooShort(2))
+        ));
+        assert!(matches!(
+            QueuedCall::decode(&Bytes::from_static(b"{\"json\": true}")),
+            Err(DecodeError::BadMagic)
+        ));
+        let mut v2 = sample().encode().unwrap().to_vec();
+        v2[4] = 2;
+        assert!(matches!(
+            QueuedCall::decode(&Bytes::from(v2)),
+            Err(DecodeError::UnsupportedVersion(2))
+        ));
+        let mut long = sample().encode().unwrap().to_vec();
+        long[5..9].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(matches!(
+            QueuedCall::decode(&Bytes::from(long)),
+            Err(DecodeError::MetadataLength(_))
+        ));
+        let mut truncated = sample().encode().unwrap().to_vec();
+        truncated.pop();
+        assert!(matches!(
+            QueuedCall::decode(&Bytes::from(truncated)),
+            Err(DecodeError::BodyLength { .. })
+        ));
+    }
+
+    #[test]
+    fn rejects_unknown_body_locations() {
+        let call = sample();
+        let mut meta = serde_json::to_value(&call.meta).unwrap();
+        meta["body"] = serde_json::json!({"kind": "object_store", "key": "x"});
+        let json = serde_json::to_vec(&meta).unwrap();
+        let mut buf = MAGIC.to_vec();
+        buf.push(FORMAT_VERSION);
+        buf.extend_from_slice(&u32::try_from(json.len()).unwrap().to_be_bytes());
+        buf.extend_from_slice(&json);
+        assert!(matches!(
+            QueuedCall::decode(&Bytes::from(buf)),
+            Err(DecodeError::Metadata(_))
+        ));
+    }
+
+    #[test]
+    fn hand_made_envelopes_with_dangerous_values_are_invalid() {
+        let mut call = sample();
+        call.meta.path = "/../admin".into();
+        let encoded = call.encode().unwrap();
+        assert!(matches!(
+            QueuedCall::decode(&encoded),
+            Err(DecodeError::Invalid(InvalidCall::Path(_)))
+        ));
+        let mut call = sample();
+        call.meta.function = "a/b".into();
+        assert!(call.validate().is_err());
+        let mut call = sample();
+        call.meta.method = "CONNECT".into();
+        assert!(call.validate().is_err());
+    }
+
+    #[test]
+    fn function_names() {
+        assert_eq!(parse_function("fn").unwrap(), ("fn".into(), None));
+        assert_eq!(
+            parse_function("fn_1.openfaas-fn").unwrap(),
+            ("fn_1".into(), Some("openfaas-fn".into()))
+        );
+        for bad in ["", ".ns", "fn.", "a.b.c", "-x", "f n", "f%2e", &"x".repeat(64)] {
+            assert!(parse_function(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn paths() {
+        for ok in ["", "/", "/a/b", "/a%20b/", "/a.b/..c/x.."] {
+            assert!(validate_path(ok).is_ok(), "{ok:?} should pass");
+        }
+        for bad in [
+            "/..", "/a/../b", "/./a", "/%2e%2E/x", "/a%2Fb", "/a\\b", "/a\nb", "x",
+        ] {
+            assert!(validate_path(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn call_ids_and_callback_urls() {
+        assert!(valid_call_id("0192a7c4-1b2c-7d3e-8f40-123456789abc"));
+        assert!(valid_call_id("job_42"));
+        for bad in ["", "a b", "a/b", "a.b", &"x".repeat(129)] {
+            assert!(!valid_call_id(bad), "{bad:?}");
+        }
+        assert!(parse_callback_url("https://example.com/hook?x=1").is_ok());
+        for bad in ["not a url", "ftp://example.com/", "file:///etc/passwd", "/relative"] {
+            assert!(parse_callback_url(bad).is_err(), "{bad:?}");
+        }
+    }
+}

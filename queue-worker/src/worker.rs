@@ -1,0 +1,460 @@
+//! The pull loop and the life of one message.
+//!
+//! Pull loop: take a concurrency permit *before* pulling, then ask JetStream for at most as many
+//! messages as permits are held, so no message waits in a local buffer with its ack clock running.
+//!
+//! One message: decode (undecodable → dead letter) → consult the dedup state → invoke the
+//! function (in-progress heartbeats keep the message alive) → store the outcome durably →
+//! release the permit → deliver the callback (retrying only the callback) → mark done → ack.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
+use futures::StreamExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::callback::{CallbackSender, Delivery};
+use crate::config::WorkerConfig;
+use crate::invoke::{FunctionInvoker, Outcome, http_client};
+use crate::message::QueuedCall;
+use crate::queue::{self, DeadLetterReason};
+use crate::state::{Begin, CallStore, StateError};
+
+/// Largest pull request, whatever the number of free permits.
+const MAX_PULL_BATCH: usize = 256;
+/// Wait before a message is offered again after a local failure (state store, dead-letter publish).
+const LOCAL_FAILURE_RETRY: Duration = Duration::from_secs(5);
+
+/// Errors that stop the worker from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// Invalid configuration.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The state directory could not be opened.
+    #[error("cannot open state directory {dir}: {source}")]
+    State {
+        /// Directory.
+        dir: String,
+        /// Cause.
+        #[source]
+        source: StateError,
+    },
+    /// NATS problem at start.
+    #[error(transparent)]
+    Queue(#[from] queue::QueueError),
+    /// HTTP client could not be built.
+    #[error("cannot build HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
+/// Everything a message handler needs, shared by all handlers.
+#[derive(Debug)]
+struct Ctx {
+    config: WorkerConfig,
+    js: jetstream::Context,
+    store: CallStore,
+    invoker: FunctionInvoker,
+    callbacks: CallbackSender,
+    /// Fires when the shutdown grace period is over: running calls are handed back.
+    hand_back: CancellationToken,
+}
+
+/// Runs a worker until `shutdown` completes, then drains: no new pulls, in-flight calls get
+/// `shutdown_grace` to finish, the rest are handed back to JetStream (nak).
+pub async fn run(
+    config: WorkerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), WorkerError> {
+    config.validate().map_err(WorkerError::Config)?;
+    let store = {
+        let (dir, cache, retention) = (
+            config.state_dir.clone(),
+            config.state_cache_bytes,
+            config.dedup_retention,
+        );
+        tokio::task::spawn_blocking(move || CallStore::open(&dir, cache, retention))
+            .await
+            .map_err(|e| WorkerError::Config(format!("state open task failed: {e}")))?
+            .map_err(|source| WorkerError::State {
+                dir: config.state_dir.display().to_string(),
+                source,
+            })?
+    };
+    let client = queue::connect(&config.nats, "queue-worker").await?;
+    let js = queue::jetstream(client.clone(), &config.nats);
+    let http = http_client(concat!("queue-worker/", env!("CARGO_PKG_VERSION")))?;
+
+    let stop_pulling = CancellationToken::new();
+    let ctx = Arc::new(Ctx {
+        invoker: FunctionInvoker::new(&config, http.clone()),
+        callbacks: CallbackSender::new(&config, http),
+        js,
+        store,
+        hand_back: CancellationToken::new(),
+        config,
+    });
+    {
+        let stop = stop_pulling.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            stop.cancel();
+        });
+    }
+    let sweeper = tokio::spawn(sweep_expired(ctx.store.clone(), stop_pulling.clone()));
+
+    tracing::info!(
+        stream = %ctx.config.nats.stream,
+        consumer = %ctx.config.consumer,
+        max_inflight = ctx.config.max_inflight,
+        ack_wait = ?ctx.config.ack_wait,
+        "queue-worker started"
+    );
+    let mut tasks = pull_loop(&ctx, &stop_pulling).await;
+
+    tracing::info!(
+        in_flight = tasks.len(),
+        grace = ?ctx.config.shutdown_grace,
+        "shutting down: no new pulls; waiting for in-flight calls"
+    );
+    let drained = tokio::time::timeout(ctx.config.shutdown_grace, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            in_flight = tasks.len(),
+            "grace period over: handing the remaining calls back to the queue"
+        );
+        ctx.hand_back.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+    }
+    sweeper.abort();
+    if let Err(e) = client.flush().await {
+        tracing::warn!(error = %e, "could not flush NATS connection at shutdown");
+    }
+    if let Err(e) = ctx.store.flush().await {
+        tracing::warn!(error = %e, "could not flush state at shutdown");
+    }
+    tracing::info!("queue-worker stopped");
+    Ok(())
+}
+
+/// Pulls until `stop` fires; returns the handlers still running.
+async fn pull_loop(ctx: &Arc<Ctx>, stop: &CancellationToken) -> JoinSet<()> {
+    let permits = Arc::new(Semaphore::new(ctx.config.max_inflight as usize));
+    let mut tasks = JoinSet::new();
+    let mut consumer: Option<PullConsumer> = None;
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
+    while !stop.is_cancelled() {
+        while tasks.try_join_next().is_some() {}
+        let Some(bound) = consumer.as_ref() else {
+            let config = queue::consumer_config(
+                &ctx.config.consumer,
+                &ctx.config.nats.subject_prefix,
+                ctx.config.ack_wait,
+                ctx.config.max_ack_pending,
+            );
+            match queue::bind_consumer(&ctx.js, &ctx.config.nats.stream, config).await {
+                Ok(c) => {
+                    tracing::info!(consumer = %ctx.config.consumer, "bound to consumer");
+                    consumer = Some(c);
+                    backoff.reset();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff.peek(), "cannot bind consumer (is the stream created?)");
+                    backoff.wait(stop).await;
+                }
+            }
+            continue;
+        };
+        let first = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            () = stop.cancelled() => break,
+        };
+        let mut held = vec![first];
+        while held.len() < MAX_PULL_BATCH {
+            match permits.clone().try_acquire_owned() {
+                Ok(p) => held.push(p),
+                Err(_) => break,
+            }
+        }
+        let batch = bound
+            .batch()
+            .max_messages(held.len())
+            .expires(ctx.config.pull_expires)
+            .messages();
+        let mut batch = tokio::select! {
+            b = batch => match b {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(error = %e, "pull request failed");
+                    consumer = None;
+                    backoff.wait(stop).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => break,
+        };
+        loop {
+            let next = tokio::select! {
+                n = batch.next() => n,
+                () = stop.cancelled() => None,
+            };
+            match next {
+                None => break,
+                Some(Ok(msg)) => {
+                    backoff.reset();
+                    let Some(permit) = held.pop() else {
+                        // The server sent more than asked; hand it straight back.
+                        let _ = msg.ack_with(AckKind::Nak(None)).await;
+                        continue;
+                    };
+                    tasks.spawn(handle(ctx.clone(), msg, permit));
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "pull failed; re-binding the consumer");
+                    consumer = None;
+                    backoff.wait(stop).await;
+                    break;
+                }
+            }
+        }
+    }
+    tasks
+}
+
+/// Sends in-progress acks while a message is being handled so JetStream does not redeliver
+/// it, however long the function runs. Stops when dropped.
+struct Heartbeat(tokio::task::JoinHandle<()>);
+
+impl Heartbeat {
+    fn start(msg: &jetstream::Message, every: Duration) -> Self {
+        let msg = msg.clone();
+        Self(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if let Err(e) = msg.ack_with(AckKind::Progress).await {
+                    tracing::warn!(error = %e, "in-progress ack failed");
+                }
+            }
+        }))
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn handle(ctx: Arc<Ctx>, msg: jetstream::Message, permit: OwnedSemaphorePermit) {
+    let call = match QueuedCall::decode(&msg.payload) {
+        Ok(call) => call,
+        Err(e) => {
+            drop(permit);
+            return dead_letter_undecodable(&ctx, &msg, &e.to_string()).await;
+        }
+    };
+    let delivered = msg.info().map(|i| i.delivered).unwrap_or(0);
+    let span = tracing::info_span!(
+        "call",
+        call_id = %call.meta.call_id,
+        function = %call.meta.qualified_function(),
+        delivered,
+    );
+    handle_call(ctx, msg, call, permit).instrument(span).await;
+}
+
+async fn handle_call(
+    ctx: Arc<Ctx>,
+    msg: jetstream::Message,
+    call: QueuedCall,
+    permit: OwnedSemaphorePermit,
+) {
+    let call_id = call.meta.call_id.as_str();
+    let heartbeat = Heartbeat::start(&msg, ctx.config.progress_interval());
+    let begin = match ctx.store.begin(call_id) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(error = %e, "state store failed; handing the call back");
+            drop(heartbeat);
+            return nak(&msg, Some(LOCAL_FAILURE_RETRY)).await;
+        }
+    };
+    let (outcome, attempts) = match begin {
+        Begin::Finished => {
+            tracing::info!("redelivered call already finished; acking without invoking");
+            drop(heartbeat);
+            return ack(&msg).await;
+        }
+        Begin::RunningHere => {
+            tracing::debug!("redelivery of a call running here; offering it again later");
+            drop(heartbeat);
+            return nak(&msg, Some(ctx.config.ack_wait)).await;
+        }
+        Begin::CallbackPending { outcome, attempts } => {
+            tracing::info!("redelivered call already completed; delivering its callback only");
+            drop(permit);
+            (outcome, attempts)
+        }
+        Begin::Invoke { attempt } => {
+            tracing::debug!(attempt, "invoking");
+            let outcome = tokio::select! {
+                o = ctx.invoker.invoke(&call) => o,
+                () = ctx.hand_back.cancelled() => {
+                    tracing::warn!("shutdown: abandoning the running call and handing it back");
+                    if let Err(e) = ctx.store.release(call_id) {
+                        tracing::warn!(error = %e, "could not release the claim");
+                    }
+                    drop(heartbeat);
+                    return nak(&msg, None).await;
+                }
+            };
+            drop(permit);
+            tracing::info!(
+                status = outcome.status,
+                duration_ms = u64::try_from(outcome.duration.as_millis()).unwrap_or(u64::MAX),
+                error = outcome.error.as_deref(),
+                "function returned"
+            );
+            if let Err(e) = ctx.store.complete(call_id, attempt, &outcome).await {
+                // The function ran. Handing the message back would run it again for sure;
+                // going on without the record only risks that if we also crash before the ack.
+                tracing::error!(error = %e, "could not store the outcome; delivering without it");
+            }
+            if ctx.config.fault_crash_after_store {
+                tracing::error!("fault injection: aborting after storing the outcome");
+                std::process::abort();
+            }
+            (outcome, attempt)
+        }
+    };
+    deliver_and_ack(&ctx, &msg, &call, &outcome, attempts, heartbeat).await;
+}
+
+async fn deliver_and_ack(
+    ctx: &Ctx,
+    msg: &jetstream::Message,
+    call: &QueuedCall,
+    outcome: &Outcome,
+    attempts: u32,
+    heartbeat: Heartbeat,
+) {
+    if let Some(url) = call.meta.callback_url.as_deref() {
+        match ctx
+            .callbacks
+            .deliver(url, &call.meta, outcome, &ctx.hand_back)
+            .await
+        {
+            Delivery::Delivered { status, attempts } => {
+                tracing::info!(callback_status = status, callback_attempts = attempts, "callback delivered");
+            }
+            Delivery::GaveUp { reason, attempts } => {
+                tracing::error!(%reason, callback_attempts = attempts, "callback not delivered; giving up");
+            }
+            Delivery::Interrupted => {
+                tracing::warn!("shutdown: callback pending; handing the call back (the result is kept)");
+                drop(heartbeat);
+                return nak(msg, None).await;
+            }
+        }
+    }
+    if let Err(e) = ctx.store.finish(&call.meta.call_id, attempts) {
+        tracing::warn!(error = %e, "could not mark the call done");
+    }
+    drop(heartbeat);
+    ack(msg).await;
+}
+
+async fn dead_letter_undecodable(ctx: &Ctx, msg: &jetstream::Message, detail: &str) {
+    let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+    tracing::error!(stream_sequence = seq, subject = %msg.subject, error = detail, "undecodable message; dead-lettering it");
+    match queue::dead_letter(
+        &ctx.js,
+        &ctx.config.nats.dead_letter_stream,
+        &msg.subject,
+        msg.payload.clone(),
+        DeadLetterReason::Undecodable,
+        detail,
+    )
+    .await
+    {
+        Ok(()) => ack(msg).await,
+        Err(e) => {
+            tracing::error!(stream_sequence = seq, error = %e, "dead-letter publish failed; retrying later");
+            nak(msg, Some(LOCAL_FAILURE_RETRY)).await;
+        }
+    }
+}
+
+async fn ack(msg: &jetstream::Message) {
+    if let Err(e) = msg.ack().await {
+        // The call is done and recorded: a redelivery will be acked without invoking.
+        tracing::warn!(error = %e, "ack failed");
+    }
+}
+
+async fn nak(msg: &jetstream::Message, delay: Option<Duration>) {
+    if let Err(e) = msg.ack_with(AckKind::Nak(delay)).await {
+        tracing::warn!(error = %e, "nak failed; the message will be redelivered after ack_wait");
+    }
+}
+
+async fn sweep_expired(store: CallStore, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(60)) => {}
+            () = stop.cancelled() => return,
+        }
+        let store = store.clone();
+        match tokio::task::spawn_blocking(move || store.sweep_expired()).await {
+            Ok(Ok(n)) if n > 0 => tracing::debug!(removed = n, "expired call records swept"),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "sweeping expired call records failed"),
+            Err(e) => tracing::warn!(error = %e, "sweep task failed"),
+        }
+    }
+}
+
+/// Exponential wait between reconnect attempts; never a busy loop.
+#[derive(Debug)]
+struct Backoff {
+    initial: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    fn new(initial: Duration, max: Duration) -> Self {
+        Self {
+            initial,
+            max,
+            next: initial,
+        }
+    }
+    fn reset(&mut self) {
+        self.next = self.initial;
+    }
+    fn peek(&self) -> Duration {
+        self.next
+    }
+    async fn wait(&mut self, stop: &CancellationToken) {
+        tokio::select! {
+            () = tokio::time::sleep(self.next) => {}
+            () = stop.cancelled() => {}
+        }
+        self.next = (self.next * 2).min(self.max);
+    }
+}
