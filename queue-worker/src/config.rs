@@ -211,6 +211,16 @@ impl WorkerConfig {
     }
 }
 
+/// The NATS URL from OpenFaaS's `faas_nats_address` / `faas_nats_port`, if they are set.
+/// Both binaries use it; the gateway maps nothing else.
+pub fn openfaas_nats_url(lookup: impl Fn(&str) -> Option<String>) -> Option<String> {
+    let addr = lookup("faas_nats_address").filter(|v| !v.trim().is_empty())?;
+    let port = lookup("faas_nats_port")
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| "4222".into());
+    Some(format!("nats://{addr}:{port}"))
+}
+
 /// Turns OpenFaaS queue-worker / gateway environment variables into flags, for those settings
 /// whose own variable is not set. `lookup` reads the environment (a map in tests).
 pub fn openfaas_compat_args(lookup: impl Fn(&str) -> Option<String>) -> Vec<OsString> {
@@ -221,9 +231,8 @@ pub fn openfaas_compat_args(lookup: impl Fn(&str) -> Option<String>) -> Vec<OsSt
             args.push(format!("--{flag}={value}").into());
         }
     };
-    if let Some(addr) = set("faas_nats_address") {
-        let port = set("faas_nats_port").unwrap_or_else(|| "4222".into());
-        flag("NATS_URL", "nats-url", format!("nats://{addr}:{port}"));
+    if let Some(url) = openfaas_nats_url(&lookup) {
+        flag("NATS_URL", "nats-url", url);
     }
     if let Some(addr) = set("faas_gateway_address") {
         let port = set("faas_gateway_port").unwrap_or_else(|| "8080".into());

@@ -1,0 +1,107 @@
+//! `gateway-plugin` settings: every setting a flag and an environment variable. The NATS, stream
+//! and log settings are the ones `queue-worker` defines, so both binaries read the same names.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use queue_worker::config::{LogArgs, NatsArgs, StreamArgs, parse_bytes, parse_duration};
+
+/// `gateway-plugin` settings.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "gateway-plugin", version, about, args_override_self = true)]
+pub struct GatewayConfig {
+    /// NATS connection and stream names.
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    /// How the stream is created or updated at start.
+    #[command(flatten)]
+    pub stream: StreamArgs,
+    /// Logging.
+    #[command(flatten)]
+    pub log: LogArgs,
+    /// Address to listen on.
+    #[arg(long, env = "GATEWAY_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// Largest request body accepted (413 above it). Default: as large as the NATS server's
+    /// max_payload allows; a larger value is lowered to that, with a warning.
+    #[arg(long, env = "GATEWAY_MAX_BODY_BYTES", value_parser = parse_bytes)]
+    pub max_body_bytes: Option<u64>,
+    /// `Retry-After` sent with 503 answers when the queue cannot take a call.
+    #[arg(long, env = "GATEWAY_RETRY_AFTER", default_value = "5s", value_parser = parse_duration)]
+    pub retry_after: Duration,
+    /// On SIGTERM/SIGINT, how long requests in progress may take before the server stops.
+    #[arg(long, env = "GATEWAY_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+/// The argument list the binary parses: program name, flags derived from OpenFaaS's gateway
+/// variables (`faas_nats_address`, `faas_nats_port`) when `NATS_URL` is not set, then the
+/// real command line, which wins.
+pub fn args_with_openfaas_compat(
+    real_args: impl IntoIterator<Item = OsString>,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Vec<OsString> {
+    let mut real = real_args.into_iter();
+    let mut out: Vec<OsString> = real.next().into_iter().collect();
+    if lookup("NATS_URL").is_none()
+        && let Some(url) = queue_worker::config::openfaas_nats_url(&lookup)
+    {
+        out.push(format!("--nats-url={url}").into());
+    }
+    out.extend(real);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn parse(env: &[(&str, &str)], cli: &[&str]) -> GatewayConfig {
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let real = std::iter::once("gateway-plugin")
+            .chain(cli.iter().copied())
+            .map(OsString::from);
+        GatewayConfig::try_parse_from(args_with_openfaas_compat(real, |k| env.get(k).cloned()))
+            .unwrap()
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&[], &[]);
+        assert_eq!(c.listen.port(), 8080);
+        assert_eq!(c.nats.stream, "faas-async");
+        assert_eq!(c.stream.stream_max_age, Duration::from_secs(24 * 3600));
+        assert_eq!(c.max_body_bytes, None);
+        assert_eq!(c.retry_after, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn openfaas_gateway_variables_select_nats() {
+        let c = parse(
+            &[("faas_nats_address", "nats"), ("faas_nats_port", "4222")],
+            &[],
+        );
+        assert_eq!(c.nats.nats_url, "nats://nats:4222");
+        let c = parse(
+            &[("faas_nats_address", "nats")],
+            &["--nats-url", "nats://other:1"],
+        );
+        assert_eq!(c.nats.nats_url, "nats://other:1");
+    }
+
+    #[test]
+    fn sizes_and_durations_parse() {
+        let c = parse(&[], &["--max-body-bytes", "256KiB", "--retry-after", "2s"]);
+        assert_eq!(c.max_body_bytes, Some(256 * 1024));
+        assert_eq!(c.retry_after, Duration::from_secs(2));
+        assert!(
+            GatewayConfig::try_parse_from(["gateway-plugin", "--max-body-bytes", "lots"]).is_err()
+        );
+    }
+}

@@ -1,0 +1,290 @@
+//! HTTP routes. Every route is declared in [`router`], the one place where authentication and
+//! authorization will be added as a layer.
+//!
+//! - `POST|PUT|PATCH|DELETE|GET /async-function/{name}[.{namespace}][/{path...}][?query]`
+//!   → `202 Accepted` once JetStream stored the call.
+//! - `GET /healthz` (process up), `GET /readyz` (NATS connected and the stream present).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodFilter, get, on};
+use queue_worker::invoke::is_hop_by_hop;
+use queue_worker::message::{
+    BodyLocation, CallMeta, QueuedCall, parse_callback_url, parse_function, valid_call_id,
+    validate_path,
+};
+use queue_worker::queue::PublishError;
+use serde_json::json;
+
+use crate::error::ApiError;
+use crate::link::QueueLink;
+
+/// State shared by the handlers.
+#[derive(Debug)]
+pub struct AppState {
+    /// The JetStream link.
+    pub link: Arc<QueueLink>,
+    /// `Retry-After` for 503 answers.
+    pub retry_after: Duration,
+}
+
+const ASYNC_PREFIX: &str = "/async-function/";
+
+/// All routes.
+pub fn router(state: Arc<AppState>) -> Router {
+    let methods = MethodFilter::POST
+        .or(MethodFilter::PUT)
+        .or(MethodFilter::PATCH)
+        .or(MethodFilter::DELETE)
+        .or(MethodFilter::GET);
+    let enqueue_route = || on(methods, enqueue).fallback(method_not_allowed);
+    Router::new()
+        .route("/async-function/{name}", enqueue_route())
+        .route("/async-function/{name}/", enqueue_route())
+        .route("/async-function/{name}/{*path}", enqueue_route())
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(not_found)
+        // The body limit is enforced by the handler against the live NATS limit.
+        .layer(DefaultBodyLimit::disable())
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(on_panic))
+        .with_state(state)
+}
+
+fn on_panic(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    tracing::error!("request handler panicked");
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error").into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such route; async calls go to /async-function/{name}",
+    )
+}
+
+async fn method_not_allowed() -> Response {
+    let mut response = ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "async calls accept POST, PUT, PATCH, DELETE and GET",
+    )
+    .into_response();
+    response.headers_mut().insert(
+        header::ALLOW,
+        HeaderValue::from_static("POST, PUT, PATCH, DELETE, GET"),
+    );
+    response
+}
+
+async fn healthz() -> impl IntoResponse {
+    axum::Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    match state.link.check_ready().await {
+        Ok(()) => axum::Json(json!({"status": "ready"})).into_response(),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "not_ready", "reason": reason})),
+        )
+            .into_response(),
+    }
+}
+
+/// Splits `/async-function/{name}{rest}` from the raw (still percent-encoded) path.
+fn split_path(raw: &str) -> (&str, &str) {
+    let rest = raw.strip_prefix(ASYNC_PREFIX).unwrap_or(raw);
+    match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    }
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(v) => v.to_str().map(Some).map_err(|_| {
+            ApiError::bad_request("invalid_header", format!("header {name} is not valid text"))
+        }),
+    }
+}
+
+/// Headers kept with the call: hop-by-hop removed, the gateway's own `X-Call-Id` and
+/// `X-Start-Time` replacing any the client sent.
+fn captured_headers(
+    headers: &HeaderMap,
+    call_id: &str,
+    start: u64,
+) -> Result<Vec<(String, String)>, ApiError> {
+    let mut out = Vec::with_capacity(headers.len() + 2);
+    for (name, value) in headers {
+        let name = name.as_str();
+        if is_hop_by_hop(name) || name == "x-call-id" || name == "x-start-time" {
+            continue;
+        }
+        let value = value.to_str().map_err(|_| {
+            ApiError::bad_request(
+                "invalid_header",
+                format!("header {name} is not valid text (only visible ASCII is forwarded)"),
+            )
+        })?;
+        out.push((name.to_owned(), value.to_owned()));
+    }
+    out.push(("x-call-id".to_owned(), call_id.to_owned()));
+    out.push(("x-start-time".to_owned(), start.to_string()));
+    Ok(out)
+}
+
+async fn enqueue(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let received_at = queue_worker::unix_nanos_now();
+    let (parts, body) = request.into_parts();
+    let call_id = match parts.headers.get("x-call-id").and_then(|v| v.to_str().ok()) {
+        Some(id) if valid_call_id(id) => id.to_owned(),
+        _ => uuid::Uuid::now_v7().to_string(),
+    };
+    match accept(&state, parts, body, &call_id, received_at).await {
+        Ok(response) => response,
+        Err(e) => {
+            tracing::info!(call_id, status = e.status.as_u16(), error = e.code, "call refused");
+            e.with_call_id(&call_id).into_response()
+        }
+    }
+}
+
+async fn accept(
+    state: &AppState,
+    parts: axum::http::request::Parts,
+    body: Body,
+    call_id: &str,
+    received_at: u64,
+) -> Result<Response, ApiError> {
+    let (addressed, path) = split_path(parts.uri.path());
+    let (function, namespace) = parse_function(addressed)
+        .map_err(|e| ApiError::bad_request("invalid_function_name", e.to_string()))?;
+    validate_path(path).map_err(|e| ApiError::bad_request("invalid_path", e.to_string()))?;
+    let callback_url = match header_str(&parts.headers, "x-callback-url")? {
+        None => None,
+        Some(raw) => Some(
+            parse_callback_url(raw)
+                .map_err(|e| ApiError::bad_request("invalid_callback_url", e.to_string()))?
+                .to_string(),
+        ),
+    };
+    let headers = captured_headers(&parts.headers, call_id, received_at)?;
+
+    let limit = state.link.max_body();
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("request body exceeds the limit of {limit} bytes"),
+        )
+    };
+    let declared = header_str(&parts.headers, "content-length")?
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return Err(too_large());
+    }
+    let body = axum::body::to_bytes(body, usize::try_from(limit).unwrap_or(usize::MAX))
+        .await
+        .map_err(|e| {
+            // to_bytes reports an exceeded limit as a LengthLimitError somewhere in the chain.
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            while let Some(err) = source {
+                if err.is::<http_body_util::LengthLimitError>() {
+                    return too_large();
+                }
+                source = err.source();
+            }
+            ApiError::bad_request("unreadable_body", "could not read the request body")
+        })?;
+
+    let call = QueuedCall {
+        meta: CallMeta {
+            call_id: call_id.to_owned(),
+            function,
+            namespace,
+            method: parts.method.as_str().to_owned(),
+            path: path.to_owned(),
+            query: parts.uri.query().map(str::to_owned),
+            headers,
+            callback_url,
+            received_at_unix_nanos: received_at,
+            body: BodyLocation::Inline { len: 0 },
+        },
+        body,
+    };
+    let duplicate = state.link.publish(&call).await.map_err(|e| match e {
+        PublishError::TooLarge { max, .. } => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+            format!("request headers and body together exceed the queue's limit of {max} bytes"),
+        ),
+        PublishError::Disconnected | PublishError::NotStored(_) => {
+            tracing::warn!(error = %e, "call not queued");
+            ApiError::unavailable(
+                format!("the queue cannot take the call now ({e}); retry with the same X-Call-Id"),
+                state.retry_after,
+            )
+        }
+        PublishError::Encode(_) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "could not encode the call",
+        ),
+    })?;
+    tracing::info!(
+        call_id,
+        function = %call.meta.qualified_function(),
+        method = %call.meta.method,
+        duplicate,
+        "call queued"
+    );
+    let mut response = StatusCode::ACCEPTED.into_response();
+    let h = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(call_id) {
+        h.insert("x-call-id", v);
+    }
+    h.insert("x-start-time", HeaderValue::from(received_at));
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_name_and_path() {
+        assert_eq!(split_path("/async-function/fn"), ("fn", ""));
+        assert_eq!(split_path("/async-function/fn/"), ("fn", "/"));
+        assert_eq!(split_path("/async-function/fn.ns/a/b"), ("fn.ns", "/a/b"));
+    }
+
+    #[test]
+    fn captured_headers_drop_hop_by_hop_and_replace_ids() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("keep-alive"));
+        h.insert("content-type", HeaderValue::from_static("text/plain"));
+        h.insert("x-call-id", HeaderValue::from_static("client"));
+        h.append("x-multi", HeaderValue::from_static("1"));
+        h.append("x-multi", HeaderValue::from_static("2"));
+        let out = captured_headers(&h, "ours", 7).unwrap();
+        assert!(!out.iter().any(|(k, _)| k == "connection"));
+        assert_eq!(
+            out.iter().filter(|(k, _)| k == "x-multi").count(),
+            2,
+            "repeated headers are kept"
+        );
+        assert!(out.contains(&("x-call-id".into(), "ours".into())));
+        assert!(out.contains(&("x-start-time".into(), "7".into())));
+        assert!(!out.contains(&("x-call-id".into(), "client".into())));
+    }
+}
