@@ -53,7 +53,11 @@ impl ApiError {
     pub fn unavailable(message: impl Into<String>, retry_after: Duration) -> Self {
         Self {
             retry_after: Some(retry_after),
-            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "queue_unavailable", message)
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "queue_unavailable",
+                message,
+            )
         }
     }
 
@@ -77,7 +81,11 @@ impl IntoResponse for ApiError {
             let secs = after.as_secs().max(1);
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
-        if let Some(id) = self.call_id.as_deref().and_then(|id| HeaderValue::from_str(id).ok()) {
+        if let Some(id) = self
+            .call_id
+            .as_deref()
+            .and_then(|id| HeaderValue::from_str(id).ok())
+        {
             headers.insert("x-call-id", id);
         }
         response

@@ -84,7 +84,9 @@ impl QueueLink {
     pub async fn publish(&self, call: &QueuedCall) -> Result<bool, PublishError> {
         if !self.streams_ready.load(Ordering::Relaxed) {
             self.recheck.notify_one();
-            return Err(PublishError::NotStored("the stream is not set up yet".into()));
+            return Err(PublishError::NotStored(
+                "the stream is not set up yet".into(),
+            ));
         }
         let result =
             queue::publish_call(&self.client, &self.js, &self.nats.subject_prefix, call).await;

@@ -59,7 +59,12 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 fn on_panic(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     tracing::error!("request handler panicked");
-    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error").into_response()
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "internal error",
+    )
+    .into_response()
 }
 
 async fn not_found() -> ApiError {
@@ -117,14 +122,10 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>,
     }
 }
 
-/// Headers kept with the call: hop-by-hop removed, the gateway's own `X-Call-Id` and
-/// `X-Start-Time` replacing any the client sent.
-fn captured_headers(
-    headers: &HeaderMap,
-    call_id: &str,
-    start: u64,
-) -> Result<Vec<(String, String)>, ApiError> {
-    let mut out = Vec::with_capacity(headers.len() + 2);
+/// Headers kept with the call: hop-by-hop removed, and the client's `X-Call-Id` and
+/// `X-Start-Time` too (the worker sends the call's own values to the function).
+fn captured_headers(headers: &HeaderMap) -> Result<Vec<(String, String)>, ApiError> {
+    let mut out = Vec::with_capacity(headers.len());
     for (name, value) in headers {
         let name = name.as_str();
         if is_hop_by_hop(name) || name == "x-call-id" || name == "x-start-time" {
@@ -138,8 +139,6 @@ fn captured_headers(
         })?;
         out.push((name.to_owned(), value.to_owned()));
     }
-    out.push(("x-call-id".to_owned(), call_id.to_owned()));
-    out.push(("x-start-time".to_owned(), start.to_string()));
     Ok(out)
 }
 
@@ -153,7 +152,12 @@ async fn enqueue(State(state): State<Arc<AppState>>, request: Request) -> Respon
     match accept(&state, parts, body, &call_id, received_at).await {
         Ok(response) => response,
         Err(e) => {
-            tracing::info!(call_id, status = e.status.as_u16(), error = e.code, "call refused");
+            tracing::info!(
+                call_id,
+                status = e.status.as_u16(),
+                error = e.code,
+                "call refused"
+            );
             e.with_call_id(&call_id).into_response()
         }
     }
@@ -178,7 +182,7 @@ async fn accept(
                 .to_string(),
         ),
     };
-    let headers = captured_headers(&parts.headers, call_id, received_at)?;
+    let headers = captured_headers(&parts.headers)?;
 
     let limit = state.link.max_body();
     let too_large = || {
@@ -188,8 +192,8 @@ async fn accept(
             format!("request body exceeds the limit of {limit} bytes"),
         )
     };
-    let declared = header_str(&parts.headers, "content-length")?
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared =
+        header_str(&parts.headers, "content-length")?.and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > limit) {
         return Err(too_large());
     }
@@ -269,22 +273,24 @@ mod tests {
     }
 
     #[test]
-    fn captured_headers_drop_hop_by_hop_and_replace_ids() {
+    fn captured_headers_drop_hop_by_hop_and_call_ids() {
         let mut h = HeaderMap::new();
         h.insert("connection", HeaderValue::from_static("keep-alive"));
         h.insert("content-type", HeaderValue::from_static("text/plain"));
         h.insert("x-call-id", HeaderValue::from_static("client"));
         h.append("x-multi", HeaderValue::from_static("1"));
         h.append("x-multi", HeaderValue::from_static("2"));
-        let out = captured_headers(&h, "ours", 7).unwrap();
+        let out = captured_headers(&h).unwrap();
         assert!(!out.iter().any(|(k, _)| k == "connection"));
         assert_eq!(
             out.iter().filter(|(k, _)| k == "x-multi").count(),
             2,
             "repeated headers are kept"
         );
-        assert!(out.contains(&("x-call-id".into(), "ours".into())));
-        assert!(out.contains(&("x-start-time".into(), "7".into())));
-        assert!(!out.contains(&("x-call-id".into(), "client".into())));
+        assert!(
+            !out.iter().any(|(k, _)| k == "x-call-id"),
+            "the client's id is not kept"
+        );
+        assert!(out.contains(&("content-type".into(), "text/plain".into())));
     }
 }

@@ -55,7 +55,9 @@ pub fn callback_headers(meta: &CallMeta, outcome: &Outcome) -> Vec<(String, Stri
     let mut headers: Vec<(String, String)> = outcome
         .headers
         .iter()
-        .filter(|(name, _)| !is_hop_by_hop(name) && !OURS.iter().any(|o| name.eq_ignore_ascii_case(o)))
+        .filter(|(name, _)| {
+            !is_hop_by_hop(name) && !OURS.iter().any(|o| name.eq_ignore_ascii_case(o))
+        })
         .cloned()
         .collect();
     headers.push(("X-Call-Id".into(), meta.call_id.clone()));

@@ -38,7 +38,11 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         "mib" => 1 << 20,
         "g" | "gb" => 1_000_000_000,
         "gib" => 1 << 30,
-        other => return Err(format!("unknown size unit {other:?} (use B, KiB, MiB, GiB)")),
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} (use B, KiB, MiB, GiB)"
+            ));
+        }
     };
     n.checked_mul(mult)
         .ok_or_else(|| format!("{s:?} is too large"))
@@ -57,7 +61,11 @@ pub struct NatsArgs {
     #[arg(long, env = "ASYNC_SUBJECT_PREFIX", default_value = "faas-async")]
     pub subject_prefix: String,
     /// Stream receiving dead letters (undecodable messages).
-    #[arg(long, env = "ASYNC_DEAD_LETTER_STREAM", default_value = "faas-async-dead")]
+    #[arg(
+        long,
+        env = "ASYNC_DEAD_LETTER_STREAM",
+        default_value = "faas-async-dead"
+    )]
     pub dead_letter_stream: String,
     /// How long a JetStream API request or publish acknowledgement may take.
     #[arg(long, env = "NATS_REQUEST_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
@@ -122,7 +130,11 @@ pub struct WorkerConfig {
     #[command(flatten)]
     pub log: LogArgs,
     /// Durable consumer shared by all workers.
-    #[arg(long, env = "QUEUE_WORKER_CONSUMER", default_value = "faas-async-workers")]
+    #[arg(
+        long,
+        env = "QUEUE_WORKER_CONSUMER",
+        default_value = "faas-async-workers"
+    )]
     pub consumer: String,
     /// Most function invocations this worker runs at once.
     #[arg(long, env = "QUEUE_WORKER_MAX_INFLIGHT", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
@@ -141,10 +153,18 @@ pub struct WorkerConfig {
     #[arg(long, env = "QUEUE_WORKER_INVOKE_MODE", value_enum, default_value_t = InvokeMode::Gateway)]
     pub invoke_mode: InvokeMode,
     /// OpenFaaS gateway base URL (gateway mode).
-    #[arg(long, env = "QUEUE_WORKER_GATEWAY_URL", default_value = "http://gateway:8080")]
+    #[arg(
+        long,
+        env = "QUEUE_WORKER_GATEWAY_URL",
+        default_value = "http://gateway:8080"
+    )]
     pub gateway_url: String,
     /// Namespace used in direct mode when the call did not name one.
-    #[arg(long, env = "QUEUE_WORKER_DEFAULT_NAMESPACE", default_value = "openfaas-fn")]
+    #[arg(
+        long,
+        env = "QUEUE_WORKER_DEFAULT_NAMESPACE",
+        default_value = "openfaas-fn"
+    )]
     pub default_namespace: String,
     /// DNS suffix appended to `{name}.{namespace}` in direct mode (e.g. `.svc.cluster.local`).
     #[arg(long, env = "QUEUE_WORKER_FUNCTION_SUFFIX", default_value = "")]
@@ -168,7 +188,11 @@ pub struct WorkerConfig {
     #[arg(long, env = "QUEUE_WORKER_CALLBACK_MAX_WAIT", default_value = "30s", value_parser = parse_duration)]
     pub callback_max_wait: Duration,
     /// Directory of the worker's dedup state (sled). One worker process per directory.
-    #[arg(long, env = "QUEUE_WORKER_STATE_DIR", default_value = "./data/queue-worker")]
+    #[arg(
+        long,
+        env = "QUEUE_WORKER_STATE_DIR",
+        default_value = "./data/queue-worker"
+    )]
     pub state_dir: PathBuf,
     /// How long the worker remembers a finished call, to avoid invoking a redelivery again.
     /// Keep it at least as long as the stream's max age.
@@ -199,7 +223,10 @@ impl WorkerConfig {
             let url = url::Url::parse(&self.gateway_url)
                 .map_err(|e| format!("--gateway-url {:?}: {e}", self.gateway_url))?;
             if url.scheme() != "http" && url.scheme() != "https" {
-                return Err(format!("--gateway-url {:?} is not http(s)", self.gateway_url));
+                return Err(format!(
+                    "--gateway-url {:?} is not http(s)",
+                    self.gateway_url
+                ));
             }
         }
         Ok(())
@@ -245,8 +272,16 @@ pub fn openfaas_compat_args(lookup: impl Fn(&str) -> Option<String>) -> Vec<OsSt
     let direct: [(&str, &str, &str); 4] = [
         ("max_inflight", "QUEUE_WORKER_MAX_INFLIGHT", "max-inflight"),
         ("ack_wait", "QUEUE_WORKER_ACK_WAIT", "ack-wait"),
-        ("upstream_timeout", "QUEUE_WORKER_UPSTREAM_TIMEOUT", "upstream-timeout"),
-        ("faas_function_suffix", "QUEUE_WORKER_FUNCTION_SUFFIX", "function-suffix"),
+        (
+            "upstream_timeout",
+            "QUEUE_WORKER_UPSTREAM_TIMEOUT",
+            "upstream-timeout",
+        ),
+        (
+            "faas_function_suffix",
+            "QUEUE_WORKER_FUNCTION_SUFFIX",
+            "function-suffix",
+        ),
     ];
     for (theirs, ours, name) in direct {
         if let Some(v) = set(theirs) {
@@ -254,7 +289,11 @@ pub fn openfaas_compat_args(lookup: impl Fn(&str) -> Option<String>) -> Vec<OsSt
         }
     }
     if let Some(v) = set("gateway_invoke") {
-        let mode = if v.eq_ignore_ascii_case("true") { "gateway" } else { "direct" };
+        let mode = if v.eq_ignore_ascii_case("true") {
+            "gateway"
+        } else {
+            "direct"
+        };
         flag("QUEUE_WORKER_INVOKE_MODE", "invoke-mode", mode.into());
     }
     if set("write_debug").is_some_and(|v| v.eq_ignore_ascii_case("true")) {

@@ -133,10 +133,16 @@ impl FunctionInvoker {
             .timeout(self.timeout)
             .body(call.body.clone());
         for (name, value) in &call.meta.headers {
-            if !is_hop_by_hop(name) {
+            let ours =
+                name.eq_ignore_ascii_case("x-call-id") || name.eq_ignore_ascii_case("x-start-time");
+            if !is_hop_by_hop(name) && !ours {
                 request = request.header(name.as_str(), value.as_str());
             }
         }
+        // Set from the call itself, as OpenFaaS's gateway adds them to the queued request.
+        request = request
+            .header("X-Call-Id", call.meta.call_id.as_str())
+            .header("X-Start-Time", call.meta.received_at_unix_nanos.to_string());
         let response = match request.send().await {
             Ok(r) => r,
             Err(e) => return failed(503, transport_error_kind(&e)),
@@ -238,7 +244,10 @@ mod tests {
     #[test]
     fn gateway_urls_keep_path_and_query_as_sent() {
         let inv = invoker(&["--gateway-url", "http://gw:8080/"]);
-        assert_eq!(inv.url(&call(None, "", None)), "http://gw:8080/function/figlet");
+        assert_eq!(
+            inv.url(&call(None, "", None)),
+            "http://gw:8080/function/figlet"
+        );
         assert_eq!(
             inv.url(&call(Some("team"), "/a/b%20c/", Some("x=1&y=%2F"))),
             "http://gw:8080/function/figlet.team/a/b%20c/?x=1&y=%2F"
@@ -265,7 +274,13 @@ mod tests {
 
     #[test]
     fn hop_by_hop_headers_are_recognised() {
-        for h in ["Connection", "transfer-encoding", "Host", "Content-Length", "TE"] {
+        for h in [
+            "Connection",
+            "transfer-encoding",
+            "Host",
+            "Content-Length",
+            "TE",
+        ] {
             assert!(is_hop_by_hop(h), "{h}");
         }
         for h in ["content-type", "authorization", "x-call-id"] {

@@ -134,7 +134,9 @@ pub enum InvalidCall {
     )]
     FunctionName(String),
     /// Path with dot segments or characters that could change which function is called.
-    #[error("invalid path {0:?}: '.' and '..' segments, backslashes and control characters are not allowed")]
+    #[error(
+        "invalid path {0:?}: '.' and '..' segments, backslashes and control characters are not allowed"
+    )]
     Path(String),
     /// Call id.
     #[error("invalid call id {0:?}: use 1-128 characters of a-z, A-Z, 0-9, '-' and '_'")]
@@ -177,7 +179,9 @@ pub fn validate_path(path: &str) -> Result<(), InvalidCall> {
         return Ok(());
     }
     let bad = !path.starts_with('/')
-        || path.chars().any(|c| c.is_control() || c == '\\' || c == ' ')
+        || path
+            .chars()
+            .any(|c| c.is_control() || c == '\\' || c == ' ')
         || path.split('/').any(|seg| {
             let lower = seg.to_ascii_lowercase();
             // Percent-encoded dots are decoded by some proxies before routing.
@@ -272,7 +276,8 @@ impl QueuedCall {
         if payload[4] != FORMAT_VERSION {
             return Err(DecodeError::UnsupportedVersion(payload[4]));
         }
-        let meta_len = u32::from_be_bytes([payload[5], payload[6], payload[7], payload[8]]) as usize;
+        let meta_len =
+            u32::from_be_bytes([payload[5], payload[6], payload[7], payload[8]]) as usize;
         let meta_end = HEADER_LEN
             .checked_add(meta_len)
             .filter(|end| *end <= payload.len())
@@ -407,7 +412,16 @@ mod tests {
             parse_function("fn_1.openfaas-fn").unwrap(),
             ("fn_1".into(), Some("openfaas-fn".into()))
         );
-        for bad in ["", ".ns", "fn.", "a.b.c", "-x", "f n", "f%2e", &"x".repeat(64)] {
+        for bad in [
+            "",
+            ".ns",
+            "fn.",
+            "a.b.c",
+            "-x",
+            "f n",
+            "f%2e",
+            &"x".repeat(64),
+        ] {
             assert!(parse_function(bad).is_err(), "{bad:?} should be rejected");
         }
     }
@@ -418,7 +432,14 @@ mod tests {
             assert!(validate_path(ok).is_ok(), "{ok:?} should pass");
         }
         for bad in [
-            "/..", "/a/../b", "/./a", "/%2e%2E/x", "/a%2Fb", "/a\\b", "/a\nb", "x",
+            "/..",
+            "/a/../b",
+            "/./a",
+            "/%2e%2E/x",
+            "/a%2Fb",
+            "/a\\b",
+            "/a\nb",
+            "x",
         ] {
             assert!(validate_path(bad).is_err(), "{bad:?} should be rejected");
         }
@@ -432,7 +453,12 @@ mod tests {
             assert!(!valid_call_id(bad), "{bad:?}");
         }
         assert!(parse_callback_url("https://example.com/hook?x=1").is_ok());
-        for bad in ["not a url", "ftp://example.com/", "file:///etc/passwd", "/relative"] {
+        for bad in [
+            "not a url",
+            "ftp://example.com/",
+            "file:///etc/passwd",
+            "/relative",
+        ] {
             assert!(parse_callback_url(bad).is_err(), "{bad:?}");
         }
     }

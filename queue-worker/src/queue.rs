@@ -266,7 +266,11 @@ pub async fn dead_letter(
     headers.insert("Dead-Letter-Reason", reason.as_str());
     headers.insert("Dead-Letter-Subject", original_subject);
     // Header values cannot hold newlines; the detail is an error message we produced.
-    let detail: String = detail.chars().filter(|c| !c.is_control()).take(512).collect();
+    let detail: String = detail
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(512)
+        .collect();
     headers.insert("Dead-Letter-Detail", HeaderValue::from(detail.as_str()));
     headers.insert(
         "Dead-Letter-Time",

@@ -13,10 +13,13 @@
 //! (`expires_at_ms` big-endian ++ call id) so the sweep reads only what is due.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 use crate::invoke::Outcome;
 
@@ -64,9 +67,17 @@ struct StoredOutcome {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 enum State {
-    Claimed { incarnation: String, attempts: u32 },
-    Completed { attempts: u32, outcome: StoredOutcome },
-    Done { attempts: u32 },
+    Claimed {
+        incarnation: String,
+        attempts: u32,
+    },
+    Completed {
+        attempts: u32,
+        outcome: StoredOutcome,
+    },
+    Done {
+        attempts: u32,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -101,10 +112,71 @@ fn expiry_key(expires_at_ms: u64, call_id: &str) -> Vec<u8> {
     key
 }
 
+/// Group commit: many calls completing together share one `fsync`. A writer takes a ticket;
+/// if no flush is running it becomes the leader and flushes (on the blocking pool) for every
+/// ticket taken so far; otherwise it waits for a flush that covers its ticket.
+/// (sled's own `flush_async` was seen to hang with many concurrent callers.)
+#[derive(Debug)]
+struct GroupFlush {
+    requested: AtomicU64,
+    running: AtomicBool,
+    flushed: watch::Sender<u64>,
+}
+
+impl GroupFlush {
+    fn new() -> Self {
+        Self {
+            requested: AtomicU64::new(0),
+            running: AtomicBool::new(false),
+            flushed: watch::channel(0).0,
+        }
+    }
+
+    async fn flush(&self, db: &sled::Db) -> Result<(), StateError> {
+        let ticket = self.requested.fetch_add(1, Ordering::AcqRel) + 1;
+        let mut rx = self.flushed.subscribe();
+        loop {
+            if *rx.borrow_and_update() >= ticket {
+                return Ok(());
+            }
+            if !self.running.swap(true, Ordering::AcqRel) {
+                let covered = self.requested.load(Ordering::Acquire);
+                let db = db.clone();
+                let result = tokio::task::spawn_blocking(move || db.flush()).await;
+                self.running.store(false, Ordering::Release);
+                match result {
+                    Ok(Ok(_)) => {
+                        self.flushed.send_modify(|f| *f = (*f).max(covered));
+                    }
+                    Ok(Err(e)) => {
+                        // Wake the waiters so one of them retries.
+                        self.flushed.send_modify(|_| {});
+                        return Err(e.into());
+                    }
+                    Err(join) => {
+                        self.flushed.send_modify(|_| {});
+                        return Err(StateError::Sled(sled::Error::Io(std::io::Error::other(
+                            join,
+                        ))));
+                    }
+                }
+                continue;
+            }
+            // Another task is flushing; its flush may not cover us, so look again afterwards.
+            if rx.changed().await.is_err() {
+                return Err(StateError::Sled(sled::Error::Io(std::io::Error::other(
+                    "flush channel closed",
+                ))));
+            }
+        }
+    }
+}
+
 /// The worker's sled-backed call store. One process per directory (sled locks it).
 #[derive(Debug, Clone)]
 pub struct CallStore {
     db: sled::Db,
+    flusher: Arc<GroupFlush>,
     calls: sled::Tree,
     expiry: sled::Tree,
     retention: Duration,
@@ -124,6 +196,7 @@ impl CallStore {
             .flush_every_ms(Some(200))
             .open()?;
         Ok(Self {
+            flusher: Arc::new(GroupFlush::new()),
             calls: db.open_tree("calls")?,
             expiry: db.open_tree("expiry")?,
             db,
@@ -155,12 +228,12 @@ impl CallStore {
                         return Ok(Begin::CallbackPending {
                             attempts,
                             outcome: Outcome {
-                            status: outcome.status,
-                            headers: outcome.headers,
-                            body,
-                            duration: Duration::try_from_secs_f64(outcome.duration_secs)
-                                .unwrap_or_default(),
-                            error: outcome.error,
+                                status: outcome.status,
+                                headers: outcome.headers,
+                                body,
+                                duration: Duration::try_from_secs_f64(outcome.duration_secs)
+                                    .unwrap_or_default(),
+                                error: outcome.error,
                             },
                         });
                     }
@@ -179,7 +252,8 @@ impl CallStore {
                 self.calls
                     .compare_and_swap(call_id, current, Some(encode(&claimed, &[])?))?;
             if swapped.is_ok() {
-                self.expiry.insert(expiry_key(expires_at_ms, call_id), &[])?;
+                self.expiry
+                    .insert(expiry_key(expires_at_ms, call_id), &[])?;
                 return Ok(Begin::Invoke { attempt });
             }
         }
@@ -208,8 +282,7 @@ impl CallStore {
         self.calls.insert(call_id, encode(&meta, &outcome.body)?)?;
         self.expiry
             .insert(expiry_key(meta.expires_at_ms, call_id), &[])?;
-        self.db.flush_async().await?;
-        Ok(())
+        self.flusher.flush(&self.db).await
     }
 
     /// Marks the call as fully handled (the result body is dropped). Flushed within 200 ms by
@@ -279,8 +352,7 @@ impl CallStore {
 
     /// Flushes everything to disk (at shutdown).
     pub async fn flush(&self) -> Result<(), StateError> {
-        self.db.flush_async().await?;
-        Ok(())
+        self.flusher.flush(&self.db).await
     }
 }
 
@@ -302,11 +374,17 @@ mod tests {
     async fn moves_through_claimed_completed_done() {
         let dir = tempfile::tempdir().unwrap();
         let store = CallStore::open(dir.path(), 1 << 20, Duration::from_secs(60)).unwrap();
-        assert!(matches!(store.begin("c1").unwrap(), Begin::Invoke { attempt: 1 }));
+        assert!(matches!(
+            store.begin("c1").unwrap(),
+            Begin::Invoke { attempt: 1 }
+        ));
         assert!(matches!(store.begin("c1").unwrap(), Begin::RunningHere));
         store.complete("c1", 1, &outcome()).await.unwrap();
         match store.begin("c1").unwrap() {
-            Begin::CallbackPending { outcome: o, attempts: 1 } => {
+            Begin::CallbackPending {
+                outcome: o,
+                attempts: 1,
+            } => {
                 assert_eq!(o.status, 201);
                 assert_eq!(o.body, outcome().body);
                 assert_eq!(o.headers, outcome().headers);
@@ -323,25 +401,43 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = CallStore::open(dir.path(), 1 << 20, Duration::from_secs(60)).unwrap();
-            assert!(matches!(store.begin("crashed").unwrap(), Begin::Invoke { attempt: 1 }));
-            assert!(matches!(store.begin("ran").unwrap(), Begin::Invoke { attempt: 1 }));
+            assert!(matches!(
+                store.begin("crashed").unwrap(),
+                Begin::Invoke { attempt: 1 }
+            ));
+            assert!(matches!(
+                store.begin("ran").unwrap(),
+                Begin::Invoke { attempt: 1 }
+            ));
             store.complete("ran", 1, &outcome()).await.unwrap();
             store.flush().await.unwrap();
         }
         let store = CallStore::open(dir.path(), 1 << 20, Duration::from_secs(60)).unwrap();
         // A claim from the previous incarnation means the call died mid-flight: invoke again.
-        assert!(matches!(store.begin("crashed").unwrap(), Begin::Invoke { attempt: 2 }));
+        assert!(matches!(
+            store.begin("crashed").unwrap(),
+            Begin::Invoke { attempt: 2 }
+        ));
         // A stored result means the function already ran: only the callback is owed.
-        assert!(matches!(store.begin("ran").unwrap(), Begin::CallbackPending { .. }));
+        assert!(matches!(
+            store.begin("ran").unwrap(),
+            Begin::CallbackPending { .. }
+        ));
     }
 
     #[tokio::test]
     async fn release_hands_the_call_back() {
         let dir = tempfile::tempdir().unwrap();
         let store = CallStore::open(dir.path(), 1 << 20, Duration::from_secs(60)).unwrap();
-        assert!(matches!(store.begin("c").unwrap(), Begin::Invoke { attempt: 1 }));
+        assert!(matches!(
+            store.begin("c").unwrap(),
+            Begin::Invoke { attempt: 1 }
+        ));
         store.release("c").unwrap();
-        assert!(matches!(store.begin("c").unwrap(), Begin::Invoke { attempt: 2 }));
+        assert!(matches!(
+            store.begin("c").unwrap(),
+            Begin::Invoke { attempt: 2 }
+        ));
     }
 
     #[tokio::test]
@@ -357,7 +453,10 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert!(store.is_empty());
-        assert!(matches!(store.begin("old").unwrap(), Begin::Invoke { attempt: 1 }));
+        assert!(matches!(
+            store.begin("old").unwrap(),
+            Begin::Invoke { attempt: 1 }
+        ));
         // Long retention: nothing is swept.
         let dir = tempfile::tempdir().unwrap();
         let store = CallStore::open(dir.path(), 1 << 20, Duration::from_secs(3600)).unwrap();

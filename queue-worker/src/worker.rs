@@ -359,13 +359,19 @@ async fn deliver_and_ack(
             .await
         {
             Delivery::Delivered { status, attempts } => {
-                tracing::info!(callback_status = status, callback_attempts = attempts, "callback delivered");
+                tracing::info!(
+                    callback_status = status,
+                    callback_attempts = attempts,
+                    "callback delivered"
+                );
             }
             Delivery::GaveUp { reason, attempts } => {
                 tracing::error!(%reason, callback_attempts = attempts, "callback not delivered; giving up");
             }
             Delivery::Interrupted => {
-                tracing::warn!("shutdown: callback pending; handing the call back (the result is kept)");
+                tracing::warn!(
+                    "shutdown: callback pending; handing the call back (the result is kept)"
+                );
                 drop(heartbeat);
                 return nak(msg, None).await;
             }

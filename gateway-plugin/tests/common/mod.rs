@@ -1,0 +1,158 @@
+//! Shared set-up for the gateway's integration tests: a private nats-server, the gateway on a
+//! free port, and (for end-to-end tests) a worker in the same process.
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test set-up fails loudly"
+)]
+
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use gateway_plugin::GatewayConfig;
+use tokio::sync::oneshot;
+
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Test logs on stderr when `TEST_LOG` is set (e.g. `TEST_LOG=debug`).
+pub fn init_logs() {
+    if let Ok(filter) = std::env::var("TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+pub fn http() -> reqwest::Client {
+    init_logs();
+    queue_worker::invoke::http_client("gateway-tests").unwrap()
+}
+
+pub struct Gateway {
+    pub url: String,
+    stop: Option<oneshot::Sender<()>>,
+    handle: tokio::task::JoinHandle<Result<(), gateway_plugin::GatewayError>>,
+}
+
+impl Gateway {
+    pub async fn start(nats_url: &str, extra: &[&str]) -> Self {
+        let mut args = vec![
+            "gateway-plugin",
+            "--nats-url",
+            nats_url,
+            "--listen",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(extra);
+        let config = GatewayConfig::try_parse_from(args).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(gateway_plugin::run(config, listener, async move {
+            let _ = rx.await;
+        }));
+        let gateway = Self {
+            url,
+            stop: Some(tx),
+            handle,
+        };
+        assert!(gateway.wait_ready(true).await, "gateway never became ready");
+        gateway
+    }
+
+    /// Waits until `/readyz` answers ready (or not ready, with `want = false`).
+    pub async fn wait_ready(&self, want: bool) -> bool {
+        let client = http();
+        let end = Instant::now() + DEADLINE;
+        while Instant::now() < end {
+            if let Ok(r) = client.get(format!("{}/readyz", self.url)).send().await
+                && (r.status() == 200) == want
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    pub async fn shutdown(mut self) {
+        drop(self.stop.take());
+        tokio::time::timeout(DEADLINE, &mut self.handle)
+            .await
+            .expect("gateway did not stop")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// A worker in this process, invoking functions through `function_gateway_url`.
+pub struct Worker {
+    stop: Option<oneshot::Sender<()>>,
+    handle: tokio::task::JoinHandle<Result<(), queue_worker::worker::WorkerError>>,
+    _state: tempfile::TempDir,
+}
+
+impl Worker {
+    pub fn start(nats_url: &str, function_gateway_url: &str) -> Self {
+        let state = tempfile::tempdir().unwrap();
+        let config = queue_worker::WorkerConfig::try_parse_from([
+            "queue-worker",
+            "--nats-url",
+            nats_url,
+            "--gateway-url",
+            function_gateway_url,
+            "--state-dir",
+            &state.path().display().to_string(),
+            "--pull-expires",
+            "1s",
+        ])
+        .unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(queue_worker::run(config, async move {
+            let _ = rx.await;
+        }));
+        Self {
+            stop: Some(tx),
+            handle,
+            _state: state,
+        }
+    }
+
+    pub async fn shutdown(mut self) {
+        drop(self.stop.take());
+        tokio::time::timeout(DEADLINE, &mut self.handle)
+            .await
+            .expect("worker did not stop")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// Messages in the queued-calls stream.
+pub async fn queued(nats_url: &str) -> u64 {
+    let client = async_nats::connect(nats_url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream("faas-async").await.unwrap();
+    stream.info().await.unwrap().state.messages
+}
+
+/// Checks an error answer: status, JSON body with the given error code.
+pub async fn assert_json_error(response: reqwest::Response, status: u16, code: &str) {
+    assert_eq!(response.status().as_u16(), status, "status");
+    assert_eq!(
+        response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("application/json"),
+        "error bodies are JSON"
+    );
+    let body: serde_json::Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+    assert_eq!(body["error"], code, "error code in {body}");
+    assert!(
+        body["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "error message missing in {body}"
+    );
+}

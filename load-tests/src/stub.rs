@@ -1,0 +1,658 @@
+//! Real HTTP servers on `127.0.0.1` standing in for the peers of the async
+//! path: [`StubFunction`] (an OpenFaaS function or gateway) and
+//! [`CallbackReceiver`] (the `X-Callback-Url` target).
+
+use std::collections::{HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::HarnessError;
+
+/// How often the `wait_for_*` helpers re-check their condition.
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// How long [`CallbackReceiver::start_again`] keeps trying to re-bind.
+const REBIND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause between re-bind attempts.
+const REBIND_INTERVAL: Duration = Duration::from_millis(50);
+/// How long a graceful shutdown may wait for open connections.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+/// The header carrying the call id.
+const CALL_ID_HEADER: &str = "x-call-id";
+
+/// How a [`StubFunction`] answers; changeable at runtime with
+/// [`StubFunction::set_behavior`].
+#[derive(Clone, Debug)]
+pub struct StubBehavior {
+    /// How long each request is held before it is answered.
+    pub delay: Duration,
+    /// The response status code (an invalid code yields 500).
+    pub status: u16,
+    /// Extra response headers (invalid names or values are skipped).
+    pub response_headers: Vec<(String, String)>,
+    /// Whether the response body is the request body (else it is empty).
+    pub echo_body: bool,
+}
+
+impl Default for StubBehavior {
+    fn default() -> Self {
+        Self {
+            delay: Duration::ZERO,
+            status: 200,
+            response_headers: Vec::new(),
+            echo_body: true,
+        }
+    }
+}
+
+/// A request received by a [`StubFunction`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordedRequest {
+    /// The method, e.g. `POST`.
+    pub method: String,
+    /// Path and query exactly as received, e.g. `/function/echo/a%20b?x=1`.
+    pub path_and_query: String,
+    /// All headers in arrival order, names lower-case, values lossily decoded.
+    pub headers: Vec<(String, String)>,
+    /// The request body.
+    pub body: Bytes,
+    /// The value of the `X-Call-Id` header, if any.
+    pub call_id: Option<String>,
+}
+
+impl RecordedRequest {
+    /// The first value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        find_header(&self.headers, name)
+    }
+}
+
+/// A callback received by a [`CallbackReceiver`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordedCallback {
+    /// The request path, without the query.
+    pub path: String,
+    /// All headers in arrival order, names lower-case, values lossily decoded.
+    pub headers: Vec<(String, String)>,
+    /// The request body.
+    pub body: Bytes,
+    /// The value of the `X-Call-Id` header, if any.
+    pub call_id: Option<String>,
+}
+
+impl RecordedCallback {
+    /// The first value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        find_header(&self.headers, name)
+    }
+}
+
+/// A fake OpenFaaS function (or gateway): answers any method on any path
+/// according to its [`StubBehavior`] and records every request.
+///
+/// Responses carry `x-stub-method: <method>`. Dropping it shuts the server
+/// down.
+#[derive(Debug)]
+pub struct StubFunction {
+    addr: SocketAddr,
+    state: Arc<StubState>,
+    _server: Server,
+}
+
+#[derive(Debug, Default)]
+struct StubState {
+    behavior: Mutex<StubBehavior>,
+    requests: Mutex<Vec<RecordedRequest>>,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+}
+
+impl StubFunction {
+    /// Starts the server on a free port of 127.0.0.1.
+    pub async fn start(behavior: StubBehavior) -> Result<Self, HarnessError> {
+        let listener = bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
+        let addr = local_addr(&listener)?;
+        let state = Arc::new(StubState {
+            behavior: Mutex::new(behavior),
+            ..StubState::default()
+        });
+        let router = Router::new()
+            .fallback(stub_handler)
+            .with_state(Arc::clone(&state));
+        Ok(Self {
+            addr,
+            state,
+            _server: Server::spawn(listener, router),
+        })
+    }
+
+    /// Replaces the behavior for requests arriving from now on.
+    pub fn set_behavior(&self, behavior: StubBehavior) {
+        *lock(&self.state.behavior) = behavior;
+    }
+
+    /// The base URL, `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// All requests answered so far, in completion order.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        lock(&self.state.requests).clone()
+    }
+
+    /// How many requests were answered so far.
+    pub fn count(&self) -> usize {
+        lock(&self.state.requests).len()
+    }
+
+    /// How many requests carried `X-Call-Id: call_id`.
+    pub fn invocations_for(&self, call_id: &str) -> usize {
+        lock(&self.state.requests)
+            .iter()
+            .filter(|request| request.call_id.as_deref() == Some(call_id))
+            .count()
+    }
+
+    /// The highest number of requests handled at the same time so far.
+    pub fn max_in_flight(&self) -> usize {
+        self.state.max_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// How many requests are being handled right now.
+    pub fn in_flight(&self) -> usize {
+        self.state.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Waits until at least `n` requests were recorded; `false` on timeout.
+    pub async fn wait_for_count(&self, n: usize, timeout: Duration) -> bool {
+        poll_until(timeout, || self.count() >= n).await
+    }
+}
+
+async fn stub_handler(State(state): State<Arc<StubState>>, request: Request) -> Response {
+    let in_flight = InFlight::enter(&state);
+    let behavior = lock(&state.behavior).clone();
+    let (parts, body) = request.into_parts();
+    let body = match axum::body::to_bytes(body, usize::MAX).await {
+        Ok(body) => body,
+        Err(err) => return (StatusCode::BAD_REQUEST, err.to_string()).into_response(),
+    };
+    if !behavior.delay.is_zero() {
+        tokio::time::sleep(behavior.delay).await;
+    }
+    let method = parts.method.to_string();
+    lock(&state.requests).push(RecordedRequest {
+        method: method.clone(),
+        path_and_query: parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| parts.uri.path().to_owned(), |pq| pq.as_str().to_owned()),
+        headers: header_pairs(&parts.headers),
+        body: body.clone(),
+        call_id: call_id(&parts.headers),
+    });
+    drop(in_flight);
+
+    let mut response = Response::new(if behavior.echo_body {
+        Body::from(body)
+    } else {
+        Body::empty()
+    });
+    *response.status_mut() =
+        StatusCode::from_u16(behavior.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let headers = response.headers_mut();
+    for (name, value) in &behavior.response_headers {
+        match (HeaderName::try_from(name), HeaderValue::try_from(value)) {
+            (Ok(name), Ok(value)) => {
+                headers.append(name, value);
+            }
+            _ => tracing::warn!(%name, %value, "stub function: skipping invalid response header"),
+        }
+    }
+    if let Ok(method) = HeaderValue::try_from(method) {
+        headers.insert("x-stub-method", method);
+    }
+    response
+}
+
+/// Counts a request as in flight for as long as it lives, so that requests
+/// whose client goes away are uncounted too.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn enter(state: &'a StubState) -> Self {
+        let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        state.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        Self(&state.in_flight)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Receives callbacks on any method and path, records them and answers with
+/// a configurable status (default 200).
+///
+/// It can be stopped and started again on the same port; the records survive.
+/// Dropping it shuts the server down.
+#[derive(Debug)]
+pub struct CallbackReceiver {
+    addr: SocketAddr,
+    state: Arc<CallbackState>,
+    server: Option<Server>,
+}
+
+#[derive(Debug)]
+struct CallbackState {
+    status: AtomicU16,
+    callbacks: Mutex<Vec<RecordedCallback>>,
+}
+
+impl CallbackReceiver {
+    /// Starts the receiver on a free port of 127.0.0.1.
+    pub async fn start() -> Result<Self, HarnessError> {
+        let listener = bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
+        let mut receiver = Self {
+            addr: local_addr(&listener)?,
+            state: Arc::new(CallbackState {
+                status: AtomicU16::new(200),
+                callbacks: Mutex::new(Vec::new()),
+            }),
+            server: None,
+        };
+        receiver.serve(listener);
+        Ok(receiver)
+    }
+
+    /// Shuts the server down gracefully and waits until its port refuses
+    /// connections. Does nothing when already stopped.
+    pub async fn stop(&mut self) {
+        let Some(mut server) = self.server.take() else {
+            return;
+        };
+        server.shutdown().await;
+        // The listener is closed by now; make sure the kernel agrees.
+        let deadline = Instant::now() + SHUTDOWN_TIMEOUT;
+        while TcpStream::connect(self.addr).await.is_ok() {
+            if Instant::now() >= deadline {
+                tracing::warn!(addr = %self.addr, "callback receiver port still accepts connections");
+                return;
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// Starts the server again on the same port, retrying the bind for up to
+    /// 10 s. Does nothing when already running.
+    pub async fn start_again(&mut self) -> Result<(), HarnessError> {
+        if self.server.is_some() {
+            return Ok(());
+        }
+        let deadline = Instant::now() + REBIND_TIMEOUT;
+        let listener = loop {
+            match bind(self.addr) {
+                Ok(listener) => break listener,
+                Err(err) if Instant::now() >= deadline => return Err(err),
+                Err(_) => tokio::time::sleep(REBIND_INTERVAL).await,
+            }
+        };
+        self.serve(listener);
+        Ok(())
+    }
+
+    /// Sets the status code of the answers from now on (an invalid code
+    /// yields 500).
+    pub fn set_status(&self, status: u16) {
+        self.state.status.store(status, Ordering::SeqCst);
+    }
+
+    /// The callback URL, `http://127.0.0.1:PORT/callback`.
+    pub fn url(&self) -> String {
+        format!("http://{}/callback", self.addr)
+    }
+
+    /// All callbacks received so far, in arrival order.
+    pub fn callbacks(&self) -> Vec<RecordedCallback> {
+        lock(&self.state.callbacks).clone()
+    }
+
+    /// How many callbacks were received so far.
+    pub fn count(&self) -> usize {
+        lock(&self.state.callbacks).len()
+    }
+
+    /// How many callbacks were received per `X-Call-Id` (callbacks without
+    /// one are not counted).
+    pub fn count_by_call_id(&self) -> HashMap<String, usize> {
+        let mut counts = HashMap::new();
+        for call_id in lock(&self.state.callbacks)
+            .iter()
+            .filter_map(|callback| callback.call_id.clone())
+        {
+            *counts.entry(call_id).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    /// Waits until at least `n` callbacks were received; `false` on timeout.
+    pub async fn wait_for_count(&self, n: usize, timeout: Duration) -> bool {
+        poll_until(timeout, || self.count() >= n).await
+    }
+
+    /// Waits until a callback was received for each of `ids`; `false` on
+    /// timeout.
+    pub async fn wait_for_call_ids(&self, ids: &[String], timeout: Duration) -> bool {
+        poll_until(timeout, || {
+            let callbacks = lock(&self.state.callbacks);
+            let seen: HashSet<&str> = callbacks
+                .iter()
+                .filter_map(|callback| callback.call_id.as_deref())
+                .collect();
+            ids.iter().all(|id| seen.contains(id.as_str()))
+        })
+        .await
+    }
+
+    fn serve(&mut self, listener: TcpListener) {
+        let router = Router::new()
+            .fallback(callback_handler)
+            .with_state(Arc::clone(&self.state));
+        self.server = Some(Server::spawn(listener, router));
+    }
+}
+
+async fn callback_handler(State(state): State<Arc<CallbackState>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let body = match axum::body::to_bytes(body, usize::MAX).await {
+        Ok(body) => body,
+        Err(err) => return (StatusCode::BAD_REQUEST, err.to_string()).into_response(),
+    };
+    lock(&state.callbacks).push(RecordedCallback {
+        path: parts.uri.path().to_owned(),
+        headers: header_pairs(&parts.headers),
+        body,
+        call_id: call_id(&parts.headers),
+    });
+    StatusCode::from_u16(state.status.load(Ordering::SeqCst))
+        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+        .into_response()
+}
+
+/// An axum server task with a graceful-shutdown trigger. Dropping it
+/// triggers the shutdown without waiting for it.
+#[derive(Debug)]
+struct Server {
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl Server {
+    fn spawn(listener: TcpListener, router: Router) -> Self {
+        let (shutdown, signal) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async {
+                    // A dropped sender is a shutdown request too.
+                    let _ = signal.await;
+                })
+                .await
+        });
+        Self {
+            shutdown: Some(shutdown),
+            task: Some(task),
+        }
+    }
+
+    /// Triggers the graceful shutdown and waits for it (at most
+    /// [`SHUTDOWN_TIMEOUT`], then the task is aborted).
+    async fn shutdown(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        let Some(mut task) = self.task.take() else {
+            return;
+        };
+        match tokio::time::timeout(SHUTDOWN_TIMEOUT, &mut task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(err))) => tracing::warn!(%err, "stub server failed"),
+            Ok(Err(err)) => tracing::warn!(%err, "stub server task failed"),
+            Err(_) => {
+                tracing::warn!("stub server shutdown timed out; aborting it");
+                task.abort();
+            }
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+    }
+}
+
+/// Binds `addr` with `SO_REUSEADDR`, so that a port left in `TIME_WAIT` can
+/// be bound again.
+fn bind(addr: SocketAddr) -> Result<TcpListener, HarnessError> {
+    let socket = TcpSocket::new_v4().map_err(|e| HarnessError::io("creating socket", e))?;
+    socket
+        .set_reuseaddr(true)
+        .and_then(|()| socket.bind(addr))
+        .map_err(|e| HarnessError::io(format!("binding {addr}"), e))?;
+    socket
+        .listen(1024)
+        .map_err(|e| HarnessError::io(format!("listening on {addr}"), e))
+}
+
+fn local_addr(listener: &TcpListener) -> Result<SocketAddr, HarnessError> {
+    listener
+        .local_addr()
+        .map_err(|e| HarnessError::io("reading the listener address", e))
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn header_pairs(headers: &HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|(name, value)| {
+            (
+                name.as_str().to_owned(),
+                String::from_utf8_lossy(value.as_bytes()).into_owned(),
+            )
+        })
+        .collect()
+}
+
+fn call_id(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(CALL_ID_HEADER)
+        .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
+}
+
+fn find_header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(candidate, _)| candidate.eq_ignore_ascii_case(name))
+        .map(|(_, value)| value.as_str())
+}
+
+/// Polls `condition` every [`POLL_INTERVAL`] until it holds or `timeout`
+/// passes.
+async fn poll_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        tokio::time::sleep(POLL_INTERVAL.min(deadline - now)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::task::JoinSet;
+
+    use super::*;
+
+    fn http_client() -> reqwest::Client {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        reqwest::Client::new()
+    }
+
+    #[tokio::test]
+    async fn stub_records_echoes_and_follows_behavior() {
+        let stub = StubFunction::start(StubBehavior::default()).await.unwrap();
+        let client = http_client();
+
+        let response = client
+            .post(format!("{}/function/echo/a%20b?x=1", stub.url()))
+            .header("X-Call-Id", "call-1")
+            .header("X-Custom", "yes")
+            .body("payload")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-stub-method"], "POST");
+        assert_eq!(response.bytes().await.unwrap(), "payload");
+
+        let requests = stub.requests();
+        assert_eq!(requests.len(), 1);
+        let request = &requests[0];
+        assert_eq!(request.method, "POST");
+        assert_eq!(request.path_and_query, "/function/echo/a%20b?x=1");
+        assert_eq!(request.body, "payload");
+        assert_eq!(request.call_id.as_deref(), Some("call-1"));
+        assert_eq!(request.header("X-CUSTOM"), Some("yes"));
+        assert!(request.headers.iter().any(|(name, _)| name == "x-call-id"));
+        assert_eq!(stub.invocations_for("call-1"), 1);
+        assert_eq!(stub.invocations_for("other"), 0);
+
+        stub.set_behavior(StubBehavior {
+            status: 503,
+            echo_body: false,
+            response_headers: vec![("X-Reason".into(), "busy".into())],
+            ..StubBehavior::default()
+        });
+        let response = client
+            .put(format!("{}/anything", stub.url()))
+            .body("ignored")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 503);
+        assert_eq!(response.headers()["x-reason"], "busy");
+        assert_eq!(response.headers()["x-stub-method"], "PUT");
+        assert!(response.bytes().await.unwrap().is_empty());
+        assert_eq!(stub.count(), 2);
+        assert_eq!(stub.requests()[1].call_id, None);
+    }
+
+    #[tokio::test]
+    async fn stub_tracks_concurrency() {
+        let stub = StubFunction::start(StubBehavior {
+            delay: Duration::from_millis(500),
+            ..StubBehavior::default()
+        })
+        .await
+        .unwrap();
+        let client = http_client();
+        let mut requests = JoinSet::new();
+        for i in 0..5 {
+            let request = client
+                .post(format!("{}/function/slow", stub.url()))
+                .header("X-Call-Id", format!("call-{i}"))
+                .send();
+            requests.spawn(request);
+        }
+        assert!(!stub.wait_for_count(1, Duration::from_millis(100)).await);
+        assert!(stub.in_flight() > 0);
+        for response in requests.join_all().await {
+            assert_eq!(response.unwrap().status(), 200);
+        }
+        assert!(stub.wait_for_count(5, Duration::from_secs(1)).await);
+        assert_eq!(stub.max_in_flight(), 5);
+        assert_eq!(stub.in_flight(), 0);
+        assert_eq!(stub.invocations_for("call-3"), 1);
+    }
+
+    #[tokio::test]
+    async fn callback_receiver_survives_stop_and_start_again() {
+        let mut receiver = CallbackReceiver::start().await.unwrap();
+        let client = http_client();
+        let response = client
+            .post(receiver.url())
+            .header("X-Call-Id", "a")
+            .body("first")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+
+        receiver.stop().await;
+        receiver.stop().await; // idempotent
+        let err = http_client()
+            .post(receiver.url())
+            .body("lost")
+            .send()
+            .await
+            .unwrap_err();
+        assert!(err.is_connect(), "{err:?}");
+
+        receiver.start_again().await.unwrap();
+        receiver.set_status(500);
+        let response = client
+            .post(receiver.url())
+            .header("X-Call-Id", "b")
+            .body("second")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 500);
+
+        let ids = ["a".to_owned(), "b".to_owned()];
+        assert!(
+            receiver
+                .wait_for_call_ids(&ids, Duration::from_secs(1))
+                .await
+        );
+        assert!(
+            !receiver
+                .wait_for_call_ids(&["c".to_owned()], Duration::from_millis(50))
+                .await
+        );
+        assert!(receiver.wait_for_count(2, Duration::from_secs(1)).await);
+        let callbacks = receiver.callbacks();
+        assert_eq!(callbacks.len(), 2);
+        assert_eq!(callbacks[0].path, "/callback");
+        assert_eq!(callbacks[0].body, "first");
+        assert_eq!(callbacks[1].header("x-call-id"), Some("b"));
+        assert_eq!(
+            receiver.count_by_call_id(),
+            HashMap::from([("a".to_owned(), 1), ("b".to_owned(), 1)])
+        );
+    }
+}

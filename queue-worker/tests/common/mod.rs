@@ -1,0 +1,204 @@
+//! Shared set-up for queue-worker's integration tests: a private nats-server, the streams as the
+//! gateway creates them, publishing calls, and workers in-process or as real processes.
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test set-up fails loudly"
+)]
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use clap::Parser;
+use load_tests::nats_server::NatsServer;
+use queue_worker::WorkerConfig;
+use queue_worker::config::{NatsArgs, StreamArgs};
+use queue_worker::message::{BodyLocation, CallMeta, QueuedCall};
+use tokio::sync::oneshot;
+
+/// Generous deadline for anything that waits for a condition on a loaded machine.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+pub struct Queue {
+    pub nats: NatsServer,
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub args: NatsArgs,
+}
+
+pub fn nats_args(url: &str) -> NatsArgs {
+    #[derive(Parser)]
+    struct A {
+        #[command(flatten)]
+        nats: NatsArgs,
+    }
+    A::try_parse_from(["x", "--nats-url", url]).unwrap().nats
+}
+
+pub fn stream_args() -> StreamArgs {
+    #[derive(Parser)]
+    struct A {
+        #[command(flatten)]
+        stream: StreamArgs,
+    }
+    A::try_parse_from(["x"]).unwrap().stream
+}
+
+impl Queue {
+    /// A fresh nats-server with the streams created the way the gateway creates them.
+    pub async fn start() -> Self {
+        let nats = NatsServer::start().await.unwrap();
+        let args = nats_args(&nats.url());
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let js = jetstream::new(client.clone());
+        let max_payload = client.server_info().max_payload;
+        queue_worker::queue::ensure_streams(&js, &args, &stream_args(), max_payload)
+            .await
+            .unwrap();
+        Self {
+            nats,
+            client,
+            js,
+            args,
+        }
+    }
+
+    /// Publishes a call the way the gateway does; returns its id.
+    pub async fn publish(&self, call: &QueuedCall) -> String {
+        queue_worker::queue::publish_call(&self.client, &self.js, &self.args.subject_prefix, call)
+            .await
+            .unwrap();
+        call.meta.call_id.clone()
+    }
+
+    /// Messages still in the work-queue stream (unacknowledged calls).
+    pub async fn pending(&self) -> u64 {
+        let mut stream = self.js.get_stream(&self.args.stream).await.unwrap();
+        stream.info().await.unwrap().state.messages
+    }
+
+    pub async fn wait_until_empty(&self) -> bool {
+        let end = Instant::now() + DEADLINE;
+        while Instant::now() < end {
+            if self.pending().await == 0 {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+}
+
+/// A call to `function` with a callback to `callback_url`.
+pub fn call(function: &str, callback_url: Option<&str>, body: &'static [u8]) -> QueuedCall {
+    QueuedCall {
+        meta: CallMeta {
+            call_id: uuid::Uuid::now_v7().to_string(),
+            function: function.into(),
+            namespace: None,
+            method: "POST".into(),
+            path: String::new(),
+            query: None,
+            headers: vec![("content-type".into(), "text/plain".into())],
+            callback_url: callback_url.map(Into::into),
+            received_at_unix_nanos: queue_worker::unix_nanos_now(),
+            body: BodyLocation::Inline { len: 0 },
+        },
+        body: Bytes::from_static(body),
+    }
+}
+
+/// Worker flags for a test: this queue, this function gateway, this state dir.
+pub fn worker_args(nats_url: &str, gateway_url: &str, state_dir: &Path) -> Vec<String> {
+    vec![
+        "--nats-url".into(),
+        nats_url.into(),
+        "--gateway-url".into(),
+        gateway_url.into(),
+        "--state-dir".into(),
+        state_dir.display().to_string(),
+        "--pull-expires".into(),
+        "1s".into(),
+        "--callback-initial-wait".into(),
+        "200ms".into(),
+        "--callback-max-wait".into(),
+        "1s".into(),
+    ]
+}
+
+/// A worker running in this process; dropping `stop` (or sending on it) shuts it down.
+pub struct InProcessWorker {
+    pub stop: Option<oneshot::Sender<()>>,
+    pub handle: tokio::task::JoinHandle<Result<(), queue_worker::worker::WorkerError>>,
+}
+
+impl InProcessWorker {
+    pub fn start(args: &[String]) -> Self {
+        let config = WorkerConfig::try_parse_from(
+            std::iter::once("queue-worker".to_owned()).chain(args.iter().cloned()),
+        )
+        .unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(queue_worker::run(config, async move {
+            let _ = rx.await;
+        }));
+        Self {
+            stop: Some(tx),
+            handle,
+        }
+    }
+
+    pub async fn shutdown(mut self) {
+        drop(self.stop.take());
+        tokio::time::timeout(DEADLINE, &mut self.handle)
+            .await
+            .expect("worker did not stop")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// The worker binary as a real process (for SIGKILL and SIGTERM tests). Logs go to `log`.
+pub fn spawn_worker_process(args: &[String], log: &Path) -> tokio::process::Child {
+    let log = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_queue-worker"))
+        .args(args)
+        .env_remove("NATS_URL")
+        .env("LOG_LEVEL", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+/// Sends a signal to a child process.
+pub fn signal(child: &tokio::process::Child, sig: &str) {
+    let pid = child.id().expect("child already exited");
+    let status = std::process::Command::new("kill")
+        .args([format!("-{sig}"), pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{sig} {pid} failed");
+}
+
+/// Polls `cond` until it holds or the deadline passes.
+pub async fn wait_until(mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + DEADLINE;
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cond()
+}
