@@ -17,11 +17,17 @@ use queue_worker::queue::{self, HEADER_ALLOWANCE, PublishError};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-/// Room for the envelope's metadata (method, path, headers, ...) below `max_payload`, so a body
-/// at the limit still fits with ordinary headers.
-pub const METADATA_ALLOWANCE: u64 = 60 * 1024;
-/// Body limit before the server's `max_payload` is known (NATS's default is 1 MiB).
-const DEFAULT_MAX_BODY: u64 = (1 << 20) - METADATA_ALLOWANCE - HEADER_ALLOWANCE as u64;
+/// Largest body that leaves room below `max_payload` for the envelope's metadata (method, path,
+/// request headers) and the NATS headers: a quarter of the payload, at most 64 KiB.
+pub fn body_limit_for(max_payload: u64) -> u64 {
+    let overhead = (max_payload / 4)
+        .min(64 * 1024)
+        .max(HEADER_ALLOWANCE as u64);
+    max_payload.saturating_sub(overhead)
+}
+
+/// NATS's default `max_payload`, used until the server's is known.
+const DEFAULT_MAX_PAYLOAD: u64 = 1 << 20;
 
 /// Shared by all requests.
 #[derive(Debug)]
@@ -51,7 +57,11 @@ impl QueueLink {
             js,
             nats,
             stream,
-            max_body: AtomicU64::new(configured_max_body.unwrap_or(DEFAULT_MAX_BODY)),
+            max_body: AtomicU64::new(
+                configured_max_body
+                    .unwrap_or(u64::MAX)
+                    .min(body_limit_for(DEFAULT_MAX_PAYLOAD)),
+            ),
             configured_max_body,
             streams_ready: AtomicBool::new(false),
             recheck: Notify::new(),
@@ -140,7 +150,7 @@ impl QueueLink {
 
     async fn ensure(&self) -> Result<(), queue::QueueError> {
         let max_payload = self.client.server_info().max_payload as u64;
-        let allowed = max_payload.saturating_sub(METADATA_ALLOWANCE + HEADER_ALLOWANCE as u64);
+        let allowed = body_limit_for(max_payload);
         let limit = match self.configured_max_body {
             Some(configured) if configured > allowed => {
                 tracing::warn!(
@@ -174,5 +184,18 @@ impl QueueLink {
                 Err(format!("stream {}: {e}", self.nats.stream))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_limit_leaves_room_for_metadata() {
+        assert_eq!(body_limit_for(1 << 20), (1 << 20) - 64 * 1024);
+        assert_eq!(body_limit_for(128 * 1024), 96 * 1024);
+        assert_eq!(body_limit_for(8 * 1024), 4 * 1024);
+        assert_eq!(body_limit_for(0), 0);
     }
 }

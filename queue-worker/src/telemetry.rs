@@ -1,6 +1,8 @@
 //! Logging setup. Every log line is about a call's *handling* (ids, function names, statuses,
 //! durations); request and response bodies and header values are never logged, at any level.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogArgs, LogFormat};
@@ -12,6 +14,7 @@ pub fn init(args: &LogArgs) -> Result<(), String> {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(true);
     let result = match args.log_format {
         LogFormat::Text => builder.try_init(),

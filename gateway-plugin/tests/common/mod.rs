@@ -140,7 +140,12 @@ pub async fn queued(nats_url: &str) -> u64 {
 
 /// Checks an error answer: status, JSON body with the given error code.
 pub async fn assert_json_error(response: reqwest::Response, status: u16, code: &str) {
-    assert_eq!(response.status().as_u16(), status, "status");
+    let url = response.url().to_string();
+    assert_eq!(
+        response.status().as_u16(),
+        status,
+        "status for {url} (expected {code})"
+    );
     assert_eq!(
         response
             .headers()

@@ -1,0 +1,150 @@
+//! Bad input gets a clear JSON error with the right status, and nothing is queued.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
+
+mod common;
+
+use common::{Gateway, assert_json_error, http, queued};
+use load_tests::nats_server::NatsServer;
+
+/// Sends `POST {path}` exactly as written; returns the status and the body.
+async fn raw_post(base: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    (status, response)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_names_paths_callbacks_and_headers_are_refused() {
+    let nats = NatsServer::start().await.unwrap();
+    let gateway = Gateway::start(&nats.url(), &[]).await;
+    let client = http();
+    let url = |path: &str| format!("{}{path}", gateway.url);
+
+    for path in [
+        "/async-function/bad%20name",
+        "/async-function/a.b.c",
+        "/async-function/-leading-dash",
+        "/async-function/fn.",
+        &format!("/async-function/{}", "x".repeat(64)),
+    ] {
+        let r = client.post(url(path)).body("x").send().await.unwrap();
+        assert_json_error(r, 400, "invalid_function_name").await;
+    }
+    let r = client
+        .post(url("/async-function/fn/a%2Fb"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_json_error(r, 400, "invalid_path").await;
+    // URL libraries resolve dot segments before sending; a raw request does not.
+    for (path, code) in [
+        ("/async-function/fn/../other", "invalid_path"),
+        ("/async-function/fn/%2e%2e/admin", "invalid_path"),
+        ("/async-function/%2e%2e", "invalid_function_name"),
+    ] {
+        let (status, body) = raw_post(&gateway.url, path).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(body.contains(code), "{path}: {body}");
+    }
+    for callback in [
+        "not a url",
+        "ftp://example.com/x",
+        "/relative/path",
+        "http://",
+    ] {
+        let r = client
+            .post(url("/async-function/fn"))
+            .header("X-Callback-Url", callback)
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        assert_json_error(r, 400, "invalid_callback_url").await;
+    }
+    let r = client
+        .post(url("/async-function/fn"))
+        .header(
+            "X-Binary",
+            reqwest::header::HeaderValue::from_bytes(b"caf\xe9").unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_json_error(r, 400, "invalid_header").await;
+
+    let r = client.get(url("/nothing-here")).send().await.unwrap();
+    assert_json_error(r, 404, "not_found").await;
+    let r = client
+        .request(reqwest::Method::OPTIONS, url("/async-function/fn"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["allow"], "POST, PUT, PATCH, DELETE, GET");
+    assert_json_error(r, 405, "method_not_allowed").await;
+
+    assert_eq!(queued(&nats.url()).await, 0, "a refused call was queued");
+    gateway.shutdown().await;
+}
+
+/// The body limit follows the server's `max_payload`: a configured limit above it is lowered,
+/// bodies over it get 413 before anything is published, and oversized header sets too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn body_limit_agrees_with_the_nats_max_payload() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(&conf, "max_payload: 131072\n").unwrap();
+    let nats = NatsServer::start_with_args(&["-c", conf.to_str().unwrap()])
+        .await
+        .unwrap();
+    // Asks for 1 MiB; the server allows 128 KiB per message, so the gateway uses 96 KiB.
+    let gateway = Gateway::start(&nats.url(), &["--max-body-bytes", "1MiB"]).await;
+    // A fresh client per request: the gateway closes a connection whose body it refused.
+    let post = |body: Vec<u8>| {
+        http()
+            .post(format!("{}/async-function/fn", gateway.url))
+            .body(body)
+            .send()
+    };
+    let r = post(vec![b'a'; 96 * 1024 + 1]).await.unwrap();
+    assert_json_error(r, 413, "body_too_large").await;
+    // Without Content-Length (chunked), the limit holds while reading.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        (0..100).map(|_| Ok(vec![b'b'; 1024])).collect();
+    let r = http()
+        .post(format!("{}/async-function/fn", gateway.url))
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap();
+    assert_json_error(r, 413, "body_too_large").await;
+    // Body within the limit but headers pushing the message over max_payload.
+    let mut big_headers = http().post(format!("{}/async-function/fn", gateway.url));
+    for i in 0..40 {
+        big_headers = big_headers.header(format!("x-big-{i}"), "h".repeat(1000));
+    }
+    let r = big_headers
+        .body(vec![b'c'; 90 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_json_error(r, 413, "request_too_large").await;
+    assert_eq!(queued(&nats.url()).await, 0, "an oversized call was queued");
+
+    let r = post(vec![b'd'; 96 * 1024]).await.unwrap();
+    assert_eq!(r.status(), 202, "a body at the limit is accepted");
+    assert_eq!(queued(&nats.url()).await, 1);
+    gateway.shutdown().await;
+}
