@@ -73,9 +73,7 @@ pub async fn run(
         }
     };
     stop.cancel();
-    if let Err(e) = link.client().flush().await {
-        tracing::warn!(error = %e, "could not flush NATS connection at shutdown");
-    }
+    queue_worker::queue::flush_before_exit(link.client()).await;
     tracing::info!("gateway-plugin stopped");
     result
 }

@@ -89,6 +89,20 @@ pub async fn connect(nats: &NatsArgs, name: &str) -> Result<async_nats::Client, 
         })
 }
 
+/// Sends what the client still buffers (acks, naks) before the process exits. Bounded: with
+/// NATS unreachable a flush would wait for a reconnect that may never come.
+pub async fn flush_before_exit(client: &async_nats::Client) {
+    if client.connection_state() != async_nats::connection::State::Connected {
+        tracing::warn!("not connected to NATS at exit; unsent acks will be redelivered");
+        return;
+    }
+    match tokio::time::timeout(Duration::from_secs(5), client.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not flush the NATS connection at exit"),
+        Err(_) => tracing::warn!("NATS unreachable at exit; unsent acks will be redelivered"),
+    }
+}
+
 /// A JetStream context with the configured request timeout.
 pub fn jetstream(client: async_nats::Client, nats: &NatsArgs) -> jetstream::Context {
     jetstream::ContextBuilder::new()

@@ -138,9 +138,7 @@ pub async fn run(
         .await;
     }
     sweeper.abort();
-    if let Err(e) = client.flush().await {
-        tracing::warn!(error = %e, "could not flush NATS connection at shutdown");
-    }
+    queue::flush_before_exit(&client).await;
     if let Err(e) = ctx.store.flush().await {
         tracing::warn!(error = %e, "could not flush state at shutdown");
     }
