@@ -36,27 +36,19 @@ pub struct GatewayConfig {
     pub shutdown_grace: Duration,
 }
 
-/// The argument list the binary parses: program name, flags derived from OpenFaaS's gateway
-/// variables (`faas_nats_address`, `faas_nats_port`) when `NATS_URL` is not set, then the
-/// real command line, which wins.
-pub fn args_with_openfaas_compat(
-    real_args: impl IntoIterator<Item = OsString>,
-    lookup: impl Fn(&str) -> Option<String>,
-) -> Vec<OsString> {
-    let mut real = real_args.into_iter();
-    let mut out: Vec<OsString> = real.next().into_iter().collect();
-    if lookup("NATS_URL").is_none()
-        && let Some(url) = queue_worker::config::openfaas_nats_url(&lookup)
-    {
-        out.push(format!("--nats-url={url}").into());
+/// Flags derived from OpenFaaS's gateway variables (`faas_nats_address`, `faas_nats_port`),
+/// used when `NATS_URL` is not set; they go before the real command line, which wins.
+pub fn openfaas_compat_args(lookup: impl Fn(&str) -> Option<String>) -> Vec<OsString> {
+    match queue_worker::config::openfaas_nats_url(&lookup) {
+        Some(url) if lookup("NATS_URL").is_none() => vec![format!("--nats-url={url}").into()],
+        _ => Vec::new(),
     }
-    out.extend(real);
-    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use queue_worker::config::with_leading_args;
     use std::collections::HashMap;
 
     fn parse(env: &[(&str, &str)], cli: &[&str]) -> GatewayConfig {
@@ -67,8 +59,11 @@ mod tests {
         let real = std::iter::once("gateway-plugin")
             .chain(cli.iter().copied())
             .map(OsString::from);
-        GatewayConfig::try_parse_from(args_with_openfaas_compat(real, |k| env.get(k).cloned()))
-            .unwrap()
+        GatewayConfig::try_parse_from(with_leading_args(
+            real,
+            openfaas_compat_args(|k| env.get(k).cloned()),
+        ))
+        .unwrap()
     }
 
     #[test]

@@ -189,9 +189,7 @@ async fn stub_handler(State(state): State<Arc<StubState>>, request: Request) -> 
         Ok(body) => body,
         Err(err) => return (StatusCode::BAD_REQUEST, err.to_string()).into_response(),
     };
-    if !behavior.delay.is_zero() {
-        tokio::time::sleep(behavior.delay).await;
-    }
+    // Recorded on arrival, so a call cut short (a killed worker) still counts as invoked.
     let method = parts.method.to_string();
     lock(&state.requests).push(RecordedRequest {
         method: method.clone(),
@@ -203,6 +201,9 @@ async fn stub_handler(State(state): State<Arc<StubState>>, request: Request) -> 
         body: body.clone(),
         call_id: call_id(&parts.headers),
     });
+    if !behavior.delay.is_zero() {
+        tokio::time::sleep(behavior.delay).await;
+    }
     drop(in_flight);
 
     let mut response = Response::new(if behavior.echo_body {

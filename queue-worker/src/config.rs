@@ -302,15 +302,15 @@ pub fn openfaas_compat_args(lookup: impl Fn(&str) -> Option<String>) -> Vec<OsSt
     args
 }
 
-/// The argument list a binary parses: program name, OpenFaaS-derived flags, then the real
-/// command line (which wins, as later flags override earlier ones).
-pub fn args_with_openfaas_compat(
+/// The argument list a binary parses: program name, then `leading` flags (derived from OpenFaaS
+/// variables), then the real command line, which wins because later flags override earlier ones.
+pub fn with_leading_args(
     real_args: impl IntoIterator<Item = OsString>,
-    lookup: impl Fn(&str) -> Option<String>,
+    leading: Vec<OsString>,
 ) -> Vec<OsString> {
     let mut real = real_args.into_iter();
     let mut out: Vec<OsString> = real.next().into_iter().collect();
-    out.extend(openfaas_compat_args(lookup));
+    out.extend(leading);
     out.extend(real);
     out
 }
@@ -328,8 +328,11 @@ mod tests {
         let real = std::iter::once("queue-worker")
             .chain(cli.iter().copied())
             .map(OsString::from);
-        WorkerConfig::try_parse_from(args_with_openfaas_compat(real, |k| env.get(k).cloned()))
-            .unwrap()
+        WorkerConfig::try_parse_from(with_leading_args(
+            real,
+            openfaas_compat_args(|k| env.get(k).cloned()),
+        ))
+        .unwrap()
     }
 
     #[test]

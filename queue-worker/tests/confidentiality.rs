@@ -3,35 +3,27 @@
 
 mod common;
 
-use common::{DEADLINE, Queue, call, signal, worker_args};
-use load_tests::stub::{CallbackReceiver, StubBehavior, StubFunction};
+use common::{DEADLINE, Fixture, call, signal};
+use load_tests::stub::StubBehavior;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn worker_logs_hold_no_bodies_or_secrets() {
-    let queue = Queue::start().await;
-    let function = StubFunction::start(StubBehavior {
+    let f = Fixture::start(StubBehavior {
         response_headers: vec![("set-cookie".into(), "session=RESPONSE-COOKIE-SECRET".into())],
         ..StubBehavior::default()
     })
-    .await
-    .unwrap();
-    let receiver = CallbackReceiver::start().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("worker.log");
-    let args = worker_args(
-        &queue.nats.url(),
-        &function.url(),
-        &dir.path().join("state"),
-    );
+    .await;
+    let log = f.log("worker.log");
+    let args = f.worker_args("state", &[]);
 
-    let mut c = call("secret", Some(&receiver.url()), b"BODY-SECRET-7f3a");
+    let mut c = call("secret", Some(&f.receiver.url()), b"BODY-SECRET-7f3a");
     c.meta
         .headers
         .push(("authorization".into(), "Bearer TOKEN-SECRET-91c2".into()));
     c.meta
         .headers
         .push(("cookie".into(), "sid=COOKIE-SECRET-55aa".into()));
-    let id = queue.publish(&c).await;
+    let id = f.queue.publish(&c).await;
 
     let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_queue-worker"))
         .args(&args)
@@ -42,7 +34,7 @@ async fn worker_logs_hold_no_bodies_or_secrets() {
         .spawn()
         .unwrap();
     assert!(
-        receiver
+        f.receiver
             .wait_for_call_ids(std::slice::from_ref(&id), DEADLINE)
             .await
     );
@@ -50,12 +42,12 @@ async fn worker_logs_hold_no_bodies_or_secrets() {
     worker.wait().await.unwrap();
 
     // The secrets did travel: the function and the callback got them.
-    let req = &function.requests()[0];
+    let req = &f.function.requests()[0];
     assert_eq!(
         req.header("authorization"),
         Some("Bearer TOKEN-SECRET-91c2")
     );
-    assert_eq!(receiver.callbacks()[0].body.as_ref(), b"BODY-SECRET-7f3a");
+    assert_eq!(f.receiver.callbacks()[0].body.as_ref(), b"BODY-SECRET-7f3a");
 
     let logs = std::fs::read_to_string(&log).unwrap();
     assert!(logs.contains(&id), "logs should identify the call: {logs}");

@@ -6,35 +6,28 @@ mod common;
 
 use std::time::Duration;
 
-use common::{DEADLINE, InProcessWorker, Queue, call, worker_args};
-use load_tests::stub::{CallbackReceiver, StubBehavior, StubFunction};
+use common::{DEADLINE, Fixture, InProcessWorker};
+use load_tests::stub::StubBehavior;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn call_longer_than_ack_wait_is_not_redelivered() {
-    let queue = Queue::start().await;
-    let function = StubFunction::start(StubBehavior {
+    let f = Fixture::start(StubBehavior {
         delay: Duration::from_secs(6),
         ..StubBehavior::default()
     })
-    .await
-    .unwrap();
-    let receiver = CallbackReceiver::start().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let mut args = worker_args(&queue.nats.url(), &function.url(), dir.path());
-    args.extend(["--ack-wait".into(), "2s".into()]);
-    let worker = InProcessWorker::start(&args);
+    .await;
+    let worker = InProcessWorker::start(&f.worker_args("state", &["--ack-wait", "2s"]));
 
-    let id = queue
-        .publish(&call("long", Some(&receiver.url()), b"job"))
-        .await;
+    let id = f.publish("long", b"job").await;
     assert!(
-        receiver
+        f.receiver
             .wait_for_call_ids(std::slice::from_ref(&id), DEADLINE)
             .await
     );
-    assert!(queue.wait_until_empty().await, "message was not acked");
+    assert!(f.queue.wait_until_empty().await, "message was not acked");
 
-    let mut consumer: async_nats::jetstream::consumer::PullConsumer = queue
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = f
+        .queue
         .js
         .get_stream("faas-async")
         .await
@@ -48,16 +41,16 @@ async fn call_longer_than_ack_wait_is_not_redelivered() {
         "JetStream redelivered the long call"
     );
     assert_eq!(
-        function.invocations_for(&id),
+        f.function.invocations_for(&id),
         1,
         "function invoked more than once"
     );
     assert_eq!(
-        receiver.count_by_call_id()[&id],
+        f.receiver.count_by_call_id()[&id],
         1,
         "more than one callback"
     );
-    let took: f64 = receiver.callbacks()[0]
+    let took: f64 = f.receiver.callbacks()[0]
         .header("x-duration-seconds")
         .unwrap()
         .parse()

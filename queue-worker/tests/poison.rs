@@ -6,21 +6,17 @@ mod common;
 
 use std::time::Duration;
 
-use common::{DEADLINE, InProcessWorker, Queue, call, worker_args};
+use common::{DEADLINE, Fixture, InProcessWorker};
 use futures::StreamExt;
-use load_tests::stub::{CallbackReceiver, StubBehavior, StubFunction};
+use load_tests::stub::StubBehavior;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn undecodable_messages_are_dead_lettered_and_work_goes_on() {
-    let queue = Queue::start().await;
-    let function = StubFunction::start(StubBehavior::default()).await.unwrap();
-    let receiver = CallbackReceiver::start().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let worker =
-        InProcessWorker::start(&worker_args(&queue.nats.url(), &function.url(), dir.path()));
+    let f = Fixture::start(StubBehavior::default()).await;
+    let worker = InProcessWorker::start(&f.worker_args("state", &[]));
 
     for garbage in [&b"{\"not\": \"an envelope\"}"[..], b"", b"FAQC\x09rest"] {
-        queue
+        f.queue
             .js
             .publish("faas-async._.poison", bytes::Bytes::from_static(garbage))
             .await
@@ -28,20 +24,18 @@ async fn undecodable_messages_are_dead_lettered_and_work_goes_on() {
             .await
             .unwrap();
     }
-    let id = queue
-        .publish(&call("fine", Some(&receiver.url()), b"ok"))
-        .await;
+    let id = f.publish("fine", b"ok").await;
     assert!(
-        receiver
+        f.receiver
             .wait_for_call_ids(std::slice::from_ref(&id), DEADLINE)
             .await
     );
     assert!(
-        queue.wait_until_empty().await,
+        f.queue.wait_until_empty().await,
         "poison stayed in the work queue"
     );
 
-    let dead = queue.js.get_stream("faas-async-dead").await.unwrap();
+    let dead = f.queue.js.get_stream("faas-async-dead").await.unwrap();
     let consumer = dead
         .create_consumer(async_nats::jetstream::consumer::pull::Config::default())
         .await
@@ -66,13 +60,14 @@ async fn undecodable_messages_are_dead_lettered_and_work_goes_on() {
         payloads.push(msg.payload.clone());
     }
     assert_eq!(reasons, ["undecodable"; 3]);
-    assert_eq!(
-        payloads[0].as_ref(),
-        b"{\"not\": \"an envelope\"}",
+    assert!(
+        payloads
+            .iter()
+            .any(|p| p.as_ref() == b"{\"not\": \"an envelope\"}"),
         "payload kept as it was"
     );
     assert_eq!(
-        function.count(),
+        f.function.count(),
         1,
         "only the good call reached the function"
     );

@@ -2,11 +2,13 @@
 
 use anyhow::Context;
 use clap::Parser;
-use gateway_plugin::config::{GatewayConfig, args_with_openfaas_compat};
+use gateway_plugin::config::{GatewayConfig, openfaas_compat_args};
+use queue_worker::config::with_leading_args;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = args_with_openfaas_compat(std::env::args_os(), |k| std::env::var(k).ok());
+    let compat = openfaas_compat_args(|k| std::env::var(k).ok());
+    let args = with_leading_args(std::env::args_os(), compat);
     let config = GatewayConfig::parse_from(args);
     queue_worker::telemetry::init(&config.log).map_err(anyhow::Error::msg)?;
     let listener = tokio::net::TcpListener::bind(config.listen)

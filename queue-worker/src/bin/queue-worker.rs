@@ -2,11 +2,12 @@
 
 use anyhow::Context;
 use clap::Parser;
-use queue_worker::config::{WorkerConfig, args_with_openfaas_compat};
+use queue_worker::config::{WorkerConfig, openfaas_compat_args, with_leading_args};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = args_with_openfaas_compat(std::env::args_os(), |k| std::env::var(k).ok());
+    let compat = openfaas_compat_args(|k| std::env::var(k).ok());
+    let args = with_leading_args(std::env::args_os(), compat);
     let config = WorkerConfig::parse_from(args);
     queue_worker::telemetry::init(&config.log).map_err(anyhow::Error::msg)?;
     queue_worker::run(config, queue_worker::signal::shutdown_signal())

@@ -202,3 +202,47 @@ pub async fn wait_until(mut cond: impl FnMut() -> bool) -> bool {
     }
     cond()
 }
+
+/// The usual cast of a test: a queue, a stub function, a callback receiver, a scratch directory.
+pub struct Fixture {
+    pub queue: Queue,
+    pub function: load_tests::stub::StubFunction,
+    pub receiver: load_tests::stub::CallbackReceiver,
+    pub dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    pub async fn start(behavior: load_tests::stub::StubBehavior) -> Self {
+        Self {
+            queue: Queue::start().await,
+            function: load_tests::stub::StubFunction::start(behavior)
+                .await
+                .unwrap(),
+            receiver: load_tests::stub::CallbackReceiver::start().await.unwrap(),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// Worker flags for this fixture with the state in `<dir>/<state>`, plus `extra`.
+    pub fn worker_args(&self, state: &str, extra: &[&str]) -> Vec<String> {
+        let mut args = worker_args(
+            &self.queue.nats.url(),
+            &self.function.url(),
+            &self.dir.path().join(state),
+        );
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        args
+    }
+
+    /// A log file path in the scratch directory.
+    pub fn log(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Publishes a call to `function` with a callback to the receiver.
+    pub async fn publish(&self, function: &str, body: &'static [u8]) -> String {
+        self.queue
+            .publish(&call(function, Some(&self.receiver.url()), body))
+            .await
+    }
+}
