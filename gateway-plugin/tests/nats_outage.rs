@@ -70,3 +70,64 @@ async fn gateway_answers_503_while_nats_is_down_and_recovers() {
     assert_eq!(queued(&nats.url()).await, 2);
     gateway.shutdown().await;
 }
+
+/// A full stream (discard-new policy) refuses the call: 503, not 202, and nothing is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn full_stream_answers_503() {
+    let nats = NatsServer::start().await.unwrap();
+    let gateway = Gateway::start(&nats.url(), &["--stream-max-bytes", "16KiB"]).await;
+    let client = http();
+    let mut accepted = 0;
+    let mut refused = None;
+    for _ in 0..64 {
+        let r = client
+            .post(format!("{}/async-function/fn", gateway.url))
+            .body(vec![b'x'; 1024])
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 202 {
+            accepted += 1;
+        } else {
+            refused = Some(r);
+            break;
+        }
+    }
+    let refused = refused.expect("a 16 KiB stream took 64 KiB of calls");
+    assert!(refused.headers().contains_key("retry-after"));
+    assert_json_error(refused, 503, "queue_unavailable").await;
+    assert!(accepted > 0, "the stream took nothing");
+    assert_eq!(
+        queued(&nats.url()).await,
+        accepted,
+        "every accepted call is still stored"
+    );
+    gateway.shutdown().await;
+}
+
+/// A stream that disappears (a NATS server that lost its store) is recreated by the gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deleted_stream_is_recreated() {
+    let nats = NatsServer::start().await.unwrap();
+    let gateway = Gateway::start(&nats.url(), &[]).await;
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    js.delete_stream("faas-async").await.unwrap();
+    let client = http();
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let r = client
+            .post(format!("{}/async-function/fn", gateway.url))
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 202 {
+            break;
+        }
+        assert_json_error(r, 503, "queue_unavailable").await;
+        assert!(Instant::now() < end, "the stream was never recreated");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(queued(&nats.url()).await, 1);
+    gateway.shutdown().await;
+}
