@@ -71,7 +71,7 @@ mod tests {
         let c = parse(&[], &[]);
         assert_eq!(c.listen.port(), 8080);
         assert_eq!(c.nats.stream, "faas-async");
-        assert_eq!(c.stream.stream_max_age, Duration::from_secs(24 * 3600));
+        assert_eq!(c.stream.stream_max_age, Duration::from_secs(7 * 24 * 3600));
         assert_eq!(c.max_body_bytes, None);
         assert_eq!(c.retry_after, Duration::from_secs(5));
     }

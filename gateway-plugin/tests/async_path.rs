@@ -199,6 +199,9 @@ async fn unreachable_function_is_reported_as_503_in_the_callback() {
     let cb = &receiver.callbacks()[0];
     assert_eq!(cb.header("x-function-status"), Some("503"));
     assert_eq!(cb.header("x-function-error"), Some("connect"));
+    // Refused connections are retried; after the last attempt the call is dead-lettered and
+    // the callback says so.
+    assert_eq!(cb.header("x-dead-letter-reason"), Some("retries_exhausted"));
     assert!(cb.header("x-duration-seconds").is_some());
     assert!(cb.body.is_empty());
     worker.shutdown().await;

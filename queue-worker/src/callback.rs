@@ -43,8 +43,14 @@ pub struct CallbackSender {
 }
 
 /// Headers of a callback request, in order: the function's response headers, then ours.
-pub fn callback_headers(meta: &CallMeta, outcome: &Outcome) -> Vec<(String, String)> {
-    const OURS: [&str; 6] = [
+/// `dead_letter` names the reason when the call failed for good (`X-Dead-Letter-Reason`).
+pub fn callback_headers(
+    meta: &CallMeta,
+    outcome: &Outcome,
+    dead_letter: Option<&str>,
+) -> Vec<(String, String)> {
+    const OURS: [&str; 7] = [
+        "x-dead-letter-reason",
         "x-call-id",
         "x-function-status",
         "x-duration-seconds",
@@ -74,6 +80,9 @@ pub fn callback_headers(meta: &CallMeta, outcome: &Outcome) -> Vec<(String, Stri
     if let Some(err) = &outcome.error {
         headers.push(("X-Function-Error".into(), err.clone()));
     }
+    if let Some(reason) = dead_letter {
+        headers.push(("X-Dead-Letter-Reason".into(), reason.to_owned()));
+    }
     headers
 }
 
@@ -102,9 +111,10 @@ impl CallbackSender {
         url: &str,
         meta: &CallMeta,
         outcome: &Outcome,
+        dead_letter: Option<&str>,
         interrupt: &CancellationToken,
     ) -> Delivery {
-        let headers = callback_headers(meta, outcome);
+        let headers = callback_headers(meta, outcome, dead_letter);
         let mut wait = self.initial_wait;
         let mut attempts = 0;
         loop {
@@ -204,7 +214,7 @@ mod tests {
             duration: Duration::from_millis(1250),
             error: None,
         };
-        let h = callback_headers(&meta, &outcome);
+        let h = callback_headers(&meta, &outcome, None);
         let get = |n: &str| {
             h.iter()
                 .filter(|(k, _)| k.eq_ignore_ascii_case(n))

@@ -76,8 +76,9 @@ pub struct NatsArgs {
 /// the stream as they find it.
 #[derive(Debug, Clone, Args)]
 pub struct StreamArgs {
-    /// Queued calls older than this are dropped by JetStream.
-    #[arg(long, env = "ASYNC_STREAM_MAX_AGE", default_value = "24h", value_parser = parse_duration)]
+    /// Messages older than this are dropped by JetStream without a trace. Keep it well above
+    /// the workers' `--call-max-age`, which dead-letters old calls visibly.
+    #[arg(long, env = "ASYNC_STREAM_MAX_AGE", default_value = "7d", value_parser = parse_duration)]
     pub stream_max_age: Duration,
     /// Size limit of the stream; when full, new calls get 503 (discard-new policy). 0 = no limit.
     #[arg(long, env = "ASYNC_STREAM_MAX_BYTES", default_value = "0", value_parser = parse_bytes)]
@@ -175,6 +176,23 @@ pub struct WorkerConfig {
     /// Largest function response kept and forwarded; a larger one is reported as status 502.
     #[arg(long, env = "QUEUE_WORKER_MAX_RESPONSE_BYTES", default_value = "32MiB", value_parser = parse_bytes)]
     pub max_response_bytes: u64,
+    /// Function invocations at most per call, the first included (retries on retryable
+    /// failures: the statuses in `--retry-codes`, refused connections, timeouts).
+    #[arg(long, env = "QUEUE_WORKER_RETRY_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub retry_max_attempts: u32,
+    /// Base wait before the first retry; doubles per attempt (with jitter) up to the maximum.
+    #[arg(long, env = "QUEUE_WORKER_RETRY_INITIAL_WAIT", default_value = "2s", value_parser = parse_duration)]
+    pub retry_initial_wait: Duration,
+    /// Longest wait between attempts, `Retry-After` included.
+    #[arg(long, env = "QUEUE_WORKER_RETRY_MAX_WAIT", default_value = "2m", value_parser = parse_duration)]
+    pub retry_max_wait: Duration,
+    /// Function statuses that are retried.
+    #[arg(long, env = "QUEUE_WORKER_RETRY_CODES", default_value = "408,429,500,502,503,504", value_parser = crate::retry::parse_codes)]
+    pub retry_codes: std::vec::Vec<u16>,
+    /// A call older than this (since the gateway accepted it) is not invoked: it is
+    /// dead-lettered with reason `expired`.
+    #[arg(long, env = "QUEUE_WORKER_CALL_MAX_AGE", default_value = "24h", value_parser = parse_duration)]
+    pub call_max_age: Duration,
     /// Longest a single callback POST may take.
     #[arg(long, env = "QUEUE_WORKER_CALLBACK_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub callback_timeout: Duration,
@@ -216,6 +234,9 @@ impl WorkerConfig {
         if self.ack_wait < Duration::from_secs(1) {
             return Err("--ack-wait must be at least 1s".into());
         }
+        if self.retry_initial_wait > self.retry_max_wait {
+            return Err("--retry-initial-wait must not exceed --retry-max-wait".into());
+        }
         if self.callback_initial_wait > self.callback_max_wait {
             return Err("--callback-initial-wait must not exceed --callback-max-wait".into());
         }
@@ -230,6 +251,16 @@ impl WorkerConfig {
             }
         }
         Ok(())
+    }
+
+    /// The function retry policy.
+    pub fn retry_policy(&self) -> crate::retry::RetryPolicy {
+        crate::retry::RetryPolicy {
+            max_attempts: self.retry_max_attempts,
+            initial_wait: self.retry_initial_wait,
+            max_wait: self.retry_max_wait,
+            codes: self.retry_codes.clone(),
+        }
     }
 
     /// How often an in-progress heartbeat is sent while a call is handled.
@@ -269,7 +300,7 @@ pub fn openfaas_compat_args(lookup: impl Fn(&str) -> Option<String>) -> Vec<OsSt
             format!("http://{addr}:{port}"),
         );
     }
-    let direct: [(&str, &str, &str); 4] = [
+    let direct: [(&str, &str, &str); 8] = [
         ("max_inflight", "QUEUE_WORKER_MAX_INFLIGHT", "max-inflight"),
         ("ack_wait", "QUEUE_WORKER_ACK_WAIT", "ack-wait"),
         (
@@ -281,6 +312,26 @@ pub fn openfaas_compat_args(lookup: impl Fn(&str) -> Option<String>) -> Vec<OsSt
             "faas_function_suffix",
             "QUEUE_WORKER_FUNCTION_SUFFIX",
             "function-suffix",
+        ),
+        (
+            "max_retry_attempts",
+            "QUEUE_WORKER_RETRY_MAX_ATTEMPTS",
+            "retry-max-attempts",
+        ),
+        (
+            "initial_retry_wait",
+            "QUEUE_WORKER_RETRY_INITIAL_WAIT",
+            "retry-initial-wait",
+        ),
+        (
+            "max_retry_wait",
+            "QUEUE_WORKER_RETRY_MAX_WAIT",
+            "retry-max-wait",
+        ),
+        (
+            "retry_http_codes",
+            "QUEUE_WORKER_RETRY_CODES",
+            "retry-codes",
         ),
     ];
     for (theirs, ours, name) in direct {
@@ -374,6 +425,8 @@ mod tests {
                 ("faas_function_suffix", ".openfaas-fn.svc.cluster.local"),
                 ("upstream_timeout", "2h"),
                 ("write_debug", "true"),
+                ("max_retry_attempts", "9"),
+                ("retry_http_codes", "429,503"),
             ],
             &[],
         );
@@ -385,6 +438,8 @@ mod tests {
         assert_eq!(c.function_suffix, ".openfaas-fn.svc.cluster.local");
         assert_eq!(c.upstream_timeout, Duration::from_secs(7200));
         assert_eq!(c.log.log_level, "debug");
+        assert_eq!(c.retry_max_attempts, 9);
+        assert_eq!(c.retry_codes, vec![429, 503]);
     }
 
     #[test]

@@ -113,8 +113,9 @@ impl FunctionInvoker {
         url
     }
 
-    /// Calls the function once. Never fails: transport problems become a 503 outcome.
-    pub async fn invoke(&self, call: &QueuedCall) -> Outcome {
+    /// Calls the function once (attempt `attempt` of at most `max_attempts`, sent as `X-Retry`
+    /// and `X-Retry-Max`). Never fails: transport problems become a 503 outcome.
+    pub async fn invoke(&self, call: &QueuedCall, attempt: u32, max_attempts: u32) -> Outcome {
         let started = Instant::now();
         let failed = |status: u16, error: &str| Outcome {
             status,
@@ -142,7 +143,9 @@ impl FunctionInvoker {
         // Set from the call itself, as OpenFaaS's gateway adds them to the queued request.
         request = request
             .header("X-Call-Id", call.meta.call_id.as_str())
-            .header("X-Start-Time", call.meta.received_at_unix_nanos.to_string());
+            .header("X-Start-Time", call.meta.received_at_unix_nanos.to_string())
+            .header("X-Retry", attempt.to_string())
+            .header("X-Retry-Max", max_attempts.to_string());
         let response = match request.send().await {
             Ok(r) => r,
             Err(e) => return failed(503, transport_error_kind(&e)),

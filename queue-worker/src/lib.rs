@@ -10,6 +10,7 @@
 //! - [`queue`]: JetStream plumbing: connect, stream and consumer definitions, publish, dead letters.
 //! - [`worker`]: the pull loop (permits before pulls) and the life of one message.
 //! - [`invoke`]: function URLs and the HTTP call; transport failures become a 503 [`invoke::Outcome`].
+//! - [`retry`]: the function retry policy (backoff with jitter, `Retry-After`).
 //! - [`callback`]: callback headers and delivery with retries of the callback alone.
 //! - [`state`]: the dedup state in sled (`claimed` → `completed` → `done`, with expiry).
 //! - [`config`]: every setting as a flag and an environment variable; OpenFaaS variable mapping.
@@ -21,6 +22,7 @@ pub mod config;
 pub mod invoke;
 pub mod message;
 pub mod queue;
+pub mod retry;
 pub mod signal;
 pub mod state;
 pub mod telemetry;

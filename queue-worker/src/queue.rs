@@ -255,6 +255,12 @@ pub async fn bind_consumer(
 pub enum DeadLetterReason {
     /// The payload is not a valid envelope.
     Undecodable,
+    /// The function kept failing with retryable errors until no attempts were left.
+    RetriesExhausted,
+    /// The call was older than its maximum age before it could run.
+    Expired,
+    /// The function ran but its callback could not be delivered.
+    CallbackFailed,
 }
 
 impl DeadLetterReason {
@@ -262,35 +268,102 @@ impl DeadLetterReason {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Undecodable => "undecodable",
+            Self::RetriesExhausted => "retries_exhausted",
+            Self::Expired => "expired",
+            Self::CallbackFailed => "callback_failed",
         }
     }
 }
 
-/// Copies a message, untouched, to the dead-letter stream with the reason in headers, and waits
-/// for the store acknowledgement. The caller acks the original only after this succeeds.
+/// Headers of a dead letter (its payload is the original message, untouched).
+pub mod dead_letter_headers {
+    /// Why (`undecodable`, `retries_exhausted`, `expired`, `callback_failed`).
+    pub const REASON: &str = "Dead-Letter-Reason";
+    /// Subject the call was queued on (replay publishes there again).
+    pub const SUBJECT: &str = "Dead-Letter-Subject";
+    /// Data-free explanation.
+    pub const DETAIL: &str = "Dead-Letter-Detail";
+    /// When it was dead-lettered, Unix nanoseconds.
+    pub const TIME: &str = "Dead-Letter-Time";
+    /// The function's last status, when there was an attempt.
+    pub const LAST_STATUS: &str = "Dead-Letter-Last-Status";
+    /// Function invocations made.
+    pub const ATTEMPTS: &str = "Dead-Letter-Attempts";
+    /// The call id, when the message could be decoded.
+    pub const CALL_ID: &str = "Dead-Letter-Call-Id";
+    /// When the gateway accepted the call, Unix nanoseconds.
+    pub const RECEIVED: &str = "Dead-Letter-Received-Time";
+}
+
+/// What is known about a message being dead-lettered.
+#[derive(Debug, Clone)]
+pub struct DeadLetter<'a> {
+    /// Why.
+    pub reason: DeadLetterReason,
+    /// Data-free explanation.
+    pub detail: &'a str,
+    /// Subject the message came from.
+    pub original_subject: &'a str,
+    /// Its stream sequence (makes the dead-letter publish idempotent).
+    pub stream_sequence: u64,
+    /// Call id, if decoded.
+    pub call_id: Option<&'a str>,
+    /// Accepted at, if decoded.
+    pub received_at_unix_nanos: Option<u64>,
+    /// The function's last status, if it ran.
+    pub last_status: Option<u16>,
+    /// Invocations made.
+    pub attempts: u32,
+}
+
+/// Copies a message, untouched, to the dead-letter stream with what is known in headers, and
+/// waits for the store acknowledgement. The caller acks the original only after this succeeds.
+/// Publishing the same message twice (a crash in between) is stored once.
 pub async fn dead_letter(
     js: &jetstream::Context,
     dead_letter_stream: &str,
-    original_subject: &str,
     payload: Bytes,
-    reason: DeadLetterReason,
-    detail: &str,
+    letter: &DeadLetter<'_>,
 ) -> Result<(), PublishError> {
+    use dead_letter_headers as h;
     let mut headers = HeaderMap::new();
-    headers.insert("Dead-Letter-Reason", reason.as_str());
-    headers.insert("Dead-Letter-Subject", original_subject);
+    headers.insert(h::REASON, letter.reason.as_str());
+    headers.insert(h::SUBJECT, letter.original_subject);
     // Header values cannot hold newlines; the detail is an error message we produced.
-    let detail: String = detail
+    let detail: String = letter
+        .detail
         .chars()
         .filter(|c| !c.is_control())
         .take(512)
         .collect();
-    headers.insert("Dead-Letter-Detail", HeaderValue::from(detail.as_str()));
+    headers.insert(h::DETAIL, HeaderValue::from(detail.as_str()));
     headers.insert(
-        "Dead-Letter-Time",
+        h::TIME,
         HeaderValue::from(crate::unix_nanos_now().to_string().as_str()),
     );
-    let subject = format!("{dead_letter_stream}.{}", reason.as_str());
+    headers.insert(
+        h::ATTEMPTS,
+        HeaderValue::from(letter.attempts.to_string().as_str()),
+    );
+    if let Some(status) = letter.last_status {
+        headers.insert(
+            h::LAST_STATUS,
+            HeaderValue::from(status.to_string().as_str()),
+        );
+    }
+    if let Some(id) = letter.call_id {
+        headers.insert(h::CALL_ID, id);
+    }
+    if let Some(at) = letter.received_at_unix_nanos {
+        headers.insert(h::RECEIVED, HeaderValue::from(at.to_string().as_str()));
+    }
+    headers.insert(
+        async_nats::header::NATS_MESSAGE_ID,
+        HeaderValue::from(
+            format!("{}-{}", letter.original_subject, letter.stream_sequence).as_str(),
+        ),
+    );
+    let subject = format!("{dead_letter_stream}.{}", letter.reason.as_str());
     js.publish_with_headers(subject, headers, payload)
         .await
         .map_err(|e| PublishError::NotStored(e.to_string()))?

@@ -316,6 +316,12 @@ impl CallStore {
         Ok(())
     }
 
+    /// Forgets a call entirely (it was dead-lettered): a replay of it runs the function again.
+    pub fn forget(&self, call_id: &str) -> Result<(), StateError> {
+        self.calls.remove(call_id)?;
+        Ok(())
+    }
+
     /// Removes records whose retention has passed. Returns how many were removed.
     pub fn sweep_expired(&self) -> Result<usize, StateError> {
         let now = now_ms();

@@ -22,7 +22,8 @@ use crate::callback::{CallbackSender, Delivery};
 use crate::config::WorkerConfig;
 use crate::invoke::{FunctionInvoker, Outcome, http_client};
 use crate::message::QueuedCall;
-use crate::queue::{self, DeadLetterReason};
+use crate::queue::{self, DeadLetter, DeadLetterReason};
+use crate::retry::{Decision, RetryPolicy};
 use crate::state::{Begin, CallStore, StateError};
 
 /// Largest pull request, whatever the number of free permits.
@@ -63,6 +64,8 @@ struct Ctx {
     callbacks: CallbackSender,
     /// Fires when the shutdown grace period is over: running calls are handed back.
     hand_back: CancellationToken,
+    /// Function retry policy.
+    retry: RetryPolicy,
 }
 
 /// Runs a worker until `shutdown` completes, then drains: no new pulls, in-flight calls get
@@ -97,6 +100,7 @@ pub async fn run(
         js,
         store,
         hand_back: CancellationToken::new(),
+        retry: config.retry_policy(),
         config,
     });
     {
@@ -262,23 +266,64 @@ async fn handle(ctx: Arc<Ctx>, msg: jetstream::Message, permit: OwnedSemaphorePe
         Ok(call) => call,
         Err(e) => {
             drop(permit);
-            return dead_letter_undecodable(&ctx, &msg, &e.to_string()).await;
+            let detail = e.to_string();
+            let letter = letter_for(
+                &msg,
+                DeadLetterReason::Undecodable,
+                &detail,
+                None,
+                None,
+                0,
+            );
+            return dead_letter_and_ack(&ctx, &msg, &letter).await;
         }
     };
-    let delivered = msg.info().map(|i| i.delivered).unwrap_or(0);
+    let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
     let span = tracing::info_span!(
         "call",
         call_id = %call.meta.call_id,
         function = %call.meta.qualified_function(),
         delivered,
     );
-    handle_call(ctx, msg, call, permit).instrument(span).await;
+    let attempt = u32::try_from(delivered.max(1)).unwrap_or(u32::MAX);
+    handle_call(ctx, msg, call, attempt, permit)
+        .instrument(span)
+        .await;
 }
 
+/// The dead-letter record for this message.
+fn letter_for<'a>(
+    msg: &'a jetstream::Message,
+    reason: DeadLetterReason,
+    detail: &'a str,
+    call: Option<&'a QueuedCall>,
+    last_status: Option<u16>,
+    attempts: u32,
+) -> DeadLetter<'a> {
+    DeadLetter {
+        reason,
+        detail,
+        original_subject: msg.subject.as_str(),
+        stream_sequence: msg.info().map(|i| i.stream_sequence).unwrap_or(0),
+        call_id: call.map(|c| c.meta.call_id.as_str()),
+        received_at_unix_nanos: call.map(|c| c.meta.received_at_unix_nanos),
+        last_status,
+        attempts,
+    }
+}
+
+fn is_expired(call: &QueuedCall, max_age: Duration) -> bool {
+    let age_nanos = crate::unix_nanos_now().saturating_sub(call.meta.received_at_unix_nanos);
+    Duration::from_nanos(age_nanos) > max_age
+}
+
+/// `attempt` is JetStream's delivery count: it also counts deliveries lost to a crashed worker,
+/// so a call that kills workers is bounded by the same maximum.
 async fn handle_call(
     ctx: Arc<Ctx>,
     msg: jetstream::Message,
     call: QueuedCall,
+    attempt: u32,
     permit: OwnedSemaphorePermit,
 ) {
     let call_id = call.meta.call_id.as_str();
@@ -307,10 +352,40 @@ async fn handle_call(
             drop(permit);
             (outcome, attempts)
         }
-        Begin::Invoke { attempt } => {
-            tracing::debug!(attempt, "invoking");
+        Begin::Invoke { .. } => {
+            let max = ctx.config.retry_max_attempts;
+            if is_expired(&call, ctx.config.call_max_age) {
+                drop(permit);
+                let final_outcome = no_response(504, "expired");
+                return give_up(
+                    &ctx,
+                    &msg,
+                    &call,
+                    DeadLetterReason::Expired,
+                    final_outcome,
+                    attempt - 1,
+                    heartbeat,
+                )
+                .await;
+            }
+            if attempt > max {
+                // Earlier deliveries died with their workers (or their dead-lettering failed).
+                drop(permit);
+                let final_outcome = no_response(503, "retries exhausted");
+                return give_up(
+                    &ctx,
+                    &msg,
+                    &call,
+                    DeadLetterReason::RetriesExhausted,
+                    final_outcome,
+                    max,
+                    heartbeat,
+                )
+                .await;
+            }
+            tracing::debug!(attempt, max, "invoking");
             let outcome = tokio::select! {
-                o = ctx.invoker.invoke(&call) => o,
+                o = ctx.invoker.invoke(&call, attempt, max) => o,
                 () = ctx.hand_back.cancelled() => {
                     tracing::warn!("shutdown: abandoning the running call and handing it back");
                     if let Err(e) = ctx.store.release(call_id) {
@@ -325,8 +400,32 @@ async fn handle_call(
                 status = outcome.status,
                 duration_ms = u64::try_from(outcome.duration.as_millis()).unwrap_or(u64::MAX),
                 error = outcome.error.as_deref(),
+                attempt,
                 "function returned"
             );
+            match ctx.retry.decide(attempt, &outcome) {
+                Decision::Final => {}
+                Decision::RetryAfter(wait) => {
+                    tracing::info!(retry_in = ?wait, "retryable failure; scheduling the next attempt");
+                    if let Err(e) = ctx.store.release(call_id) {
+                        tracing::warn!(error = %e, "could not release the claim");
+                    }
+                    drop(heartbeat);
+                    return nak(&msg, Some(wait)).await;
+                }
+                Decision::Exhausted => {
+                    return give_up(
+                        &ctx,
+                        &msg,
+                        &call,
+                        DeadLetterReason::RetriesExhausted,
+                        outcome,
+                        attempt,
+                        heartbeat,
+                    )
+                    .await;
+                }
+            }
             if let Err(e) = ctx.store.complete(call_id, attempt, &outcome).await {
                 // The function ran. Handing the message back would run it again for sure;
                 // going on without the record only risks that if we also crash before the ack.
@@ -342,6 +441,16 @@ async fn handle_call(
     deliver_and_ack(&ctx, &msg, &call, &outcome, attempts, heartbeat).await;
 }
 
+fn no_response(status: u16, error: &str) -> Outcome {
+    Outcome {
+        status,
+        headers: Vec::new(),
+        body: bytes::Bytes::new(),
+        duration: Duration::ZERO,
+        error: Some(error.to_owned()),
+    }
+}
+
 async fn deliver_and_ack(
     ctx: &Ctx,
     msg: &jetstream::Message,
@@ -353,7 +462,7 @@ async fn deliver_and_ack(
     if let Some(url) = call.meta.callback_url.as_deref() {
         match ctx
             .callbacks
-            .deliver(url, &call.meta, outcome, &ctx.hand_back)
+            .deliver(url, &call.meta, outcome, None, &ctx.hand_back)
             .await
         {
             Delivery::Delivered { status, attempts } => {
@@ -363,8 +472,25 @@ async fn deliver_and_ack(
                     "callback delivered"
                 );
             }
-            Delivery::GaveUp { reason, attempts } => {
-                tracing::error!(%reason, callback_attempts = attempts, "callback not delivered; giving up");
+            Delivery::GaveUp {
+                reason,
+                attempts: tries,
+            } => {
+                tracing::error!(%reason, callback_attempts = tries, "callback not delivered; dead-lettering the call");
+                let detail = format!("callback: {reason}");
+                let letter = letter_for(
+                    msg,
+                    DeadLetterReason::CallbackFailed,
+                    &detail,
+                    Some(call),
+                    Some(outcome.status),
+                    attempts,
+                );
+                if let Err(e) = ctx.store.forget(&call.meta.call_id) {
+                    tracing::warn!(error = %e, "could not forget the call");
+                }
+                drop(heartbeat);
+                return dead_letter_and_ack(ctx, msg, &letter).await;
             }
             Delivery::Interrupted => {
                 tracing::warn!(
@@ -382,22 +508,98 @@ async fn deliver_and_ack(
     ack(msg).await;
 }
 
-async fn dead_letter_undecodable(ctx: &Ctx, msg: &jetstream::Message, detail: &str) {
-    let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-    tracing::error!(stream_sequence = seq, subject = %msg.subject, error = detail, "undecodable message; dead-lettering it");
+/// The call failed for good: dead-letter it (keeping the request), send the final callback
+/// (marked with `X-Dead-Letter-Reason`), forget it so a replay runs it again, then ack.
+async fn give_up(
+    ctx: &Ctx,
+    msg: &jetstream::Message,
+    call: &QueuedCall,
+    reason: DeadLetterReason,
+    outcome: Outcome,
+    attempts: u32,
+    heartbeat: Heartbeat,
+) {
+    let detail = match reason {
+        DeadLetterReason::Expired => format!(
+            "older than the maximum age of {:?}",
+            ctx.config.call_max_age
+        ),
+        _ => format!("{attempts} attempts, last status {}", outcome.status),
+    };
+    let last_status = (attempts > 0).then_some(outcome.status);
+    let letter = letter_for(msg, reason, &detail, Some(call), last_status, attempts);
+    tracing::warn!(
+        reason = reason.as_str(),
+        attempts,
+        last_status,
+        "dead-lettering the call"
+    );
+    if let Err(e) = queue::dead_letter(
+        &ctx.js,
+        &ctx.config.nats.dead_letter_stream,
+        msg.payload.clone(),
+        &letter,
+    )
+    .await
+    {
+        tracing::error!(error = %e, "dead-letter publish failed; retrying later");
+        if let Err(e) = ctx.store.release(&call.meta.call_id) {
+            tracing::warn!(error = %e, "could not release the claim");
+        }
+        drop(heartbeat);
+        return nak(msg, Some(LOCAL_FAILURE_RETRY)).await;
+    }
+    if let Some(url) = call.meta.callback_url.as_deref() {
+        match ctx
+            .callbacks
+            .deliver(
+                url,
+                &call.meta,
+                &outcome,
+                Some(reason.as_str()),
+                &ctx.hand_back,
+            )
+            .await
+        {
+            Delivery::Delivered { status, .. } => {
+                tracing::info!(callback_status = status, "final callback delivered");
+            }
+            Delivery::GaveUp { reason, .. } => {
+                tracing::error!(%reason, "final callback not delivered (the call is in the dead-letter stream)");
+            }
+            Delivery::Interrupted => {
+                // The redelivery dead-letters again (stored once) and retries the callback.
+                drop(heartbeat);
+                return nak(msg, None).await;
+            }
+        }
+    }
+    if let Err(e) = ctx.store.forget(&call.meta.call_id) {
+        tracing::warn!(error = %e, "could not forget the call");
+    }
+    drop(heartbeat);
+    ack(msg).await;
+}
+
+async fn dead_letter_and_ack(ctx: &Ctx, msg: &jetstream::Message, letter: &DeadLetter<'_>) {
+    tracing::error!(
+        stream_sequence = letter.stream_sequence,
+        subject = %msg.subject,
+        reason = letter.reason.as_str(),
+        detail = letter.detail,
+        "dead-lettering the message"
+    );
     match queue::dead_letter(
         &ctx.js,
         &ctx.config.nats.dead_letter_stream,
-        &msg.subject,
         msg.payload.clone(),
-        DeadLetterReason::Undecodable,
-        detail,
+        letter,
     )
     .await
     {
         Ok(()) => ack(msg).await,
         Err(e) => {
-            tracing::error!(stream_sequence = seq, error = %e, "dead-letter publish failed; retrying later");
+            tracing::error!(error = %e, "dead-letter publish failed; retrying later");
             nak(msg, Some(LOCAL_FAILURE_RETRY)).await;
         }
     }

@@ -107,6 +107,10 @@ impl Worker {
             &state.path().display().to_string(),
             "--pull-expires",
             "1s",
+            "--retry-initial-wait",
+            "100ms",
+            "--retry-max-wait",
+            "200ms",
         ])
         .unwrap();
         let (tx, rx) = oneshot::channel::<()>();

@@ -127,6 +127,10 @@ pub fn worker_args(nats_url: &str, gateway_url: &str, state_dir: &Path) -> Vec<S
         "200ms".into(),
         "--callback-max-wait".into(),
         "1s".into(),
+        "--retry-initial-wait".into(),
+        "200ms".into(),
+        "--retry-max-wait".into(),
+        "1s".into(),
     ]
 }
 
