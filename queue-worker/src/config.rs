@@ -10,7 +10,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Parses a humantime duration (`500ms`, `30s`, `5m`, `1h 30m`). A bare number is seconds,
 /// as OpenFaaS's Go durations are often written that way in old charts.
@@ -52,13 +52,28 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
 #[derive(Debug, Clone, Args)]
 pub struct NatsArgs {
     /// NATS server URL(s), comma-separated.
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    #[arg(
+        long,
+        global = true,
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
     pub nats_url: String,
     /// Name of the JetStream stream holding queued calls.
-    #[arg(long, env = "ASYNC_STREAM", default_value = "faas-async")]
+    #[arg(
+        long,
+        global = true,
+        env = "ASYNC_STREAM",
+        default_value = "faas-async"
+    )]
     pub stream: String,
     /// Subject prefix: calls are published on `<prefix>.<namespace or _>.<function>`.
-    #[arg(long, env = "ASYNC_SUBJECT_PREFIX", default_value = "faas-async")]
+    #[arg(
+        long,
+        global = true,
+        env = "ASYNC_SUBJECT_PREFIX",
+        default_value = "faas-async"
+    )]
     pub subject_prefix: String,
     /// Stream receiving dead letters (undecodable messages).
     #[arg(
@@ -68,7 +83,7 @@ pub struct NatsArgs {
     )]
     pub dead_letter_stream: String,
     /// How long a JetStream API request or publish acknowledgement may take.
-    #[arg(long, env = "NATS_REQUEST_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, global = true, env = "NATS_REQUEST_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub nats_request_timeout: Duration,
 }
 
@@ -124,6 +139,9 @@ pub enum InvokeMode {
 #[derive(Debug, Clone, Parser)]
 #[command(name = "queue-worker", version, about, args_override_self = true)]
 pub struct WorkerConfig {
+    /// Without a command, run the worker.
+    #[command(subcommand)]
+    pub command: Option<WorkerCommand>,
     /// NATS connection and stream names.
     #[command(flatten)]
     pub nats: NatsArgs,
@@ -226,6 +244,52 @@ pub struct WorkerConfig {
     /// before its callback and ack. Never set this in production.
     #[arg(long, env = "QUEUE_WORKER_FAULT_CRASH_AFTER_STORE", hide = true)]
     pub fault_crash_after_store: bool,
+}
+
+/// Commands besides running the worker.
+#[derive(Debug, Clone, Subcommand)]
+pub enum WorkerCommand {
+    /// Dead letters: list, show, replay, purge.
+    Dlq {
+        /// What to do.
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+}
+
+/// Dead-letter commands. Dead letters are named by their sequence number or their call id.
+#[derive(Debug, Clone, Subcommand)]
+pub enum DlqAction {
+    /// List dead letters, oldest first (metadata only, never bodies).
+    List {
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show dead letters in full metadata, as JSON.
+    Show {
+        /// Sequence numbers or call ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Put dead letters back on the work queue with the same call id, and remove them here.
+    Replay {
+        /// Sequence numbers or call ids.
+        #[arg(required_unless_present = "all")]
+        ids: Vec<String>,
+        /// Every dead letter.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
+    /// Delete dead letters.
+    Purge {
+        /// Sequence numbers or call ids.
+        #[arg(required_unless_present = "all")]
+        ids: Vec<String>,
+        /// Every dead letter.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
 }
 
 impl WorkerConfig {
@@ -452,6 +516,20 @@ mod tests {
         // A flag on the command line beats the OpenFaaS variable.
         let c = parse(&[("max_inflight", "7")], &["--max-inflight", "3"]);
         assert_eq!(c.max_inflight, 3);
+    }
+
+    #[test]
+    fn dlq_commands_parse_with_global_nats_flags() {
+        let c = parse(&[], &["dlq", "replay", "--all", "--nats-url", "nats://x:1"]);
+        assert_eq!(c.nats.nats_url, "nats://x:1");
+        assert!(matches!(
+            c.command,
+            Some(WorkerCommand::Dlq {
+                action: DlqAction::Replay { all: true, .. }
+            })
+        ));
+        assert!(WorkerConfig::try_parse_from(["queue-worker", "dlq", "purge"]).is_err());
+        assert!(parse(&[], &[]).command.is_none());
     }
 
     #[test]

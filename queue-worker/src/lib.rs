@@ -13,12 +13,14 @@
 //! - [`retry`]: the function retry policy (backoff with jitter, `Retry-After`).
 //! - [`callback`]: callback headers and delivery with retries of the callback alone.
 //! - [`state`]: the dedup state in sled (`claimed` → `completed` → `done`, with expiry).
+//! - [`dlq`]: dead-letter administration (`queue-worker dlq list|show|replay|purge`).
 //! - [`config`]: every setting as a flag and an environment variable; OpenFaaS variable mapping.
 //! - [`telemetry`]: tracing setup (text or JSON); bodies and secret headers are never logged.
 //! - [`signal`]: SIGTERM/SIGINT as a future, for graceful shutdown.
 
 pub mod callback;
 pub mod config;
+pub mod dlq;
 pub mod invoke;
 pub mod message;
 pub mod queue;

@@ -267,14 +267,7 @@ async fn handle(ctx: Arc<Ctx>, msg: jetstream::Message, permit: OwnedSemaphorePe
         Err(e) => {
             drop(permit);
             let detail = e.to_string();
-            let letter = letter_for(
-                &msg,
-                DeadLetterReason::Undecodable,
-                &detail,
-                None,
-                None,
-                0,
-            );
+            let letter = letter_for(&msg, DeadLetterReason::Undecodable, &detail, None, None, 0);
             return dead_letter_and_ack(&ctx, &msg, &letter).await;
         }
     };
