@@ -12,10 +12,13 @@
 //!   an HTTP server that records the callbacks it receives and can be stopped
 //!   and started again on the same port.
 //! - [`HarnessError`]: the error type of everything above.
+//! - [`bench`]: the benchmark behind `load-tests bench`, built from the
+//!   components above plus the gateway and the worker running in-process.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub mod bench;
 pub mod nats_server;
 pub mod stub;
 

@@ -1,1 +1,222 @@
-fn main() {}
+//! `load-tests`: developer tools for the async path.
+//!
+//! - `function`: an echo function on a fixed address, to stand in for the
+//!   OpenFaaS gateway a worker invokes (`/function/{name}`).
+//! - `receiver`: a callback receiver on a fixed address that prints one line
+//!   per callback.
+//! - `bench`: a self-contained benchmark of gateway + worker on loopback
+//!   against raw HTTP and raw JetStream baselines (see `load_tests::bench`).
+
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::builder::RangedU64ValueParser;
+use clap::{Parser, Subcommand};
+use load_tests::bench::{self, BenchOptions};
+use load_tests::{CallbackReceiver, RecordedCallback, StubBehavior, StubFunction};
+use queue_worker::config::parse_duration;
+use queue_worker::signal::shutdown_signal;
+
+/// Longest body the receiver prints.
+const MAX_PRINTED_BODY: usize = 200;
+
+/// Developer tools for the async path: an echo function, a callback receiver
+/// and a self-contained benchmark.
+#[derive(Debug, Parser)]
+#[command(name = "load-tests", version)]
+struct Cli {
+    /// Log filter for stderr in `tracing` syntax (`warn`, `info`,
+    /// `gateway_plugin=debug`).
+    #[arg(long, global = true, env = "LOAD_TESTS_LOG", default_value = "warn")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve an echo function on a fixed address until Ctrl-C/SIGTERM: any
+    /// request (e.g. `POST /function/{name}`) is answered with its own body.
+    Function {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: SocketAddr,
+        /// How long each request is held before it is answered.
+        #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+        delay: Duration,
+        /// Status code of every answer.
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u16).range(100..=599))]
+        status: u16,
+    },
+    /// Receive callbacks on a fixed address (any path) until Ctrl-C/SIGTERM,
+    /// printing one line per callback.
+    Receiver {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8082")]
+        listen: SocketAddr,
+    },
+    /// Benchmark gateway + worker on loopback against raw HTTP and raw
+    /// JetStream baselines, with a private nats-server. Exits non-zero if a
+    /// call was refused, lost or returned a bad result.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct BenchArgs {
+    /// Requests per phase.
+    #[arg(long, default_value_t = bench::DEFAULT_CALLS,
+          value_parser = RangedU64ValueParser::<usize>::new().range(1..=bench::MAX_CALLS as u64))]
+    calls: usize,
+    /// Concurrent client tasks (closed loop).
+    #[arg(long, default_value_t = bench::DEFAULT_CONCURRENCY,
+          value_parser = RangedU64ValueParser::<usize>::new().range(1..=bench::MAX_CONCURRENCY as u64))]
+    concurrency: usize,
+    /// The worker's --max-inflight.
+    #[arg(long, default_value_t = bench::DEFAULT_MAX_INFLIGHT,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    max_inflight: u32,
+    /// Size of each request body and published message.
+    #[arg(long, default_value_t = bench::DEFAULT_BODY_BYTES,
+          value_parser = RangedU64ValueParser::<usize>::new().range(0..=bench::MAX_BODY_BYTES as u64))]
+    body_bytes: usize,
+    /// Hard limit on the whole run; exceeding it aborts with an error.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    time_limit: Duration,
+    /// How long to wait for outstanding callbacks after the last submit;
+    /// calls without one are then reported as lost.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    callback_timeout: Duration,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
+        .with_context(|| format!("invalid --log-level {:?}", cli.log_level))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init()
+        .map_err(|e| anyhow::anyhow!("cannot install logger: {e}"))?;
+
+    match cli.command {
+        Command::Function {
+            listen,
+            delay,
+            status,
+        } => serve_function(listen, delay, status).await,
+        Command::Receiver { listen } => serve_receiver(listen).await,
+        Command::Bench(args) => run_bench(args).await,
+    }
+}
+
+async fn serve_function(
+    listen: SocketAddr,
+    delay: Duration,
+    status: u16,
+) -> anyhow::Result<ExitCode> {
+    let behavior = StubBehavior {
+        delay,
+        status,
+        ..StubBehavior::default()
+    };
+    let function = StubFunction::start_on(listen, behavior)
+        .await
+        .with_context(|| format!("starting the echo function on {listen}"))?;
+    // It runs for as long as it is left running: keep no history.
+    function.set_recording(false);
+    writeln!(
+        std::io::stdout().lock(),
+        "echo function listening on {url}: serves {url}/function/{{name}} (any method and path), \
+         answering {status} with the request body after {delay}; Ctrl-C to stop",
+        url = function.url(),
+        delay = humantime::format_duration(delay),
+    )?;
+    shutdown_signal().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve_receiver(listen: SocketAddr) -> anyhow::Result<ExitCode> {
+    let receiver = CallbackReceiver::start_on(listen)
+        .await
+        .with_context(|| format!("starting the callback receiver on {listen}"))?;
+    writeln!(
+        std::io::stdout().lock(),
+        "callback receiver listening on {} (any path); one line per callback; Ctrl-C to stop",
+        receiver.url(),
+    )?;
+    tokio::select! {
+        result = print_callbacks(&receiver) => result,
+        () = shutdown_signal() => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// Prints the callbacks as they arrive; returns only on an output error.
+async fn print_callbacks(receiver: &CallbackReceiver) -> anyhow::Result<ExitCode> {
+    loop {
+        let callbacks = receiver.next_callbacks().await;
+        let mut out = std::io::stdout().lock();
+        for callback in &callbacks {
+            writeln!(out, "{}", describe(callback)).context("writing to stdout")?;
+        }
+    }
+}
+
+/// One line about a callback: call id, function status, duration, body.
+fn describe(callback: &RecordedCallback) -> String {
+    let header = |name| callback.header(name).unwrap_or("-");
+    let body = match std::str::from_utf8(&callback.body) {
+        Ok(text) if text.len() <= MAX_PRINTED_BODY => format!(" body={text:?}"),
+        Ok(_) => String::from(" body=<not shown: longer than 200 bytes>"),
+        Err(_) => String::from(" body=<not shown: not UTF-8>"),
+    };
+    let error = callback
+        .header("x-function-error")
+        .map(|error| format!(" error={error}"))
+        .unwrap_or_default();
+    let duration = callback
+        .header("x-duration-seconds")
+        .map_or_else(|| "-".to_owned(), |seconds| format!("{seconds}s"));
+    format!(
+        "callback call_id={} function={} status={} duration={duration} bytes={}{error}{body}",
+        header("x-call-id"),
+        header("x-function-name"),
+        header("x-function-status"),
+        callback.body.len(),
+    )
+}
+
+async fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    let opts = BenchOptions {
+        calls: args.calls,
+        concurrency: args.concurrency,
+        max_inflight: args.max_inflight,
+        body_bytes: args.body_bytes,
+        time_limit: args.time_limit,
+        callback_timeout: args.callback_timeout,
+    };
+    let report = bench::run(&opts).await.context("bench failed")?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer(&mut out, &report)?;
+        writeln!(out)?;
+    } else {
+        write!(out, "{}", report.to_table())?;
+    }
+    drop(out);
+    if report.is_clean() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!(
+        "bench: not every call completed cleanly: {} refused, {} lost, {} bad results",
+        report.accept.failed, report.end_to_end.lost, report.end_to_end.bad_results
+    );
+    Ok(ExitCode::FAILURE)
+}

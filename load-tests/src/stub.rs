@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -14,7 +14,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -43,6 +43,15 @@ pub struct StubBehavior {
     pub response_headers: Vec<(String, String)>,
     /// Whether the response body is the request body (else it is empty).
     pub echo_body: bool,
+    /// The first `fail_first` attempts of a call (counted by `X-Call-Id`) fail; 0 = none.
+    pub fail_first: u32,
+    /// Status of a failing attempt.
+    pub fail_status: u16,
+    /// Headers of a failing attempt (e.g. `Retry-After`).
+    pub fail_headers: Vec<(String, String)>,
+    /// Share of calls (chosen by a hash of the call id, so the same calls every time) whose
+    /// first attempts fail; 1.0 = every call.
+    pub fail_fraction: f64,
 }
 
 impl Default for StubBehavior {
@@ -52,7 +61,33 @@ impl Default for StubBehavior {
             status: 200,
             response_headers: Vec::new(),
             echo_body: true,
+            fail_first: 0,
+            fail_status: 503,
+            fail_headers: Vec::new(),
+            fail_fraction: 1.0,
         }
+    }
+}
+
+impl StubBehavior {
+    /// Does attempt `attempt` (1-based) of call `call_id` fail?
+    fn fails(&self, call_id: Option<&str>, attempt: u32) -> bool {
+        if self.fail_first == 0 || attempt > self.fail_first {
+            return false;
+        }
+        if self.fail_fraction >= 1.0 {
+            return true;
+        }
+        // FNV-1a: a stable hash, so a call is in or out of the failing share on every attempt.
+        let hash = call_id
+            .unwrap_or_default()
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
+        #[allow(clippy::cast_precision_loss, reason = "a fraction needs no precision")]
+        let share = (hash % 10_000) as f64 / 10_000.0;
+        share < self.fail_fraction
     }
 }
 
@@ -69,6 +104,8 @@ pub struct RecordedRequest {
     pub body: Bytes,
     /// The value of the `X-Call-Id` header, if any.
     pub call_id: Option<String>,
+    /// When it arrived.
+    pub received_at: std::time::Instant,
 }
 
 impl RecordedRequest {
@@ -89,6 +126,9 @@ pub struct RecordedCallback {
     pub body: Bytes,
     /// The value of the `X-Call-Id` header, if any.
     pub call_id: Option<String>,
+    /// When the request reached the receiver's handler (before its body was
+    /// read).
+    pub received_at: std::time::Instant,
 }
 
 impl RecordedCallback {
@@ -114,6 +154,10 @@ pub struct StubFunction {
 struct StubState {
     behavior: Mutex<StubBehavior>,
     requests: Mutex<Vec<RecordedRequest>>,
+    /// Set by [`StubFunction::set_recording`]`(false)`.
+    not_recording: AtomicBool,
+    /// Attempts seen per call id (for [`StubBehavior::fail_first`]).
+    attempts: Mutex<std::collections::HashMap<String, u32>>,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
 }
@@ -121,7 +165,12 @@ struct StubState {
 impl StubFunction {
     /// Starts the server on a free port of 127.0.0.1.
     pub async fn start(behavior: StubBehavior) -> Result<Self, HarnessError> {
-        let listener = bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
+        Self::start_on(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), behavior).await
+    }
+
+    /// Starts the server on `addr` (port 0 picks a free port).
+    pub async fn start_on(addr: SocketAddr, behavior: StubBehavior) -> Result<Self, HarnessError> {
+        let listener = bind(addr)?;
         let addr = local_addr(&listener)?;
         let state = Arc::new(StubState {
             behavior: Mutex::new(behavior),
@@ -145,6 +194,18 @@ impl StubFunction {
     /// The base URL, `http://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The address the server listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Whether requests arriving from now on are recorded (the default). A
+    /// long-running stub turns this off to keep its memory bounded; the
+    /// request-inspecting methods then see no new requests.
+    pub fn set_recording(&self, on: bool) {
+        self.state.not_recording.store(!on, Ordering::SeqCst);
     }
 
     /// All requests answered so far, in completion order.
@@ -190,31 +251,48 @@ async fn stub_handler(State(state): State<Arc<StubState>>, request: Request) -> 
         Err(err) => return (StatusCode::BAD_REQUEST, err.to_string()).into_response(),
     };
     // Recorded on arrival, so a call cut short (a killed worker) still counts as invoked.
+    let received_at = std::time::Instant::now();
     let method = parts.method.to_string();
-    lock(&state.requests).push(RecordedRequest {
-        method: method.clone(),
-        path_and_query: parts
-            .uri
-            .path_and_query()
-            .map_or_else(|| parts.uri.path().to_owned(), |pq| pq.as_str().to_owned()),
-        headers: header_pairs(&parts.headers),
-        body: body.clone(),
-        call_id: call_id(&parts.headers),
-    });
+    let id = call_id(&parts.headers);
+    let attempt = {
+        let mut attempts = lock(&state.attempts);
+        let n = attempts.entry(id.clone().unwrap_or_default()).or_insert(0);
+        *n += 1;
+        *n
+    };
+    let failing = behavior.fails(id.as_deref(), attempt);
+    if !state.not_recording.load(Ordering::SeqCst) {
+        lock(&state.requests).push(RecordedRequest {
+            method: method.clone(),
+            path_and_query: parts
+                .uri
+                .path_and_query()
+                .map_or_else(|| parts.uri.path().to_owned(), |pq| pq.as_str().to_owned()),
+            headers: header_pairs(&parts.headers),
+            body: body.clone(),
+            call_id: id,
+            received_at,
+        });
+    }
     if !behavior.delay.is_zero() {
         tokio::time::sleep(behavior.delay).await;
     }
     drop(in_flight);
 
-    let mut response = Response::new(if behavior.echo_body {
+    let mut response = Response::new(if behavior.echo_body && !failing {
         Body::from(body)
     } else {
         Body::empty()
     });
+    let (status, extra_headers) = if failing {
+        (behavior.fail_status, &behavior.fail_headers)
+    } else {
+        (behavior.status, &behavior.response_headers)
+    };
     *response.status_mut() =
-        StatusCode::from_u16(behavior.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let headers = response.headers_mut();
-    for (name, value) in &behavior.response_headers {
+    for (name, value) in extra_headers {
         match (HeaderName::try_from(name), HeaderValue::try_from(value)) {
             (Ok(name), Ok(value)) => {
                 headers.append(name, value);
@@ -262,17 +340,25 @@ pub struct CallbackReceiver {
 struct CallbackState {
     status: AtomicU16,
     callbacks: Mutex<Vec<RecordedCallback>>,
+    /// Notified after each recorded callback.
+    arrived: Notify,
 }
 
 impl CallbackReceiver {
     /// Starts the receiver on a free port of 127.0.0.1.
     pub async fn start() -> Result<Self, HarnessError> {
-        let listener = bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
+        Self::start_on(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).await
+    }
+
+    /// Starts the receiver on `addr` (port 0 picks a free port).
+    pub async fn start_on(addr: SocketAddr) -> Result<Self, HarnessError> {
+        let listener = bind(addr)?;
         let mut receiver = Self {
             addr: local_addr(&listener)?,
             state: Arc::new(CallbackState {
                 status: AtomicU16::new(200),
                 callbacks: Mutex::new(Vec::new()),
+                arrived: Notify::new(),
             }),
             server: None,
         };
@@ -327,6 +413,32 @@ impl CallbackReceiver {
         format!("http://{}/callback", self.addr)
     }
 
+    /// The address the receiver listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Removes and returns the callbacks received so far, in arrival order;
+    /// the other methods no longer see them.
+    pub fn take_callbacks(&self) -> Vec<RecordedCallback> {
+        std::mem::take(&mut *lock(&self.state.callbacks))
+    }
+
+    /// Waits until at least one callback is recorded, then removes and
+    /// returns all of them, like [`CallbackReceiver::take_callbacks`]. Meant
+    /// for a single consumer that prints callbacks as they come.
+    pub async fn next_callbacks(&self) -> Vec<RecordedCallback> {
+        loop {
+            let callbacks = self.take_callbacks();
+            if !callbacks.is_empty() {
+                return callbacks;
+            }
+            // A callback recorded since the take left a permit, so this
+            // returns at once rather than missing it.
+            self.state.arrived.notified().await;
+        }
+    }
+
     /// All callbacks received so far, in arrival order.
     pub fn callbacks(&self) -> Vec<RecordedCallback> {
         lock(&self.state.callbacks).clone()
@@ -378,6 +490,7 @@ impl CallbackReceiver {
 }
 
 async fn callback_handler(State(state): State<Arc<CallbackState>>, request: Request) -> Response {
+    let received_at = std::time::Instant::now();
     let (parts, body) = request.into_parts();
     let body = match axum::body::to_bytes(body, usize::MAX).await {
         Ok(body) => body,
@@ -388,7 +501,9 @@ async fn callback_handler(State(state): State<Arc<CallbackState>>, request: Requ
         headers: header_pairs(&parts.headers),
         body,
         call_id: call_id(&parts.headers),
+        received_at,
     });
+    state.arrived.notify_one();
     StatusCode::from_u16(state.status.load(Ordering::SeqCst))
         .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
         .into_response()
@@ -451,7 +566,12 @@ impl Drop for Server {
 /// Binds `addr` with `SO_REUSEADDR`, so that a port left in `TIME_WAIT` can
 /// be bound again.
 fn bind(addr: SocketAddr) -> Result<TcpListener, HarnessError> {
-    let socket = TcpSocket::new_v4().map_err(|e| HarnessError::io("creating socket", e))?;
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(|e| HarnessError::io("creating socket", e))?;
     socket
         .set_reuseaddr(true)
         .and_then(|()| socket.bind(addr))
@@ -589,7 +709,8 @@ mod tests {
                 .send();
             requests.spawn(request);
         }
-        assert!(!stub.wait_for_count(1, Duration::from_millis(100)).await);
+        // Requests are recorded on arrival, while they are still being held.
+        assert!(stub.wait_for_count(1, Duration::from_millis(400)).await);
         assert!(stub.in_flight() > 0);
         for response in requests.join_all().await {
             assert_eq!(response.unwrap().status(), 200);
@@ -598,6 +719,58 @@ mod tests {
         assert_eq!(stub.max_in_flight(), 5);
         assert_eq!(stub.in_flight(), 0);
         assert_eq!(stub.invocations_for("call-3"), 1);
+    }
+
+    #[tokio::test]
+    async fn fixed_addresses_streaming_and_no_recording() {
+        let free = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let receiver = CallbackReceiver::start_on(free).await.unwrap();
+        assert_eq!(receiver.addr(), free);
+        assert_eq!(receiver.url(), format!("http://{free}/callback"));
+        let stub = StubFunction::start_on(
+            SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            StubBehavior::default(),
+        )
+        .await
+        .unwrap();
+        assert_ne!(stub.addr().port(), 0);
+        stub.set_recording(false);
+        let client = http_client();
+
+        let response = client
+            .post(format!("{}/elsewhere", stub.url()))
+            .body("echo")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.bytes().await.unwrap(), "echo");
+        assert_eq!(stub.count(), 0, "not recorded");
+
+        // next_callbacks waits for a callback that arrives later.
+        let before = std::time::Instant::now();
+        let post = |id: &'static str| client.post(receiver.url()).header("X-Call-Id", id).send();
+        let (taken, response) = tokio::join!(
+            tokio::time::timeout(Duration::from_secs(5), receiver.next_callbacks()),
+            async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                post("x").await
+            }
+        );
+        assert_eq!(response.unwrap().status(), 200);
+        let taken = taken.unwrap();
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].call_id.as_deref(), Some("x"));
+        assert!(taken[0].received_at >= before);
+        assert_eq!(receiver.count(), 0, "taken callbacks are gone");
+
+        post("y").await.unwrap();
+        let taken = receiver.take_callbacks();
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].call_id.as_deref(), Some("y"));
+        assert!(receiver.take_callbacks().is_empty());
     }
 
     #[tokio::test]

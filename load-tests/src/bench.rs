@@ -1,0 +1,968 @@
+//! The throughput and latency benchmark behind `load-tests bench`.
+//!
+//! [`run`] starts everything on `127.0.0.1` in one process: a private
+//! [`NatsServer`], the gateway ([`gateway_plugin::run`]), a worker
+//! ([`queue_worker::run`]) whose gateway URL is a zero-delay [`StubFunction`],
+//! and a [`CallbackReceiver`]. It then measures, one phase after the other:
+//!
+//! 1. `baseline_http`: closed-loop POSTs of the same body to a trivial axum
+//!    handler answering `202`: what loopback HTTP alone allows.
+//! 2. `baseline_js_publish`: closed-loop JetStream publishes, each awaiting
+//!    its ack, to a separate file-backed stream of the same server.
+//! 3. `accept`: closed-loop POSTs to `/async-function/bench` with an
+//!    `X-Callback-Url`; a `202` counts as accepted.
+//! 4. `end_to_end`: measured over the same calls as `accept`, from the first
+//!    submit until every accepted call's callback arrived (or the callback
+//!    timeout passed).
+//!
+//! Each closed loop runs `concurrency` client tasks sharing one HTTP client
+//! (or one NATS connection); a task sends its next request as soon as the
+//! previous one was answered, until `calls` requests were sent in total.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, stream};
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::post;
+use bytes::Bytes;
+use clap::Parser;
+use gateway_plugin::{GatewayConfig, GatewayError};
+use hdrhistogram::Histogram;
+use queue_worker::WorkerConfig;
+use queue_worker::worker::WorkerError;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::{CallbackReceiver, HarnessError, NatsServer, StubBehavior, StubFunction};
+
+/// Default number of calls per phase.
+pub const DEFAULT_CALLS: usize = 5000;
+/// Default number of concurrent client tasks.
+pub const DEFAULT_CONCURRENCY: usize = 64;
+/// Default `--max-inflight` of the worker.
+pub const DEFAULT_MAX_INFLIGHT: u32 = 256;
+/// Default request body size in bytes.
+pub const DEFAULT_BODY_BYTES: usize = 64;
+/// Default hard limit on the whole run.
+pub const DEFAULT_TIME_LIMIT: Duration = Duration::from_secs(5 * 60);
+/// Default wait for outstanding callbacks once every call was submitted.
+pub const DEFAULT_CALLBACK_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Most calls per phase [`run`] accepts.
+pub const MAX_CALLS: usize = 1_000_000;
+/// Most client tasks [`run`] accepts.
+pub const MAX_CONCURRENCY: usize = 4096;
+/// Largest body [`run`] accepts.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// The function the accepted calls are addressed to.
+const FUNCTION: &str = "bench";
+/// Stream and subject of the JetStream baseline, apart from the gateway's.
+const BASELINE_STREAM: &str = "LOAD_TESTS_BASELINE";
+const BASELINE_SUBJECT: &str = "load-tests-baseline.publish";
+/// Longest a single request or publish of a closed loop may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the gateway and the worker may take to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the gateway and the worker may take to stop.
+const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+/// How often readiness and outstanding callbacks are checked.
+const POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// Upper bound of the latency histograms (one hour, in microseconds).
+const HISTOGRAM_MAX_MICROS: u64 = 3_600_000_000;
+
+/// What [`run`] does; [`BenchOptions::default`] is the CLI's default.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BenchOptions {
+    /// Requests per phase (HTTP baseline, JetStream baseline, accepted calls).
+    pub calls: usize,
+    /// Concurrent client tasks of each closed loop.
+    pub concurrency: usize,
+    /// The worker's `--max-inflight`.
+    pub max_inflight: u32,
+    /// Size of each request body and published message.
+    pub body_bytes: usize,
+    /// Hard limit on the whole run, set-up and shutdown included.
+    pub time_limit: Duration,
+    /// How long to wait for outstanding callbacks once every call was
+    /// submitted; calls still without one are reported as lost.
+    pub callback_timeout: Duration,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        Self {
+            calls: DEFAULT_CALLS,
+            concurrency: DEFAULT_CONCURRENCY,
+            max_inflight: DEFAULT_MAX_INFLIGHT,
+            body_bytes: DEFAULT_BODY_BYTES,
+            time_limit: DEFAULT_TIME_LIMIT,
+            callback_timeout: DEFAULT_CALLBACK_TIMEOUT,
+        }
+    }
+}
+
+impl BenchOptions {
+    /// Checks the bounds documented on the `MAX_*` constants.
+    pub fn validate(&self) -> Result<(), BenchError> {
+        let fail = |message: String| Err(BenchError::Options(message));
+        if !(1..=MAX_CALLS).contains(&self.calls) {
+            return fail(format!("calls must be 1..={MAX_CALLS}, not {}", self.calls));
+        }
+        if !(1..=MAX_CONCURRENCY).contains(&self.concurrency) {
+            return fail(format!(
+                "concurrency must be 1..={MAX_CONCURRENCY}, not {}",
+                self.concurrency
+            ));
+        }
+        if !(1..=100_000).contains(&self.max_inflight) {
+            return fail(format!(
+                "max-inflight must be 1..=100000, not {}",
+                self.max_inflight
+            ));
+        }
+        if self.body_bytes > MAX_BODY_BYTES {
+            return fail(format!(
+                "body-bytes must be at most {MAX_BODY_BYTES}, not {}",
+                self.body_bytes
+            ));
+        }
+        if self.time_limit.is_zero() || self.callback_timeout.is_zero() {
+            return fail("time-limit and callback-timeout must be positive".to_owned());
+        }
+        Ok(())
+    }
+}
+
+/// Why [`run`] could not produce a [`Report`]. Lost calls are not an error:
+/// they are part of the report.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// The options are out of bounds.
+    #[error("invalid options: {0}")]
+    Options(String),
+    /// The run took longer than [`BenchOptions::time_limit`].
+    #[error("bench exceeded its time limit of {0:?}; aborted")]
+    TimeLimit(Duration),
+    /// A harness component failed.
+    #[error(transparent)]
+    Harness(#[from] HarnessError),
+    /// The gateway failed.
+    #[error("gateway: {0}")]
+    Gateway(#[from] GatewayError),
+    /// The worker failed.
+    #[error("worker: {0}")]
+    Worker(#[from] WorkerError),
+    /// Anything else in setting up or tearing down: NATS, sockets,
+    /// configuration, readiness, a panicked task.
+    #[error("{0}")]
+    Setup(String),
+}
+
+impl BenchError {
+    fn setup(context: &str, err: impl std::fmt::Display) -> Self {
+        Self::Setup(format!("{context}: {err}"))
+    }
+}
+
+/// Latency percentiles of a phase, in microseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Latency {
+    /// Median.
+    pub p50: u64,
+    /// 90th percentile.
+    pub p90: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// Largest value.
+    pub max: u64,
+}
+
+/// One closed-loop phase: `baseline_http`, `baseline_js_publish` or `accept`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Phase {
+    /// Requests sent.
+    pub sent: u64,
+    /// Requests that succeeded (`202`, or an acknowledged publish).
+    pub ok: u64,
+    /// Requests that failed (other status, transport error, timeout).
+    pub failed: u64,
+    /// The first failure, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_error: Option<String>,
+    /// Wall time from the first request until the last answer.
+    pub seconds: f64,
+    /// Successful requests per second.
+    pub rate_per_sec: f64,
+    /// Latency of successful requests, request start to answer.
+    pub latency_us: Latency,
+}
+
+/// The end-to-end phase, over the calls accepted in the `accept` phase.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct EndToEnd {
+    /// Accepted calls whose callback arrived.
+    pub completed: u64,
+    /// Accepted calls without a callback once the callback timeout passed.
+    pub lost: u64,
+    /// Call ids with more than one callback.
+    pub duplicates: u64,
+    /// Completed calls whose first callback did not carry
+    /// `X-Function-Status: 200` and the echoed body.
+    pub bad_results: u64,
+    /// Wall time from the first submit until the last first callback.
+    pub seconds: f64,
+    /// Completed calls per second.
+    pub rate_per_sec: f64,
+    /// Latency from a call's submit to the arrival of its first callback.
+    pub latency_us: Latency,
+}
+
+/// Throughput ratios (0 when a denominator is 0).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Ratios {
+    /// `accept` rate / `baseline_http` rate.
+    pub accept_vs_baseline_http: f64,
+    /// `end_to_end` rate / `baseline_http` rate.
+    pub end_to_end_vs_baseline_http: f64,
+    /// `accept` rate / `baseline_js_publish` rate.
+    pub accept_vs_baseline_js_publish: f64,
+}
+
+/// What [`run`] measured.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Report {
+    /// Requests per phase.
+    pub calls: u64,
+    /// Concurrent client tasks.
+    pub concurrency: u64,
+    /// The worker's `--max-inflight`.
+    pub max_inflight: u32,
+    /// Request body size.
+    pub body_bytes: u64,
+    /// CPUs available to this process.
+    pub cpus: u64,
+    /// Raw loopback HTTP.
+    pub baseline_http: Phase,
+    /// Raw JetStream publish with ack.
+    pub baseline_js_publish: Phase,
+    /// Gateway accepts.
+    pub accept: Phase,
+    /// Accepted calls through to their callbacks.
+    pub end_to_end: EndToEnd,
+    /// Throughput ratios.
+    pub ratios: Ratios,
+    /// Wall time of the whole run, set-up and shutdown included.
+    pub total_seconds: f64,
+}
+
+impl Report {
+    /// Whether every call was accepted and completed with a good result and
+    /// no call was lost.
+    pub fn is_clean(&self) -> bool {
+        self.accept.failed == 0 && self.end_to_end.lost == 0 && self.end_to_end.bad_results == 0
+    }
+
+    /// A human-readable table of the report, ending with a newline.
+    pub fn to_table(&self) -> String {
+        let mut out = format!(
+            "load-tests bench: {} calls per phase, concurrency {}, worker max-inflight {}, \
+             body {} B, {} CPUs, all on 127.0.0.1\n\n",
+            self.calls, self.concurrency, self.max_inflight, self.body_bytes, self.cpus
+        );
+        out.push_str(&format!(
+            "{:<21} {:>8} {:>7} {:>9} {:>11} {:>9} {:>9} {:>9} {:>9}\n",
+            "phase", "ok", "failed", "seconds", "rate/s", "p50 µs", "p90 µs", "p99 µs", "max µs"
+        ));
+        let e2e = &self.end_to_end;
+        let rows = [
+            ("baseline_http", &self.baseline_http),
+            ("baseline_js_publish", &self.baseline_js_publish),
+            ("accept", &self.accept),
+        ]
+        .map(|(name, phase)| {
+            (
+                name,
+                phase.ok,
+                phase.failed,
+                phase.seconds,
+                phase.rate_per_sec,
+                phase.latency_us,
+            )
+        });
+        let last = (
+            "end_to_end",
+            e2e.completed,
+            e2e.lost,
+            e2e.seconds,
+            e2e.rate_per_sec,
+            e2e.latency_us,
+        );
+        for (name, ok, failed, seconds, rate, latency) in rows.into_iter().chain([last]) {
+            out.push_str(&format!(
+                "{name:<21} {ok:>8} {failed:>7} {seconds:>9.3} {rate:>11.1} {:>9} {:>9} {:>9} {:>9}\n",
+                latency.p50, latency.p90, latency.p99, latency.max
+            ));
+        }
+        out.push_str(&format!(
+            "\nratios: accept/baseline_http {:.3}, end_to_end/baseline_http {:.3}, \
+             accept/baseline_js_publish {:.3}\n",
+            self.ratios.accept_vs_baseline_http,
+            self.ratios.end_to_end_vs_baseline_http,
+            self.ratios.accept_vs_baseline_js_publish
+        ));
+        out.push_str(&format!(
+            "end_to_end: {} of {} accepted calls completed; lost {}, duplicates {}, \
+             bad results {} (end_to_end \"failed\" column = lost)\n",
+            e2e.completed, self.accept.ok, e2e.lost, e2e.duplicates, e2e.bad_results
+        ));
+        if let Some(err) = &self.accept.first_error {
+            out.push_str(&format!("accept: first failure: {err}\n"));
+        }
+        out.push_str(&format!("total wall time {:.1} s\n", self.total_seconds));
+        out
+    }
+}
+
+/// Runs the benchmark; see the [module docs](self). Fails if set-up fails or
+/// the run exceeds [`BenchOptions::time_limit`] (everything started is then
+/// stopped).
+pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
+    opts.validate()?;
+    match tokio::time::timeout(opts.time_limit, run_unbounded(opts)).await {
+        Ok(result) => result,
+        Err(_) => Err(BenchError::TimeLimit(opts.time_limit)),
+    }
+}
+
+async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
+    let started = Instant::now();
+    let client = queue_worker::invoke::http_client("load-tests")
+        .map_err(|e| BenchError::setup("building the HTTP client", e))?;
+    let body = Bytes::from(vec![b'x'; opts.body_bytes]);
+
+    let nats = NatsServer::start().await?;
+    let baseline_http = measure_baseline_http(opts, &client, &body).await?;
+    let baseline_js_publish = measure_baseline_js(opts, &nats.url(), &body).await?;
+
+    let mut system = System::start(opts, &nats).await?;
+    let result = measure_async_path(opts, &client, &body, &mut system).await;
+    // Stop even when the measurement failed; its error comes first.
+    let stopped = system.stop().await;
+    let (accept, end_to_end) = result?;
+    stopped?;
+    drop(nats);
+
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+    let ratios = Ratios {
+        accept_vs_baseline_http: ratio(accept.rate_per_sec, baseline_http.rate_per_sec),
+        end_to_end_vs_baseline_http: ratio(end_to_end.rate_per_sec, baseline_http.rate_per_sec),
+        accept_vs_baseline_js_publish: ratio(accept.rate_per_sec, baseline_js_publish.rate_per_sec),
+    };
+    Ok(Report {
+        calls: to_u64(opts.calls),
+        concurrency: to_u64(opts.concurrency),
+        max_inflight: opts.max_inflight,
+        body_bytes: to_u64(opts.body_bytes),
+        cpus: std::thread::available_parallelism().map_or(0, |n| to_u64(n.get())),
+        baseline_http,
+        baseline_js_publish,
+        accept,
+        end_to_end,
+        ratios,
+        total_seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Phase 1: a trivial axum handler answering `202`.
+async fn measure_baseline_http(
+    opts: &BenchOptions,
+    client: &reqwest::Client,
+    body: &Bytes,
+) -> Result<Phase, BenchError> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .map_err(|e| BenchError::setup("binding the baseline HTTP server", e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| BenchError::setup("reading the baseline HTTP address", e))?;
+    let router = Router::new().route("/", post(|_body: Bytes| async { StatusCode::ACCEPTED }));
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+
+    let url = format!("http://{addr}/");
+    let (client, body) = (client.clone(), body.clone());
+    let result = closed_loop(opts.calls, opts.concurrency, move |_| {
+        let request = client
+            .post(url.as_str())
+            .body(body.clone())
+            .timeout(REQUEST_TIMEOUT)
+            .send();
+        async move {
+            let response = request.await.map_err(|e| e.to_string())?;
+            expect_status(&response, StatusCode::ACCEPTED).map(|()| None)
+        }
+    })
+    .await?;
+
+    let _ = stop.send(());
+    match tokio::time::timeout(STOP_TIMEOUT, server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => return Err(BenchError::setup("baseline HTTP server", e)),
+        Ok(Err(e)) => return Err(BenchError::setup("baseline HTTP server task", e)),
+        Err(_) => tracing::warn!("baseline HTTP server did not stop in time"),
+    }
+    Ok(result.phase)
+}
+
+/// Phase 2: JetStream publishes with ack to a separate file-backed stream.
+async fn measure_baseline_js(
+    opts: &BenchOptions,
+    nats_url: &str,
+    body: &Bytes,
+) -> Result<Phase, BenchError> {
+    let nats = async_nats::connect(nats_url)
+        .await
+        .map_err(|e| BenchError::setup("connecting to nats-server", e))?;
+    let js = jetstream::new(nats.clone());
+    js.create_stream(stream::Config {
+        name: BASELINE_STREAM.to_owned(),
+        subjects: vec![BASELINE_SUBJECT.to_owned()],
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| BenchError::setup("creating the baseline stream", e))?;
+
+    let (publisher, body) = (js.clone(), body.clone());
+    let result = closed_loop(opts.calls, opts.concurrency, move |_| {
+        let (js, body) = (publisher.clone(), body.clone());
+        async move {
+            let publish = async {
+                js.publish(BASELINE_SUBJECT, body)
+                    .await
+                    .map_err(|e| format!("publish: {e}"))?
+                    .await
+                    .map_err(|e| format!("ack: {e}"))
+            };
+            match tokio::time::timeout(REQUEST_TIMEOUT, publish).await {
+                Ok(ack) => ack.map(|_| None),
+                Err(_) => Err(format!("no ack within {REQUEST_TIMEOUT:?}")),
+            }
+        }
+    })
+    .await?;
+
+    js.delete_stream(BASELINE_STREAM)
+        .await
+        .map_err(|e| BenchError::setup("deleting the baseline stream", e))?;
+    Ok(result.phase)
+}
+
+/// Phases 3 and 4: calls through the gateway, and their callbacks.
+async fn measure_async_path(
+    opts: &BenchOptions,
+    client: &reqwest::Client,
+    body: &Bytes,
+    system: &mut System,
+) -> Result<(Phase, EndToEnd), BenchError> {
+    let url = format!("{}/async-function/{FUNCTION}", system.gateway_url);
+    let callback_url = system.receiver.url();
+    let (client, payload) = (client.clone(), body.clone());
+    let submitted = closed_loop(opts.calls, opts.concurrency, move |_| {
+        let request = client
+            .post(url.as_str())
+            .header("x-callback-url", callback_url.as_str())
+            .header("content-type", "application/octet-stream")
+            .body(payload.clone())
+            .timeout(REQUEST_TIMEOUT)
+            .send();
+        async move {
+            let response = request.await.map_err(|e| e.to_string())?;
+            expect_status(&response, StatusCode::ACCEPTED)?;
+            let call_id = response
+                .headers()
+                .get("x-call-id")
+                .and_then(|id| id.to_str().ok())
+                .ok_or("202 without a valid X-Call-Id")?;
+            Ok(Some(call_id.to_owned()))
+        }
+    })
+    .await?;
+
+    // Wait for the callbacks of every accepted call, or the timeout.
+    let submit_times: HashMap<String, Instant> = submitted.call_ids.into_iter().collect();
+    let deadline = Instant::now() + opts.callback_timeout;
+    loop {
+        system.check_running().await?;
+        if system.receiver.count() >= submit_times.len() {
+            let seen = system.receiver.count_by_call_id();
+            if submit_times.keys().all(|id| seen.contains_key(id)) {
+                break;
+            }
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+
+    // First callback per accepted call, and how many there were.
+    let mut firsts: HashMap<&str, (Instant, bool, u64)> = HashMap::new();
+    let callbacks = system.receiver.callbacks();
+    for callback in &callbacks {
+        let Some(id) = callback.call_id.as_deref() else {
+            continue;
+        };
+        if !submit_times.contains_key(id) {
+            continue;
+        }
+        let good = callback.header("x-function-status") == Some("200") && callback.body == *body;
+        firsts
+            .entry(id)
+            .and_modify(|(_, _, count)| *count += 1)
+            .or_insert((callback.received_at, good, 1));
+    }
+    let mut latencies = Vec::with_capacity(firsts.len());
+    let mut last_arrival = submitted.started;
+    for (id, (arrived, _, _)) in &firsts {
+        if let Some(submitted_at) = submit_times.get(*id) {
+            latencies.push(micros(arrived.saturating_duration_since(*submitted_at)));
+        }
+        last_arrival = last_arrival.max(*arrived);
+    }
+    let completed = to_u64(firsts.len());
+    let seconds = last_arrival
+        .saturating_duration_since(submitted.started)
+        .as_secs_f64();
+    let end_to_end = EndToEnd {
+        completed,
+        lost: to_u64(submit_times.len()).saturating_sub(completed),
+        duplicates: to_u64(firsts.values().filter(|(_, _, n)| *n > 1).count()),
+        bad_results: to_u64(firsts.values().filter(|(_, good, _)| !good).count()),
+        seconds,
+        rate_per_sec: rate(completed, seconds),
+        latency_us: percentiles(&latencies)?,
+    };
+    Ok((submitted.phase, end_to_end))
+}
+
+/// The system under test: gateway, worker, stub function, callback receiver.
+#[derive(Debug)]
+struct System {
+    gateway_url: String,
+    gateway: Service<GatewayError>,
+    worker: Service<WorkerError>,
+    receiver: CallbackReceiver,
+    _function: StubFunction,
+    /// The worker's sled state; removed after the worker stopped.
+    _state_dir: tempfile::TempDir,
+}
+
+impl System {
+    async fn start(opts: &BenchOptions, nats: &NatsServer) -> Result<Self, BenchError> {
+        let function = StubFunction::start(StubBehavior::default()).await?;
+        // Thousands of recorded requests are not worth their memory here.
+        function.set_recording(false);
+        let receiver = CallbackReceiver::start().await?;
+        let state_dir = tempfile::Builder::new()
+            .prefix("load-tests-worker-")
+            .tempdir()
+            .map_err(|e| BenchError::setup("creating the worker state dir", e))?;
+
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .map_err(|e| BenchError::setup("binding the gateway listener", e))?;
+        let gateway_addr: SocketAddr = listener
+            .local_addr()
+            .map_err(|e| BenchError::setup("reading the gateway address", e))?;
+        let nats_url = nats.url();
+        let gateway_config = GatewayConfig::try_parse_from([
+            "gateway-plugin",
+            "--nats-url",
+            &nats_url,
+            "--listen",
+            &gateway_addr.to_string(),
+            "--shutdown-grace",
+            "5s",
+        ])
+        .map_err(|e| BenchError::setup("gateway configuration", e))?;
+        let mut gateway =
+            Service::spawn(|stop| gateway_plugin::run(gateway_config, listener, stop));
+        let gateway_url = format!("http://{gateway_addr}");
+
+        let worker_config = WorkerConfig::try_parse_from([
+            "queue-worker".to_owned(),
+            "--nats-url".to_owned(),
+            nats_url.clone(),
+            "--gateway-url".to_owned(),
+            function.url(),
+            "--state-dir".to_owned(),
+            state_dir.path().display().to_string(),
+            "--max-inflight".to_owned(),
+            opts.max_inflight.to_string(),
+            "--shutdown-grace".to_owned(),
+            "5s".to_owned(),
+        ])
+        .map_err(|e| BenchError::setup("worker configuration", e))?;
+        let (stream, consumer) = (
+            worker_config.nats.stream.clone(),
+            worker_config.consumer.clone(),
+        );
+
+        // The worker binds to the stream the gateway creates: gateway first.
+        wait_gateway_ready(&mut gateway, &gateway_url).await?;
+        let worker = Service::spawn(|stop| queue_worker::run(worker_config, stop));
+        let mut system = Self {
+            gateway_url,
+            gateway,
+            worker,
+            receiver,
+            _function: function,
+            _state_dir: state_dir,
+        };
+        system
+            .wait_worker_ready(&nats_url, &stream, &consumer)
+            .await?;
+        Ok(system)
+    }
+
+    /// Waits until the worker created its durable consumer.
+    async fn wait_worker_ready(
+        &mut self,
+        nats_url: &str,
+        stream: &str,
+        consumer: &str,
+    ) -> Result<(), BenchError> {
+        let nats = async_nats::connect(nats_url)
+            .await
+            .map_err(|e| BenchError::setup("connecting to nats-server", e))?;
+        let js = jetstream::new(nats);
+        let stream = js
+            .get_stream(stream)
+            .await
+            .map_err(|e| BenchError::setup("looking up the calls stream", e))?;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            self.check_running().await?;
+            let last = match stream.consumer_info(consumer).await {
+                Ok(_) => return Ok(()),
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() >= deadline {
+                return Err(BenchError::Setup(format!(
+                    "worker consumer {consumer:?} not created after {READY_TIMEOUT:?}: {last}"
+                )));
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// Fails, with its error, if the gateway or the worker stopped on its own.
+    async fn check_running(&mut self) -> Result<(), BenchError> {
+        if self.gateway.is_finished() {
+            return Err(self.gateway.exit_error("gateway").await);
+        }
+        if self.worker.is_finished() {
+            return Err(self.worker.exit_error("worker").await);
+        }
+        Ok(())
+    }
+
+    /// Stops the worker, then the gateway; returns the first failure.
+    async fn stop(self) -> Result<(), BenchError> {
+        let worker = self.worker.stop().await;
+        let gateway = self.gateway.stop().await;
+        worker?;
+        gateway?;
+        Ok(())
+    }
+}
+
+/// Waits until the gateway answers `/readyz` with 200 (NATS connected,
+/// stream present).
+async fn wait_gateway_ready(
+    gateway: &mut Service<GatewayError>,
+    gateway_url: &str,
+) -> Result<(), BenchError> {
+    let client = queue_worker::invoke::http_client("load-tests")
+        .map_err(|e| BenchError::setup("building the HTTP client", e))?;
+    let url = format!("{gateway_url}/readyz");
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if gateway.is_finished() {
+            return Err(gateway.exit_error("gateway").await);
+        }
+        let last = match client.get(&url).timeout(READY_TIMEOUT).send().await {
+            Ok(response) if response.status() == StatusCode::OK => return Ok(()),
+            Ok(response) => format!("/readyz answered {}", response.status()),
+            Err(e) => e.to_string(),
+        };
+        if Instant::now() >= deadline {
+            return Err(BenchError::Setup(format!(
+                "gateway not ready after {READY_TIMEOUT:?}: {last}"
+            )));
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// A component running as a task until its stop signal; dropping it sends
+/// the signal without waiting.
+#[derive(Debug)]
+struct Service<E> {
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), E>>,
+}
+
+impl<E> Service<E>
+where
+    E: Send + 'static,
+    BenchError: From<E>,
+{
+    /// Spawns `start(stop_signal)`.
+    fn spawn<F, Fut>(start: F) -> Self
+    where
+        F: FnOnce(std::pin::Pin<Box<dyn Future<Output = ()> + Send>>) -> Fut,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+    {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let signal = Box::pin(async move {
+            // A dropped sender is a stop request too.
+            let _ = stopped.await;
+        });
+        Self {
+            stop: Some(stop),
+            task: tokio::spawn(start(signal)),
+        }
+    }
+
+    fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// The error of a task that finished on its own (call only once
+    /// [`Service::is_finished`]).
+    async fn exit_error(&mut self, name: &str) -> BenchError {
+        match (&mut self.task).await {
+            Ok(Ok(())) => BenchError::Setup(format!("the {name} stopped unexpectedly")),
+            Ok(Err(e)) => BenchError::from(e),
+            Err(e) => BenchError::setup(&format!("{name} task"), e),
+        }
+    }
+
+    async fn stop(mut self) -> Result<(), BenchError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match tokio::time::timeout(STOP_TIMEOUT, &mut self.task).await {
+            Ok(Ok(result)) => result.map_err(BenchError::from),
+            Ok(Err(e)) => Err(BenchError::setup("component task", e)),
+            Err(_) => {
+                self.task.abort();
+                Err(BenchError::Setup(format!(
+                    "a component did not stop within {STOP_TIMEOUT:?}"
+                )))
+            }
+        }
+    }
+}
+
+/// What a closed loop measured.
+#[derive(Debug)]
+struct LoopResult {
+    phase: Phase,
+    /// When the first request started.
+    started: Instant,
+    /// Call ids returned by successful operations, with their start times.
+    call_ids: Vec<(String, Instant)>,
+}
+
+/// What one client task of a closed loop gathered.
+#[derive(Debug, Default)]
+struct TaskTally {
+    ok: u64,
+    failed: u64,
+    first_error: Option<String>,
+    latencies: Vec<u64>,
+    call_ids: Vec<(String, Instant)>,
+}
+
+/// Runs `op(i)` for `i` in `0..calls` on `concurrency` tasks, each starting
+/// its next operation when the previous one finished. `op` returns an
+/// optional call id on success, a description on failure.
+async fn closed_loop<F, Fut>(
+    calls: usize,
+    concurrency: usize,
+    op: F,
+) -> Result<LoopResult, BenchError>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Option<String>, String>> + Send + 'static,
+{
+    let op = Arc::new(op);
+    let next = Arc::new(AtomicUsize::new(0));
+    let per_task = calls.div_ceil(concurrency.max(1));
+    let started = Instant::now();
+    let mut tasks = JoinSet::new();
+    for _ in 0..concurrency.min(calls) {
+        let (op, next) = (Arc::clone(&op), Arc::clone(&next));
+        tasks.spawn(async move {
+            let mut tally = TaskTally {
+                latencies: Vec::with_capacity(per_task),
+                ..TaskTally::default()
+            };
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= calls {
+                    break;
+                }
+                let start = Instant::now();
+                match op(i).await {
+                    Ok(call_id) => {
+                        tally.latencies.push(micros(start.elapsed()));
+                        tally.ok += 1;
+                        if let Some(call_id) = call_id {
+                            tally.call_ids.push((call_id, start));
+                        }
+                    }
+                    Err(err) => {
+                        tally.failed += 1;
+                        tally.first_error.get_or_insert(err);
+                    }
+                }
+            }
+            tally
+        });
+    }
+    let mut total = TaskTally::default();
+    while let Some(tally) = tasks.join_next().await {
+        let tally = tally.map_err(|e| BenchError::setup("client task", e))?;
+        total.ok += tally.ok;
+        total.failed += tally.failed;
+        if total.first_error.is_none() {
+            total.first_error = tally.first_error;
+        }
+        total.latencies.extend(tally.latencies);
+        total.call_ids.extend(tally.call_ids);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(LoopResult {
+        phase: Phase {
+            sent: total.ok + total.failed,
+            ok: total.ok,
+            failed: total.failed,
+            first_error: total.first_error,
+            seconds,
+            rate_per_sec: rate(total.ok, seconds),
+            latency_us: percentiles(&total.latencies)?,
+        },
+        started,
+        call_ids: total.call_ids,
+    })
+}
+
+fn expect_status(response: &reqwest::Response, expected: StatusCode) -> Result<(), String> {
+    if response.status() == expected {
+        Ok(())
+    } else {
+        Err(format!(
+            "answered {}, expected {expected}",
+            response.status()
+        ))
+    }
+}
+
+fn percentiles(micros: &[u64]) -> Result<Latency, BenchError> {
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, HISTOGRAM_MAX_MICROS, 3)
+        .map_err(|e| BenchError::setup("creating a histogram", e))?;
+    for &value in micros {
+        histogram.saturating_record(value);
+    }
+    if histogram.is_empty() {
+        return Ok(Latency::default());
+    }
+    Ok(Latency {
+        p50: histogram.value_at_quantile(0.50),
+        p90: histogram.value_at_quantile(0.90),
+        p99: histogram.value_at_quantile(0.99),
+        max: histogram.max(),
+    })
+}
+
+fn micros(duration: Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
+}
+
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "counts far below 2^52 in practice"
+)]
+fn rate(count: u64, seconds: f64) -> f64 {
+    if seconds > 0.0 {
+        count as f64 / seconds
+    } else {
+        0.0
+    }
+}
+
+fn to_u64(n: usize) -> u64 {
+    u64::try_from(n).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_are_bounded() {
+        assert!(BenchOptions::default().validate().is_ok());
+        for bad in [
+            BenchOptions {
+                calls: 0,
+                ..BenchOptions::default()
+            },
+            BenchOptions {
+                concurrency: MAX_CONCURRENCY + 1,
+                ..BenchOptions::default()
+            },
+            BenchOptions {
+                body_bytes: MAX_BODY_BYTES + 1,
+                ..BenchOptions::default()
+            },
+            BenchOptions {
+                time_limit: Duration::ZERO,
+                ..BenchOptions::default()
+            },
+        ] {
+            assert!(
+                matches!(bad.validate(), Err(BenchError::Options(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn percentiles_of_nothing_are_zero() {
+        assert!(matches!(percentiles(&[]), Ok(Latency { max: 0, .. })));
+        let latency = percentiles(&[10, 20, 30, 1000]).ok();
+        assert!(
+            latency.is_some_and(|l| l.p50 == 20 && l.max == 1000),
+            "{latency:?}"
+        );
+    }
+}

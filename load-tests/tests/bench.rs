@@ -1,0 +1,79 @@
+//! `load-tests bench` end to end with small numbers: a private nats-server,
+//! the gateway and a worker in-process, every call through to its callback.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test fails loudly"
+)]
+
+use std::time::Duration;
+
+use load_tests::bench::{self, BenchOptions};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_bench_completes_every_call() {
+    let opts = BenchOptions {
+        calls: 200,
+        concurrency: 8,
+        max_inflight: 32,
+        time_limit: Duration::from_secs(120),
+        callback_timeout: Duration::from_secs(30),
+        ..BenchOptions::default()
+    };
+    let report = bench::run(&opts).await.expect("bench run");
+    let table = report.to_table();
+
+    assert_eq!(report.calls, 200);
+    for (name, phase) in [
+        ("baseline_http", &report.baseline_http),
+        ("baseline_js_publish", &report.baseline_js_publish),
+        ("accept", &report.accept),
+    ] {
+        assert_eq!(phase.sent, 200, "{name}\n{table}");
+        assert_eq!(phase.ok, 200, "{name}: {:?}\n{table}", phase.first_error);
+        assert_eq!(phase.failed, 0, "{name}\n{table}");
+        assert!(phase.rate_per_sec > 0.0, "{name}\n{table}");
+        assert!(phase.latency_us.p50 > 0, "{name}\n{table}");
+        assert!(
+            phase.latency_us.p50 <= phase.latency_us.p99,
+            "{name}\n{table}"
+        );
+        assert!(
+            phase.latency_us.p99 <= phase.latency_us.max,
+            "{name}\n{table}"
+        );
+    }
+
+    let e2e = &report.end_to_end;
+    assert_eq!(e2e.lost, 0, "{table}");
+    assert_eq!(e2e.completed, 200, "{table}");
+    assert_eq!(e2e.duplicates, 0, "{table}");
+    assert_eq!(e2e.bad_results, 0, "{table}");
+    assert!(e2e.rate_per_sec > 0.0, "{table}");
+    // A call completes after it was accepted.
+    assert!(
+        e2e.latency_us.max >= report.accept.latency_us.p50,
+        "{table}"
+    );
+    assert!(report.ratios.accept_vs_baseline_http > 0.0, "{table}");
+    assert!(report.ratios.end_to_end_vs_baseline_http > 0.0, "{table}");
+    assert!(report.ratios.accept_vs_baseline_js_publish > 0.0, "{table}");
+    assert!(report.is_clean(), "{table}");
+
+    // The JSON form carries the same figures.
+    let json: serde_json::Value = serde_json::to_value(&report).unwrap();
+    assert_eq!(json["end_to_end"]["completed"], 200);
+    assert_eq!(json["accept"]["ok"], 200);
+    assert!(json["ratios"]["accept_vs_baseline_http"].as_f64().unwrap() > 0.0);
+    assert!(table.contains("end_to_end"), "{table}");
+}
+
+#[tokio::test]
+async fn out_of_bounds_options_are_refused_before_starting_anything() {
+    let opts = BenchOptions {
+        concurrency: 0,
+        ..BenchOptions::default()
+    };
+    let err = bench::run(&opts).await.unwrap_err();
+    assert!(err.to_string().contains("concurrency"), "{err}");
+}
