@@ -78,6 +78,7 @@ pub async fn connect(nats: &NatsArgs, name: &str) -> Result<async_nats::Client, 
             match event {
                 async_nats::Event::Connected => tracing::info!("connected to NATS"),
                 async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
+                async_nats::Event::Closed => tracing::info!("NATS connection closed"),
                 other => tracing::warn!(event = %other, "NATS event"),
             }
         })

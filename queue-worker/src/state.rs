@@ -285,9 +285,9 @@ impl CallStore {
         self.flusher.flush(&self.db).await
     }
 
-    /// Marks the call as fully handled (the result body is dropped). Flushed within 200 ms by
-    /// sled; losing it in a crash costs at most a repeated callback, never an invocation.
-    pub fn finish(&self, call_id: &str, attempts: u32) -> Result<(), StateError> {
+    /// Marks the call as fully handled (the result body is dropped) and waits until that is on
+    /// disk (group commit): a crash before the ack then costs no repeated callback either.
+    pub async fn finish(&self, call_id: &str, attempts: u32) -> Result<(), StateError> {
         let meta = RecordMeta {
             expires_at_ms: self.expires_at(),
             state: State::Done { attempts },
@@ -295,7 +295,7 @@ impl CallStore {
         self.calls.insert(call_id, encode(&meta, &[])?)?;
         self.expiry
             .insert(expiry_key(meta.expires_at_ms, call_id), &[])?;
-        Ok(())
+        self.flusher.flush(&self.db).await
     }
 
     /// Gives up this process's claim (the message is handed back to the queue), keeping the
@@ -398,7 +398,7 @@ mod tests {
             }
             other => panic!("expected CallbackPending, got {other:?}"),
         }
-        store.finish("c1", 1).unwrap();
+        store.finish("c1", 1).await.unwrap();
         assert!(matches!(store.begin("c1").unwrap(), Begin::Finished));
     }
 
@@ -451,7 +451,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = CallStore::open(dir.path(), 1 << 20, Duration::from_millis(1)).unwrap();
         store.begin("old").unwrap();
-        store.finish("old", 1).unwrap();
+        store.finish("old", 1).await.unwrap();
         assert_eq!(store.len(), 1);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while store.sweep_expired().unwrap() == 0 {

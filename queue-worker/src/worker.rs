@@ -494,7 +494,7 @@ async fn deliver_and_ack(
             }
         }
     }
-    if let Err(e) = ctx.store.finish(&call.meta.call_id, attempts) {
+    if let Err(e) = ctx.store.finish(&call.meta.call_id, attempts).await {
         tracing::warn!(error = %e, "could not mark the call done");
     }
     drop(heartbeat);
