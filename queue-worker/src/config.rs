@@ -211,6 +211,9 @@ pub struct WorkerConfig {
     /// dead-lettered with reason `expired`.
     #[arg(long, env = "QUEUE_WORKER_CALL_MAX_AGE", default_value = "24h", value_parser = parse_duration)]
     pub call_max_age: Duration,
+    /// TOML file with per-function overrides of retries, timeout and max age (see README).
+    #[arg(long, env = "QUEUE_WORKER_FUNCTIONS_CONFIG")]
+    pub functions_config: Option<PathBuf>,
     /// Longest a single callback POST may take.
     #[arg(long, env = "QUEUE_WORKER_CALLBACK_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub callback_timeout: Duration,

@@ -53,7 +53,6 @@ pub struct FunctionInvoker {
     gateway_url: String,
     default_namespace: String,
     function_suffix: String,
-    timeout: Duration,
     max_response_bytes: u64,
 }
 
@@ -81,7 +80,6 @@ impl FunctionInvoker {
             gateway_url: config.gateway_url.trim_end_matches('/').to_owned(),
             default_namespace: config.default_namespace.clone(),
             function_suffix: config.function_suffix.clone(),
-            timeout: config.upstream_timeout,
             max_response_bytes: config.max_response_bytes,
         }
     }
@@ -115,7 +113,13 @@ impl FunctionInvoker {
 
     /// Calls the function once (attempt `attempt` of at most `max_attempts`, sent as `X-Retry`
     /// and `X-Retry-Max`). Never fails: transport problems become a 503 outcome.
-    pub async fn invoke(&self, call: &QueuedCall, attempt: u32, max_attempts: u32) -> Outcome {
+    pub async fn invoke(
+        &self,
+        call: &QueuedCall,
+        attempt: u32,
+        max_attempts: u32,
+        timeout: Duration,
+    ) -> Outcome {
         let started = Instant::now();
         let failed = |status: u16, error: &str| Outcome {
             status,
@@ -131,7 +135,7 @@ impl FunctionInvoker {
         let mut request = self
             .client
             .request(method, self.url(call))
-            .timeout(self.timeout)
+            .timeout(timeout)
             .body(call.body.clone());
         for (name, value) in &call.meta.headers {
             let ours =

@@ -11,6 +11,7 @@
 //! - [`worker`]: the pull loop (permits before pulls) and the life of one message.
 //! - [`invoke`]: function URLs and the HTTP call; transport failures become a 503 [`invoke::Outcome`].
 //! - [`retry`]: the function retry policy (backoff with jitter, `Retry-After`).
+//! - [`functions`]: per-function overrides (`--functions-config`, TOML).
 //! - [`callback`]: callback headers and delivery with retries of the callback alone.
 //! - [`state`]: the dedup state in sled (`claimed` → `completed` → `done`, with expiry).
 //! - [`dlq`]: dead-letter administration (`queue-worker dlq list|show|replay|purge`).
@@ -21,6 +22,7 @@
 pub mod callback;
 pub mod config;
 pub mod dlq;
+pub mod functions;
 pub mod invoke;
 pub mod message;
 pub mod queue;

@@ -20,10 +20,11 @@ use tracing::Instrument;
 
 use crate::callback::{CallbackSender, Delivery};
 use crate::config::WorkerConfig;
+use crate::functions::FunctionSettings;
 use crate::invoke::{FunctionInvoker, Outcome, http_client};
 use crate::message::QueuedCall;
 use crate::queue::{self, DeadLetter, DeadLetterReason};
-use crate::retry::{Decision, RetryPolicy};
+use crate::retry::Decision;
 use crate::state::{Begin, CallStore, StateError};
 
 /// Largest pull request, whatever the number of free permits.
@@ -64,8 +65,8 @@ struct Ctx {
     callbacks: CallbackSender,
     /// Fires when the shutdown grace period is over: running calls are handed back.
     hand_back: CancellationToken,
-    /// Function retry policy.
-    retry: RetryPolicy,
+    /// Retry policy, timeout and max age per function.
+    functions: FunctionSettings,
 }
 
 /// Runs a worker until `shutdown` completes, then drains: no new pulls, in-flight calls get
@@ -75,6 +76,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WorkerError> {
     config.validate().map_err(WorkerError::Config)?;
+    let functions =
+        FunctionSettings::load(&config).map_err(|e| WorkerError::Config(e.to_string()))?;
     let store = {
         let (dir, cache, retention) = (
             config.state_dir.clone(),
@@ -100,7 +103,7 @@ pub async fn run(
         js,
         store,
         hand_back: CancellationToken::new(),
-        retry: config.retry_policy(),
+        functions,
         config,
     });
     {
@@ -346,8 +349,9 @@ async fn handle_call(
             (outcome, attempts)
         }
         Begin::Invoke { .. } => {
-            let max = ctx.config.retry_max_attempts;
-            if is_expired(&call, ctx.config.call_max_age) {
+            let settings = ctx.functions.for_call(&call.meta);
+            let max = settings.retry.max_attempts;
+            if is_expired(&call, settings.max_age) {
                 drop(permit);
                 let final_outcome = no_response(504, "expired");
                 return give_up(
@@ -378,7 +382,7 @@ async fn handle_call(
             }
             tracing::debug!(attempt, max, "invoking");
             let outcome = tokio::select! {
-                o = ctx.invoker.invoke(&call, attempt, max) => o,
+                o = ctx.invoker.invoke(&call, attempt, max, settings.timeout) => o,
                 () = ctx.hand_back.cancelled() => {
                     tracing::warn!("shutdown: abandoning the running call and handing it back");
                     if let Err(e) = ctx.store.release(call_id) {
@@ -396,7 +400,7 @@ async fn handle_call(
                 attempt,
                 "function returned"
             );
-            match ctx.retry.decide(attempt, &outcome) {
+            match settings.retry.decide(attempt, &outcome) {
                 Decision::Final => {}
                 Decision::RetryAfter(wait) => {
                     tracing::info!(retry_in = ?wait, "retryable failure; scheduling the next attempt");
@@ -515,7 +519,7 @@ async fn give_up(
     let detail = match reason {
         DeadLetterReason::Expired => format!(
             "older than the maximum age of {:?}",
-            ctx.config.call_max_age
+            ctx.functions.for_call(&call.meta).max_age
         ),
         _ => format!("{attempts} attempts, last status {}", outcome.status),
     };

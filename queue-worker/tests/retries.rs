@@ -257,3 +257,111 @@ async fn a_call_older_than_its_max_age_is_dead_lettered_not_invoked() {
     assert_eq!(letters[0].reason, "expired");
     assert_eq!(letters[0].attempts, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn per_function_overrides_change_attempts_and_timeout() {
+    let f = Fixture::start(failing(u32::MAX, 500, &[])).await;
+    let conf = f.dir.path().join("functions.toml");
+    std::fs::write(
+        &conf,
+        r#"
+        [functions."strict"]
+        max_attempts = 2
+        [functions."patient"]
+        max_attempts = 4
+        retry_codes = [500]
+        "#,
+    )
+    .unwrap();
+    let worker = InProcessWorker::start(&f.worker_args(
+        "state",
+        &[
+            "--retry-max-attempts",
+            "3",
+            "--retry-initial-wait",
+            "100ms",
+            "--retry-max-wait",
+            "200ms",
+            "--functions-config",
+            conf.to_str().unwrap(),
+        ],
+    ));
+    let strict = f.publish("strict", b"s").await;
+    let patient = f.publish("patient", b"p").await;
+    let default = f.publish("plain", b"d").await;
+    let ids = [strict.clone(), patient.clone(), default.clone()];
+    assert!(f.receiver.wait_for_call_ids(&ids, DEADLINE).await);
+    worker.shutdown().await;
+    assert_eq!(f.function.invocations_for(&strict), 2);
+    assert_eq!(f.function.invocations_for(&patient), 4);
+    assert_eq!(
+        f.function.invocations_for(&default),
+        3,
+        "the command-line default"
+    );
+    assert_eq!(
+        f.function
+            .requests()
+            .iter()
+            .find(|r| r.call_id.as_deref() == Some(&patient))
+            .unwrap()
+            .header("x-retry-max"),
+        Some("4")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hanging_function_times_out_and_is_retried() {
+    let f = Fixture::start(StubBehavior {
+        delay: Duration::from_secs(30),
+        ..StubBehavior::default()
+    })
+    .await;
+    let conf = f.dir.path().join("functions.toml");
+    std::fs::write(
+        &conf,
+        "[functions.hangs]\ntimeout = \"300ms\"\nmax_attempts = 2\n",
+    )
+    .unwrap();
+    let worker = InProcessWorker::start(&f.worker_args(
+        "state",
+        &[
+            "--retry-initial-wait",
+            "100ms",
+            "--functions-config",
+            conf.to_str().unwrap(),
+        ],
+    ));
+    let id = f.publish("hangs", b"x").await;
+    assert!(
+        f.receiver
+            .wait_for_call_ids(std::slice::from_ref(&id), DEADLINE)
+            .await
+    );
+    worker.shutdown().await;
+    let cb = &f.receiver.callbacks()[0];
+    assert_eq!(cb.header("x-function-status"), Some("503"));
+    assert_eq!(cb.header("x-function-error"), Some("timeout"));
+    assert_eq!(cb.header("x-dead-letter-reason"), Some("retries_exhausted"));
+    assert_eq!(f.function.invocations_for(&id), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bad_functions_file_stops_the_worker_at_start_with_a_clear_error() {
+    let f = Fixture::start(StubBehavior::default()).await;
+    let conf = f.dir.path().join("functions.toml");
+    std::fs::write(&conf, "[functions.x]\nmax_atempts = 2\n").unwrap();
+    let worker = InProcessWorker::start(
+        &f.worker_args("state", &["--functions-config", conf.to_str().unwrap()]),
+    );
+    let err = tokio::time::timeout(DEADLINE, worker.handle)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("max_atempts") && err.contains("functions.toml"),
+        "{err}"
+    );
+}

@@ -1,0 +1,262 @@
+//! Per-function settings: a TOML file (`--functions-config`) overriding the worker's defaults for
+//! retries, timeout and maximum age, keyed by `name` or `name.namespace`:
+//!
+//! ```toml
+//! [functions."train-model"]      # any namespace
+//! max_attempts = 2
+//! timeout = "2h"
+//!
+//! [functions."figlet.team-a"]    # this namespace only; wins over "figlet"
+//! retry_codes = [429, 503]
+//! initial_wait = "5s"
+//! max_wait = "10m"
+//! max_age = "48h"
+//! ```
+//!
+//! Unknown keys are errors, so a typo is caught at start rather than silently ignored.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::config::WorkerConfig;
+use crate::message::CallMeta;
+use crate::retry::RetryPolicy;
+
+/// Why the file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum FunctionsConfigError {
+    /// Could not read it.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// File.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not valid TOML of the expected shape.
+    #[error("invalid {path}: {message}")]
+    Parse {
+        /// File.
+        path: String,
+        /// What is wrong, with the line.
+        message: String,
+    },
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let raw: Option<String> = Option::deserialize(d)?;
+    raw.map(|s| crate::config::parse_duration(&s).map_err(serde::de::Error::custom))
+        .transpose()
+}
+
+/// Overrides for one function; unset fields keep the worker's defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionOverride {
+    /// Invocations at most.
+    pub max_attempts: Option<u32>,
+    /// Statuses retried.
+    pub retry_codes: Option<Vec<u16>>,
+    /// Base wait before the first retry.
+    #[serde(default, deserialize_with = "duration")]
+    pub initial_wait: Option<Duration>,
+    /// Longest wait between attempts.
+    #[serde(default, deserialize_with = "duration")]
+    pub max_wait: Option<Duration>,
+    /// Longest single call.
+    #[serde(default, deserialize_with = "duration")]
+    pub timeout: Option<Duration>,
+    /// Oldest a call may be when it starts.
+    #[serde(default, deserialize_with = "duration")]
+    pub max_age: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    functions: HashMap<String, FunctionOverride>,
+}
+
+/// What applies to one call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallSettings {
+    /// Retry policy.
+    pub retry: RetryPolicy,
+    /// Longest single invocation.
+    pub timeout: Duration,
+    /// Oldest the call may be when it starts.
+    pub max_age: Duration,
+}
+
+/// Defaults from the command line plus per-function overrides.
+#[derive(Debug, Clone)]
+pub struct FunctionSettings {
+    defaults: CallSettings,
+    overrides: HashMap<String, FunctionOverride>,
+}
+
+impl FunctionSettings {
+    /// Reads `--functions-config` if given.
+    pub fn load(config: &WorkerConfig) -> Result<Self, FunctionsConfigError> {
+        let defaults = CallSettings {
+            retry: config.retry_policy(),
+            timeout: config.upstream_timeout,
+            max_age: config.call_max_age,
+        };
+        let overrides = match &config.functions_config {
+            None => HashMap::new(),
+            Some(path) => Self::parse_file(path)?,
+        };
+        Ok(Self {
+            defaults,
+            overrides,
+        })
+    }
+
+    fn parse_file(path: &Path) -> Result<HashMap<String, FunctionOverride>, FunctionsConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| FunctionsConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        let file: File = toml::from_str(&text).map_err(|e| FunctionsConfigError::Parse {
+            path: shown.clone(),
+            message: e.to_string(),
+        })?;
+        for (name, o) in &file.functions {
+            let problem = if crate::message::parse_function(name).is_err() {
+                Some("is not a function name (name or name.namespace)".to_owned())
+            } else if o.max_attempts == Some(0) {
+                Some("max_attempts must be at least 1".to_owned())
+            } else {
+                o.retry_codes
+                    .iter()
+                    .flatten()
+                    .find(|c| !(100..=599).contains(*c))
+                    .map(|bad| format!("retry code {bad} is not an HTTP status"))
+            };
+            if let Some(problem) = problem {
+                return Err(FunctionsConfigError::Parse {
+                    path: shown,
+                    message: format!("[functions.\"{name}\"]: {problem}"),
+                });
+            }
+        }
+        Ok(file.functions)
+    }
+
+    /// The settings for a call: `name.namespace` entry, else `name` entry, else defaults.
+    pub fn for_call(&self, meta: &CallMeta) -> CallSettings {
+        let found = self
+            .overrides
+            .get(&meta.qualified_function())
+            .or_else(|| self.overrides.get(&meta.function));
+        let Some(o) = found else {
+            return self.defaults.clone();
+        };
+        let d = &self.defaults;
+        CallSettings {
+            retry: RetryPolicy {
+                max_attempts: o.max_attempts.unwrap_or(d.retry.max_attempts),
+                initial_wait: o.initial_wait.unwrap_or(d.retry.initial_wait),
+                max_wait: o.max_wait.unwrap_or(d.retry.max_wait),
+                codes: o
+                    .retry_codes
+                    .clone()
+                    .unwrap_or_else(|| d.retry.codes.clone()),
+            },
+            timeout: o.timeout.unwrap_or(d.timeout),
+            max_age: o.max_age.unwrap_or(d.max_age),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::BodyLocation;
+    use clap::Parser;
+
+    fn meta(function: &str, namespace: Option<&str>) -> CallMeta {
+        CallMeta {
+            call_id: "c".into(),
+            function: function.into(),
+            namespace: namespace.map(Into::into),
+            method: "POST".into(),
+            path: String::new(),
+            query: None,
+            headers: vec![],
+            callback_url: None,
+            received_at_unix_nanos: 0,
+            body: BodyLocation::Inline { len: 0 },
+        }
+    }
+
+    fn load(toml_text: &str) -> Result<FunctionSettings, FunctionsConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("functions.toml");
+        std::fs::write(&path, toml_text).unwrap();
+        let config = WorkerConfig::try_parse_from([
+            "queue-worker",
+            "--functions-config",
+            path.to_str().unwrap(),
+        ])
+        .unwrap();
+        FunctionSettings::load(&config)
+    }
+
+    #[test]
+    fn overrides_apply_by_namespace_then_name() {
+        let s = load(
+            r#"
+            [functions."figlet"]
+            max_attempts = 2
+            timeout = "2h"
+            [functions."figlet.team-a"]
+            retry_codes = [429]
+            max_age = "48h"
+            "#,
+        )
+        .unwrap();
+        let plain = s.for_call(&meta("figlet", None));
+        assert_eq!(plain.retry.max_attempts, 2);
+        assert_eq!(plain.timeout, Duration::from_secs(7200));
+        assert_eq!(plain.retry.codes, vec![408, 429, 500, 502, 503, 504]);
+        let team = s.for_call(&meta("figlet", Some("team-a")));
+        assert_eq!(team.retry.codes, vec![429]);
+        assert_eq!(team.max_age, Duration::from_secs(48 * 3600));
+        assert_eq!(
+            team.retry.max_attempts, 5,
+            "the namespaced entry does not inherit"
+        );
+        let other = s.for_call(&meta("other", None));
+        assert_eq!(other.retry.max_attempts, 5);
+        assert_eq!(other.timeout, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn mistakes_are_clear_errors() {
+        for (text, expect) in [
+            ("[functions.f]\nmax_atempts = 3\n", "unknown field"),
+            (
+                "[functions.f]\ntimeout = \"forever\"\n",
+                "expected e.g. 30s",
+            ),
+            ("[functions.f]\nmax_attempts = 0\n", "at least 1"),
+            ("[functions.f]\nretry_codes = [999]\n", "not an HTTP status"),
+            (
+                "[functions.\"a/b\"]\nmax_attempts = 1\n",
+                "not a function name",
+            ),
+            ("not toml", "invalid"),
+        ] {
+            let err = load(text).unwrap_err().to_string();
+            assert!(err.contains(expect), "{text:?}: {err}");
+        }
+    }
+}
