@@ -365,3 +365,47 @@ async fn a_bad_functions_file_stops_the_worker_at_start_with_a_clear_error() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hanging_callback_endpoint_times_out_and_the_call_is_dead_lettered_once() {
+    let f = Fixture::start(StubBehavior::default()).await;
+    // A "receiver" that never answers in time: a second stub holding every request 30 s.
+    let hanging = load_tests::stub::StubFunction::start(StubBehavior {
+        delay: Duration::from_secs(30),
+        ..StubBehavior::default()
+    })
+    .await
+    .unwrap();
+    let worker = InProcessWorker::start(&f.worker_args(
+        "state",
+        &[
+            "--callback-timeout",
+            "300ms",
+            "--callback-max-attempts",
+            "2",
+        ],
+    ));
+    let id = f
+        .queue
+        .publish(&common::call(
+            "fast",
+            Some(&format!("{}/hook", hanging.url())),
+            b"r",
+        ))
+        .await;
+    assert!(
+        f.queue.wait_until_empty().await,
+        "the call was not finished"
+    );
+    worker.shutdown().await;
+    assert_eq!(f.function.invocations_for(&id), 1, "the function ran once");
+    assert_eq!(
+        hanging.invocations_for(&id),
+        2,
+        "two callback attempts, each timed out"
+    );
+    let letters = dlq::list(&f.queue.js, "faas-async-dead").await.unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].reason, "callback_failed");
+    assert_eq!(letters[0].last_status, Some(200));
+}
