@@ -29,6 +29,9 @@ use crate::state::{Begin, CallStore, StateError};
 
 /// Largest pull request, whatever the number of free permits.
 const MAX_PULL_BATCH: usize = 256;
+/// `X-Function-Error` of a call dead-lettered because its deliveries ran out before an attempt
+/// could finish (workers died during it).
+const EXHAUSTED_BY_REDELIVERY: &str = "attempts used up by redeliveries";
 /// Wait before a message is offered again after a local failure (state store, dead-letter publish).
 const LOCAL_FAILURE_RETRY: Duration = Duration::from_secs(5);
 
@@ -368,7 +371,7 @@ async fn handle_call(
             if attempt > max {
                 // Earlier deliveries died with their workers (or their dead-lettering failed).
                 drop(permit);
-                let final_outcome = no_response(503, "retries exhausted");
+                let final_outcome = no_response(503, EXHAUSTED_BY_REDELIVERY);
                 return give_up(
                     &ctx,
                     &msg,
@@ -523,7 +526,12 @@ async fn give_up(
         ),
         _ => format!("{attempts} attempts, last status {}", outcome.status),
     };
-    let last_status = (attempts > 0).then_some(outcome.status);
+    // A synthesized outcome (no attempt ran in this delivery) has no real last status.
+    let last_status = outcome
+        .error
+        .as_deref()
+        .is_none_or(|e| e != EXHAUSTED_BY_REDELIVERY && e != "expired")
+        .then_some(outcome.status);
     let letter = letter_for(msg, reason, &detail, Some(call), last_status, attempts);
     tracing::warn!(
         reason = reason.as_str(),
