@@ -5,19 +5,30 @@
 //! ([`queue_worker::run`]) whose gateway URL is a zero-delay [`StubFunction`],
 //! and a [`CallbackReceiver`]. It then measures, one phase after the other:
 //!
-//! 1. `baseline_http`: closed-loop POSTs of the same body to a trivial axum
-//!    handler answering `202`: what loopback HTTP alone allows.
+//! 1. `baseline_http`: POSTs of the same body to a trivial axum handler
+//!    answering `202`: what loopback HTTP alone allows.
 //! 2. `baseline_js_publish`: closed-loop JetStream publishes, each awaiting
 //!    its ack, to a separate file-backed stream of the same server.
-//! 3. `accept`: closed-loop POSTs to `/async-function/bench` with an
-//!    `X-Callback-Url`; a `202` counts as accepted.
+//! 3. `accept`: POSTs to `/async-function/bench` with an `X-Callback-Url`; a
+//!    `202` counts as accepted.
 //! 4. `end_to_end`: measured over the same calls as `accept`, from the first
 //!    submit until every accepted call's callback arrived (or the callback
 //!    timeout passed).
 //!
-//! Each closed loop runs `concurrency` client tasks sharing one HTTP client
-//! (or one NATS connection); a task sends its next request as soon as the
-//! previous one was answered, until `calls` requests were sent in total.
+//! # Load models
+//!
+//! Without [`BenchOptions::rate`] every phase is a *closed loop*:
+//! `concurrency` client tasks share one HTTP client (or one NATS connection);
+//! a task sends its next request as soon as the previous one was answered,
+//! until `calls` requests were sent in total. Latencies run from the actual
+//! send.
+//!
+//! With a rate, `baseline_http` and `accept` (hence `end_to_end`) are an
+//! *open loop* ([`open_loop()`]): request `i` is due at `t0 + i / rate`
+//! whatever the earlier ones are doing, and every latency (the answer's, and
+//! the callback's for `end_to_end`) runs from that **intended** send time, so
+//! queueing behind a slow target is not hidden (no coordinated omission).
+//! `baseline_js_publish` stays a closed loop of `concurrency` tasks.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -41,7 +52,9 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::{CallbackReceiver, HarnessError, NatsServer, StubBehavior, StubFunction};
+use crate::{
+    CallbackReceiver, HarnessError, NatsServer, StubBehavior, StubFunction, Timed, open_loop,
+};
 
 /// Default number of calls per phase.
 pub const DEFAULT_CALLS: usize = 5000;
@@ -62,6 +75,13 @@ pub const MAX_CALLS: usize = 1_000_000;
 pub const MAX_CONCURRENCY: usize = 4096;
 /// Largest body [`run`] accepts.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
+/// Highest open-loop rate [`run`] accepts, in requests per second.
+pub const MAX_RATE: f64 = 1_000_000.0;
+/// Most requests of an open loop in flight at once; a request due while all
+/// are busy waits for one, and the wait counts towards its latency. Far
+/// above what a healthy target needs (rate × latency), it only bounds the
+/// sockets opened while the target stalls.
+pub const OPEN_LOOP_MAX_IN_FLIGHT: usize = 4096;
 
 /// The function the accepted calls are addressed to.
 const FUNCTION: &str = "bench";
@@ -79,13 +99,28 @@ const POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// Upper bound of the latency histograms (one hour, in microseconds).
 const HISTOGRAM_MAX_MICROS: u64 = 3_600_000_000;
 
+/// How requests are paced; see the [module docs](self#load-models).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoadModel {
+    /// `concurrency` tasks, each sending when its previous request was
+    /// answered; latency from the actual send.
+    Closed,
+    /// A fixed schedule of `rate` requests per second; latency from the
+    /// intended send time.
+    Open,
+}
+
 /// What [`run`] does; [`BenchOptions::default`] is the CLI's default.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct BenchOptions {
     /// Requests per phase (HTTP baseline, JetStream baseline, accepted calls).
     pub calls: usize,
     /// Concurrent client tasks of each closed loop.
     pub concurrency: usize,
+    /// Open-loop rate of `baseline_http` and `accept`, in requests per
+    /// second; `None` runs every phase as a closed loop.
+    pub rate: Option<f64>,
     /// The worker's `--max-inflight`.
     pub max_inflight: u32,
     /// Size of each request body and published message.
@@ -102,6 +137,7 @@ impl Default for BenchOptions {
         Self {
             calls: DEFAULT_CALLS,
             concurrency: DEFAULT_CONCURRENCY,
+            rate: None,
             max_inflight: DEFAULT_MAX_INFLIGHT,
             body_bytes: DEFAULT_BODY_BYTES,
             time_limit: DEFAULT_TIME_LIMIT,
@@ -138,7 +174,33 @@ impl BenchOptions {
         if self.time_limit.is_zero() || self.callback_timeout.is_zero() {
             return fail("time-limit and callback-timeout must be positive".to_owned());
         }
+        if let Some(rate) = self.rate {
+            if !(rate.is_finite() && rate > 0.0 && rate <= MAX_RATE) {
+                return fail(format!(
+                    "rate must be above 0 and at most {MAX_RATE}, not {rate}"
+                ));
+            }
+            // Two open-loop phases of calls / rate each must fit.
+            #[expect(clippy::cast_precision_loss, reason = "calls are at most MAX_CALLS")]
+            let schedule = 2.0 * self.calls as f64 / rate;
+            if schedule >= self.time_limit.as_secs_f64() {
+                return fail(format!(
+                    "{} calls at {rate}/s take {schedule:.1} s in the two open-loop phases, \
+                     not less than the time-limit of {:?}",
+                    self.calls, self.time_limit
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The load model these options select.
+    pub fn load_model(&self) -> LoadModel {
+        if self.rate.is_some() {
+            LoadModel::Open
+        } else {
+            LoadModel::Closed
+        }
     }
 }
 
@@ -198,11 +260,13 @@ pub struct Phase {
     /// The first failure, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_error: Option<String>,
-    /// Wall time from the first request until the last answer.
+    /// Wall time from the first request (its intended send time in an open
+    /// loop) until the last answer.
     pub seconds: f64,
     /// Successful requests per second.
     pub rate_per_sec: f64,
-    /// Latency of successful requests, request start to answer.
+    /// Latency of successful requests, request start to answer; in an open
+    /// loop the start is the intended send time.
     pub latency_us: Latency,
 }
 
@@ -222,7 +286,8 @@ pub struct EndToEnd {
     pub seconds: f64,
     /// Completed calls per second.
     pub rate_per_sec: f64,
-    /// Latency from a call's submit to the arrival of its first callback.
+    /// Latency from a call's submit (its intended send time in an open loop)
+    /// to the arrival of its first callback.
     pub latency_us: Latency,
 }
 
@@ -242,8 +307,13 @@ pub struct Ratios {
 pub struct Report {
     /// Requests per phase.
     pub calls: u64,
-    /// Concurrent client tasks.
+    /// Concurrent client tasks of the closed loops.
     pub concurrency: u64,
+    /// `closed`, or `open` for `baseline_http`, `accept` and `end_to_end`
+    /// (`baseline_js_publish` is always closed).
+    pub load_model: LoadModel,
+    /// The open-loop rate in requests per second; `null` in a closed loop.
+    pub rate: Option<f64>,
     /// The worker's `--max-inflight`.
     pub max_inflight: u32,
     /// Request body size.
@@ -273,10 +343,19 @@ impl Report {
 
     /// A human-readable table of the report, ending with a newline.
     pub fn to_table(&self) -> String {
+        let model = match (self.load_model, self.rate) {
+            (LoadModel::Open, Some(rate)) => format!(
+                "open loop at {rate} req/s for baseline_http/accept/end_to_end \
+                 (latency from intended send time), closed loop with concurrency {} \
+                 for baseline_js_publish",
+                self.concurrency
+            ),
+            _ => format!("closed loop, concurrency {}", self.concurrency),
+        };
         let mut out = format!(
-            "load-tests bench: {} calls per phase, concurrency {}, worker max-inflight {}, \
+            "load-tests bench: {} calls per phase, {model}, worker max-inflight {}, \
              body {} B, {} CPUs, all on 127.0.0.1\n\n",
-            self.calls, self.concurrency, self.max_inflight, self.body_bytes, self.cpus
+            self.calls, self.max_inflight, self.body_bytes, self.cpus
         );
         out.push_str(&format!(
             "{:<21} {:>8} {:>7} {:>9} {:>11} {:>9} {:>9} {:>9} {:>9}\n",
@@ -370,6 +449,8 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
     Ok(Report {
         calls: to_u64(opts.calls),
         concurrency: to_u64(opts.concurrency),
+        load_model: opts.load_model(),
+        rate: opts.rate,
         max_inflight: opts.max_inflight,
         body_bytes: to_u64(opts.body_bytes),
         cpus: std::thread::available_parallelism().map_or(0, |n| to_u64(n.get())),
@@ -406,7 +487,7 @@ async fn measure_baseline_http(
 
     let url = format!("http://{addr}/");
     let (client, body) = (client.clone(), body.clone());
-    let result = closed_loop(opts.calls, opts.concurrency, move |_| {
+    let result = drive(opts, move |_| {
         let request = client
             .post(url.as_str())
             .body(body.clone())
@@ -483,7 +564,7 @@ async fn measure_async_path(
     let url = format!("{}/async-function/{FUNCTION}", system.gateway_url);
     let callback_url = system.receiver.url();
     let (client, payload) = (client.clone(), body.clone());
-    let submitted = closed_loop(opts.calls, opts.concurrency, move |_| {
+    let submitted = drive(opts, move |_| {
         let request = client
             .post(url.as_str())
             .header("x-callback-url", callback_url.as_str())
@@ -555,7 +636,7 @@ async fn measure_async_path(
         duplicates: to_u64(firsts.values().filter(|(_, _, n)| *n > 1).count()),
         bad_results: to_u64(firsts.values().filter(|(_, good, _)| !good).count()),
         seconds,
-        rate_per_sec: rate(completed, seconds),
+        rate_per_sec: rate_of(completed, seconds),
         latency_us: percentiles(&latencies)?,
     };
     Ok((submitted.phase, end_to_end))
@@ -782,14 +863,81 @@ where
     }
 }
 
-/// What a closed loop measured.
+/// What a closed or open loop measured.
 #[derive(Debug)]
 struct LoopResult {
     phase: Phase,
-    /// When the first request started.
+    /// When the first request started (was due, in an open loop).
     started: Instant,
-    /// Call ids returned by successful operations, with their start times.
+    /// Call ids returned by successful operations, with their start times
+    /// (intended send times, in an open loop).
     call_ids: Vec<(String, Instant)>,
+}
+
+/// Runs `op` `opts.calls` times in the load model of `opts`.
+async fn drive<F, Fut>(opts: &BenchOptions, op: F) -> Result<LoopResult, BenchError>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Option<String>, String>> + Send + 'static,
+{
+    match opts.rate {
+        Some(rate) => open_loop_phase(opts.calls, rate, op).await,
+        None => closed_loop(opts.calls, opts.concurrency, op).await,
+    }
+}
+
+/// Runs `op(i)` for `i` in `0..calls` on an [`open_loop()`] schedule of
+/// `rate` per second; latencies run from the intended send times.
+async fn open_loop_phase<F, Fut>(calls: usize, rate: f64, op: F) -> Result<LoopResult, BenchError>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Option<String>, String>> + Send + 'static,
+{
+    let called = tokio::time::Instant::now();
+    let timed = open_loop(calls, rate, OPEN_LOOP_MAX_IN_FLIGHT, op)
+        .await
+        .map_err(|e| BenchError::setup("open-loop request task", e))?;
+    let started = timed.first().map_or(called, |t| t.intended);
+    let finished = timed.iter().map(Timed::completed).max().unwrap_or(started);
+    let mut total = TaskTally {
+        latencies: Vec::with_capacity(timed.len()),
+        ..TaskTally::default()
+    };
+    for Timed {
+        intended,
+        latency,
+        output,
+        ..
+    } in timed
+    {
+        match output {
+            Ok(call_id) => {
+                total.ok += 1;
+                total.latencies.push(micros(latency));
+                if let Some(call_id) = call_id {
+                    total.call_ids.push((call_id, intended.into_std()));
+                }
+            }
+            Err(err) => {
+                total.failed += 1;
+                total.first_error.get_or_insert(err);
+            }
+        }
+    }
+    let seconds = finished.saturating_duration_since(started).as_secs_f64();
+    Ok(LoopResult {
+        phase: Phase {
+            sent: total.ok + total.failed,
+            ok: total.ok,
+            failed: total.failed,
+            first_error: total.first_error,
+            seconds,
+            rate_per_sec: rate_of(total.ok, seconds),
+            latency_us: percentiles(&total.latencies)?,
+        },
+        started: started.into_std(),
+        call_ids: total.call_ids,
+    })
 }
 
 /// What one client task of a closed loop gathered.
@@ -868,7 +1016,7 @@ where
             failed: total.failed,
             first_error: total.first_error,
             seconds,
-            rate_per_sec: rate(total.ok, seconds),
+            rate_per_sec: rate_of(total.ok, seconds),
             latency_us: percentiles(&total.latencies)?,
         },
         started,
@@ -912,7 +1060,7 @@ fn micros(duration: Duration) -> u64 {
     clippy::cast_precision_loss,
     reason = "counts far below 2^52 in practice"
 )]
-fn rate(count: u64, seconds: f64) -> f64 {
+fn rate_of(count: u64, seconds: f64) -> f64 {
     if seconds > 0.0 {
         count as f64 / seconds
     } else {
@@ -946,6 +1094,18 @@ mod tests {
             },
             BenchOptions {
                 time_limit: Duration::ZERO,
+                ..BenchOptions::default()
+            },
+            BenchOptions {
+                rate: Some(0.0),
+                ..BenchOptions::default()
+            },
+            BenchOptions {
+                rate: Some(f64::NAN),
+                ..BenchOptions::default()
+            },
+            BenchOptions {
+                rate: Some(MAX_RATE * 2.0),
                 ..BenchOptions::default()
             },
         ] {

@@ -12,6 +12,8 @@
 //!   an HTTP server that records the callbacks it receives and can be stopped
 //!   and started again on the same port.
 //! - [`HarnessError`]: the error type of everything above.
+//! - [`open_loop`](mod@open_loop): [`open_loop()`], an open-loop load generator
+//!   measuring every latency from the request's intended send time.
 //! - [`bench`]: the benchmark behind `load-tests bench`, built from the
 //!   components above plus the gateway and the worker running in-process.
 
@@ -20,9 +22,11 @@ use std::time::Duration;
 
 pub mod bench;
 pub mod nats_server;
+pub mod open_loop;
 pub mod stub;
 
 pub use nats_server::{NatsServer, nats_server_binary};
+pub use open_loop::{Timed, open_loop};
 pub use stub::{CallbackReceiver, RecordedCallback, RecordedRequest, StubBehavior, StubFunction};
 
 /// Errors raised while setting up or driving the test components.

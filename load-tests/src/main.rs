@@ -70,10 +70,16 @@ struct BenchArgs {
     #[arg(long, default_value_t = bench::DEFAULT_CALLS,
           value_parser = RangedU64ValueParser::<usize>::new().range(1..=bench::MAX_CALLS as u64))]
     calls: usize,
-    /// Concurrent client tasks (closed loop).
+    /// Concurrent client tasks of the closed loops (every phase without
+    /// --rate, baseline_js_publish with it).
     #[arg(long, default_value_t = bench::DEFAULT_CONCURRENCY,
           value_parser = RangedU64ValueParser::<usize>::new().range(1..=bench::MAX_CONCURRENCY as u64))]
     concurrency: usize,
+    /// Open loop: send baseline_http and accept requests on a fixed schedule
+    /// of this many per second, measuring latency from each request's
+    /// intended send time. Without it, every phase is a closed loop.
+    #[arg(long, value_parser = parse_rate)]
+    rate: Option<f64>,
     /// The worker's --max-inflight.
     #[arg(long, default_value_t = bench::DEFAULT_MAX_INFLIGHT,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
@@ -197,6 +203,7 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let opts = BenchOptions {
         calls: args.calls,
         concurrency: args.concurrency,
+        rate: args.rate,
         max_inflight: args.max_inflight,
         body_bytes: args.body_bytes,
         time_limit: args.time_limit,
@@ -219,4 +226,20 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         report.accept.failed, report.end_to_end.lost, report.end_to_end.bad_results
     );
     Ok(ExitCode::FAILURE)
+}
+
+/// A `--rate`: a positive, finite number of requests per second up to
+/// [`bench::MAX_RATE`].
+fn parse_rate(value: &str) -> Result<f64, String> {
+    let rate: f64 = value
+        .parse()
+        .map_err(|e| format!("not a number of requests per second: {e}"))?;
+    if rate.is_finite() && rate > 0.0 && rate <= bench::MAX_RATE {
+        Ok(rate)
+    } else {
+        Err(format!(
+            "must be above 0 and at most {}, not {rate}",
+            bench::MAX_RATE
+        ))
+    }
 }

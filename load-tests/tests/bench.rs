@@ -62,10 +62,80 @@ async fn small_bench_completes_every_call() {
 
     // The JSON form carries the same figures.
     let json: serde_json::Value = serde_json::to_value(&report).unwrap();
+    assert_eq!(json["load_model"], "closed");
+    assert!(json["rate"].is_null());
     assert_eq!(json["end_to_end"]["completed"], 200);
     assert_eq!(json["accept"]["ok"], 200);
     assert!(json["ratios"]["accept_vs_baseline_http"].as_f64().unwrap() > 0.0);
     assert!(table.contains("end_to_end"), "{table}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_open_loop_bench_completes_every_call() {
+    let opts = BenchOptions {
+        calls: 200,
+        rate: Some(200.0),
+        concurrency: 8,
+        max_inflight: 32,
+        time_limit: Duration::from_secs(120),
+        callback_timeout: Duration::from_secs(30),
+        ..BenchOptions::default()
+    };
+    let report = bench::run(&opts).await.expect("bench run");
+    let table = report.to_table();
+
+    assert_eq!(report.load_model, bench::LoadModel::Open, "{table}");
+    assert!(table.contains("open loop at 200 req/s"), "{table}");
+    for (name, phase) in [
+        ("baseline_http", &report.baseline_http),
+        ("baseline_js_publish", &report.baseline_js_publish),
+        ("accept", &report.accept),
+    ] {
+        assert_eq!(phase.sent, 200, "{name}\n{table}");
+        assert_eq!(phase.ok, 200, "{name}: {:?}\n{table}", phase.first_error);
+        assert!(phase.latency_us.p50 > 0, "{name}\n{table}");
+    }
+    // 200 requests at 200/s take about a second to send.
+    for (name, phase) in [
+        ("baseline_http", &report.baseline_http),
+        ("accept", &report.accept),
+    ] {
+        assert!(phase.seconds >= 0.99, "{name}\n{table}");
+        assert!(phase.rate_per_sec <= 205.0, "{name}\n{table}");
+    }
+    let e2e = &report.end_to_end;
+    assert_eq!(e2e.lost, 0, "{table}");
+    assert_eq!(e2e.completed, 200, "{table}");
+    assert_eq!(e2e.duplicates, 0, "{table}");
+    assert_eq!(e2e.bad_results, 0, "{table}");
+    assert!(report.is_clean(), "{table}");
+
+    let json: serde_json::Value = serde_json::to_value(&report).unwrap();
+    assert_eq!(json["load_model"], "open");
+    assert_eq!(json["rate"], 200.0);
+    assert_eq!(json["end_to_end"]["lost"], 0);
+}
+
+#[tokio::test]
+async fn closed_loop_is_the_default_and_reported_as_such() {
+    let opts = BenchOptions::default();
+    assert_eq!(opts.load_model(), bench::LoadModel::Closed);
+    assert_eq!(
+        serde_json::to_value(bench::LoadModel::Closed).unwrap(),
+        "closed"
+    );
+}
+
+#[tokio::test]
+async fn an_open_loop_longer_than_the_time_limit_is_refused() {
+    let opts = BenchOptions {
+        calls: 1000,
+        rate: Some(10.0),
+        time_limit: Duration::from_secs(60),
+        ..BenchOptions::default()
+    };
+    let err = bench::run(&opts).await.unwrap_err();
+    assert!(err.to_string().contains("time-limit"), "{err}");
 }
 
 #[tokio::test]
