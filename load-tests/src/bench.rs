@@ -925,19 +925,7 @@ where
         }
     }
     let seconds = finished.saturating_duration_since(started).as_secs_f64();
-    Ok(LoopResult {
-        phase: Phase {
-            sent: total.ok + total.failed,
-            ok: total.ok,
-            failed: total.failed,
-            first_error: total.first_error,
-            seconds,
-            rate_per_sec: rate_of(total.ok, seconds),
-            latency_us: percentiles(&total.latencies)?,
-        },
-        started: started.into_std(),
-        call_ids: total.call_ids,
-    })
+    total.into_result(started.into_std(), seconds)
 }
 
 /// What one client task of a closed loop gathered.
@@ -948,6 +936,25 @@ struct TaskTally {
     first_error: Option<String>,
     latencies: Vec<u64>,
     call_ids: Vec<(String, Instant)>,
+}
+
+impl TaskTally {
+    /// The phase's figures, `seconds` after `started`.
+    fn into_result(self, started: Instant, seconds: f64) -> Result<LoopResult, BenchError> {
+        Ok(LoopResult {
+            phase: Phase {
+                sent: self.ok + self.failed,
+                ok: self.ok,
+                failed: self.failed,
+                first_error: self.first_error,
+                seconds,
+                rate_per_sec: rate_of(self.ok, seconds),
+                latency_us: percentiles(&self.latencies)?,
+            },
+            started,
+            call_ids: self.call_ids,
+        })
+    }
 }
 
 /// Runs `op(i)` for `i` in `0..calls` on `concurrency` tasks, each starting
@@ -1009,19 +1016,7 @@ where
         total.call_ids.extend(tally.call_ids);
     }
     let seconds = started.elapsed().as_secs_f64();
-    Ok(LoopResult {
-        phase: Phase {
-            sent: total.ok + total.failed,
-            ok: total.ok,
-            failed: total.failed,
-            first_error: total.first_error,
-            seconds,
-            rate_per_sec: rate_of(total.ok, seconds),
-            latency_us: percentiles(&total.latencies)?,
-        },
-        started,
-        call_ids: total.call_ids,
-    })
+    total.into_result(started, seconds)
 }
 
 fn expect_status(response: &reqwest::Response, expected: StatusCode) -> Result<(), String> {
