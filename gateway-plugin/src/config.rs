@@ -36,6 +36,17 @@ pub struct GatewayConfig {
     pub shutdown_grace: Duration,
 }
 
+impl GatewayConfig {
+    /// The HTTP front's settings.
+    pub fn http_settings(&self) -> crate::HttpSettings {
+        crate::HttpSettings {
+            max_body_bytes: self.max_body_bytes,
+            retry_after: self.retry_after,
+            shutdown_grace: self.shutdown_grace,
+        }
+    }
+}
+
 /// Flags derived from OpenFaaS's gateway variables (`faas_nats_address`, `faas_nats_port`),
 /// used when `NATS_URL` is not set; they go before the real command line, which wins.
 pub fn openfaas_compat_args(lookup: impl Fn(&str) -> Option<String>) -> Vec<OsString> {

@@ -1,10 +1,10 @@
 //! `gateway-plugin`: the OpenFaaS-compatible `/async-function/` endpoint. It validates a call,
-//! publishes it to JetStream in the envelope `queue-worker` defines, and answers `202 Accepted`
-//! with `X-Call-Id` only after JetStream acknowledged the publish.
+//! publishes it to the queue (JetStream, or the embedded queue of the all-in-one server) in the envelope `queue-worker` defines, and answers `202 Accepted`
+//! with `X-Call-Id` only after the queue stored the call durably.
 //!
 //! # Layout
 //! - [`routes`]: the router (the one place every route is declared) and the enqueue handler.
-//! - [`link`]: the JetStream connection, stream upkeep and the body limit from `max_payload`.
+//! - [`link`]: the body limit derived from the queue's message limit.
 //! - [`error`]: JSON error answers.
 //! - [`config`]: settings (flags and environment variables; OpenFaaS's NATS variables).
 
@@ -15,43 +15,73 @@ pub mod routes;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 pub use config::GatewayConfig;
+use queue_worker::backend::CallQueue;
+use queue_worker::backend::jetstream::{JetStreamOptions, JetStreamQueue};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// Errors that stop the gateway.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
-    /// NATS could not be set up.
+    /// The queue could not be set up.
     #[error(transparent)]
-    Queue(#[from] queue_worker::queue::QueueError),
+    Queue(#[from] queue_worker::backend::BackendError),
     /// The HTTP server failed.
     #[error("HTTP server: {0}")]
     Serve(#[from] std::io::Error),
 }
 
-/// Serves on `listener` until `shutdown` completes, then lets requests in progress finish
-/// (up to the grace period) and flushes the NATS connection.
+/// How the HTTP front behaves, whatever the queue.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// Largest request body (lowered to what the queue allows).
+    pub max_body_bytes: Option<u64>,
+    /// `Retry-After` of 503 answers.
+    pub retry_after: Duration,
+    /// How long requests in progress may take to finish at shutdown.
+    pub shutdown_grace: Duration,
+}
+
+/// Serves on `listener` with JetStream as the queue until `shutdown` completes, then lets
+/// requests in progress finish (up to the grace period) and flushes the NATS connection.
 pub async fn run(
     config: GatewayConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
     let stop = CancellationToken::new();
-    let link = link::QueueLink::start(
-        config.nats.clone(),
-        config.stream.clone(),
-        config.max_body_bytes,
-        stop.clone(),
-    )
-    .await?;
+    let options = JetStreamOptions {
+        nats: config.nats.clone(),
+        manage_streams: Some(config.stream.clone()),
+        consumer: None,
+    };
+    let queue = JetStreamQueue::connect(options, "gateway-plugin", stop.clone()).await?;
+    tracing::info!(nats = %config.nats.nats_url, "queue: JetStream");
+    let result = serve(queue, config.http_settings(), listener, shutdown).await;
+    stop.cancel();
+    result
+}
+
+/// Serves on `listener`, storing calls in `queue`, until `shutdown` completes; then lets
+/// requests in progress finish (up to the grace period) and flushes the queue.
+pub async fn serve<Q: CallQueue>(
+    queue: Arc<Q>,
+    settings: HttpSettings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), GatewayError> {
     let state = Arc::new(routes::AppState {
-        link: link.clone(),
-        retry_after: config.retry_after,
+        queue: queue.clone(),
+        retry_after: settings.retry_after,
+        configured_max_body: settings.max_body_bytes,
+        warned_max_body: AtomicBool::new(false),
     });
     let app = routes::router(state);
-    tracing::info!(listen = %listener.local_addr()?, nats = %config.nats.nats_url, "gateway-plugin listening");
+    tracing::info!(listen = %listener.local_addr()?, "gateway-plugin listening");
 
     let drain_started = CancellationToken::new();
     let serve = {
@@ -64,7 +94,7 @@ pub async fn run(
     let serve = tokio::spawn(async move { serve.await });
     drain_started.cancelled().await;
     // Wait for the server to drain, but not forever.
-    let result = match tokio::time::timeout(config.shutdown_grace, serve).await {
+    let result = match tokio::time::timeout(settings.shutdown_grace, serve).await {
         Ok(Ok(r)) => r.map_err(GatewayError::from),
         Ok(Err(join)) => Err(GatewayError::Serve(std::io::Error::other(join))),
         Err(_) => {
@@ -72,8 +102,7 @@ pub async fn run(
             Ok(())
         }
     };
-    stop.cancel();
-    queue_worker::queue::flush_before_exit(link.client()).await;
+    queue.flush_before_exit().await;
     tracing::info!("gateway-plugin stopped");
     result
 }

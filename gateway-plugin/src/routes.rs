@@ -2,10 +2,12 @@
 //! authorization will be added as a layer.
 //!
 //! - `POST|PUT|PATCH|DELETE|GET /async-function/{name}[.{namespace}][/{path...}][?query]`
-//!   → `202 Accepted` once JetStream stored the call.
-//! - `GET /healthz` (process up), `GET /readyz` (NATS connected and the stream present).
+//!   → `202 Accepted` once the queue stored the call.
+//! - `GET /healthz` (process up), `GET /readyz` (the queue can take calls: with JetStream, NATS
+//!   connected and the stream present).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -14,44 +16,70 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, get, on};
+use queue_worker::backend::{CallQueue, PublishError};
 use queue_worker::invoke::is_hop_by_hop;
 use queue_worker::message::{
     BodyLocation, CallMeta, QueuedCall, parse_callback_url, parse_function, valid_call_id,
     validate_path,
 };
-use queue_worker::queue::PublishError;
 use serde_json::json;
 
 use crate::error::ApiError;
-use crate::link::QueueLink;
+use crate::link::body_limit_for;
 
 /// State shared by the handlers.
 #[derive(Debug)]
-pub struct AppState {
-    /// The JetStream link.
-    pub link: Arc<QueueLink>,
+pub struct AppState<Q> {
+    /// Where calls are stored.
+    pub queue: Arc<Q>,
     /// `Retry-After` for 503 answers.
     pub retry_after: Duration,
+    /// `--max-body-bytes`, if set.
+    pub configured_max_body: Option<u64>,
+    /// The configured limit was found above the queue's and lowered (warned once).
+    pub warned_max_body: AtomicBool,
+}
+
+impl<Q: CallQueue> AppState<Q> {
+    /// Largest body accepted now: the configured limit, lowered to what the queue's message
+    /// limit leaves room for.
+    pub fn max_body(&self) -> u64 {
+        let allowed = body_limit_for(self.queue.max_message_bytes() as u64);
+        match self.configured_max_body {
+            Some(configured) if configured > allowed => {
+                if !self.warned_max_body.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        configured,
+                        allowed,
+                        "--max-body-bytes exceeds what the queue's message limit allows; using the lower limit"
+                    );
+                }
+                allowed
+            }
+            Some(configured) => configured,
+            None => allowed,
+        }
+    }
 }
 
 const ASYNC_PREFIX: &str = "/async-function/";
 
 /// All routes.
-pub fn router(state: Arc<AppState>) -> Router {
+pub fn router<Q: CallQueue>(state: Arc<AppState<Q>>) -> Router {
     let methods = MethodFilter::POST
         .or(MethodFilter::PUT)
         .or(MethodFilter::PATCH)
         .or(MethodFilter::DELETE)
         .or(MethodFilter::GET);
-    let enqueue_route = || on(methods, enqueue).fallback(method_not_allowed);
+    let enqueue_route = || on(methods, enqueue::<Q>).fallback(method_not_allowed);
     Router::new()
         .route("/async-function/{name}", enqueue_route())
         .route("/async-function/{name}/", enqueue_route())
         .route("/async-function/{name}/{*path}", enqueue_route())
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+        .route("/readyz", get(readyz::<Q>))
         .fallback(not_found)
-        // The body limit is enforced by the handler against the live NATS limit.
+        // The body limit is enforced by the handler against the queue's live limit.
         .layer(DefaultBodyLimit::disable())
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(on_panic))
         .with_state(state)
@@ -93,8 +121,8 @@ async fn healthz() -> impl IntoResponse {
     axum::Json(json!({"status": "ok"}))
 }
 
-async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    match state.link.check_ready().await {
+async fn readyz<Q: CallQueue>(State(state): State<Arc<AppState<Q>>>) -> Response {
+    match state.queue.check_ready().await {
         Ok(()) => axum::Json(json!({"status": "ready"})).into_response(),
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -142,7 +170,10 @@ fn captured_headers(headers: &HeaderMap) -> Result<Vec<(String, String)>, ApiErr
     Ok(out)
 }
 
-async fn enqueue(State(state): State<Arc<AppState>>, request: Request) -> Response {
+async fn enqueue<Q: CallQueue>(
+    State(state): State<Arc<AppState<Q>>>,
+    request: Request,
+) -> Response {
     let received_at = queue_worker::unix_nanos_now();
     let (parts, body) = request.into_parts();
     let call_id = match parts.headers.get("x-call-id").and_then(|v| v.to_str().ok()) {
@@ -163,8 +194,8 @@ async fn enqueue(State(state): State<Arc<AppState>>, request: Request) -> Respon
     }
 }
 
-async fn accept(
-    state: &AppState,
+async fn accept<Q: CallQueue>(
+    state: &AppState<Q>,
     parts: axum::http::request::Parts,
     body: Body,
     call_id: &str,
@@ -184,7 +215,7 @@ async fn accept(
     };
     let headers = captured_headers(&parts.headers)?;
 
-    let limit = state.link.max_body();
+    let limit = state.max_body();
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -226,7 +257,7 @@ async fn accept(
         },
         body,
     };
-    let duplicate = state.link.publish(&call).await.map_err(|e| match e {
+    let published = state.queue.publish(&call).await.map_err(|e| match e {
         PublishError::TooLarge { max, .. } => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "request_too_large",
@@ -249,7 +280,7 @@ async fn accept(
         call_id,
         function = %call.meta.qualified_function(),
         method = %call.meta.method,
-        duplicate,
+        duplicate = published.duplicate,
         "call queued"
     );
     let mut response = StatusCode::ACCEPTED.into_response();

@@ -19,6 +19,7 @@
 //! - [`telemetry`]: tracing setup (text or JSON); bodies and secret headers are never logged.
 //! - [`signal`]: SIGTERM/SIGINT as a future, for graceful shutdown.
 
+pub mod backend;
 pub mod callback;
 pub mod config;
 pub mod dlq;
@@ -28,6 +29,7 @@ pub mod message;
 pub mod queue;
 pub mod retry;
 pub mod signal;
+pub mod sled_flush;
 pub mod state;
 pub mod telemetry;
 pub mod worker;

@@ -1,12 +1,11 @@
-//! JetStream plumbing shared by the gateway and the worker: connecting, the stream and consumer
-//! definitions, publishing a call (with `Nats-Msg-Id` dedup) and dead-lettering a message.
+//! JetStream plumbing under [`crate::backend::jetstream`]: connecting, the stream and consumer
+//! definitions, and publishing a call with `Nats-Msg-Id` dedup.
 
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
-use async_nats::{HeaderMap, HeaderValue};
-use bytes::Bytes;
 
+use crate::backend::{PublishError, call_subject};
 use crate::config::{NatsArgs, StreamArgs};
 use crate::message::QueuedCall;
 
@@ -42,28 +41,6 @@ pub enum QueueError {
         /// What went wrong.
         message: String,
     },
-}
-
-/// Why a publish did not store the call.
-#[derive(Debug, thiserror::Error)]
-pub enum PublishError {
-    /// Not connected to NATS right now.
-    #[error("not connected to NATS")]
-    Disconnected,
-    /// The envelope is larger than the server accepts.
-    #[error("message of {size} bytes exceeds the NATS max payload of {max} bytes")]
-    TooLarge {
-        /// Envelope size.
-        size: usize,
-        /// Server limit.
-        max: usize,
-    },
-    /// The stream refused it or did not answer: full, missing, timed out.
-    #[error("JetStream did not store the call: {0}")]
-    NotStored(String),
-    /// Could not encode the envelope.
-    #[error("cannot encode the call: {0}")]
-    Encode(#[from] serde_json::Error),
 }
 
 /// Connects with unlimited reconnects, including on the first connect, so a process started
@@ -109,13 +86,6 @@ pub fn jetstream(client: async_nats::Client, nats: &NatsArgs) -> jetstream::Cont
     jetstream::ContextBuilder::new()
         .timeout(nats.nats_request_timeout)
         .build(client)
-}
-
-/// The subject a call is published on: `<prefix>.<namespace or _>.<function>`. One token per
-/// namespace and function leaves room for per-function consumers (filter subjects).
-pub fn call_subject(prefix: &str, call: &QueuedCall) -> String {
-    let ns = call.meta.namespace.as_deref().unwrap_or("_");
-    format!("{prefix}.{ns}.{}", call.meta.function)
 }
 
 /// The queued-calls stream definition: work-queue retention (a message is gone once acked), file
@@ -249,126 +219,4 @@ pub async fn bind_consumer(
             name,
             message: e.to_string(),
         })
-}
-
-/// Why a message is being dead-lettered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeadLetterReason {
-    /// The payload is not a valid envelope.
-    Undecodable,
-    /// The function kept failing with retryable errors until no attempts were left.
-    RetriesExhausted,
-    /// The call was older than its maximum age before it could run.
-    Expired,
-    /// The function ran but its callback could not be delivered.
-    CallbackFailed,
-}
-
-impl DeadLetterReason {
-    /// Stable name used in headers and subjects.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Undecodable => "undecodable",
-            Self::RetriesExhausted => "retries_exhausted",
-            Self::Expired => "expired",
-            Self::CallbackFailed => "callback_failed",
-        }
-    }
-}
-
-/// Headers of a dead letter (its payload is the original message, untouched).
-pub mod dead_letter_headers {
-    /// Why (`undecodable`, `retries_exhausted`, `expired`, `callback_failed`).
-    pub const REASON: &str = "Dead-Letter-Reason";
-    /// Subject the call was queued on (replay publishes there again).
-    pub const SUBJECT: &str = "Dead-Letter-Subject";
-    /// Data-free explanation.
-    pub const DETAIL: &str = "Dead-Letter-Detail";
-    /// When it was dead-lettered, Unix nanoseconds.
-    pub const TIME: &str = "Dead-Letter-Time";
-    /// The function's last status, when there was an attempt.
-    pub const LAST_STATUS: &str = "Dead-Letter-Last-Status";
-    /// Function invocations made.
-    pub const ATTEMPTS: &str = "Dead-Letter-Attempts";
-    /// The call id, when the message could be decoded.
-    pub const CALL_ID: &str = "Dead-Letter-Call-Id";
-    /// When the gateway accepted the call, Unix nanoseconds.
-    pub const RECEIVED: &str = "Dead-Letter-Received-Time";
-}
-
-/// What is known about a message being dead-lettered.
-#[derive(Debug, Clone)]
-pub struct DeadLetter<'a> {
-    /// Why.
-    pub reason: DeadLetterReason,
-    /// Data-free explanation.
-    pub detail: &'a str,
-    /// Subject the message came from.
-    pub original_subject: &'a str,
-    /// Its stream sequence (makes the dead-letter publish idempotent).
-    pub stream_sequence: u64,
-    /// Call id, if decoded.
-    pub call_id: Option<&'a str>,
-    /// Accepted at, if decoded.
-    pub received_at_unix_nanos: Option<u64>,
-    /// The function's last status, if it ran.
-    pub last_status: Option<u16>,
-    /// Invocations made.
-    pub attempts: u32,
-}
-
-/// Copies a message, untouched, to the dead-letter stream with what is known in headers, and
-/// waits for the store acknowledgement. The caller acks the original only after this succeeds.
-/// Publishing the same message twice (a crash in between) is stored once.
-pub async fn dead_letter(
-    js: &jetstream::Context,
-    dead_letter_stream: &str,
-    payload: Bytes,
-    letter: &DeadLetter<'_>,
-) -> Result<(), PublishError> {
-    use dead_letter_headers as h;
-    let mut headers = HeaderMap::new();
-    headers.insert(h::REASON, letter.reason.as_str());
-    headers.insert(h::SUBJECT, letter.original_subject);
-    // Header values cannot hold newlines; the detail is an error message we produced.
-    let detail: String = letter
-        .detail
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(512)
-        .collect();
-    headers.insert(h::DETAIL, HeaderValue::from(detail.as_str()));
-    headers.insert(
-        h::TIME,
-        HeaderValue::from(crate::unix_nanos_now().to_string().as_str()),
-    );
-    headers.insert(
-        h::ATTEMPTS,
-        HeaderValue::from(letter.attempts.to_string().as_str()),
-    );
-    if let Some(status) = letter.last_status {
-        headers.insert(
-            h::LAST_STATUS,
-            HeaderValue::from(status.to_string().as_str()),
-        );
-    }
-    if let Some(id) = letter.call_id {
-        headers.insert(h::CALL_ID, id);
-    }
-    if let Some(at) = letter.received_at_unix_nanos {
-        headers.insert(h::RECEIVED, HeaderValue::from(at.to_string().as_str()));
-    }
-    headers.insert(
-        async_nats::header::NATS_MESSAGE_ID,
-        HeaderValue::from(
-            format!("{}-{}", letter.original_subject, letter.stream_sequence).as_str(),
-        ),
-    );
-    let subject = format!("{dead_letter_stream}.{}", letter.reason.as_str());
-    js.publish_with_headers(subject, headers, payload)
-        .await
-        .map_err(|e| PublishError::NotStored(e.to_string()))?
-        .await
-        .map_err(|e| PublishError::NotStored(e.to_string()))?;
-    Ok(())
 }

@@ -14,14 +14,13 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
 
 use crate::invoke::Outcome;
+use crate::sled_flush::GroupFlush;
 
 /// Errors from the state store. Any of them makes the worker hand the message back (nak).
 #[derive(Debug, thiserror::Error)]
@@ -110,66 +109,6 @@ fn expiry_key(expires_at_ms: u64, call_id: &str) -> Vec<u8> {
     let mut key = expires_at_ms.to_be_bytes().to_vec();
     key.extend_from_slice(call_id.as_bytes());
     key
-}
-
-/// Group commit: many calls completing together share one `fsync`. A writer takes a ticket;
-/// if no flush is running it becomes the leader and flushes (on the blocking pool) for every
-/// ticket taken so far; otherwise it waits for a flush that covers its ticket.
-/// (sled's own `flush_async` was seen to hang with many concurrent callers.)
-#[derive(Debug)]
-struct GroupFlush {
-    requested: AtomicU64,
-    running: AtomicBool,
-    flushed: watch::Sender<u64>,
-}
-
-impl GroupFlush {
-    fn new() -> Self {
-        Self {
-            requested: AtomicU64::new(0),
-            running: AtomicBool::new(false),
-            flushed: watch::channel(0).0,
-        }
-    }
-
-    async fn flush(&self, db: &sled::Db) -> Result<(), StateError> {
-        let ticket = self.requested.fetch_add(1, Ordering::AcqRel) + 1;
-        let mut rx = self.flushed.subscribe();
-        loop {
-            if *rx.borrow_and_update() >= ticket {
-                return Ok(());
-            }
-            if !self.running.swap(true, Ordering::AcqRel) {
-                let covered = self.requested.load(Ordering::Acquire);
-                let db = db.clone();
-                let result = tokio::task::spawn_blocking(move || db.flush()).await;
-                self.running.store(false, Ordering::Release);
-                match result {
-                    Ok(Ok(_)) => {
-                        self.flushed.send_modify(|f| *f = (*f).max(covered));
-                    }
-                    Ok(Err(e)) => {
-                        // Wake the waiters so one of them retries.
-                        self.flushed.send_modify(|_| {});
-                        return Err(e.into());
-                    }
-                    Err(join) => {
-                        self.flushed.send_modify(|_| {});
-                        return Err(StateError::Sled(sled::Error::Io(std::io::Error::other(
-                            join,
-                        ))));
-                    }
-                }
-                continue;
-            }
-            // Another task is flushing; its flush may not cover us, so look again afterwards.
-            if rx.changed().await.is_err() {
-                return Err(StateError::Sled(sled::Error::Io(std::io::Error::other(
-                    "flush channel closed",
-                ))));
-            }
-        }
-    }
 }
 
 /// The worker's sled-backed call store. One process per directory (sled locks it).
@@ -282,7 +221,7 @@ impl CallStore {
         self.calls.insert(call_id, encode(&meta, &outcome.body)?)?;
         self.expiry
             .insert(expiry_key(meta.expires_at_ms, call_id), &[])?;
-        self.flusher.flush(&self.db).await
+        self.flusher.flush(&self.db).await.map_err(StateError::from)
     }
 
     /// Marks the call as fully handled (the result body is dropped) and waits until that is on
@@ -295,7 +234,7 @@ impl CallStore {
         self.calls.insert(call_id, encode(&meta, &[])?)?;
         self.expiry
             .insert(expiry_key(meta.expires_at_ms, call_id), &[])?;
-        self.flusher.flush(&self.db).await
+        self.flusher.flush(&self.db).await.map_err(StateError::from)
     }
 
     /// Gives up this process's claim (the message is handed back to the queue), keeping the
@@ -358,7 +297,7 @@ impl CallStore {
 
     /// Flushes everything to disk (at shutdown).
     pub async fn flush(&self) -> Result<(), StateError> {
-        self.flusher.flush(&self.db).await
+        self.flusher.flush(&self.db).await.map_err(StateError::from)
     }
 }
 

@@ -1,6 +1,6 @@
 //! The pull loop and the life of one message.
 //!
-//! Pull loop: take a concurrency permit *before* pulling, then ask JetStream for at most as many
+//! Pull loop: take a concurrency permit *before* pulling, then ask the queue for at most as many
 //! messages as permits are held, so no message waits in a local buffer with its ack clock running.
 //!
 //! One message: decode (undecodable → dead letter) → consult the dedup state → invoke the
@@ -11,19 +11,19 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
 use futures::StreamExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::backend::jetstream::{ConsumerOptions, JetStreamOptions, JetStreamQueue};
+use crate::backend::{CallQueue, DeadLetter, DeadLetterReason, QueueDelivery};
 use crate::callback::{CallbackSender, Delivery};
 use crate::config::WorkerConfig;
 use crate::functions::FunctionSettings;
 use crate::invoke::{FunctionInvoker, Outcome, http_client};
 use crate::message::QueuedCall;
-use crate::queue::{self, DeadLetter, DeadLetterReason};
 use crate::retry::Decision;
 use crate::state::{Begin, CallStore, StateError};
 
@@ -50,9 +50,9 @@ pub enum WorkerError {
         #[source]
         source: StateError,
     },
-    /// NATS problem at start.
+    /// Queue problem at start.
     #[error(transparent)]
-    Queue(#[from] queue::QueueError),
+    Queue(#[from] crate::backend::BackendError),
     /// HTTP client could not be built.
     #[error("cannot build HTTP client: {0}")]
     Http(#[from] reqwest::Error),
@@ -60,9 +60,9 @@ pub enum WorkerError {
 
 /// Everything a message handler needs, shared by all handlers.
 #[derive(Debug)]
-struct Ctx {
+struct Ctx<Q> {
     config: WorkerConfig,
-    js: jetstream::Context,
+    queue: Arc<Q>,
     store: CallStore,
     invoker: FunctionInvoker,
     callbacks: CallbackSender,
@@ -72,10 +72,31 @@ struct Ctx {
     functions: FunctionSettings,
 }
 
-/// Runs a worker until `shutdown` completes, then drains: no new pulls, in-flight calls get
-/// `shutdown_grace` to finish, the rest are handed back to JetStream (nak).
+/// Runs a worker on JetStream until `shutdown` completes, then drains: no new pulls, in-flight
+/// calls get `shutdown_grace` to finish, the rest are handed back to the queue (nak).
 pub async fn run(
     config: WorkerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), WorkerError> {
+    config.validate().map_err(WorkerError::Config)?;
+    let options = JetStreamOptions {
+        nats: config.nats.clone(),
+        // The gateway creates the streams; the worker binds to them.
+        manage_streams: None,
+        consumer: Some(ConsumerOptions {
+            name: config.consumer.clone(),
+            ack_wait: config.ack_wait,
+            max_ack_pending: config.max_ack_pending,
+        }),
+    };
+    let queue = JetStreamQueue::connect(options, "queue-worker", CancellationToken::new()).await?;
+    run_on(config, queue, shutdown).await
+}
+
+/// Runs a worker on `queue` until `shutdown` completes, then drains as [`run`] does.
+pub async fn run_on<Q: CallQueue>(
+    config: WorkerConfig,
+    queue: Arc<Q>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WorkerError> {
     config.validate().map_err(WorkerError::Config)?;
@@ -95,15 +116,13 @@ pub async fn run(
                 source,
             })?
     };
-    let client = queue::connect(&config.nats, "queue-worker").await?;
-    let js = queue::jetstream(client.clone(), &config.nats);
     let http = http_client(concat!("queue-worker/", env!("CARGO_PKG_VERSION")))?;
 
     let stop_pulling = CancellationToken::new();
     let ctx = Arc::new(Ctx {
         invoker: FunctionInvoker::new(&config, http.clone()),
         callbacks: CallbackSender::new(&config, http),
-        js,
+        queue,
         store,
         hand_back: CancellationToken::new(),
         functions,
@@ -119,7 +138,6 @@ pub async fn run(
     let sweeper = tokio::spawn(sweep_expired(ctx.store.clone(), stop_pulling.clone()));
 
     tracing::info!(
-        stream = %ctx.config.nats.stream,
         consumer = %ctx.config.consumer,
         max_inflight = ctx.config.max_inflight,
         ack_wait = ?ctx.config.ack_wait,
@@ -148,7 +166,7 @@ pub async fn run(
         .await;
     }
     sweeper.abort();
-    queue::flush_before_exit(&client).await;
+    ctx.queue.flush_before_exit().await;
     if let Err(e) = ctx.store.flush().await {
         tracing::warn!(error = %e, "could not flush state at shutdown");
     }
@@ -157,33 +175,12 @@ pub async fn run(
 }
 
 /// Pulls until `stop` fires; returns the handlers still running.
-async fn pull_loop(ctx: &Arc<Ctx>, stop: &CancellationToken) -> JoinSet<()> {
+async fn pull_loop<Q: CallQueue>(ctx: &Arc<Ctx<Q>>, stop: &CancellationToken) -> JoinSet<()> {
     let permits = Arc::new(Semaphore::new(ctx.config.max_inflight as usize));
     let mut tasks = JoinSet::new();
-    let mut consumer: Option<PullConsumer> = None;
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
     while !stop.is_cancelled() {
         while tasks.try_join_next().is_some() {}
-        let Some(bound) = consumer.as_ref() else {
-            let config = queue::consumer_config(
-                &ctx.config.consumer,
-                &ctx.config.nats.subject_prefix,
-                ctx.config.ack_wait,
-                ctx.config.max_ack_pending,
-            );
-            match queue::bind_consumer(&ctx.js, &ctx.config.nats.stream, config).await {
-                Ok(c) => {
-                    tracing::info!(consumer = %ctx.config.consumer, "bound to consumer");
-                    consumer = Some(c);
-                    backoff.reset();
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff.peek(), "cannot bind consumer (is the stream created?)");
-                    backoff.wait(stop).await;
-                }
-            }
-            continue;
-        };
         let first = tokio::select! {
             p = permits.clone().acquire_owned() => match p {
                 Ok(p) => p,
@@ -198,17 +195,12 @@ async fn pull_loop(ctx: &Arc<Ctx>, stop: &CancellationToken) -> JoinSet<()> {
                 Err(_) => break,
             }
         }
-        let batch = bound
-            .batch()
-            .max_messages(held.len())
-            .expires(ctx.config.pull_expires)
-            .messages();
+        let batch = ctx.queue.pull(held.len(), ctx.config.pull_expires);
         let mut batch = tokio::select! {
             b = batch => match b {
                 Ok(b) => b,
                 Err(e) => {
-                    tracing::warn!(error = %e, "pull request failed");
-                    consumer = None;
+                    tracing::warn!(error = %e, retry_in = ?backoff.peek(), "pull request failed (is the stream created?)");
                     backoff.wait(stop).await;
                     continue;
                 }
@@ -225,15 +217,14 @@ async fn pull_loop(ctx: &Arc<Ctx>, stop: &CancellationToken) -> JoinSet<()> {
                 Some(Ok(msg)) => {
                     backoff.reset();
                     let Some(permit) = held.pop() else {
-                        // The server sent more than asked; hand it straight back.
-                        let _ = msg.ack_with(AckKind::Nak(None)).await;
+                        // The queue sent more than asked; hand it straight back.
+                        nak(&msg, None).await;
                         continue;
                     };
                     tasks.spawn(handle(ctx.clone(), msg, permit));
                 }
                 Some(Err(e)) => {
-                    tracing::warn!(error = %e, "pull failed; re-binding the consumer");
-                    consumer = None;
+                    tracing::warn!(error = %e, "pull failed");
                     backoff.wait(stop).await;
                     break;
                 }
@@ -248,12 +239,12 @@ async fn pull_loop(ctx: &Arc<Ctx>, stop: &CancellationToken) -> JoinSet<()> {
 struct Heartbeat(tokio::task::JoinHandle<()>);
 
 impl Heartbeat {
-    fn start(msg: &jetstream::Message, every: Duration) -> Self {
+    fn start<D: QueueDelivery>(msg: &D, every: Duration) -> Self {
         let msg = msg.clone();
         Self(tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
-                if let Err(e) = msg.ack_with(AckKind::Progress).await {
+                if let Err(e) = msg.in_progress().await {
                     tracing::warn!(error = %e, "in-progress ack failed");
                 }
             }
@@ -267,8 +258,8 @@ impl Drop for Heartbeat {
     }
 }
 
-async fn handle(ctx: Arc<Ctx>, msg: jetstream::Message, permit: OwnedSemaphorePermit) {
-    let call = match QueuedCall::decode(&msg.payload) {
+async fn handle<Q: CallQueue>(ctx: Arc<Ctx<Q>>, msg: Q::Delivery, permit: OwnedSemaphorePermit) {
+    let call = match QueuedCall::decode(msg.payload()) {
         Ok(call) => call,
         Err(e) => {
             drop(permit);
@@ -277,22 +268,21 @@ async fn handle(ctx: Arc<Ctx>, msg: jetstream::Message, permit: OwnedSemaphorePe
             return dead_letter_and_ack(&ctx, &msg, &letter).await;
         }
     };
-    let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
+    let attempt = msg.attempt();
     let span = tracing::info_span!(
         "call",
         call_id = %call.meta.call_id,
         function = %call.meta.qualified_function(),
-        delivered,
+        delivered = attempt,
     );
-    let attempt = u32::try_from(delivered.max(1)).unwrap_or(u32::MAX);
     handle_call(ctx, msg, call, attempt, permit)
         .instrument(span)
         .await;
 }
 
 /// The dead-letter record for this message.
-fn letter_for<'a>(
-    msg: &'a jetstream::Message,
+fn letter_for<'a, D: QueueDelivery>(
+    msg: &'a D,
     reason: DeadLetterReason,
     detail: &'a str,
     call: Option<&'a QueuedCall>,
@@ -302,8 +292,8 @@ fn letter_for<'a>(
     DeadLetter {
         reason,
         detail,
-        original_subject: msg.subject.as_str(),
-        stream_sequence: msg.info().map(|i| i.stream_sequence).unwrap_or(0),
+        original_subject: msg.subject(),
+        stream_sequence: msg.sequence(),
         call_id: call.map(|c| c.meta.call_id.as_str()),
         received_at_unix_nanos: call.map(|c| c.meta.received_at_unix_nanos),
         last_status,
@@ -316,11 +306,11 @@ fn is_expired(call: &QueuedCall, max_age: Duration) -> bool {
     Duration::from_nanos(age_nanos) > max_age
 }
 
-/// `attempt` is JetStream's delivery count: it also counts deliveries lost to a crashed worker,
+/// `attempt` is the queue's delivery count: it also counts deliveries lost to a crashed worker,
 /// so a call that kills workers is bounded by the same maximum.
-async fn handle_call(
-    ctx: Arc<Ctx>,
-    msg: jetstream::Message,
+async fn handle_call<Q: CallQueue>(
+    ctx: Arc<Ctx<Q>>,
+    msg: Q::Delivery,
     call: QueuedCall,
     attempt: u32,
     permit: OwnedSemaphorePermit,
@@ -451,9 +441,9 @@ fn no_response(status: u16, error: &str) -> Outcome {
     }
 }
 
-async fn deliver_and_ack(
-    ctx: &Ctx,
-    msg: &jetstream::Message,
+async fn deliver_and_ack<Q: CallQueue>(
+    ctx: &Ctx<Q>,
+    msg: &Q::Delivery,
     call: &QueuedCall,
     outcome: &Outcome,
     attempts: u32,
@@ -510,9 +500,9 @@ async fn deliver_and_ack(
 
 /// The call failed for good: dead-letter it (keeping the request), send the final callback
 /// (marked with `X-Dead-Letter-Reason`), forget it so a replay runs it again, then ack.
-async fn give_up(
-    ctx: &Ctx,
-    msg: &jetstream::Message,
+async fn give_up<Q: CallQueue>(
+    ctx: &Ctx<Q>,
+    msg: &Q::Delivery,
     call: &QueuedCall,
     reason: DeadLetterReason,
     outcome: Outcome,
@@ -539,14 +529,7 @@ async fn give_up(
         last_status,
         "dead-lettering the call"
     );
-    if let Err(e) = queue::dead_letter(
-        &ctx.js,
-        &ctx.config.nats.dead_letter_stream,
-        msg.payload.clone(),
-        &letter,
-    )
-    .await
-    {
+    if let Err(e) = ctx.queue.dead_letter(msg.payload().clone(), &letter).await {
         tracing::error!(error = %e, "dead-letter publish failed; retrying later");
         if let Err(e) = ctx.store.release(&call.meta.call_id) {
             tracing::warn!(error = %e, "could not release the claim");
@@ -586,22 +569,19 @@ async fn give_up(
     ack(msg).await;
 }
 
-async fn dead_letter_and_ack(ctx: &Ctx, msg: &jetstream::Message, letter: &DeadLetter<'_>) {
+async fn dead_letter_and_ack<Q: CallQueue>(
+    ctx: &Ctx<Q>,
+    msg: &Q::Delivery,
+    letter: &DeadLetter<'_>,
+) {
     tracing::error!(
         stream_sequence = letter.stream_sequence,
-        subject = %msg.subject,
+        subject = %msg.subject(),
         reason = letter.reason.as_str(),
         detail = letter.detail,
         "dead-lettering the message"
     );
-    match queue::dead_letter(
-        &ctx.js,
-        &ctx.config.nats.dead_letter_stream,
-        msg.payload.clone(),
-        letter,
-    )
-    .await
-    {
+    match ctx.queue.dead_letter(msg.payload().clone(), letter).await {
         Ok(()) => ack(msg).await,
         Err(e) => {
             tracing::error!(error = %e, "dead-letter publish failed; retrying later");
@@ -610,15 +590,15 @@ async fn dead_letter_and_ack(ctx: &Ctx, msg: &jetstream::Message, letter: &DeadL
     }
 }
 
-async fn ack(msg: &jetstream::Message) {
+async fn ack<D: QueueDelivery>(msg: &D) {
     if let Err(e) = msg.ack().await {
         // The call is done and recorded: a redelivery will be acked without invoking.
         tracing::warn!(error = %e, "ack failed");
     }
 }
 
-async fn nak(msg: &jetstream::Message, delay: Option<Duration>) {
-    if let Err(e) = msg.ack_with(AckKind::Nak(delay)).await {
+async fn nak<D: QueueDelivery>(msg: &D, delay: Option<Duration>) {
+    if let Err(e) = msg.nak(delay).await {
         tracing::warn!(error = %e, "nak failed; the message will be redelivered after ack_wait");
     }
 }

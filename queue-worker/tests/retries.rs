@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use common::{DEADLINE, Fixture, InProcessWorker, wait_until};
 use load_tests::stub::StubBehavior;
-use queue_worker::dlq;
 
 fn failing(first: u32, status: u16, headers: &[(&str, &str)]) -> StubBehavior {
     StubBehavior {
@@ -143,7 +142,7 @@ async fn permanent_failure_is_dead_lettered_with_a_final_callback_and_replayed_f
     let cb = &f.receiver.callbacks()[0];
     assert_eq!(cb.header("x-function-status"), Some("500"));
     assert_eq!(cb.header("x-dead-letter-reason"), Some("retries_exhausted"));
-    let letters = dlq::list(&f.queue.js, "faas-async-dead").await.unwrap();
+    let letters = f.queue.dead_letters().await;
     assert_eq!(letters.len(), 1, "{letters:?}");
     let letter = &letters[0];
     assert_eq!(letter.reason, "retries_exhausted");
@@ -174,12 +173,7 @@ async fn permanent_failure_is_dead_lettered_with_a_final_callback_and_replayed_f
     assert_eq!(cb.header("x-function-status"), Some("200"));
     assert_eq!(cb.header("x-dead-letter-reason"), None);
     assert_eq!(cb.body.as_ref(), b"keep me");
-    assert!(
-        dlq::list(&f.queue.js, "faas-async-dead")
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(f.queue.dead_letters().await.is_empty());
     worker.shutdown().await;
     assert_eq!(f.receiver.count(), 2);
 }
@@ -252,7 +246,7 @@ async fn a_call_older_than_its_max_age_is_dead_lettered_not_invoked() {
     let cb = &f.receiver.callbacks()[0];
     assert_eq!(cb.header("x-dead-letter-reason"), Some("expired"));
     assert_eq!(cb.header("x-function-status"), Some("504"));
-    let letters = dlq::list(&f.queue.js, "faas-async-dead").await.unwrap();
+    let letters = f.queue.dead_letters().await;
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].reason, "expired");
     assert_eq!(letters[0].attempts, 0);
@@ -404,7 +398,7 @@ async fn a_hanging_callback_endpoint_times_out_and_the_call_is_dead_lettered_onc
         2,
         "two callback attempts, each timed out"
     );
-    let letters = dlq::list(&f.queue.js, "faas-async-dead").await.unwrap();
+    let letters = f.queue.dead_letters().await;
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].reason, "callback_failed");
     assert_eq!(letters[0].last_status, Some(200));

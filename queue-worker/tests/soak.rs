@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use common::{Fixture, call, signal, spawn_worker_process};
 use load_tests::stub::StubBehavior;
-use queue_worker::dlq;
 
 const CALLS: usize = 5_000;
 const MAX_ATTEMPTS: u32 = 6;
@@ -127,9 +126,8 @@ async fn every_call_ends_once_through_kills_restarts_and_outages() {
 
     // Everything ends: a callback for each call, or a dead letter.
     let end = Instant::now() + SOAK_DEADLINE;
-    let js = async_nats::jetstream::new(async_nats::connect(f.queue.nats.url()).await.unwrap());
     let (letters, delivered) = loop {
-        let letters = dlq::list(&js, "faas-async-dead").await.unwrap();
+        let letters = f.queue.dead_letters().await;
         let delivered = f.receiver.count_by_call_id();
         let dead: HashSet<&str> = letters
             .iter()
@@ -152,24 +150,22 @@ async fn every_call_ends_once_through_kills_restarts_and_outages() {
     signal(&worker, "TERM");
     worker.wait().await.unwrap();
 
-    let final_callbacks: HashMap<&String, Vec<String>> = ids
-        .iter()
-        .map(|id| {
-            let statuses = f
-                .receiver
-                .callbacks()
-                .iter()
-                .filter(|c| c.call_id.as_deref() == Some(id.as_str()))
-                .map(|c| {
-                    c.header("x-dead-letter-reason").map_or_else(
-                        || c.header("x-function-status").unwrap_or("?").to_owned(),
-                        str::to_owned,
-                    )
-                })
-                .collect();
-            (id, statuses)
-        })
-        .collect();
+    // Final outcome of each callback, grouped by call id (one pass over the recording).
+    let mut final_callbacks: HashMap<String, Vec<String>> =
+        ids.iter().map(|id| (id.clone(), Vec::new())).collect();
+    for c in f.receiver.callbacks() {
+        let outcome = c.header("x-dead-letter-reason").map_or_else(
+            || c.header("x-function-status").unwrap_or("?").to_owned(),
+            str::to_owned,
+        );
+        if let Some(statuses) = c
+            .call_id
+            .as_ref()
+            .and_then(|id| final_callbacks.get_mut(id))
+        {
+            statuses.push(outcome);
+        }
+    }
     let dead_ids: HashSet<&str> = letters
         .iter()
         .filter_map(|l| l.call_id.as_deref())
@@ -186,7 +182,7 @@ async fn every_call_ends_once_through_kills_restarts_and_outages() {
         }
         assert!(n <= MAX_ATTEMPTS as usize, "call {id} invoked {n} times");
         // One kind of final outcome per call: success callbacks, or a dead letter.
-        let outcomes = &final_callbacks[id];
+        let outcomes = &final_callbacks[id.as_str()];
         if dead_ids.contains(id.as_str()) {
             assert!(
                 outcomes.iter().all(|o| !o.starts_with('2')),

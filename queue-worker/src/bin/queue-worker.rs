@@ -5,10 +5,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use queue_worker::backend::jetstream::{JetStreamOptions, JetStreamQueue};
 use queue_worker::config::{
     DlqAction, WorkerCommand, WorkerConfig, openfaas_compat_args, with_leading_args,
 };
-use queue_worker::dlq::{self, DeadLetterEntry};
+use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -24,9 +25,9 @@ async fn main() -> anyhow::Result<()> {
         .context("queue-worker failed")
 }
 
-#[allow(clippy::print_stdout, reason = "command-line output")]
 async fn dead_letters(config: &WorkerConfig, action: DlqAction) -> anyhow::Result<()> {
     let nats = &config.nats;
+    // A command fails fast when NATS is down, unlike the worker, which waits for it.
     let client = tokio::time::timeout(
         Duration::from_secs(10),
         async_nats::connect(nats.nats_url.as_str()),
@@ -34,60 +35,13 @@ async fn dead_letters(config: &WorkerConfig, action: DlqAction) -> anyhow::Resul
     .await
     .with_context(|| format!("timed out connecting to NATS at {}", nats.nats_url))?
     .with_context(|| format!("cannot connect to NATS at {}", nats.nats_url))?;
-    let js = queue_worker::queue::jetstream(client.clone(), nats);
-    let dlq_name = nats.dead_letter_stream.as_str();
-    match action {
-        DlqAction::List { json } => {
-            let entries = dlq::list(&js, dlq_name).await?;
-            if json {
-                for e in &entries {
-                    println!("{}", serde_json::to_string(e)?);
-                }
-            } else {
-                println!(
-                    "{:>6}  {:<36}  {:<24}  {:<18}  {:>6}  {:>8}",
-                    "SEQ", "CALL ID", "FUNCTION", "REASON", "STATUS", "ATTEMPTS"
-                );
-                for e in &entries {
-                    println!("{}", table_row(e));
-                }
-                println!("{} dead letter(s) in {dlq_name}", entries.len());
-            }
-        }
-        DlqAction::Show { ids } => {
-            for e in dlq::list(&js, dlq_name)
-                .await?
-                .iter()
-                .filter(|e| ids.iter().any(|id| e.matches(id)))
-            {
-                println!("{}", serde_json::to_string_pretty(e)?);
-            }
-        }
-        DlqAction::Replay { ids, all } => {
-            let replayed = dlq::replay(&js, dlq_name, &ids, all).await?;
-            for e in &replayed {
-                println!("replayed {}", table_row(e));
-            }
-            println!("{} call(s) put back on the queue", replayed.len());
-        }
-        DlqAction::Purge { ids, all } => {
-            let n = dlq::purge(&js, dlq_name, &ids, all).await?;
-            println!("{n} dead letter(s) deleted");
-        }
-    }
-    client.flush().await.context("flushing NATS")?;
-    Ok(())
-}
-
-fn table_row(e: &DeadLetterEntry) -> String {
-    format!(
-        "{:>6}  {:<36}  {:<24}  {:<18}  {:>6}  {:>8}",
-        e.sequence,
-        e.call_id.as_deref().unwrap_or("-"),
-        e.function.as_deref().unwrap_or("-"),
-        e.reason,
-        e.last_status
-            .map_or_else(|| "-".to_owned(), |s| s.to_string()),
-        e.attempts
-    )
+    let options = JetStreamOptions {
+        nats: nats.clone(),
+        manage_streams: None,
+        consumer: None,
+    };
+    let queue = JetStreamQueue::with_client(client, options, CancellationToken::new());
+    queue_worker::dlq::run_command(queue.as_ref(), action, &mut std::io::stdout().lock())
+        .await
+        .with_context(|| format!("dead letters in {}", nats.dead_letter_stream))
 }

@@ -75,6 +75,22 @@ impl Queue {
         call.meta.call_id.clone()
     }
 
+    /// The dead letters, as `queue-worker dlq list` shows them.
+    pub async fn dead_letters(&self) -> Vec<queue_worker::backend::DeadLetterEntry> {
+        use queue_worker::backend::CallQueue;
+        let options = queue_worker::backend::jetstream::JetStreamOptions {
+            nats: self.args.clone(),
+            manage_streams: None,
+            consumer: None,
+        };
+        let queue = queue_worker::backend::jetstream::JetStreamQueue::with_client(
+            self.client.clone(),
+            options,
+            tokio_util::sync::CancellationToken::new(),
+        );
+        queue.dead_letters().await.unwrap()
+    }
+
     /// Messages still in the work-queue stream (unacknowledged calls).
     pub async fn pending(&self) -> u64 {
         let mut stream = self.js.get_stream(&self.args.stream).await.unwrap();

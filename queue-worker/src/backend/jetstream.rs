@@ -1,0 +1,459 @@
+//! The JetStream backend: calls are messages on a work-queue stream, workers share one durable
+//! pull consumer, dead letters go to a second stream. The plumbing (stream and consumer
+//! definitions, publish with `Nats-Msg-Id`) is in [`crate::queue`].
+//!
+//! A queue that manages the streams (the gateway's) creates or updates them in a background
+//! task whenever they are not known to be in place: at start, after a publish failed, and after
+//! NATS comes back. Publishes never wait for it; until it succeeds they fail and `check_ready`
+//! says why.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_nats::connection::State;
+use async_nats::jetstream::{self, AckKind, consumer::PullConsumer, message::StreamMessage};
+use async_nats::{HeaderMap, HeaderValue};
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use tokio::sync::{Mutex, Notify};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    BackendError, CallQueue, DeadLetter, DeadLetterEntry, PublishError, Published, QueueDelivery,
+};
+use crate::config::{NatsArgs, StreamArgs};
+use crate::message::QueuedCall;
+use crate::queue;
+
+/// The durable consumer a worker pulls from.
+#[derive(Debug, Clone)]
+pub struct ConsumerOptions {
+    /// Durable name shared by all workers.
+    pub name: String,
+    /// Redelivery after this long without an ack or progress signal.
+    pub ack_wait: Duration,
+    /// Most unacknowledged messages across all workers.
+    pub max_ack_pending: i64,
+}
+
+/// How to use JetStream.
+#[derive(Debug, Clone)]
+pub struct JetStreamOptions {
+    /// Connection and names.
+    pub nats: NatsArgs,
+    /// With stream settings: create and update the streams, and check them before publishing
+    /// (the gateway does). Without: use the streams as found (workers, admin commands).
+    pub manage_streams: Option<StreamArgs>,
+    /// The consumer to pull from; `None` for a publish-only queue.
+    pub consumer: Option<ConsumerOptions>,
+}
+
+/// The JetStream backend. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct JetStreamQueue {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    options: JetStreamOptions,
+    streams_ready: AtomicBool,
+    recheck: Notify,
+    consumer: Mutex<Option<PullConsumer>>,
+}
+
+impl JetStreamQueue {
+    /// Connects (waiting for NATS if it is not up yet) and, when managing the streams, starts
+    /// keeping them in place until `stop` fires.
+    pub async fn connect(
+        options: JetStreamOptions,
+        client_name: &str,
+        stop: CancellationToken,
+    ) -> Result<Arc<Self>, BackendError> {
+        let client = queue::connect(&options.nats, client_name).await?;
+        Ok(Self::with_client(client, options, stop))
+    }
+
+    /// Uses an existing connection.
+    pub fn with_client(
+        client: async_nats::Client,
+        options: JetStreamOptions,
+        stop: CancellationToken,
+    ) -> Arc<Self> {
+        let js = queue::jetstream(client.clone(), &options.nats);
+        let manage = options.manage_streams.is_some();
+        let queue = Arc::new(Self {
+            client,
+            js,
+            options,
+            streams_ready: AtomicBool::new(false),
+            recheck: Notify::new(),
+            consumer: Mutex::new(None),
+        });
+        if manage {
+            tokio::spawn(queue.clone().keep_streams(stop));
+        }
+        queue
+    }
+
+    /// The NATS client.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// The JetStream context.
+    pub fn context(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    fn is_connected(&self) -> bool {
+        self.client.connection_state() == State::Connected
+    }
+
+    async fn keep_streams(self: Arc<Self>, stop: CancellationToken) {
+        let mut wait = Duration::from_millis(200);
+        loop {
+            if stop.is_cancelled() {
+                return;
+            }
+            let ok = if self.is_connected() {
+                let max_payload = self.client.server_info().max_payload;
+                let ensured = match &self.options.manage_streams {
+                    Some(settings) => {
+                        queue::ensure_streams(&self.js, &self.options.nats, settings, max_payload)
+                            .await
+                    }
+                    None => Ok(()),
+                };
+                match ensured {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in = ?wait, "cannot set up the streams");
+                        false
+                    }
+                }
+            } else {
+                false
+            };
+            let was_ready = self.streams_ready.swap(ok, Ordering::Relaxed);
+            if ok && !was_ready {
+                tracing::info!(stream = %self.options.nats.stream, "streams ready");
+            }
+            let sleep = if ok {
+                wait = Duration::from_millis(200);
+                // Re-check now and then, and whenever a publish failed.
+                Duration::from_secs(30)
+            } else {
+                let w = wait;
+                wait = (wait * 2).min(Duration::from_secs(5));
+                w
+            };
+            tokio::select! {
+                () = tokio::time::sleep(sleep) => {}
+                () = self.recheck.notified() => {
+                    // Debounce a burst of failed publishes.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                () = stop.cancelled() => return,
+            }
+        }
+    }
+
+    async fn bound_consumer(&self) -> Result<PullConsumer, BackendError> {
+        let mut slot = self.consumer.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let Some(options) = self.options.consumer.as_ref() else {
+            return Err(BackendError::Request(
+                "this queue was opened without a consumer".into(),
+            ));
+        };
+        let config = queue::consumer_config(
+            &options.name,
+            &self.options.nats.subject_prefix,
+            options.ack_wait,
+            options.max_ack_pending,
+        );
+        let consumer = queue::bind_consumer(&self.js, &self.options.nats.stream, config).await?;
+        tracing::info!(consumer = %options.name, "bound to consumer");
+        *slot = Some(consumer.clone());
+        Ok(consumer)
+    }
+
+    /// Forget the consumer so the next pull binds again (after a failed pull).
+    async fn unbind(&self) {
+        *self.consumer.lock().await = None;
+    }
+
+    async fn dead_letter_stream(&self) -> Result<jetstream::stream::Stream, BackendError> {
+        self.js
+            .get_stream(&self.options.nats.dead_letter_stream)
+            .await
+            .map_err(request_err)
+    }
+}
+
+fn request_err(e: impl std::fmt::Display) -> BackendError {
+    BackendError::Request(e.to_string())
+}
+
+/// Every message of a stream, oldest first (a dead-letter stream is small).
+async fn stream_messages(
+    stream: &mut jetstream::stream::Stream,
+) -> Result<Vec<StreamMessage>, BackendError> {
+    let (first, last, count) = {
+        let state = &stream.info().await.map_err(request_err)?.state;
+        (state.first_sequence, state.last_sequence, state.messages)
+    };
+    let mut out = Vec::new();
+    if count == 0 {
+        return Ok(out);
+    }
+    for seq in first..=last {
+        // Gaps (deleted messages) answer "not found": skip them.
+        if let Ok(msg) = stream.get_raw_message(seq).await {
+            out.push(msg);
+        }
+    }
+    Ok(out)
+}
+
+fn entry_of(msg: &StreamMessage) -> DeadLetterEntry {
+    DeadLetterEntry::from_stored(
+        msg.sequence,
+        |name| msg.headers.get(name).map(HeaderValue::as_str),
+        &msg.payload,
+    )
+}
+
+impl CallQueue for JetStreamQueue {
+    type Delivery = JetStreamDelivery;
+
+    async fn publish(&self, call: &QueuedCall) -> Result<Published, PublishError> {
+        if self.options.manage_streams.is_some() && !self.streams_ready.load(Ordering::Relaxed) {
+            self.recheck.notify_one();
+            return Err(PublishError::NotStored(
+                "the stream is not set up yet".into(),
+            ));
+        }
+        let result = queue::publish_call(
+            &self.client,
+            &self.js,
+            &self.options.nats.subject_prefix,
+            call,
+        )
+        .await;
+        if let Err(PublishError::NotStored(_)) = &result {
+            // The stream may be gone (a NATS server that lost its store): check it again.
+            self.recheck.notify_one();
+        }
+        result.map(|duplicate| Published { duplicate })
+    }
+
+    fn max_message_bytes(&self) -> usize {
+        self.client.server_info().max_payload
+    }
+
+    async fn check_ready(&self) -> Result<(), String> {
+        if !self.is_connected() {
+            return Err("not connected to NATS".into());
+        }
+        if self.options.manage_streams.is_some() && !self.streams_ready.load(Ordering::Relaxed) {
+            return Err("streams not set up yet".into());
+        }
+        match self.js.get_stream(&self.options.nats.stream).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                self.recheck.notify_one();
+                Err(format!("stream {}: {e}", self.options.nats.stream))
+            }
+        }
+    }
+
+    async fn pull(
+        &self,
+        max: usize,
+        expires: Duration,
+    ) -> Result<BoxStream<'static, Result<JetStreamDelivery, BackendError>>, BackendError> {
+        let consumer = self.bound_consumer().await?;
+        match consumer
+            .batch()
+            .max_messages(max)
+            .expires(expires)
+            .messages()
+            .await
+        {
+            Ok(batch) => Ok(batch
+                .map(|m| m.map(JetStreamDelivery::new).map_err(request_err))
+                .boxed()),
+            Err(e) => {
+                // The consumer or stream may be gone: bind again next time.
+                self.unbind().await;
+                Err(request_err(e))
+            }
+        }
+    }
+
+    async fn dead_letter(
+        &self,
+        payload: Bytes,
+        letter: &DeadLetter<'_>,
+    ) -> Result<(), PublishError> {
+        let mut headers = HeaderMap::new();
+        for (name, value) in letter.fields() {
+            headers.insert(name, HeaderValue::from(value.as_str()));
+        }
+        headers.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            HeaderValue::from(
+                format!("{}-{}", letter.original_subject, letter.stream_sequence).as_str(),
+            ),
+        );
+        let subject = format!(
+            "{}.{}",
+            self.options.nats.dead_letter_stream,
+            letter.reason.as_str()
+        );
+        self.js
+            .publish_with_headers(subject, headers, payload)
+            .await
+            .map_err(|e| PublishError::NotStored(e.to_string()))?
+            .await
+            .map_err(|e| PublishError::NotStored(e.to_string()))?;
+        Ok(())
+    }
+
+    async fn dead_letters(&self) -> Result<Vec<DeadLetterEntry>, BackendError> {
+        let mut stream = self.dead_letter_stream().await?;
+        Ok(stream_messages(&mut stream)
+            .await?
+            .iter()
+            .map(entry_of)
+            .collect())
+    }
+
+    async fn replay_dead_letters(
+        &self,
+        selectors: &[String],
+        all: bool,
+    ) -> Result<Vec<DeadLetterEntry>, BackendError> {
+        let dlq = self.options.nats.dead_letter_stream.as_str();
+        let mut stream = self.dead_letter_stream().await?;
+        let mut replayed = Vec::new();
+        for msg in stream_messages(&mut stream).await? {
+            let entry = entry_of(&msg);
+            if !entry.selected(selectors, all) {
+                continue;
+            }
+            if entry.subject.is_empty() {
+                return Err(BackendError::NoSubject(entry.sequence));
+            }
+            // A fresh message id: the original one may still be inside the duplicate window.
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                async_nats::header::NATS_MESSAGE_ID,
+                HeaderValue::from(format!("replay-{dlq}-{}", entry.sequence).as_str()),
+            );
+            self.js
+                .publish_with_headers(entry.subject.clone(), headers, msg.payload.clone())
+                .await
+                .map_err(request_err)?
+                .await
+                .map_err(request_err)?;
+            stream
+                .delete_message(entry.sequence)
+                .await
+                .map_err(request_err)?;
+            replayed.push(entry);
+        }
+        Ok(replayed)
+    }
+
+    async fn purge_dead_letters(
+        &self,
+        selectors: &[String],
+        all: bool,
+    ) -> Result<u64, BackendError> {
+        let mut stream = self.dead_letter_stream().await?;
+        if all {
+            return Ok(stream.purge().await.map_err(request_err)?.purged);
+        }
+        let mut deleted = 0;
+        for msg in stream_messages(&mut stream).await? {
+            let entry = entry_of(&msg);
+            if entry.selected(selectors, false)
+                && stream
+                    .delete_message(entry.sequence)
+                    .await
+                    .map_err(request_err)?
+            {
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
+    }
+
+    async fn flush_before_exit(&self) {
+        queue::flush_before_exit(&self.client).await;
+    }
+}
+
+/// A JetStream message delivered to this worker.
+#[derive(Debug, Clone)]
+pub struct JetStreamDelivery {
+    message: jetstream::Message,
+    sequence: u64,
+    attempt: u32,
+}
+
+impl JetStreamDelivery {
+    fn new(message: jetstream::Message) -> Self {
+        let (sequence, delivered) = message
+            .info()
+            .map(|i| (i.stream_sequence, i.delivered))
+            .unwrap_or((0, 1));
+        Self {
+            message,
+            sequence,
+            attempt: u32::try_from(delivered.max(1)).unwrap_or(u32::MAX),
+        }
+    }
+
+    async fn send(&self, kind: AckKind) -> Result<(), BackendError> {
+        self.message.ack_with(kind).await.map_err(request_err)
+    }
+}
+
+impl QueueDelivery for JetStreamDelivery {
+    fn payload(&self) -> &Bytes {
+        &self.message.payload
+    }
+
+    fn subject(&self) -> &str {
+        self.message.subject.as_str()
+    }
+
+    fn sequence(&self) -> u64 {
+        self.sequence
+    }
+
+    fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    async fn ack(&self) -> Result<(), BackendError> {
+        self.send(AckKind::Ack).await
+    }
+
+    async fn nak(&self, delay: Option<Duration>) -> Result<(), BackendError> {
+        self.send(AckKind::Nak(delay)).await
+    }
+
+    async fn in_progress(&self) -> Result<(), BackendError> {
+        self.send(AckKind::Progress).await
+    }
+
+    async fn terminate(&self) -> Result<(), BackendError> {
+        self.send(AckKind::Term).await
+    }
+}

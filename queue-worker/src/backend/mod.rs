@@ -1,0 +1,338 @@
+//! The queue contract: what the gateway and the workers need from a queue, and its two
+//! implementations.
+//!
+//! - [`jetstream::JetStreamQueue`]: NATS JetStream, the production and distributed backend.
+//! - [`embedded::EmbeddedQueue`]: a crash-safe queue on local disk (sled) for a single node.
+//!
+//! Both keep the same semantics, checked by one conformance suite
+//! (`queue-worker/tests/conformance.rs`) that runs every case against each backend:
+//! - a publish is durable before it returns, and is deduplicated by call id within a window;
+//! - a delivery carries its attempt number (1 for the first delivery);
+//! - ack removes a call; a nak offers it again, after an optional delay; an in-progress signal
+//!   restarts the ack clock; terminate drops it without redelivery;
+//! - a delivery neither acked nor nakked is offered again once the ack wait has passed;
+//! - dead letters keep the original message with what is known about the failure, and can be
+//!   listed, replayed onto the queue and purged.
+
+pub mod embedded;
+pub mod jetstream;
+
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use serde::Serialize;
+
+use crate::message::QueuedCall;
+
+/// Errors of queue operations other than publishing.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// Setting up NATS, the streams or the consumer failed.
+    #[error(transparent)]
+    JetStream(#[from] crate::queue::QueueError),
+    /// A request to the queue failed or timed out.
+    #[error("queue request failed: {0}")]
+    Request(String),
+    /// The embedded queue's storage failed.
+    #[error("embedded queue storage: {0}")]
+    Storage(#[from] sled::Error),
+    /// A stored record could not be read back.
+    #[error("corrupt queue record {key}: {detail}")]
+    Corrupt {
+        /// Which record.
+        key: String,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// A dead letter has no subject to replay to.
+    #[error("dead letter {0} has no Dead-Letter-Subject; it cannot be replayed")]
+    NoSubject(u64),
+}
+
+/// Why a publish did not store the call.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// Not connected to the queue right now.
+    #[error("not connected to NATS")]
+    Disconnected,
+    /// The envelope is larger than the queue accepts.
+    #[error("message of {size} bytes exceeds the queue's limit of {max} bytes")]
+    TooLarge {
+        /// Envelope size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The queue refused it or did not answer: full, missing, timed out, disk error.
+    #[error("the queue did not store the call: {0}")]
+    NotStored(String),
+    /// Could not encode the envelope.
+    #[error("cannot encode the call: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+/// A stored publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    /// The call id was published before, within the duplicate window: nothing new was stored.
+    pub duplicate: bool,
+}
+
+/// A queue the gateway publishes into and workers pull from.
+///
+/// Methods return `Send` futures so that the gateway and the worker can run them on any tokio
+/// worker thread.
+pub trait CallQueue: Send + Sync + 'static {
+    /// One delivery of one queued message.
+    type Delivery: QueueDelivery;
+
+    /// Stores a call; `Ok` means it is durable. A call id seen within the duplicate window is
+    /// not stored again (`duplicate: true`).
+    fn publish(
+        &self,
+        call: &QueuedCall,
+    ) -> impl Future<Output = Result<Published, PublishError>> + Send;
+
+    /// Largest envelope (metadata and body) the queue takes now.
+    fn max_message_bytes(&self) -> usize;
+
+    /// Whether publishes can succeed now (for `/readyz`); the error says why not.
+    fn check_ready(&self) -> impl Future<Output = Result<(), String>> + Send;
+
+    /// Asks for at most `max` deliveries. The stream yields each as soon as it is available and
+    /// ends after `max` deliveries or when `expires` has passed.
+    fn pull(
+        &self,
+        max: usize,
+        expires: Duration,
+    ) -> impl Future<
+        Output = Result<BoxStream<'static, Result<Self::Delivery, BackendError>>, BackendError>,
+    > + Send;
+
+    /// Stores a message, untouched, as a dead letter with what is known about it. Storing the
+    /// same delivery's message twice (a crash in between) keeps one dead letter.
+    fn dead_letter(
+        &self,
+        payload: Bytes,
+        letter: &DeadLetter<'_>,
+    ) -> impl Future<Output = Result<(), PublishError>> + Send;
+
+    /// The dead letters, oldest first.
+    fn dead_letters(
+        &self,
+    ) -> impl Future<Output = Result<Vec<DeadLetterEntry>, BackendError>> + Send;
+
+    /// Puts the selected dead letters (every one with `all`) back on the queue with their call
+    /// ids, and removes them from the dead letters. Returns the replayed entries.
+    fn replay_dead_letters(
+        &self,
+        selectors: &[String],
+        all: bool,
+    ) -> impl Future<Output = Result<Vec<DeadLetterEntry>, BackendError>> + Send;
+
+    /// Deletes the selected dead letters (every one with `all`). Returns how many.
+    fn purge_dead_letters(
+        &self,
+        selectors: &[String],
+        all: bool,
+    ) -> impl Future<Output = Result<u64, BackendError>> + Send;
+
+    /// Makes what the process buffered (acks, writes) durable before it exits. Bounded in time.
+    fn flush_before_exit(&self) -> impl Future<Output = ()> + Send;
+}
+
+/// One delivery of a queued message to a worker.
+pub trait QueueDelivery: Clone + Send + Sync + 'static {
+    /// The message as published.
+    fn payload(&self) -> &Bytes;
+    /// Where it was queued (`<prefix>.<namespace>.<function>`); replays go back there.
+    fn subject(&self) -> &str;
+    /// The message's position in the queue; unique while it is queued.
+    fn sequence(&self) -> u64;
+    /// Which delivery this is: 1 for the first, counting deliveries lost to crashed workers.
+    fn attempt(&self) -> u32;
+    /// Done: the message is removed.
+    fn ack(&self) -> impl Future<Output = Result<(), BackendError>> + Send;
+    /// Offer the message again, after `delay` (immediately with `None`).
+    fn nak(&self, delay: Option<Duration>)
+    -> impl Future<Output = Result<(), BackendError>> + Send;
+    /// Still working on it: restart the ack-wait clock.
+    fn in_progress(&self) -> impl Future<Output = Result<(), BackendError>> + Send;
+    /// Never deliver this message again.
+    fn terminate(&self) -> impl Future<Output = Result<(), BackendError>> + Send;
+}
+
+/// Why a message is being dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterReason {
+    /// The payload is not a valid envelope.
+    Undecodable,
+    /// The function kept failing with retryable errors until no attempts were left.
+    RetriesExhausted,
+    /// The call was older than its maximum age before it could run.
+    Expired,
+    /// The function ran but its callback could not be delivered.
+    CallbackFailed,
+}
+
+impl DeadLetterReason {
+    /// Stable name used in headers and subjects.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Undecodable => "undecodable",
+            Self::RetriesExhausted => "retries_exhausted",
+            Self::Expired => "expired",
+            Self::CallbackFailed => "callback_failed",
+        }
+    }
+}
+
+/// Names of what a dead letter records (NATS headers in JetStream, fields in the embedded queue).
+pub mod dead_letter_headers {
+    /// Why (`undecodable`, `retries_exhausted`, `expired`, `callback_failed`).
+    pub const REASON: &str = "Dead-Letter-Reason";
+    /// Subject the call was queued on (replay publishes there again).
+    pub const SUBJECT: &str = "Dead-Letter-Subject";
+    /// Data-free explanation.
+    pub const DETAIL: &str = "Dead-Letter-Detail";
+    /// When it was dead-lettered, Unix nanoseconds.
+    pub const TIME: &str = "Dead-Letter-Time";
+    /// The function's last status, when there was an attempt.
+    pub const LAST_STATUS: &str = "Dead-Letter-Last-Status";
+    /// Function invocations made.
+    pub const ATTEMPTS: &str = "Dead-Letter-Attempts";
+    /// The call id, when the message could be decoded.
+    pub const CALL_ID: &str = "Dead-Letter-Call-Id";
+    /// When the gateway accepted the call, Unix nanoseconds.
+    pub const RECEIVED: &str = "Dead-Letter-Received-Time";
+}
+
+/// What is known about a message being dead-lettered.
+#[derive(Debug, Clone)]
+pub struct DeadLetter<'a> {
+    /// Why.
+    pub reason: DeadLetterReason,
+    /// Data-free explanation.
+    pub detail: &'a str,
+    /// Subject the message came from.
+    pub original_subject: &'a str,
+    /// Its queue sequence (makes dead-lettering idempotent).
+    pub stream_sequence: u64,
+    /// Call id, if decoded.
+    pub call_id: Option<&'a str>,
+    /// Accepted at, if decoded.
+    pub received_at_unix_nanos: Option<u64>,
+    /// The function's last status, if it ran.
+    pub last_status: Option<u16>,
+    /// Invocations made.
+    pub attempts: u32,
+}
+
+impl DeadLetter<'_> {
+    /// The record as name/value pairs (see [`dead_letter_headers`]), the form both backends
+    /// store. Values are single-line.
+    pub fn fields(&self) -> Vec<(&'static str, String)> {
+        use dead_letter_headers as h;
+        // Header values cannot hold newlines; the detail is an error message we produced.
+        let detail: String = self
+            .detail
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(512)
+            .collect();
+        let mut fields = vec![
+            (h::REASON, self.reason.as_str().to_owned()),
+            (h::SUBJECT, self.original_subject.to_owned()),
+            (h::DETAIL, detail),
+            (h::TIME, crate::unix_nanos_now().to_string()),
+            (h::ATTEMPTS, self.attempts.to_string()),
+        ];
+        if let Some(status) = self.last_status {
+            fields.push((h::LAST_STATUS, status.to_string()));
+        }
+        if let Some(id) = self.call_id {
+            fields.push((h::CALL_ID, id.to_owned()));
+        }
+        if let Some(at) = self.received_at_unix_nanos {
+            fields.push((h::RECEIVED, at.to_string()));
+        }
+        fields
+    }
+}
+
+/// One dead letter, as listed. Never holds the call's body or header values, which may be
+/// confidential.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct DeadLetterEntry {
+    /// Its sequence among the dead letters (what `show`, `replay` and `purge` take).
+    pub sequence: u64,
+    /// The call's id, if the message could be decoded.
+    pub call_id: Option<String>,
+    /// `name` or `name.namespace`, if decoded.
+    pub function: Option<String>,
+    /// Why it was dead-lettered.
+    pub reason: String,
+    /// Data-free explanation.
+    pub detail: String,
+    /// The function's last status, if it ran.
+    pub last_status: Option<u16>,
+    /// Function invocations made.
+    pub attempts: u32,
+    /// Subject the call was queued on.
+    pub subject: String,
+    /// When it was dead-lettered (Unix nanoseconds).
+    pub dead_lettered_at_unix_nanos: Option<u64>,
+    /// When the gateway accepted the call (Unix nanoseconds), if decoded.
+    pub received_at_unix_nanos: Option<u64>,
+    /// Request body size, if decoded.
+    pub body_bytes: Option<usize>,
+}
+
+impl DeadLetterEntry {
+    /// Builds the entry from a stored dead letter: its sequence, a lookup of its recorded
+    /// fields, and the original message.
+    pub fn from_stored<'a>(
+        sequence: u64,
+        field: impl Fn(&str) -> Option<&'a str>,
+        payload: &Bytes,
+    ) -> Self {
+        use dead_letter_headers as h;
+        let call = QueuedCall::decode(payload).ok();
+        Self {
+            sequence,
+            call_id: call
+                .as_ref()
+                .map(|c| c.meta.call_id.clone())
+                .or_else(|| field(h::CALL_ID).map(str::to_owned)),
+            function: call.as_ref().map(|c| c.meta.qualified_function()),
+            reason: field(h::REASON).unwrap_or("unknown").to_owned(),
+            detail: field(h::DETAIL).unwrap_or_default().to_owned(),
+            last_status: field(h::LAST_STATUS).and_then(|v| v.parse().ok()),
+            attempts: field(h::ATTEMPTS).and_then(|v| v.parse().ok()).unwrap_or(0),
+            subject: field(h::SUBJECT).unwrap_or_default().to_owned(),
+            dead_lettered_at_unix_nanos: field(h::TIME).and_then(|v| v.parse().ok()),
+            received_at_unix_nanos: call.as_ref().map(|c| c.meta.received_at_unix_nanos),
+            body_bytes: call.as_ref().map(|c| c.body.len()),
+        }
+    }
+
+    /// Does `selector` (a sequence number or a call id) name this entry?
+    pub fn matches(&self, selector: &str) -> bool {
+        selector.parse::<u64>().ok() == Some(self.sequence)
+            || self.call_id.as_deref() == Some(selector)
+    }
+
+    /// Is this entry selected by `selectors`, or by `all`?
+    pub fn selected(&self, selectors: &[String], all: bool) -> bool {
+        all || selectors.iter().any(|s| self.matches(s))
+    }
+}
+
+/// The subject a call is queued on: `<prefix>.<namespace or _>.<function>`. One token per
+/// namespace and function leaves room for per-function consumers (filter subjects).
+pub fn call_subject(prefix: &str, call: &QueuedCall) -> String {
+    let ns = call.meta.namespace.as_deref().unwrap_or("_");
+    format!("{prefix}.{ns}.{}", call.meta.function)
+}

@@ -1,0 +1,603 @@
+//! The queue contract's conformance suite: every case in `cases` is written once and run against
+//! both backends (`jetstream::*` against a private nats-server, `embedded::*` against a sled
+//! directory). A backend passes when it shows the behaviours listed in
+//! `queue_worker::backend`: durable publish, attempt counts, ack, delayed nak, in-progress,
+//! terminate, redelivery after the ack wait, dedup by call id, dead letters, the size limit and
+//! pull batches.
+//!
+//! Backend-specific tests are at the end, each saying why it is specific.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{DEADLINE, call, nats_args, stream_args};
+use futures::StreamExt;
+use load_tests::nats_server::NatsServer;
+use queue_worker::backend::embedded::{EmbeddedOptions, EmbeddedQueue};
+use queue_worker::backend::jetstream::{ConsumerOptions, JetStreamOptions, JetStreamQueue};
+use queue_worker::backend::{CallQueue, DeadLetter, DeadLetterReason, PublishError, QueueDelivery};
+use queue_worker::message::QueuedCall;
+use tokio_util::sync::CancellationToken;
+
+/// Ack wait of every backend under test.
+const ACK_WAIT: Duration = Duration::from_secs(2);
+/// Largest message of the embedded queue under test (JetStream's is the server's 1 MiB).
+const EMBEDDED_MAX_MESSAGE: usize = 1 << 20;
+
+/// A backend under test that can be restarted on the same data.
+trait Harness: Sized {
+    type Queue: CallQueue;
+    async fn start() -> Self;
+    fn queue(&self) -> &Arc<Self::Queue>;
+    /// Stops the backend and starts it again on the same data.
+    async fn restart(&mut self);
+}
+
+struct JetStreamHarness {
+    nats: NatsServer,
+    queue: Arc<JetStreamQueue>,
+    stop: CancellationToken,
+}
+
+impl JetStreamHarness {
+    async fn connect(nats: &NatsServer, stop: &CancellationToken) -> Arc<JetStreamQueue> {
+        let options = JetStreamOptions {
+            nats: nats_args(&nats.url()),
+            manage_streams: Some(stream_args()),
+            consumer: Some(ConsumerOptions {
+                name: "conformance".into(),
+                ack_wait: ACK_WAIT,
+                max_ack_pending: 1000,
+            }),
+        };
+        let queue = JetStreamQueue::connect(options, "conformance", stop.clone())
+            .await
+            .unwrap();
+        wait_ready(queue.as_ref()).await;
+        queue
+    }
+}
+
+impl Harness for JetStreamHarness {
+    type Queue = JetStreamQueue;
+
+    async fn start() -> Self {
+        let nats = NatsServer::start().await.unwrap();
+        let stop = CancellationToken::new();
+        let queue = Self::connect(&nats, &stop).await;
+        Self { nats, queue, stop }
+    }
+
+    fn queue(&self) -> &Arc<JetStreamQueue> {
+        &self.queue
+    }
+
+    async fn restart(&mut self) {
+        self.nats.restart().await.unwrap();
+        self.stop.cancel();
+        self.stop = CancellationToken::new();
+        self.queue = Self::connect(&self.nats, &self.stop).await;
+    }
+}
+
+impl Drop for JetStreamHarness {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+struct EmbeddedHarness {
+    dir: tempfile::TempDir,
+    queue: Option<Arc<EmbeddedQueue>>,
+}
+
+fn embedded_options(dir: &std::path::Path) -> EmbeddedOptions {
+    EmbeddedOptions {
+        dir: dir.to_path_buf(),
+        subject_prefix: "faas-async".into(),
+        ack_wait: ACK_WAIT,
+        duplicate_window: Duration::from_secs(120),
+        max_message_bytes: EMBEDDED_MAX_MESSAGE,
+        max_bytes: 0,
+        cache_bytes: 16 << 20,
+    }
+}
+
+/// Opens the embedded queue, retrying while a dropped predecessor still holds sled's lock.
+async fn open_embedded(dir: &std::path::Path) -> Arc<EmbeddedQueue> {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        match EmbeddedQueue::open(embedded_options(dir)) {
+            Ok(q) => return Arc::new(q),
+            Err(e) if Instant::now() < end => {
+                eprintln!("reopening the embedded queue: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("cannot reopen the embedded queue: {e}"),
+        }
+    }
+}
+
+impl Harness for EmbeddedHarness {
+    type Queue = EmbeddedQueue;
+
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = Some(open_embedded(dir.path()).await);
+        Self { dir, queue }
+    }
+
+    fn queue(&self) -> &Arc<EmbeddedQueue> {
+        self.queue.as_ref().unwrap()
+    }
+
+    async fn restart(&mut self) {
+        let queue = self.queue.take().unwrap();
+        queue.flush_before_exit().await;
+        assert_eq!(
+            Arc::strong_count(&queue),
+            1,
+            "the test still holds the queue"
+        );
+        drop(queue);
+        self.queue = Some(open_embedded(self.dir.path()).await);
+    }
+}
+
+async fn wait_ready<Q: CallQueue>(queue: &Q) {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        match queue.check_ready().await {
+            Ok(()) => return,
+            Err(e) if Instant::now() < end => {
+                eprintln!("waiting for the queue: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("queue not ready: {e}"),
+        }
+    }
+}
+
+/// The next delivery within `within`, if any.
+async fn next<Q: CallQueue>(queue: &Q, within: Duration) -> Option<Q::Delivery> {
+    let mut batch = queue.pull(1, within).await.unwrap();
+    batch.next().await.map(Result::unwrap)
+}
+
+fn call_id_of<D: QueueDelivery>(delivery: &D) -> String {
+    QueuedCall::decode(delivery.payload()).unwrap().meta.call_id
+}
+
+async fn publish<Q: CallQueue>(queue: &Q, call: &QueuedCall) {
+    let published = queue.publish(call).await.unwrap();
+    assert!(!published.duplicate, "a new call is not a duplicate");
+}
+
+/// Every case, generic over the backend.
+mod cases {
+    use super::*;
+
+    /// A publish that returned is there after a restart, intact.
+    pub async fn publish_is_durable<H: Harness>() {
+        let mut h = H::start().await;
+        let calls: Vec<_> = (0..3).map(|_| call("durable", None, b"kept")).collect();
+        for c in &calls {
+            publish(h.queue().as_ref(), c).await;
+        }
+        h.restart().await;
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            let d = next(h.queue().as_ref(), DEADLINE).await.expect("delivered");
+            let decoded = QueuedCall::decode(d.payload()).unwrap();
+            let sent = calls
+                .iter()
+                .find(|c| c.meta.call_id == decoded.meta.call_id)
+                .expect("a call that was published");
+            assert_eq!(d.payload(), &sent.encode().unwrap(), "stored intact");
+            assert_eq!(d.subject(), "faas-async._.durable");
+            d.ack().await.unwrap();
+            seen.push(decoded.meta.call_id);
+        }
+        seen.sort();
+        let mut expected: Vec<_> = calls.iter().map(|c| c.meta.call_id.clone()).collect();
+        expected.sort();
+        assert_eq!(seen, expected);
+    }
+
+    /// The first delivery is attempt 1; each redelivery counts up.
+    pub async fn deliveries_count_attempts<H: Harness>() {
+        let h = H::start().await;
+        let q = h.queue().as_ref();
+        publish(q, &call("attempts", None, b"")).await;
+        for expected in 1..=3 {
+            let d = next(q, DEADLINE).await.expect("delivered");
+            assert_eq!(d.attempt(), expected);
+            if expected < 3 {
+                d.nak(None).await.unwrap();
+            } else {
+                d.ack().await.unwrap();
+            }
+        }
+    }
+
+    /// An acked message is not delivered again, not even after the ack wait.
+    pub async fn ack_removes<H: Harness>() {
+        let h = H::start().await;
+        let q = h.queue().as_ref();
+        publish(q, &call("ack", None, b"")).await;
+        let d = next(q, DEADLINE).await.expect("delivered");
+        d.ack().await.unwrap();
+        assert!(
+            next(q, ACK_WAIT * 2).await.is_none(),
+            "an acked message came back"
+        );
+    }
+
+    /// A nak with a delay holds the message back at least that long, then offers it again.
+    pub async fn nak_with_delay_delays<H: Harness>() {
+        let h = H::start().await;
+        let q = h.queue().as_ref();
+        let c = call("nak", None, b"");
+        publish(q, &c).await;
+        let d = next(q, DEADLINE).await.expect("delivered");
+        let delay = Duration::from_secs(3);
+        let nakked = Instant::now();
+        d.nak(Some(delay)).await.unwrap();
+        assert!(
+            next(q, Duration::from_secs(1)).await.is_none(),
+            "redelivered before the nak delay"
+        );
+        let again = next(q, DEADLINE)
+            .await
+            .expect("redelivered after the delay");
+        assert!(
+            nakked.elapsed() >= delay - Duration::from_millis(100),
+            "redelivered after {:?}, delay {delay:?}",
+            nakked.elapsed()
+        );
+        assert_eq!(call_id_of(&again), c.meta.call_id);
+        assert_eq!(again.attempt(), 2);
+        again.ack().await.unwrap();
+    }
+
+    /// In-progress signals keep a message from being redelivered past its ack wait.
+    pub async fn in_progress_extends<H: Harness>() {
+        let h = H::start().await;
+        let q = h.queue().as_ref();
+        publish(q, &c_with("progress")).await;
+        let d = next(q, DEADLINE).await.expect("delivered");
+        let heartbeat = {
+            let d = d.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    d.in_progress().await.unwrap();
+                }
+            })
+        };
+        let redelivered = next(q, ACK_WAIT * 2).await;
+        heartbeat.abort();
+        assert!(
+            redelivered.is_none(),
+            "redelivered while in-progress signals were sent"
+        );
+        // Without signals, the ack wait runs out and it comes back.
+        let again = next(q, DEADLINE)
+            .await
+            .expect("redelivered after signals stopped");
+        assert_eq!(again.attempt(), 2);
+        again.ack().await.unwrap();
+    }
+
+    fn c_with(function: &str) -> QueuedCall {
+        call(function, None, b"")
+    }
+
+    /// A terminated message is never delivered again.
+    pub async fn terminate_drops<H: Harness>() {
+        let h = H::start().await;
+        let q = h.queue().as_ref();
+        publish(q, &c_with("term")).await;
+        let d = next(q, DEADLINE).await.expect("delivered");
+        d.terminate().await.unwrap();
+        assert!(
+            next(q, ACK_WAIT * 2).await.is_none(),
+            "a terminated message came back"
+        );
+    }
+
+    /// A delivery neither acked nor nakked comes back after the ack wait, as the next attempt.
+    pub async fn redelivers_after_ack_wait<H: Harness>() {
+        let h = H::start().await;
+        let q = h.queue().as_ref();
+        let c = c_with("forgotten");
+        publish(q, &c).await;
+        let first = next(q, DEADLINE).await.expect("delivered");
+        let delivered = Instant::now();
+        let again = next(q, DEADLINE).await.expect("redelivered");
+        assert!(
+            delivered.elapsed() >= ACK_WAIT - Duration::from_millis(100),
+            "redelivered after {:?}, ack wait {ACK_WAIT:?}",
+            delivered.elapsed()
+        );
+        assert_eq!(call_id_of(&again), c.meta.call_id);
+        assert_eq!(again.sequence(), first.sequence());
+        assert_eq!(again.attempt(), 2);
+        again.ack().await.unwrap();
+    }
+
+    /// The same call id published twice within the window is stored once.
+    pub async fn dedups_by_call_id<H: Harness>() {
+        let h = H::start().await;
+        let q = h.queue().as_ref();
+        let c = c_with("dedup");
+        publish(q, &c).await;
+        let again = q.publish(&c).await.unwrap();
+        assert!(again.duplicate, "the second publish is a duplicate");
+        let d = next(q, DEADLINE).await.expect("delivered");
+        d.ack().await.unwrap();
+        assert!(
+            next(q, Duration::from_secs(1)).await.is_none(),
+            "the duplicate was stored"
+        );
+        // Still a duplicate after the first copy was processed (the window, not the queue).
+        assert!(q.publish(&c).await.unwrap().duplicate);
+    }
+
+    /// Dead letters keep the message and what is known; they can be listed, replayed (same call
+    /// id, same payload) and purged; dead-lettering the same delivery twice keeps one.
+    pub async fn dead_letters_round_trip<H: Harness>() {
+        let h = H::start().await;
+        let q = h.queue().as_ref();
+        let (a, b) = (call("dead", None, b"first"), call("dead", None, b"second"));
+        publish(q, &a).await;
+        publish(q, &b).await;
+        for _ in 0..2 {
+            let d = next(q, DEADLINE).await.expect("delivered");
+            let id = call_id_of(&d);
+            let letter = DeadLetter {
+                reason: DeadLetterReason::RetriesExhausted,
+                detail: "3 attempts, last status 500",
+                original_subject: d.subject(),
+                stream_sequence: d.sequence(),
+                call_id: Some(&id),
+                received_at_unix_nanos: None,
+                last_status: Some(500),
+                attempts: 3,
+            };
+            q.dead_letter(d.payload().clone(), &letter).await.unwrap();
+            q.dead_letter(d.payload().clone(), &letter).await.unwrap();
+            d.ack().await.unwrap();
+        }
+        let letters = q.dead_letters().await.unwrap();
+        assert_eq!(letters.len(), 2, "one dead letter per message: {letters:?}");
+        for l in &letters {
+            assert_eq!(l.reason, "retries_exhausted");
+            assert_eq!(l.last_status, Some(500));
+            assert_eq!(l.attempts, 3);
+            assert_eq!(l.function.as_deref(), Some("dead"));
+            assert_eq!(l.subject, "faas-async._.dead");
+        }
+        let replayed = q
+            .replay_dead_letters(std::slice::from_ref(&a.meta.call_id), false)
+            .await
+            .unwrap();
+        assert_eq!(replayed.len(), 1);
+        let d = next(q, DEADLINE).await.expect("replayed call delivered");
+        assert_eq!(d.payload(), &a.encode().unwrap(), "replayed intact");
+        d.ack().await.unwrap();
+        let left = q.dead_letters().await.unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].call_id.as_deref(), Some(b.meta.call_id.as_str()));
+        assert_eq!(q.purge_dead_letters(&[], true).await.unwrap(), 1);
+        assert!(q.dead_letters().await.unwrap().is_empty());
+    }
+
+    /// A message above the limit is refused as too large, and nothing is stored.
+    pub async fn refuses_oversized<H: Harness>() {
+        let h = H::start().await;
+        let q = h.queue().as_ref();
+        let mut c = c_with("big");
+        c.body = bytes::Bytes::from(vec![b'x'; q.max_message_bytes() + 1]);
+        match q.publish(&c).await {
+            Err(PublishError::TooLarge { size, max }) => {
+                assert!(size > max, "{size} > {max}");
+            }
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+        assert!(next(q, Duration::from_secs(1)).await.is_none());
+    }
+
+    /// A pull yields at most `max` deliveries, each as soon as it is there.
+    pub async fn pull_is_bounded<H: Harness>() {
+        let h = H::start().await;
+        let q = h.queue().as_ref();
+        for _ in 0..5 {
+            publish(q, &c_with("batch")).await;
+        }
+        let mut batch = q.pull(2, DEADLINE).await.unwrap();
+        let started = Instant::now();
+        let mut got = Vec::new();
+        while let Some(d) = batch.next().await {
+            got.push(d.unwrap());
+        }
+        assert_eq!(got.len(), 2);
+        assert!(
+            started.elapsed() < DEADLINE / 2,
+            "a full batch ends without waiting for its expiry"
+        );
+        for d in got {
+            d.ack().await.unwrap();
+        }
+        let mut rest = q.pull(10, Duration::from_secs(2)).await.unwrap();
+        let mut n = 0;
+        while let Some(d) = rest.next().await {
+            d.unwrap().ack().await.unwrap();
+            n += 1;
+        }
+        assert_eq!(n, 3);
+    }
+}
+
+macro_rules! conformance {
+    ($backend:ident, $harness:ty) => {
+        mod $backend {
+            use super::*;
+
+            #[tokio::test]
+            async fn publish_is_durable() {
+                cases::publish_is_durable::<$harness>().await;
+            }
+            #[tokio::test]
+            async fn deliveries_count_attempts() {
+                cases::deliveries_count_attempts::<$harness>().await;
+            }
+            #[tokio::test]
+            async fn ack_removes() {
+                cases::ack_removes::<$harness>().await;
+            }
+            #[tokio::test]
+            async fn nak_with_delay_delays() {
+                cases::nak_with_delay_delays::<$harness>().await;
+            }
+            #[tokio::test]
+            async fn in_progress_extends() {
+                cases::in_progress_extends::<$harness>().await;
+            }
+            #[tokio::test]
+            async fn terminate_drops() {
+                cases::terminate_drops::<$harness>().await;
+            }
+            #[tokio::test]
+            async fn redelivers_after_ack_wait() {
+                cases::redelivers_after_ack_wait::<$harness>().await;
+            }
+            #[tokio::test]
+            async fn dedups_by_call_id() {
+                cases::dedups_by_call_id::<$harness>().await;
+            }
+            #[tokio::test]
+            async fn dead_letters_round_trip() {
+                cases::dead_letters_round_trip::<$harness>().await;
+            }
+            #[tokio::test]
+            async fn refuses_oversized() {
+                cases::refuses_oversized::<$harness>().await;
+            }
+            #[tokio::test]
+            async fn pull_is_bounded() {
+                cases::pull_is_bounded::<$harness>().await;
+            }
+        }
+    };
+}
+
+conformance!(jetstream, JetStreamHarness);
+conformance!(embedded, EmbeddedHarness);
+
+/// Tests of the embedded backend alone.
+mod embedded_specific {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    use super::*;
+
+    /// Set in the child process of [`sigkill_loses_nothing`]: the queue directory.
+    const CHILD_DIR: &str = "CONFORMANCE_CRASH_CHILD_DIR";
+
+    /// Specific because JetStream's durability is nats-server's, tested by its authors (and by
+    /// `publish_is_durable` across a server restart); the embedded queue's crash safety is ours.
+    ///
+    /// The test runs itself as a child process that publishes calls, printing each id once
+    /// `publish` returned, and leaves some delivered but unacked. The parent kills it with
+    /// SIGKILL mid-stream, reopens the directory and checks that every published call and
+    /// every unacked one is there.
+    #[test]
+    fn sigkill_loses_nothing() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        if let Ok(dir) = std::env::var(CHILD_DIR) {
+            return runtime.block_on(child_publish_forever(dir.into()));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "embedded_specific::sigkill_loses_nothing",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_DIR, dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut published = Vec::new();
+        let mut unacked = Vec::new();
+        for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+            let line = line.unwrap();
+            if let Some(id) = line.strip_prefix("published ") {
+                published.push(id.to_owned());
+            } else if let Some(id) = line.strip_prefix("holding ") {
+                unacked.push(id.to_owned());
+            }
+            if published.len() >= 300 && unacked.len() >= 5 {
+                break;
+            }
+        }
+        // SIGKILL: no destructor, no flush.
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(
+            published.len() >= 300 && unacked.len() >= 5,
+            "the child stopped early"
+        );
+
+        runtime.block_on(async {
+            let queue = open_embedded(dir.path()).await;
+            let mut seen = std::collections::HashMap::new();
+            while let Some(d) = next(queue.as_ref(), Duration::from_secs(2)).await {
+                seen.insert(call_id_of(&d), d.attempt());
+                d.ack().await.unwrap();
+            }
+            let lost: Vec<_> = published
+                .iter()
+                .filter(|id| !seen.contains_key(*id))
+                .collect();
+            assert!(
+                lost.is_empty(),
+                "{} published calls lost: {lost:?}",
+                lost.len()
+            );
+            for id in &unacked {
+                assert!(seen.contains_key(id), "unacked call {id} lost");
+            }
+            eprintln!(
+                "{} published before the kill, {} were delivered and unacked; {} recovered",
+                published.len(),
+                unacked.len(),
+                seen.len()
+            );
+        });
+    }
+
+    #[allow(clippy::print_stdout, reason = "the child reports to its parent on stdout")]
+    async fn child_publish_forever(dir: std::path::PathBuf) {
+        let queue = EmbeddedQueue::open(embedded_options(&dir)).unwrap();
+        let mut held = Vec::new();
+        for i in 0.. {
+            let c = call("crash", None, b"payload");
+            queue.publish(&c).await.unwrap();
+            println!("published {}", c.meta.call_id);
+            if i % 20 == 0 {
+                // Delivered, never acked: must come back after the crash.
+                if let Some(d) = next(&queue, Duration::from_secs(1)).await {
+                    println!("holding {}", call_id_of(&d));
+                    held.push(d);
+                }
+            }
+        }
+    }
+}
