@@ -1,0 +1,243 @@
+//! `faas-async`: the all-in-one server. Gateway, worker pool and queue in one process.
+//!
+//! - Without a NATS URL, the queue is the embedded one (sled, under `--queue-dir`): one command
+//!   and nothing else installed gives a working async path on one machine.
+//! - With `--nats-url` (or `NATS_URL`), the queue is JetStream and `--role` can run the gateway
+//!   only or the worker only, so the same binary serves a laptop and a cluster.
+//!
+//! Every worker setting of `queue-worker` is a flag here too; `faas-async dlq ...` administers
+//! the dead letters of whichever queue is configured.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, ValueEnum};
+use gateway_plugin::HttpSettings;
+use queue_worker::WorkerConfig;
+use queue_worker::backend::CallQueue;
+use queue_worker::backend::embedded::{EmbeddedOptions, EmbeddedQueue};
+use queue_worker::backend::jetstream::{ConsumerOptions, JetStreamOptions, JetStreamQueue};
+use queue_worker::config::{StreamArgs, WorkerCommand, parse_bytes, parse_duration};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Where the all-in-one server invokes functions unless `--gateway-url` says otherwise: the
+/// address the example function (`stats-function`) listens on.
+const DEFAULT_FUNCTIONS_URL: &str = "http://127.0.0.1:8081";
+
+/// The async invocation system in one process: gateway + worker pool + queue (embedded by
+/// default; JetStream when a NATS URL is given).
+#[derive(Debug, Parser)]
+#[command(name = "faas-async", version, about, args_override_self = true)]
+struct ServerConfig {
+    /// Server settings.
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Stream settings (JetStream), limits of the embedded queue.
+    #[command(flatten)]
+    stream: StreamArgs,
+    /// Worker settings, NATS, logging, and the `dlq` command (as `queue-worker`'s).
+    #[command(flatten)]
+    worker: WorkerConfig,
+}
+
+/// What this process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Role {
+    /// Gateway and worker.
+    All,
+    /// The HTTP front only (JetStream).
+    Gateway,
+    /// A worker only (JetStream).
+    Worker,
+}
+
+/// Which queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum QueueKind {
+    /// JetStream if a NATS URL is given (`--nats-url` or `NATS_URL`), else embedded.
+    Auto,
+    /// The embedded queue on local disk (one process).
+    Embedded,
+    /// NATS JetStream.
+    Jetstream,
+}
+
+#[derive(Debug, Clone, Args)]
+struct ServerArgs {
+    /// What this process runs; gateway-only and worker-only need JetStream.
+    #[arg(long, env = "FAAS_ASYNC_ROLE", value_enum, default_value_t = Role::All)]
+    role: Role,
+    /// Which queue.
+    #[arg(long, env = "FAAS_ASYNC_QUEUE", value_enum, default_value_t = QueueKind::Auto)]
+    queue: QueueKind,
+    /// Address of the HTTP front.
+    #[arg(long, env = "FAAS_ASYNC_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Largest request body accepted (413 above it); lowered to what the queue allows.
+    #[arg(long, env = "FAAS_ASYNC_MAX_BODY_BYTES", value_parser = parse_bytes)]
+    max_body_bytes: Option<u64>,
+    /// `Retry-After` of 503 answers.
+    #[arg(long, env = "FAAS_ASYNC_RETRY_AFTER", default_value = "5s", value_parser = parse_duration)]
+    retry_after: std::time::Duration,
+    /// Directory of the embedded queue (sled; one process at a time).
+    #[arg(long, env = "FAAS_ASYNC_QUEUE_DIR", default_value = "./data/queue")]
+    queue_dir: PathBuf,
+    /// Largest message (request metadata and body) the embedded queue takes.
+    #[arg(long, env = "FAAS_ASYNC_QUEUE_MAX_MESSAGE_BYTES", default_value = "1MiB", value_parser = parse_bytes)]
+    queue_max_message_bytes: u64,
+    /// Memory the embedded queue's page cache may use.
+    #[arg(long, env = "FAAS_ASYNC_QUEUE_CACHE_BYTES", default_value = "32MiB", value_parser = parse_bytes)]
+    queue_cache_bytes: u64,
+}
+
+fn is_default(matches: &ArgMatches, id: &str) -> bool {
+    matches
+        .value_source(id)
+        .is_none_or(|s| s == ValueSource::DefaultValue)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let matches = ServerConfig::command().get_matches();
+    let mut config = ServerConfig::from_arg_matches(&matches)?;
+    queue_worker::telemetry::init(&config.worker.log).map_err(anyhow::Error::msg)?;
+    if is_default(&matches, "gateway_url") {
+        config.worker.gateway_url = DEFAULT_FUNCTIONS_URL.to_owned();
+    }
+    let kind = match config.server.queue {
+        QueueKind::Auto if is_default(&matches, "nats_url") => QueueKind::Embedded,
+        QueueKind::Auto => QueueKind::Jetstream,
+        other => other,
+    };
+    let stop = CancellationToken::new();
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            queue_worker::signal::shutdown_signal().await;
+            stop.cancel();
+        });
+    }
+    let dlq = config.worker.command.take();
+    if kind == QueueKind::Embedded {
+        if config.server.role != Role::All {
+            bail!(
+                "--role {:?} needs a shared queue: give --nats-url (the embedded queue serves one process)",
+                config.server.role
+            );
+        }
+        let options = EmbeddedOptions {
+            dir: config.server.queue_dir.clone(),
+            subject_prefix: config.worker.nats.subject_prefix.clone(),
+            ack_wait: config.worker.ack_wait,
+            duplicate_window: config.stream.stream_duplicate_window,
+            max_message_bytes: usize::try_from(config.server.queue_max_message_bytes)
+                .unwrap_or(usize::MAX),
+            max_bytes: config.stream.stream_max_bytes,
+            cache_bytes: config.server.queue_cache_bytes,
+        };
+        let dir = options.dir.display().to_string();
+        let queue = EmbeddedQueue::open(options).with_context(|| {
+            format!("cannot open the embedded queue in {dir} (is another faas-async using it?)")
+        })?;
+        let queue = Arc::new(queue);
+        if let Some(WorkerCommand::Dlq { action }) = dlq {
+            return dead_letters(queue.as_ref(), action).await;
+        }
+        return serve(config, queue, &format!("embedded, in {dir}"), stop).await;
+    }
+    let with_gateway = config.server.role != Role::Worker;
+    let with_worker = config.server.role != Role::Gateway;
+    let options = JetStreamOptions {
+        nats: config.worker.nats.clone(),
+        manage_streams: (with_gateway && dlq.is_none()).then(|| config.stream.clone()),
+        consumer: with_worker.then(|| ConsumerOptions {
+            name: config.worker.consumer.clone(),
+            ack_wait: config.worker.ack_wait,
+            max_ack_pending: config.worker.max_ack_pending,
+        }),
+    };
+    let nats_url = config.worker.nats.nats_url.clone();
+    let queue = JetStreamQueue::connect(options, "faas-async", stop.clone()).await?;
+    if let Some(WorkerCommand::Dlq { action }) = dlq {
+        return dead_letters(queue.as_ref(), action).await;
+    }
+    serve(config, queue, &format!("JetStream at {nats_url}"), stop).await
+}
+
+async fn dead_letters<Q: CallQueue>(
+    queue: &Q,
+    action: queue_worker::config::DlqAction,
+) -> anyhow::Result<()> {
+    queue_worker::dlq::run_command(queue, action, &mut std::io::stdout().lock())
+        .await
+        .context("dead-letter command failed")
+}
+
+/// Runs the configured roles on `queue` until `stop` fires.
+async fn serve<Q: CallQueue>(
+    config: ServerConfig,
+    queue: Arc<Q>,
+    queue_description: &str,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let role = config.server.role;
+    let mut tasks = tokio::task::JoinSet::new();
+    if role != Role::Worker {
+        let listener = TcpListener::bind(config.server.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+        let address = listener.local_addr()?;
+        let settings = HttpSettings {
+            max_body_bytes: config.server.max_body_bytes,
+            retry_after: config.server.retry_after,
+            shutdown_grace: config.worker.shutdown_grace,
+        };
+        let queue = queue.clone();
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            gateway_plugin::serve(queue, settings, listener, stop.cancelled_owned())
+                .await
+                .context("gateway failed")
+        });
+        print_banner(address, role, queue_description, &config.worker.gateway_url);
+    }
+    if role != Role::Gateway {
+        let worker = config.worker;
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            queue_worker::worker::run_on(worker, queue, stop.cancelled_owned())
+                .await
+                .context("worker failed")
+        });
+    }
+    let mut result = Ok(());
+    while let Some(done) = tasks.join_next().await {
+        // One part stopping (by error or not) stops the other.
+        stop.cancel();
+        let outcome = done.context("task panicked").and_then(|r| r);
+        if let Err(e) = outcome {
+            tracing::error!(error = %e, "stopping");
+            if result.is_ok() {
+                result = Err(e);
+            }
+        }
+    }
+    result
+}
+
+#[allow(clippy::print_stdout, reason = "the start-up banner is for the user")]
+fn print_banner(address: SocketAddr, role: Role, queue: &str, functions: &str) {
+    let base = format!("http://{address}");
+    println!("faas-async listening on {base}");
+    println!("  queue:     {queue}");
+    if role == Role::All {
+        println!("  functions: {functions}/function/{{name}}");
+    }
+    println!("  call one:  curl -i {base}/async-function/stats -d '[1, 2, 3, 4]' \\");
+    println!("               -H 'X-Callback-Url: http://127.0.0.1:8082/'");
+    println!("  ready:     curl {base}/readyz");
+}
