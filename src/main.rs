@@ -138,6 +138,9 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or(usize::MAX),
             max_bytes: config.stream.stream_max_bytes,
             cache_bytes: config.server.queue_cache_bytes,
+            records_retention: config.worker.records.records_retention,
+            max_result_bytes: usize::try_from(config.worker.records.max_result_bytes)
+                .unwrap_or(usize::MAX),
         };
         let dir = options.dir.display().to_string();
         let queue = EmbeddedQueue::open(options).with_context(|| {
@@ -159,6 +162,7 @@ async fn main() -> anyhow::Result<()> {
             ack_wait: config.worker.ack_wait,
             max_ack_pending: config.worker.max_ack_pending,
         }),
+        records: config.worker.records.clone(),
     };
     let nats_url = config.worker.nats.nats_url.clone();
     let queue = JetStreamQueue::connect(options, "faas-async", stop.clone()).await?;

@@ -143,6 +143,43 @@ async fn readme_round_trip_works_without_nats() {
     assert_eq!(stats["mean"], 2.5);
     assert_eq!(stats["median"], 2.5);
 
+    // The same result without a callback server, from the embedded queue's call records.
+    // The callback entry is written just after the delivery: wait for it.
+    let end = Instant::now() + DEADLINE;
+    let record = loop {
+        let record: serde_json::Value = serde_json::from_slice(
+            &client
+                .get(format!("{}/async-calls/{call_id}", server.url))
+                .send()
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap(),
+        )
+        .unwrap();
+        if record["callbacks"]
+            .as_array()
+            .is_some_and(|c| !c.is_empty())
+        {
+            break record;
+        }
+        assert!(Instant::now() < end, "no callback entry: {record}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(record["state"], "succeeded", "{record}");
+    assert_eq!(record["attempts"].as_array().unwrap().len(), 1);
+    assert_eq!(record["callbacks"][0]["delivered"], true);
+    let result = client
+        .get(format!("{}/async-calls/{call_id}/result", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(result.status(), 200);
+    assert_eq!(result.headers()["x-function-status"], "200");
+    let kept: serde_json::Value = serde_json::from_slice(&result.bytes().await.unwrap()).unwrap();
+    assert_eq!(kept, stats);
+
     // Bad input reaches the function and its 400 comes back in the callback.
     server
         .call(&client, "stats", "1, two", &receiver.url())

@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
-use queue_worker::config::{LogArgs, NatsArgs, StreamArgs, parse_bytes, parse_duration};
+use queue_worker::config::{
+    LogArgs, NatsArgs, RecordArgs, StreamArgs, parse_bytes, parse_duration,
+};
 
 /// `gateway-plugin` settings.
 #[derive(Debug, Clone, Parser)]
@@ -21,6 +23,9 @@ pub struct GatewayConfig {
     /// Logging.
     #[command(flatten)]
     pub log: LogArgs,
+    /// Call records.
+    #[command(flatten)]
+    pub records: RecordArgs,
     /// Address to listen on.
     #[arg(long, env = "GATEWAY_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,

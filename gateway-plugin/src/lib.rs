@@ -3,11 +3,13 @@
 //! with `X-Call-Id` only after the queue stored the call durably.
 //!
 //! # Layout
+//! - [`calls`]: call records and kept results (`/async-calls/{id}`).
 //! - [`routes`]: the router (the one place every route is declared) and the enqueue handler.
 //! - [`link`]: the body limit derived from the queue's message limit.
 //! - [`error`]: JSON error answers.
 //! - [`config`]: settings (flags and environment variables; OpenFaaS's NATS variables).
 
+pub mod calls;
 pub mod config;
 pub mod error;
 pub mod link;
@@ -58,6 +60,7 @@ pub async fn run(
         nats: config.nats.clone(),
         manage_streams: Some(config.stream.clone()),
         consumer: None,
+        records: config.records.clone(),
     };
     let queue = JetStreamQueue::connect(options, "gateway-plugin", stop.clone()).await?;
     tracing::info!(nats = %config.nats.nats_url, "queue: JetStream");

@@ -3,6 +3,7 @@
 //!
 //! - `POST|PUT|PATCH|DELETE|GET /async-function/{name}[.{namespace}][/{path...}][?query]`
 //!   → `202 Accepted` once the queue stored the call.
+//! - `GET /async-calls/{call_id}[/result]`: where a call is, and its kept result ([`crate::calls`]).
 //! - `GET /healthz` (process up), `GET /readyz` (the queue can take calls: with JetStream, NATS
 //!   connected and the stream present).
 
@@ -22,6 +23,7 @@ use queue_worker::message::{
     BodyLocation, CallMeta, QueuedCall, parse_callback_url, parse_function, valid_call_id,
     validate_path,
 };
+use queue_worker::records::Event;
 use serde_json::json;
 
 use crate::error::ApiError;
@@ -76,6 +78,11 @@ pub fn router<Q: CallQueue>(state: Arc<AppState<Q>>) -> Router {
         .route("/async-function/{name}", enqueue_route())
         .route("/async-function/{name}/", enqueue_route())
         .route("/async-function/{name}/{*path}", enqueue_route())
+        .route("/async-calls/{call_id}", get(crate::calls::record::<Q>))
+        .route(
+            "/async-calls/{call_id}/result",
+            get(crate::calls::result::<Q>),
+        )
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz::<Q>))
         .fallback(not_found)
@@ -276,6 +283,15 @@ async fn accept<Q: CallQueue>(
             "could not encode the call",
         ),
     })?;
+    let accepted = Event::Accepted {
+        function: call.meta.qualified_function(),
+        at: received_at,
+        has_callback: call.meta.callback_url.is_some(),
+    };
+    if let Err(e) = state.queue.apply(call_id, &accepted).await {
+        // The call is stored; only its record lags until a worker writes it.
+        tracing::warn!(call_id, error = %e, "could not write the call record");
+    }
     tracing::info!(
         call_id,
         function = %call.meta.qualified_function(),

@@ -106,6 +106,21 @@ pub struct StreamArgs {
     pub stream_duplicate_window: Duration,
 }
 
+/// Call records and kept results (`GET /async-calls/{id}`). Shared by both binaries.
+#[derive(Debug, Clone, Args)]
+pub struct RecordArgs {
+    /// JetStream key-value bucket of call records and kept results (created by the gateway).
+    #[arg(long, env = "ASYNC_RECORDS_BUCKET", default_value = "faas-async-calls")]
+    pub records_bucket: String,
+    /// How long a call's record and kept result live after their last change.
+    #[arg(long, env = "ASYNC_RECORDS_RETENTION", default_value = "24h", value_parser = parse_duration)]
+    pub records_retention: Duration,
+    /// Largest function response kept for `GET /async-calls/{id}/result` (lowered to what the
+    /// queue's message limit allows); a larger one is reported as too large, never truncated.
+    #[arg(long, env = "ASYNC_MAX_RESULT_BYTES", default_value = "512KiB", value_parser = parse_bytes)]
+    pub max_result_bytes: u64,
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -148,6 +163,9 @@ pub struct WorkerConfig {
     /// Logging.
     #[command(flatten)]
     pub log: LogArgs,
+    /// Call records.
+    #[command(flatten)]
+    pub records: RecordArgs,
     /// Durable consumer shared by all workers.
     #[arg(
         long,

@@ -27,6 +27,7 @@ pub mod functions;
 pub mod invoke;
 pub mod message;
 pub mod queue;
+pub mod records;
 pub mod retry;
 pub mod signal;
 pub mod sled_flush;

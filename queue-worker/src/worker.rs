@@ -24,6 +24,7 @@ use crate::config::WorkerConfig;
 use crate::functions::FunctionSettings;
 use crate::invoke::{FunctionInvoker, Outcome, http_client};
 use crate::message::QueuedCall;
+use crate::records::{CallState, CallbackEntry, Event, ResultAvailability, StoredResult};
 use crate::retry::Decision;
 use crate::state::{Begin, CallStore, StateError};
 
@@ -88,6 +89,7 @@ pub async fn run(
             ack_wait: config.ack_wait,
             max_ack_pending: config.max_ack_pending,
         }),
+        records: config.records.clone(),
     };
     let queue = JetStreamQueue::connect(options, "queue-worker", CancellationToken::new()).await?;
     run_on(config, queue, shutdown).await
@@ -374,6 +376,17 @@ async fn handle_call<Q: CallQueue>(
                 .await;
             }
             tracing::debug!(attempt, max, "invoking");
+            note(
+                &ctx,
+                &call,
+                Event::AttemptStarted {
+                    function: call.meta.qualified_function(),
+                    attempt,
+                    at: crate::unix_nanos_now(),
+                    accepted_at: call.meta.received_at_unix_nanos,
+                },
+            )
+            .await;
             let outcome = tokio::select! {
                 o = ctx.invoker.invoke(&call, attempt, max, settings.timeout) => o,
                 () = ctx.hand_back.cancelled() => {
@@ -393,7 +406,23 @@ async fn handle_call<Q: CallQueue>(
                 attempt,
                 "function returned"
             );
-            match settings.retry.decide(attempt, &outcome) {
+            let decision = settings.retry.decide(attempt, &outcome);
+            let (next, result) = match decision {
+                Decision::Final => {
+                    let kept = keep_result(&ctx, &call, &outcome).await;
+                    let next = if (200..300).contains(&outcome.status) {
+                        CallState::Succeeded
+                    } else {
+                        CallState::Failed
+                    };
+                    (next, kept)
+                }
+                Decision::RetryAfter(_) => (CallState::Retrying, None),
+                // give_up records the dead letter.
+                Decision::Exhausted => (CallState::Failed, None),
+            };
+            note(&ctx, &call, attempt_ended(attempt, &outcome, next, result)).await;
+            match decision {
                 Decision::Final => {}
                 Decision::RetryAfter(wait) => {
                     tracing::info!(retry_in = ?wait, "retryable failure; scheduling the next attempt");
@@ -431,6 +460,78 @@ async fn handle_call<Q: CallQueue>(
     deliver_and_ack(&ctx, &msg, &call, &outcome, attempts, heartbeat).await;
 }
 
+/// Applies a record event; a failure is logged, never fails the call (records are for
+/// visibility; the queue and the dedup state carry the guarantees).
+async fn note<Q: CallQueue>(ctx: &Ctx<Q>, call: &QueuedCall, event: Event) {
+    if let Err(e) = ctx.queue.apply(&call.meta.call_id, &event).await {
+        tracing::warn!(error = %e, "could not update the call record");
+    }
+}
+
+fn attempt_ended(
+    attempt: u32,
+    outcome: &Outcome,
+    next: CallState,
+    result: Option<ResultAvailability>,
+) -> Event {
+    Event::AttemptEnded {
+        attempt,
+        status: outcome.status,
+        duration_ms: u64::try_from(outcome.duration.as_millis()).unwrap_or(u64::MAX),
+        error: outcome.error.clone(),
+        next,
+        result,
+    }
+}
+
+fn callback_event(status: u16, attempts: u32, error: Option<&str>) -> Event {
+    Event::Callback(CallbackEntry {
+        at: crate::unix_nanos_now(),
+        status: (status != 0).then_some(status),
+        attempts,
+        delivered: error.is_none(),
+        error: error.map(str::to_owned),
+    })
+}
+
+fn gave_up(call: &QueuedCall, state: CallState, reason: DeadLetterReason) -> Event {
+    Event::GaveUp {
+        state,
+        reason: Some(reason.as_str().to_owned()),
+        function: call.meta.qualified_function(),
+        accepted_at: call.meta.received_at_unix_nanos,
+    }
+}
+
+/// Keeps the final response for the result endpoint, if it fits.
+async fn keep_result<Q: CallQueue>(
+    ctx: &Ctx<Q>,
+    call: &QueuedCall,
+    outcome: &Outcome,
+) -> Option<ResultAvailability> {
+    let result = StoredResult {
+        status: outcome.status,
+        headers: outcome.headers.clone(),
+        body: outcome.body.to_vec(),
+    };
+    let encoded_len = result.encode().map(|e| e.len()).unwrap_or(usize::MAX);
+    if encoded_len > ctx.queue.max_result_bytes() {
+        tracing::info!(
+            result_bytes = encoded_len,
+            limit = ctx.queue.max_result_bytes(),
+            "result too large to keep"
+        );
+        return Some(ResultAvailability::TooLarge);
+    }
+    match ctx.queue.store_result(&call.meta.call_id, &result).await {
+        Ok(()) => Some(ResultAvailability::Stored),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not keep the result");
+            None
+        }
+    }
+}
+
 fn no_response(status: u16, error: &str) -> Outcome {
     Outcome {
         status,
@@ -461,12 +562,14 @@ async fn deliver_and_ack<Q: CallQueue>(
                     callback_attempts = attempts,
                     "callback delivered"
                 );
+                note(ctx, call, callback_event(status, attempts, None)).await;
             }
             Delivery::GaveUp {
                 reason,
                 attempts: tries,
             } => {
                 tracing::error!(%reason, callback_attempts = tries, "callback not delivered; dead-lettering the call");
+                note(ctx, call, callback_event(0, tries, Some(&reason))).await;
                 let detail = format!("callback: {reason}");
                 let letter = letter_for(
                     msg,
@@ -480,6 +583,16 @@ async fn deliver_and_ack<Q: CallQueue>(
                     tracing::warn!(error = %e, "could not forget the call");
                 }
                 drop(heartbeat);
+                note(
+                    ctx,
+                    call,
+                    gave_up(
+                        call,
+                        CallState::DeadLettered,
+                        DeadLetterReason::CallbackFailed,
+                    ),
+                )
+                .await;
                 return dead_letter_and_ack(ctx, msg, &letter).await;
             }
             Delivery::Interrupted => {
@@ -537,6 +650,12 @@ async fn give_up<Q: CallQueue>(
         drop(heartbeat);
         return nak(msg, Some(LOCAL_FAILURE_RETRY)).await;
     }
+    let state = if reason == DeadLetterReason::Expired {
+        CallState::Expired
+    } else {
+        CallState::DeadLettered
+    };
+    note(ctx, call, gave_up(call, state, reason)).await;
     if let Some(url) = call.meta.callback_url.as_deref() {
         match ctx
             .callbacks
@@ -549,11 +668,13 @@ async fn give_up<Q: CallQueue>(
             )
             .await
         {
-            Delivery::Delivered { status, .. } => {
+            Delivery::Delivered { status, attempts } => {
                 tracing::info!(callback_status = status, "final callback delivered");
+                note(ctx, call, callback_event(status, attempts, None)).await;
             }
-            Delivery::GaveUp { reason, .. } => {
+            Delivery::GaveUp { reason, attempts } => {
                 tracing::error!(%reason, "final callback not delivered (the call is in the dead-letter stream)");
+                note(ctx, call, callback_event(0, attempts, Some(&reason))).await;
             }
             Delivery::Interrupted => {
                 // The redelivery dead-letters again (stored once) and retries the callback.

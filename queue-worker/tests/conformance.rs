@@ -52,6 +52,7 @@ impl JetStreamHarness {
                 ack_wait: ACK_WAIT,
                 max_ack_pending: 1000,
             }),
+            records: common::record_args(),
         };
         let queue = JetStreamQueue::connect(options, "conformance", stop.clone())
             .await
@@ -103,6 +104,8 @@ fn embedded_options(dir: &std::path::Path) -> EmbeddedOptions {
         max_message_bytes: EMBEDDED_MAX_MESSAGE,
         max_bytes: 0,
         cache_bytes: 16 << 20,
+        records_retention: Duration::from_secs(3600),
+        max_result_bytes: 1 << 20,
     }
 }
 
@@ -583,7 +586,10 @@ mod embedded_specific {
         });
     }
 
-    #[allow(clippy::print_stdout, reason = "the child reports to its parent on stdout")]
+    #[allow(
+        clippy::print_stdout,
+        reason = "the child reports to its parent on stdout"
+    )]
     async fn child_publish_forever(dir: std::path::PathBuf) {
         let queue = EmbeddedQueue::open(embedded_options(&dir)).unwrap();
         let mut held = Vec::new();

@@ -96,23 +96,30 @@ pub struct Worker {
 
 impl Worker {
     pub fn start(nats_url: &str, function_gateway_url: &str) -> Self {
+        Self::start_with(nats_url, function_gateway_url, &[])
+    }
+
+    /// A worker with extra flags.
+    pub fn start_with(nats_url: &str, function_gateway_url: &str, extra: &[&str]) -> Self {
         let state = tempfile::tempdir().unwrap();
-        let config = queue_worker::WorkerConfig::try_parse_from([
+        let state_dir = state.path().display().to_string();
+        let mut args = vec![
             "queue-worker",
             "--nats-url",
             nats_url,
             "--gateway-url",
             function_gateway_url,
             "--state-dir",
-            &state.path().display().to_string(),
+            &state_dir,
             "--pull-expires",
             "1s",
             "--retry-initial-wait",
             "100ms",
             "--retry-max-wait",
             "200ms",
-        ])
-        .unwrap();
+        ];
+        args.extend_from_slice(extra);
+        let config = queue_worker::WorkerConfig::try_parse_from(args).unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(queue_worker::run(config, async move {
             let _ = rx.await;

@@ -30,17 +30,18 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use tokio::sync::Notify;
 
 use super::{
-    BackendError, CallQueue, DeadLetter, DeadLetterEntry, PublishError, Published, QueueDelivery,
-    call_subject,
+    BackendError, CallQueue, CallRecords, DeadLetter, DeadLetterEntry, PublishError, Published,
+    QueueDelivery, call_subject,
 };
 use crate::message::QueuedCall;
+use crate::records::{self, CallRecord, Event, StoredResult};
 use crate::sled_flush::GroupFlush;
 use crate::unix_nanos_now;
 
 /// Format version of the records this module writes.
 const RECORD_VERSION: u8 = 1;
-/// How often entries older than the duplicate window are removed.
-const DEDUP_SWEEP_EVERY: Duration = Duration::from_secs(60);
+/// How often dedup entries and records past their time are removed.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// Settings of an embedded queue.
 #[derive(Debug, Clone)]
@@ -59,6 +60,10 @@ pub struct EmbeddedOptions {
     pub max_bytes: u64,
     /// sled's page cache size.
     pub cache_bytes: u64,
+    /// How long call records and kept results live after their last change.
+    pub records_retention: Duration,
+    /// Largest encoded function response kept for the result endpoint.
+    pub max_result_bytes: usize,
 }
 
 /// The embedded queue. Cheap to share behind an `Arc`.
@@ -76,6 +81,10 @@ struct Inner {
     dedup: sled::Tree,
     dead: sled::Tree,
     dead_ids: sled::Tree,
+    records: sled::Tree,
+    results: sled::Tree,
+    /// Serialises read-modify-write of records (one process owns the database).
+    records_lock: Mutex<()>,
     flusher: GroupFlush,
     schedule: Mutex<Schedule>,
     /// Wakes pullers when something may have become due.
@@ -241,6 +250,9 @@ impl EmbeddedQueue {
             dedup: db.open_tree("dedup")?,
             dead: db.open_tree("dead")?,
             dead_ids: db.open_tree("dead_ids")?,
+            records: db.open_tree("records")?,
+            results: db.open_tree("results")?,
+            records_lock: Mutex::new(()),
             db,
             options,
             flusher: GroupFlush::new(),
@@ -249,7 +261,7 @@ impl EmbeddedQueue {
         };
         inner.rebuild_schedule()?;
         let inner = Arc::new(inner);
-        tokio::spawn(sweep_dedup(Arc::downgrade(&inner)));
+        tokio::spawn(sweep(Arc::downgrade(&inner)));
         Ok(Self { inner })
     }
 
@@ -505,6 +517,22 @@ impl Inner {
         Ok(removed)
     }
 
+    fn sweep_records(&self) -> Result<usize, BackendError> {
+        let oldest = unix_nanos_now().saturating_sub(nanos(self.options.records_retention));
+        let mut removed = 0;
+        for item in self.records.iter() {
+            let (key, value) = item?;
+            let expired = serde_json::from_slice::<CallRecord>(&value)
+                .map_or(true, |r| r.updated_at < oldest);
+            if expired {
+                self.records.remove(&key)?;
+                self.results.remove(&key)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     fn dead_letter_entries(&self) -> Result<Vec<(DeadLetterEntry, String, Bytes)>, BackendError> {
         let mut out = Vec::new();
         for item in self.dead.iter() {
@@ -527,14 +555,18 @@ impl Inner {
     }
 }
 
-async fn sweep_dedup(inner: Weak<Inner>) {
+/// Removes dedup entries older than the window and records past their retention.
+async fn sweep(inner: Weak<Inner>) {
     loop {
-        tokio::time::sleep(DEDUP_SWEEP_EVERY).await;
+        tokio::time::sleep(SWEEP_EVERY).await;
         let Some(inner) = inner.upgrade() else {
             return;
         };
-        match tokio::task::spawn_blocking(move || inner.sweep_dedup()).await {
-            Ok(Ok(n)) if n > 0 => tracing::debug!(removed = n, "old dedup entries swept"),
+        let swept = tokio::task::spawn_blocking(move || {
+            Ok::<_, BackendError>(inner.sweep_dedup()? + inner.sweep_records()?)
+        });
+        match swept.await {
+            Ok(Ok(n)) if n > 0 => tracing::debug!(removed = n, "expired entries swept"),
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "sweeping dedup entries failed"),
             Err(e) => tracing::warn!(error = %e, "dedup sweep task failed"),
@@ -547,6 +579,58 @@ struct Pull {
     inner: Arc<Inner>,
     remaining: usize,
     deadline: Instant,
+}
+
+impl CallRecords for EmbeddedQueue {
+    async fn record(&self, call_id: &str) -> Result<Option<CallRecord>, BackendError> {
+        let Some(raw) = self.inner.records.get(call_id.as_bytes())? else {
+            return Ok(None);
+        };
+        let record: CallRecord =
+            serde_json::from_slice(&raw).map_err(|e| BackendError::Corrupt {
+                key: format!("records/{call_id}"),
+                detail: e.to_string(),
+            })?;
+        let oldest = unix_nanos_now().saturating_sub(nanos(self.inner.options.records_retention));
+        Ok((record.updated_at >= oldest).then_some(record))
+    }
+
+    async fn apply(&self, call_id: &str, event: &Event) -> Result<CallRecord, BackendError> {
+        let inner = &self.inner;
+        let _guard = inner
+            .records_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let current = inner
+            .records
+            .get(call_id.as_bytes())?
+            .and_then(|raw| serde_json::from_slice(&raw).ok());
+        let record = records::apply(call_id, current, event, unix_nanos_now());
+        inner
+            .records
+            .insert(call_id.as_bytes(), serde_json::to_vec(&record)?)?;
+        Ok(record)
+    }
+
+    async fn store_result(&self, call_id: &str, result: &StoredResult) -> Result<(), BackendError> {
+        self.inner
+            .results
+            .insert(call_id.as_bytes(), result.encode()?)?;
+        Ok(())
+    }
+
+    async fn result(&self, call_id: &str) -> Result<Option<StoredResult>, BackendError> {
+        match self.inner.results.get(call_id.as_bytes())? {
+            Some(raw) => StoredResult::decode(&raw)
+                .map(Some)
+                .ok_or_else(|| corrupt(format!("results/{call_id}"), "unreadable result")),
+            None => Ok(None),
+        }
+    }
+
+    fn max_result_bytes(&self) -> usize {
+        self.inner.options.max_result_bytes
+    }
 }
 
 impl CallQueue for EmbeddedQueue {

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_nats::connection::State;
-use async_nats::jetstream::{self, AckKind, consumer::PullConsumer, message::StreamMessage};
+use async_nats::jetstream::{self, AckKind, consumer::PullConsumer, kv, message::StreamMessage};
 use async_nats::{HeaderMap, HeaderValue};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -21,11 +21,13 @@ use tokio::sync::{Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    BackendError, CallQueue, DeadLetter, DeadLetterEntry, PublishError, Published, QueueDelivery,
+    BackendError, CallQueue, CallRecords, DeadLetter, DeadLetterEntry, PublishError, Published,
+    QueueDelivery,
 };
-use crate::config::{NatsArgs, StreamArgs};
+use crate::config::{NatsArgs, RecordArgs, StreamArgs};
 use crate::message::QueuedCall;
-use crate::queue;
+use crate::queue::{self, HEADER_ALLOWANCE};
+use crate::records::{self, CallRecord, Event, StoredResult};
 
 /// The durable consumer a worker pulls from.
 #[derive(Debug, Clone)]
@@ -48,6 +50,8 @@ pub struct JetStreamOptions {
     pub manage_streams: Option<StreamArgs>,
     /// The consumer to pull from; `None` for a publish-only queue.
     pub consumer: Option<ConsumerOptions>,
+    /// The call-record bucket (created with the streams by the queue that manages them).
+    pub records: RecordArgs,
 }
 
 /// The JetStream backend. Cheap to share behind an `Arc`.
@@ -59,6 +63,7 @@ pub struct JetStreamQueue {
     streams_ready: AtomicBool,
     recheck: Notify,
     consumer: Mutex<Option<PullConsumer>>,
+    records: Mutex<Option<kv::Store>>,
 }
 
 impl JetStreamQueue {
@@ -88,6 +93,7 @@ impl JetStreamQueue {
             streams_ready: AtomicBool::new(false),
             recheck: Notify::new(),
             consumer: Mutex::new(None),
+            records: Mutex::new(None),
         });
         if manage {
             tokio::spawn(queue.clone().keep_streams(stop));
@@ -119,8 +125,17 @@ impl JetStreamQueue {
                 let max_payload = self.client.server_info().max_payload;
                 let ensured = match &self.options.manage_streams {
                     Some(settings) => {
-                        queue::ensure_streams(&self.js, &self.options.nats, settings, max_payload)
-                            .await
+                        match queue::ensure_streams(
+                            &self.js,
+                            &self.options.nats,
+                            settings,
+                            max_payload,
+                        )
+                        .await
+                        {
+                            Ok(()) => self.ensure_records_bucket(settings).await,
+                            Err(e) => Err(e),
+                        }
                     }
                     None => Ok(()),
                 };
@@ -180,6 +195,43 @@ impl JetStreamQueue {
         Ok(consumer)
     }
 
+    async fn ensure_records_bucket(&self, settings: &StreamArgs) -> Result<(), queue::QueueError> {
+        let config = kv::Config {
+            bucket: self.options.records.records_bucket.clone(),
+            description: "async call records and kept results".into(),
+            history: 1,
+            max_age: self.options.records.records_retention,
+            storage: jetstream::stream::StorageType::File,
+            num_replicas: settings.stream_replicas,
+            ..Default::default()
+        };
+        let store = self
+            .js
+            .create_or_update_key_value(config)
+            .await
+            .map_err(|e| queue::QueueError::Stream {
+                name: self.options.records.records_bucket.clone(),
+                message: e.to_string(),
+            })?;
+        *self.records.lock().await = Some(store);
+        Ok(())
+    }
+
+    /// The record bucket, looked up once (the gateway creates it).
+    async fn records_bucket(&self) -> Result<kv::Store, BackendError> {
+        let mut slot = self.records.lock().await;
+        if let Some(store) = slot.as_ref() {
+            return Ok(store.clone());
+        }
+        let store = self
+            .js
+            .get_key_value(&self.options.records.records_bucket)
+            .await
+            .map_err(request_err)?;
+        *slot = Some(store.clone());
+        Ok(store)
+    }
+
     /// Forget the consumer so the next pull binds again (after a failed pull).
     async fn unbind(&self) {
         *self.consumer.lock().await = None;
@@ -224,6 +276,104 @@ fn entry_of(msg: &StreamMessage) -> DeadLetterEntry {
         |name| msg.headers.get(name).map(HeaderValue::as_str),
         &msg.payload,
     )
+}
+
+fn record_key(call_id: &str) -> String {
+    format!("call.{call_id}")
+}
+
+fn result_key(call_id: &str) -> String {
+    format!("result.{call_id}")
+}
+
+/// Attempts of a compare-and-set before giving up (only concurrent writers make it retry).
+const CAS_ATTEMPTS: usize = 16;
+
+impl CallRecords for JetStreamQueue {
+    async fn record(&self, call_id: &str) -> Result<Option<CallRecord>, BackendError> {
+        let kv = self.records_bucket().await?;
+        match kv.get(record_key(call_id)).await.map_err(request_err)? {
+            Some(raw) => Ok(Some(serde_json::from_slice(&raw).map_err(|e| {
+                BackendError::Corrupt {
+                    key: record_key(call_id),
+                    detail: e.to_string(),
+                }
+            })?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn apply(&self, call_id: &str, event: &Event) -> Result<CallRecord, BackendError> {
+        let kv = self.records_bucket().await?;
+        let key = record_key(call_id);
+        let mut last_error = String::new();
+        for _ in 0..CAS_ATTEMPTS {
+            let entry = kv.entry(key.clone()).await.map_err(request_err)?;
+            let (current, revision) = match entry {
+                Some(e) if e.operation == kv::Operation::Put => {
+                    (serde_json::from_slice(&e.value).ok(), Some(e.revision))
+                }
+                Some(e) => (None, Some(e.revision)),
+                None => (None, None),
+            };
+            let record = records::apply(call_id, current, event, crate::unix_nanos_now());
+            let value = bytes::Bytes::from(serde_json::to_vec(&record)?);
+            let written = match revision {
+                Some(revision) => kv
+                    .update(&key, value, revision)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                None => kv
+                    .create(&key, value)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+            };
+            match written {
+                Ok(()) => return Ok(record),
+                // Another writer was first: read again and re-apply.
+                Err(e) => last_error = e,
+            }
+        }
+        Err(BackendError::Request(format!(
+            "record {call_id}: no compare-and-set succeeded: {last_error}"
+        )))
+    }
+
+    async fn store_result(&self, call_id: &str, result: &StoredResult) -> Result<(), BackendError> {
+        let kv = self.records_bucket().await?;
+        kv.put(result_key(call_id), result.encode()?.into())
+            .await
+            .map_err(request_err)?;
+        Ok(())
+    }
+
+    async fn result(&self, call_id: &str) -> Result<Option<StoredResult>, BackendError> {
+        let kv = self.records_bucket().await?;
+        match kv.get(result_key(call_id)).await.map_err(request_err)? {
+            Some(raw) => {
+                StoredResult::decode(&raw)
+                    .map(Some)
+                    .ok_or_else(|| BackendError::Corrupt {
+                        key: result_key(call_id),
+                        detail: "unreadable result".into(),
+                    })
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn max_result_bytes(&self) -> usize {
+        let configured =
+            usize::try_from(self.options.records.max_result_bytes).unwrap_or(usize::MAX);
+        configured.min(
+            self.client
+                .server_info()
+                .max_payload
+                .saturating_sub(HEADER_ALLOWANCE),
+        )
+    }
 }
 
 impl CallQueue for JetStreamQueue {

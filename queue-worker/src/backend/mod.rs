@@ -25,6 +25,7 @@ use futures::stream::BoxStream;
 use serde::Serialize;
 
 use crate::message::QueuedCall;
+use crate::records::{CallRecord, Event, StoredResult};
 
 /// Errors of queue operations other than publishing.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,9 @@ pub enum BackendError {
     /// The embedded queue's storage failed.
     #[error("embedded queue storage: {0}")]
     Storage(#[from] sled::Error),
+    /// A record could not be encoded.
+    #[error("cannot encode a record: {0}")]
+    Encode(#[from] serde_json::Error),
     /// A stored record could not be read back.
     #[error("corrupt queue record {key}: {detail}")]
     Corrupt {
@@ -80,11 +84,45 @@ pub struct Published {
     pub duplicate: bool,
 }
 
-/// A queue the gateway publishes into and workers pull from.
+/// Call records and kept results (see [`crate::records`]), stored beside the queue: in a
+/// JetStream key-value bucket, or in the embedded queue's database.
+pub trait CallRecords: Send + Sync + 'static {
+    /// The record of a call, if it is known (and not expired).
+    fn record(
+        &self,
+        call_id: &str,
+    ) -> impl Future<Output = Result<Option<CallRecord>, BackendError>> + Send;
+
+    /// Applies one event to a call's record (compare-and-set: concurrent writers do not lose
+    /// each other's changes) and returns the new record.
+    fn apply(
+        &self,
+        call_id: &str,
+        event: &Event,
+    ) -> impl Future<Output = Result<CallRecord, BackendError>> + Send;
+
+    /// Keeps a call's final response for the result endpoint.
+    fn store_result(
+        &self,
+        call_id: &str,
+        result: &StoredResult,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// A kept final response.
+    fn result(
+        &self,
+        call_id: &str,
+    ) -> impl Future<Output = Result<Option<StoredResult>, BackendError>> + Send;
+
+    /// Largest encoded response kept; larger ones are reported as too large.
+    fn max_result_bytes(&self) -> usize;
+}
+
+/// A queue the gateway publishes into and workers pull from, with its call records.
 ///
 /// Methods return `Send` futures so that the gateway and the worker can run them on any tokio
 /// worker thread.
-pub trait CallQueue: Send + Sync + 'static {
+pub trait CallQueue: CallRecords {
     /// One delivery of one queued message.
     type Delivery: QueueDelivery;
 

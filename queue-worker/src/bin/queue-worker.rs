@@ -39,6 +39,7 @@ async fn dead_letters(config: &WorkerConfig, action: DlqAction) -> anyhow::Resul
         nats: nats.clone(),
         manage_streams: None,
         consumer: None,
+        records: config.records.clone(),
     };
     let queue = JetStreamQueue::with_client(client, options, CancellationToken::new());
     queue_worker::dlq::run_command(queue.as_ref(), action, &mut std::io::stdout().lock())

@@ -39,6 +39,15 @@ pub fn nats_args(url: &str) -> NatsArgs {
     A::try_parse_from(["x", "--nats-url", url]).unwrap().nats
 }
 
+pub fn record_args() -> queue_worker::config::RecordArgs {
+    #[derive(Parser)]
+    struct A {
+        #[command(flatten)]
+        records: queue_worker::config::RecordArgs,
+    }
+    A::try_parse_from(["x"]).unwrap().records
+}
+
 pub fn stream_args() -> StreamArgs {
     #[derive(Parser)]
     struct A {
@@ -82,6 +91,7 @@ impl Queue {
             nats: self.args.clone(),
             manage_streams: None,
             consumer: None,
+            records: record_args(),
         };
         let queue = queue_worker::backend::jetstream::JetStreamQueue::with_client(
             self.client.clone(),

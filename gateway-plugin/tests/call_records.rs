@@ -1,0 +1,188 @@
+//! Call records and results on JetStream: `GET /async-calls/{id}` shows a call's state and
+//! timeline from any gateway replica; `GET /async-calls/{id}/result` returns the kept final
+//! response without any callback server; results expire; oversized ones are reported.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{DEADLINE, Gateway, Worker, assert_json_error, http};
+use load_tests::nats_server::NatsServer;
+use load_tests::stub::{CallbackReceiver, StubBehavior, StubFunction};
+use serde_json::Value;
+
+async fn get_record(client: &reqwest::Client, gateway: &Gateway, id: &str) -> reqwest::Response {
+    client
+        .get(format!("{}/async-calls/{id}", gateway.url))
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn state_of(client: &reqwest::Client, gateway: &Gateway, id: &str) -> Option<Value> {
+    let response = get_record(client, gateway, id).await;
+    (response.status() == 200).then_some(())?;
+    Some(serde_json::from_slice(&response.bytes().await.unwrap()).unwrap())
+}
+
+async fn post(
+    client: &reqwest::Client,
+    gateway: &Gateway,
+    body: Vec<u8>,
+    callback: Option<&str>,
+) -> String {
+    let mut request = client
+        .post(format!("{}/async-function/echo", gateway.url))
+        .body(body);
+    if let Some(url) = callback {
+        request = request.header("X-Callback-Url", url);
+    }
+    let response = request.send().await.unwrap();
+    assert_eq!(response.status(), 202);
+    response.headers()["x-call-id"].to_str().unwrap().to_owned()
+}
+
+/// Acceptance 1: queued → running → (retrying →) succeeded, one timeline entry per attempt and
+/// per callback delivery, read from a second gateway replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_record_moves_through_its_states_and_is_visible_from_another_replica() {
+    let nats = NatsServer::start().await.unwrap();
+    let function = StubFunction::start(StubBehavior {
+        delay: Duration::from_millis(700),
+        fail_first: 1,
+        fail_status: 503,
+        ..StubBehavior::default()
+    })
+    .await
+    .unwrap();
+    let receiver = CallbackReceiver::start().await.unwrap();
+    let first = Gateway::start(&nats.url(), &[]).await;
+    let second = Gateway::start(&nats.url(), &[]).await;
+    let client = http();
+
+    let id = post(&client, &first, b"job".to_vec(), Some(&receiver.url())).await;
+    // No worker yet: the record says queued, on the other replica too.
+    let record = state_of(&client, &second, &id)
+        .await
+        .expect("record visible");
+    assert_eq!(record["state"], "queued");
+    assert_eq!(record["function"], "echo");
+    assert_eq!(record["has_callback"], true);
+
+    let worker = Worker::start(&nats.url(), &function.url());
+    let mut seen: Vec<String> = vec!["queued".into()];
+    let end = Instant::now() + DEADLINE;
+    let record = loop {
+        let record = state_of(&client, &second, &id)
+            .await
+            .expect("record visible");
+        let state = record["state"].as_str().unwrap().to_owned();
+        if seen.last() != Some(&state) {
+            seen.push(state.clone());
+        }
+        if state == "succeeded" && record["callbacks"].as_array().unwrap().len() == 1 {
+            break record;
+        }
+        assert!(Instant::now() < end, "states seen: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        seen.contains(&"running".to_owned()),
+        "states seen: {seen:?}"
+    );
+    assert_eq!(seen.last().map(String::as_str), Some("succeeded"));
+    let attempts = record["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{record}");
+    assert_eq!(attempts[0]["attempt"], 1);
+    assert_eq!(attempts[0]["status"], 503);
+    assert_eq!(attempts[1]["status"], 200);
+    assert!(attempts[1]["duration_ms"].as_u64().unwrap() >= 600);
+    let callbacks = record["callbacks"].as_array().unwrap();
+    assert_eq!(callbacks[0]["delivered"], true);
+    assert_eq!(callbacks[0]["status"], 200);
+    assert_eq!(receiver.count(), 1);
+
+    assert_json_error(
+        get_record(&client, &first, "no-such-call").await,
+        404,
+        "unknown_call",
+    )
+    .await;
+    assert_json_error(
+        get_record(&client, &first, "bad%20id").await,
+        400,
+        "invalid_call_id",
+    )
+    .await;
+    worker.shutdown().await;
+}
+
+/// Acceptance 2: the result without any callback URL; 202 while not finished; an oversized
+/// result is reported, not truncated; results expire after the retention.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn results_are_kept_reported_when_too_large_and_expire() {
+    let nats = NatsServer::start().await.unwrap();
+    let function = StubFunction::start(StubBehavior {
+        response_headers: vec![("content-type".into(), "application/x-result".into())],
+        ..StubBehavior::default()
+    })
+    .await
+    .unwrap();
+    let gateway = Gateway::start(&nats.url(), &["--records-retention", "3s"]).await;
+    let client = http();
+    let result_of = |id: String| {
+        let client = client.clone();
+        let url = format!("{}/async-calls/{id}/result", gateway.url);
+        async move { client.get(url).send().await.unwrap() }
+    };
+
+    let small = post(&client, &gateway, b"the answer".to_vec(), None).await;
+    let pending = result_of(small.clone()).await;
+    assert_eq!(pending.status(), 202, "not finished without a worker");
+    let pending: Value = serde_json::from_slice(&pending.bytes().await.unwrap()).unwrap();
+    assert_eq!(pending["state"], "queued");
+
+    let big = post(&client, &gateway, vec![b'x'; 4096], None).await;
+    let worker = Worker::start_with(
+        &nats.url(),
+        &function.url(),
+        &["--max-result-bytes", "1KiB"],
+    );
+
+    let end = Instant::now() + DEADLINE;
+    let response = loop {
+        let response = result_of(small.clone()).await;
+        if response.status() != 202 {
+            break response;
+        }
+        assert!(Instant::now() < end, "no result");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-function-status"], "200");
+    assert_eq!(response.headers()["content-type"], "application/x-result");
+    assert_eq!(response.headers()["x-call-id"], small.as_str());
+    assert_eq!(response.bytes().await.unwrap().as_ref(), b"the answer");
+
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let record = state_of(&client, &gateway, &big).await.expect("record");
+        if record["state"] == "succeeded" {
+            assert_eq!(record["result"], "too_large");
+            break;
+        }
+        assert!(Instant::now() < end, "big call did not finish: {record}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_json_error(result_of(big.clone()).await, 409, "result_too_large").await;
+
+    // Past the 3 s retention the record and the result are gone.
+    let end = Instant::now() + DEADLINE;
+    while get_record(&client, &gateway, &small).await.status() != 404 {
+        assert!(Instant::now() < end, "the record did not expire");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_json_error(result_of(small.clone()).await, 404, "unknown_call").await;
+    worker.shutdown().await;
+}

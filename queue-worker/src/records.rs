@@ -1,0 +1,387 @@
+//! Call records: where every call is, kept by the gateway and the workers in a store every
+//! gateway replica can read (JetStream: a key-value bucket with a TTL; embedded: a sled tree),
+//! keyed by call id. A record holds the call's state, its timestamps and a timeline: one entry
+//! per attempt and one per callback delivery. The function's final response is kept beside it
+//! (up to a size) so callers can fetch the result without a callback server.
+//!
+//! Writers only ever apply one [`Event`] with a compare-and-set loop, so the gateway and a
+//! worker (or two workers after a redelivery) never overwrite each other's entries.
+
+use serde::{Deserialize, Serialize};
+
+/// Where a call is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallState {
+    /// Stored, waiting for a worker.
+    Queued,
+    /// A worker is invoking the function.
+    Running,
+    /// An attempt failed with a retryable error; the next one is scheduled.
+    Retrying,
+    /// The function's final answer was a success (2xx).
+    Succeeded,
+    /// The function's final answer was a failure that is not retried.
+    Failed,
+    /// Given up (attempts used up, callback undeliverable, undecodable): in the dead letters.
+    DeadLettered,
+    /// Cancelled before it finished.
+    Cancelled,
+    /// Older than its maximum age before it could run.
+    Expired,
+}
+
+impl CallState {
+    /// The call will not change state any more (a dead-letter replay starts it again).
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            Self::Succeeded | Self::Failed | Self::DeadLettered | Self::Cancelled | Self::Expired
+        )
+    }
+}
+
+/// One attempt at invoking the function.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptEntry {
+    /// 1 for the first.
+    pub attempt: u32,
+    /// When it started, Unix nanoseconds.
+    pub started_at: u64,
+    /// How long the function took, when it returned.
+    pub duration_ms: Option<u64>,
+    /// The function's status (503 for a refused connection or a timeout).
+    pub status: Option<u16>,
+    /// Why it failed, data-free.
+    pub error: Option<String>,
+}
+
+/// One callback delivery (all its HTTP attempts).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallbackEntry {
+    /// When it ended, Unix nanoseconds.
+    pub at: u64,
+    /// The receiver's last status, if it answered.
+    pub status: Option<u16>,
+    /// HTTP attempts made.
+    pub attempts: u32,
+    /// Delivered (2xx).
+    pub delivered: bool,
+    /// Why it failed, data-free.
+    pub error: Option<String>,
+}
+
+/// Where one call is, as `GET /async-calls/{id}` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallRecord {
+    /// The call id.
+    pub call_id: String,
+    /// `name` or `name.namespace`.
+    pub function: String,
+    /// Current state.
+    pub state: CallState,
+    /// When the gateway accepted it, Unix nanoseconds.
+    pub accepted_at: u64,
+    /// Last change, Unix nanoseconds.
+    pub updated_at: u64,
+    /// Whether a callback URL was given (the URL itself is not kept here).
+    pub has_callback: bool,
+    /// One entry per attempt.
+    pub attempts: Vec<AttemptEntry>,
+    /// One entry per callback delivery.
+    pub callbacks: Vec<CallbackEntry>,
+    /// Why it was dead-lettered.
+    pub dead_letter_reason: Option<String>,
+    /// What the result endpoint can return: `stored`, `too_large`, or none yet.
+    pub result: Option<ResultAvailability>,
+}
+
+/// Whether the final response was kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResultAvailability {
+    /// Kept; `GET /async-calls/{id}/result` returns it.
+    Stored,
+    /// Larger than the configured limit: not kept (never truncated).
+    TooLarge,
+}
+
+/// A change to a record. Applying the same event twice (a redelivery) is harmless.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The gateway stored the call.
+    Accepted {
+        /// `name` or `name.namespace`.
+        function: String,
+        /// Unix nanoseconds.
+        at: u64,
+        /// A callback URL was given.
+        has_callback: bool,
+    },
+    /// A worker started an attempt.
+    AttemptStarted {
+        /// `name` or `name.namespace`.
+        function: String,
+        /// Which attempt.
+        attempt: u32,
+        /// Unix nanoseconds.
+        at: u64,
+        /// When the gateway accepted it.
+        accepted_at: u64,
+    },
+    /// The attempt ended; `next` is the state it leaves the call in.
+    AttemptEnded {
+        /// Which attempt.
+        attempt: u32,
+        /// Function status.
+        status: u16,
+        /// Duration.
+        duration_ms: u64,
+        /// Why it failed.
+        error: Option<String>,
+        /// `Retrying`, `Succeeded` or `Failed`.
+        next: CallState,
+        /// Whether the response was kept for the result endpoint.
+        result: Option<ResultAvailability>,
+    },
+    /// A callback delivery ended.
+    Callback(CallbackEntry),
+    /// The call ended without a normal final answer.
+    GaveUp {
+        /// `DeadLettered`, `Expired` or `Cancelled`.
+        state: CallState,
+        /// Dead-letter reason, if any.
+        reason: Option<String>,
+        /// `name` or `name.namespace`.
+        function: String,
+        /// When the gateway accepted it.
+        accepted_at: u64,
+    },
+}
+
+impl CallRecord {
+    fn new(call_id: &str, function: &str, accepted_at: u64) -> Self {
+        Self {
+            call_id: call_id.to_owned(),
+            function: function.to_owned(),
+            state: CallState::Queued,
+            accepted_at,
+            updated_at: accepted_at,
+            has_callback: false,
+            attempts: Vec::new(),
+            callbacks: Vec::new(),
+            dead_letter_reason: None,
+            result: None,
+        }
+    }
+}
+
+/// Applies `event` to the current record (none if the call is not known yet).
+pub fn apply(call_id: &str, current: Option<CallRecord>, event: &Event, now: u64) -> CallRecord {
+    match event {
+        Event::Accepted {
+            function,
+            at,
+            has_callback,
+        } => {
+            // A worker may have been faster than the gateway's record write: keep its news.
+            let mut record = current.unwrap_or_else(|| CallRecord::new(call_id, function, *at));
+            record.has_callback = *has_callback;
+            record.accepted_at = *at;
+            record
+        }
+        Event::AttemptStarted {
+            function,
+            attempt,
+            at,
+            accepted_at,
+        } => {
+            let mut record =
+                current.unwrap_or_else(|| CallRecord::new(call_id, function, *accepted_at));
+            if !record.attempts.iter().any(|a| a.attempt == *attempt) {
+                record.attempts.push(AttemptEntry {
+                    attempt: *attempt,
+                    started_at: *at,
+                    duration_ms: None,
+                    status: None,
+                    error: None,
+                });
+            }
+            if !record.state.is_final() || record.state == CallState::DeadLettered {
+                // A dead letter that was replayed runs again.
+                record.state = CallState::Running;
+                record.dead_letter_reason = None;
+            }
+            record.updated_at = now;
+            record
+        }
+        Event::AttemptEnded {
+            attempt,
+            status,
+            duration_ms,
+            error,
+            next,
+            result,
+        } => {
+            let mut record = current.unwrap_or_else(|| CallRecord::new(call_id, "", now));
+            match record.attempts.iter_mut().find(|a| a.attempt == *attempt) {
+                Some(entry) => {
+                    entry.status = Some(*status);
+                    entry.duration_ms = Some(*duration_ms);
+                    entry.error.clone_from(error);
+                }
+                None => record.attempts.push(AttemptEntry {
+                    attempt: *attempt,
+                    started_at: now.saturating_sub(duration_ms.saturating_mul(1_000_000)),
+                    duration_ms: Some(*duration_ms),
+                    status: Some(*status),
+                    error: error.clone(),
+                }),
+            }
+            if record.state != CallState::Cancelled {
+                record.state = *next;
+            }
+            if result.is_some() {
+                record.result = *result;
+            }
+            record.updated_at = now;
+            record
+        }
+        Event::Callback(entry) => {
+            let mut record = current.unwrap_or_else(|| CallRecord::new(call_id, "", now));
+            record.callbacks.push(entry.clone());
+            record.updated_at = now;
+            record
+        }
+        Event::GaveUp {
+            state,
+            reason,
+            function,
+            accepted_at,
+        } => {
+            let mut record =
+                current.unwrap_or_else(|| CallRecord::new(call_id, function, *accepted_at));
+            record.state = *state;
+            record.dead_letter_reason.clone_from(reason);
+            record.updated_at = now;
+            record
+        }
+    }
+}
+
+/// The function's final response, as kept for `GET /async-calls/{id}/result`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredResult {
+    /// Function status.
+    pub status: u16,
+    /// Response headers.
+    pub headers: Vec<(String, String)>,
+    /// Response body.
+    pub body: Vec<u8>,
+}
+
+impl StoredResult {
+    /// Encodes for storage: the metadata as length-prefixed JSON, then the raw body.
+    pub fn encode(&self) -> Result<Vec<u8>, serde_json::Error> {
+        let meta = serde_json::to_vec(&(self.status, &self.headers))?;
+        let len = u32::try_from(meta.len()).unwrap_or(u32::MAX).to_be_bytes();
+        let mut out = Vec::with_capacity(4 + meta.len() + self.body.len());
+        out.extend_from_slice(&len);
+        out.extend_from_slice(&meta);
+        out.extend_from_slice(&self.body);
+        Ok(out)
+    }
+
+    /// Decodes what [`StoredResult::encode`] wrote.
+    pub fn decode(raw: &[u8]) -> Option<Self> {
+        let len = usize::try_from(u32::from_be_bytes(raw.get(..4)?.try_into().ok()?)).ok()?;
+        let end = 4usize.checked_add(len)?;
+        let (status, headers): (u16, Vec<(String, String)>) =
+            serde_json::from_slice(raw.get(4..end)?).ok()?;
+        Some(Self {
+            status,
+            headers,
+            body: raw.get(end..)?.to_vec(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn started(attempt: u32) -> Event {
+        Event::AttemptStarted {
+            function: "f".into(),
+            attempt,
+            at: 10,
+            accepted_at: 1,
+        }
+    }
+
+    fn ended(attempt: u32, status: u16, next: CallState) -> Event {
+        Event::AttemptEnded {
+            attempt,
+            status,
+            duration_ms: 5,
+            error: None,
+            next,
+            result: None,
+        }
+    }
+
+    #[test]
+    fn a_call_moves_through_its_states_with_one_entry_per_attempt() {
+        let accepted = Event::Accepted {
+            function: "f".into(),
+            at: 1,
+            has_callback: true,
+        };
+        let r = apply("id", None, &accepted, 1);
+        assert_eq!(r.state, CallState::Queued);
+        let r = apply("id", Some(r), &started(1), 2);
+        assert_eq!(r.state, CallState::Running);
+        let r = apply("id", Some(r), &ended(1, 503, CallState::Retrying), 3);
+        assert_eq!(r.state, CallState::Retrying);
+        // A redelivered start of the same attempt adds nothing.
+        let r = apply("id", Some(r), &started(2), 4);
+        let r = apply("id", Some(r), &started(2), 4);
+        let r = apply("id", Some(r), &ended(2, 200, CallState::Succeeded), 5);
+        assert_eq!(r.state, CallState::Succeeded);
+        assert_eq!(r.attempts.len(), 2);
+        assert_eq!(r.attempts[0].status, Some(503));
+        assert_eq!(r.attempts[1].status, Some(200));
+        assert!(r.has_callback);
+    }
+
+    #[test]
+    fn the_gateway_writing_late_keeps_the_workers_progress() {
+        let r = apply("id", None, &started(1), 2);
+        let r = apply(
+            "id",
+            Some(r),
+            &Event::Accepted {
+                function: "f".into(),
+                at: 1,
+                has_callback: false,
+            },
+            3,
+        );
+        assert_eq!(r.state, CallState::Running);
+        assert_eq!(r.attempts.len(), 1);
+    }
+
+    #[test]
+    fn results_round_trip() {
+        let result = StoredResult {
+            status: 201,
+            headers: vec![("content-type".into(), "text/plain".into())],
+            body: b"\x00binary\xff".to_vec(),
+        };
+        assert_eq!(
+            StoredResult::decode(&result.encode().unwrap()),
+            Some(result)
+        );
+        assert_eq!(StoredResult::decode(b"\x00\x00"), None);
+    }
+}
