@@ -296,3 +296,46 @@ fn worker_only_without_nats_is_refused_clearly() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--nats-url"), "{stderr}");
 }
+
+/// Idempotency keys and cancel on the embedded queue (the in-process cancel announcement and
+/// the sled-backed claims): the same key twice is one call, and cancelling it while the
+/// function runs aborts the invocation.
+#[tokio::test]
+async fn idempotency_and_cancel_work_on_the_embedded_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let function = StubFunction::start(StubBehavior {
+        delay: Duration::from_secs(30),
+        ..StubBehavior::default()
+    })
+    .await
+    .unwrap();
+    let receiver = CallbackReceiver::start().await.unwrap();
+    let server = Server::start(dir.path(), &["--gateway-url", &function.url()]).await;
+    let client = queue_worker::invoke::http_client("all-in-one-test").unwrap();
+    let send = || {
+        client
+            .post(format!("{}/async-function/slow", server.url))
+            .header("Idempotency-Key", "nightly-2026-11-28")
+            .header("X-Callback-Url", receiver.url())
+            .body("job")
+            .send()
+    };
+    let first = send().await.unwrap();
+    let id = first.headers()["x-call-id"].to_str().unwrap().to_owned();
+    let again = send().await.unwrap();
+    assert_eq!(again.headers()["x-call-id"], id.as_str());
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+
+    wait_until("the function runs", || function.invocations_for(&id) == 1).await;
+    let cancelled = client
+        .delete(format!("{}/async-calls/{id}", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancelled.status(), 200);
+    wait_until("the cancel callback arrived", || receiver.count() == 1).await;
+    let callback = &receiver.callbacks()[0];
+    assert_eq!(callback.header("x-call-id"), Some(id.as_str()));
+    assert_eq!(callback.header("x-call-state"), Some("cancelled"));
+    assert_eq!(function.invocations_for(&id), 1);
+}

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use queue_worker::backend::CallQueue;
 use queue_worker::invoke::is_hop_by_hop;
 use queue_worker::message::valid_call_id;
-use queue_worker::records::{CallRecord, CallState, ResultAvailability};
+use queue_worker::records::{CallRecord, CallState, Event, ResultAvailability};
 use serde_json::json;
 
 use crate::error::ApiError;
@@ -49,6 +49,55 @@ pub async fn record<Q: CallQueue>(
         Ok(record) => axum::Json(record).into_response(),
         Err(e) => e.with_call_id(&call_id).into_response(),
     }
+}
+
+/// `DELETE /async-calls/{call_id}`: cancels a call that has not finished. A queued call is not
+/// run; a running call's invocation is aborted. `200` with the record; `409` once final.
+pub async fn cancel<Q: CallQueue>(
+    State(state): State<Arc<AppState<Q>>>,
+    Path(call_id): Path<String>,
+) -> Response {
+    match cancel_call(&state, &call_id).await {
+        Ok(record) => axum::Json(record).into_response(),
+        Err(e) => e.with_call_id(&call_id).into_response(),
+    }
+}
+
+async fn cancel_call<Q: CallQueue>(
+    state: &AppState<Q>,
+    call_id: &str,
+) -> Result<CallRecord, ApiError> {
+    let record = load(state, call_id).await?;
+    let finished = |record: &CallRecord| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "already_finished",
+            format!(
+                "the call already ended (state {})",
+                serde_json::to_value(record.state).unwrap_or_default()
+            ),
+        )
+    };
+    if record.state.is_final() {
+        return Err(finished(&record));
+    }
+    let record = state
+        .queue
+        .apply(call_id, &Event::Cancel)
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "cancelling failed");
+            ApiError::unavailable("call records are unavailable now", state.retry_after)
+        })?;
+    if record.state != CallState::Cancelled {
+        return Err(finished(&record));
+    }
+    if let Err(e) = state.queue.announce_cancel(call_id).await {
+        // Workers also check the record before and after each attempt.
+        tracing::warn!(call_id, error = %e, "could not announce the cancel");
+    }
+    tracing::info!(call_id, "call cancelled");
+    Ok(record)
 }
 
 /// `GET /async-calls/{call_id}/result`: `200` with the function's final body, headers and

@@ -3,7 +3,8 @@
 //!
 //! - `POST|PUT|PATCH|DELETE|GET /async-function/{name}[.{namespace}][/{path...}][?query]`
 //!   → `202 Accepted` once the queue stored the call.
-//! - `GET /async-calls/{call_id}[/result]`: where a call is, and its kept result ([`crate::calls`]).
+//! - `GET /async-calls/{call_id}[/result]`, `DELETE /async-calls/{call_id}`: where a call is, its
+//!   kept result, cancel ([`crate::calls`]).
 //! - `GET /healthz` (process up), `GET /readyz` (the queue can take calls: with JetStream, NATS
 //!   connected and the stream present).
 
@@ -23,7 +24,7 @@ use queue_worker::message::{
     BodyLocation, CallMeta, QueuedCall, parse_callback_url, parse_function, valid_call_id,
     validate_path,
 };
-use queue_worker::records::Event;
+use queue_worker::records::{Event, idempotency_key};
 use serde_json::json;
 
 use crate::error::ApiError;
@@ -78,7 +79,10 @@ pub fn router<Q: CallQueue>(state: Arc<AppState<Q>>) -> Router {
         .route("/async-function/{name}", enqueue_route())
         .route("/async-function/{name}/", enqueue_route())
         .route("/async-function/{name}/{*path}", enqueue_route())
-        .route("/async-calls/{call_id}", get(crate::calls::record::<Q>))
+        .route(
+            "/async-calls/{call_id}",
+            get(crate::calls::record::<Q>).delete(crate::calls::cancel::<Q>),
+        )
         .route(
             "/async-calls/{call_id}/result",
             get(crate::calls::result::<Q>),
@@ -264,7 +268,49 @@ async fn accept<Q: CallQueue>(
         },
         body,
     };
-    let published = state.queue.publish(&call).await.map_err(|e| match e {
+    let idempotency = match header_str(&parts.headers, "idempotency-key")? {
+        None => None,
+        Some(key) if (1..=255).contains(&key.len()) => {
+            Some(idempotency_key(&call.meta.qualified_function(), key))
+        }
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "invalid_idempotency_key",
+                "Idempotency-Key must be 1-255 characters of visible ASCII",
+            ));
+        }
+    };
+    if let Some(key) = &idempotency {
+        match state.queue.claim_idempotency_key(key, call_id).await {
+            Ok(None) => {}
+            Ok(Some(original)) => {
+                tracing::info!(call_id = %original, "repeated Idempotency-Key; not queued again");
+                let mut response = StatusCode::ACCEPTED.into_response();
+                if let Ok(v) = HeaderValue::from_str(&original) {
+                    response.headers_mut().insert("x-call-id", v);
+                }
+                response
+                    .headers_mut()
+                    .insert("idempotent-replayed", HeaderValue::from_static("true"));
+                return Ok(response);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "idempotency store failed");
+                return Err(ApiError::unavailable(
+                    "idempotency keys cannot be checked now; retry",
+                    state.retry_after,
+                ));
+            }
+        }
+    }
+    let published = state.queue.publish(&call).await;
+    if published.is_err()
+        && let Some(key) = &idempotency
+        && let Err(e) = state.queue.release_idempotency_key(key).await
+    {
+        tracing::warn!(error = %e, "could not release the idempotency key");
+    }
+    let published = published.map_err(|e| match e {
         PublishError::TooLarge { max, .. } => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "request_too_large",

@@ -186,3 +186,133 @@ async fn results_are_kept_reported_when_too_large_and_expire() {
     assert_json_error(result_of(small.clone()).await, 404, "unknown_call").await;
     worker.shutdown().await;
 }
+
+/// Acceptance 3: the same `Idempotency-Key` twice (same function) → the same call id, one
+/// invocation; another function with the same key is another call; a bad key is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_idempotency_key_gives_the_same_call_once() {
+    let nats = NatsServer::start().await.unwrap();
+    let function = StubFunction::start(StubBehavior::default()).await.unwrap();
+    let gateway = Gateway::start(&nats.url(), &[]).await;
+    let second = Gateway::start(&nats.url(), &[]).await;
+    let client = http();
+    let send = |gateway: &Gateway, function_name: &str, key: &str| {
+        client
+            .post(format!("{}/async-function/{function_name}", gateway.url))
+            .header("Idempotency-Key", key)
+            .body("order 42")
+            .send()
+    };
+
+    let first = send(&gateway, "echo", "order-42").await.unwrap();
+    assert_eq!(first.status(), 202);
+    let id = first.headers()["x-call-id"].to_str().unwrap().to_owned();
+    assert!(first.headers().get("idempotent-replayed").is_none());
+    // Repeated, on the other replica too.
+    for g in [&gateway, &second] {
+        let again = send(g, "echo", "order-42").await.unwrap();
+        assert_eq!(again.status(), 202);
+        assert_eq!(again.headers()["x-call-id"], id.as_str());
+        assert_eq!(again.headers()["idempotent-replayed"], "true");
+    }
+    let other = send(&gateway, "other", "order-42").await.unwrap();
+    assert_ne!(other.headers()["x-call-id"], id.as_str());
+    let bad = send(&gateway, "echo", &"k".repeat(256)).await.unwrap();
+    assert_json_error(bad, 400, "invalid_idempotency_key").await;
+
+    let worker = Worker::start(&nats.url(), &function.url());
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let record = state_of(&client, &gateway, &id).await.expect("record");
+        if record["state"] == "succeeded" {
+            break;
+        }
+        assert!(Instant::now() < end, "not finished: {record}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Still the same call after it finished.
+    let late = send(&second, "echo", "order-42").await.unwrap();
+    assert_eq!(late.headers()["x-call-id"], id.as_str());
+    worker.shutdown().await;
+    assert_eq!(function.invocations_for(&id), 1);
+    assert_eq!(
+        function
+            .requests()
+            .iter()
+            .filter(|r| r.path_and_query == "/function/echo")
+            .count(),
+        1,
+        "one invocation of echo"
+    );
+}
+
+/// Acceptance 4: cancelling a queued call (never run) and a running call (invocation aborted);
+/// the record says `cancelled` and the callback says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queued_and_running_calls_can_be_cancelled() {
+    let nats = NatsServer::start().await.unwrap();
+    let function = StubFunction::start(StubBehavior {
+        delay: Duration::from_secs(30),
+        ..StubBehavior::default()
+    })
+    .await
+    .unwrap();
+    let receiver = CallbackReceiver::start().await.unwrap();
+    let gateway = Gateway::start(&nats.url(), &[]).await;
+    let client = http();
+    let cancel = |id: &str| {
+        client
+            .delete(format!("{}/async-calls/{id}", gateway.url))
+            .send()
+    };
+
+    // Queued: no worker yet.
+    let queued = post(&client, &gateway, b"q".to_vec(), Some(&receiver.url())).await;
+    let response = cancel(&queued).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let record: Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+    assert_eq!(record["state"], "cancelled");
+    assert_json_error(cancel(&queued).await.unwrap(), 409, "already_finished").await;
+    assert_json_error(cancel("no-such-call").await.unwrap(), 404, "unknown_call").await;
+
+    let started = Instant::now();
+    let worker = Worker::start(&nats.url(), &function.url());
+    // Running: the function holds it for 30 s; the cancel aborts it.
+    let running = post(&client, &gateway, b"r".to_vec(), Some(&receiver.url())).await;
+    let end = Instant::now() + DEADLINE;
+    while function.invocations_for(&running) == 0 {
+        assert!(Instant::now() < end, "the function was not called");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(cancel(&running).await.unwrap().status(), 200);
+
+    let end = Instant::now() + DEADLINE;
+    while receiver.count() < 2 {
+        assert!(Instant::now() < end, "cancel callbacks did not arrive");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "the running call was aborted, not waited for"
+    );
+    for id in [&queued, &running] {
+        let callback = receiver
+            .callbacks()
+            .into_iter()
+            .find(|c| c.call_id.as_deref() == Some(id.as_str()))
+            .expect("a callback per cancelled call");
+        assert_eq!(callback.header("x-call-state"), Some("cancelled"));
+        assert_eq!(callback.header("x-function-status"), Some("499"));
+        let record = state_of(&client, &gateway, id).await.unwrap();
+        assert_eq!(record["state"], "cancelled", "{record}");
+    }
+    assert_eq!(
+        function.invocations_for(&queued),
+        0,
+        "a cancelled queued call never runs"
+    );
+    assert_eq!(function.invocations_for(&running), 1, "not run again");
+    let record = state_of(&client, &gateway, &running).await.unwrap();
+    assert_eq!(record["attempts"][0]["error"], "cancelled");
+    worker.shutdown().await;
+}

@@ -146,6 +146,8 @@ pub enum Event {
     },
     /// A callback delivery ended.
     Callback(CallbackEntry),
+    /// A client asked to cancel the call; ignored once the call is final.
+    Cancel,
     /// The call ended without a normal final answer.
     GaveUp {
         /// `DeadLettered`, `Expired` or `Cancelled`.
@@ -198,6 +200,10 @@ pub fn apply(call_id: &str, current: Option<CallRecord>, event: &Event, now: u64
         } => {
             let mut record =
                 current.unwrap_or_else(|| CallRecord::new(call_id, function, *accepted_at));
+            if record.state == CallState::Cancelled {
+                // Not started: the worker sees the state and does not invoke.
+                return record;
+            }
             if !record.attempts.iter().any(|a| a.attempt == *attempt) {
                 record.attempts.push(AttemptEntry {
                     attempt: *attempt,
@@ -253,6 +259,14 @@ pub fn apply(call_id: &str, current: Option<CallRecord>, event: &Event, now: u64
             record.updated_at = now;
             record
         }
+        Event::Cancel => {
+            let mut record = current.unwrap_or_else(|| CallRecord::new(call_id, "", now));
+            if !record.state.is_final() {
+                record.state = CallState::Cancelled;
+                record.updated_at = now;
+            }
+            record
+        }
         Event::GaveUp {
             state,
             reason,
@@ -267,6 +281,17 @@ pub fn apply(call_id: &str, current: Option<CallRecord>, event: &Event, now: u64
             record
         }
     }
+}
+
+/// The storage key of an `Idempotency-Key` for a function: both hex-encoded, so any visible
+/// ASCII key is a valid key-value store key.
+pub fn idempotency_key(function: &str, client_key: &str) -> String {
+    let mut out = String::with_capacity(5 + 2 * (function.len() + client_key.len() + 1));
+    out.push_str("idem.");
+    for byte in function.bytes().chain([b'\n']).chain(client_key.bytes()) {
+        out.push_str(&format!("{byte:02x}"));
+    }
+    out
 }
 
 /// The function's final response, as kept for `GET /async-calls/{id}/result`.
@@ -369,6 +394,34 @@ mod tests {
         );
         assert_eq!(r.state, CallState::Running);
         assert_eq!(r.attempts.len(), 1);
+    }
+
+    #[test]
+    fn a_cancelled_call_stays_cancelled_and_a_finished_one_cannot_be_cancelled() {
+        let r = apply("id", None, &started(1), 1);
+        let r = apply("id", Some(r), &Event::Cancel, 2);
+        assert_eq!(r.state, CallState::Cancelled);
+        // The running attempt ends: the call stays cancelled, the attempt is recorded.
+        let r = apply("id", Some(r), &ended(1, 200, CallState::Succeeded), 3);
+        assert_eq!(r.state, CallState::Cancelled);
+        assert_eq!(r.attempts[0].status, Some(200));
+        // A redelivery does not start a new attempt.
+        let r = apply("id", Some(r), &started(2), 4);
+        assert_eq!((r.state, r.attempts.len()), (CallState::Cancelled, 1));
+
+        let done = apply("id", None, &ended(1, 200, CallState::Succeeded), 1);
+        assert_eq!(
+            apply("id", Some(done), &Event::Cancel, 2).state,
+            CallState::Succeeded
+        );
+    }
+
+    #[test]
+    fn idempotency_keys_are_store_safe_and_scoped_by_function() {
+        let k = idempotency_key("f.ns", "order 42/ä?");
+        assert!(k.starts_with("idem."));
+        assert!(k[5..].bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_ne!(k, idempotency_key("g.ns", "order 42/ä?"));
     }
 
     #[test]

@@ -24,7 +24,9 @@ use crate::config::WorkerConfig;
 use crate::functions::FunctionSettings;
 use crate::invoke::{FunctionInvoker, Outcome, http_client};
 use crate::message::QueuedCall;
-use crate::records::{CallState, CallbackEntry, Event, ResultAvailability, StoredResult};
+use crate::records::{
+    CallRecord, CallState, CallbackEntry, Event, ResultAvailability, StoredResult,
+};
 use crate::retry::Decision;
 use crate::state::{Begin, CallStore, StateError};
 
@@ -71,6 +73,64 @@ struct Ctx<Q> {
     hand_back: CancellationToken,
     /// Retry policy, timeout and max age per function.
     functions: FunctionSettings,
+    /// Calls being invoked here, to abort on a cancel.
+    running: RunningCalls,
+}
+
+/// Cancel tokens of the calls this worker is invoking.
+#[derive(Debug, Default)]
+struct RunningCalls(std::sync::Mutex<std::collections::HashMap<String, CancellationToken>>);
+
+impl RunningCalls {
+    fn calls(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, CancellationToken>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn register(&self, call_id: &str) -> CancellationToken {
+        let token = CancellationToken::new();
+        self.calls().insert(call_id.to_owned(), token.clone());
+        token
+    }
+
+    fn remove(&self, call_id: &str) {
+        self.calls().remove(call_id);
+    }
+
+    fn cancel(&self, call_id: &str) {
+        if let Some(token) = self.calls().get(call_id) {
+            token.cancel();
+        }
+    }
+}
+
+/// Aborts running invocations of calls announced as cancelled, until `stop` fires.
+async fn listen_for_cancels<Q: CallQueue>(ctx: Arc<Ctx<Q>>, stop: CancellationToken) {
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
+    while !stop.is_cancelled() {
+        let mut announced = match ctx.queue.cancellations().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for cancels; retrying");
+                backoff.wait(&stop).await;
+                continue;
+            }
+        };
+        backoff.reset();
+        loop {
+            let next = tokio::select! {
+                n = announced.next() => n,
+                () = stop.cancelled() => return,
+            };
+            match next {
+                Some(call_id) => ctx.running.cancel(&call_id),
+                None => break,
+            }
+        }
+    }
 }
 
 /// Runs a worker on JetStream until `shutdown` completes, then drains: no new pulls, in-flight
@@ -128,6 +188,7 @@ pub async fn run_on<Q: CallQueue>(
         store,
         hand_back: CancellationToken::new(),
         functions,
+        running: RunningCalls::default(),
         config,
     });
     {
@@ -138,6 +199,7 @@ pub async fn run_on<Q: CallQueue>(
         });
     }
     let sweeper = tokio::spawn(sweep_expired(ctx.store.clone(), stop_pulling.clone()));
+    let cancel_listener = tokio::spawn(listen_for_cancels(ctx.clone(), stop_pulling.clone()));
 
     tracing::info!(
         consumer = %ctx.config.consumer,
@@ -168,6 +230,7 @@ pub async fn run_on<Q: CallQueue>(
         .await;
     }
     sweeper.abort();
+    cancel_listener.abort();
     ctx.queue.flush_before_exit().await;
     if let Err(e) = ctx.store.flush().await {
         tracing::warn!(error = %e, "could not flush state at shutdown");
@@ -376,7 +439,7 @@ async fn handle_call<Q: CallQueue>(
                 .await;
             }
             tracing::debug!(attempt, max, "invoking");
-            note(
+            let started = note(
                 &ctx,
                 &call,
                 Event::AttemptStarted {
@@ -387,10 +450,24 @@ async fn handle_call<Q: CallQueue>(
                 },
             )
             .await;
+            if is_cancelled(started.as_ref()) {
+                drop(permit);
+                return cancelled(&ctx, &msg, &call, attempt - 1, heartbeat).await;
+            }
+            let cancel = ctx.running.register(call_id);
             let outcome = tokio::select! {
                 o = ctx.invoker.invoke(&call, attempt, max, settings.timeout) => o,
+                () = cancel.cancelled() => {
+                    tracing::info!("cancelled while running: invocation aborted");
+                    ctx.running.remove(call_id);
+                    drop(permit);
+                    let aborted = no_response(CANCELLED_STATUS, CANCELLED);
+                    note(&ctx, &call, attempt_ended(attempt, &aborted, CallState::Cancelled, None)).await;
+                    return cancelled(&ctx, &msg, &call, attempt, heartbeat).await;
+                }
                 () = ctx.hand_back.cancelled() => {
                     tracing::warn!("shutdown: abandoning the running call and handing it back");
+                    ctx.running.remove(call_id);
                     if let Err(e) = ctx.store.release(call_id) {
                         tracing::warn!(error = %e, "could not release the claim");
                     }
@@ -398,6 +475,7 @@ async fn handle_call<Q: CallQueue>(
                     return nak(&msg, None).await;
                 }
             };
+            ctx.running.remove(call_id);
             drop(permit);
             tracing::info!(
                 status = outcome.status,
@@ -421,7 +499,11 @@ async fn handle_call<Q: CallQueue>(
                 // give_up records the dead letter.
                 Decision::Exhausted => (CallState::Failed, None),
             };
-            note(&ctx, &call, attempt_ended(attempt, &outcome, next, result)).await;
+            let ended = note(&ctx, &call, attempt_ended(attempt, &outcome, next, result)).await;
+            if is_cancelled(ended.as_ref()) {
+                // Cancelled while it ran and the announcement did not reach us.
+                return cancelled(&ctx, &msg, &call, attempt, heartbeat).await;
+            }
             match decision {
                 Decision::Final => {}
                 Decision::RetryAfter(wait) => {
@@ -460,12 +542,66 @@ async fn handle_call<Q: CallQueue>(
     deliver_and_ack(&ctx, &msg, &call, &outcome, attempts, heartbeat).await;
 }
 
-/// Applies a record event; a failure is logged, never fails the call (records are for
-/// visibility; the queue and the dedup state carry the guarantees).
-async fn note<Q: CallQueue>(ctx: &Ctx<Q>, call: &QueuedCall, event: Event) {
-    if let Err(e) = ctx.queue.apply(&call.meta.call_id, &event).await {
-        tracing::warn!(error = %e, "could not update the call record");
+/// Applies a record event and returns the new record; a failure is logged, never fails the
+/// call (records are for visibility; the queue and the dedup state carry the guarantees).
+async fn note<Q: CallQueue>(ctx: &Ctx<Q>, call: &QueuedCall, event: Event) -> Option<CallRecord> {
+    match ctx.queue.apply(&call.meta.call_id, &event).await {
+        Ok(record) => Some(record),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not update the call record");
+            None
+        }
     }
+}
+
+fn is_cancelled(record: Option<&CallRecord>) -> bool {
+    record.is_some_and(|r| r.state == CallState::Cancelled)
+}
+
+/// `X-Function-Status` of a cancelled call's callback (no function answer; the convention for
+/// a request the client abandoned).
+const CANCELLED_STATUS: u16 = 499;
+/// `X-Function-Error` of a cancelled call's callback.
+const CANCELLED: &str = "cancelled";
+
+/// The call was cancelled: it is not run (again); its callback, if any, says so with
+/// `X-Call-State: cancelled`; then it is marked done and acked.
+async fn cancelled<Q: CallQueue>(
+    ctx: &Ctx<Q>,
+    msg: &Q::Delivery,
+    call: &QueuedCall,
+    attempts: u32,
+    heartbeat: Heartbeat,
+) {
+    tracing::info!("call cancelled; not running it (again)");
+    if let Some(url) = call.meta.callback_url.as_deref() {
+        let mut outcome = no_response(CANCELLED_STATUS, CANCELLED);
+        outcome
+            .headers
+            .push(("x-call-state".into(), CANCELLED.into()));
+        match ctx
+            .callbacks
+            .deliver(url, &call.meta, &outcome, None, &ctx.hand_back)
+            .await
+        {
+            Delivery::Delivered { status, attempts } => {
+                note(ctx, call, callback_event(status, attempts, None)).await;
+            }
+            Delivery::GaveUp { reason, attempts } => {
+                tracing::warn!(%reason, "cancel callback not delivered");
+                note(ctx, call, callback_event(0, attempts, Some(&reason))).await;
+            }
+            Delivery::Interrupted => {
+                drop(heartbeat);
+                return nak(msg, None).await;
+            }
+        }
+    }
+    if let Err(e) = ctx.store.finish(&call.meta.call_id, attempts).await {
+        tracing::warn!(error = %e, "could not mark the call done");
+    }
+    drop(heartbeat);
+    ack(msg).await;
 }
 
 fn attempt_ended(

@@ -83,6 +83,9 @@ struct Inner {
     dead_ids: sled::Tree,
     records: sled::Tree,
     results: sled::Tree,
+    idempotency: sled::Tree,
+    /// Cancel announcements to the worker of this process.
+    cancels: tokio::sync::broadcast::Sender<String>,
     /// Serialises read-modify-write of records (one process owns the database).
     records_lock: Mutex<()>,
     flusher: GroupFlush,
@@ -196,6 +199,18 @@ fn dedup_time(raw: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(raw.get(..8)?.try_into().ok()?))
 }
 
+/// `idempotency` value: claim time, then the call id.
+fn encode_claim(at: u64, call_id: &str) -> Vec<u8> {
+    let mut out = at.to_be_bytes().to_vec();
+    out.extend_from_slice(call_id.as_bytes());
+    out
+}
+
+fn decode_claim(raw: &[u8]) -> Option<(u64, String)> {
+    let at = u64::from_be_bytes(raw.get(..8)?.try_into().ok()?);
+    Some((at, String::from_utf8(raw.get(8..)?.to_vec()).ok()?))
+}
+
 /// A dead letter as stored: its fields, then the original message.
 #[derive(Debug, Serialize, Deserialize)]
 struct DeadRecord {
@@ -252,6 +267,8 @@ impl EmbeddedQueue {
             dead_ids: db.open_tree("dead_ids")?,
             records: db.open_tree("records")?,
             results: db.open_tree("results")?,
+            idempotency: db.open_tree("idempotency")?,
+            cancels: tokio::sync::broadcast::channel(1024).0,
             records_lock: Mutex::new(()),
             db,
             options,
@@ -530,6 +547,13 @@ impl Inner {
                 removed += 1;
             }
         }
+        for item in self.idempotency.iter() {
+            let (key, value) = item?;
+            if decode_claim(&value).is_none_or(|(at, _)| at < oldest) {
+                self.idempotency.remove(&key)?;
+                removed += 1;
+            }
+        }
         Ok(removed)
     }
 
@@ -630,6 +654,57 @@ impl CallRecords for EmbeddedQueue {
 
     fn max_result_bytes(&self) -> usize {
         self.inner.options.max_result_bytes
+    }
+
+    async fn claim_idempotency_key(
+        &self,
+        key: &str,
+        call_id: &str,
+    ) -> Result<Option<String>, BackendError> {
+        let inner = &self.inner;
+        let _guard = inner
+            .records_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let oldest = unix_nanos_now().saturating_sub(nanos(inner.options.records_retention));
+        if let Some(raw) = inner.idempotency.get(key.as_bytes())?
+            && let Some((at, holder)) = decode_claim(&raw)
+            && at >= oldest
+        {
+            return Ok(Some(holder));
+        }
+        inner
+            .idempotency
+            .insert(key.as_bytes(), encode_claim(unix_nanos_now(), call_id))?;
+        Ok(None)
+    }
+
+    async fn release_idempotency_key(&self, key: &str) -> Result<(), BackendError> {
+        self.inner.idempotency.remove(key.as_bytes())?;
+        Ok(())
+    }
+
+    async fn announce_cancel(&self, call_id: &str) -> Result<(), BackendError> {
+        // No receiver (no worker running) is fine: the record says cancelled.
+        let _ = self.inner.cancels.send(call_id.to_owned());
+        Ok(())
+    }
+
+    async fn cancellations(&self) -> Result<BoxStream<'static, String>, BackendError> {
+        let receiver = self.inner.cancels.subscribe();
+        Ok(
+            futures::stream::unfold(receiver, |mut receiver| async move {
+                loop {
+                    match receiver.recv().await {
+                        Ok(id) => return Some((id, receiver)),
+                        // Missed some: the record check before and after each attempt covers them.
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                    }
+                }
+            })
+            .boxed(),
+        )
     }
 }
 

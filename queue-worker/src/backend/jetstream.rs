@@ -232,6 +232,11 @@ impl JetStreamQueue {
         Ok(store)
     }
 
+    /// Core NATS subject of cancel announcements (outside the calls stream's subjects).
+    fn cancel_subject(&self) -> String {
+        format!("{}-control.cancel", self.options.nats.subject_prefix)
+    }
+
     /// Forget the consumer so the next pull binds again (after a failed pull).
     async fn unbind(&self) {
         *self.consumer.lock().await = None;
@@ -362,6 +367,56 @@ impl CallRecords for JetStreamQueue {
             }
             None => Ok(None),
         }
+    }
+
+    async fn claim_idempotency_key(
+        &self,
+        key: &str,
+        call_id: &str,
+    ) -> Result<Option<String>, BackendError> {
+        let kv = self.records_bucket().await?;
+        for _ in 0..CAS_ATTEMPTS {
+            match kv.create(key, bytes::Bytes::from(call_id.to_owned())).await {
+                Ok(_) => return Ok(None),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                    // Deleted between the two requests: try to claim again.
+                    if let Some(holder) = kv.get(key).await.map_err(request_err)? {
+                        return Ok(Some(String::from_utf8_lossy(&holder).into_owned()));
+                    }
+                }
+                Err(e) => return Err(request_err(e)),
+            }
+        }
+        Err(BackendError::Request(format!(
+            "idempotency key {key}: contended"
+        )))
+    }
+
+    async fn release_idempotency_key(&self, key: &str) -> Result<(), BackendError> {
+        let kv = self.records_bucket().await?;
+        kv.delete(key).await.map_err(request_err)
+    }
+
+    async fn announce_cancel(&self, call_id: &str) -> Result<(), BackendError> {
+        self.client
+            .publish(
+                self.cancel_subject(),
+                bytes::Bytes::from(call_id.to_owned()),
+            )
+            .await
+            .map_err(request_err)?;
+        self.client.flush().await.map_err(request_err)
+    }
+
+    async fn cancellations(&self) -> Result<BoxStream<'static, String>, BackendError> {
+        let subscriber = self
+            .client
+            .subscribe(self.cancel_subject())
+            .await
+            .map_err(request_err)?;
+        Ok(subscriber
+            .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+            .boxed())
     }
 
     fn max_result_bytes(&self) -> usize {

@@ -116,6 +116,32 @@ pub trait CallRecords: Send + Sync + 'static {
 
     /// Largest encoded response kept; larger ones are reported as too large.
     fn max_result_bytes(&self) -> usize;
+
+    /// Claims `key` (from [`crate::records::idempotency_key`]) for `call_id`, for the records
+    /// retention. Returns the call id that already holds it, if another call claimed it first.
+    fn claim_idempotency_key(
+        &self,
+        key: &str,
+        call_id: &str,
+    ) -> impl Future<Output = Result<Option<String>, BackendError>> + Send;
+
+    /// Gives up a claim (the call it was for could not be queued).
+    fn release_idempotency_key(
+        &self,
+        key: &str,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Tells every worker that `call_id` was cancelled (best effort; workers also see it in
+    /// the record before and after each attempt).
+    fn announce_cancel(
+        &self,
+        call_id: &str,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Call ids announced as cancelled from now on.
+    fn cancellations(
+        &self,
+    ) -> impl Future<Output = Result<BoxStream<'static, String>, BackendError>> + Send;
 }
 
 /// A queue the gateway publishes into and workers pull from, with its call records.
