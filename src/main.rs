@@ -209,6 +209,15 @@ async fn serve<Q: CallQueue>(
         });
         print_banner(address, role, queue_description, &config.worker.gateway_url);
     }
+    if role == Role::Worker {
+        // No HTTP front in this process: the worker serves /metrics on its own address.
+        queue_worker::worker::serve_metrics(
+            config.worker.metrics_listen,
+            queue.clone(),
+            stop.clone(),
+        )
+        .await;
+    }
     if role != Role::Gateway {
         let worker = config.worker;
         let stop = stop.clone();

@@ -339,3 +339,79 @@ async fn idempotency_and_cancel_work_on_the_embedded_queue() {
     assert_eq!(callback.header("x-call-state"), Some("cancelled"));
     assert_eq!(function.invocations_for(&id), 1);
 }
+
+/// Acceptance (metrics): after a known workload, `/metrics` shows the documented series with
+/// the right counts. A separate process, so no other test's traffic is counted.
+#[tokio::test]
+async fn metrics_count_a_known_workload() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut function = Command::new(env!("CARGO_BIN_EXE_stats-function"))
+        .args(["--listen", "127.0.0.1:0"])
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut function_log = BufReader::new(function.stderr.take().unwrap()).lines();
+    let function_url = tokio::time::timeout(DEADLINE, function_log.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .and_then(|l| {
+            l.strip_prefix("stats-function listening on ")
+                .map(str::to_owned)
+        })
+        .unwrap();
+    let receiver = CallbackReceiver::start().await.unwrap();
+    let server = Server::start(dir.path(), &["--gateway-url", &function_url]).await;
+    let client = queue_worker::invoke::http_client("all-in-one-test").unwrap();
+    let mut ids = Vec::new();
+    for body in ["[1, 2]", "[3]", "4 5 6", "not numbers"] {
+        ids.push(server.call(&client, "stats", body, &receiver.url()).await);
+    }
+    let refused = client
+        .post(format!("{}/async-function/stats", server.url))
+        .header("X-Callback-Url", "not a url")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
+
+    let expected = [
+        "faas_async_submitted_total{function=\"stats\"} 4",
+        "faas_async_refused_total{reason=\"invalid_callback_url\"} 1",
+        "faas_async_processed_total{function=\"stats\",outcome=\"succeeded\"} 3",
+        "faas_async_processed_total{function=\"stats\",outcome=\"failed\"} 1",
+        "faas_async_callbacks_total{function=\"stats\",outcome=\"delivered\"} 4",
+        "faas_async_queue_wait_seconds_count{function=\"stats\"} 4",
+        "faas_async_function_duration_seconds_count{function=\"stats\"} 4",
+        "faas_async_callback_duration_seconds_count{function=\"stats\"} 4",
+        "faas_async_end_to_end_seconds_count{function=\"stats\"} 4",
+        "faas_async_accept_seconds_count 4",
+        "faas_async_in_flight{function=\"stats\"} 0",
+        "faas_async_pending_messages 0",
+        "faas_async_dead_letters_kept 0",
+    ];
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let response = client
+            .get(format!("{}/metrics", server.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let text = response.text().await.unwrap();
+        let missing: Vec<_> = expected
+            .iter()
+            .filter(|line| !text.lines().any(|l| l == **line))
+            .collect();
+        if missing.is_empty() {
+            assert!(
+                ids.iter().all(|id| !text.contains(id.as_str())),
+                "no call ids in labels"
+            );
+            break;
+        }
+        assert!(Instant::now() < end, "missing series: {missing:?}\n{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

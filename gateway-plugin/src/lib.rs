@@ -82,6 +82,7 @@ pub async fn serve<Q: CallQueue>(
         retry_after: settings.retry_after,
         configured_max_body: settings.max_body_bytes,
         warned_max_body: AtomicBool::new(false),
+        metrics: queue_worker::metrics::install(),
     });
     let app = routes::router(state);
     tracing::info!(listen = %listener.local_addr()?, "gateway-plugin listening");

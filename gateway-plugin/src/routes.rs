@@ -18,6 +18,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, get, on};
+use metrics_exporter_prometheus::PrometheusHandle;
 use queue_worker::backend::{CallQueue, PublishError};
 use queue_worker::invoke::is_hop_by_hop;
 use queue_worker::message::{
@@ -41,6 +42,8 @@ pub struct AppState<Q> {
     pub configured_max_body: Option<u64>,
     /// The configured limit was found above the queue's and lowered (warned once).
     pub warned_max_body: AtomicBool,
+    /// Renders `/metrics`.
+    pub metrics: PrometheusHandle,
 }
 
 impl<Q: CallQueue> AppState<Q> {
@@ -87,6 +90,7 @@ pub fn router<Q: CallQueue>(state: Arc<AppState<Q>>) -> Router {
             "/async-calls/{call_id}/result",
             get(crate::calls::result::<Q>),
         )
+        .route("/metrics", get(metrics_text::<Q>))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz::<Q>))
         .fallback(not_found)
@@ -126,6 +130,18 @@ async fn method_not_allowed() -> Response {
         HeaderValue::from_static("POST, PUT, PATCH, DELETE, GET"),
     );
     response
+}
+
+async fn metrics_text<Q: CallQueue>(State(state): State<Arc<AppState<Q>>>) -> Response {
+    let text = queue_worker::metrics::render(&state.metrics, state.queue.as_ref()).await;
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
 }
 
 async fn healthz() -> impl IntoResponse {
@@ -200,6 +216,7 @@ async fn enqueue<Q: CallQueue>(
                 error = e.code,
                 "call refused"
             );
+            metrics::counter!(queue_worker::metrics::REFUSED, "reason" => e.code).increment(1);
             e.with_call_id(&call_id).into_response()
         }
     }
@@ -345,6 +362,10 @@ async fn accept<Q: CallQueue>(
         duplicate = published.duplicate,
         "call queued"
     );
+    let function = queue_worker::metrics::function_label(&call.meta.qualified_function());
+    metrics::counter!(queue_worker::metrics::SUBMITTED, "function" => function).increment(1);
+    metrics::histogram!(queue_worker::metrics::ACCEPT_SECONDS)
+        .record(queue_worker::metrics::seconds_since(received_at));
     let mut response = StatusCode::ACCEPTED.into_response();
     let h = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(call_id) {

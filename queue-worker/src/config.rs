@@ -261,6 +261,13 @@ pub struct WorkerConfig {
     /// On SIGTERM/SIGINT, how long in-flight calls may run before they are handed back.
     #[arg(long, env = "QUEUE_WORKER_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+    /// Address of the worker's `/metrics` (Prometheus) and `/healthz` endpoint.
+    #[arg(
+        long,
+        env = "QUEUE_WORKER_METRICS_LISTEN",
+        default_value = "0.0.0.0:8091"
+    )]
+    pub metrics_listen: std::net::SocketAddr,
     /// Fault injection for crash tests: abort the process after a call's result is stored and
     /// before its callback and ack. Never set this in production.
     #[arg(long, env = "QUEUE_WORKER_FAULT_CRASH_AFTER_STORE", hide = true)]

@@ -26,6 +26,7 @@ pub mod dlq;
 pub mod functions;
 pub mod invoke;
 pub mod message;
+pub mod metrics;
 pub mod queue;
 pub mod records;
 pub mod retry;

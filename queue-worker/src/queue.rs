@@ -1,6 +1,8 @@
 //! JetStream plumbing under [`crate::backend::jetstream`]: connecting, the stream and consumer
 //! definitions, and publishing a call with `Nats-Msg-Id` dedup.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
@@ -46,17 +48,29 @@ pub enum QueueError {
 /// Connects with unlimited reconnects, including on the first connect, so a process started
 /// before NATS comes up waits for it instead of exiting.
 pub async fn connect(nats: &NatsArgs, name: &str) -> Result<async_nats::Client, QueueError> {
+    let was_disconnected = Arc::new(AtomicBool::new(false));
     async_nats::ConnectOptions::new()
         .name(name)
         .retry_on_initial_connect()
         .request_timeout(Some(nats.nats_request_timeout))
         .connection_timeout(Duration::from_secs(5))
-        .event_callback(|event| async move {
-            match event {
-                async_nats::Event::Connected => tracing::info!("connected to NATS"),
-                async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
-                async_nats::Event::Closed => tracing::info!("NATS connection closed"),
-                other => tracing::warn!(event = %other, "NATS event"),
+        .event_callback(move |event| {
+            let was_disconnected = was_disconnected.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        tracing::info!("connected to NATS");
+                        if was_disconnected.swap(false, Ordering::Relaxed) {
+                            metrics::counter!(crate::metrics::RECONNECTS).increment(1);
+                        }
+                    }
+                    async_nats::Event::Disconnected => {
+                        was_disconnected.store(true, Ordering::Relaxed);
+                        tracing::warn!("disconnected from NATS");
+                    }
+                    async_nats::Event::Closed => tracing::info!("NATS connection closed"),
+                    other => tracing::warn!(event = %other, "NATS event"),
+                }
             }
         })
         .connect(nats.nats_url.as_str())

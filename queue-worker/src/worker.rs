@@ -24,6 +24,7 @@ use crate::config::WorkerConfig;
 use crate::functions::FunctionSettings;
 use crate::invoke::{FunctionInvoker, Outcome, http_client};
 use crate::message::QueuedCall;
+use crate::metrics;
 use crate::records::{
     CallRecord, CallState, CallbackEntry, Event, ResultAvailability, StoredResult,
 };
@@ -152,7 +153,34 @@ pub async fn run(
         records: config.records.clone(),
     };
     let queue = JetStreamQueue::connect(options, "queue-worker", CancellationToken::new()).await?;
-    run_on(config, queue, shutdown).await
+    let metrics_stop = CancellationToken::new();
+    serve_metrics(config.metrics_listen, queue.clone(), metrics_stop.clone()).await;
+    let result = run_on(config, queue, shutdown).await;
+    metrics_stop.cancel();
+    result
+}
+
+/// Serves `/metrics` on `address` in the background until `stop` fires. A taken port is
+/// logged, not fatal: the worker's job is the calls.
+pub async fn serve_metrics<Q: CallQueue>(
+    address: std::net::SocketAddr,
+    queue: Arc<Q>,
+    stop: CancellationToken,
+) {
+    let handle = metrics::install();
+    match tokio::net::TcpListener::bind(address).await {
+        Ok(listener) => {
+            tracing::info!(listen = ?listener.local_addr().ok(), "metrics at /metrics");
+            tokio::spawn(async move {
+                if let Err(e) = metrics::serve(listener, handle, queue, stop).await {
+                    tracing::error!(error = %e, "metrics endpoint failed");
+                }
+            });
+        }
+        Err(e) => {
+            tracing::error!(%address, error = %e, "cannot serve metrics (--metrics-listen); going on without");
+        }
+    }
 }
 
 /// Runs a worker on `queue` until `shutdown` completes, then drains as [`run`] does.
@@ -330,6 +358,8 @@ async fn handle<Q: CallQueue>(ctx: Arc<Ctx<Q>>, msg: Q::Delivery, permit: OwnedS
             drop(permit);
             let detail = e.to_string();
             let letter = letter_for(&msg, DeadLetterReason::Undecodable, &detail, None, None, 0);
+            ::metrics::counter!(metrics::DEAD_LETTERS, "function" => "unknown", "reason" => "undecodable")
+                .increment(1);
             return dead_letter_and_ack(&ctx, &msg, &letter).await;
         }
     };
@@ -454,7 +484,15 @@ async fn handle_call<Q: CallQueue>(
                 drop(permit);
                 return cancelled(&ctx, &msg, &call, attempt - 1, heartbeat).await;
             }
+            if attempt == 1 {
+                ::metrics::histogram!(
+                    metrics::QUEUE_WAIT_SECONDS,
+                    "function" => metrics::function_label(&call.meta.qualified_function())
+                )
+                .record(metrics::seconds_since(call.meta.received_at_unix_nanos));
+            }
             let cancel = ctx.running.register(call_id);
+            let in_flight = InFlight::start(&call);
             let outcome = tokio::select! {
                 o = ctx.invoker.invoke(&call, attempt, max, settings.timeout) => o,
                 () = cancel.cancelled() => {
@@ -476,7 +514,13 @@ async fn handle_call<Q: CallQueue>(
                 }
             };
             ctx.running.remove(call_id);
+            drop(in_flight);
             drop(permit);
+            ::metrics::histogram!(
+                metrics::FUNCTION_SECONDS,
+                "function" => metrics::function_label(&call.meta.qualified_function())
+            )
+            .record(outcome.duration.as_secs_f64());
             tracing::info!(
                 status = outcome.status,
                 duration_ms = u64::try_from(outcome.duration.as_millis()).unwrap_or(u64::MAX),
@@ -508,6 +552,11 @@ async fn handle_call<Q: CallQueue>(
                 Decision::Final => {}
                 Decision::RetryAfter(wait) => {
                     tracing::info!(retry_in = ?wait, "retryable failure; scheduling the next attempt");
+                    ::metrics::counter!(
+                        metrics::RETRIES,
+                        "function" => metrics::function_label(&call.meta.qualified_function())
+                    )
+                    .increment(1);
                     if let Err(e) = ctx.store.release(call_id) {
                         tracing::warn!(error = %e, "could not release the claim");
                     }
@@ -554,6 +603,58 @@ async fn note<Q: CallQueue>(ctx: &Ctx<Q>, call: &QueuedCall, event: Event) -> Op
     }
 }
 
+/// Delivers a callback, counting and timing it.
+async fn deliver_callback<Q: CallQueue>(
+    ctx: &Ctx<Q>,
+    call: &QueuedCall,
+    url: &str,
+    outcome: &Outcome,
+    final_reason: Option<&str>,
+) -> Delivery {
+    let started = std::time::Instant::now();
+    let delivery = ctx
+        .callbacks
+        .deliver(url, &call.meta, outcome, final_reason, &ctx.hand_back)
+        .await;
+    let result = match &delivery {
+        Delivery::Delivered { .. } => "delivered",
+        Delivery::GaveUp { .. } => "failed",
+        Delivery::Interrupted => return delivery,
+    };
+    let function = metrics::function_label(&call.meta.qualified_function());
+    ::metrics::counter!(metrics::CALLBACKS, "function" => function.clone(), "outcome" => result)
+        .increment(1);
+    ::metrics::histogram!(metrics::CALLBACK_SECONDS, "function" => function)
+        .record(started.elapsed().as_secs_f64());
+    delivery
+}
+
+/// Counts a call's final outcome and its end-to-end time.
+fn count_final(call: &QueuedCall, outcome: &'static str) {
+    let function = metrics::function_label(&call.meta.qualified_function());
+    ::metrics::counter!(metrics::PROCESSED, "function" => function.clone(), "outcome" => outcome)
+        .increment(1);
+    ::metrics::histogram!(metrics::END_TO_END_SECONDS, "function" => function)
+        .record(metrics::seconds_since(call.meta.received_at_unix_nanos));
+}
+
+/// Counts a function invocation as in flight while it lives.
+struct InFlight(String);
+
+impl InFlight {
+    fn start(call: &QueuedCall) -> Self {
+        let function = metrics::function_label(&call.meta.qualified_function());
+        ::metrics::gauge!(metrics::IN_FLIGHT, "function" => function.clone()).increment(1.0);
+        Self(function)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        ::metrics::gauge!(metrics::IN_FLIGHT, "function" => self.0.clone()).decrement(1.0);
+    }
+}
+
 fn is_cancelled(record: Option<&CallRecord>) -> bool {
     record.is_some_and(|r| r.state == CallState::Cancelled)
 }
@@ -574,16 +675,13 @@ async fn cancelled<Q: CallQueue>(
     heartbeat: Heartbeat,
 ) {
     tracing::info!("call cancelled; not running it (again)");
+    count_final(call, "cancelled");
     if let Some(url) = call.meta.callback_url.as_deref() {
         let mut outcome = no_response(CANCELLED_STATUS, CANCELLED);
         outcome
             .headers
             .push(("x-call-state".into(), CANCELLED.into()));
-        match ctx
-            .callbacks
-            .deliver(url, &call.meta, &outcome, None, &ctx.hand_back)
-            .await
-        {
+        match deliver_callback(ctx, call, url, &outcome, None).await {
             Delivery::Delivered { status, attempts } => {
                 note(ctx, call, callback_event(status, attempts, None)).await;
             }
@@ -687,11 +785,7 @@ async fn deliver_and_ack<Q: CallQueue>(
     heartbeat: Heartbeat,
 ) {
     if let Some(url) = call.meta.callback_url.as_deref() {
-        match ctx
-            .callbacks
-            .deliver(url, &call.meta, outcome, None, &ctx.hand_back)
-            .await
-        {
+        match deliver_callback(ctx, call, url, outcome, None).await {
             Delivery::Delivered { status, attempts } => {
                 tracing::info!(
                     callback_status = status,
@@ -729,6 +823,7 @@ async fn deliver_and_ack<Q: CallQueue>(
                     ),
                 )
                 .await;
+                count_dead_letter(call, DeadLetterReason::CallbackFailed);
                 return dead_letter_and_ack(ctx, msg, &letter).await;
             }
             Delivery::Interrupted => {
@@ -740,11 +835,32 @@ async fn deliver_and_ack<Q: CallQueue>(
             }
         }
     }
+    count_final(
+        call,
+        if (200..300).contains(&outcome.status) {
+            "succeeded"
+        } else {
+            "failed"
+        },
+    );
     if let Err(e) = ctx.store.finish(&call.meta.call_id, attempts).await {
         tracing::warn!(error = %e, "could not mark the call done");
     }
     drop(heartbeat);
     ack(msg).await;
+}
+
+/// Counts a dead letter of a decoded call.
+fn count_dead_letter(call: &QueuedCall, reason: DeadLetterReason) {
+    let function = metrics::function_label(&call.meta.qualified_function());
+    ::metrics::counter!(metrics::DEAD_LETTERS, "function" => function.clone(), "reason" => reason.as_str())
+        .increment(1);
+    if reason == DeadLetterReason::Expired {
+        ::metrics::counter!(metrics::EXPIRED, "function" => function).increment(1);
+        count_final(call, "expired");
+    } else {
+        count_final(call, "dead_lettered");
+    }
 }
 
 /// The call failed for good: dead-letter it (keeping the request), send the final callback
@@ -792,18 +908,9 @@ async fn give_up<Q: CallQueue>(
         CallState::DeadLettered
     };
     note(ctx, call, gave_up(call, state, reason)).await;
+    count_dead_letter(call, reason);
     if let Some(url) = call.meta.callback_url.as_deref() {
-        match ctx
-            .callbacks
-            .deliver(
-                url,
-                &call.meta,
-                &outcome,
-                Some(reason.as_str()),
-                &ctx.hand_back,
-            )
-            .await
-        {
+        match deliver_callback(ctx, call, url, &outcome, Some(reason.as_str())).await {
             Delivery::Delivered { status, attempts } => {
                 tracing::info!(callback_status = status, "final callback delivered");
                 note(ctx, call, callback_event(status, attempts, None)).await;

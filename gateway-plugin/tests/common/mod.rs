@@ -111,6 +111,8 @@ impl Worker {
             function_gateway_url,
             "--state-dir",
             &state_dir,
+            "--metrics-listen",
+            "127.0.0.1:0",
             "--pull-expires",
             "1s",
             "--retry-initial-wait",

@@ -861,6 +861,22 @@ impl CallQueue for EmbeddedQueue {
         Ok(deleted)
     }
 
+    async fn stats(&self) -> Result<super::QueueStats, BackendError> {
+        let (pending, unacked) = {
+            let schedule = self.inner.schedule();
+            (
+                schedule.entries.len() as u64,
+                schedule.entries.values().filter(|e| e.leased).count() as u64,
+            )
+        };
+        Ok(super::QueueStats {
+            pending,
+            unacked,
+            consumers: 1,
+            dead_letters: self.inner.dead.len() as u64,
+        })
+    }
+
     async fn flush_before_exit(&self) {
         if let Err(e) = self.inner.flusher.flush(&self.inner.db).await {
             tracing::warn!(error = %e, "could not flush the embedded queue at exit");

@@ -598,6 +598,37 @@ impl CallQueue for JetStreamQueue {
         Ok(deleted)
     }
 
+    async fn stats(&self) -> Result<super::QueueStats, BackendError> {
+        let mut stream = self
+            .js
+            .get_stream(&self.options.nats.stream)
+            .await
+            .map_err(request_err)?;
+        let (pending, consumers) = {
+            let state = &stream.info().await.map_err(request_err)?.state;
+            (state.messages, state.consumer_count as u64)
+        };
+        let mut unacked = 0;
+        let mut list = stream.consumers();
+        while let Some(info) = list.next().await {
+            unacked += info.map_err(request_err)?.num_ack_pending as u64;
+        }
+        let dead_letters = self
+            .dead_letter_stream()
+            .await?
+            .info()
+            .await
+            .map_err(request_err)?
+            .state
+            .messages;
+        Ok(super::QueueStats {
+            pending,
+            unacked,
+            consumers,
+            dead_letters,
+        })
+    }
+
     async fn flush_before_exit(&self) {
         queue::flush_before_exit(&self.client).await;
     }

@@ -203,8 +203,24 @@ pub trait CallQueue: CallRecords {
         all: bool,
     ) -> impl Future<Output = Result<u64, BackendError>> + Send;
 
+    /// How many calls are queued, delivered and unacknowledged, and dead-lettered now.
+    fn stats(&self) -> impl Future<Output = Result<QueueStats, BackendError>> + Send;
+
     /// Makes what the process buffered (acks, writes) durable before it exits. Bounded in time.
     fn flush_before_exit(&self) -> impl Future<Output = ()> + Send;
+}
+
+/// A snapshot of the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct QueueStats {
+    /// Calls stored and not acknowledged (waiting or being handled).
+    pub pending: u64,
+    /// Of those, delivered to a worker and not yet acknowledged.
+    pub unacked: u64,
+    /// Consumers (worker groups) reading the queue.
+    pub consumers: u64,
+    /// Dead letters kept.
+    pub dead_letters: u64,
 }
 
 /// One delivery of a queued message to a worker.

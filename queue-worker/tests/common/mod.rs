@@ -147,6 +147,8 @@ pub fn worker_args(nats_url: &str, gateway_url: &str, state_dir: &Path) -> Vec<S
         gateway_url.into(),
         "--state-dir".into(),
         state_dir.display().to_string(),
+        "--metrics-listen".into(),
+        "127.0.0.1:0".into(),
         "--pull-expires".into(),
         "1s".into(),
         "--callback-initial-wait".into(),
