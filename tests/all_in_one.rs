@@ -327,6 +327,22 @@ async fn idempotency_and_cancel_work_on_the_embedded_queue() {
     assert_eq!(again.headers()["idempotent-replayed"], "true");
 
     wait_until("the function runs", || function.invocations_for(&id) == 1).await;
+    // The admin API on the embedded queue sees it queued and delivered.
+    let queue: serde_json::Value = serde_json::from_slice(
+        &client
+            .get(format!("{}/system/async/queue", server.url))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(queue["pending"], 1, "{queue}");
+    assert_eq!(queue["unacked"], 1, "{queue}");
+    assert_eq!(queue["functions"][0]["function"], "slow");
+    assert_eq!(queue["functions"][0]["paused"], false);
     let cancelled = client
         .delete(format!("{}/async-calls/{id}", server.url))
         .send()

@@ -3,12 +3,14 @@
 //! with `X-Call-Id` only after the queue stored the call durably.
 //!
 //! # Layout
+//! - [`admin`]: the queue admin API (`/system/async/...`).
 //! - [`calls`]: call records and kept results (`/async-calls/{id}`).
 //! - [`routes`]: the router (the one place every route is declared) and the enqueue handler.
 //! - [`link`]: the body limit derived from the queue's message limit.
 //! - [`error`]: JSON error answers.
 //! - [`config`]: settings (flags and environment variables; OpenFaaS's NATS variables).
 
+pub mod admin;
 pub mod calls;
 pub mod config;
 pub mod error;

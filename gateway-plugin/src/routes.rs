@@ -5,6 +5,8 @@
 //!   → `202 Accepted` once the queue stored the call.
 //! - `GET /async-calls/{call_id}[/result]`, `DELETE /async-calls/{call_id}`: where a call is, its
 //!   kept result, cancel ([`crate::calls`]).
+//! - `/system/async/...`: the queue admin API ([`crate::admin`]).
+//! - `GET /metrics`: Prometheus metrics.
 //! - `GET /healthz` (process up), `GET /readyz` (the queue can take calls: with JetStream, NATS
 //!   connected and the stream present).
 
@@ -17,7 +19,7 @@ use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{MethodFilter, get, on};
+use axum::routing::{MethodFilter, get, on, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use queue_worker::backend::{CallQueue, PublishError};
 use queue_worker::invoke::is_hop_by_hop;
@@ -89,6 +91,31 @@ pub fn router<Q: CallQueue>(state: Arc<AppState<Q>>) -> Router {
         .route(
             "/async-calls/{call_id}/result",
             get(crate::calls::result::<Q>),
+        )
+        .route("/system/async/queue", get(crate::admin::queue::<Q>))
+        .route(
+            "/system/async/dead-letters",
+            get(crate::admin::dead_letters::<Q>),
+        )
+        .route(
+            "/system/async/dead-letters/replay",
+            post(crate::admin::replay::<Q>),
+        )
+        .route(
+            "/system/async/dead-letters/purge",
+            post(crate::admin::purge::<Q>),
+        )
+        .route(
+            "/system/async/dead-letters/{selector}",
+            get(crate::admin::dead_letter::<Q>),
+        )
+        .route(
+            "/system/async/functions/{name}/pause",
+            post(crate::admin::pause::<Q>),
+        )
+        .route(
+            "/system/async/functions/{name}/resume",
+            post(crate::admin::resume::<Q>),
         )
         .route("/metrics", get(metrics_text::<Q>))
         .route("/healthz", get(healthz))

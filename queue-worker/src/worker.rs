@@ -76,6 +76,8 @@ struct Ctx<Q> {
     functions: FunctionSettings,
     /// Calls being invoked here, to abort on a cancel.
     running: RunningCalls,
+    /// One per concurrent invocation (`max_inflight`).
+    permits: Arc<Semaphore>,
 }
 
 /// Cancel tokens of the calls this worker is invoking.
@@ -217,6 +219,7 @@ pub async fn run_on<Q: CallQueue>(
         hand_back: CancellationToken::new(),
         functions,
         running: RunningCalls::default(),
+        permits: Arc::new(Semaphore::new(config.max_inflight as usize)),
         config,
     });
     {
@@ -269,7 +272,7 @@ pub async fn run_on<Q: CallQueue>(
 
 /// Pulls until `stop` fires; returns the handlers still running.
 async fn pull_loop<Q: CallQueue>(ctx: &Arc<Ctx<Q>>, stop: &CancellationToken) -> JoinSet<()> {
-    let permits = Arc::new(Semaphore::new(ctx.config.max_inflight as usize));
+    let permits = ctx.permits.clone();
     let mut tasks = JoinSet::new();
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
     while !stop.is_cancelled() {
@@ -412,6 +415,10 @@ async fn handle_call<Q: CallQueue>(
 ) {
     let call_id = call.meta.call_id.as_str();
     let heartbeat = Heartbeat::start(&msg, ctx.config.progress_interval());
+    let Some(permit) = hold_while_paused(&ctx, &call, permit).await else {
+        drop(heartbeat);
+        return nak(&msg, None).await;
+    };
     let begin = match ctx.store.begin(call_id) {
         Ok(b) => b,
         Err(e) => {
@@ -763,6 +770,48 @@ async fn keep_result<Q: CallQueue>(
             tracing::warn!(error = %e, "could not keep the result");
             None
         }
+    }
+}
+
+/// Poll interval of a call held because its function is paused.
+const PAUSE_POLL: Duration = Duration::from_millis(500);
+
+async fn is_paused<Q: CallQueue>(ctx: &Ctx<Q>, call: &QueuedCall) -> bool {
+    match ctx.queue.paused_functions().await {
+        Ok(paused) => paused.contains(&call.meta.qualified_function()),
+        Err(e) => {
+            tracing::debug!(error = %e, "paused functions unknown; not holding");
+            false
+        }
+    }
+}
+
+/// While the call's function is paused, holds the call (its message kept alive by the
+/// heartbeat, its delivery count unchanged) without a concurrency permit; returns a permit
+/// once resumed, or `None` when shutdown hands the call back.
+async fn hold_while_paused<Q: CallQueue>(
+    ctx: &Ctx<Q>,
+    call: &QueuedCall,
+    permit: OwnedSemaphorePermit,
+) -> Option<OwnedSemaphorePermit> {
+    if !is_paused(ctx, call).await {
+        return Some(permit);
+    }
+    drop(permit);
+    tracing::info!("function paused; holding the call");
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(PAUSE_POLL) => {}
+            () = ctx.hand_back.cancelled() => return None,
+        }
+        if !is_paused(ctx, call).await {
+            break;
+        }
+    }
+    tracing::info!("function resumed; running the call");
+    tokio::select! {
+        p = ctx.permits.clone().acquire_owned() => p.ok(),
+        () = ctx.hand_back.cancelled() => None,
     }
 }
 

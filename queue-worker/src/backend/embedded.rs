@@ -40,6 +40,8 @@ use crate::unix_nanos_now;
 
 /// Format version of the records this module writes.
 const RECORD_VERSION: u8 = 1;
+/// Key of the paused-functions list in the `records` tree (not a call id: call ids have no `!`).
+const PAUSED_KEY: &[u8] = b"!paused-functions";
 /// How often dedup entries and records past their time are removed.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
@@ -104,12 +106,14 @@ struct Schedule {
     bytes: u64,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Entry {
     due: u64,
     delivered: u32,
     leased: bool,
     size: u64,
+    subject: Arc<str>,
+    published_at: u64,
 }
 
 impl Schedule {
@@ -152,24 +156,35 @@ fn corrupt(key: impl std::fmt::Display, detail: &str) -> BackendError {
     }
 }
 
-/// `messages` value: version, subject length, subject, message.
-fn encode_message(subject: &str, payload: &[u8]) -> Vec<u8> {
+/// `messages` value: version, publish time, subject length, subject, message.
+fn encode_message(published_at: u64, subject: &str, payload: &[u8]) -> Vec<u8> {
     let subject_len = u16::try_from(subject.len()).unwrap_or(u16::MAX);
-    let mut buf = BytesMut::with_capacity(3 + subject.len() + payload.len());
+    let mut buf = BytesMut::with_capacity(11 + subject.len() + payload.len());
     buf.put_u8(RECORD_VERSION);
+    buf.put_u64(published_at);
     buf.put_u16(subject_len);
     buf.put_slice(&subject.as_bytes()[..usize::from(subject_len)]);
     buf.put_slice(payload);
     buf.to_vec()
 }
 
-fn decode_message(raw: &[u8]) -> Option<(String, Bytes)> {
+/// The header of a `messages` value: publish time, subject, and where the message starts.
+fn decode_message_header(raw: &[u8]) -> Option<(u64, &str, usize)> {
     if *raw.first()? != RECORD_VERSION {
         return None;
     }
-    let len = usize::from(u16::from_be_bytes(raw.get(1..3)?.try_into().ok()?));
-    let subject = std::str::from_utf8(raw.get(3..3 + len)?).ok()?.to_owned();
-    Some((subject, Bytes::copy_from_slice(raw.get(3 + len..)?)))
+    let published_at = u64::from_be_bytes(raw.get(1..9)?.try_into().ok()?);
+    let len = usize::from(u16::from_be_bytes(raw.get(9..11)?.try_into().ok()?));
+    let subject = std::str::from_utf8(raw.get(11..11 + len)?).ok()?;
+    Some((published_at, subject, 11 + len))
+}
+
+fn decode_message(raw: &[u8]) -> Option<(String, Bytes)> {
+    let (_, subject, start) = decode_message_header(raw)?;
+    Some((
+        subject.to_owned(),
+        Bytes::copy_from_slice(raw.get(start..)?),
+    ))
 }
 
 /// `deliveries` value: delivery count, not-before time.
@@ -316,6 +331,8 @@ impl Inner {
                 None => (0, 0),
             };
             let due = not_before.max(now);
+            let (published_at, subject, _) = decode_message_header(&value)
+                .ok_or_else(|| corrupt(format!("messages/{seq}"), "unreadable record"))?;
             schedule.entries.insert(
                 seq,
                 Entry {
@@ -323,6 +340,8 @@ impl Inner {
                     delivered,
                     leased: false,
                     size: value.len() as u64,
+                    subject: subject.into(),
+                    published_at,
                 },
             );
             schedule.due.insert((due, seq));
@@ -344,7 +363,8 @@ impl Inner {
                 max: self.options.max_message_bytes,
             });
         }
-        let record = encode_message(subject, payload);
+        let published_at = unix_nanos_now();
+        let record = encode_message(published_at, subject, payload);
         let size = record.len() as u64;
         {
             let mut schedule = self.schedule();
@@ -369,6 +389,8 @@ impl Inner {
                         delivered: 0,
                         leased: false,
                         size,
+                        subject: subject.into(),
+                        published_at,
                     },
                 );
                 schedule.due.insert((due, seq));
@@ -481,7 +503,7 @@ impl Inner {
         f: impl FnOnce(&mut Schedule, &Entry),
     ) -> bool {
         let mut schedule = self.schedule();
-        let Some(entry) = schedule.entries.get(&seq).copied() else {
+        let Some(entry) = schedule.entries.get(&seq).cloned() else {
             return false;
         };
         if !entry.leased || entry.delivered != attempt {
@@ -539,6 +561,9 @@ impl Inner {
         let mut removed = 0;
         for item in self.records.iter() {
             let (key, value) = item?;
+            if key.as_ref() == PAUSED_KEY {
+                continue;
+            }
             let expired = serde_json::from_slice::<CallRecord>(&value)
                 .map_or(true, |r| r.updated_at < oldest);
             if expired {
@@ -682,6 +707,38 @@ impl CallRecords for EmbeddedQueue {
     async fn release_idempotency_key(&self, key: &str) -> Result<(), BackendError> {
         self.inner.idempotency.remove(key.as_bytes())?;
         Ok(())
+    }
+
+    async fn paused_functions(&self) -> Result<Vec<String>, BackendError> {
+        Ok(match self.inner.records.get(PAUSED_KEY)? {
+            Some(raw) => serde_json::from_slice(&raw).unwrap_or_default(),
+            None => Vec::new(),
+        })
+    }
+
+    async fn set_paused(&self, function: &str, paused: bool) -> Result<Vec<String>, BackendError> {
+        let inner = &self.inner;
+        let list = {
+            let _guard = inner
+                .records_lock
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let mut list: Vec<String> = match inner.records.get(PAUSED_KEY)? {
+                Some(raw) => serde_json::from_slice(&raw).unwrap_or_default(),
+                None => Vec::new(),
+            };
+            list.retain(|f| f != function);
+            if paused {
+                list.push(function.to_owned());
+                list.sort();
+            }
+            inner
+                .records
+                .insert(PAUSED_KEY, serde_json::to_vec(&list)?)?;
+            list
+        };
+        inner.flusher.flush(&inner.db).await?;
+        Ok(list)
     }
 
     async fn announce_cancel(&self, call_id: &str) -> Result<(), BackendError> {
@@ -861,6 +918,32 @@ impl CallQueue for EmbeddedQueue {
         Ok(deleted)
     }
 
+    async fn function_stats(&self) -> Result<Vec<super::FunctionQueueStats>, BackendError> {
+        let now = unix_nanos_now();
+        let mut by_subject: HashMap<Arc<str>, (u64, u64)> = HashMap::new();
+        for entry in self.inner.schedule().entries.values() {
+            let slot = by_subject
+                .entry(entry.subject.clone())
+                .or_insert((0, entry.published_at));
+            slot.0 += 1;
+            slot.1 = slot.1.min(entry.published_at);
+        }
+        let prefix = &self.inner.options.subject_prefix;
+        let mut out: Vec<_> = by_subject
+            .into_iter()
+            .filter_map(|(subject, (pending, oldest))| {
+                Some(super::FunctionQueueStats {
+                    function: super::function_of_subject(prefix, &subject)?,
+                    pending,
+                    oldest_age_seconds: Duration::from_nanos(now.saturating_sub(oldest))
+                        .as_secs_f64(),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.function.cmp(&b.function));
+        Ok(out)
+    }
+
     async fn stats(&self) -> Result<super::QueueStats, BackendError> {
         let (pending, unacked) = {
             let schedule = self.inner.schedule();
@@ -946,7 +1029,11 @@ mod tests {
 
     #[test]
     fn records_round_trip() {
-        let raw = encode_message("faas-async._.echo", b"payload");
+        let raw = encode_message(5, "faas-async._.echo", b"payload");
+        assert_eq!(
+            decode_message_header(&raw).map(|(at, s, _)| (at, s)),
+            Some((5, "faas-async._.echo"))
+        );
         assert_eq!(
             decode_message(&raw),
             Some((
@@ -967,7 +1054,7 @@ mod tests {
 
     #[test]
     fn unknown_versions_and_short_records_are_rejected() {
-        let mut raw = encode_message("s", b"p");
+        let mut raw = encode_message(1, "s", b"p");
         raw[0] = 99;
         assert_eq!(decode_message(&raw), None);
         assert_eq!(decode_message(&[RECORD_VERSION, 0]), None);

@@ -291,6 +291,10 @@ fn result_key(call_id: &str) -> String {
     format!("result.{call_id}")
 }
 
+/// Key of the paused-functions list. Note: the bucket's TTL applies to it too; a pause older
+/// than `--records-retention` lapses.
+const PAUSED_KEY: &str = "paused-functions";
+
 /// Attempts of a compare-and-set before giving up (only concurrent writers make it retry).
 const CAS_ATTEMPTS: usize = 16;
 
@@ -395,6 +399,43 @@ impl CallRecords for JetStreamQueue {
     async fn release_idempotency_key(&self, key: &str) -> Result<(), BackendError> {
         let kv = self.records_bucket().await?;
         kv.delete(key).await.map_err(request_err)
+    }
+
+    async fn paused_functions(&self) -> Result<Vec<String>, BackendError> {
+        let kv = self.records_bucket().await?;
+        Ok(match kv.get(PAUSED_KEY).await.map_err(request_err)? {
+            Some(raw) => serde_json::from_slice(&raw).unwrap_or_default(),
+            None => Vec::new(),
+        })
+    }
+
+    async fn set_paused(&self, function: &str, paused: bool) -> Result<Vec<String>, BackendError> {
+        let kv = self.records_bucket().await?;
+        for _ in 0..CAS_ATTEMPTS {
+            let entry = kv.entry(PAUSED_KEY).await.map_err(request_err)?;
+            let (mut list, revision): (Vec<String>, _) = match entry {
+                Some(e) if e.operation == kv::Operation::Put => (
+                    serde_json::from_slice(&e.value).unwrap_or_default(),
+                    Some(e.revision),
+                ),
+                Some(e) => (Vec::new(), Some(e.revision)),
+                None => (Vec::new(), None),
+            };
+            list.retain(|f| f != function);
+            if paused {
+                list.push(function.to_owned());
+                list.sort();
+            }
+            let value = bytes::Bytes::from(serde_json::to_vec(&list)?);
+            let written = match revision {
+                Some(revision) => kv.update(PAUSED_KEY, value, revision).await.is_ok(),
+                None => kv.create(PAUSED_KEY, value).await.is_ok(),
+            };
+            if written {
+                return Ok(list);
+            }
+        }
+        Err(BackendError::Request("paused functions: contended".into()))
     }
 
     async fn announce_cancel(&self, call_id: &str) -> Result<(), BackendError> {
@@ -596,6 +637,43 @@ impl CallQueue for JetStreamQueue {
             }
         }
         Ok(deleted)
+    }
+
+    async fn function_stats(&self) -> Result<Vec<super::FunctionQueueStats>, BackendError> {
+        let stream = self
+            .js
+            .get_stream(&self.options.nats.stream)
+            .await
+            .map_err(request_err)?;
+        let prefix = &self.options.nats.subject_prefix;
+        let mut subjects = stream
+            .info_with_subjects(format!("{prefix}.>"))
+            .await
+            .map_err(request_err)?;
+        let mut counts = Vec::new();
+        while let Some(item) = subjects.next().await {
+            counts.push(item.map_err(request_err)?);
+        }
+        let now = i128::from(crate::unix_nanos_now());
+        let mut out = Vec::new();
+        for (subject, pending) in counts {
+            let Some(function) = super::function_of_subject(prefix, &subject) else {
+                continue;
+            };
+            let oldest = stream
+                .get_first_raw_message_by_subject(&subject, 0)
+                .await
+                .map(|m| m.time.unix_timestamp_nanos())
+                .unwrap_or(now);
+            let age_nanos = u64::try_from((now - oldest).max(0)).unwrap_or(u64::MAX);
+            out.push(super::FunctionQueueStats {
+                function,
+                pending: pending as u64,
+                oldest_age_seconds: Duration::from_nanos(age_nanos).as_secs_f64(),
+            });
+        }
+        out.sort_by(|a, b| a.function.cmp(&b.function));
+        Ok(out)
     }
 
     async fn stats(&self) -> Result<super::QueueStats, BackendError> {

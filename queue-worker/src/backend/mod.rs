@@ -138,6 +138,16 @@ pub trait CallRecords: Send + Sync + 'static {
         call_id: &str,
     ) -> impl Future<Output = Result<(), BackendError>> + Send;
 
+    /// Functions whose calls are held (paused).
+    fn paused_functions(&self) -> impl Future<Output = Result<Vec<String>, BackendError>> + Send;
+
+    /// Pauses or resumes a function's calls; returns the paused functions.
+    fn set_paused(
+        &self,
+        function: &str,
+        paused: bool,
+    ) -> impl Future<Output = Result<Vec<String>, BackendError>> + Send;
+
     /// Call ids announced as cancelled from now on.
     fn cancellations(
         &self,
@@ -203,6 +213,11 @@ pub trait CallQueue: CallRecords {
         all: bool,
     ) -> impl Future<Output = Result<u64, BackendError>> + Send;
 
+    /// Calls queued per function, with the age of the oldest.
+    fn function_stats(
+        &self,
+    ) -> impl Future<Output = Result<Vec<FunctionQueueStats>, BackendError>> + Send;
+
     /// How many calls are queued, delivered and unacknowledged, and dead-lettered now.
     fn stats(&self) -> impl Future<Output = Result<QueueStats, BackendError>> + Send;
 
@@ -221,6 +236,28 @@ pub struct QueueStats {
     pub consumers: u64,
     /// Dead letters kept.
     pub dead_letters: u64,
+}
+
+/// Calls queued for one function.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FunctionQueueStats {
+    /// `name` or `name.namespace`.
+    pub function: String,
+    /// Calls stored and not acknowledged.
+    pub pending: u64,
+    /// Age of the oldest of them.
+    pub oldest_age_seconds: f64,
+}
+
+/// The function (`name` or `name.namespace`) a subject `<prefix>.<namespace or _>.<name>` is for.
+pub fn function_of_subject(prefix: &str, subject: &str) -> Option<String> {
+    let rest = subject.strip_prefix(prefix)?.strip_prefix('.')?;
+    let (namespace, name) = rest.split_once('.')?;
+    Some(if namespace == "_" {
+        name.to_owned()
+    } else {
+        format!("{name}.{namespace}")
+    })
 }
 
 /// One delivery of a queued message to a worker.
