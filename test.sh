@@ -9,6 +9,10 @@ NATS_SERVER_BIN="$(./scripts/install-tools.sh | tail -n 1)"
 export NATS_SERVER_BIN
 "$NATS_SERVER_BIN" --version
 
+echo "==> installing the browser for the dashboard test (Debian chromium)"
+CHROMIUM_BIN="$(./scripts/install-browser.sh | tail -n 1)"
+export CHROMIUM_BIN
+
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -6,6 +6,8 @@
 //! - [`admin`]: the queue admin API (`/system/async/...`).
 //! - [`calls`]: call records and kept results (`/async-calls/{id}`).
 //! - [`routes`]: the router (the one place every route is declared) and the enqueue handler.
+//! - [`live`]: live figures for the dashboard, from the workers' outcome announcements.
+//! - `dashboard.html`: the dashboard page (served at `/dashboard/`).
 //! - [`link`]: the body limit derived from the queue's message limit.
 //! - [`error`]: JSON error answers.
 //! - [`config`]: settings (flags and environment variables; OpenFaaS's NATS variables).
@@ -15,6 +17,7 @@ pub mod calls;
 pub mod config;
 pub mod error;
 pub mod link;
+pub mod live;
 pub mod routes;
 
 use std::future::Future;
@@ -79,12 +82,20 @@ pub async fn serve<Q: CallQueue>(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
+    let live = Arc::new(live::LiveStats::default());
+    let follow_stop = CancellationToken::new();
+    tokio::spawn(live::follow(
+        queue.clone(),
+        live.clone(),
+        follow_stop.clone(),
+    ));
     let state = Arc::new(routes::AppState {
         queue: queue.clone(),
         retry_after: settings.retry_after,
         configured_max_body: settings.max_body_bytes,
         warned_max_body: AtomicBool::new(false),
         metrics: queue_worker::metrics::install(),
+        live: live.clone(),
     });
     let app = routes::router(state);
     tracing::info!(listen = %listener.local_addr()?, "gateway-plugin listening");
@@ -108,6 +119,7 @@ pub async fn serve<Q: CallQueue>(
             Ok(())
         }
     };
+    follow_stop.cancel();
     queue.flush_before_exit().await;
     tracing::info!("gateway-plugin stopped");
     result

@@ -6,7 +6,8 @@
 //! - `GET /async-calls/{call_id}[/result]`, `DELETE /async-calls/{call_id}`: where a call is, its
 //!   kept result, cancel ([`crate::calls`]).
 //! - `/system/async/...`: the queue admin API ([`crate::admin`]).
-//! - `GET /metrics`: Prometheus metrics.
+//! - `GET /metrics`: Prometheus metrics; `GET /system/async/stats`: live figures
+//!   ([`crate::live`]); `GET /dashboard/`: the dashboard page (`dashboard.html`).
 //! - `GET /healthz` (process up), `GET /readyz` (the queue can take calls: with JetStream, NATS
 //!   connected and the stream present).
 
@@ -18,7 +19,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{MethodFilter, get, on, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use queue_worker::backend::{CallQueue, PublishError};
@@ -46,6 +47,8 @@ pub struct AppState<Q> {
     pub warned_max_body: AtomicBool,
     /// Renders `/metrics`.
     pub metrics: PrometheusHandle,
+    /// The dashboard's live figures.
+    pub live: Arc<crate::live::LiveStats>,
 }
 
 impl<Q: CallQueue> AppState<Q> {
@@ -93,6 +96,12 @@ pub fn router<Q: CallQueue>(state: Arc<AppState<Q>>) -> Router {
             get(crate::calls::result::<Q>),
         )
         .route("/system/async/queue", get(crate::admin::queue::<Q>))
+        .route("/system/async/stats", get(live_stats::<Q>))
+        .route(
+            "/dashboard",
+            get(|| async { Redirect::permanent("/dashboard/") }),
+        )
+        .route("/dashboard/", get(dashboard))
         .route(
             "/system/async/dead-letters",
             get(crate::admin::dead_letters::<Q>),
@@ -167,6 +176,23 @@ async fn metrics_text<Q: CallQueue>(State(state): State<Arc<AppState<Q>>>) -> Re
             "text/plain; version=0.0.4; charset=utf-8",
         )],
         text,
+    )
+        .into_response()
+}
+
+async fn live_stats<Q: CallQueue>(State(state): State<Arc<AppState<Q>>>) -> Response {
+    axum::Json(state.live.snapshot()).into_response()
+}
+
+/// The dashboard page: static HTML and script that read the admin API (no build step, no
+/// external resources: it works air-gapped).
+async fn dashboard() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        include_str!("dashboard.html"),
     )
         .into_response()
 }

@@ -283,6 +283,26 @@ pub fn apply(call_id: &str, current: Option<CallRecord>, event: &Event, now: u64
     }
 }
 
+/// A finished call, announced by the workers for live statistics (the dashboard). Best effort:
+/// a missed announcement only makes the live figures less complete.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutcomeEvent {
+    /// The call id.
+    pub call_id: String,
+    /// `name` or `name.namespace`.
+    pub function: String,
+    /// `succeeded`, `failed`, `dead_lettered`, `expired` or `cancelled`.
+    pub outcome: String,
+    /// When it finished, Unix nanoseconds.
+    pub at: u64,
+    /// Acceptance to the final outcome.
+    pub end_to_end_seconds: f64,
+    /// The function's final status, if it answered.
+    pub status: Option<u16>,
+    /// Dead-letter reason, if any.
+    pub reason: Option<String>,
+}
+
 /// The storage key of an `Idempotency-Key` for a function: both hex-encoded, so any visible
 /// ASCII key is a valid key-value store key.
 pub fn idempotency_key(function: &str, client_key: &str) -> String {

@@ -26,7 +26,7 @@ use crate::invoke::{FunctionInvoker, Outcome, http_client};
 use crate::message::QueuedCall;
 use crate::metrics;
 use crate::records::{
-    CallRecord, CallState, CallbackEntry, Event, ResultAvailability, StoredResult,
+    CallRecord, CallState, CallbackEntry, Event, OutcomeEvent, ResultAvailability, StoredResult,
 };
 use crate::retry::Decision;
 use crate::state::{Begin, CallStore, StateError};
@@ -636,13 +636,30 @@ async fn deliver_callback<Q: CallQueue>(
     delivery
 }
 
-/// Counts a call's final outcome and its end-to-end time.
-fn count_final(call: &QueuedCall, outcome: &'static str) {
+/// Counts a call's final outcome and its end-to-end time, and announces it to the gateways'
+/// live statistics.
+async fn finalize<Q: CallQueue>(
+    ctx: &Ctx<Q>,
+    call: &QueuedCall,
+    outcome: &'static str,
+    status: Option<u16>,
+    reason: Option<&str>,
+) {
     let function = metrics::function_label(&call.meta.qualified_function());
+    let end_to_end = metrics::seconds_since(call.meta.received_at_unix_nanos);
     ::metrics::counter!(metrics::PROCESSED, "function" => function.clone(), "outcome" => outcome)
         .increment(1);
-    ::metrics::histogram!(metrics::END_TO_END_SECONDS, "function" => function)
-        .record(metrics::seconds_since(call.meta.received_at_unix_nanos));
+    ::metrics::histogram!(metrics::END_TO_END_SECONDS, "function" => function).record(end_to_end);
+    let event = OutcomeEvent {
+        call_id: call.meta.call_id.clone(),
+        function: call.meta.qualified_function(),
+        outcome: outcome.to_owned(),
+        at: crate::unix_nanos_now(),
+        end_to_end_seconds: end_to_end,
+        status,
+        reason: reason.map(str::to_owned),
+    };
+    ctx.queue.announce_outcome(&event).await;
 }
 
 /// Counts a function invocation as in flight while it lives.
@@ -682,7 +699,7 @@ async fn cancelled<Q: CallQueue>(
     heartbeat: Heartbeat,
 ) {
     tracing::info!("call cancelled; not running it (again)");
-    count_final(call, "cancelled");
+    finalize(ctx, call, "cancelled", None, None).await;
     if let Some(url) = call.meta.callback_url.as_deref() {
         let mut outcome = no_response(CANCELLED_STATUS, CANCELLED);
         outcome
@@ -872,7 +889,13 @@ async fn deliver_and_ack<Q: CallQueue>(
                     ),
                 )
                 .await;
-                count_dead_letter(call, DeadLetterReason::CallbackFailed);
+                count_dead_letter(
+                    ctx,
+                    call,
+                    DeadLetterReason::CallbackFailed,
+                    Some(outcome.status),
+                )
+                .await;
                 return dead_letter_and_ack(ctx, msg, &letter).await;
             }
             Delivery::Interrupted => {
@@ -884,14 +907,12 @@ async fn deliver_and_ack<Q: CallQueue>(
             }
         }
     }
-    count_final(
-        call,
-        if (200..300).contains(&outcome.status) {
-            "succeeded"
-        } else {
-            "failed"
-        },
-    );
+    let result = if (200..300).contains(&outcome.status) {
+        "succeeded"
+    } else {
+        "failed"
+    };
+    finalize(ctx, call, result, Some(outcome.status), None).await;
     if let Err(e) = ctx.store.finish(&call.meta.call_id, attempts).await {
         tracing::warn!(error = %e, "could not mark the call done");
     }
@@ -900,15 +921,27 @@ async fn deliver_and_ack<Q: CallQueue>(
 }
 
 /// Counts a dead letter of a decoded call.
-fn count_dead_letter(call: &QueuedCall, reason: DeadLetterReason) {
+async fn count_dead_letter<Q: CallQueue>(
+    ctx: &Ctx<Q>,
+    call: &QueuedCall,
+    reason: DeadLetterReason,
+    last_status: Option<u16>,
+) {
     let function = metrics::function_label(&call.meta.qualified_function());
     ::metrics::counter!(metrics::DEAD_LETTERS, "function" => function.clone(), "reason" => reason.as_str())
         .increment(1);
     if reason == DeadLetterReason::Expired {
         ::metrics::counter!(metrics::EXPIRED, "function" => function).increment(1);
-        count_final(call, "expired");
+        finalize(ctx, call, "expired", None, Some(reason.as_str())).await;
     } else {
-        count_final(call, "dead_lettered");
+        finalize(
+            ctx,
+            call,
+            "dead_lettered",
+            last_status,
+            Some(reason.as_str()),
+        )
+        .await;
     }
 }
 
@@ -957,7 +990,7 @@ async fn give_up<Q: CallQueue>(
         CallState::DeadLettered
     };
     note(ctx, call, gave_up(call, state, reason)).await;
-    count_dead_letter(call, reason);
+    count_dead_letter(ctx, call, reason, last_status).await;
     if let Some(url) = call.meta.callback_url.as_deref() {
         match deliver_callback(ctx, call, url, &outcome, Some(reason.as_str())).await {
             Delivery::Delivered { status, attempts } => {

@@ -34,7 +34,7 @@ use super::{
     QueueDelivery, call_subject,
 };
 use crate::message::QueuedCall;
-use crate::records::{self, CallRecord, Event, StoredResult};
+use crate::records::{self, CallRecord, Event, OutcomeEvent, StoredResult};
 use crate::sled_flush::GroupFlush;
 use crate::unix_nanos_now;
 
@@ -88,6 +88,8 @@ struct Inner {
     idempotency: sled::Tree,
     /// Cancel announcements to the worker of this process.
     cancels: tokio::sync::broadcast::Sender<String>,
+    /// Outcome announcements to the gateway of this process.
+    outcomes: tokio::sync::broadcast::Sender<OutcomeEvent>,
     /// Serialises read-modify-write of records (one process owns the database).
     records_lock: Mutex<()>,
     flusher: GroupFlush,
@@ -284,6 +286,7 @@ impl EmbeddedQueue {
             results: db.open_tree("results")?,
             idempotency: db.open_tree("idempotency")?,
             cancels: tokio::sync::broadcast::channel(1024).0,
+            outcomes: tokio::sync::broadcast::channel(4096).0,
             records_lock: Mutex::new(()),
             db,
             options,
@@ -707,6 +710,27 @@ impl CallRecords for EmbeddedQueue {
     async fn release_idempotency_key(&self, key: &str) -> Result<(), BackendError> {
         self.inner.idempotency.remove(key.as_bytes())?;
         Ok(())
+    }
+
+    async fn announce_outcome(&self, event: &OutcomeEvent) {
+        // No receiver (no gateway in this process) is fine.
+        let _ = self.inner.outcomes.send(event.clone());
+    }
+
+    async fn outcomes(&self) -> Result<BoxStream<'static, OutcomeEvent>, BackendError> {
+        let receiver = self.inner.outcomes.subscribe();
+        Ok(
+            futures::stream::unfold(receiver, |mut receiver| async move {
+                loop {
+                    match receiver.recv().await {
+                        Ok(event) => return Some((event, receiver)),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                    }
+                }
+            })
+            .boxed(),
+        )
     }
 
     async fn paused_functions(&self) -> Result<Vec<String>, BackendError> {

@@ -27,7 +27,7 @@ use super::{
 use crate::config::{NatsArgs, RecordArgs, StreamArgs};
 use crate::message::QueuedCall;
 use crate::queue::{self, HEADER_ALLOWANCE};
-use crate::records::{self, CallRecord, Event, StoredResult};
+use crate::records::{self, CallRecord, Event, OutcomeEvent, StoredResult};
 
 /// The durable consumer a worker pulls from.
 #[derive(Debug, Clone)]
@@ -237,6 +237,11 @@ impl JetStreamQueue {
         format!("{}-control.cancel", self.options.nats.subject_prefix)
     }
 
+    /// Core NATS subject of outcome announcements.
+    fn outcome_subject(&self) -> String {
+        format!("{}-control.outcomes", self.options.nats.subject_prefix)
+    }
+
     /// Forget the consumer so the next pull binds again (after a failed pull).
     async fn unbind(&self) {
         *self.consumer.lock().await = None;
@@ -399,6 +404,30 @@ impl CallRecords for JetStreamQueue {
     async fn release_idempotency_key(&self, key: &str) -> Result<(), BackendError> {
         let kv = self.records_bucket().await?;
         kv.delete(key).await.map_err(request_err)
+    }
+
+    async fn announce_outcome(&self, event: &OutcomeEvent) {
+        let Ok(payload) = serde_json::to_vec(event) else {
+            return;
+        };
+        if let Err(e) = self
+            .client
+            .publish(self.outcome_subject(), payload.into())
+            .await
+        {
+            tracing::debug!(error = %e, "outcome announcement not sent");
+        }
+    }
+
+    async fn outcomes(&self) -> Result<BoxStream<'static, OutcomeEvent>, BackendError> {
+        let subscriber = self
+            .client
+            .subscribe(self.outcome_subject())
+            .await
+            .map_err(request_err)?;
+        Ok(subscriber
+            .filter_map(|m| async move { serde_json::from_slice(&m.payload).ok() })
+            .boxed())
     }
 
     async fn paused_functions(&self) -> Result<Vec<String>, BackendError> {

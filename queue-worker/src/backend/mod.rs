@@ -25,7 +25,7 @@ use futures::stream::BoxStream;
 use serde::Serialize;
 
 use crate::message::QueuedCall;
-use crate::records::{CallRecord, Event, StoredResult};
+use crate::records::{CallRecord, Event, OutcomeEvent, StoredResult};
 
 /// Errors of queue operations other than publishing.
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +137,14 @@ pub trait CallRecords: Send + Sync + 'static {
         &self,
         call_id: &str,
     ) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Tells the gateways a call finished (best effort, for live statistics).
+    fn announce_outcome(&self, event: &OutcomeEvent) -> impl Future<Output = ()> + Send;
+
+    /// Outcomes announced from now on.
+    fn outcomes(
+        &self,
+    ) -> impl Future<Output = Result<BoxStream<'static, OutcomeEvent>, BackendError>> + Send;
 
     /// Functions whose calls are held (paused).
     fn paused_functions(&self) -> impl Future<Output = Result<Vec<String>, BackendError>> + Send;
