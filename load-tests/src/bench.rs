@@ -43,9 +43,10 @@ use axum::http::StatusCode;
 use axum::routing::post;
 use bytes::Bytes;
 use clap::Parser;
-use gateway_plugin::{GatewayConfig, GatewayError};
+use gateway_plugin::{GatewayConfig, GatewayError, HttpSettings};
 use hdrhistogram::Histogram;
 use queue_worker::WorkerConfig;
+use queue_worker::backend::embedded::{EmbeddedOptions, EmbeddedQueue};
 use queue_worker::worker::WorkerError;
 use serde::Serialize;
 use tokio::net::TcpListener;
@@ -111,6 +112,16 @@ pub enum LoadModel {
     Open,
 }
 
+/// Which queue the system under test uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// gateway-plugin + queue-worker on a private nats-server.
+    Jetstream,
+    /// gateway + worker on one embedded (sled) queue, as `faas-async` runs them.
+    Embedded,
+}
+
 /// What [`run`] does; [`BenchOptions::default`] is the CLI's default.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BenchOptions {
@@ -130,6 +141,8 @@ pub struct BenchOptions {
     /// How long to wait for outstanding callbacks once every call was
     /// submitted; calls still without one are reported as lost.
     pub callback_timeout: Duration,
+    /// The queue of the system under test.
+    pub backend: Backend,
 }
 
 impl Default for BenchOptions {
@@ -142,6 +155,7 @@ impl Default for BenchOptions {
             body_bytes: DEFAULT_BODY_BYTES,
             time_limit: DEFAULT_TIME_LIMIT,
             callback_timeout: DEFAULT_CALLBACK_TIMEOUT,
+            backend: Backend::Jetstream,
         }
     }
 }
@@ -318,6 +332,8 @@ pub struct Report {
     pub max_inflight: u32,
     /// Request body size.
     pub body_bytes: u64,
+    /// The queue of the system under test.
+    pub backend: Backend,
     /// CPUs available to this process.
     pub cpus: u64,
     /// Raw loopback HTTP.
@@ -353,9 +369,9 @@ impl Report {
             _ => format!("closed loop, concurrency {}", self.concurrency),
         };
         let mut out = format!(
-            "load-tests bench: {} calls per phase, {model}, worker max-inflight {}, \
+            "load-tests bench: {} calls per phase, {model}, {:?} queue, worker max-inflight {}, \
              body {} B, {} CPUs, all on 127.0.0.1\n\n",
-            self.calls, self.max_inflight, self.body_bytes, self.cpus
+            self.calls, self.backend, self.max_inflight, self.body_bytes, self.cpus
         );
         out.push_str(&format!(
             "{:<21} {:>8} {:>7} {:>9} {:>11} {:>9} {:>9} {:>9} {:>9}\n",
@@ -453,6 +469,7 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
         rate: opts.rate,
         max_inflight: opts.max_inflight,
         body_bytes: to_u64(opts.body_bytes),
+        backend: opts.backend,
         cpus: std::thread::available_parallelism().map_or(0, |n| to_u64(n.get())),
         baseline_http,
         baseline_js_publish,
@@ -672,6 +689,9 @@ impl System {
             .local_addr()
             .map_err(|e| BenchError::setup("reading the gateway address", e))?;
         let nats_url = nats.url();
+        if opts.backend == Backend::Embedded {
+            return Self::start_embedded(opts, function, receiver, state_dir, listener).await;
+        }
         let gateway_config = GatewayConfig::try_parse_from([
             "gateway-plugin",
             "--nats-url",
@@ -698,6 +718,8 @@ impl System {
             opts.max_inflight.to_string(),
             "--shutdown-grace".to_owned(),
             "5s".to_owned(),
+            "--metrics-listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
         ])
         .map_err(|e| BenchError::setup("worker configuration", e))?;
         let (stream, consumer) = (
@@ -720,6 +742,67 @@ impl System {
             .wait_worker_ready(&nats_url, &stream, &consumer)
             .await?;
         Ok(system)
+    }
+
+    /// Gateway and worker in this process on one embedded queue (as `faas-async` runs them).
+    async fn start_embedded(
+        opts: &BenchOptions,
+        function: StubFunction,
+        receiver: CallbackReceiver,
+        state_dir: tempfile::TempDir,
+        listener: TcpListener,
+    ) -> Result<Self, BenchError> {
+        let gateway_addr = listener
+            .local_addr()
+            .map_err(|e| BenchError::setup("reading the gateway address", e))?;
+        let worker_config = WorkerConfig::try_parse_from([
+            "queue-worker".to_owned(),
+            "--gateway-url".to_owned(),
+            function.url(),
+            "--state-dir".to_owned(),
+            state_dir.path().join("worker").display().to_string(),
+            "--max-inflight".to_owned(),
+            opts.max_inflight.to_string(),
+            "--shutdown-grace".to_owned(),
+            "5s".to_owned(),
+        ])
+        .map_err(|e| BenchError::setup("worker configuration", e))?;
+        let options = EmbeddedOptions {
+            dir: state_dir.path().join("queue"),
+            subject_prefix: worker_config.nats.subject_prefix.clone(),
+            ack_wait: worker_config.ack_wait,
+            duplicate_window: Duration::from_secs(120),
+            max_message_bytes: 1 << 20,
+            max_bytes: 0,
+            cache_bytes: 64 << 20,
+            records_retention: worker_config.records.records_retention,
+            max_result_bytes: 512 << 10,
+        };
+        let queue = Arc::new(
+            EmbeddedQueue::open(options)
+                .map_err(|e| BenchError::setup("opening the embedded queue", e))?,
+        );
+        let settings = HttpSettings {
+            max_body_bytes: None,
+            retry_after: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(5),
+        };
+        let gateway_queue = queue.clone();
+        let mut gateway = Service::spawn(move |stop| {
+            gateway_plugin::serve(gateway_queue, settings, listener, stop)
+        });
+        let gateway_url = format!("http://{gateway_addr}");
+        wait_gateway_ready(&mut gateway, &gateway_url).await?;
+        let worker =
+            Service::spawn(move |stop| queue_worker::worker::run_on(worker_config, queue, stop));
+        Ok(Self {
+            gateway_url,
+            gateway,
+            worker,
+            receiver,
+            _function: function,
+            _state_dir: state_dir,
+        })
     }
 
     /// Waits until the worker created its durable consumer.

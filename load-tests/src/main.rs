@@ -95,6 +95,10 @@ struct BenchArgs {
     /// calls without one are then reported as lost.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     callback_timeout: Duration,
+    /// The queue of the system under test: `jetstream` (gateway and worker
+    /// on a private nats-server) or `embedded` (as `faas-async` runs them).
+    #[arg(long, value_enum, default_value_t = bench::Backend::Jetstream)]
+    backend: bench::Backend,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
@@ -205,6 +209,7 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         concurrency: args.concurrency,
         rate: args.rate,
         max_inflight: args.max_inflight,
+        backend: args.backend,
         body_bytes: args.body_bytes,
         time_limit: args.time_limit,
         callback_timeout: args.callback_timeout,

@@ -10,6 +10,30 @@ use std::time::Duration;
 
 use load_tests::bench::{self, BenchOptions};
 
+/// The same small run against the embedded queue (the all-in-one server's backend).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_bench_on_the_embedded_queue_completes_every_call() {
+    let opts = BenchOptions {
+        calls: 200,
+        concurrency: 8,
+        max_inflight: 32,
+        time_limit: Duration::from_secs(120),
+        callback_timeout: Duration::from_secs(30),
+        backend: bench::Backend::Embedded,
+        ..BenchOptions::default()
+    };
+    let report = bench::run(&opts).await.expect("bench run");
+    let table = report.to_table();
+    assert_eq!(report.accept.ok, 200, "{table}");
+    assert_eq!(report.end_to_end.completed, 200, "{table}");
+    assert_eq!(report.end_to_end.lost, 0, "{table}");
+    assert_eq!(report.end_to_end.bad_results, 0, "{table}");
+    assert!(report.is_clean(), "{table}");
+    assert!(table.contains("Embedded queue"), "{table}");
+    let json: serde_json::Value = serde_json::to_value(&report).unwrap();
+    assert_eq!(json["backend"], "embedded");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_bench_completes_every_call() {
     let opts = BenchOptions {
