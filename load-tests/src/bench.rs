@@ -143,6 +143,9 @@ pub struct BenchOptions {
     pub callback_timeout: Duration,
     /// The queue of the system under test.
     pub backend: Backend,
+    /// For the harness's own tests: make the callback receiver lose every n-th and duplicate
+    /// every m-th callback it records (`(n, m)`, 0 = off), to check that the report says so.
+    pub receiver_fault: Option<(usize, usize)>,
 }
 
 impl Default for BenchOptions {
@@ -156,6 +159,7 @@ impl Default for BenchOptions {
             time_limit: DEFAULT_TIME_LIMIT,
             callback_timeout: DEFAULT_CALLBACK_TIMEOUT,
             backend: Backend::Jetstream,
+            receiver_fault: None,
         }
     }
 }
@@ -677,6 +681,9 @@ impl System {
         // Thousands of recorded requests are not worth their memory here.
         function.set_recording(false);
         let receiver = CallbackReceiver::start().await?;
+        if let Some((drop_every, duplicate_every)) = opts.receiver_fault {
+            receiver.set_recording_fault(drop_every, duplicate_every);
+        }
         let state_dir = tempfile::Builder::new()
             .prefix("load-tests-worker-")
             .tempdir()

@@ -210,6 +210,7 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         rate: args.rate,
         max_inflight: args.max_inflight,
         backend: args.backend,
+        receiver_fault: None,
         body_bytes: args.body_bytes,
         time_limit: args.time_limit,
         callback_timeout: args.callback_timeout,

@@ -339,6 +339,13 @@ pub struct CallbackReceiver {
 #[derive(Debug)]
 struct CallbackState {
     status: AtomicU16,
+    /// Every n-th callback is answered but not recorded (0: none); see
+    /// [`CallbackReceiver::set_recording_fault`].
+    drop_every: AtomicUsize,
+    /// Every n-th callback is recorded twice (0: none).
+    duplicate_every: AtomicUsize,
+    /// Callbacks received, for the faults above.
+    received: AtomicUsize,
     callbacks: Mutex<Vec<RecordedCallback>>,
     /// Notified after each recorded callback.
     arrived: Notify,
@@ -357,6 +364,9 @@ impl CallbackReceiver {
             addr: local_addr(&listener)?,
             state: Arc::new(CallbackState {
                 status: AtomicU16::new(200),
+                drop_every: AtomicUsize::new(0),
+                duplicate_every: AtomicUsize::new(0),
+                received: AtomicUsize::new(0),
                 callbacks: Mutex::new(Vec::new()),
                 arrived: Notify::new(),
             }),
@@ -406,6 +416,16 @@ impl CallbackReceiver {
     /// yields 500).
     pub fn set_status(&self, status: u16) {
         self.state.status.store(status, Ordering::SeqCst);
+    }
+
+    /// Makes the *recording* wrong on purpose, to test that whoever reads it (the bench)
+    /// reports losses and duplicates: every `drop_every`-th callback is answered `2xx` but not
+    /// recorded, every `duplicate_every`-th other one is recorded twice (0 turns either off).
+    pub fn set_recording_fault(&self, drop_every: usize, duplicate_every: usize) {
+        self.state.drop_every.store(drop_every, Ordering::SeqCst);
+        self.state
+            .duplicate_every
+            .store(duplicate_every, Ordering::SeqCst);
     }
 
     /// The callback URL, `http://127.0.0.1:PORT/callback`.
@@ -496,13 +516,25 @@ async fn callback_handler(State(state): State<Arc<CallbackState>>, request: Requ
         Ok(body) => body,
         Err(err) => return (StatusCode::BAD_REQUEST, err.to_string()).into_response(),
     };
-    lock(&state.callbacks).push(RecordedCallback {
-        path: parts.uri.path().to_owned(),
-        headers: header_pairs(&parts.headers),
-        body,
-        call_id: call_id(&parts.headers),
-        received_at,
-    });
+    let n = state.received.fetch_add(1, Ordering::SeqCst) + 1;
+    let every = |setting: &AtomicUsize| {
+        let every = setting.load(Ordering::SeqCst);
+        every > 0 && n % every == 0
+    };
+    if !every(&state.drop_every) {
+        let recorded = RecordedCallback {
+            path: parts.uri.path().to_owned(),
+            headers: header_pairs(&parts.headers),
+            body,
+            call_id: call_id(&parts.headers),
+            received_at,
+        };
+        let mut callbacks = lock(&state.callbacks);
+        if every(&state.duplicate_every) {
+            callbacks.push(recorded.clone());
+        }
+        callbacks.push(recorded);
+    }
     state.arrived.notify_one();
     StatusCode::from_u16(state.status.load(Ordering::SeqCst))
         .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)

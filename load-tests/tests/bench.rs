@@ -10,6 +10,30 @@ use std::time::Duration;
 
 use load_tests::bench::{self, BenchOptions};
 
+/// The harness checks itself: a receiver that loses every 10th and duplicates every 7th
+/// callback it records is reported as losing 20 and duplicating 26 of 200 calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lossy_duplicating_receiver_is_reported_as_such() {
+    let opts = BenchOptions {
+        calls: 200,
+        concurrency: 8,
+        max_inflight: 32,
+        time_limit: Duration::from_secs(120),
+        callback_timeout: Duration::from_secs(3),
+        backend: bench::Backend::Embedded,
+        receiver_fault: Some((10, 7)),
+        ..BenchOptions::default()
+    };
+    let report = bench::run(&opts).await.expect("bench run");
+    let table = report.to_table();
+    let e2e = &report.end_to_end;
+    assert_eq!(e2e.lost, 20, "{table}");
+    assert_eq!(e2e.completed, 180, "{table}");
+    // Multiples of 7 up to 200 that are not multiples of 10: 28 - 2.
+    assert_eq!(e2e.duplicates, 26, "{table}");
+    assert!(!report.is_clean(), "a lossy run is not clean:\n{table}");
+}
+
 /// The same small run against the embedded queue (the all-in-one server's backend).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_bench_on_the_embedded_queue_completes_every_call() {
