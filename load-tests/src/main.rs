@@ -16,6 +16,7 @@ use anyhow::Context;
 use clap::builder::RangedU64ValueParser;
 use clap::{Parser, Subcommand};
 use load_tests::bench::{self, BenchOptions};
+use load_tests::sut::Backend;
 use load_tests::{CallbackReceiver, RecordedCallback, StubBehavior, StubFunction};
 use queue_worker::config::parse_duration;
 use queue_worker::signal::shutdown_signal;
@@ -98,6 +99,15 @@ struct BenchArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
+    /// The system under test: `jetstream` runs the `gateway-plugin` and
+    /// `queue-worker` binaries as child processes on a private nats-server.
+    #[arg(long, value_enum, default_value_t = Backend::JetStream)]
+    backend: Backend,
+    /// Directory of the `gateway-plugin` and `queue-worker` binaries; by
+    /// default the directory of this executable (build them with
+    /// `cargo build --release --workspace`).
+    #[arg(long, env = "LOAD_TESTS_BIN_DIR")]
+    bin_dir: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
@@ -208,6 +218,8 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         body_bytes: args.body_bytes,
         time_limit: args.time_limit,
         callback_timeout: args.callback_timeout,
+        backend: args.backend,
+        bin_dir: args.bin_dir,
     };
     let report = bench::run(&opts).await.context("bench failed")?;
     let mut out = std::io::stdout().lock();
@@ -222,8 +234,14 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     eprintln!(
-        "bench: not every call completed cleanly: {} refused, {} lost, {} bad results",
-        report.accept.failed, report.end_to_end.lost, report.end_to_end.bad_results
+        "bench: not every call completed cleanly: {} refused, {} lost, {} duplicated, \
+         {} unexpected callbacks, {} bad results, {} bad headers",
+        report.accept.failed,
+        report.end_to_end.lost,
+        report.end_to_end.duplicates,
+        report.end_to_end.unexpected,
+        report.end_to_end.bad_results,
+        report.end_to_end.bad_headers
     );
     Ok(ExitCode::FAILURE)
 }
