@@ -101,6 +101,49 @@ const POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// Upper bound of the latency histograms (one hour, in microseconds).
 const HISTOGRAM_MAX_MICROS: u64 = 3_600_000_000;
 
+/// A named benchmark: a preset of [`BenchOptions`] that explicit options
+/// override.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// Closed loop, 20,000 calls, concurrency 64: the sustainable rate.
+    Throughput,
+    /// Open loop at 2,000 calls/s (about half the sustainable rate on the
+    /// reference machine), 10,000 calls: latency percentiles.
+    LatencyAtRate,
+    /// 10,000 calls in flight at once on one worker (`--max-inflight
+    /// 10000`), each held 30 s by the function.
+    LongRunning,
+}
+
+impl Scenario {
+    /// The options of this scenario.
+    pub fn options(self) -> BenchOptions {
+        let base = BenchOptions::default();
+        match self {
+            Self::Throughput => BenchOptions {
+                calls: 20_000,
+                concurrency: 64,
+                ..base
+            },
+            Self::LatencyAtRate => BenchOptions {
+                calls: 10_000,
+                rate: Some(2000.0),
+                ..base
+            },
+            Self::LongRunning => BenchOptions {
+                calls: 10_000,
+                concurrency: 256,
+                max_inflight: 10_000,
+                function_delay: Duration::from_secs(30),
+                callback_timeout: Duration::from_secs(180),
+                time_limit: Duration::from_secs(600),
+                ..base
+            },
+        }
+    }
+}
+
 /// How requests are paced; see the [module docs](self#load-models).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -134,6 +177,8 @@ pub struct BenchOptions {
     pub callback_timeout: Duration,
     /// Which system is benchmarked.
     pub backend: Backend,
+    /// How long the stub function holds each call.
+    pub function_delay: Duration,
     /// Where the `gateway-plugin` and `queue-worker` binaries are; `None`
     /// looks next to the current executable.
     pub bin_dir: Option<PathBuf>,
@@ -150,6 +195,7 @@ impl Default for BenchOptions {
             time_limit: DEFAULT_TIME_LIMIT,
             callback_timeout: DEFAULT_CALLBACK_TIMEOUT,
             backend: Backend::default(),
+            function_delay: Duration::ZERO,
             bin_dir: None,
         }
     }
@@ -517,7 +563,11 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
     let baseline_http = measure_baseline_http(opts, &client, &body).await?;
     let baseline_js_publish = measure_baseline_js(opts, &nats.url(), &body).await?;
 
-    let function = StubFunction::start(StubBehavior::default()).await?;
+    let function = StubFunction::start(StubBehavior {
+        delay: opts.function_delay,
+        ..StubBehavior::default()
+    })
+    .await?;
     // Thousands of recorded requests are not worth their memory here.
     function.set_recording(false);
     let receiver = CallbackReceiver::start().await?;
@@ -1004,6 +1054,27 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn every_scenario_is_valid_and_long_running_holds_10000_on_one_worker() {
+        for scenario in [
+            Scenario::Throughput,
+            Scenario::LatencyAtRate,
+            Scenario::LongRunning,
+        ] {
+            let opts = scenario.options();
+            assert!(opts.validate().is_ok(), "{scenario:?}: {opts:?}");
+        }
+        let long = Scenario::LongRunning.options();
+        assert_eq!(long.max_inflight, 10_000);
+        assert_eq!(long.calls, 10_000);
+        assert_eq!(long.function_delay, Duration::from_secs(30));
+        assert!(long.callback_timeout > long.function_delay);
+        assert_eq!(
+            Scenario::LatencyAtRate.options().load_model(),
+            LoadModel::Open
+        );
     }
 
     #[test]
