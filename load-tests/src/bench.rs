@@ -35,6 +35,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::io::{IsTerminal, Write};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -52,7 +53,7 @@ use queue_worker::worker::WorkerError;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 
 use crate::audit::{CallbackAudit, Expectations, audit_callbacks};
 use crate::sut::{Backend, ProcessUsage, SutOptions, SystemUnderTest, find_bin_dir};
@@ -96,6 +97,9 @@ const BASELINE_SUBJECT: &str = "load-tests-baseline.publish";
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the baseline HTTP server may take to stop.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+/// How often the progress line is redrawn, and its bar's width.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
+const PROGRESS_WIDTH: usize = 30;
 /// How often outstanding callbacks are checked.
 const POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// Upper bound of the latency histograms (one hour, in microseconds).
@@ -646,7 +650,7 @@ async fn measure_baseline_http(
 
     let url = format!("http://{addr}/");
     let (client, body) = (client.clone(), body.clone());
-    let result = drive(opts, move |_| {
+    let result = drive(opts, "http", move |_| {
         let request = client
             .post(url.as_str())
             .body(body.clone())
@@ -724,7 +728,7 @@ async fn measure_async_path(
     let url = format!("{}/async-function/{FUNCTION}", system.gateway_url);
     let callback_url = receiver.url();
     let (client, payload) = (client.clone(), body.clone());
-    let submitted = drive(opts, move |_| {
+    let submitted = drive(opts, "submit", move |_| {
         let request = client
             .post(url.as_str())
             .header("x-callback-url", callback_url.as_str())
@@ -748,6 +752,7 @@ async fn measure_async_path(
     // Wait for the callbacks of every accepted call, or the timeout.
     let submit_times: HashMap<String, Instant> = submitted.call_ids.into_iter().collect();
     let deadline = Instant::now() + opts.callback_timeout;
+    let progress = Progress::start("callbacks", submit_times.len(), receiver.counter());
     loop {
         system.check_running()?;
         if receiver.count() >= submit_times.len() {
@@ -761,6 +766,7 @@ async fn measure_async_path(
         }
         tokio::time::sleep(POLL_INTERVAL).await;
     }
+    drop(progress);
 
     let callbacks = receiver.callbacks();
     let audit = audit_callbacks(
@@ -819,14 +825,74 @@ struct LoopResult {
 }
 
 /// Runs `op` `opts.calls` times in the load model of `opts`.
-async fn drive<F, Fut>(opts: &BenchOptions, op: F) -> Result<LoopResult, BenchError>
+async fn drive<F, Fut>(
+    opts: &BenchOptions,
+    phase: &'static str,
+    op: F,
+) -> Result<LoopResult, BenchError>
 where
     F: Fn(usize) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<Option<String>, String>> + Send + 'static,
 {
+    let done = Arc::new(AtomicUsize::new(0));
+    let _progress = Progress::start(phase, opts.calls, {
+        let done = Arc::clone(&done);
+        move || done.load(Ordering::Relaxed)
+    });
+    let op = move |i| {
+        let (request, done) = (op(i), Arc::clone(&done));
+        async move {
+            let result = request.await;
+            done.fetch_add(1, Ordering::Relaxed);
+            result
+        }
+    };
     match opts.rate {
         Some(rate) => open_loop_phase(opts.calls, rate, op).await,
         None => closed_loop(opts.calls, opts.concurrency, op).await,
+    }
+}
+
+/// A progress line on stderr, redrawn every [`PROGRESS_INTERVAL`] while it
+/// lives, only when stderr is a terminal.
+#[derive(Debug)]
+struct Progress {
+    task: Option<JoinHandle<()>>,
+}
+
+impl Progress {
+    fn start(phase: &'static str, total: usize, done: impl Fn() -> usize + Send + 'static) -> Self {
+        if !std::io::stderr().is_terminal() {
+            return Self { task: None };
+        }
+        let task = tokio::spawn(async move {
+            let started = Instant::now();
+            loop {
+                tokio::time::sleep(PROGRESS_INTERVAL).await;
+                let done = done().min(total);
+                let filled = (done * PROGRESS_WIDTH).checked_div(total).unwrap_or(0);
+                let mut err = std::io::stderr().lock();
+                let _ = write!(
+                    err,
+                    "\r{phase:<12} [{}{}] {done}/{total} {:.0}s ",
+                    "#".repeat(filled),
+                    " ".repeat(PROGRESS_WIDTH - filled),
+                    started.elapsed().as_secs_f64()
+                );
+                let _ = err.flush();
+            }
+        });
+        Self { task: Some(task) }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            // Clear the line for what follows.
+            let _ = write!(std::io::stderr().lock(), "\r{:80}\r", "");
+        }
     }
 }
 
