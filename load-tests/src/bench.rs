@@ -11,7 +11,9 @@
 //! 1. `baseline_http`: POSTs of the same body to a trivial axum handler
 //!    answering `202`: what loopback HTTP alone allows.
 //! 2. `baseline_js_publish`: closed-loop JetStream publishes, each awaiting
-//!    its ack, to a separate file-backed stream of the same server.
+//!    its ack, to a separate file-backed stream of the same server; then
+//!    `baseline_js_pull_ack`: one pull consumer drains those messages,
+//!    acking each (a rate only).
 //! 3. `accept`: POSTs to `/async-function/bench` with an `X-Callback-Url`; a
 //!    `202` counts as accepted.
 //! 4. `end_to_end`: measured over the same calls as `accept`, from the first
@@ -385,6 +387,8 @@ pub struct Ratios {
     pub end_to_end_vs_baseline_http: f64,
     /// `accept` rate / `baseline_js_publish` rate.
     pub accept_vs_baseline_js_publish: f64,
+    /// `end_to_end` rate / `baseline_js_pull_ack` rate.
+    pub end_to_end_vs_baseline_js_pull_ack: f64,
 }
 
 /// What [`run`] measured.
@@ -409,6 +413,9 @@ pub struct Report {
     pub baseline_http: Phase,
     /// Raw JetStream publish with ack.
     pub baseline_js_publish: Phase,
+    /// Raw JetStream pull with ack of the published messages (one pull
+    /// consumer; no latencies, which stay 0).
+    pub baseline_js_pull_ack: Phase,
     /// Gateway accepts.
     pub accept: Phase,
     /// Accepted calls through to their callbacks.
@@ -474,6 +481,7 @@ impl Report {
         let rows = [
             ("baseline_http", &self.baseline_http),
             ("baseline_js_publish", &self.baseline_js_publish),
+            ("baseline_js_pull_ack", &self.baseline_js_pull_ack),
             ("accept", &self.accept),
         ]
         .map(|(name, phase)| {
@@ -502,10 +510,11 @@ impl Report {
         }
         out.push_str(&format!(
             "\nratios: accept/baseline_http {:.3}, end_to_end/baseline_http {:.3}, \
-             accept/baseline_js_publish {:.3}\n",
+             accept/baseline_js_publish {:.3}, end_to_end/baseline_js_pull_ack {:.3}\n",
             self.ratios.accept_vs_baseline_http,
             self.ratios.end_to_end_vs_baseline_http,
-            self.ratios.accept_vs_baseline_js_publish
+            self.ratios.accept_vs_baseline_js_publish,
+            self.ratios.end_to_end_vs_baseline_js_pull_ack
         ));
         out.push_str(&format!(
             "end_to_end: {} of {} accepted calls completed; lost {}, duplicates {}, \
@@ -566,7 +575,8 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
 
     let nats = NatsServer::start().await?;
     let baseline_http = measure_baseline_http(opts, &client, &body).await?;
-    let baseline_js_publish = measure_baseline_js(opts, &nats.url(), &body).await?;
+    let (baseline_js_publish, baseline_js_pull_ack) =
+        measure_baseline_js(opts, &nats.url(), &body).await?;
 
     let function = StubFunction::start(StubBehavior {
         delay: opts.function_delay,
@@ -605,6 +615,10 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
         accept_vs_baseline_http: ratio(accept.rate_per_sec, baseline_http.rate_per_sec),
         end_to_end_vs_baseline_http: ratio(end_to_end.rate_per_sec, baseline_http.rate_per_sec),
         accept_vs_baseline_js_publish: ratio(accept.rate_per_sec, baseline_js_publish.rate_per_sec),
+        end_to_end_vs_baseline_js_pull_ack: ratio(
+            end_to_end.rate_per_sec,
+            baseline_js_pull_ack.rate_per_sec,
+        ),
     };
     Ok(Report {
         calls: to_u64(opts.calls),
@@ -616,6 +630,7 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
         cpus: std::thread::available_parallelism().map_or(0, |n| to_u64(n.get())),
         baseline_http,
         baseline_js_publish,
+        baseline_js_pull_ack,
         accept,
         end_to_end,
         ratios,
@@ -679,7 +694,7 @@ async fn measure_baseline_js(
     opts: &BenchOptions,
     nats_url: &str,
     body: &Bytes,
-) -> Result<Phase, BenchError> {
+) -> Result<(Phase, Phase), BenchError> {
     let nats = async_nats::connect(nats_url)
         .await
         .map_err(|e| BenchError::setup("connecting to nats-server", e))?;
@@ -712,10 +727,67 @@ async fn measure_baseline_js(
     })
     .await?;
 
+    let pull_ack = measure_pull_ack(&js, opts.calls).await;
     js.delete_stream(BASELINE_STREAM)
         .await
         .map_err(|e| BenchError::setup("deleting the baseline stream", e))?;
-    Ok(result.phase)
+    Ok((result.phase, pull_ack?))
+}
+
+/// Phase 2b: one pull consumer drains the messages just published, acking
+/// each; a rate, without per-message latencies.
+async fn measure_pull_ack(js: &jetstream::Context, calls: usize) -> Result<Phase, BenchError> {
+    use futures::StreamExt as _;
+    let stream = js
+        .get_stream(BASELINE_STREAM)
+        .await
+        .map_err(|e| BenchError::setup("looking up the baseline stream", e))?;
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some("load-tests-baseline".to_owned()),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| BenchError::setup("creating the baseline consumer", e))?;
+    let started = Instant::now();
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| BenchError::setup("pulling from the baseline stream", e))?;
+    let (mut ok, mut failed, mut first_error) = (0_u64, 0_u64, None);
+    while ok + failed < to_u64(calls) {
+        let next = tokio::time::timeout(REQUEST_TIMEOUT, messages.next()).await;
+        let message = match next {
+            Ok(Some(Ok(message))) => message,
+            Ok(Some(Err(e))) => {
+                failed += 1;
+                first_error.get_or_insert(format!("pull: {e}"));
+                continue;
+            }
+            Ok(None) | Err(_) => {
+                first_error.get_or_insert(format!("no message within {REQUEST_TIMEOUT:?}"));
+                break;
+            }
+        };
+        match message.ack().await {
+            Ok(()) => ok += 1,
+            Err(e) => {
+                failed += 1;
+                first_error.get_or_insert(format!("ack: {e}"));
+            }
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(Phase {
+        sent: ok + failed,
+        ok,
+        failed,
+        first_error,
+        seconds,
+        rate_per_sec: rate_of(ok, seconds),
+        latency_us: Latency::default(),
+    })
 }
 
 /// Phases 3 and 4: calls through the gateway, and their callbacks.

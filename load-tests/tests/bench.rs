@@ -61,6 +61,14 @@ async fn small_bench_completes_every_call() {
     assert!(report.ratios.accept_vs_baseline_http > 0.0, "{table}");
     assert!(report.ratios.end_to_end_vs_baseline_http > 0.0, "{table}");
     assert!(report.ratios.accept_vs_baseline_js_publish > 0.0, "{table}");
+    // Every published message was pulled and acked.
+    let pull = &report.baseline_js_pull_ack;
+    assert_eq!(pull.ok, 200, "{:?}\n{table}", pull.first_error);
+    assert!(pull.rate_per_sec > 0.0, "{table}");
+    assert!(
+        report.ratios.end_to_end_vs_baseline_js_pull_ack > 0.0,
+        "{table}"
+    );
     assert!(report.is_clean(), "{table}");
 
     // Both processes are measured, idle and after the run.
