@@ -1,14 +1,19 @@
 //! The throughput and latency benchmark behind `load-tests bench`.
 //!
-//! [`run`] starts everything on `127.0.0.1` in one process: a private
-//! [`NatsServer`], the gateway ([`gateway_plugin::run`]), a worker
-//! ([`queue_worker::run`]) whose gateway URL is a zero-delay [`StubFunction`],
-//! and a [`CallbackReceiver`]. It then measures, one phase after the other:
+//! [`run`] starts everything on `127.0.0.1`: a private [`NatsServer`], the
+//! system under test as child processes ([`SystemUnderTest`]: the
+//! `gateway-plugin` and `queue-worker` binaries, the worker's gateway URL a
+//! zero-delay [`StubFunction`]), and a [`CallbackReceiver`] whose callbacks
+//! are matched to the accepted call ids ([`audit_callbacks`]: lost,
+//! duplicated, unexpected, bad headers). It then measures, one phase after
+//! the other:
 //!
 //! 1. `baseline_http`: POSTs of the same body to a trivial axum handler
 //!    answering `202`: what loopback HTTP alone allows.
 //! 2. `baseline_js_publish`: closed-loop JetStream publishes, each awaiting
-//!    its ack, to a separate file-backed stream of the same server.
+//!    its ack, to a separate file-backed stream of the same server; then
+//!    `baseline_js_pull_ack`: one pull consumer drains those messages,
+//!    acking each (a rate only).
 //! 3. `accept`: POSTs to `/async-function/bench` with an `X-Callback-Url`; a
 //!    `202` counts as accepted.
 //! 4. `end_to_end`: measured over the same calls as `accept`, from the first
@@ -32,7 +37,9 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::io::{IsTerminal, Write};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -42,17 +49,16 @@ use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::post;
 use bytes::Bytes;
-use clap::Parser;
-use gateway_plugin::{GatewayConfig, GatewayError, HttpSettings};
+use gateway_plugin::GatewayError;
 use hdrhistogram::Histogram;
-use queue_worker::WorkerConfig;
-use queue_worker::backend::embedded::{EmbeddedOptions, EmbeddedQueue};
 use queue_worker::worker::WorkerError;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::{JoinHandle, JoinSet};
 
+use crate::audit::{CallbackAudit, Expectations, audit_callbacks};
+use crate::sut::{Backend, ProcessUsage, SutOptions, SystemUnderTest, find_bin_dir};
 use crate::{
     CallbackReceiver, HarnessError, NatsServer, StubBehavior, StubFunction, Timed, open_loop,
 };
@@ -91,14 +97,59 @@ const BASELINE_STREAM: &str = "LOAD_TESTS_BASELINE";
 const BASELINE_SUBJECT: &str = "load-tests-baseline.publish";
 /// Longest a single request or publish of a closed loop may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long the gateway and the worker may take to become ready.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long the gateway and the worker may take to stop.
+/// How long the baseline HTTP server may take to stop.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
-/// How often readiness and outstanding callbacks are checked.
+/// How often the progress line is redrawn, and its bar's width.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
+const PROGRESS_WIDTH: usize = 30;
+/// How often outstanding callbacks are checked.
 const POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// Upper bound of the latency histograms (one hour, in microseconds).
 const HISTOGRAM_MAX_MICROS: u64 = 3_600_000_000;
+
+/// A named benchmark: a preset of [`BenchOptions`] that explicit options
+/// override.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// Closed loop, 20,000 calls, concurrency 64: the sustainable rate.
+    Throughput,
+    /// Open loop at 1,000 calls/s (about half the sustainable end-to-end
+    /// rate on the reference machine, BENCHMARKS.md), 5,000 calls: latency
+    /// percentiles.
+    LatencyAtRate,
+    /// 10,000 calls in flight at once on one worker (`--max-inflight
+    /// 10000`), each held 30 s by the function.
+    LongRunning,
+}
+
+impl Scenario {
+    /// The options of this scenario.
+    pub fn options(self) -> BenchOptions {
+        let base = BenchOptions::default();
+        match self {
+            Self::Throughput => BenchOptions {
+                calls: 20_000,
+                concurrency: 64,
+                ..base
+            },
+            Self::LatencyAtRate => BenchOptions {
+                calls: 5_000,
+                rate: Some(1000.0),
+                ..base
+            },
+            Self::LongRunning => BenchOptions {
+                calls: 10_000,
+                concurrency: 256,
+                max_inflight: 10_000,
+                function_delay: Duration::from_secs(30),
+                callback_timeout: Duration::from_secs(180),
+                time_limit: Duration::from_secs(600),
+                ..base
+            },
+        }
+    }
+}
 
 /// How requests are paced; see the [module docs](self#load-models).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -110,16 +161,6 @@ pub enum LoadModel {
     /// A fixed schedule of `rate` requests per second; latency from the
     /// intended send time.
     Open,
-}
-
-/// Which queue the system under test uses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Backend {
-    /// gateway-plugin + queue-worker on a private nats-server.
-    Jetstream,
-    /// gateway + worker on one embedded (sled) queue, as `faas-async` runs them.
-    Embedded,
 }
 
 /// What [`run`] does; [`BenchOptions::default`] is the CLI's default.
@@ -141,8 +182,13 @@ pub struct BenchOptions {
     /// How long to wait for outstanding callbacks once every call was
     /// submitted; calls still without one are reported as lost.
     pub callback_timeout: Duration,
-    /// The queue of the system under test.
+    /// Which system is benchmarked.
     pub backend: Backend,
+    /// How long the stub function holds each call.
+    pub function_delay: Duration,
+    /// Where the `gateway-plugin` and `queue-worker` binaries are; `None`
+    /// looks next to the current executable.
+    pub bin_dir: Option<PathBuf>,
     /// For the harness's own tests: make the callback receiver lose every n-th and duplicate
     /// every m-th callback it records (`(n, m)`, 0 = off), to check that the report says so.
     pub receiver_fault: Option<(usize, usize)>,
@@ -158,7 +204,9 @@ impl Default for BenchOptions {
             body_bytes: DEFAULT_BODY_BYTES,
             time_limit: DEFAULT_TIME_LIMIT,
             callback_timeout: DEFAULT_CALLBACK_TIMEOUT,
-            backend: Backend::Jetstream,
+            backend: Backend::default(),
+            function_delay: Duration::ZERO,
+            bin_dir: None,
             receiver_fault: None,
         }
     }
@@ -241,6 +289,17 @@ pub enum BenchError {
     /// The worker failed.
     #[error("worker: {0}")]
     Worker(#[from] WorkerError),
+    /// The gateway or worker binary is not where it was looked for.
+    #[error(
+        "binaries {binaries} not found in {searched}: run `cargo build --release --workspace` \
+         (then run target/release/load-tests), or pass --bin-dir"
+    )]
+    BinariesMissing {
+        /// The binaries looked for.
+        binaries: String,
+        /// The directories searched.
+        searched: String,
+    },
     /// Anything else in setting up or tearing down: NATS, sockets,
     /// configuration, readiness, a panicked task.
     #[error("{0}")]
@@ -248,7 +307,7 @@ pub enum BenchError {
 }
 
 impl BenchError {
-    fn setup(context: &str, err: impl std::fmt::Display) -> Self {
+    pub(crate) fn setup(context: &str, err: impl std::fmt::Display) -> Self {
         Self::Setup(format!("{context}: {err}"))
     }
 }
@@ -262,6 +321,8 @@ pub struct Latency {
     pub p90: u64,
     /// 99th percentile.
     pub p99: u64,
+    /// 99.9th percentile.
+    pub p999: u64,
     /// Largest value.
     pub max: u64,
 }
@@ -297,9 +358,18 @@ pub struct EndToEnd {
     pub lost: u64,
     /// Call ids with more than one callback.
     pub duplicates: u64,
+    /// Callbacks for call ids that were never accepted, or without one.
+    pub unexpected: u64,
     /// Completed calls whose first callback did not carry
     /// `X-Function-Status: 200` and the echoed body.
     pub bad_results: u64,
+    /// Callbacks of accepted calls missing a promised header (`X-Call-Id`,
+    /// `X-Function-Status`, `X-Function-Name`, `X-Duration-Seconds`,
+    /// `X-Start-Time`) or carrying a malformed one.
+    pub bad_headers: u64,
+    /// The first callback problem found, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_problem: Option<String>,
     /// Wall time from the first submit until the last first callback.
     pub seconds: f64,
     /// Completed calls per second.
@@ -307,6 +377,9 @@ pub struct EndToEnd {
     /// Latency from a call's submit (its intended send time in an open loop)
     /// to the arrival of its first callback.
     pub latency_us: Latency,
+    /// The function's own time per completed call, from the callback's
+    /// `X-Duration-Seconds`.
+    pub function_time_us: Latency,
 }
 
 /// Throughput ratios (0 when a denominator is 0).
@@ -318,6 +391,8 @@ pub struct Ratios {
     pub end_to_end_vs_baseline_http: f64,
     /// `accept` rate / `baseline_js_publish` rate.
     pub accept_vs_baseline_js_publish: f64,
+    /// `end_to_end` rate / `baseline_js_pull_ack` rate.
+    pub end_to_end_vs_baseline_js_pull_ack: f64,
 }
 
 /// What [`run`] measured.
@@ -336,20 +411,30 @@ pub struct Report {
     pub max_inflight: u32,
     /// Request body size.
     pub body_bytes: u64,
-    /// The queue of the system under test.
-    pub backend: Backend,
     /// CPUs available to this process.
     pub cpus: u64,
     /// Raw loopback HTTP.
     pub baseline_http: Phase,
     /// Raw JetStream publish with ack.
     pub baseline_js_publish: Phase,
+    /// Raw JetStream pull with ack of the published messages (one pull
+    /// consumer; no latencies, which stay 0).
+    pub baseline_js_pull_ack: Phase,
     /// Gateway accepts.
     pub accept: Phase,
     /// Accepted calls through to their callbacks.
     pub end_to_end: EndToEnd,
     /// Throughput ratios.
     pub ratios: Ratios,
+    /// The system under test.
+    pub backend: Backend,
+    /// Memory and CPU of its processes once ready, before any load.
+    pub idle: Vec<ProcessUsage>,
+    /// Memory (peak over the run) and CPU of its processes after the run.
+    pub after_run: Vec<ProcessUsage>,
+    /// CPU seconds of all its processes during the run per completed call,
+    /// in microseconds.
+    pub cpu_us_per_call: f64,
     /// Wall time of the whole run, set-up and shutdown included.
     pub total_seconds: f64,
 }
@@ -358,7 +443,13 @@ impl Report {
     /// Whether every call was accepted and completed with a good result and
     /// no call was lost.
     pub fn is_clean(&self) -> bool {
-        self.accept.failed == 0 && self.end_to_end.lost == 0 && self.end_to_end.bad_results == 0
+        let e2e = &self.end_to_end;
+        self.accept.failed == 0
+            && e2e.lost == 0
+            && e2e.duplicates == 0
+            && e2e.unexpected == 0
+            && e2e.bad_results == 0
+            && e2e.bad_headers == 0
     }
 
     /// A human-readable table of the report, ending with a newline.
@@ -373,18 +464,28 @@ impl Report {
             _ => format!("closed loop, concurrency {}", self.concurrency),
         };
         let mut out = format!(
-            "load-tests bench: {} calls per phase, {model}, {:?} queue, worker max-inflight {}, \
+            "load-tests bench: {} calls per phase, {model}, worker max-inflight {}, \
              body {} B, {} CPUs, all on 127.0.0.1\n\n",
-            self.calls, self.backend, self.max_inflight, self.body_bytes, self.cpus
+            self.calls, self.max_inflight, self.body_bytes, self.cpus
         );
         out.push_str(&format!(
-            "{:<21} {:>8} {:>7} {:>9} {:>11} {:>9} {:>9} {:>9} {:>9}\n",
-            "phase", "ok", "failed", "seconds", "rate/s", "p50 µs", "p90 µs", "p99 µs", "max µs"
+            "{:<21} {:>8} {:>7} {:>9} {:>11} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
+            "phase",
+            "ok",
+            "failed",
+            "seconds",
+            "rate/s",
+            "p50 µs",
+            "p90 µs",
+            "p99 µs",
+            "p99.9 µs",
+            "max µs"
         ));
         let e2e = &self.end_to_end;
         let rows = [
             ("baseline_http", &self.baseline_http),
             ("baseline_js_publish", &self.baseline_js_publish),
+            ("baseline_js_pull_ack", &self.baseline_js_pull_ack),
             ("accept", &self.accept),
         ]
         .map(|(name, phase)| {
@@ -407,25 +508,51 @@ impl Report {
         );
         for (name, ok, failed, seconds, rate, latency) in rows.into_iter().chain([last]) {
             out.push_str(&format!(
-                "{name:<21} {ok:>8} {failed:>7} {seconds:>9.3} {rate:>11.1} {:>9} {:>9} {:>9} {:>9}\n",
-                latency.p50, latency.p90, latency.p99, latency.max
+                "{name:<21} {ok:>8} {failed:>7} {seconds:>9.3} {rate:>11.1} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
+                latency.p50, latency.p90, latency.p99, latency.p999, latency.max
             ));
         }
         out.push_str(&format!(
             "\nratios: accept/baseline_http {:.3}, end_to_end/baseline_http {:.3}, \
-             accept/baseline_js_publish {:.3}\n",
+             accept/baseline_js_publish {:.3}, end_to_end/baseline_js_pull_ack {:.3}\n",
             self.ratios.accept_vs_baseline_http,
             self.ratios.end_to_end_vs_baseline_http,
-            self.ratios.accept_vs_baseline_js_publish
+            self.ratios.accept_vs_baseline_js_publish,
+            self.ratios.end_to_end_vs_baseline_js_pull_ack
         ));
         out.push_str(&format!(
             "end_to_end: {} of {} accepted calls completed; lost {}, duplicates {}, \
-             bad results {} (end_to_end \"failed\" column = lost)\n",
-            e2e.completed, self.accept.ok, e2e.lost, e2e.duplicates, e2e.bad_results
+             unexpected {}, bad results {}, bad headers {} \
+             (end_to_end \"failed\" column = lost)\n",
+            e2e.completed,
+            self.accept.ok,
+            e2e.lost,
+            e2e.duplicates,
+            e2e.unexpected,
+            e2e.bad_results,
+            e2e.bad_headers
         ));
+        let f = e2e.function_time_us;
+        out.push_str(&format!(
+            "function time (X-Duration-Seconds) µs: p50 {} p90 {} p99 {} p99.9 {} max {}\n",
+            f.p50, f.p90, f.p99, f.p999, f.max
+        ));
+        if let Some(problem) = &e2e.first_problem {
+            out.push_str(&format!("end_to_end: first callback problem: {problem}\n"));
+        }
         if let Some(err) = &self.accept.first_error {
             out.push_str(&format!("accept: first failure: {err}\n"));
         }
+        for usage in &self.idle {
+            out.push_str(&format!("idle   {usage}\n"));
+        }
+        for usage in &self.after_run {
+            out.push_str(&format!("run    {usage}\n"));
+        }
+        out.push_str(&format!(
+            "CPU per completed call (gateway + worker): {:.1} µs\n",
+            self.cpu_us_per_call
+        ));
         out.push_str(&format!("total wall time {:.1} s\n", self.total_seconds));
         out
     }
@@ -444,27 +571,61 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
 
 async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
     let started = Instant::now();
+    // Missing binaries fail before anything starts.
+    let bin_dir = find_bin_dir(opts.bin_dir.as_deref(), opts.backend.binaries())?;
     let client = queue_worker::invoke::http_client("load-tests")
         .map_err(|e| BenchError::setup("building the HTTP client", e))?;
     let body = Bytes::from(vec![b'x'; opts.body_bytes]);
 
     let nats = NatsServer::start().await?;
     let baseline_http = measure_baseline_http(opts, &client, &body).await?;
-    let baseline_js_publish = measure_baseline_js(opts, &nats.url(), &body).await?;
+    let (baseline_js_publish, baseline_js_pull_ack) =
+        measure_baseline_js(opts, &nats.url(), &body).await?;
 
-    let mut system = System::start(opts, &nats).await?;
-    let result = measure_async_path(opts, &client, &body, &mut system).await;
+    let function = StubFunction::start(StubBehavior {
+        delay: opts.function_delay,
+        ..StubBehavior::default()
+    })
+    .await?;
+    // Thousands of recorded requests are not worth their memory here.
+    function.set_recording(false);
+    let receiver = CallbackReceiver::start().await?;
+    if let Some((drop_every, duplicate_every)) = opts.receiver_fault {
+        receiver.set_recording_fault(drop_every, duplicate_every);
+    }
+    let mut system = SystemUnderTest::start(&SutOptions {
+        backend: opts.backend,
+        bin_dir: Some(bin_dir),
+        max_inflight: opts.max_inflight,
+        function_url: function.url(),
+        nats_url: nats.url(),
+    })
+    .await?;
+    let idle = system.usage();
+    let result = measure_async_path(opts, &client, &body, &mut system, &receiver).await;
+    let after_run = system.usage();
     // Stop even when the measurement failed; its error comes first.
     let stopped = system.stop().await;
     let (accept, end_to_end) = result?;
     stopped?;
     drop(nats);
+    let cpu = |usages: &[ProcessUsage]| usages.iter().map(|u| u.cpu_seconds).sum::<f64>();
+    #[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+    let cpu_us_per_call = if end_to_end.completed > 0 {
+        (cpu(&after_run) - cpu(&idle)) * 1e6 / end_to_end.completed as f64
+    } else {
+        0.0
+    };
 
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
     let ratios = Ratios {
         accept_vs_baseline_http: ratio(accept.rate_per_sec, baseline_http.rate_per_sec),
         end_to_end_vs_baseline_http: ratio(end_to_end.rate_per_sec, baseline_http.rate_per_sec),
         accept_vs_baseline_js_publish: ratio(accept.rate_per_sec, baseline_js_publish.rate_per_sec),
+        end_to_end_vs_baseline_js_pull_ack: ratio(
+            end_to_end.rate_per_sec,
+            baseline_js_pull_ack.rate_per_sec,
+        ),
     };
     Ok(Report {
         calls: to_u64(opts.calls),
@@ -473,13 +634,17 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
         rate: opts.rate,
         max_inflight: opts.max_inflight,
         body_bytes: to_u64(opts.body_bytes),
-        backend: opts.backend,
         cpus: std::thread::available_parallelism().map_or(0, |n| to_u64(n.get())),
         baseline_http,
         baseline_js_publish,
+        baseline_js_pull_ack,
         accept,
         end_to_end,
         ratios,
+        backend: opts.backend,
+        idle,
+        after_run,
+        cpu_us_per_call,
         total_seconds: started.elapsed().as_secs_f64(),
     })
 }
@@ -508,7 +673,7 @@ async fn measure_baseline_http(
 
     let url = format!("http://{addr}/");
     let (client, body) = (client.clone(), body.clone());
-    let result = drive(opts, move |_| {
+    let result = drive(opts, "http", move |_| {
         let request = client
             .post(url.as_str())
             .body(body.clone())
@@ -536,7 +701,7 @@ async fn measure_baseline_js(
     opts: &BenchOptions,
     nats_url: &str,
     body: &Bytes,
-) -> Result<Phase, BenchError> {
+) -> Result<(Phase, Phase), BenchError> {
     let nats = async_nats::connect(nats_url)
         .await
         .map_err(|e| BenchError::setup("connecting to nats-server", e))?;
@@ -569,10 +734,67 @@ async fn measure_baseline_js(
     })
     .await?;
 
+    let pull_ack = measure_pull_ack(&js, opts.calls).await;
     js.delete_stream(BASELINE_STREAM)
         .await
         .map_err(|e| BenchError::setup("deleting the baseline stream", e))?;
-    Ok(result.phase)
+    Ok((result.phase, pull_ack?))
+}
+
+/// Phase 2b: one pull consumer drains the messages just published, acking
+/// each; a rate, without per-message latencies.
+async fn measure_pull_ack(js: &jetstream::Context, calls: usize) -> Result<Phase, BenchError> {
+    use futures::StreamExt as _;
+    let stream = js
+        .get_stream(BASELINE_STREAM)
+        .await
+        .map_err(|e| BenchError::setup("looking up the baseline stream", e))?;
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some("load-tests-baseline".to_owned()),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| BenchError::setup("creating the baseline consumer", e))?;
+    let started = Instant::now();
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| BenchError::setup("pulling from the baseline stream", e))?;
+    let (mut ok, mut failed, mut first_error) = (0_u64, 0_u64, None);
+    while ok + failed < to_u64(calls) {
+        let next = tokio::time::timeout(REQUEST_TIMEOUT, messages.next()).await;
+        let message = match next {
+            Ok(Some(Ok(message))) => message,
+            Ok(Some(Err(e))) => {
+                failed += 1;
+                first_error.get_or_insert(format!("pull: {e}"));
+                continue;
+            }
+            Ok(None) | Err(_) => {
+                first_error.get_or_insert(format!("no message within {REQUEST_TIMEOUT:?}"));
+                break;
+            }
+        };
+        match message.ack().await {
+            Ok(()) => ok += 1,
+            Err(e) => {
+                failed += 1;
+                first_error.get_or_insert(format!("ack: {e}"));
+            }
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(Phase {
+        sent: ok + failed,
+        ok,
+        failed,
+        first_error,
+        seconds,
+        rate_per_sec: rate_of(ok, seconds),
+        latency_us: Latency::default(),
+    })
 }
 
 /// Phases 3 and 4: calls through the gateway, and their callbacks.
@@ -580,12 +802,13 @@ async fn measure_async_path(
     opts: &BenchOptions,
     client: &reqwest::Client,
     body: &Bytes,
-    system: &mut System,
+    system: &mut SystemUnderTest,
+    receiver: &CallbackReceiver,
 ) -> Result<(Phase, EndToEnd), BenchError> {
     let url = format!("{}/async-function/{FUNCTION}", system.gateway_url);
-    let callback_url = system.receiver.url();
+    let callback_url = receiver.url();
     let (client, payload) = (client.clone(), body.clone());
-    let submitted = drive(opts, move |_| {
+    let submitted = drive(opts, "submit", move |_| {
         let request = client
             .post(url.as_str())
             .header("x-callback-url", callback_url.as_str())
@@ -609,10 +832,11 @@ async fn measure_async_path(
     // Wait for the callbacks of every accepted call, or the timeout.
     let submit_times: HashMap<String, Instant> = submitted.call_ids.into_iter().collect();
     let deadline = Instant::now() + opts.callback_timeout;
+    let progress = Progress::start("callbacks", submit_times.len(), receiver.counter());
     loop {
-        system.check_running().await?;
-        if system.receiver.count() >= submit_times.len() {
-            let seen = system.receiver.count_by_call_id();
+        system.check_running()?;
+        if receiver.count() >= submit_times.len() {
+            let seen = receiver.count_by_call_id();
             if submit_times.keys().all(|id| seen.contains_key(id)) {
                 break;
             }
@@ -622,335 +846,51 @@ async fn measure_async_path(
         }
         tokio::time::sleep(POLL_INTERVAL).await;
     }
+    drop(progress);
 
-    // First callback per accepted call, and how many there were.
-    let mut firsts: HashMap<&str, (Instant, bool, u64)> = HashMap::new();
-    let callbacks = system.receiver.callbacks();
-    for callback in &callbacks {
-        let Some(id) = callback.call_id.as_deref() else {
-            continue;
-        };
-        if !submit_times.contains_key(id) {
-            continue;
-        }
-        let good = callback.header("x-function-status") == Some("200") && callback.body == *body;
-        firsts
-            .entry(id)
-            .and_modify(|(_, _, count)| *count += 1)
-            .or_insert((callback.received_at, good, 1));
-    }
-    let mut latencies = Vec::with_capacity(firsts.len());
-    let mut last_arrival = submitted.started;
-    for (id, (arrived, _, _)) in &firsts {
-        if let Some(submitted_at) = submit_times.get(*id) {
-            latencies.push(micros(arrived.saturating_duration_since(*submitted_at)));
-        }
-        last_arrival = last_arrival.max(*arrived);
-    }
-    let completed = to_u64(firsts.len());
-    let seconds = last_arrival
-        .saturating_duration_since(submitted.started)
-        .as_secs_f64();
-    let end_to_end = EndToEnd {
-        completed,
-        lost: to_u64(submit_times.len()).saturating_sub(completed),
-        duplicates: to_u64(firsts.values().filter(|(_, _, n)| *n > 1).count()),
-        bad_results: to_u64(firsts.values().filter(|(_, good, _)| !good).count()),
-        seconds,
-        rate_per_sec: rate_of(completed, seconds),
-        latency_us: percentiles(&latencies)?,
-    };
+    let callbacks = receiver.callbacks();
+    let audit = audit_callbacks(
+        &submit_times,
+        &callbacks,
+        &Expectations {
+            function: FUNCTION,
+            body: Some(body),
+        },
+    );
+    let end_to_end = end_to_end_figures(&audit, submitted.started)?;
     Ok((submitted.phase, end_to_end))
 }
 
-/// The system under test: gateway, worker, stub function, callback receiver.
-#[derive(Debug)]
-struct System {
-    gateway_url: String,
-    gateway: Service<GatewayError>,
-    worker: Service<WorkerError>,
-    receiver: CallbackReceiver,
-    _function: StubFunction,
-    /// The worker's sled state; removed after the worker stopped.
-    _state_dir: tempfile::TempDir,
-}
-
-impl System {
-    async fn start(opts: &BenchOptions, nats: &NatsServer) -> Result<Self, BenchError> {
-        let function = StubFunction::start(StubBehavior::default()).await?;
-        // Thousands of recorded requests are not worth their memory here.
-        function.set_recording(false);
-        let receiver = CallbackReceiver::start().await?;
-        if let Some((drop_every, duplicate_every)) = opts.receiver_fault {
-            receiver.set_recording_fault(drop_every, duplicate_every);
+/// The `end_to_end` figures of an audit, for calls submitted from `started`.
+pub fn end_to_end_figures(audit: &CallbackAudit, started: Instant) -> Result<EndToEnd, BenchError> {
+    let mut latencies = Vec::with_capacity(audit.arrivals.len());
+    let mut function_times = Vec::with_capacity(audit.arrivals.len());
+    let mut last_arrival = started;
+    for arrival in &audit.arrivals {
+        latencies.push(micros(
+            arrival.arrived.saturating_duration_since(arrival.submitted),
+        ));
+        if let Some(time) = arrival.function_time {
+            function_times.push(micros(time));
         }
-        let state_dir = tempfile::Builder::new()
-            .prefix("load-tests-worker-")
-            .tempdir()
-            .map_err(|e| BenchError::setup("creating the worker state dir", e))?;
-
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .await
-            .map_err(|e| BenchError::setup("binding the gateway listener", e))?;
-        let gateway_addr: SocketAddr = listener
-            .local_addr()
-            .map_err(|e| BenchError::setup("reading the gateway address", e))?;
-        let nats_url = nats.url();
-        if opts.backend == Backend::Embedded {
-            return Self::start_embedded(opts, function, receiver, state_dir, listener).await;
-        }
-        let gateway_config = GatewayConfig::try_parse_from([
-            "gateway-plugin",
-            "--nats-url",
-            &nats_url,
-            "--listen",
-            &gateway_addr.to_string(),
-            "--shutdown-grace",
-            "5s",
-        ])
-        .map_err(|e| BenchError::setup("gateway configuration", e))?;
-        let mut gateway =
-            Service::spawn(|stop| gateway_plugin::run(gateway_config, listener, stop));
-        let gateway_url = format!("http://{gateway_addr}");
-
-        let worker_config = WorkerConfig::try_parse_from([
-            "queue-worker".to_owned(),
-            "--nats-url".to_owned(),
-            nats_url.clone(),
-            "--gateway-url".to_owned(),
-            function.url(),
-            "--state-dir".to_owned(),
-            state_dir.path().display().to_string(),
-            "--max-inflight".to_owned(),
-            opts.max_inflight.to_string(),
-            "--shutdown-grace".to_owned(),
-            "5s".to_owned(),
-            "--metrics-listen".to_owned(),
-            "127.0.0.1:0".to_owned(),
-        ])
-        .map_err(|e| BenchError::setup("worker configuration", e))?;
-        let (stream, consumer) = (
-            worker_config.nats.stream.clone(),
-            worker_config.consumer.clone(),
-        );
-
-        // The worker binds to the stream the gateway creates: gateway first.
-        wait_gateway_ready(&mut gateway, &gateway_url).await?;
-        let worker = Service::spawn(|stop| queue_worker::run(worker_config, stop));
-        let mut system = Self {
-            gateway_url,
-            gateway,
-            worker,
-            receiver,
-            _function: function,
-            _state_dir: state_dir,
-        };
-        system
-            .wait_worker_ready(&nats_url, &stream, &consumer)
-            .await?;
-        Ok(system)
+        last_arrival = last_arrival.max(arrival.arrived);
     }
-
-    /// Gateway and worker in this process on one embedded queue (as `faas-async` runs them).
-    async fn start_embedded(
-        opts: &BenchOptions,
-        function: StubFunction,
-        receiver: CallbackReceiver,
-        state_dir: tempfile::TempDir,
-        listener: TcpListener,
-    ) -> Result<Self, BenchError> {
-        let gateway_addr = listener
-            .local_addr()
-            .map_err(|e| BenchError::setup("reading the gateway address", e))?;
-        let worker_config = WorkerConfig::try_parse_from([
-            "queue-worker".to_owned(),
-            "--gateway-url".to_owned(),
-            function.url(),
-            "--state-dir".to_owned(),
-            state_dir.path().join("worker").display().to_string(),
-            "--max-inflight".to_owned(),
-            opts.max_inflight.to_string(),
-            "--shutdown-grace".to_owned(),
-            "5s".to_owned(),
-        ])
-        .map_err(|e| BenchError::setup("worker configuration", e))?;
-        let options = EmbeddedOptions {
-            dir: state_dir.path().join("queue"),
-            subject_prefix: worker_config.nats.subject_prefix.clone(),
-            ack_wait: worker_config.ack_wait,
-            duplicate_window: Duration::from_secs(120),
-            max_message_bytes: 1 << 20,
-            max_bytes: 0,
-            cache_bytes: 64 << 20,
-            records_retention: worker_config.records.records_retention,
-            max_result_bytes: 512 << 10,
-        };
-        let queue = Arc::new(
-            EmbeddedQueue::open(options)
-                .map_err(|e| BenchError::setup("opening the embedded queue", e))?,
-        );
-        let settings = HttpSettings {
-            max_body_bytes: None,
-            retry_after: Duration::from_secs(5),
-            shutdown_grace: Duration::from_secs(5),
-        };
-        let gateway_queue = queue.clone();
-        let mut gateway = Service::spawn(move |stop| {
-            gateway_plugin::serve(gateway_queue, settings, listener, stop)
-        });
-        let gateway_url = format!("http://{gateway_addr}");
-        wait_gateway_ready(&mut gateway, &gateway_url).await?;
-        let worker =
-            Service::spawn(move |stop| queue_worker::worker::run_on(worker_config, queue, stop));
-        Ok(Self {
-            gateway_url,
-            gateway,
-            worker,
-            receiver,
-            _function: function,
-            _state_dir: state_dir,
-        })
-    }
-
-    /// Waits until the worker created its durable consumer.
-    async fn wait_worker_ready(
-        &mut self,
-        nats_url: &str,
-        stream: &str,
-        consumer: &str,
-    ) -> Result<(), BenchError> {
-        let nats = async_nats::connect(nats_url)
-            .await
-            .map_err(|e| BenchError::setup("connecting to nats-server", e))?;
-        let js = jetstream::new(nats);
-        let stream = js
-            .get_stream(stream)
-            .await
-            .map_err(|e| BenchError::setup("looking up the calls stream", e))?;
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            self.check_running().await?;
-            let last = match stream.consumer_info(consumer).await {
-                Ok(_) => return Ok(()),
-                Err(e) => e.to_string(),
-            };
-            if Instant::now() >= deadline {
-                return Err(BenchError::Setup(format!(
-                    "worker consumer {consumer:?} not created after {READY_TIMEOUT:?}: {last}"
-                )));
-            }
-            tokio::time::sleep(POLL_INTERVAL).await;
-        }
-    }
-
-    /// Fails, with its error, if the gateway or the worker stopped on its own.
-    async fn check_running(&mut self) -> Result<(), BenchError> {
-        if self.gateway.is_finished() {
-            return Err(self.gateway.exit_error("gateway").await);
-        }
-        if self.worker.is_finished() {
-            return Err(self.worker.exit_error("worker").await);
-        }
-        Ok(())
-    }
-
-    /// Stops the worker, then the gateway; returns the first failure.
-    async fn stop(self) -> Result<(), BenchError> {
-        let worker = self.worker.stop().await;
-        let gateway = self.gateway.stop().await;
-        worker?;
-        gateway?;
-        Ok(())
-    }
-}
-
-/// Waits until the gateway answers `/readyz` with 200 (NATS connected,
-/// stream present).
-async fn wait_gateway_ready(
-    gateway: &mut Service<GatewayError>,
-    gateway_url: &str,
-) -> Result<(), BenchError> {
-    let client = queue_worker::invoke::http_client("load-tests")
-        .map_err(|e| BenchError::setup("building the HTTP client", e))?;
-    let url = format!("{gateway_url}/readyz");
-    let deadline = Instant::now() + READY_TIMEOUT;
-    loop {
-        if gateway.is_finished() {
-            return Err(gateway.exit_error("gateway").await);
-        }
-        let last = match client.get(&url).timeout(READY_TIMEOUT).send().await {
-            Ok(response) if response.status() == StatusCode::OK => return Ok(()),
-            Ok(response) => format!("/readyz answered {}", response.status()),
-            Err(e) => e.to_string(),
-        };
-        if Instant::now() >= deadline {
-            return Err(BenchError::Setup(format!(
-                "gateway not ready after {READY_TIMEOUT:?}: {last}"
-            )));
-        }
-        tokio::time::sleep(POLL_INTERVAL).await;
-    }
-}
-
-/// A component running as a task until its stop signal; dropping it sends
-/// the signal without waiting.
-#[derive(Debug)]
-struct Service<E> {
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), E>>,
-}
-
-impl<E> Service<E>
-where
-    E: Send + 'static,
-    BenchError: From<E>,
-{
-    /// Spawns `start(stop_signal)`.
-    fn spawn<F, Fut>(start: F) -> Self
-    where
-        F: FnOnce(std::pin::Pin<Box<dyn Future<Output = ()> + Send>>) -> Fut,
-        Fut: Future<Output = Result<(), E>> + Send + 'static,
-    {
-        let (stop, stopped) = oneshot::channel::<()>();
-        let signal = Box::pin(async move {
-            // A dropped sender is a stop request too.
-            let _ = stopped.await;
-        });
-        Self {
-            stop: Some(stop),
-            task: tokio::spawn(start(signal)),
-        }
-    }
-
-    fn is_finished(&self) -> bool {
-        self.task.is_finished()
-    }
-
-    /// The error of a task that finished on its own (call only once
-    /// [`Service::is_finished`]).
-    async fn exit_error(&mut self, name: &str) -> BenchError {
-        match (&mut self.task).await {
-            Ok(Ok(())) => BenchError::Setup(format!("the {name} stopped unexpectedly")),
-            Ok(Err(e)) => BenchError::from(e),
-            Err(e) => BenchError::setup(&format!("{name} task"), e),
-        }
-    }
-
-    async fn stop(mut self) -> Result<(), BenchError> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        match tokio::time::timeout(STOP_TIMEOUT, &mut self.task).await {
-            Ok(Ok(result)) => result.map_err(BenchError::from),
-            Ok(Err(e)) => Err(BenchError::setup("component task", e)),
-            Err(_) => {
-                self.task.abort();
-                Err(BenchError::Setup(format!(
-                    "a component did not stop within {STOP_TIMEOUT:?}"
-                )))
-            }
-        }
-    }
+    let seconds = last_arrival
+        .saturating_duration_since(started)
+        .as_secs_f64();
+    Ok(EndToEnd {
+        completed: audit.completed,
+        lost: audit.lost,
+        duplicates: audit.duplicated_calls,
+        unexpected: audit.unexpected,
+        bad_results: audit.bad_results,
+        bad_headers: audit.bad_headers,
+        first_problem: audit.first_problem.clone(),
+        seconds,
+        rate_per_sec: rate_of(audit.completed, seconds),
+        latency_us: percentiles(&latencies)?,
+        function_time_us: percentiles(&function_times)?,
+    })
 }
 
 /// What a closed or open loop measured.
@@ -965,14 +905,74 @@ struct LoopResult {
 }
 
 /// Runs `op` `opts.calls` times in the load model of `opts`.
-async fn drive<F, Fut>(opts: &BenchOptions, op: F) -> Result<LoopResult, BenchError>
+async fn drive<F, Fut>(
+    opts: &BenchOptions,
+    phase: &'static str,
+    op: F,
+) -> Result<LoopResult, BenchError>
 where
     F: Fn(usize) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<Option<String>, String>> + Send + 'static,
 {
+    let done = Arc::new(AtomicUsize::new(0));
+    let _progress = Progress::start(phase, opts.calls, {
+        let done = Arc::clone(&done);
+        move || done.load(Ordering::Relaxed)
+    });
+    let op = move |i| {
+        let (request, done) = (op(i), Arc::clone(&done));
+        async move {
+            let result = request.await;
+            done.fetch_add(1, Ordering::Relaxed);
+            result
+        }
+    };
     match opts.rate {
         Some(rate) => open_loop_phase(opts.calls, rate, op).await,
         None => closed_loop(opts.calls, opts.concurrency, op).await,
+    }
+}
+
+/// A progress line on stderr, redrawn every [`PROGRESS_INTERVAL`] while it
+/// lives, only when stderr is a terminal.
+#[derive(Debug)]
+struct Progress {
+    task: Option<JoinHandle<()>>,
+}
+
+impl Progress {
+    fn start(phase: &'static str, total: usize, done: impl Fn() -> usize + Send + 'static) -> Self {
+        if !std::io::stderr().is_terminal() {
+            return Self { task: None };
+        }
+        let task = tokio::spawn(async move {
+            let started = Instant::now();
+            loop {
+                tokio::time::sleep(PROGRESS_INTERVAL).await;
+                let done = done().min(total);
+                let filled = (done * PROGRESS_WIDTH).checked_div(total).unwrap_or(0);
+                let mut err = std::io::stderr().lock();
+                let _ = write!(
+                    err,
+                    "\r{phase:<12} [{}{}] {done}/{total} {:.0}s ",
+                    "#".repeat(filled),
+                    " ".repeat(PROGRESS_WIDTH - filled),
+                    started.elapsed().as_secs_f64()
+                );
+                let _ = err.flush();
+            }
+        });
+        Self { task: Some(task) }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            // Clear the line for what follows.
+            let _ = write!(std::io::stderr().lock(), "\r{:80}\r", "");
+        }
     }
 }
 
@@ -1133,6 +1133,7 @@ fn percentiles(micros: &[u64]) -> Result<Latency, BenchError> {
         p50: histogram.value_at_quantile(0.50),
         p90: histogram.value_at_quantile(0.90),
         p99: histogram.value_at_quantile(0.99),
+        p999: histogram.value_at_quantile(0.999),
         max: histogram.max(),
     })
 }
@@ -1199,6 +1200,27 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn every_scenario_is_valid_and_long_running_holds_10000_on_one_worker() {
+        for scenario in [
+            Scenario::Throughput,
+            Scenario::LatencyAtRate,
+            Scenario::LongRunning,
+        ] {
+            let opts = scenario.options();
+            assert!(opts.validate().is_ok(), "{scenario:?}: {opts:?}");
+        }
+        let long = Scenario::LongRunning.options();
+        assert_eq!(long.max_inflight, 10_000);
+        assert_eq!(long.calls, 10_000);
+        assert_eq!(long.function_delay, Duration::from_secs(30));
+        assert!(long.callback_timeout > long.function_delay);
+        assert_eq!(
+            Scenario::LatencyAtRate.options().load_model(),
+            LoadModel::Open
+        );
     }
 
     #[test]

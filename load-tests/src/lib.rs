@@ -14,16 +14,21 @@
 //! - [`HarnessError`]: the error type of everything above.
 //! - [`open_loop`](mod@open_loop): [`open_loop()`], an open-loop load generator
 //!   measuring every latency from the request's intended send time.
+//! - [`audit`]: [`audit::audit_callbacks`], matching received callbacks to
+//!   accepted call ids: lost, duplicated, unexpected, bad headers.
 //! - [`bench`]: the benchmark behind `load-tests bench`, built from the
-//!   components above plus the gateway and the worker running in-process.
+//!   components above plus the gateway and the worker as child processes
+//!   ([`sut`]).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub mod audit;
 pub mod bench;
 pub mod nats_server;
 pub mod open_loop;
 pub mod stub;
+pub mod sut;
 
 pub use nats_server::{NatsServer, nats_server_binary};
 pub use open_loop::{Timed, open_loop};

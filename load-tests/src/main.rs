@@ -15,7 +15,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::builder::RangedU64ValueParser;
 use clap::{Parser, Subcommand};
-use load_tests::bench::{self, BenchOptions};
+use load_tests::bench::{self, BenchOptions, Scenario};
+use load_tests::sut::Backend;
 use load_tests::{CallbackReceiver, RecordedCallback, StubBehavior, StubFunction};
 use queue_worker::config::parse_duration;
 use queue_worker::signal::shutdown_signal;
@@ -66,42 +67,51 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct BenchArgs {
-    /// Requests per phase.
-    #[arg(long, default_value_t = bench::DEFAULT_CALLS,
-          value_parser = RangedU64ValueParser::<usize>::new().range(1..=bench::MAX_CALLS as u64))]
-    calls: usize,
+    /// A named benchmark whose options the flags below override:
+    /// `throughput`, `latency-at-rate`, `long-running`.
+    #[arg(long, value_enum)]
+    scenario: Option<Scenario>,
+    /// Requests per phase [default: 5000].
+    #[arg(long, value_parser = RangedU64ValueParser::<usize>::new().range(1..=bench::MAX_CALLS as u64))]
+    calls: Option<usize>,
     /// Concurrent client tasks of the closed loops (every phase without
-    /// --rate, baseline_js_publish with it).
-    #[arg(long, default_value_t = bench::DEFAULT_CONCURRENCY,
-          value_parser = RangedU64ValueParser::<usize>::new().range(1..=bench::MAX_CONCURRENCY as u64))]
-    concurrency: usize,
+    /// --rate, baseline_js_publish with it) [default: 64].
+    #[arg(long, value_parser = RangedU64ValueParser::<usize>::new().range(1..=bench::MAX_CONCURRENCY as u64))]
+    concurrency: Option<usize>,
     /// Open loop: send baseline_http and accept requests on a fixed schedule
     /// of this many per second, measuring latency from each request's
     /// intended send time. Without it, every phase is a closed loop.
     #[arg(long, value_parser = parse_rate)]
     rate: Option<f64>,
-    /// The worker's --max-inflight.
-    #[arg(long, default_value_t = bench::DEFAULT_MAX_INFLIGHT,
-          value_parser = clap::value_parser!(u32).range(1..=100_000))]
-    max_inflight: u32,
-    /// Size of each request body and published message.
-    #[arg(long, default_value_t = bench::DEFAULT_BODY_BYTES,
-          value_parser = RangedU64ValueParser::<usize>::new().range(0..=bench::MAX_BODY_BYTES as u64))]
-    body_bytes: usize,
-    /// Hard limit on the whole run; exceeding it aborts with an error.
-    #[arg(long, default_value = "5m", value_parser = parse_duration)]
-    time_limit: Duration,
+    /// The worker's --max-inflight [default: 256].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    max_inflight: Option<u32>,
+    /// Size of each request body and published message [default: 64].
+    #[arg(long, value_parser = RangedU64ValueParser::<usize>::new().range(0..=bench::MAX_BODY_BYTES as u64))]
+    body_bytes: Option<usize>,
+    /// How long the stub function holds each call [default: 0s].
+    #[arg(long, value_parser = parse_duration)]
+    function_delay: Option<Duration>,
+    /// Hard limit on the whole run; exceeding it aborts with an error
+    /// [default: 5m].
+    #[arg(long, value_parser = parse_duration)]
+    time_limit: Option<Duration>,
     /// How long to wait for outstanding callbacks after the last submit;
-    /// calls without one are then reported as lost.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
-    callback_timeout: Duration,
-    /// The queue of the system under test: `jetstream` (gateway and worker
-    /// on a private nats-server) or `embedded` (as `faas-async` runs them).
-    #[arg(long, value_enum, default_value_t = bench::Backend::Jetstream)]
-    backend: bench::Backend,
+    /// calls without one are then reported as lost [default: 60s].
+    #[arg(long, value_parser = parse_duration)]
+    callback_timeout: Option<Duration>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
+    /// The system under test: `jetstream` runs the `gateway-plugin` and
+    /// `queue-worker` binaries as child processes on a private nats-server.
+    #[arg(long, value_enum, default_value_t = Backend::JetStream)]
+    backend: Backend,
+    /// Directory of the `gateway-plugin` and `queue-worker` binaries; by
+    /// default the directory of this executable (build them with
+    /// `cargo build --release --workspace`).
+    #[arg(long, env = "LOAD_TESTS_BIN_DIR")]
+    bin_dir: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
@@ -204,16 +214,21 @@ fn describe(callback: &RecordedCallback) -> String {
 }
 
 async fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    let base = args
+        .scenario
+        .map_or_else(BenchOptions::default, Scenario::options);
     let opts = BenchOptions {
-        calls: args.calls,
-        concurrency: args.concurrency,
-        rate: args.rate,
-        max_inflight: args.max_inflight,
+        calls: args.calls.unwrap_or(base.calls),
+        concurrency: args.concurrency.unwrap_or(base.concurrency),
+        rate: args.rate.or(base.rate),
+        max_inflight: args.max_inflight.unwrap_or(base.max_inflight),
+        body_bytes: args.body_bytes.unwrap_or(base.body_bytes),
+        function_delay: args.function_delay.unwrap_or(base.function_delay),
+        time_limit: args.time_limit.unwrap_or(base.time_limit),
+        callback_timeout: args.callback_timeout.unwrap_or(base.callback_timeout),
         backend: args.backend,
+        bin_dir: args.bin_dir,
         receiver_fault: None,
-        body_bytes: args.body_bytes,
-        time_limit: args.time_limit,
-        callback_timeout: args.callback_timeout,
     };
     let report = bench::run(&opts).await.context("bench failed")?;
     let mut out = std::io::stdout().lock();
@@ -228,8 +243,14 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     eprintln!(
-        "bench: not every call completed cleanly: {} refused, {} lost, {} bad results",
-        report.accept.failed, report.end_to_end.lost, report.end_to_end.bad_results
+        "bench: not every call completed cleanly: {} refused, {} lost, {} duplicated, \
+         {} unexpected callbacks, {} bad results, {} bad headers",
+        report.accept.failed,
+        report.end_to_end.lost,
+        report.end_to_end.duplicates,
+        report.end_to_end.unexpected,
+        report.end_to_end.bad_results,
+        report.end_to_end.bad_headers
     );
     Ok(ExitCode::FAILURE)
 }

@@ -469,6 +469,13 @@ impl CallbackReceiver {
         lock(&self.state.callbacks).len()
     }
 
+    /// A function returning [`CallbackReceiver::count`], usable from
+    /// another task.
+    pub fn counter(&self) -> impl Fn() -> usize + Send + Sync + 'static {
+        let state = Arc::clone(&self.state);
+        move || lock(&state.callbacks).len()
+    }
+
     /// How many callbacks were received per `X-Call-Id` (callbacks without
     /// one are not counted).
     pub fn count_by_call_id(&self) -> HashMap<String, usize> {

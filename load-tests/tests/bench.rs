@@ -1,5 +1,8 @@
 //! `load-tests bench` end to end with small numbers: a private nats-server,
-//! the gateway and a worker in-process, every call through to its callback.
+//! the `gateway-plugin` and `queue-worker` binaries as child processes (built
+//! by `cargo test --workspace`; with `-p load-tests` alone build them first:
+//! `cargo build -p gateway-plugin -p queue-worker`), every call through to
+//! its callback.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -20,7 +23,7 @@ async fn a_lossy_duplicating_receiver_is_reported_as_such() {
         max_inflight: 32,
         time_limit: Duration::from_secs(120),
         callback_timeout: Duration::from_secs(3),
-        backend: bench::Backend::Embedded,
+        backend: load_tests::sut::Backend::Embedded,
         receiver_fault: Some((10, 7)),
         ..BenchOptions::default()
     };
@@ -43,7 +46,7 @@ async fn small_bench_on_the_embedded_queue_completes_every_call() {
         max_inflight: 32,
         time_limit: Duration::from_secs(120),
         callback_timeout: Duration::from_secs(30),
-        backend: bench::Backend::Embedded,
+        backend: load_tests::sut::Backend::Embedded,
         ..BenchOptions::default()
     };
     let report = bench::run(&opts).await.expect("bench run");
@@ -53,7 +56,6 @@ async fn small_bench_on_the_embedded_queue_completes_every_call() {
     assert_eq!(report.end_to_end.lost, 0, "{table}");
     assert_eq!(report.end_to_end.bad_results, 0, "{table}");
     assert!(report.is_clean(), "{table}");
-    assert!(table.contains("Embedded queue"), "{table}");
     let json: serde_json::Value = serde_json::to_value(&report).unwrap();
     assert_eq!(json["backend"], "embedded");
 }
@@ -106,7 +108,30 @@ async fn small_bench_completes_every_call() {
     assert!(report.ratios.accept_vs_baseline_http > 0.0, "{table}");
     assert!(report.ratios.end_to_end_vs_baseline_http > 0.0, "{table}");
     assert!(report.ratios.accept_vs_baseline_js_publish > 0.0, "{table}");
+    // Every published message was pulled and acked.
+    let pull = &report.baseline_js_pull_ack;
+    assert_eq!(pull.ok, 200, "{:?}\n{table}", pull.first_error);
+    assert!(pull.rate_per_sec > 0.0, "{table}");
+    assert!(
+        report.ratios.end_to_end_vs_baseline_js_pull_ack > 0.0,
+        "{table}"
+    );
     assert!(report.is_clean(), "{table}");
+
+    // Both processes are measured, idle and after the run.
+    for usages in [&report.idle, &report.after_run] {
+        let names: Vec<&str> = usages.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(names, ["gateway", "worker"], "{table}");
+        assert!(usages.iter().all(|u| u.peak_rss_kib > 0), "{table}");
+    }
+    for (idle, run) in report.idle.iter().zip(&report.after_run) {
+        assert!(run.peak_rss_kib >= idle.peak_rss_kib, "{table}");
+        assert!(run.cpu_seconds >= idle.cpu_seconds, "{table}");
+    }
+    assert!(report.cpu_us_per_call > 0.0, "{table}");
+    assert_eq!(e2e.unexpected, 0, "{table}");
+    assert_eq!(e2e.bad_headers, 0, "{table}");
+    assert!(e2e.function_time_us.max > 0, "{table}");
 
     // The JSON form carries the same figures.
     let json: serde_json::Value = serde_json::to_value(&report).unwrap();
@@ -194,4 +219,22 @@ async fn out_of_bounds_options_are_refused_before_starting_anything() {
     };
     let err = bench::run(&opts).await.unwrap_err();
     assert!(err.to_string().contains("concurrency"), "{err}");
+}
+
+#[tokio::test]
+async fn missing_binaries_are_reported_with_the_build_command() {
+    let empty = tempfile::tempdir().unwrap();
+    let opts = BenchOptions {
+        calls: 1,
+        bin_dir: Some(empty.path().to_path_buf()),
+        time_limit: Duration::from_secs(60),
+        ..BenchOptions::default()
+    };
+    let err = bench::run(&opts).await.unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.contains("cargo build --release --workspace"),
+        "{message}"
+    );
+    assert!(message.contains("gateway-plugin"), "{message}");
 }
