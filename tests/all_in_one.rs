@@ -92,6 +92,27 @@ impl Server {
     }
 }
 
+/// Starts the example function on a free port; returns it and its URL.
+async fn start_stats_function() -> (Child, String) {
+    let mut function = Command::new(env!("CARGO_BIN_EXE_stats-function"))
+        .args(["--listen", "127.0.0.1:0"])
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut function_log = BufReader::new(function.stderr.take().unwrap()).lines();
+    let url = tokio::time::timeout(DEADLINE, function_log.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .and_then(|l| {
+            l.strip_prefix("stats-function listening on ")
+                .map(str::to_owned)
+        })
+        .expect("stats-function prints where it listens");
+    (function, url)
+}
+
 async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     let end = Instant::now() + DEADLINE;
     while !condition() {
@@ -105,22 +126,7 @@ async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
 #[tokio::test]
 async fn readme_round_trip_works_without_nats() {
     let dir = tempfile::tempdir().unwrap();
-    let mut function = Command::new(env!("CARGO_BIN_EXE_stats-function"))
-        .args(["--listen", "127.0.0.1:0"])
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut function_log = BufReader::new(function.stderr.take().unwrap()).lines();
-    let function_url = tokio::time::timeout(DEADLINE, function_log.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .and_then(|l| {
-            l.strip_prefix("stats-function listening on ")
-                .map(str::to_owned)
-        })
-        .expect("stats-function prints where it listens");
+    let (_function, function_url) = start_stats_function().await;
     let receiver = CallbackReceiver::start().await.unwrap();
     let server = Server::start(dir.path(), &["--gateway-url", &function_url]).await;
     let client = queue_worker::invoke::http_client("all-in-one-test").unwrap();
@@ -361,22 +367,7 @@ async fn idempotency_and_cancel_work_on_the_embedded_queue() {
 #[tokio::test]
 async fn metrics_count_a_known_workload() {
     let dir = tempfile::tempdir().unwrap();
-    let mut function = Command::new(env!("CARGO_BIN_EXE_stats-function"))
-        .args(["--listen", "127.0.0.1:0"])
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut function_log = BufReader::new(function.stderr.take().unwrap()).lines();
-    let function_url = tokio::time::timeout(DEADLINE, function_log.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .and_then(|l| {
-            l.strip_prefix("stats-function listening on ")
-                .map(str::to_owned)
-        })
-        .unwrap();
+    let (_function, function_url) = start_stats_function().await;
     let receiver = CallbackReceiver::start().await.unwrap();
     let server = Server::start(dir.path(), &["--gateway-url", &function_url]).await;
     let client = queue_worker::invoke::http_client("all-in-one-test").unwrap();

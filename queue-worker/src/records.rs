@@ -303,6 +303,16 @@ pub struct OutcomeEvent {
     pub reason: Option<String>,
 }
 
+/// `list` (of paused functions) with `function` paused or not; sorted, without duplicates.
+pub fn with_paused(mut list: Vec<String>, function: &str, paused: bool) -> Vec<String> {
+    list.retain(|f| f != function);
+    if paused {
+        list.push(function.to_owned());
+        list.sort();
+    }
+    list
+}
+
 /// The storage key of an `Idempotency-Key` for a function: both hex-encoded, so any visible
 /// ASCII key is a valid key-value store key.
 pub fn idempotency_key(function: &str, client_key: &str) -> String {

@@ -626,6 +626,23 @@ async fn sweep(inner: Weak<Inner>) {
     }
 }
 
+/// A broadcast receiver as a stream; messages missed by a slow reader are skipped (callers
+/// treat announcements as best effort).
+fn announcements<T: Clone + Send + 'static>(
+    receiver: tokio::sync::broadcast::Receiver<T>,
+) -> BoxStream<'static, T> {
+    futures::stream::unfold(receiver, |mut receiver| async move {
+        loop {
+            match receiver.recv().await {
+                Ok(item) => return Some((item, receiver)),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    })
+    .boxed()
+}
+
 /// State of one pull request.
 struct Pull {
     inner: Arc<Inner>,
@@ -718,19 +735,7 @@ impl CallRecords for EmbeddedQueue {
     }
 
     async fn outcomes(&self) -> Result<BoxStream<'static, OutcomeEvent>, BackendError> {
-        let receiver = self.inner.outcomes.subscribe();
-        Ok(
-            futures::stream::unfold(receiver, |mut receiver| async move {
-                loop {
-                    match receiver.recv().await {
-                        Ok(event) => return Some((event, receiver)),
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
-                    }
-                }
-            })
-            .boxed(),
-        )
+        Ok(announcements(self.inner.outcomes.subscribe()))
     }
 
     async fn paused_functions(&self) -> Result<Vec<String>, BackendError> {
@@ -747,15 +752,11 @@ impl CallRecords for EmbeddedQueue {
                 .records_lock
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            let mut list: Vec<String> = match inner.records.get(PAUSED_KEY)? {
+            let current: Vec<String> = match inner.records.get(PAUSED_KEY)? {
                 Some(raw) => serde_json::from_slice(&raw).unwrap_or_default(),
                 None => Vec::new(),
             };
-            list.retain(|f| f != function);
-            if paused {
-                list.push(function.to_owned());
-                list.sort();
-            }
+            let list = records::with_paused(current, function, paused);
             inner
                 .records
                 .insert(PAUSED_KEY, serde_json::to_vec(&list)?)?;
@@ -772,20 +773,8 @@ impl CallRecords for EmbeddedQueue {
     }
 
     async fn cancellations(&self) -> Result<BoxStream<'static, String>, BackendError> {
-        let receiver = self.inner.cancels.subscribe();
-        Ok(
-            futures::stream::unfold(receiver, |mut receiver| async move {
-                loop {
-                    match receiver.recv().await {
-                        Ok(id) => return Some((id, receiver)),
-                        // Missed some: the record check before and after each attempt covers them.
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
-                    }
-                }
-            })
-            .boxed(),
-        )
+        // Missed announcements: the record check before and after each attempt covers them.
+        Ok(announcements(self.inner.cancels.subscribe()))
     }
 }
 

@@ -442,7 +442,7 @@ impl CallRecords for JetStreamQueue {
         let kv = self.records_bucket().await?;
         for _ in 0..CAS_ATTEMPTS {
             let entry = kv.entry(PAUSED_KEY).await.map_err(request_err)?;
-            let (mut list, revision): (Vec<String>, _) = match entry {
+            let (current, revision): (Vec<String>, _) = match entry {
                 Some(e) if e.operation == kv::Operation::Put => (
                     serde_json::from_slice(&e.value).unwrap_or_default(),
                     Some(e.revision),
@@ -450,11 +450,7 @@ impl CallRecords for JetStreamQueue {
                 Some(e) => (Vec::new(), Some(e.revision)),
                 None => (Vec::new(), None),
             };
-            list.retain(|f| f != function);
-            if paused {
-                list.push(function.to_owned());
-                list.sort();
-            }
+            let list = records::with_paused(current, function, paused);
             let value = bytes::Bytes::from(serde_json::to_vec(&list)?);
             let written = match revision {
                 Some(revision) => kv.update(PAUSED_KEY, value, revision).await.is_ok(),
