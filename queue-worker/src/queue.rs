@@ -164,17 +164,19 @@ pub async fn ensure_streams(
 
 /// Publishes a call and waits for JetStream's acknowledgement: when this returns `Ok` the call
 /// is stored durably. Returns whether JetStream saw the call id before (a retried publish).
+/// `max_payload` is the server's limit (the envelope must fit with [`HEADER_ALLOWANCE`]).
 pub async fn publish_call(
     client: &async_nats::Client,
     js: &jetstream::Context,
     subject_prefix: &str,
     call: &QueuedCall,
+    max_payload: usize,
 ) -> Result<bool, PublishError> {
     if client.connection_state() != async_nats::connection::State::Connected {
         return Err(PublishError::Disconnected);
     }
     let payload = call.encode()?;
-    let max = client.server_info().max_payload;
+    let max = max_payload;
     if payload.len() + HEADER_ALLOWANCE > max {
         return Err(PublishError::TooLarge {
             size: payload.len(),

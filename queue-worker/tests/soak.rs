@@ -72,9 +72,15 @@ async fn every_call_ends_once_through_kills_restarts_and_outages() {
             let js = async_nats::jetstream::new(client.clone());
             for c in chunk {
                 let end = Instant::now() + SOAK_DEADLINE;
-                while queue_worker::queue::publish_call(&client, &js, "faas-async", &c)
-                    .await
-                    .is_err()
+                while queue_worker::queue::publish_call(
+                    &client,
+                    &js,
+                    "faas-async",
+                    &c,
+                    client.server_info().max_payload,
+                )
+                .await
+                .is_err()
                 {
                     assert!(Instant::now() < end, "could not publish");
                     tokio::time::sleep(Duration::from_millis(100)).await;

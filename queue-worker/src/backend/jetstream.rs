@@ -8,7 +8,7 @@
 //! says why.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_nats::connection::State;
@@ -61,6 +61,9 @@ pub struct JetStreamQueue {
     js: jetstream::Context,
     options: JetStreamOptions,
     streams_ready: AtomicBool,
+    /// The server's `max_payload`, read once and refreshed with the streams (0: not known
+    /// yet). Requests read this instead of cloning the whole server info each time.
+    max_payload: AtomicUsize,
     recheck: Notify,
     consumer: Mutex<Option<PullConsumer>>,
     records: Mutex<Option<kv::Store>>,
@@ -91,6 +94,7 @@ impl JetStreamQueue {
             js,
             options,
             streams_ready: AtomicBool::new(false),
+            max_payload: AtomicUsize::new(0),
             recheck: Notify::new(),
             consumer: Mutex::new(None),
             records: Mutex::new(None),
@@ -111,6 +115,18 @@ impl JetStreamQueue {
         &self.js
     }
 
+    /// The server's `max_payload` (cached; looked up while not known yet).
+    fn max_payload(&self) -> usize {
+        match self.max_payload.load(Ordering::Relaxed) {
+            0 => {
+                let live = self.client.server_info().max_payload;
+                self.max_payload.store(live, Ordering::Relaxed);
+                live
+            }
+            known => known,
+        }
+    }
+
     fn is_connected(&self) -> bool {
         self.client.connection_state() == State::Connected
     }
@@ -123,6 +139,7 @@ impl JetStreamQueue {
             }
             let ok = if self.is_connected() {
                 let max_payload = self.client.server_info().max_payload;
+                self.max_payload.store(max_payload, Ordering::Relaxed);
                 let ensured = match &self.options.manage_streams {
                     Some(settings) => {
                         match queue::ensure_streams(
@@ -488,12 +505,7 @@ impl CallRecords for JetStreamQueue {
     fn max_result_bytes(&self) -> usize {
         let configured =
             usize::try_from(self.options.records.max_result_bytes).unwrap_or(usize::MAX);
-        configured.min(
-            self.client
-                .server_info()
-                .max_payload
-                .saturating_sub(HEADER_ALLOWANCE),
-        )
+        configured.min(self.max_payload().saturating_sub(HEADER_ALLOWANCE))
     }
 }
 
@@ -512,6 +524,7 @@ impl CallQueue for JetStreamQueue {
             &self.js,
             &self.options.nats.subject_prefix,
             call,
+            self.max_payload(),
         )
         .await;
         if let Err(PublishError::NotStored(_)) = &result {
@@ -522,7 +535,7 @@ impl CallQueue for JetStreamQueue {
     }
 
     fn max_message_bytes(&self) -> usize {
-        self.client.server_info().max_payload
+        self.max_payload()
     }
 
     async fn check_ready(&self) -> Result<(), String> {

@@ -78,9 +78,15 @@ impl Queue {
 
     /// Publishes a call the way the gateway does; returns its id.
     pub async fn publish(&self, call: &QueuedCall) -> String {
-        queue_worker::queue::publish_call(&self.client, &self.js, &self.args.subject_prefix, call)
-            .await
-            .unwrap();
+        queue_worker::queue::publish_call(
+            &self.client,
+            &self.js,
+            &self.args.subject_prefix,
+            call,
+            self.client.server_info().max_payload,
+        )
+        .await
+        .unwrap();
         call.meta.call_id.clone()
     }
 
