@@ -13,6 +13,16 @@ echo "==> installing the browser for the dashboard test (Debian chromium)"
 CHROMIUM_BIN="$(./scripts/install-browser.sh | tail -n 1)"
 export CHROMIUM_BIN
 
+# Incremental caches only help repeated local builds; on a fresh clone they double the target directory.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+echo "==> disk space where the build goes"
+df -h . | tail -n 1
+avail_kib="$(df -Pk . | awk 'NR == 2 { print $4 }')"
+if [ "${avail_kib:-0}" -lt 4194304 ]; then
+    echo "test.sh: less than 4 GiB free here; the build and the tests' stores need about 3 GiB" >&2
+    exit 1
+fi
+
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -22,3 +32,5 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> cargo test"
 # Tests start their own nats-server processes; a few at a time keeps a 2-core machine responsive.
 cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-4}"
+echo "==> target directory size"
+du -sh target 2>/dev/null || true
