@@ -7,7 +7,7 @@
 //! `X-Function-Name`, `X-Duration-Seconds`, `X-Start-Time`). Throughput is
 //! only worth reporting next to these counts.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use crate::RecordedCallback;
@@ -21,6 +21,11 @@ pub struct Expectations<'a> {
     /// The body a good result carries (the stub echoes the request body);
     /// `None` skips the body check.
     pub body: Option<&'a [u8]>,
+    /// Whether a call may end in a failure (the function answered an error on
+    /// every attempt, or timed out): with injected faults, or against a
+    /// function of unknown behaviour. Such a result is then counted under
+    /// [`CallbackAudit::results`] only; otherwise it is also a bad result.
+    pub failures_allowed: bool,
 }
 
 /// The first callback of an accepted call.
@@ -32,6 +37,12 @@ pub struct Arrival {
     pub arrived: Instant,
     /// The function's own time, from `X-Duration-Seconds`, when readable.
     pub function_time: Option<Duration>,
+    /// When the function received the attempt that produced the result (Unix
+    /// nanoseconds), when the function is the harness's stub (it says so in a
+    /// header the worker forwards).
+    pub invoked_at: Option<u64>,
+    /// When the function answered that attempt (Unix nanoseconds), likewise.
+    pub answered_at: Option<u64>,
 }
 
 /// How the received callbacks compare with the accepted calls.
@@ -57,6 +68,9 @@ pub struct CallbackAudit {
     pub first_problem: Option<String>,
     /// The first callback of every completed call.
     pub arrivals: Vec<Arrival>,
+    /// Completed calls by result: `200`, or the failure (`503`,
+    /// `503 timeout`, `500 dead-lettered: expired`...).
+    pub results: BTreeMap<String, u64>,
 }
 
 impl CallbackAudit {
@@ -114,8 +128,9 @@ pub fn audit_callbacks(
             continue;
         }
         let status_ok = callback.header("x-function-status") == Some("200");
-        let body_ok = expect.body.is_none_or(|body| callback.body == body);
-        if !(status_ok && body_ok) {
+        let body_ok = !status_ok || expect.body.is_none_or(|body| callback.body == body);
+        *audit.results.entry(result_kind(callback)).or_insert(0) += 1;
+        if !body_ok || !(status_ok || expect.failures_allowed) {
             audit.bad_results += 1;
             audit.problem(|| {
                 format!(
@@ -131,6 +146,12 @@ pub fn audit_callbacks(
             function_time: callback
                 .header("x-duration-seconds")
                 .and_then(parse_seconds),
+            invoked_at: callback
+                .header(crate::INVOKED_AT_HEADER)
+                .and_then(|nanos| nanos.parse().ok()),
+            answered_at: callback
+                .header(crate::ANSWERED_AT_HEADER)
+                .and_then(|nanos| nanos.parse().ok()),
         });
     }
     audit.completed = u64::try_from(seen.len()).unwrap_or(u64::MAX);
@@ -142,6 +163,24 @@ pub fn audit_callbacks(
         }
     }
     audit
+}
+
+/// How a call ended, for [`CallbackAudit::results`]: its `X-Function-Status`, then its
+/// `X-Function-Error` and `X-Dead-Letter-Reason` if any.
+fn result_kind(callback: &RecordedCallback) -> String {
+    let mut kind = callback
+        .header("x-function-status")
+        .unwrap_or("no status")
+        .to_owned();
+    if let Some(error) = callback.header("x-function-error") {
+        kind.push(' ');
+        kind.push_str(error);
+    }
+    if let Some(reason) = callback.header("x-dead-letter-reason") {
+        kind.push_str(" dead-lettered: ");
+        kind.push_str(reason);
+    }
+    kind
 }
 
 /// Checks the headers the worker promises on every callback.

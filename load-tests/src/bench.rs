@@ -35,14 +35,14 @@
 //! queueing behind a slow target is not hidden (no coordinated omission).
 //! `baseline_js_publish` stays a closed loop of `concurrency` tasks.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::io::{IsTerminal, Write};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::{self, stream};
 use axum::Router;
@@ -60,7 +60,8 @@ use tokio::task::{JoinHandle, JoinSet};
 use crate::audit::{CallbackAudit, Expectations, audit_callbacks};
 use crate::sut::{Backend, ProcessUsage, SutOptions, SystemUnderTest, find_bin_dir};
 use crate::{
-    CallbackReceiver, HarnessError, NatsServer, StubBehavior, StubFunction, Timed, open_loop,
+    CallbackReceiver, FaultMix, HarnessError, NatsServer, StubBehavior, StubFunction, Timed,
+    open_loop,
 };
 
 /// Default number of calls per phase.
@@ -71,6 +72,8 @@ pub const DEFAULT_CONCURRENCY: usize = 64;
 pub const DEFAULT_MAX_INFLIGHT: u32 = 256;
 /// Default request body size in bytes.
 pub const DEFAULT_BODY_BYTES: usize = 64;
+/// Default number of warm-up requests before each measured phase.
+pub const DEFAULT_WARMUP: usize = 200;
 /// Default hard limit on the whole run.
 pub const DEFAULT_TIME_LIMIT: Duration = Duration::from_secs(5 * 60);
 /// Default wait for outstanding callbacks once every call was submitted.
@@ -90,8 +93,8 @@ pub const MAX_RATE: f64 = 1_000_000.0;
 /// sockets opened while the target stalls.
 pub const OPEN_LOOP_MAX_IN_FLIGHT: usize = 4096;
 
-/// The function the accepted calls are addressed to.
-const FUNCTION: &str = "bench";
+/// The function the calls are addressed to by default.
+pub const DEFAULT_FUNCTION: &str = "bench";
 /// Stream and subject of the JetStream baseline, apart from the gateway's.
 const BASELINE_STREAM: &str = "LOAD_TESTS_BASELINE";
 const BASELINE_SUBJECT: &str = "load-tests-baseline.publish";
@@ -121,6 +124,12 @@ pub enum Scenario {
     /// 10,000 calls in flight at once on one worker (`--max-inflight
     /// 10000`), each held 30 s by the function.
     LongRunning,
+    /// Closed loop, 5,000 calls, against a function that answers 5 % of
+    /// attempts with 429, 5 % with 503, 2 % with 500 and lets 1 % hang (the
+    /// worker gives up after 2 s), with a long-tailed time (median 5 ms, p99
+    /// 50 ms): every call must still get exactly one callback, and results
+    /// are reported by kind.
+    Faults,
 }
 
 impl Scenario {
@@ -145,10 +154,64 @@ impl Scenario {
                 function_delay: Duration::from_secs(30),
                 callback_timeout: Duration::from_secs(180),
                 time_limit: Duration::from_secs(600),
+                // Every call is a 30 s hold: there is nothing to warm up.
+                warmup: 0,
+                ..base
+            },
+            Self::Faults => BenchOptions {
+                calls: 5_000,
+                concurrency: 64,
+                function_delay: Duration::from_millis(5),
+                function_delay_p99: Some(Duration::from_millis(50)),
+                faults: FaultMix {
+                    too_many_requests: 0.05,
+                    unavailable: 0.05,
+                    internal_error: 0.02,
+                    hang: 0.01,
+                },
+                worker_args: faults_worker_args(),
+                time_limit: Duration::from_secs(600),
                 ..base
             },
         }
     }
+
+    /// Every scenario.
+    pub const ALL: [Self; 4] = [
+        Self::Throughput,
+        Self::LatencyAtRate,
+        Self::LongRunning,
+        Self::Faults,
+    ];
+}
+
+/// Worker settings of the `faults` scenario: hung attempts are abandoned
+/// after 2 s and retries come quickly, so a run takes minutes, not hours.
+fn faults_worker_args() -> Vec<String> {
+    [
+        "--upstream-timeout=2s",
+        "--retry-initial-wait=100ms",
+        "--retry-max-wait=1s",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// An existing deployment to load instead of starting one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExternalTarget {
+    /// Base URL of its gateway (`http://gateway:8080`).
+    pub gateway_url: String,
+    /// Where the harness's callback receiver listens.
+    pub callback_listen: SocketAddr,
+    /// The `X-Callback-Url` sent with every call, as the workers reach the
+    /// receiver; `None` derives it from `callback_listen` (which must then
+    /// not be an unspecified address such as `0.0.0.0`).
+    pub callback_url: Option<String>,
+    /// The deployment's NATS server, for the JetStream baselines (which then
+    /// create and delete a stream `LOAD_TESTS_BASELINE` there); `None` skips
+    /// them.
+    pub nats_url: Option<String>,
 }
 
 /// How requests are paced; see the [module docs](self#load-models).
@@ -192,6 +255,27 @@ pub struct BenchOptions {
     /// For the harness's own tests: make the callback receiver lose every n-th and duplicate
     /// every m-th callback it records (`(n, m)`, 0 = off), to check that the report says so.
     pub receiver_fault: Option<(usize, usize)>,
+    /// Requests sent (and, for calls, called back) before each measured
+    /// phase and left out of its figures: connections, caches and the
+    /// allocator settle first.
+    pub warmup: usize,
+    /// Stop sending a phase's requests after this long even if fewer than
+    /// `calls` were sent.
+    pub duration: Option<Duration>,
+    /// The function calls are addressed to.
+    pub function: String,
+    /// The stub function's time is log-normal with median `function_delay`
+    /// and this 99th percentile; `None`: always `function_delay`.
+    pub function_delay_p99: Option<Duration>,
+    /// The stub function answers this many bytes instead of echoing the body.
+    pub response_bytes: Option<usize>,
+    /// Faults the stub function injects per attempt.
+    pub faults: FaultMix,
+    /// Extra arguments for the worker process (`--upstream-timeout=2s`).
+    pub worker_args: Vec<String>,
+    /// Load an existing deployment instead of starting one; the stub
+    /// function and the worker settings then do not apply.
+    pub external: Option<ExternalTarget>,
 }
 
 impl Default for BenchOptions {
@@ -208,6 +292,14 @@ impl Default for BenchOptions {
             function_delay: Duration::ZERO,
             bin_dir: None,
             receiver_fault: None,
+            warmup: DEFAULT_WARMUP,
+            duration: None,
+            function: DEFAULT_FUNCTION.to_owned(),
+            function_delay_p99: None,
+            response_bytes: None,
+            faults: FaultMix::default(),
+            worker_args: Vec::new(),
+            external: None,
         }
     }
 }
@@ -240,6 +332,56 @@ impl BenchOptions {
         if self.time_limit.is_zero() || self.callback_timeout.is_zero() {
             return fail("time-limit and callback-timeout must be positive".to_owned());
         }
+        if self.warmup > MAX_CALLS {
+            return fail(format!(
+                "warmup must be at most {MAX_CALLS}, not {}",
+                self.warmup
+            ));
+        }
+        if self.duration.is_some_and(|d| d.is_zero()) {
+            return fail("duration must be positive".to_owned());
+        }
+        if self.response_bytes.is_some_and(|n| n > MAX_BODY_BYTES) {
+            return fail(format!(
+                "response-bytes must be at most {MAX_BODY_BYTES}, not {:?}",
+                self.response_bytes
+            ));
+        }
+        if let Some(p99) = self.function_delay_p99
+            && p99 < self.function_delay
+        {
+            return fail(format!(
+                "function-delay-p99 ({p99:?}) must not be below function-delay ({:?}), \
+                 which is the median",
+                self.function_delay
+            ));
+        }
+        if let Err(problem) = self.faults.validate() {
+            return fail(problem);
+        }
+        if !gateway_plugin_function_name_is_plain(&self.function) {
+            return fail(format!(
+                "function {:?} must be a plain name (letters, digits, '-', '_', '.')",
+                self.function
+            ));
+        }
+        if let Some(external) = &self.external {
+            if !(external.gateway_url.starts_with("http://")
+                || external.gateway_url.starts_with("https://"))
+            {
+                return fail(format!(
+                    "gateway-url {:?} must start with http:// or https://",
+                    external.gateway_url
+                ));
+            }
+            if external.callback_url.is_none() && external.callback_listen.ip().is_unspecified() {
+                return fail(format!(
+                    "callback-listen {} is an unspecified address the workers cannot call: \
+                     give --callback-url too",
+                    external.callback_listen
+                ));
+            }
+        }
         if let Some(rate) = self.rate {
             if !(rate.is_finite() && rate > 0.0 && rate <= MAX_RATE) {
                 return fail(format!(
@@ -248,7 +390,7 @@ impl BenchOptions {
             }
             // Two open-loop phases of calls / rate each must fit.
             #[expect(clippy::cast_precision_loss, reason = "calls are at most MAX_CALLS")]
-            let schedule = 2.0 * self.calls as f64 / rate;
+            let schedule = 2.0 * self.measured_calls() as f64 / rate;
             if schedule >= self.time_limit.as_secs_f64() {
                 return fail(format!(
                     "{} calls at {rate}/s take {schedule:.1} s in the two open-loop phases, \
@@ -260,6 +402,33 @@ impl BenchOptions {
         Ok(())
     }
 
+    /// Requests per measured phase: `calls`, or fewer when an open loop's
+    /// `duration` ends its schedule earlier.
+    pub fn measured_calls(&self) -> usize {
+        match (self.rate, self.duration) {
+            (Some(rate), Some(duration)) => {
+                #[expect(
+                    clippy::cast_possible_truncation,
+                    clippy::cast_sign_loss,
+                    reason = "bounded by calls below"
+                )]
+                let due = (rate * duration.as_secs_f64()).ceil().max(1.0) as usize;
+                due.min(self.calls)
+            }
+            _ => self.calls,
+        }
+    }
+
+    /// The options of a warm-up: `warmup` requests in a closed loop.
+    fn warmup_options(&self) -> Self {
+        Self {
+            calls: self.warmup,
+            rate: None,
+            duration: None,
+            ..self.clone()
+        }
+    }
+
     /// The load model these options select.
     pub fn load_model(&self) -> LoadModel {
         if self.rate.is_some() {
@@ -268,6 +437,15 @@ impl BenchOptions {
             LoadModel::Closed
         }
     }
+}
+
+/// A function name that needs no escaping in a URL path.
+fn gateway_plugin_function_name_is_plain(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// Why [`run`] could not produce a [`Report`]. Lost calls are not an error:
@@ -339,6 +517,8 @@ pub struct Phase {
     /// The first failure, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_error: Option<String>,
+    /// Failures by kind (`status 503`, `timeout`, `connect`, ...).
+    pub errors: BTreeMap<String, u64>,
     /// Wall time from the first request (its intended send time in an open
     /// loop) until the last answer.
     pub seconds: f64,
@@ -380,6 +560,50 @@ pub struct EndToEnd {
     /// The function's own time per completed call, from the callback's
     /// `X-Duration-Seconds`.
     pub function_time_us: Latency,
+    /// From a call's submit to the start of the function attempt that
+    /// produced its result (earlier attempts and retry waits included); only
+    /// when the function is the harness's stub, which stamps its answers.
+    pub queue_wait_us: Latency,
+    /// From the function's answer to the arrival of the callback (the
+    /// worker's result handling and the callback POST); stub only, likewise.
+    pub callback_time_us: Latency,
+    /// Completed calls by result: `200`, or how they failed (`503`,
+    /// `503 timeout`, ...); failures are expected only with injected faults.
+    pub results: BTreeMap<String, u64>,
+}
+
+/// The warm-up before the measured phases.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Warmup {
+    /// Warm-up requests per phase.
+    pub requests: u64,
+    /// Warm-up calls the gateway accepted.
+    pub accepted: u64,
+    /// Accepted warm-up calls whose callback arrived (all of them, in a
+    /// clean run).
+    pub completed: u64,
+}
+
+/// The stub function's behaviour, as the report shows it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StubSummary {
+    /// Median time per attempt, in microseconds.
+    pub delay_median_us: u64,
+    /// 99th percentile time per attempt, in microseconds.
+    pub delay_p99_us: u64,
+    /// Answer size; `null`: the request body is echoed.
+    pub response_bytes: Option<usize>,
+    /// Shares of attempts answered 429, 503, 500, or left hanging.
+    pub fault_429: f64,
+    /// See `fault_429`.
+    pub fault_503: f64,
+    /// See `fault_429`.
+    pub fault_500: f64,
+    /// See `fault_429`.
+    pub fault_hang: f64,
+    /// Requests the stub received during the measured phase: one per
+    /// attempt, so more than the calls when the worker retried.
+    pub attempts: u64,
 }
 
 /// Throughput ratios (0 when a denominator is 0).
@@ -389,10 +613,10 @@ pub struct Ratios {
     pub accept_vs_baseline_http: f64,
     /// `end_to_end` rate / `baseline_http` rate.
     pub end_to_end_vs_baseline_http: f64,
-    /// `accept` rate / `baseline_js_publish` rate.
-    pub accept_vs_baseline_js_publish: f64,
-    /// `end_to_end` rate / `baseline_js_pull_ack` rate.
-    pub end_to_end_vs_baseline_js_pull_ack: f64,
+    /// `accept` rate / `baseline_js_publish` rate (`null` when skipped).
+    pub accept_vs_baseline_js_publish: Option<f64>,
+    /// `end_to_end` rate / `baseline_js_pull_ack` rate (`null` when skipped).
+    pub end_to_end_vs_baseline_js_pull_ack: Option<f64>,
 }
 
 /// What [`run`] measured.
@@ -415,19 +639,28 @@ pub struct Report {
     pub cpus: u64,
     /// Raw loopback HTTP.
     pub baseline_http: Phase,
-    /// Raw JetStream publish with ack.
-    pub baseline_js_publish: Phase,
+    /// Raw JetStream publish with ack; `null` against an external target
+    /// without `--nats-url`.
+    pub baseline_js_publish: Option<Phase>,
     /// Raw JetStream pull with ack of the published messages (one pull
     /// consumer; no latencies, which stay 0).
-    pub baseline_js_pull_ack: Phase,
+    pub baseline_js_pull_ack: Option<Phase>,
     /// Gateway accepts.
     pub accept: Phase,
     /// Accepted calls through to their callbacks.
     pub end_to_end: EndToEnd,
     /// Throughput ratios.
     pub ratios: Ratios,
-    /// The system under test.
-    pub backend: Backend,
+    /// The system under test: the backend started, or `external`.
+    pub target: String,
+    /// The function the calls went to.
+    pub function: String,
+    /// What the stub function did (`null` against an external target).
+    pub stub: Option<StubSummary>,
+    /// The warm-up left out of the figures.
+    pub warmup: Warmup,
+    /// Whether `--duration` ended a phase before `calls` requests were sent.
+    pub cut_by_duration: bool,
     /// Memory and CPU of its processes once ready, before any load.
     pub idle: Vec<ProcessUsage>,
     /// Memory (peak over the run) and CPU of its processes after the run.
@@ -440,11 +673,14 @@ pub struct Report {
 }
 
 impl Report {
-    /// Whether every call was accepted and completed with a good result and
-    /// no call was lost.
+    /// Whether every call (warm-up included) was accepted and completed
+    /// with exactly one callback carrying an acceptable result, and nothing
+    /// was lost.
     pub fn is_clean(&self) -> bool {
         let e2e = &self.end_to_end;
         self.accept.failed == 0
+            && self.warmup.accepted == self.warmup.requests
+            && self.warmup.completed == self.warmup.accepted
             && e2e.lost == 0
             && e2e.duplicates == 0
             && e2e.unexpected == 0
@@ -454,6 +690,8 @@ impl Report {
 
     /// A human-readable table of the report, ending with a newline.
     pub fn to_table(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
         let model = match (self.load_model, self.rate) {
             (LoadModel::Open, Some(rate)) => format!(
                 "open loop at {rate} req/s for baseline_http/accept/end_to_end \
@@ -463,13 +701,43 @@ impl Report {
             ),
             _ => format!("closed loop, concurrency {}", self.concurrency),
         };
-        let mut out = format!(
-            "load-tests bench: {} calls per phase, {model}, worker max-inflight {}, \
-             body {} B, {} CPUs, all on 127.0.0.1\n\n",
-            self.calls, self.max_inflight, self.body_bytes, self.cpus
+        let _ = writeln!(
+            out,
+            "load-tests bench against {} (function {:?}): {} calls per phase after {} warm-up \
+             requests, {model}, worker max-inflight {}, body {} B, {} CPUs{}",
+            self.target,
+            self.function,
+            self.calls,
+            self.warmup.requests,
+            self.max_inflight,
+            self.body_bytes,
+            self.cpus,
+            if self.cut_by_duration {
+                ", phases cut short by --duration"
+            } else {
+                ""
+            }
         );
-        out.push_str(&format!(
-            "{:<21} {:>8} {:>7} {:>9} {:>11} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
+        if let Some(stub) = &self.stub {
+            let _ = writeln!(
+                out,
+                "stub function: time median {} µs, p99 {} µs; answer {}; faults per attempt: \
+                 429 {:.1} %, 503 {:.1} %, 500 {:.1} %, hang {:.1} %; {} attempts for {} calls",
+                stub.delay_median_us,
+                stub.delay_p99_us,
+                stub.response_bytes
+                    .map_or_else(|| "echoes the body".to_owned(), |n| format!("{n} B")),
+                stub.fault_429 * 100.0,
+                stub.fault_503 * 100.0,
+                stub.fault_500 * 100.0,
+                stub.fault_hang * 100.0,
+                stub.attempts,
+                self.accept.ok,
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\n{:<21} {:>8} {:>7} {:>9} {:>11} {:>9} {:>9} {:>9} {:>9} {:>9}",
             "phase",
             "ok",
             "failed",
@@ -480,50 +748,68 @@ impl Report {
             "p99 µs",
             "p99.9 µs",
             "max µs"
-        ));
+        );
         let e2e = &self.end_to_end;
-        let rows = [
-            ("baseline_http", &self.baseline_http),
+        let mut row = |name: &str, counts: Option<(u64, u64, f64, f64)>, latency: &Latency| {
+            let (ok, failed, seconds, rate) = match counts {
+                Some((ok, failed, seconds, rate)) => (
+                    ok.to_string(),
+                    failed.to_string(),
+                    format!("{seconds:.3}"),
+                    format!("{rate:.1}"),
+                ),
+                None => Default::default(),
+            };
+            let _ = writeln!(
+                out,
+                "{name:<21} {ok:>8} {failed:>7} {seconds:>9} {rate:>11} {:>9} {:>9} {:>9} {:>9} {:>9}",
+                latency.p50, latency.p90, latency.p99, latency.p999, latency.max
+            );
+        };
+        let phase_counts = |p: &Phase| Some((p.ok, p.failed, p.seconds, p.rate_per_sec));
+        row(
+            "baseline_http",
+            phase_counts(&self.baseline_http),
+            &self.baseline_http.latency_us,
+        );
+        for (name, phase) in [
             ("baseline_js_publish", &self.baseline_js_publish),
             ("baseline_js_pull_ack", &self.baseline_js_pull_ack),
-            ("accept", &self.accept),
-        ]
-        .map(|(name, phase)| {
-            (
-                name,
-                phase.ok,
-                phase.failed,
-                phase.seconds,
-                phase.rate_per_sec,
-                phase.latency_us,
-            )
-        });
-        let last = (
-            "end_to_end",
-            e2e.completed,
-            e2e.lost,
-            e2e.seconds,
-            e2e.rate_per_sec,
-            e2e.latency_us,
-        );
-        for (name, ok, failed, seconds, rate, latency) in rows.into_iter().chain([last]) {
-            out.push_str(&format!(
-                "{name:<21} {ok:>8} {failed:>7} {seconds:>9.3} {rate:>11.1} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
-                latency.p50, latency.p90, latency.p99, latency.p999, latency.max
-            ));
+        ] {
+            match phase {
+                Some(phase) => row(name, phase_counts(phase), &phase.latency_us),
+                None => row(&format!("{name} (skipped)"), None, &Latency::default()),
+            }
         }
-        out.push_str(&format!(
+        row(
+            "accept",
+            phase_counts(&self.accept),
+            &self.accept.latency_us,
+        );
+        row(
+            "end_to_end",
+            Some((e2e.completed, e2e.lost, e2e.seconds, e2e.rate_per_sec)),
+            &e2e.latency_us,
+        );
+        row("  queue_wait", None, &e2e.queue_wait_us);
+        row("  function", None, &e2e.function_time_us);
+        row("  callback", None, &e2e.callback_time_us);
+
+        let ratio = |r: Option<f64>| r.map_or_else(|| "n/a".to_owned(), |r| format!("{r:.3}"));
+        let _ = writeln!(
+            out,
             "\nratios: accept/baseline_http {:.3}, end_to_end/baseline_http {:.3}, \
-             accept/baseline_js_publish {:.3}, end_to_end/baseline_js_pull_ack {:.3}\n",
+             accept/baseline_js_publish {}, end_to_end/baseline_js_pull_ack {}",
             self.ratios.accept_vs_baseline_http,
             self.ratios.end_to_end_vs_baseline_http,
-            self.ratios.accept_vs_baseline_js_publish,
-            self.ratios.end_to_end_vs_baseline_js_pull_ack
-        ));
-        out.push_str(&format!(
+            ratio(self.ratios.accept_vs_baseline_js_publish),
+            ratio(self.ratios.end_to_end_vs_baseline_js_pull_ack),
+        );
+        let _ = writeln!(
+            out,
             "end_to_end: {} of {} accepted calls completed; lost {}, duplicates {}, \
              unexpected {}, bad results {}, bad headers {} \
-             (end_to_end \"failed\" column = lost)\n",
+             (end_to_end \"failed\" column = lost)",
             e2e.completed,
             self.accept.ok,
             e2e.lost,
@@ -531,29 +817,49 @@ impl Report {
             e2e.unexpected,
             e2e.bad_results,
             e2e.bad_headers
-        ));
-        let f = e2e.function_time_us;
-        out.push_str(&format!(
-            "function time (X-Duration-Seconds) µs: p50 {} p90 {} p99 {} p99.9 {} max {}\n",
-            f.p50, f.p90, f.p99, f.p999, f.max
-        ));
+        );
+        let by_kind = |counts: &BTreeMap<String, u64>| {
+            counts
+                .iter()
+                .map(|(kind, n)| format!("{kind}: {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let _ = writeln!(out, "results by kind: {}", by_kind(&e2e.results));
+        if !self.accept.errors.is_empty() {
+            let _ = writeln!(
+                out,
+                "accept errors by kind: {}",
+                by_kind(&self.accept.errors)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "warm-up: {} requests, {} accepted, {} called back",
+            self.warmup.requests, self.warmup.accepted, self.warmup.completed
+        );
         if let Some(problem) = &e2e.first_problem {
-            out.push_str(&format!("end_to_end: first callback problem: {problem}\n"));
+            let _ = writeln!(out, "end_to_end: first callback problem: {problem}");
         }
         if let Some(err) = &self.accept.first_error {
-            out.push_str(&format!("accept: first failure: {err}\n"));
+            let _ = writeln!(out, "accept: first failure: {err}");
         }
         for usage in &self.idle {
-            out.push_str(&format!("idle   {usage}\n"));
+            let _ = writeln!(out, "idle   {usage}");
         }
         for usage in &self.after_run {
-            out.push_str(&format!("run    {usage}\n"));
+            let _ = writeln!(out, "run    {usage}");
         }
-        out.push_str(&format!(
-            "CPU per completed call (gateway + worker): {:.1} µs\n",
-            self.cpu_us_per_call
-        ));
-        out.push_str(&format!("total wall time {:.1} s\n", self.total_seconds));
+        if self.after_run.is_empty() {
+            let _ = writeln!(out, "processes: not measured (external target)");
+        } else {
+            let _ = writeln!(
+                out,
+                "CPU per completed call (gateway + worker): {:.1} µs",
+                self.cpu_us_per_call
+            );
+        }
+        let _ = writeln!(out, "total wall time {:.1} s", self.total_seconds);
         out
     }
 }
@@ -572,46 +878,99 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
 async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
     let started = Instant::now();
     // Missing binaries fail before anything starts.
-    let bin_dir = find_bin_dir(opts.bin_dir.as_deref(), opts.backend.binaries())?;
+    let bin_dir = match opts.external {
+        None => Some(find_bin_dir(
+            opts.bin_dir.as_deref(),
+            opts.backend.binaries(),
+        )?),
+        Some(_) => None,
+    };
     let client = queue_worker::invoke::http_client("load-tests")
         .map_err(|e| BenchError::setup("building the HTTP client", e))?;
     let body = Bytes::from(vec![b'x'; opts.body_bytes]);
 
-    let nats = NatsServer::start().await?;
+    let own_nats = match opts.external {
+        None => Some(NatsServer::start().await?),
+        Some(_) => None,
+    };
+    let nats_url = own_nats.as_ref().map(NatsServer::url).or_else(|| {
+        opts.external
+            .as_ref()
+            .and_then(|external| external.nats_url.clone())
+    });
     let baseline_http = measure_baseline_http(opts, &client, &body).await?;
-    let (baseline_js_publish, baseline_js_pull_ack) =
-        measure_baseline_js(opts, &nats.url(), &body).await?;
+    let (baseline_js_publish, baseline_js_pull_ack) = match &nats_url {
+        Some(url) => {
+            let (publish, pull_ack) = measure_baseline_js(opts, url, &body).await?;
+            (Some(publish), Some(pull_ack))
+        }
+        None => (None, None),
+    };
 
-    let function = StubFunction::start(StubBehavior {
-        delay: opts.function_delay,
-        ..StubBehavior::default()
-    })
-    .await?;
-    // Thousands of recorded requests are not worth their memory here.
-    function.set_recording(false);
-    let receiver = CallbackReceiver::start().await?;
+    let receiver = match &opts.external {
+        Some(external) => CallbackReceiver::start_on(external.callback_listen).await?,
+        None => CallbackReceiver::start().await?,
+    };
     if let Some((drop_every, duplicate_every)) = opts.receiver_fault {
         receiver.set_recording_fault(drop_every, duplicate_every);
     }
-    let mut system = SystemUnderTest::start(&SutOptions {
-        backend: opts.backend,
-        bin_dir: Some(bin_dir),
-        max_inflight: opts.max_inflight,
-        function_url: function.url(),
-        nats_url: nats.url(),
-    })
-    .await?;
-    let idle = system.usage();
-    let result = measure_async_path(opts, &client, &body, &mut system, &receiver).await;
-    let after_run = system.usage();
-    // Stop even when the measurement failed; its error comes first.
-    let stopped = system.stop().await;
-    let (accept, end_to_end) = result?;
-    stopped?;
-    drop(nats);
+    let callback_url = opts
+        .external
+        .as_ref()
+        .and_then(|external| external.callback_url.clone())
+        .unwrap_or_else(|| receiver.url());
+    let (path, idle, after_run, stub) = match (&opts.external, bin_dir, &nats_url) {
+        (Some(external), _, _) => {
+            let target = Target {
+                gateway_url: &external.gateway_url,
+                callback_url: &callback_url,
+                system: None,
+            };
+            let path = measure_async_path(opts, &client, &body, target, &receiver, None).await?;
+            (path, Vec::new(), Vec::new(), None)
+        }
+        (None, bin_dir, Some(nats_url)) => {
+            let function = StubFunction::start(stub_behavior(opts)).await?;
+            // Thousands of recorded requests are not worth their memory here.
+            function.set_recording(false);
+            let mut system = SystemUnderTest::start(&SutOptions {
+                backend: opts.backend,
+                bin_dir,
+                max_inflight: opts.max_inflight,
+                function_url: function.url(),
+                nats_url: nats_url.clone(),
+                worker_args: opts.worker_args.clone(),
+            })
+            .await?;
+            let idle = system.usage();
+            let gateway_url = system.gateway_url.clone();
+            let target = Target {
+                gateway_url: &gateway_url,
+                callback_url: &callback_url,
+                system: Some(&mut system),
+            };
+            let result =
+                measure_async_path(opts, &client, &body, target, &receiver, Some(&function)).await;
+            let after_run = system.usage();
+            // Stop even when the measurement failed; its error comes first.
+            let stopped = system.stop().await;
+            let path = result?;
+            stopped?;
+            let attempts = to_u64(function.received()).saturating_sub(path.warmup_attempts);
+            (path, idle, after_run, Some(stub_summary(opts, attempts)))
+        }
+        (None, _, None) => return Err(BenchError::Setup("no NATS server".to_owned())),
+    };
+    drop(own_nats);
+    let AsyncPath {
+        warmup,
+        accept,
+        end_to_end,
+        ..
+    } = path;
     let cpu = |usages: &[ProcessUsage]| usages.iter().map(|u| u.cpu_seconds).sum::<f64>();
     #[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
-    let cpu_us_per_call = if end_to_end.completed > 0 {
+    let cpu_us_per_call = if end_to_end.completed > 0 && !after_run.is_empty() {
         (cpu(&after_run) - cpu(&idle)) * 1e6 / end_to_end.completed as f64
     } else {
         0.0
@@ -621,12 +980,16 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
     let ratios = Ratios {
         accept_vs_baseline_http: ratio(accept.rate_per_sec, baseline_http.rate_per_sec),
         end_to_end_vs_baseline_http: ratio(end_to_end.rate_per_sec, baseline_http.rate_per_sec),
-        accept_vs_baseline_js_publish: ratio(accept.rate_per_sec, baseline_js_publish.rate_per_sec),
-        end_to_end_vs_baseline_js_pull_ack: ratio(
-            end_to_end.rate_per_sec,
-            baseline_js_pull_ack.rate_per_sec,
-        ),
+        accept_vs_baseline_js_publish: baseline_js_publish
+            .as_ref()
+            .map(|publish| ratio(accept.rate_per_sec, publish.rate_per_sec)),
+        end_to_end_vs_baseline_js_pull_ack: baseline_js_pull_ack
+            .as_ref()
+            .map(|pull| ratio(end_to_end.rate_per_sec, pull.rate_per_sec)),
     };
+    let cut_by_duration = [accept.sent, baseline_http.sent]
+        .into_iter()
+        .any(|sent| sent < to_u64(opts.calls));
     Ok(Report {
         calls: to_u64(opts.calls),
         concurrency: to_u64(opts.concurrency),
@@ -641,12 +1004,43 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
         accept,
         end_to_end,
         ratios,
-        backend: opts.backend,
+        target: match &opts.external {
+            Some(_) => "external".to_owned(),
+            None => format!("{:?}", opts.backend).to_lowercase(),
+        },
+        function: opts.function.clone(),
+        stub,
+        warmup,
+        cut_by_duration,
         idle,
         after_run,
         cpu_us_per_call,
         total_seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The stub function's behaviour from the options.
+fn stub_behavior(opts: &BenchOptions) -> StubBehavior {
+    StubBehavior {
+        delay: opts.function_delay,
+        delay_p99: opts.function_delay_p99,
+        response_bytes: opts.response_bytes,
+        faults: opts.faults,
+        ..StubBehavior::default()
+    }
+}
+
+fn stub_summary(opts: &BenchOptions, attempts: u64) -> StubSummary {
+    StubSummary {
+        delay_median_us: micros(opts.function_delay),
+        delay_p99_us: micros(opts.function_delay_p99.unwrap_or(opts.function_delay)),
+        response_bytes: opts.response_bytes,
+        fault_429: opts.faults.too_many_requests,
+        fault_503: opts.faults.unavailable,
+        fault_500: opts.faults.internal_error,
+        fault_hang: opts.faults.hang,
+        attempts,
+    }
 }
 
 /// Phase 1: a trivial axum handler answering `202`.
@@ -672,19 +1066,24 @@ async fn measure_baseline_http(
     });
 
     let url = format!("http://{addr}/");
-    let (client, body) = (client.clone(), body.clone());
-    let result = drive(opts, "http", move |_| {
-        let request = client
-            .post(url.as_str())
-            .body(body.clone())
-            .timeout(REQUEST_TIMEOUT)
-            .send();
-        async move {
-            let response = request.await.map_err(|e| e.to_string())?;
-            expect_status(&response, StatusCode::ACCEPTED).map(|()| None)
+    let post_body = || {
+        let (client, body, url) = (client.clone(), body.clone(), url.clone());
+        move |_| {
+            let request = client
+                .post(url.as_str())
+                .body(body.clone())
+                .timeout(REQUEST_TIMEOUT)
+                .send();
+            async move {
+                let response = request.await.map_err(request_error)?;
+                expect_status(&response, StatusCode::ACCEPTED).map(|()| None)
+            }
         }
-    })
-    .await?;
+    };
+    if opts.warmup > 0 {
+        drive(&opts.warmup_options(), "http warm-up", post_body()).await?;
+    }
+    let result = drive(opts, "http", post_body()).await?;
 
     let _ = stop.send(());
     match tokio::time::timeout(STOP_TIMEOUT, server).await {
@@ -716,7 +1115,8 @@ async fn measure_baseline_js(
     .map_err(|e| BenchError::setup("creating the baseline stream", e))?;
 
     let (publisher, body) = (js.clone(), body.clone());
-    let result = closed_loop(opts.calls, opts.concurrency, move |_| {
+    let deadline = opts.duration.map(|duration| Instant::now() + duration);
+    let result = closed_loop(opts.calls, opts.concurrency, deadline, move |_| {
         let (js, body) = (publisher.clone(), body.clone());
         async move {
             let publish = async {
@@ -728,13 +1128,15 @@ async fn measure_baseline_js(
             };
             match tokio::time::timeout(REQUEST_TIMEOUT, publish).await {
                 Ok(ack) => ack.map(|_| None),
-                Err(_) => Err(format!("no ack within {REQUEST_TIMEOUT:?}")),
+                Err(_) => Err(format!("timeout: no ack within {REQUEST_TIMEOUT:?}")),
             }
         }
     })
     .await?;
 
-    let pull_ack = measure_pull_ack(&js, opts.calls).await;
+    // Drain what was stored: fewer than `calls` when --duration cut the loop short.
+    let stored = usize::try_from(result.phase.ok).unwrap_or(usize::MAX);
+    let pull_ack = measure_pull_ack(&js, stored).await;
     js.delete_stream(BASELINE_STREAM)
         .await
         .map_err(|e| BenchError::setup("deleting the baseline stream", e))?;
@@ -786,85 +1188,165 @@ async fn measure_pull_ack(js: &jetstream::Context, calls: usize) -> Result<Phase
         }
     }
     let seconds = started.elapsed().as_secs_f64();
+    let errors = if failed > 0 {
+        BTreeMap::from([("pull".to_owned(), failed)])
+    } else {
+        BTreeMap::new()
+    };
     Ok(Phase {
         sent: ok + failed,
         ok,
         failed,
         first_error,
+        errors,
         seconds,
         rate_per_sec: rate_of(ok, seconds),
         latency_us: Latency::default(),
     })
 }
 
-/// Phases 3 and 4: calls through the gateway, and their callbacks.
+/// Where the calls go, and the processes to watch while waiting for them.
+#[derive(Debug)]
+struct Target<'a> {
+    gateway_url: &'a str,
+    callback_url: &'a str,
+    /// The started system, checked for crashes; `None` for an external target.
+    system: Option<&'a mut SystemUnderTest>,
+}
+
+/// What the async-path phases measured.
+#[derive(Debug)]
+struct AsyncPath {
+    warmup: Warmup,
+    /// Function attempts before measuring started (the stub counts them).
+    warmup_attempts: u64,
+    accept: Phase,
+    end_to_end: EndToEnd,
+}
+
+/// Phases 3 and 4: calls through the gateway, and their callbacks; after
+/// the warm-up, whose calls must be called back before measuring starts.
 async fn measure_async_path(
     opts: &BenchOptions,
     client: &reqwest::Client,
     body: &Bytes,
-    system: &mut SystemUnderTest,
+    mut target: Target<'_>,
     receiver: &CallbackReceiver,
-) -> Result<(Phase, EndToEnd), BenchError> {
-    let url = format!("{}/async-function/{FUNCTION}", system.gateway_url);
-    let callback_url = receiver.url();
-    let (client, payload) = (client.clone(), body.clone());
-    let submitted = drive(opts, "submit", move |_| {
-        let request = client
-            .post(url.as_str())
-            .header("x-callback-url", callback_url.as_str())
-            .header("content-type", "application/octet-stream")
-            .body(payload.clone())
-            .timeout(REQUEST_TIMEOUT)
-            .send();
-        async move {
-            let response = request.await.map_err(|e| e.to_string())?;
-            expect_status(&response, StatusCode::ACCEPTED)?;
-            let call_id = response
-                .headers()
-                .get("x-call-id")
-                .and_then(|id| id.to_str().ok())
-                .ok_or("202 without a valid X-Call-Id")?;
-            Ok(Some(call_id.to_owned()))
-        }
-    })
-    .await?;
-
-    // Wait for the callbacks of every accepted call, or the timeout.
-    let submit_times: HashMap<String, Instant> = submitted.call_ids.into_iter().collect();
-    let deadline = Instant::now() + opts.callback_timeout;
-    let progress = Progress::start("callbacks", submit_times.len(), receiver.counter());
-    loop {
-        system.check_running()?;
-        if receiver.count() >= submit_times.len() {
-            let seen = receiver.count_by_call_id();
-            if submit_times.keys().all(|id| seen.contains_key(id)) {
-                break;
+    function: Option<&StubFunction>,
+) -> Result<AsyncPath, BenchError> {
+    let url = format!("{}/async-function/{}", target.gateway_url, opts.function);
+    let submit = || {
+        let (client, url, callback_url, body) = (
+            client.clone(),
+            url.clone(),
+            target.callback_url.to_owned(),
+            body.clone(),
+        );
+        move |_| {
+            let request = client
+                .post(url.as_str())
+                .header("x-callback-url", callback_url.as_str())
+                .header("content-type", "application/octet-stream")
+                .body(body.clone())
+                .timeout(REQUEST_TIMEOUT)
+                .send();
+            async move {
+                let response = request.await.map_err(request_error)?;
+                expect_status(&response, StatusCode::ACCEPTED)?;
+                let call_id = response
+                    .headers()
+                    .get("x-call-id")
+                    .and_then(|id| id.to_str().ok())
+                    .ok_or("no call id: 202 without a valid X-Call-Id")?;
+                Ok(Some(call_id.to_owned()))
             }
         }
-        if Instant::now() >= deadline {
-            break;
-        }
-        tokio::time::sleep(POLL_INTERVAL).await;
+    };
+
+    let mut warmup = Warmup {
+        requests: to_u64(opts.warmup),
+        ..Warmup::default()
+    };
+    if opts.warmup > 0 {
+        let warm = drive(&opts.warmup_options(), "warm-up", submit()).await?;
+        let ids: HashMap<String, Instant> = warm.call_ids.into_iter().collect();
+        await_callbacks(&ids, opts.callback_timeout, &mut target, receiver).await?;
+        let seen = receiver.count_by_call_id();
+        warmup.accepted = to_u64(ids.len());
+        warmup.completed = to_u64(ids.keys().filter(|id| seen.contains_key(*id)).count());
+        // Measure from a clean slate.
+        receiver.take_callbacks();
     }
-    drop(progress);
+
+    let warmup_attempts = function.map_or(0, |function| to_u64(function.received()));
+    let submitted = drive(opts, "submit", submit()).await?;
+    let submit_times: HashMap<String, Instant> = submitted.call_ids.into_iter().collect();
+    await_callbacks(&submit_times, opts.callback_timeout, &mut target, receiver).await?;
 
     let callbacks = receiver.callbacks();
+    let stub_body;
+    let expected_body = match (&opts.external, opts.response_bytes) {
+        (Some(_), _) => None,
+        (None, Some(n)) => {
+            stub_body = vec![b'r'; n];
+            Some(stub_body.as_slice())
+        }
+        (None, None) => Some(&body[..]),
+    };
     let audit = audit_callbacks(
         &submit_times,
         &callbacks,
         &Expectations {
-            function: FUNCTION,
-            body: Some(body),
+            function: &opts.function,
+            body: expected_body,
+            failures_allowed: opts.external.is_some() || opts.faults.any(),
         },
     );
     let end_to_end = end_to_end_figures(&audit, submitted.started)?;
-    Ok((submitted.phase, end_to_end))
+    Ok(AsyncPath {
+        warmup,
+        warmup_attempts,
+        accept: submitted.phase,
+        end_to_end,
+    })
+}
+
+/// Waits until every call of `submitted` was called back, or `timeout`.
+async fn await_callbacks(
+    submitted: &HashMap<String, Instant>,
+    timeout: Duration,
+    target: &mut Target<'_>,
+    receiver: &CallbackReceiver,
+) -> Result<(), BenchError> {
+    let deadline = Instant::now() + timeout;
+    let _progress = Progress::start("callbacks", submitted.len(), receiver.counter());
+    loop {
+        if let Some(system) = target.system.as_deref_mut() {
+            system.check_running()?;
+        }
+        if receiver.count() >= submitted.len() {
+            let seen = receiver.count_by_call_id();
+            if submitted.keys().all(|id| seen.contains_key(id)) {
+                return Ok(());
+            }
+        }
+        if Instant::now() >= deadline {
+            return Ok(());
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
 }
 
 /// The `end_to_end` figures of an audit, for calls submitted from `started`.
 pub fn end_to_end_figures(audit: &CallbackAudit, started: Instant) -> Result<EndToEnd, BenchError> {
+    // The stub stamps Unix times; place the harness's instants on that clock.
+    let (now, now_unix) = (Instant::now(), unix_nanos());
+    let unix_of =
+        |instant: Instant| now_unix.saturating_sub(nanos(now.saturating_duration_since(instant)));
     let mut latencies = Vec::with_capacity(audit.arrivals.len());
     let mut function_times = Vec::with_capacity(audit.arrivals.len());
+    let mut queue_waits = Vec::with_capacity(audit.arrivals.len());
+    let mut callback_times = Vec::with_capacity(audit.arrivals.len());
     let mut last_arrival = started;
     for arrival in &audit.arrivals {
         latencies.push(micros(
@@ -872,6 +1354,12 @@ pub fn end_to_end_figures(audit: &CallbackAudit, started: Instant) -> Result<End
         ));
         if let Some(time) = arrival.function_time {
             function_times.push(micros(time));
+        }
+        if let Some(invoked) = arrival.invoked_at {
+            queue_waits.push(invoked.saturating_sub(unix_of(arrival.submitted)) / 1000);
+        }
+        if let Some(answered) = arrival.answered_at {
+            callback_times.push(unix_of(arrival.arrived).saturating_sub(answered) / 1000);
         }
         last_arrival = last_arrival.max(arrival.arrived);
     }
@@ -890,6 +1378,9 @@ pub fn end_to_end_figures(audit: &CallbackAudit, started: Instant) -> Result<End
         rate_per_sec: rate_of(audit.completed, seconds),
         latency_us: percentiles(&latencies)?,
         function_time_us: percentiles(&function_times)?,
+        queue_wait_us: percentiles(&queue_waits)?,
+        callback_time_us: percentiles(&callback_times)?,
+        results: audit.results.clone(),
     })
 }
 
@@ -915,7 +1406,7 @@ where
     Fut: Future<Output = Result<Option<String>, String>> + Send + 'static,
 {
     let done = Arc::new(AtomicUsize::new(0));
-    let _progress = Progress::start(phase, opts.calls, {
+    let _progress = Progress::start(phase, opts.measured_calls(), {
         let done = Arc::clone(&done);
         move || done.load(Ordering::Relaxed)
     });
@@ -928,8 +1419,11 @@ where
         }
     };
     match opts.rate {
-        Some(rate) => open_loop_phase(opts.calls, rate, op).await,
-        None => closed_loop(opts.calls, opts.concurrency, op).await,
+        Some(rate) => open_loop_phase(opts.measured_calls(), rate, op).await,
+        None => {
+            let deadline = opts.duration.map(|duration| Instant::now() + duration);
+            closed_loop(opts.calls, opts.concurrency, deadline, op).await
+        }
     }
 }
 
@@ -1008,10 +1502,7 @@ where
                     total.call_ids.push((call_id, intended.into_std()));
                 }
             }
-            Err(err) => {
-                total.failed += 1;
-                total.first_error.get_or_insert(err);
-            }
+            Err(err) => total.fail(err),
         }
     }
     let seconds = finished.saturating_duration_since(started).as_secs_f64();
@@ -1024,11 +1515,20 @@ struct TaskTally {
     ok: u64,
     failed: u64,
     first_error: Option<String>,
+    errors: BTreeMap<String, u64>,
     latencies: Vec<u64>,
     call_ids: Vec<(String, Instant)>,
 }
 
 impl TaskTally {
+    /// Counts a failure, by its kind: the text before the first `": "`.
+    fn fail(&mut self, err: String) {
+        self.failed += 1;
+        let kind = err.split(": ").next().unwrap_or_default();
+        *self.errors.entry(kind.to_owned()).or_insert(0) += 1;
+        self.first_error.get_or_insert(err);
+    }
+
     /// The phase's figures, `seconds` after `started`.
     fn into_result(self, started: Instant, seconds: f64) -> Result<LoopResult, BenchError> {
         Ok(LoopResult {
@@ -1037,6 +1537,7 @@ impl TaskTally {
                 ok: self.ok,
                 failed: self.failed,
                 first_error: self.first_error,
+                errors: self.errors,
                 seconds,
                 rate_per_sec: rate_of(self.ok, seconds),
                 latency_us: percentiles(&self.latencies)?,
@@ -1048,11 +1549,13 @@ impl TaskTally {
 }
 
 /// Runs `op(i)` for `i` in `0..calls` on `concurrency` tasks, each starting
-/// its next operation when the previous one finished. `op` returns an
-/// optional call id on success, a description on failure.
+/// its next operation when the previous one finished, none after `deadline`.
+/// `op` returns an optional call id on success, a description on failure
+/// (`"kind: detail"`).
 async fn closed_loop<F, Fut>(
     calls: usize,
     concurrency: usize,
+    deadline: Option<Instant>,
     op: F,
 ) -> Result<LoopResult, BenchError>
 where
@@ -1072,6 +1575,9 @@ where
                 ..TaskTally::default()
             };
             loop {
+                if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+                    break;
+                }
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= calls {
                     break;
@@ -1085,10 +1591,7 @@ where
                             tally.call_ids.push((call_id, start));
                         }
                     }
-                    Err(err) => {
-                        tally.failed += 1;
-                        tally.first_error.get_or_insert(err);
-                    }
+                    Err(err) => tally.fail(err),
                 }
             }
             tally
@@ -1102,6 +1605,9 @@ where
         if total.first_error.is_none() {
             total.first_error = tally.first_error;
         }
+        for (kind, n) in tally.errors {
+            *total.errors.entry(kind).or_insert(0) += n;
+        }
         total.latencies.extend(tally.latencies);
         total.call_ids.extend(tally.call_ids);
     }
@@ -1109,15 +1615,41 @@ where
     total.into_result(started, seconds)
 }
 
+/// `Err("status NNN: ...")` unless the response has the `expected` status.
 fn expect_status(response: &reqwest::Response, expected: StatusCode) -> Result<(), String> {
     if response.status() == expected {
         Ok(())
     } else {
         Err(format!(
-            "answered {}, expected {expected}",
+            "status {}: answered {}, expected {expected}",
+            response.status().as_u16(),
             response.status()
         ))
     }
+}
+
+/// A failed request as `"kind: detail"` (`timeout`, `connect`, `transport`).
+#[expect(clippy::needless_pass_by_value, reason = "the shape `map_err` calls")]
+fn request_error(err: reqwest::Error) -> String {
+    let kind = if err.is_timeout() {
+        "timeout"
+    } else if err.is_connect() {
+        "connect"
+    } else {
+        "transport"
+    };
+    format!("{kind}: {err}")
+}
+
+/// Now as Unix time in nanoseconds.
+fn unix_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, nanos)
+}
+
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
 
 fn percentiles(micros: &[u64]) -> Result<Latency, BenchError> {
@@ -1208,6 +1740,7 @@ mod tests {
             Scenario::Throughput,
             Scenario::LatencyAtRate,
             Scenario::LongRunning,
+            Scenario::Faults,
         ] {
             let opts = scenario.options();
             assert!(opts.validate().is_ok(), "{scenario:?}: {opts:?}");

@@ -32,7 +32,10 @@ pub mod sut;
 
 pub use nats_server::{NatsServer, nats_server_binary};
 pub use open_loop::{Timed, open_loop};
-pub use stub::{CallbackReceiver, RecordedCallback, RecordedRequest, StubBehavior, StubFunction};
+pub use stub::{
+    ANSWERED_AT_HEADER, CallbackReceiver, Fault, FaultMix, INVOKED_AT_HEADER, RecordedCallback,
+    RecordedRequest, StubBehavior, StubFunction,
+};
 
 /// Errors raised while setting up or driving the test components.
 #[derive(Debug, thiserror::Error)]

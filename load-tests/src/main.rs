@@ -4,8 +4,10 @@
 //!   OpenFaaS gateway a worker invokes (`/function/{name}`).
 //! - `receiver`: a callback receiver on a fixed address that prints one line
 //!   per callback.
-//! - `bench`: a self-contained benchmark of gateway + worker on loopback
-//!   against raw HTTP and raw JetStream baselines (see `load_tests::bench`).
+//! - `bench` (also the default without a subcommand): the load test, against
+//!   a system it starts itself (`--self-contained`, the default) or an
+//!   existing deployment (`--gateway-url`), with raw HTTP and raw JetStream
+//!   baselines measured in the same run (see `load_tests::bench`).
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
@@ -15,43 +17,68 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::builder::RangedU64ValueParser;
 use clap::{Parser, Subcommand};
-use load_tests::bench::{self, BenchOptions, Scenario};
+use load_tests::bench::{self, BenchOptions, ExternalTarget, Scenario};
 use load_tests::sut::Backend;
-use load_tests::{CallbackReceiver, RecordedCallback, StubBehavior, StubFunction};
+use load_tests::{CallbackReceiver, FaultMix, RecordedCallback, StubBehavior, StubFunction};
 use queue_worker::config::parse_duration;
 use queue_worker::signal::shutdown_signal;
 
 /// Longest body the receiver prints.
 const MAX_PRINTED_BODY: usize = 200;
 
-/// Developer tools for the async path: an echo function, a callback receiver
-/// and a self-contained benchmark.
+/// Load tests for the async path: a benchmark that checks every callback
+/// (the default command), an echo function and a callback receiver.
 #[derive(Debug, Parser)]
-#[command(name = "load-tests", version)]
+#[command(name = "load-tests", version, args_conflicts_with_subcommands = true)]
 struct Cli {
     /// Log filter for stderr in `tracing` syntax (`warn`, `info`,
     /// `gateway_plugin=debug`).
     #[arg(long, global = true, env = "LOAD_TESTS_LOG", default_value = "warn")]
     log_level: String,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    /// Without a subcommand: `bench` with these arguments.
+    #[command(flatten)]
+    bench: BenchArgs,
+}
+
+/// Faults a stub function injects, as shares of attempts (0 to 1).
+#[derive(Debug, clap::Args)]
+struct FaultArgs {
+    /// Share of attempts answered `429` with `Retry-After: 1`.
+    #[arg(long = "fault-429", value_parser = parse_share)]
+    too_many_requests: Option<f64>,
+    /// Share of attempts answered `503`.
+    #[arg(long = "fault-503", value_parser = parse_share)]
+    unavailable: Option<f64>,
+    /// Share of attempts answered `500`.
+    #[arg(long = "fault-500", value_parser = parse_share)]
+    internal_error: Option<f64>,
+    /// Share of attempts never answered (held until the caller gives up).
+    #[arg(long = "fault-hang", value_parser = parse_share)]
+    hang: Option<f64>,
+}
+
+impl FaultArgs {
+    /// The mix, each share unset taken from `base`.
+    fn over(&self, base: FaultMix) -> FaultMix {
+        FaultMix {
+            too_many_requests: self.too_many_requests.unwrap_or(base.too_many_requests),
+            unavailable: self.unavailable.unwrap_or(base.unavailable),
+            internal_error: self.internal_error.unwrap_or(base.internal_error),
+            hang: self.hang.unwrap_or(base.hang),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve an echo function on a fixed address until Ctrl-C/SIGTERM: any
     /// request (e.g. `POST /function/{name}`) is answered with its own body.
-    Function {
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:8081")]
-        listen: SocketAddr,
-        /// How long each request is held before it is answered.
-        #[arg(long, default_value = "0ms", value_parser = parse_duration)]
-        delay: Duration,
-        /// Status code of every answer.
-        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u16).range(100..=599))]
-        status: u16,
-    },
+    /// Its answers carry when it was invoked and when it answered, which is
+    /// how `bench --gateway-url` splits end-to-end time when this is the
+    /// function it calls.
+    Function(FunctionArgs),
     /// Receive callbacks on a fixed address (any path) until Ctrl-C/SIGTERM,
     /// printing one line per callback.
     Receiver {
@@ -59,18 +86,73 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8082")]
         listen: SocketAddr,
     },
-    /// Benchmark gateway + worker on loopback against raw HTTP and raw
-    /// JetStream baselines, with a private nats-server. Exits non-zero if a
-    /// call was refused, lost or returned a bad result.
-    Bench(BenchArgs),
+    /// Load the async path and check every callback, with raw HTTP and raw
+    /// JetStream baselines measured in the same run. Exits non-zero if a call
+    /// was refused, lost, duplicated or returned a bad result.
+    Bench(Box<BenchArgs>),
+}
+
+#[derive(Debug, clap::Args)]
+struct FunctionArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    listen: SocketAddr,
+    /// How long each request is held before it is answered (the median when
+    /// --delay-p99 is given).
+    #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+    delay: Duration,
+    /// Draw each request's time from a log-normal distribution with median
+    /// --delay and this 99th percentile.
+    #[arg(long, value_parser = parse_duration)]
+    delay_p99: Option<Duration>,
+    /// Status code of every answer.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u16).range(100..=599))]
+    status: u16,
+    /// Answer this many bytes instead of echoing the request body.
+    #[arg(long, value_parser = RangedU64ValueParser::<usize>::new().range(0..=bench::MAX_BODY_BYTES as u64))]
+    response_bytes: Option<usize>,
+    #[command(flatten)]
+    faults: FaultArgs,
 }
 
 #[derive(Debug, clap::Args)]
 struct BenchArgs {
-    /// A named benchmark whose options the flags below override:
-    /// `throughput`, `latency-at-rate`, `long-running`.
+    /// A named benchmark whose options the flags below override.
     #[arg(long, value_enum)]
     scenario: Option<Scenario>,
+    /// Start the system under test (nats-server, gateway, worker, stub
+    /// function) as local processes and tear it down after: the default
+    /// without --gateway-url.
+    #[arg(long, conflicts_with = "gateway_url")]
+    self_contained: bool,
+    /// Load an existing deployment through this gateway URL instead; needs
+    /// --callback-listen. The stub-function and worker flags do not apply.
+    #[arg(long, requires = "callback_listen")]
+    gateway_url: Option<String>,
+    /// With --gateway-url: where the callback receiver listens.
+    #[arg(long, requires = "gateway_url")]
+    callback_listen: Option<SocketAddr>,
+    /// With --gateway-url: the X-Callback-Url the workers reach the receiver
+    /// at [default: http://<callback-listen>/callback].
+    #[arg(long, requires = "gateway_url")]
+    callback_url: Option<String>,
+    /// With --gateway-url: the deployment's NATS, for the JetStream baselines
+    /// (a stream LOAD_TESTS_BASELINE is created there and deleted); without
+    /// it they are skipped.
+    #[arg(long, requires = "gateway_url")]
+    nats_url: Option<String>,
+    /// The function the calls go to [default: bench].
+    #[arg(long)]
+    function: Option<String>,
+    /// Requests sent before each measured phase and left out of its figures
+    /// (warm-up calls must be called back too) [default: 200; 0 for
+    /// long-running].
+    #[arg(long, value_parser = RangedU64ValueParser::<usize>::new().range(0..=bench::MAX_CALLS as u64))]
+    warmup: Option<usize>,
+    /// Stop sending a phase's requests after this long, even if fewer than
+    /// --calls were sent.
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
     /// Requests per phase [default: 5000].
     #[arg(long, value_parser = RangedU64ValueParser::<usize>::new().range(1..=bench::MAX_CALLS as u64))]
     calls: Option<usize>,
@@ -89,9 +171,23 @@ struct BenchArgs {
     /// Size of each request body and published message [default: 64].
     #[arg(long, value_parser = RangedU64ValueParser::<usize>::new().range(0..=bench::MAX_BODY_BYTES as u64))]
     body_bytes: Option<usize>,
-    /// How long the stub function holds each call [default: 0s].
+    /// How long the stub function holds each call; the median when
+    /// --function-delay-p99 is given [default: 0s].
     #[arg(long, value_parser = parse_duration)]
     function_delay: Option<Duration>,
+    /// Draw the stub function's time per attempt from a log-normal
+    /// distribution with median --function-delay and this 99th percentile.
+    #[arg(long, value_parser = parse_duration)]
+    function_delay_p99: Option<Duration>,
+    /// The stub function answers this many bytes instead of echoing the body.
+    #[arg(long, value_parser = RangedU64ValueParser::<usize>::new().range(0..=bench::MAX_BODY_BYTES as u64))]
+    response_bytes: Option<usize>,
+    #[command(flatten)]
+    faults: FaultArgs,
+    /// An extra argument for the worker process, repeatable
+    /// (`--worker-arg=--upstream-timeout=2s`).
+    #[arg(long = "worker-arg", allow_hyphen_values = true)]
+    worker_args: Vec<String>,
     /// Hard limit on the whole run; exceeding it aborts with an error
     /// [default: 5m].
     #[arg(long, value_parser = parse_duration)]
@@ -127,24 +223,30 @@ async fn main() -> anyhow::Result<ExitCode> {
         .map_err(|e| anyhow::anyhow!("cannot install logger: {e}"))?;
 
     match cli.command {
-        Command::Function {
-            listen,
-            delay,
-            status,
-        } => serve_function(listen, delay, status).await,
-        Command::Receiver { listen } => serve_receiver(listen).await,
-        Command::Bench(args) => run_bench(args).await,
+        Some(Command::Function(args)) => serve_function(args).await,
+        Some(Command::Receiver { listen }) => serve_receiver(listen).await,
+        Some(Command::Bench(args)) => run_bench(*args).await,
+        None => run_bench(cli.bench).await,
     }
 }
 
-async fn serve_function(
-    listen: SocketAddr,
-    delay: Duration,
-    status: u16,
-) -> anyhow::Result<ExitCode> {
+async fn serve_function(args: FunctionArgs) -> anyhow::Result<ExitCode> {
+    let FunctionArgs {
+        listen,
+        delay,
+        delay_p99,
+        status,
+        response_bytes,
+        faults,
+    } = args;
+    let faults = faults.over(FaultMix::default());
+    faults.validate().map_err(anyhow::Error::msg)?;
     let behavior = StubBehavior {
         delay,
+        delay_p99,
         status,
+        response_bytes,
+        faults,
         ..StubBehavior::default()
     };
     let function = StubFunction::start_on(listen, behavior)
@@ -229,7 +331,29 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         backend: args.backend,
         bin_dir: args.bin_dir,
         receiver_fault: None,
+        warmup: args.warmup.unwrap_or(base.warmup),
+        duration: args.duration.or(base.duration),
+        function: args.function.unwrap_or(base.function),
+        function_delay_p99: args.function_delay_p99.or(base.function_delay_p99),
+        response_bytes: args.response_bytes.or(base.response_bytes),
+        faults: args.faults.over(base.faults),
+        worker_args: if args.worker_args.is_empty() {
+            base.worker_args
+        } else {
+            args.worker_args
+        },
+        external: args.gateway_url.map(|gateway_url| ExternalTarget {
+            gateway_url,
+            // clap requires it with --gateway-url.
+            callback_listen: args
+                .callback_listen
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+            callback_url: args.callback_url,
+            nats_url: args.nats_url,
+        }),
     };
+    // The self-contained system is the default; the flag only says so.
+    let _ = args.self_contained;
     let report = bench::run(&opts).await.context("bench failed")?;
     let mut out = std::io::stdout().lock();
     if args.json {
@@ -253,6 +377,18 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         report.end_to_end.bad_headers
     );
     Ok(ExitCode::FAILURE)
+}
+
+/// A share of attempts: a number from 0 to 1.
+fn parse_share(value: &str) -> Result<f64, String> {
+    let share: f64 = value
+        .parse()
+        .map_err(|e| format!("not a number from 0 to 1: {e}"))?;
+    if (0.0..=1.0).contains(&share) {
+        Ok(share)
+    } else {
+        Err(format!("must be from 0 to 1, not {share}"))
+    }
 }
 
 /// A `--rate`: a positive, finite number of requests per second up to

@@ -52,7 +52,101 @@ pub struct StubBehavior {
     /// Share of calls (chosen by a hash of the call id, so the same calls every time) whose
     /// first attempts fail; 1.0 = every call.
     pub fail_fraction: f64,
+    /// When set, each request is held for a time drawn from a log-normal distribution whose
+    /// median is [`StubBehavior::delay`] and whose 99th percentile is this (a long tail, as
+    /// real functions have); `None` holds every request exactly `delay`.
+    pub delay_p99: Option<Duration>,
+    /// When set, a successful answer carries this many bytes instead of the request body.
+    pub response_bytes: Option<usize>,
+    /// Random faults drawn per attempt, independently of `fail_first`.
+    pub faults: FaultMix,
 }
+
+/// Shares of attempts (each 0.0..=1.0, summing to at most 1.0) that a [`StubFunction`] answers
+/// with a fault instead of its normal answer, drawn at random per attempt, so that a retry
+/// of the same call can succeed.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct FaultMix {
+    /// `429 Too Many Requests` with `Retry-After: 1`.
+    pub too_many_requests: f64,
+    /// `503 Service Unavailable`.
+    pub unavailable: f64,
+    /// `500 Internal Server Error`.
+    pub internal_error: f64,
+    /// No answer: the request is held until the client gives up (its timeout).
+    pub hang: f64,
+}
+
+/// The fault a [`FaultMix`] draws for one attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Answer with this status (and `Retry-After: 1` for 429).
+    Status(u16),
+    /// Never answer.
+    Hang,
+}
+
+impl FaultMix {
+    /// The sum of the shares.
+    pub fn total(&self) -> f64 {
+        self.too_many_requests + self.unavailable + self.internal_error + self.hang
+    }
+
+    /// Whether any fault is injected.
+    pub fn any(&self) -> bool {
+        self.total() > 0.0
+    }
+
+    /// Checks that every share is within 0..=1 and that they sum to at most 1.
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, share) in [
+            ("429", self.too_many_requests),
+            ("503", self.unavailable),
+            ("500", self.internal_error),
+            ("hang", self.hang),
+        ] {
+            if !(0.0..=1.0).contains(&share) {
+                return Err(format!(
+                    "the {name} share must be within 0..=1, not {share}"
+                ));
+            }
+        }
+        if self.total() > 1.0 + f64::EPSILON {
+            return Err(format!("fault shares sum to {}, more than 1", self.total()));
+        }
+        Ok(())
+    }
+
+    /// The fault for a uniform draw `u` in `0..1`, if any.
+    pub fn pick(&self, u: f64) -> Option<Fault> {
+        let mut bound = 0.0;
+        for (share, fault) in [
+            (self.too_many_requests, Fault::Status(429)),
+            (self.unavailable, Fault::Status(503)),
+            (self.internal_error, Fault::Status(500)),
+            (self.hang, Fault::Hang),
+        ] {
+            bound += share;
+            if u < bound {
+                return Some(fault);
+            }
+        }
+        None
+    }
+}
+
+/// Header of every [`StubFunction`] answer: when the request arrived, Unix time in nanoseconds.
+/// The worker forwards function headers in the callback, which is how the bench splits the
+/// end-to-end time into queue wait, function time and callback time.
+pub const INVOKED_AT_HEADER: &str = "x-load-tests-invoked-at";
+/// Header of every [`StubFunction`] answer: when the answer was sent, Unix time in nanoseconds.
+pub const ANSWERED_AT_HEADER: &str = "x-load-tests-answered-at";
+/// How long a hanging attempt is held at most (the client gives up long before).
+const HANG_FOR: Duration = Duration::from_secs(3600);
+/// Longest delay a log-normal draw may produce.
+const MAX_DRAWN_DELAY: Duration = Duration::from_secs(3600);
+/// The standard normal quantile of 0.99.
+const Z_99: f64 = 2.326_347_874;
 
 impl Default for StubBehavior {
     fn default() -> Self {
@@ -65,11 +159,30 @@ impl Default for StubBehavior {
             fail_status: 503,
             fail_headers: Vec::new(),
             fail_fraction: 1.0,
+            delay_p99: None,
+            response_bytes: None,
+            faults: FaultMix::default(),
         }
     }
 }
 
 impl StubBehavior {
+    /// How long to hold one request: `delay`, or a log-normal draw (see
+    /// [`StubBehavior::delay_p99`]).
+    pub fn draw_delay(&self) -> Duration {
+        let Some(p99) = self.delay_p99.filter(|p99| *p99 > self.delay) else {
+            return self.delay;
+        };
+        if self.delay.is_zero() {
+            return self.delay;
+        }
+        let sigma = (p99.as_secs_f64() / self.delay.as_secs_f64()).ln() / Z_99;
+        let drawn = self.delay.as_secs_f64() * (sigma * standard_normal()).exp();
+        Duration::try_from_secs_f64(drawn)
+            .unwrap_or(MAX_DRAWN_DELAY)
+            .min(MAX_DRAWN_DELAY)
+    }
+
     /// Does attempt `attempt` (1-based) of call `call_id` fail?
     fn fails(&self, call_id: Option<&str>, attempt: u32) -> bool {
         if self.fail_first == 0 || attempt > self.fail_first {
@@ -160,6 +273,8 @@ struct StubState {
     attempts: Mutex<std::collections::HashMap<String, u32>>,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
+    /// Requests received, recorded or not.
+    received: AtomicUsize,
 }
 
 impl StubFunction {
@@ -226,6 +341,12 @@ impl StubFunction {
             .count()
     }
 
+    /// How many requests arrived so far, whether recorded or not (each retry
+    /// is one).
+    pub fn received(&self) -> usize {
+        self.state.received.load(Ordering::SeqCst)
+    }
+
     /// The highest number of requests handled at the same time so far.
     pub fn max_in_flight(&self) -> usize {
         self.state.max_in_flight.load(Ordering::SeqCst)
@@ -244,6 +365,7 @@ impl StubFunction {
 
 async fn stub_handler(State(state): State<Arc<StubState>>, request: Request) -> Response {
     let in_flight = InFlight::enter(&state);
+    state.received.fetch_add(1, Ordering::SeqCst);
     let behavior = lock(&state.behavior).clone();
     let (parts, body) = request.into_parts();
     let body = match axum::body::to_bytes(body, usize::MAX).await {
@@ -274,24 +396,39 @@ async fn stub_handler(State(state): State<Arc<StubState>>, request: Request) -> 
             received_at,
         });
     }
-    if !behavior.delay.is_zero() {
-        tokio::time::sleep(behavior.delay).await;
+    let invoked_at = unix_nanos();
+    let fault = if failing || !behavior.faults.any() {
+        None
+    } else {
+        behavior.faults.pick(fastrand::f64())
+    };
+    if fault == Some(Fault::Hang) {
+        tokio::time::sleep(HANG_FOR).await;
+    }
+    let delay = behavior.draw_delay();
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
     }
     drop(in_flight);
 
-    let mut response = Response::new(if behavior.echo_body && !failing {
-        Body::from(body)
-    } else {
-        Body::empty()
+    let succeeds = !failing && fault.is_none();
+    let mut response = Response::new(match (succeeds, behavior.response_bytes) {
+        (true, Some(n)) => Body::from(vec![b'r'; n]),
+        (true, None) if behavior.echo_body => Body::from(body),
+        _ => Body::empty(),
     });
-    let (status, extra_headers) = if failing {
-        (behavior.fail_status, &behavior.fail_headers)
-    } else {
-        (behavior.status, &behavior.response_headers)
+    let retry_after = [("retry-after".to_owned(), "1".to_owned())];
+    let (status, extra_headers) = match fault {
+        _ if failing => (behavior.fail_status, behavior.fail_headers.as_slice()),
+        Some(Fault::Status(429)) => (429, retry_after.as_slice()),
+        Some(Fault::Status(status)) => (status, &[][..]),
+        _ => (behavior.status, behavior.response_headers.as_slice()),
     };
     *response.status_mut() =
         StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let headers = response.headers_mut();
+    headers.insert(INVOKED_AT_HEADER, HeaderValue::from(invoked_at));
+    headers.insert(ANSWERED_AT_HEADER, HeaderValue::from(unix_nanos()));
     for (name, value) in extra_headers {
         match (HeaderName::try_from(name), HeaderValue::try_from(value)) {
             (Ok(name), Ok(value)) => {
@@ -304,6 +441,23 @@ async fn stub_handler(State(state): State<Arc<StubState>>, request: Request) -> 
         headers.insert("x-stub-method", method);
     }
     response
+}
+
+/// Now as Unix time in nanoseconds (0 before 1970, which does not happen).
+fn unix_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| {
+            u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
+        })
+}
+
+/// A standard normal draw (Box-Muller).
+fn standard_normal() -> f64 {
+    // 1 - f64() is in (0, 1], so the logarithm is finite.
+    let u1 = 1.0 - fastrand::f64();
+    let u2 = fastrand::f64();
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
 }
 
 /// Counts a request as in flight for as long as it lives, so that requests

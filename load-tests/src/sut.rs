@@ -71,6 +71,9 @@ pub struct SutOptions {
     pub function_url: String,
     /// The NATS URL of the JetStream backend.
     pub nats_url: String,
+    /// Extra arguments for the worker (the `faas-async` process of the
+    /// embedded backend), after the harness's own.
+    pub worker_args: Vec<String>,
 }
 
 /// A running child process of the system under test.
@@ -135,6 +138,7 @@ impl SystemUnderTest {
                         "--log-level",
                         "warn",
                     ],
+                    &[],
                 )?;
                 let mut system = Self {
                     gateway_url: format!("http://{gateway_addr}"),
@@ -164,6 +168,7 @@ impl SystemUnderTest {
                         "--log-level",
                         "warn",
                     ],
+                    &opts.worker_args,
                 )?;
                 system.processes.push(worker);
                 system.wait_worker_ready(&opts.nats_url).await?;
@@ -195,6 +200,7 @@ impl SystemUnderTest {
                         "--log-level",
                         "warn",
                     ],
+                    &opts.worker_args,
                 )?;
                 let mut system = Self {
                     gateway_url: format!("http://{gateway_addr}"),
@@ -343,9 +349,15 @@ fn free_port() -> Result<SocketAddr, BenchError> {
         .map_err(|e| BenchError::setup("finding a free port", e))
 }
 
-fn spawn(name: &'static str, binary: &Path, args: &[&str]) -> Result<Process, BenchError> {
+fn spawn(
+    name: &'static str,
+    binary: &Path,
+    args: &[&str],
+    extra_args: &[String],
+) -> Result<Process, BenchError> {
     let child = Command::new(binary)
         .args(args)
+        .args(extra_args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())

@@ -25,6 +25,8 @@ async fn a_lossy_duplicating_receiver_is_reported_as_such() {
         callback_timeout: Duration::from_secs(3),
         backend: load_tests::sut::Backend::Embedded,
         receiver_fault: Some((10, 7)),
+        // The fault counts every callback: warm-up callbacks would shift it.
+        warmup: 0,
         ..BenchOptions::default()
     };
     let report = bench::run(&opts).await.expect("bench run");
@@ -47,17 +49,28 @@ async fn small_bench_on_the_embedded_queue_completes_every_call() {
         time_limit: Duration::from_secs(120),
         callback_timeout: Duration::from_secs(30),
         backend: load_tests::sut::Backend::Embedded,
+        warmup: 30,
         ..BenchOptions::default()
     };
     let report = bench::run(&opts).await.expect("bench run");
     let table = report.to_table();
+    // The warm-up went through and was called back, and is left out of the figures.
+    assert_eq!(report.warmup.requests, 30, "{table}");
+    assert_eq!(report.warmup.accepted, 30, "{table}");
+    assert_eq!(report.warmup.completed, 30, "{table}");
+    assert_eq!(report.accept.sent, 200, "{table}");
+    assert_eq!(
+        report.stub.as_ref().map(|s| s.attempts),
+        Some(200),
+        "{table}"
+    );
     assert_eq!(report.accept.ok, 200, "{table}");
     assert_eq!(report.end_to_end.completed, 200, "{table}");
     assert_eq!(report.end_to_end.lost, 0, "{table}");
     assert_eq!(report.end_to_end.bad_results, 0, "{table}");
     assert!(report.is_clean(), "{table}");
     let json: serde_json::Value = serde_json::to_value(&report).unwrap();
-    assert_eq!(json["backend"], "embedded");
+    assert_eq!(json["target"], "embedded");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -68,15 +81,17 @@ async fn small_bench_completes_every_call() {
         max_inflight: 32,
         time_limit: Duration::from_secs(120),
         callback_timeout: Duration::from_secs(30),
+        warmup: 0,
         ..BenchOptions::default()
     };
     let report = bench::run(&opts).await.expect("bench run");
     let table = report.to_table();
 
     assert_eq!(report.calls, 200);
+    let publish = report.baseline_js_publish.as_ref().expect("measured");
     for (name, phase) in [
         ("baseline_http", &report.baseline_http),
-        ("baseline_js_publish", &report.baseline_js_publish),
+        ("baseline_js_publish", publish),
         ("accept", &report.accept),
     ] {
         assert_eq!(phase.sent, 200, "{name}\n{table}");
@@ -107,13 +122,16 @@ async fn small_bench_completes_every_call() {
     );
     assert!(report.ratios.accept_vs_baseline_http > 0.0, "{table}");
     assert!(report.ratios.end_to_end_vs_baseline_http > 0.0, "{table}");
-    assert!(report.ratios.accept_vs_baseline_js_publish > 0.0, "{table}");
+    assert!(
+        report.ratios.accept_vs_baseline_js_publish > Some(0.0),
+        "{table}"
+    );
     // Every published message was pulled and acked.
-    let pull = &report.baseline_js_pull_ack;
+    let pull = report.baseline_js_pull_ack.as_ref().expect("measured");
     assert_eq!(pull.ok, 200, "{:?}\n{table}", pull.first_error);
     assert!(pull.rate_per_sec > 0.0, "{table}");
     assert!(
-        report.ratios.end_to_end_vs_baseline_js_pull_ack > 0.0,
+        report.ratios.end_to_end_vs_baseline_js_pull_ack > Some(0.0),
         "{table}"
     );
     assert!(report.is_clean(), "{table}");
@@ -132,6 +150,15 @@ async fn small_bench_completes_every_call() {
     assert_eq!(e2e.unexpected, 0, "{table}");
     assert_eq!(e2e.bad_headers, 0, "{table}");
     assert!(e2e.function_time_us.max > 0, "{table}");
+    // End to end splits into queue wait, function and callback time (the stub stamps its
+    // answers): each is measured, and none exceeds the whole.
+    assert!(e2e.queue_wait_us.max > 0, "{table}");
+    assert!(e2e.callback_time_us.max > 0, "{table}");
+    assert!(e2e.queue_wait_us.p50 <= e2e.latency_us.max, "{table}");
+    assert!(e2e.callback_time_us.p50 <= e2e.latency_us.max, "{table}");
+    let results: Vec<(&str, u64)> = e2e.results.iter().map(|(k, n)| (k.as_str(), *n)).collect();
+    assert_eq!(results, [("200", 200)], "{table}");
+    assert!(report.accept.errors.is_empty(), "{table}");
 
     // The JSON form carries the same figures.
     let json: serde_json::Value = serde_json::to_value(&report).unwrap();
@@ -159,9 +186,10 @@ async fn small_open_loop_bench_completes_every_call() {
 
     assert_eq!(report.load_model, bench::LoadModel::Open, "{table}");
     assert!(table.contains("open loop at 200 req/s"), "{table}");
+    let publish = report.baseline_js_publish.as_ref().expect("measured");
     for (name, phase) in [
         ("baseline_http", &report.baseline_http),
-        ("baseline_js_publish", &report.baseline_js_publish),
+        ("baseline_js_publish", publish),
         ("accept", &report.accept),
     ] {
         assert_eq!(phase.sent, 200, "{name}\n{table}");
@@ -237,4 +265,142 @@ async fn missing_binaries_are_reported_with_the_build_command() {
         "{message}"
     );
     assert!(message.contains("gateway-plugin"), "{message}");
+}
+
+/// The `faults` scenario in small: a function that answers 429, 503 and 500 or hangs on a
+/// third of its attempts. The worker retries, every call is still called back exactly once,
+/// and the results are reported by kind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_faults_are_retried_and_every_call_is_called_back_once() {
+    let opts = BenchOptions {
+        calls: 200,
+        concurrency: 16,
+        max_inflight: 64,
+        time_limit: Duration::from_secs(240),
+        callback_timeout: Duration::from_secs(120),
+        backend: load_tests::sut::Backend::Embedded,
+        warmup: 0,
+        function_delay: Duration::from_millis(2),
+        function_delay_p99: Some(Duration::from_millis(20)),
+        faults: load_tests::FaultMix {
+            too_many_requests: 0.1,
+            unavailable: 0.1,
+            internal_error: 0.1,
+            hang: 0.03,
+        },
+        worker_args: [
+            "--upstream-timeout=1s",
+            "--retry-initial-wait=20ms",
+            "--retry-max-wait=200ms",
+            "--retry-max-attempts=8",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+        ..BenchOptions::default()
+    };
+    let report = bench::run(&opts).await.expect("bench run");
+    let table = report.to_table();
+    let e2e = &report.end_to_end;
+    assert_eq!(report.accept.ok, 200, "{table}");
+    assert_eq!(e2e.completed, 200, "{table}");
+    assert_eq!(e2e.lost, 0, "{table}");
+    assert_eq!(e2e.duplicates, 0, "{table}");
+    assert_eq!(e2e.bad_results, 0, "{table}");
+    assert!(report.is_clean(), "{table}");
+    // A third of 200 first attempts failing means retries (the chance of none is nil).
+    let attempts = report.stub.as_ref().map_or(0, |stub| stub.attempts);
+    assert!(attempts > 230, "{attempts} attempts\n{table}");
+    // Every result is a success or one of the injected failures, after 8 attempts.
+    assert_eq!(e2e.results.values().sum::<u64>(), 200, "{table}");
+    let succeeded = e2e.results.get("200").copied().unwrap_or(0);
+    assert!(succeeded >= 195, "{table}");
+    for kind in e2e.results.keys() {
+        assert!(
+            ["200", "429", "503", "500", "503 timeout"].contains(&kind.as_str()),
+            "unexpected result {kind:?}\n{table}"
+        );
+    }
+    assert!(table.contains("results by kind: 200: "), "{table}");
+}
+
+/// `--gateway-url`: the harness loads a deployment it did not start (here an all-in-one
+/// server the test starts) and checks every callback on its own receiver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_external_target_is_loaded_through_its_gateway_url() {
+    let function = load_tests::StubFunction::start(load_tests::StubBehavior::default())
+        .await
+        .unwrap();
+    function.set_recording(false);
+    let system = load_tests::sut::SystemUnderTest::start(&load_tests::sut::SutOptions {
+        backend: load_tests::sut::Backend::Embedded,
+        bin_dir: None,
+        max_inflight: 32,
+        function_url: function.url(),
+        nats_url: String::new(),
+        worker_args: Vec::new(),
+    })
+    .await
+    .expect("start the deployment");
+    let opts = BenchOptions {
+        calls: 100,
+        concurrency: 8,
+        warmup: 10,
+        time_limit: Duration::from_secs(120),
+        callback_timeout: Duration::from_secs(30),
+        function: "external-echo".to_owned(),
+        external: Some(bench::ExternalTarget {
+            gateway_url: system.gateway_url.clone(),
+            callback_listen: "127.0.0.1:0".parse().unwrap(),
+            callback_url: None,
+            nats_url: None,
+        }),
+        ..BenchOptions::default()
+    };
+    let result = bench::run(&opts).await;
+    system.stop().await.expect("stop the deployment");
+    let report = result.expect("bench run");
+    let table = report.to_table();
+    assert_eq!(report.target, "external", "{table}");
+    assert_eq!(report.function, "external-echo", "{table}");
+    assert_eq!(report.accept.ok, 100, "{table}");
+    assert_eq!(report.end_to_end.completed, 100, "{table}");
+    assert_eq!(report.warmup.completed, 10, "{table}");
+    assert!(report.is_clean(), "{table}");
+    // Nothing of the deployment is measured or started by the harness.
+    assert!(report.baseline_js_publish.is_none(), "{table}");
+    assert!(
+        report.stub.is_none() && report.after_run.is_empty(),
+        "{table}"
+    );
+    assert!(table.contains("baseline_js_publish (skipped)"), "{table}");
+    // The function is a stub after all, so the breakdown is there.
+    assert!(report.end_to_end.queue_wait_us.max > 0, "{table}");
+    // 110 calls reached the function: none was the harness's own.
+    assert_eq!(function.received(), 110);
+}
+
+/// `--duration` ends a closed loop long before its call count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duration_bounds_a_closed_loop() {
+    let opts = BenchOptions {
+        calls: 1_000_000,
+        concurrency: 8,
+        duration: Some(Duration::from_secs(2)),
+        warmup: 0,
+        time_limit: Duration::from_secs(240),
+        callback_timeout: Duration::from_secs(60),
+        backend: load_tests::sut::Backend::Embedded,
+        ..BenchOptions::default()
+    };
+    let report = bench::run(&opts).await.expect("bench run");
+    let table = report.to_table();
+    assert!(report.cut_by_duration, "{table}");
+    for phase in [&report.baseline_http, &report.accept] {
+        assert!(phase.sent > 0 && phase.sent < 1_000_000, "{table}");
+        // Requests started within the duration end within their own timeout after it.
+        assert!(phase.seconds < 2.0 + 30.0, "{table}");
+    }
+    assert_eq!(report.end_to_end.completed, report.accept.ok, "{table}");
+    assert!(report.is_clean(), "{table}");
+    assert!(table.contains("cut short by --duration"), "{table}");
 }

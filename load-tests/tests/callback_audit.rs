@@ -73,6 +73,7 @@ async fn lost_duplicated_unexpected_and_malformed_callbacks_are_counted() {
         &Expectations {
             function: "bench",
             body: Some(BODY),
+            failures_allowed: false,
         },
     );
     let figures = end_to_end_figures(&audit, started).expect("figures");
@@ -132,6 +133,7 @@ async fn a_wrong_result_or_function_name_is_not_clean() {
         &Expectations {
             function: "bench",
             body: Some(BODY),
+            failures_allowed: false,
         },
     );
     assert_eq!(audit.completed, 2, "{audit:?}");
@@ -139,4 +141,24 @@ async fn a_wrong_result_or_function_name_is_not_clean() {
     assert_eq!(audit.bad_results, 1, "{audit:?}");
     assert_eq!(audit.bad_headers, 1, "{audit:?}");
     assert!(!audit.is_clean());
+
+    // Where failures are expected (injected faults), the 503 is a result, not a bad one;
+    // both results are counted by kind either way.
+    let tolerant = audit_callbacks(
+        &submitted,
+        &receiver.callbacks(),
+        &Expectations {
+            function: "bench",
+            body: Some(BODY),
+            failures_allowed: true,
+        },
+    );
+    assert_eq!(tolerant.bad_results, 0, "{tolerant:?}");
+    assert_eq!(tolerant.bad_headers, 1, "{tolerant:?}");
+    let results: Vec<(&str, u64)> = tolerant
+        .results
+        .iter()
+        .map(|(kind, n)| (kind.as_str(), *n))
+        .collect();
+    assert_eq!(results, [("200", 1), ("503", 1)], "{tolerant:?}");
 }
