@@ -836,6 +836,119 @@ mod tests {
         reqwest::Client::new()
     }
 
+    #[test]
+    fn a_fault_mix_draws_each_fault_in_its_share() {
+        let mix = FaultMix {
+            too_many_requests: 0.1,
+            unavailable: 0.2,
+            internal_error: 0.05,
+            hang: 0.05,
+        };
+        assert!(mix.validate().is_ok());
+        assert_eq!(mix.pick(0.05), Some(Fault::Status(429)));
+        assert_eq!(mix.pick(0.25), Some(Fault::Status(503)));
+        assert_eq!(mix.pick(0.33), Some(Fault::Status(500)));
+        assert_eq!(mix.pick(0.37), Some(Fault::Hang));
+        assert_eq!(mix.pick(0.40), None);
+        assert_eq!(FaultMix::default().pick(0.0), None);
+        let too_much = FaultMix {
+            unavailable: 0.7,
+            hang: 0.4,
+            ..FaultMix::default()
+        };
+        assert!(too_much.validate().is_err());
+        let negative = FaultMix {
+            hang: -0.1,
+            ..FaultMix::default()
+        };
+        assert!(negative.validate().is_err());
+    }
+
+    #[test]
+    fn log_normal_delays_have_the_median_and_tail_asked_for() {
+        let behavior = StubBehavior {
+            delay: Duration::from_millis(10),
+            delay_p99: Some(Duration::from_millis(100)),
+            ..StubBehavior::default()
+        };
+        let mut draws: Vec<Duration> = (0..20_000).map(|_| behavior.draw_delay()).collect();
+        draws.sort();
+        let (median, p99) = (draws[10_000], draws[19_800]);
+        // 20,000 draws pin the quantiles within a few percent; allow far more.
+        assert!(
+            (Duration::from_millis(9)..Duration::from_millis(11)).contains(&median),
+            "{median:?}"
+        );
+        assert!(
+            (Duration::from_millis(80)..Duration::from_millis(125)).contains(&p99),
+            "{p99:?}"
+        );
+        // Without a p99 the delay is fixed.
+        let fixed = StubBehavior {
+            delay: Duration::from_millis(10),
+            ..StubBehavior::default()
+        };
+        assert_eq!(fixed.draw_delay(), Duration::from_millis(10));
+    }
+
+    #[tokio::test]
+    async fn stub_injects_faults_per_attempt_and_stamps_its_answers() {
+        let stub = StubFunction::start(StubBehavior {
+            response_bytes: Some(1000),
+            faults: FaultMix {
+                unavailable: 0.3,
+                hang: 0.2,
+                ..FaultMix::default()
+            },
+            ..StubBehavior::default()
+        })
+        .await
+        .unwrap();
+        stub.set_recording(false);
+        let client = http_client();
+        let mut requests = JoinSet::new();
+        for _ in 0..400 {
+            // A hang is told from an answer by the client's timeout, far above an answer's time.
+            let request = client
+                .post(format!("{}/function/f", stub.url()))
+                .header("X-Call-Id", "same-call")
+                .body("in")
+                .timeout(Duration::from_secs(5))
+                .send();
+            requests.spawn(async move {
+                match request.await {
+                    Err(err) if err.is_timeout() => "hang".to_owned(),
+                    Err(err) => panic!("request failed: {err}"),
+                    Ok(response) => {
+                        let stamp = |name: &str| -> u64 {
+                            response.headers()[name].to_str().unwrap().parse().unwrap()
+                        };
+                        let (invoked, answered) =
+                            (stamp(INVOKED_AT_HEADER), stamp(ANSWERED_AT_HEADER));
+                        assert!(invoked > 0 && answered >= invoked);
+                        let status = response.status().as_u16();
+                        let body = response.bytes().await.unwrap();
+                        let expected_len = if status == 200 { 1000 } else { 0 };
+                        assert_eq!(body.len(), expected_len, "status {status}");
+                        status.to_string()
+                    }
+                }
+            });
+        }
+        let mut statuses: HashMap<String, usize> = HashMap::new();
+        while let Some(kind) = requests.join_next().await {
+            *statuses.entry(kind.unwrap()).or_insert(0) += 1;
+        }
+        // Binomial(400, p): each share lands within ±0.1 with overwhelming probability
+        // (more than 4 standard deviations).
+        #[allow(clippy::cast_precision_loss, reason = "small counts")]
+        let share = |kind: &str| statuses.get(kind).copied().unwrap_or(0) as f64 / 400.0;
+        assert!((0.2..0.4).contains(&share("503")), "{statuses:?}");
+        assert!((0.1..0.3).contains(&share("hang")), "{statuses:?}");
+        assert!((0.4..0.6).contains(&share("200")), "{statuses:?}");
+        assert_eq!(stub.received(), 400);
+    }
+
     #[tokio::test]
     async fn stub_records_echoes_and_follows_behavior() {
         let stub = StubFunction::start(StubBehavior::default()).await.unwrap();
