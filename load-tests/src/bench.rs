@@ -750,7 +750,10 @@ impl Report {
             "max µs"
         );
         let e2e = &self.end_to_end;
-        let mut row = |name: &str, counts: Option<(u64, u64, f64, f64)>, latency: &Latency| {
+        let row = |out: &mut String,
+                   name: &str,
+                   counts: Option<(u64, u64, f64, f64)>,
+                   latency: &Latency| {
             let (ok, failed, seconds, rate) = match counts {
                 Some((ok, failed, seconds, rate)) => (
                     ok.to_string(),
@@ -768,6 +771,7 @@ impl Report {
         };
         let phase_counts = |p: &Phase| Some((p.ok, p.failed, p.seconds, p.rate_per_sec));
         row(
+            &mut out,
             "baseline_http",
             phase_counts(&self.baseline_http),
             &self.baseline_http.latency_us,
@@ -777,23 +781,39 @@ impl Report {
             ("baseline_js_pull_ack", &self.baseline_js_pull_ack),
         ] {
             match phase {
-                Some(phase) => row(name, phase_counts(phase), &phase.latency_us),
-                None => row(&format!("{name} (skipped)"), None, &Latency::default()),
+                Some(phase) => row(&mut out, name, phase_counts(phase), &phase.latency_us),
+                None => {
+                    let _ = writeln!(out, "{name:<21} {:>8}", "skipped");
+                }
             }
         }
         row(
+            &mut out,
             "accept",
             phase_counts(&self.accept),
             &self.accept.latency_us,
         );
         row(
+            &mut out,
             "end_to_end",
             Some((e2e.completed, e2e.lost, e2e.seconds, e2e.rate_per_sec)),
             &e2e.latency_us,
         );
-        row("  queue_wait", None, &e2e.queue_wait_us);
-        row("  function", None, &e2e.function_time_us);
-        row("  callback", None, &e2e.callback_time_us);
+        for (name, latency, stub_only) in [
+            ("  queue_wait", &e2e.queue_wait_us, true),
+            ("  function", &e2e.function_time_us, false),
+            ("  callback", &e2e.callback_time_us, true),
+        ] {
+            if stub_only && latency.max == 0 {
+                // Only the harness's stub stamps when it was invoked and when it answered.
+                let _ = writeln!(
+                    out,
+                    "{name:<21} not measured: the function is not `load-tests function`"
+                );
+            } else {
+                row(&mut out, name, None, latency);
+            }
+        }
 
         let ratio = |r: Option<f64>| r.map_or_else(|| "n/a".to_owned(), |r| format!("{r:.3}"));
         let _ = writeln!(
