@@ -127,8 +127,9 @@ pub enum Scenario {
     /// Closed loop, 5,000 calls, against a function that answers 5 % of
     /// attempts with 429, 5 % with 503, 2 % with 500 and lets 1 % hang (the
     /// worker gives up after 2 s), with a long-tailed time (median 5 ms, p99
-    /// 50 ms): every call must still get exactly one callback, and results
-    /// are reported by kind.
+    /// 50 ms), while the worker process is SIGKILLed and restarted every 4 s
+    /// (JetStream backend): every call must still be called back, and
+    /// results are reported by kind.
     Faults,
 }
 
@@ -170,6 +171,7 @@ impl Scenario {
                     hang: 0.01,
                 },
                 worker_args: faults_worker_args(),
+                kill_worker_every: Some(Duration::from_secs(4)),
                 time_limit: Duration::from_secs(600),
                 ..base
             },
@@ -192,6 +194,8 @@ fn faults_worker_args() -> Vec<String> {
         "--upstream-timeout=2s",
         "--retry-initial-wait=100ms",
         "--retry-max-wait=1s",
+        // A killed worker's calls come back after this.
+        "--ack-wait=5s",
     ]
     .map(str::to_owned)
     .to_vec()
@@ -243,7 +247,8 @@ pub struct BenchOptions {
     /// Hard limit on the whole run, set-up and shutdown included.
     pub time_limit: Duration,
     /// How long to wait for outstanding callbacks once every call was
-    /// submitted; calls still without one are reported as lost.
+    /// submitted, counted from the last callback (or worker restart) seen;
+    /// calls still without one are then reported as lost.
     pub callback_timeout: Duration,
     /// Which system is benchmarked.
     pub backend: Backend,
@@ -276,6 +281,12 @@ pub struct BenchOptions {
     /// Load an existing deployment instead of starting one; the stub
     /// function and the worker settings then do not apply.
     pub external: Option<ExternalTarget>,
+    /// SIGKILL the worker process this often while calls are outstanding,
+    /// and start it again (JetStream backend only): redelivery must still
+    /// bring every call to exactly one final callback. Duplicate callbacks
+    /// are then possible by design (a callback sent just before the kill is
+    /// sent again after the redelivery) and are reported, not failed.
+    pub kill_worker_every: Option<Duration>,
 }
 
 impl Default for BenchOptions {
@@ -300,6 +311,7 @@ impl Default for BenchOptions {
             faults: FaultMix::default(),
             worker_args: Vec::new(),
             external: None,
+            kill_worker_every: None,
         }
     }
 }
@@ -364,6 +376,20 @@ impl BenchOptions {
                 "function {:?} must be a plain name (letters, digits, '-', '_', '.')",
                 self.function
             ));
+        }
+        if let Some(every) = self.kill_worker_every {
+            if self.external.is_some() || self.backend != Backend::JetStream {
+                return fail(
+                    "kill-worker-every needs the self-contained jetstream backend: the embedded \
+                     backend's worker is also its gateway"
+                        .to_owned(),
+                );
+            }
+            if every < Duration::from_secs(1) {
+                return fail(format!(
+                    "kill-worker-every must be at least 1s, not {every:?}"
+                ));
+            }
         }
         if let Some(external) = &self.external {
             if !(external.gateway_url.starts_with("http://")
@@ -661,12 +687,15 @@ pub struct Report {
     pub warmup: Warmup,
     /// Whether `--duration` ended a phase before `calls` requests were sent.
     pub cut_by_duration: bool,
+    /// How often the worker was killed and restarted during the run.
+    pub worker_kills: u64,
     /// Memory and CPU of its processes once ready, before any load.
     pub idle: Vec<ProcessUsage>,
     /// Memory (peak over the run) and CPU of its processes after the run.
     pub after_run: Vec<ProcessUsage>,
     /// CPU seconds of all its processes during the run per completed call,
-    /// in microseconds.
+    /// in microseconds (0 when not measured: an external target, or a
+    /// worker killed during the run).
     pub cpu_us_per_call: f64,
     /// Wall time of the whole run, set-up and shutdown included.
     pub total_seconds: f64,
@@ -682,7 +711,7 @@ impl Report {
             && self.warmup.accepted == self.warmup.requests
             && self.warmup.completed == self.warmup.accepted
             && e2e.lost == 0
-            && e2e.duplicates == 0
+            && (e2e.duplicates == 0 || self.worker_kills > 0)
             && e2e.unexpected == 0
             && e2e.bad_results == 0
             && e2e.bad_headers == 0
@@ -858,6 +887,15 @@ impl Report {
             "warm-up: {} requests, {} accepted, {} called back",
             self.warmup.requests, self.warmup.accepted, self.warmup.completed
         );
+        if self.worker_kills > 0 {
+            let _ = writeln!(
+                out,
+                "worker killed (SIGKILL) and restarted {} times during the run; duplicate \
+                 callbacks are possible by design then, and reported above (CPU and RSS below \
+                 are the last worker process's)",
+                self.worker_kills
+            );
+        }
         if let Some(problem) = &e2e.first_problem {
             let _ = writeln!(out, "end_to_end: first callback problem: {problem}");
         }
@@ -872,6 +910,11 @@ impl Report {
         }
         if self.after_run.is_empty() {
             let _ = writeln!(out, "processes: not measured (external target)");
+        } else if self.worker_kills > 0 {
+            let _ = writeln!(
+                out,
+                "CPU per completed call: not measured (killed workers took theirs along)"
+            );
         } else {
             let _ = writeln!(
                 out,
@@ -986,11 +1029,14 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
         warmup,
         accept,
         end_to_end,
+        worker_kills,
         ..
     } = path;
     let cpu = |usages: &[ProcessUsage]| usages.iter().map(|u| u.cpu_seconds).sum::<f64>();
     #[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
-    let cpu_us_per_call = if end_to_end.completed > 0 && !after_run.is_empty() {
+    // A killed worker's CPU time is gone with it: no per-call figure then.
+    let cpu_us_per_call = if end_to_end.completed > 0 && !after_run.is_empty() && worker_kills == 0
+    {
         (cpu(&after_run) - cpu(&idle)) * 1e6 / end_to_end.completed as f64
     } else {
         0.0
@@ -1032,6 +1078,7 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
         stub,
         warmup,
         cut_by_duration,
+        worker_kills,
         idle,
         after_run,
         cpu_us_per_call,
@@ -1240,6 +1287,7 @@ struct AsyncPath {
     warmup: Warmup,
     /// Function attempts before measuring started (the stub counts them).
     warmup_attempts: u64,
+    worker_kills: u64,
     accept: Phase,
     end_to_end: EndToEnd,
 }
@@ -1290,7 +1338,7 @@ async fn measure_async_path(
     if opts.warmup > 0 {
         let warm = drive(&opts.warmup_options(), "warm-up", submit()).await?;
         let ids: HashMap<String, Instant> = warm.call_ids.into_iter().collect();
-        await_callbacks(&ids, opts.callback_timeout, &mut target, receiver).await?;
+        await_callbacks(&ids, opts.callback_timeout, &mut target, receiver, None).await?;
         let seen = receiver.count_by_call_id();
         warmup.accepted = to_u64(ids.len());
         warmup.completed = to_u64(ids.keys().filter(|id| seen.contains_key(*id)).count());
@@ -1301,7 +1349,14 @@ async fn measure_async_path(
     let warmup_attempts = function.map_or(0, |function| to_u64(function.received()));
     let submitted = drive(opts, "submit", submit()).await?;
     let submit_times: HashMap<String, Instant> = submitted.call_ids.into_iter().collect();
-    await_callbacks(&submit_times, opts.callback_timeout, &mut target, receiver).await?;
+    let worker_kills = await_callbacks(
+        &submit_times,
+        opts.callback_timeout,
+        &mut target,
+        receiver,
+        opts.kill_worker_every,
+    )
+    .await?;
 
     let callbacks = receiver.callbacks();
     let stub_body;
@@ -1326,32 +1381,53 @@ async fn measure_async_path(
     Ok(AsyncPath {
         warmup,
         warmup_attempts,
+        worker_kills,
         accept: submitted.phase,
         end_to_end,
     })
 }
 
-/// Waits until every call of `submitted` was called back, or `timeout`.
+/// Waits until every call of `submitted` was called back, or `timeout`
+/// passed since the last callback or worker restart; kills and restarts the
+/// worker every `kill_every` meanwhile. Returns the number of kills.
 async fn await_callbacks(
     submitted: &HashMap<String, Instant>,
     timeout: Duration,
     target: &mut Target<'_>,
     receiver: &CallbackReceiver,
-) -> Result<(), BenchError> {
-    let deadline = Instant::now() + timeout;
+    kill_every: Option<Duration>,
+) -> Result<u64, BenchError> {
+    let mut deadline = Instant::now() + timeout;
+    let mut next_kill = kill_every.map(|every| Instant::now() + every);
+    let mut kills = 0;
+    let mut last_count = receiver.count();
     let _progress = Progress::start("callbacks", submitted.len(), receiver.counter());
     loop {
         if let Some(system) = target.system.as_deref_mut() {
+            if let (Some(at), Some(every)) = (next_kill, kill_every)
+                && Instant::now() >= at
+            {
+                system.kill_and_restart_worker().await?;
+                kills += 1;
+                next_kill = Some(Instant::now() + every);
+                deadline = deadline.max(Instant::now() + timeout);
+            }
             system.check_running()?;
         }
-        if receiver.count() >= submitted.len() {
+        let count = receiver.count();
+        if count >= submitted.len() {
             let seen = receiver.count_by_call_id();
             if submitted.keys().all(|id| seen.contains_key(id)) {
-                return Ok(());
+                return Ok(kills);
             }
         }
+        if count > last_count {
+            // Progress: the timeout counts from the last callback.
+            last_count = count;
+            deadline = deadline.max(Instant::now() + timeout);
+        }
         if Instant::now() >= deadline {
-            return Ok(());
+            return Ok(kills);
         }
         tokio::time::sleep(POLL_INTERVAL).await;
     }

@@ -184,6 +184,11 @@ struct BenchArgs {
     response_bytes: Option<usize>,
     #[command(flatten)]
     faults: FaultArgs,
+    /// SIGKILL the worker process this often while callbacks are awaited, and
+    /// start it again (jetstream backend only) [default: 4s for the faults
+    /// scenario on jetstream, else never].
+    #[arg(long, value_parser = parse_duration)]
+    kill_worker_every: Option<Duration>,
     /// An extra argument for the worker process, repeatable
     /// (`--worker-arg=--upstream-timeout=2s`).
     #[arg(long = "worker-arg", allow_hyphen_values = true)]
@@ -192,8 +197,9 @@ struct BenchArgs {
     /// [default: 5m].
     #[arg(long, value_parser = parse_duration)]
     time_limit: Option<Duration>,
-    /// How long to wait for outstanding callbacks after the last submit;
-    /// calls without one are then reported as lost [default: 60s].
+    /// How long to wait for outstanding callbacks after the last submit,
+    /// counted from the last callback seen; calls without one are then
+    /// reported as lost [default: 60s].
     #[arg(long, value_parser = parse_duration)]
     callback_timeout: Option<Duration>,
     /// Print one JSON object instead of the table.
@@ -319,6 +325,7 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let base = args
         .scenario
         .map_or_else(BenchOptions::default, Scenario::options);
+    let external_target = args.gateway_url.is_some();
     let opts = BenchOptions {
         calls: args.calls.unwrap_or(base.calls),
         concurrency: args.concurrency.unwrap_or(base.concurrency),
@@ -351,6 +358,10 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
             callback_url: args.callback_url,
             nats_url: args.nats_url,
         }),
+        // A preset's kills apply where there is a worker process of its own to kill.
+        kill_worker_every: args.kill_worker_every.or(base
+            .kill_worker_every
+            .filter(|_| args.backend == Backend::JetStream && !external_target)),
     };
     // The self-contained system is the default; the flag only says so.
     let _ = args.self_contained;

@@ -110,8 +110,19 @@ pub struct SystemUnderTest {
     /// Base URL of the gateway (`http://127.0.0.1:port`).
     pub gateway_url: String,
     processes: Vec<Process>,
+    /// How the worker was started, to start it again after a kill (JetStream
+    /// backend only).
+    worker_spawn: Option<WorkerSpawn>,
     /// The worker's state; removed when this is dropped.
     _state_dir: tempfile::TempDir,
+}
+
+/// What [`SystemUnderTest::kill_and_restart_worker`] needs.
+#[derive(Debug)]
+struct WorkerSpawn {
+    binary: PathBuf,
+    args: Vec<String>,
+    nats_url: String,
 }
 
 impl SystemUnderTest {
@@ -143,35 +154,42 @@ impl SystemUnderTest {
                 let mut system = Self {
                     gateway_url: format!("http://{gateway_addr}"),
                     processes: vec![gateway],
+                    worker_spawn: None,
                     _state_dir: state_dir,
                 };
                 // The worker binds to the stream the gateway creates: gateway first.
                 system.wait_gateway_ready().await?;
                 let state = system._state_dir.path().display().to_string();
                 let max_inflight = opts.max_inflight.to_string();
-                let worker = spawn(
-                    "worker",
-                    &bin_dir.join("queue-worker"),
-                    &[
-                        "--nats-url",
-                        &opts.nats_url,
-                        "--gateway-url",
-                        &opts.function_url,
-                        "--state-dir",
-                        &state,
-                        "--max-inflight",
-                        &max_inflight,
-                        "--shutdown-grace",
-                        "5s",
-                        "--metrics-listen",
-                        "127.0.0.1:0",
-                        "--log-level",
-                        "warn",
-                    ],
-                    &opts.worker_args,
-                )?;
+                let args: Vec<String> = [
+                    "--nats-url",
+                    &opts.nats_url,
+                    "--gateway-url",
+                    &opts.function_url,
+                    "--state-dir",
+                    &state,
+                    "--max-inflight",
+                    &max_inflight,
+                    "--shutdown-grace",
+                    "5s",
+                    "--metrics-listen",
+                    "127.0.0.1:0",
+                    "--log-level",
+                    "warn",
+                ]
+                .into_iter()
+                .map(str::to_owned)
+                .chain(opts.worker_args.iter().cloned())
+                .collect();
+                let binary = bin_dir.join("queue-worker");
+                let worker = spawn("worker", &binary, &[], &args)?;
                 system.processes.push(worker);
                 system.wait_worker_ready(&opts.nats_url).await?;
+                system.worker_spawn = Some(WorkerSpawn {
+                    binary,
+                    args,
+                    nats_url: opts.nats_url.clone(),
+                });
                 Ok(system)
             }
             Backend::Embedded => {
@@ -205,6 +223,7 @@ impl SystemUnderTest {
                 let mut system = Self {
                     gateway_url: format!("http://{gateway_addr}"),
                     processes: vec![server],
+                    worker_spawn: None,
                     _state_dir: state_dir,
                 };
                 system.wait_gateway_ready().await?;
@@ -242,6 +261,31 @@ impl SystemUnderTest {
             }
         }
         Ok(())
+    }
+
+    /// Kills the worker process with SIGKILL (no graceful shutdown: its
+    /// in-flight calls are left to JetStream's redelivery) and starts it
+    /// again with the same arguments and state directory, waiting until it
+    /// is ready. Only the JetStream backend has a separate worker.
+    pub async fn kill_and_restart_worker(&mut self) -> Result<(), BenchError> {
+        let Some(spawn_args) = &self.worker_spawn else {
+            return Err(BenchError::Setup(
+                "only the jetstream backend has a worker process of its own to kill".to_owned(),
+            ));
+        };
+        let Some(index) = self.processes.iter().position(|p| p.name == "worker") else {
+            return Err(BenchError::Setup("no worker process".to_owned()));
+        };
+        let mut worker = self.processes.remove(index);
+        worker
+            .child
+            .kill()
+            .await
+            .map_err(|e| BenchError::setup("killing the worker", e))?;
+        let restarted = spawn("worker", &spawn_args.binary, &[], &spawn_args.args)?;
+        let nats_url = spawn_args.nats_url.clone();
+        self.processes.push(restarted);
+        self.wait_worker_ready(&nats_url).await
     }
 
     /// Stops the processes in reverse start order (SIGTERM, then SIGKILL

@@ -404,3 +404,49 @@ async fn duration_bounds_a_closed_loop() {
     assert!(report.is_clean(), "{table}");
     assert!(table.contains("cut short by --duration"), "{table}");
 }
+
+/// The soak as a scenario, in small: the worker process is SIGKILLed and restarted while
+/// calls are in flight; JetStream's redelivery still brings every call to its callback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_worker_mid_run_loses_no_call() {
+    let opts = BenchOptions {
+        calls: 300,
+        concurrency: 16,
+        max_inflight: 16,
+        warmup: 0,
+        // 300 calls of 100 ms, 16 at a time: about 2 s of work, interrupted by kills.
+        function_delay: Duration::from_millis(100),
+        kill_worker_every: Some(Duration::from_secs(1)),
+        worker_args: ["--ack-wait=2s"].map(str::to_owned).to_vec(),
+        time_limit: Duration::from_secs(240),
+        callback_timeout: Duration::from_secs(60),
+        ..BenchOptions::default()
+    };
+    let report = bench::run(&opts).await.expect("bench run");
+    let table = report.to_table();
+    assert!(report.worker_kills >= 1, "{table}");
+    assert_eq!(report.accept.ok, 300, "{table}");
+    assert_eq!(report.end_to_end.completed, 300, "{table}");
+    assert_eq!(report.end_to_end.lost, 0, "{table}");
+    assert_eq!(report.end_to_end.unexpected, 0, "{table}");
+    assert_eq!(report.end_to_end.bad_results, 0, "{table}");
+    assert!(report.is_clean(), "{table}");
+    assert!(
+        table.contains("worker killed (SIGKILL) and restarted"),
+        "{table}"
+    );
+    // Killed attempts are invoked again.
+    let attempts = report.stub.as_ref().map_or(0, |stub| stub.attempts);
+    assert!(attempts >= 300, "{attempts}\n{table}");
+}
+
+#[tokio::test]
+async fn worker_kills_are_refused_on_the_embedded_backend() {
+    let opts = BenchOptions {
+        backend: load_tests::sut::Backend::Embedded,
+        kill_worker_every: Some(Duration::from_secs(5)),
+        ..BenchOptions::default()
+    };
+    let err = bench::run(&opts).await.unwrap_err();
+    assert!(err.to_string().contains("kill-worker-every"), "{err}");
+}
