@@ -58,7 +58,9 @@ use tokio::sync::oneshot;
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::audit::{CallbackAudit, Expectations, audit_callbacks};
-use crate::sut::{Backend, ProcessUsage, SutOptions, SystemUnderTest, find_bin_dir};
+use crate::sut::{
+    Backend, ProcessUsage, SutOptions, SystemUnderTest, ensure_nats_server, find_or_build_bin_dir,
+};
 use crate::{
     CallbackReceiver, FaultMix, HarnessError, NatsServer, StubBehavior, StubFunction, Timed,
     open_loop,
@@ -940,14 +942,16 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
 
 async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
     let started = Instant::now();
-    // Missing binaries fail before anything starts.
+    // Missing binaries fail (or are built) before anything starts.
     let bin_dir = match opts.external {
-        None => Some(find_bin_dir(
-            opts.bin_dir.as_deref(),
-            opts.backend.binaries(),
-        )?),
+        None => {
+            Some(find_or_build_bin_dir(opts.bin_dir.as_deref(), opts.backend.binaries()).await?)
+        }
         Some(_) => None,
     };
+    if opts.external.is_none() {
+        ensure_nats_server().await?;
+    }
     let client = queue_worker::invoke::http_client("load-tests")
         .map_err(|e| BenchError::setup("building the HTTP client", e))?;
     let body = Bytes::from(vec![b'x'; opts.body_bytes]);

