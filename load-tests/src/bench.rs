@@ -289,6 +289,10 @@ pub struct BenchOptions {
     /// are then possible by design (a callback sent just before the kill is
     /// sent again after the redelivery) and are reported, not failed.
     pub kill_worker_every: Option<Duration>,
+    /// Extra headers on every submitted call (`Authorization` for a gateway
+    /// that asks for it, routing headers...). Never printed: they may be
+    /// secrets.
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
 impl Default for BenchOptions {
@@ -314,6 +318,7 @@ impl Default for BenchOptions {
             worker_args: Vec::new(),
             external: None,
             kill_worker_every: None,
+            headers: Vec::new(),
         }
     }
 }
@@ -1308,15 +1313,19 @@ async fn measure_async_path(
 ) -> Result<AsyncPath, BenchError> {
     let url = format!("{}/async-function/{}", target.gateway_url, opts.function);
     let submit = || {
-        let (client, url, callback_url, body) = (
+        let (client, url, callback_url, body, headers) = (
             client.clone(),
             url.clone(),
             target.callback_url.to_owned(),
             body.clone(),
+            opts.headers.clone(),
         );
         move |_| {
-            let request = client
-                .post(url.as_str())
+            let mut request = client.post(url.as_str());
+            for (name, value) in &headers {
+                request = request.header(name, value);
+            }
+            let request = request
                 .header("x-callback-url", callback_url.as_str())
                 .header("content-type", "application/octet-stream")
                 .body(body.clone())

@@ -141,6 +141,10 @@ struct BenchArgs {
     /// it they are skipped.
     #[arg(long, requires = "gateway_url")]
     nats_url: Option<String>,
+    /// An extra header on every submitted call, `Name: value`, repeatable
+    /// (e.g. `Authorization: Bearer ...`); never printed.
+    #[arg(long = "header", value_parser = parse_header)]
+    headers: Vec<(http::HeaderName, http::HeaderValue)>,
     /// The function the calls go to [default: bench].
     #[arg(long)]
     function: Option<String>,
@@ -359,6 +363,7 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
             nats_url: args.nats_url,
         }),
         // A preset's kills apply where there is a worker process of its own to kill.
+        headers: args.headers,
         kill_worker_every: args.kill_worker_every.or(base
             .kill_worker_every
             .filter(|_| args.backend == Backend::JetStream && !external_target)),
@@ -388,6 +393,19 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         report.end_to_end.bad_headers
     );
     Ok(ExitCode::FAILURE)
+}
+
+/// A `--header`: `Name: value`. The error never repeats the value (it may be a secret).
+fn parse_header(text: &str) -> Result<(http::HeaderName, http::HeaderValue), String> {
+    let (name, value) = text
+        .split_once(':')
+        .ok_or_else(|| "expected `Name: value`".to_owned())?;
+    let name = http::HeaderName::try_from(name.trim())
+        .map_err(|_| format!("{:?} is not a valid header name", name.trim()))?;
+    let mut value = http::HeaderValue::try_from(value.trim())
+        .map_err(|_| format!("the value of {name} is not a valid header value"))?;
+    value.set_sensitive(true);
+    Ok((name, value))
 }
 
 /// A share of attempts: a number from 0 to 1.

@@ -330,7 +330,6 @@ async fn an_external_target_is_loaded_through_its_gateway_url() {
     let function = load_tests::StubFunction::start(load_tests::StubBehavior::default())
         .await
         .unwrap();
-    function.set_recording(false);
     let system = load_tests::sut::SystemUnderTest::start(&load_tests::sut::SutOptions {
         backend: load_tests::sut::Backend::Embedded,
         bin_dir: None,
@@ -348,6 +347,10 @@ async fn an_external_target_is_loaded_through_its_gateway_url() {
         time_limit: Duration::from_secs(120),
         callback_timeout: Duration::from_secs(30),
         function: "external-echo".to_owned(),
+        headers: vec![(
+            http::HeaderName::from_static("x-tenant"),
+            http::HeaderValue::from_static("research"),
+        )],
         external: Some(bench::ExternalTarget {
             gateway_url: system.gateway_url.clone(),
             callback_listen: "127.0.0.1:0".parse().unwrap(),
@@ -375,8 +378,17 @@ async fn an_external_target_is_loaded_through_its_gateway_url() {
     assert!(table.contains("baseline_js_publish    skipped"), "{table}");
     // The function is a stub after all, so the breakdown is there.
     assert!(report.end_to_end.queue_wait_us.max > 0, "{table}");
-    // 110 calls reached the function: none was the harness's own.
+    // 110 calls reached the function: none was the harness's own; each carried the
+    // extra header through the gateway and the queue.
     assert_eq!(function.received(), 110);
+    let requests = function.requests();
+    assert!(
+        requests
+            .iter()
+            .all(|r| r.header("x-tenant") == Some("research")),
+        "{:?}",
+        requests.first().map(|r| &r.headers)
+    );
 }
 
 /// `--duration` ends a closed loop long before its call count.
