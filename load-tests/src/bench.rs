@@ -366,6 +366,11 @@ impl BenchOptions {
                 self.response_bytes
             ));
         }
+        if self.function_delay_p99.is_some() && self.function_delay.is_zero() {
+            return fail(
+                "function-delay-p99 needs a function-delay above 0 (the median)".to_owned(),
+            );
+        }
         if let Some(p99) = self.function_delay_p99
             && p99 < self.function_delay
         {

@@ -251,6 +251,9 @@ async fn serve_function(args: FunctionArgs) -> anyhow::Result<ExitCode> {
     } = args;
     let faults = faults.over(FaultMix::default());
     faults.validate().map_err(anyhow::Error::msg)?;
+    if delay_p99.is_some_and(|p99| delay.is_zero() || p99 < delay) {
+        anyhow::bail!("--delay-p99 needs a --delay above 0 (the median) and not above it");
+    }
     let behavior = StubBehavior {
         delay,
         delay_p99,
