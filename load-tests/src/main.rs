@@ -46,16 +46,16 @@ struct Cli {
 #[derive(Debug, clap::Args)]
 struct FaultArgs {
     /// Share of attempts answered `429` with `Retry-After: 1`.
-    #[arg(long = "fault-429", value_parser = parse_share)]
+    #[arg(long = "fault-429", env = "LOAD_TESTS_FAULT_429", value_parser = parse_share)]
     too_many_requests: Option<f64>,
     /// Share of attempts answered `503`.
-    #[arg(long = "fault-503", value_parser = parse_share)]
+    #[arg(long = "fault-503", env = "LOAD_TESTS_FAULT_503", value_parser = parse_share)]
     unavailable: Option<f64>,
     /// Share of attempts answered `500`.
-    #[arg(long = "fault-500", value_parser = parse_share)]
+    #[arg(long = "fault-500", env = "LOAD_TESTS_FAULT_500", value_parser = parse_share)]
     internal_error: Option<f64>,
     /// Share of attempts never answered (held until the caller gives up).
-    #[arg(long = "fault-hang", value_parser = parse_share)]
+    #[arg(long = "fault-hang", env = "LOAD_TESTS_FAULT_HANG", value_parser = parse_share)]
     hang: Option<f64>,
 }
 
@@ -83,7 +83,11 @@ enum Command {
     /// printing one line per callback.
     Receiver {
         /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:8082")]
+        #[arg(
+            long,
+            env = "LOAD_TESTS_RECEIVER_LISTEN",
+            default_value = "127.0.0.1:8082"
+        )]
         listen: SocketAddr,
     },
     /// Load the async path and check every callback, with raw HTTP and raw
@@ -95,21 +99,25 @@ enum Command {
 #[derive(Debug, clap::Args)]
 struct FunctionArgs {
     /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:8081")]
+    #[arg(
+        long,
+        env = "LOAD_TESTS_FUNCTION_LISTEN",
+        default_value = "127.0.0.1:8081"
+    )]
     listen: SocketAddr,
     /// How long each request is held before it is answered (the median when
     /// --delay-p99 is given).
-    #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+    #[arg(long, env = "LOAD_TESTS_FUNCTION_DELAY", default_value = "0ms", value_parser = parse_duration)]
     delay: Duration,
     /// Draw each request's time from a log-normal distribution with median
     /// --delay and this 99th percentile.
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, env = "LOAD_TESTS_FUNCTION_DELAY_P99", value_parser = parse_duration)]
     delay_p99: Option<Duration>,
     /// Status code of every answer.
-    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u16).range(100..=599))]
+    #[arg(long, env = "LOAD_TESTS_FUNCTION_STATUS", default_value_t = 200, value_parser = clap::value_parser!(u16).range(100..=599))]
     status: u16,
     /// Answer this many bytes instead of echoing the request body.
-    #[arg(long, value_parser = RangedU64ValueParser::<usize>::new().range(0..=bench::MAX_BODY_BYTES as u64))]
+    #[arg(long, env = "LOAD_TESTS_FUNCTION_RESPONSE_BYTES", value_parser = RangedU64ValueParser::<usize>::new().range(0..=bench::MAX_BODY_BYTES as u64))]
     response_bytes: Option<usize>,
     #[command(flatten)]
     faults: FaultArgs,
@@ -118,100 +126,108 @@ struct FunctionArgs {
 #[derive(Debug, clap::Args)]
 struct BenchArgs {
     /// A named benchmark whose options the flags below override.
-    #[arg(long, value_enum)]
+    #[arg(long, env = "LOAD_TESTS_SCENARIO", value_enum)]
     scenario: Option<Scenario>,
     /// Start the system under test (nats-server, gateway, worker, stub
     /// function) as local processes and tear it down after: the default
     /// without --gateway-url.
-    #[arg(long, conflicts_with = "gateway_url")]
+    #[arg(
+        long,
+        env = "LOAD_TESTS_SELF_CONTAINED",
+        conflicts_with = "gateway_url"
+    )]
     self_contained: bool,
     /// Load an existing deployment through this gateway URL instead; needs
     /// --callback-listen. The stub-function and worker flags do not apply.
-    #[arg(long, requires = "callback_listen")]
+    #[arg(long, env = "LOAD_TESTS_GATEWAY_URL", requires = "callback_listen")]
     gateway_url: Option<String>,
     /// With --gateway-url: where the callback receiver listens.
-    #[arg(long, requires = "gateway_url")]
+    #[arg(long, env = "LOAD_TESTS_CALLBACK_LISTEN", requires = "gateway_url")]
     callback_listen: Option<SocketAddr>,
     /// With --gateway-url: the X-Callback-Url the workers reach the receiver
     /// at [default: http://<callback-listen>/callback].
-    #[arg(long, requires = "gateway_url")]
+    #[arg(long, env = "LOAD_TESTS_CALLBACK_URL", requires = "gateway_url")]
     callback_url: Option<String>,
     /// With --gateway-url: the deployment's NATS, for the JetStream baselines
     /// (a stream LOAD_TESTS_BASELINE is created there and deleted); without
     /// it they are skipped.
-    #[arg(long, requires = "gateway_url")]
+    #[arg(long, env = "LOAD_TESTS_NATS_URL", requires = "gateway_url")]
     nats_url: Option<String>,
     /// An extra header on every submitted call, `Name: value`, repeatable
     /// (e.g. `Authorization: Bearer ...`); never printed.
-    #[arg(long = "header", value_parser = parse_header)]
+    #[arg(long = "header", env = "LOAD_TESTS_HEADER", value_parser = parse_header)]
     headers: Vec<(http::HeaderName, http::HeaderValue)>,
     /// The function the calls go to [default: bench].
-    #[arg(long)]
+    #[arg(long, env = "LOAD_TESTS_FUNCTION")]
     function: Option<String>,
     /// Requests sent before each measured phase and left out of its figures
     /// (warm-up calls must be called back too) [default: 200; 0 for
     /// long-running].
-    #[arg(long, value_parser = RangedU64ValueParser::<usize>::new().range(0..=bench::MAX_CALLS as u64))]
+    #[arg(long, env = "LOAD_TESTS_WARMUP", value_parser = RangedU64ValueParser::<usize>::new().range(0..=bench::MAX_CALLS as u64))]
     warmup: Option<usize>,
     /// Stop sending a phase's requests after this long, even if fewer than
     /// --calls were sent.
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, env = "LOAD_TESTS_DURATION", value_parser = parse_duration)]
     duration: Option<Duration>,
     /// Requests per phase [default: 5000].
-    #[arg(long, value_parser = RangedU64ValueParser::<usize>::new().range(1..=bench::MAX_CALLS as u64))]
+    #[arg(long, env = "LOAD_TESTS_CALLS", value_parser = RangedU64ValueParser::<usize>::new().range(1..=bench::MAX_CALLS as u64))]
     calls: Option<usize>,
     /// Concurrent client tasks of the closed loops (every phase without
     /// --rate, baseline_js_publish with it) [default: 64].
-    #[arg(long, value_parser = RangedU64ValueParser::<usize>::new().range(1..=bench::MAX_CONCURRENCY as u64))]
+    #[arg(long, env = "LOAD_TESTS_CONCURRENCY", value_parser = RangedU64ValueParser::<usize>::new().range(1..=bench::MAX_CONCURRENCY as u64))]
     concurrency: Option<usize>,
     /// Open loop: send baseline_http and accept requests on a fixed schedule
     /// of this many per second, measuring latency from each request's
     /// intended send time. Without it, every phase is a closed loop.
-    #[arg(long, value_parser = parse_rate)]
+    #[arg(long, env = "LOAD_TESTS_RATE", value_parser = parse_rate)]
     rate: Option<f64>,
     /// The worker's --max-inflight [default: 256].
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    #[arg(long, env = "LOAD_TESTS_MAX_INFLIGHT", value_parser = clap::value_parser!(u32).range(1..=100_000))]
     max_inflight: Option<u32>,
     /// Size of each request body and published message [default: 64].
-    #[arg(long, value_parser = RangedU64ValueParser::<usize>::new().range(0..=bench::MAX_BODY_BYTES as u64))]
+    #[arg(long, env = "LOAD_TESTS_BODY_BYTES", value_parser = RangedU64ValueParser::<usize>::new().range(0..=bench::MAX_BODY_BYTES as u64))]
     body_bytes: Option<usize>,
     /// How long the stub function holds each call; the median when
     /// --function-delay-p99 is given [default: 0s].
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, env = "LOAD_TESTS_FUNCTION_DELAY", value_parser = parse_duration)]
     function_delay: Option<Duration>,
     /// Draw the stub function's time per attempt from a log-normal
     /// distribution with median --function-delay and this 99th percentile.
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, env = "LOAD_TESTS_FUNCTION_DELAY_P99", value_parser = parse_duration)]
     function_delay_p99: Option<Duration>,
     /// The stub function answers this many bytes instead of echoing the body.
-    #[arg(long, value_parser = RangedU64ValueParser::<usize>::new().range(0..=bench::MAX_BODY_BYTES as u64))]
+    #[arg(long, env = "LOAD_TESTS_RESPONSE_BYTES", value_parser = RangedU64ValueParser::<usize>::new().range(0..=bench::MAX_BODY_BYTES as u64))]
     response_bytes: Option<usize>,
     #[command(flatten)]
     faults: FaultArgs,
     /// SIGKILL the worker process this often while callbacks are awaited, and
     /// start it again (jetstream backend only) [default: 4s for the faults
     /// scenario on jetstream, else never].
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, env = "LOAD_TESTS_KILL_WORKER_EVERY", value_parser = parse_duration)]
     kill_worker_every: Option<Duration>,
     /// An extra argument for the worker process, repeatable
     /// (`--worker-arg=--upstream-timeout=2s`).
-    #[arg(long = "worker-arg", allow_hyphen_values = true)]
+    #[arg(
+        long = "worker-arg",
+        env = "LOAD_TESTS_WORKER_ARG",
+        allow_hyphen_values = true
+    )]
     worker_args: Vec<String>,
     /// Hard limit on the whole run; exceeding it aborts with an error
     /// [default: 5m].
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, env = "LOAD_TESTS_TIME_LIMIT", value_parser = parse_duration)]
     time_limit: Option<Duration>,
     /// How long to wait for outstanding callbacks after the last submit,
     /// counted from the last callback seen; calls without one are then
     /// reported as lost [default: 60s].
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, env = "LOAD_TESTS_CALLBACK_TIMEOUT", value_parser = parse_duration)]
     callback_timeout: Option<Duration>,
     /// Print one JSON object instead of the table.
-    #[arg(long)]
+    #[arg(long, env = "LOAD_TESTS_JSON")]
     json: bool,
     /// The system under test: `jetstream` runs the `gateway-plugin` and
     /// `queue-worker` binaries as child processes on a private nats-server.
-    #[arg(long, value_enum, default_value_t = Backend::JetStream)]
+    #[arg(long, env = "LOAD_TESTS_BACKEND", value_enum, default_value_t = Backend::JetStream)]
     backend: Backend,
     /// Directory of the `gateway-plugin` and `queue-worker` binaries; by
     /// default the directory of this executable (build them with
