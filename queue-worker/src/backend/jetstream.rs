@@ -66,7 +66,8 @@ pub struct JetStreamQueue {
     max_payload: AtomicUsize,
     recheck: Notify,
     consumer: Mutex<Option<PullConsumer>>,
-    records: Mutex<Option<kv::Store>>,
+    /// Shared, not cloned per use: a `kv::Store` clone copies the stream's whole info.
+    records: Mutex<Option<Arc<kv::Store>>>,
 }
 
 impl JetStreamQueue {
@@ -230,22 +231,23 @@ impl JetStreamQueue {
                 name: self.options.records.records_bucket.clone(),
                 message: e.to_string(),
             })?;
-        *self.records.lock().await = Some(store);
+        *self.records.lock().await = Some(Arc::new(store));
         Ok(())
     }
 
     /// The record bucket, looked up once (the gateway creates it).
-    async fn records_bucket(&self) -> Result<kv::Store, BackendError> {
+    async fn records_bucket(&self) -> Result<Arc<kv::Store>, BackendError> {
         let mut slot = self.records.lock().await;
         if let Some(store) = slot.as_ref() {
-            return Ok(store.clone());
+            return Ok(Arc::clone(store));
         }
-        let store = self
-            .js
-            .get_key_value(&self.options.records.records_bucket)
-            .await
-            .map_err(request_err)?;
-        *slot = Some(store.clone());
+        let store = Arc::new(
+            self.js
+                .get_key_value(&self.options.records.records_bucket)
+                .await
+                .map_err(request_err)?,
+        );
+        *slot = Some(Arc::clone(&store));
         Ok(store)
     }
 
