@@ -18,8 +18,8 @@ export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 echo "==> disk space where the build goes"
 df -h . | tail -n 1
 avail_kib="$(df -Pk . | awk 'NR == 2 { print $4 }')"
-if [ "${avail_kib:-0}" -lt 4194304 ]; then
-    echo "test.sh: less than 4 GiB free here; the build and the tests' stores need about 3 GiB" >&2
+if [ "${avail_kib:-0}" -lt 3145728 ]; then
+    echo "test.sh: less than 3 GiB free here; the build (about 1.7 GiB) and the tests' stores need it" >&2
     exit 1
 fi
 
