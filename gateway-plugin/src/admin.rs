@@ -124,44 +124,28 @@ fn selection(body: Result<axum::Json<Selection>, JsonRejection>) -> Result<Selec
 pub async fn replay<Q: CallQueue>(
     State(state): State<Arc<AppState<Q>>>,
     body: Result<axum::Json<Selection>, JsonRejection>,
-) -> Response {
-    let selection = match selection(body) {
-        Ok(s) => s,
-        Err(e) => return e.into_response(),
-    };
-    match state
-        .queue
+) -> Result<Response, ApiError> {
+    let selection = selection(body)?;
+    let replayed = (state.queue)
         .replay_dead_letters(&selection.ids, selection.all)
         .await
-    {
-        Ok(replayed) => {
-            tracing::info!(count = replayed.len(), "dead letters replayed");
-            axum::Json(json!({ "replayed": replayed })).into_response()
-        }
-        Err(e) => unavailable(&state, &e).into_response(),
-    }
+        .map_err(|e| unavailable(&state, &e))?;
+    tracing::info!(count = replayed.len(), "dead letters replayed");
+    Ok(axum::Json(json!({ "replayed": replayed })).into_response())
 }
 
 /// `POST /system/async/dead-letters/purge`.
 pub async fn purge<Q: CallQueue>(
     State(state): State<Arc<AppState<Q>>>,
     body: Result<axum::Json<Selection>, JsonRejection>,
-) -> Response {
-    let selection = match selection(body) {
-        Ok(s) => s,
-        Err(e) => return e.into_response(),
-    };
-    match state
-        .queue
+) -> Result<Response, ApiError> {
+    let selection = selection(body)?;
+    let deleted = (state.queue)
         .purge_dead_letters(&selection.ids, selection.all)
         .await
-    {
-        Ok(deleted) => {
-            tracing::info!(deleted, "dead letters purged");
-            axum::Json(json!({ "deleted": deleted })).into_response()
-        }
-        Err(e) => unavailable(&state, &e).into_response(),
-    }
+        .map_err(|e| unavailable(&state, &e))?;
+    tracing::info!(deleted, "dead letters purged");
+    Ok(axum::Json(json!({ "deleted": deleted })).into_response())
 }
 
 async fn set_paused<Q: CallQueue>(state: &AppState<Q>, name: &str, paused: bool) -> Response {

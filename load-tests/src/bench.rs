@@ -383,11 +383,9 @@ impl BenchOptions {
         if let Err(problem) = self.faults.validate() {
             return fail(problem);
         }
-        if !gateway_plugin_function_name_is_plain(&self.function) {
-            return fail(format!(
-                "function {:?} must be a plain name (letters, digits, '-', '_', '.')",
-                self.function
-            ));
+        // The gateway's own check, so a name it would refuse is refused before anything starts.
+        if let Err(e) = queue_worker::message::parse_function(&self.function) {
+            return fail(format!("function: {e}"));
         }
         if let Some(every) = self.kill_worker_every {
             if self.external.is_some() || self.backend != Backend::JetStream {
@@ -475,15 +473,6 @@ impl BenchOptions {
             LoadModel::Closed
         }
     }
-}
-
-/// A function name that needs no escaping in a URL path.
-fn gateway_plugin_function_name_is_plain(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// Why [`run`] could not produce a [`Report`]. Lost calls are not an error:

@@ -84,6 +84,12 @@ pub enum HarnessError {
     },
 }
 
+/// The workspace this crate was built in (where `.tools/` and `scripts/` are).
+pub(crate) fn workspace_dir() -> PathBuf {
+    let manifest_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir.parent().unwrap_or(manifest_dir).to_path_buf()
+}
+
 impl HarnessError {
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Self::Io {

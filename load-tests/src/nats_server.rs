@@ -36,13 +36,7 @@ pub fn nats_server_binary() -> Result<PathBuf, HarnessError> {
 fn resolve_binary(from_env: Option<OsString>) -> Result<PathBuf, HarnessError> {
     let path = match from_env {
         Some(path) if !path.is_empty() => PathBuf::from(path),
-        _ => {
-            let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-            manifest_dir
-                .parent()
-                .unwrap_or(manifest_dir)
-                .join(".tools/venv/bin/nats-server")
-        }
+        _ => crate::workspace_dir().join(".tools/venv/bin/nats-server"),
     };
     if path.is_file() {
         Ok(path)

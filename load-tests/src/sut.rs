@@ -403,7 +403,7 @@ pub async fn find_or_build_bin_dir(
     let exe = std::env::current_exe()
         .map_err(|e| BenchError::setup("locating the current executable", e))?;
     let release = exe.components().any(|c| c.as_os_str() == "release");
-    let manifest = workspace_dir().join("Cargo.toml");
+    let manifest = crate::workspace_dir().join("Cargo.toml");
     let mut command = Command::new(cargo);
     command
         .arg("build")
@@ -445,7 +445,7 @@ pub async fn ensure_nats_server() -> Result<(), BenchError> {
         Ok(_) => return Ok(()),
         Err(missing) => missing,
     };
-    let script = workspace_dir().join("scripts/install-tools.sh");
+    let script = crate::workspace_dir().join("scripts/install-tools.sh");
     if std::env::var_os("NATS_SERVER_BIN").is_some_and(|v| !v.is_empty()) || !script.is_file() {
         return Err(missing.into());
     }
@@ -467,12 +467,6 @@ pub async fn ensure_nats_server() -> Result<(), BenchError> {
         )));
     }
     crate::nats_server_binary().map(|_| ()).map_err(Into::into)
-}
-
-/// The workspace this crate was built in.
-fn workspace_dir() -> PathBuf {
-    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest_dir.parent().unwrap_or(manifest_dir).to_path_buf()
 }
 
 /// A port on 127.0.0.1 that was free a moment ago.

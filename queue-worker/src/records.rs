@@ -338,12 +338,22 @@ pub struct StoredResult {
 impl StoredResult {
     /// Encodes for storage: the metadata as length-prefixed JSON, then the raw body.
     pub fn encode(&self) -> Result<Vec<u8>, serde_json::Error> {
-        let meta = serde_json::to_vec(&(self.status, &self.headers))?;
+        Self::encode_parts(self.status, &self.headers, &self.body)
+    }
+
+    /// [`StoredResult::encode`] of a response still in its parts, without copying them into a
+    /// `StoredResult` first.
+    pub fn encode_parts(
+        status: u16,
+        headers: &[(String, String)],
+        body: &[u8],
+    ) -> Result<Vec<u8>, serde_json::Error> {
+        let meta = serde_json::to_vec(&(status, headers))?;
         let len = u32::try_from(meta.len()).unwrap_or(u32::MAX).to_be_bytes();
-        let mut out = Vec::with_capacity(4 + meta.len() + self.body.len());
+        let mut out = Vec::with_capacity(4 + meta.len() + body.len());
         out.extend_from_slice(&len);
         out.extend_from_slice(&meta);
-        out.extend_from_slice(&self.body);
+        out.extend_from_slice(body);
         Ok(out)
     }
 

@@ -767,12 +767,16 @@ async fn keep_result<Q: CallQueue>(
     call: &QueuedCall,
     outcome: &Outcome,
 ) -> Option<ResultAvailability> {
-    let result = StoredResult {
-        status: outcome.status,
-        headers: outcome.headers.clone(),
-        body: outcome.body.to_vec(),
+    // Encoded once: measured here, stored as is.
+    let encoded = match StoredResult::encode_parts(outcome.status, &outcome.headers, &outcome.body)
+    {
+        Ok(encoded) => encoded,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not encode the result");
+            return None;
+        }
     };
-    let encoded_len = result.encode().map(|e| e.len()).unwrap_or(usize::MAX);
+    let encoded_len = encoded.len();
     if encoded_len > ctx.queue.max_result_bytes() {
         tracing::info!(
             result_bytes = encoded_len,
@@ -781,7 +785,7 @@ async fn keep_result<Q: CallQueue>(
         );
         return Some(ResultAvailability::TooLarge);
     }
-    match ctx.queue.store_result(&call.meta.call_id, &result).await {
+    match ctx.queue.store_result(&call.meta.call_id, encoded).await {
         Ok(()) => Some(ResultAvailability::Stored),
         Err(e) => {
             tracing::warn!(error = %e, "could not keep the result");

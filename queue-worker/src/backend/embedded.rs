@@ -681,10 +681,8 @@ impl CallRecords for EmbeddedQueue {
         Ok(record)
     }
 
-    async fn store_result(&self, call_id: &str, result: &StoredResult) -> Result<(), BackendError> {
-        self.inner
-            .results
-            .insert(call_id.as_bytes(), result.encode()?)?;
+    async fn store_result(&self, call_id: &str, encoded: Vec<u8>) -> Result<(), BackendError> {
+        self.inner.results.insert(call_id.as_bytes(), encoded)?;
         Ok(())
     }
 

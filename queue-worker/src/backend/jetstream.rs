@@ -340,14 +340,21 @@ impl CallRecords for JetStreamQueue {
         let kv = self.records_bucket().await?;
         let key = record_key(call_id);
         let mut last_error = String::new();
+        // The gateway's first write of a call almost always finds no record: try to create it
+        // without reading first (one round trip on the accept path instead of two); if one
+        // exists after all, the create fails and the loop reads it like any other event.
+        let mut assume_absent = matches!(event, Event::Accepted { .. });
         for _ in 0..CAS_ATTEMPTS {
-            let entry = kv.entry(key.clone()).await.map_err(request_err)?;
-            let (current, revision) = match entry {
-                Some(e) if e.operation == kv::Operation::Put => {
-                    (serde_json::from_slice(&e.value).ok(), Some(e.revision))
+            let (current, revision) = if std::mem::take(&mut assume_absent) {
+                (None, None)
+            } else {
+                match kv.entry(key.clone()).await.map_err(request_err)? {
+                    Some(e) if e.operation == kv::Operation::Put => {
+                        (serde_json::from_slice(&e.value).ok(), Some(e.revision))
+                    }
+                    Some(e) => (None, Some(e.revision)),
+                    None => (None, None),
                 }
-                Some(e) => (None, Some(e.revision)),
-                None => (None, None),
             };
             let record = records::apply(call_id, current, event, crate::unix_nanos_now());
             let value = bytes::Bytes::from(serde_json::to_vec(&record)?);
@@ -374,9 +381,9 @@ impl CallRecords for JetStreamQueue {
         )))
     }
 
-    async fn store_result(&self, call_id: &str, result: &StoredResult) -> Result<(), BackendError> {
+    async fn store_result(&self, call_id: &str, encoded: Vec<u8>) -> Result<(), BackendError> {
         let kv = self.records_bucket().await?;
-        kv.put(result_key(call_id), result.encode()?.into())
+        kv.put(result_key(call_id), encoded.into())
             .await
             .map_err(request_err)?;
         Ok(())

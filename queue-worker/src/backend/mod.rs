@@ -101,11 +101,13 @@ pub trait CallRecords: Send + Sync + 'static {
         event: &Event,
     ) -> impl Future<Output = Result<CallRecord, BackendError>> + Send;
 
-    /// Keeps a call's final response for the result endpoint.
+    /// Keeps a call's final response for the result endpoint, as encoded by
+    /// [`StoredResult::encode`] (the caller measures it against [`CallRecords::max_result_bytes`]
+    /// first, so it is encoded once).
     fn store_result(
         &self,
         call_id: &str,
-        result: &StoredResult,
+        encoded: Vec<u8>,
     ) -> impl Future<Output = Result<(), BackendError>> + Send;
 
     /// A kept final response.
