@@ -337,10 +337,18 @@ impl SystemUnderTest {
             .await
             .map_err(|e| BenchError::setup("looking up the calls stream", e))?;
         let deadline = Instant::now() + READY_TIMEOUT;
+        // The consumer outlives a killed worker, so a restarted one is ready only once it also
+        // handles SIGTERM: stopped before that, it would die of the signal instead of draining.
+        let worker_pid = self
+            .processes
+            .iter()
+            .find(|p| p.name == "worker")
+            .and_then(Process::pid);
         loop {
             self.check_running()?;
             let last = match stream.consumer_info(&defaults.1).await {
-                Ok(_) => return Ok(()),
+                Ok(_) if worker_pid.is_none_or(handles_sigterm) => return Ok(()),
+                Ok(_) => "the worker does not handle SIGTERM yet".to_owned(),
                 Err(e) => e.to_string(),
             };
             if Instant::now() >= deadline {
@@ -382,6 +390,21 @@ pub fn find_bin_dir(explicit: Option<&Path>, binaries: &[&str]) -> Result<PathBu
             .collect::<Vec<_>>()
             .join(", "),
     })
+}
+
+/// Whether process `pid` has installed a SIGTERM handler (bit 15 of `SigCgt` in
+/// `/proc/<pid>/status`).
+fn handles_sigterm(pid: u32) -> bool {
+    const SIGTERM_BIT: u64 = 1 << (15 - 1);
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("SigCgt:"))
+                .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        })
+        .is_some_and(|mask| mask & SIGTERM_BIT != 0)
 }
 
 /// [`find_bin_dir`]; when the binaries are missing and no directory was
