@@ -16,11 +16,12 @@ use anyhow::{Context, bail};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, ValueEnum};
 use gateway_plugin::HttpSettings;
+use queue_core::backend::CallQueue;
+use queue_core::backend::embedded::{EmbeddedOptions, EmbeddedQueue};
+use queue_core::backend::jetstream::{ConsumerOptions, JetStreamOptions, JetStreamQueue};
+use queue_core::settings::{StreamArgs, parse_bytes, parse_duration};
 use queue_worker::WorkerConfig;
-use queue_worker::backend::CallQueue;
-use queue_worker::backend::embedded::{EmbeddedOptions, EmbeddedQueue};
-use queue_worker::backend::jetstream::{ConsumerOptions, JetStreamOptions, JetStreamQueue};
-use queue_worker::config::{StreamArgs, WorkerCommand, parse_bytes, parse_duration};
+use queue_worker::config::WorkerCommand;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -104,7 +105,7 @@ fn is_default(matches: &ArgMatches, id: &str) -> bool {
 async fn main() -> anyhow::Result<()> {
     let matches = ServerConfig::command().get_matches();
     let mut config = ServerConfig::from_arg_matches(&matches)?;
-    queue_worker::telemetry::init(&config.worker.log).map_err(anyhow::Error::msg)?;
+    queue_core::telemetry::init(&config.worker.log).map_err(anyhow::Error::msg)?;
     if is_default(&matches, "gateway_url") {
         config.worker.gateway_url = DEFAULT_FUNCTIONS_URL.to_owned();
     }
@@ -117,7 +118,7 @@ async fn main() -> anyhow::Result<()> {
     {
         let stop = stop.clone();
         tokio::spawn(async move {
-            queue_worker::signal::shutdown_signal().await;
+            queue_core::signal::shutdown_signal().await;
             stop.cancel();
         });
     }

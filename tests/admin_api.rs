@@ -6,9 +6,9 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use load_tests::nats_server::NatsServer;
-use load_tests::{CallbackReceiver, StubBehavior, StubFunction};
 use serde_json::{Value, json};
+use test_support::nats_server::NatsServer;
+use test_support::{CallbackReceiver, StubBehavior, StubFunction};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use load_tests::{CallbackReceiver, StubBehavior, StubFunction};
+use test_support::{CallbackReceiver, StubBehavior, StubFunction};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 

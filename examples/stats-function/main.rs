@@ -115,7 +115,7 @@ async fn main() -> anyhow::Result<()> {
     );
     let app = Router::new().fallback(stats);
     axum::serve(listener, app)
-        .with_graceful_shutdown(queue_worker::signal::shutdown_signal())
+        .with_graceful_shutdown(queue_core::signal::shutdown_signal())
         .await
         .context("serving")
 }

@@ -13,13 +13,13 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use queue_worker::backend::{BackendError, CallQueue};
-use queue_worker::message::parse_function;
+use queue_core::backend::{BackendError, CallQueue};
+use queue_core::message::parse_function;
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::error::ApiError;
-use crate::routes::AppState;
+use crate::state::AppState;
 
 fn unavailable<Q>(state: &AppState<Q>, e: &BackendError) -> ApiError {
     tracing::warn!(error = %e, "admin request failed");

@@ -7,14 +7,14 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use queue_worker::backend::CallQueue;
-use queue_worker::invoke::is_hop_by_hop;
-use queue_worker::message::valid_call_id;
-use queue_worker::records::{CallRecord, CallState, Event, ResultAvailability};
+use queue_core::backend::CallQueue;
+use queue_core::headers::is_hop_by_hop;
+use queue_core::message::valid_call_id;
+use queue_core::records::{CallRecord, CallState, Event, ResultAvailability};
 use serde_json::json;
 
 use crate::error::ApiError;
-use crate::routes::AppState;
+use crate::state::AppState;
 
 async fn load<Q: CallQueue>(state: &AppState<Q>, call_id: &str) -> Result<CallRecord, ApiError> {
     if !valid_call_id(call_id) {

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
-use queue_worker::config::{
+use queue_core::settings::{
     LogArgs, NatsArgs, RecordArgs, StreamArgs, parse_bytes, parse_duration,
 };
 
@@ -55,7 +55,7 @@ impl GatewayConfig {
 /// Flags derived from OpenFaaS's gateway variables (`faas_nats_address`, `faas_nats_port`),
 /// used when `NATS_URL` is not set; they go before the real command line, which wins.
 pub fn openfaas_compat_args(lookup: impl Fn(&str) -> Option<String>) -> Vec<OsString> {
-    match queue_worker::config::openfaas_nats_url(&lookup) {
+    match queue_core::settings::openfaas_nats_url(&lookup) {
         Some(url) if lookup("NATS_URL").is_none() => vec![format!("--nats-url={url}").into()],
         _ => Vec::new(),
     }
@@ -64,7 +64,7 @@ pub fn openfaas_compat_args(lookup: impl Fn(&str) -> Option<String>) -> Vec<OsSt
 #[cfg(test)]
 mod tests {
     use super::*;
-    use queue_worker::config::with_leading_args;
+    use queue_core::settings::with_leading_args;
     use std::collections::HashMap;
 
     fn parse(env: &[(&str, &str)], cli: &[&str]) -> GatewayConfig {

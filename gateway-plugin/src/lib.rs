@@ -5,6 +5,7 @@
 //! # Layout
 //! - [`admin`]: the queue admin API (`/system/async/...`).
 //! - [`calls`]: call records and kept results (`/async-calls/{id}`).
+//! - [`state`]: [`state::AppState`], what every handler shares.
 //! - [`routes`]: the router (the one place every route is declared) and the enqueue handler.
 //! - [`live`]: live figures for the dashboard, from the workers' outcome announcements.
 //! - `dashboard.html`: the dashboard page (served at `/dashboard/`).
@@ -19,6 +20,7 @@ pub mod error;
 pub mod link;
 pub mod live;
 pub mod routes;
+pub mod state;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -26,8 +28,8 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 pub use config::GatewayConfig;
-use queue_worker::backend::CallQueue;
-use queue_worker::backend::jetstream::{JetStreamOptions, JetStreamQueue};
+use queue_core::backend::CallQueue;
+use queue_core::backend::jetstream::{JetStreamOptions, JetStreamQueue};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -36,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 pub enum GatewayError {
     /// The queue could not be set up.
     #[error(transparent)]
-    Queue(#[from] queue_worker::backend::BackendError),
+    Queue(#[from] queue_core::backend::BackendError),
     /// The HTTP server failed.
     #[error("HTTP server: {0}")]
     Serve(#[from] std::io::Error),
@@ -89,12 +91,12 @@ pub async fn serve<Q: CallQueue>(
         live.clone(),
         follow_stop.clone(),
     ));
-    let state = Arc::new(routes::AppState {
+    let state = Arc::new(state::AppState {
         queue: queue.clone(),
         retry_after: settings.retry_after,
         configured_max_body: settings.max_body_bytes,
         warned_max_body: AtomicBool::new(false),
-        metrics: queue_worker::metrics::install(),
+        metrics: queue_core::metrics::install(),
         live: live.clone(),
     });
     let app = routes::router(state);

@@ -1,7 +1,7 @@
 //! The body limit derived from the queue's message limit (JetStream: the server's
-//! `max_payload`). The queue connection itself is a [`queue_worker::backend::CallQueue`].
+//! `max_payload`). The queue connection itself is a [`queue_core::backend::CallQueue`].
 
-use queue_worker::queue::HEADER_ALLOWANCE;
+use queue_core::backend::HEADER_ALLOWANCE;
 
 /// Largest body that leaves room below `max_payload` for the envelope's metadata (method, path,
 /// request headers) and the NATS headers: a quarter of the payload, at most 64 KiB.

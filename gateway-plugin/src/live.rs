@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::StreamExt;
-use queue_worker::backend::CallQueue;
-use queue_worker::records::OutcomeEvent;
+use queue_core::backend::CallQueue;
+use queue_core::records::OutcomeEvent;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -117,7 +117,7 @@ impl LiveStats {
 
     /// The figures now.
     pub fn snapshot(&self) -> Snapshot {
-        let now = queue_worker::unix_nanos_now();
+        let now = queue_core::unix_nanos_now();
         let window_start = now.saturating_sub(u64::try_from(WINDOW.as_nanos()).unwrap_or(0));
         let rate_start = now.saturating_sub(u64::try_from(RATE_WINDOW.as_nanos()).unwrap_or(0));
         let mut window = self.window();
@@ -194,7 +194,7 @@ mod tests {
             call_id: "c".into(),
             function: function.into(),
             outcome: outcome.into(),
-            at: queue_worker::unix_nanos_now(),
+            at: queue_core::unix_nanos_now(),
             end_to_end_seconds: e2e,
             status: Some(200),
             reason: None,

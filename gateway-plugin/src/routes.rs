@@ -12,8 +12,6 @@
 //!   connected and the stream present).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -21,57 +19,17 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{MethodFilter, get, on, post};
-use metrics_exporter_prometheus::PrometheusHandle;
-use queue_worker::backend::{CallQueue, PublishError};
-use queue_worker::invoke::is_hop_by_hop;
-use queue_worker::message::{
+use queue_core::backend::{CallQueue, PublishError};
+use queue_core::headers::is_hop_by_hop;
+use queue_core::message::{
     BodyLocation, CallMeta, QueuedCall, parse_callback_url, parse_function, valid_call_id,
     validate_path,
 };
-use queue_worker::records::{Event, idempotency_key};
+use queue_core::records::{Event, idempotency_key};
 use serde_json::json;
 
 use crate::error::ApiError;
-use crate::link::body_limit_for;
-
-/// State shared by the handlers.
-#[derive(Debug)]
-pub struct AppState<Q> {
-    /// Where calls are stored.
-    pub queue: Arc<Q>,
-    /// `Retry-After` for 503 answers.
-    pub retry_after: Duration,
-    /// `--max-body-bytes`, if set.
-    pub configured_max_body: Option<u64>,
-    /// The configured limit was found above the queue's and lowered (warned once).
-    pub warned_max_body: AtomicBool,
-    /// Renders `/metrics`.
-    pub metrics: PrometheusHandle,
-    /// The dashboard's live figures.
-    pub live: Arc<crate::live::LiveStats>,
-}
-
-impl<Q: CallQueue> AppState<Q> {
-    /// Largest body accepted now: the configured limit, lowered to what the queue's message
-    /// limit leaves room for.
-    pub fn max_body(&self) -> u64 {
-        let allowed = body_limit_for(self.queue.max_message_bytes() as u64);
-        match self.configured_max_body {
-            Some(configured) if configured > allowed => {
-                if !self.warned_max_body.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(
-                        configured,
-                        allowed,
-                        "--max-body-bytes exceeds what the queue's message limit allows; using the lower limit"
-                    );
-                }
-                allowed
-            }
-            Some(configured) => configured,
-            None => allowed,
-        }
-    }
-}
+use crate::state::AppState;
 
 const ASYNC_PREFIX: &str = "/async-function/";
 
@@ -169,7 +127,7 @@ async fn method_not_allowed() -> Response {
 }
 
 async fn metrics_text<Q: CallQueue>(State(state): State<Arc<AppState<Q>>>) -> Response {
-    let text = queue_worker::metrics::render(&state.metrics, state.queue.as_ref()).await;
+    let text = queue_core::backend::render_metrics(&state.metrics, state.queue.as_ref()).await;
     (
         [(
             header::CONTENT_TYPE,
@@ -254,7 +212,7 @@ async fn enqueue<Q: CallQueue>(
     State(state): State<Arc<AppState<Q>>>,
     request: Request,
 ) -> Response {
-    let received_at = queue_worker::unix_nanos_now();
+    let received_at = queue_core::unix_nanos_now();
     let (parts, body) = request.into_parts();
     let call_id = match parts.headers.get("x-call-id").and_then(|v| v.to_str().ok()) {
         Some(id) if valid_call_id(id) => id.to_owned(),
@@ -269,7 +227,7 @@ async fn enqueue<Q: CallQueue>(
                 error = e.code,
                 "call refused"
             );
-            metrics::counter!(queue_worker::metrics::REFUSED, "reason" => e.code).increment(1);
+            metrics::counter!(queue_core::metrics::REFUSED, "reason" => e.code).increment(1);
             e.with_call_id(&call_id).into_response()
         }
     }
@@ -415,10 +373,10 @@ async fn accept<Q: CallQueue>(
         duplicate = published.duplicate,
         "call queued"
     );
-    let function = queue_worker::metrics::function_label(&call.meta.qualified_function());
-    metrics::counter!(queue_worker::metrics::SUBMITTED, "function" => function).increment(1);
-    metrics::histogram!(queue_worker::metrics::ACCEPT_SECONDS)
-        .record(queue_worker::metrics::seconds_since(received_at));
+    let function = queue_core::metrics::function_label(&call.meta.qualified_function());
+    metrics::counter!(queue_core::metrics::SUBMITTED, "function" => function).increment(1);
+    metrics::histogram!(queue_core::metrics::ACCEPT_SECONDS)
+        .record(queue_core::metrics::seconds_since(received_at));
     let mut response = StatusCode::ACCEPTED.into_response();
     let h = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(call_id) {

@@ -7,8 +7,8 @@ mod common;
 use std::collections::HashMap;
 
 use common::{DEADLINE, Gateway, Worker, http};
-use load_tests::nats_server::NatsServer;
-use load_tests::stub::{CallbackReceiver, StubBehavior, StubFunction};
+use test_support::nats_server::NatsServer;
+use test_support::stub::{CallbackReceiver, StubBehavior, StubFunction};
 
 struct Sent {
     call_id: String,

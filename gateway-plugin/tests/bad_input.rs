@@ -4,7 +4,7 @@
 mod common;
 
 use common::{Gateway, assert_json_error, http, queued};
-use load_tests::nats_server::NatsServer;
+use test_support::nats_server::NatsServer;
 
 /// Sends `POST {path}` exactly as written; returns the status and the body.
 async fn raw_post(base: &str, path: &str) -> (u16, String) {

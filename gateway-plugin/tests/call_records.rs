@@ -8,9 +8,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{DEADLINE, Gateway, Worker, assert_json_error, http};
-use load_tests::nats_server::NatsServer;
-use load_tests::stub::{CallbackReceiver, StubBehavior, StubFunction};
 use serde_json::Value;
+use test_support::nats_server::NatsServer;
+use test_support::stub::{CallbackReceiver, StubBehavior, StubFunction};
 
 async fn get_record(client: &reqwest::Client, gateway: &Gateway, id: &str) -> reqwest::Response {
     client

@@ -4,7 +4,7 @@
 mod common;
 
 use common::http;
-use load_tests::nats_server::NatsServer;
+use test_support::nats_server::NatsServer;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn gateway_logs_hold_no_bodies_or_secrets() {

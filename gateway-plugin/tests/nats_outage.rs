@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{DEADLINE, Gateway, assert_json_error, http, queued};
-use load_tests::nats_server::NatsServer;
+use test_support::nats_server::NatsServer;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn gateway_answers_503_while_nats_is_down_and_recovers() {

@@ -49,22 +49,18 @@ use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::post;
 use bytes::Bytes;
-use gateway_plugin::GatewayError;
 use hdrhistogram::Histogram;
-use queue_worker::worker::WorkerError;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::audit::{CallbackAudit, Expectations, audit_callbacks};
+pub use crate::error::BenchError;
 use crate::sut::{
     Backend, ProcessUsage, SutOptions, SystemUnderTest, ensure_nats_server, find_or_build_bin_dir,
 };
-use crate::{
-    CallbackReceiver, FaultMix, HarnessError, NatsServer, StubBehavior, StubFunction, Timed,
-    open_loop,
-};
+use crate::{CallbackReceiver, FaultMix, NatsServer, StubBehavior, StubFunction, Timed, open_loop};
 
 /// Default number of calls per phase.
 pub const DEFAULT_CALLS: usize = 5000;
@@ -384,7 +380,7 @@ impl BenchOptions {
             return fail(problem);
         }
         // The gateway's own check, so a name it would refuse is refused before anything starts.
-        if let Err(e) = queue_worker::message::parse_function(&self.function) {
+        if let Err(e) = queue_core::message::parse_function(&self.function) {
             return fail(format!("function: {e}"));
         }
         if let Some(every) = self.kill_worker_every {
@@ -472,48 +468,6 @@ impl BenchOptions {
         } else {
             LoadModel::Closed
         }
-    }
-}
-
-/// Why [`run`] could not produce a [`Report`]. Lost calls are not an error:
-/// they are part of the report.
-#[derive(Debug, thiserror::Error)]
-pub enum BenchError {
-    /// The options are out of bounds.
-    #[error("invalid options: {0}")]
-    Options(String),
-    /// The run took longer than [`BenchOptions::time_limit`].
-    #[error("bench exceeded its time limit of {0:?}; aborted")]
-    TimeLimit(Duration),
-    /// A harness component failed.
-    #[error(transparent)]
-    Harness(#[from] HarnessError),
-    /// The gateway failed.
-    #[error("gateway: {0}")]
-    Gateway(#[from] GatewayError),
-    /// The worker failed.
-    #[error("worker: {0}")]
-    Worker(#[from] WorkerError),
-    /// The gateway or worker binary is not where it was looked for.
-    #[error(
-        "binaries {binaries} not found in {searched}: run `cargo build --release --workspace` \
-         (then run target/release/load-tests), or pass --bin-dir"
-    )]
-    BinariesMissing {
-        /// The binaries looked for.
-        binaries: String,
-        /// The directories searched.
-        searched: String,
-    },
-    /// Anything else in setting up or tearing down: NATS, sockets,
-    /// configuration, readiness, a panicked task.
-    #[error("{0}")]
-    Setup(String),
-}
-
-impl BenchError {
-    pub(crate) fn setup(context: &str, err: impl std::fmt::Display) -> Self {
-        Self::Setup(format!("{context}: {err}"))
     }
 }
 

@@ -20,8 +20,8 @@ use clap::{Parser, Subcommand};
 use load_tests::bench::{self, BenchOptions, ExternalTarget, Scenario};
 use load_tests::sut::Backend;
 use load_tests::{CallbackReceiver, FaultMix, RecordedCallback, StubBehavior, StubFunction};
-use queue_worker::config::parse_duration;
-use queue_worker::signal::shutdown_signal;
+use queue_core::settings::parse_duration;
+use queue_core::signal::shutdown_signal;
 
 /// Longest body the receiver prints.
 const MAX_PRINTED_BODY: usize = 200;

@@ -24,7 +24,7 @@ use clap::Parser;
 use serde::Serialize;
 use tokio::process::{Child, Command};
 
-use crate::bench::BenchError;
+use crate::error::BenchError;
 
 /// How long a process may take to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);

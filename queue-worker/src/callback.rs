@@ -8,8 +8,10 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::WorkerConfig;
-use crate::invoke::{Outcome, is_hop_by_hop, transport_error_kind};
-use crate::message::CallMeta;
+use crate::invoke::transport_error_kind;
+use queue_core::Outcome;
+use queue_core::headers::is_hop_by_hop;
+use queue_core::message::CallMeta;
 
 /// How a callback ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,8 +188,8 @@ impl CallbackSender {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::BodyLocation;
     use bytes::Bytes;
+    use queue_core::message::BodyLocation;
 
     #[test]
     fn callback_headers_carry_the_openfaas_set_and_the_function_headers() {

@@ -6,8 +6,8 @@
 
 use std::io::Write;
 
-use crate::backend::{BackendError, CallQueue, DeadLetterEntry};
 use crate::config::DlqAction;
+use queue_core::backend::{BackendError, CallQueue, DeadLetterEntry};
 
 /// Errors of the dead-letter commands.
 #[derive(Debug, thiserror::Error)]

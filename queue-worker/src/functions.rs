@@ -22,8 +22,8 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use crate::config::WorkerConfig;
-use crate::message::CallMeta;
 use crate::retry::RetryPolicy;
+use queue_core::message::CallMeta;
 
 /// Why the file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -129,7 +129,7 @@ impl FunctionSettings {
             message: e.to_string(),
         })?;
         for (name, o) in &file.functions {
-            let problem = if crate::message::parse_function(name).is_err() {
+            let problem = if queue_core::message::parse_function(name).is_err() {
                 Some("is not a function name (name or name.namespace)".to_owned())
             } else if o.max_attempts == Some(0) {
                 Some("max_attempts must be at least 1".to_owned())
@@ -179,8 +179,8 @@ impl FunctionSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::BodyLocation;
     use clap::Parser;
+    use queue_core::message::BodyLocation;
 
     fn meta(function: &str, namespace: Option<&str>) -> CallMeta {
         CallMeta {

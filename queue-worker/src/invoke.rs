@@ -6,44 +6,9 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use crate::config::{InvokeMode, WorkerConfig};
-use crate::message::QueuedCall;
-
-/// Headers that belong to one connection, not to the message (RFC 9110 §7.6.1), plus those the
-/// HTTP client sets itself. They are never stored or forwarded.
-pub const HOP_BY_HOP: [&str; 10] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "content-length",
-];
-
-/// True for headers that must not be copied from one HTTP exchange to another.
-pub fn is_hop_by_hop(name: &str) -> bool {
-    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h)) || name.eq_ignore_ascii_case("host")
-}
-
-/// What came of one invocation.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Outcome {
-    /// The function's status, or 503 when it could not be reached (OpenFaaS's convention),
-    /// 502 when its response was unusable.
-    pub status: u16,
-    /// The function's response headers (hop-by-hop removed).
-    pub headers: Vec<(String, String)>,
-    /// The function's response body (empty on a transport error).
-    pub body: Bytes,
-    /// Wall time of the call.
-    pub duration: Duration,
-    /// Why there is no real response, if so (`timeout`, `connect`, ...). Sent as
-    /// `X-Function-Error`; never contains request or response data.
-    pub error: Option<String>,
-}
+pub use queue_core::headers::{HOP_BY_HOP, is_hop_by_hop};
+use queue_core::message::QueuedCall;
+pub use queue_core::outcome::Outcome;
 
 /// Builds function URLs and calls functions.
 #[derive(Debug, Clone)]
@@ -219,8 +184,8 @@ async fn read_limited(mut response: reqwest::Response, max: u64) -> Result<Bytes
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::{BodyLocation, CallMeta};
     use clap::Parser;
+    use queue_core::message::{BodyLocation, CallMeta};
 
     fn call(ns: Option<&str>, path: &str, query: Option<&str>) -> QueuedCall {
         QueuedCall {

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use crate::invoke::Outcome;
+use queue_core::Outcome;
 
 /// Retry settings for function calls.
 #[derive(Debug, Clone, PartialEq, Eq)]

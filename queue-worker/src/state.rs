@@ -19,8 +19,8 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
-use crate::invoke::Outcome;
-use crate::sled_flush::GroupFlush;
+use queue_core::Outcome;
+use queue_core::sled_flush::GroupFlush;
 
 /// Errors from the state store. Any of them makes the worker hand the message back (nak).
 #[derive(Debug, thiserror::Error)]
@@ -123,7 +123,7 @@ pub struct CallStore {
 }
 
 fn now_ms() -> u64 {
-    crate::unix_nanos_now() / 1_000_000
+    queue_core::unix_nanos_now() / 1_000_000
 }
 
 impl CallStore {

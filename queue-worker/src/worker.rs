@@ -17,19 +17,19 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::backend::jetstream::{ConsumerOptions, JetStreamOptions, JetStreamQueue};
-use crate::backend::{CallQueue, DeadLetter, DeadLetterReason, QueueDelivery};
 use crate::callback::{CallbackSender, Delivery};
 use crate::config::WorkerConfig;
 use crate::functions::FunctionSettings;
 use crate::invoke::{FunctionInvoker, Outcome, http_client};
-use crate::message::QueuedCall;
-use crate::metrics;
-use crate::records::{
-    CallRecord, CallState, CallbackEntry, Event, OutcomeEvent, ResultAvailability, StoredResult,
-};
 use crate::retry::Decision;
 use crate::state::{Begin, CallStore, StateError};
+use queue_core::backend::jetstream::{ConsumerOptions, JetStreamOptions, JetStreamQueue};
+use queue_core::backend::{CallQueue, DeadLetter, DeadLetterReason, QueueDelivery};
+use queue_core::message::QueuedCall;
+use queue_core::metrics;
+use queue_core::records::{
+    CallRecord, CallState, CallbackEntry, Event, OutcomeEvent, ResultAvailability, StoredResult,
+};
 
 /// Largest pull request, whatever the number of free permits.
 const MAX_PULL_BATCH: usize = 256;
@@ -56,7 +56,7 @@ pub enum WorkerError {
     },
     /// Queue problem at start.
     #[error(transparent)]
-    Queue(#[from] crate::backend::BackendError),
+    Queue(#[from] queue_core::backend::BackendError),
     /// HTTP client could not be built.
     #[error("cannot build HTTP client: {0}")]
     Http(#[from] reqwest::Error),
@@ -174,7 +174,7 @@ pub async fn serve_metrics<Q: CallQueue>(
         Ok(listener) => {
             tracing::info!(listen = ?listener.local_addr().ok(), "metrics at /metrics");
             tokio::spawn(async move {
-                if let Err(e) = metrics::serve(listener, handle, queue, stop).await {
+                if let Err(e) = crate::endpoint::serve(listener, handle, queue, stop).await {
                     tracing::error!(error = %e, "metrics endpoint failed");
                 }
             });
@@ -400,7 +400,7 @@ fn letter_for<'a, D: QueueDelivery>(
 }
 
 fn is_expired(call: &QueuedCall, max_age: Duration) -> bool {
-    let age_nanos = crate::unix_nanos_now().saturating_sub(call.meta.received_at_unix_nanos);
+    let age_nanos = queue_core::unix_nanos_now().saturating_sub(call.meta.received_at_unix_nanos);
     Duration::from_nanos(age_nanos) > max_age
 }
 
@@ -482,7 +482,7 @@ async fn handle_call<Q: CallQueue>(
                 Event::AttemptStarted {
                     function: call.meta.qualified_function(),
                     attempt,
-                    at: crate::unix_nanos_now(),
+                    at: queue_core::unix_nanos_now(),
                     accepted_at: call.meta.received_at_unix_nanos,
                 },
             )
@@ -654,7 +654,7 @@ async fn finalize<Q: CallQueue>(
         call_id: call.meta.call_id.clone(),
         function: call.meta.qualified_function(),
         outcome: outcome.to_owned(),
-        at: crate::unix_nanos_now(),
+        at: queue_core::unix_nanos_now(),
         end_to_end_seconds: end_to_end,
         status,
         reason: reason.map(str::to_owned),
@@ -744,7 +744,7 @@ fn attempt_ended(
 
 fn callback_event(status: u16, attempts: u32, error: Option<&str>) -> Event {
     Event::Callback(CallbackEntry {
-        at: crate::unix_nanos_now(),
+        at: queue_core::unix_nanos_now(),
         status: (status != 0).then_some(status),
         attempts,
         delivered: error.is_none(),

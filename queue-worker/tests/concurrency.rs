@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{DEADLINE, InProcessWorker, Queue, call, worker_args};
-use load_tests::stub::{CallbackReceiver, StubBehavior, StubFunction};
+use test_support::stub::{CallbackReceiver, StubBehavior, StubFunction};
 
 async fn run_with_workers(workers: usize, max_inflight: usize, calls: usize) -> (usize, usize) {
     let queue = Queue::start().await;

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{DEADLINE, Fixture, call, signal};
-use load_tests::stub::StubBehavior;
+use test_support::stub::StubBehavior;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn worker_logs_hold_no_bodies_or_secrets() {

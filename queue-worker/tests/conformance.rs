@@ -15,11 +15,11 @@ use std::time::{Duration, Instant};
 
 use common::{DEADLINE, call, nats_args, stream_args};
 use futures::StreamExt;
-use load_tests::nats_server::NatsServer;
-use queue_worker::backend::embedded::{EmbeddedOptions, EmbeddedQueue};
-use queue_worker::backend::jetstream::{ConsumerOptions, JetStreamOptions, JetStreamQueue};
-use queue_worker::backend::{CallQueue, DeadLetter, DeadLetterReason, PublishError, QueueDelivery};
-use queue_worker::message::QueuedCall;
+use queue_core::backend::embedded::{EmbeddedOptions, EmbeddedQueue};
+use queue_core::backend::jetstream::{ConsumerOptions, JetStreamOptions, JetStreamQueue};
+use queue_core::backend::{CallQueue, DeadLetter, DeadLetterReason, PublishError, QueueDelivery};
+use queue_core::message::QueuedCall;
+use test_support::nats_server::NatsServer;
 use tokio_util::sync::CancellationToken;
 
 /// Ack wait of every backend under test.

@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::{DEADLINE, Fixture, signal, spawn_worker_process, wait_until};
-use load_tests::stub::StubBehavior;
+use test_support::stub::StubBehavior;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_with_calls_in_flight_loses_nothing() {

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{DEADLINE, Fixture, InProcessWorker};
-use load_tests::stub::StubBehavior;
+use test_support::stub::StubBehavior;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn call_longer_than_ack_wait_is_not_redelivered() {

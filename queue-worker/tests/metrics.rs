@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{DEADLINE, Fixture, signal, spawn_worker_process};
-use load_tests::stub::StubBehavior;
+use test_support::stub::StubBehavior;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_binary_exports_the_documented_series() {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{DEADLINE, Fixture, InProcessWorker};
 use futures::StreamExt;
-use load_tests::stub::StubBehavior;
+use test_support::stub::StubBehavior;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn undecodable_messages_are_dead_lettered_and_work_goes_on() {

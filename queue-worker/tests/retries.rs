@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::{DEADLINE, Fixture, InProcessWorker, wait_until};
-use load_tests::stub::StubBehavior;
+use test_support::stub::StubBehavior;
 
 fn failing(first: u32, status: u16, headers: &[(&str, &str)]) -> StubBehavior {
     StubBehavior {
@@ -364,7 +364,7 @@ async fn a_bad_functions_file_stops_the_worker_at_start_with_a_clear_error() {
 async fn a_hanging_callback_endpoint_times_out_and_the_call_is_dead_lettered_once() {
     let f = Fixture::start(StubBehavior::default()).await;
     // A "receiver" that never answers in time: a second stub holding every request 30 s.
-    let hanging = load_tests::stub::StubFunction::start(StubBehavior {
+    let hanging = test_support::stub::StubFunction::start(StubBehavior {
         delay: Duration::from_secs(30),
         ..StubBehavior::default()
     })

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{DEADLINE, Fixture, signal, spawn_worker_process, wait_until};
-use load_tests::stub::StubBehavior;
+use test_support::stub::StubBehavior;
 
 fn slow(secs: u64) -> StubBehavior {
     StubBehavior {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Fixture, call, signal, spawn_worker_process};
-use load_tests::stub::StubBehavior;
+use test_support::stub::StubBehavior;
 
 const CALLS: usize = 5_000;
 const MAX_ATTEMPTS: u32 = 6;
@@ -72,7 +72,7 @@ async fn every_call_ends_once_through_kills_restarts_and_outages() {
             let js = async_nats::jetstream::new(client.clone());
             for c in chunk {
                 let end = Instant::now() + SOAK_DEADLINE;
-                while queue_worker::queue::publish_call(
+                while queue_core::backend::nats::publish_call(
                     &client,
                     &js,
                     "faas-async",

@@ -3,18 +3,18 @@
 use anyhow::Context;
 use clap::Parser;
 use gateway_plugin::config::{GatewayConfig, openfaas_compat_args};
-use queue_worker::config::with_leading_args;
+use queue_core::settings::with_leading_args;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let compat = openfaas_compat_args(|k| std::env::var(k).ok());
     let args = with_leading_args(std::env::args_os(), compat);
     let config = GatewayConfig::parse_from(args);
-    queue_worker::telemetry::init(&config.log).map_err(anyhow::Error::msg)?;
+    queue_core::telemetry::init(&config.log).map_err(anyhow::Error::msg)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    gateway_plugin::run(config, listener, queue_worker::signal::shutdown_signal())
+    gateway_plugin::run(config, listener, queue_core::signal::shutdown_signal())
         .await
         .context("gateway-plugin failed")
 }

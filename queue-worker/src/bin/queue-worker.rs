@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use queue_worker::backend::jetstream::{JetStreamOptions, JetStreamQueue};
+use queue_core::backend::jetstream::{JetStreamOptions, JetStreamQueue};
 use queue_worker::config::{
     DlqAction, WorkerCommand, WorkerConfig, openfaas_compat_args, with_leading_args,
 };
@@ -16,11 +16,11 @@ async fn main() -> anyhow::Result<()> {
     let compat = openfaas_compat_args(|k| std::env::var(k).ok());
     let args = with_leading_args(std::env::args_os(), compat);
     let mut config = WorkerConfig::parse_from(args);
-    queue_worker::telemetry::init(&config.log).map_err(anyhow::Error::msg)?;
+    queue_core::telemetry::init(&config.log).map_err(anyhow::Error::msg)?;
     if let Some(WorkerCommand::Dlq { action }) = config.command.take() {
         return dead_letters(&config, action).await;
     }
-    queue_worker::run(config, queue_worker::signal::shutdown_signal())
+    queue_worker::run(config, queue_core::signal::shutdown_signal())
         .await
         .context("queue-worker failed")
 }

@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use bytes::Bytes;
 use clap::Parser;
-use load_tests::nats_server::NatsServer;
+use queue_core::message::{BodyLocation, CallMeta, QueuedCall};
+use queue_core::settings::{NatsArgs, StreamArgs};
 use queue_worker::WorkerConfig;
-use queue_worker::config::{NatsArgs, StreamArgs};
-use queue_worker::message::{BodyLocation, CallMeta, QueuedCall};
+use test_support::nats_server::NatsServer;
 use tokio::sync::oneshot;
 
 /// Generous deadline for anything that waits for a condition on a loaded machine.
@@ -39,11 +39,11 @@ pub fn nats_args(url: &str) -> NatsArgs {
     A::try_parse_from(["x", "--nats-url", url]).unwrap().nats
 }
 
-pub fn record_args() -> queue_worker::config::RecordArgs {
+pub fn record_args() -> queue_core::settings::RecordArgs {
     #[derive(Parser)]
     struct A {
         #[command(flatten)]
-        records: queue_worker::config::RecordArgs,
+        records: queue_core::settings::RecordArgs,
     }
     A::try_parse_from(["x"]).unwrap().records
 }
@@ -65,7 +65,7 @@ impl Queue {
         let client = async_nats::connect(nats.url()).await.unwrap();
         let js = jetstream::new(client.clone());
         let max_payload = client.server_info().max_payload;
-        queue_worker::queue::ensure_streams(&js, &args, &stream_args(), max_payload)
+        queue_core::backend::nats::ensure_streams(&js, &args, &stream_args(), max_payload)
             .await
             .unwrap();
         Self {
@@ -78,7 +78,7 @@ impl Queue {
 
     /// Publishes a call the way the gateway does; returns its id.
     pub async fn publish(&self, call: &QueuedCall) -> String {
-        queue_worker::queue::publish_call(
+        queue_core::backend::nats::publish_call(
             &self.client,
             &self.js,
             &self.args.subject_prefix,
@@ -91,15 +91,15 @@ impl Queue {
     }
 
     /// The dead letters, as `queue-worker dlq list` shows them.
-    pub async fn dead_letters(&self) -> Vec<queue_worker::backend::DeadLetterEntry> {
-        use queue_worker::backend::CallQueue;
-        let options = queue_worker::backend::jetstream::JetStreamOptions {
+    pub async fn dead_letters(&self) -> Vec<queue_core::backend::DeadLetterEntry> {
+        use queue_core::backend::CallQueue;
+        let options = queue_core::backend::jetstream::JetStreamOptions {
             nats: self.args.clone(),
             manage_streams: None,
             consumer: None,
             records: record_args(),
         };
-        let queue = queue_worker::backend::jetstream::JetStreamQueue::with_client(
+        let queue = queue_core::backend::jetstream::JetStreamQueue::with_client(
             self.client.clone(),
             options,
             tokio_util::sync::CancellationToken::new(),
@@ -137,7 +137,7 @@ pub fn call(function: &str, callback_url: Option<&str>, body: &'static [u8]) -> 
             query: None,
             headers: vec![("content-type".into(), "text/plain".into())],
             callback_url: callback_url.map(Into::into),
-            received_at_unix_nanos: queue_worker::unix_nanos_now(),
+            received_at_unix_nanos: queue_core::unix_nanos_now(),
             body: BodyLocation::Inline { len: 0 },
         },
         body: Bytes::from_static(body),
@@ -244,19 +244,19 @@ pub async fn wait_until(mut cond: impl FnMut() -> bool) -> bool {
 /// The usual cast of a test: a queue, a stub function, a callback receiver, a scratch directory.
 pub struct Fixture {
     pub queue: Queue,
-    pub function: load_tests::stub::StubFunction,
-    pub receiver: load_tests::stub::CallbackReceiver,
+    pub function: test_support::stub::StubFunction,
+    pub receiver: test_support::stub::CallbackReceiver,
     pub dir: tempfile::TempDir,
 }
 
 impl Fixture {
-    pub async fn start(behavior: load_tests::stub::StubBehavior) -> Self {
+    pub async fn start(behavior: test_support::stub::StubBehavior) -> Self {
         Self {
             queue: Queue::start().await,
-            function: load_tests::stub::StubFunction::start(behavior)
+            function: test_support::stub::StubFunction::start(behavior)
                 .await
                 .unwrap(),
-            receiver: load_tests::stub::CallbackReceiver::start().await.unwrap(),
+            receiver: test_support::stub::CallbackReceiver::start().await.unwrap(),
             dir: tempfile::tempdir().unwrap(),
         }
     }

@@ -14,8 +14,12 @@
 //! - dead letters keep the original message with what is known about the failure, and can be
 //!   listed, replayed onto the queue and purged.
 
+#[cfg(feature = "embedded")]
 pub mod embedded;
 pub mod jetstream;
+pub mod nats;
+
+pub use nats::HEADER_ALLOWANCE;
 
 use std::future::Future;
 use std::time::Duration;
@@ -32,13 +36,13 @@ use crate::records::{CallRecord, Event, OutcomeEvent, StoredResult};
 pub enum BackendError {
     /// Setting up NATS, the streams or the consumer failed.
     #[error(transparent)]
-    JetStream(#[from] crate::queue::QueueError),
+    JetStream(#[from] QueueError),
     /// A request to the queue failed or timed out.
     #[error("queue request failed: {0}")]
     Request(String),
     /// The embedded queue's storage failed.
     #[error("embedded queue storage: {0}")]
-    Storage(#[from] sled::Error),
+    Storage(String),
     /// A record could not be encoded.
     #[error("cannot encode a record: {0}")]
     Encode(#[from] serde_json::Error),
@@ -53,6 +57,36 @@ pub enum BackendError {
     /// A dead letter has no subject to replay to.
     #[error("dead letter {0} has no Dead-Letter-Subject; it cannot be replayed")]
     NoSubject(u64),
+}
+
+/// Errors talking to NATS.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// Could not connect.
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Connect {
+        /// URL used.
+        url: String,
+        /// Cause.
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    /// Stream create/update/lookup failed.
+    #[error("stream {name}: {message}")]
+    Stream {
+        /// Stream name.
+        name: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// Consumer create/lookup failed.
+    #[error("consumer {name}: {message}")]
+    Consumer {
+        /// Consumer name.
+        name: String,
+        /// What went wrong.
+        message: String,
+    },
 }
 
 /// Why a publish did not store the call.
@@ -373,7 +407,7 @@ impl DeadLetter<'_> {
             (h::REASON, self.reason.as_str().to_owned()),
             (h::SUBJECT, self.original_subject.to_owned()),
             (h::DETAIL, detail),
-            (h::TIME, crate::unix_nanos_now().to_string()),
+            (h::TIME, crate::clock::unix_nanos_now().to_string()),
             (h::ATTEMPTS, self.attempts.to_string()),
         ];
         if let Some(status) = self.last_status {
@@ -462,4 +496,19 @@ impl DeadLetterEntry {
 pub fn call_subject(prefix: &str, call: &QueuedCall) -> String {
     let ns = call.meta.namespace.as_deref().unwrap_or("_");
     format!("{prefix}.{ns}.{}", call.meta.function)
+}
+
+/// Renders the metrics in Prometheus text format, after refreshing the queue gauges from
+/// `queue` (an unavailable queue leaves them as they were).
+pub async fn render_metrics<Q: CallQueue>(
+    handle: &metrics_exporter_prometheus::PrometheusHandle,
+    queue: &Q,
+) -> String {
+    match queue.stats().await {
+        Ok(stats) => {
+            crate::metrics::set_queue_gauges(stats.pending, stats.unacked, stats.dead_letters);
+        }
+        Err(e) => tracing::debug!(error = %e, "queue stats unavailable for /metrics"),
+    }
+    handle.render()
 }

@@ -33,10 +33,16 @@ use super::{
     BackendError, CallQueue, CallRecords, DeadLetter, DeadLetterEntry, PublishError, Published,
     QueueDelivery, call_subject,
 };
+use crate::clock::unix_nanos_now;
 use crate::message::QueuedCall;
 use crate::records::{self, CallRecord, Event, OutcomeEvent, StoredResult};
 use crate::sled_flush::GroupFlush;
-use crate::unix_nanos_now;
+
+impl From<sled::Error> for BackendError {
+    fn from(e: sled::Error) -> Self {
+        Self::Storage(e.to_string())
+    }
+}
 
 /// Format version of the records this module writes.
 const RECORD_VERSION: u8 = 1;

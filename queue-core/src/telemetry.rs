@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{LogArgs, LogFormat};
+use crate::settings::{LogArgs, LogFormat};
 
 /// Installs the global subscriber, writing to stderr. Call once, from a binary.
 pub fn init(args: &LogArgs) -> Result<(), String> {

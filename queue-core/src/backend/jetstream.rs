@@ -1,6 +1,6 @@
 //! The JetStream backend: calls are messages on a work-queue stream, workers share one durable
 //! pull consumer, dead letters go to a second stream. The plumbing (stream and consumer
-//! definitions, publish with `Nats-Msg-Id`) is in [`crate::queue`].
+//! definitions, publish with `Nats-Msg-Id`) is in [`crate::backend::nats`].
 //!
 //! A queue that manages the streams (the gateway's) creates or updates them in a background
 //! task whenever they are not known to be in place: at start, after a publish failed, and after
@@ -20,14 +20,14 @@ use futures::stream::BoxStream;
 use tokio::sync::{Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 
+use super::nats::{self as queue, HEADER_ALLOWANCE};
 use super::{
     BackendError, CallQueue, CallRecords, DeadLetter, DeadLetterEntry, PublishError, Published,
-    QueueDelivery,
+    QueueDelivery, QueueError,
 };
-use crate::config::{NatsArgs, RecordArgs, StreamArgs};
 use crate::message::QueuedCall;
-use crate::queue::{self, HEADER_ALLOWANCE};
 use crate::records::{self, CallRecord, Event, OutcomeEvent, StoredResult};
+use crate::settings::{NatsArgs, RecordArgs, StreamArgs};
 
 /// The durable consumer a worker pulls from.
 #[derive(Debug, Clone)]
@@ -213,7 +213,7 @@ impl JetStreamQueue {
         Ok(consumer)
     }
 
-    async fn ensure_records_bucket(&self, settings: &StreamArgs) -> Result<(), queue::QueueError> {
+    async fn ensure_records_bucket(&self, settings: &StreamArgs) -> Result<(), QueueError> {
         let config = kv::Config {
             bucket: self.options.records.records_bucket.clone(),
             description: "async call records and kept results".into(),
@@ -227,7 +227,7 @@ impl JetStreamQueue {
             .js
             .create_or_update_key_value(config)
             .await
-            .map_err(|e| queue::QueueError::Stream {
+            .map_err(|e| QueueError::Stream {
                 name: self.options.records.records_bucket.clone(),
                 message: e.to_string(),
             })?;
@@ -356,7 +356,7 @@ impl CallRecords for JetStreamQueue {
                     None => (None, None),
                 }
             };
-            let record = records::apply(call_id, current, event, crate::unix_nanos_now());
+            let record = records::apply(call_id, current, event, crate::clock::unix_nanos_now());
             let value = bytes::Bytes::from(serde_json::to_vec(&record)?);
             let written = match revision {
                 Some(revision) => kv
@@ -701,7 +701,7 @@ impl CallQueue for JetStreamQueue {
         while let Some(item) = subjects.next().await {
             counts.push(item.map_err(request_err)?);
         }
-        let now = i128::from(crate::unix_nanos_now());
+        let now = i128::from(crate::clock::unix_nanos_now());
         let mut out = Vec::new();
         for (subject, pending) in counts {
             let Some(function) = super::function_of_subject(prefix, &subject) else {

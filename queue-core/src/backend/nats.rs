@@ -1,4 +1,4 @@
-//! JetStream plumbing under [`crate::backend::jetstream`]: connecting, the stream and consumer
+//! JetStream plumbing under [`super::jetstream`]: connecting, the stream and consumer
 //! definitions, and publishing a call with `Nats-Msg-Id` dedup.
 
 use std::sync::Arc;
@@ -7,43 +7,13 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
 
-use crate::backend::{PublishError, call_subject};
-use crate::config::{NatsArgs, StreamArgs};
+use super::{PublishError, QueueError, call_subject};
 use crate::message::QueuedCall;
+use crate::settings::{NatsArgs, StreamArgs};
 
 /// Room kept for NATS headers (message id, dead-letter reasons) when comparing an envelope with
 /// the server's `max_payload`.
 pub const HEADER_ALLOWANCE: usize = 4 * 1024;
-
-/// Errors talking to NATS.
-#[derive(Debug, thiserror::Error)]
-pub enum QueueError {
-    /// Could not connect.
-    #[error("cannot connect to NATS at {url}: {source}")]
-    Connect {
-        /// URL used.
-        url: String,
-        /// Cause.
-        #[source]
-        source: async_nats::ConnectError,
-    },
-    /// Stream create/update/lookup failed.
-    #[error("stream {name}: {message}")]
-    Stream {
-        /// Stream name.
-        name: String,
-        /// What went wrong.
-        message: String,
-    },
-    /// Consumer create/lookup failed.
-    #[error("consumer {name}: {message}")]
-    Consumer {
-        /// Consumer name.
-        name: String,
-        /// What went wrong.
-        message: String,
-    },
-}
 
 /// Connects with unlimited reconnects, including on the first connect, so a process started
 /// before NATS comes up waits for it instead of exiting.

@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use crate::RecordedCallback;
+use crate::stub::{ANSWERED_AT_HEADER, INVOKED_AT_HEADER, RecordedCallback};
 
 /// What [`audit_callbacks`] expects of each callback.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -147,10 +147,10 @@ pub fn audit_callbacks(
                 .header("x-duration-seconds")
                 .and_then(parse_seconds),
             invoked_at: callback
-                .header(crate::INVOKED_AT_HEADER)
+                .header(INVOKED_AT_HEADER)
                 .and_then(|nanos| nanos.parse().ok()),
             answered_at: callback
-                .header(crate::ANSWERED_AT_HEADER)
+                .header(ANSWERED_AT_HEADER)
                 .and_then(|nanos| nanos.parse().ok()),
         });
     }

@@ -18,7 +18,7 @@ use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::HarnessError;
+use crate::error::HarnessError;
 
 /// How often the `wait_for_*` helpers re-check their condition.
 const POLL_INTERVAL: Duration = Duration::from_millis(20);

@@ -11,7 +11,7 @@ use tempfile::TempDir;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-use crate::HarnessError;
+use crate::error::HarnessError;
 
 /// How long a freshly spawned server may take to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -36,7 +36,7 @@ pub fn nats_server_binary() -> Result<PathBuf, HarnessError> {
 fn resolve_binary(from_env: Option<OsString>) -> Result<PathBuf, HarnessError> {
     let path = match from_env {
         Some(path) if !path.is_empty() => PathBuf::from(path),
-        _ => crate::workspace_dir().join(".tools/venv/bin/nats-server"),
+        _ => crate::error::workspace_dir().join(".tools/venv/bin/nats-server"),
     };
     if path.is_file() {
         Ok(path)

@@ -97,52 +97,19 @@ pub fn function_label(name: &str) -> String {
     "other".to_owned()
 }
 
-/// Sets the queue gauges from a snapshot (at scrape time).
-pub fn record_queue_stats(stats: &crate::backend::QueueStats) {
+/// Sets the queue gauges (at scrape time).
+pub fn set_queue_gauges(pending: u64, unacked: u64, dead_letters: u64) {
     #[allow(clippy::cast_precision_loss, reason = "gauges are f64")]
     {
-        metrics::gauge!(PENDING).set(stats.pending as f64);
-        metrics::gauge!(UNACKED).set(stats.unacked as f64);
-        metrics::gauge!(DEAD_LETTERS_KEPT).set(stats.dead_letters as f64);
+        metrics::gauge!(PENDING).set(pending as f64);
+        metrics::gauge!(UNACKED).set(unacked as f64);
+        metrics::gauge!(DEAD_LETTERS_KEPT).set(dead_letters as f64);
     }
-}
-
-/// Renders the metrics in Prometheus text format, after refreshing the queue gauges.
-pub async fn render<Q: crate::backend::CallQueue>(handle: &PrometheusHandle, queue: &Q) -> String {
-    match queue.stats().await {
-        Ok(stats) => record_queue_stats(&stats),
-        Err(e) => tracing::debug!(error = %e, "queue stats unavailable for /metrics"),
-    }
-    handle.render()
-}
-
-/// Serves `GET /metrics` and `GET /healthz` on `listener` until `stop` fires (the worker
-/// binary, which has no other HTTP server).
-pub async fn serve<Q: crate::backend::CallQueue>(
-    listener: tokio::net::TcpListener,
-    handle: PrometheusHandle,
-    queue: std::sync::Arc<Q>,
-    stop: tokio_util::sync::CancellationToken,
-) -> std::io::Result<()> {
-    use axum::routing::get;
-    let app = axum::Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let handle = handle.clone();
-                let queue = queue.clone();
-                async move { render(&handle, queue.as_ref()).await }
-            }),
-        )
-        .route("/healthz", get(|| async { "ok" }));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
 }
 
 /// Seconds since `unix_nanos` (0 if in the future).
 pub fn seconds_since(unix_nanos: u64) -> f64 {
-    Duration::from_nanos(crate::unix_nanos_now().saturating_sub(unix_nanos)).as_secs_f64()
+    Duration::from_nanos(crate::clock::unix_nanos_now().saturating_sub(unix_nanos)).as_secs_f64()
 }
 
 #[cfg(test)]

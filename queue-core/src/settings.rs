@@ -1,0 +1,185 @@
+//! The settings both binaries share (NATS connection and names, stream limits, call records,
+//! logging) as plain structs, and the parsers of durations and sizes every setting uses.
+//!
+//! The backends take these structs as they are. With the `cli` feature the same structs are
+//! also clap argument groups (flag + environment variable each), which the binaries' config
+//! modules flatten into their own: one definition, so the gateway and the workers read the same
+//! names, and the core itself never needs clap.
+
+use std::ffi::OsString;
+use std::time::Duration;
+
+/// Parses a humantime duration (`500ms`, `30s`, `5m`, `1h 30m`). A bare number is seconds,
+/// as OpenFaaS's Go durations are often written that way in old charts.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 30s, 5m, 1h)"))
+}
+
+/// Parses a byte size: `1048576`, `512KiB`, `1MiB`, `2MB`.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (expected e.g. 1048576, 512KiB, 1MiB)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} (use B, KiB, MiB, GiB)"
+            ));
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// How to reach NATS. Shared by both binaries.
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct NatsArgs {
+    /// NATS server URL(s), comma-separated.
+    #[cfg_attr(
+        feature = "cli",
+        arg(
+            long,
+            global = true,
+            env = "NATS_URL",
+            default_value = "nats://127.0.0.1:4222"
+        )
+    )]
+    pub nats_url: String,
+    /// Name of the JetStream stream holding queued calls.
+    #[cfg_attr(
+        feature = "cli",
+        arg(
+            long,
+            global = true,
+            env = "ASYNC_STREAM",
+            default_value = "faas-async"
+        )
+    )]
+    pub stream: String,
+    /// Subject prefix: calls are published on `<prefix>.<namespace or _>.<function>`.
+    #[cfg_attr(
+        feature = "cli",
+        arg(
+            long,
+            global = true,
+            env = "ASYNC_SUBJECT_PREFIX",
+            default_value = "faas-async"
+        )
+    )]
+    pub subject_prefix: String,
+    /// Stream receiving dead letters (undecodable messages).
+    #[cfg_attr(
+        feature = "cli",
+        arg(
+            long,
+            env = "ASYNC_DEAD_LETTER_STREAM",
+            default_value = "faas-async-dead"
+        )
+    )]
+    pub dead_letter_stream: String,
+    /// How long a JetStream API request or publish acknowledgement may take.
+    #[cfg_attr(feature = "cli", arg(long, global = true, env = "NATS_REQUEST_TIMEOUT", default_value = "5s", value_parser = parse_duration))]
+    pub nats_request_timeout: Duration,
+}
+
+/// How the gateway creates or updates the stream. Only the gateway applies these; workers use
+/// the stream as they find it.
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct StreamArgs {
+    /// Messages older than this are dropped by JetStream without a trace. Keep it well above
+    /// the workers' `--call-max-age`, which dead-letters old calls visibly.
+    #[cfg_attr(feature = "cli", arg(long, env = "ASYNC_STREAM_MAX_AGE", default_value = "7d", value_parser = parse_duration))]
+    pub stream_max_age: Duration,
+    /// Size limit of the stream; when full, new calls get 503 (discard-new policy). 0 = no limit.
+    #[cfg_attr(feature = "cli", arg(long, env = "ASYNC_STREAM_MAX_BYTES", default_value = "0", value_parser = parse_bytes))]
+    pub stream_max_bytes: u64,
+    /// Replicas of the stream (3 in a JetStream cluster).
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, env = "ASYNC_STREAM_REPLICAS", default_value_t = 1)
+    )]
+    pub stream_replicas: usize,
+    /// Window in which a publish with the same call id is stored once.
+    #[cfg_attr(feature = "cli", arg(long, env = "ASYNC_STREAM_DUPLICATE_WINDOW", default_value = "2m", value_parser = parse_duration))]
+    pub stream_duplicate_window: Duration,
+}
+
+/// Call records and kept results (`GET /async-calls/{id}`). Shared by both binaries.
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct RecordArgs {
+    /// JetStream key-value bucket of call records and kept results (created by the gateway).
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, env = "ASYNC_RECORDS_BUCKET", default_value = "faas-async-calls")
+    )]
+    pub records_bucket: String,
+    /// How long a call's record and kept result live after their last change.
+    #[cfg_attr(feature = "cli", arg(long, env = "ASYNC_RECORDS_RETENTION", default_value = "24h", value_parser = parse_duration))]
+    pub records_retention: Duration,
+    /// Largest function response kept for `GET /async-calls/{id}/result` (lowered to what the
+    /// queue's message limit allows); a larger one is reported as too large, never truncated.
+    #[cfg_attr(feature = "cli", arg(long, env = "ASYNC_MAX_RESULT_BYTES", default_value = "512KiB", value_parser = parse_bytes))]
+    pub max_result_bytes: u64,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logging. Shared by both binaries.
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct LogArgs {
+    /// Log format.
+    #[cfg_attr(feature = "cli", arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text))]
+    pub log_format: LogFormat,
+    /// Log filter in `tracing` syntax (`info`, `queue_worker=debug`).
+    #[cfg_attr(feature = "cli", arg(long, env = "LOG_LEVEL", default_value = "info"))]
+    pub log_level: String,
+}
+
+/// The NATS URL from OpenFaaS's `faas_nats_address` / `faas_nats_port`, if they are set.
+/// Both binaries use it; the gateway maps nothing else.
+pub fn openfaas_nats_url(lookup: impl Fn(&str) -> Option<String>) -> Option<String> {
+    let addr = lookup("faas_nats_address").filter(|v| !v.trim().is_empty())?;
+    let port = lookup("faas_nats_port")
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| "4222".into());
+    Some(format!("nats://{addr}:{port}"))
+}
+
+/// The argument list a binary parses: program name, then `leading` flags (derived from OpenFaaS
+/// variables), then the real command line, which wins because later flags override earlier ones.
+pub fn with_leading_args(
+    real_args: impl IntoIterator<Item = OsString>,
+    leading: Vec<OsString>,
+) -> Vec<OsString> {
+    let mut real = real_args.into_iter();
+    let mut out: Vec<OsString> = real.next().into_iter().collect();
+    out.extend(leading);
+    out.extend(real);
+    out
+}

@@ -1,0 +1,34 @@
+//! Real components for the tests of every crate in the workspace and for the `load-tests`
+//! harness: no mocks, only real processes and real sockets on `127.0.0.1`.
+//!
+//! A leaf: it depends on no crate of the product, so any product crate can dev-depend on it
+//! without a cycle, and the product never depends on it.
+//!
+//! # Layout
+//!
+//! - [`nats_server`]: [`NatsServer`], a private `nats-server` process with
+//!   JetStream enabled, its own port and its own store directory; it can be
+//!   stopped and restarted on the same port and store.
+//! - [`stub`]: [`StubFunction`], an HTTP server standing in for an OpenFaaS
+//!   function or gateway that records every request, and [`CallbackReceiver`],
+//!   an HTTP server that records the callbacks it receives and can be stopped
+//!   and started again on the same port.
+//! - [`open_loop`](mod@open_loop): [`open_loop()`], an open-loop load generator
+//!   measuring every latency from the request's intended send time.
+//! - [`audit`]: [`audit::audit_callbacks`], matching received callbacks to
+//!   accepted call ids: lost, duplicated, unexpected, bad headers.
+//! - [`HarnessError`]: the error type of everything above.
+
+pub mod audit;
+mod error;
+pub mod nats_server;
+pub mod open_loop;
+pub mod stub;
+
+pub use error::{HarnessError, workspace_dir};
+pub use nats_server::{NatsServer, nats_server_binary};
+pub use open_loop::{Timed, open_loop};
+pub use stub::{
+    ANSWERED_AT_HEADER, CallbackReceiver, Fault, FaultMix, INVOKED_AT_HEADER, RecordedCallback,
+    RecordedRequest, StubBehavior, StubFunction,
+};
