@@ -7,7 +7,7 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use queue_core::backend::CallQueue;
+use queue_core::backend::{CallQueue, apply_event};
 use queue_core::headers::is_hop_by_hop;
 use queue_core::message::valid_call_id;
 use queue_core::records::{CallRecord, CallState, Event, ResultAvailability};
@@ -81,10 +81,9 @@ async fn cancel_call<Q: CallQueue>(
     if record.state.is_final() {
         return Err(finished(&record));
     }
-    let record = state
-        .queue
-        .apply(call_id, &Event::Cancel)
+    let record = apply_event(state.queue.as_ref(), call_id, None, &[Event::Cancel], None)
         .await
+        .map(|owned| owned.record)
         .map_err(|e| {
             tracing::warn!(error = %e, "cancelling failed");
             ApiError::unavailable("call records are unavailable now", state.retry_after)

@@ -19,19 +19,70 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{MethodFilter, get, on, post};
-use queue_core::backend::{CallQueue, PublishError};
+use queue_core::backend::{CallQueue, PublishError, RecordWriteError, Revision};
 use queue_core::headers::is_hop_by_hop;
 use queue_core::message::{
     BodyLocation, CallMeta, QueuedCall, parse_callback_url, parse_function, valid_call_id,
     validate_path,
 };
-use queue_core::records::{Event, idempotency_key};
+use queue_core::records::{self, CallState, Event, idempotency_key};
 use serde_json::json;
 
 use crate::error::ApiError;
 use crate::state::AppState;
 
 const ASYNC_PREFIX: &str = "/async-function/";
+
+/// Writes the record of a call about to be queued; returns its revision and whether this
+/// request created it. A record already there is the same call retried (still queued, same
+/// function, within the queue's duplicate window, so publishing again stores it once) or
+/// another call's: then the id is refused with 409 rather than rebinding another call's record,
+/// result and dedup state.
+async fn record_call<Q: CallQueue>(
+    state: &AppState<Q>,
+    call: &QueuedCall,
+    received_at: u64,
+) -> Result<(Revision, bool), ApiError> {
+    let call_id = call.meta.call_id.as_str();
+    let function = call.meta.qualified_function();
+    let accepted = Event::Accepted {
+        function: function.clone(),
+        at: received_at,
+        has_callback: call.meta.callback_url.is_some(),
+    };
+    let record = records::apply(call_id, None, &accepted, received_at);
+    let unavailable = |e: &dyn std::fmt::Display| {
+        tracing::warn!(call_id, error = %e, "could not write the call record");
+        ApiError::unavailable(
+            "call records are unavailable now; retry with the same X-Call-Id",
+            state.retry_after,
+        )
+    };
+    match state.queue.write_record(call_id, None, &record, None).await {
+        Ok(revision) => return Ok((revision, true)),
+        Err(RecordWriteError::Backend(e)) => return Err(unavailable(&e)),
+        Err(RecordWriteError::Conflict) => {}
+    }
+    let window = u64::try_from(state.queue.duplicate_window().as_nanos()).unwrap_or(u64::MAX);
+    match state.queue.record_entry(call_id).await {
+        Ok(Some((existing, revision)))
+            if existing.state == CallState::Queued
+                && existing.function == function
+                && existing.attempts.is_empty()
+                && received_at.saturating_sub(existing.accepted_at) < window =>
+        {
+            Ok((revision, false))
+        }
+        Ok(Some(_)) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "call_id_in_use",
+            "this X-Call-Id belongs to another call; send a new id (or none, to get one)",
+        )),
+        // Expired between the two requests: the client may simply retry.
+        Ok(None) => Err(unavailable(&"the record vanished while it was read")),
+        Err(e) => Err(unavailable(&e)),
+    }
+}
 
 /// All routes.
 pub fn router<Q: CallQueue>(state: Arc<AppState<Q>>) -> Router {
@@ -281,7 +332,7 @@ async fn accept<Q: CallQueue>(
             ApiError::bad_request("unreadable_body", "could not read the request body")
         })?;
 
-    let call = QueuedCall {
+    let mut call = QueuedCall {
         meta: CallMeta {
             call_id: call_id.to_owned(),
             function,
@@ -293,6 +344,7 @@ async fn accept<Q: CallQueue>(
             callback_url,
             received_at_unix_nanos: received_at,
             body: BodyLocation::Inline { len: 0 },
+            record_revision: None,
         },
         body,
     };
@@ -331,12 +383,30 @@ async fn accept<Q: CallQueue>(
             }
         }
     }
+    let release_key = || async {
+        if let Some(key) = &idempotency
+            && let Err(e) = state.queue.release_idempotency_key(key).await
+        {
+            tracing::warn!(error = %e, "could not release the idempotency key");
+        }
+    };
+    // The record first, so that `GET /async-calls/{id}` knows every call answered 202, a
+    // reused call id is caught before anything is queued, and the worker can write the next
+    // state at the revision the envelope carries without reading the record.
+    let (revision, created) = match record_call(state, &call, received_at).await {
+        Ok(written) => written,
+        Err(e) => {
+            release_key().await;
+            return Err(e);
+        }
+    };
+    call.meta.record_revision = Some(revision);
     let published = state.queue.publish(&call).await;
-    if published.is_err()
-        && let Some(key) = &idempotency
-        && let Err(e) = state.queue.release_idempotency_key(key).await
-    {
-        tracing::warn!(error = %e, "could not release the idempotency key");
+    if published.is_err() {
+        release_key().await;
+        if created && let Err(e) = state.queue.delete_record(call_id).await {
+            tracing::warn!(call_id, error = %e, "could not remove the record of a call not queued");
+        }
     }
     let published = published.map_err(|e| match e {
         PublishError::TooLarge { max, .. } => ApiError::new(
@@ -357,15 +427,6 @@ async fn accept<Q: CallQueue>(
             "could not encode the call",
         ),
     })?;
-    let accepted = Event::Accepted {
-        function: call.meta.qualified_function(),
-        at: received_at,
-        has_callback: call.meta.callback_url.is_some(),
-    };
-    if let Err(e) = state.queue.apply(call_id, &accepted).await {
-        // The call is stored; only its record lags until a worker writes it.
-        tracing::warn!(call_id, error = %e, "could not write the call record");
-    }
     tracing::info!(
         call_id,
         function = %call.meta.qualified_function(),

@@ -598,6 +598,30 @@ pub struct Ratios {
     pub accept_vs_baseline_js_publish: Option<f64>,
     /// `end_to_end` rate / `baseline_js_pull_ack` rate (`null` when skipped).
     pub end_to_end_vs_baseline_js_pull_ack: Option<f64>,
+    /// The most accepts per second these baselines allow: one HTTP exchange and one publish
+    /// per call, `1 / (1/http + 1/publish)` (`null` without the JetStream baselines).
+    pub accept_ceiling: Option<f64>,
+    /// `accept` rate / [`Ratios::accept_ceiling`].
+    pub accept_vs_ceiling: Option<f64>,
+    /// The most completed calls per second these baselines allow: three HTTP exchanges (the
+    /// submission, the invocation, the callback), one publish and one pull with ack per
+    /// call, `1 / (3/http + 1/publish + 1/pull_ack)`.
+    pub end_to_end_ceiling: Option<f64>,
+    /// `end_to_end` rate / [`Ratios::end_to_end_ceiling`].
+    pub end_to_end_vs_ceiling: Option<f64>,
+}
+
+/// `1 / Σ (per-call exchanges / rate)`: the rate a call made of these exchanges could reach
+/// if nothing else cost anything. `None` if a rate is not positive.
+pub fn composite_ceiling(parts: &[(f64, f64)]) -> Option<f64> {
+    let mut seconds_per_call = 0.0;
+    for &(count, rate) in parts {
+        if rate <= 0.0 || !rate.is_finite() {
+            return None;
+        }
+        seconds_per_call += count / rate;
+    }
+    (seconds_per_call > 0.0).then(|| 1.0 / seconds_per_call)
 }
 
 /// What [`run`] measured.
@@ -809,6 +833,16 @@ impl Report {
             ratio(self.ratios.accept_vs_baseline_js_publish),
             ratio(self.ratios.end_to_end_vs_baseline_js_pull_ack),
         );
+        let per_sec = |r: Option<f64>| r.map_or_else(|| "n/a".to_owned(), |r| format!("{r:.0}/s"));
+        let _ = writeln!(
+            out,
+            "ceilings from these baselines: accept 1/(1/http + 1/publish) = {}, ratio {}; \
+             end_to_end 1/(3/http + 1/publish + 1/pull_ack) = {}, ratio {}",
+            per_sec(self.ratios.accept_ceiling),
+            ratio(self.ratios.accept_vs_ceiling),
+            per_sec(self.ratios.end_to_end_ceiling),
+            ratio(self.ratios.end_to_end_vs_ceiling),
+        );
         let _ = writeln!(
             out,
             "end_to_end: {} of {} accepted calls completed; lost {}, duplicates {}, \
@@ -1000,7 +1034,27 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
     };
 
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+    let accept_ceiling = baseline_js_publish.as_ref().and_then(|publish| {
+        composite_ceiling(&[
+            (1.0, baseline_http.rate_per_sec),
+            (1.0, publish.rate_per_sec),
+        ])
+    });
+    let end_to_end_ceiling = baseline_js_publish
+        .as_ref()
+        .zip(baseline_js_pull_ack.as_ref())
+        .and_then(|(publish, pull)| {
+            composite_ceiling(&[
+                (3.0, baseline_http.rate_per_sec),
+                (1.0, publish.rate_per_sec),
+                (1.0, pull.rate_per_sec),
+            ])
+        });
     let ratios = Ratios {
+        accept_ceiling,
+        accept_vs_ceiling: accept_ceiling.map(|c| ratio(accept.rate_per_sec, c)),
+        end_to_end_ceiling,
+        end_to_end_vs_ceiling: end_to_end_ceiling.map(|c| ratio(end_to_end.rate_per_sec, c)),
         accept_vs_baseline_http: ratio(accept.rate_per_sec, baseline_http.rate_per_sec),
         end_to_end_vs_baseline_http: ratio(end_to_end.rate_per_sec, baseline_http.rate_per_sec),
         accept_vs_baseline_js_publish: baseline_js_publish
@@ -1750,6 +1804,18 @@ fn to_u64(n: usize) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_composite_ceiling_adds_the_time_of_each_exchange() {
+        // The issue's figures: 64,000 HTTP exchanges/s, 97,000 publishes/s, 75,000 pull+acks/s.
+        let e2e = composite_ceiling(&[(3.0, 64_000.0), (1.0, 97_000.0), (1.0, 75_000.0)]).unwrap();
+        assert!((e2e - 14_181.0).abs() < 1.0, "{e2e}");
+        let accept = composite_ceiling(&[(1.0, 64_000.0), (1.0, 97_000.0)]).unwrap();
+        assert!((accept - 38_559.0).abs() < 1.0, "{accept}");
+        // A baseline that measured nothing gives no ceiling rather than a wrong one.
+        assert_eq!(composite_ceiling(&[(1.0, 0.0), (1.0, 97_000.0)]), None);
+        assert_eq!(composite_ceiling(&[]), None);
+    }
 
     #[test]
     fn options_are_bounded() {

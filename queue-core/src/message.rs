@@ -73,6 +73,11 @@ pub struct CallMeta {
     pub received_at_unix_nanos: u64,
     /// Where the body is.
     pub body: BodyLocation,
+    /// Revision of the call record the gateway wrote before queueing the call, so the worker
+    /// writes the record's next state without reading it first. Absent (older gateways,
+    /// replayed dead letters with a stale one are fine too): the worker reads first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record_revision: Option<u64>,
 }
 
 impl CallMeta {
@@ -318,6 +323,7 @@ mod tests {
                 callback_url: Some("http://127.0.0.1:9/cb".into()),
                 received_at_unix_nanos: 1_700_000_000_000_000_000,
                 body: BodyLocation::Inline { len: 0 },
+                record_revision: None,
             },
             body: Bytes::from_static(b"\x00\xffbinary body, not base64"),
         }

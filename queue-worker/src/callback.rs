@@ -204,6 +204,7 @@ mod tests {
             callback_url: None,
             received_at_unix_nanos: 42,
             body: BodyLocation::Inline { len: 0 },
+            record_revision: None,
         };
         let outcome = Outcome {
             status: 418,

@@ -194,6 +194,7 @@ mod tests {
             callback_url: None,
             received_at_unix_nanos: 0,
             body: BodyLocation::Inline { len: 0 },
+            record_revision: None,
         }
     }
 

@@ -8,6 +8,10 @@
 //!
 //! # Layout
 //! - [`worker`]: the pull loop (permits before pulls) and the life of one delivery.
+//! - [`lease`]: a delivery held from pull to exactly one terminal action, kept alive by one
+//!   heartbeat timer for all leases.
+//! - [`plan`]: what to do with a delivery (invoke, skip, send the stored result, give up), a
+//!   pure function.
 //! - [`invoke`]: function URLs and the HTTP call; transport failures become a 503 outcome.
 //! - [`retry`]: the function retry policy (backoff with jitter, `Retry-After`).
 //! - [`functions`]: per-function overrides (`--functions-config`, TOML).
@@ -23,6 +27,8 @@ pub mod dlq;
 pub mod endpoint;
 pub mod functions;
 pub mod invoke;
+pub mod lease;
+pub mod plan;
 pub mod retry;
 pub mod state;
 pub mod worker;

@@ -1,26 +1,42 @@
-//! The worker's dedup state in sled: what it knows about each call it has seen, so that a
-//! redelivered message whose function already ran is not invoked again.
+//! The worker's dedup state in sled: what it must remember of each call so that a redelivered
+//! message whose function already ran is not invoked again.
 //!
-//! A call's record moves `claimed` → `completed` (result stored, callback pending) → `done`.
-//! - `claimed` is written before invoking. Found again by *this* process: the call is running
-//!   here (a redelivery raced us). Found after a restart: the previous run died mid-call, so the
-//!   function is invoked again (at-least-once) and the attempt counter goes up.
-//! - `completed` is flushed to disk before the callback is sent and before the ack: a crash after
-//!   that point never re-invokes the function, the redelivery only sends the callback.
-//! - `done` means nothing is left to do: a redelivery is acked at once.
+//! Per call, keyed by function *and* call id (a reused id for another function is another
+//! call), at most one small entry:
+//! - `completed` (attempts, the outcome with its body): written and flushed to disk (group
+//!   commit) before the callback is sent and before the ack, so a crash after that point never
+//!   re-invokes the function; the redelivery only sends the callback;
+//! - `done` (attempts; 5 bytes): replaces `completed` in place once the callback is delivered,
+//!   dropping the body. Not waited for on disk: a crash within sled's flush interval (200 ms)
+//!   after a callback and before its ack repeats that callback, never the invocation.
 //!
-//! Records expire after the retention; a second tree indexes them by expiry time
-//! (`expires_at_ms` big-endian ++ call id) so the sweep reads only what is due.
+//! A call being handled is not written at all: this process knows what it is running
+//! (in memory), and a delivery that died with its worker is invoked again, counted by the
+//! queue's delivery count.
+//!
+//! Expiry without an index: entries go into one tree per *generation* (a quarter of the
+//! retention); a lookup reads the live generations newest first, and the sweep drops whole
+//! trees once they are older than the retention. An entry is kept between the retention and
+//! 1.25 × the retention.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use serde::{Deserialize, Serialize};
-
 use queue_core::Outcome;
 use queue_core::sled_flush::GroupFlush;
+use serde::{Deserialize, Serialize};
+
+/// Generations per retention period.
+const GENERATIONS: u64 = 4;
+/// Prefix of generation tree names (followed by the generation, zero-padded).
+const GENERATION_TREE: &str = "dedup-gen-";
+/// The tree of the format before generations (call id → JSON), read until it expires.
+const LEGACY_TREE: &str = "calls";
+
+const TAG_COMPLETED: u8 = 1;
+const TAG_DONE: u8 = 2;
 
 /// Errors from the state store. Any of them makes the worker hand the message back (nak).
 #[derive(Debug, thiserror::Error)]
@@ -28,30 +44,38 @@ pub enum StateError {
     /// sled failed (disk full, I/O error, corruption).
     #[error("state store: {0}")]
     Sled(#[from] sled::Error),
-    /// A record could not be encoded.
-    #[error("state record encoding: {0}")]
+    /// An entry could not be encoded.
+    #[error("state entry encoding: {0}")]
     Encode(#[from] serde_json::Error),
 }
 
-/// What the worker should do with a delivery, given what it remembers of the call.
+/// What the store remembers of a call.
 #[derive(Debug)]
-pub enum Begin {
-    /// Invoke the function; `attempt` counts invocations started for this call by this worker.
-    Invoke {
-        /// 1 for the first invocation.
-        attempt: u32,
-    },
-    /// The function already ran; only the callback is still owed.
-    CallbackPending {
-        /// The stored result.
+pub enum Seen {
+    /// Nothing: invoke it.
+    New,
+    /// The function ran; only the callback is still owed.
+    Completed {
+        /// The stored outcome.
         outcome: Outcome,
         /// Invocations it took.
         attempts: u32,
+        /// Where the entry is, so that [`CallStore::finish`] replaces it in place.
+        generation: Generation,
     },
     /// Everything was done; ack the redelivery.
-    Finished,
-    /// This process is handling the call right now (a redelivery raced the running call).
-    RunningHere,
+    Done,
+}
+
+/// The generation an entry was written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Generation(u64);
+
+#[cfg(test)]
+impl Generation {
+    pub(crate) fn for_test(generation: u64) -> Self {
+        Self(generation)
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -63,236 +87,329 @@ struct StoredOutcome {
     error: Option<String>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
-enum State {
-    Claimed {
-        incarnation: String,
-        attempts: u32,
-    },
-    Completed {
-        attempts: u32,
-        outcome: StoredOutcome,
-    },
-    Done {
-        attempts: u32,
-    },
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct RecordMeta {
-    expires_at_ms: u64,
-    #[serde(flatten)]
-    state: State,
-}
-
-/// Record bytes: `u32` big-endian metadata length, metadata JSON, then the response body raw.
-fn encode(meta: &RecordMeta, body: &[u8]) -> Result<Vec<u8>, StateError> {
-    let json = serde_json::to_vec(meta)?;
-    let len = u32::try_from(json.len())
-        .map_err(|_| serde_json::Error::io(std::io::Error::other("record too large")))?;
-    let mut buf = BytesMut::with_capacity(4 + json.len() + body.len());
+/// `completed`: tag, attempts (u32 BE), metadata length (u32 BE), metadata JSON, body raw.
+fn encode_completed(attempts: u32, outcome: &Outcome) -> Result<Vec<u8>, StateError> {
+    let meta = serde_json::to_vec(&StoredOutcome {
+        status: outcome.status,
+        headers: outcome.headers.clone(),
+        duration_secs: outcome.duration.as_secs_f64(),
+        error: outcome.error.clone(),
+    })?;
+    let len = u32::try_from(meta.len())
+        .map_err(|_| serde_json::Error::io(std::io::Error::other("outcome too large")))?;
+    let mut buf = BytesMut::with_capacity(9 + meta.len() + outcome.body.len());
+    buf.put_u8(TAG_COMPLETED);
+    buf.put_u32(attempts);
     buf.put_u32(len);
-    buf.put_slice(&json);
-    buf.put_slice(body);
+    buf.put_slice(&meta);
+    buf.put_slice(&outcome.body);
     Ok(buf.to_vec())
 }
 
-fn decode(raw: &[u8]) -> Option<(RecordMeta, Bytes)> {
-    let len = u32::from_be_bytes(raw.get(..4)?.try_into().ok()?) as usize;
-    let json = raw.get(4..4usize.checked_add(len)?)?;
-    let meta = serde_json::from_slice(json).ok()?;
-    Some((meta, Bytes::copy_from_slice(&raw[4 + len..])))
+fn encode_done(attempts: u32) -> [u8; 5] {
+    let a = attempts.to_be_bytes();
+    [TAG_DONE, a[0], a[1], a[2], a[3]]
 }
 
-fn expiry_key(expires_at_ms: u64, call_id: &str) -> Vec<u8> {
-    let mut key = expires_at_ms.to_be_bytes().to_vec();
+fn decode(raw: &[u8]) -> Option<(u32, Option<Outcome>)> {
+    let attempts = u32::from_be_bytes(raw.get(1..5)?.try_into().ok()?);
+    match *raw.first()? {
+        TAG_DONE => Some((attempts, None)),
+        TAG_COMPLETED => {
+            let len = usize::try_from(u32::from_be_bytes(raw.get(5..9)?.try_into().ok()?)).ok()?;
+            let end = 9usize.checked_add(len)?;
+            let meta: StoredOutcome = serde_json::from_slice(raw.get(9..end)?).ok()?;
+            Some((
+                attempts,
+                Some(Outcome {
+                    status: meta.status,
+                    headers: meta.headers,
+                    body: Bytes::copy_from_slice(raw.get(end..)?),
+                    duration: Duration::try_from_secs_f64(meta.duration_secs).unwrap_or_default(),
+                    error: meta.error,
+                }),
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// Entry key: function, a NUL (never in a function name), call id.
+fn key(function: &str, call_id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(function.len() + 1 + call_id.len());
+    key.extend_from_slice(function.as_bytes());
+    key.push(0);
     key.extend_from_slice(call_id.as_bytes());
     key
 }
 
-/// The worker's sled-backed call store. One process per directory (sled locks it).
+/// The worker's sled-backed dedup store. One process per directory (sled locks it).
 #[derive(Debug, Clone)]
 pub struct CallStore {
     db: sled::Db,
     flusher: Arc<GroupFlush>,
-    calls: sled::Tree,
-    expiry: sled::Tree,
-    retention: Duration,
-    incarnation: String,
+    /// Live generations, newest first.
+    generations: Arc<Mutex<Vec<(u64, sled::Tree)>>>,
+    generation_ms: u64,
+    /// Entries migrated from the format before generations are keyed by call id alone.
+    legacy: bool,
 }
 
 fn now_ms() -> u64 {
     queue_core::unix_nanos_now() / 1_000_000
 }
 
+fn tree_generation(name: &[u8]) -> Option<u64> {
+    std::str::from_utf8(name)
+        .ok()?
+        .strip_prefix(GENERATION_TREE)?
+        .parse()
+        .ok()
+}
+
 impl CallStore {
-    /// Opens (or creates) the store in `dir`.
+    /// Opens (or creates) the store in `dir`; entries live at least `retention`.
     pub fn open(dir: &Path, cache_bytes: u64, retention: Duration) -> Result<Self, StateError> {
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_bytes)
             .flush_every_ms(Some(200))
             .open()?;
-        Ok(Self {
-            flusher: Arc::new(GroupFlush::new()),
-            calls: db.open_tree("calls")?,
-            expiry: db.open_tree("expiry")?,
-            db,
-            retention,
-            incarnation: uuid::Uuid::new_v4().to_string(),
-        })
-    }
-
-    fn expires_at(&self) -> u64 {
-        now_ms().saturating_add(u64::try_from(self.retention.as_millis()).unwrap_or(u64::MAX))
-    }
-
-    /// Records that this process is about to handle `call_id` and says what to do.
-    pub fn begin(&self, call_id: &str) -> Result<Begin, StateError> {
-        loop {
-            let current = self.calls.get(call_id)?;
-            let decoded = current.as_deref().and_then(decode);
-            if current.is_some() && decoded.is_none() {
-                tracing::warn!(call_id, "unreadable state record; treating the call as new");
-            }
-            let attempt = match decoded {
-                None => 1,
-                Some((meta, body)) => match meta.state {
-                    State::Claimed { incarnation, .. } if incarnation == self.incarnation => {
-                        return Ok(Begin::RunningHere);
-                    }
-                    State::Claimed { attempts, .. } => attempts + 1,
-                    State::Completed { outcome, attempts } => {
-                        return Ok(Begin::CallbackPending {
-                            attempts,
-                            outcome: Outcome {
-                                status: outcome.status,
-                                headers: outcome.headers,
-                                body,
-                                duration: Duration::try_from_secs_f64(outcome.duration_secs)
-                                    .unwrap_or_default(),
-                                error: outcome.error,
-                            },
-                        });
-                    }
-                    State::Done { .. } => return Ok(Begin::Finished),
-                },
-            };
-            let expires_at_ms = self.expires_at();
-            let claimed = RecordMeta {
-                expires_at_ms,
-                state: State::Claimed {
-                    incarnation: self.incarnation.clone(),
-                    attempts: attempt,
-                },
-            };
-            let swapped =
-                self.calls
-                    .compare_and_swap(call_id, current, Some(encode(&claimed, &[])?))?;
-            if swapped.is_ok() {
-                self.expiry
-                    .insert(expiry_key(expires_at_ms, call_id), &[])?;
-                return Ok(Begin::Invoke { attempt });
+        let generation_ms = u64::try_from(retention.as_millis())
+            .unwrap_or(u64::MAX)
+            .div_ceil(GENERATIONS)
+            .max(1);
+        let mut generations = Vec::new();
+        for name in db.tree_names() {
+            if let Some(generation) = tree_generation(&name) {
+                generations.push((generation, db.open_tree(&name)?));
             }
         }
+        generations.sort_by_key(|g| std::cmp::Reverse(g.0));
+        let mut store = Self {
+            db,
+            flusher: Arc::new(GroupFlush::new()),
+            generations: Arc::new(Mutex::new(generations)),
+            generation_ms,
+            legacy: false,
+        };
+        store.legacy = store.migrate_legacy()?;
+        Ok(store)
     }
 
-    /// Stores the function's outcome and flushes it to disk: after this, a redelivery only
-    /// sends the callback.
+    /// Moves what the format before generations remembered (call id → JSON state) into the
+    /// current generation, keyed by call id alone; returns whether there was any.
+    fn migrate_legacy(&self) -> Result<bool, StateError> {
+        #[derive(Deserialize)]
+        #[serde(tag = "state", rename_all = "snake_case")]
+        enum Legacy {
+            Claimed {},
+            Completed {
+                attempts: u32,
+                outcome: StoredOutcome,
+            },
+            Done {
+                attempts: u32,
+            },
+        }
+        if !self
+            .db
+            .tree_names()
+            .iter()
+            .any(|n| n.as_ref() == LEGACY_TREE.as_bytes())
+        {
+            return Ok(self
+                .live()
+                .iter()
+                .any(|(_, t)| t.contains_key(b"\0legacy").unwrap_or(false)));
+        }
+        let old = self.db.open_tree(LEGACY_TREE)?;
+        let (_, tree) = self.current()?;
+        let mut any = false;
+        for item in old.iter() {
+            let (id, raw) = item?;
+            let Some(len) = raw
+                .get(..4)
+                .and_then(|b| b.try_into().ok())
+                .map(u32::from_be_bytes)
+            else {
+                continue;
+            };
+            let Some(json) = raw.get(4..4 + len as usize) else {
+                continue;
+            };
+            let body = raw.get(4 + len as usize..).unwrap_or_default();
+            let value = match serde_json::from_slice::<Legacy>(json) {
+                Ok(Legacy::Completed { attempts, outcome }) => encode_completed(
+                    attempts,
+                    &Outcome {
+                        status: outcome.status,
+                        headers: outcome.headers,
+                        body: Bytes::copy_from_slice(body),
+                        duration: Duration::try_from_secs_f64(outcome.duration_secs)
+                            .unwrap_or_default(),
+                        error: outcome.error,
+                    },
+                )?,
+                Ok(Legacy::Done { attempts }) => encode_done(attempts).to_vec(),
+                Ok(Legacy::Claimed {}) | Err(_) => continue,
+            };
+            let mut new_key = vec![0];
+            new_key.extend_from_slice(&id);
+            tree.insert(new_key, value)?;
+            any = true;
+        }
+        if any {
+            tree.insert(b"\0legacy", &[])?;
+        }
+        tree.flush()?;
+        self.db.drop_tree(LEGACY_TREE)?;
+        let _ = self.db.drop_tree("expiry");
+        Ok(any)
+    }
+
+    fn generation_now(&self) -> u64 {
+        now_ms() / self.generation_ms
+    }
+
+    /// The generation entries are written to now, opened if new.
+    fn current(&self) -> Result<(u64, sled::Tree), StateError> {
+        let now = self.generation_now();
+        let mut generations = self
+            .generations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some((g, tree)) = generations.first()
+            && *g == now
+        {
+            return Ok((*g, tree.clone()));
+        }
+        let tree = self.db.open_tree(format!("{GENERATION_TREE}{now:020}"))?;
+        generations.insert(0, (now, tree.clone()));
+        generations.sort_by_key(|g| std::cmp::Reverse(g.0));
+        Ok((now, tree))
+    }
+
+    fn live(&self) -> Vec<(u64, sled::Tree)> {
+        self.generations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// What is remembered of `call_id` for `function`.
+    pub fn lookup(&self, function: &str, call_id: &str) -> Result<Seen, StateError> {
+        let keys = if self.legacy {
+            vec![key(function, call_id), key("", call_id)]
+        } else {
+            vec![key(function, call_id)]
+        };
+        for (generation, tree) in self.live() {
+            for k in &keys {
+                let Some(raw) = tree.get(k)? else {
+                    continue;
+                };
+                return Ok(match decode(&raw) {
+                    Some((_, None)) => Seen::Done,
+                    Some((attempts, Some(outcome))) => Seen::Completed {
+                        outcome,
+                        attempts,
+                        generation: Generation(generation),
+                    },
+                    None => {
+                        tracing::warn!(call_id, "unreadable dedup entry; treating the call as new");
+                        Seen::New
+                    }
+                });
+            }
+        }
+        Ok(Seen::New)
+    }
+
+    /// Stores the function's outcome and waits until it is on disk (group commit): after this,
+    /// a redelivery only sends the callback. Returns where it went, for [`CallStore::finish`].
     pub async fn complete(
         &self,
+        function: &str,
         call_id: &str,
         attempts: u32,
         outcome: &Outcome,
+    ) -> Result<Generation, StateError> {
+        let (generation, tree) = self.current()?;
+        tree.insert(key(function, call_id), encode_completed(attempts, outcome)?)?;
+        self.flusher.flush(&self.db).await?;
+        Ok(Generation(generation))
+    }
+
+    /// Marks the call as fully handled, in place of its `completed` entry when `at` says
+    /// where that is (the body is dropped). Not waited for on disk (see the module docs).
+    pub fn finish(
+        &self,
+        function: &str,
+        call_id: &str,
+        attempts: u32,
+        at: Option<Generation>,
     ) -> Result<(), StateError> {
-        let meta = RecordMeta {
-            expires_at_ms: self.expires_at(),
-            state: State::Completed {
-                attempts,
-                outcome: StoredOutcome {
-                    status: outcome.status,
-                    headers: outcome.headers.clone(),
-                    duration_secs: outcome.duration.as_secs_f64(),
-                    error: outcome.error.clone(),
-                },
-            },
-        };
-        self.calls.insert(call_id, encode(&meta, &outcome.body)?)?;
-        self.expiry
-            .insert(expiry_key(meta.expires_at_ms, call_id), &[])?;
-        self.flusher.flush(&self.db).await.map_err(StateError::from)
+        let tree = at
+            .and_then(|Generation(g)| {
+                self.live()
+                    .into_iter()
+                    .find(|(live, _)| *live == g)
+                    .map(|(_, t)| t)
+            })
+            .map_or_else(|| self.current().map(|(_, t)| t), Ok)?;
+        tree.insert(key(function, call_id), &encode_done(attempts))?;
+        Ok(())
     }
 
-    /// Marks the call as fully handled (the result body is dropped) and waits until that is on
-    /// disk (group commit): a crash before the ack then costs no repeated callback either.
-    pub async fn finish(&self, call_id: &str, attempts: u32) -> Result<(), StateError> {
-        let meta = RecordMeta {
-            expires_at_ms: self.expires_at(),
-            state: State::Done { attempts },
-        };
-        self.calls.insert(call_id, encode(&meta, &[])?)?;
-        self.expiry
-            .insert(expiry_key(meta.expires_at_ms, call_id), &[])?;
-        self.flusher.flush(&self.db).await.map_err(StateError::from)
-    }
-
-    /// Gives up this process's claim (the message is handed back to the queue), keeping the
-    /// attempt count.
-    pub fn release(&self, call_id: &str) -> Result<(), StateError> {
-        if let Some((meta, _)) = self.calls.get(call_id)?.as_deref().and_then(decode)
-            && let State::Claimed { attempts, .. } = meta.state
-        {
-            let released = RecordMeta {
-                expires_at_ms: meta.expires_at_ms,
-                state: State::Claimed {
-                    incarnation: String::new(),
-                    attempts,
-                },
-            };
-            self.calls.insert(call_id, encode(&released, &[])?)?;
+    /// Forgets a call (it was dead-lettered): a replay of it runs the function again.
+    pub fn forget(&self, function: &str, call_id: &str) -> Result<(), StateError> {
+        for (_, tree) in self.live() {
+            tree.remove(key(function, call_id))?;
+            if self.legacy {
+                tree.remove(key("", call_id))?;
+            }
         }
         Ok(())
     }
 
-    /// Forgets a call entirely (it was dead-lettered): a replay of it runs the function again.
-    pub fn forget(&self, call_id: &str) -> Result<(), StateError> {
-        self.calls.remove(call_id)?;
-        Ok(())
-    }
-
-    /// Removes records whose retention has passed. Returns how many were removed.
+    /// Drops the generations older than the retention. Returns how many entries went.
     pub fn sweep_expired(&self) -> Result<usize, StateError> {
-        let now = now_ms();
+        let now = self.generation_now();
+        let expired: Vec<(u64, sled::Tree)> = {
+            let mut generations = self
+                .generations
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let (keep, expired) = generations
+                .drain(..)
+                .partition(|(g, _)| now.saturating_sub(*g) <= GENERATIONS);
+            *generations = keep;
+            expired
+        };
         let mut removed = 0;
-        let end = expiry_key(now.saturating_add(1), "");
-        for entry in self.expiry.range(..end) {
-            let (key, _) = entry?;
-            let call_id = String::from_utf8_lossy(&key[8..]).into_owned();
-            if let Some(raw) = self.calls.get(&call_id)? {
-                let due = decode(&raw).is_none_or(|(meta, _)| meta.expires_at_ms <= now);
-                if due
-                    && self
-                        .calls
-                        .compare_and_swap(&call_id, Some(raw), None::<&[u8]>)?
-                        .is_ok()
-                {
-                    removed += 1;
-                }
-            }
-            self.expiry.remove(key)?;
+        for (generation, tree) in expired {
+            removed += tree.len();
+            drop(tree);
+            self.db
+                .drop_tree(format!("{GENERATION_TREE}{generation:020}"))?;
         }
         Ok(removed)
     }
 
-    /// Number of call records held.
+    /// Entries held.
     pub fn len(&self) -> usize {
-        self.calls.len()
+        self.live().iter().map(|(_, t)| t.len()).sum()
     }
 
-    /// True when no call record is held.
+    /// True when nothing is held.
     pub fn is_empty(&self) -> bool {
-        self.calls.is_empty()
+        self.len() == 0
+    }
+
+    /// Bytes the store's files take on disk.
+    pub fn size_on_disk(&self) -> Result<u64, StateError> {
+        Ok(self.db.size_on_disk()?)
     }
 
     /// Flushes everything to disk (at shutdown).
@@ -315,98 +432,152 @@ mod tests {
         }
     }
 
+    fn open(dir: &Path, retention: Duration) -> CallStore {
+        CallStore::open(dir, 1 << 20, retention).unwrap()
+    }
+
     #[tokio::test]
-    async fn moves_through_claimed_completed_done() {
+    async fn moves_from_new_to_completed_to_done() {
         let dir = tempfile::tempdir().unwrap();
-        let store = CallStore::open(dir.path(), 1 << 20, Duration::from_secs(60)).unwrap();
-        assert!(matches!(
-            store.begin("c1").unwrap(),
-            Begin::Invoke { attempt: 1 }
-        ));
-        assert!(matches!(store.begin("c1").unwrap(), Begin::RunningHere));
-        store.complete("c1", 1, &outcome()).await.unwrap();
-        match store.begin("c1").unwrap() {
-            Begin::CallbackPending {
+        let store = open(dir.path(), Duration::from_secs(60));
+        assert!(matches!(store.lookup("f", "c1").unwrap(), Seen::New));
+        let at = store.complete("f", "c1", 1, &outcome()).await.unwrap();
+        match store.lookup("f", "c1").unwrap() {
+            Seen::Completed {
                 outcome: o,
                 attempts: 1,
+                generation,
             } => {
-                assert_eq!(o.status, 201);
-                assert_eq!(o.body, outcome().body);
-                assert_eq!(o.headers, outcome().headers);
-                assert_eq!(o.duration, Duration::from_millis(1500));
+                assert_eq!(o, outcome());
+                assert_eq!(generation, at);
             }
-            other => panic!("expected CallbackPending, got {other:?}"),
+            other => panic!("expected Completed, got {other:?}"),
         }
-        store.finish("c1", 1).await.unwrap();
-        assert!(matches!(store.begin("c1").unwrap(), Begin::Finished));
+        store.finish("f", "c1", 1, Some(at)).unwrap();
+        assert!(matches!(store.lookup("f", "c1").unwrap(), Seen::Done));
+        assert_eq!(store.len(), 1, "done replaces completed in place");
     }
 
     #[tokio::test]
-    async fn survives_a_restart_and_counts_attempts_after_a_crash() {
+    async fn the_same_call_id_for_another_function_is_another_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), Duration::from_secs(60));
+        store
+            .complete("billing", "id", 1, &outcome())
+            .await
+            .unwrap();
+        assert!(matches!(store.lookup("attacker", "id").unwrap(), Seen::New));
+        assert!(matches!(
+            store.lookup("billing", "id").unwrap(),
+            Seen::Completed { .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn survives_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = CallStore::open(dir.path(), 1 << 20, Duration::from_secs(60)).unwrap();
-            assert!(matches!(
-                store.begin("crashed").unwrap(),
-                Begin::Invoke { attempt: 1 }
-            ));
-            assert!(matches!(
-                store.begin("ran").unwrap(),
-                Begin::Invoke { attempt: 1 }
-            ));
-            store.complete("ran", 1, &outcome()).await.unwrap();
+            let store = open(dir.path(), Duration::from_secs(60));
+            store.complete("f", "ran", 2, &outcome()).await.unwrap();
+            store
+                .complete("f", "finished", 1, &outcome())
+                .await
+                .unwrap();
+            store.finish("f", "finished", 1, None).unwrap();
             store.flush().await.unwrap();
         }
-        let store = CallStore::open(dir.path(), 1 << 20, Duration::from_secs(60)).unwrap();
-        // A claim from the previous incarnation means the call died mid-flight: invoke again.
+        let store = open(dir.path(), Duration::from_secs(60));
         assert!(matches!(
-            store.begin("crashed").unwrap(),
-            Begin::Invoke { attempt: 2 }
+            store.lookup("f", "ran").unwrap(),
+            Seen::Completed { attempts: 2, .. }
         ));
-        // A stored result means the function already ran: only the callback is owed.
-        assert!(matches!(
-            store.begin("ran").unwrap(),
-            Begin::CallbackPending { .. }
-        ));
+        assert!(matches!(store.lookup("f", "finished").unwrap(), Seen::Done));
+        assert!(matches!(store.lookup("f", "other").unwrap(), Seen::New));
     }
 
     #[tokio::test]
-    async fn release_hands_the_call_back() {
+    async fn forget_lets_a_replay_run_again() {
         let dir = tempfile::tempdir().unwrap();
-        let store = CallStore::open(dir.path(), 1 << 20, Duration::from_secs(60)).unwrap();
-        assert!(matches!(
-            store.begin("c").unwrap(),
-            Begin::Invoke { attempt: 1 }
-        ));
-        store.release("c").unwrap();
-        assert!(matches!(
-            store.begin("c").unwrap(),
-            Begin::Invoke { attempt: 2 }
-        ));
+        let store = open(dir.path(), Duration::from_secs(60));
+        store.complete("f", "c", 1, &outcome()).await.unwrap();
+        store.forget("f", "c").unwrap();
+        assert!(matches!(store.lookup("f", "c").unwrap(), Seen::New));
     }
 
     #[tokio::test]
-    async fn records_expire_after_the_retention() {
+    async fn entries_expire_after_the_retention_and_not_before() {
         let dir = tempfile::tempdir().unwrap();
-        let store = CallStore::open(dir.path(), 1 << 20, Duration::from_millis(1)).unwrap();
-        store.begin("old").unwrap();
-        store.finish("old", 1).await.unwrap();
+        let store = open(dir.path(), Duration::from_millis(40));
+        store.complete("f", "old", 1, &outcome()).await.unwrap();
+        store.finish("f", "old", 1, None).unwrap();
+        assert_eq!(store.sweep_expired().unwrap(), 0, "too young to go");
         assert_eq!(store.len(), 1);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while store.sweep_expired().unwrap() == 0 {
-            assert!(std::time::Instant::now() < deadline, "record never expired");
+            assert!(std::time::Instant::now() < deadline, "entry never expired");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert!(store.is_empty());
-        assert!(matches!(
-            store.begin("old").unwrap(),
-            Begin::Invoke { attempt: 1 }
-        ));
+        assert!(matches!(store.lookup("f", "old").unwrap(), Seen::New));
         // Long retention: nothing is swept.
         let dir = tempfile::tempdir().unwrap();
-        let store = CallStore::open(dir.path(), 1 << 20, Duration::from_secs(3600)).unwrap();
-        store.begin("new").unwrap();
+        let store = open(dir.path(), Duration::from_secs(3600));
+        store.complete("f", "fresh", 1, &outcome()).await.unwrap();
         assert_eq!(store.sweep_expired().unwrap(), 0);
         assert_eq!(store.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn state_written_by_the_previous_format_is_still_honoured() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let calls = db.open_tree(LEGACY_TREE).unwrap();
+            let entry = |json: &str, body: &[u8]| {
+                let mut v = u32::try_from(json.len()).unwrap().to_be_bytes().to_vec();
+                v.extend_from_slice(json.as_bytes());
+                v.extend_from_slice(body);
+                v
+            };
+            calls.insert("pending", entry(r#"{"expires_at_ms":1,"state":"completed","attempts":2,"outcome":{"status":200,"headers":[],"duration_secs":0.5}}"#, b"result")).unwrap();
+            calls
+                .insert(
+                    "finished",
+                    entry(r#"{"expires_at_ms":1,"state":"done","attempts":1}"#, b""),
+                )
+                .unwrap();
+            calls
+                .insert(
+                    "crashed",
+                    entry(
+                        r#"{"expires_at_ms":1,"state":"claimed","incarnation":"x","attempts":1}"#,
+                        b"",
+                    ),
+                )
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let store = open(dir.path(), Duration::from_secs(60));
+        match store.lookup("any", "pending").unwrap() {
+            Seen::Completed {
+                outcome, attempts, ..
+            } => {
+                assert_eq!((outcome.status, attempts), (200, 2));
+                assert_eq!(outcome.body.as_ref(), b"result");
+            }
+            other => panic!("expected Completed, got {other:?}"),
+        }
+        assert!(matches!(
+            store.lookup("any", "finished").unwrap(),
+            Seen::Done
+        ));
+        assert!(matches!(store.lookup("any", "crashed").unwrap(), Seen::New));
+        drop(store);
+        // Reopened: the migrated entries are still found, and the old tree is gone.
+        let store = open(dir.path(), Duration::from_secs(60));
+        assert!(matches!(
+            store.lookup("any", "finished").unwrap(),
+            Seen::Done
+        ));
     }
 }

@@ -3,9 +3,18 @@
 //! Pull loop: take a concurrency permit *before* pulling, then ask the queue for at most as many
 //! messages as permits are held, so no message waits in a local buffer with its ack clock running.
 //!
-//! One message: decode (undecodable → dead letter) → consult the dedup state → invoke the
-//! function (in-progress heartbeats keep the message alive) → store the outcome durably →
-//! release the permit → deliver the callback (retrying only the callback) → mark done → ack.
+//! One delivery: leased at once ([`crate::lease`]: kept alive by one shared heartbeat, ended by
+//! exactly one terminal action) → decode (undecodable → dead letter) → held while its function
+//! is paused (a watched cache, no read per call) → [`crate::plan`] decides from the dedup state,
+//! the delivery count and the age → invoke → record the end and keep the result in one write →
+//! store the outcome durably (group commit) → deliver the callback (retrying only the callback)
+//! → record it → mark done → ack.
+//!
+//! The handler owns the call's record while it runs the call: it keeps the record and its
+//! revision, and writes each next state at that revision without reading (the first one at the
+//! revision the gateway put in the envelope); only a conflict (a cancel) costs a read. A
+//! successful call costs three awaited round trips to the records (attempt started; attempt
+//! ended with the result; callback), two dedup writes and one group-committed fsync.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -17,19 +26,25 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::callback::{CallbackSender, Delivery};
-use crate::config::WorkerConfig;
-use crate::functions::FunctionSettings;
-use crate::invoke::{FunctionInvoker, Outcome, http_client};
-use crate::retry::Decision;
-use crate::state::{Begin, CallStore, StateError};
+use queue_core::Outcome;
 use queue_core::backend::jetstream::{ConsumerOptions, JetStreamOptions, JetStreamQueue};
-use queue_core::backend::{CallQueue, DeadLetter, DeadLetterReason, QueueDelivery};
+use queue_core::backend::{
+    CallQueue, DeadLetter, DeadLetterReason, OwnedRecord, QueueDelivery, apply_event,
+};
 use queue_core::message::QueuedCall;
 use queue_core::metrics;
 use queue_core::records::{
     CallRecord, CallState, CallbackEntry, Event, OutcomeEvent, ResultAvailability, StoredResult,
 };
+
+use crate::callback::{CallbackSender, Delivery};
+use crate::config::WorkerConfig;
+use crate::functions::{CallSettings, FunctionSettings};
+use crate::invoke::{FunctionInvoker, http_client};
+use crate::lease::{Heartbeats, Lease, beat};
+use crate::plan::{Plan, plan};
+use crate::retry::Decision;
+use crate::state::{CallStore, Generation, StateError};
 
 /// Largest pull request, whatever the number of free permits.
 const MAX_PULL_BATCH: usize = 256;
@@ -64,7 +79,7 @@ pub enum WorkerError {
 
 /// Everything a message handler needs, shared by all handlers.
 #[derive(Debug)]
-struct Ctx<Q> {
+struct Ctx<Q: CallQueue> {
     config: WorkerConfig,
     queue: Arc<Q>,
     store: CallStore,
@@ -74,33 +89,56 @@ struct Ctx<Q> {
     hand_back: CancellationToken,
     /// Retry policy, timeout and max age per function.
     functions: FunctionSettings,
-    /// Calls being invoked here, to abort on a cancel.
+    /// Calls being handled here: a redelivery waits, a cancel aborts.
     running: RunningCalls,
     /// One per concurrent invocation (`max_inflight`).
     permits: Arc<Semaphore>,
+    /// The leased deliveries and their one heartbeat.
+    beats: Arc<Heartbeats<Q::Delivery>>,
+    /// The paused functions.
+    paused: PausedCache,
 }
 
-/// Cancel tokens of the calls this worker is invoking.
+/// The calls this process is handling, each with the token that aborts its invocation.
 #[derive(Debug, Default)]
 struct RunningCalls(std::sync::Mutex<std::collections::HashMap<String, CancellationToken>>);
+
+/// This process handles the call while the claim lives.
+struct Claim<'a> {
+    running: &'a RunningCalls,
+    call_id: String,
+    cancel: CancellationToken,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.running.calls().remove(&self.call_id);
+    }
+}
 
 impl RunningCalls {
     fn calls(
         &self,
     ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, CancellationToken>> {
+        // Short critical sections, never held across an await.
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn register(&self, call_id: &str) -> CancellationToken {
-        let token = CancellationToken::new();
-        self.calls().insert(call_id.to_owned(), token.clone());
-        token
-    }
-
-    fn remove(&self, call_id: &str) {
-        self.calls().remove(call_id);
+    /// Claims `call_id`; `None` if this process is handling it already.
+    fn claim(&self, call_id: &str) -> Option<Claim<'_>> {
+        let mut calls = self.calls();
+        if calls.contains_key(call_id) {
+            return None;
+        }
+        let cancel = CancellationToken::new();
+        calls.insert(call_id.to_owned(), cancel.clone());
+        Some(Claim {
+            running: self,
+            call_id: call_id.to_owned(),
+            cancel,
+        })
     }
 
     fn cancel(&self, call_id: &str) {
@@ -220,8 +258,16 @@ pub async fn run_on<Q: CallQueue>(
         functions,
         running: RunningCalls::default(),
         permits: Arc::new(Semaphore::new(config.max_inflight as usize)),
+        beats: Heartbeats::new(),
+        paused: PausedCache::default(),
         config,
     });
+    let beats_stop = CancellationToken::new();
+    let heartbeat = tokio::spawn(ctx.beats.clone().run(
+        ctx.config.progress_interval(),
+        beats_stop.clone(),
+        beat,
+    ));
     {
         let stop = stop_pulling.clone();
         tokio::spawn(async move {
@@ -231,6 +277,7 @@ pub async fn run_on<Q: CallQueue>(
     }
     let sweeper = tokio::spawn(sweep_expired(ctx.store.clone(), stop_pulling.clone()));
     let cancel_listener = tokio::spawn(listen_for_cancels(ctx.clone(), stop_pulling.clone()));
+    let paused_follower = tokio::spawn(follow_paused(ctx.clone(), stop_pulling.clone()));
 
     tracing::info!(
         consumer = %ctx.config.consumer,
@@ -262,6 +309,9 @@ pub async fn run_on<Q: CallQueue>(
     }
     sweeper.abort();
     cancel_listener.abort();
+    paused_follower.abort();
+    beats_stop.cancel();
+    let _ = heartbeat.await;
     ctx.queue.flush_before_exit().await;
     if let Err(e) = ctx.store.flush().await {
         tracing::warn!(error = %e, "could not flush state at shutdown");
@@ -312,12 +362,13 @@ async fn pull_loop<Q: CallQueue>(ctx: &Arc<Ctx<Q>>, stop: &CancellationToken) ->
                 None => break,
                 Some(Ok(msg)) => {
                     backoff.reset();
+                    let lease = Lease::new(msg, &ctx.beats);
                     let Some(permit) = held.pop() else {
                         // The queue sent more than asked; hand it straight back.
-                        nak(&msg, None).await;
+                        lease.hand_back().await;
                         continue;
                     };
-                    tasks.spawn(handle(ctx.clone(), msg, permit));
+                    tasks.spawn(handle(ctx.clone(), lease, permit));
                 }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "pull failed");
@@ -330,346 +381,631 @@ async fn pull_loop<Q: CallQueue>(ctx: &Arc<Ctx<Q>>, stop: &CancellationToken) ->
     tasks
 }
 
-/// Sends in-progress acks while a message is being handled so JetStream does not redeliver
-/// it, however long the function runs. Stops when dropped.
-struct Heartbeat(tokio::task::JoinHandle<()>);
-
-impl Heartbeat {
-    fn start<D: QueueDelivery>(msg: &D, every: Duration) -> Self {
-        let msg = msg.clone();
-        Self(tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                if let Err(e) = msg.in_progress().await {
-                    tracing::warn!(error = %e, "in-progress ack failed");
-                }
-            }
-        }))
-    }
-}
-
-impl Drop for Heartbeat {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-async fn handle<Q: CallQueue>(ctx: Arc<Ctx<Q>>, msg: Q::Delivery, permit: OwnedSemaphorePermit) {
-    let call = match QueuedCall::decode(msg.payload()) {
+async fn handle<Q: CallQueue>(
+    ctx: Arc<Ctx<Q>>,
+    lease: Lease<Q::Delivery>,
+    permit: OwnedSemaphorePermit,
+) {
+    let call = match QueuedCall::decode(lease.delivery().payload()) {
         Ok(call) => call,
         Err(e) => {
             drop(permit);
             let detail = e.to_string();
-            let letter = letter_for(&msg, DeadLetterReason::Undecodable, &detail, None, None, 0);
+            let subject = lease.delivery().subject().to_owned();
+            let letter = DeadLetter {
+                reason: DeadLetterReason::Undecodable,
+                detail: &detail,
+                original_subject: &subject,
+                stream_sequence: lease.delivery().sequence(),
+                call_id: None,
+                received_at_unix_nanos: None,
+                last_status: None,
+                attempts: 0,
+            };
             ::metrics::counter!(metrics::DEAD_LETTERS, "function" => "unknown", "reason" => "undecodable")
                 .increment(1);
-            return dead_letter_and_ack(&ctx, &msg, &letter).await;
+            tracing::error!(
+                stream_sequence = letter.stream_sequence,
+                subject = %subject,
+                detail = %detail,
+                "undecodable message; dead-lettering it"
+            );
+            lease
+                .dead_letter(ctx.queue.as_ref(), &letter, LOCAL_FAILURE_RETRY)
+                .await;
+            return;
         }
     };
-    let attempt = msg.attempt();
+    let delivery = lease.delivery().attempt();
+    let function = call.meta.qualified_function();
     let span = tracing::info_span!(
         "call",
         call_id = %call.meta.call_id,
-        function = %call.meta.qualified_function(),
-        delivered = attempt,
+        function = %function,
+        delivered = delivery,
     );
-    handle_call(ctx, msg, call, attempt, permit)
-        .instrument(span)
-        .await;
+    let job = Job {
+        label: metrics::function_label(&function),
+        function,
+        ctx: &ctx,
+        call,
+        record: None,
+    };
+    job.run(lease, delivery, permit).instrument(span).await;
 }
 
-/// The dead-letter record for this message.
-fn letter_for<'a, D: QueueDelivery>(
-    msg: &'a D,
-    reason: DeadLetterReason,
-    detail: &'a str,
-    call: Option<&'a QueuedCall>,
-    last_status: Option<u16>,
-    attempts: u32,
-) -> DeadLetter<'a> {
-    DeadLetter {
-        reason,
-        detail,
-        original_subject: msg.subject(),
-        stream_sequence: msg.sequence(),
-        call_id: call.map(|c| c.meta.call_id.as_str()),
-        received_at_unix_nanos: call.map(|c| c.meta.received_at_unix_nanos),
-        last_status,
-        attempts,
-    }
-}
-
-fn is_expired(call: &QueuedCall, max_age: Duration) -> bool {
-    let age_nanos = queue_core::unix_nanos_now().saturating_sub(call.meta.received_at_unix_nanos);
-    Duration::from_nanos(age_nanos) > max_age
-}
-
-/// `attempt` is the queue's delivery count: it also counts deliveries lost to a crashed worker,
-/// so a call that kills workers is bounded by the same maximum.
-async fn handle_call<Q: CallQueue>(
-    ctx: Arc<Ctx<Q>>,
-    msg: Q::Delivery,
+/// One call being handled: the call, its canonical function name, its metric label (both
+/// computed once) and the record this worker last wrote for it.
+struct Job<'a, Q: CallQueue> {
+    ctx: &'a Ctx<Q>,
     call: QueuedCall,
-    attempt: u32,
-    permit: OwnedSemaphorePermit,
-) {
-    let call_id = call.meta.call_id.as_str();
-    let heartbeat = Heartbeat::start(&msg, ctx.config.progress_interval());
-    let Some(permit) = hold_while_paused(&ctx, &call, permit).await else {
-        drop(heartbeat);
-        return nak(&msg, None).await;
-    };
-    let begin = match ctx.store.begin(call_id) {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::error!(error = %e, "state store failed; handing the call back");
-            drop(heartbeat);
-            return nak(&msg, Some(LOCAL_FAILURE_RETRY)).await;
-        }
-    };
-    let (outcome, attempts) = match begin {
-        Begin::Finished => {
-            tracing::info!("redelivered call already finished; acking without invoking");
-            drop(heartbeat);
-            return ack(&msg).await;
-        }
-        Begin::RunningHere => {
-            tracing::debug!("redelivery of a call running here; offering it again later");
-            drop(heartbeat);
-            return nak(&msg, Some(ctx.config.ack_wait)).await;
-        }
-        Begin::CallbackPending { outcome, attempts } => {
-            tracing::info!("redelivered call already completed; delivering its callback only");
-            drop(permit);
-            (outcome, attempts)
-        }
-        Begin::Invoke { .. } => {
-            let settings = ctx.functions.for_call(&call.meta);
-            let max = settings.retry.max_attempts;
-            if is_expired(&call, settings.max_age) {
-                drop(permit);
-                let final_outcome = no_response(504, "expired");
-                return give_up(
-                    &ctx,
-                    &msg,
-                    &call,
-                    DeadLetterReason::Expired,
-                    final_outcome,
-                    attempt - 1,
-                    heartbeat,
-                )
-                .await;
-            }
-            if attempt > max {
-                // Earlier deliveries died with their workers (or their dead-lettering failed).
-                drop(permit);
-                let final_outcome = no_response(503, EXHAUSTED_BY_REDELIVERY);
-                return give_up(
-                    &ctx,
-                    &msg,
-                    &call,
-                    DeadLetterReason::RetriesExhausted,
-                    final_outcome,
-                    max,
-                    heartbeat,
-                )
-                .await;
-            }
-            tracing::debug!(attempt, max, "invoking");
-            let started = note(
-                &ctx,
-                &call,
-                Event::AttemptStarted {
-                    function: call.meta.qualified_function(),
-                    attempt,
-                    at: queue_core::unix_nanos_now(),
-                    accepted_at: call.meta.received_at_unix_nanos,
-                },
-            )
-            .await;
-            if is_cancelled(started.as_ref()) {
-                drop(permit);
-                return cancelled(&ctx, &msg, &call, attempt - 1, heartbeat).await;
-            }
-            if attempt == 1 {
-                ::metrics::histogram!(
-                    metrics::QUEUE_WAIT_SECONDS,
-                    "function" => metrics::function_label(&call.meta.qualified_function())
-                )
-                .record(metrics::seconds_since(call.meta.received_at_unix_nanos));
-            }
-            let cancel = ctx.running.register(call_id);
-            let in_flight = InFlight::start(&call);
-            let outcome = tokio::select! {
-                o = ctx.invoker.invoke(&call, attempt, max, settings.timeout) => o,
-                () = cancel.cancelled() => {
-                    tracing::info!("cancelled while running: invocation aborted");
-                    ctx.running.remove(call_id);
-                    drop(permit);
-                    let aborted = no_response(CANCELLED_STATUS, CANCELLED);
-                    note(&ctx, &call, attempt_ended(attempt, &aborted, CallState::Cancelled, None)).await;
-                    return cancelled(&ctx, &msg, &call, attempt, heartbeat).await;
-                }
-                () = ctx.hand_back.cancelled() => {
-                    tracing::warn!("shutdown: abandoning the running call and handing it back");
-                    ctx.running.remove(call_id);
-                    if let Err(e) = ctx.store.release(call_id) {
-                        tracing::warn!(error = %e, "could not release the claim");
-                    }
-                    drop(heartbeat);
-                    return nak(&msg, None).await;
-                }
-            };
-            ctx.running.remove(call_id);
-            drop(in_flight);
-            drop(permit);
-            ::metrics::histogram!(
-                metrics::FUNCTION_SECONDS,
-                "function" => metrics::function_label(&call.meta.qualified_function())
-            )
-            .record(outcome.duration.as_secs_f64());
-            tracing::info!(
-                status = outcome.status,
-                duration_ms = u64::try_from(outcome.duration.as_millis()).unwrap_or(u64::MAX),
-                error = outcome.error.as_deref(),
-                attempt,
-                "function returned"
-            );
-            let decision = settings.retry.decide(attempt, &outcome);
-            let (next, result) = match decision {
-                Decision::Final => {
-                    let kept = keep_result(&ctx, &call, &outcome).await;
-                    let next = if (200..300).contains(&outcome.status) {
-                        CallState::Succeeded
-                    } else {
-                        CallState::Failed
-                    };
-                    (next, kept)
-                }
-                Decision::RetryAfter(_) => (CallState::Retrying, None),
-                // give_up records the dead letter.
-                Decision::Exhausted => (CallState::Failed, None),
-            };
-            let ended = note(&ctx, &call, attempt_ended(attempt, &outcome, next, result)).await;
-            if is_cancelled(ended.as_ref()) {
-                // Cancelled while it ran and the announcement did not reach us.
-                return cancelled(&ctx, &msg, &call, attempt, heartbeat).await;
-            }
-            match decision {
-                Decision::Final => {}
-                Decision::RetryAfter(wait) => {
-                    tracing::info!(retry_in = ?wait, "retryable failure; scheduling the next attempt");
-                    ::metrics::counter!(
-                        metrics::RETRIES,
-                        "function" => metrics::function_label(&call.meta.qualified_function())
-                    )
-                    .increment(1);
-                    if let Err(e) = ctx.store.release(call_id) {
-                        tracing::warn!(error = %e, "could not release the claim");
-                    }
-                    drop(heartbeat);
-                    return nak(&msg, Some(wait)).await;
-                }
-                Decision::Exhausted => {
-                    return give_up(
-                        &ctx,
-                        &msg,
-                        &call,
-                        DeadLetterReason::RetriesExhausted,
-                        outcome,
-                        attempt,
-                        heartbeat,
-                    )
-                    .await;
-                }
-            }
-            if let Err(e) = ctx.store.complete(call_id, attempt, &outcome).await {
-                // The function ran. Handing the message back would run it again for sure;
-                // going on without the record only risks that if we also crash before the ack.
-                tracing::error!(error = %e, "could not store the outcome; delivering without it");
-            }
-            if ctx.config.fault_crash_after_store {
-                tracing::error!("fault injection: aborting after storing the outcome");
-                std::process::abort();
-            }
-            (outcome, attempt)
-        }
-    };
-    deliver_and_ack(&ctx, &msg, &call, &outcome, attempts, heartbeat).await;
+    function: String,
+    label: String,
+    /// The record as this worker last wrote it: the next write starts from it.
+    record: Option<OwnedRecord>,
 }
 
-/// Applies a record event and returns the new record; a failure is logged, never fails the
-/// call (records are for visibility; the queue and the dedup state carry the guarantees).
-async fn note<Q: CallQueue>(ctx: &Ctx<Q>, call: &QueuedCall, event: Event) -> Option<CallRecord> {
-    match ctx.queue.apply(&call.meta.call_id, &event).await {
-        Ok(record) => Some(record),
-        Err(e) => {
-            tracing::warn!(error = %e, "could not update the call record");
-            None
+impl<Q: CallQueue> Job<'_, Q> {
+    fn call_id(&self) -> &str {
+        &self.call.meta.call_id
+    }
+
+    async fn run(self, lease: Lease<Q::Delivery>, delivery: u32, permit: OwnedSemaphorePermit) {
+        let ctx = self.ctx;
+        let Some(permit) = hold_while_paused(ctx, &self.function, permit).await else {
+            return lease.hand_back().await;
+        };
+        // Held while this process handles the call, so a redelivery racing it waits.
+        let Some(claim) = ctx.running.claim(self.call_id()) else {
+            drop(permit);
+            tracing::debug!("redelivery of a call running here; offering it again later");
+            return lease.nak(Some(ctx.config.ack_wait)).await;
+        };
+        let seen = match ctx.store.lookup(&self.function, self.call_id()) {
+            Ok(seen) => seen,
+            Err(e) => {
+                tracing::error!(error = %e, "state store failed; handing the call back");
+                return lease.nak(Some(LOCAL_FAILURE_RETRY)).await;
+            }
+        };
+        let settings = ctx.functions.for_call(&self.call.meta);
+        let age = Duration::from_nanos(
+            queue_core::unix_nanos_now().saturating_sub(self.call.meta.received_at_unix_nanos),
+        );
+        match plan(
+            seen,
+            false,
+            delivery,
+            settings.retry.max_attempts,
+            age,
+            settings.max_age,
+        ) {
+            Plan::AlreadyDone => {
+                tracing::info!("redelivered call already finished; acking without invoking");
+                lease.ack().await;
+            }
+            Plan::RunningHere => lease.nak(Some(ctx.config.ack_wait)).await,
+            Plan::SendStored {
+                outcome,
+                attempts,
+                generation,
+            } => {
+                drop(permit);
+                tracing::info!("redelivered call already completed; delivering its callback only");
+                self.deliver(lease, &outcome, attempts, Some(generation))
+                    .await;
+            }
+            Plan::Expire { attempts } => {
+                drop(permit);
+                let detail = format!("older than the maximum age of {:?}", settings.max_age);
+                self.give_up(
+                    lease,
+                    DeadLetterReason::Expired,
+                    &detail,
+                    no_response(504, "expired"),
+                    attempts,
+                )
+                .await;
+            }
+            Plan::Exhausted { attempts } => {
+                drop(permit);
+                let detail = format!("{attempts} attempts, the last lost with its worker");
+                self.give_up(
+                    lease,
+                    DeadLetterReason::RetriesExhausted,
+                    &detail,
+                    no_response(503, EXHAUSTED_BY_REDELIVERY),
+                    attempts,
+                )
+                .await;
+            }
+            Plan::Invoke { attempt } => {
+                self.invoke(lease, attempt, permit, &claim, &settings).await;
+            }
+        }
+        drop(claim);
+    }
+
+    /// Writes `events` to the call's record, from what this worker last wrote (or the
+    /// revision the gateway put in the envelope): one round trip unless someone else wrote
+    /// in between. A failure is logged, never fails the call: the queue and the dedup state
+    /// carry the guarantees, the record is for visibility.
+    async fn note(
+        &mut self,
+        events: &[Event],
+        result: Option<bytes::Bytes>,
+    ) -> Option<&CallRecord> {
+        let known = self.record.take().or_else(|| {
+            let meta = &self.call.meta;
+            meta.record_revision.map(|revision| {
+                OwnedRecord::accepted(
+                    &meta.call_id,
+                    &self.function,
+                    meta.received_at_unix_nanos,
+                    meta.callback_url.is_some(),
+                    revision,
+                )
+            })
+        });
+        match apply_event(
+            self.ctx.queue.as_ref(),
+            self.call_id(),
+            known,
+            events,
+            result,
+        )
+        .await
+        {
+            Ok(owned) => {
+                self.record = Some(owned);
+                self.record.as_ref().map(|o| &o.record)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not update the call record");
+                None
+            }
         }
     }
-}
 
-/// Delivers a callback, counting and timing it.
-async fn deliver_callback<Q: CallQueue>(
-    ctx: &Ctx<Q>,
-    call: &QueuedCall,
-    url: &str,
-    outcome: &Outcome,
-    final_reason: Option<&str>,
-) -> Delivery {
-    let started = std::time::Instant::now();
-    let delivery = ctx
-        .callbacks
-        .deliver(url, &call.meta, outcome, final_reason, &ctx.hand_back)
-        .await;
-    let result = match &delivery {
-        Delivery::Delivered { .. } => "delivered",
-        Delivery::GaveUp { .. } => "failed",
-        Delivery::Interrupted => return delivery,
-    };
-    let function = metrics::function_label(&call.meta.qualified_function());
-    ::metrics::counter!(metrics::CALLBACKS, "function" => function.clone(), "outcome" => result)
-        .increment(1);
-    ::metrics::histogram!(metrics::CALLBACK_SECONDS, "function" => function)
-        .record(started.elapsed().as_secs_f64());
-    delivery
-}
+    fn cancelled_in_record(&self) -> bool {
+        self.record
+            .as_ref()
+            .is_some_and(|o| o.record.state == CallState::Cancelled)
+    }
 
-/// Counts a call's final outcome and its end-to-end time, and announces it to the gateways'
-/// live statistics.
-async fn finalize<Q: CallQueue>(
-    ctx: &Ctx<Q>,
-    call: &QueuedCall,
-    outcome: &'static str,
-    status: Option<u16>,
-    reason: Option<&str>,
-) {
-    let function = metrics::function_label(&call.meta.qualified_function());
-    let end_to_end = metrics::seconds_since(call.meta.received_at_unix_nanos);
-    ::metrics::counter!(metrics::PROCESSED, "function" => function.clone(), "outcome" => outcome)
-        .increment(1);
-    ::metrics::histogram!(metrics::END_TO_END_SECONDS, "function" => function).record(end_to_end);
-    let event = OutcomeEvent {
-        call_id: call.meta.call_id.clone(),
-        function: call.meta.qualified_function(),
-        outcome: outcome.to_owned(),
-        at: queue_core::unix_nanos_now(),
-        end_to_end_seconds: end_to_end,
-        status,
-        reason: reason.map(str::to_owned),
-    };
-    ctx.queue.announce_outcome(&event).await;
+    async fn invoke(
+        mut self,
+        lease: Lease<Q::Delivery>,
+        attempt: u32,
+        permit: OwnedSemaphorePermit,
+        claim: &Claim<'_>,
+        settings: &CallSettings,
+    ) {
+        let ctx = self.ctx;
+        let max = settings.retry.max_attempts;
+        tracing::debug!(attempt, max, "invoking");
+        let started = Event::AttemptStarted {
+            function: self.function.clone(),
+            attempt,
+            at: queue_core::unix_nanos_now(),
+            accepted_at: self.call.meta.received_at_unix_nanos,
+        };
+        self.note(&[started], None).await;
+        if self.cancelled_in_record() {
+            drop(permit);
+            return self.cancelled(lease, attempt - 1).await;
+        }
+        if attempt == 1 {
+            ::metrics::histogram!(metrics::QUEUE_WAIT_SECONDS, "function" => self.label.clone())
+                .record(metrics::seconds_since(
+                    self.call.meta.received_at_unix_nanos,
+                ));
+        }
+        let in_flight = InFlight::start(&self.label);
+        let outcome = tokio::select! {
+            o = ctx.invoker.invoke(&self.call, attempt, max, settings.timeout) => o,
+            () = claim.cancel.cancelled() => {
+                tracing::info!("cancelled while running: invocation aborted");
+                drop(permit);
+                let aborted = no_response(CANCELLED_STATUS, CANCELLED);
+                self.note(&[attempt_ended(attempt, &aborted, CallState::Cancelled, None)], None).await;
+                return self.cancelled(lease, attempt).await;
+            }
+            () = ctx.hand_back.cancelled() => {
+                tracing::warn!("shutdown: abandoning the running call and handing it back");
+                return lease.hand_back().await;
+            }
+        };
+        drop(in_flight);
+        drop(permit);
+        ::metrics::histogram!(metrics::FUNCTION_SECONDS, "function" => self.label.clone())
+            .record(outcome.duration.as_secs_f64());
+        tracing::info!(
+            status = outcome.status,
+            duration_ms = u64::try_from(outcome.duration.as_millis()).unwrap_or(u64::MAX),
+            error = outcome.error.as_deref(),
+            attempt,
+            "function returned"
+        );
+        match settings.retry.decide(attempt, &outcome) {
+            Decision::Final => {
+                let next = if (200..300).contains(&outcome.status) {
+                    CallState::Succeeded
+                } else {
+                    CallState::Failed
+                };
+                self.note_final(attempt, &outcome, next).await;
+                if self.cancelled_in_record() {
+                    // Cancelled while it ran and the announcement did not reach us.
+                    return self.cancelled(lease, attempt).await;
+                }
+                let generation = match ctx
+                    .store
+                    .complete(&self.function, self.call_id(), attempt, &outcome)
+                    .await
+                {
+                    Ok(generation) => Some(generation),
+                    Err(e) => {
+                        // The function ran. Handing the message back would run it again for
+                        // sure; going on without the entry only risks that if we also crash
+                        // before the ack.
+                        tracing::error!(error = %e, "could not store the outcome; delivering without it");
+                        None
+                    }
+                };
+                if ctx.config.fault_crash_after_store {
+                    tracing::error!("fault injection: aborting after storing the outcome");
+                    std::process::abort();
+                }
+                self.deliver(lease, &outcome, attempt, generation).await;
+            }
+            Decision::RetryAfter(wait) => {
+                self.note(
+                    &[attempt_ended(attempt, &outcome, CallState::Retrying, None)],
+                    None,
+                )
+                .await;
+                if self.cancelled_in_record() {
+                    return self.cancelled(lease, attempt).await;
+                }
+                tracing::info!(retry_in = ?wait, "retryable failure; scheduling the next attempt");
+                ::metrics::counter!(metrics::RETRIES, "function" => self.label.clone())
+                    .increment(1);
+                lease.nak(Some(wait)).await;
+            }
+            Decision::Exhausted => {
+                self.note(
+                    &[attempt_ended(attempt, &outcome, CallState::Failed, None)],
+                    None,
+                )
+                .await;
+                if self.cancelled_in_record() {
+                    return self.cancelled(lease, attempt).await;
+                }
+                let detail = format!("{attempt} attempts, last status {}", outcome.status);
+                self.give_up(
+                    lease,
+                    DeadLetterReason::RetriesExhausted,
+                    &detail,
+                    outcome,
+                    attempt,
+                )
+                .await;
+            }
+        }
+    }
+
+    /// Records the end of the final attempt and keeps its response for the result endpoint
+    /// when it fits: one write for both.
+    async fn note_final(&mut self, attempt: u32, outcome: &Outcome, next: CallState) {
+        let limit = self.ctx.queue.max_result_bytes();
+        let (kept, availability) =
+            match StoredResult::encode_parts(outcome.status, &outcome.headers, &outcome.body) {
+                Ok(encoded) if encoded.len() <= limit => (
+                    Some(bytes::Bytes::from(encoded)),
+                    Some(ResultAvailability::Stored),
+                ),
+                Ok(encoded) => {
+                    tracing::info!(
+                        result_bytes = encoded.len(),
+                        limit,
+                        "result too large to keep"
+                    );
+                    (None, Some(ResultAvailability::TooLarge))
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not encode the result");
+                    (None, None)
+                }
+            };
+        let ended = attempt_ended(attempt, outcome, next, availability);
+        let had_result = kept.is_some();
+        if self
+            .note(std::slice::from_ref(&ended), kept)
+            .await
+            .is_none()
+            && had_result
+        {
+            // Perhaps only the result could not be kept: record the end without it.
+            let ended = attempt_ended(attempt, outcome, next, None);
+            self.note(&[ended], None).await;
+        }
+    }
+
+    /// Delivers the callback (if any), records it, marks the call done and acks. A callback
+    /// that cannot be delivered dead-letters the call.
+    async fn deliver(
+        mut self,
+        lease: Lease<Q::Delivery>,
+        outcome: &Outcome,
+        attempts: u32,
+        generation: Option<Generation>,
+    ) {
+        let ctx = self.ctx;
+        if let Some(url) = self.call.meta.callback_url.clone() {
+            match self.send_callback(&url, outcome, None).await {
+                Delivery::Delivered {
+                    status,
+                    attempts: tries,
+                } => {
+                    tracing::info!(
+                        callback_status = status,
+                        callback_attempts = tries,
+                        "callback delivered"
+                    );
+                    self.note(&[callback_event(status, tries, None)], None)
+                        .await;
+                }
+                Delivery::GaveUp {
+                    reason,
+                    attempts: tries,
+                } => {
+                    tracing::error!(%reason, callback_attempts = tries, "callback not delivered; dead-lettering the call");
+                    let gave_up =
+                        self.gave_up(CallState::DeadLettered, DeadLetterReason::CallbackFailed);
+                    self.note(&[callback_event(0, tries, Some(&reason)), gave_up], None)
+                        .await;
+                    if let Err(e) = ctx.store.forget(&self.function, self.call_id()) {
+                        tracing::warn!(error = %e, "could not forget the call");
+                    }
+                    self.count_dead_letter(DeadLetterReason::CallbackFailed, Some(outcome.status))
+                        .await;
+                    let detail = format!("callback: {reason}");
+                    let subject = lease.delivery().subject().to_owned();
+                    let letter = DeadLetter {
+                        reason: DeadLetterReason::CallbackFailed,
+                        detail: &detail,
+                        original_subject: &subject,
+                        stream_sequence: lease.delivery().sequence(),
+                        call_id: Some(self.call_id()),
+                        received_at_unix_nanos: Some(self.call.meta.received_at_unix_nanos),
+                        last_status: Some(outcome.status),
+                        attempts,
+                    };
+                    lease
+                        .dead_letter(ctx.queue.as_ref(), &letter, LOCAL_FAILURE_RETRY)
+                        .await;
+                    return;
+                }
+                Delivery::Interrupted => {
+                    tracing::warn!(
+                        "shutdown: callback pending; handing the call back (the result is kept)"
+                    );
+                    return lease.hand_back().await;
+                }
+            }
+        }
+        let result = if (200..300).contains(&outcome.status) {
+            "succeeded"
+        } else {
+            "failed"
+        };
+        self.finalize(result, Some(outcome.status), None).await;
+        if let Err(e) = ctx
+            .store
+            .finish(&self.function, self.call_id(), attempts, generation)
+        {
+            tracing::warn!(error = %e, "could not mark the call done");
+        }
+        lease.ack().await;
+    }
+
+    /// The call was cancelled: it is not run (again); its callback, if any, says so with
+    /// `X-Call-State: cancelled`; then it is marked done and acked.
+    async fn cancelled(mut self, lease: Lease<Q::Delivery>, attempts: u32) {
+        tracing::info!("call cancelled; not running it (again)");
+        self.finalize("cancelled", None, None).await;
+        if let Some(url) = self.call.meta.callback_url.clone() {
+            let mut outcome = no_response(CANCELLED_STATUS, CANCELLED);
+            outcome
+                .headers
+                .push(("x-call-state".into(), CANCELLED.into()));
+            match self.send_callback(&url, &outcome, None).await {
+                Delivery::Delivered {
+                    status,
+                    attempts: tries,
+                } => {
+                    self.note(&[callback_event(status, tries, None)], None)
+                        .await;
+                }
+                Delivery::GaveUp {
+                    reason,
+                    attempts: tries,
+                } => {
+                    tracing::warn!(%reason, "cancel callback not delivered");
+                    self.note(&[callback_event(0, tries, Some(&reason))], None)
+                        .await;
+                }
+                Delivery::Interrupted => return lease.hand_back().await,
+            }
+        }
+        if let Err(e) = self
+            .ctx
+            .store
+            .finish(&self.function, self.call_id(), attempts, None)
+        {
+            tracing::warn!(error = %e, "could not mark the call done");
+        }
+        lease.ack().await;
+    }
+
+    /// The call failed for good: dead-letter it (keeping the request), send the final
+    /// callback (marked with `X-Dead-Letter-Reason`), forget it so a replay runs it again,
+    /// then ack.
+    async fn give_up(
+        mut self,
+        lease: Lease<Q::Delivery>,
+        reason: DeadLetterReason,
+        detail: &str,
+        outcome: Outcome,
+        attempts: u32,
+    ) {
+        let ctx = self.ctx;
+        // A synthesized outcome (no attempt ran in this delivery) has no real last status.
+        let last_status = outcome
+            .error
+            .as_deref()
+            .is_none_or(|e| e != EXHAUSTED_BY_REDELIVERY && e != "expired")
+            .then_some(outcome.status);
+        tracing::warn!(
+            reason = reason.as_str(),
+            attempts,
+            last_status,
+            "dead-lettering the call"
+        );
+        let subject = lease.delivery().subject().to_owned();
+        let letter = DeadLetter {
+            reason,
+            detail,
+            original_subject: &subject,
+            stream_sequence: lease.delivery().sequence(),
+            call_id: Some(self.call_id()),
+            received_at_unix_nanos: Some(self.call.meta.received_at_unix_nanos),
+            last_status,
+            attempts,
+        };
+        if let Err(e) = ctx
+            .queue
+            .dead_letter(lease.delivery().payload().clone(), &letter)
+            .await
+        {
+            tracing::error!(error = %e, "dead-letter publish failed; retrying later");
+            return lease.nak(Some(LOCAL_FAILURE_RETRY)).await;
+        }
+        let state = if reason == DeadLetterReason::Expired {
+            CallState::Expired
+        } else {
+            CallState::DeadLettered
+        };
+        let gave_up = self.gave_up(state, reason);
+        self.note(&[gave_up], None).await;
+        self.count_dead_letter(reason, last_status).await;
+        if let Some(url) = self.call.meta.callback_url.clone() {
+            match self
+                .send_callback(&url, &outcome, Some(reason.as_str()))
+                .await
+            {
+                Delivery::Delivered {
+                    status,
+                    attempts: tries,
+                } => {
+                    tracing::info!(callback_status = status, "final callback delivered");
+                    self.note(&[callback_event(status, tries, None)], None)
+                        .await;
+                }
+                Delivery::GaveUp {
+                    reason,
+                    attempts: tries,
+                } => {
+                    tracing::error!(%reason, "final callback not delivered (the call is in the dead-letter stream)");
+                    self.note(&[callback_event(0, tries, Some(&reason))], None)
+                        .await;
+                }
+                // The redelivery dead-letters again (stored once) and retries the callback.
+                Delivery::Interrupted => return lease.hand_back().await,
+            }
+        }
+        if let Err(e) = ctx.store.forget(&self.function, self.call_id()) {
+            tracing::warn!(error = %e, "could not forget the call");
+        }
+        lease.ack().await;
+    }
+
+    fn gave_up(&self, state: CallState, reason: DeadLetterReason) -> Event {
+        Event::GaveUp {
+            state,
+            reason: Some(reason.as_str().to_owned()),
+            function: self.function.clone(),
+            accepted_at: self.call.meta.received_at_unix_nanos,
+        }
+    }
+
+    /// Delivers a callback, counting and timing it.
+    async fn send_callback(
+        &self,
+        url: &str,
+        outcome: &Outcome,
+        final_reason: Option<&str>,
+    ) -> Delivery {
+        let ctx = self.ctx;
+        let started = std::time::Instant::now();
+        let delivery = ctx
+            .callbacks
+            .deliver(url, &self.call.meta, outcome, final_reason, &ctx.hand_back)
+            .await;
+        let result = match &delivery {
+            Delivery::Delivered { .. } => "delivered",
+            Delivery::GaveUp { .. } => "failed",
+            Delivery::Interrupted => return delivery,
+        };
+        ::metrics::counter!(metrics::CALLBACKS, "function" => self.label.clone(), "outcome" => result)
+            .increment(1);
+        ::metrics::histogram!(metrics::CALLBACK_SECONDS, "function" => self.label.clone())
+            .record(started.elapsed().as_secs_f64());
+        delivery
+    }
+
+    /// Counts a dead letter of a decoded call.
+    async fn count_dead_letter(&self, reason: DeadLetterReason, last_status: Option<u16>) {
+        ::metrics::counter!(metrics::DEAD_LETTERS, "function" => self.label.clone(), "reason" => reason.as_str())
+            .increment(1);
+        if reason == DeadLetterReason::Expired {
+            ::metrics::counter!(metrics::EXPIRED, "function" => self.label.clone()).increment(1);
+            self.finalize("expired", None, Some(reason.as_str())).await;
+        } else {
+            self.finalize("dead_lettered", last_status, Some(reason.as_str()))
+                .await;
+        }
+    }
+
+    /// Counts a call's final outcome and its end-to-end time, and announces it to the
+    /// gateways' live statistics (one-way).
+    async fn finalize(&self, outcome: &'static str, status: Option<u16>, reason: Option<&str>) {
+        let end_to_end = metrics::seconds_since(self.call.meta.received_at_unix_nanos);
+        ::metrics::counter!(metrics::PROCESSED, "function" => self.label.clone(), "outcome" => outcome)
+            .increment(1);
+        ::metrics::histogram!(metrics::END_TO_END_SECONDS, "function" => self.label.clone())
+            .record(end_to_end);
+        let event = OutcomeEvent {
+            call_id: self.call.meta.call_id.clone(),
+            function: self.function.clone(),
+            outcome: outcome.to_owned(),
+            at: queue_core::unix_nanos_now(),
+            end_to_end_seconds: end_to_end,
+            status,
+            reason: reason.map(str::to_owned),
+        };
+        self.ctx.queue.announce_outcome(&event).await;
+    }
 }
 
 /// Counts a function invocation as in flight while it lives.
 struct InFlight(String);
 
 impl InFlight {
-    fn start(call: &QueuedCall) -> Self {
-        let function = metrics::function_label(&call.meta.qualified_function());
-        ::metrics::gauge!(metrics::IN_FLIGHT, "function" => function.clone()).increment(1.0);
-        Self(function)
+    fn start(label: &str) -> Self {
+        ::metrics::gauge!(metrics::IN_FLIGHT, "function" => label.to_owned()).increment(1.0);
+        Self(label.to_owned())
     }
 }
 
@@ -679,52 +1015,11 @@ impl Drop for InFlight {
     }
 }
 
-fn is_cancelled(record: Option<&CallRecord>) -> bool {
-    record.is_some_and(|r| r.state == CallState::Cancelled)
-}
-
 /// `X-Function-Status` of a cancelled call's callback (no function answer; the convention for
 /// a request the client abandoned).
 const CANCELLED_STATUS: u16 = 499;
 /// `X-Function-Error` of a cancelled call's callback.
 const CANCELLED: &str = "cancelled";
-
-/// The call was cancelled: it is not run (again); its callback, if any, says so with
-/// `X-Call-State: cancelled`; then it is marked done and acked.
-async fn cancelled<Q: CallQueue>(
-    ctx: &Ctx<Q>,
-    msg: &Q::Delivery,
-    call: &QueuedCall,
-    attempts: u32,
-    heartbeat: Heartbeat,
-) {
-    tracing::info!("call cancelled; not running it (again)");
-    finalize(ctx, call, "cancelled", None, None).await;
-    if let Some(url) = call.meta.callback_url.as_deref() {
-        let mut outcome = no_response(CANCELLED_STATUS, CANCELLED);
-        outcome
-            .headers
-            .push(("x-call-state".into(), CANCELLED.into()));
-        match deliver_callback(ctx, call, url, &outcome, None).await {
-            Delivery::Delivered { status, attempts } => {
-                note(ctx, call, callback_event(status, attempts, None)).await;
-            }
-            Delivery::GaveUp { reason, attempts } => {
-                tracing::warn!(%reason, "cancel callback not delivered");
-                note(ctx, call, callback_event(0, attempts, Some(&reason))).await;
-            }
-            Delivery::Interrupted => {
-                drop(heartbeat);
-                return nak(msg, None).await;
-            }
-        }
-    }
-    if let Err(e) = ctx.store.finish(&call.meta.call_id, attempts).await {
-        tracing::warn!(error = %e, "could not mark the call done");
-    }
-    drop(heartbeat);
-    ack(msg).await;
-}
 
 fn attempt_ended(
     attempt: u32,
@@ -752,90 +1047,6 @@ fn callback_event(status: u16, attempts: u32, error: Option<&str>) -> Event {
     })
 }
 
-fn gave_up(call: &QueuedCall, state: CallState, reason: DeadLetterReason) -> Event {
-    Event::GaveUp {
-        state,
-        reason: Some(reason.as_str().to_owned()),
-        function: call.meta.qualified_function(),
-        accepted_at: call.meta.received_at_unix_nanos,
-    }
-}
-
-/// Keeps the final response for the result endpoint, if it fits.
-async fn keep_result<Q: CallQueue>(
-    ctx: &Ctx<Q>,
-    call: &QueuedCall,
-    outcome: &Outcome,
-) -> Option<ResultAvailability> {
-    // Encoded once: measured here, stored as is.
-    let encoded = match StoredResult::encode_parts(outcome.status, &outcome.headers, &outcome.body)
-    {
-        Ok(encoded) => encoded,
-        Err(e) => {
-            tracing::warn!(error = %e, "could not encode the result");
-            return None;
-        }
-    };
-    let encoded_len = encoded.len();
-    if encoded_len > ctx.queue.max_result_bytes() {
-        tracing::info!(
-            result_bytes = encoded_len,
-            limit = ctx.queue.max_result_bytes(),
-            "result too large to keep"
-        );
-        return Some(ResultAvailability::TooLarge);
-    }
-    match ctx.queue.store_result(&call.meta.call_id, encoded).await {
-        Ok(()) => Some(ResultAvailability::Stored),
-        Err(e) => {
-            tracing::warn!(error = %e, "could not keep the result");
-            None
-        }
-    }
-}
-
-/// Poll interval of a call held because its function is paused.
-const PAUSE_POLL: Duration = Duration::from_millis(500);
-
-async fn is_paused<Q: CallQueue>(ctx: &Ctx<Q>, call: &QueuedCall) -> bool {
-    match ctx.queue.paused_functions().await {
-        Ok(paused) => paused.contains(&call.meta.qualified_function()),
-        Err(e) => {
-            tracing::debug!(error = %e, "paused functions unknown; not holding");
-            false
-        }
-    }
-}
-
-/// While the call's function is paused, holds the call (its message kept alive by the
-/// heartbeat, its delivery count unchanged) without a concurrency permit; returns a permit
-/// once resumed, or `None` when shutdown hands the call back.
-async fn hold_while_paused<Q: CallQueue>(
-    ctx: &Ctx<Q>,
-    call: &QueuedCall,
-    permit: OwnedSemaphorePermit,
-) -> Option<OwnedSemaphorePermit> {
-    if !is_paused(ctx, call).await {
-        return Some(permit);
-    }
-    drop(permit);
-    tracing::info!("function paused; holding the call");
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep(PAUSE_POLL) => {}
-            () = ctx.hand_back.cancelled() => return None,
-        }
-        if !is_paused(ctx, call).await {
-            break;
-        }
-    }
-    tracing::info!("function resumed; running the call");
-    tokio::select! {
-        p = ctx.permits.clone().acquire_owned() => p.ok(),
-        () = ctx.hand_back.cancelled() => None,
-    }
-}
-
 fn no_response(status: u16, error: &str) -> Outcome {
     Outcome {
         status,
@@ -846,210 +1057,102 @@ fn no_response(status: u16, error: &str) -> Outcome {
     }
 }
 
-async fn deliver_and_ack<Q: CallQueue>(
-    ctx: &Ctx<Q>,
-    msg: &Q::Delivery,
-    call: &QueuedCall,
-    outcome: &Outcome,
-    attempts: u32,
-    heartbeat: Heartbeat,
-) {
-    if let Some(url) = call.meta.callback_url.as_deref() {
-        match deliver_callback(ctx, call, url, outcome, None).await {
-            Delivery::Delivered { status, attempts } => {
-                tracing::info!(
-                    callback_status = status,
-                    callback_attempts = attempts,
-                    "callback delivered"
-                );
-                note(ctx, call, callback_event(status, attempts, None)).await;
-            }
-            Delivery::GaveUp {
-                reason,
-                attempts: tries,
-            } => {
-                tracing::error!(%reason, callback_attempts = tries, "callback not delivered; dead-lettering the call");
-                note(ctx, call, callback_event(0, tries, Some(&reason))).await;
-                let detail = format!("callback: {reason}");
-                let letter = letter_for(
-                    msg,
-                    DeadLetterReason::CallbackFailed,
-                    &detail,
-                    Some(call),
-                    Some(outcome.status),
-                    attempts,
-                );
-                if let Err(e) = ctx.store.forget(&call.meta.call_id) {
-                    tracing::warn!(error = %e, "could not forget the call");
-                }
-                drop(heartbeat);
-                note(
-                    ctx,
-                    call,
-                    gave_up(
-                        call,
-                        CallState::DeadLettered,
-                        DeadLetterReason::CallbackFailed,
-                    ),
-                )
-                .await;
-                count_dead_letter(
-                    ctx,
-                    call,
-                    DeadLetterReason::CallbackFailed,
-                    Some(outcome.status),
-                )
-                .await;
-                return dead_letter_and_ack(ctx, msg, &letter).await;
-            }
-            Delivery::Interrupted => {
-                tracing::warn!(
-                    "shutdown: callback pending; handing the call back (the result is kept)"
-                );
-                drop(heartbeat);
-                return nak(msg, None).await;
-            }
-        }
-    }
-    let result = if (200..300).contains(&outcome.status) {
-        "succeeded"
-    } else {
-        "failed"
-    };
-    finalize(ctx, call, result, Some(outcome.status), None).await;
-    if let Err(e) = ctx.store.finish(&call.meta.call_id, attempts).await {
-        tracing::warn!(error = %e, "could not mark the call done");
-    }
-    drop(heartbeat);
-    ack(msg).await;
+/// Poll interval of a call held because its function is paused.
+const PAUSE_POLL: Duration = Duration::from_millis(500);
+
+/// The paused functions, kept current by a watch on the backend (no read per call).
+#[derive(Debug, Default)]
+struct PausedCache {
+    /// `None` until the watch delivered the list (then a call reads it directly).
+    list: std::sync::RwLock<Option<std::collections::HashSet<String>>>,
 }
 
-/// Counts a dead letter of a decoded call.
-async fn count_dead_letter<Q: CallQueue>(
-    ctx: &Ctx<Q>,
-    call: &QueuedCall,
-    reason: DeadLetterReason,
-    last_status: Option<u16>,
-) {
-    let function = metrics::function_label(&call.meta.qualified_function());
-    ::metrics::counter!(metrics::DEAD_LETTERS, "function" => function.clone(), "reason" => reason.as_str())
-        .increment(1);
-    if reason == DeadLetterReason::Expired {
-        ::metrics::counter!(metrics::EXPIRED, "function" => function).increment(1);
-        finalize(ctx, call, "expired", None, Some(reason.as_str())).await;
-    } else {
-        finalize(
-            ctx,
-            call,
-            "dead_lettered",
-            last_status,
-            Some(reason.as_str()),
-        )
-        .await;
+impl PausedCache {
+    fn set(&self, list: Option<Vec<String>>) {
+        *self
+            .list
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            list.map(|l| l.into_iter().collect());
+    }
+
+    fn get(&self, function: &str) -> Option<bool> {
+        self.list
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .map(|l| l.contains(function))
     }
 }
 
-/// The call failed for good: dead-letter it (keeping the request), send the final callback
-/// (marked with `X-Dead-Letter-Reason`), forget it so a replay runs it again, then ack.
-async fn give_up<Q: CallQueue>(
-    ctx: &Ctx<Q>,
-    msg: &Q::Delivery,
-    call: &QueuedCall,
-    reason: DeadLetterReason,
-    outcome: Outcome,
-    attempts: u32,
-    heartbeat: Heartbeat,
-) {
-    let detail = match reason {
-        DeadLetterReason::Expired => format!(
-            "older than the maximum age of {:?}",
-            ctx.functions.for_call(&call.meta).max_age
-        ),
-        _ => format!("{attempts} attempts, last status {}", outcome.status),
-    };
-    // A synthesized outcome (no attempt ran in this delivery) has no real last status.
-    let last_status = outcome
-        .error
-        .as_deref()
-        .is_none_or(|e| e != EXHAUSTED_BY_REDELIVERY && e != "expired")
-        .then_some(outcome.status);
-    let letter = letter_for(msg, reason, &detail, Some(call), last_status, attempts);
-    tracing::warn!(
-        reason = reason.as_str(),
-        attempts,
-        last_status,
-        "dead-lettering the call"
-    );
-    if let Err(e) = ctx.queue.dead_letter(msg.payload().clone(), &letter).await {
-        tracing::error!(error = %e, "dead-letter publish failed; retrying later");
-        if let Err(e) = ctx.store.release(&call.meta.call_id) {
-            tracing::warn!(error = %e, "could not release the claim");
-        }
-        drop(heartbeat);
-        return nak(msg, Some(LOCAL_FAILURE_RETRY)).await;
-    }
-    let state = if reason == DeadLetterReason::Expired {
-        CallState::Expired
-    } else {
-        CallState::DeadLettered
-    };
-    note(ctx, call, gave_up(call, state, reason)).await;
-    count_dead_letter(ctx, call, reason, last_status).await;
-    if let Some(url) = call.meta.callback_url.as_deref() {
-        match deliver_callback(ctx, call, url, &outcome, Some(reason.as_str())).await {
-            Delivery::Delivered { status, attempts } => {
-                tracing::info!(callback_status = status, "final callback delivered");
-                note(ctx, call, callback_event(status, attempts, None)).await;
+/// Keeps `ctx.paused` current until `stop` fires.
+async fn follow_paused<Q: CallQueue>(ctx: Arc<Ctx<Q>>, stop: CancellationToken) {
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
+    while !stop.is_cancelled() {
+        let mut updates = match ctx.queue.paused_updates().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot watch the paused functions; retrying");
+                backoff.wait(&stop).await;
+                continue;
             }
-            Delivery::GaveUp { reason, attempts } => {
-                tracing::error!(%reason, "final callback not delivered (the call is in the dead-letter stream)");
-                note(ctx, call, callback_event(0, attempts, Some(&reason))).await;
-            }
-            Delivery::Interrupted => {
-                // The redelivery dead-letters again (stored once) and retries the callback.
-                drop(heartbeat);
-                return nak(msg, None).await;
+        };
+        backoff.reset();
+        loop {
+            let next = tokio::select! {
+                n = updates.next() => n,
+                () = stop.cancelled() => return,
+            };
+            match next {
+                Some(list) => ctx.paused.set(Some(list)),
+                None => break,
             }
         }
+        // Lost track: calls read the list directly until the watch is back.
+        ctx.paused.set(None);
+        backoff.wait(&stop).await;
     }
-    if let Err(e) = ctx.store.forget(&call.meta.call_id) {
-        tracing::warn!(error = %e, "could not forget the call");
-    }
-    drop(heartbeat);
-    ack(msg).await;
 }
 
-async fn dead_letter_and_ack<Q: CallQueue>(
-    ctx: &Ctx<Q>,
-    msg: &Q::Delivery,
-    letter: &DeadLetter<'_>,
-) {
-    tracing::error!(
-        stream_sequence = letter.stream_sequence,
-        subject = %msg.subject(),
-        reason = letter.reason.as_str(),
-        detail = letter.detail,
-        "dead-lettering the message"
-    );
-    match ctx.queue.dead_letter(msg.payload().clone(), letter).await {
-        Ok(()) => ack(msg).await,
+async fn is_paused<Q: CallQueue>(ctx: &Ctx<Q>, function: &str) -> bool {
+    if let Some(paused) = ctx.paused.get(function) {
+        return paused;
+    }
+    match ctx.queue.paused_functions().await {
+        Ok(paused) => paused.iter().any(|f| f == function),
         Err(e) => {
-            tracing::error!(error = %e, "dead-letter publish failed; retrying later");
-            nak(msg, Some(LOCAL_FAILURE_RETRY)).await;
+            tracing::debug!(error = %e, "paused functions unknown; not holding");
+            false
         }
     }
 }
 
-async fn ack<D: QueueDelivery>(msg: &D) {
-    if let Err(e) = msg.ack().await {
-        // The call is done and recorded: a redelivery will be acked without invoking.
-        tracing::warn!(error = %e, "ack failed");
+/// While the call's function is paused, holds the call (its delivery kept alive by its lease,
+/// its delivery count unchanged) without a concurrency permit; returns a permit once resumed,
+/// or `None` when shutdown hands the call back.
+async fn hold_while_paused<Q: CallQueue>(
+    ctx: &Ctx<Q>,
+    function: &str,
+    permit: OwnedSemaphorePermit,
+) -> Option<OwnedSemaphorePermit> {
+    if !is_paused(ctx, function).await {
+        return Some(permit);
     }
-}
-
-async fn nak<D: QueueDelivery>(msg: &D, delay: Option<Duration>) {
-    if let Err(e) = msg.nak(delay).await {
-        tracing::warn!(error = %e, "nak failed; the message will be redelivered after ack_wait");
+    drop(permit);
+    tracing::info!("function paused; holding the call");
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(PAUSE_POLL) => {}
+            () = ctx.hand_back.cancelled() => return None,
+        }
+        if !is_paused(ctx, function).await {
+            break;
+        }
+    }
+    tracing::info!("function resumed; running the call");
+    tokio::select! {
+        p = ctx.permits.clone().acquire_owned() => p.ok(),
+        () = ctx.hand_back.cancelled() => None,
     }
 }
 

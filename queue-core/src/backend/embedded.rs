@@ -31,11 +31,11 @@ use tokio::sync::Notify;
 
 use super::{
     BackendError, CallQueue, CallRecords, DeadLetter, DeadLetterEntry, PublishError, Published,
-    QueueDelivery, call_subject,
+    QueueDelivery, RecordWriteError, Revision, call_subject,
 };
 use crate::clock::unix_nanos_now;
 use crate::message::QueuedCall;
-use crate::records::{self, CallRecord, Event, OutcomeEvent, StoredResult};
+use crate::records::{self, CallRecord, OutcomeEvent, StoredResult};
 use crate::sled_flush::GroupFlush;
 
 impl From<sled::Error> for BackendError {
@@ -96,6 +96,8 @@ struct Inner {
     cancels: tokio::sync::broadcast::Sender<String>,
     /// Outcome announcements to the gateway of this process.
     outcomes: tokio::sync::broadcast::Sender<OutcomeEvent>,
+    /// The paused functions, for [`CallRecords::paused_updates`].
+    paused: tokio::sync::watch::Sender<Vec<String>>,
     /// Serialises read-modify-write of records (one process owns the database).
     records_lock: Mutex<()>,
     flusher: GroupFlush,
@@ -282,13 +284,19 @@ impl EmbeddedQueue {
             .cache_capacity(options.cache_bytes)
             .flush_every_ms(Some(200))
             .open()?;
+        let records = db.open_tree("records")?;
+        let paused: Vec<String> = match records.get(PAUSED_KEY)? {
+            Some(raw) => serde_json::from_slice(&raw).unwrap_or_default(),
+            None => Vec::new(),
+        };
         let inner = Inner {
+            paused: tokio::sync::watch::channel(paused).0,
             messages: db.open_tree("messages")?,
             deliveries: db.open_tree("deliveries")?,
             dedup: db.open_tree("dedup")?,
             dead: db.open_tree("dead")?,
             dead_ids: db.open_tree("dead_ids")?,
-            records: db.open_tree("records")?,
+            records,
             results: db.open_tree("results")?,
             idempotency: db.open_tree("idempotency")?,
             cancels: tokio::sync::broadcast::channel(1024).0,
@@ -573,8 +581,7 @@ impl Inner {
             if key.as_ref() == PAUSED_KEY {
                 continue;
             }
-            let expired = serde_json::from_slice::<CallRecord>(&value)
-                .map_or(true, |r| r.updated_at < oldest);
+            let expired = decode_record(&value).is_none_or(|(r, _)| r.updated_at < oldest);
             if expired {
                 self.records.remove(&key)?;
                 self.results.remove(&key)?;
@@ -649,6 +656,27 @@ fn announcements<T: Clone + Send + 'static>(
     .boxed()
 }
 
+/// A stored record: `r`, its revision (big-endian), its JSON. A value that starts with `{` is
+/// a record written before revisions existed (revision 0).
+fn encode_record(record: &CallRecord, revision: Revision) -> Result<Vec<u8>, BackendError> {
+    let mut out = Vec::with_capacity(256);
+    out.push(b'r');
+    out.extend_from_slice(&revision.to_be_bytes());
+    serde_json::to_writer(&mut out, record)?;
+    Ok(out)
+}
+
+fn decode_record(raw: &[u8]) -> Option<(CallRecord, Revision)> {
+    if raw.first() == Some(&b'{') {
+        return serde_json::from_slice(raw).ok().map(|r| (r, 0));
+    }
+    let revision = u64::from_be_bytes(raw.get(1..9)?.try_into().ok()?);
+    (raw.first() == Some(&b'r'))
+        .then(|| serde_json::from_slice(raw.get(9..)?).ok())
+        .flatten()
+        .map(|r| (r, revision))
+}
+
 /// State of one pull request.
 struct Pull {
     inner: Arc<Inner>,
@@ -658,37 +686,66 @@ struct Pull {
 
 impl CallRecords for EmbeddedQueue {
     async fn record(&self, call_id: &str) -> Result<Option<CallRecord>, BackendError> {
+        Ok(self.record_entry(call_id).await?.map(|(record, _)| record))
+    }
+
+    async fn record_entry(
+        &self,
+        call_id: &str,
+    ) -> Result<Option<(CallRecord, Revision)>, BackendError> {
         let Some(raw) = self.inner.records.get(call_id.as_bytes())? else {
             return Ok(None);
         };
-        let record: CallRecord =
-            serde_json::from_slice(&raw).map_err(|e| BackendError::Corrupt {
-                key: format!("records/{call_id}"),
-                detail: e.to_string(),
-            })?;
+        let (record, revision) = decode_record(&raw)
+            .ok_or_else(|| corrupt(format!("records/{call_id}"), "unreadable call record"))?;
         let oldest = unix_nanos_now().saturating_sub(nanos(self.inner.options.records_retention));
-        Ok((record.updated_at >= oldest).then_some(record))
+        Ok((record.updated_at >= oldest).then_some((record, revision)))
     }
 
-    async fn apply(&self, call_id: &str, event: &Event) -> Result<CallRecord, BackendError> {
+    async fn write_record(
+        &self,
+        call_id: &str,
+        expected: Option<Revision>,
+        record: &CallRecord,
+        result: Option<Bytes>,
+    ) -> Result<Revision, RecordWriteError> {
         let inner = &self.inner;
         let _guard = inner
             .records_lock
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        let oldest = unix_nanos_now().saturating_sub(nanos(inner.options.records_retention));
         let current = inner
             .records
-            .get(call_id.as_bytes())?
-            .and_then(|raw| serde_json::from_slice(&raw).ok());
-        let record = records::apply(call_id, current, event, unix_nanos_now());
+            .get(call_id.as_bytes())
+            .map_err(BackendError::from)?
+            .and_then(|raw| decode_record(&raw))
+            .filter(|(r, _)| r.updated_at >= oldest)
+            .map(|(_, revision)| revision);
+        if current != expected {
+            return Err(RecordWriteError::Conflict);
+        }
+        let revision = current.map_or(1, |r| r.saturating_add(1));
+        if let Some(encoded) = result {
+            inner
+                .results
+                .insert(call_id.as_bytes(), encoded.as_ref())
+                .map_err(BackendError::from)?;
+        }
         inner
             .records
-            .insert(call_id.as_bytes(), serde_json::to_vec(&record)?)?;
-        Ok(record)
+            .insert(call_id.as_bytes(), encode_record(record, revision)?)
+            .map_err(BackendError::from)?;
+        Ok(revision)
     }
 
-    async fn store_result(&self, call_id: &str, encoded: Vec<u8>) -> Result<(), BackendError> {
-        self.inner.results.insert(call_id.as_bytes(), encoded)?;
+    async fn delete_record(&self, call_id: &str) -> Result<(), BackendError> {
+        let _guard = self
+            .inner
+            .records_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.inner.records.remove(call_id.as_bytes())?;
         Ok(())
     }
 
@@ -749,6 +806,19 @@ impl CallRecords for EmbeddedQueue {
         })
     }
 
+    async fn paused_updates(&self) -> Result<BoxStream<'static, Vec<String>>, BackendError> {
+        let mut receiver = self.inner.paused.subscribe();
+        receiver.mark_changed();
+        Ok(
+            futures::stream::unfold(receiver, |mut receiver| async move {
+                receiver.changed().await.ok()?;
+                let list = receiver.borrow_and_update().clone();
+                Some((list, receiver))
+            })
+            .boxed(),
+        )
+    }
+
     async fn set_paused(&self, function: &str, paused: bool) -> Result<Vec<String>, BackendError> {
         let inner = &self.inner;
         let list = {
@@ -764,6 +834,7 @@ impl CallRecords for EmbeddedQueue {
             inner
                 .records
                 .insert(PAUSED_KEY, serde_json::to_vec(&list)?)?;
+            inner.paused.send_replace(list.clone());
             list
         };
         inner.flusher.flush(&inner.db).await?;
@@ -791,6 +862,10 @@ impl CallQueue for EmbeddedQueue {
         self.inner
             .publish_raw(&subject, &payload, &call.meta.call_id)
             .await
+    }
+
+    fn duplicate_window(&self) -> Duration {
+        self.inner.options.duplicate_window
     }
 
     fn max_message_bytes(&self) -> usize {

@@ -23,10 +23,10 @@ use tokio_util::sync::CancellationToken;
 use super::nats::{self as queue, HEADER_ALLOWANCE};
 use super::{
     BackendError, CallQueue, CallRecords, DeadLetter, DeadLetterEntry, PublishError, Published,
-    QueueDelivery, QueueError,
+    QueueDelivery, QueueError, RecordWriteError, Revision,
 };
 use crate::message::QueuedCall;
-use crate::records::{self, CallRecord, Event, OutcomeEvent, StoredResult};
+use crate::records::{self, CallRecord, OutcomeEvent, StoredResult};
 use crate::settings::{NatsArgs, RecordArgs, StreamArgs};
 
 /// The durable consumer a worker pulls from.
@@ -319,6 +319,10 @@ fn result_key(call_id: &str) -> String {
 /// than `--records-retention` lapses.
 const PAUSED_KEY: &str = "paused-functions";
 
+/// JetStream's own default duplicate window, assumed where this process does not manage the
+/// stream.
+const DEFAULT_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
 /// Attempts of a compare-and-set before giving up (only concurrent writers make it retry).
 const CAS_ATTEMPTS: usize = 16;
 
@@ -336,57 +340,70 @@ impl CallRecords for JetStreamQueue {
         }
     }
 
-    async fn apply(&self, call_id: &str, event: &Event) -> Result<CallRecord, BackendError> {
+    async fn record_entry(
+        &self,
+        call_id: &str,
+    ) -> Result<Option<(CallRecord, Revision)>, BackendError> {
         let kv = self.records_bucket().await?;
         let key = record_key(call_id);
-        let mut last_error = String::new();
-        // The gateway's first write of a call almost always finds no record: try to create it
-        // without reading first (one round trip on the accept path instead of two); if one
-        // exists after all, the create fails and the loop reads it like any other event.
-        let mut assume_absent = matches!(event, Event::Accepted { .. });
-        for _ in 0..CAS_ATTEMPTS {
-            let (current, revision) = if std::mem::take(&mut assume_absent) {
-                (None, None)
-            } else {
-                match kv.entry(key.clone()).await.map_err(request_err)? {
-                    Some(e) if e.operation == kv::Operation::Put => {
-                        (serde_json::from_slice(&e.value).ok(), Some(e.revision))
-                    }
-                    Some(e) => (None, Some(e.revision)),
-                    None => (None, None),
-                }
-            };
-            let record = records::apply(call_id, current, event, crate::clock::unix_nanos_now());
-            let value = bytes::Bytes::from(serde_json::to_vec(&record)?);
-            let written = match revision {
-                Some(revision) => kv
-                    .update(&key, value, revision)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
-                None => kv
-                    .create(&key, value)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
-            };
-            match written {
-                Ok(()) => return Ok(record),
-                // Another writer was first: read again and re-apply.
-                Err(e) => last_error = e,
+        match kv.entry(key.clone()).await.map_err(request_err)? {
+            Some(e) if e.operation == kv::Operation::Put => {
+                let record =
+                    serde_json::from_slice(&e.value).map_err(|err| BackendError::Corrupt {
+                        key,
+                        detail: err.to_string(),
+                    })?;
+                Ok(Some((record, e.revision)))
             }
+            _ => Ok(None),
         }
-        Err(BackendError::Request(format!(
-            "record {call_id}: no compare-and-set succeeded: {last_error}"
-        )))
     }
 
-    async fn store_result(&self, call_id: &str, encoded: Vec<u8>) -> Result<(), BackendError> {
+    async fn write_record(
+        &self,
+        call_id: &str,
+        expected: Option<Revision>,
+        record: &CallRecord,
+        result: Option<Bytes>,
+    ) -> Result<Revision, RecordWriteError> {
         let kv = self.records_bucket().await?;
-        kv.put(result_key(call_id), encoded.into())
-            .await
-            .map_err(request_err)?;
-        Ok(())
+        let key = record_key(call_id);
+        let value = Bytes::from(serde_json::to_vec(record).map_err(BackendError::from)?);
+        let write = async {
+            match expected {
+                Some(revision) => kv.update(&key, value, revision).await.map_err(|e| {
+                    if e.kind() == kv::UpdateErrorKind::WrongLastRevision {
+                        RecordWriteError::Conflict
+                    } else {
+                        RecordWriteError::Backend(request_err(e))
+                    }
+                }),
+                None => kv.create(&key, value).await.map_err(|e| {
+                    if e.kind() == kv::CreateErrorKind::AlreadyExists {
+                        RecordWriteError::Conflict
+                    } else {
+                        RecordWriteError::Backend(request_err(e))
+                    }
+                }),
+            }
+        };
+        match result {
+            None => write.await,
+            Some(encoded) => {
+                // Both publishes leave on this one connection in this order, so the stream
+                // stores the result before the record that points to it; their
+                // acknowledgements are awaited together (one round trip, not two).
+                let keep = kv.put(result_key(call_id), encoded);
+                let (kept, written) = tokio::join!(keep, write);
+                kept.map_err(|e| RecordWriteError::Backend(request_err(e)))?;
+                written
+            }
+        }
+    }
+
+    async fn delete_record(&self, call_id: &str) -> Result<(), BackendError> {
+        let kv = self.records_bucket().await?;
+        kv.delete(record_key(call_id)).await.map_err(request_err)
     }
 
     async fn result(&self, call_id: &str) -> Result<Option<StoredResult>, BackendError> {
@@ -462,6 +479,23 @@ impl CallRecords for JetStreamQueue {
             Some(raw) => serde_json::from_slice(&raw).unwrap_or_default(),
             None => Vec::new(),
         })
+    }
+
+    async fn paused_updates(&self) -> Result<BoxStream<'static, Vec<String>>, BackendError> {
+        let kv = self.records_bucket().await?;
+        let watch = kv
+            .watch_with_history(PAUSED_KEY)
+            .await
+            .map_err(request_err)?;
+        Ok(watch
+            .take_while(|entry| futures::future::ready(entry.is_ok()))
+            .filter_map(|entry| {
+                futures::future::ready(entry.ok().map(|e| match e.operation {
+                    kv::Operation::Put => serde_json::from_slice(&e.value).unwrap_or_default(),
+                    kv::Operation::Delete | kv::Operation::Purge => Vec::new(),
+                }))
+            })
+            .boxed())
     }
 
     async fn set_paused(&self, function: &str, paused: bool) -> Result<Vec<String>, BackendError> {
@@ -541,6 +575,13 @@ impl CallQueue for JetStreamQueue {
             self.recheck.notify_one();
         }
         result.map(|duplicate| Published { duplicate })
+    }
+
+    fn duplicate_window(&self) -> Duration {
+        self.options
+            .manage_streams
+            .as_ref()
+            .map_or(DEFAULT_DUPLICATE_WINDOW, |s| s.stream_duplicate_window)
     }
 
     fn max_message_bytes(&self) -> usize {

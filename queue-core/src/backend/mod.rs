@@ -18,6 +18,9 @@
 pub mod embedded;
 pub mod jetstream;
 pub mod nats;
+mod owned;
+
+pub use owned::{OwnedRecord, apply_event};
 
 pub use nats::HEADER_ALLOWANCE;
 
@@ -29,7 +32,7 @@ use futures::stream::BoxStream;
 use serde::Serialize;
 
 use crate::message::QueuedCall;
-use crate::records::{CallRecord, Event, OutcomeEvent, StoredResult};
+use crate::records::{CallRecord, OutcomeEvent, StoredResult};
 
 /// Errors of queue operations other than publishing.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +92,21 @@ pub enum QueueError {
     },
 }
 
+/// The version of a stored call record that a writer last saw (a key-value revision in
+/// JetStream, a counter in the embedded queue).
+pub type Revision = u64;
+
+/// Why a compare-and-set write of a record did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordWriteError {
+    /// The record changed since it was read (or exists where none was expected).
+    #[error("the call record changed since it was read")]
+    Conflict,
+    /// The backend failed or did not answer; not a conflict, so not worth re-reading.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
 /// Why a publish did not store the call.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -127,22 +145,31 @@ pub trait CallRecords: Send + Sync + 'static {
         call_id: &str,
     ) -> impl Future<Output = Result<Option<CallRecord>, BackendError>> + Send;
 
-    /// Applies one event to a call's record (compare-and-set: concurrent writers do not lose
-    /// each other's changes) and returns the new record.
-    fn apply(
+    /// The record of a call with its revision, for a compare-and-set write.
+    fn record_entry(
         &self,
         call_id: &str,
-        event: &Event,
-    ) -> impl Future<Output = Result<CallRecord, BackendError>> + Send;
+    ) -> impl Future<Output = Result<Option<(CallRecord, Revision)>, BackendError>> + Send;
 
-    /// Keeps a call's final response for the result endpoint, as encoded by
-    /// [`StoredResult::encode`] (the caller measures it against [`CallRecords::max_result_bytes`]
-    /// first, so it is encoded once).
-    fn store_result(
+    /// Writes `record` if the stored record is still at `expected` (`None`: only if there is
+    /// none), and returns its new revision. With `result` (as encoded by
+    /// [`StoredResult::encode_parts`], measured against [`CallRecords::max_result_bytes`] by
+    /// the caller), the result is kept first, in the same round trip where the backend can:
+    /// a reader that sees the record say `stored` finds the result.
+    ///
+    /// [`RecordWriteError::Conflict`] means another writer was first (read again, re-apply);
+    /// any other failure is [`RecordWriteError::Backend`], never retried as a conflict.
+    fn write_record(
         &self,
         call_id: &str,
-        encoded: Vec<u8>,
-    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+        expected: Option<Revision>,
+        record: &CallRecord,
+        result: Option<Bytes>,
+    ) -> impl Future<Output = Result<Revision, RecordWriteError>> + Send;
+
+    /// Removes a call's record (its call could not be queued after all).
+    fn delete_record(&self, call_id: &str)
+    -> impl Future<Output = Result<(), BackendError>> + Send;
 
     /// A kept final response.
     fn result(
@@ -185,6 +212,12 @@ pub trait CallRecords: Send + Sync + 'static {
     /// Functions whose calls are held (paused).
     fn paused_functions(&self) -> impl Future<Output = Result<Vec<String>, BackendError>> + Send;
 
+    /// The paused functions now and after every change, for a cache that saves a read per
+    /// call. The stream ends if the backend loses track (the caller subscribes again).
+    fn paused_updates(
+        &self,
+    ) -> impl Future<Output = Result<BoxStream<'static, Vec<String>>, BackendError>> + Send;
+
     /// Pauses or resumes a function's calls; returns the paused functions.
     fn set_paused(
         &self,
@@ -215,6 +248,9 @@ pub trait CallQueue: CallRecords {
 
     /// Largest envelope (metadata and body) the queue takes now.
     fn max_message_bytes(&self) -> usize;
+
+    /// How long a publish with the same call id is stored once.
+    fn duplicate_window(&self) -> Duration;
 
     /// Whether publishes can succeed now (for `/readyz`); the error says why not.
     fn check_ready(&self) -> impl Future<Output = Result<(), String>> + Send;

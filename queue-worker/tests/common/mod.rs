@@ -139,6 +139,7 @@ pub fn call(function: &str, callback_url: Option<&str>, body: &'static [u8]) -> 
             callback_url: callback_url.map(Into::into),
             received_at_unix_nanos: queue_core::unix_nanos_now(),
             body: BodyLocation::Inline { len: 0 },
+            record_revision: None,
         },
         body: Bytes::from_static(body),
     }
