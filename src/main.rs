@@ -22,6 +22,7 @@ use queue_core::backend::jetstream::{ConsumerOptions, JetStreamOptions, JetStrea
 use queue_core::settings::{StreamArgs, parse_bytes, parse_duration};
 use queue_worker::WorkerConfig;
 use queue_worker::config::WorkerCommand;
+use queue_worker::state::CallStore;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -151,7 +152,19 @@ async fn main() -> anyhow::Result<()> {
         if let Some(WorkerCommand::Dlq { action }) = dlq {
             return dead_letters(queue.as_ref(), action).await;
         }
-        return serve(config, queue, &format!("embedded, in {dir}"), stop).await;
+        // One database for the queue and the worker's dedup state: one group commit covers
+        // both (--state-dir is not used with the embedded queue).
+        let (db, flusher) = queue.database();
+        let state = CallStore::in_database(db, flusher, config.worker.dedup_retention)
+            .with_context(|| format!("cannot open the dedup state in {dir}"))?;
+        return serve(
+            config,
+            queue,
+            &format!("embedded, in {dir}"),
+            stop,
+            Some(state),
+        )
+        .await;
     }
     let with_gateway = config.server.role != Role::Worker;
     let with_worker = config.server.role != Role::Gateway;
@@ -170,7 +183,14 @@ async fn main() -> anyhow::Result<()> {
     if let Some(WorkerCommand::Dlq { action }) = dlq {
         return dead_letters(queue.as_ref(), action).await;
     }
-    serve(config, queue, &format!("JetStream at {nats_url}"), stop).await
+    serve(
+        config,
+        queue,
+        &format!("JetStream at {nats_url}"),
+        stop,
+        None,
+    )
+    .await
 }
 
 async fn dead_letters<Q: CallQueue>(
@@ -188,6 +208,7 @@ async fn serve<Q: CallQueue>(
     queue: Arc<Q>,
     queue_description: &str,
     stop: CancellationToken,
+    state: Option<CallStore>,
 ) -> anyhow::Result<()> {
     let role = config.server.role;
     let mut tasks = tokio::task::JoinSet::new();
@@ -223,7 +244,7 @@ async fn serve<Q: CallQueue>(
         let worker = config.worker;
         let stop = stop.clone();
         tasks.spawn(async move {
-            queue_worker::worker::run_on(worker, queue, stop.cancelled_owned())
+            queue_worker::worker::run_with_state(worker, queue, state, stop.cancelled_owned())
                 .await
                 .context("worker failed")
         });

@@ -427,7 +427,9 @@ async fn accept<Q: CallQueue>(
             "could not encode the call",
         ),
     })?;
-    tracing::info!(
+    // Debug, as the worker's success path: a line per accepted call is the largest cost of
+    // an accept at high rates; refusals log at info.
+    tracing::debug!(
         call_id,
         function = %call.meta.qualified_function(),
         method = %call.meta.method,

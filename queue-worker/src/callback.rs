@@ -7,8 +7,11 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use std::sync::Arc;
+
 use crate::config::WorkerConfig;
-use crate::invoke::transport_error_kind;
+use crate::http1::{Http1Client, Http1Error, Request};
+use crate::invoke::{PlainTarget, transport_error_kind};
 use queue_core::Outcome;
 use queue_core::headers::is_hop_by_hop;
 use queue_core::message::CallMeta;
@@ -38,6 +41,7 @@ pub enum Delivery {
 #[derive(Debug, Clone)]
 pub struct CallbackSender {
     client: reqwest::Client,
+    http1: Arc<Http1Client>,
     timeout: Duration,
     max_attempts: u32,
     initial_wait: Duration,
@@ -96,9 +100,10 @@ enum AttemptResult {
 
 impl CallbackSender {
     /// From the worker configuration.
-    pub fn new(config: &WorkerConfig, client: reqwest::Client) -> Self {
+    pub fn new(config: &WorkerConfig, client: reqwest::Client, http1: Arc<Http1Client>) -> Self {
         Self {
             client,
+            http1,
             timeout: config.callback_timeout,
             max_attempts: config.callback_max_attempts,
             initial_wait: config.callback_initial_wait,
@@ -154,6 +159,9 @@ impl CallbackSender {
         headers: &[(String, String)],
         outcome: &Outcome,
     ) -> AttemptResult {
+        if let Some(target) = PlainTarget::parse(url) {
+            return self.attempt_plain(&target, headers, outcome).await;
+        }
         let mut request = self
             .client
             .post(url)
@@ -175,13 +183,64 @@ impl CallbackSender {
             .map(Duration::from_secs);
         // Drain the (small) body so the connection can be reused; ignore its content.
         let _ = response.bytes().await;
-        let code = status.as_u16();
-        match code {
-            200..=299 => AttemptResult::Delivered(code),
-            408 | 429 | 500..=599 => AttemptResult::Retry(format!("status {code}"), retry_after),
-            410 => AttemptResult::Permanent("receiver answered 410 Gone".into()),
-            _ => AttemptResult::Permanent(format!("status {code}")),
-        }
+        classify(status.as_u16(), retry_after)
+    }
+
+    /// [`CallbackSender::attempt`] over plain `http` with [`Http1Client`].
+    async fn attempt_plain(
+        &self,
+        target: &PlainTarget,
+        headers: &[(String, String)],
+        outcome: &Outcome,
+    ) -> AttemptResult {
+        let mut pairs: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        pairs.push((
+            "user-agent",
+            concat!("queue-worker/", env!("CARGO_PKG_VERSION")),
+        ));
+        let request = Request {
+            method: "POST",
+            origin: &target.origin,
+            host_header: &target.host_header,
+            target: &target.path_and_query,
+            headers: &pairs,
+            body: &outcome.body,
+        };
+        let sent =
+            tokio::time::timeout(self.timeout, self.http1.send(&request, MAX_RECEIVER_ANSWER))
+                .await;
+        let response = match sent {
+            Err(_) => return AttemptResult::Retry("timeout".into(), None),
+            Ok(Err(Http1Error::Connect)) => return AttemptResult::Retry("connect".into(), None),
+            Ok(Err(Http1Error::Io)) => return AttemptResult::Retry("request".into(), None),
+            Ok(Err(Http1Error::TooLarge | Http1Error::Malformed(_))) => {
+                return AttemptResult::Retry("invalid answer".into(), None);
+            }
+            Ok(Ok(response)) => response,
+        };
+        let retry_after = response
+            .headers
+            .iter()
+            .find(|(n, _)| n == "retry-after")
+            .and_then(|(_, v)| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        classify(response.status, retry_after)
+    }
+}
+
+/// Largest answer body read from a callback receiver (it is drained, never used).
+const MAX_RECEIVER_ANSWER: u64 = 1 << 20;
+
+/// What a receiver's status means for the callback.
+fn classify(code: u16, retry_after: Option<Duration>) -> AttemptResult {
+    match code {
+        200..=299 => AttemptResult::Delivered(code),
+        408 | 429 | 500..=599 => AttemptResult::Retry(format!("status {code}"), retry_after),
+        410 => AttemptResult::Permanent("receiver answered 410 Gone".into()),
+        _ => AttemptResult::Permanent(format!("status {code}")),
     }
 }
 

@@ -5,7 +5,10 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
+use std::sync::Arc;
+
 use crate::config::{InvokeMode, WorkerConfig};
+use crate::http1::{Http1Client, Http1Error, Origin, Request};
 pub use queue_core::headers::{HOP_BY_HOP, is_hop_by_hop};
 use queue_core::message::QueuedCall;
 pub use queue_core::outcome::Outcome;
@@ -14,6 +17,8 @@ pub use queue_core::outcome::Outcome;
 #[derive(Debug, Clone)]
 pub struct FunctionInvoker {
     client: reqwest::Client,
+    http1: Arc<Http1Client>,
+    user_agent: String,
     mode: InvokeMode,
     gateway_url: String,
     default_namespace: String,
@@ -38,9 +43,11 @@ pub fn http_client(user_agent: &str) -> Result<reqwest::Client, reqwest::Error> 
 
 impl FunctionInvoker {
     /// From the worker configuration.
-    pub fn new(config: &WorkerConfig, client: reqwest::Client) -> Self {
+    pub fn new(config: &WorkerConfig, client: reqwest::Client, http1: Arc<Http1Client>) -> Self {
         Self {
             client,
+            http1,
+            user_agent: concat!("queue-worker/", env!("CARGO_PKG_VERSION")).to_owned(),
             mode: config.invoke_mode,
             gateway_url: config.gateway_url.trim_end_matches('/').to_owned(),
             default_namespace: config.default_namespace.clone(),
@@ -93,13 +100,19 @@ impl FunctionInvoker {
             duration: started.elapsed(),
             error: Some(error.to_owned()),
         };
+        let url = self.url(call);
+        if let Some(target) = PlainTarget::parse(&url) {
+            return self
+                .invoke_plain(call, &target, attempt, max_attempts, timeout, started)
+                .await;
+        }
         let method = match reqwest::Method::from_bytes(call.meta.method.as_bytes()) {
             Ok(m) => m,
             Err(_) => return failed(502, "invalid method"),
         };
         let mut request = self
             .client
-            .request(method, self.url(call))
+            .request(method, url)
             .timeout(timeout)
             .body(call.body.clone());
         for (name, value) in &call.meta.headers {
@@ -132,6 +145,128 @@ impl FunctionInvoker {
             Err(ReadError::TooLarge) => failed(502, "response too large"),
             Err(ReadError::Transport(e)) => failed(503, transport_error_kind(&e)),
         }
+    }
+}
+
+impl FunctionInvoker {
+    /// [`FunctionInvoker::invoke`] over plain `http` with [`Http1Client`].
+    async fn invoke_plain(
+        &self,
+        call: &QueuedCall,
+        target: &PlainTarget,
+        attempt: u32,
+        max_attempts: u32,
+        timeout: Duration,
+        started: Instant,
+    ) -> Outcome {
+        let failed = |status: u16, error: &str| Outcome {
+            status,
+            headers: Vec::new(),
+            body: Bytes::new(),
+            duration: started.elapsed(),
+            error: Some(error.to_owned()),
+        };
+        let (start_time, retry, retry_max) = (
+            call.meta.received_at_unix_nanos.to_string(),
+            attempt.to_string(),
+            max_attempts.to_string(),
+        );
+        let mut headers: Vec<(&str, &str)> = Vec::with_capacity(call.meta.headers.len() + 5);
+        let mut user_agent = false;
+        for (name, value) in &call.meta.headers {
+            if is_hop_by_hop(name) || is_set_by_us(name) {
+                continue;
+            }
+            user_agent |= name.eq_ignore_ascii_case("user-agent");
+            headers.push((name, value));
+        }
+        // Set from the call itself, as OpenFaaS's gateway adds them to the queued request.
+        headers.extend([
+            ("x-call-id", call.meta.call_id.as_str()),
+            ("x-start-time", start_time.as_str()),
+            ("x-retry", retry.as_str()),
+            ("x-retry-max", retry_max.as_str()),
+        ]);
+        if !user_agent {
+            headers.push(("user-agent", self.user_agent.as_str()));
+        }
+        let request = Request {
+            method: &call.meta.method,
+            origin: &target.origin,
+            host_header: &target.host_header,
+            target: &target.path_and_query,
+            headers: &headers,
+            body: &call.body,
+        };
+        match tokio::time::timeout(timeout, self.http1.send(&request, self.max_response_bytes))
+            .await
+        {
+            Err(_) => failed(503, "timeout"),
+            Ok(Err(Http1Error::Connect)) => failed(503, "connect"),
+            Ok(Err(Http1Error::Io)) => failed(503, "request"),
+            Ok(Err(Http1Error::TooLarge)) => failed(502, "response too large"),
+            Ok(Err(Http1Error::Malformed(_))) => failed(502, "invalid response"),
+            Ok(Ok(response)) => Outcome {
+                status: response.status,
+                headers: response
+                    .headers
+                    .into_iter()
+                    .filter(|(name, _)| !is_hop_by_hop(name))
+                    .collect(),
+                body: response.body,
+                duration: started.elapsed(),
+                error: None,
+            },
+        }
+    }
+}
+
+/// Headers the worker sets on every invocation; a client's copies are not forwarded.
+fn is_set_by_us(name: &str) -> bool {
+    ["x-call-id", "x-start-time", "x-retry", "x-retry-max"]
+        .iter()
+        .any(|ours| name.eq_ignore_ascii_case(ours))
+}
+
+/// A plain-`http` URL taken apart for [`Http1Client`].
+#[derive(Debug, PartialEq, Eq)]
+pub struct PlainTarget {
+    /// Where to connect.
+    pub origin: Origin,
+    /// The `Host` header.
+    pub host_header: String,
+    /// Path and query.
+    pub path_and_query: String,
+}
+
+impl PlainTarget {
+    /// `None` for anything but a valid `http://` URL (`https` goes through the general client).
+    pub fn parse(raw: &str) -> Option<Self> {
+        let url = url::Url::parse(raw).ok()?;
+        if url.scheme() != "http" || !url.username().is_empty() || url.password().is_some() {
+            return None;
+        }
+        let host = match url.host()? {
+            url::Host::Domain(d) => d.to_owned(),
+            url::Host::Ipv4(a) => a.to_string(),
+            url::Host::Ipv6(a) => a.to_string(),
+        };
+        let port = url.port_or_known_default()?;
+        let host_header = match (url.host_str(), url.port()) {
+            (Some(h), Some(p)) => format!("{h}:{p}"),
+            (Some(h), None) => h.to_owned(),
+            (None, _) => return None,
+        };
+        let mut path_and_query = url.path().to_owned();
+        if let Some(q) = url.query() {
+            path_and_query.push('?');
+            path_and_query.push_str(q);
+        }
+        Some(Self {
+            origin: Origin { host, port },
+            host_header,
+            path_and_query,
+        })
     }
 }
 
@@ -211,7 +346,15 @@ mod tests {
             std::iter::once("queue-worker").chain(args.iter().copied()),
         )
         .unwrap();
-        FunctionInvoker::new(&config, http_client("test").unwrap())
+        FunctionInvoker::new(
+            &config,
+            http_client("test").unwrap(),
+            Arc::new(Http1Client::new(
+                1,
+                Duration::from_secs(1),
+                Duration::from_secs(1),
+            )),
+        )
     }
 
     #[test]

@@ -13,6 +13,8 @@
 //! - [`plan`]: what to do with a delivery (invoke, skip, send the stored result, give up), a
 //!   pure function.
 //! - [`invoke`]: function URLs and the HTTP call; transport failures become a 503 outcome.
+//! - [`http1`]: the small HTTP/1.1 client for plain-`http` functions and callbacks (one
+//!   socket and a right-sized buffer per in-flight call, an idle pool per origin).
 //! - [`retry`]: the function retry policy (backoff with jitter, `Retry-After`).
 //! - [`functions`]: per-function overrides (`--functions-config`, TOML).
 //! - [`callback`]: callback headers and delivery with retries of the callback alone.
@@ -26,6 +28,7 @@ pub mod config;
 pub mod dlq;
 pub mod endpoint;
 pub mod functions;
+pub mod http1;
 pub mod invoke;
 pub mod lease;
 pub mod plan;

@@ -175,6 +175,17 @@ impl CallStore {
             .cache_capacity(cache_bytes)
             .flush_every_ms(Some(200))
             .open()?;
+        Self::in_database(db, Arc::new(GroupFlush::new()), retention)
+    }
+
+    /// The store in trees of an open database, sharing its group commit: the all-in-one
+    /// server keeps it in the embedded queue's database, so a call's queue and dedup writes
+    /// reach the disk with the same fsyncs.
+    pub fn in_database(
+        db: sled::Db,
+        flusher: Arc<GroupFlush>,
+        retention: Duration,
+    ) -> Result<Self, StateError> {
         let generation_ms = u64::try_from(retention.as_millis())
             .unwrap_or(u64::MAX)
             .div_ceil(GENERATIONS)
@@ -188,7 +199,7 @@ impl CallStore {
         generations.sort_by_key(|g| std::cmp::Reverse(g.0));
         let mut store = Self {
             db,
-            flusher: Arc::new(GroupFlush::new()),
+            flusher,
             generations: Arc::new(Mutex::new(generations)),
             generation_ms,
             legacy: false,

@@ -40,6 +40,7 @@ use queue_core::records::{
 use crate::callback::{CallbackSender, Delivery};
 use crate::config::WorkerConfig;
 use crate::functions::{CallSettings, FunctionSettings};
+use crate::http1::Http1Client;
 use crate::invoke::{FunctionInvoker, http_client};
 use crate::lease::{Heartbeats, Lease, beat};
 use crate::plan::{Plan, plan};
@@ -229,10 +230,22 @@ pub async fn run_on<Q: CallQueue>(
     queue: Arc<Q>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WorkerError> {
+    run_with_state(config, queue, None, shutdown).await
+}
+
+/// [`run_on`] with the dedup state given (`None`: opened in `--state-dir`).
+pub async fn run_with_state<Q: CallQueue>(
+    config: WorkerConfig,
+    queue: Arc<Q>,
+    store: Option<CallStore>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), WorkerError> {
     config.validate().map_err(WorkerError::Config)?;
     let functions =
         FunctionSettings::load(&config).map_err(|e| WorkerError::Config(e.to_string()))?;
-    let store = {
+    let store = if let Some(store) = store {
+        store
+    } else {
         let (dir, cache, retention) = (
             config.state_dir.clone(),
             config.state_cache_bytes,
@@ -247,11 +260,18 @@ pub async fn run_on<Q: CallQueue>(
             })?
     };
     let http = http_client(concat!("queue-worker/", env!("CARGO_PKG_VERSION")))?;
+    // Plain-http functions and callbacks: idle connections kept for as many calls as run at
+    // once, like the general client's pool.
+    let plain = Arc::new(Http1Client::new(
+        config.max_inflight as usize,
+        Duration::from_secs(60),
+        Duration::from_secs(10),
+    ));
 
     let stop_pulling = CancellationToken::new();
     let ctx = Arc::new(Ctx {
-        invoker: FunctionInvoker::new(&config, http.clone()),
-        callbacks: CallbackSender::new(&config, http),
+        invoker: FunctionInvoker::new(&config, http.clone(), plain.clone()),
+        callbacks: CallbackSender::new(&config, http, plain),
         queue,
         store,
         hand_back: CancellationToken::new(),
@@ -620,7 +640,10 @@ impl<Q: CallQueue> Job<'_, Q> {
         drop(permit);
         ::metrics::histogram!(metrics::FUNCTION_SECONDS, "function" => self.label.clone())
             .record(outcome.duration.as_secs_f64());
-        tracing::info!(
+        // The success path logs at debug: at thousands of calls a second, a line per call
+        // costs more than the rest of its handling; failures, retries and dead letters log at
+        // info and above, and the metrics count every call.
+        tracing::debug!(
             status = outcome.status,
             duration_ms = u64::try_from(outcome.duration.as_millis()).unwrap_or(u64::MAX),
             error = outcome.error.as_deref(),
@@ -748,7 +771,7 @@ impl<Q: CallQueue> Job<'_, Q> {
                     status,
                     attempts: tries,
                 } => {
-                    tracing::info!(
+                    tracing::debug!(
                         callback_status = status,
                         callback_attempts = tries,
                         "callback delivered"

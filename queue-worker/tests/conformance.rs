@@ -443,6 +443,96 @@ mod cases {
         }
         assert_eq!(n, 3);
     }
+
+    /// Records are written by compare-and-set: create only where none is, update only at the
+    /// revision read; a stale writer gets a conflict (never a silent overwrite), and the kept
+    /// result is there once the record that points to it is.
+    pub async fn records_compare_and_set<H: Harness>() {
+        use queue_core::backend::{CallRecords, RecordWriteError, apply_event};
+        use queue_core::records::{self, CallState, Event};
+        let h = H::start().await;
+        let q = h.queue();
+        let now = queue_core::unix_nanos_now();
+        let accepted = Event::Accepted {
+            function: "f".into(),
+            at: now,
+            has_callback: false,
+        };
+        let record = records::apply("cas", None, &accepted, now);
+        let first = q.write_record("cas", None, &record, None).await.unwrap();
+        assert!(matches!(
+            q.write_record("cas", None, &record, None).await,
+            Err(RecordWriteError::Conflict)
+        ));
+        let (read, revision) = q.record_entry("cas").await.unwrap().unwrap();
+        assert_eq!((read.clone(), revision), (record.clone(), first));
+        let second = q
+            .write_record(
+                "cas",
+                Some(first),
+                &read,
+                Some(bytes::Bytes::from_static(b"kept")),
+            )
+            .await
+            .unwrap();
+        assert_ne!(second, first);
+        assert!(matches!(
+            q.write_record("cas", Some(first), &read, None).await,
+            Err(RecordWriteError::Conflict)
+        ));
+        // A writer holding a stale revision re-reads and re-applies: a cancel is kept.
+        let cancelled = apply_event(q.as_ref(), "cas", None, &[Event::Cancel], None)
+            .await
+            .unwrap();
+        assert_eq!(cancelled.record.state, CallState::Cancelled);
+        let stale = queue_core::backend::OwnedRecord {
+            record: read,
+            revision: Some(second),
+        };
+        let started = Event::AttemptStarted {
+            function: "f".into(),
+            attempt: 1,
+            at: now,
+            accepted_at: now,
+        };
+        let after = apply_event(q.as_ref(), "cas", Some(stale), &[started], None)
+            .await
+            .unwrap();
+        assert_eq!(after.record.state, CallState::Cancelled);
+        q.delete_record("cas").await.unwrap();
+        assert!(q.record("cas").await.unwrap().is_none());
+    }
+
+    /// The paused list is delivered at once and after every change.
+    pub async fn paused_functions_are_watched<H: Harness>() {
+        use queue_core::backend::CallRecords;
+        let h = H::start().await;
+        let q = h.queue();
+        let mut updates = q.paused_updates().await.unwrap();
+        let first = tokio::time::timeout(DEADLINE, updates.next())
+            .await
+            .unwrap();
+        assert_eq!(
+            first,
+            Some(Vec::new()),
+            "the current list comes first, even if empty"
+        );
+        q.set_paused("billing", true).await.unwrap();
+        let next = tokio::time::timeout(DEADLINE, updates.next())
+            .await
+            .unwrap();
+        assert_eq!(next, Some(vec!["billing".to_owned()]));
+        q.set_paused("billing", false).await.unwrap();
+        let next = tokio::time::timeout(DEADLINE, updates.next())
+            .await
+            .unwrap();
+        assert_eq!(next, Some(Vec::new()));
+        // A new watcher starts from the current state.
+        q.set_paused("reports", true).await.unwrap();
+        let mut again = q.paused_updates().await.unwrap();
+        let first = tokio::time::timeout(DEADLINE, again.next()).await.unwrap();
+        assert_eq!(first, Some(vec!["reports".to_owned()]));
+    }
 }
 
 macro_rules! conformance {
@@ -493,6 +583,14 @@ macro_rules! conformance {
             #[tokio::test]
             async fn pull_is_bounded() {
                 cases::pull_is_bounded::<$harness>().await;
+            }
+            #[tokio::test]
+            async fn records_compare_and_set() {
+                cases::records_compare_and_set::<$harness>().await;
+            }
+            #[tokio::test]
+            async fn paused_functions_are_watched() {
+                cases::paused_functions_are_watched::<$harness>().await;
             }
         }
     };

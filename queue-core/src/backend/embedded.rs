@@ -100,7 +100,7 @@ struct Inner {
     paused: tokio::sync::watch::Sender<Vec<String>>,
     /// Serialises read-modify-write of records (one process owns the database).
     records_lock: Mutex<()>,
-    flusher: GroupFlush,
+    flusher: Arc<GroupFlush>,
     schedule: Mutex<Schedule>,
     /// Wakes pullers when something may have become due.
     wake: Notify,
@@ -278,6 +278,12 @@ enum Refused {
 impl EmbeddedQueue {
     /// Opens (or creates) the queue in `options.dir` and rebuilds its schedule. Blocking: call
     /// it from a blocking context or at start-up.
+    /// The queue's database and its group commit, for a worker in the same process to keep
+    /// its dedup state in (one database, one fsync shared by the queue and the worker).
+    pub fn database(&self) -> (sled::Db, Arc<GroupFlush>) {
+        (self.inner.db.clone(), Arc::clone(&self.inner.flusher))
+    }
+
     pub fn open(options: EmbeddedOptions) -> Result<Self, BackendError> {
         let db = sled::Config::new()
             .path(&options.dir)
@@ -304,7 +310,7 @@ impl EmbeddedQueue {
             records_lock: Mutex::new(()),
             db,
             options,
-            flusher: GroupFlush::new(),
+            flusher: Arc::new(GroupFlush::new()),
             schedule: Mutex::new(Schedule::default()),
             wake: Notify::new(),
         };

@@ -483,18 +483,23 @@ impl CallRecords for JetStreamQueue {
 
     async fn paused_updates(&self) -> Result<BoxStream<'static, Vec<String>>, BackendError> {
         let kv = self.records_bucket().await?;
-        let watch = kv
-            .watch_with_history(PAUSED_KEY)
-            .await
-            .map_err(request_err)?;
-        Ok(watch
+        // Watch first, then read: a change in between is in the read or comes from the
+        // watch, never lost. (A watch with history says nothing for a key never written.)
+        let watch = kv.watch(PAUSED_KEY).await.map_err(request_err)?;
+        let now: Vec<String> = match kv.get(PAUSED_KEY).await.map_err(request_err)? {
+            Some(raw) => serde_json::from_slice(&raw).unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let changes = watch
             .take_while(|entry| futures::future::ready(entry.is_ok()))
             .filter_map(|entry| {
                 futures::future::ready(entry.ok().map(|e| match e.operation {
                     kv::Operation::Put => serde_json::from_slice(&e.value).unwrap_or_default(),
                     kv::Operation::Delete | kv::Operation::Purge => Vec::new(),
                 }))
-            })
+            });
+        Ok(futures::stream::once(futures::future::ready(now))
+            .chain(changes)
             .boxed())
     }
 

@@ -1,0 +1,847 @@
+//! A small HTTP/1.1 client for invoking functions over plain `http://`.
+//!
+//! Why not the general client: a long-running call holds one connection for as long as the
+//! function runs (minutes, hours), so with 10,000 calls in flight the per-connection state is
+//! what the worker's memory is made of. A general-purpose client keeps a connection task, a
+//! dispatch channel and 8 KiB read and write buffers per connection (about 40 KB measured with
+//! massif); this one keeps a socket and a buffer sized to what is actually read, owned by the
+//! call's own task. Connections are reused through a small idle pool per origin.
+//!
+//! What it speaks: one request per connection at a time (no pipelining), `Content-Length` and
+//! `chunked` response bodies, bodies delimited by the connection's end, 1xx answers skipped,
+//! no body for `HEAD`, 204 and 304. What it refuses (an error, never a guess): malformed
+//! status lines or headers, more than [`MAX_HEADERS`] headers or [`MAX_HEAD_BYTES`] of them,
+//! conflicting lengths, bad chunk framing, bodies above the caller's limit.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Most response headers accepted.
+pub const MAX_HEADERS: usize = 128;
+/// Largest response head (status line and headers).
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Longest chunk-size line of a chunked body.
+const MAX_CHUNK_LINE: usize = 1024;
+/// First read buffer: most function answers fit.
+const INITIAL_READ: usize = 2 * 1024;
+/// Largest single read once a body of known length is being read.
+const MAX_READ: usize = 64 * 1024;
+
+/// Why a request got no usable response.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Http1Error {
+    /// The connection could not be opened.
+    #[error("connect")]
+    Connect,
+    /// Writing the request or reading the response failed, or the peer closed early.
+    #[error("request")]
+    Io,
+    /// The response is not valid HTTP/1.1.
+    #[error("malformed response: {0}")]
+    Malformed(&'static str),
+    /// The body is larger than the caller's limit.
+    #[error("response too large")]
+    TooLarge,
+}
+
+/// Where a connection goes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Origin {
+    /// Host name or address (IPv6 without brackets).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+}
+
+/// One request.
+#[derive(Debug)]
+pub struct Request<'a> {
+    /// Method, as the client sent it.
+    pub method: &'a str,
+    /// Where to connect.
+    pub origin: &'a Origin,
+    /// The `Host` header value.
+    pub host_header: &'a str,
+    /// Path and query (`/function/f?x=1`).
+    pub target: &'a str,
+    /// Headers to send, besides `Host` and `Content-Length`, which this client sets.
+    pub headers: &'a [(&'a str, &'a str)],
+    /// The body.
+    pub body: &'a Bytes,
+}
+
+/// A response.
+#[derive(Debug)]
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    /// Headers in arrival order, names lower-case, values that are not UTF-8 dropped.
+    pub headers: Vec<(String, String)>,
+    /// Body (de-chunked).
+    pub body: Bytes,
+}
+
+#[derive(Debug)]
+struct Idle {
+    stream: TcpStream,
+    since: Instant,
+}
+
+/// The client: connection settings and the idle pool.
+#[derive(Debug)]
+pub struct Http1Client {
+    idle: Mutex<HashMap<Origin, Vec<Idle>>>,
+    max_idle_per_origin: usize,
+    idle_timeout: Duration,
+    connect_timeout: Duration,
+}
+
+impl Http1Client {
+    /// A client keeping at most `max_idle_per_origin` idle connections per origin, each for
+    /// at most `idle_timeout`.
+    pub fn new(
+        max_idle_per_origin: usize,
+        idle_timeout: Duration,
+        connect_timeout: Duration,
+    ) -> Self {
+        Self {
+            idle: Mutex::new(HashMap::new()),
+            max_idle_per_origin,
+            idle_timeout,
+            connect_timeout,
+        }
+    }
+
+    fn pool(&self) -> std::sync::MutexGuard<'_, HashMap<Origin, Vec<Idle>>> {
+        // Short critical sections, never held across an await.
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// An idle connection that the peer has not closed, if any.
+    fn take_idle(&self, origin: &Origin) -> Option<TcpStream> {
+        let mut pool = self.pool();
+        let idle = pool.get_mut(origin)?;
+        while let Some(conn) = idle.pop() {
+            if conn.since.elapsed() > self.idle_timeout {
+                continue;
+            }
+            // Readable while idle means closed (EOF) or garbage: either way unusable.
+            let mut probe = [0u8; 1];
+            match conn.stream.try_read(&mut probe) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Some(conn.stream),
+                _ => continue,
+            }
+        }
+        None
+    }
+
+    fn put_idle(&self, origin: &Origin, stream: TcpStream) {
+        let mut pool = self.pool();
+        let idle = pool.entry(origin.clone()).or_default();
+        idle.retain(|c| c.since.elapsed() <= self.idle_timeout);
+        if idle.len() < self.max_idle_per_origin {
+            idle.push(Idle {
+                stream,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    async fn connect(&self, origin: &Origin) -> Result<TcpStream, Http1Error> {
+        let connect = async {
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((origin.host.as_str(), origin.port))
+                    .await
+                    .map_err(|_| Http1Error::Connect)?
+                    .collect();
+            let mut last = Http1Error::Connect;
+            for addr in addrs {
+                match TcpStream::connect(addr).await {
+                    Ok(stream) => {
+                        let _ = stream.set_nodelay(true);
+                        return Ok(stream);
+                    }
+                    Err(_) => last = Http1Error::Connect,
+                }
+            }
+            Err(last)
+        };
+        tokio::time::timeout(self.connect_timeout, connect)
+            .await
+            .map_err(|_| Http1Error::Connect)?
+    }
+
+    /// Sends `request` and reads the response, refusing bodies above `max_body` bytes. A
+    /// reused connection the peer closed before answering is replaced once by a new one
+    /// (nothing was answered on it; the request is sent again, as any HTTP client does).
+    pub async fn send(&self, request: &Request<'_>, max_body: u64) -> Result<Response, Http1Error> {
+        if let Some(stream) = self.take_idle(request.origin) {
+            match exchange(stream, request, max_body).await {
+                Ok((response, reusable)) => {
+                    if let Some(stream) = reusable {
+                        self.put_idle(request.origin, stream);
+                    }
+                    return Ok(response);
+                }
+                Err(Attempt::ClosedBeforeAnswer) => {}
+                Err(Attempt::Failed(e)) => return Err(e),
+            }
+        }
+        let stream = self.connect(request.origin).await?;
+        match exchange(stream, request, max_body).await {
+            Ok((response, reusable)) => {
+                if let Some(stream) = reusable {
+                    self.put_idle(request.origin, stream);
+                }
+                Ok(response)
+            }
+            Err(Attempt::ClosedBeforeAnswer) => Err(Http1Error::Io),
+            Err(Attempt::Failed(e)) => Err(e),
+        }
+    }
+}
+
+enum Attempt {
+    /// The connection ended before a single byte of answer (a stale pooled connection).
+    ClosedBeforeAnswer,
+    Failed(Http1Error),
+}
+
+impl From<Http1Error> for Attempt {
+    fn from(e: Http1Error) -> Self {
+        Self::Failed(e)
+    }
+}
+
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+fn is_field_value(s: &str) -> bool {
+    s.bytes()
+        .all(|b| b == b'\t' || (b' '..=b'~').contains(&b) || b >= 0x80)
+}
+
+fn head(request: &Request<'_>) -> Result<Vec<u8>, Http1Error> {
+    if !is_token(request.method) {
+        return Err(Http1Error::Malformed("invalid method"));
+    }
+    if request.target.bytes().any(|b| b <= b' ' || b == 0x7f) {
+        return Err(Http1Error::Malformed("invalid request target"));
+    }
+    let mut out = Vec::with_capacity(
+        64 + request.target.len()
+            + request
+                .headers
+                .iter()
+                .map(|(n, v)| n.len() + v.len() + 4)
+                .sum::<usize>(),
+    );
+    let mut line = |parts: &[&[u8]]| {
+        for part in parts {
+            out.extend_from_slice(part);
+        }
+        out.extend_from_slice(b"\r\n");
+    };
+    line(&[
+        request.method.as_bytes(),
+        b" ",
+        request.target.as_bytes(),
+        b" HTTP/1.1",
+    ]);
+    line(&[b"host: ", request.host_header.as_bytes()]);
+    let bodyless = request.body.is_empty()
+        && (request.method.eq_ignore_ascii_case("GET")
+            || request.method.eq_ignore_ascii_case("HEAD"));
+    if !bodyless {
+        line(&[
+            b"content-length: ",
+            request.body.len().to_string().as_bytes(),
+        ]);
+    }
+    for (name, value) in request.headers {
+        // Values come from stored requests and function answers: never let one break framing.
+        if !is_token(name) || !is_field_value(value) {
+            continue;
+        }
+        line(&[name.as_bytes(), b": ", value.as_bytes()]);
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(out)
+}
+
+/// One request and response on `stream`; returns the stream when it can carry another.
+async fn exchange(
+    mut stream: TcpStream,
+    request: &Request<'_>,
+    max_body: u64,
+) -> Result<(Response, Option<TcpStream>), Attempt> {
+    let head = head(request)?;
+    let written = async {
+        if request.body.len() <= 4096 {
+            let mut all = head;
+            all.extend_from_slice(request.body);
+            stream.write_all(&all).await
+        } else {
+            stream.write_all(&head).await?;
+            stream.write_all(request.body).await
+        }
+    }
+    .await;
+    if written.is_err() {
+        return Err(Attempt::ClosedBeforeAnswer);
+    }
+    let mut buf = BytesMut::with_capacity(INITIAL_READ);
+    let mut received = false;
+    let (status, headers) = loop {
+        let mut answer = None;
+        while !buf.is_empty() {
+            match parse_head(&buf)? {
+                None => break,
+                // Informational answers (100 Continue, 103 Early Hints) precede the real one.
+                Some((status, _, len)) if (100..200).contains(&status) && status != 101 => {
+                    buf.advance(len);
+                }
+                Some((status, headers, len)) => {
+                    buf.advance(len);
+                    answer = Some((status, headers));
+                    break;
+                }
+            }
+        }
+        if let Some(answer) = answer {
+            break answer;
+        }
+        if buf.len() > MAX_HEAD_BYTES {
+            return Err(Http1Error::Malformed("response head too large").into());
+        }
+        if buf.capacity() == buf.len() {
+            buf.reserve(buf.len().max(INITIAL_READ));
+        }
+        let n = stream.read_buf(&mut buf).await.map_err(|_| {
+            if received {
+                Attempt::Failed(Http1Error::Io)
+            } else {
+                Attempt::ClosedBeforeAnswer
+            }
+        })?;
+        if n == 0 {
+            return Err(if received {
+                Attempt::Failed(Http1Error::Io)
+            } else {
+                Attempt::ClosedBeforeAnswer
+            });
+        }
+        received = true;
+    };
+    if status == 101 {
+        return Err(Http1Error::Malformed("protocol switch").into());
+    }
+    let framing = framing(request.method, status, &headers)?;
+    let (body, reusable) = match framing {
+        Framing::None => (Bytes::new(), true),
+        Framing::Length(len) => {
+            if len > max_body {
+                return Err(Http1Error::TooLarge.into());
+            }
+            let len = usize::try_from(len).map_err(|_| Http1Error::TooLarge)?;
+            (read_exact_body(&mut stream, buf, len).await?, true)
+        }
+        Framing::Chunked => read_chunked(&mut stream, buf, max_body).await?,
+        Framing::UntilClose => (read_to_close(&mut stream, buf, max_body).await?, false),
+    };
+    let keep_alive = reusable
+        && !headers
+            .iter()
+            .any(|(n, v)| n == "connection" && v.to_ascii_lowercase().contains("close"));
+    Ok((
+        Response {
+            status,
+            headers,
+            body,
+        },
+        keep_alive.then_some(stream),
+    ))
+}
+
+type Parsed = (u16, Vec<(String, String)>, usize);
+
+/// Parses a complete response head at the start of `buf`: status, headers, head length.
+fn parse_head(buf: &[u8]) -> Result<Option<Parsed>, Http1Error> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut slots);
+    match response.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => {
+            if response.version != Some(1) && response.version != Some(0) {
+                return Err(Http1Error::Malformed("not HTTP/1.x"));
+            }
+            let status = response.code.ok_or(Http1Error::Malformed("no status"))?;
+            let mut headers = Vec::with_capacity(response.headers.len());
+            for h in response.headers.iter() {
+                if let Ok(value) = std::str::from_utf8(h.value) {
+                    headers.push((h.name.to_ascii_lowercase(), value.to_owned()));
+                }
+            }
+            if response.version == Some(0)
+                && !headers
+                    .iter()
+                    .any(|(n, v)| n == "connection" && v.eq_ignore_ascii_case("keep-alive"))
+            {
+                headers.push(("connection".to_owned(), "close".to_owned()));
+            }
+            Ok(Some((status, headers, len)))
+        }
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => Err(Http1Error::Malformed("too many headers")),
+        Err(_) => Err(Http1Error::Malformed("invalid response head")),
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+/// How the body is delimited (RFC 9112 §6.3).
+fn framing(method: &str, status: u16, headers: &[(String, String)]) -> Result<Framing, Http1Error> {
+    if method.eq_ignore_ascii_case("HEAD") || status == 204 || status == 304 {
+        return Ok(Framing::None);
+    }
+    let encodings: Vec<&str> = headers
+        .iter()
+        .filter(|(n, _)| n == "transfer-encoding")
+        .flat_map(|(_, v)| v.split(','))
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect();
+    if let Some(last) = encodings.last() {
+        // A length beside an encoding is ignored (the encoding wins).
+        return Ok(if last.eq_ignore_ascii_case("chunked") {
+            Framing::Chunked
+        } else {
+            Framing::UntilClose
+        });
+    }
+    let mut length: Option<u64> = None;
+    for (_, value) in headers.iter().filter(|(n, _)| n == "content-length") {
+        for part in value.split(',') {
+            let part = part.trim();
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(Http1Error::Malformed("invalid content-length"));
+            }
+            let n: u64 = part
+                .parse()
+                .map_err(|_| Http1Error::Malformed("invalid content-length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(Http1Error::Malformed("conflicting content-length"));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(length.map_or(Framing::UntilClose, Framing::Length))
+}
+
+async fn read_exact_body(
+    stream: &mut TcpStream,
+    mut buf: BytesMut,
+    len: usize,
+) -> Result<Bytes, Attempt> {
+    if buf.len() > len {
+        return Err(Http1Error::Malformed("more data than content-length").into());
+    }
+    buf.reserve(len - buf.len());
+    while buf.len() < len {
+        let n = stream
+            .read_buf(&mut buf)
+            .await
+            .map_err(|_| Http1Error::Io)?;
+        if n == 0 {
+            return Err(Http1Error::Io.into());
+        }
+    }
+    Ok(buf.freeze())
+}
+
+async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<(), Attempt> {
+    if buf.capacity() == buf.len() {
+        buf.reserve(buf.len().clamp(INITIAL_READ, MAX_READ));
+    }
+    match stream.read_buf(buf).await {
+        Ok(0) | Err(_) => Err(Http1Error::Io.into()),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// Position of the first CRLF in `buf`.
+fn crlf(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\r\n")
+}
+
+async fn read_line(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Bytes, Attempt> {
+    loop {
+        if let Some(end) = crlf(buf) {
+            let line = buf.split_to(end).freeze();
+            buf.advance(2);
+            return Ok(line);
+        }
+        if buf.len() > MAX_CHUNK_LINE {
+            return Err(Http1Error::Malformed("chunk line too long").into());
+        }
+        read_more(stream, buf).await?;
+    }
+}
+
+/// Reads a chunked body; returns it and whether the connection is clean for reuse.
+async fn read_chunked(
+    stream: &mut TcpStream,
+    mut buf: BytesMut,
+    max_body: u64,
+) -> Result<(Bytes, bool), Attempt> {
+    let mut body = BytesMut::new();
+    loop {
+        let line = read_line(stream, &mut buf).await?;
+        let size_text = line
+            .split(|&b| b == b';')
+            .next()
+            .map(<[u8]>::trim_ascii)
+            .unwrap_or_default();
+        if size_text.is_empty()
+            || size_text.len() > 16
+            || !size_text.iter().all(u8::is_ascii_hexdigit)
+        {
+            return Err(Http1Error::Malformed("invalid chunk size").into());
+        }
+        let size = std::str::from_utf8(size_text)
+            .ok()
+            .and_then(|s| u64::from_str_radix(s, 16).ok())
+            .ok_or(Http1Error::Malformed("invalid chunk size"))?;
+        if size == 0 {
+            // Trailers, ignored, up to the empty line.
+            loop {
+                if read_line(stream, &mut buf).await?.is_empty() {
+                    break;
+                }
+            }
+            return Ok((body.freeze(), buf.is_empty()));
+        }
+        if body.len() as u64 + size > max_body {
+            return Err(Http1Error::TooLarge.into());
+        }
+        let size = usize::try_from(size).map_err(|_| Http1Error::TooLarge)?;
+        while buf.len() < size + 2 {
+            read_more(stream, &mut buf).await?;
+        }
+        body.extend_from_slice(&buf[..size]);
+        if &buf[size..size + 2] != b"\r\n" {
+            return Err(Http1Error::Malformed("chunk not followed by CRLF").into());
+        }
+        buf.advance(size + 2);
+    }
+}
+
+async fn read_to_close(
+    stream: &mut TcpStream,
+    mut buf: BytesMut,
+    max_body: u64,
+) -> Result<Bytes, Attempt> {
+    loop {
+        if buf.len() as u64 > max_body {
+            return Err(Http1Error::TooLarge.into());
+        }
+        if buf.capacity() == buf.len() {
+            buf.reserve(buf.len().clamp(INITIAL_READ, MAX_READ));
+        }
+        match stream.read_buf(&mut buf).await {
+            Ok(0) => return Ok(buf.freeze()),
+            Ok(_) => {}
+            Err(_) => return Err(Http1Error::Io.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::net::TcpListener;
+
+    /// A real TCP server on 127.0.0.1 that answers every request on a connection with the
+    /// next of `answers` (raw bytes, so malformed answers can be sent), and counts the
+    /// connections it accepted. After the last answer it closes the connection.
+    async fn raw_server(
+        answers: Vec<Vec<u8>>,
+    ) -> (Origin, Arc<AtomicUsize>, Arc<Mutex<Vec<Vec<u8>>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let (count, seen) = (accepted.clone(), requests.clone());
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let answers = answers.clone();
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    for answer in answers {
+                        // Read one request head and its content-length body.
+                        let mut buf = Vec::new();
+                        let mut chunk = [0u8; 4096];
+                        let body_len = loop {
+                            let Ok(n) = stream.read(&mut chunk).await else {
+                                return;
+                            };
+                            if n == 0 {
+                                return;
+                            }
+                            buf.extend_from_slice(&chunk[..n]);
+                            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                                let len = head
+                                    .lines()
+                                    .find_map(|l| l.strip_prefix("content-length: "))
+                                    .and_then(|v| v.trim().parse::<usize>().ok())
+                                    .unwrap_or(0);
+                                break end + 4 + len;
+                            }
+                        };
+                        while buf.len() < body_len {
+                            let Ok(n) = stream.read(&mut chunk).await else {
+                                return;
+                            };
+                            if n == 0 {
+                                return;
+                            }
+                            buf.extend_from_slice(&chunk[..n]);
+                        }
+                        seen.lock().unwrap().push(buf);
+                        if stream.write_all(&answer).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (
+            Origin {
+                host: "127.0.0.1".into(),
+                port,
+            },
+            accepted,
+            requests,
+        )
+    }
+
+    fn client() -> Http1Client {
+        Http1Client::new(8, Duration::from_secs(30), Duration::from_secs(5))
+    }
+
+    async fn post(
+        client: &Http1Client,
+        origin: &Origin,
+        body: &'static [u8],
+        max: u64,
+    ) -> Result<Response, Http1Error> {
+        let body = Bytes::from_static(body);
+        let request = Request {
+            method: "POST",
+            origin,
+            host_header: "fn.example",
+            target: "/function/f?x=1",
+            headers: &[
+                ("x-custom", "v"),
+                ("bad header", "dropped"),
+                ("x-evil", "a\r\nInjected: 1"),
+            ],
+            body: &body,
+        };
+        tokio::time::timeout(Duration::from_secs(20), client.send(&request, max))
+            .await
+            .expect("no answer within 20 s")
+    }
+
+    #[tokio::test]
+    async fn a_length_delimited_answer_is_read_and_the_connection_reused() {
+        let ok = b"HTTP/1.1 201 Created\r\nContent-Type: text/plain\r\nContent-Length: 5\r\nX-A: 1\r\n\r\nhello".to_vec();
+        let (origin, accepted, requests) = raw_server(vec![ok.clone(), ok.clone(), ok]).await;
+        let c = client();
+        for _ in 0..3 {
+            let r = post(&c, &origin, b"ping", 1024).await.unwrap();
+            assert_eq!(r.status, 201);
+            assert_eq!(r.body.as_ref(), b"hello");
+            assert!(
+                r.headers
+                    .contains(&("content-type".into(), "text/plain".into()))
+            );
+        }
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "one connection for three calls"
+        );
+        let sent = String::from_utf8(requests.lock().unwrap()[0].clone()).unwrap();
+        assert!(
+            sent.starts_with("POST /function/f?x=1 HTTP/1.1\r\nhost: fn.example\r\n"),
+            "{sent}"
+        );
+        assert!(
+            sent.contains("content-length: 4\r\n") && sent.ends_with("\r\n\r\nping"),
+            "{sent}"
+        );
+        assert!(sent.contains("x-custom: v\r\n"));
+        // Header names and values that would break the framing are never sent.
+        assert!(
+            !sent.contains("bad header") && !sent.contains("Injected"),
+            "{sent}"
+        );
+    }
+
+    #[tokio::test]
+    async fn chunked_answers_and_informational_heads_are_understood() {
+        let answer = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nTrailer: x\r\n\r\n".to_vec();
+        let (origin, accepted, _) = raw_server(vec![answer.clone(), answer]).await;
+        let c = client();
+        for _ in 0..2 {
+            let r = post(&c, &origin, b"", 1024).await.unwrap();
+            assert_eq!((r.status, r.body.as_ref()), (200, b"hello world".as_ref()));
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_body_until_close_is_read_and_the_connection_not_reused() {
+        let answer = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it".to_vec();
+        let (origin, accepted, _) = raw_server(vec![answer]).await;
+        let c = client();
+        for _ in 0..2 {
+            let r = post(&c, &origin, b"x", 1024).await.unwrap();
+            assert_eq!(r.body.as_ref(), b"all of it");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_pooled_connection_the_server_closed_is_replaced() {
+        // One answer per connection, then the server closes it: the second call finds the
+        // pooled connection closed and must open a new one, not fail.
+        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec();
+        let (origin, accepted, requests) = raw_server(vec![ok]).await;
+        let c = client();
+        assert_eq!(post(&c, &origin, b"1", 64).await.unwrap().status, 200);
+        // Whether the close has reached us yet (the idle probe sees it) or not (the request
+        // meets a closed connection and is sent again on a new one), the call must succeed.
+        assert_eq!(post(&c, &origin, b"2", 64).await.unwrap().status, 200);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            requests.lock().unwrap().len(),
+            2,
+            "each request reached the server once"
+        );
+    }
+
+    #[tokio::test]
+    async fn hostile_answers_are_errors_not_guesses() {
+        let many_headers = {
+            let mut a = b"HTTP/1.1 200 OK\r\n".to_vec();
+            for i in 0..(MAX_HEADERS + 1) {
+                a.extend_from_slice(format!("x-{i}: v\r\n").as_bytes());
+            }
+            a.extend_from_slice(b"Content-Length: 0\r\n\r\n");
+            a
+        };
+        let huge_head = {
+            let mut a = b"HTTP/1.1 200 OK\r\nx-big: ".to_vec();
+            a.extend(std::iter::repeat_n(b'a', MAX_HEAD_BYTES + 10));
+            a
+        };
+        let cases: Vec<(Vec<u8>, Http1Error)> = vec![
+            (
+                b"garbage\r\n\r\n".to_vec(),
+                Http1Error::Malformed("invalid response head"),
+            ),
+            (many_headers, Http1Error::Malformed("too many headers")),
+            (huge_head, Http1Error::Malformed("response head too large")),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd".to_vec(),
+                Http1Error::Malformed("conflicting content-length"),
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n".to_vec(),
+                Http1Error::Malformed("invalid content-length"),
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n".to_vec(),
+                Http1Error::Malformed("invalid chunk size"),
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabcd\r\n".to_vec(),
+                Http1Error::Malformed("chunk not followed by CRLF"),
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort".to_vec(),
+                Http1Error::Io,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2000\r\n\r\n".to_vec(),
+                Http1Error::TooLarge,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n800\r\n".to_vec(),
+                Http1Error::TooLarge,
+            ),
+            (
+                b"HTTP/1.1 101 Switching\r\n\r\n".to_vec(),
+                Http1Error::Malformed("protocol switch"),
+            ),
+        ];
+        for (answer, expected) in cases {
+            let (origin, _, _) = raw_server(vec![answer.clone()]).await;
+            let got = post(&client(), &origin, b"x", 1024).await;
+            assert_eq!(
+                got.err(),
+                Some(expected),
+                "answer {:?}",
+                String::from_utf8_lossy(&answer[..answer.len().min(60)])
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_a_connect_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let origin = Origin {
+            host: "127.0.0.1".into(),
+            port,
+        };
+        assert_eq!(
+            post(&client(), &origin, b"x", 64).await.err(),
+            Some(Http1Error::Connect)
+        );
+    }
+
+    #[tokio::test]
+    async fn head_204_and_304_answers_have_no_body() {
+        for status in ["204 No Content", "304 Not Modified"] {
+            let answer = format!("HTTP/1.1 {status}\r\nContent-Length: 10\r\n\r\n").into_bytes();
+            let (origin, _, _) = raw_server(vec![answer.clone(), answer]).await;
+            let c = client();
+            for _ in 0..2 {
+                let r = post(&c, &origin, b"x", 64).await.unwrap();
+                assert!(r.body.is_empty());
+            }
+        }
+    }
+}
