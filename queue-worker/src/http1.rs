@@ -29,7 +29,9 @@ pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Longest chunk-size line of a chunked body.
 const MAX_CHUNK_LINE: usize = 1024;
 /// First read buffer: most function answers fit.
-const INITIAL_READ: usize = 2 * 1024;
+const INITIAL_READ: usize = 1024;
+/// Idle longer than this, a pooled connection is checked before it is reused.
+const PROBE_AFTER: Duration = Duration::from_millis(500);
 /// Largest single read once a body of known length is being read.
 const MAX_READ: usize = 64 * 1024;
 
@@ -128,8 +130,14 @@ impl Http1Client {
         let mut pool = self.pool();
         let idle = pool.get_mut(origin)?;
         while let Some(conn) = idle.pop() {
-            if conn.since.elapsed() > self.idle_timeout {
+            let idle_for = conn.since.elapsed();
+            if idle_for > self.idle_timeout {
                 continue;
+            }
+            if idle_for < PROBE_AFTER {
+                // Reused at once (the common case under load): a peer that closed it in this
+                // instant is caught by the retry in `send`, without a syscall per call.
+                return Some(conn.stream);
             }
             // Readable while idle means closed (EOF) or garbage: either way unusable.
             let mut probe = [0u8; 1];
@@ -297,6 +305,10 @@ async fn exchange(
     }
     .await;
     if written.is_err() {
+        return Err(Attempt::ClosedBeforeAnswer);
+    }
+    // No buffer while the function works (minutes, for long jobs): only once it answers.
+    if stream.readable().await.is_err() {
         return Err(Attempt::ClosedBeforeAnswer);
     }
     let mut buf = BytesMut::with_capacity(INITIAL_READ);

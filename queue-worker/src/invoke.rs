@@ -93,6 +93,32 @@ impl FunctionInvoker {
         timeout: Duration,
     ) -> Outcome {
         let started = Instant::now();
+        let url = self.url(call);
+        if let Some(target) = PlainTarget::parse(&url) {
+            return Box::pin(self.invoke_plain(
+                call,
+                &target,
+                attempt,
+                max_attempts,
+                timeout,
+                started,
+            ))
+            .await;
+        }
+        Box::pin(self.invoke_general(call, url, attempt, max_attempts, timeout, started)).await
+    }
+
+    /// [`FunctionInvoker::invoke`] with the general client (`https`, or what the small one
+    /// does not take).
+    async fn invoke_general(
+        &self,
+        call: &QueuedCall,
+        url: String,
+        attempt: u32,
+        max_attempts: u32,
+        timeout: Duration,
+        started: Instant,
+    ) -> Outcome {
         let failed = |status: u16, error: &str| Outcome {
             status,
             headers: Vec::new(),
@@ -100,12 +126,6 @@ impl FunctionInvoker {
             duration: started.elapsed(),
             error: Some(error.to_owned()),
         };
-        let url = self.url(call);
-        if let Some(target) = PlainTarget::parse(&url) {
-            return self
-                .invoke_plain(call, &target, attempt, max_attempts, timeout, started)
-                .await;
-        }
         let method = match reqwest::Method::from_bytes(call.meta.method.as_bytes()) {
             Ok(m) => m,
             Err(_) => return failed(502, "invalid method"),

@@ -102,7 +102,7 @@ impl<T> Heartbeats<T> {
 }
 
 /// The heartbeat of a worker's leases: an in-progress signal per delivery.
-pub async fn beat<D: QueueDelivery>(delivery: D) {
+pub async fn beat<D: QueueDelivery>(delivery: Arc<D>) {
     if let Err(e) = delivery.in_progress().await {
         tracing::warn!(error = %e, "in-progress signal failed");
     }
@@ -112,15 +112,17 @@ pub async fn beat<D: QueueDelivery>(delivery: D) {
 #[derive(Debug)]
 #[must_use = "a lease must end with ack, nak, dead_letter or hand_back"]
 pub struct Lease<D: QueueDelivery> {
-    delivery: D,
-    _beating: Registration<D>,
+    delivery: Arc<D>,
+    _beating: Registration<Arc<D>>,
 }
 
 impl<D: QueueDelivery> Lease<D> {
     /// Leases `delivery`, kept alive by `beats` until the lease ends.
-    pub fn new(delivery: D, beats: &Arc<Heartbeats<D>>) -> Self {
+    pub fn new(delivery: D, beats: &Arc<Heartbeats<Arc<D>>>) -> Self {
+        // Shared, not cloned: the heartbeat needs the delivery, not a copy of its message.
+        let delivery = Arc::new(delivery);
         Self {
-            _beating: beats.register(delivery.clone()),
+            _beating: beats.register(Arc::clone(&delivery)),
             delivery,
         }
     }
@@ -133,21 +135,23 @@ impl<D: QueueDelivery> Lease<D> {
     /// Done: the queue forgets the message. A lost ack is harmless (the redelivery finds the
     /// call finished in the dedup state).
     pub async fn ack(self) {
-        if let Err(e) = self.delivery.ack().await {
+        // The queue's futures are boxed here, where they live a moment, so that the future of
+        // every task holding a lease stays small (thousands of long calls hold one each).
+        if let Err(e) = Box::pin(self.delivery.ack()).await {
             tracing::warn!(error = %e, "ack failed");
         }
     }
 
     /// Offer the message again after `delay` (at once with `None`).
     pub async fn nak(self, delay: Option<Duration>) {
-        if let Err(e) = self.delivery.nak(delay).await {
+        if let Err(e) = Box::pin(self.delivery.nak(delay)).await {
             tracing::warn!(error = %e, "nak failed; the message will be redelivered after ack_wait");
         }
     }
 
     /// Shutdown: give the message back for another worker, at once.
     pub async fn hand_back(self) {
-        self.nak(None).await;
+        Box::pin(self.nak(None)).await;
     }
 
     /// Keeps the message as a dead letter and acks it; if the dead letter cannot be stored,
@@ -159,10 +163,7 @@ impl<D: QueueDelivery> Lease<D> {
         letter: &DeadLetter<'_>,
         retry: Duration,
     ) -> bool {
-        match queue
-            .dead_letter(self.delivery.payload().clone(), letter)
-            .await
-        {
+        match Box::pin(queue.dead_letter(self.delivery.payload().clone(), letter)).await {
             Ok(()) => {
                 self.ack().await;
                 true

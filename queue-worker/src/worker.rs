@@ -95,7 +95,7 @@ struct Ctx<Q: CallQueue> {
     /// One per concurrent invocation (`max_inflight`).
     permits: Arc<Semaphore>,
     /// The leased deliveries and their one heartbeat.
-    beats: Arc<Heartbeats<Q::Delivery>>,
+    beats: Arc<Heartbeats<Arc<Q::Delivery>>>,
     /// The paused functions.
     paused: PausedCache,
 }
@@ -444,7 +444,7 @@ async fn handle<Q: CallQueue>(
         function = %function,
         delivered = delivery,
     );
-    let job = Job {
+    let mut job = Job {
         label: metrics::function_label(&function),
         function,
         ctx: &ctx,
@@ -470,9 +470,14 @@ impl<Q: CallQueue> Job<'_, Q> {
         &self.call.meta.call_id
     }
 
-    async fn run(self, lease: Lease<Q::Delivery>, delivery: u32, permit: OwnedSemaphorePermit) {
+    async fn run(
+        &mut self,
+        lease: Lease<Q::Delivery>,
+        delivery: u32,
+        permit: OwnedSemaphorePermit,
+    ) {
         let ctx = self.ctx;
-        let Some(permit) = hold_while_paused(ctx, &self.function, permit).await else {
+        let Some(permit) = Box::pin(hold_while_paused(ctx, &self.function, permit)).await else {
             return lease.hand_back().await;
         };
         // Held while this process handles the call, so a redelivery racing it waits.
@@ -512,35 +517,37 @@ impl<Q: CallQueue> Job<'_, Q> {
             } => {
                 drop(permit);
                 tracing::info!("redelivered call already completed; delivering its callback only");
-                self.deliver(lease, &outcome, attempts, Some(generation))
-                    .await;
+                Box::pin(self.deliver(lease, &outcome, attempts, Some(generation))).await;
             }
             Plan::Expire { attempts } => {
                 drop(permit);
                 let detail = format!("older than the maximum age of {:?}", settings.max_age);
-                self.give_up(
+                Box::pin(self.give_up(
                     lease,
                     DeadLetterReason::Expired,
                     &detail,
                     no_response(504, "expired"),
                     attempts,
-                )
+                ))
                 .await;
             }
             Plan::Exhausted { attempts } => {
                 drop(permit);
                 let detail = format!("{attempts} attempts, the last lost with its worker");
-                self.give_up(
+                Box::pin(self.give_up(
                     lease,
                     DeadLetterReason::RetriesExhausted,
                     &detail,
                     no_response(503, EXHAUSTED_BY_REDELIVERY),
                     attempts,
-                )
+                ))
                 .await;
             }
             Plan::Invoke { attempt } => {
-                self.invoke(lease, attempt, permit, &claim, &settings).await;
+                // Boxed, like the other branches: a task's memory is its largest state, and
+                // with thousands of long calls in flight the per-call task is most of the
+                // worker's memory.
+                Box::pin(self.invoke(lease, attempt, permit, &claim, &settings)).await;
             }
         }
         drop(claim);
@@ -567,13 +574,14 @@ impl<Q: CallQueue> Job<'_, Q> {
                 )
             })
         });
-        match apply_event(
+        // Boxed: the record write's future is large and lives only for a round trip.
+        match Box::pin(apply_event(
             self.ctx.queue.as_ref(),
             self.call_id(),
             known,
             events,
             result,
-        )
+        ))
         .await
         {
             Ok(owned) => {
@@ -594,7 +602,7 @@ impl<Q: CallQueue> Job<'_, Q> {
     }
 
     async fn invoke(
-        mut self,
+        &mut self,
         lease: Lease<Q::Delivery>,
         attempt: u32,
         permit: OwnedSemaphorePermit,
@@ -613,7 +621,7 @@ impl<Q: CallQueue> Job<'_, Q> {
         self.note(&[started], None).await;
         if self.cancelled_in_record() {
             drop(permit);
-            return self.cancelled(lease, attempt - 1).await;
+            return Box::pin(self.cancelled(lease, attempt - 1)).await;
         }
         if attempt == 1 {
             ::metrics::histogram!(metrics::QUEUE_WAIT_SECONDS, "function" => self.label.clone())
@@ -629,7 +637,7 @@ impl<Q: CallQueue> Job<'_, Q> {
                 drop(permit);
                 let aborted = no_response(CANCELLED_STATUS, CANCELLED);
                 self.note(&[attempt_ended(attempt, &aborted, CallState::Cancelled, None)], None).await;
-                return self.cancelled(lease, attempt).await;
+                return Box::pin(self.cancelled(lease, attempt)).await;
             }
             () = ctx.hand_back.cancelled() => {
                 tracing::warn!("shutdown: abandoning the running call and handing it back");
@@ -657,10 +665,10 @@ impl<Q: CallQueue> Job<'_, Q> {
                 } else {
                     CallState::Failed
                 };
-                self.note_final(attempt, &outcome, next).await;
+                Box::pin(self.note_final(attempt, &outcome, next)).await;
                 if self.cancelled_in_record() {
                     // Cancelled while it ran and the announcement did not reach us.
-                    return self.cancelled(lease, attempt).await;
+                    return Box::pin(self.cancelled(lease, attempt)).await;
                 }
                 let generation = match ctx
                     .store
@@ -680,7 +688,7 @@ impl<Q: CallQueue> Job<'_, Q> {
                     tracing::error!("fault injection: aborting after storing the outcome");
                     std::process::abort();
                 }
-                self.deliver(lease, &outcome, attempt, generation).await;
+                Box::pin(self.deliver(lease, &outcome, attempt, generation)).await;
             }
             Decision::RetryAfter(wait) => {
                 self.note(
@@ -689,7 +697,7 @@ impl<Q: CallQueue> Job<'_, Q> {
                 )
                 .await;
                 if self.cancelled_in_record() {
-                    return self.cancelled(lease, attempt).await;
+                    return Box::pin(self.cancelled(lease, attempt)).await;
                 }
                 tracing::info!(retry_in = ?wait, "retryable failure; scheduling the next attempt");
                 ::metrics::counter!(metrics::RETRIES, "function" => self.label.clone())
@@ -703,16 +711,16 @@ impl<Q: CallQueue> Job<'_, Q> {
                 )
                 .await;
                 if self.cancelled_in_record() {
-                    return self.cancelled(lease, attempt).await;
+                    return Box::pin(self.cancelled(lease, attempt)).await;
                 }
                 let detail = format!("{attempt} attempts, last status {}", outcome.status);
-                self.give_up(
+                Box::pin(self.give_up(
                     lease,
                     DeadLetterReason::RetriesExhausted,
                     &detail,
                     outcome,
                     attempt,
-                )
+                ))
                 .await;
             }
         }
@@ -758,7 +766,7 @@ impl<Q: CallQueue> Job<'_, Q> {
     /// Delivers the callback (if any), records it, marks the call done and acks. A callback
     /// that cannot be delivered dead-letters the call.
     async fn deliver(
-        mut self,
+        &mut self,
         lease: Lease<Q::Delivery>,
         outcome: &Outcome,
         attempts: u32,
@@ -835,7 +843,7 @@ impl<Q: CallQueue> Job<'_, Q> {
 
     /// The call was cancelled: it is not run (again); its callback, if any, says so with
     /// `X-Call-State: cancelled`; then it is marked done and acked.
-    async fn cancelled(mut self, lease: Lease<Q::Delivery>, attempts: u32) {
+    async fn cancelled(&mut self, lease: Lease<Q::Delivery>, attempts: u32) {
         tracing::info!("call cancelled; not running it (again)");
         self.finalize("cancelled", None, None).await;
         if let Some(url) = self.call.meta.callback_url.clone() {
@@ -876,7 +884,7 @@ impl<Q: CallQueue> Job<'_, Q> {
     /// callback (marked with `X-Dead-Letter-Reason`), forget it so a replay runs it again,
     /// then ack.
     async fn give_up(
-        mut self,
+        &mut self,
         lease: Lease<Q::Delivery>,
         reason: DeadLetterReason,
         detail: &str,
