@@ -93,6 +93,11 @@ struct ServerArgs {
     /// Memory the embedded queue's page cache may use.
     #[arg(long, env = "FAAS_ASYNC_QUEUE_CACHE_BYTES", default_value = "32MiB", value_parser = parse_bytes)]
     queue_cache_bytes: u64,
+    /// Proxies (addresses or CIDR blocks, comma-separated) whose `X-Forwarded-For`,
+    /// `X-Forwarded-Host`, `Forwarded` and `X-Real-Ip` are passed to functions. From any other
+    /// peer they are dropped, and `X-Forwarded-For` is the peer's address.
+    #[arg(long, env = "FAAS_ASYNC_TRUSTED_PROXIES", value_delimiter = ',', value_parser = gateway_plugin::peer::parse_ip_block)]
+    trusted_proxies: Vec<gateway_plugin::peer::IpBlock>,
 }
 
 fn is_default(matches: &ArgMatches, id: &str) -> bool {
@@ -200,6 +205,9 @@ async fn serve<Q: CallQueue>(
             max_body_bytes: config.server.max_body_bytes,
             retry_after: config.server.retry_after,
             shutdown_grace: config.worker.shutdown_grace,
+            trusted_proxies: gateway_plugin::peer::TrustedProxies(
+                config.server.trusted_proxies.clone(),
+            ),
         };
         let queue = queue.clone();
         let stop = stop.clone();

@@ -15,12 +15,12 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{MethodFilter, get, on, post};
 use queue_core::backend::{CallQueue, PublishError};
-use queue_core::headers::is_hop_by_hop;
+use queue_core::headers::is_dropped_from_client;
 use queue_core::message::{
     BodyLocation, CallMeta, QueuedCall, parse_callback_url, parse_function, valid_call_id,
     validate_path,
@@ -207,13 +207,20 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>,
     }
 }
 
-/// Headers kept with the call: hop-by-hop removed, and the client's `X-Call-Id` and
-/// `X-Start-Time` too (the worker sends the call's own values to the function).
-fn captured_headers(headers: &HeaderMap) -> Result<Vec<(String, String)>, ApiError> {
-    let mut out = Vec::with_capacity(headers.len());
+/// Headers kept with the call. Every header the system sets is removed from the client's
+/// input ([`is_dropped_from_client`]): hop-by-hop, the worker's `X-Call-Id`, `X-Start-Time`,
+/// `X-Retry`, `X-Retry-Max`, and the forwarding headers unless `peer` is a trusted proxy; then
+/// `X-Forwarded-For` is set from `peer`.
+fn captured_headers(
+    headers: &HeaderMap,
+    peer: Option<std::net::IpAddr>,
+    trusted: &crate::peer::TrustedProxies,
+) -> Result<Vec<(String, String)>, ApiError> {
+    let trusted_peer = peer.is_some_and(|ip| trusted.trusts(ip));
+    let mut out = Vec::with_capacity(headers.len() + 1);
     for (name, value) in headers {
         let name = name.as_str();
-        if is_hop_by_hop(name) || name == "x-call-id" || name == "x-start-time" {
+        if is_dropped_from_client(name, trusted_peer) || name == "x-forwarded-for" {
             continue;
         }
         let value = value.to_str().map_err(|_| {
@@ -223,6 +230,13 @@ fn captured_headers(headers: &HeaderMap) -> Result<Vec<(String, String)>, ApiErr
             )
         })?;
         out.push((name.to_owned(), value.to_owned()));
+    }
+    let client_chain = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok());
+    if let Some(chain) = crate::peer::forwarded_for(peer, trusted_peer, client_chain) {
+        out.push(("x-forwarded-for".to_owned(), chain));
     }
     Ok(out)
 }
@@ -271,7 +285,11 @@ async fn accept<Q: CallQueue>(
                 .to_string(),
         ),
     };
-    let headers = captured_headers(&parts.headers)?;
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<std::net::SocketAddr>>()
+        .map(|ConnectInfo(addr)| addr.ip());
+    let headers = captured_headers(&parts.headers, peer, &state.trusted_proxies)?;
 
     let limit = state.max_body();
     let too_large = || {
@@ -424,7 +442,7 @@ mod tests {
         h.insert("x-call-id", HeaderValue::from_static("client"));
         h.append("x-multi", HeaderValue::from_static("1"));
         h.append("x-multi", HeaderValue::from_static("2"));
-        let out = captured_headers(&h).unwrap();
+        let out = captured_headers(&h, None, &crate::peer::TrustedProxies::default()).unwrap();
         assert!(!out.iter().any(|(k, _)| k == "connection"));
         assert_eq!(
             out.iter().filter(|(k, _)| k == "x-multi").count(),

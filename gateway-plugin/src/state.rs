@@ -24,6 +24,8 @@ pub struct AppState<Q> {
     pub metrics: PrometheusHandle,
     /// The dashboard's live figures.
     pub live: Arc<crate::live::LiveStats>,
+    /// Peers whose forwarding headers are believed.
+    pub trusted_proxies: crate::peer::TrustedProxies,
 }
 
 impl<Q: CallQueue> AppState<Q> {

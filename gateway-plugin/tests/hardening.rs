@@ -119,3 +119,117 @@ async fn finding_01_a_kept_result_is_served_as_inert_data() {
     assert_eq!(h["x-content-type-options"], "nosniff");
     worker.shutdown().await;
 }
+
+/// All values of header `name` the function received.
+fn values(request: &test_support::stub::RecordedRequest, name: &str) -> Vec<String> {
+    request
+        .headers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.clone())
+        .collect()
+}
+
+/// Sends one call with `headers` through `gateway`, waits for the function to get it, and
+/// returns what it received.
+async fn invoked_with(
+    client: &reqwest::Client,
+    gateway: &Gateway,
+    function: &StubFunction,
+    headers: &[(&str, &str)],
+) -> test_support::stub::RecordedRequest {
+    let mut request = client
+        .post(format!("{}/async-function/echo", gateway.url))
+        .body("x");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await.unwrap();
+    assert_eq!(response.status(), 202);
+    let id = call_id(&response);
+    wait_final(client, gateway, &id).await;
+    function
+        .requests()
+        .into_iter()
+        .find(|r| r.call_id.as_deref() == Some(id.as_str()))
+        .expect("the function was invoked")
+}
+
+/// Finding 6: a client cannot set the headers the worker sets (`X-Retry`, `X-Retry-Max`,
+/// `X-Start-Time`): the function gets exactly one value of each, the worker's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn finding_06_a_client_cannot_spoof_the_workers_headers() {
+    let nats = NatsServer::start().await.unwrap();
+    let function = StubFunction::start(StubBehavior::default()).await.unwrap();
+    let gateway = Gateway::start(&nats.url(), &[]).await;
+    let worker = Worker::start_with(&nats.url(), &function.url(), &["--retry-max-attempts", "3"]);
+    let client = http();
+    let received = invoked_with(
+        &client,
+        &gateway,
+        &function,
+        &[
+            ("X-Retry", "7"),
+            ("X-Retry-Max", "99"),
+            ("X-Start-Time", "1"),
+            ("X-Kept", "yes"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        values(&received, "x-retry"),
+        ["1"],
+        "{:?}",
+        received.headers
+    );
+    assert_eq!(values(&received, "x-retry-max"), ["3"]);
+    let start = values(&received, "x-start-time");
+    assert_eq!(start.len(), 1);
+    assert_ne!(start[0], "1");
+    assert_eq!(values(&received, "x-kept"), ["yes"]);
+    worker.shutdown().await;
+}
+
+/// Finding 12: a client's forwarding headers do not reach the function; `X-Forwarded-For` is
+/// the peer's address. A trusted proxy's chain is kept, with the proxy appended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn finding_12_forwarding_headers_come_from_the_peer_unless_it_is_a_trusted_proxy() {
+    let nats = NatsServer::start().await.unwrap();
+    let function = StubFunction::start(StubBehavior::default()).await.unwrap();
+    let gateway = Gateway::start(&nats.url(), &[]).await;
+    let behind_proxy =
+        Gateway::start(&nats.url(), &["--trusted-proxies", "10.0.0.0/8,127.0.0.1"]).await;
+    let worker = Worker::start(&nats.url(), &function.url());
+    let client = http();
+    let spoofed = [
+        ("X-Forwarded-For", "6.6.6.6"),
+        ("X-Forwarded-Host", "admin.internal"),
+        ("X-Forwarded-Proto", "https"),
+        ("Forwarded", "for=6.6.6.6;host=admin.internal"),
+        ("X-Real-Ip", "6.6.6.6"),
+    ];
+    let received = invoked_with(&client, &gateway, &function, &spoofed).await;
+    assert_eq!(
+        values(&received, "x-forwarded-for"),
+        ["127.0.0.1"],
+        "{:?}",
+        received.headers
+    );
+    for name in [
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "forwarded",
+        "x-real-ip",
+    ] {
+        assert!(
+            values(&received, name).is_empty(),
+            "{name} reached the function"
+        );
+    }
+
+    let received = invoked_with(&client, &behind_proxy, &function, &spoofed).await;
+    assert_eq!(values(&received, "x-forwarded-for"), ["6.6.6.6, 127.0.0.1"]);
+    assert_eq!(values(&received, "x-forwarded-host"), ["admin.internal"]);
+    assert_eq!(values(&received, "x-real-ip"), ["6.6.6.6"]);
+    worker.shutdown().await;
+}

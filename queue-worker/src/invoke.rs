@@ -6,9 +6,11 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use crate::config::{InvokeMode, WorkerConfig};
+use queue_core::headers::is_worker_request_header;
 pub use queue_core::headers::{HOP_BY_HOP, is_hop_by_hop};
 use queue_core::message::QueuedCall;
 pub use queue_core::outcome::Outcome;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
 /// Builds function URLs and calls functions.
 #[derive(Debug, Clone)]
@@ -97,24 +99,12 @@ impl FunctionInvoker {
             Ok(m) => m,
             Err(_) => return failed(502, "invalid method"),
         };
-        let mut request = self
+        let request = self
             .client
             .request(method, self.url(call))
             .timeout(timeout)
+            .headers(function_request_headers(call, attempt, max_attempts))
             .body(call.body.clone());
-        for (name, value) in &call.meta.headers {
-            let ours =
-                name.eq_ignore_ascii_case("x-call-id") || name.eq_ignore_ascii_case("x-start-time");
-            if !is_hop_by_hop(name) && !ours {
-                request = request.header(name.as_str(), value.as_str());
-            }
-        }
-        // Set from the call itself, as OpenFaaS's gateway adds them to the queued request.
-        request = request
-            .header("X-Call-Id", call.meta.call_id.as_str())
-            .header("X-Start-Time", call.meta.received_at_unix_nanos.to_string())
-            .header("X-Retry", attempt.to_string())
-            .header("X-Retry-Max", max_attempts.to_string());
         let response = match request.send().await {
             Ok(r) => r,
             Err(e) => return failed(503, transport_error_kind(&e)),
@@ -133,6 +123,35 @@ impl FunctionInvoker {
             Err(ReadError::Transport(e)) => failed(503, transport_error_kind(&e)),
         }
     }
+}
+
+/// The headers of a function request: the call's (hop-by-hop and the worker's own removed,
+/// whatever a client or an older gateway left in the message), then the worker's, *inserted*
+/// so that each has exactly one value: `X-Call-Id`, `X-Start-Time` (as OpenFaaS's gateway adds
+/// them to a queued request), `X-Retry` and `X-Retry-Max`.
+pub fn function_request_headers(call: &QueuedCall, attempt: u32, max_attempts: u32) -> HeaderMap {
+    let mut headers = HeaderMap::with_capacity(call.meta.headers.len() + 4);
+    for (name, value) in &call.meta.headers {
+        if is_hop_by_hop(name) || is_worker_request_header(name) {
+            continue;
+        }
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            headers.append(name, value);
+        }
+    }
+    if let Ok(id) = HeaderValue::from_str(&call.meta.call_id) {
+        headers.insert("x-call-id", id);
+    }
+    headers.insert(
+        "x-start-time",
+        HeaderValue::from(call.meta.received_at_unix_nanos),
+    );
+    headers.insert("x-retry", HeaderValue::from(attempt));
+    headers.insert("x-retry-max", HeaderValue::from(max_attempts));
+    headers
 }
 
 /// Copies response headers that may be forwarded, as strings (non-UTF-8 values are dropped).
@@ -242,6 +261,31 @@ mod tests {
             inv.url(&call(Some("dev"), "/x", None)),
             "http://figlet.dev.svc.cluster.local:8080/x"
         );
+    }
+
+    #[test]
+    fn the_workers_headers_replace_whatever_the_message_carries() {
+        let mut c = call(None, "", None);
+        c.meta.headers = vec![
+            ("x-retry".into(), "7".into()),
+            ("X-Retry-Max".into(), "99".into()),
+            ("x-call-id".into(), "spoofed".into()),
+            ("connection".into(), "close".into()),
+            ("x-multi".into(), "1".into()),
+            ("x-multi".into(), "2".into()),
+        ];
+        let h = function_request_headers(&c, 2, 5);
+        let all = |n: &str| {
+            h.get_all(n)
+                .iter()
+                .map(|v| v.to_str().unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(all("x-retry"), ["2"]);
+        assert_eq!(all("x-retry-max"), ["5"]);
+        assert_eq!(all("x-call-id"), ["c"]);
+        assert!(all("connection").is_empty());
+        assert_eq!(all("x-multi"), ["1", "2"]);
     }
 
     #[test]
