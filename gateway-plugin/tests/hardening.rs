@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use common::{DEADLINE, Gateway, Worker, http};
 use serde_json::Value;
 use test_support::nats_server::NatsServer;
-use test_support::stub::{StubBehavior, StubFunction};
+use test_support::stub::{CallbackReceiver, StubBehavior, StubFunction};
 
 /// Waits until the call's record is in a final state; returns the record.
 async fn wait_final(client: &reqwest::Client, gateway: &Gateway, id: &str) -> Value {
@@ -231,5 +231,50 @@ async fn finding_12_forwarding_headers_come_from_the_peer_unless_it_is_a_trusted
     assert_eq!(values(&received, "x-forwarded-for"), ["6.6.6.6, 127.0.0.1"]);
     assert_eq!(values(&received, "x-forwarded-host"), ["admin.internal"]);
     assert_eq!(values(&received, "x-real-ip"), ["6.6.6.6"]);
+    worker.shutdown().await;
+}
+
+/// Finding 9: a function cannot set the headers a callback receiver trusts (`X-Call-State`
+/// among them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn finding_09_a_function_cannot_spoof_the_callback_headers() {
+    let nats = NatsServer::start().await.unwrap();
+    let function = StubFunction::start(StubBehavior {
+        response_headers: vec![
+            ("x-call-state".into(), "cancelled".into()),
+            ("x-dead-letter-reason".into(), "spoof".into()),
+            ("x-function-status".into(), "201".into()),
+            ("x-app".into(), "kept".into()),
+        ],
+        ..StubBehavior::default()
+    })
+    .await
+    .unwrap();
+    let receiver = CallbackReceiver::start().await.unwrap();
+    let gateway = Gateway::start(&nats.url(), &[]).await;
+    let worker = Worker::start(&nats.url(), &function.url());
+    let client = http();
+    let response = client
+        .post(format!("{}/async-function/echo", gateway.url))
+        .header("X-Callback-Url", receiver.url())
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    assert!(receiver.wait_for_count(1, DEADLINE).await, "no callback");
+    let callback = receiver.callbacks().remove(0);
+    let all = |name: &str| {
+        callback
+            .headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+            .collect::<Vec<_>>()
+    };
+    assert!(all("x-call-state").is_empty(), "{:?}", callback.headers);
+    assert!(all("x-dead-letter-reason").is_empty());
+    assert_eq!(all("x-function-status"), ["200"]);
+    assert_eq!(all("x-app"), ["kept"]);
     worker.shutdown().await;
 }

@@ -686,8 +686,8 @@ fn is_cancelled(record: Option<&CallRecord>) -> bool {
 /// `X-Function-Status` of a cancelled call's callback (no function answer; the convention for
 /// a request the client abandoned).
 const CANCELLED_STATUS: u16 = 499;
-/// `X-Function-Error` of a cancelled call's callback.
-const CANCELLED: &str = "cancelled";
+/// `X-Function-Error` of a cancelled call's callback (which then says `X-Call-State: cancelled`).
+const CANCELLED: &str = crate::callback::CANCELLED;
 
 /// The call was cancelled: it is not run (again); its callback, if any, says so with
 /// `X-Call-State: cancelled`; then it is marked done and acked.
@@ -701,10 +701,7 @@ async fn cancelled<Q: CallQueue>(
     tracing::info!("call cancelled; not running it (again)");
     finalize(ctx, call, "cancelled", None, None).await;
     if let Some(url) = call.meta.callback_url.as_deref() {
-        let mut outcome = no_response(CANCELLED_STATUS, CANCELLED);
-        outcome
-            .headers
-            .push(("x-call-state".into(), CANCELLED.into()));
+        let outcome = no_response(CANCELLED_STATUS, CANCELLED);
         match deliver_callback(ctx, call, url, &outcome, None).await {
             Delivery::Delivered { status, attempts } => {
                 note(ctx, call, callback_event(status, attempts, None)).await;
