@@ -22,8 +22,8 @@ use axum::routing::{MethodFilter, get, on, post};
 use queue_core::backend::{CallQueue, PublishError};
 use queue_core::headers::is_dropped_from_client;
 use queue_core::message::{
-    BodyLocation, CallMeta, QueuedCall, parse_callback_url, parse_function, valid_call_id,
-    validate_path,
+    BodyLocation, CallMeta, InvalidCall, METHODS, QueuedCall, parse_callback_url, parse_function,
+    valid_call_id, validate_path,
 };
 use queue_core::records::{Event, idempotency_key};
 use serde_json::json;
@@ -123,17 +123,38 @@ async fn not_found() -> ApiError {
 }
 
 async fn method_not_allowed() -> Response {
-    let mut response = ApiError::new(
+    with_allow(method_refused().into_response())
+}
+
+/// `405` for a method the worker will not run (HEAD, which axum routes to GET, included).
+fn method_refused() -> ApiError {
+    ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
         "async calls accept POST, PUT, PATCH, DELETE and GET",
     )
-    .into_response();
-    response.headers_mut().insert(
-        header::ALLOW,
-        HeaderValue::from_static("POST, PUT, PATCH, DELETE, GET"),
-    );
+}
+
+fn with_allow(mut response: Response) -> Response {
+    if response.status() == StatusCode::METHOD_NOT_ALLOWED {
+        response.headers_mut().insert(
+            header::ALLOW,
+            HeaderValue::from_static("POST, PUT, PATCH, DELETE, GET"),
+        );
+    }
     response
+}
+
+/// The gateway's answer to a call the worker would refuse ([`QueuedCall::validate`]).
+fn refused(e: &InvalidCall) -> ApiError {
+    let code = match e {
+        InvalidCall::Method(_) => return method_refused(),
+        InvalidCall::FunctionName(_) => "invalid_function_name",
+        InvalidCall::Path(_) => "invalid_path",
+        InvalidCall::CallId(_) => "invalid_call_id",
+        InvalidCall::CallbackUrl(_) => "invalid_callback_url",
+    };
+    ApiError::bad_request(code, e.to_string())
 }
 
 async fn metrics_text<Q: CallQueue>(State(state): State<Arc<AppState<Q>>>) -> Response {
@@ -261,7 +282,7 @@ async fn enqueue<Q: CallQueue>(
                 "call refused"
             );
             metrics::counter!(queue_core::metrics::REFUSED, "reason" => e.code).increment(1);
-            e.with_call_id(&call_id).into_response()
+            with_allow(e.with_call_id(&call_id).into_response())
         }
     }
 }
@@ -273,6 +294,9 @@ async fn accept<Q: CallQueue>(
     call_id: &str,
     received_at: u64,
 ) -> Result<Response, ApiError> {
+    if !METHODS.contains(&parts.method.as_str()) {
+        return Err(method_refused());
+    }
     let (addressed, path) = split_path(parts.uri.path());
     let (function, namespace) = parse_function(addressed)
         .map_err(|e| ApiError::bad_request("invalid_function_name", e.to_string()))?;
@@ -333,6 +357,8 @@ async fn accept<Q: CallQueue>(
         },
         body,
     };
+    // The worker's own rules: what it would refuse as poison is refused here, never queued.
+    call.validate().map_err(|e| refused(&e))?;
     let idempotency = match header_str(&parts.headers, "idempotency-key")? {
         None => None,
         Some(key) if (1..=255).contains(&key.len()) => {

@@ -148,3 +148,41 @@ async fn body_limit_agrees_with_the_nats_max_payload() {
     assert_eq!(queued(&nats.url()).await, 1);
     gateway.shutdown().await;
 }
+
+/// Issue 17, finding 5: `HEAD` (which the router sends to the GET handler) and any method the
+/// worker will not run get `405` with `Allow`, and nothing is queued (no undecodable dead
+/// letter later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn methods_the_worker_will_not_run_are_refused_before_queueing() {
+    let nats = NatsServer::start().await.unwrap();
+    let gateway = Gateway::start(&nats.url(), &[]).await;
+    let client = http();
+    for method in ["HEAD", "OPTIONS", "TRACE", "PROPFIND"] {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let r = client
+            .request(
+                method.clone(),
+                format!("{}/async-function/fn/x", gateway.url),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 405, "{method}");
+        assert_eq!(
+            r.headers()["allow"],
+            "POST, PUT, PATCH, DELETE, GET",
+            "{method}"
+        );
+        if method != reqwest::Method::HEAD {
+            assert_json_error(r, 405, "method_not_allowed").await;
+        }
+    }
+    assert_eq!(queued(&nats.url()).await, 0, "nothing was queued");
+    let r = client
+        .get(format!("{}/async-function/fn", gateway.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "GET still queues");
+    assert_eq!(queued(&nats.url()).await, 1);
+}
