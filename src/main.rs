@@ -170,7 +170,7 @@ async fn main() -> anyhow::Result<()> {
         }),
         records: config.worker.records.clone(),
     };
-    let nats_url = config.worker.nats.nats_url.clone();
+    let nats_url = queue_core::settings::redact_url(&config.worker.nats.nats_url);
     let queue = JetStreamQueue::connect(options, "faas-async", stop.clone()).await?;
     if let Some(WorkerCommand::Dlq { action }) = dlq {
         return dead_letters(queue.as_ref(), action).await;
@@ -254,6 +254,7 @@ async fn serve<Q: CallQueue>(
 #[allow(clippy::print_stdout, reason = "the start-up banner is for the user")]
 fn print_banner(address: SocketAddr, role: Role, queue: &str, functions: &str) {
     let base = format!("http://{address}");
+    let functions = queue_core::settings::redact_url(functions);
     println!("faas-async listening on {base}");
     println!("  queue:     {queue}");
     if role == Role::All {

@@ -74,7 +74,10 @@ pub async fn run(
         records: config.records.clone(),
     };
     let queue = JetStreamQueue::connect(options, "gateway-plugin", stop.clone()).await?;
-    tracing::info!(nats = %config.nats.nats_url, "queue: JetStream");
+    tracing::info!(
+        nats = %queue_core::settings::redact_url(&config.nats.nats_url),
+        "queue: JetStream"
+    );
     let result = serve(queue, config.http_settings(), listener, shutdown).await;
     stop.cancel();
     result

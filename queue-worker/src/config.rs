@@ -13,7 +13,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 pub use queue_core::settings::{
     LogArgs, LogFormat, NatsArgs, RecordArgs, StreamArgs, openfaas_nats_url, parse_bytes,
-    parse_duration, with_leading_args,
+    parse_duration, redact_url, with_leading_args,
 };
 
 /// How the worker reaches functions.
@@ -209,11 +209,11 @@ impl WorkerConfig {
         }
         if self.invoke_mode == InvokeMode::Gateway {
             let url = url::Url::parse(&self.gateway_url)
-                .map_err(|e| format!("--gateway-url {:?}: {e}", self.gateway_url))?;
+                .map_err(|e| format!("--gateway-url {:?}: {e}", redact_url(&self.gateway_url)))?;
             if url.scheme() != "http" && url.scheme() != "https" {
                 return Err(format!(
                     "--gateway-url {:?} is not http(s)",
-                    self.gateway_url
+                    redact_url(&self.gateway_url)
                 ));
             }
         }
