@@ -6,12 +6,17 @@
 //! - `POST /system/async/dead-letters/replay` and `/purge` with `{"ids": [...]}` or
 //!   `{"all": true}`: the same operations as the `dlq` command.
 //! - `POST /system/async/functions/{name}/pause` and `/resume`: hold a function's calls.
+//!
+//! Every state-changing route goes through [`refuse_cross_site`]: a page on another origin
+//! cannot make a browser change the queue (CSRF), even with a form a browser sends without
+//! asking.
 
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use queue_core::backend::{BackendError, CallQueue};
 use queue_core::message::parse_function;
@@ -20,6 +25,50 @@ use serde_json::json;
 
 use crate::error::ApiError;
 use crate::state::AppState;
+
+/// Why a request is refused as cross-site, if it is one: a browser says so in
+/// `Sec-Fetch-Site` (anything but `same-origin`, or `none` for what the user typed), or sends an
+/// `Origin` that is not the gateway's own (`Host`). Clients that are not browsers send neither.
+fn cross_site(headers: &HeaderMap) -> Option<&'static str> {
+    let text = |name| headers.get(name).map(|v| v.to_str().unwrap_or("\u{0}"));
+    if let Some(site) = text("sec-fetch-site")
+        && !site.eq_ignore_ascii_case("same-origin")
+        && !site.eq_ignore_ascii_case("none")
+    {
+        return Some("Sec-Fetch-Site says the request comes from another site");
+    }
+    if let Some(origin) = text(header::ORIGIN.as_str()) {
+        let authority = origin
+            .split_once("://")
+            .map(|(_, authority)| authority)
+            .filter(|a| !a.is_empty() && !a.contains('/'));
+        let host = text(header::HOST.as_str());
+        let same = matches!((authority, host), (Some(a), Some(h)) if a.eq_ignore_ascii_case(h));
+        if !same {
+            return Some("Origin is not this gateway");
+        }
+    }
+    None
+}
+
+/// Middleware of the state-changing admin routes: `403` `cross_site_request` for a request a
+/// browser sent from another origin.
+pub async fn refuse_cross_site(request: Request, next: Next) -> Response {
+    if let Some(reason) = cross_site(request.headers()) {
+        tracing::warn!(
+            path = request.uri().path(),
+            reason,
+            "cross-site admin request refused"
+        );
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "cross_site_request",
+            format!("{reason}; admin changes are accepted from the gateway's own pages or from non-browser clients"),
+        )
+        .into_response();
+    }
+    next.run(request).await
+}
 
 fn unavailable<Q>(state: &AppState<Q>, e: &BackendError) -> ApiError {
     tracing::warn!(error = %e, "admin request failed");

@@ -41,6 +41,8 @@ pub fn router<Q: CallQueue>(state: Arc<AppState<Q>>) -> Router {
         .or(MethodFilter::DELETE)
         .or(MethodFilter::GET);
     let enqueue_route = || on(methods, enqueue::<Q>).fallback(method_not_allowed);
+    // The CSRF guard of every state-changing admin route.
+    let same_origin = || axum::middleware::from_fn(crate::admin::refuse_cross_site);
     Router::new()
         .route("/async-function/{name}", enqueue_route())
         .route("/async-function/{name}/", enqueue_route())
@@ -66,11 +68,11 @@ pub fn router<Q: CallQueue>(state: Arc<AppState<Q>>) -> Router {
         )
         .route(
             "/system/async/dead-letters/replay",
-            post(crate::admin::replay::<Q>),
+            post(crate::admin::replay::<Q>).layer(same_origin()),
         )
         .route(
             "/system/async/dead-letters/purge",
-            post(crate::admin::purge::<Q>),
+            post(crate::admin::purge::<Q>).layer(same_origin()),
         )
         .route(
             "/system/async/dead-letters/{selector}",
@@ -78,11 +80,11 @@ pub fn router<Q: CallQueue>(state: Arc<AppState<Q>>) -> Router {
         )
         .route(
             "/system/async/functions/{name}/pause",
-            post(crate::admin::pause::<Q>),
+            post(crate::admin::pause::<Q>).layer(same_origin()),
         )
         .route(
             "/system/async/functions/{name}/resume",
-            post(crate::admin::resume::<Q>),
+            post(crate::admin::resume::<Q>).layer(same_origin()),
         )
         .route("/metrics", get(metrics_text::<Q>))
         .route("/healthz", get(healthz))

@@ -278,3 +278,72 @@ async fn finding_09_a_function_cannot_spoof_the_callback_headers() {
     assert_eq!(all("x-app"), ["kept"]);
     worker.shutdown().await;
 }
+
+/// Finding 11: a page on another origin cannot pause a function (or replay, purge, resume)
+/// through the visitor's browser: a form post with a foreign `Origin` or a cross-site
+/// `Sec-Fetch-Site` is refused; the dashboard's own requests and non-browser clients are not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn finding_11_admin_changes_are_refused_from_other_sites() {
+    let nats = NatsServer::start().await.unwrap();
+    let gateway = Gateway::start(&nats.url(), &[]).await;
+    let client = http();
+    let host = gateway.url.trim_start_matches("http://").to_owned();
+    let paused = async || {
+        let r = client
+            .get(format!("{}/system/async/queue", gateway.url))
+            .send()
+            .await
+            .unwrap();
+        let queue: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+        queue["paused_functions"].as_array().unwrap().len()
+    };
+    let post = |path: &str, headers: &[(&str, &str)]| {
+        let mut request = client
+            .post(format!("{}{path}", gateway.url))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body("x=1");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send()
+    };
+    for headers in [
+        &[("Origin", "http://attacker.example")][..],
+        &[("Origin", "null")][..],
+        &[("Sec-Fetch-Site", "cross-site")][..],
+        &[
+            ("Sec-Fetch-Site", "same-site"),
+            ("Origin", "http://127.0.0.1:1"),
+        ][..],
+    ] {
+        for path in [
+            "/system/async/functions/billing/pause",
+            "/system/async/functions/billing/resume",
+            "/system/async/dead-letters/purge",
+            "/system/async/dead-letters/replay",
+        ] {
+            let r = post(path, headers).await.unwrap();
+            common::assert_json_error(r, 403, "cross_site_request").await;
+        }
+    }
+    assert_eq!(paused().await, 0, "nothing was paused");
+
+    // The gateway's own page (same origin) and a non-browser client.
+    let own_origin = format!("http://{host}");
+    let r = post(
+        "/system/async/functions/billing/pause",
+        &[
+            ("Origin", own_origin.as_str()),
+            ("Sec-Fetch-Site", "same-origin"),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(paused().await, 1);
+    let r = post("/system/async/functions/billing/resume", &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(paused().await, 0);
+}
