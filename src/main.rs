@@ -208,6 +208,7 @@ async fn serve<Q: CallQueue>(
             trusted_proxies: gateway_plugin::peer::TrustedProxies(
                 config.server.trusted_proxies.clone(),
             ),
+            default_namespace: config.worker.default_namespace.clone(),
         };
         let queue = queue.clone();
         let stop = stop.clone();

@@ -19,7 +19,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use queue_core::backend::{BackendError, CallQueue};
-use queue_core::message::parse_function;
+use queue_core::message::canonical_function;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -198,7 +198,7 @@ pub async fn purge<Q: CallQueue>(
 }
 
 async fn set_paused<Q: CallQueue>(state: &AppState<Q>, name: &str, paused: bool) -> Response {
-    let function = match parse_function(name) {
+    let function = match canonical_function(name, &state.default_namespace) {
         Ok((name, None)) => name,
         Ok((name, Some(namespace))) => format!("{name}.{namespace}"),
         Err(e) => {

@@ -44,6 +44,10 @@ pub struct GatewayConfig {
     /// peer they are dropped, and `X-Forwarded-For` is the peer's address.
     #[arg(long, env = "GATEWAY_TRUSTED_PROXIES", value_delimiter = ',', value_parser = crate::peer::parse_ip_block)]
     pub trusted_proxies: Vec<crate::peer::IpBlock>,
+    /// The workers' default namespace (`--default-namespace` of queue-worker; keep them
+    /// equal): `fn.{it}` and `fn` are one function, for pause, settings and metrics alike.
+    #[arg(long, env = "GATEWAY_DEFAULT_NAMESPACE", default_value = "openfaas-fn")]
+    pub default_namespace: String,
 }
 
 impl GatewayConfig {
@@ -54,6 +58,7 @@ impl GatewayConfig {
             retry_after: self.retry_after,
             shutdown_grace: self.shutdown_grace,
             trusted_proxies: crate::peer::TrustedProxies(self.trusted_proxies.clone()),
+            default_namespace: self.default_namespace.clone(),
         }
     }
 }

@@ -57,6 +57,8 @@ pub struct HttpSettings {
     pub shutdown_grace: Duration,
     /// Peers whose forwarding headers (`X-Forwarded-For`, ...) are believed.
     pub trusted_proxies: peer::TrustedProxies,
+    /// The workers' default namespace: `fn.{it}` is the function `fn`.
+    pub default_namespace: String,
 }
 
 /// Serves on `listener` with JetStream as the queue until `shutdown` completes, then lets
@@ -106,6 +108,7 @@ pub async fn serve<Q: CallQueue>(
         metrics: queue_core::metrics::install(),
         live: live.clone(),
         trusted_proxies: settings.trusted_proxies,
+        default_namespace: settings.default_namespace,
     });
     let app = routes::router(state);
     tracing::info!(listen = %listener.local_addr()?, "gateway-plugin listening");

@@ -22,8 +22,8 @@ use axum::routing::{MethodFilter, get, on, post};
 use queue_core::backend::{CallQueue, PublishError};
 use queue_core::headers::is_dropped_from_client;
 use queue_core::message::{
-    BodyLocation, CallMeta, InvalidCall, METHODS, QueuedCall, parse_callback_url, parse_function,
-    valid_call_id, validate_path,
+    BodyLocation, CallMeta, InvalidCall, METHODS, QueuedCall, canonical_function,
+    parse_callback_url, valid_call_id, validate_path,
 };
 use queue_core::records::{Event, idempotency_key};
 use serde_json::json;
@@ -300,7 +300,7 @@ async fn accept<Q: CallQueue>(
         return Err(method_refused());
     }
     let (addressed, path) = split_path(parts.uri.path());
-    let (function, namespace) = parse_function(addressed)
+    let (function, namespace) = canonical_function(addressed, &state.default_namespace)
         .map_err(|e| ApiError::bad_request("invalid_function_name", e.to_string()))?;
     validate_path(path).map_err(|e| ApiError::bad_request("invalid_path", e.to_string()))?;
     let callback_url = match header_str(&parts.headers, "x-callback-url")? {

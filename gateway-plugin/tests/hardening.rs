@@ -347,3 +347,157 @@ async fn finding_11_admin_changes_are_refused_from_other_sites() {
     assert_eq!(r.status(), 200);
     assert_eq!(paused().await, 0);
 }
+
+/// Finding 7: one identity per function. With `billing` paused, `billing.openfaas-fn` (the
+/// default namespace), `Billing` and `BILLING.OpenFaaS-FN` are held too, and recorded as
+/// `billing`; `billing._` (the subject token of "no namespace") is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn finding_07_pause_cannot_be_bypassed_by_spelling_the_name_differently() {
+    let nats = NatsServer::start().await.unwrap();
+    let function = StubFunction::start(StubBehavior::default()).await.unwrap();
+    let gateway = Gateway::start(&nats.url(), &[]).await;
+    let worker = Worker::start(&nats.url(), &function.url());
+    let client = http();
+    let r = client
+        .post(format!(
+            "{}/system/async/functions/Billing.openfaas-fn/pause",
+            gateway.url
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let paused: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!(paused["paused_functions"], serde_json::json!(["billing"]));
+
+    let post = async |name: &str| {
+        client
+            .post(format!("{}/async-function/{name}", gateway.url))
+            .body("x")
+            .send()
+            .await
+            .unwrap()
+    };
+    let r = post("billing._").await;
+    common::assert_json_error(r, 400, "invalid_function_name").await;
+    let mut held = Vec::new();
+    for name in [
+        "billing.openfaas-fn",
+        "Billing",
+        "BILLING.OpenFaaS-FN",
+        "billing",
+    ] {
+        let r = post(name).await;
+        assert_eq!(r.status(), 202, "{name}");
+        held.push((name, call_id(&r)));
+    }
+    // A call queued after them runs: the worker has seen theirs by then.
+    let r = post("echo").await;
+    let sentinel = call_id(&r);
+    wait_final(&client, &gateway, &sentinel).await;
+    for (name, id) in &held {
+        let record: Value = serde_json::from_slice(
+            &client
+                .get(format!("{}/async-calls/{id}", gateway.url))
+                .send()
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(record["function"], "billing", "{name}: {record}");
+        assert_eq!(function.invocations_for(id), 0, "{name} ran while paused");
+    }
+    let r = client
+        .post(format!(
+            "{}/system/async/functions/billing/resume",
+            gateway.url
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    for (name, id) in &held {
+        let record = wait_final(&client, &gateway, id).await;
+        assert_eq!(record["state"], "succeeded", "{name}");
+    }
+    let paths: Vec<String> = function
+        .requests()
+        .into_iter()
+        .filter(|r| {
+            held.iter()
+                .any(|(_, id)| r.call_id.as_deref() == Some(id.as_str()))
+        })
+        .map(|r| r.path_and_query)
+        .collect();
+    assert_eq!(paths, vec!["/function/billing"; 4], "one function, one URL");
+    worker.shutdown().await;
+}
+
+/// Finding 2: in direct mode the caller picks a function, never a host. A namespace that is
+/// not the default one nor allowed (`attacker.com`, `kube-apiserver.kube-system`) is not
+/// called at all: the call fails with 403 `namespace not allowed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn finding_02_direct_mode_only_reaches_allowed_namespaces() {
+    let nats = NatsServer::start().await.unwrap();
+    let receiver = CallbackReceiver::start().await.unwrap();
+    let gateway = Gateway::start(&nats.url(), &[]).await;
+    let worker = Worker::start_with(
+        &nats.url(),
+        "http://127.0.0.1:9",
+        &[
+            "--invoke-mode",
+            "direct",
+            "--allowed-namespaces",
+            "team-a",
+            "--retry-max-attempts",
+            "1",
+            "--upstream-timeout",
+            "3s",
+        ],
+    );
+    let client = http();
+    let mut ids = Vec::new();
+    for name in [
+        "attacker.com",
+        "kube-apiserver.kube-system",
+        "metadata.google",
+        "probe.Team-A",
+    ] {
+        let r = client
+            .post(format!("{}/async-function/{name}/probe", gateway.url))
+            .header("X-Callback-Url", receiver.url())
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        ids.push((name, call_id(&r)));
+    }
+    let ids_only: Vec<String> = ids.iter().map(|(_, id)| id.clone()).collect();
+    assert!(
+        receiver.wait_for_call_ids(&ids_only, DEADLINE).await,
+        "callbacks missing"
+    );
+    for (name, id) in &ids {
+        let callback = receiver
+            .callbacks()
+            .into_iter()
+            .find(|c| c.call_id.as_deref() == Some(id.as_str()))
+            .unwrap();
+        if *name == "probe.Team-A" {
+            // Allowed (lower-cased): really looked up, and not found on this machine.
+            assert_ne!(callback.header("x-function-status"), Some("403"), "{name}");
+        } else {
+            assert_eq!(callback.header("x-function-status"), Some("403"), "{name}");
+            assert_eq!(
+                callback.header("x-function-error"),
+                Some("namespace not allowed"),
+                "{name}"
+            );
+        }
+    }
+    worker.shutdown().await;
+}

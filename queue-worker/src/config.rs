@@ -78,6 +78,12 @@ pub struct WorkerConfig {
         default_value = "openfaas-fn"
     )]
     pub default_namespace: String,
+    /// Namespaces a call may name in direct mode, besides the default one (comma-separated).
+    /// A call naming any other namespace is not sent anywhere: it fails with status 403. The
+    /// host a worker calls is `{name}.{namespace}{suffix}` with all three in the operator's
+    /// hands, never the caller's.
+    #[arg(long, env = "QUEUE_WORKER_ALLOWED_NAMESPACES", value_delimiter = ',')]
+    pub allowed_namespaces: Vec<String>,
     /// DNS suffix appended to `{name}.{namespace}` in direct mode (e.g. `.svc.cluster.local`).
     #[arg(long, env = "QUEUE_WORKER_FUNCTION_SUFFIX", default_value = "")]
     pub function_suffix: String,

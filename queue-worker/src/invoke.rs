@@ -19,8 +19,18 @@ pub struct FunctionInvoker {
     mode: InvokeMode,
     gateway_url: String,
     default_namespace: String,
+    /// Lower case; the default namespace included.
+    allowed_namespaces: Vec<String>,
     function_suffix: String,
     max_response_bytes: u64,
+}
+
+/// Why a call is not sent to any function.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unroutable {
+    /// Direct mode: the namespace is not the default one nor in `--allowed-namespaces`.
+    #[error("namespace not allowed")]
+    NamespaceNotAllowed,
 }
 
 /// Shared HTTP client settings: no redirects (a 3xx is an answer, not an instruction), bounded
@@ -45,15 +55,26 @@ impl FunctionInvoker {
             client,
             mode: config.invoke_mode,
             gateway_url: config.gateway_url.trim_end_matches('/').to_owned(),
-            default_namespace: config.default_namespace.clone(),
+            default_namespace: config.default_namespace.to_ascii_lowercase(),
+            allowed_namespaces: config
+                .allowed_namespaces
+                .iter()
+                .map(|ns| ns.trim().to_ascii_lowercase())
+                .filter(|ns| !ns.is_empty())
+                .chain(std::iter::once(
+                    config.default_namespace.to_ascii_lowercase(),
+                ))
+                .collect(),
             function_suffix: config.function_suffix.clone(),
             max_response_bytes: config.max_response_bytes,
         }
     }
 
     /// The URL a call is sent to. The path and query are appended exactly as the client sent
-    /// them (the path was checked for dot segments before it was queued).
-    pub fn url(&self, call: &QueuedCall) -> String {
+    /// them (the path was checked for dot segments before it was queued). In direct mode the
+    /// namespace must be the default one or an allowed one, and names are lower-cased: the
+    /// caller picks a function, never a host.
+    pub fn url(&self, call: &QueuedCall) -> Result<String, Unroutable> {
         let m = &call.meta;
         let mut url = match self.mode {
             InvokeMode::Gateway => format!(
@@ -63,11 +84,19 @@ impl FunctionInvoker {
                 m.path
             ),
             InvokeMode::Direct => {
-                let ns = m.namespace.as_deref().unwrap_or(&self.default_namespace);
+                let ns = m
+                    .namespace
+                    .as_deref()
+                    .unwrap_or(&self.default_namespace)
+                    .to_ascii_lowercase();
+                if !self.allowed_namespaces.contains(&ns) {
+                    return Err(Unroutable::NamespaceNotAllowed);
+                }
                 let path = if m.path.is_empty() { "/" } else { &m.path };
                 format!(
                     "http://{}.{ns}{}:8080{path}",
-                    m.function, self.function_suffix
+                    m.function.to_ascii_lowercase(),
+                    self.function_suffix
                 )
             }
         };
@@ -75,7 +104,7 @@ impl FunctionInvoker {
             url.push('?');
             url.push_str(q);
         }
-        url
+        Ok(url)
     }
 
     /// Calls the function once (attempt `attempt` of at most `max_attempts`, sent as `X-Retry`
@@ -99,9 +128,13 @@ impl FunctionInvoker {
             Ok(m) => m,
             Err(_) => return failed(502, "invalid method"),
         };
+        let url = match self.url(call) {
+            Ok(url) => url,
+            Err(e) => return failed(403, &e.to_string()),
+        };
         let request = self
             .client
-            .request(method, self.url(call))
+            .request(method, url)
             .timeout(timeout)
             .headers(function_request_headers(call, attempt, max_attempts))
             .body(call.body.clone());
@@ -236,11 +269,12 @@ mod tests {
     fn gateway_urls_keep_path_and_query_as_sent() {
         let inv = invoker(&["--gateway-url", "http://gw:8080/"]);
         assert_eq!(
-            inv.url(&call(None, "", None)),
+            inv.url(&call(None, "", None)).unwrap(),
             "http://gw:8080/function/figlet"
         );
         assert_eq!(
-            inv.url(&call(Some("team"), "/a/b%20c/", Some("x=1&y=%2F"))),
+            inv.url(&call(Some("team"), "/a/b%20c/", Some("x=1&y=%2F")))
+                .unwrap(),
             "http://gw:8080/function/figlet.team/a/b%20c/?x=1&y=%2F"
         );
     }
@@ -252,15 +286,28 @@ mod tests {
             "direct",
             "--function-suffix",
             ".svc.cluster.local",
+            "--allowed-namespaces",
+            "dev,staging",
         ]);
         assert_eq!(
-            inv.url(&call(None, "", Some("q=1"))),
+            inv.url(&call(None, "", Some("q=1"))).unwrap(),
             "http://figlet.openfaas-fn.svc.cluster.local:8080/?q=1"
         );
         assert_eq!(
-            inv.url(&call(Some("dev"), "/x", None)),
+            inv.url(&call(Some("dev"), "/x", None)).unwrap(),
             "http://figlet.dev.svc.cluster.local:8080/x"
         );
+        assert_eq!(
+            inv.url(&call(Some("Dev"), "/x", None)).unwrap(),
+            "http://figlet.dev.svc.cluster.local:8080/x"
+        );
+        for foreign in ["com", "kube-system", "google"] {
+            assert_eq!(
+                inv.url(&call(Some(foreign), "/", None)),
+                Err(Unroutable::NamespaceNotAllowed),
+                "{foreign}"
+            );
+        }
     }
 
     #[test]

@@ -356,7 +356,10 @@ impl Drop for Heartbeat {
 
 async fn handle<Q: CallQueue>(ctx: Arc<Ctx<Q>>, msg: Q::Delivery, permit: OwnedSemaphorePermit) {
     let call = match QueuedCall::decode(msg.payload()) {
-        Ok(call) => call,
+        Ok(mut call) => {
+            call.meta.canonicalize(&ctx.config.default_namespace);
+            call
+        }
         Err(e) => {
             drop(permit);
             let detail = e.to_string();
