@@ -142,7 +142,11 @@ async fn admin_api_agrees_with_the_cli_replays_and_pauses() {
         &cli_dead_letters(&nats.url()),
         "API and CLI agree"
     );
-    let shown = get_json(&client, format!("{url}/system/async/dead-letters/{first}")).await;
+    let shown = get_json(
+        &client,
+        format!("{url}/system/async/dead-letters/call/{first}"),
+    )
+    .await;
     assert_eq!(shown["reason"], "retries_exhausted");
     assert_eq!(shown["call_id"], first.as_str());
 
@@ -160,7 +164,7 @@ async fn admin_api_agrees_with_the_cli_replays_and_pauses() {
     let (status, replayed) = post_json(
         &client,
         format!("{url}/system/async/dead-letters/replay"),
-        json!({ "ids": [first] }),
+        json!({ "call_ids": [first] }),
     )
     .await;
     assert_eq!(status, 200);
@@ -211,7 +215,7 @@ async fn admin_api_agrees_with_the_cli_replays_and_pauses() {
     let (status, purged) = post_json(
         &client,
         format!("{url}/system/async/dead-letters/purge"),
-        json!({ "ids": [second] }),
+        json!({ "call_ids": [second] }),
     )
     .await;
     assert_eq!((status, purged["deleted"].as_u64()), (200, Some(1)));

@@ -2,9 +2,11 @@
 //!
 //! - `GET  /system/async/queue`: depth, unacknowledged, consumers, dead letters; per function:
 //!   pending, oldest age, paused.
-//! - `GET  /system/async/dead-letters[/{seq-or-call-id}]`: list or show (metadata only).
-//! - `POST /system/async/dead-letters/replay` and `/purge` with `{"ids": [...]}` or
-//!   `{"all": true}`: the same operations as the `dlq` command.
+//! - `GET  /system/async/dead-letters`, `/dead-letters/{sequence}` and
+//!   `/dead-letters/call/{call_id}`: list or show (metadata only).
+//! - `POST /system/async/dead-letters/replay` and `/purge` with
+//!   `{"sequences": [..], "call_ids": [..]}` or `{"all": true}`: the same operations as the
+//!   `dlq` command. Sequences and call ids are typed apart (a call id may be digits).
 //! - `POST /system/async/functions/{name}/pause` and `/resume`: hold a function's calls.
 //!
 //! Every state-changing route goes through [`refuse_cross_site`]: a page on another origin
@@ -18,7 +20,7 @@ use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use queue_core::backend::{BackendError, CallQueue};
+use queue_core::backend::{BackendError, CallQueue, DeadLetterSelector};
 use queue_core::message::canonical_function;
 use serde::Deserialize;
 use serde_json::json;
@@ -116,13 +118,32 @@ pub async fn dead_letters<Q: CallQueue>(State(state): State<Arc<AppState<Q>>>) -
     }
 }
 
-/// `GET /system/async/dead-letters/{selector}`: by sequence or call id.
+/// `GET /system/async/dead-letters/{sequence}`.
 pub async fn dead_letter<Q: CallQueue>(
     State(state): State<Arc<AppState<Q>>>,
-    Path(selector): Path<String>,
+    Path(sequence): Path<String>,
 ) -> Response {
+    let Ok(sequence) = sequence.parse::<u64>() else {
+        return ApiError::bad_request(
+            "invalid_sequence",
+            "a dead letter's sequence is a number; by call id: /system/async/dead-letters/call/{call_id}",
+        )
+        .into_response();
+    };
+    show(&state, &DeadLetterSelector::Sequence(sequence)).await
+}
+
+/// `GET /system/async/dead-letters/call/{call_id}`.
+pub async fn dead_letter_of_call<Q: CallQueue>(
+    State(state): State<Arc<AppState<Q>>>,
+    Path(call_id): Path<String>,
+) -> Response {
+    show(&state, &DeadLetterSelector::CallId(call_id)).await
+}
+
+async fn show<Q: CallQueue>(state: &AppState<Q>, selector: &DeadLetterSelector) -> Response {
     match state.queue.dead_letters().await {
-        Ok(list) => match list.into_iter().find(|e| e.matches(&selector)) {
+        Ok(list) => match list.into_iter().find(|e| e.matches(selector)) {
             Some(entry) => axum::Json(entry).into_response(),
             None => ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -131,42 +152,70 @@ pub async fn dead_letter<Q: CallQueue>(
             )
             .into_response(),
         },
-        Err(e) => unavailable(&state, &e).into_response(),
+        Err(e) => unavailable(state, &e).into_response(),
     }
 }
 
-/// Which dead letters an operation applies to.
+/// Which dead letters an operation applies to: by sequence (numbers) and by call id
+/// (strings), typed apart, or all of them.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Selection {
-    /// Sequence numbers or call ids.
+    /// Dead-letter sequences.
     #[serde(default)]
-    ids: Vec<String>,
+    sequences: Vec<u64>,
+    /// Call ids.
+    #[serde(default)]
+    call_ids: Vec<String>,
     /// Every dead letter.
     #[serde(default)]
     all: bool,
+    /// The untyped selector list of earlier versions, refused with an explanation.
+    #[serde(default)]
+    ids: Option<serde_json::Value>,
 }
 
-fn selection(body: Result<axum::Json<Selection>, JsonRejection>) -> Result<Selection, ApiError> {
-    let axum::Json(selection) = body.map_err(|e| {
-        ApiError::bad_request(
-            "invalid_body",
-            format!("expected {{\"ids\": [...]}} or {{\"all\": true}}: {e}"),
+/// What a checked [`Selection`] selects.
+struct Selected {
+    selectors: Vec<DeadLetterSelector>,
+    all: bool,
+}
+
+fn selection(body: Result<axum::Json<Selection>, JsonRejection>) -> Result<Selected, ApiError> {
+    const SHAPE: &str = "{\"sequences\": [30], \"call_ids\": [\"job-1\"]} or {\"all\": true}";
+    let axum::Json(selection) =
+        body.map_err(|e| ApiError::bad_request("invalid_body", format!("expected {SHAPE}: {e}")))?;
+    if selection.ids.is_some() {
+        return Err(ApiError::bad_request(
+            "untyped_selection",
+            format!("\"ids\" mixed sequences and call ids; give {SHAPE}"),
+        ));
+    }
+    let selectors: Vec<DeadLetterSelector> = (selection.sequences.iter())
+        .map(|s| DeadLetterSelector::Sequence(*s))
+        .chain(
+            selection
+                .call_ids
+                .into_iter()
+                .map(DeadLetterSelector::CallId),
         )
-    })?;
-    if selection.ids.is_empty() && !selection.all {
+        .collect();
+    if selectors.is_empty() && !selection.all {
         return Err(ApiError::bad_request(
             "nothing_selected",
-            "give \"ids\" (sequences or call ids) or \"all\": true",
+            format!("nothing selected: give {SHAPE}"),
         ));
     }
-    if !selection.ids.is_empty() && selection.all {
+    if !selectors.is_empty() && selection.all {
         return Err(ApiError::bad_request(
             "ambiguous_selection",
-            "give either \"ids\" or \"all\", not both",
+            "give either \"sequences\"/\"call_ids\" or \"all\", not both",
         ));
     }
-    Ok(selection)
+    Ok(Selected {
+        selectors,
+        all: selection.all,
+    })
 }
 
 /// `POST /system/async/dead-letters/replay`.
@@ -176,7 +225,7 @@ pub async fn replay<Q: CallQueue>(
 ) -> Result<Response, ApiError> {
     let selection = selection(body)?;
     let replayed = (state.queue)
-        .replay_dead_letters(&selection.ids, selection.all)
+        .replay_dead_letters(&selection.selectors, selection.all)
         .await
         .map_err(|e| unavailable(&state, &e))?;
     tracing::info!(count = replayed.len(), "dead letters replayed");
@@ -190,7 +239,7 @@ pub async fn purge<Q: CallQueue>(
 ) -> Result<Response, ApiError> {
     let selection = selection(body)?;
     let deleted = (state.queue)
-        .purge_dead_letters(&selection.ids, selection.all)
+        .purge_dead_letters(&selection.selectors, selection.all)
         .await
         .map_err(|e| unavailable(&state, &e))?;
     tracing::info!(deleted, "dead letters purged");

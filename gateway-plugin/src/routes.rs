@@ -75,8 +75,12 @@ pub fn router<Q: CallQueue>(state: Arc<AppState<Q>>) -> Router {
             post(crate::admin::purge::<Q>).layer(same_origin()),
         )
         .route(
-            "/system/async/dead-letters/{selector}",
+            "/system/async/dead-letters/{sequence}",
             get(crate::admin::dead_letter::<Q>),
+        )
+        .route(
+            "/system/async/dead-letters/call/{call_id}",
+            get(crate::admin::dead_letter_of_call::<Q>),
         )
         .route(
             "/system/async/functions/{name}/pause",

@@ -501,3 +501,133 @@ async fn finding_02_direct_mode_only_reaches_allowed_namespaces() {
     }
     worker.shutdown().await;
 }
+
+/// Finding 4: a call id made of digits never selects the dead letter whose sequence it
+/// spells: selections name sequences and call ids apart, and the untyped `ids` is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn finding_04_numeric_call_ids_do_not_collide_with_dead_letter_sequences() {
+    let nats = NatsServer::start().await.unwrap();
+    let function = StubFunction::start(StubBehavior {
+        status: 500,
+        ..StubBehavior::default()
+    })
+    .await
+    .unwrap();
+    let gateway = Gateway::start(&nats.url(), &[]).await;
+    let worker = Worker::start_with(&nats.url(), &function.url(), &["--retry-max-attempts", "1"]);
+    let client = http();
+    let dead_letters = async || -> Vec<Value> {
+        let r = client
+            .get(format!("{}/system/async/dead-letters", gateway.url))
+            .send()
+            .await
+            .unwrap();
+        serde_json::from_slice(&r.bytes().await.unwrap()).unwrap()
+    };
+    let wait_dead = async |n: usize| {
+        let end = Instant::now() + DEADLINE;
+        while dead_letters().await.len() < n {
+            assert!(Instant::now() < end, "no {n} dead letters");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let post = async |id: &str| {
+        let r = client
+            .post(format!("{}/async-function/work", gateway.url))
+            .header("X-Call-Id", id)
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+    };
+    post("victim").await;
+    wait_dead(1).await;
+    let sequence = dead_letters().await[0]["sequence"].as_u64().unwrap();
+    // A call whose id is the victim's sequence.
+    let digits = sequence.to_string();
+    post(&digits).await;
+    wait_dead(2).await;
+
+    let purge = async |body: Value| {
+        let r = client
+            .post(format!("{}/system/async/dead-letters/purge", gateway.url))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (
+            status,
+            serde_json::from_slice::<Value>(&r.bytes().await.unwrap()).unwrap(),
+        )
+    };
+    let (status, answer) = purge(serde_json::json!({ "ids": [digits] })).await;
+    assert_eq!(
+        dead_letters().await.len(),
+        2,
+        "an untyped id deleted: {answer}"
+    );
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (400, Some("untyped_selection"))
+    );
+
+    // Show by sequence and by call id.
+    let shown = client
+        .get(format!(
+            "{}/system/async/dead-letters/{sequence}",
+            gateway.url
+        ))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let shown: Value = serde_json::from_slice(&shown).unwrap();
+    assert_eq!(shown["call_id"], "victim");
+    let shown = client
+        .get(format!(
+            "{}/system/async/dead-letters/call/{digits}",
+            gateway.url
+        ))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let shown: Value = serde_json::from_slice(&shown).unwrap();
+    assert_eq!(shown["call_id"], digits.as_str());
+    let r = client
+        .get(format!("{}/system/async/dead-letters/victim", gateway.url))
+        .send()
+        .await
+        .unwrap();
+    common::assert_json_error(r, 400, "invalid_sequence").await;
+
+    // Purge by call id: only that call's dead letter goes.
+    let (status, answer) = purge(serde_json::json!({ "call_ids": [digits] })).await;
+    assert_eq!((status, answer["deleted"].as_u64()), (200, Some(1)));
+    let left = dead_letters().await;
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0]["call_id"], "victim");
+    let (status, answer) = purge(serde_json::json!({ "sequences": [sequence] })).await;
+    assert_eq!((status, answer["deleted"].as_u64()), (200, Some(1)));
+    assert!(dead_letters().await.is_empty());
+
+    // The dashboard's Replay button sends the sequence as a number, in `sequences`.
+    let page = client
+        .get(format!("{}/dashboard/", gateway.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("JSON.stringify({ sequences: [Number(sequence)] })"));
+    assert!(!page.contains("ids:"));
+    worker.shutdown().await;
+}

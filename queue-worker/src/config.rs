@@ -166,7 +166,36 @@ pub enum WorkerCommand {
     },
 }
 
-/// Dead-letter commands. Dead letters are named by their sequence number or their call id.
+/// Which dead letters a command applies to: by sequence (`--seq 30`) and by call id
+/// (`--call-id job-1`), typed apart, since a call id may be digits.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct DlqSelection {
+    /// Dead-letter sequence (repeatable, or comma-separated).
+    #[arg(long = "seq", value_name = "SEQ", value_delimiter = ',')]
+    pub sequences: Vec<u64>,
+    /// Call id (repeatable, or comma-separated).
+    #[arg(long = "call-id", value_name = "CALL_ID", value_delimiter = ',')]
+    pub call_ids: Vec<String>,
+}
+
+impl DlqSelection {
+    /// The typed selectors.
+    pub fn selectors(&self) -> Vec<queue_core::backend::DeadLetterSelector> {
+        use queue_core::backend::DeadLetterSelector;
+        self.sequences
+            .iter()
+            .map(|s| DeadLetterSelector::Sequence(*s))
+            .chain(
+                self.call_ids
+                    .iter()
+                    .cloned()
+                    .map(DeadLetterSelector::CallId),
+            )
+            .collect()
+    }
+}
+
+/// Dead-letter commands. Dead letters are named by `--seq` (their sequence) or `--call-id`.
 #[derive(Debug, Clone, Subcommand)]
 pub enum DlqAction {
     /// List dead letters, oldest first (metadata only, never bodies).
@@ -176,27 +205,30 @@ pub enum DlqAction {
         json: bool,
     },
     /// Show dead letters in full metadata, as JSON.
+    #[command(group(clap::ArgGroup::new("which").args(["sequences", "call_ids"]).multiple(true).required(true)))]
     Show {
-        /// Sequence numbers or call ids.
-        #[arg(required = true)]
-        ids: Vec<String>,
+        /// Which.
+        #[command(flatten)]
+        select: DlqSelection,
     },
     /// Put dead letters back on the work queue with the same call id, and remove them here.
+    #[command(group(clap::ArgGroup::new("which").args(["sequences", "call_ids", "all"]).multiple(true).required(true)))]
     Replay {
-        /// Sequence numbers or call ids.
-        #[arg(required_unless_present = "all")]
-        ids: Vec<String>,
+        /// Which.
+        #[command(flatten)]
+        select: DlqSelection,
         /// Every dead letter.
-        #[arg(long, conflicts_with = "ids")]
+        #[arg(long, conflicts_with_all = ["sequences", "call_ids"])]
         all: bool,
     },
     /// Delete dead letters.
+    #[command(group(clap::ArgGroup::new("which").args(["sequences", "call_ids", "all"]).multiple(true).required(true)))]
     Purge {
-        /// Sequence numbers or call ids.
-        #[arg(required_unless_present = "all")]
-        ids: Vec<String>,
+        /// Which.
+        #[command(flatten)]
+        select: DlqSelection,
         /// Every dead letter.
-        #[arg(long, conflicts_with = "ids")]
+        #[arg(long, conflicts_with_all = ["sequences", "call_ids"])]
         all: bool,
     },
 }
@@ -415,6 +447,27 @@ mod tests {
             })
         ));
         assert!(WorkerConfig::try_parse_from(["queue-worker", "dlq", "purge"]).is_err());
+        let c = parse(&[], &["dlq", "purge", "--seq", "30", "--call-id", "30,job"]);
+        let Some(WorkerCommand::Dlq {
+            action: DlqAction::Purge { select, all: false },
+        }) = c.command
+        else {
+            panic!("not a purge: {:?}", c.command);
+        };
+        use queue_core::backend::DeadLetterSelector::{CallId, Sequence};
+        assert_eq!(
+            select.selectors(),
+            [Sequence(30), CallId("30".into()), CallId("job".into())]
+        );
+        for bad in [
+            &["dlq", "show"][..],
+            &["dlq", "replay", "30"][..],
+            &["dlq", "replay", "--all", "--seq", "1"][..],
+            &["dlq", "purge", "--seq", "x"][..],
+        ] {
+            let args = std::iter::once("queue-worker").chain(bad.iter().copied());
+            assert!(WorkerConfig::try_parse_from(args).is_err(), "{bad:?}");
+        }
         assert!(parse(&[], &[]).command.is_none());
     }
 

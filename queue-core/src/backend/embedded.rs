@@ -29,6 +29,7 @@ use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use tokio::sync::Notify;
 
+use super::DeadLetterSelector;
 use super::{
     BackendError, CallQueue, CallRecords, DeadLetter, DeadLetterEntry, PublishError, Published,
     QueueDelivery, call_subject,
@@ -891,7 +892,7 @@ impl CallQueue for EmbeddedQueue {
 
     async fn replay_dead_letters(
         &self,
-        selectors: &[String],
+        selectors: &[DeadLetterSelector],
         all: bool,
     ) -> Result<Vec<DeadLetterEntry>, BackendError> {
         let mut replayed = Vec::new();
@@ -920,7 +921,7 @@ impl CallQueue for EmbeddedQueue {
 
     async fn purge_dead_letters(
         &self,
-        selectors: &[String],
+        selectors: &[DeadLetterSelector],
         all: bool,
     ) -> Result<u64, BackendError> {
         let mut deleted = 0;
