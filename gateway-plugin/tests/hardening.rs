@@ -631,3 +631,89 @@ async fn finding_04_numeric_call_ids_do_not_collide_with_dead_letter_sequences()
     assert!(!page.contains("ids:"));
     worker.shutdown().await;
 }
+
+/// Finding 10: names of functions that do not exist (the gateway answers 404 for them) take
+/// no metrics label and no live-stats slot, so a real function is still shown on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn finding_10_junk_function_names_cannot_squat_label_slots() {
+    const JUNK: usize = 210;
+    let nats = NatsServer::start().await.unwrap();
+    let function = StubFunction::start(StubBehavior {
+        status: 404,
+        ..StubBehavior::default()
+    })
+    .await
+    .unwrap();
+    let gateway = Gateway::start(&nats.url(), &[]).await;
+    let worker = Worker::start_with(&nats.url(), &function.url(), &["--max-inflight", "200"]);
+    let client = http();
+    for i in 0..JUNK {
+        let r = client
+            .post(format!("{}/async-function/squat-{i}", gateway.url))
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+    }
+    assert!(
+        function.wait_for_count(JUNK, DEADLINE).await,
+        "junk not invoked"
+    );
+    function.set_behavior(StubBehavior::default());
+    let r = client
+        .post(format!("{}/async-function/real-fn-10", gateway.url))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    let id = call_id(&r);
+    let record = wait_final(&client, &gateway, &id).await;
+    assert_eq!(record["state"], "succeeded");
+
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let stats: Value = serde_json::from_slice(
+            &client
+                .get(format!("{}/system/async/stats", gateway.url))
+                .send()
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap(),
+        )
+        .unwrap();
+        let names: Vec<&str> = stats["functions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|f| f["function"].as_str())
+            .collect();
+        assert!(
+            !names.iter().any(|n| n.starts_with("squat-")),
+            "junk in the live stats: {names:?}"
+        );
+        if names.contains(&"real-fn-10") {
+            break;
+        }
+        assert!(Instant::now() < end, "real-fn-10 missing from {names:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let metrics = client
+        .get(format!("{}/metrics", gateway.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            "faas_async_processed_total{function=\"real-fn-10\",outcome=\"succeeded\"} 1"
+        ),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("squat-"), "junk names became labels");
+    worker.shutdown().await;
+}

@@ -143,6 +143,8 @@ impl FunctionInvoker {
             Err(e) => return failed(503, transport_error_kind(&e)),
         };
         let status = response.status().as_u16();
+        // A function that answers gets its own metrics label; names nobody answers for do not.
+        queue_core::metrics::note_answered(&call.meta.qualified_function(), status);
         let headers = response_headers(response.headers());
         match read_limited(response, self.max_response_bytes).await {
             Ok(body) => Outcome {
