@@ -96,8 +96,8 @@ pub fn router<Q: CallQueue>(state: Arc<AppState<Q>>) -> Router {
         .fallback(not_found)
         // The body limit is enforced by the handler against the queue's live limit.
         .layer(DefaultBodyLimit::disable())
-        .layer(axum::middleware::map_response(no_sniffing))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(on_panic))
+        .layer(axum::middleware::map_response(no_sniffing))
         .with_state(state)
 }
 
