@@ -94,6 +94,11 @@ struct ServerArgs {
     /// Memory the embedded queue's page cache may use.
     #[arg(long, env = "FAAS_ASYNC_QUEUE_CACHE_BYTES", default_value = "32MiB", value_parser = parse_bytes)]
     queue_cache_bytes: u64,
+    /// Proxies (addresses or CIDR blocks, comma-separated) whose `X-Forwarded-For`,
+    /// `X-Forwarded-Host`, `Forwarded` and `X-Real-Ip` are passed to functions. From any other
+    /// peer they are dropped, and `X-Forwarded-For` is the peer's address.
+    #[arg(long, env = "FAAS_ASYNC_TRUSTED_PROXIES", value_delimiter = ',', value_parser = gateway_plugin::peer::parse_ip_block)]
+    trusted_proxies: Vec<gateway_plugin::peer::IpBlock>,
 }
 
 fn is_default(matches: &ArgMatches, id: &str) -> bool {
@@ -178,7 +183,7 @@ async fn main() -> anyhow::Result<()> {
         }),
         records: config.worker.records.clone(),
     };
-    let nats_url = config.worker.nats.nats_url.clone();
+    let nats_url = queue_core::settings::redact_url(&config.worker.nats.nats_url);
     let queue = JetStreamQueue::connect(options, "faas-async", stop.clone()).await?;
     if let Some(WorkerCommand::Dlq { action }) = dlq {
         return dead_letters(queue.as_ref(), action).await;
@@ -221,6 +226,10 @@ async fn serve<Q: CallQueue>(
             max_body_bytes: config.server.max_body_bytes,
             retry_after: config.server.retry_after,
             shutdown_grace: config.worker.shutdown_grace,
+            trusted_proxies: gateway_plugin::peer::TrustedProxies(
+                config.server.trusted_proxies.clone(),
+            ),
+            default_namespace: config.worker.default_namespace.clone(),
         };
         let queue = queue.clone();
         let stop = stop.clone();
@@ -267,6 +276,7 @@ async fn serve<Q: CallQueue>(
 #[allow(clippy::print_stdout, reason = "the start-up banner is for the user")]
 fn print_banner(address: SocketAddr, role: Role, queue: &str, functions: &str) {
     let base = format!("http://{address}");
+    let functions = queue_core::settings::redact_url(functions);
     println!("faas-async listening on {base}");
     println!("  queue:     {queue}");
     if role == Role::All {

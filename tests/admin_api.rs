@@ -142,7 +142,11 @@ async fn admin_api_agrees_with_the_cli_replays_and_pauses() {
         &cli_dead_letters(&nats.url()),
         "API and CLI agree"
     );
-    let shown = get_json(&client, format!("{url}/system/async/dead-letters/{first}")).await;
+    let shown = get_json(
+        &client,
+        format!("{url}/system/async/dead-letters/call/{first}"),
+    )
+    .await;
     assert_eq!(shown["reason"], "retries_exhausted");
     assert_eq!(shown["call_id"], first.as_str());
 
@@ -160,7 +164,7 @@ async fn admin_api_agrees_with_the_cli_replays_and_pauses() {
     let (status, replayed) = post_json(
         &client,
         format!("{url}/system/async/dead-letters/replay"),
-        json!({ "ids": [first] }),
+        json!({ "call_ids": [first] }),
     )
     .await;
     assert_eq!(status, 200);
@@ -211,9 +215,86 @@ async fn admin_api_agrees_with_the_cli_replays_and_pauses() {
     let (status, purged) = post_json(
         &client,
         format!("{url}/system/async/dead-letters/purge"),
-        json!({ "ids": [second] }),
+        json!({ "call_ids": [second] }),
     )
     .await;
     assert_eq!((status, purged["deleted"].as_u64()), (200, Some(1)));
     assert!(cli_dead_letters(&nats.url()).is_empty());
+}
+
+/// Issue 17, finding 8: credentials in the NATS URL appear neither in the start banner nor in
+/// the logs (at debug level), and they still authenticate: the server becomes ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_credentials_are_never_printed() {
+    let nats = NatsServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (out_path, err_path) = (dir.path().join("stdout"), dir.path().join("stderr"));
+    let nats_url = nats
+        .url()
+        .replace("nats://", "nats://alice:NATS-SECRET-s3cretPW@");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_faas-async"))
+        .args(["--listen", "127.0.0.1:0", "--nats-url", &nats_url])
+        .args(["--gateway-url", "http://bob:GW-SECRET-pw@127.0.0.1:9"])
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .env("LOG_LEVEL", "debug")
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut url = String::new();
+    wait_for("the banner", async || {
+        let out = std::fs::read_to_string(&out_path).unwrap();
+        match out
+            .lines()
+            .find_map(|l| l.strip_prefix("faas-async listening on "))
+        {
+            Some(found) if out.contains("ready:") => {
+                url = found.to_owned();
+                true
+            }
+            _ => false,
+        }
+    })
+    .await;
+    let client = queue_worker::invoke::http_client("admin-test").unwrap();
+    wait_for("the gateway is ready", async || {
+        client
+            .get(format!("{url}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    let pid = child.id().unwrap().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    tokio::time::timeout(DEADLINE, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    let banner = std::fs::read_to_string(&out_path).unwrap();
+    let logs = std::fs::read_to_string(&err_path).unwrap();
+    assert!(
+        banner.contains(&format!(
+            "JetStream at nats://***@127.0.0.1:{}",
+            nats.port()
+        )),
+        "{banner}"
+    );
+    assert!(
+        banner.contains("http://***@127.0.0.1:9/function"),
+        "{banner}"
+    );
+    for secret in ["NATS-SECRET", "GW-SECRET", "alice", "bob:"] {
+        assert!(
+            !banner.contains(secret),
+            "{secret} in the banner:\n{banner}"
+        );
+        assert!(!logs.contains(secret), "{secret} in the logs:\n{logs}");
+    }
 }

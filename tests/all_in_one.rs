@@ -371,7 +371,12 @@ async fn metrics_count_a_known_workload() {
     let receiver = CallbackReceiver::start().await.unwrap();
     let server = Server::start(dir.path(), &["--gateway-url", &function_url]).await;
     let client = queue_worker::invoke::http_client("all-in-one-test").unwrap();
-    let mut ids = Vec::new();
+    // A function has a label of its own once it answered (issue 17, finding 10): a first call,
+    // finished before the workload, is counted under `other` where it was counted before the
+    // function answered (submitted, queue wait, in flight) and under `stats` afterwards.
+    let warm_up = server.call(&client, "stats", "[0]", &receiver.url()).await;
+    wait_until("the warm-up call called back", || receiver.count() == 1).await;
+    let mut ids = vec![warm_up];
     for body in ["[1, 2]", "[3]", "4 5 6", "not numbers"] {
         ids.push(server.call(&client, "stats", body, &receiver.url()).await);
     }
@@ -384,16 +389,15 @@ async fn metrics_count_a_known_workload() {
     assert_eq!(refused.status(), 400);
 
     let expected = [
-        "faas_async_submitted_total{function=\"stats\"} 4",
         "faas_async_refused_total{reason=\"invalid_callback_url\"} 1",
-        "faas_async_processed_total{function=\"stats\",outcome=\"succeeded\"} 3",
+        "faas_async_processed_total{function=\"stats\",outcome=\"succeeded\"} 4",
         "faas_async_processed_total{function=\"stats\",outcome=\"failed\"} 1",
-        "faas_async_callbacks_total{function=\"stats\",outcome=\"delivered\"} 4",
+        "faas_async_callbacks_total{function=\"stats\",outcome=\"delivered\"} 5",
         "faas_async_queue_wait_seconds_count{function=\"stats\"} 4",
-        "faas_async_function_duration_seconds_count{function=\"stats\"} 4",
-        "faas_async_callback_duration_seconds_count{function=\"stats\"} 4",
-        "faas_async_end_to_end_seconds_count{function=\"stats\"} 4",
-        "faas_async_accept_seconds_count 4",
+        "faas_async_function_duration_seconds_count{function=\"stats\"} 5",
+        "faas_async_callback_duration_seconds_count{function=\"stats\"} 5",
+        "faas_async_end_to_end_seconds_count{function=\"stats\"} 5",
+        "faas_async_accept_seconds_count 5",
         "faas_async_in_flight{function=\"stats\"} 0",
         "faas_async_pending_messages 0",
         "faas_async_dead_letters_kept 0",
@@ -415,6 +419,19 @@ async fn metrics_count_a_known_workload() {
             assert!(
                 ids.iter().all(|id| !text.contains(id.as_str())),
                 "no call ids in labels"
+            );
+            // The warm-up was accepted before the function answered (so under `other`, unless
+            // the function answered first); the workload after it.
+            let submitted = |label: &str| {
+                let prefix = format!("faas_async_submitted_total{{function=\"{label}\"}} ");
+                text.lines()
+                    .find_map(|l| l.strip_prefix(prefix.as_str()))
+                    .map_or(0, |n| n.parse::<u64>().unwrap())
+            };
+            let (stats, other) = (submitted("stats"), submitted("other"));
+            assert!(
+                stats >= 4 && stats + other == 5,
+                "submitted: {stats} + {other}\n{text}"
             );
             break;
         }

@@ -2,24 +2,75 @@
 //!
 //! - `GET  /system/async/queue`: depth, unacknowledged, consumers, dead letters; per function:
 //!   pending, oldest age, paused.
-//! - `GET  /system/async/dead-letters[/{seq-or-call-id}]`: list or show (metadata only).
-//! - `POST /system/async/dead-letters/replay` and `/purge` with `{"ids": [...]}` or
-//!   `{"all": true}`: the same operations as the `dlq` command.
+//! - `GET  /system/async/dead-letters`, `/dead-letters/{sequence}` and
+//!   `/dead-letters/call/{call_id}`: list or show (metadata only).
+//! - `POST /system/async/dead-letters/replay` and `/purge` with
+//!   `{"sequences": [..], "call_ids": [..]}` or `{"all": true}`: the same operations as the
+//!   `dlq` command. Sequences and call ids are typed apart (a call id may be digits).
 //! - `POST /system/async/functions/{name}/pause` and `/resume`: hold a function's calls.
+//!
+//! Every state-changing route goes through [`refuse_cross_site`]: a page on another origin
+//! cannot make a browser change the queue (CSRF), even with a form a browser sends without
+//! asking.
 
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use queue_core::backend::{BackendError, CallQueue};
-use queue_core::message::parse_function;
+use queue_core::backend::{BackendError, CallQueue, DeadLetterSelector};
+use queue_core::message::canonical_function;
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::error::ApiError;
 use crate::state::AppState;
+
+/// Why a request is refused as cross-site, if it is one: a browser says so in
+/// `Sec-Fetch-Site` (anything but `same-origin`, or `none` for what the user typed), or sends an
+/// `Origin` that is not the gateway's own (`Host`). Clients that are not browsers send neither.
+fn cross_site(headers: &HeaderMap) -> Option<&'static str> {
+    let text = |name| headers.get(name).map(|v| v.to_str().unwrap_or("\u{0}"));
+    if let Some(site) = text("sec-fetch-site")
+        && !site.eq_ignore_ascii_case("same-origin")
+        && !site.eq_ignore_ascii_case("none")
+    {
+        return Some("Sec-Fetch-Site says the request comes from another site");
+    }
+    if let Some(origin) = text(header::ORIGIN.as_str()) {
+        let authority = origin
+            .split_once("://")
+            .map(|(_, authority)| authority)
+            .filter(|a| !a.is_empty() && !a.contains('/'));
+        let host = text(header::HOST.as_str());
+        let same = matches!((authority, host), (Some(a), Some(h)) if a.eq_ignore_ascii_case(h));
+        if !same {
+            return Some("Origin is not this gateway");
+        }
+    }
+    None
+}
+
+/// Middleware of the state-changing admin routes: `403` `cross_site_request` for a request a
+/// browser sent from another origin.
+pub async fn refuse_cross_site(request: Request, next: Next) -> Response {
+    if let Some(reason) = cross_site(request.headers()) {
+        tracing::warn!(
+            path = request.uri().path(),
+            reason,
+            "cross-site admin request refused"
+        );
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "cross_site_request",
+            format!("{reason}; admin changes are accepted from the gateway's own pages or from non-browser clients"),
+        )
+        .into_response();
+    }
+    next.run(request).await
+}
 
 fn unavailable<Q>(state: &AppState<Q>, e: &BackendError) -> ApiError {
     tracing::warn!(error = %e, "admin request failed");
@@ -67,13 +118,32 @@ pub async fn dead_letters<Q: CallQueue>(State(state): State<Arc<AppState<Q>>>) -
     }
 }
 
-/// `GET /system/async/dead-letters/{selector}`: by sequence or call id.
+/// `GET /system/async/dead-letters/{sequence}`.
 pub async fn dead_letter<Q: CallQueue>(
     State(state): State<Arc<AppState<Q>>>,
-    Path(selector): Path<String>,
+    Path(sequence): Path<String>,
 ) -> Response {
+    let Ok(sequence) = sequence.parse::<u64>() else {
+        return ApiError::bad_request(
+            "invalid_sequence",
+            "a dead letter's sequence is a number; by call id: /system/async/dead-letters/call/{call_id}",
+        )
+        .into_response();
+    };
+    show(&state, &DeadLetterSelector::Sequence(sequence)).await
+}
+
+/// `GET /system/async/dead-letters/call/{call_id}`.
+pub async fn dead_letter_of_call<Q: CallQueue>(
+    State(state): State<Arc<AppState<Q>>>,
+    Path(call_id): Path<String>,
+) -> Response {
+    show(&state, &DeadLetterSelector::CallId(call_id)).await
+}
+
+async fn show<Q: CallQueue>(state: &AppState<Q>, selector: &DeadLetterSelector) -> Response {
     match state.queue.dead_letters().await {
-        Ok(list) => match list.into_iter().find(|e| e.matches(&selector)) {
+        Ok(list) => match list.into_iter().find(|e| e.matches(selector)) {
             Some(entry) => axum::Json(entry).into_response(),
             None => ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -82,42 +152,70 @@ pub async fn dead_letter<Q: CallQueue>(
             )
             .into_response(),
         },
-        Err(e) => unavailable(&state, &e).into_response(),
+        Err(e) => unavailable(state, &e).into_response(),
     }
 }
 
-/// Which dead letters an operation applies to.
+/// Which dead letters an operation applies to: by sequence (numbers) and by call id
+/// (strings), typed apart, or all of them.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Selection {
-    /// Sequence numbers or call ids.
+    /// Dead-letter sequences.
     #[serde(default)]
-    ids: Vec<String>,
+    sequences: Vec<u64>,
+    /// Call ids.
+    #[serde(default)]
+    call_ids: Vec<String>,
     /// Every dead letter.
     #[serde(default)]
     all: bool,
+    /// The untyped selector list of earlier versions, refused with an explanation.
+    #[serde(default)]
+    ids: Option<serde_json::Value>,
 }
 
-fn selection(body: Result<axum::Json<Selection>, JsonRejection>) -> Result<Selection, ApiError> {
-    let axum::Json(selection) = body.map_err(|e| {
-        ApiError::bad_request(
-            "invalid_body",
-            format!("expected {{\"ids\": [...]}} or {{\"all\": true}}: {e}"),
+/// What a checked [`Selection`] selects.
+struct Selected {
+    selectors: Vec<DeadLetterSelector>,
+    all: bool,
+}
+
+fn selection(body: Result<axum::Json<Selection>, JsonRejection>) -> Result<Selected, ApiError> {
+    const SHAPE: &str = "{\"sequences\": [30], \"call_ids\": [\"job-1\"]} or {\"all\": true}";
+    let axum::Json(selection) =
+        body.map_err(|e| ApiError::bad_request("invalid_body", format!("expected {SHAPE}: {e}")))?;
+    if selection.ids.is_some() {
+        return Err(ApiError::bad_request(
+            "untyped_selection",
+            format!("\"ids\" mixed sequences and call ids; give {SHAPE}"),
+        ));
+    }
+    let selectors: Vec<DeadLetterSelector> = (selection.sequences.iter())
+        .map(|s| DeadLetterSelector::Sequence(*s))
+        .chain(
+            selection
+                .call_ids
+                .into_iter()
+                .map(DeadLetterSelector::CallId),
         )
-    })?;
-    if selection.ids.is_empty() && !selection.all {
+        .collect();
+    if selectors.is_empty() && !selection.all {
         return Err(ApiError::bad_request(
             "nothing_selected",
-            "give \"ids\" (sequences or call ids) or \"all\": true",
+            format!("nothing selected: give {SHAPE}"),
         ));
     }
-    if !selection.ids.is_empty() && selection.all {
+    if !selectors.is_empty() && selection.all {
         return Err(ApiError::bad_request(
             "ambiguous_selection",
-            "give either \"ids\" or \"all\", not both",
+            "give either \"sequences\"/\"call_ids\" or \"all\", not both",
         ));
     }
-    Ok(selection)
+    Ok(Selected {
+        selectors,
+        all: selection.all,
+    })
 }
 
 /// `POST /system/async/dead-letters/replay`.
@@ -127,7 +225,7 @@ pub async fn replay<Q: CallQueue>(
 ) -> Result<Response, ApiError> {
     let selection = selection(body)?;
     let replayed = (state.queue)
-        .replay_dead_letters(&selection.ids, selection.all)
+        .replay_dead_letters(&selection.selectors, selection.all)
         .await
         .map_err(|e| unavailable(&state, &e))?;
     tracing::info!(count = replayed.len(), "dead letters replayed");
@@ -141,7 +239,7 @@ pub async fn purge<Q: CallQueue>(
 ) -> Result<Response, ApiError> {
     let selection = selection(body)?;
     let deleted = (state.queue)
-        .purge_dead_letters(&selection.ids, selection.all)
+        .purge_dead_letters(&selection.selectors, selection.all)
         .await
         .map_err(|e| unavailable(&state, &e))?;
     tracing::info!(deleted, "dead letters purged");
@@ -149,7 +247,7 @@ pub async fn purge<Q: CallQueue>(
 }
 
 async fn set_paused<Q: CallQueue>(state: &AppState<Q>, name: &str, paused: bool) -> Response {
-    let function = match parse_function(name) {
+    let function = match canonical_function(name, &state.default_namespace) {
         Ok((name, None)) => name,
         Ok((name, Some(namespace))) => format!("{name}.{namespace}"),
         Err(e) => {

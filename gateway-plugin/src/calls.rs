@@ -8,7 +8,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use queue_core::backend::{CallQueue, apply_event};
-use queue_core::headers::is_hop_by_hop;
+use queue_core::headers;
 use queue_core::message::valid_call_id;
 use queue_core::records::{CallRecord, CallState, Event, ResultAvailability};
 use serde_json::json;
@@ -180,24 +180,56 @@ async fn result_response<Q: CallQueue>(
             ));
         }
     };
+    Ok(result_as_data(call_id, stored))
+}
+
+/// A kept result as a response that a browser treats as data, never as a page of the
+/// gateway's origin: an inert content type (the function's own only when it cannot render
+/// active content; always in `X-Function-Content-Type`), `nosniff`, an attachment, a sandbox
+/// CSP, and none of the function's browser-control headers (cookies, CORS, refresh, ...).
+fn result_as_data(call_id: &str, stored: queue_core::records::StoredResult) -> Response {
+    use axum::http::header;
+    let declared = stored
+        .headers
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case("content-type"))
+        .map(|(_, value)| value.clone());
     let mut response = stored.body.into_response();
-    let headers = response.headers_mut();
-    // The function's own content type (if any), not the default for a byte body.
-    headers.remove(axum::http::header::CONTENT_TYPE);
+    let out = response.headers_mut();
+    out.remove(header::CONTENT_TYPE);
     for (name, value) in &stored.headers {
-        if is_hop_by_hop(name) || name.eq_ignore_ascii_case("content-length") {
+        if !headers::is_served_from_result(name) {
             continue;
         }
         if let (Ok(name), Ok(value)) = (
             HeaderName::from_bytes(name.as_bytes()),
             HeaderValue::from_str(value),
         ) {
-            headers.append(name, value);
+            out.append(name, value);
         }
     }
-    headers.insert("x-function-status", HeaderValue::from(stored.status));
-    if let Ok(id) = HeaderValue::from_str(call_id) {
-        headers.insert("x-call-id", id);
+    out.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(headers::served_content_type(declared.as_deref())),
+    );
+    if let Some(value) = declared.and_then(|v| HeaderValue::from_str(&v).ok()) {
+        out.insert("x-function-content-type", value);
     }
-    Ok(response)
+    out.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    out.insert(
+        header::CONTENT_DISPOSITION,
+        HeaderValue::from_static("attachment"),
+    );
+    out.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("sandbox; default-src 'none'; frame-ancestors 'none'"),
+    );
+    out.insert("x-function-status", HeaderValue::from(stored.status));
+    if let Ok(id) = HeaderValue::from_str(call_id) {
+        out.insert("x-call-id", id);
+    }
+    response
 }

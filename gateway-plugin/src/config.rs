@@ -39,6 +39,15 @@ pub struct GatewayConfig {
     /// On SIGTERM/SIGINT, how long requests in progress may take before the server stops.
     #[arg(long, env = "GATEWAY_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+    /// Proxies (addresses or CIDR blocks, comma-separated) whose `X-Forwarded-For`,
+    /// `X-Forwarded-Host`, `Forwarded` and `X-Real-Ip` are passed to functions. From any other
+    /// peer they are dropped, and `X-Forwarded-For` is the peer's address.
+    #[arg(long, env = "GATEWAY_TRUSTED_PROXIES", value_delimiter = ',', value_parser = crate::peer::parse_ip_block)]
+    pub trusted_proxies: Vec<crate::peer::IpBlock>,
+    /// The workers' default namespace (`--default-namespace` of queue-worker; keep them
+    /// equal): `fn.{it}` and `fn` are one function, for pause, settings and metrics alike.
+    #[arg(long, env = "GATEWAY_DEFAULT_NAMESPACE", default_value = "openfaas-fn")]
+    pub default_namespace: String,
 }
 
 impl GatewayConfig {
@@ -48,6 +57,8 @@ impl GatewayConfig {
             max_body_bytes: self.max_body_bytes,
             retry_after: self.retry_after,
             shutdown_grace: self.shutdown_grace,
+            trusted_proxies: crate::peer::TrustedProxies(self.trusted_proxies.clone()),
+            default_namespace: self.default_namespace.clone(),
         }
     }
 }

@@ -9,6 +9,7 @@
 //! - [`routes`]: the router (the one place every route is declared) and the enqueue handler.
 //! - [`live`]: live figures for the dashboard, from the workers' outcome announcements.
 //! - `dashboard.html`: the dashboard page (served at `/dashboard/`).
+//! - [`peer`]: the peer address, trusted proxies, `X-Forwarded-For`.
 //! - [`link`]: the body limit derived from the queue's message limit.
 //! - [`error`]: JSON error answers.
 //! - [`config`]: settings (flags and environment variables; OpenFaaS's NATS variables).
@@ -19,6 +20,7 @@ pub mod config;
 pub mod error;
 pub mod link;
 pub mod live;
+pub mod peer;
 pub mod routes;
 pub mod state;
 
@@ -53,6 +55,10 @@ pub struct HttpSettings {
     pub retry_after: Duration,
     /// How long requests in progress may take to finish at shutdown.
     pub shutdown_grace: Duration,
+    /// Peers whose forwarding headers (`X-Forwarded-For`, ...) are believed.
+    pub trusted_proxies: peer::TrustedProxies,
+    /// The workers' default namespace: `fn.{it}` is the function `fn`.
+    pub default_namespace: String,
 }
 
 /// Serves on `listener` with JetStream as the queue until `shutdown` completes, then lets
@@ -70,7 +76,10 @@ pub async fn run(
         records: config.records.clone(),
     };
     let queue = JetStreamQueue::connect(options, "gateway-plugin", stop.clone()).await?;
-    tracing::info!(nats = %config.nats.nats_url, "queue: JetStream");
+    tracing::info!(
+        nats = %queue_core::settings::redact_url(&config.nats.nats_url),
+        "queue: JetStream"
+    );
     let result = serve(queue, config.http_settings(), listener, shutdown).await;
     stop.cancel();
     result
@@ -98,6 +107,8 @@ pub async fn serve<Q: CallQueue>(
         warned_max_body: AtomicBool::new(false),
         metrics: queue_core::metrics::install(),
         live: live.clone(),
+        trusted_proxies: settings.trusted_proxies,
+        default_namespace: settings.default_namespace,
     });
     let app = routes::router(state);
     tracing::info!(listen = %listener.local_addr()?, "gateway-plugin listening");
@@ -105,7 +116,11 @@ pub async fn serve<Q: CallQueue>(
     let drain_started = CancellationToken::new();
     let serve = {
         let drain_started = drain_started.clone();
-        axum::serve(listener, app).with_graceful_shutdown(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
             shutdown.await;
             drain_started.cancel();
         })

@@ -18,7 +18,9 @@ pub const WINDOW: Duration = Duration::from_secs(300);
 const RATE_WINDOW: Duration = Duration::from_secs(60);
 /// Samples kept per function (older ones are dropped first).
 const MAX_SAMPLES: usize = 20_000;
-/// Functions tracked (bounded like the metrics labels).
+/// Functions tracked (bounded like the metrics labels). Only functions that answered (a status
+/// other than 404) are taken in, and a function without outcomes in the window is dropped, so
+/// names of functions that do not exist cannot squat the slots.
 const MAX_FUNCTIONS: usize = 200;
 /// Failures listed.
 const RECENT_FAILURES: usize = 20;
@@ -86,6 +88,23 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank - 1]
 }
 
+fn window_start(now: u64) -> u64 {
+    now.saturating_sub(u64::try_from(WINDOW.as_nanos()).unwrap_or(0))
+}
+
+impl Window {
+    /// Forgets samples older than the window, and functions left without any.
+    fn drop_idle(&mut self, now: u64) {
+        let start = window_start(now);
+        self.functions.retain(|_, samples| {
+            while samples.front().is_some_and(|s| s.at < start) {
+                samples.pop_front();
+            }
+            !samples.is_empty()
+        });
+    }
+}
+
 impl LiveStats {
     fn window(&self) -> std::sync::MutexGuard<'_, Window> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
@@ -94,11 +113,21 @@ impl LiveStats {
     /// Adds one outcome.
     pub fn record(&self, event: OutcomeEvent) {
         let failed = event.outcome != "succeeded";
+        let answered = event.status.is_some_and(|s| s != 404);
+        if let Some(status) = event.status {
+            queue_core::metrics::note_answered(&event.function, status);
+        }
         let mut window = self.window();
-        if !window.functions.contains_key(&event.function)
-            && window.functions.len() >= MAX_FUNCTIONS
-        {
-            return;
+        if !window.functions.contains_key(&event.function) {
+            if !answered {
+                return;
+            }
+            if window.functions.len() >= MAX_FUNCTIONS {
+                window.drop_idle(queue_core::unix_nanos_now());
+            }
+            if window.functions.len() >= MAX_FUNCTIONS {
+                return;
+            }
         }
         let samples = window.functions.entry(event.function.clone()).or_default();
         samples.push_back(Sample {
@@ -118,14 +147,11 @@ impl LiveStats {
     /// The figures now.
     pub fn snapshot(&self) -> Snapshot {
         let now = queue_core::unix_nanos_now();
-        let window_start = now.saturating_sub(u64::try_from(WINDOW.as_nanos()).unwrap_or(0));
         let rate_start = now.saturating_sub(u64::try_from(RATE_WINDOW.as_nanos()).unwrap_or(0));
         let mut window = self.window();
+        window.drop_idle(now);
         let mut functions = Vec::new();
-        for (function, samples) in &mut window.functions {
-            while samples.front().is_some_and(|s| s.at < window_start) {
-                samples.pop_front();
-            }
+        for (function, samples) in &window.functions {
             let completed = samples.len() as u64;
             let failed = samples.iter().filter(|s| s.failed).count() as u64;
             let recent = samples.iter().filter(|s| s.at >= rate_start).count();
@@ -218,5 +244,34 @@ mod tests {
         assert!((b.error_rate - 0.5).abs() < 1e-9);
         assert_eq!(snapshot.recent_failures.len(), 1);
         assert_eq!(snapshot.recent_failures[0].function, "b");
+    }
+
+    #[test]
+    fn only_functions_that_answered_take_slots_and_idle_ones_leave() {
+        let stats = LiveStats::default();
+        for i in 0..MAX_FUNCTIONS + 50 {
+            let mut junk = event(&format!("junk-{i}"), "failed", 0.1);
+            junk.status = Some(404);
+            stats.record(junk);
+            let mut unreachable = event(&format!("gone-{i}"), "dead_lettered", 0.1);
+            unreachable.status = None;
+            stats.record(unreachable);
+        }
+        stats.record(event("real", "succeeded", 0.1));
+        let snapshot = stats.snapshot();
+        assert_eq!(snapshot.functions.len(), 1, "{:?}", snapshot.functions);
+        assert_eq!(snapshot.functions[0].function, "real");
+
+        let full = LiveStats::default();
+        let old = queue_core::unix_nanos_now() - 2 * u64::try_from(WINDOW.as_nanos()).unwrap();
+        for i in 0..MAX_FUNCTIONS {
+            let mut e = event(&format!("f{i}"), "succeeded", 0.1);
+            e.at = old;
+            full.record(e);
+        }
+        full.record(event("new", "succeeded", 0.1));
+        let snapshot = full.snapshot();
+        assert_eq!(snapshot.functions.len(), 1, "idle functions made room");
+        assert_eq!(snapshot.functions[0].function, "new");
     }
 }

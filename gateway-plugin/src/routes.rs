@@ -15,15 +15,15 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{MethodFilter, get, on, post};
 use queue_core::backend::{CallQueue, PublishError, RecordWriteError, Revision};
-use queue_core::headers::is_hop_by_hop;
+use queue_core::headers::is_dropped_from_client;
 use queue_core::message::{
-    BodyLocation, CallMeta, QueuedCall, parse_callback_url, parse_function, valid_call_id,
-    validate_path,
+    BodyLocation, CallMeta, InvalidCall, METHODS, QueuedCall, canonical_function,
+    parse_callback_url, valid_call_id, validate_path,
 };
 use queue_core::records::{self, CallState, Event, idempotency_key};
 use serde_json::json;
@@ -92,6 +92,8 @@ pub fn router<Q: CallQueue>(state: Arc<AppState<Q>>) -> Router {
         .or(MethodFilter::DELETE)
         .or(MethodFilter::GET);
     let enqueue_route = || on(methods, enqueue::<Q>).fallback(method_not_allowed);
+    // The CSRF guard of every state-changing admin route.
+    let same_origin = || axum::middleware::from_fn(crate::admin::refuse_cross_site);
     Router::new()
         .route("/async-function/{name}", enqueue_route())
         .route("/async-function/{name}/", enqueue_route())
@@ -117,23 +119,27 @@ pub fn router<Q: CallQueue>(state: Arc<AppState<Q>>) -> Router {
         )
         .route(
             "/system/async/dead-letters/replay",
-            post(crate::admin::replay::<Q>),
+            post(crate::admin::replay::<Q>).layer(same_origin()),
         )
         .route(
             "/system/async/dead-letters/purge",
-            post(crate::admin::purge::<Q>),
+            post(crate::admin::purge::<Q>).layer(same_origin()),
         )
         .route(
-            "/system/async/dead-letters/{selector}",
+            "/system/async/dead-letters/{sequence}",
             get(crate::admin::dead_letter::<Q>),
         )
         .route(
+            "/system/async/dead-letters/call/{call_id}",
+            get(crate::admin::dead_letter_of_call::<Q>),
+        )
+        .route(
             "/system/async/functions/{name}/pause",
-            post(crate::admin::pause::<Q>),
+            post(crate::admin::pause::<Q>).layer(same_origin()),
         )
         .route(
             "/system/async/functions/{name}/resume",
-            post(crate::admin::resume::<Q>),
+            post(crate::admin::resume::<Q>).layer(same_origin()),
         )
         .route("/metrics", get(metrics_text::<Q>))
         .route("/healthz", get(healthz))
@@ -142,6 +148,7 @@ pub fn router<Q: CallQueue>(state: Arc<AppState<Q>>) -> Router {
         // The body limit is enforced by the handler against the queue's live limit.
         .layer(DefaultBodyLimit::disable())
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(on_panic))
+        .layer(axum::middleware::map_response(no_sniffing))
         .with_state(state)
 }
 
@@ -155,6 +162,15 @@ fn on_panic(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     .into_response()
 }
 
+/// Every answer says what it is: a browser never guesses a type from the bytes.
+async fn no_sniffing(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .entry(header::X_CONTENT_TYPE_OPTIONS)
+        .or_insert(HeaderValue::from_static("nosniff"));
+    response
+}
+
 async fn not_found() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
@@ -164,17 +180,38 @@ async fn not_found() -> ApiError {
 }
 
 async fn method_not_allowed() -> Response {
-    let mut response = ApiError::new(
+    with_allow(method_refused().into_response())
+}
+
+/// `405` for a method the worker will not run (HEAD, which axum routes to GET, included).
+fn method_refused() -> ApiError {
+    ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
         "async calls accept POST, PUT, PATCH, DELETE and GET",
     )
-    .into_response();
-    response.headers_mut().insert(
-        header::ALLOW,
-        HeaderValue::from_static("POST, PUT, PATCH, DELETE, GET"),
-    );
+}
+
+fn with_allow(mut response: Response) -> Response {
+    if response.status() == StatusCode::METHOD_NOT_ALLOWED {
+        response.headers_mut().insert(
+            header::ALLOW,
+            HeaderValue::from_static("POST, PUT, PATCH, DELETE, GET"),
+        );
+    }
     response
+}
+
+/// The gateway's answer to a call the worker would refuse ([`QueuedCall::validate`]).
+fn refused(e: &InvalidCall) -> ApiError {
+    let code = match e {
+        InvalidCall::Method(_) => return method_refused(),
+        InvalidCall::FunctionName(_) => "invalid_function_name",
+        InvalidCall::Path(_) => "invalid_path",
+        InvalidCall::CallId(_) => "invalid_call_id",
+        InvalidCall::CallbackUrl(_) => "invalid_callback_url",
+    };
+    ApiError::bad_request(code, e.to_string())
 }
 
 async fn metrics_text<Q: CallQueue>(State(state): State<Arc<AppState<Q>>>) -> Response {
@@ -193,6 +230,12 @@ async fn live_stats<Q: CallQueue>(State(state): State<Arc<AppState<Q>>>) -> Resp
     axum::Json(state.live.snapshot()).into_response()
 }
 
+/// The dashboard's content security policy: its own inline script and style only, requests to
+/// the gateway only, no frames of it anywhere (clickjacking its buttons), no forms, no base.
+const DASHBOARD_CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; \
+     style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; \
+     form-action 'none'; frame-ancestors 'none'";
+
 /// The dashboard page: static HTML and script that read the admin API (no build step, no
 /// external resources: it works air-gapped).
 async fn dashboard() -> Response {
@@ -200,6 +243,9 @@ async fn dashboard() -> Response {
         [
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),
             (header::CACHE_CONTROL, "no-cache"),
+            (header::CONTENT_SECURITY_POLICY, DASHBOARD_CSP),
+            (header::X_FRAME_OPTIONS, "DENY"),
+            (header::REFERRER_POLICY, "no-referrer"),
         ],
         include_str!("dashboard.html"),
     )
@@ -239,13 +285,20 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>,
     }
 }
 
-/// Headers kept with the call: hop-by-hop removed, and the client's `X-Call-Id` and
-/// `X-Start-Time` too (the worker sends the call's own values to the function).
-fn captured_headers(headers: &HeaderMap) -> Result<Vec<(String, String)>, ApiError> {
-    let mut out = Vec::with_capacity(headers.len());
+/// Headers kept with the call. Every header the system sets is removed from the client's
+/// input ([`is_dropped_from_client`]): hop-by-hop, the worker's `X-Call-Id`, `X-Start-Time`,
+/// `X-Retry`, `X-Retry-Max`, and the forwarding headers unless `peer` is a trusted proxy; then
+/// `X-Forwarded-For` is set from `peer`.
+fn captured_headers(
+    headers: &HeaderMap,
+    peer: Option<std::net::IpAddr>,
+    trusted: &crate::peer::TrustedProxies,
+) -> Result<Vec<(String, String)>, ApiError> {
+    let trusted_peer = peer.is_some_and(|ip| trusted.trusts(ip));
+    let mut out = Vec::with_capacity(headers.len() + 1);
     for (name, value) in headers {
         let name = name.as_str();
-        if is_hop_by_hop(name) || name == "x-call-id" || name == "x-start-time" {
+        if is_dropped_from_client(name, trusted_peer) || name == "x-forwarded-for" {
             continue;
         }
         let value = value.to_str().map_err(|_| {
@@ -255,6 +308,13 @@ fn captured_headers(headers: &HeaderMap) -> Result<Vec<(String, String)>, ApiErr
             )
         })?;
         out.push((name.to_owned(), value.to_owned()));
+    }
+    let client_chain = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok());
+    if let Some(chain) = crate::peer::forwarded_for(peer, trusted_peer, client_chain) {
+        out.push(("x-forwarded-for".to_owned(), chain));
     }
     Ok(out)
 }
@@ -279,7 +339,7 @@ async fn enqueue<Q: CallQueue>(
                 "call refused"
             );
             metrics::counter!(queue_core::metrics::REFUSED, "reason" => e.code).increment(1);
-            e.with_call_id(&call_id).into_response()
+            with_allow(e.with_call_id(&call_id).into_response())
         }
     }
 }
@@ -291,8 +351,11 @@ async fn accept<Q: CallQueue>(
     call_id: &str,
     received_at: u64,
 ) -> Result<Response, ApiError> {
+    if !METHODS.contains(&parts.method.as_str()) {
+        return Err(method_refused());
+    }
     let (addressed, path) = split_path(parts.uri.path());
-    let (function, namespace) = parse_function(addressed)
+    let (function, namespace) = canonical_function(addressed, &state.default_namespace)
         .map_err(|e| ApiError::bad_request("invalid_function_name", e.to_string()))?;
     validate_path(path).map_err(|e| ApiError::bad_request("invalid_path", e.to_string()))?;
     let callback_url = match header_str(&parts.headers, "x-callback-url")? {
@@ -303,7 +366,11 @@ async fn accept<Q: CallQueue>(
                 .to_string(),
         ),
     };
-    let headers = captured_headers(&parts.headers)?;
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<std::net::SocketAddr>>()
+        .map(|ConnectInfo(addr)| addr.ip());
+    let headers = captured_headers(&parts.headers, peer, &state.trusted_proxies)?;
 
     let limit = state.max_body();
     let too_large = || {
@@ -348,6 +415,8 @@ async fn accept<Q: CallQueue>(
         },
         body,
     };
+    // The worker's own rules: what it would refuse as poison is refused here, never queued.
+    call.validate().map_err(|e| refused(&e))?;
     let idempotency = match header_str(&parts.headers, "idempotency-key")? {
         None => None,
         Some(key) if (1..=255).contains(&key.len()) => {
@@ -468,7 +537,7 @@ mod tests {
         h.insert("x-call-id", HeaderValue::from_static("client"));
         h.append("x-multi", HeaderValue::from_static("1"));
         h.append("x-multi", HeaderValue::from_static("2"));
-        let out = captured_headers(&h).unwrap();
+        let out = captured_headers(&h, None, &crate::peer::TrustedProxies::default()).unwrap();
         assert!(!out.iter().any(|(k, _)| k == "connection"));
         assert_eq!(
             out.iter().filter(|(k, _)| k == "x-multi").count(),

@@ -24,6 +24,10 @@ pub struct AppState<Q> {
     pub metrics: PrometheusHandle,
     /// The dashboard's live figures.
     pub live: Arc<crate::live::LiveStats>,
+    /// Peers whose forwarding headers are believed.
+    pub trusted_proxies: crate::peer::TrustedProxies,
+    /// The workers' default namespace (part of a function's canonical identity).
+    pub default_namespace: String,
 }
 
 impl<Q: CallQueue> AppState<Q> {

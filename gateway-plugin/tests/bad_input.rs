@@ -148,3 +148,81 @@ async fn body_limit_agrees_with_the_nats_max_payload() {
     assert_eq!(queued(&nats.url()).await, 1);
     gateway.shutdown().await;
 }
+
+/// Issue 17, finding 5: `HEAD` (which the router sends to the GET handler) and any method the
+/// worker will not run get `405` with `Allow`, and nothing is queued (no undecodable dead
+/// letter later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn methods_the_worker_will_not_run_are_refused_before_queueing() {
+    let nats = NatsServer::start().await.unwrap();
+    let gateway = Gateway::start(&nats.url(), &[]).await;
+    let client = http();
+    for method in ["HEAD", "OPTIONS", "TRACE", "PROPFIND"] {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let r = client
+            .request(
+                method.clone(),
+                format!("{}/async-function/fn/x", gateway.url),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 405, "{method}");
+        assert_eq!(
+            r.headers()["allow"],
+            "POST, PUT, PATCH, DELETE, GET",
+            "{method}"
+        );
+        if method != reqwest::Method::HEAD {
+            assert_json_error(r, 405, "method_not_allowed").await;
+        }
+    }
+    assert_eq!(queued(&nats.url()).await, 0, "nothing was queued");
+    let r = client
+        .get(format!("{}/async-function/fn", gateway.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "GET still queues");
+    assert_eq!(queued(&nats.url()).await, 1);
+}
+
+/// Sends `request` as written; returns the status (0 if the server closed without answering).
+async fn raw_status(base: &str, request: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response).await;
+    String::from_utf8_lossy(&response)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Issue 17, "checked and fine, keep them so": conflicting `Content-Length`s and more than 100
+/// headers are refused by the HTTP layer, and nothing is queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn conflicting_lengths_and_header_floods_are_refused() {
+    let nats = NatsServer::start().await.unwrap();
+    let gateway = Gateway::start(&nats.url(), &[]).await;
+    let host = gateway.url.trim_start_matches("http://").to_owned();
+    let conflicting = format!(
+        "POST /async-function/fn HTTP/1.1\r\nHost: {host}\r\nContent-Length: 1\r\nContent-Length: 2\r\nConnection: close\r\n\r\nxx"
+    );
+    assert_eq!(raw_status(&gateway.url, &conflicting).await, 400);
+    let mut flood = format!("POST /async-function/fn HTTP/1.1\r\nHost: {host}\r\n");
+    for i in 0..120 {
+        flood.push_str(&format!("X-H-{i}: v\r\n"));
+    }
+    flood.push_str("Content-Length: 1\r\nConnection: close\r\n\r\nx");
+    let status = raw_status(&gateway.url, &flood).await;
+    assert!(
+        status == 431 || status == 0,
+        "header flood answered {status}"
+    );
+    assert_eq!(queued(&nats.url()).await, 0, "nothing was queued");
+    gateway.shutdown().await;
+}

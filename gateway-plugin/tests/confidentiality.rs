@@ -16,10 +16,14 @@ async fn gateway_logs_hold_no_bodies_or_secrets() {
         .local_addr()
         .unwrap()
         .port();
+    // Credentials in the NATS URL are never logged (issue 17, finding 8).
+    let nats_url = nats
+        .url()
+        .replace("nats://", "nats://alice:NATS-SECRET-s3cretPW@");
     let mut gateway = tokio::process::Command::new(env!("CARGO_BIN_EXE_gateway-plugin"))
         .args([
             "--nats-url",
-            &nats.url(),
+            &nats_url,
             "--listen",
             &format!("127.0.0.1:{port}"),
         ])
@@ -77,11 +81,16 @@ async fn gateway_logs_hold_no_bodies_or_secrets() {
 
     let logs = std::fs::read_to_string(&log).unwrap();
     assert!(logs.contains(&id), "logs should identify the call:\n{logs}");
+    assert!(
+        logs.contains("nats://***@127.0.0.1"),
+        "the NATS URL is logged, redacted:\n{logs}"
+    );
     for secret in [
         "BODY-SECRET",
         "TOKEN-SECRET",
         "COOKIE-SECRET",
         "QUERY-SECRET",
+        "NATS-SECRET",
     ] {
         assert!(
             !logs.contains(secret),

@@ -81,6 +81,23 @@ pub struct CallMeta {
 }
 
 impl CallMeta {
+    /// Rewrites the function to its canonical identity ([`canonical_function`]): a call
+    /// queued by an older gateway, or by hand, is paused, configured and counted as the same
+    /// function as every other call of it.
+    pub fn canonicalize(&mut self, default_namespace: &str) {
+        self.function.make_ascii_lowercase();
+        if let Some(ns) = &mut self.namespace {
+            ns.make_ascii_lowercase();
+        }
+        if self
+            .namespace
+            .as_deref()
+            .is_some_and(|ns| ns.eq_ignore_ascii_case(default_namespace))
+        {
+            self.namespace = None;
+        }
+    }
+
     /// `name` or `name.namespace`, as the client addressed the function.
     pub fn qualified_function(&self) -> String {
         match &self.namespace {
@@ -165,16 +182,38 @@ fn valid_name(s: &str) -> bool {
     !s.is_empty() && s.len() <= MAX_NAME_LEN && s.chars().all(is_name_char) && !s.starts_with('-')
 }
 
-/// Splits and checks `name` or `name.namespace`.
+/// A namespace token: a name that is not `_`, the subject token of "no namespace".
+fn valid_namespace(s: &str) -> bool {
+    valid_name(s) && s != "_"
+}
+
+/// Splits and checks `name` or `name.namespace`, lower-cased (function and namespace names
+/// are DNS labels: `Billing` and `billing` are one function). Namespace `_` is refused: it is
+/// the subject token of "no namespace".
 pub fn parse_function(addressed: &str) -> Result<(String, Option<String>), InvalidCall> {
     let (name, ns) = match addressed.split_once('.') {
         Some((name, ns)) => (name, Some(ns)),
         None => (addressed, None),
     };
-    if !valid_name(name) || ns.is_some_and(|ns| !valid_name(ns)) {
+    if !valid_name(name) || ns.is_some_and(|ns| !valid_namespace(ns)) {
         return Err(InvalidCall::FunctionName(addressed.to_owned()));
     }
-    Ok((name.to_owned(), ns.map(str::to_owned)))
+    Ok((name.to_ascii_lowercase(), ns.map(str::to_ascii_lowercase)))
+}
+
+/// The one identity of a function, used for subjects, pause, per-function settings, metrics
+/// and records: [`parse_function`] (lower case, `_` refused), and the default namespace
+/// written as no namespace, so `billing`, `Billing` and `billing.openfaas-fn` are one function,
+/// `billing`.
+pub fn canonical_function(
+    addressed: &str,
+    default_namespace: &str,
+) -> Result<(String, Option<String>), InvalidCall> {
+    let (name, ns) = parse_function(addressed)?;
+    Ok((
+        name,
+        ns.filter(|ns| !ns.eq_ignore_ascii_case(default_namespace)),
+    ))
 }
 
 /// Checks the path after the function name. It is appended to the function's URL, so it must
@@ -228,7 +267,11 @@ impl QueuedCall {
         if !valid_call_id(&m.call_id) {
             return Err(InvalidCall::CallId(m.call_id.clone()));
         }
-        if !valid_name(&m.function) || m.namespace.as_deref().is_some_and(|ns| !valid_name(ns)) {
+        if !valid_name(&m.function)
+            || m.namespace
+                .as_deref()
+                .is_some_and(|ns| !valid_namespace(ns))
+        {
             return Err(InvalidCall::FunctionName(m.qualified_function()));
         }
         if !METHODS.contains(&m.method.as_str()) {
@@ -409,6 +452,32 @@ mod tests {
         let mut call = sample();
         call.meta.method = "CONNECT".into();
         assert!(call.validate().is_err());
+    }
+
+    #[test]
+    fn one_identity_per_function() {
+        for same in [
+            "billing",
+            "Billing",
+            "billing.openfaas-fn",
+            "BILLING.OpenFaaS-FN",
+        ] {
+            assert_eq!(
+                canonical_function(same, "openfaas-fn").unwrap(),
+                ("billing".into(), None),
+                "{same}"
+            );
+        }
+        assert_eq!(
+            canonical_function("Billing.Team-A", "openfaas-fn").unwrap(),
+            ("billing".into(), Some("team-a".into()))
+        );
+        assert!(canonical_function("billing._", "openfaas-fn").is_err());
+        let mut meta = sample().meta;
+        meta.function = "Figlet".into();
+        meta.namespace = Some("OpenFaaS-FN".into());
+        meta.canonicalize("openfaas-fn");
+        assert_eq!(meta.qualified_function(), "figlet");
     }
 
     #[test]

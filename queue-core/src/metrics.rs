@@ -1,12 +1,14 @@
 //! Prometheus metrics of the gateway and the workers: the names (documented in the README,
 //! "Metrics"), the process-wide recorder, and the bounded `function` label.
 //!
-//! Labels never carry call ids or other unbounded values: `function` is limited to the first
-//! [`MAX_FUNCTION_LABELS`] names seen by the process (later ones are counted as `other`).
+//! Labels never carry call ids or other unbounded values: `function` is limited to
+//! [`MAX_FUNCTION_LABELS`] functions that *answered* (others are counted as `other`), and a
+//! function idle for [`LABEL_IDLE`] gives its slot up to a new one: a caller cannot squat the
+//! slots with names of functions that do not exist.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
@@ -79,22 +81,74 @@ pub fn install() -> PrometheusHandle {
         .clone()
 }
 
-/// The `function` label for `name`: itself for the first [`MAX_FUNCTION_LABELS`] names, then
-/// `other`.
-pub fn function_label(name: &str) -> String {
-    static SEEN: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
-    let mut seen = SEEN
-        .get_or_init(|| Mutex::new(HashSet::new()))
+/// A function whose label has not been used for this long gives up its slot to a new one
+/// when all [`MAX_FUNCTION_LABELS`] are taken.
+pub const LABEL_IDLE: Duration = Duration::from_secs(3600);
+
+/// The functions that have a label of their own: admitted when they answered, by last use.
+#[derive(Debug, Default)]
+pub struct FunctionLabels {
+    last_used: HashMap<String, Instant>,
+}
+
+impl FunctionLabels {
+    /// The label for `name` at `now`: itself if admitted, else `other`.
+    pub fn label(&mut self, name: &str, now: Instant) -> String {
+        match self.last_used.get_mut(name) {
+            Some(at) => {
+                *at = now;
+                name.to_owned()
+            }
+            None => "other".to_owned(),
+        }
+    }
+
+    /// `name` answered (an HTTP response that is not 404): it gets a label of its own if a
+    /// slot is free or one has been idle for [`LABEL_IDLE`] (the longest idle is evicted).
+    /// Names nobody answers for (junk, typos, probes) never take a slot.
+    pub fn admit(&mut self, name: &str, now: Instant) {
+        if let Some(at) = self.last_used.get_mut(name) {
+            *at = now;
+            return;
+        }
+        if self.last_used.len() >= MAX_FUNCTION_LABELS {
+            let idlest = self
+                .last_used
+                .iter()
+                .min_by_key(|(_, at)| **at)
+                .filter(|(_, at)| now.saturating_duration_since(**at) >= LABEL_IDLE)
+                .map(|(name, _)| name.clone());
+            match idlest {
+                Some(idle) => {
+                    self.last_used.remove(&idle);
+                }
+                None => return,
+            }
+        }
+        self.last_used.insert(name.to_owned(), now);
+    }
+}
+
+fn labels() -> std::sync::MutexGuard<'static, FunctionLabels> {
+    static LABELS: OnceLock<Mutex<FunctionLabels>> = OnceLock::new();
+    LABELS
+        .get_or_init(|| Mutex::new(FunctionLabels::default()))
         .lock()
-        .unwrap_or_else(PoisonError::into_inner);
-    if seen.contains(name) {
-        return name.to_owned();
+        .unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The `function` label for `name`: itself once the function answered (see
+/// [`note_answered`]), else `other`.
+pub fn function_label(name: &str) -> String {
+    labels().label(name, Instant::now())
+}
+
+/// Records that function `name` answered with `status`: a status other than 404 admits it to
+/// the labels of this process ([`FunctionLabels::admit`]).
+pub fn note_answered(name: &str, status: u16) {
+    if status != 404 {
+        labels().admit(name, Instant::now());
     }
-    if seen.len() < MAX_FUNCTION_LABELS {
-        seen.insert(name.to_owned());
-        return name.to_owned();
-    }
-    "other".to_owned()
 }
 
 /// Sets the queue gauges (at scrape time).
@@ -117,11 +171,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn function_labels_are_bounded() {
-        for i in 0..MAX_FUNCTION_LABELS + 10 {
-            let _ = function_label(&format!("f{i}"));
+    fn only_functions_that_answered_get_labels_and_idle_ones_make_room() {
+        let mut labels = FunctionLabels::default();
+        let t0 = Instant::now();
+        assert_eq!(labels.label("junk", t0), "other", "never answered");
+        for i in 0..MAX_FUNCTION_LABELS {
+            labels.admit(&format!("f{i}"), t0);
         }
-        assert_eq!(function_label("f0"), "f0");
-        assert_eq!(function_label("a-new-one"), "other");
+        assert_eq!(labels.label("f0", t0), "f0");
+        labels.admit("late", t0 + Duration::from_secs(1));
+        assert_eq!(labels.label("late", t0), "other", "full, nobody idle");
+        // f0 was used just now; f1 is the idlest after an hour.
+        let later = t0 + LABEL_IDLE + Duration::from_secs(1);
+        labels.label("f0", later);
+        labels.admit("late", later);
+        assert_eq!(labels.label("late", later), "late");
+        assert_eq!(labels.label("f0", later), "f0");
+        assert_eq!(labels.last_used.len(), MAX_FUNCTION_LABELS);
     }
 }

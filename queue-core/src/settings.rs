@@ -171,6 +171,72 @@ pub fn openfaas_nats_url(lookup: impl Fn(&str) -> Option<String>) -> Option<Stri
     Some(format!("nats://{addr}:{port}"))
 }
 
+/// Splits one URL into the part before its credentials, the credentials (`user:password` or
+/// `token`, without the `@`), and the rest (`@host:port/...`). No credentials: `None`.
+fn split_userinfo(one: &str) -> Option<(&str, &str, &str)> {
+    let authority_start = one.find("://").map_or(0, |i| i + 3);
+    let rest = &one[authority_start..];
+    let authority_len = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let at = rest[..authority_len].rfind('@')?;
+    Some((&one[..authority_start], &rest[..at], &rest[at..]))
+}
+
+/// `url` (or a comma-separated list of URLs, as `--nats-url` takes) fit to log or print: the
+/// credentials of each (`user:password@`, `token@`) replaced by `***`. Every URL a binary logs
+/// or prints goes through this.
+pub fn redact_url(url: &str) -> String {
+    url.split(',')
+        .map(|one| match split_userinfo(one) {
+            Some((before, _, after)) => format!("{before}***{after}"),
+            None => one.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Credentials given in a NATS URL.
+#[derive(Clone, PartialEq, Eq)]
+pub enum NatsCredentials {
+    /// `user:password@`.
+    UserPassword(String, String),
+    /// `token@`.
+    Token(String),
+}
+
+impl std::fmt::Debug for NatsCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::UserPassword(user, _) => write!(f, "UserPassword({user:?}, ***)"),
+            Self::Token(_) => write!(f, "Token(***)"),
+        }
+    }
+}
+
+/// `--nats-url` without credentials, and the first credentials it carried. The client is
+/// given the credentials as options, never inside a URL it could log.
+pub fn split_nats_credentials(urls: &str) -> (String, Option<NatsCredentials>) {
+    let mut credentials = None;
+    let clean = urls
+        .split(',')
+        .map(|one| match split_userinfo(one) {
+            Some((before, userinfo, after)) => {
+                if credentials.is_none() {
+                    credentials = Some(match userinfo.split_once(':') {
+                        Some((user, password)) => {
+                            NatsCredentials::UserPassword(user.to_owned(), password.to_owned())
+                        }
+                        None => NatsCredentials::Token(userinfo.to_owned()),
+                    });
+                }
+                format!("{before}{}", &after[1..])
+            }
+            None => one.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    (clean, credentials)
+}
+
 /// The argument list a binary parses: program name, then `leading` flags (derived from OpenFaaS
 /// variables), then the real command line, which wins because later flags override earlier ones.
 pub fn with_leading_args(
@@ -182,4 +248,45 @@ pub fn with_leading_args(
     out.extend(leading);
     out.extend(real);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_are_redacted_from_urls() {
+        assert_eq!(
+            redact_url("nats://alice:s3cretPW@nats-1:4222,nats://tok@nats-2:4222"),
+            "nats://***@nats-1:4222,nats://***@nats-2:4222"
+        );
+        assert_eq!(redact_url("u:p@host:4222"), "***@host:4222");
+        assert_eq!(
+            redact_url("http://a:b@gw:8080/x@y?z=@"),
+            "http://***@gw:8080/x@y?z=@"
+        );
+        assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        assert_eq!(redact_url("http://gw/a@b"), "http://gw/a@b");
+    }
+
+    #[test]
+    fn nats_credentials_are_taken_out_of_the_url() {
+        let (url, creds) = split_nats_credentials("nats://alice:s3cretPW@n1:4222,nats://n2:4222");
+        assert_eq!(url, "nats://n1:4222,nats://n2:4222");
+        assert_eq!(
+            creds,
+            Some(NatsCredentials::UserPassword(
+                "alice".into(),
+                "s3cretPW".into()
+            ))
+        );
+        assert!(!format!("{creds:?}").contains("s3cretPW"));
+        let (url, creds) = split_nats_credentials("tok@n1:4222");
+        assert_eq!(url, "n1:4222");
+        assert_eq!(creds, Some(NatsCredentials::Token("tok".into())));
+        assert_eq!(
+            split_nats_credentials("nats://n1:4222"),
+            ("nats://n1:4222".into(), None)
+        );
+    }
 }

@@ -13,7 +13,7 @@ use crate::config::WorkerConfig;
 use crate::http1::{Http1Client, Http1Error, Request};
 use crate::invoke::{PlainTarget, transport_error_kind};
 use queue_core::Outcome;
-use queue_core::headers::is_hop_by_hop;
+use queue_core::headers::{is_callback_header, is_hop_by_hop};
 use queue_core::message::CallMeta;
 
 /// How a callback ended.
@@ -48,28 +48,24 @@ pub struct CallbackSender {
     max_wait: Duration,
 }
 
+/// `X-Function-Error` of a cancelled call's callback (an outcome only the worker makes); its
+/// callback also says `X-Call-State: cancelled`.
+pub const CANCELLED: &str = "cancelled";
+
 /// Headers of a callback request, in order: the function's response headers, then ours.
 /// `dead_letter` names the reason when the call failed for good (`X-Dead-Letter-Reason`).
+/// The function's response never supplies one of ours
+/// ([`queue_core::headers::CALLBACK_HEADERS`], `X-Call-State` included): a receiver can trust
+/// every one of them.
 pub fn callback_headers(
     meta: &CallMeta,
     outcome: &Outcome,
     dead_letter: Option<&str>,
 ) -> Vec<(String, String)> {
-    const OURS: [&str; 7] = [
-        "x-dead-letter-reason",
-        "x-call-id",
-        "x-function-status",
-        "x-duration-seconds",
-        "x-function-name",
-        "x-start-time",
-        "x-function-error",
-    ];
     let mut headers: Vec<(String, String)> = outcome
         .headers
         .iter()
-        .filter(|(name, _)| {
-            !is_hop_by_hop(name) && !OURS.iter().any(|o| name.eq_ignore_ascii_case(o))
-        })
+        .filter(|(name, _)| !is_hop_by_hop(name) && !is_callback_header(name))
         .cloned()
         .collect();
     headers.push(("X-Call-Id".into(), meta.call_id.clone()));
@@ -85,6 +81,9 @@ pub fn callback_headers(
     ));
     if let Some(err) = &outcome.error {
         headers.push(("X-Function-Error".into(), err.clone()));
+        if err == CANCELLED {
+            headers.push(("X-Call-State".into(), CANCELLED.into()));
+        }
     }
     if let Some(reason) = dead_letter {
         headers.push(("X-Dead-Letter-Reason".into(), reason.to_owned()));
@@ -270,6 +269,8 @@ mod tests {
             headers: vec![
                 ("content-type".into(), "text/plain".into()),
                 ("x-call-id".into(), "spoofed".into()),
+                ("X-Call-State".into(), "cancelled".into()),
+                ("x-dead-letter-reason".into(), "spoofed".into()),
                 ("transfer-encoding".into(), "chunked".into()),
             ],
             body: Bytes::new(),
@@ -291,5 +292,10 @@ mod tests {
         assert_eq!(get("x-start-time"), ["42"]);
         assert!(get("transfer-encoding").is_empty());
         assert!(get("x-function-error").is_empty());
+        assert!(
+            get("x-call-state").is_empty(),
+            "a function cannot set X-Call-State"
+        );
+        assert!(get("x-dead-letter-reason").is_empty());
     }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 pub use queue_core::settings::{
     LogArgs, LogFormat, NatsArgs, RecordArgs, StreamArgs, openfaas_nats_url, parse_bytes,
-    parse_duration, with_leading_args,
+    parse_duration, redact_url, with_leading_args,
 };
 
 /// How the worker reaches functions.
@@ -78,6 +78,12 @@ pub struct WorkerConfig {
         default_value = "openfaas-fn"
     )]
     pub default_namespace: String,
+    /// Namespaces a call may name in direct mode, besides the default one (comma-separated).
+    /// A call naming any other namespace is not sent anywhere: it fails with status 403. The
+    /// host a worker calls is `{name}.{namespace}{suffix}` with all three in the operator's
+    /// hands, never the caller's.
+    #[arg(long, env = "QUEUE_WORKER_ALLOWED_NAMESPACES", value_delimiter = ',')]
+    pub allowed_namespaces: Vec<String>,
     /// DNS suffix appended to `{name}.{namespace}` in direct mode (e.g. `.svc.cluster.local`).
     #[arg(long, env = "QUEUE_WORKER_FUNCTION_SUFFIX", default_value = "")]
     pub function_suffix: String,
@@ -160,7 +166,36 @@ pub enum WorkerCommand {
     },
 }
 
-/// Dead-letter commands. Dead letters are named by their sequence number or their call id.
+/// Which dead letters a command applies to: by sequence (`--seq 30`) and by call id
+/// (`--call-id job-1`), typed apart, since a call id may be digits.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct DlqSelection {
+    /// Dead-letter sequence (repeatable, or comma-separated).
+    #[arg(long = "seq", value_name = "SEQ", value_delimiter = ',')]
+    pub sequences: Vec<u64>,
+    /// Call id (repeatable, or comma-separated).
+    #[arg(long = "call-id", value_name = "CALL_ID", value_delimiter = ',')]
+    pub call_ids: Vec<String>,
+}
+
+impl DlqSelection {
+    /// The typed selectors.
+    pub fn selectors(&self) -> Vec<queue_core::backend::DeadLetterSelector> {
+        use queue_core::backend::DeadLetterSelector;
+        self.sequences
+            .iter()
+            .map(|s| DeadLetterSelector::Sequence(*s))
+            .chain(
+                self.call_ids
+                    .iter()
+                    .cloned()
+                    .map(DeadLetterSelector::CallId),
+            )
+            .collect()
+    }
+}
+
+/// Dead-letter commands. Dead letters are named by `--seq` (their sequence) or `--call-id`.
 #[derive(Debug, Clone, Subcommand)]
 pub enum DlqAction {
     /// List dead letters, oldest first (metadata only, never bodies).
@@ -170,27 +205,30 @@ pub enum DlqAction {
         json: bool,
     },
     /// Show dead letters in full metadata, as JSON.
+    #[command(group(clap::ArgGroup::new("which").args(["sequences", "call_ids"]).multiple(true).required(true)))]
     Show {
-        /// Sequence numbers or call ids.
-        #[arg(required = true)]
-        ids: Vec<String>,
+        /// Which.
+        #[command(flatten)]
+        select: DlqSelection,
     },
     /// Put dead letters back on the work queue with the same call id, and remove them here.
+    #[command(group(clap::ArgGroup::new("which").args(["sequences", "call_ids", "all"]).multiple(true).required(true)))]
     Replay {
-        /// Sequence numbers or call ids.
-        #[arg(required_unless_present = "all")]
-        ids: Vec<String>,
+        /// Which.
+        #[command(flatten)]
+        select: DlqSelection,
         /// Every dead letter.
-        #[arg(long, conflicts_with = "ids")]
+        #[arg(long, conflicts_with_all = ["sequences", "call_ids"])]
         all: bool,
     },
     /// Delete dead letters.
+    #[command(group(clap::ArgGroup::new("which").args(["sequences", "call_ids", "all"]).multiple(true).required(true)))]
     Purge {
-        /// Sequence numbers or call ids.
-        #[arg(required_unless_present = "all")]
-        ids: Vec<String>,
+        /// Which.
+        #[command(flatten)]
+        select: DlqSelection,
         /// Every dead letter.
-        #[arg(long, conflicts_with = "ids")]
+        #[arg(long, conflicts_with_all = ["sequences", "call_ids"])]
         all: bool,
     },
 }
@@ -209,11 +247,11 @@ impl WorkerConfig {
         }
         if self.invoke_mode == InvokeMode::Gateway {
             let url = url::Url::parse(&self.gateway_url)
-                .map_err(|e| format!("--gateway-url {:?}: {e}", self.gateway_url))?;
+                .map_err(|e| format!("--gateway-url {:?}: {e}", redact_url(&self.gateway_url)))?;
             if url.scheme() != "http" && url.scheme() != "https" {
                 return Err(format!(
                     "--gateway-url {:?} is not http(s)",
-                    self.gateway_url
+                    redact_url(&self.gateway_url)
                 ));
             }
         }
@@ -409,6 +447,27 @@ mod tests {
             })
         ));
         assert!(WorkerConfig::try_parse_from(["queue-worker", "dlq", "purge"]).is_err());
+        let c = parse(&[], &["dlq", "purge", "--seq", "30", "--call-id", "30,job"]);
+        let Some(WorkerCommand::Dlq {
+            action: DlqAction::Purge { select, all: false },
+        }) = c.command
+        else {
+            panic!("not a purge: {:?}", c.command);
+        };
+        use queue_core::backend::DeadLetterSelector::{CallId, Sequence};
+        assert_eq!(
+            select.selectors(),
+            [Sequence(30), CallId("30".into()), CallId("job".into())]
+        );
+        for bad in [
+            &["dlq", "show"][..],
+            &["dlq", "replay", "30"][..],
+            &["dlq", "replay", "--all", "--seq", "1"][..],
+            &["dlq", "purge", "--seq", "x"][..],
+        ] {
+            let args = std::iter::once("queue-worker").chain(bad.iter().copied());
+            assert!(WorkerConfig::try_parse_from(args).is_err(), "{bad:?}");
+        }
         assert!(parse(&[], &[]).command.is_none());
     }
 

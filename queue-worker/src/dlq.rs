@@ -48,25 +48,26 @@ pub async fn run_command<Q: CallQueue>(
                 writeln!(out, "{} dead letter(s)", entries.len())?;
             }
         }
-        DlqAction::Show { ids } => {
+        DlqAction::Show { select } => {
+            let selectors = select.selectors();
             for e in queue
                 .dead_letters()
                 .await?
                 .iter()
-                .filter(|e| e.selected(&ids, false))
+                .filter(|e| e.selected(&selectors, false))
             {
                 writeln!(out, "{}", serde_json::to_string_pretty(e)?)?;
             }
         }
-        DlqAction::Replay { ids, all } => {
-            let replayed = queue.replay_dead_letters(&ids, all).await?;
+        DlqAction::Replay { select, all } => {
+            let replayed = queue.replay_dead_letters(&select.selectors(), all).await?;
             for e in &replayed {
                 writeln!(out, "replayed {}", table_row(e))?;
             }
             writeln!(out, "{} call(s) put back on the queue", replayed.len())?;
         }
-        DlqAction::Purge { ids, all } => {
-            let n = queue.purge_dead_letters(&ids, all).await?;
+        DlqAction::Purge { select, all } => {
+            let n = queue.purge_dead_letters(&select.selectors(), all).await?;
             writeln!(out, "{n} dead letter(s) deleted")?;
         }
     }

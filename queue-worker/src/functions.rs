@@ -97,7 +97,10 @@ pub struct CallSettings {
 #[derive(Debug, Clone)]
 pub struct FunctionSettings {
     defaults: CallSettings,
+    /// Keyed by the lower-cased `name` (any namespace) or `name.namespace` (the default
+    /// namespace written out).
     overrides: HashMap<String, FunctionOverride>,
+    default_namespace: String,
 }
 
 impl FunctionSettings {
@@ -115,6 +118,7 @@ impl FunctionSettings {
         Ok(Self {
             defaults,
             overrides,
+            default_namespace: config.default_namespace.to_ascii_lowercase(),
         })
     }
 
@@ -128,8 +132,10 @@ impl FunctionSettings {
             path: shown.clone(),
             message: e.to_string(),
         })?;
+        let mut canonical = HashMap::with_capacity(file.functions.len());
         for (name, o) in &file.functions {
-            let problem = if queue_core::message::parse_function(name).is_err() {
+            let parsed = queue_core::message::parse_function(name);
+            let problem = if parsed.is_err() {
                 Some("is not a function name (name or name.namespace)".to_owned())
             } else if o.max_attempts == Some(0) {
                 Some("max_attempts must be at least 1".to_owned())
@@ -140,6 +146,17 @@ impl FunctionSettings {
                     .find(|c| !(100..=599).contains(*c))
                     .map(|bad| format!("retry code {bad} is not an HTTP status"))
             };
+            let key = match parsed {
+                Ok((function, Some(ns))) => format!("{function}.{ns}"),
+                Ok((function, None)) => function,
+                Err(_) => String::new(),
+            };
+            let problem = problem.or_else(|| {
+                canonical.insert(key, o.clone()).map(|_| {
+                    "names a function another entry names too (names are not case-sensitive)"
+                        .to_owned()
+                })
+            });
             if let Some(problem) = problem {
                 return Err(FunctionsConfigError::Parse {
                     path: shown,
@@ -147,15 +164,21 @@ impl FunctionSettings {
                 });
             }
         }
-        Ok(file.functions)
+        Ok(canonical)
     }
 
-    /// The settings for a call: `name.namespace` entry, else `name` entry, else defaults.
+    /// The settings for a call: `name.namespace` entry (the default namespace when the call
+    /// names none), else `name` entry, else defaults. Names are compared in lower case.
     pub fn for_call(&self, meta: &CallMeta) -> CallSettings {
+        let function = meta.function.to_ascii_lowercase();
+        let namespace = meta
+            .namespace
+            .as_deref()
+            .map_or_else(|| self.default_namespace.clone(), str::to_ascii_lowercase);
         let found = self
             .overrides
-            .get(&meta.qualified_function())
-            .or_else(|| self.overrides.get(&meta.function));
+            .get(&format!("{function}.{namespace}"))
+            .or_else(|| self.overrides.get(&function));
         let Some(o) = found else {
             return self.defaults.clone();
         };
@@ -235,9 +258,34 @@ mod tests {
             team.retry.max_attempts, 5,
             "the namespaced entry does not inherit"
         );
+        let shouting = s.for_call(&meta("FIGLET", Some("Team-A")));
+        assert_eq!(
+            shouting.retry.codes,
+            vec![429],
+            "names are not case-sensitive"
+        );
         let other = s.for_call(&meta("other", None));
         assert_eq!(other.retry.max_attempts, 5);
         assert_eq!(other.timeout, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn the_default_namespace_entry_applies_to_calls_without_namespace() {
+        let s = load(
+            r#"
+            [functions."billing.openfaas-fn"]
+            max_attempts = 1
+            "#,
+        )
+        .unwrap();
+        assert_eq!(s.for_call(&meta("billing", None)).retry.max_attempts, 1);
+        assert_eq!(s.for_call(&meta("Billing", None)).retry.max_attempts, 1);
+        assert_eq!(
+            s.for_call(&meta("billing", Some("team-a")))
+                .retry
+                .max_attempts,
+            5
+        );
     }
 
     #[test]
@@ -255,6 +303,10 @@ mod tests {
                 "not a function name",
             ),
             ("not toml", "invalid"),
+            (
+                "[functions.f]\nmax_attempts = 1\n[functions.F]\nmax_attempts = 2\n",
+                "another entry",
+            ),
         ] {
             let err = load(text).unwrap_err().to_string();
             assert!(err.contains(expect), "{text:?}: {err}");

@@ -9,9 +9,11 @@ use std::sync::Arc;
 
 use crate::config::{InvokeMode, WorkerConfig};
 use crate::http1::{Http1Client, Http1Error, Origin, Request};
+use queue_core::headers::is_worker_request_header;
 pub use queue_core::headers::{HOP_BY_HOP, is_hop_by_hop};
 use queue_core::message::QueuedCall;
 pub use queue_core::outcome::Outcome;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
 /// Builds function URLs and calls functions.
 #[derive(Debug, Clone)]
@@ -22,8 +24,18 @@ pub struct FunctionInvoker {
     mode: InvokeMode,
     gateway_url: String,
     default_namespace: String,
+    /// Lower case; the default namespace included.
+    allowed_namespaces: Vec<String>,
     function_suffix: String,
     max_response_bytes: u64,
+}
+
+/// Why a call is not sent to any function.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unroutable {
+    /// Direct mode: the namespace is not the default one nor in `--allowed-namespaces`.
+    #[error("namespace not allowed")]
+    NamespaceNotAllowed,
 }
 
 /// Shared HTTP client settings: no redirects (a 3xx is an answer, not an instruction), bounded
@@ -50,15 +62,26 @@ impl FunctionInvoker {
             user_agent: concat!("queue-worker/", env!("CARGO_PKG_VERSION")).to_owned(),
             mode: config.invoke_mode,
             gateway_url: config.gateway_url.trim_end_matches('/').to_owned(),
-            default_namespace: config.default_namespace.clone(),
+            default_namespace: config.default_namespace.to_ascii_lowercase(),
+            allowed_namespaces: config
+                .allowed_namespaces
+                .iter()
+                .map(|ns| ns.trim().to_ascii_lowercase())
+                .filter(|ns| !ns.is_empty())
+                .chain(std::iter::once(
+                    config.default_namespace.to_ascii_lowercase(),
+                ))
+                .collect(),
             function_suffix: config.function_suffix.clone(),
             max_response_bytes: config.max_response_bytes,
         }
     }
 
     /// The URL a call is sent to. The path and query are appended exactly as the client sent
-    /// them (the path was checked for dot segments before it was queued).
-    pub fn url(&self, call: &QueuedCall) -> String {
+    /// them (the path was checked for dot segments before it was queued). In direct mode the
+    /// namespace must be the default one or an allowed one, and names are lower-cased: the
+    /// caller picks a function, never a host.
+    pub fn url(&self, call: &QueuedCall) -> Result<String, Unroutable> {
         let m = &call.meta;
         let mut url = match self.mode {
             InvokeMode::Gateway => format!(
@@ -68,11 +91,19 @@ impl FunctionInvoker {
                 m.path
             ),
             InvokeMode::Direct => {
-                let ns = m.namespace.as_deref().unwrap_or(&self.default_namespace);
+                let ns = m
+                    .namespace
+                    .as_deref()
+                    .unwrap_or(&self.default_namespace)
+                    .to_ascii_lowercase();
+                if !self.allowed_namespaces.contains(&ns) {
+                    return Err(Unroutable::NamespaceNotAllowed);
+                }
                 let path = if m.path.is_empty() { "/" } else { &m.path };
                 format!(
                     "http://{}.{ns}{}:8080{path}",
-                    m.function, self.function_suffix
+                    m.function.to_ascii_lowercase(),
+                    self.function_suffix
                 )
             }
         };
@@ -80,7 +111,7 @@ impl FunctionInvoker {
             url.push('?');
             url.push_str(q);
         }
-        url
+        Ok(url)
     }
 
     /// Calls the function once (attempt `attempt` of at most `max_attempts`, sent as `X-Retry`
@@ -93,7 +124,18 @@ impl FunctionInvoker {
         timeout: Duration,
     ) -> Outcome {
         let started = Instant::now();
-        let url = self.url(call);
+        let url = match self.url(call) {
+            Ok(url) => url,
+            Err(e) => {
+                return Outcome {
+                    status: 403,
+                    headers: Vec::new(),
+                    body: Bytes::new(),
+                    duration: started.elapsed(),
+                    error: Some(e.to_string()),
+                };
+            }
+        };
         if let Some(target) = PlainTarget::parse(&url) {
             return Box::pin(self.invoke_plain(
                 call,
@@ -130,29 +172,19 @@ impl FunctionInvoker {
             Ok(m) => m,
             Err(_) => return failed(502, "invalid method"),
         };
-        let mut request = self
+        let request = self
             .client
             .request(method, url)
             .timeout(timeout)
+            .headers(function_request_headers(call, attempt, max_attempts))
             .body(call.body.clone());
-        for (name, value) in &call.meta.headers {
-            let ours =
-                name.eq_ignore_ascii_case("x-call-id") || name.eq_ignore_ascii_case("x-start-time");
-            if !is_hop_by_hop(name) && !ours {
-                request = request.header(name.as_str(), value.as_str());
-            }
-        }
-        // Set from the call itself, as OpenFaaS's gateway adds them to the queued request.
-        request = request
-            .header("X-Call-Id", call.meta.call_id.as_str())
-            .header("X-Start-Time", call.meta.received_at_unix_nanos.to_string())
-            .header("X-Retry", attempt.to_string())
-            .header("X-Retry-Max", max_attempts.to_string());
         let response = match request.send().await {
             Ok(r) => r,
             Err(e) => return failed(503, transport_error_kind(&e)),
         };
         let status = response.status().as_u16();
+        // A function that answers gets its own metrics label; names nobody answers for do not.
+        queue_core::metrics::note_answered(&call.meta.qualified_function(), status);
         let headers = response_headers(response.headers());
         match read_limited(response, self.max_response_bytes).await {
             Ok(body) => Outcome {
@@ -194,7 +226,7 @@ impl FunctionInvoker {
         let mut headers: Vec<(&str, &str)> = Vec::with_capacity(call.meta.headers.len() + 5);
         let mut user_agent = false;
         for (name, value) in &call.meta.headers {
-            if is_hop_by_hop(name) || is_set_by_us(name) {
+            if is_hop_by_hop(name) || is_worker_request_header(name) {
                 continue;
             }
             user_agent |= name.eq_ignore_ascii_case("user-agent");
@@ -226,26 +258,27 @@ impl FunctionInvoker {
             Ok(Err(Http1Error::Io)) => failed(503, "request"),
             Ok(Err(Http1Error::TooLarge)) => failed(502, "response too large"),
             Ok(Err(Http1Error::Malformed(_))) => failed(502, "invalid response"),
-            Ok(Ok(response)) => Outcome {
-                status: response.status,
-                headers: response
-                    .headers
-                    .into_iter()
-                    .filter(|(name, _)| !is_hop_by_hop(name))
-                    .collect(),
-                body: response.body,
-                duration: started.elapsed(),
-                error: None,
-            },
+            Ok(Ok(response)) => {
+                // A function that answers gets its own metrics label; names nobody answers for
+                // do not.
+                queue_core::metrics::note_answered(
+                    &call.meta.qualified_function(),
+                    response.status,
+                );
+                Outcome {
+                    status: response.status,
+                    headers: response
+                        .headers
+                        .into_iter()
+                        .filter(|(name, _)| !is_hop_by_hop(name))
+                        .collect(),
+                    body: response.body,
+                    duration: started.elapsed(),
+                    error: None,
+                }
+            }
         }
     }
-}
-
-/// Headers the worker sets on every invocation; a client's copies are not forwarded.
-fn is_set_by_us(name: &str) -> bool {
-    ["x-call-id", "x-start-time", "x-retry", "x-retry-max"]
-        .iter()
-        .any(|ours| name.eq_ignore_ascii_case(ours))
 }
 
 /// A plain-`http` URL taken apart for [`Http1Client`].
@@ -288,6 +321,35 @@ impl PlainTarget {
             path_and_query,
         })
     }
+}
+
+/// The headers of a function request: the call's (hop-by-hop and the worker's own removed,
+/// whatever a client or an older gateway left in the message), then the worker's, *inserted*
+/// so that each has exactly one value: `X-Call-Id`, `X-Start-Time` (as OpenFaaS's gateway adds
+/// them to a queued request), `X-Retry` and `X-Retry-Max`.
+pub fn function_request_headers(call: &QueuedCall, attempt: u32, max_attempts: u32) -> HeaderMap {
+    let mut headers = HeaderMap::with_capacity(call.meta.headers.len() + 4);
+    for (name, value) in &call.meta.headers {
+        if is_hop_by_hop(name) || is_worker_request_header(name) {
+            continue;
+        }
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            headers.append(name, value);
+        }
+    }
+    if let Ok(id) = HeaderValue::from_str(&call.meta.call_id) {
+        headers.insert("x-call-id", id);
+    }
+    headers.insert(
+        "x-start-time",
+        HeaderValue::from(call.meta.received_at_unix_nanos),
+    );
+    headers.insert("x-retry", HeaderValue::from(attempt));
+    headers.insert("x-retry-max", HeaderValue::from(max_attempts));
+    headers
 }
 
 /// Copies response headers that may be forwarded, as strings (non-UTF-8 values are dropped).
@@ -381,11 +443,12 @@ mod tests {
     fn gateway_urls_keep_path_and_query_as_sent() {
         let inv = invoker(&["--gateway-url", "http://gw:8080/"]);
         assert_eq!(
-            inv.url(&call(None, "", None)),
+            inv.url(&call(None, "", None)).unwrap(),
             "http://gw:8080/function/figlet"
         );
         assert_eq!(
-            inv.url(&call(Some("team"), "/a/b%20c/", Some("x=1&y=%2F"))),
+            inv.url(&call(Some("team"), "/a/b%20c/", Some("x=1&y=%2F")))
+                .unwrap(),
             "http://gw:8080/function/figlet.team/a/b%20c/?x=1&y=%2F"
         );
     }
@@ -397,15 +460,53 @@ mod tests {
             "direct",
             "--function-suffix",
             ".svc.cluster.local",
+            "--allowed-namespaces",
+            "dev,staging",
         ]);
         assert_eq!(
-            inv.url(&call(None, "", Some("q=1"))),
+            inv.url(&call(None, "", Some("q=1"))).unwrap(),
             "http://figlet.openfaas-fn.svc.cluster.local:8080/?q=1"
         );
         assert_eq!(
-            inv.url(&call(Some("dev"), "/x", None)),
+            inv.url(&call(Some("dev"), "/x", None)).unwrap(),
             "http://figlet.dev.svc.cluster.local:8080/x"
         );
+        assert_eq!(
+            inv.url(&call(Some("Dev"), "/x", None)).unwrap(),
+            "http://figlet.dev.svc.cluster.local:8080/x"
+        );
+        for foreign in ["com", "kube-system", "google"] {
+            assert_eq!(
+                inv.url(&call(Some(foreign), "/", None)),
+                Err(Unroutable::NamespaceNotAllowed),
+                "{foreign}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_workers_headers_replace_whatever_the_message_carries() {
+        let mut c = call(None, "", None);
+        c.meta.headers = vec![
+            ("x-retry".into(), "7".into()),
+            ("X-Retry-Max".into(), "99".into()),
+            ("x-call-id".into(), "spoofed".into()),
+            ("connection".into(), "close".into()),
+            ("x-multi".into(), "1".into()),
+            ("x-multi".into(), "2".into()),
+        ];
+        let h = function_request_headers(&c, 2, 5);
+        let all = |n: &str| {
+            h.get_all(n)
+                .iter()
+                .map(|v| v.to_str().unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(all("x-retry"), ["2"]);
+        assert_eq!(all("x-retry-max"), ["5"]);
+        assert_eq!(all("x-call-id"), ["c"]);
+        assert!(all("connection").is_empty());
+        assert_eq!(all("x-multi"), ["1", "2"]);
     }
 
     #[test]

@@ -521,8 +521,8 @@ mod tests {
         let retention = Duration::from_millis(200);
         let store = open(dir.path(), retention);
         let written = std::time::Instant::now();
-        store.complete("f", "old", 1, &outcome()).await.unwrap();
-        store.finish("f", "old", 1, None).unwrap();
+        let at = store.complete("f", "old", 1, &outcome()).await.unwrap();
+        store.finish("f", "old", 1, Some(at)).unwrap();
         assert_eq!(store.len(), 1);
         let deadline = written + Duration::from_secs(10);
         loop {

@@ -407,7 +407,10 @@ async fn handle<Q: CallQueue>(
     permit: OwnedSemaphorePermit,
 ) {
     let call = match QueuedCall::decode(lease.delivery().payload()) {
-        Ok(call) => call,
+        Ok(mut call) => {
+            call.meta.canonicalize(&ctx.config.default_namespace);
+            call
+        }
         Err(e) => {
             drop(permit);
             let detail = e.to_string();
@@ -646,6 +649,8 @@ impl<Q: CallQueue> Job<'_, Q> {
         };
         drop(in_flight);
         drop(permit);
+        // A function that answered has a label of its own now (see `metrics::note_answered`).
+        self.label = metrics::function_label(&self.function);
         ::metrics::histogram!(metrics::FUNCTION_SECONDS, "function" => self.label.clone())
             .record(outcome.duration.as_secs_f64());
         // The success path logs at debug: at thousands of calls a second, a line per call
@@ -847,10 +852,7 @@ impl<Q: CallQueue> Job<'_, Q> {
         tracing::info!("call cancelled; not running it (again)");
         self.finalize("cancelled", None, None).await;
         if let Some(url) = self.call.meta.callback_url.clone() {
-            let mut outcome = no_response(CANCELLED_STATUS, CANCELLED);
-            outcome
-                .headers
-                .push(("x-call-state".into(), CANCELLED.into()));
+            let outcome = no_response(CANCELLED_STATUS, CANCELLED);
             match self.send_callback(&url, &outcome, None).await {
                 Delivery::Delivered {
                     status,
@@ -1049,8 +1051,8 @@ impl Drop for InFlight {
 /// `X-Function-Status` of a cancelled call's callback (no function answer; the convention for
 /// a request the client abandoned).
 const CANCELLED_STATUS: u16 = 499;
-/// `X-Function-Error` of a cancelled call's callback.
-const CANCELLED: &str = "cancelled";
+/// `X-Function-Error` of a cancelled call's callback (which then says `X-Call-State: cancelled`).
+const CANCELLED: &str = crate::callback::CANCELLED;
 
 fn attempt_ended(
     attempt: u32,

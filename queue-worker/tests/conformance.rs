@@ -385,7 +385,12 @@ mod cases {
             assert_eq!(l.subject, "faas-async._.dead");
         }
         let replayed = q
-            .replay_dead_letters(std::slice::from_ref(&a.meta.call_id), false)
+            .replay_dead_letters(
+                &[queue_core::backend::DeadLetterSelector::CallId(
+                    a.meta.call_id.clone(),
+                )],
+                false,
+            )
             .await
             .unwrap();
         assert_eq!(replayed.len(), 1);

@@ -29,6 +29,7 @@ use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use tokio::sync::Notify;
 
+use super::DeadLetterSelector;
 use super::{
     BackendError, CallQueue, CallRecords, DeadLetter, DeadLetterEntry, PublishError, Published,
     QueueDelivery, RecordWriteError, Revision, call_subject,
@@ -972,7 +973,7 @@ impl CallQueue for EmbeddedQueue {
 
     async fn replay_dead_letters(
         &self,
-        selectors: &[String],
+        selectors: &[DeadLetterSelector],
         all: bool,
     ) -> Result<Vec<DeadLetterEntry>, BackendError> {
         let mut replayed = Vec::new();
@@ -1001,7 +1002,7 @@ impl CallQueue for EmbeddedQueue {
 
     async fn purge_dead_letters(
         &self,
-        selectors: &[String],
+        selectors: &[DeadLetterSelector],
         all: bool,
     ) -> Result<u64, BackendError> {
         let mut deleted = 0;

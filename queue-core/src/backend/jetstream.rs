@@ -20,6 +20,7 @@ use futures::stream::BoxStream;
 use tokio::sync::{Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 
+use super::DeadLetterSelector;
 use super::nats::{self as queue, HEADER_ALLOWANCE};
 use super::{
     BackendError, CallQueue, CallRecords, DeadLetter, DeadLetterEntry, PublishError, Published,
@@ -673,7 +674,7 @@ impl CallQueue for JetStreamQueue {
 
     async fn replay_dead_letters(
         &self,
-        selectors: &[String],
+        selectors: &[DeadLetterSelector],
         all: bool,
     ) -> Result<Vec<DeadLetterEntry>, BackendError> {
         let dlq = self.options.nats.dead_letter_stream.as_str();
@@ -710,7 +711,7 @@ impl CallQueue for JetStreamQueue {
 
     async fn purge_dead_letters(
         &self,
-        selectors: &[String],
+        selectors: &[DeadLetterSelector],
         all: bool,
     ) -> Result<u64, BackendError> {
         let mut stream = self.dead_letter_stream().await?;

@@ -282,14 +282,14 @@ pub trait CallQueue: CallRecords {
     /// ids, and removes them from the dead letters. Returns the replayed entries.
     fn replay_dead_letters(
         &self,
-        selectors: &[String],
+        selectors: &[DeadLetterSelector],
         all: bool,
     ) -> impl Future<Output = Result<Vec<DeadLetterEntry>, BackendError>> + Send;
 
     /// Deletes the selected dead letters (every one with `all`). Returns how many.
     fn purge_dead_letters(
         &self,
-        selectors: &[String],
+        selectors: &[DeadLetterSelector],
         all: bool,
     ) -> impl Future<Output = Result<u64, BackendError>> + Send;
 
@@ -515,16 +515,29 @@ impl DeadLetterEntry {
         }
     }
 
-    /// Does `selector` (a sequence number or a call id) name this entry?
-    pub fn matches(&self, selector: &str) -> bool {
-        selector.parse::<u64>().ok() == Some(self.sequence)
-            || self.call_id.as_deref() == Some(selector)
+    /// Does `selector` name this entry? A sequence selects by sequence only, a call id by call
+    /// id only: the call id `30` never selects dead letter 30.
+    pub fn matches(&self, selector: &DeadLetterSelector) -> bool {
+        match selector {
+            DeadLetterSelector::Sequence(sequence) => *sequence == self.sequence,
+            DeadLetterSelector::CallId(id) => self.call_id.as_deref() == Some(id.as_str()),
+        }
     }
 
     /// Is this entry selected by `selectors`, or by `all`?
-    pub fn selected(&self, selectors: &[String], all: bool) -> bool {
+    pub fn selected(&self, selectors: &[DeadLetterSelector], all: bool) -> bool {
         all || selectors.iter().any(|s| self.matches(s))
     }
+}
+
+/// Names one dead letter, by one typed field: its sequence among the dead letters, or the id
+/// of its call. The two are never guessed from one string (call ids may be digits).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeadLetterSelector {
+    /// The dead letter's sequence.
+    Sequence(u64),
+    /// The dead-lettered call's id.
+    CallId(String),
 }
 
 /// The subject a call is queued on: `<prefix>.<namespace or _>.<function>`. One token per

@@ -9,17 +9,27 @@ use async_nats::jetstream::{self, consumer, stream};
 
 use super::{PublishError, QueueError, call_subject};
 use crate::message::QueuedCall;
-use crate::settings::{NatsArgs, StreamArgs};
+use crate::settings::{NatsArgs, NatsCredentials, StreamArgs};
 
 /// Room kept for NATS headers (message id, dead-letter reasons) when comparing an envelope with
 /// the server's `max_payload`.
 pub const HEADER_ALLOWANCE: usize = 4 * 1024;
 
 /// Connects with unlimited reconnects, including on the first connect, so a process started
-/// before NATS comes up waits for it instead of exiting.
+/// before NATS comes up waits for it instead of exiting. Credentials in the URL
+/// (`user:password@`, `token@`) are taken out and given to the client as options, so that no
+/// URL the client keeps (and may log) carries them.
 pub async fn connect(nats: &NatsArgs, name: &str) -> Result<async_nats::Client, QueueError> {
     let was_disconnected = Arc::new(AtomicBool::new(false));
-    async_nats::ConnectOptions::new()
+    let (servers, credentials) = crate::settings::split_nats_credentials(&nats.nats_url);
+    let options = match credentials {
+        None => async_nats::ConnectOptions::new(),
+        Some(NatsCredentials::UserPassword(user, password)) => {
+            async_nats::ConnectOptions::with_user_and_password(user, password)
+        }
+        Some(NatsCredentials::Token(token)) => async_nats::ConnectOptions::with_token(token),
+    };
+    options
         .name(name)
         .retry_on_initial_connect()
         .request_timeout(Some(nats.nats_request_timeout))
@@ -43,10 +53,10 @@ pub async fn connect(nats: &NatsArgs, name: &str) -> Result<async_nats::Client, 
                 }
             }
         })
-        .connect(nats.nats_url.as_str())
+        .connect(servers.as_str())
         .await
         .map_err(|source| QueueError::Connect {
-            url: nats.nats_url.clone(),
+            url: crate::settings::redact_url(&nats.nats_url),
             source,
         })
 }

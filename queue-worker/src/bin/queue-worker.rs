@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use queue_core::backend::jetstream::{JetStreamOptions, JetStreamQueue};
+use queue_core::settings::redact_url;
 use queue_worker::config::{
     DlqAction, WorkerCommand, WorkerConfig, openfaas_compat_args, with_leading_args,
 };
@@ -33,8 +34,13 @@ async fn dead_letters(config: &WorkerConfig, action: DlqAction) -> anyhow::Resul
         async_nats::connect(nats.nats_url.as_str()),
     )
     .await
-    .with_context(|| format!("timed out connecting to NATS at {}", nats.nats_url))?
-    .with_context(|| format!("cannot connect to NATS at {}", nats.nats_url))?;
+    .with_context(|| {
+        format!(
+            "timed out connecting to NATS at {}",
+            redact_url(&nats.nats_url)
+        )
+    })?
+    .with_context(|| format!("cannot connect to NATS at {}", redact_url(&nats.nats_url)))?;
     let options = JetStreamOptions {
         nats: nats.clone(),
         manage_streams: None,
