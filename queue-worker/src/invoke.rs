@@ -126,15 +126,7 @@ impl FunctionInvoker {
         let started = Instant::now();
         let url = match self.url(call) {
             Ok(url) => url,
-            Err(e) => {
-                return Outcome {
-                    status: 403,
-                    headers: Vec::new(),
-                    body: Bytes::new(),
-                    duration: started.elapsed(),
-                    error: Some(e.to_string()),
-                };
-            }
+            Err(e) => return no_answer(403, &e.to_string(), started),
         };
         if let Some(target) = PlainTarget::parse(&url) {
             return Box::pin(self.invoke_plain(
@@ -161,13 +153,7 @@ impl FunctionInvoker {
         timeout: Duration,
         started: Instant,
     ) -> Outcome {
-        let failed = |status: u16, error: &str| Outcome {
-            status,
-            headers: Vec::new(),
-            body: Bytes::new(),
-            duration: started.elapsed(),
-            error: Some(error.to_owned()),
-        };
+        let failed = |status: u16, error: &str| no_answer(status, error, started);
         let method = match reqwest::Method::from_bytes(call.meta.method.as_bytes()) {
             Ok(m) => m,
             Err(_) => return failed(502, "invalid method"),
@@ -211,13 +197,7 @@ impl FunctionInvoker {
         timeout: Duration,
         started: Instant,
     ) -> Outcome {
-        let failed = |status: u16, error: &str| Outcome {
-            status,
-            headers: Vec::new(),
-            body: Bytes::new(),
-            duration: started.elapsed(),
-            error: Some(error.to_owned()),
-        };
+        let failed = |status: u16, error: &str| no_answer(status, error, started);
         let (start_time, retry, retry_max) = (
             call.meta.received_at_unix_nanos.to_string(),
             attempt.to_string(),
@@ -350,6 +330,18 @@ pub fn function_request_headers(call: &QueuedCall, attempt: u32, max_attempts: u
     headers.insert("x-retry", HeaderValue::from(attempt));
     headers.insert("x-retry-max", HeaderValue::from(max_attempts));
     headers
+}
+
+/// The outcome of an invocation that got no usable answer: `status` (503 unreachable, 502
+/// unusable, 403 refused by policy) and a data-free reason.
+fn no_answer(status: u16, error: &str, started: Instant) -> Outcome {
+    Outcome {
+        status,
+        headers: Vec::new(),
+        body: Bytes::new(),
+        duration: started.elapsed(),
+        error: Some(error.to_owned()),
+    }
 }
 
 /// Copies response headers that may be forwarded, as strings (non-UTF-8 values are dropped).

@@ -151,27 +151,51 @@ impl RunningCalls {
 
 /// Aborts running invocations of calls announced as cancelled, until `stop` fires.
 async fn listen_for_cancels<Q: CallQueue>(ctx: Arc<Ctx<Q>>, stop: CancellationToken) {
+    follow(
+        || ctx.queue.cancellations(),
+        |call_id| ctx.running.cancel(&call_id),
+        || {},
+        "cancel announcements",
+        &stop,
+    )
+    .await;
+}
+
+/// Subscribes with `subscribe`, hands every item to `each`, calls `lost` when the stream
+/// ends and subscribes again (with backoff), until `stop` fires.
+async fn follow<T, S, F>(
+    subscribe: impl Fn() -> F,
+    each: impl Fn(T),
+    lost: impl Fn(),
+    what: &str,
+    stop: &CancellationToken,
+) where
+    S: futures::Stream<Item = T> + Unpin,
+    F: Future<Output = Result<S, queue_core::backend::BackendError>>,
+{
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
     while !stop.is_cancelled() {
-        let mut announced = match ctx.queue.cancellations().await {
+        let mut items = match subscribe().await {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for cancels; retrying");
-                backoff.wait(&stop).await;
+                tracing::warn!(error = %e, "cannot follow the {what}; retrying");
+                backoff.wait(stop).await;
                 continue;
             }
         };
         backoff.reset();
         loop {
             let next = tokio::select! {
-                n = announced.next() => n,
+                n = items.next() => n,
                 () = stop.cancelled() => return,
             };
             match next {
-                Some(call_id) => ctx.running.cancel(&call_id),
+                Some(item) => each(item),
                 None => break,
             }
         }
+        lost();
+        backoff.wait(stop).await;
     }
 }
 
@@ -1118,33 +1142,17 @@ impl PausedCache {
     }
 }
 
-/// Keeps `ctx.paused` current until `stop` fires.
+/// Keeps `ctx.paused` current until `stop` fires; while the watch is lost, calls read the
+/// list directly.
 async fn follow_paused<Q: CallQueue>(ctx: Arc<Ctx<Q>>, stop: CancellationToken) {
-    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
-    while !stop.is_cancelled() {
-        let mut updates = match ctx.queue.paused_updates().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot watch the paused functions; retrying");
-                backoff.wait(&stop).await;
-                continue;
-            }
-        };
-        backoff.reset();
-        loop {
-            let next = tokio::select! {
-                n = updates.next() => n,
-                () = stop.cancelled() => return,
-            };
-            match next {
-                Some(list) => ctx.paused.set(Some(list)),
-                None => break,
-            }
-        }
-        // Lost track: calls read the list directly until the watch is back.
-        ctx.paused.set(None);
-        backoff.wait(&stop).await;
-    }
+    follow(
+        || ctx.queue.paused_updates(),
+        |list| ctx.paused.set(Some(list)),
+        || ctx.paused.set(None),
+        "paused functions",
+        &stop,
+    )
+    .await;
 }
 
 async fn is_paused<Q: CallQueue>(ctx: &Ctx<Q>, function: &str) -> bool {
