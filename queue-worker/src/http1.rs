@@ -89,6 +89,13 @@ pub struct Response {
     pub body: Bytes,
 }
 
+/// Idle connections per origin, and when the whole pool was last pruned.
+#[derive(Debug)]
+struct Pool {
+    by_origin: HashMap<Origin, Vec<Idle>>,
+    pruned: Instant,
+}
+
 #[derive(Debug)]
 struct Idle {
     stream: TcpStream,
@@ -98,7 +105,7 @@ struct Idle {
 /// The client: connection settings and the idle pool.
 #[derive(Debug)]
 pub struct Http1Client {
-    idle: Mutex<HashMap<Origin, Vec<Idle>>>,
+    idle: Mutex<Pool>,
     max_idle_per_origin: usize,
     idle_timeout: Duration,
     connect_timeout: Duration,
@@ -113,14 +120,17 @@ impl Http1Client {
         connect_timeout: Duration,
     ) -> Self {
         Self {
-            idle: Mutex::new(HashMap::new()),
+            idle: Mutex::new(Pool {
+                by_origin: HashMap::new(),
+                pruned: Instant::now(),
+            }),
             max_idle_per_origin,
             idle_timeout,
             connect_timeout,
         }
     }
 
-    fn pool(&self) -> std::sync::MutexGuard<'_, HashMap<Origin, Vec<Idle>>> {
+    fn pool(&self) -> std::sync::MutexGuard<'_, Pool> {
         // Short critical sections, never held across an await.
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -128,7 +138,7 @@ impl Http1Client {
     /// An idle connection that the peer has not closed, if any.
     fn take_idle(&self, origin: &Origin) -> Option<TcpStream> {
         let mut pool = self.pool();
-        let idle = pool.get_mut(origin)?;
+        let idle = pool.by_origin.get_mut(origin)?;
         while let Some(conn) = idle.pop() {
             let idle_for = conn.since.elapsed();
             if idle_for > self.idle_timeout {
@@ -151,7 +161,16 @@ impl Http1Client {
 
     fn put_idle(&self, origin: &Origin, stream: TcpStream) {
         let mut pool = self.pool();
-        let idle = pool.entry(origin.clone()).or_default();
+        if pool.pruned.elapsed() > self.idle_timeout {
+            // Origins called once (a caller's callback host) must not keep sockets open forever.
+            let timeout = self.idle_timeout;
+            pool.by_origin.retain(|_, idle| {
+                idle.retain(|c| c.since.elapsed() <= timeout);
+                !idle.is_empty()
+            });
+            pool.pruned = Instant::now();
+        }
+        let idle = pool.by_origin.entry(origin.clone()).or_default();
         idle.retain(|c| c.since.elapsed() <= self.idle_timeout);
         if idle.len() < self.max_idle_per_origin {
             idle.push(Idle {
@@ -653,6 +672,27 @@ mod tests {
             accepted,
             requests,
         )
+    }
+
+    #[tokio::test]
+    async fn idle_connections_of_origins_not_called_again_are_closed() {
+        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec();
+        let (once, _, _) = raw_server(vec![ok.clone()]).await;
+        let (often, _, _) = raw_server(vec![ok.clone(); 1000]).await;
+        let c = Http1Client::new(8, Duration::from_millis(100), Duration::from_secs(5));
+        assert_eq!(post(&c, &once, b"1", 64).await.unwrap().status, 200);
+        assert_eq!(c.pool().by_origin.get(&once).map(Vec::len), Some(1));
+        // Calls to another origin go on; past the idle timeout the first origin's connection
+        // is dropped by the next prune, without a call to it.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while c.pool().by_origin.contains_key(&once) {
+            assert!(
+                Instant::now() < deadline,
+                "the idle connection was never pruned"
+            );
+            assert_eq!(post(&c, &often, b"2", 64).await.unwrap().status, 200);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     fn client() -> Http1Client {
