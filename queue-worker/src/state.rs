@@ -418,11 +418,6 @@ impl CallStore {
         self.len() == 0
     }
 
-    /// Bytes the store's files take on disk.
-    pub fn size_on_disk(&self) -> Result<u64, StateError> {
-        Ok(self.db.size_on_disk()?)
-    }
-
     /// Flushes everything to disk (at shutdown).
     pub async fn flush(&self) -> Result<(), StateError> {
         self.flusher.flush(&self.db).await.map_err(StateError::from)

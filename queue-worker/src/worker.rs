@@ -45,7 +45,7 @@ use crate::invoke::{FunctionInvoker, http_client};
 use crate::lease::{Heartbeats, Lease, beat};
 use crate::plan::{Plan, plan};
 use crate::retry::Decision;
-use crate::state::{CallStore, Generation, StateError};
+use crate::state::{CallStore, Generation, Seen, StateError};
 
 /// Largest pull request, whatever the number of free permits.
 const MAX_PULL_BATCH: usize = 256;
@@ -508,17 +508,17 @@ impl<Q: CallQueue> Job<'_, Q> {
             return lease.hand_back().await;
         };
         // Held while this process handles the call, so a redelivery racing it waits.
-        let Some(claim) = ctx.running.claim(self.call_id()) else {
-            drop(permit);
-            tracing::debug!("redelivery of a call running here; offering it again later");
-            return lease.nak(Some(ctx.config.ack_wait)).await;
-        };
-        let seen = match ctx.store.lookup(&self.function, self.call_id()) {
-            Ok(seen) => seen,
-            Err(e) => {
-                tracing::error!(error = %e, "state store failed; handing the call back");
-                return lease.nak(Some(LOCAL_FAILURE_RETRY)).await;
-            }
+        let claim = ctx.running.claim(self.call_id());
+        let seen = match claim {
+            // Running here: what the store says does not matter to the plan.
+            None => Seen::New,
+            Some(_) => match ctx.store.lookup(&self.function, self.call_id()) {
+                Ok(seen) => seen,
+                Err(e) => {
+                    tracing::error!(error = %e, "state store failed; handing the call back");
+                    return lease.nak(Some(LOCAL_FAILURE_RETRY)).await;
+                }
+            },
         };
         let settings = ctx.functions.for_call(&self.call.meta);
         let age = Duration::from_nanos(
@@ -526,7 +526,7 @@ impl<Q: CallQueue> Job<'_, Q> {
         );
         match plan(
             seen,
-            false,
+            claim.is_none(),
             delivery,
             settings.retry.max_attempts,
             age,
@@ -536,7 +536,11 @@ impl<Q: CallQueue> Job<'_, Q> {
                 tracing::info!("redelivered call already finished; acking without invoking");
                 lease.ack().await;
             }
-            Plan::RunningHere => lease.nak(Some(ctx.config.ack_wait)).await,
+            Plan::RunningHere => {
+                drop(permit);
+                tracing::debug!("redelivery of a call running here; offering it again later");
+                lease.nak(Some(ctx.config.ack_wait)).await;
+            }
             Plan::SendStored {
                 outcome,
                 attempts,
@@ -571,10 +575,15 @@ impl<Q: CallQueue> Job<'_, Q> {
                 .await;
             }
             Plan::Invoke { attempt } => {
+                // `plan` invokes only what this process claimed; without a claim it said
+                // RunningHere, so the `None` arm only keeps the match total.
+                let Some(claim) = &claim else {
+                    return lease.nak(Some(ctx.config.ack_wait)).await;
+                };
                 // Boxed, like the other branches: a task's memory is its largest state, and
                 // with thousands of long calls in flight the per-call task is most of the
                 // worker's memory.
-                Box::pin(self.invoke(lease, attempt, permit, &claim, &settings)).await;
+                Box::pin(self.invoke(lease, attempt, permit, claim, &settings)).await;
             }
         }
         drop(claim);
@@ -673,8 +682,10 @@ impl<Q: CallQueue> Job<'_, Q> {
         };
         drop(in_flight);
         drop(permit);
-        // A function that answered has a label of its own now (see `metrics::note_answered`).
-        self.label = metrics::function_label(&self.function);
+        if self.label == "other" {
+            // A function that answered has a label of its own now (see `metrics::note_answered`).
+            self.label = metrics::function_label(&self.function);
+        }
         ::metrics::histogram!(metrics::FUNCTION_SECONDS, "function" => self.label.clone())
             .record(outcome.duration.as_secs_f64());
         // The success path logs at debug: at thousands of calls a second, a line per call
@@ -803,57 +814,44 @@ impl<Q: CallQueue> Job<'_, Q> {
     ) {
         let ctx = self.ctx;
         if let Some(url) = self.call.meta.callback_url.clone() {
-            match self.send_callback(&url, outcome, None).await {
-                Delivery::Delivered {
-                    status,
-                    attempts: tries,
-                } => {
-                    tracing::debug!(
-                        callback_status = status,
-                        callback_attempts = tries,
-                        "callback delivered"
-                    );
-                    self.note(&[callback_event(status, tries, None)], None)
-                        .await;
+            let delivery = self.send_callback(&url, outcome, None).await;
+            let Some(entry) = callback_entry(&delivery) else {
+                tracing::warn!(
+                    "shutdown: callback pending; handing the call back (the result is kept)"
+                );
+                return lease.hand_back().await;
+            };
+            if let Delivery::GaveUp {
+                reason,
+                attempts: tries,
+            } = delivery
+            {
+                tracing::error!(%reason, callback_attempts = tries, "callback not delivered; dead-lettering the call");
+                let gave_up =
+                    self.gave_up(CallState::DeadLettered, DeadLetterReason::CallbackFailed);
+                self.note(&[entry, gave_up], None).await;
+                if let Err(e) = ctx.store.forget(&self.function, self.call_id()) {
+                    tracing::warn!(error = %e, "could not forget the call");
                 }
-                Delivery::GaveUp {
-                    reason,
-                    attempts: tries,
-                } => {
-                    tracing::error!(%reason, callback_attempts = tries, "callback not delivered; dead-lettering the call");
-                    let gave_up =
-                        self.gave_up(CallState::DeadLettered, DeadLetterReason::CallbackFailed);
-                    self.note(&[callback_event(0, tries, Some(&reason)), gave_up], None)
-                        .await;
-                    if let Err(e) = ctx.store.forget(&self.function, self.call_id()) {
-                        tracing::warn!(error = %e, "could not forget the call");
-                    }
-                    self.count_dead_letter(DeadLetterReason::CallbackFailed, Some(outcome.status))
-                        .await;
-                    let detail = format!("callback: {reason}");
-                    let subject = lease.delivery().subject().to_owned();
-                    let letter = DeadLetter {
-                        reason: DeadLetterReason::CallbackFailed,
-                        detail: &detail,
-                        original_subject: &subject,
-                        stream_sequence: lease.delivery().sequence(),
-                        call_id: Some(self.call_id()),
-                        received_at_unix_nanos: Some(self.call.meta.received_at_unix_nanos),
-                        last_status: Some(outcome.status),
-                        attempts,
-                    };
-                    lease
-                        .dead_letter(ctx.queue.as_ref(), &letter, LOCAL_FAILURE_RETRY)
-                        .await;
-                    return;
-                }
-                Delivery::Interrupted => {
-                    tracing::warn!(
-                        "shutdown: callback pending; handing the call back (the result is kept)"
-                    );
-                    return lease.hand_back().await;
-                }
+                self.count_dead_letter(DeadLetterReason::CallbackFailed, Some(outcome.status))
+                    .await;
+                let detail = format!("callback: {reason}");
+                let subject = lease.delivery().subject().to_owned();
+                let letter = self.letter(
+                    lease.delivery(),
+                    &subject,
+                    DeadLetterReason::CallbackFailed,
+                    &detail,
+                    Some(outcome.status),
+                    attempts,
+                );
+                lease
+                    .dead_letter(ctx.queue.as_ref(), &letter, LOCAL_FAILURE_RETRY)
+                    .await;
+                return;
             }
+            tracing::debug!(?delivery, "callback delivered");
+            self.note(&[entry], None).await;
         }
         let result = if (200..300).contains(&outcome.status) {
             "succeeded"
@@ -877,24 +875,14 @@ impl<Q: CallQueue> Job<'_, Q> {
         self.finalize("cancelled", None, None).await;
         if let Some(url) = self.call.meta.callback_url.clone() {
             let outcome = no_response(CANCELLED_STATUS, CANCELLED);
-            match self.send_callback(&url, &outcome, None).await {
-                Delivery::Delivered {
-                    status,
-                    attempts: tries,
-                } => {
-                    self.note(&[callback_event(status, tries, None)], None)
-                        .await;
-                }
-                Delivery::GaveUp {
-                    reason,
-                    attempts: tries,
-                } => {
-                    tracing::warn!(%reason, "cancel callback not delivered");
-                    self.note(&[callback_event(0, tries, Some(&reason))], None)
-                        .await;
-                }
-                Delivery::Interrupted => return lease.hand_back().await,
+            let delivery = self.send_callback(&url, &outcome, None).await;
+            let Some(entry) = callback_entry(&delivery) else {
+                return lease.hand_back().await;
+            };
+            if let Delivery::GaveUp { reason, .. } = &delivery {
+                tracing::warn!(%reason, "cancel callback not delivered");
             }
+            self.note(&[entry], None).await;
         }
         if let Err(e) = self
             .ctx
@@ -931,16 +919,14 @@ impl<Q: CallQueue> Job<'_, Q> {
             "dead-lettering the call"
         );
         let subject = lease.delivery().subject().to_owned();
-        let letter = DeadLetter {
+        let letter = self.letter(
+            lease.delivery(),
+            &subject,
             reason,
             detail,
-            original_subject: &subject,
-            stream_sequence: lease.delivery().sequence(),
-            call_id: Some(self.call_id()),
-            received_at_unix_nanos: Some(self.call.meta.received_at_unix_nanos),
             last_status,
             attempts,
-        };
+        );
         if let Err(e) = ctx
             .queue
             .dead_letter(lease.delivery().payload().clone(), &letter)
@@ -958,34 +944,48 @@ impl<Q: CallQueue> Job<'_, Q> {
         self.note(&[gave_up], None).await;
         self.count_dead_letter(reason, last_status).await;
         if let Some(url) = self.call.meta.callback_url.clone() {
-            match self
+            let delivery = self
                 .send_callback(&url, &outcome, Some(reason.as_str()))
-                .await
-            {
-                Delivery::Delivered {
-                    status,
-                    attempts: tries,
-                } => {
-                    tracing::info!(callback_status = status, "final callback delivered");
-                    self.note(&[callback_event(status, tries, None)], None)
-                        .await;
-                }
-                Delivery::GaveUp {
-                    reason,
-                    attempts: tries,
-                } => {
-                    tracing::error!(%reason, "final callback not delivered (the call is in the dead-letter stream)");
-                    self.note(&[callback_event(0, tries, Some(&reason))], None)
-                        .await;
-                }
-                // The redelivery dead-letters again (stored once) and retries the callback.
-                Delivery::Interrupted => return lease.hand_back().await,
+                .await;
+            // Interrupted: the redelivery dead-letters again (stored once) and retries the
+            // callback.
+            let Some(entry) = callback_entry(&delivery) else {
+                return lease.hand_back().await;
+            };
+            if let Delivery::GaveUp { reason, .. } = &delivery {
+                tracing::error!(%reason, "final callback not delivered (the call is in the dead-letter stream)");
+            } else {
+                tracing::info!(?delivery, "final callback delivered");
             }
+            self.note(&[entry], None).await;
         }
         if let Err(e) = ctx.store.forget(&self.function, self.call_id()) {
             tracing::warn!(error = %e, "could not forget the call");
         }
         lease.ack().await;
+    }
+
+    /// The dead-letter record of this call's delivery (`subject`: the delivery's, owned by the
+    /// caller so the record can outlive the borrow of the lease).
+    fn letter<'b>(
+        &'b self,
+        delivery: &Q::Delivery,
+        subject: &'b str,
+        reason: DeadLetterReason,
+        detail: &'b str,
+        last_status: Option<u16>,
+        attempts: u32,
+    ) -> DeadLetter<'b> {
+        DeadLetter {
+            reason,
+            detail,
+            original_subject: subject,
+            stream_sequence: delivery.sequence(),
+            call_id: Some(self.call_id()),
+            received_at_unix_nanos: Some(self.call.meta.received_at_unix_nanos),
+            last_status,
+            attempts,
+        }
     }
 
     fn gave_up(&self, state: CallState, reason: DeadLetterReason) -> Event {
@@ -1091,6 +1091,16 @@ fn attempt_ended(
         error: outcome.error.clone(),
         next,
         result,
+    }
+}
+
+/// The record entry of a callback that ended; `None` when shutdown interrupted it (the
+/// delivery is handed back).
+fn callback_entry(delivery: &Delivery) -> Option<Event> {
+    match delivery {
+        Delivery::Delivered { status, attempts } => Some(callback_event(*status, *attempts, None)),
+        Delivery::GaveUp { reason, attempts } => Some(callback_event(0, *attempts, Some(reason))),
+        Delivery::Interrupted => None,
     }
 }
 

@@ -67,8 +67,9 @@ pub struct JetStreamQueue {
     max_payload: AtomicUsize,
     recheck: Notify,
     consumer: Mutex<Option<PullConsumer>>,
-    /// Shared, not cloned per use: a `kv::Store` clone copies the stream's whole info.
-    records: Mutex<Option<Arc<kv::Store>>>,
+    /// Shared, not cloned per use (a `kv::Store` clone copies the stream's whole info), and set
+    /// once: every record operation reads it without taking a lock.
+    records: tokio::sync::OnceCell<Arc<kv::Store>>,
 }
 
 impl JetStreamQueue {
@@ -99,7 +100,7 @@ impl JetStreamQueue {
             max_payload: AtomicUsize::new(0),
             recheck: Notify::new(),
             consumer: Mutex::new(None),
-            records: Mutex::new(None),
+            records: tokio::sync::OnceCell::new(),
         });
         if manage {
             tokio::spawn(queue.clone().keep_streams(stop));
@@ -232,24 +233,23 @@ impl JetStreamQueue {
                 name: self.options.records.records_bucket.clone(),
                 message: e.to_string(),
             })?;
-        *self.records.lock().await = Some(Arc::new(store));
+        // A bucket re-created under the same name is reached through the same handle.
+        let _ = self.records.set(Arc::new(store));
         Ok(())
     }
 
     /// The record bucket, looked up once (the gateway creates it).
     async fn records_bucket(&self) -> Result<Arc<kv::Store>, BackendError> {
-        let mut slot = self.records.lock().await;
-        if let Some(store) = slot.as_ref() {
-            return Ok(Arc::clone(store));
-        }
-        let store = Arc::new(
-            self.js
-                .get_key_value(&self.options.records.records_bucket)
-                .await
-                .map_err(request_err)?,
-        );
-        *slot = Some(Arc::clone(&store));
-        Ok(store)
+        self.records
+            .get_or_try_init(|| async {
+                self.js
+                    .get_key_value(&self.options.records.records_bucket)
+                    .await
+                    .map(Arc::new)
+                    .map_err(request_err)
+            })
+            .await
+            .map(Arc::clone)
     }
 
     /// Core NATS subject of cancel announcements (outside the calls stream's subjects).
