@@ -51,7 +51,9 @@ struct ServerConfig {
 enum Role {
     /// Gateway and worker.
     All,
-    /// The HTTP front only (JetStream).
+    /// The HTTP front only. With JetStream, beside workers elsewhere; with the embedded queue,
+    /// calls wait in `--queue-dir` until a `faas-async` with the worker opens it again (a
+    /// maintenance window that still takes calls).
     Gateway,
     /// A worker only (JetStream).
     Worker,
@@ -70,7 +72,8 @@ enum QueueKind {
 
 #[derive(Debug, Clone, Args)]
 struct ServerArgs {
-    /// What this process runs; gateway-only and worker-only need JetStream.
+    /// What this process runs; worker-only needs JetStream (the embedded queue's calls come in
+    /// through this process's own gateway).
     #[arg(long, env = "FAAS_ASYNC_ROLE", value_enum, default_value_t = Role::All)]
     role: Role,
     /// Which queue.
@@ -130,10 +133,9 @@ async fn main() -> anyhow::Result<()> {
     }
     let dlq = config.worker.command.take();
     if kind == QueueKind::Embedded {
-        if config.server.role != Role::All {
+        if config.server.role == Role::Worker {
             bail!(
-                "--role {:?} needs a shared queue: give --nats-url (the embedded queue serves one process)",
-                config.server.role
+                "--role worker needs a shared queue: give --nats-url (the embedded queue serves one process, whose gateway feeds it)"
             );
         }
         let options = EmbeddedOptions {

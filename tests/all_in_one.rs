@@ -82,6 +82,21 @@ impl Server {
         response.headers()["x-call-id"].to_str().unwrap().to_owned()
     }
 
+    /// SIGTERM, then waits for a clean exit.
+    async fn stop(mut self) {
+        let pid = self.child.id().expect("running").to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let exit = tokio::time::timeout(DEADLINE, self.child.wait())
+            .await
+            .expect("faas-async stops on SIGTERM")
+            .unwrap();
+        assert!(exit.success(), "faas-async exited with {exit}");
+    }
+
     fn kill9(&mut self) {
         let pid = self.child.id().expect("running").to_string();
         let status = std::process::Command::new("kill")
@@ -288,7 +303,64 @@ async fn dlq_command_reads_the_embedded_queue() {
     );
 }
 
-/// Roles other than `all` need a queue that several processes share.
+/// `--role gateway` on the embedded queue takes calls and keeps them in the queue directory
+/// until a server with the worker opens it: nothing runs meanwhile, and nothing is lost.
+#[tokio::test]
+async fn gateway_role_on_the_embedded_queue_keeps_calls_for_later() {
+    const CALLS: usize = 5;
+    let dir = tempfile::tempdir().unwrap();
+    let function = StubFunction::start(StubBehavior::default()).await.unwrap();
+    let receiver = CallbackReceiver::start().await.unwrap();
+    let function_url = function.url();
+    let gateway = Server::start(
+        dir.path(),
+        &["--gateway-url", &function_url, "--role", "gateway"],
+    )
+    .await;
+    let client = queue_worker::invoke::http_client("all-in-one-test").unwrap();
+    let mut ids = Vec::new();
+    for i in 0..CALLS {
+        ids.push(
+            gateway
+                .call(&client, "later", &format!("job {i}"), &receiver.url())
+                .await,
+        );
+    }
+    let status: serde_json::Value = serde_json::from_slice(
+        &client
+            .get(format!("{}/async-calls/{}", gateway.url, ids[0]))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(status["state"], "queued", "{status}");
+    gateway.stop().await;
+    assert_eq!(
+        function.received(),
+        0,
+        "a gateway-only process runs no call"
+    );
+    assert_eq!(receiver.count(), 0);
+
+    let _server = Server::start(dir.path(), &["--gateway-url", &function_url]).await;
+    wait_until(
+        "every call kept by the gateway-only process has a callback",
+        || {
+            let done = receiver.count_by_call_id();
+            ids.iter().all(|id| done.contains_key(id))
+        },
+    )
+    .await;
+    for id in &ids {
+        assert_eq!(function.invocations_for(id), 1, "call {id}");
+    }
+}
+
+/// The worker role alone needs a queue that several processes share.
 #[test]
 fn worker_only_without_nats_is_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();

@@ -144,6 +144,7 @@ impl Scenario {
             Self::LatencyAtRate => BenchOptions {
                 calls: 5_000,
                 rate: Some(500.0),
+                accept_alone: false,
                 ..base
             },
             Self::LongRunning => BenchOptions {
@@ -155,6 +156,7 @@ impl Scenario {
                 time_limit: Duration::from_secs(600),
                 // Every call is a 30 s hold: there is nothing to warm up.
                 warmup: 0,
+                accept_alone: false,
                 ..base
             },
             Self::Faults => BenchOptions {
@@ -171,6 +173,7 @@ impl Scenario {
                 worker_args: faults_worker_args(),
                 kill_worker_every: Some(Duration::from_secs(4)),
                 time_limit: Duration::from_secs(600),
+                accept_alone: false,
                 ..base
             },
         }
@@ -289,6 +292,11 @@ pub struct BenchOptions {
     /// that asks for it, routing headers...). Never printed: they may be
     /// secrets.
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// Before the end-to-end phase, measure `calls` accepts with nothing consuming (the
+    /// worker stopped; the embedded process restarted with the gateway role only), then drain
+    /// them: the accept path's own rate, which its ceiling `1/(1/http + 1/publish)` describes.
+    /// Only for a closed loop against a system this run started.
+    pub accept_alone: bool,
 }
 
 impl Default for BenchOptions {
@@ -315,6 +323,7 @@ impl Default for BenchOptions {
             external: None,
             kill_worker_every: None,
             headers: Vec::new(),
+            accept_alone: true,
         }
     }
 }
@@ -565,6 +574,16 @@ pub struct Warmup {
     pub completed: u64,
 }
 
+/// Accepts measured with nothing consuming ([`BenchOptions::accept_alone`]).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AcceptAlone {
+    /// The accepts.
+    pub phase: Phase,
+    /// Of the calls it accepted, those called back once consuming resumed (all of them, in
+    /// a clean run).
+    pub completed: u64,
+}
+
 /// The stub function's behaviour, as the report shows it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct StubSummary {
@@ -603,6 +622,8 @@ pub struct Ratios {
     pub accept_ceiling: Option<f64>,
     /// `accept` rate / [`Ratios::accept_ceiling`].
     pub accept_vs_ceiling: Option<f64>,
+    /// `accept_alone` rate / [`Ratios::accept_ceiling`] (`null` when not measured).
+    pub accept_alone_vs_ceiling: Option<f64>,
     /// The most completed calls per second these baselines allow: three HTTP exchanges (the
     /// submission, the invocation, the callback), one publish and one pull with ack per
     /// call, `1 / (3/http + 1/publish + 1/pull_ack)`.
@@ -650,7 +671,9 @@ pub struct Report {
     /// Raw JetStream pull with ack of the published messages (one pull
     /// consumer; no latencies, which stay 0).
     pub baseline_js_pull_ack: Option<Phase>,
-    /// Gateway accepts.
+    /// Gateway accepts with nothing consuming (`null` when not measured).
+    pub accept_alone: Option<AcceptAlone>,
+    /// Gateway accepts while the worker drains them (the end-to-end phase's submissions).
     pub accept: Phase,
     /// Accepted calls through to their callbacks.
     pub end_to_end: EndToEnd,
@@ -672,8 +695,8 @@ pub struct Report {
     pub idle: Vec<ProcessUsage>,
     /// Memory (peak over the run) and CPU of its processes after the run.
     pub after_run: Vec<ProcessUsage>,
-    /// CPU seconds of all its processes during the run per completed call,
-    /// in microseconds (0 when not measured: an external target, or a
+    /// CPU seconds of all its processes during the end-to-end phase (from its first
+    /// submission to its last callback) per completed call, in microseconds (0 when not measured: an external target, or a
     /// worker killed during the run).
     pub cpu_us_per_call: f64,
     /// Wall time of the whole run, set-up and shutdown included.
@@ -687,6 +710,10 @@ impl Report {
     pub fn is_clean(&self) -> bool {
         let e2e = &self.end_to_end;
         self.accept.failed == 0
+            && self
+                .accept_alone
+                .as_ref()
+                .is_none_or(|a| a.phase.failed == 0 && a.completed == a.phase.ok)
             && self.warmup.accepted == self.warmup.requests
             && self.warmup.completed == self.warmup.accepted
             && e2e.lost == 0
@@ -795,6 +822,17 @@ impl Report {
                 }
             }
         }
+        match &self.accept_alone {
+            Some(alone) => row(
+                &mut out,
+                "accept_alone",
+                phase_counts(&alone.phase),
+                &alone.phase.latency_us,
+            ),
+            None => {
+                let _ = writeln!(out, "{:<21} {:>8}", "accept_alone", "skipped");
+            }
+        }
         row(
             &mut out,
             "accept",
@@ -836,9 +874,11 @@ impl Report {
         let per_sec = |r: Option<f64>| r.map_or_else(|| "n/a".to_owned(), |r| format!("{r:.0}/s"));
         let _ = writeln!(
             out,
-            "ceilings from these baselines: accept 1/(1/http + 1/publish) = {}, ratio {}; \
-             end_to_end 1/(3/http + 1/publish + 1/pull_ack) = {}, ratio {}",
+            "ceilings from these baselines: accept 1/(1/http + 1/publish) = {}, ratio {} \
+             alone, {} while draining; end_to_end 1/(3/http + 1/publish + 1/pull_ack) = {}, \
+             ratio {}",
             per_sec(self.ratios.accept_ceiling),
+            ratio(self.ratios.accept_alone_vs_ceiling),
             ratio(self.ratios.accept_vs_ceiling),
             per_sec(self.ratios.end_to_end_ceiling),
             ratio(self.ratios.end_to_end_vs_ceiling),
@@ -876,6 +916,14 @@ impl Report {
             "warm-up: {} requests, {} accepted, {} called back",
             self.warmup.requests, self.warmup.accepted, self.warmup.completed
         );
+        if let Some(alone) = &self.accept_alone {
+            let _ = writeln!(
+                out,
+                "accept_alone: {} accepted with nothing consuming, {} called back once \
+                 consuming resumed (not in the end-to-end figures)",
+                alone.phase.ok, alone.completed
+            );
+        }
         if self.worker_kills > 0 {
             let _ = writeln!(
                 out,
@@ -907,7 +955,7 @@ impl Report {
         } else {
             let _ = writeln!(
                 out,
-                "CPU per completed call (gateway + worker): {:.1} µs",
+                "CPU per completed call (gateway + worker, end-to-end phase): {:.1} µs",
                 self.cpu_us_per_call
             );
         }
@@ -1018,20 +1066,23 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
     drop(own_nats);
     let AsyncPath {
         warmup,
+        accept_alone,
         accept,
         end_to_end,
         worker_kills,
+        usage_before,
+        usage_after,
         ..
     } = path;
     let cpu = |usages: &[ProcessUsage]| usages.iter().map(|u| u.cpu_seconds).sum::<f64>();
     #[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
     // A killed worker's CPU time is gone with it: no per-call figure then.
-    let cpu_us_per_call = if end_to_end.completed > 0 && !after_run.is_empty() && worker_kills == 0
-    {
-        (cpu(&after_run) - cpu(&idle)) * 1e6 / end_to_end.completed as f64
-    } else {
-        0.0
-    };
+    let cpu_us_per_call =
+        if end_to_end.completed > 0 && !usage_after.is_empty() && worker_kills == 0 {
+            (cpu(&usage_after) - cpu(&usage_before)) * 1e6 / end_to_end.completed as f64
+        } else {
+            0.0
+        };
 
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
     let accept_ceiling = baseline_js_publish.as_ref().and_then(|publish| {
@@ -1053,6 +1104,9 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
     let ratios = Ratios {
         accept_ceiling,
         accept_vs_ceiling: accept_ceiling.map(|c| ratio(accept.rate_per_sec, c)),
+        accept_alone_vs_ceiling: accept_ceiling
+            .zip(accept_alone.as_ref())
+            .map(|(c, alone)| ratio(alone.phase.rate_per_sec, c)),
         end_to_end_ceiling,
         end_to_end_vs_ceiling: end_to_end_ceiling.map(|c| ratio(end_to_end.rate_per_sec, c)),
         accept_vs_baseline_http: ratio(accept.rate_per_sec, baseline_http.rate_per_sec),
@@ -1078,6 +1132,7 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
         baseline_http,
         baseline_js_publish,
         baseline_js_pull_ack,
+        accept_alone,
         accept,
         end_to_end,
         ratios,
@@ -1299,8 +1354,12 @@ struct AsyncPath {
     /// Function attempts before measuring started (the stub counts them).
     warmup_attempts: u64,
     worker_kills: u64,
+    accept_alone: Option<AcceptAlone>,
     accept: Phase,
     end_to_end: EndToEnd,
+    /// The processes just before the end-to-end phase and just after its last callback.
+    usage_before: Vec<ProcessUsage>,
+    usage_after: Vec<ProcessUsage>,
 }
 
 /// Phases 3 and 4: calls through the gateway, and their callbacks; after
@@ -1314,11 +1373,12 @@ async fn measure_async_path(
     function: Option<&StubFunction>,
 ) -> Result<AsyncPath, BenchError> {
     let url = format!("{}/async-function/{}", target.gateway_url, opts.function);
+    let callback_url = target.callback_url.to_owned();
     let submit = || {
         let (client, url, callback_url, body, headers) = (
             client.clone(),
             url.clone(),
-            target.callback_url.to_owned(),
+            callback_url.clone(),
             body.clone(),
             opts.headers.clone(),
         );
@@ -1361,7 +1421,36 @@ async fn measure_async_path(
         receiver.take_callbacks();
     }
 
+    let accept_alone = match target.system.as_deref_mut() {
+        Some(system) if opts.accept_alone && opts.rate.is_none() => {
+            system.stop_consuming().await?;
+            let alone = drive(opts, "accept alone", submit()).await;
+            // Consuming resumes even when the phase failed; its error comes first.
+            let resumed = match target.system.as_deref_mut() {
+                Some(system) => system.resume_consuming().await,
+                None => Ok(()),
+            };
+            let alone = alone?;
+            resumed?;
+            let ids: HashMap<String, Instant> = alone.call_ids.into_iter().collect();
+            await_callbacks(&ids, opts.callback_timeout, &mut target, receiver, None).await?;
+            let seen = receiver.count_by_call_id();
+            let completed = to_u64(ids.keys().filter(|id| seen.contains_key(*id)).count());
+            receiver.take_callbacks();
+            Some(AcceptAlone {
+                phase: alone.phase,
+                completed,
+            })
+        }
+        _ => None,
+    };
+
     let warmup_attempts = function.map_or(0, |function| to_u64(function.received()));
+    let usage_before = target
+        .system
+        .as_deref()
+        .map(SystemUnderTest::usage)
+        .unwrap_or_default();
     let submitted = drive(opts, "submit", submit()).await?;
     let submit_times: HashMap<String, Instant> = submitted.call_ids.into_iter().collect();
     let worker_kills = await_callbacks(
@@ -1372,6 +1461,11 @@ async fn measure_async_path(
         opts.kill_worker_every,
     )
     .await?;
+    let usage_after = target
+        .system
+        .as_deref()
+        .map(SystemUnderTest::usage)
+        .unwrap_or_default();
 
     let callbacks = receiver.callbacks();
     let stub_body;
@@ -1397,8 +1491,11 @@ async fn measure_async_path(
         warmup,
         warmup_attempts,
         worker_kills,
+        accept_alone,
         accept: submitted.phase,
         end_to_end,
+        usage_before,
+        usage_after,
     })
 }
 

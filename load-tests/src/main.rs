@@ -205,6 +205,10 @@ struct BenchArgs {
     /// scenario on jetstream, else never].
     #[arg(long, env = "LOAD_TESTS_KILL_WORKER_EVERY", value_parser = parse_duration)]
     kill_worker_every: Option<Duration>,
+    /// Leave out the accept-alone phase (accepts measured with the worker stopped, then
+    /// drained) that closed loops against a started system run before the end-to-end phase.
+    #[arg(long, env = "LOAD_TESTS_NO_ACCEPT_ALONE")]
+    no_accept_alone: bool,
     /// An extra argument for the worker process, repeatable
     /// (`--worker-arg=--upstream-timeout=2s`).
     #[arg(
@@ -383,6 +387,7 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         }),
         // A preset's kills apply where there is a worker process of its own to kill.
         headers: args.headers,
+        accept_alone: base.accept_alone && !args.no_accept_alone,
         kill_worker_every: args.kill_worker_every.or(base
             .kill_worker_every
             .filter(|_| args.backend == Backend::JetStream && !external_target)),

@@ -112,14 +112,18 @@ pub struct SystemUnderTest {
     processes: Vec<Process>,
     /// How the worker was started, to start it again after a kill (JetStream
     /// backend only).
-    worker_spawn: Option<WorkerSpawn>,
+    worker_spawn: Option<Launch>,
+    /// How the one embedded process was started, to start it again with the gateway role
+    /// only (embedded backend only).
+    server_spawn: Option<Launch>,
     /// The worker's state; removed when this is dropped.
     _state_dir: tempfile::TempDir,
 }
 
-/// What [`SystemUnderTest::kill_and_restart_worker`] needs.
+/// How a process was started, to start it again (the NATS URL only for a worker, which
+/// waits for its consumer).
 #[derive(Debug)]
-struct WorkerSpawn {
+struct Launch {
     binary: PathBuf,
     args: Vec<String>,
     nats_url: String,
@@ -155,6 +159,7 @@ impl SystemUnderTest {
                     gateway_url: format!("http://{gateway_addr}"),
                     processes: vec![gateway],
                     worker_spawn: None,
+                    server_spawn: None,
                     _state_dir: state_dir,
                 };
                 // The worker binds to the stream the gateway creates: gateway first.
@@ -185,7 +190,7 @@ impl SystemUnderTest {
                 let worker = spawn("worker", &binary, &[], &args)?;
                 system.processes.push(worker);
                 system.wait_worker_ready(&opts.nats_url).await?;
-                system.worker_spawn = Some(WorkerSpawn {
+                system.worker_spawn = Some(Launch {
                     binary,
                     args,
                     nats_url: opts.nats_url.clone(),
@@ -197,33 +202,39 @@ impl SystemUnderTest {
                 let queue_dir = state_dir.path().join("queue").display().to_string();
                 let worker_dir = state_dir.path().join("worker").display().to_string();
                 let max_inflight = opts.max_inflight.to_string();
-                let server = spawn(
-                    "faas-async",
-                    &bin_dir.join("faas-async"),
-                    &[
-                        "--queue",
-                        "embedded",
-                        "--listen",
-                        &gateway_addr.to_string(),
-                        "--queue-dir",
-                        &queue_dir,
-                        "--state-dir",
-                        &worker_dir,
-                        "--gateway-url",
-                        &opts.function_url,
-                        "--max-inflight",
-                        &max_inflight,
-                        "--shutdown-grace",
-                        "5s",
-                        "--log-level",
-                        "warn",
-                    ],
-                    &opts.worker_args,
-                )?;
+                let args: Vec<String> = [
+                    "--queue",
+                    "embedded",
+                    "--listen",
+                    &gateway_addr.to_string(),
+                    "--queue-dir",
+                    &queue_dir,
+                    "--state-dir",
+                    &worker_dir,
+                    "--gateway-url",
+                    &opts.function_url,
+                    "--max-inflight",
+                    &max_inflight,
+                    "--shutdown-grace",
+                    "5s",
+                    "--log-level",
+                    "warn",
+                ]
+                .into_iter()
+                .map(str::to_owned)
+                .chain(opts.worker_args.iter().cloned())
+                .collect();
+                let binary = bin_dir.join("faas-async");
+                let server = spawn("faas-async", &binary, &[], &args)?;
                 let mut system = Self {
                     gateway_url: format!("http://{gateway_addr}"),
                     processes: vec![server],
                     worker_spawn: None,
+                    server_spawn: Some(Launch {
+                        binary,
+                        args,
+                        nats_url: String::new(),
+                    }),
                     _state_dir: state_dir,
                 };
                 system.wait_gateway_ready().await?;
@@ -286,6 +297,52 @@ impl SystemUnderTest {
         let nats_url = spawn_args.nats_url.clone();
         self.processes.push(restarted);
         self.wait_worker_ready(&nats_url).await
+    }
+
+    /// Stops taking calls off the queue while the gateway goes on accepting, so that accepts
+    /// can be measured alone: the JetStream worker stops (SIGTERM, its drain), the embedded
+    /// process restarts with the gateway role only (same queue directory). Calls accepted
+    /// meanwhile wait in the queue for [`Self::resume_consuming`].
+    pub async fn stop_consuming(&mut self) -> Result<(), BenchError> {
+        if self.worker_spawn.is_some() {
+            let Some(index) = self.processes.iter().position(|p| p.name == "worker") else {
+                return Err(BenchError::Setup("no worker process".to_owned()));
+            };
+            let mut worker = self.processes.remove(index);
+            return stop_process(&mut worker).await;
+        }
+        self.restart_server(&["--role", "gateway"]).await
+    }
+
+    /// Starts consuming again after [`Self::stop_consuming`] and waits until it is ready.
+    pub async fn resume_consuming(&mut self) -> Result<(), BenchError> {
+        if let Some(spawn_args) = &self.worker_spawn {
+            if self.processes.iter().any(|p| p.name == "worker") {
+                return Ok(());
+            }
+            let worker = spawn("worker", &spawn_args.binary, &[], &spawn_args.args)?;
+            let nats_url = spawn_args.nats_url.clone();
+            self.processes.push(worker);
+            return self.wait_worker_ready(&nats_url).await;
+        }
+        self.restart_server(&[]).await
+    }
+
+    /// Stops the one embedded process and starts it again with `extra` arguments.
+    async fn restart_server(&mut self, extra: &[&str]) -> Result<(), BenchError> {
+        let Some(spawn_args) = &self.server_spawn else {
+            return Err(BenchError::Setup(
+                "no process to restart (neither a worker nor an embedded server)".to_owned(),
+            ));
+        };
+        let (binary, args) = (spawn_args.binary.clone(), spawn_args.args.clone());
+        if let Some(index) = self.processes.iter().position(|p| p.name == "faas-async") {
+            let mut server = self.processes.remove(index);
+            stop_process(&mut server).await?;
+        }
+        let server = spawn("faas-async", &binary, extra, &args)?;
+        self.processes.push(server);
+        self.wait_gateway_ready().await
     }
 
     /// Stops the processes in reverse start order (SIGTERM, then SIGKILL

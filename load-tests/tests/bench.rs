@@ -68,6 +68,11 @@ async fn small_bench_on_the_embedded_queue_completes_every_call() {
     assert_eq!(report.end_to_end.completed, 200, "{table}");
     assert_eq!(report.end_to_end.lost, 0, "{table}");
     assert_eq!(report.end_to_end.bad_results, 0, "{table}");
+    // Accepts alone: the process restarted with the gateway role only, then with the worker,
+    // which drained every one of them.
+    let alone = report.accept_alone.as_ref().expect("measured");
+    assert_eq!((alone.phase.ok, alone.completed), (200, 200), "{table}");
+    assert!(report.ratios.accept_alone_vs_ceiling > Some(0.0), "{table}");
     assert!(report.is_clean(), "{table}");
     let json: serde_json::Value = serde_json::to_value(&report).unwrap();
     assert_eq!(json["target"], "embedded");
@@ -89,9 +94,13 @@ async fn small_bench_completes_every_call() {
 
     assert_eq!(report.calls, 200);
     let publish = report.baseline_js_publish.as_ref().expect("measured");
+    let alone = report.accept_alone.as_ref().expect("measured");
+    // The worker was stopped for them and drained every one once started again.
+    assert_eq!(alone.completed, 200, "{table}");
     for (name, phase) in [
         ("baseline_http", &report.baseline_http),
         ("baseline_js_publish", publish),
+        ("accept_alone", &alone.phase),
         ("accept", &report.accept),
     ] {
         assert_eq!(phase.sent, 200, "{name}\n{table}");
@@ -378,6 +387,7 @@ async fn an_external_target_is_loaded_through_its_gateway_url() {
     assert!(report.is_clean(), "{table}");
     // Nothing of the deployment is measured or started by the harness.
     assert!(report.baseline_js_publish.is_none(), "{table}");
+    assert!(report.accept_alone.is_none(), "{table}");
     assert!(
         report.stub.is_none() && report.after_run.is_empty(),
         "{table}"
