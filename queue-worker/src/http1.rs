@@ -102,6 +102,14 @@ struct Idle {
     since: Instant,
 }
 
+/// Drops the connections of `idle` that have been idle longer than `timeout`. `idle` is in
+/// the order the connections were put back (`take_idle` pops from the end), so the expired
+/// ones are a prefix: one clock reading and a binary search, not one per connection.
+fn drop_expired(idle: &mut Vec<Idle>, now: Instant, timeout: Duration) {
+    let expired = idle.partition_point(|c| now.saturating_duration_since(c.since) > timeout);
+    idle.drain(..expired);
+}
+
 /// The client: connection settings and the idle pool.
 #[derive(Debug)]
 pub struct Http1Client {
@@ -160,23 +168,24 @@ impl Http1Client {
     }
 
     fn put_idle(&self, origin: &Origin, stream: TcpStream) {
+        let now = Instant::now();
+        let timeout = self.idle_timeout;
         let mut pool = self.pool();
-        if pool.pruned.elapsed() > self.idle_timeout {
+        if now.saturating_duration_since(pool.pruned) > timeout {
             // Origins called once (a caller's callback host) must not keep sockets open forever.
-            let timeout = self.idle_timeout;
             pool.by_origin.retain(|_, idle| {
-                idle.retain(|c| c.since.elapsed() <= timeout);
+                drop_expired(idle, now, timeout);
                 !idle.is_empty()
             });
-            pool.pruned = Instant::now();
+            pool.pruned = now;
         }
-        let idle = pool.by_origin.entry(origin.clone()).or_default();
-        idle.retain(|c| c.since.elapsed() <= self.idle_timeout);
+        let idle = match pool.by_origin.get_mut(origin) {
+            Some(idle) => idle,
+            None => pool.by_origin.entry(origin.clone()).or_default(),
+        };
+        drop_expired(idle, now, timeout);
         if idle.len() < self.max_idle_per_origin {
-            idle.push(Idle {
-                stream,
-                since: Instant::now(),
-            });
+            idle.push(Idle { stream, since: now });
         }
     }
 
@@ -607,6 +616,36 @@ mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::net::TcpListener;
+
+    /// The expired prefix goes, the rest stays in order.
+    #[tokio::test]
+    async fn drop_expired_removes_only_the_connections_idle_too_long() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let now = Instant::now();
+        let ages = [30, 20, 9, 1];
+        let mut idle = Vec::new();
+        for age in ages {
+            idle.push(Idle {
+                stream: TcpStream::connect(addr).await.unwrap(),
+                since: now.checked_sub(Duration::from_secs(age)).unwrap(),
+            });
+        }
+        drop_expired(&mut idle, now, Duration::from_secs(10));
+        let left: Vec<u64> = idle
+            .iter()
+            .map(|c| now.duration_since(c.since).as_secs())
+            .collect();
+        assert_eq!(left, [9, 1]);
+        drop_expired(&mut idle, now, Duration::from_secs(10));
+        assert_eq!(idle.len(), 2, "nothing more is expired");
+        drop_expired(
+            &mut idle,
+            now + Duration::from_secs(60),
+            Duration::from_secs(10),
+        );
+        assert!(idle.is_empty());
+    }
 
     /// A real TCP server on 127.0.0.1 that answers every request on a connection with the
     /// next of `answers` (raw bytes, so malformed answers can be sent), and counts the
