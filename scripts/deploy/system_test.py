@@ -268,7 +268,12 @@ def workload(gw: str, peer: Peer, label: str) -> None:
 # --- the test --------------------------------------------------------------------------------
 
 
-def check_units(unit_dir: Path) -> None:
+def help_env_names(binary: Path) -> set[str]:
+    out = subprocess.run([str(binary), "--help"], capture_output=True, text=True, check=True).stdout
+    return set(re.findall(r"\[env: ([A-Z0-9_]+)", out))
+
+
+def check_units(unit_dir: Path, bin_dir: Path) -> None:
     units = sorted(unit_dir.glob("*.service"))
     if len(units) < 4:
         fail(f"only {len(units)} units installed")
@@ -288,6 +293,15 @@ def check_units(unit_dir: Path) -> None:
             fail(f"{u.name}: its settings do not come from a file ({settings.strip()})")
         if "DynamicUser=yes" not in text and not re.search(r"^User=\S+", text, re.M):
             fail(f"{u.name}: neither DynamicUser=yes nor a dedicated User=")
+        exec_start = re.search(r"^ExecStart=(\S+)", text, re.M).group(1)
+        if Path(exec_start).parent != bin_dir:
+            fail(f"{u.name}: ExecStart {exec_start} is not in the installed {bin_dir}")
+        if Path(exec_start).name != "nats-server":
+            known = help_env_names(Path(exec_start))
+            for env_file in re.findall(r"^EnvironmentFile=(\S+)$", text, re.M):
+                names = set(re.findall(r"^([A-Za-z_][A-Za-z0-9_]*)=", Path(env_file).read_text(), re.M))
+                if names - known:
+                    fail(f"{u.name}: {env_file} sets {sorted(names - known)}, which {Path(exec_start).name} does not read")
         stop = re.search(r"^TimeoutStopSec=(\d+)s$", text, re.M)
         drains = []
         for env_file in re.findall(r"^EnvironmentFile=(\S+)$", text, re.M):
@@ -335,7 +349,7 @@ def main() -> int:
         log("installed: " + ("with vendored sources" if vendored else "WITHOUT vendored sources (bundle built with --no-vendor)"))
 
         print("==> system test: systemd units as installed", flush=True)
-        check_units(units)
+        check_units(units, prefix / "bin")
 
         print("==> system test: the system from the prefix, sandboxed as the image runs it", flush=True)
         env, workdir, user = image_env()
