@@ -79,3 +79,55 @@ async fn the_worker_binary_exports_the_documented_series() {
     signal(&worker, "TERM");
     worker.wait().await.unwrap();
 }
+
+/// `GET /readyz` on the metrics listener: 200 while the worker can take calls, 503 with the
+/// reason while its NATS server is down, 200 again once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_readiness_follows_its_queue() {
+    let mut f = Fixture::start(StubBehavior::default()).await;
+    let log = f.log("worker.log");
+    let mut worker = spawn_worker_process(&f.worker_args("state", &[]), &log);
+    let end = Instant::now() + DEADLINE;
+    let address = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(rest) = text.split("metrics at /metrics listen=Some(").nth(1) {
+            break rest.split(')').next().unwrap().to_owned();
+        }
+        assert!(
+            Instant::now() < end,
+            "no metrics address in the log:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let client = queue_worker::invoke::http_client("readiness-test").unwrap();
+    let url = format!("http://{address}/readyz");
+    let wait_for = |want: u16| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let end = Instant::now() + DEADLINE;
+            loop {
+                let response = client.get(&url).send().await.unwrap();
+                let status = response.status().as_u16();
+                let body: serde_json::Value =
+                    serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+                if status == want {
+                    return body;
+                }
+                assert!(Instant::now() < end, "/readyz stayed {status}: {body}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(wait_for(200).await["status"], "ready");
+    f.queue.nats.stop().await;
+    let down = wait_for(503).await;
+    assert_eq!(down["status"], "not_ready", "{down}");
+    assert!(
+        down["reason"].as_str().is_some_and(|r| !r.is_empty()),
+        "{down}"
+    );
+    f.queue.nats.restart().await.unwrap();
+    assert_eq!(wait_for(200).await["status"], "ready");
+    signal(&worker, "TERM");
+    worker.wait().await.unwrap();
+}
