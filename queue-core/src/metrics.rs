@@ -45,6 +45,9 @@ pub const PENDING: &str = "faas_async_pending_messages";
 pub const UNACKED: &str = "faas_async_unacked_messages";
 /// Dead letters kept, at scrape time.
 pub const DEAD_LETTERS_KEPT: &str = "faas_async_dead_letters_kept";
+/// Age of the oldest call stored and not yet acknowledged (seconds; 0 when the queue is
+/// empty), at scrape time: what an alert on a stuck queue watches.
+pub const OLDEST_PENDING_SECONDS: &str = "faas_async_oldest_pending_seconds";
 /// Reconnections to NATS.
 pub const RECONNECTS: &str = "faas_async_nats_reconnects_total";
 
@@ -152,12 +155,13 @@ pub fn note_answered(name: &str, status: u16) {
 }
 
 /// Sets the queue gauges (at scrape time).
-pub fn set_queue_gauges(pending: u64, unacked: u64, dead_letters: u64) {
+pub fn set_queue_gauges(stats: &crate::backend::QueueStats) {
     #[allow(clippy::cast_precision_loss, reason = "gauges are f64")]
     {
-        metrics::gauge!(PENDING).set(pending as f64);
-        metrics::gauge!(UNACKED).set(unacked as f64);
-        metrics::gauge!(DEAD_LETTERS_KEPT).set(dead_letters as f64);
+        metrics::gauge!(PENDING).set(stats.pending as f64);
+        metrics::gauge!(UNACKED).set(stats.unacked as f64);
+        metrics::gauge!(DEAD_LETTERS_KEPT).set(stats.dead_letters as f64);
+        metrics::gauge!(OLDEST_PENDING_SECONDS).set(stats.oldest_age_seconds);
     }
 }
 

@@ -239,6 +239,54 @@ mod cases {
         );
     }
 
+    /// The stats say how old the oldest pending call is: 0 with none, its age while it waits
+    /// (never more than the time since it was published), 0 again once it is acked.
+    pub async fn stats_show_the_oldest_pending_call<H: Harness>() {
+        let h = H::start().await;
+        let q = h.queue().as_ref();
+        let empty = q.stats().await.unwrap();
+        assert_eq!((empty.pending, empty.oldest_age_seconds), (0, 0.0));
+        let published = Instant::now();
+        publish(q, &call("aged", None, b"")).await;
+        let end = Instant::now() + DEADLINE;
+        loop {
+            let stats = q.stats().await.unwrap();
+            assert_eq!(stats.pending, 1, "{stats:?}");
+            // Clocks of a server and this process may differ by a little: a margin of 1 s.
+            assert!(
+                stats.oldest_age_seconds <= published.elapsed().as_secs_f64() + 1.0,
+                "{stats:?}"
+            );
+            if stats.oldest_age_seconds >= 0.2 {
+                break;
+            }
+            assert!(
+                Instant::now() < end,
+                "the oldest call never aged: {stats:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        next(q, DEADLINE)
+            .await
+            .expect("delivered")
+            .ack()
+            .await
+            .unwrap();
+        let end = Instant::now() + DEADLINE;
+        loop {
+            let stats = q.stats().await.unwrap();
+            if stats.pending == 0 {
+                assert_eq!(stats.oldest_age_seconds, 0.0, "{stats:?}");
+                break;
+            }
+            assert!(
+                Instant::now() < end,
+                "the acked call stayed pending: {stats:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// A nak with a delay holds the message back at least that long, then offers it again.
     pub async fn nak_with_delay_delays<H: Harness>() {
         let h = H::start().await;
@@ -596,6 +644,10 @@ macro_rules! conformance {
             #[tokio::test]
             async fn paused_functions_are_watched() {
                 cases::paused_functions_are_watched::<$harness>().await;
+            }
+            #[tokio::test]
+            async fn stats_show_the_oldest_pending_call() {
+                cases::stats_show_the_oldest_pending_call::<$harness>().await;
             }
         }
     };

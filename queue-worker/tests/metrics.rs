@@ -50,6 +50,7 @@ async fn the_worker_binary_exports_the_documented_series() {
         "faas_async_queue_wait_seconds_count{function=\"other\"} 1",
         "faas_async_in_flight{function=\"metered\"} 0",
         "faas_async_pending_messages 0",
+        "faas_async_oldest_pending_seconds 0",
         "faas_async_dead_letters_kept 0",
     ];
     let end = Instant::now() + DEADLINE;

@@ -1044,18 +1044,23 @@ impl CallQueue for EmbeddedQueue {
     }
 
     async fn stats(&self) -> Result<super::QueueStats, BackendError> {
-        let (pending, unacked) = {
+        let (pending, unacked, oldest) = {
             let schedule = self.inner.schedule();
             (
                 schedule.entries.len() as u64,
                 schedule.entries.values().filter(|e| e.leased).count() as u64,
+                schedule.entries.values().map(|e| e.published_at).min(),
             )
         };
+        let oldest_age_seconds = oldest.map_or(0.0, |at| {
+            Duration::from_nanos(unix_nanos_now().saturating_sub(at)).as_secs_f64()
+        });
         Ok(super::QueueStats {
             pending,
             unacked,
             consumers: 1,
             dead_letters: self.inner.dead.len() as u64,
+            oldest_age_seconds,
         })
     }
 

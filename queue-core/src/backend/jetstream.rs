@@ -776,9 +776,18 @@ impl CallQueue for JetStreamQueue {
             .get_stream(&self.options.nats.stream)
             .await
             .map_err(request_err)?;
-        let (pending, consumers) = {
+        let (pending, consumers, oldest_age_seconds) = {
             let state = &stream.info().await.map_err(request_err)?.state;
-            (state.messages, state.consumer_count as u64)
+            // A work-queue stream keeps a call until it is acked: its first message is the
+            // oldest pending call.
+            let oldest = if state.messages == 0 {
+                0.0
+            } else {
+                let now = i128::from(crate::clock::unix_nanos_now());
+                let age = (now - state.first_timestamp.unix_timestamp_nanos()).max(0);
+                Duration::from_nanos(u64::try_from(age).unwrap_or(u64::MAX)).as_secs_f64()
+            };
+            (state.messages, state.consumer_count as u64, oldest)
         };
         let mut unacked = 0;
         let mut list = stream.consumers();
@@ -798,6 +807,7 @@ impl CallQueue for JetStreamQueue {
             unacked,
             consumers,
             dead_letters,
+            oldest_age_seconds,
         })
     }
 

@@ -306,7 +306,7 @@ pub trait CallQueue: CallRecords {
 }
 
 /// A snapshot of the queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct QueueStats {
     /// Calls stored and not acknowledged (waiting or being handled).
     pub pending: u64,
@@ -316,6 +316,8 @@ pub struct QueueStats {
     pub consumers: u64,
     /// Dead letters kept.
     pub dead_letters: u64,
+    /// Age of the oldest call stored and not acknowledged, in seconds (0 when none is).
+    pub oldest_age_seconds: f64,
 }
 
 /// Calls queued for one function.
@@ -555,7 +557,7 @@ pub async fn render_metrics<Q: CallQueue>(
 ) -> String {
     match queue.stats().await {
         Ok(stats) => {
-            crate::metrics::set_queue_gauges(stats.pending, stats.unacked, stats.dead_letters);
+            crate::metrics::set_queue_gauges(&stats);
         }
         Err(e) => tracing::debug!(error = %e, "queue stats unavailable for /metrics"),
     }
