@@ -110,6 +110,11 @@ fn is_default(matches: &ArgMatches, id: &str) -> bool {
         .is_none_or(|s| s == ValueSource::DefaultValue)
 }
 
+/// mimalloc instead of the system allocator: allocation was a quarter of the instructions an
+/// accept costs with glibc's (BENCHMARKS.md, "Allocator").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let matches = ServerConfig::command().get_matches();

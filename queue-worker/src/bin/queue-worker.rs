@@ -12,6 +12,11 @@ use queue_worker::config::{
 };
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc instead of the system allocator: allocation was a quarter of the instructions an
+/// accept costs with glibc's (BENCHMARKS.md, "Allocator").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let compat = openfaas_compat_args(|k| std::env::var(k).ok());
