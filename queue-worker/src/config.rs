@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 pub use queue_core::settings::{
-    LogArgs, LogFormat, NatsArgs, RecordArgs, StreamArgs, openfaas_nats_url, parse_bytes,
-    parse_duration, redact_url, with_leading_args,
+    CallbackPolicyArgs, LogArgs, LogFormat, NatsArgs, RecordArgs, StreamArgs, openfaas_nats_url,
+    parse_bytes, parse_duration, redact_url, with_leading_args,
 };
 
 /// How the worker reaches functions.
@@ -113,6 +113,22 @@ pub struct WorkerConfig {
     /// TOML file with per-function overrides of retries, timeout and max age (see README).
     #[arg(long, env = "QUEUE_WORKER_FUNCTIONS_CONFIG")]
     pub functions_config: Option<PathBuf>,
+    /// Where callbacks may go (`--callback-deny`, `--callback-allow`): checked for every
+    /// address the callback host resolves to, when the worker connects.
+    #[command(flatten)]
+    pub callback_policy: CallbackPolicyArgs,
+    /// File of Standard Webhooks secrets (`whsec_...`, one a line): every callback is signed
+    /// with each (`webhook-id`, `webhook-timestamp`, `webhook-signature`). Re-read when it
+    /// changes. Without it, callbacks are not signed.
+    #[arg(long, env = "CALLBACK_SIGNING_SECRETS_FILE")]
+    pub callback_signing_secrets_file: Option<PathBuf>,
+    /// Direct mode: function destinations refused besides the built-in ones (same notation as
+    /// `--callback-deny`), checked for every address a function's host resolves to.
+    #[arg(long, env = "FUNCTION_DENY", value_delimiter = ',', value_parser = queue_core::egress::parse_rule)]
+    pub function_deny: Vec<queue_core::egress::Rule>,
+    /// Direct mode: if set, the only function destinations allowed (as `--callback-allow`).
+    #[arg(long, env = "FUNCTION_ALLOW", value_delimiter = ',', value_parser = queue_core::egress::parse_rule)]
+    pub function_allow: Vec<queue_core::egress::Rule>,
     /// Longest a single callback POST may take.
     #[arg(long, env = "QUEUE_WORKER_CALLBACK_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub callback_timeout: Duration,
