@@ -497,4 +497,31 @@ mod tests {
         let c = parse(&[], &["--ack-wait", "100ms"]);
         assert!(c.validate().unwrap_err().contains("ack-wait"));
     }
+
+    #[test]
+    fn egress_lists_parse_and_bad_entries_are_clear_errors() {
+        use queue_core::egress::Rule;
+        let c = parse(
+            &[],
+            &[
+                "--callback-deny",
+                "127.0.0.0/8,::1,*.internal.example,:25",
+                "--callback-allow",
+                "hooks.example.com",
+                "--function-deny",
+                "10.0.0.0/8",
+            ],
+        );
+        assert_eq!(c.callback_policy.callback_deny.len(), 4);
+        assert_eq!(
+            c.callback_policy.callback_allow,
+            [Rule::Host("hooks.example.com".into())]
+        );
+        assert_eq!(c.function_deny, [Rule::Net("10.0.0.0/8".parse().unwrap())]);
+        assert!(c.function_allow.is_empty());
+        let err = WorkerConfig::try_parse_from(["queue-worker", "--callback-deny", "10.0.0.0/33"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("CIDR block"), "{err}");
+    }
 }

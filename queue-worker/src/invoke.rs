@@ -494,6 +494,44 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn direct_mode_refuses_function_addresses_the_function_policy_refuses() {
+        // `{name}.{namespace}{suffix}` spelling an address: 127.0.0.1 and 169.254.169.254.
+        let loopback = invoker(&[
+            "--invoke-mode",
+            "direct",
+            "--default-namespace",
+            "0",
+            "--function-suffix",
+            ".0.1",
+            "--function-deny",
+            "127.0.0.0/8",
+        ]);
+        let mut c = call(None, "/", None);
+        c.meta.function = "127".into();
+        let outcome = loopback.invoke(&c, 1, 1, Duration::from_secs(5)).await;
+        assert_eq!(outcome.status, 403);
+        assert_eq!(
+            outcome.error.as_deref(),
+            Some("function address not allowed")
+        );
+        // The built-in refusals apply without any list.
+        let metadata = invoker(&[
+            "--invoke-mode",
+            "direct",
+            "--default-namespace",
+            "254",
+            "--function-suffix",
+            ".169.254",
+        ]);
+        c.meta.function = "169".into();
+        let outcome = metadata.invoke(&c, 1, 1, Duration::from_secs(5)).await;
+        assert_eq!(
+            (outcome.status, outcome.error.as_deref()),
+            (403, Some("function address not allowed"))
+        );
+    }
+
     #[test]
     fn the_workers_headers_replace_whatever_the_message_carries() {
         let mut c = call(None, "", None);
