@@ -16,7 +16,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -28,8 +28,8 @@ pub const SECRET_PREFIX: &str = "whsec_";
 pub const MIN_SECRET_BYTES: usize = 24;
 /// Longest secret accepted, in bytes.
 pub const MAX_SECRET_BYTES: usize = 64;
-/// How often the file is looked at for changes, at most.
-const RECHECK: Duration = Duration::from_secs(1);
+/// How often the file is looked at for changes, at most, in milliseconds.
+const RECHECK_MS: u64 = 1000;
 
 /// The signature headers' names.
 pub const WEBHOOK_ID: &str = "webhook-id";
@@ -171,7 +171,7 @@ impl CallbackSigner {
                 .next_check
                 .compare_exchange(
                     due,
-                    now.saturating_add(RECHECK.as_millis() as u64),
+                    now.saturating_add(RECHECK_MS),
                     Ordering::Relaxed,
                     Ordering::Relaxed,
                 )
