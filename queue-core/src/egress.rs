@@ -100,9 +100,18 @@ impl FromStr for Rule {
     }
 }
 
-/// Parses one list entry (clap value parser).
+/// Parses one list entry.
 pub fn parse_rule(s: &str) -> Result<Rule, String> {
     s.parse().map_err(|e: InvalidRule| e.to_string())
+}
+
+/// A comma-separated list of entries, as a flag or an environment variable gives it (clap
+/// value parser). Empty entries are skipped, so an empty variable is an empty list.
+pub fn parse_rules(s: &str) -> Result<Vec<Rule>, String> {
+    s.split(',')
+        .filter(|entry| !entry.trim().is_empty())
+        .map(parse_rule)
+        .collect()
 }
 
 fn valid_name(d: &str) -> bool {
@@ -731,6 +740,9 @@ mod tests {
             ":8000-8999".parse::<Rule>().unwrap(),
             Rule::Ports(8000, 8999)
         );
+        assert_eq!(parse_rules("").unwrap(), []);
+        assert_eq!(parse_rules(" 10.0.0.0/8, ,:25,").unwrap().len(), 2);
+        assert!(parse_rules("10.0.0.0/8,nonsense!").is_err());
         for bad in [
             "",
             " ",

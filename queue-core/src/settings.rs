@@ -172,23 +172,26 @@ pub struct CallbackPolicyArgs {
     /// (`127.0.0.0/8`), host names (`name`, `*.suffix`) and ports (`:25`, `:8000-8999`).
     #[cfg_attr(
         feature = "cli",
-        arg(long, env = "CALLBACK_DENY", value_delimiter = ',', value_parser = crate::egress::parse_rule)
+        arg(long, env = "CALLBACK_DENY", value_parser = crate::egress::parse_rules, action = clap::ArgAction::Append)
     )]
-    pub callback_deny: Vec<crate::egress::Rule>,
+    pub callback_deny: Vec<Vec<crate::egress::Rule>>,
     /// If set, the only callback destinations allowed (same notation as `--callback-deny`,
     /// which still wins): with ports, the port must be one of them; with names or blocks, the
     /// host must be one of the names or resolve only into the blocks.
     #[cfg_attr(
         feature = "cli",
-        arg(long, env = "CALLBACK_ALLOW", value_delimiter = ',', value_parser = crate::egress::parse_rule)
+        arg(long, env = "CALLBACK_ALLOW", value_parser = crate::egress::parse_rules, action = clap::ArgAction::Append)
     )]
-    pub callback_allow: Vec<crate::egress::Rule>,
+    pub callback_allow: Vec<Vec<crate::egress::Rule>>,
 }
 
 impl CallbackPolicyArgs {
     /// The policy these lists make.
     pub fn policy(&self) -> crate::egress::EgressPolicy {
-        crate::egress::EgressPolicy::new(&self.callback_deny, &self.callback_allow)
+        crate::egress::EgressPolicy::new(
+            &self.callback_deny.concat(),
+            &self.callback_allow.concat(),
+        )
     }
 }
 

@@ -124,11 +124,11 @@ pub struct WorkerConfig {
     pub callback_signing_secrets_file: Option<PathBuf>,
     /// Direct mode: function destinations refused besides the built-in ones (same notation as
     /// `--callback-deny`), checked for every address a function's host resolves to.
-    #[arg(long, env = "FUNCTION_DENY", value_delimiter = ',', value_parser = queue_core::egress::parse_rule)]
-    pub function_deny: Vec<queue_core::egress::Rule>,
+    #[arg(long, env = "FUNCTION_DENY", value_parser = queue_core::egress::parse_rules, action = clap::ArgAction::Append)]
+    pub function_deny: Vec<Vec<queue_core::egress::Rule>>,
     /// Direct mode: if set, the only function destinations allowed (as `--callback-allow`).
-    #[arg(long, env = "FUNCTION_ALLOW", value_delimiter = ',', value_parser = queue_core::egress::parse_rule)]
-    pub function_allow: Vec<queue_core::egress::Rule>,
+    #[arg(long, env = "FUNCTION_ALLOW", value_parser = queue_core::egress::parse_rules, action = clap::ArgAction::Append)]
+    pub function_allow: Vec<Vec<queue_core::egress::Rule>>,
     /// Longest a single callback POST may take.
     #[arg(long, env = "QUEUE_WORKER_CALLBACK_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub callback_timeout: Duration,
@@ -512,13 +512,29 @@ mod tests {
                 "10.0.0.0/8",
             ],
         );
-        assert_eq!(c.callback_policy.callback_deny.len(), 4);
+        assert_eq!(c.callback_policy.callback_deny.concat().len(), 4);
         assert_eq!(
-            c.callback_policy.callback_allow,
+            c.callback_policy.callback_allow.concat(),
             [Rule::Host("hooks.example.com".into())]
         );
-        assert_eq!(c.function_deny, [Rule::Net("10.0.0.0/8".parse().unwrap())]);
+        assert_eq!(
+            c.function_deny.concat(),
+            [Rule::Net("10.0.0.0/8".parse().unwrap())]
+        );
         assert!(c.function_allow.is_empty());
+        // Repeated flags add up; empty entries (an empty variable, a trailing comma) are none.
+        let c = parse(
+            &[],
+            &[
+                "--callback-deny",
+                "10.0.0.0/8,",
+                "--callback-deny",
+                "",
+                "--callback-deny",
+                "::1",
+            ],
+        );
+        assert_eq!(c.callback_policy.callback_deny.concat().len(), 2);
         let err = WorkerConfig::try_parse_from(["queue-worker", "--callback-deny", "10.0.0.0/33"])
             .unwrap_err()
             .to_string();

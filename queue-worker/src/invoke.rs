@@ -79,8 +79,8 @@ impl FunctionInvoker {
             max_response_bytes: config.max_response_bytes,
             function_policy: (config.invoke_mode == InvokeMode::Direct).then(|| {
                 Arc::new(EgressPolicy::new(
-                    &config.function_deny,
-                    &config.function_allow,
+                    &config.function_deny.concat(),
+                    &config.function_allow.concat(),
                 ))
             }),
         }
