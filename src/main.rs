@@ -237,6 +237,7 @@ async fn serve<Q: CallQueue>(
                 config.server.trusted_proxies.clone(),
             ),
             default_namespace: config.worker.default_namespace.clone(),
+            callback_policy: config.worker.callback_policy.policy(),
         };
         let queue = queue.clone();
         let stop = stop.clone();

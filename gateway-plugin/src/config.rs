@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use queue_core::settings::{
-    LogArgs, NatsArgs, RecordArgs, StreamArgs, parse_bytes, parse_duration,
+    CallbackPolicyArgs, LogArgs, NatsArgs, RecordArgs, StreamArgs, parse_bytes, parse_duration,
 };
 
 /// `gateway-plugin` settings.
@@ -26,6 +26,9 @@ pub struct GatewayConfig {
     /// Call records.
     #[command(flatten)]
     pub records: RecordArgs,
+    /// Where callbacks may go (checked at enqueue; the workers check again at delivery).
+    #[command(flatten)]
+    pub callback_policy: CallbackPolicyArgs,
     /// Address to listen on.
     #[arg(long, env = "GATEWAY_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
@@ -59,6 +62,7 @@ impl GatewayConfig {
             shutdown_grace: self.shutdown_grace,
             trusted_proxies: crate::peer::TrustedProxies(self.trusted_proxies.clone()),
             default_namespace: self.default_namespace.clone(),
+            callback_policy: self.callback_policy.policy(),
         }
     }
 }

@@ -59,6 +59,9 @@ pub struct HttpSettings {
     pub trusted_proxies: peer::TrustedProxies,
     /// The workers' default namespace: `fn.{it}` is the function `fn`.
     pub default_namespace: String,
+    /// Where callbacks may go: a callback URL it refuses as written is answered `400`
+    /// `callback_not_allowed`.
+    pub callback_policy: queue_core::egress::EgressPolicy,
 }
 
 /// Serves on `listener` with JetStream as the queue until `shutdown` completes, then lets
@@ -109,6 +112,7 @@ pub async fn serve<Q: CallQueue>(
         live: live.clone(),
         trusted_proxies: settings.trusted_proxies,
         default_namespace: settings.default_namespace,
+        callback_policy: settings.callback_policy,
     });
     let app = routes::router(state);
     tracing::info!(listen = %listener.local_addr()?, "gateway-plugin listening");

@@ -362,7 +362,8 @@ async fn accept<Q: CallQueue>(
         None => None,
         Some(raw) => Some(
             parse_callback_url(raw)
-                .map_err(|e| ApiError::bad_request("invalid_callback_url", e.to_string()))?
+                .map_err(|e| ApiError::bad_request("invalid_callback_url", e.to_string()))
+                .and_then(|url| state.allowed_callback(url))?
                 .to_string(),
         ),
     };

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use queue_core::CallQueue;
+use queue_core::egress::EgressPolicy;
 
+use crate::error::ApiError;
 use crate::link::body_limit_for;
 
 /// State shared by the handlers.
@@ -28,6 +30,23 @@ pub struct AppState<Q> {
     pub trusted_proxies: crate::peer::TrustedProxies,
     /// The workers' default namespace (part of a function's canonical identity).
     pub default_namespace: String,
+    /// Where callbacks may go.
+    pub callback_policy: EgressPolicy,
+}
+
+impl<Q> AppState<Q> {
+    /// The callback URL policy at enqueue: `url` back if the policy does not refuse it as
+    /// written (an address literal, a denied name or port), else `400` `callback_not_allowed`.
+    /// A host name is checked again, address by address, when the worker connects.
+    pub fn allowed_callback(&self, url: url::Url) -> Result<url::Url, ApiError> {
+        match self.callback_policy.check_url(&url) {
+            Ok(()) => Ok(url),
+            Err(refusal) => Err(ApiError::bad_request(
+                "callback_not_allowed",
+                format!("callback URL not allowed: {refusal}"),
+            )),
+        }
+    }
 }
 
 impl<Q: CallQueue> AppState<Q> {

@@ -57,8 +57,9 @@ pub fn is_dropped_from_client(name: &str, trusted_proxy: bool) -> bool {
 }
 
 /// Headers the worker sets on a callback. A function's response never supplies them: the
-/// receiver must be able to trust each of them.
-pub const CALLBACK_HEADERS: [&str; 8] = [
+/// receiver must be able to trust each of them (the Standard Webhooks signature headers
+/// included, whether or not callbacks are signed).
+pub const CALLBACK_HEADERS: [&str; 11] = [
     "x-call-id",
     "x-call-state",
     "x-function-status",
@@ -67,6 +68,9 @@ pub const CALLBACK_HEADERS: [&str; 8] = [
     "x-duration-seconds",
     "x-start-time",
     "x-dead-letter-reason",
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
 ];
 
 /// True for a header only the worker sets on a callback ([`CALLBACK_HEADERS`]).

@@ -13,6 +13,7 @@
 //! - [`records`]: call records (`GET /async-calls/{id}`), their events and kept results.
 //! - [`outcome`]: [`Outcome`], what came of one invocation.
 //! - [`headers`]: which headers never cross from one HTTP exchange to another.
+//! - [`egress`]: where callbacks (and direct-mode function calls) may go: the SSRF policy.
 //! - [`settings`]: NATS, stream, record and log settings as plain structs (clap argument groups
 //!   with the `cli` feature), and the duration and size parsers.
 //! - [`metrics`]: metric names, the process-wide recorder, the bounded `function` label.
@@ -27,6 +28,7 @@
 
 pub mod backend;
 pub mod clock;
+pub mod egress;
 pub mod headers;
 pub mod message;
 pub mod metrics;

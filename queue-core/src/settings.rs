@@ -161,6 +161,40 @@ pub struct LogArgs {
     pub log_level: String,
 }
 
+/// Where callbacks may go ([`crate::egress`]). Shared by both binaries: the gateway refuses a
+/// callback URL the policy refuses as written (`400 callback_not_allowed`), the worker checks it
+/// again and every address it resolves to when it connects. Give both the same lists.
+#[derive(Debug, Clone, Default)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct CallbackPolicyArgs {
+    /// Callback destinations refused besides the built-in ones (link-local, metadata,
+    /// unspecified, multicast, broadcast), comma-separated: addresses or CIDR blocks
+    /// (`127.0.0.0/8`), host names (`name`, `*.suffix`) and ports (`:25`, `:8000-8999`).
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, env = "CALLBACK_DENY", value_parser = crate::egress::parse_rules, action = clap::ArgAction::Append)
+    )]
+    pub callback_deny: Vec<Vec<crate::egress::Rule>>,
+    /// If set, the only callback destinations allowed (same notation as `--callback-deny`,
+    /// which still wins): with ports, the port must be one of them; with names or blocks, the
+    /// host must be one of the names or resolve only into the blocks.
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, env = "CALLBACK_ALLOW", value_parser = crate::egress::parse_rules, action = clap::ArgAction::Append)
+    )]
+    pub callback_allow: Vec<Vec<crate::egress::Rule>>,
+}
+
+impl CallbackPolicyArgs {
+    /// The policy these lists make.
+    pub fn policy(&self) -> crate::egress::EgressPolicy {
+        crate::egress::EgressPolicy::new(
+            &self.callback_deny.concat(),
+            &self.callback_allow.concat(),
+        )
+    }
+}
+
 /// The NATS URL from OpenFaaS's `faas_nats_address` / `faas_nats_port`, if they are set.
 /// Both binaries use it; the gateway maps nothing else.
 pub fn openfaas_nats_url(lookup: impl Fn(&str) -> Option<String>) -> Option<String> {

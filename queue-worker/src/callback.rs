@@ -2,7 +2,16 @@
 //! OpenFaaS callback headers, retried with exponential backoff on retryable failures.
 //!
 //! Only the callback is retried here, never the function: the result is already stored.
+//!
+//! Where a callback may go is the callback policy's ([`queue_core::egress`]): the URL is checked
+//! before every attempt, and every address its host resolves to is checked when the worker
+//! connects (in [`Http1Client::send_checked`] for `http`, in the general client's resolver for
+//! `https`), so a name cannot be checked at one address and connected at another. A refused
+//! callback is not retried: the delivery ends with [`DeadLetterReason::CallbackRefused`].
+//! Redirects are never followed: a 3xx ends the delivery. With signing secrets, every attempt is
+//! signed ([`crate::signing`]).
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -12,9 +21,14 @@ use std::sync::Arc;
 use crate::config::WorkerConfig;
 use crate::http1::{Http1Client, Http1Error, Request};
 use crate::invoke::{PlainTarget, transport_error_kind};
+use crate::signing::{CallbackSigner, SecretsError, unix_seconds_now};
 use queue_core::Outcome;
+use queue_core::backend::DeadLetterReason;
+use queue_core::egress::{EgressPolicy, Refusal};
 use queue_core::headers::{is_callback_header, is_hop_by_hop};
 use queue_core::message::CallMeta;
+
+const USER_AGENT: &str = concat!("queue-worker/", env!("CARGO_PKG_VERSION"));
 
 /// How a callback ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,12 +40,16 @@ pub enum Delivery {
         /// Attempts used.
         attempts: u32,
     },
-    /// A permanent failure (4xx other than 408/429, 3xx, 410 Gone) or attempts exhausted.
+    /// A permanent failure (4xx other than 408/429, 3xx, 410 Gone), attempts exhausted, or a
+    /// destination the callback policy refuses.
     GaveUp {
         /// Data-free reason.
         reason: String,
         /// Attempts used.
         attempts: u32,
+        /// How the call is dead-lettered: `callback_refused` (the policy refused the
+        /// destination; nothing was sent) or `callback_failed`.
+        dead_letter: DeadLetterReason,
     },
     /// Shutdown's grace period ended before delivery; the message is handed back.
     Interrupted,
@@ -42,6 +60,8 @@ pub enum Delivery {
 pub struct CallbackSender {
     client: reqwest::Client,
     http1: Arc<Http1Client>,
+    policy: Arc<EgressPolicy>,
+    signer: Option<Arc<CallbackSigner>>,
     timeout: Duration,
     max_attempts: u32,
     initial_wait: Duration,
@@ -95,19 +115,92 @@ enum AttemptResult {
     Delivered(u16),
     Retry(String, Option<Duration>),
     Permanent(String),
+    Refused(Refusal),
+}
+
+/// Why callbacks cannot be sent at all (the worker does not start).
+#[derive(Debug, thiserror::Error)]
+pub enum CallbackSetupError {
+    /// The HTTP client could not be built.
+    #[error("cannot build the callback HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+    /// The signing secrets cannot be used.
+    #[error(transparent)]
+    Secrets(#[from] SecretsError),
+}
+
+/// The general client's resolver for callbacks: it resolves the name and refuses it if the
+/// callback policy refuses any of its addresses, so the connection goes only to addresses that
+/// were checked. (Address literals skip resolvers; [`EgressPolicy::check_url`] checks those.)
+#[derive(Debug)]
+struct PolicyResolver {
+    policy: Arc<EgressPolicy>,
+}
+
+impl reqwest::dns::Resolve for PolicyResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let policy = self.policy.clone();
+        Box::pin(async move {
+            let host = name.as_str();
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, 0)).await?.collect();
+            for addr in &addrs {
+                policy.check_resolved(host, addr.ip())?;
+            }
+            let addrs: reqwest::dns::Addrs = Box::new(addrs.into_iter());
+            Ok(addrs)
+        })
+    }
+}
+
+/// The refusal behind a general-client error, if the resolver refused the destination.
+fn refusal_of(error: &reqwest::Error) -> Option<Refusal> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if let Some(refusal) = e.downcast_ref::<Refusal>() {
+            return Some(*refusal);
+        }
+        source = e.source();
+    }
+    None
+}
+
+/// The general client for callbacks: the policy's resolver, no redirects, no proxy (the worker
+/// must see the address it connects to).
+fn callback_client(policy: Arc<EgressPolicy>) -> Result<reqwest::Client, reqwest::Error> {
+    // As in `invoke::http_client`: one rustls provider for the process.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .user_agent(USER_AGENT)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .dns_resolver(Arc::new(PolicyResolver { policy }))
+        .connect_timeout(Duration::from_secs(10))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .tcp_nodelay(true)
+        .build()
 }
 
 impl CallbackSender {
-    /// From the worker configuration.
-    pub fn new(config: &WorkerConfig, client: reqwest::Client, http1: Arc<Http1Client>) -> Self {
-        Self {
-            client,
+    /// From the worker configuration: the callback policy, the signing secrets (if a file is
+    /// configured; an unreadable or invalid file is an error), the plain-`http` client.
+    pub fn new(config: &WorkerConfig, http1: Arc<Http1Client>) -> Result<Self, CallbackSetupError> {
+        let policy = Arc::new(config.callback_policy.policy());
+        let signer = config
+            .callback_signing_secrets_file
+            .as_deref()
+            .map(CallbackSigner::open)
+            .transpose()?
+            .map(Arc::new);
+        Ok(Self {
+            client: callback_client(policy.clone())?,
             http1,
+            policy,
+            signer,
             timeout: config.callback_timeout,
             max_attempts: config.callback_max_attempts,
             initial_wait: config.callback_initial_wait,
             max_wait: config.callback_max_wait,
-        }
+        })
     }
 
     /// Delivers the callback, retrying retryable failures until it succeeds, fails for good,
@@ -120,27 +213,41 @@ impl CallbackSender {
         dead_letter: Option<&str>,
         interrupt: &CancellationToken,
     ) -> Delivery {
+        let failed = |reason: String, attempts: u32| Delivery::GaveUp {
+            reason,
+            attempts,
+            dead_letter: DeadLetterReason::CallbackFailed,
+        };
+        // Checked when the call was decoded; a URL that does not parse is not retried.
+        let Ok(url) = url::Url::parse(url) else {
+            return failed("invalid callback URL".into(), 0);
+        };
+        let plain = PlainTarget::from_url(&url);
         let headers = callback_headers(meta, outcome, dead_letter);
         let mut wait = self.initial_wait;
         let mut attempts = 0;
         loop {
             attempts += 1;
             let result = tokio::select! {
-                r = self.attempt(url, &headers, outcome) => r,
+                r = self.attempt(&url, plain.as_ref(), &meta.call_id, &headers, outcome) => r,
                 () = interrupt.cancelled() => return Delivery::Interrupted,
             };
             let (reason, retry_after) = match result {
                 AttemptResult::Delivered(status) => {
                     return Delivery::Delivered { status, attempts };
                 }
-                AttemptResult::Permanent(reason) => return Delivery::GaveUp { reason, attempts },
+                AttemptResult::Permanent(reason) => return failed(reason, attempts),
+                AttemptResult::Refused(refusal) => {
+                    return Delivery::GaveUp {
+                        reason: format!("refused by the callback policy: {refusal}"),
+                        attempts,
+                        dead_letter: DeadLetterReason::CallbackRefused,
+                    };
+                }
                 AttemptResult::Retry(reason, retry_after) => (reason, retry_after),
             };
             if attempts >= self.max_attempts {
-                return Delivery::GaveUp {
-                    reason: format!("{reason} after {attempts} attempts"),
-                    attempts,
-                };
+                return failed(format!("{reason} after {attempts} attempts"), attempts);
             }
             let delay = retry_after.unwrap_or(wait).min(self.max_wait);
             tracing::warn!(call_id = %meta.call_id, attempt = attempts, %reason, retry_in = ?delay, "callback failed; retrying");
@@ -152,26 +259,48 @@ impl CallbackSender {
         }
     }
 
+    /// One attempt: the URL against the policy, the signature of this attempt (its own
+    /// timestamp), then the POST over plain `http` or the general client.
     async fn attempt(
         &self,
-        url: &str,
+        url: &url::Url,
+        plain: Option<&PlainTarget>,
+        msg_id: &str,
         headers: &[(String, String)],
         outcome: &Outcome,
     ) -> AttemptResult {
-        if let Some(target) = PlainTarget::parse(url) {
-            return self.attempt_plain(&target, headers, outcome).await;
+        if let Err(refusal) = self.policy.check_url(url) {
+            return AttemptResult::Refused(refusal);
+        }
+        let signature = self
+            .signer
+            .as_ref()
+            .map(|s| s.headers(msg_id, unix_seconds_now(), &outcome.body));
+        let signature = signature.as_ref().map_or(&[][..], |s| &s[..]);
+        if let Some(target) = plain {
+            return self
+                .attempt_plain(target, headers, signature, outcome)
+                .await;
         }
         let mut request = self
             .client
-            .post(url)
+            .post(url.clone())
             .timeout(self.timeout)
             .body(outcome.body.clone());
         for (name, value) in headers {
             request = request.header(name.as_str(), value.as_str());
         }
+        for (name, value) in signature {
+            request = request.header(*name, value.as_str());
+        }
         let response = match request.send().await {
             Ok(r) => r,
-            Err(e) => return AttemptResult::Retry(transport_error_kind(&e).to_owned(), None),
+            Err(e) => {
+                return match refusal_of(&e) {
+                    Some(refusal) => AttemptResult::Refused(refusal),
+                    None => AttemptResult::Retry(transport_error_kind(&e).to_owned(), None),
+                };
+            }
         };
         let status = response.status();
         let retry_after = response
@@ -190,16 +319,15 @@ impl CallbackSender {
         &self,
         target: &PlainTarget,
         headers: &[(String, String)],
+        signature: &[(&'static str, String)],
         outcome: &Outcome,
     ) -> AttemptResult {
         let mut pairs: Vec<(&str, &str)> = headers
             .iter()
             .map(|(n, v)| (n.as_str(), v.as_str()))
+            .chain(signature.iter().map(|(n, v)| (*n, v.as_str())))
             .collect();
-        pairs.push((
-            "user-agent",
-            concat!("queue-worker/", env!("CARGO_PKG_VERSION")),
-        ));
+        pairs.push(("user-agent", USER_AGENT));
         let request = Request {
             method: "POST",
             origin: &target.origin,
@@ -208,11 +336,15 @@ impl CallbackSender {
             headers: &pairs,
             body: &outcome.body,
         };
-        let sent =
-            tokio::time::timeout(self.timeout, self.http1.send(&request, MAX_RECEIVER_ANSWER))
-                .await;
+        let sent = tokio::time::timeout(
+            self.timeout,
+            self.http1
+                .send_checked(&request, MAX_RECEIVER_ANSWER, Some(&self.policy)),
+        )
+        .await;
         let response = match sent {
             Err(_) => return AttemptResult::Retry("timeout".into(), None),
+            Ok(Err(Http1Error::Refused(refusal))) => return AttemptResult::Refused(refusal),
             Ok(Err(Http1Error::Connect)) => return AttemptResult::Retry("connect".into(), None),
             Ok(Err(Http1Error::Io)) => return AttemptResult::Retry("request".into(), None),
             Ok(Err(Http1Error::TooLarge | Http1Error::Malformed(_))) => {

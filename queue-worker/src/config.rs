@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 pub use queue_core::settings::{
-    LogArgs, LogFormat, NatsArgs, RecordArgs, StreamArgs, openfaas_nats_url, parse_bytes,
-    parse_duration, redact_url, with_leading_args,
+    CallbackPolicyArgs, LogArgs, LogFormat, NatsArgs, RecordArgs, StreamArgs, openfaas_nats_url,
+    parse_bytes, parse_duration, redact_url, with_leading_args,
 };
 
 /// How the worker reaches functions.
@@ -113,6 +113,22 @@ pub struct WorkerConfig {
     /// TOML file with per-function overrides of retries, timeout and max age (see README).
     #[arg(long, env = "QUEUE_WORKER_FUNCTIONS_CONFIG")]
     pub functions_config: Option<PathBuf>,
+    /// Where callbacks may go (`--callback-deny`, `--callback-allow`): checked for every
+    /// address the callback host resolves to, when the worker connects.
+    #[command(flatten)]
+    pub callback_policy: CallbackPolicyArgs,
+    /// File of Standard Webhooks secrets (`whsec_...`, one a line): every callback is signed
+    /// with each (`webhook-id`, `webhook-timestamp`, `webhook-signature`). Re-read when it
+    /// changes. Without it, callbacks are not signed.
+    #[arg(long, env = "CALLBACK_SIGNING_SECRETS_FILE")]
+    pub callback_signing_secrets_file: Option<PathBuf>,
+    /// Direct mode: function destinations refused besides the built-in ones (same notation as
+    /// `--callback-deny`), checked for every address a function's host resolves to.
+    #[arg(long, env = "FUNCTION_DENY", value_parser = queue_core::egress::parse_rules, action = clap::ArgAction::Append)]
+    pub function_deny: Vec<Vec<queue_core::egress::Rule>>,
+    /// Direct mode: if set, the only function destinations allowed (as `--callback-allow`).
+    #[arg(long, env = "FUNCTION_ALLOW", value_parser = queue_core::egress::parse_rules, action = clap::ArgAction::Append)]
+    pub function_allow: Vec<Vec<queue_core::egress::Rule>>,
     /// Longest a single callback POST may take.
     #[arg(long, env = "QUEUE_WORKER_CALLBACK_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub callback_timeout: Duration,
@@ -480,5 +496,48 @@ mod tests {
         assert!(WorkerConfig::try_parse_from(["queue-worker", "--max-inflight", "0"]).is_err());
         let c = parse(&[], &["--ack-wait", "100ms"]);
         assert!(c.validate().unwrap_err().contains("ack-wait"));
+    }
+
+    #[test]
+    fn egress_lists_parse_and_bad_entries_are_clear_errors() {
+        use queue_core::egress::Rule;
+        let c = parse(
+            &[],
+            &[
+                "--callback-deny",
+                "127.0.0.0/8,::1,*.internal.example,:25",
+                "--callback-allow",
+                "hooks.example.com",
+                "--function-deny",
+                "10.0.0.0/8",
+            ],
+        );
+        assert_eq!(c.callback_policy.callback_deny.concat().len(), 4);
+        assert_eq!(
+            c.callback_policy.callback_allow.concat(),
+            [Rule::Host("hooks.example.com".into())]
+        );
+        assert_eq!(
+            c.function_deny.concat(),
+            [Rule::Net("10.0.0.0/8".parse().unwrap())]
+        );
+        assert!(c.function_allow.is_empty());
+        // Repeated flags add up; empty entries (an empty variable, a trailing comma) are none.
+        let c = parse(
+            &[],
+            &[
+                "--callback-deny",
+                "10.0.0.0/8,",
+                "--callback-deny",
+                "",
+                "--callback-deny",
+                "::1",
+            ],
+        );
+        assert_eq!(c.callback_policy.callback_deny.concat().len(), 2);
+        let err = WorkerConfig::try_parse_from(["queue-worker", "--callback-deny", "10.0.0.0/33"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("CIDR block"), "{err}");
     }
 }

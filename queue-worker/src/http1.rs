@@ -12,13 +12,19 @@
 //! no body for `HEAD`, 204 and 304. What it refuses (an error, never a guess): malformed
 //! status lines or headers, more than [`MAX_HEADERS`] headers or [`MAX_HEAD_BYTES`] of them,
 //! conflicting lengths, bad chunk framing, bodies above the caller's limit.
+//!
+//! Where it connects: [`Http1Client::send_checked`] checks every address the host name resolves
+//! to against an [`EgressPolicy`] before connecting, and connects only to those addresses (no
+//! second lookup, so DNS rebinding between check and connect is impossible); a pooled
+//! connection is reused only if the address it is connected to passes the policy too.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
+use queue_core::egress::{EgressPolicy, Refusal};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -50,6 +56,9 @@ pub enum Http1Error {
     /// The body is larger than the caller's limit.
     #[error("response too large")]
     TooLarge,
+    /// The policy refused the destination (nothing was sent).
+    #[error("refused: {0}")]
+    Refused(Refusal),
 }
 
 /// Where a connection goes.
@@ -100,6 +109,8 @@ struct Pool {
 struct Idle {
     stream: TcpStream,
     since: Instant,
+    /// The address it is connected to (checked against a policy before reuse).
+    peer: IpAddr,
 }
 
 /// Drops the connections of `idle` that have been idle longer than `timeout`. `idle` is in
@@ -143,8 +154,8 @@ impl Http1Client {
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// An idle connection that the peer has not closed, if any.
-    fn take_idle(&self, origin: &Origin) -> Option<TcpStream> {
+    /// An idle connection that the peer has not closed, if any, and its peer address.
+    fn take_idle(&self, origin: &Origin) -> Option<(TcpStream, IpAddr)> {
         let mut pool = self.pool();
         let idle = pool.by_origin.get_mut(origin)?;
         while let Some(conn) = idle.pop() {
@@ -155,19 +166,21 @@ impl Http1Client {
             if idle_for < PROBE_AFTER {
                 // Reused at once (the common case under load): a peer that closed it in this
                 // instant is caught by the retry in `send`, without a syscall per call.
-                return Some(conn.stream);
+                return Some((conn.stream, conn.peer));
             }
             // Readable while idle means closed (EOF) or garbage: either way unusable.
             let mut probe = [0u8; 1];
             match conn.stream.try_read(&mut probe) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Some(conn.stream),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    return Some((conn.stream, conn.peer));
+                }
                 _ => continue,
             }
         }
         None
     }
 
-    fn put_idle(&self, origin: &Origin, stream: TcpStream) {
+    fn put_idle(&self, origin: &Origin, stream: TcpStream, peer: IpAddr) {
         let now = Instant::now();
         let timeout = self.idle_timeout;
         let mut pool = self.pool();
@@ -185,23 +198,40 @@ impl Http1Client {
         };
         drop_expired(idle, now, timeout);
         if idle.len() < self.max_idle_per_origin {
-            idle.push(Idle { stream, since: now });
+            idle.push(Idle {
+                stream,
+                since: now,
+                peer,
+            });
         }
     }
 
-    async fn connect(&self, origin: &Origin) -> Result<TcpStream, Http1Error> {
+    /// Resolves `origin` once, checks every address against `policy` (any refused address
+    /// refuses the origin), then connects to those same addresses.
+    async fn connect(
+        &self,
+        origin: &Origin,
+        policy: Option<&EgressPolicy>,
+    ) -> Result<(TcpStream, IpAddr), Http1Error> {
         let connect = async {
             let addrs: Vec<SocketAddr> =
                 tokio::net::lookup_host((origin.host.as_str(), origin.port))
                     .await
                     .map_err(|_| Http1Error::Connect)?
                     .collect();
+            if let Some(policy) = policy {
+                for addr in &addrs {
+                    policy
+                        .check_endpoint(&origin.host, origin.port, addr.ip())
+                        .map_err(Http1Error::Refused)?;
+                }
+            }
             let mut last = Http1Error::Connect;
             for addr in addrs {
                 match TcpStream::connect(addr).await {
                     Ok(stream) => {
                         let _ = stream.set_nodelay(true);
-                        return Ok(stream);
+                        return Ok((stream, addr.ip()));
                     }
                     Err(_) => last = Http1Error::Connect,
                 }
@@ -217,23 +247,45 @@ impl Http1Client {
     /// reused connection the peer closed before answering is replaced once by a new one
     /// (nothing was answered on it; the request is sent again, as any HTTP client does).
     pub async fn send(&self, request: &Request<'_>, max_body: u64) -> Result<Response, Http1Error> {
-        if let Some(stream) = self.take_idle(request.origin) {
-            match exchange(stream, request, max_body).await {
-                Ok((response, reusable)) => {
-                    if let Some(stream) = reusable {
-                        self.put_idle(request.origin, stream);
+        self.send_checked(request, max_body, None).await
+    }
+
+    /// [`Http1Client::send`] to a destination `policy` allows: every address the origin
+    /// resolves to is checked before the connection is opened ([`Http1Error::Refused`] if any
+    /// is refused), and a pooled connection is used only if its address passes.
+    pub async fn send_checked(
+        &self,
+        request: &Request<'_>,
+        max_body: u64,
+        policy: Option<&EgressPolicy>,
+    ) -> Result<Response, Http1Error> {
+        if let Some((stream, peer)) = self.take_idle(request.origin) {
+            let allowed = policy.is_none_or(|p| {
+                p.check_endpoint(&request.origin.host, request.origin.port, peer)
+                    .is_ok()
+            });
+            if allowed {
+                match exchange(stream, request, max_body).await {
+                    Ok((response, reusable)) => {
+                        if let Some(stream) = reusable {
+                            self.put_idle(request.origin, stream, peer);
+                        }
+                        return Ok(response);
                     }
-                    return Ok(response);
+                    Err(Attempt::ClosedBeforeAnswer) => {}
+                    Err(Attempt::Failed(e)) => return Err(e),
                 }
-                Err(Attempt::ClosedBeforeAnswer) => {}
-                Err(Attempt::Failed(e)) => return Err(e),
+            } else {
+                // Opened for a caller with another policy: keep it for them; this request
+                // resolves afresh and is checked.
+                self.put_idle(request.origin, stream, peer);
             }
         }
-        let stream = self.connect(request.origin).await?;
+        let (stream, peer) = self.connect(request.origin, policy).await?;
         match exchange(stream, request, max_body).await {
             Ok((response, reusable)) => {
                 if let Some(stream) = reusable {
-                    self.put_idle(request.origin, stream);
+                    self.put_idle(request.origin, stream, peer);
                 }
                 Ok(response)
             }
@@ -629,6 +681,7 @@ mod tests {
             idle.push(Idle {
                 stream: TcpStream::connect(addr).await.unwrap(),
                 since: now.checked_sub(Duration::from_secs(age)).unwrap(),
+                peer: addr.ip(),
             });
         }
         drop_expired(&mut idle, now, Duration::from_secs(10));
@@ -906,6 +959,62 @@ mod tests {
                 String::from_utf8_lossy(&answer[..answer.len().min(60)])
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_policy_refusing_the_address_means_no_connection_and_no_reuse() {
+        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec();
+        let (origin, accepted, requests) = raw_server(vec![ok.clone(), ok.clone(), ok]).await;
+        let no_loopback = EgressPolicy::new(&["127.0.0.0/8".parse().unwrap()], &[]);
+        let c = client();
+        let body = Bytes::from_static(b"x");
+        let send = |policy: Option<&'static EgressPolicy>, origin: Origin| {
+            let c = &c;
+            let body = body.clone();
+            async move {
+                let request = Request {
+                    method: "POST",
+                    origin: &origin,
+                    host_header: "h",
+                    target: "/",
+                    headers: &[],
+                    body: &body,
+                };
+                c.send_checked(&request, 64, policy).await
+            }
+        };
+        let no_loopback: &'static EgressPolicy = Box::leak(Box::new(no_loopback));
+        let refused = || {
+            Some(Http1Error::Refused(
+                queue_core::egress::Refusal::DeniedAddress,
+            ))
+        };
+        assert_eq!(
+            send(Some(no_loopback), origin.clone()).await.err(),
+            refused()
+        );
+        // The name is resolved and every address checked before connecting.
+        let by_name = Origin {
+            host: "localhost".into(),
+            port: origin.port,
+        };
+        assert_eq!(send(Some(no_loopback), by_name).await.err(), refused());
+        assert_eq!(accepted.load(Ordering::SeqCst), 0, "nothing was connected");
+        // A connection pooled without a policy is not reused under one that refuses it.
+        assert_eq!(send(None, origin.clone()).await.unwrap().status, 200);
+        assert_eq!(c.pool().by_origin.get(&origin).map(Vec::len), Some(1));
+        assert_eq!(
+            send(Some(no_loopback), origin.clone()).await.err(),
+            refused()
+        );
+        assert_eq!(
+            requests.lock().unwrap().len(),
+            1,
+            "the refused request was never sent"
+        );
+        // ... and stays pooled for callers it is allowed for.
+        assert_eq!(send(None, origin.clone()).await.unwrap().status, 200);
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use crate::config::{InvokeMode, WorkerConfig};
 use crate::http1::{Http1Client, Http1Error, Origin, Request};
+use queue_core::egress::EgressPolicy;
 use queue_core::headers::is_worker_request_header;
 pub use queue_core::headers::{HOP_BY_HOP, is_hop_by_hop};
 use queue_core::message::QueuedCall;
@@ -28,6 +29,8 @@ pub struct FunctionInvoker {
     allowed_namespaces: Vec<String>,
     function_suffix: String,
     max_response_bytes: u64,
+    /// Direct mode: where functions may be reached (`--function-deny`, `--function-allow`).
+    function_policy: Option<Arc<EgressPolicy>>,
 }
 
 /// Why a call is not sent to any function.
@@ -74,6 +77,12 @@ impl FunctionInvoker {
                 .collect(),
             function_suffix: config.function_suffix.clone(),
             max_response_bytes: config.max_response_bytes,
+            function_policy: (config.invoke_mode == InvokeMode::Direct).then(|| {
+                Arc::new(EgressPolicy::new(
+                    &config.function_deny.concat(),
+                    &config.function_allow.concat(),
+                ))
+            }),
         }
     }
 
@@ -230,10 +239,15 @@ impl FunctionInvoker {
             headers: &headers,
             body: &call.body,
         };
-        match tokio::time::timeout(timeout, self.http1.send(&request, self.max_response_bytes))
-            .await
-        {
+        let sent = self.http1.send_checked(
+            &request,
+            self.max_response_bytes,
+            self.function_policy.as_deref(),
+        );
+        match tokio::time::timeout(timeout, sent).await {
             Err(_) => failed(503, "timeout"),
+            // Not retried (403 is not a retry code): the operator's policy will not change.
+            Ok(Err(Http1Error::Refused(_))) => failed(403, "function address not allowed"),
             Ok(Err(Http1Error::Connect)) => failed(503, "connect"),
             Ok(Err(Http1Error::Io)) => failed(503, "request"),
             Ok(Err(Http1Error::TooLarge)) => failed(502, "response too large"),
@@ -275,7 +289,11 @@ pub struct PlainTarget {
 impl PlainTarget {
     /// `None` for anything but a valid `http://` URL (`https` goes through the general client).
     pub fn parse(raw: &str) -> Option<Self> {
-        let url = url::Url::parse(raw).ok()?;
+        Self::from_url(&url::Url::parse(raw).ok()?)
+    }
+
+    /// [`PlainTarget::parse`] of a parsed URL.
+    pub fn from_url(url: &url::Url) -> Option<Self> {
         if url.scheme() != "http" || !url.username().is_empty() || url.password().is_some() {
             return None;
         }
@@ -474,6 +492,44 @@ mod tests {
                 "{foreign}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn direct_mode_refuses_function_addresses_the_function_policy_refuses() {
+        // `{name}.{namespace}{suffix}` spelling an address: 127.0.0.1 and 169.254.169.254.
+        let loopback = invoker(&[
+            "--invoke-mode",
+            "direct",
+            "--default-namespace",
+            "0",
+            "--function-suffix",
+            ".0.1",
+            "--function-deny",
+            "127.0.0.0/8",
+        ]);
+        let mut c = call(None, "/", None);
+        c.meta.function = "127".into();
+        let outcome = loopback.invoke(&c, 1, 1, Duration::from_secs(5)).await;
+        assert_eq!(outcome.status, 403);
+        assert_eq!(
+            outcome.error.as_deref(),
+            Some("function address not allowed")
+        );
+        // The built-in refusals apply without any list.
+        let metadata = invoker(&[
+            "--invoke-mode",
+            "direct",
+            "--default-namespace",
+            "254",
+            "--function-suffix",
+            ".169.254",
+        ]);
+        c.meta.function = "169".into();
+        let outcome = metadata.invoke(&c, 1, 1, Duration::from_secs(5)).await;
+        assert_eq!(
+            (outcome.status, outcome.error.as_deref()),
+            (403, Some("function address not allowed"))
+        );
     }
 
     #[test]

@@ -17,7 +17,9 @@
 //!   socket and a right-sized buffer per in-flight call, an idle pool per origin).
 //! - [`retry`]: the function retry policy (backoff with jitter, `Retry-After`).
 //! - [`functions`]: per-function overrides (`--functions-config`, TOML).
-//! - [`callback`]: callback headers and delivery with retries of the callback alone.
+//! - [`callback`]: callback headers and delivery with retries of the callback alone; the
+//!   callback URL policy at connect time.
+//! - [`signing`]: Standard Webhooks signatures of callbacks, secrets from a file.
 //! - [`state`]: the dedup state in sled.
 //! - [`dlq`]: dead-letter administration (`queue-worker dlq list|show|replay|purge`).
 //! - [`endpoint`]: `/metrics` and `/healthz`.
@@ -33,6 +35,7 @@ pub mod invoke;
 pub mod lease;
 pub mod plan;
 pub mod retry;
+pub mod signing;
 pub mod state;
 pub mod worker;
 

@@ -294,8 +294,9 @@ pub async fn run_with_state<Q: CallQueue>(
 
     let stop_pulling = CancellationToken::new();
     let ctx = Arc::new(Ctx {
-        invoker: FunctionInvoker::new(&config, http.clone(), plain.clone()),
-        callbacks: CallbackSender::new(&config, http, plain),
+        invoker: FunctionInvoker::new(&config, http, plain.clone()),
+        callbacks: CallbackSender::new(&config, plain)
+            .map_err(|e| WorkerError::Config(e.to_string()))?,
         queue,
         store,
         hand_back: CancellationToken::new(),
@@ -824,23 +825,22 @@ impl<Q: CallQueue> Job<'_, Q> {
             if let Delivery::GaveUp {
                 reason,
                 attempts: tries,
+                dead_letter: why,
             } = delivery
             {
                 tracing::error!(%reason, callback_attempts = tries, "callback not delivered; dead-lettering the call");
-                let gave_up =
-                    self.gave_up(CallState::DeadLettered, DeadLetterReason::CallbackFailed);
+                let gave_up = self.gave_up(CallState::DeadLettered, why);
                 self.note(&[entry, gave_up], None).await;
                 if let Err(e) = ctx.store.forget(&self.function, self.call_id()) {
                     tracing::warn!(error = %e, "could not forget the call");
                 }
-                self.count_dead_letter(DeadLetterReason::CallbackFailed, Some(outcome.status))
-                    .await;
+                self.count_dead_letter(why, Some(outcome.status)).await;
                 let detail = format!("callback: {reason}");
                 let subject = lease.delivery().subject().to_owned();
                 let letter = self.letter(
                     lease.delivery(),
                     &subject,
-                    DeadLetterReason::CallbackFailed,
+                    why,
                     &detail,
                     Some(outcome.status),
                     attempts,
@@ -1099,7 +1099,9 @@ fn attempt_ended(
 fn callback_entry(delivery: &Delivery) -> Option<Event> {
     match delivery {
         Delivery::Delivered { status, attempts } => Some(callback_event(*status, *attempts, None)),
-        Delivery::GaveUp { reason, attempts } => Some(callback_event(0, *attempts, Some(reason))),
+        Delivery::GaveUp {
+            reason, attempts, ..
+        } => Some(callback_event(0, *attempts, Some(reason))),
         Delivery::Interrupted => None,
     }
 }

@@ -17,6 +17,8 @@
 //!   measuring every latency from the request's intended send time.
 //! - [`audit`]: [`audit::audit_callbacks`], matching received callbacks to
 //!   accepted call ids: lost, duplicated, unexpected, bad headers.
+//! - [`tools_python`]: the Python of `.tools/` (`./scripts/install-tools.sh`), with the
+//!   `standardwebhooks` verifier.
 //! - [`HarnessError`]: the error type of everything above.
 
 pub mod audit;
@@ -27,6 +29,27 @@ pub mod stub;
 
 pub use error::{HarnessError, workspace_dir};
 pub use nats_server::{NatsServer, nats_server_binary};
+
+/// The Python interpreter of the test tools: `$TOOLS_PYTHON` if set, else
+/// `<workspace root>/.tools/venv/bin/python3`, where `./scripts/install-tools.sh` installs the
+/// pinned `standardwebhooks` package (the independent verifier of signed callbacks).
+pub fn tools_python() -> Result<std::path::PathBuf, HarnessError> {
+    let path = match std::env::var_os("TOOLS_PYTHON") {
+        Some(p) if !p.is_empty() => std::path::PathBuf::from(p),
+        _ => workspace_dir().join(".tools/venv/bin/python3"),
+    };
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(HarnessError::io(
+            format!(
+                "no Python at {} (set TOOLS_PYTHON or run ./scripts/install-tools.sh)",
+                path.display()
+            ),
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        ))
+    }
+}
 pub use open_loop::{Timed, open_loop};
 pub use stub::{
     ANSWERED_AT_HEADER, CallbackReceiver, Fault, FaultMix, INVOKED_AT_HEADER, RecordedCallback,

@@ -493,6 +493,8 @@ pub struct CallbackReceiver {
 #[derive(Debug)]
 struct CallbackState {
     status: AtomicU16,
+    /// `Location` of every answer, if set (with a 3xx status: a redirecting receiver).
+    location: Mutex<Option<String>>,
     /// Every n-th callback is answered but not recorded (0: none); see
     /// [`CallbackReceiver::set_recording_fault`].
     drop_every: AtomicUsize,
@@ -518,6 +520,7 @@ impl CallbackReceiver {
             addr: local_addr(&listener)?,
             state: Arc::new(CallbackState {
                 status: AtomicU16::new(200),
+                location: Mutex::new(None),
                 drop_every: AtomicUsize::new(0),
                 duplicate_every: AtomicUsize::new(0),
                 received: AtomicUsize::new(0),
@@ -570,6 +573,12 @@ impl CallbackReceiver {
     /// yields 500).
     pub fn set_status(&self, status: u16) {
         self.state.status.store(status, Ordering::SeqCst);
+    }
+
+    /// Sends `Location: {location}` with every answer from now on (`None`: no `Location`);
+    /// with [`CallbackReceiver::set_status`] `302`, the receiver redirects.
+    pub fn set_location(&self, location: Option<String>) {
+        *lock(&self.state.location) = location;
     }
 
     /// Makes the *recording* wrong on purpose, to test that whoever reads it (the bench)
@@ -697,9 +706,18 @@ async fn callback_handler(State(state): State<Arc<CallbackState>>, request: Requ
         callbacks.push(recorded);
     }
     state.arrived.notify_one();
-    StatusCode::from_u16(state.status.load(Ordering::SeqCst))
+    let mut response = StatusCode::from_u16(state.status.load(Ordering::SeqCst))
         .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
-        .into_response()
+        .into_response();
+    if let Some(location) = lock(&state.location)
+        .as_deref()
+        .and_then(|l| HeaderValue::from_str(l).ok())
+    {
+        response
+            .headers_mut()
+            .insert(axum::http::header::LOCATION, location);
+    }
+    response
 }
 
 /// An axum server task with a graceful-shutdown trigger. Dropping it

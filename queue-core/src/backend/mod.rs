@@ -374,6 +374,8 @@ pub enum DeadLetterReason {
     Expired,
     /// The function ran but its callback could not be delivered.
     CallbackFailed,
+    /// The function ran but the callback policy refused its callback's destination.
+    CallbackRefused,
 }
 
 impl DeadLetterReason {
@@ -384,13 +386,15 @@ impl DeadLetterReason {
             Self::RetriesExhausted => "retries_exhausted",
             Self::Expired => "expired",
             Self::CallbackFailed => "callback_failed",
+            Self::CallbackRefused => "callback_refused",
         }
     }
 }
 
 /// Names of what a dead letter records (NATS headers in JetStream, fields in the embedded queue).
 pub mod dead_letter_headers {
-    /// Why (`undecodable`, `retries_exhausted`, `expired`, `callback_failed`).
+    /// Why (`undecodable`, `retries_exhausted`, `expired`, `callback_failed`,
+    /// `callback_refused`).
     pub const REASON: &str = "Dead-Letter-Reason";
     /// Subject the call was queued on (replay publishes there again).
     pub const SUBJECT: &str = "Dead-Letter-Subject";
