@@ -38,19 +38,25 @@ impl NatsCluster {
     /// Starts `size` nodes (3 for replicated streams) with routes to each other and waits
     /// until a JetStream meta leader is elected and every node is healthy.
     pub async fn start(size: usize) -> Result<Self, HarnessError> {
+        Self::start_with_args(size, &[]).await
+    }
+
+    /// Like [`NatsCluster::start`], passing `extra` arguments to every `nats-server` (e.g.
+    /// `["--user", "u", "--pass", "p"]`); they are kept for restarts.
+    pub async fn start_with_args(size: usize, extra: &[&str]) -> Result<Self, HarnessError> {
         if size == 0 {
             return Err(HarnessError::Cluster("a cluster needs a node".into()));
         }
         let mut attempt = 1;
         loop {
-            match Self::try_start(size).await {
+            match Self::try_start(size, extra).await {
                 Err(err) if attempt < SPAWN_ATTEMPTS && port_was_taken(&err) => attempt += 1,
                 result => return result,
             }
         }
     }
 
-    async fn try_start(size: usize) -> Result<Self, HarnessError> {
+    async fn try_start(size: usize, extra: &[&str]) -> Result<Self, HarnessError> {
         // Client, route and monitoring port per node, all held open while picked so none
         // repeats.
         let ports = free_ports(3 * size)?;
@@ -76,6 +82,7 @@ impl NatsCluster {
             if !routes.is_empty() {
                 args.extend(["--routes".to_owned(), routes]);
             }
+            args.extend(extra.iter().map(|&arg| arg.to_owned()));
             nodes.push(NatsServer::unstarted(
                 args,
                 client[i],
