@@ -1115,7 +1115,7 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
     let body = Bytes::from(vec![b'x'; opts.body_bytes]);
 
     let mut own_nats = match (&opts.external, &opts.cluster) {
-        (None, None) => Some(OwnNats::Single(NatsServer::start().await?)),
+        (None, None) => Some(OwnNats::Single(Box::new(NatsServer::start().await?))),
         (None, Some(cluster)) => Some(OwnNats::Cluster(NatsCluster::start(cluster.nodes).await?)),
         (Some(_), _) => None,
     };
@@ -1283,7 +1283,7 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
 /// The NATS the harness started: one server, or a cluster.
 #[derive(Debug)]
 enum OwnNats {
-    Single(NatsServer),
+    Single(Box<NatsServer>),
     Cluster(NatsCluster),
 }
 
