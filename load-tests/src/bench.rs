@@ -40,8 +40,8 @@ use std::future::Future;
 use std::io::{IsTerminal, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::{self, stream};
@@ -60,7 +60,10 @@ pub use crate::error::BenchError;
 use crate::sut::{
     Backend, ProcessUsage, SutOptions, SystemUnderTest, ensure_nats_server, find_or_build_bin_dir,
 };
-use crate::{CallbackReceiver, FaultMix, NatsServer, StubBehavior, StubFunction, Timed, open_loop};
+use crate::{
+    CallbackReceiver, FaultMix, NatsCluster, NatsServer, StubBehavior, StubFunction, Timed,
+    open_loop,
+};
 
 /// Default number of calls per phase.
 pub const DEFAULT_CALLS: usize = 5000;
@@ -129,6 +132,13 @@ pub enum Scenario {
     /// (JetStream backend): every call must still be called back, and
     /// results are reported by kind.
     Faults,
+    /// Three nats-server nodes on loopback with cluster routes, the stream, dead-letter
+    /// stream and records bucket with three replicas, the gateway and the worker given the
+    /// three URLs; open loop at 300 calls/s, 12,000 calls (40 s). Under that load the
+    /// stream's leader (from the stream info) is SIGKILLed and restarted 10 s later, then
+    /// the records bucket's leader likewise; afterwards a probe of 100 calls must go
+    /// through. Refused calls (503 during the fail-over) are counted, never a lost 202.
+    Cluster,
 }
 
 impl Scenario {
@@ -176,15 +186,23 @@ impl Scenario {
                 accept_alone: false,
                 ..base
             },
+            Self::Cluster => BenchOptions {
+                calls: 12_000,
+                rate: Some(300.0),
+                cluster: Some(ClusterOptions::default()),
+                time_limit: Duration::from_secs(900),
+                ..base
+            },
         }
     }
 
     /// Every scenario.
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
         Self::Throughput,
         Self::LatencyAtRate,
         Self::LongRunning,
         Self::Faults,
+        Self::Cluster,
     ];
 }
 
@@ -200,6 +218,41 @@ fn faults_worker_args() -> Vec<String> {
     ]
     .map(str::to_owned)
     .to_vec()
+}
+
+/// The JetStream cluster of the `cluster` scenario and the faults it suffers while the
+/// measured calls are submitted: the calls stream's leader is SIGKILLed `first_fault_after`
+/// the first call, and restarted `down_for` after the kill (not before a new leader is
+/// elected); once it caught up and `pause` later, the records bucket's leader is killed and
+/// restarted the same way; then `probe_calls` more calls must be accepted and called back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterOptions {
+    /// nats-server processes (3).
+    pub nodes: usize,
+    /// Replicas of the stream, the dead-letter stream and the records bucket
+    /// (`--stream-replicas`), and of the JetStream baseline's stream.
+    pub replicas: usize,
+    /// From the first measured call to the first kill.
+    pub first_fault_after: Duration,
+    /// How long a killed node stays down (at least until a new leader is elected).
+    pub down_for: Duration,
+    /// From the first restarted node catching up to the second kill.
+    pub pause: Duration,
+    /// Calls submitted (closed loop) and called back after the faults.
+    pub probe_calls: usize,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self {
+            nodes: 3,
+            replicas: 3,
+            first_fault_after: Duration::from_secs(5),
+            down_for: Duration::from_secs(10),
+            pause: Duration::from_secs(5),
+            probe_calls: 100,
+        }
+    }
 }
 
 /// An existing deployment to load instead of starting one.
@@ -295,8 +348,11 @@ pub struct BenchOptions {
     /// Before the end-to-end phase, measure `calls` accepts with nothing consuming (the
     /// worker stopped; the embedded process restarted with the gateway role only), then drain
     /// them: the accept path's own rate, which its ceiling `1/(1/http + 1/publish)` describes.
-    /// Only for a closed loop against a system this run started.
+    /// Only for a closed loop against a system this run started, not on a cluster run.
     pub accept_alone: bool,
+    /// Run on a JetStream cluster and kill its leaders under load (the `cluster` scenario);
+    /// `None`: one nats-server, no NATS faults.
+    pub cluster: Option<ClusterOptions>,
 }
 
 impl Default for BenchOptions {
@@ -324,6 +380,7 @@ impl Default for BenchOptions {
             kill_worker_every: None,
             headers: Vec::new(),
             accept_alone: true,
+            cluster: None,
         }
     }
 }
@@ -403,6 +460,29 @@ impl BenchOptions {
             if every < Duration::from_secs(1) {
                 return fail(format!(
                     "kill-worker-every must be at least 1s, not {every:?}"
+                ));
+            }
+        }
+        if let Some(cluster) = &self.cluster {
+            if self.external.is_some() || self.backend != Backend::JetStream {
+                return fail(
+                    "the cluster scenario needs the self-contained jetstream backend".to_owned(),
+                );
+            }
+            // Killing a leader needs a quorum that survives it: 3 nodes and 3 replicas at least.
+            if !(3..=7).contains(&cluster.nodes)
+                || !(3..=cluster.nodes.min(5)).contains(&cluster.replicas)
+            {
+                return fail(format!(
+                    "a cluster to kill leaders in has 3..=7 nodes and 3..=min(nodes, 5) \
+                     replicas, not {} nodes and {} replicas",
+                    cluster.nodes, cluster.replicas
+                ));
+            }
+            if cluster.probe_calls == 0 || cluster.probe_calls > MAX_CALLS {
+                return fail(format!(
+                    "probe calls must be 1..={MAX_CALLS}, not {}",
+                    cluster.probe_calls
                 ));
             }
         }
@@ -645,6 +725,53 @@ pub fn composite_ceiling(parts: &[(f64, f64)]) -> Option<f64> {
     (seconds_per_call > 0.0).then(|| 1.0 / seconds_per_call)
 }
 
+/// One node killed under load in the `cluster` scenario.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ClusterFault {
+    /// Whose leader was killed: the stream of calls, or the records bucket's stream.
+    pub target: String,
+    /// The node killed (its server name).
+    pub node: String,
+    /// When, in seconds from the first measured call.
+    pub killed_at_seconds: f64,
+    /// The leader elected in its place.
+    pub new_leader: String,
+    /// From the kill until stream info named the new leader.
+    pub leader_elected_after_seconds: f64,
+    /// From the kill until the node was started again.
+    pub down_seconds: f64,
+    /// From the restart until every replica was current again.
+    pub caught_up_after_seconds: f64,
+}
+
+/// What the `cluster` scenario adds to the report.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct ClusterReport {
+    /// nats-server processes.
+    pub nodes: u64,
+    /// Replicas of the stream, the dead-letter stream and the records bucket.
+    pub replicas: u64,
+    /// The kills, in order.
+    pub faults: Vec<ClusterFault>,
+    /// Calls refused during the run (`503` and transport errors: the `accept` phase's
+    /// failures); never called back unless counted in `refused_but_called_back`.
+    pub refused: u64,
+    /// Refused calls that were called back all the same: the publish reached the stream but
+    /// its acknowledgement did not reach the gateway, so the client was told `503` (a retry
+    /// with the same `X-Call-Id` would have been recognised as a duplicate). Left out of
+    /// `unexpected`.
+    pub refused_but_called_back: u64,
+    /// The longest time between two accepted calls (`202`) while calls were submitted: what
+    /// a client saw of the fail-overs.
+    pub longest_accept_gap_seconds: f64,
+    /// Callbacks that arrived after the last node was killed (the worker kept working).
+    pub callbacks_after_last_kill: u64,
+    /// Calls of the probe after the faults, accepted.
+    pub probe_accepted: u64,
+    /// Probe calls called back.
+    pub probe_completed: u64,
+}
+
 /// What [`run`] measured.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Report {
@@ -701,15 +828,25 @@ pub struct Report {
     pub cpu_us_per_call: f64,
     /// Wall time of the whole run, set-up and shutdown included.
     pub total_seconds: f64,
+    /// The cluster and its faults (`null` without `--scenario cluster`).
+    pub cluster: Option<ClusterReport>,
 }
 
 impl Report {
     /// Whether every call (warm-up included) was accepted and completed
     /// with exactly one callback carrying an acceptable result, and nothing
     /// was lost.
+    ///
+    /// On a cluster whose leaders were killed, refused calls (`503` during a fail-over) and
+    /// duplicate callbacks are reported, not failed; the probe after the faults must have
+    /// gone through completely.
     pub fn is_clean(&self) -> bool {
         let e2e = &self.end_to_end;
-        self.accept.failed == 0
+        let cluster_ok = self.cluster.as_ref().is_none_or(|cluster| {
+            cluster.probe_accepted > 0 && cluster.probe_completed == cluster.probe_accepted
+        });
+        (self.accept.failed == 0 || self.cluster.is_some())
+            && cluster_ok
             && self
                 .accept_alone
                 .as_ref()
@@ -717,7 +854,7 @@ impl Report {
             && self.warmup.accepted == self.warmup.requests
             && self.warmup.completed == self.warmup.accepted
             && e2e.lost == 0
-            && (e2e.duplicates == 0 || self.worker_kills > 0)
+            && (e2e.duplicates == 0 || self.worker_kills > 0 || self.cluster.is_some())
             && e2e.unexpected == 0
             && e2e.bad_results == 0
             && e2e.bad_headers == 0
@@ -933,6 +1070,40 @@ impl Report {
                 self.worker_kills
             );
         }
+        if let Some(cluster) = &self.cluster {
+            let _ = writeln!(
+                out,
+                "cluster: {} nodes, {} replicas (stream, dead letters, records bucket); \
+                 accepted {}, refused {} (503 during fail-over; {} of them called back all the \
+                 same), lost {}, duplicate callbacks {}; longest gap between two 202s {:.2} s; \
+                 {} callbacks after the last kill; probe after the faults: {} of {} called back",
+                cluster.nodes,
+                cluster.replicas,
+                self.accept.ok,
+                cluster.refused,
+                cluster.refused_but_called_back,
+                e2e.lost,
+                e2e.duplicates,
+                cluster.longest_accept_gap_seconds,
+                cluster.callbacks_after_last_kill,
+                cluster.probe_completed,
+                cluster.probe_accepted,
+            );
+            for fault in &cluster.faults {
+                let _ = writeln!(
+                    out,
+                    "  SIGKILL {} leader {} at {:.1} s: new leader {} after {:.2} s; down {:.1} \
+                     s; caught up {:.2} s after the restart",
+                    fault.target,
+                    fault.node,
+                    fault.killed_at_seconds,
+                    fault.new_leader,
+                    fault.leader_elected_after_seconds,
+                    fault.down_seconds,
+                    fault.caught_up_after_seconds,
+                );
+            }
+        }
         if let Some(problem) = &e2e.first_problem {
             let _ = writeln!(out, "end_to_end: first callback problem: {problem}");
         }
@@ -991,11 +1162,12 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
         .map_err(|e| BenchError::setup("building the HTTP client", e))?;
     let body = Bytes::from(vec![b'x'; opts.body_bytes]);
 
-    let own_nats = match opts.external {
-        None => Some(NatsServer::start().await?),
-        Some(_) => None,
+    let mut own_nats = match (&opts.external, &opts.cluster) {
+        (None, None) => Some(OwnNats::Single(Box::new(NatsServer::start().await?))),
+        (None, Some(cluster)) => Some(OwnNats::Cluster(NatsCluster::start(cluster.nodes).await?)),
+        (Some(_), _) => None,
     };
-    let nats_url = own_nats.as_ref().map(NatsServer::url).or_else(|| {
+    let nats_url = own_nats.as_ref().map(OwnNats::url).or_else(|| {
         opts.external
             .as_ref()
             .and_then(|external| external.nats_url.clone())
@@ -1027,6 +1199,7 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
                 gateway_url: &external.gateway_url,
                 callback_url: &callback_url,
                 system: None,
+                cluster: None,
             };
             let path = measure_async_path(opts, &client, &body, target, &receiver, None).await?;
             (path, Vec::new(), Vec::new(), None)
@@ -1042,6 +1215,13 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
                 function_url: function.url(),
                 nats_url: nats_url.clone(),
                 worker_args: opts.worker_args.clone(),
+                gateway_args: opts
+                    .cluster
+                    .as_ref()
+                    .map(|cluster| {
+                        vec!["--stream-replicas".to_owned(), cluster.replicas.to_string()]
+                    })
+                    .unwrap_or_default(),
             })
             .await?;
             let idle = system.usage();
@@ -1050,6 +1230,7 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
                 gateway_url: &gateway_url,
                 callback_url: &callback_url,
                 system: Some(&mut system),
+                cluster: own_nats.as_mut().and_then(OwnNats::cluster_mut),
             };
             let result =
                 measure_async_path(opts, &client, &body, target, &receiver, Some(&function)).await;
@@ -1072,6 +1253,7 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
         worker_kills,
         usage_before,
         usage_after,
+        cluster,
         ..
     } = path;
     let cpu = |usages: &[ProcessUsage]| usages.iter().map(|u| u.cpu_seconds).sum::<f64>();
@@ -1149,7 +1331,32 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
         after_run,
         cpu_us_per_call,
         total_seconds: started.elapsed().as_secs_f64(),
+        cluster,
     })
+}
+
+/// The NATS the harness started: one server, or a cluster.
+#[derive(Debug)]
+enum OwnNats {
+    Single(Box<NatsServer>),
+    Cluster(NatsCluster),
+}
+
+impl OwnNats {
+    /// What `--nats-url` takes: one URL, or every node's, comma-separated.
+    fn url(&self) -> String {
+        match self {
+            Self::Single(server) => server.url(),
+            Self::Cluster(cluster) => cluster.urls(),
+        }
+    }
+
+    fn cluster_mut(&mut self) -> Option<&mut NatsCluster> {
+        match self {
+            Self::Single(_) => None,
+            Self::Cluster(cluster) => Some(cluster),
+        }
+    }
 }
 
 /// The stub function's behaviour from the options.
@@ -1234,7 +1441,7 @@ async fn measure_baseline_js(
     nats_url: &str,
     body: &Bytes,
 ) -> Result<(Phase, Phase), BenchError> {
-    let nats = async_nats::connect(nats_url)
+    let nats = async_nats::connect(nats_servers(nats_url))
         .await
         .map_err(|e| BenchError::setup("connecting to nats-server", e))?;
     let js = jetstream::new(nats.clone());
@@ -1242,6 +1449,8 @@ async fn measure_baseline_js(
         name: BASELINE_STREAM.to_owned(),
         subjects: vec![BASELINE_SUBJECT.to_owned()],
         storage: stream::StorageType::File,
+        // On a cluster, as replicated as the calls stream.
+        num_replicas: opts.cluster.as_ref().map_or(1, |cluster| cluster.replicas),
         ..Default::default()
     })
     .await
@@ -1274,6 +1483,16 @@ async fn measure_baseline_js(
         .await
         .map_err(|e| BenchError::setup("deleting the baseline stream", e))?;
     Ok((result.phase, pull_ack?))
+}
+
+/// The servers of a `--nats-url` list, as the NATS client takes them (the harness's own
+/// URLs carry no credentials).
+pub fn nats_servers(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Phase 2b: one pull consumer drains the messages just published, acking
@@ -1345,6 +1564,8 @@ struct Target<'a> {
     callback_url: &'a str,
     /// The started system, checked for crashes; `None` for an external target.
     system: Option<&'a mut SystemUnderTest>,
+    /// The NATS cluster whose leaders are killed (the `cluster` scenario).
+    cluster: Option<&'a mut NatsCluster>,
 }
 
 /// What the async-path phases measured.
@@ -1360,10 +1581,22 @@ struct AsyncPath {
     /// The processes just before the end-to-end phase and just after its last callback.
     usage_before: Vec<ProcessUsage>,
     usage_after: Vec<ProcessUsage>,
+    cluster: Option<ClusterReport>,
+}
+
+/// What the submissions of a cluster run note beside the loop's own figures.
+#[derive(Debug, Default)]
+struct SubmitLog {
+    /// When each `202` arrived.
+    accepted_at: Vec<Instant>,
+    /// The call ids that were refused.
+    refused: Vec<String>,
 }
 
 /// Phases 3 and 4: calls through the gateway, and their callbacks; after
 /// the warm-up, whose calls must be called back before measuring starts.
+/// On a cluster, its leaders are killed while the measured calls are
+/// submitted, and a probe follows ([`cluster_faults`]).
 async fn measure_async_path(
     opts: &BenchOptions,
     client: &reqwest::Client,
@@ -1374,18 +1607,29 @@ async fn measure_async_path(
 ) -> Result<AsyncPath, BenchError> {
     let url = format!("{}/async-function/{}", target.gateway_url, opts.function);
     let callback_url = target.callback_url.to_owned();
-    let submit = || {
-        let (client, url, callback_url, body, headers) = (
+    // A cluster run names its calls (`<phase>-<i>`), so that a refused call that is called
+    // back all the same is recognised, and notes when each 202 came.
+    let log = opts
+        .cluster
+        .as_ref()
+        .map(|_| Arc::new(Mutex::new(SubmitLog::default())));
+    let submit = |phase: &'static str| {
+        let (client, url, callback_url, body, headers, log) = (
             client.clone(),
             url.clone(),
             callback_url.clone(),
             body.clone(),
             opts.headers.clone(),
+            log.clone(),
         );
-        move |_| {
+        move |i: usize| {
             let mut request = client.post(url.as_str());
             for (name, value) in &headers {
                 request = request.header(name, value);
+            }
+            let call_id = log.as_ref().map(|_| format!("{phase}-{i}"));
+            if let Some(call_id) = &call_id {
+                request = request.header("x-call-id", call_id.as_str());
             }
             let request = request
                 .header("x-callback-url", callback_url.as_str())
@@ -1393,15 +1637,28 @@ async fn measure_async_path(
                 .body(body.clone())
                 .timeout(REQUEST_TIMEOUT)
                 .send();
+            let log = log.clone();
             async move {
-                let response = request.await.map_err(request_error)?;
-                expect_status(&response, StatusCode::ACCEPTED)?;
-                let call_id = response
-                    .headers()
-                    .get("x-call-id")
-                    .and_then(|id| id.to_str().ok())
-                    .ok_or("no call id: 202 without a valid X-Call-Id")?;
-                Ok(Some(call_id.to_owned()))
+                let answer = async {
+                    let response = request.await.map_err(request_error)?;
+                    expect_status(&response, StatusCode::ACCEPTED)?;
+                    let call_id = response
+                        .headers()
+                        .get("x-call-id")
+                        .and_then(|id| id.to_str().ok())
+                        .ok_or("no call id: 202 without a valid X-Call-Id")?;
+                    Ok(Some(call_id.to_owned()))
+                }
+                .await;
+                if let Some(log) = &log {
+                    let mut log = log.lock().unwrap_or_else(PoisonError::into_inner);
+                    match (&answer, call_id) {
+                        (Ok(_), _) => log.accepted_at.push(Instant::now()),
+                        (Err(_), Some(call_id)) => log.refused.push(call_id),
+                        (Err(_), None) => {}
+                    }
+                }
+                answer
             }
         }
     };
@@ -1411,7 +1668,7 @@ async fn measure_async_path(
         ..Warmup::default()
     };
     if opts.warmup > 0 {
-        let warm = drive(&opts.warmup_options(), "warm-up", submit()).await?;
+        let warm = drive(&opts.warmup_options(), "warm-up", submit("warmup")).await?;
         let ids: HashMap<String, Instant> = warm.call_ids.into_iter().collect();
         await_callbacks(&ids, opts.callback_timeout, &mut target, receiver, None).await?;
         let seen = receiver.count_by_call_id();
@@ -1420,11 +1677,14 @@ async fn measure_async_path(
         // Measure from a clean slate.
         receiver.take_callbacks();
     }
+    if let Some(log) = &log {
+        *log.lock().unwrap_or_else(PoisonError::into_inner) = SubmitLog::default();
+    }
 
     let accept_alone = match target.system.as_deref_mut() {
-        Some(system) if opts.accept_alone && opts.rate.is_none() => {
+        Some(system) if opts.accept_alone && opts.rate.is_none() && opts.cluster.is_none() => {
             system.stop_consuming().await?;
-            let alone = drive(opts, "accept alone", submit()).await;
+            let alone = drive(opts, "accept alone", submit("alone")).await;
             // Consuming resumes even when the phase failed; its error comes first.
             let resumed = match target.system.as_deref_mut() {
                 Some(system) => system.resume_consuming().await,
@@ -1451,10 +1711,37 @@ async fn measure_async_path(
         .as_deref()
         .map(SystemUnderTest::usage)
         .unwrap_or_default();
-    let submitted = drive(opts, "submit", submit()).await?;
+    let load_started = Instant::now();
+    let (submitted, faults) = match (target.cluster.as_deref_mut(), &opts.cluster) {
+        (Some(cluster), Some(plan)) => {
+            let (submitted, faults) = tokio::join!(
+                drive(opts, "submit", submit("call")),
+                cluster_faults(cluster, plan, load_started)
+            );
+            (submitted?, Some(faults?))
+        }
+        _ => (drive(opts, "submit", submit("call")).await?, None),
+    };
     let submit_times: HashMap<String, Instant> = submitted.call_ids.into_iter().collect();
+    // After the faults: a probe that must go through whole.
+    let probe = match (&faults, &opts.cluster) {
+        (Some(_), Some(plan)) => {
+            let probe_opts = BenchOptions {
+                calls: plan.probe_calls,
+                concurrency: opts.concurrency.min(8),
+                rate: None,
+                duration: None,
+                ..opts.clone()
+            };
+            let probe = drive(&probe_opts, "probe", submit("probe")).await?;
+            probe.call_ids.into_iter().collect()
+        }
+        _ => HashMap::new(),
+    };
+    let mut awaited = submit_times.clone();
+    awaited.extend(probe.iter().map(|(id, at)| (id.clone(), *at)));
     let worker_kills = await_callbacks(
-        &submit_times,
+        &awaited,
         opts.callback_timeout,
         &mut target,
         receiver,
@@ -1467,7 +1754,13 @@ async fn measure_async_path(
         .map(SystemUnderTest::usage)
         .unwrap_or_default();
 
-    let callbacks = receiver.callbacks();
+    let (callbacks, probe_callbacks): (Vec<_>, Vec<_>) =
+        receiver.callbacks().into_iter().partition(|callback| {
+            !callback
+                .call_id
+                .as_ref()
+                .is_some_and(|id| probe.contains_key(id))
+        });
     let stub_body;
     let expected_body = match (&opts.external, opts.response_bytes) {
         (Some(_), _) => None,
@@ -1486,7 +1779,54 @@ async fn measure_async_path(
             failures_allowed: opts.external.is_some() || opts.faults.any(),
         },
     );
-    let end_to_end = end_to_end_figures(&audit, submitted.started)?;
+    let mut end_to_end = end_to_end_figures(&audit, submitted.started)?;
+    let cluster = match (faults, &opts.cluster, log) {
+        (Some(faults), Some(plan), Some(log)) => {
+            let log = std::mem::take(&mut *log.lock().unwrap_or_else(PoisonError::into_inner));
+            let refused: std::collections::HashSet<&str> =
+                log.refused.iter().map(String::as_str).collect();
+            let refused_but_called_back = to_u64(
+                callbacks
+                    .iter()
+                    .filter(|c| c.call_id.as_deref().is_some_and(|id| refused.contains(id)))
+                    .count(),
+            );
+            // Not unexpected: the 503 was an honest "not known to be stored".
+            end_to_end.unexpected = end_to_end
+                .unexpected
+                .saturating_sub(refused_but_called_back);
+            let last_kill = faults
+                .last()
+                .map(|fault| load_started + Duration::from_secs_f64(fault.killed_at_seconds));
+            let probe_seen: std::collections::HashSet<&str> = probe_callbacks
+                .iter()
+                .filter_map(|c| c.call_id.as_deref())
+                .collect();
+            Some(ClusterReport {
+                nodes: to_u64(plan.nodes),
+                replicas: to_u64(plan.replicas),
+                faults,
+                refused: submitted.phase.failed,
+                refused_but_called_back,
+                longest_accept_gap_seconds: longest_gap(submitted.started, log.accepted_at)
+                    .as_secs_f64(),
+                callbacks_after_last_kill: to_u64(
+                    callbacks
+                        .iter()
+                        .filter(|c| last_kill.is_some_and(|at| c.received_at > at))
+                        .count(),
+                ),
+                probe_accepted: to_u64(probe.len()),
+                probe_completed: to_u64(
+                    probe
+                        .keys()
+                        .filter(|id| probe_seen.contains(id.as_str()))
+                        .count(),
+                ),
+            })
+        }
+        _ => None,
+    };
     Ok(AsyncPath {
         warmup,
         warmup_attempts,
@@ -1496,7 +1836,78 @@ async fn measure_async_path(
         end_to_end,
         usage_before,
         usage_after,
+        cluster,
     })
+}
+
+/// The longest time between `start` and the first of `times`, or between two of them.
+fn longest_gap(start: Instant, mut times: Vec<Instant>) -> Duration {
+    times.sort_unstable();
+    let mut previous = start;
+    let mut longest = Duration::ZERO;
+    for at in times {
+        longest = longest.max(at.saturating_duration_since(previous));
+        previous = previous.max(at);
+    }
+    longest
+}
+
+/// The faults of the `cluster` scenario, from `started` (the first measured call): the
+/// calls stream's leader, then the records bucket's leader, each SIGKILLed, a new leader
+/// waited for, the node restarted after `down_for` and its catching up waited for.
+async fn cluster_faults(
+    cluster: &mut NatsCluster,
+    plan: &ClusterOptions,
+    started: Instant,
+) -> Result<Vec<ClusterFault>, BenchError> {
+    use clap::Parser as _;
+    // The system's own names (the child processes run with these defaults).
+    let config = queue_worker::WorkerConfig::try_parse_from(["queue-worker"])
+        .map_err(|e| BenchError::setup("worker defaults", e))?;
+    let calls_stream = config.nats.stream.clone();
+    let records_stream = format!("KV_{}", config.records.records_bucket);
+    tokio::time::sleep_until((started + plan.first_fault_after).into()).await;
+    let mut faults = Vec::new();
+    for (target, stream) in [
+        ("calls stream", &calls_stream),
+        ("records bucket", &records_stream),
+    ] {
+        if !faults.is_empty() {
+            tokio::time::sleep(plan.pause).await;
+        }
+        let js = cluster.jetstream().await?;
+        cluster.wait_stream_current(&js, stream).await?;
+        let leader = cluster.wait_stream_leader(&js, stream, None).await?;
+        let node = cluster.index_of(&leader).ok_or_else(|| {
+            BenchError::Setup(format!("stream {stream}: leader {leader:?} is not a node"))
+        })?;
+        drop(js);
+        let killed = Instant::now();
+        cluster.kill(node).await;
+        let js = cluster.jetstream().await?;
+        let new_leader = cluster
+            .wait_stream_leader(&js, stream, Some(&leader))
+            .await?;
+        let elected = killed.elapsed();
+        tokio::time::sleep_until((killed + plan.down_for).into()).await;
+        let down = killed.elapsed();
+        let restarted = Instant::now();
+        cluster.restart(node).await?;
+        let js = cluster.jetstream().await?;
+        for stream in [&calls_stream, &records_stream] {
+            cluster.wait_stream_current(&js, stream).await?;
+        }
+        faults.push(ClusterFault {
+            target: target.to_owned(),
+            node: leader,
+            killed_at_seconds: killed.saturating_duration_since(started).as_secs_f64(),
+            new_leader,
+            leader_elected_after_seconds: elected.as_secs_f64(),
+            down_seconds: down.as_secs_f64(),
+            caught_up_after_seconds: restarted.elapsed().as_secs_f64(),
+        });
+    }
+    Ok(faults)
 }
 
 /// Waits until every call of `submitted` was called back, or `timeout`
@@ -1956,12 +2367,7 @@ mod tests {
 
     #[test]
     fn every_scenario_is_valid_and_long_running_holds_10000_on_one_worker() {
-        for scenario in [
-            Scenario::Throughput,
-            Scenario::LatencyAtRate,
-            Scenario::LongRunning,
-            Scenario::Faults,
-        ] {
+        for scenario in Scenario::ALL {
             let opts = scenario.options();
             assert!(opts.validate().is_ok(), "{scenario:?}: {opts:?}");
         }

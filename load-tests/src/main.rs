@@ -391,6 +391,8 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         kill_worker_every: args.kill_worker_every.or(base
             .kill_worker_every
             .filter(|_| args.backend == Backend::JetStream && !external_target)),
+        // The cluster and its faults come with `--scenario cluster`.
+        cluster: base.cluster,
     };
     // The self-contained system is the default; the flag only says so.
     let _ = args.self_contained;

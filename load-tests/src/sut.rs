@@ -69,11 +69,13 @@ pub struct SutOptions {
     pub max_inflight: u32,
     /// The URL the worker invokes functions under (`{url}/function/{name}`).
     pub function_url: String,
-    /// The NATS URL of the JetStream backend.
+    /// The NATS URL of the JetStream backend: one, or a comma-separated list (a cluster).
     pub nats_url: String,
     /// Extra arguments for the worker (the `faas-async` process of the
     /// embedded backend), after the harness's own.
     pub worker_args: Vec<String>,
+    /// Extra arguments for the gateway (`--stream-replicas 3`), JetStream backend only.
+    pub gateway_args: Vec<String>,
 }
 
 /// A running child process of the system under test.
@@ -153,7 +155,7 @@ impl SystemUnderTest {
                         "--log-level",
                         "warn",
                     ],
-                    &[],
+                    &opts.gateway_args,
                 )?;
                 let mut system = Self {
                     gateway_url: format!("http://{gateway_addr}"),
@@ -385,7 +387,7 @@ impl SystemUnderTest {
         let config = queue_worker::WorkerConfig::try_parse_from(["queue-worker"])
             .map_err(|e| BenchError::setup("worker defaults", e))?;
         let defaults = (config.nats.stream, config.consumer);
-        let nats = async_nats::connect(nats_url)
+        let nats = async_nats::connect(crate::bench::nats_servers(nats_url))
             .await
             .map_err(|e| BenchError::setup("connecting to nats-server", e))?;
         let js = jetstream::new(nats);

@@ -353,6 +353,7 @@ async fn an_external_target_is_loaded_through_its_gateway_url() {
         function_url: function.url(),
         nats_url: String::new(),
         worker_args: Vec::new(),
+        gateway_args: Vec::new(),
     })
     .await
     .expect("start the deployment");

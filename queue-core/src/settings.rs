@@ -271,6 +271,115 @@ pub fn split_nats_credentials(urls: &str) -> (String, Option<NatsCredentials>) {
     (clean, credentials)
 }
 
+/// Why `--nats-url` cannot be used. Every URL it names is redacted ([`redact_url`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NatsUrlError {
+    /// Nothing but commas and spaces.
+    #[error("the NATS URL list is empty")]
+    Empty,
+    /// An entry between two commas is empty (`a,,b`, a trailing comma).
+    #[error("entry {index} of the NATS URL list is empty (a stray comma?)")]
+    EmptyEntry {
+        /// Position in the list, from 1.
+        index: usize,
+    },
+    /// An entry is not a NATS server URL.
+    #[error("entry {index} of the NATS URL list, {url:?}: {reason}")]
+    Invalid {
+        /// Position in the list, from 1.
+        index: usize,
+        /// The entry, credentials redacted.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Two entries carry different credentials; the client authenticates with one set.
+    #[error(
+        "entry {index} of the NATS URL list, {url:?}, carries other credentials than an \
+         earlier entry: the client authenticates to every server with one set (give them on \
+         one entry, or the same on each)"
+    )]
+    MixedCredentials {
+        /// Position in the list, from 1.
+        index: usize,
+        /// The entry, credentials redacted.
+        url: String,
+    },
+}
+
+/// `--nats-url` taken apart: the server URLs without credentials, and the credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatsServers {
+    /// One URL per server (`nats://host:port`, `tls://host:port`, ...), credentials removed,
+    /// spaces around each trimmed.
+    pub urls: Vec<String>,
+    /// The credentials the list carried (the same on every entry that had any).
+    pub credentials: Option<NatsCredentials>,
+}
+
+/// Parses `--nats-url`: one server URL or a comma-separated list (`nats://a:4222,nats://b:4222`,
+/// spaces allowed around the commas). Each entry is `[scheme://][user:password@|token@]host[:port]`
+/// with the scheme `nats` (the default), `tls` (TLS required for that server), `ws` or `wss`.
+/// Credentials are taken out of the URLs (see [`split_nats_credentials`]); an error names the
+/// bad entry by position and redacted URL, never a password or token.
+pub fn parse_nats_urls(list: &str) -> Result<NatsServers, NatsUrlError> {
+    if list.split(',').all(|entry| entry.trim().is_empty()) {
+        return Err(NatsUrlError::Empty);
+    }
+    let mut urls = Vec::new();
+    let mut credentials: Option<NatsCredentials> = None;
+    for (i, entry) in list.split(',').enumerate() {
+        let index = i + 1;
+        let entry = entry.trim();
+        if entry.is_empty() {
+            return Err(NatsUrlError::EmptyEntry { index });
+        }
+        let invalid = |reason: String| NatsUrlError::Invalid {
+            index,
+            url: redact_url(entry),
+            reason,
+        };
+        if split_userinfo(entry).is_some_and(|(_, userinfo, _)| userinfo.is_empty()) {
+            return Err(invalid("empty credentials before the @".into()));
+        }
+        let (clean, entry_credentials) = split_nats_credentials(entry);
+        match (&credentials, entry_credentials) {
+            (_, None) => {}
+            (None, Some(found)) => credentials = Some(found),
+            (Some(known), Some(found)) if *known == found => {}
+            (Some(_), Some(_)) => {
+                return Err(NatsUrlError::MixedCredentials {
+                    index,
+                    url: redact_url(entry),
+                });
+            }
+        }
+        // As the NATS client reads it: no scheme means nats://.
+        let with_scheme = if clean.contains("://") {
+            clean.clone()
+        } else {
+            format!("nats://{clean}")
+        };
+        let url = url::Url::parse(&with_scheme).map_err(|e| invalid(e.to_string()))?;
+        if !matches!(url.scheme(), "nats" | "tls" | "ws" | "wss") {
+            return Err(invalid(format!(
+                "scheme {:?} is not one of nats, tls, ws, wss",
+                url.scheme()
+            )));
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(invalid("no host".into()));
+        }
+        if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
+            return Err(invalid(
+                "a NATS URL has no path, query or fragment (separate servers with commas)".into(),
+            ));
+        }
+        urls.push(clean);
+    }
+    Ok(NatsServers { urls, credentials })
+}
+
 /// The argument list a binary parses: program name, then `leading` flags (derived from OpenFaaS
 /// variables), then the real command line, which wins because later flags override earlier ones.
 pub fn with_leading_args(
@@ -322,5 +431,122 @@ mod tests {
             split_nats_credentials("nats://n1:4222"),
             ("nats://n1:4222".into(), None)
         );
+    }
+
+    #[test]
+    fn a_comma_separated_list_of_nats_urls_is_parsed() {
+        let servers =
+            parse_nats_urls("nats://127.0.0.1:4222,nats://127.0.0.1:4223, nats://127.0.0.1:4224 ")
+                .unwrap();
+        assert_eq!(
+            servers.urls,
+            [
+                "nats://127.0.0.1:4222",
+                "nats://127.0.0.1:4223",
+                "nats://127.0.0.1:4224"
+            ]
+        );
+        assert_eq!(servers.credentials, None);
+        // TLS and WebSocket URLs, a bare host (nats:// and 4222 as the client assumes), IPv6.
+        let servers =
+            parse_nats_urls("tls://nats-0.nats:4222,nats-1,wss://nats-2:443,nats://[::1]:4222")
+                .unwrap();
+        assert_eq!(
+            servers.urls,
+            [
+                "tls://nats-0.nats:4222",
+                "nats-1",
+                "wss://nats-2:443",
+                "nats://[::1]:4222"
+            ]
+        );
+        // One URL is a list of one.
+        assert_eq!(
+            parse_nats_urls("nats://127.0.0.1:4222").unwrap().urls,
+            ["nats://127.0.0.1:4222"]
+        );
+    }
+
+    #[test]
+    fn credentials_in_a_list_are_taken_out_of_every_entry() {
+        let servers =
+            parse_nats_urls("nats://alice:s3cretPW@n1:4222,tls://alice:s3cretPW@n2:4222,n3")
+                .unwrap();
+        assert_eq!(servers.urls, ["nats://n1:4222", "tls://n2:4222", "n3"]);
+        assert_eq!(
+            servers.credentials,
+            Some(NatsCredentials::UserPassword(
+                "alice".into(),
+                "s3cretPW".into()
+            ))
+        );
+        assert!(!format!("{servers:?}").contains("s3cretPW"));
+        let servers = parse_nats_urls("n1,tls://tok3n@n2:4222").unwrap();
+        assert_eq!(servers.urls, ["n1", "tls://n2:4222"]);
+        assert_eq!(
+            servers.credentials,
+            Some(NatsCredentials::Token("tok3n".into()))
+        );
+        // A password may hold ':' and '@' (the last '@' of the authority ends it).
+        let servers = parse_nats_urls("nats://bob:p:a@ss@n1:4222").unwrap();
+        assert_eq!(
+            servers.credentials,
+            Some(NatsCredentials::UserPassword("bob".into(), "p:a@ss".into()))
+        );
+    }
+
+    #[test]
+    fn a_bad_list_names_the_bad_entry_and_never_a_password() {
+        let cases: &[(&str, &str)] = &[
+            // The list as one URL used to be refused as "invalid port number".
+            (
+                "nats://u:s3cretPW@127.0.0.1:4222,nats://u:s3cretPW@127.0.0.1:42x3",
+                "entry 2 of the NATS URL list, \"nats://***@127.0.0.1:42x3\": invalid port number",
+            ),
+            (
+                "nats://127.0.0.1:4222,,nats://127.0.0.1:4224",
+                "entry 2 of the NATS URL list is empty",
+            ),
+            (
+                "nats://127.0.0.1:4222,",
+                "entry 2 of the NATS URL list is empty",
+            ),
+            (" , ", "the NATS URL list is empty"),
+            ("", "the NATS URL list is empty"),
+            (
+                "http://u:s3cretPW@n1:4222",
+                "entry 1 of the NATS URL list, \"http://***@n1:4222\": scheme \"http\" is not one of",
+            ),
+            (
+                "n1:4222,nats://s3cretPW@:4222",
+                "entry 2 of the NATS URL list, \"nats://***@:4222\": ",
+            ),
+            ("nats://@n1:4222", "empty credentials"),
+            (
+                "nats://n1:4222/queue",
+                "entry 1 of the NATS URL list, \"nats://n1:4222/queue\": a NATS URL has no path",
+            ),
+            (
+                "nats://a:s3cretPW@n1,nats://a:0therPW@n2",
+                "entry 2 of the NATS URL list, \"nats://***@n2\", carries other credentials",
+            ),
+            (
+                "nats://n1:99999",
+                "entry 1 of the NATS URL list, \"nats://n1:99999\": invalid port",
+            ),
+        ];
+        for (list, expected) in cases {
+            let err = parse_nats_urls(list).expect_err(list);
+            let message = err.to_string();
+            assert!(
+                message.contains(expected),
+                "{list:?}: {message:?} does not contain {expected:?}"
+            );
+            assert!(!message.contains("s3cretPW"), "{list:?}: {message}");
+            assert!(
+                !format!("{err:?}").contains("s3cretPW"),
+                "{list:?}: {err:?}"
+            );
+        }
     }
 }

@@ -48,6 +48,9 @@ pub enum HarnessError {
         /// The last lines of the server log.
         log_tail: String,
     },
+    /// A cluster condition was not met, or a cluster request failed.
+    #[error("nats cluster: {0}")]
+    Cluster(String),
 }
 
 /// The workspace this crate was built in (where `.tools/` and `scripts/` are).

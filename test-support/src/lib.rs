@@ -9,6 +9,8 @@
 //! - [`nats_server`]: [`NatsServer`], a private `nats-server` process with
 //!   JetStream enabled, its own port and its own store directory; it can be
 //!   stopped and restarted on the same port and store.
+//! - [`nats_cluster`]: [`NatsCluster`], a JetStream cluster of such servers
+//!   with routes between them, each node killable and restartable on its own.
 //! - [`stub`]: [`StubFunction`], an HTTP server standing in for an OpenFaaS
 //!   function or gateway that records every request, and [`CallbackReceiver`],
 //!   an HTTP server that records the callbacks it receives and can be stopped
@@ -23,11 +25,13 @@
 
 pub mod audit;
 mod error;
+pub mod nats_cluster;
 pub mod nats_server;
 pub mod open_loop;
 pub mod stub;
 
 pub use error::{HarnessError, workspace_dir};
+pub use nats_cluster::NatsCluster;
 pub use nats_server::{NatsServer, nats_server_binary};
 
 /// The Python interpreter of the test tools: `$TOOLS_PYTHON` if set, else

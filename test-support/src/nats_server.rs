@@ -20,7 +20,7 @@ const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// Upper bound for one readiness probe (connect + JetStream account query).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a spawn is attempted when the port turns out to be taken.
-const SPAWN_ATTEMPTS: u32 = 5;
+pub(crate) const SPAWN_ATTEMPTS: u32 = 5;
 /// Pause between spawn attempts on the same port.
 const RESPAWN_BACKOFF: Duration = Duration::from_millis(250);
 /// How many log lines an error message carries.
@@ -57,6 +57,10 @@ pub struct NatsServer {
     binary: PathBuf,
     extra_args: Vec<String>,
     port: u16,
+    /// The HTTP monitoring port (`-m`), where there is one (cluster nodes).
+    monitor_port: Option<u16>,
+    /// How a (re)started process is known to be ready.
+    readiness: Readiness,
     store_dir: PathBuf,
     log_path: PathBuf,
     /// Declared last: removed only after the process is gone.
@@ -74,23 +78,8 @@ impl NatsServer {
     /// (e.g. `["--server_name", "a"]`); they are kept for restarts. Settings
     /// without a flag, such as `max_payload`, go in a file passed with `-c`.
     pub async fn start_with_args(extra: &[&str]) -> Result<Self, HarnessError> {
-        let binary = nats_server_binary()?;
-        let dir = tempfile::Builder::new()
-            .prefix("nats-server-")
-            .tempdir()
-            .map_err(|e| HarnessError::io("creating nats-server temp dir", e))?;
-        let store_dir = dir.path().join("store");
-        std::fs::create_dir(&store_dir)
-            .map_err(|e| HarnessError::io(format!("creating {}", store_dir.display()), e))?;
-        let mut server = Self {
-            child: Mutex::new(None),
-            binary,
-            extra_args: extra.iter().map(|&arg| arg.to_owned()).collect(),
-            port: 0,
-            log_path: dir.path().join("nats-server.log"),
-            store_dir,
-            _dir: dir,
-        };
+        let extra = extra.iter().map(|&arg| arg.to_owned()).collect();
+        let mut server = Self::unstarted(extra, 0, None, Readiness::JetStreamAccount)?;
         // The port is free when picked but may be grabbed by someone else
         // before the server binds it: pick another one then.
         let mut attempt = 1;
@@ -103,6 +92,34 @@ impl NatsServer {
         }
     }
 
+    /// A server with its own temporary directory, not started yet.
+    pub(crate) fn unstarted(
+        extra_args: Vec<String>,
+        port: u16,
+        monitor_port: Option<u16>,
+        readiness: Readiness,
+    ) -> Result<Self, HarnessError> {
+        let binary = nats_server_binary()?;
+        let dir = tempfile::Builder::new()
+            .prefix("nats-server-")
+            .tempdir()
+            .map_err(|e| HarnessError::io("creating nats-server temp dir", e))?;
+        let store_dir = dir.path().join("store");
+        std::fs::create_dir(&store_dir)
+            .map_err(|e| HarnessError::io(format!("creating {}", store_dir.display()), e))?;
+        Ok(Self {
+            child: Mutex::new(None),
+            binary,
+            extra_args,
+            port,
+            monitor_port,
+            readiness,
+            log_path: dir.path().join("nats-server.log"),
+            store_dir,
+            _dir: dir,
+        })
+    }
+
     /// The client URL, `nats://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
@@ -111,6 +128,11 @@ impl NatsServer {
     /// The port the server listens on; it stays the same across restarts.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The HTTP monitoring port, where it has one (cluster nodes).
+    pub fn monitor_port(&self) -> Option<u16> {
+        self.monitor_port
     }
 
     /// The JetStream store directory; it stays the same across restarts.
@@ -163,6 +185,16 @@ impl NatsServer {
 
     /// Spawns the process (appending to the log file) and waits until ready.
     async fn launch(&mut self) -> Result<(), HarnessError> {
+        let log_start = self.spawn_process()?;
+        let result = self.wait_ready(log_start, self.readiness).await;
+        if result.is_err() {
+            self.stop().await;
+        }
+        result
+    }
+
+    /// Spawns the process, appending to the log file; returns where its log starts.
+    pub(crate) fn spawn_process(&mut self) -> Result<u64, HarnessError> {
         let log_context = || format!("opening {}", self.log_path.display());
         let stdout = OpenOptions::new()
             .create(true)
@@ -194,18 +226,18 @@ impl NatsServer {
             .spawn()
             .map_err(|e| HarnessError::io(format!("spawning {}", self.binary.display()), e))?;
         *self.child_mut() = Some(child);
-
-        let result = self.wait_ready(log_start).await;
-        if result.is_err() {
-            self.stop().await;
-        }
-        result
+        Ok(log_start)
     }
 
-    /// Polls until a client connects and JetStream answers an account query.
-    async fn wait_ready(&mut self, log_start: u64) -> Result<(), HarnessError> {
+    /// Polls until the server is ready in the sense of `readiness`.
+    pub(crate) async fn wait_ready(
+        &mut self,
+        log_start: u64,
+        readiness: Readiness,
+    ) -> Result<(), HarnessError> {
         let deadline = Instant::now() + READY_TIMEOUT;
         let url = self.url();
+        let monitor = self.monitor_port;
         loop {
             if let Some(status) = self.exit_status()? {
                 return Err(HarnessError::NatsServerExited {
@@ -214,12 +246,19 @@ impl NatsServer {
                 });
             }
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let last_error =
-                match tokio::time::timeout(remaining.min(PROBE_TIMEOUT), probe(&url)).await {
-                    Ok(Ok(())) => return Ok(()),
-                    Ok(Err(err)) => err,
-                    Err(_) => format!("probe timed out after {:?}", remaining.min(PROBE_TIMEOUT)),
-                };
+            let probe = async {
+                match (readiness, monitor) {
+                    (Readiness::JetStreamAccount, _) | (_, None) => probe(&url).await,
+                    (Readiness::Healthz { js_enabled_only }, Some(monitor)) => {
+                        probe_healthz(monitor, js_enabled_only).await
+                    }
+                }
+            };
+            let last_error = match tokio::time::timeout(remaining.min(PROBE_TIMEOUT), probe).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(err)) => err,
+                Err(_) => format!("probe timed out after {:?}", remaining.min(PROBE_TIMEOUT)),
+            };
             if Instant::now() >= deadline {
                 return Err(HarnessError::NatsServerNotReady {
                     port: self.port,
@@ -277,6 +316,58 @@ impl Drop for NatsServer {
     }
 }
 
+/// How a started process is known to be ready.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Readiness {
+    /// A client connects and JetStream answers an account query (a lone server).
+    JetStreamAccount,
+    /// The monitoring endpoint's `/healthz` answers 200: with `js_enabled_only`, once
+    /// JetStream is enabled (a cluster node whose peers may not be up yet); otherwise once the
+    /// node knows the meta leader and every stream and consumer it holds is current (a
+    /// restarted cluster node that caught up).
+    Healthz { js_enabled_only: bool },
+}
+
+/// One `/healthz` probe of the monitoring endpoint on `monitor_port`.
+async fn probe_healthz(monitor_port: u16, js_enabled_only: bool) -> Result<(), String> {
+    let path = if js_enabled_only {
+        "/healthz?js-enabled-only=true"
+    } else {
+        "/healthz"
+    };
+    match monitor_get(monitor_port, path).await? {
+        (200, _) => Ok(()),
+        (status, body) => Err(format!("GET {path}: {status} {}", body.trim())),
+    }
+}
+
+/// `GET path` on the monitoring port: the status and the body. A plain HTTP/1.0 exchange on
+/// loopback (the monitoring endpoint closes the connection after the answer).
+pub(crate) async fn monitor_get(port: u16, path: &str) -> Result<(u16, String), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+            .await?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await?;
+        Ok::<_, std::io::Error>(answer)
+    };
+    let answer = tokio::time::timeout(PROBE_TIMEOUT, exchange)
+        .await
+        .map_err(|_| format!("GET {path}: no answer within {PROBE_TIMEOUT:?}"))?
+        .map_err(|e| format!("GET {path}: {e}"))?;
+    let answer = String::from_utf8_lossy(&answer);
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| format!("GET {path}: not an HTTP answer: {head:?}"))?;
+    Ok((status, body.to_owned()))
+}
+
 /// One readiness probe: a real client connection and a JetStream round trip.
 async fn probe(url: &str) -> Result<(), String> {
     let client = async_nats::ConnectOptions::new()
@@ -299,7 +390,7 @@ fn free_port() -> Result<u16, HarnessError> {
         .map_err(|e| HarnessError::io("picking a free port", e))
 }
 
-fn port_was_taken(err: &HarnessError) -> bool {
+pub(crate) fn port_was_taken(err: &HarnessError) -> bool {
     matches!(err, HarnessError::NatsServerExited { log_tail, .. }
         if log_tail.contains("address already in use"))
 }

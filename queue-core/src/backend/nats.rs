@@ -9,19 +9,43 @@ use async_nats::jetstream::{self, consumer, stream};
 
 use super::{PublishError, QueueError, call_subject};
 use crate::message::QueuedCall;
-use crate::settings::{NatsArgs, NatsCredentials, StreamArgs};
+use crate::settings::{NatsArgs, NatsCredentials, NatsServers, StreamArgs};
 
 /// Room kept for NATS headers (message id, dead-letter reasons) when comparing an envelope with
 /// the server's `max_payload`.
 pub const HEADER_ALLOWANCE: usize = 4 * 1024;
 
 /// Connects with unlimited reconnects, including on the first connect, so a process started
-/// before NATS comes up waits for it instead of exiting. Credentials in the URL
-/// (`user:password@`, `token@`) are taken out and given to the client as options, so that no
-/// URL the client keeps (and may log) carries them.
+/// before NATS comes up waits for it instead of exiting. `--nats-url` may list several servers
+/// (comma-separated): the client connects to one of them and moves to another when it is lost.
+/// Credentials in the URLs (`user:password@`, `token@`) are taken out and given to the client
+/// as options, so that no URL the client keeps (and may log) carries them. A list that cannot
+/// be parsed fails at once, naming the bad entry (redacted).
 pub async fn connect(nats: &NatsArgs, name: &str) -> Result<async_nats::Client, QueueError> {
     let was_disconnected = Arc::new(AtomicBool::new(false));
-    let (servers, credentials) = crate::settings::split_nats_credentials(&nats.nats_url);
+    let url = || crate::settings::redact_url(&nats.nats_url);
+    let parse_error = |source: crate::settings::NatsUrlError| QueueError::Connect {
+        url: url(),
+        source: async_nats::ConnectError::with_source(
+            async_nats::ConnectErrorKind::ServerParse,
+            source,
+        ),
+    };
+    let NatsServers { urls, credentials } =
+        crate::settings::parse_nats_urls(&nats.nats_url).map_err(parse_error)?;
+    let servers = urls
+        .iter()
+        .enumerate()
+        .map(|(i, one)| {
+            one.parse::<async_nats::ServerAddr>().map_err(|e| {
+                parse_error(crate::settings::NatsUrlError::Invalid {
+                    index: i + 1,
+                    url: one.clone(),
+                    reason: e.to_string(),
+                })
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let options = match credentials {
         None => async_nats::ConnectOptions::new(),
         Some(NatsCredentials::UserPassword(user, password)) => {
@@ -53,12 +77,9 @@ pub async fn connect(nats: &NatsArgs, name: &str) -> Result<async_nats::Client, 
                 }
             }
         })
-        .connect(servers.as_str())
+        .connect(servers)
         .await
-        .map_err(|source| QueueError::Connect {
-            url: crate::settings::redact_url(&nats.nats_url),
-            source,
-        })
+        .map_err(|source| QueueError::Connect { url: url(), source })
 }
 
 /// Sends what the client still buffers (acks, naks) before the process exits. Bounded: with
