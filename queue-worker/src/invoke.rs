@@ -31,6 +31,9 @@ pub struct FunctionInvoker {
     max_response_bytes: u64,
     /// Direct mode: where functions may be reached (`--function-deny`, `--function-allow`).
     function_policy: Option<Arc<EgressPolicy>>,
+    /// Gateway mode over plain `http`: `{gateway_url}/function/` taken apart once, so that a
+    /// call's target is a concatenation, not a URL parse ([`FunctionInvoker::gateway_target`]).
+    gateway_base: Option<Arc<PlainTarget>>,
 }
 
 /// Why a call is not sent to any function.
@@ -83,7 +86,52 @@ impl FunctionInvoker {
                     &config.function_allow.concat(),
                 ))
             }),
+            gateway_base: (config.invoke_mode == InvokeMode::Gateway)
+                .then(|| {
+                    let base = format!("{}/function/", config.gateway_url.trim_end_matches('/'));
+                    PlainTarget::parse(&base).filter(|t| !t.path_and_query.contains('?'))
+                })
+                .flatten()
+                .map(Arc::new),
         }
+    }
+
+    /// Gateway mode: the target of `call` built from [`FunctionInvoker::gateway_base`], when
+    /// the result is what parsing the URL would give: a path and query of characters a URL
+    /// parser leaves as they are (the gateway checked the path for dot segments and
+    /// backslashes before queueing; anything else goes through the parser).
+    fn gateway_target(&self, call: &QueuedCall) -> Option<PlainTarget> {
+        let base = self.gateway_base.as_deref()?;
+        let m = &call.meta;
+        // What the URL standard percent-encodes in a path, and in a special URL's query.
+        let plain = |s: &str, extra: &[u8]| {
+            s.bytes().all(|b| {
+                (0x21..=0x7e).contains(&b) && !b"\"#<>`{}".contains(&b) && !extra.contains(&b)
+            })
+        };
+        let query = m.query.as_deref().filter(|q| !q.is_empty());
+        if !plain(&m.path, b"?") || !query.is_none_or(|q| plain(q, b"'")) {
+            return None;
+        }
+        let function = m.qualified_function();
+        let mut path_and_query = String::with_capacity(
+            base.path_and_query.len()
+                + function.len()
+                + m.path.len()
+                + query.map_or(0, |q| q.len() + 1),
+        );
+        path_and_query.push_str(&base.path_and_query);
+        path_and_query.push_str(&function);
+        path_and_query.push_str(&m.path);
+        if let Some(q) = query {
+            path_and_query.push('?');
+            path_and_query.push_str(q);
+        }
+        Some(PlainTarget {
+            origin: base.origin.clone(),
+            host_header: base.host_header.clone(),
+            path_and_query,
+        })
     }
 
     /// The URL a call is sent to. The path and query are appended exactly as the client sent
@@ -133,6 +181,17 @@ impl FunctionInvoker {
         timeout: Duration,
     ) -> Outcome {
         let started = Instant::now();
+        if let Some(target) = self.gateway_target(call) {
+            return Box::pin(self.invoke_plain(
+                call,
+                &target,
+                attempt,
+                max_attempts,
+                timeout,
+                started,
+            ))
+            .await;
+        }
         let url = match self.url(call) {
             Ok(url) => url,
             Err(e) => return no_answer(403, &e.to_string(), started),
@@ -447,6 +506,53 @@ mod tests {
                 Duration::from_secs(1),
             )),
         )
+    }
+
+    #[test]
+    fn gateway_targets_built_without_a_parse_equal_the_parsed_ones() {
+        let gateways = [
+            "http://gateway:8080",
+            "http://127.0.0.1:8080/",
+            "http://GateWay.OpenFaaS/prefix",
+            "http://[::1]:9000",
+            "http://gw",
+        ];
+        let cases: [(Option<&str>, &str, Option<&str>); 12] = [
+            (None, "", None),
+            (None, "/", None),
+            (Some("team-a"), "/a/b", Some("x=1&y=2")),
+            (None, "/%41b", Some("q=%20")),
+            (None, "/a:b@c;d=e,f+g$h!i*j(k)l~m", Some("a=b/c?d")),
+            (None, "", Some("")),
+            // What a parser rewrites goes through the parser (no fast target).
+            (None, "/a\"b", None),
+            (None, "/a<b>", None),
+            (None, "/a{b}", None),
+            (None, "/é", None),
+            (None, "/a", Some("x='1'")),
+            (None, "/a?b", None),
+        ];
+        for gateway in gateways {
+            let inv = invoker(&["--gateway-url", gateway]);
+            for (ns, path, query) in cases {
+                let c = call(ns, path, query);
+                let parsed = PlainTarget::parse(&inv.url(&c).unwrap());
+                match inv.gateway_target(&c) {
+                    Some(fast) => assert_eq!(Some(fast), parsed, "{gateway} {path:?} {query:?}"),
+                    None => assert!(
+                        path.bytes()
+                            .any(|b| !(0x21..=0x7e).contains(&b) || b"\"<>{}?".contains(&b))
+                            || query.is_some_and(|q| q.contains('\'')),
+                        "{gateway} {path:?} {query:?}: no fast target for a plain path"
+                    ),
+                }
+            }
+        }
+        // https gateways and direct mode keep the general path.
+        let tls = invoker(&["--gateway-url", "https://gateway:8443"]);
+        assert!(tls.gateway_target(&call(None, "/a", None)).is_none());
+        let direct = invoker(&["--invoke-mode", "direct"]);
+        assert!(direct.gateway_target(&call(None, "/a", None)).is_none());
     }
 
     #[test]
