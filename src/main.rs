@@ -41,6 +41,9 @@ struct ServerConfig {
     /// Stream settings (JetStream), limits of the embedded queue.
     #[command(flatten)]
     stream: StreamArgs,
+    /// Authentication and authorization of the HTTP front (as `gateway-plugin`'s).
+    #[command(flatten)]
+    auth: gateway_plugin::auth::AuthArgs,
     /// Worker settings, NATS, logging, and the `dlq` command (as `queue-worker`'s).
     #[command(flatten)]
     worker: WorkerConfig,
@@ -238,6 +241,7 @@ async fn serve<Q: CallQueue>(
             ),
             default_namespace: config.worker.default_namespace.clone(),
             callback_policy: config.worker.callback_policy.policy(),
+            auth: config.auth.clone(),
         };
         let queue = queue.clone();
         let stop = stop.clone();

@@ -511,3 +511,55 @@ async fn metrics_count_a_known_workload() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The gateway's authentication settings reach the all-in-one server's HTTP front.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_settings_reach_the_http_front() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = format!("fa_{}", uuid_like());
+    // SHA-256 of the token, by sha256sum (an implementation other than the gateway's).
+    let out = std::process::Command::new("sh")
+        .args(["-c", "printf %s \"$T\" | sha256sum"])
+        .env("T", &token)
+        .output()
+        .unwrap();
+    let hash = String::from_utf8(out.stdout).unwrap()[..64].to_owned();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, format!("bot {hash} invoke:openfaas-fn\n")).unwrap();
+    let server = Server::start(
+        dir.path(),
+        &["--auth-tokens-file", tokens.to_str().unwrap()],
+    )
+    .await;
+    let client = queue_worker::invoke::http_client("all-in-one-test").unwrap();
+    let get = |path: &str| client.get(format!("{}{path}", server.url)).send();
+    assert_eq!(get("/healthz").await.unwrap().status(), 200);
+    assert_eq!(get("/system/async/queue").await.unwrap().status(), 401);
+    let invoke = |bearer: Option<&str>| {
+        let r = client
+            .post(format!("{}/async-function/fn", server.url))
+            .body("x");
+        match bearer {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+        .send()
+    };
+    assert_eq!(invoke(None).await.unwrap().status(), 401);
+    assert_eq!(invoke(Some("wrong")).await.unwrap().status(), 401);
+    assert_eq!(invoke(Some(&token)).await.unwrap().status(), 202);
+    let r = client
+        .get(format!("{}/system/async/queue", server.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "invoke is not admin");
+    server.stop().await;
+}
+
+/// A random hex string from the kernel.
+fn uuid_like() -> String {
+    let id = std::fs::read_to_string("/proc/sys/kernel/random/uuid").unwrap();
+    id.trim().replace('-', "")
+}

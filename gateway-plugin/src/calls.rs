@@ -16,7 +16,22 @@ use serde_json::json;
 use crate::error::ApiError;
 use crate::state::AppState;
 
-async fn load<Q: CallQueue>(state: &AppState<Q>, call_id: &str) -> Result<CallRecord, ApiError> {
+/// The answer for a call id with no record (and, with authorization, for a call of a namespace
+/// the caller may not see: the same answer, so ids do not leak).
+pub(crate) fn unknown_call() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "unknown_call",
+        "no call with this id (never accepted, or its record expired)",
+    )
+}
+
+/// The record of `call_id`: `400` for an invalid id, `404` for none, `503` when records cannot
+/// be read.
+pub(crate) async fn load<Q: CallQueue>(
+    state: &AppState<Q>,
+    call_id: &str,
+) -> Result<CallRecord, ApiError> {
     if !valid_call_id(call_id) {
         return Err(ApiError::bad_request(
             "invalid_call_id",
@@ -25,11 +40,7 @@ async fn load<Q: CallQueue>(state: &AppState<Q>, call_id: &str) -> Result<CallRe
     }
     match state.queue.record(call_id).await {
         Ok(Some(record)) => Ok(record),
-        Ok(None) => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown_call",
-            "no call with this id (never accepted, or its record expired)",
-        )),
+        Ok(None) => Err(unknown_call()),
         Err(e) => {
             tracing::warn!(error = %e, "reading a call record failed");
             Err(ApiError::unavailable(

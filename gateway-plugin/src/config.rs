@@ -29,6 +29,9 @@ pub struct GatewayConfig {
     /// Where callbacks may go (checked at enqueue; the workers check again at delivery).
     #[command(flatten)]
     pub callback_policy: CallbackPolicyArgs,
+    /// Authentication and authorization.
+    #[command(flatten)]
+    pub auth: crate::auth::AuthArgs,
     /// Address to listen on.
     #[arg(long, env = "GATEWAY_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
@@ -63,6 +66,7 @@ impl GatewayConfig {
             trusted_proxies: crate::peer::TrustedProxies(self.trusted_proxies.clone()),
             default_namespace: self.default_namespace.clone(),
             callback_policy: self.callback_policy.policy(),
+            auth: self.auth.clone(),
         }
     }
 }
@@ -119,6 +123,51 @@ mod tests {
             &["--nats-url", "nats://other:1"],
         );
         assert_eq!(c.nats.nats_url, "nats://other:1");
+    }
+
+    #[test]
+    fn auth_flags_parse() {
+        let c = parse(&[], &[]);
+        assert!(!c.auth.basic_auth);
+        assert_eq!(
+            c.auth.secret_mount_path,
+            std::path::Path::new("/var/secrets")
+        );
+        assert!(c.auth.public.is_empty());
+        let c = parse(
+            &[],
+            &[
+                "--basic-auth",
+                "--secret-mount-path",
+                "/run/secrets",
+                "--auth-tokens-file",
+                "/etc/tokens",
+                "--public",
+                "invoke,metrics",
+                "--jwt-leeway",
+                "10s",
+            ],
+        );
+        assert!(c.auth.basic_auth);
+        assert_eq!(
+            c.auth.secret_mount_path,
+            std::path::Path::new("/run/secrets")
+        );
+        assert_eq!(
+            c.auth.auth_tokens_file.as_deref(),
+            Some(std::path::Path::new("/etc/tokens"))
+        );
+        assert_eq!(
+            c.auth.public,
+            [
+                crate::auth::PublicRoute::Invoke,
+                crate::auth::PublicRoute::Metrics
+            ]
+        );
+        assert_eq!(c.auth.jwt_leeway, Duration::from_secs(10));
+        assert!(
+            GatewayConfig::try_parse_from(["gateway-plugin", "--public", "dashboard"]).is_err()
+        );
     }
 
     #[test]

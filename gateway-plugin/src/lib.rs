@@ -3,6 +3,7 @@
 //! with `X-Call-Id` only after the queue stored the call durably.
 //!
 //! # Layout
+//! - [`auth`]: authentication (basic auth, API tokens, JWT) and the authorization layer.
 //! - [`admin`]: the queue admin API (`/system/async/...`).
 //! - [`calls`]: call records and kept results (`/async-calls/{id}`).
 //! - [`state`]: [`state::AppState`], what every handler shares.
@@ -15,6 +16,7 @@
 //! - [`config`]: settings (flags and environment variables; OpenFaaS's NATS variables).
 
 pub mod admin;
+pub mod auth;
 pub mod calls;
 pub mod config;
 pub mod error;
@@ -41,6 +43,9 @@ pub enum GatewayError {
     /// The queue could not be set up.
     #[error(transparent)]
     Queue(#[from] queue_core::backend::BackendError),
+    /// The authentication settings are unusable.
+    #[error("authentication: {0}")]
+    Auth(#[from] auth::AuthError),
     /// The HTTP server failed.
     #[error("HTTP server: {0}")]
     Serve(#[from] std::io::Error),
@@ -62,6 +67,8 @@ pub struct HttpSettings {
     /// Where callbacks may go: a callback URL it refuses as written is answered `400`
     /// `callback_not_allowed`.
     pub callback_policy: queue_core::egress::EgressPolicy,
+    /// Who may do what (no authenticator: every route open, with a warning at start).
+    pub auth: auth::AuthArgs,
 }
 
 /// Serves on `listener` with JetStream as the queue until `shutdown` completes, then lets
@@ -96,8 +103,20 @@ pub async fn serve<Q: CallQueue>(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
+    let authenticator = auth::Authenticator::from_args(&settings.auth)?.map(Arc::new);
+    if authenticator.is_none() {
+        tracing::warn!(
+            "NO AUTHENTICATION: no authenticator is configured (--basic-auth, --auth-tokens-file, --jwks-file); every route, admin included, is open to anyone who can reach this gateway"
+        );
+    }
     let live = Arc::new(live::LiveStats::default());
     let follow_stop = CancellationToken::new();
+    if let Some(authenticator) = &authenticator {
+        tokio::spawn(auth::watch_tokens(
+            authenticator.clone(),
+            follow_stop.clone(),
+        ));
+    }
     tokio::spawn(live::follow(
         queue.clone(),
         live.clone(),
@@ -113,6 +132,7 @@ pub async fn serve<Q: CallQueue>(
         trusted_proxies: settings.trusted_proxies,
         default_namespace: settings.default_namespace,
         callback_policy: settings.callback_policy,
+        auth: authenticator,
     });
     let app = routes::router(state);
     tracing::info!(listen = %listener.local_addr()?, "gateway-plugin listening");

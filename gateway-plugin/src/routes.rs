@@ -1,5 +1,6 @@
-//! HTTP routes. Every route is declared in [`router`], the one place where authentication and
-//! authorization will be added as a layer.
+//! HTTP routes. Every route is declared in [`routes`], with the permission it needs; [`router`]
+//! builds the router from that table and puts the authorization layer ([`crate::auth`]) in
+//! front of every route that is not public.
 //!
 //! - `POST|PUT|PATCH|DELETE|GET /async-function/{name}[.{namespace}][/{path...}][?query]`
 //!   → `202 Accepted` once the queue stored the call.
@@ -16,9 +17,10 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
+use axum::handler::Handler;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
-use axum::routing::{MethodFilter, get, on, post};
+use axum::routing::{MethodFilter, MethodRouter, on};
 use queue_core::backend::{CallQueue, PublishError, RecordWriteError, Revision};
 use queue_core::headers::is_dropped_from_client;
 use queue_core::message::{
@@ -28,6 +30,7 @@ use queue_core::message::{
 use queue_core::records::{self, CallState, Event, idempotency_key};
 use serde_json::json;
 
+use crate::auth::Permission;
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -84,66 +87,230 @@ async fn record_call<Q: CallQueue>(
     }
 }
 
-/// All routes.
-pub fn router<Q: CallQueue>(state: Arc<AppState<Q>>) -> Router {
-    let methods = MethodFilter::POST
-        .or(MethodFilter::PUT)
-        .or(MethodFilter::PATCH)
-        .or(MethodFilter::DELETE)
-        .or(MethodFilter::GET);
-    let enqueue_route = || on(methods, enqueue::<Q>).fallback(method_not_allowed);
-    // The CSRF guard of every state-changing admin route.
-    let same_origin = || axum::middleware::from_fn(crate::admin::refuse_cross_site);
-    Router::new()
-        .route("/async-function/{name}", enqueue_route())
-        .route("/async-function/{name}/", enqueue_route())
-        .route("/async-function/{name}/{*path}", enqueue_route())
-        .route(
+/// An HTTP method of a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verb {
+    /// `GET` (and `HEAD`, which axum routes to it).
+    Get,
+    /// `POST`.
+    Post,
+    /// `PUT`.
+    Put,
+    /// `PATCH`.
+    Patch,
+    /// `DELETE`.
+    Delete,
+}
+
+impl Verb {
+    /// The method's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Get => "GET",
+            Self::Post => "POST",
+            Self::Put => "PUT",
+            Self::Patch => "PATCH",
+            Self::Delete => "DELETE",
+        }
+    }
+
+    fn filter(self) -> MethodFilter {
+        match self {
+            Self::Get => MethodFilter::GET,
+            Self::Post => MethodFilter::POST,
+            Self::Put => MethodFilter::PUT,
+            Self::Patch => MethodFilter::PATCH,
+            Self::Delete => MethodFilter::DELETE,
+        }
+    }
+}
+
+/// The methods of an async call.
+const CALL_METHODS: &[Verb] = &[Verb::Post, Verb::Put, Verb::Patch, Verb::Delete, Verb::Get];
+
+/// One route: its methods, its path, the permission it needs, its handler.
+pub struct Route<Q> {
+    /// The methods.
+    pub methods: &'static [Verb],
+    /// The path (axum syntax).
+    pub path: &'static str,
+    /// What a caller needs ([`crate::auth`]).
+    pub permission: Permission,
+    endpoint: MethodRouter<Arc<AppState<Q>>>,
+}
+
+impl<Q: CallQueue> Route<Q> {
+    fn new<H, T>(
+        methods: &'static [Verb],
+        path: &'static str,
+        permission: Permission,
+        handler: H,
+    ) -> Self
+    where
+        H: Handler<T, Arc<AppState<Q>>>,
+        T: 'static,
+    {
+        let filter = methods
+            .iter()
+            .map(|m| m.filter())
+            .reduce(MethodFilter::or)
+            .unwrap_or(MethodFilter::GET);
+        Self {
+            methods,
+            path,
+            permission,
+            endpoint: on(filter, handler),
+        }
+    }
+
+    fn with_method_fallback(mut self) -> Self {
+        self.endpoint = self.endpoint.fallback(method_not_allowed);
+        self
+    }
+
+    /// Whether the route changes the queue from the admin API (guarded against CSRF).
+    fn is_admin_change(&self) -> bool {
+        matches!(
+            self.permission,
+            Permission::Admin | Permission::AdminFunction
+        ) && self.methods.iter().any(|m| *m != Verb::Get)
+    }
+}
+
+impl<Q> std::fmt::Debug for Route<Q> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Route")
+            .field("methods", &self.methods)
+            .field("path", &self.path)
+            .field("permission", &self.permission)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Every route, each with the permission it needs: the one table [`router`] is built from.
+pub fn routes<Q: CallQueue>() -> Vec<Route<Q>> {
+    use Permission::*;
+    vec![
+        Route::new(CALL_METHODS, "/async-function/{name}", Invoke, enqueue::<Q>)
+            .with_method_fallback(),
+        Route::new(
+            CALL_METHODS,
+            "/async-function/{name}/",
+            Invoke,
+            enqueue::<Q>,
+        )
+        .with_method_fallback(),
+        Route::new(
+            CALL_METHODS,
+            "/async-function/{name}/{*path}",
+            Invoke,
+            enqueue::<Q>,
+        )
+        .with_method_fallback(),
+        Route::new(
+            &[Verb::Get],
             "/async-calls/{call_id}",
-            get(crate::calls::record::<Q>).delete(crate::calls::cancel::<Q>),
-        )
-        .route(
+            Read,
+            crate::calls::record::<Q>,
+        ),
+        Route::new(
+            &[Verb::Delete],
+            "/async-calls/{call_id}",
+            Cancel,
+            crate::calls::cancel::<Q>,
+        ),
+        Route::new(
+            &[Verb::Get],
             "/async-calls/{call_id}/result",
-            get(crate::calls::result::<Q>),
-        )
-        .route("/system/async/queue", get(crate::admin::queue::<Q>))
-        .route("/system/async/stats", get(live_stats::<Q>))
-        .route(
-            "/dashboard",
-            get(|| async { Redirect::permanent("/dashboard/") }),
-        )
-        .route("/dashboard/", get(dashboard))
-        .route(
+            Read,
+            crate::calls::result::<Q>,
+        ),
+        Route::new(
+            &[Verb::Get],
+            "/system/async/queue",
+            Admin,
+            crate::admin::queue::<Q>,
+        ),
+        Route::new(&[Verb::Get], "/system/async/stats", Admin, live_stats::<Q>),
+        Route::new(&[Verb::Get], "/dashboard", Admin, || async {
+            Redirect::permanent("/dashboard/")
+        }),
+        Route::new(&[Verb::Get], "/dashboard/", Admin, dashboard),
+        Route::new(
+            &[Verb::Get],
             "/system/async/dead-letters",
-            get(crate::admin::dead_letters::<Q>),
-        )
-        .route(
+            Admin,
+            crate::admin::dead_letters::<Q>,
+        ),
+        Route::new(
+            &[Verb::Post],
             "/system/async/dead-letters/replay",
-            post(crate::admin::replay::<Q>).layer(same_origin()),
-        )
-        .route(
+            Admin,
+            crate::admin::replay::<Q>,
+        ),
+        Route::new(
+            &[Verb::Post],
             "/system/async/dead-letters/purge",
-            post(crate::admin::purge::<Q>).layer(same_origin()),
-        )
-        .route(
+            Admin,
+            crate::admin::purge::<Q>,
+        ),
+        Route::new(
+            &[Verb::Get],
             "/system/async/dead-letters/{sequence}",
-            get(crate::admin::dead_letter::<Q>),
-        )
-        .route(
+            Admin,
+            crate::admin::dead_letter::<Q>,
+        ),
+        Route::new(
+            &[Verb::Get],
             "/system/async/dead-letters/call/{call_id}",
-            get(crate::admin::dead_letter_of_call::<Q>),
-        )
-        .route(
+            Admin,
+            crate::admin::dead_letter_of_call::<Q>,
+        ),
+        Route::new(
+            &[Verb::Post],
             "/system/async/functions/{name}/pause",
-            post(crate::admin::pause::<Q>).layer(same_origin()),
-        )
-        .route(
+            AdminFunction,
+            crate::admin::pause::<Q>,
+        ),
+        Route::new(
+            &[Verb::Post],
             "/system/async/functions/{name}/resume",
-            post(crate::admin::resume::<Q>).layer(same_origin()),
-        )
-        .route("/metrics", get(metrics_text::<Q>))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz::<Q>))
+            AdminFunction,
+            crate::admin::resume::<Q>,
+        ),
+        Route::new(&[Verb::Get], "/metrics", Metrics, metrics_text::<Q>),
+        Route::new(&[Verb::Get], "/healthz", Public, healthz),
+        Route::new(&[Verb::Get], "/readyz", Public, readyz::<Q>),
+    ]
+}
+
+/// All routes, from [`routes`]. Each route that is not public gets the authorization layer
+/// ([`crate::auth::authorize`]) with its permission; without an authenticator configured, no
+/// route gets one (all open, nothing added to a request's path through the gateway).
+pub fn router<Q: CallQueue>(state: Arc<AppState<Q>>) -> Router {
+    let mut router = Router::new();
+    for route in routes::<Q>() {
+        let permission = route.permission;
+        let admin_change = route.is_admin_change();
+        let mut endpoint = route.endpoint;
+        if admin_change {
+            // The CSRF guard of every state-changing admin route.
+            endpoint = endpoint.layer(axum::middleware::from_fn(crate::admin::refuse_cross_site));
+        }
+        if let Some(auth) = state.auth.clone()
+            && !auth.is_public(permission)
+        {
+            let state = state.clone();
+            endpoint = endpoint.route_layer(axum::middleware::from_fn(
+                move |request: Request, next: axum::middleware::Next| {
+                    crate::auth::authorize(state.clone(), auth.clone(), permission, request, next)
+                },
+            ));
+        }
+        // ROUTE-TABLE: the one place a route is added.
+        router = router.route(route.path, endpoint);
+    }
+    router
         .fallback(not_found)
         // The body limit is enforced by the handler against the queue's live limit.
         .layer(DefaultBodyLimit::disable())
@@ -268,7 +435,7 @@ async fn readyz<Q: CallQueue>(State(state): State<Arc<AppState<Q>>>) -> Response
 }
 
 /// Splits `/async-function/{name}{rest}` from the raw (still percent-encoded) path.
-fn split_path(raw: &str) -> (&str, &str) {
+pub(crate) fn split_path(raw: &str) -> (&str, &str) {
     let rest = raw.strip_prefix(ASYNC_PREFIX).unwrap_or(raw);
     match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
@@ -522,6 +689,59 @@ async fn accept<Q: CallQueue>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Routes are added in one place only, the loop over [`routes`]: a route added anywhere
+    /// else (`route`, `route_service`, `nest`, `merge` called on a router) would bypass the
+    /// table and its permission.
+    #[test]
+    fn routes_are_added_only_from_the_table() {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        // Built here so that this test's own lines do not match.
+        let needles = [
+            "route(",
+            "route_service(",
+            "nest(",
+            "nest_service(",
+            "merge(",
+        ]
+        .map(|n| format!(".{n}"));
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(&src).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            for (n, line) in text.lines().enumerate() {
+                if needles.iter().any(|needle| line.contains(needle.as_str())) {
+                    found.push(format!("{}:{}: {}", path.display(), n + 1, line.trim()));
+                }
+            }
+        }
+        assert_eq!(found.len(), 1, "routes added outside the table: {found:#?}");
+        assert!(found[0].contains("router = router"), "{found:?}");
+    }
+
+    #[test]
+    fn every_route_declares_a_permission_and_health_is_public() {
+        use queue_core::backend::jetstream::JetStreamQueue;
+        let table = routes::<JetStreamQueue>();
+        for route in &table {
+            let public = route.permission == Permission::Public;
+            assert_eq!(
+                public,
+                matches!(route.path, "/healthz" | "/readyz"),
+                "{route:?}"
+            );
+            assert!(!route.methods.is_empty(), "{route:?}");
+        }
+        let mut seen = std::collections::HashSet::new();
+        for route in &table {
+            for m in route.methods {
+                assert!(seen.insert((m.as_str(), route.path)), "{route:?} twice");
+            }
+        }
+    }
 
     #[test]
     fn splits_name_and_path() {

@@ -32,6 +32,8 @@ pub struct AppState<Q> {
     pub default_namespace: String,
     /// Where callbacks may go.
     pub callback_policy: EgressPolicy,
+    /// Who may do what; `None`: no authenticator configured, every route open.
+    pub auth: Option<Arc<crate::auth::Authenticator>>,
 }
 
 impl<Q> AppState<Q> {

@@ -82,6 +82,10 @@ async fn gateway_logs_hold_no_bodies_or_secrets() {
     let logs = std::fs::read_to_string(&log).unwrap();
     assert!(logs.contains(&id), "logs should identify the call:\n{logs}");
     assert!(
+        logs.contains("NO AUTHENTICATION"),
+        "without an authenticator the gateway warns that everything is open:\n{logs}"
+    );
+    assert!(
         logs.contains("nats://***@127.0.0.1"),
         "the NATS URL is logged, redacted:\n{logs}"
     );

@@ -183,7 +183,7 @@ fn valid_name(s: &str) -> bool {
 }
 
 /// A namespace token: a name that is not `_`, the subject token of "no namespace".
-fn valid_namespace(s: &str) -> bool {
+pub fn valid_namespace(s: &str) -> bool {
     valid_name(s) && s != "_"
 }
 

@@ -1,0 +1,464 @@
+//! Authentication and authorization: one layer in front of every route.
+//!
+//! Every route of [`crate::routes::routes`] declares a [`Permission`]; the router puts
+//! [`authorize`] in front of each route whose permission is not public. It finds who is
+//! calling ([`Authenticator::authenticate`]: OpenFaaS basic auth, a token of the tokens file, a
+//! JWT), works out the scope the request needs (the function's namespace, a call's recorded
+//! namespace, or every namespace for queue-wide views) and lets the request through only if the
+//! caller holds it: `401` with `WWW-Authenticate` without valid credentials, `403` `forbidden`
+//! naming the missing scope, `404` for a call of a namespace the caller may not read (the answer
+//! an unknown id gets: ids do not leak).
+//!
+//! With no authenticator configured, the router adds no layer at all (every route is open, as
+//! before; the gateway warns at start) and the accept path does no extra work.
+
+pub mod basic;
+pub mod jwt;
+pub mod scope;
+pub mod tokens;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::Request;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use queue_core::backend::CallQueue;
+use queue_core::message::canonical_function;
+use queue_core::settings::parse_duration;
+use serde_json::json;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+pub use scope::{Action, Needed, Scopes};
+
+/// What a route needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Permission {
+    /// Open to anyone (`/healthz`, `/readyz`).
+    Public,
+    /// `invoke:<namespace of the function in the path>`.
+    Invoke,
+    /// `read:<namespace of the call's function>` (from the call's record).
+    Read,
+    /// `cancel:<namespace of the call's function>` (from the call's record).
+    Cancel,
+    /// `admin:<namespace of the function {name} in the path>`.
+    AdminFunction,
+    /// `admin:*`: queue-wide views and operations (dead letters, queue stats, dashboard).
+    Admin,
+    /// `/metrics`: `admin:*`, or open with `--public metrics`.
+    Metrics,
+}
+
+/// Routes the operator opens explicitly (`--public`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PublicRoute {
+    /// `/async-function/...` (OpenFaaS's default: functions do their own auth).
+    Invoke,
+    /// `/metrics` (for a Prometheus that scrapes without a token).
+    Metrics,
+}
+
+/// The authentication settings: flags and environment variables, shared by `gateway-plugin`
+/// and `faas-async`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct AuthArgs {
+    /// OpenFaaS basic auth: the user and password in `basic-auth-user` and
+    /// `basic-auth-password` under `--secret-mount-path`; that identity holds every scope.
+    #[arg(long, env = "basic_auth", action = clap::ArgAction::SetTrue)]
+    pub basic_auth: bool,
+    /// Directory of the basic-auth files (OpenFaaS's `secret_mount_path`).
+    #[arg(long, env = "secret_mount_path", default_value = "/var/secrets")]
+    pub secret_mount_path: PathBuf,
+    /// API tokens: one a line, `name sha256-hex scope...`; reread when it changes or on SIGHUP.
+    #[arg(long, env = "AUTH_TOKENS_FILE")]
+    pub auth_tokens_file: Option<PathBuf>,
+    /// JWT bearer tokens: the signing keys (a JWKS document), read from this file.
+    #[arg(long, env = "AUTH_JWKS_FILE")]
+    pub jwks_file: Option<PathBuf>,
+    /// The accepted JWT `iss` (required with `--jwks-file`).
+    #[arg(long, env = "AUTH_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// The accepted JWT `aud` (required with `--jwks-file`).
+    #[arg(long, env = "AUTH_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Clock skew allowed on JWT `exp` and `nbf`.
+    #[arg(long, env = "AUTH_JWT_LEEWAY", default_value = "30s", value_parser = parse_duration)]
+    pub jwt_leeway: Duration,
+    /// Routes open without credentials although an authenticator is configured
+    /// (comma-separated: `invoke`, `metrics`).
+    #[arg(
+        long = "public",
+        env = "AUTH_PUBLIC",
+        value_delimiter = ',',
+        value_enum
+    )]
+    pub public: Vec<PublicRoute>,
+}
+
+/// Authentication settings that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A line of the tokens file is wrong.
+    #[error("{path}, line {line}: {message}")]
+    TokensFile {
+        /// The file.
+        path: PathBuf,
+        /// Line number (from 1).
+        line: usize,
+        /// What is wrong (never the line itself: it might hold a token).
+        message: String,
+    },
+    /// The basic-auth files are unusable.
+    #[error("basic auth: {0}")]
+    BasicAuth(String),
+    /// The JWKS file is unusable.
+    #[error("JWKS {path}: {message}")]
+    Jwks {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// Settings that do not go together.
+    #[error("{0}")]
+    Settings(String),
+}
+
+impl AuthError {
+    fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+/// Who is calling.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    /// The basic-auth user, the token's name, or the JWT's `sub`.
+    pub subject: String,
+    /// `basic`, `token` or `jwt`.
+    pub method: &'static str,
+    /// What it may do.
+    pub scopes: Scopes,
+}
+
+/// Why there is no principal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denied {
+    /// No credentials.
+    Missing,
+    /// Credentials that are not valid (a fixed phrase for the log, never the credentials).
+    Invalid(&'static str),
+}
+
+/// The configured authenticators.
+#[derive(Debug)]
+pub struct Authenticator {
+    basic: Option<basic::BasicAuth>,
+    tokens: Option<tokens::TokenStore>,
+    jwt: Option<jwt::JwtVerifier>,
+    public_invoke: bool,
+    public_metrics: bool,
+}
+
+impl Authenticator {
+    /// The authenticators `args` configure, or `None` when there are none (everything open).
+    pub fn from_args(args: &AuthArgs) -> Result<Option<Self>, AuthError> {
+        let basic = match args.basic_auth {
+            true => Some(basic::BasicAuth::load(&args.secret_mount_path)?),
+            false => None,
+        };
+        let tokens = match &args.auth_tokens_file {
+            Some(path) => Some(tokens::TokenStore::load(path)?),
+            None => None,
+        };
+        let jwt = match (&args.jwks_file, &args.jwt_issuer, &args.jwt_audience) {
+            (Some(path), Some(issuer), Some(audience)) => Some(jwt::JwtVerifier::load(
+                path,
+                &jwt::JwtRules {
+                    issuer: issuer.clone(),
+                    audience: audience.clone(),
+                    leeway: args.jwt_leeway,
+                },
+            )?),
+            (Some(_), _, _) => {
+                return Err(AuthError::Settings(
+                    "--jwks-file needs --jwt-issuer and --jwt-audience: a JWT is accepted only for this issuer and audience".into(),
+                ));
+            }
+            (None, None, None) => None,
+            (None, _, _) => {
+                return Err(AuthError::Settings(
+                    "--jwt-issuer and --jwt-audience need --jwks-file (the keys)".into(),
+                ));
+            }
+        };
+        if basic.is_none() && tokens.is_none() && jwt.is_none() {
+            if !args.public.is_empty() {
+                tracing::warn!("--public has no effect: no authenticator is configured");
+            }
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            basic,
+            tokens,
+            jwt,
+            public_invoke: args.public.contains(&PublicRoute::Invoke),
+            public_metrics: args.public.contains(&PublicRoute::Metrics),
+        }))
+    }
+
+    /// Whether a route with `permission` is open without credentials.
+    pub fn is_public(&self, permission: Permission) -> bool {
+        match permission {
+            Permission::Public => true,
+            Permission::Invoke => self.public_invoke,
+            Permission::Metrics => self.public_metrics,
+            _ => false,
+        }
+    }
+
+    /// The tokens file, to reload when it changes.
+    pub fn tokens(&self) -> Option<&tokens::TokenStore> {
+        self.tokens.as_ref()
+    }
+
+    /// Who sent a request with `headers`.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Principal, Denied> {
+        let Some(value) = headers.get(header::AUTHORIZATION) else {
+            return Err(Denied::Missing);
+        };
+        let value = value
+            .to_str()
+            .map_err(|_| Denied::Invalid("unreadable Authorization header"))?;
+        let (scheme, credentials) = value
+            .split_once(' ')
+            .ok_or(Denied::Invalid("malformed Authorization header"))?;
+        let credentials = credentials.trim();
+        if scheme.eq_ignore_ascii_case("basic") {
+            let basic = self
+                .basic
+                .as_ref()
+                .ok_or(Denied::Invalid("basic auth is not enabled"))?;
+            return match basic.check(credentials) {
+                Some(user) => Ok(Principal {
+                    subject: user.to_owned(),
+                    method: "basic",
+                    scopes: Scopes::everything(),
+                }),
+                None => Err(Denied::Invalid("wrong user or password")),
+            };
+        }
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(Denied::Invalid("unsupported authorization scheme"));
+        }
+        if let Some((name, scopes)) = self.tokens.as_ref().and_then(|t| t.lookup(credentials)) {
+            return Ok(Principal {
+                subject: name,
+                method: "token",
+                scopes,
+            });
+        }
+        match &self.jwt {
+            Some(jwt) if credentials.bytes().filter(|b| *b == b'.').count() == 2 => {
+                let (subject, scopes) = jwt.verify(credentials).map_err(Denied::Invalid)?;
+                Ok(Principal {
+                    subject,
+                    method: "jwt",
+                    scopes,
+                })
+            }
+            _ => Err(Denied::Invalid("unknown token")),
+        }
+    }
+
+    fn challenge(&self, denied: Denied) -> Vec<HeaderValue> {
+        let mut out = Vec::with_capacity(2);
+        if self.tokens.is_some() || self.jwt.is_some() {
+            out.push(HeaderValue::from_static(match denied {
+                Denied::Missing => "Bearer realm=\"faas-async\"",
+                Denied::Invalid(_) => "Bearer realm=\"faas-async\", error=\"invalid_token\"",
+            }));
+        }
+        if self.basic.is_some() {
+            out.push(HeaderValue::from_static(
+                "Basic realm=\"faas-async\", charset=\"UTF-8\"",
+            ));
+        }
+        out
+    }
+}
+
+/// Reloads the tokens file when it changes (polled every second) or on SIGHUP, until `stop`.
+pub async fn watch_tokens(auth: Arc<Authenticator>, stop: tokio_util::sync::CancellationToken) {
+    let Some(store) = auth.tokens() else { return };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    #[cfg(unix)]
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGHUP handler; the tokens file is still polled");
+            None
+        }
+    };
+    loop {
+        #[cfg(unix)]
+        let hup = async {
+            match hangup.as_mut() {
+                Some(s) => s.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hup = std::future::pending::<Option<()>>();
+        let force = tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => false,
+            _ = hup => true,
+        };
+        if let Err(e) = store.reload(force) {
+            tracing::error!(error = %e, "tokens file not reloaded; the previous tokens stay in force");
+        }
+    }
+}
+
+fn unauthorized(auth: &Authenticator, denied: Denied) -> Response {
+    let message = match denied {
+        Denied::Missing => "credentials required",
+        Denied::Invalid(_) => "invalid credentials",
+    };
+    let mut response =
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
+    for value in auth.challenge(denied) {
+        response
+            .headers_mut()
+            .append(header::WWW_AUTHENTICATE, value);
+    }
+    response
+}
+
+fn forbidden(needed: &dyn std::fmt::Display) -> Response {
+    (
+        StatusCode::FORBIDDEN,
+        axum::Json(json!({
+            "error": "forbidden",
+            "message": format!("this request needs the scope {needed}"),
+            "missing_scope": needed.to_string(),
+        })),
+    )
+        .into_response()
+}
+
+/// The namespace of a function as addressed (`name` or `name.namespace`).
+fn namespace_of(addressed: &str, default_namespace: &str) -> Result<String, ApiError> {
+    let (_, ns) = canonical_function(addressed, default_namespace)
+        .map_err(|e| ApiError::bad_request("invalid_function_name", e.to_string()))?;
+    Ok(ns.unwrap_or_else(|| default_namespace.to_ascii_lowercase()))
+}
+
+fn path_param<'a>(params: &'a axum::extract::RawPathParams, key: &str) -> Option<&'a str> {
+    params.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+}
+
+/// The layer in front of every non-public route: lets the request through only if its caller
+/// holds the scope `permission` needs here.
+pub async fn authorize<Q: CallQueue>(
+    state: Arc<AppState<Q>>,
+    auth: Arc<Authenticator>,
+    permission: Permission,
+    request: Request,
+    next: Next,
+) -> Response {
+    let principal = match auth.authenticate(request.headers()) {
+        Ok(p) => p,
+        Err(denied) => {
+            tracing::info!(
+                path = request.uri().path(),
+                reason = match denied {
+                    Denied::Missing => "no credentials",
+                    Denied::Invalid(why) => why,
+                },
+                "authentication refused"
+            );
+            return unauthorized(&auth, denied);
+        }
+    };
+    let (mut parts, body) = request.into_parts();
+    let params =
+        match axum::RequestPartsExt::extract::<axum::extract::RawPathParams>(&mut parts).await {
+            Ok(p) => p,
+            Err(e) => return e.into_response(),
+        };
+    // Percent-decoded, as axum's `Path` gives them to the handler.
+    let decoded = |key: &str| path_param(&params, key).unwrap_or_default().to_owned();
+    let needed = match permission {
+        Permission::Public => None,
+        Permission::Invoke => {
+            let (addressed, _) = crate::routes::split_path(parts.uri.path());
+            match namespace_of(addressed, &state.default_namespace) {
+                Ok(ns) => Some(Needed::In(Action::Invoke, ns)),
+                Err(e) => return e.into_response(),
+            }
+        }
+        Permission::AdminFunction => {
+            let name = decoded("name");
+            match namespace_of(&name, &state.default_namespace) {
+                Ok(ns) => Some(Needed::In(Action::Admin, ns)),
+                Err(e) => return e.into_response(),
+            }
+        }
+        Permission::Admin | Permission::Metrics => Some(Needed::Everywhere(Action::Admin)),
+        Permission::Read | Permission::Cancel => {
+            let action = match permission {
+                Permission::Cancel => Action::Cancel,
+                _ => Action::Read,
+            };
+            if !principal.scopes.any(action) {
+                let needed = format!("{}:<namespace of the call>", action.as_str());
+                tracing::info!(subject = principal.subject, needed, "authorization refused");
+                return forbidden(&needed);
+            }
+            let call_id = decoded("call_id");
+            let record = match crate::calls::load(&state, &call_id).await {
+                Ok(r) => r,
+                Err(e) => return e.with_call_id(&call_id).into_response(),
+            };
+            let ns = match namespace_of(&record.function, &state.default_namespace) {
+                Ok(ns) => ns,
+                Err(e) => return e.into_response(),
+            };
+            let needed = Needed::In(action, ns);
+            if !principal.scopes.grants(&needed) {
+                tracing::info!(subject = principal.subject, needed = %needed, "authorization refused (answered as an unknown call)");
+                return crate::calls::unknown_call()
+                    .with_call_id(&call_id)
+                    .into_response();
+            }
+            None
+        }
+    };
+    if let Some(needed) = needed
+        && !principal.scopes.grants(&needed)
+    {
+        tracing::info!(subject = principal.subject, needed = %needed, "authorization refused");
+        return forbidden(&needed);
+    }
+    let mut request = Request::from_parts(parts, body);
+    request.extensions_mut().insert(Arc::new(principal));
+    next.run(request).await
+}
