@@ -114,7 +114,8 @@ fn is_default(matches: &ArgMatches, id: &str) -> bool {
 }
 
 /// mimalloc instead of the system allocator: allocation was a quarter of the instructions an
-/// accept costs with glibc's (BENCHMARKS.md, "Allocator").
+/// accept costs with glibc's. Built without transparent huge pages (`no_thp`): with them the
+/// worker's RSS doubled (BENCHMARKS.md, "Allocator").
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -13,7 +13,8 @@ use queue_worker::config::{
 use tokio_util::sync::CancellationToken;
 
 /// mimalloc instead of the system allocator: allocation was a quarter of the instructions an
-/// accept costs with glibc's (BENCHMARKS.md, "Allocator").
+/// accept costs with glibc's. Built without transparent huge pages (`no_thp`): with them the
+/// worker's RSS doubled (BENCHMARKS.md, "Allocator").
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
