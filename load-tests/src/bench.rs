@@ -710,6 +710,11 @@ pub struct Ratios {
     pub end_to_end_ceiling: Option<f64>,
     /// `end_to_end` rate / [`Ratios::end_to_end_ceiling`].
     pub end_to_end_vs_ceiling: Option<f64>,
+    /// The embedded backend's own ceiling: `1 / (3/http + 1/embedded publish + 1/embedded
+    /// pull_ack)` (`null` unless the backend is embedded).
+    pub embedded_end_to_end_ceiling: Option<f64>,
+    /// `end_to_end` rate / [`Ratios::embedded_end_to_end_ceiling`].
+    pub end_to_end_vs_embedded_ceiling: Option<f64>,
 }
 
 /// `1 / Σ (per-call exchanges / rate)`: the rate a call made of these exchanges could reach
@@ -798,6 +803,10 @@ pub struct Report {
     /// Raw JetStream pull with ack of the published messages (one pull
     /// consumer; no latencies, which stay 0).
     pub baseline_js_pull_ack: Option<Phase>,
+    /// Raw publishes into an embedded queue of the harness's own (embedded backend only).
+    pub baseline_embedded_publish: Option<Phase>,
+    /// Raw pull with ack from it (embedded backend only; no latencies).
+    pub baseline_embedded_pull_ack: Option<Phase>,
     /// Gateway accepts with nothing consuming (`null` when not measured).
     pub accept_alone: Option<AcceptAlone>,
     /// Gateway accepts while the worker drains them (the end-to-end phase's submissions).
@@ -959,6 +968,14 @@ impl Report {
                 }
             }
         }
+        for (name, phase) in [
+            ("baseline_emb_publish", &self.baseline_embedded_publish),
+            ("baseline_emb_pull_ack", &self.baseline_embedded_pull_ack),
+        ] {
+            if let Some(phase) = phase {
+                row(&mut out, name, phase_counts(phase), &phase.latency_us);
+            }
+        }
         match &self.accept_alone {
             Some(alone) => row(
                 &mut out,
@@ -1020,6 +1037,14 @@ impl Report {
             per_sec(self.ratios.end_to_end_ceiling),
             ratio(self.ratios.end_to_end_vs_ceiling),
         );
+        if let Some(ceiling) = self.ratios.embedded_end_to_end_ceiling {
+            let _ = writeln!(
+                out,
+                "embedded backend's own ceiling: end_to_end 1/(3/http + 1/emb_publish + \
+                 1/emb_pull_ack) = {ceiling:.0}/s, ratio {}",
+                ratio(self.ratios.end_to_end_vs_embedded_ceiling),
+            );
+        }
         let _ = writeln!(
             out,
             "end_to_end: {} of {} accepted calls completed; lost {}, duplicates {}, \
@@ -1180,6 +1205,13 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
         }
         None => (None, None),
     };
+    let (baseline_embedded_publish, baseline_embedded_pull_ack) =
+        if opts.backend == Backend::Embedded && opts.external.is_none() {
+            let (publish, pull_ack) = measure_baseline_embedded(opts, &body).await?;
+            (Some(publish), Some(pull_ack))
+        } else {
+            (None, None)
+        };
 
     let receiver = match &opts.external {
         Some(external) => CallbackReceiver::start_on(external.callback_listen).await?,
@@ -1283,7 +1315,20 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
                 (1.0, pull.rate_per_sec),
             ])
         });
+    let embedded_end_to_end_ceiling = baseline_embedded_publish
+        .as_ref()
+        .zip(baseline_embedded_pull_ack.as_ref())
+        .and_then(|(publish, pull)| {
+            composite_ceiling(&[
+                (3.0, baseline_http.rate_per_sec),
+                (1.0, publish.rate_per_sec),
+                (1.0, pull.rate_per_sec),
+            ])
+        });
     let ratios = Ratios {
+        embedded_end_to_end_ceiling,
+        end_to_end_vs_embedded_ceiling: embedded_end_to_end_ceiling
+            .map(|c| ratio(end_to_end.rate_per_sec, c)),
         accept_ceiling,
         accept_vs_ceiling: accept_ceiling.map(|c| ratio(accept.rate_per_sec, c)),
         accept_alone_vs_ceiling: accept_ceiling
@@ -1314,6 +1359,8 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
         baseline_http,
         baseline_js_publish,
         baseline_js_pull_ack,
+        baseline_embedded_publish,
+        baseline_embedded_pull_ack,
         accept_alone,
         accept,
         end_to_end,
@@ -1483,6 +1530,110 @@ async fn measure_baseline_js(
         .await
         .map_err(|e| BenchError::setup("deleting the baseline stream", e))?;
     Ok((result.phase, pull_ack?))
+}
+
+/// The embedded backend's own baselines: publishes into an embedded queue of its own (a
+/// fresh directory, the all-in-one's default cache; each publish waits for its group commit,
+/// as the gateway's does), then one puller drains and acks them. Against these the
+/// all-in-one's end-to-end ceiling is computed, as JetStream's are for JetStream.
+async fn measure_baseline_embedded(
+    opts: &BenchOptions,
+    body: &Bytes,
+) -> Result<(Phase, Phase), BenchError> {
+    use futures::StreamExt as _;
+    use queue_core::backend::embedded::{EmbeddedOptions, EmbeddedQueue};
+    use queue_core::backend::{CallQueue as _, QueueDelivery as _};
+    use queue_core::message::{BodyLocation, CallMeta, QueuedCall};
+
+    let dir = tempfile::Builder::new()
+        .prefix("load-tests-embedded-baseline-")
+        .tempdir()
+        .map_err(|e| BenchError::setup("creating the embedded baseline's directory", e))?;
+    let queue = EmbeddedQueue::open(EmbeddedOptions {
+        dir: dir.path().to_path_buf(),
+        subject_prefix: "load-tests-baseline".to_owned(),
+        ack_wait: Duration::from_secs(60),
+        duplicate_window: Duration::from_secs(120),
+        max_message_bytes: 1 << 20,
+        max_bytes: 0,
+        cache_bytes: 32 << 20,
+        records_retention: Duration::from_secs(3600),
+        max_result_bytes: 1 << 20,
+    })
+    .map_err(|e| BenchError::setup("opening the embedded baseline queue", e))?;
+    let queue = Arc::new(queue);
+    let (publisher, body) = (queue.clone(), body.clone());
+    let deadline = opts.duration.map(|duration| Instant::now() + duration);
+    let result = closed_loop(opts.calls, opts.concurrency, deadline, move |i| {
+        let (queue, body) = (publisher.clone(), body.clone());
+        async move {
+            let call = QueuedCall {
+                meta: CallMeta {
+                    call_id: format!("baseline-{i}"),
+                    function: "baseline".to_owned(),
+                    namespace: None,
+                    method: "POST".to_owned(),
+                    path: String::new(),
+                    query: None,
+                    headers: Vec::new(),
+                    callback_url: None,
+                    received_at_unix_nanos: queue_core::unix_nanos_now(),
+                    body: BodyLocation::Inline { len: 0 },
+                    record_revision: None,
+                },
+                body,
+            };
+            queue
+                .publish(&call)
+                .await
+                .map(|_| None)
+                .map_err(|e| format!("publish: {e}"))
+        }
+    })
+    .await?;
+
+    let stored = result.phase.ok;
+    let started = Instant::now();
+    let mut acked = 0u64;
+    while acked < stored {
+        let mut batch = queue
+            .pull(256, Duration::from_secs(1))
+            .await
+            .map_err(|e| BenchError::setup("pulling from the embedded baseline queue", e))?;
+        while let Some(delivery) = batch.next().await {
+            let delivery = delivery
+                .map_err(|e| BenchError::setup("a delivery of the embedded baseline", e))?;
+            delivery
+                .ack()
+                .await
+                .map_err(|e| BenchError::setup("acking in the embedded baseline", e))?;
+            acked += 1;
+        }
+        if started.elapsed() > REQUEST_TIMEOUT * 4 {
+            return Err(BenchError::Setup(format!(
+                "the embedded baseline drained {acked} of {stored} messages in {:?}",
+                started.elapsed()
+            )));
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    queue.flush_before_exit().await;
+    #[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+    let pull_ack = Phase {
+        sent: stored,
+        ok: acked,
+        failed: 0,
+        seconds,
+        rate_per_sec: if seconds > 0.0 {
+            acked as f64 / seconds
+        } else {
+            0.0
+        },
+        latency_us: Latency::default(),
+        errors: BTreeMap::new(),
+        first_error: None,
+    };
+    Ok((result.phase, pull_ack))
 }
 
 /// The servers of a `--nats-url` list, as the NATS client takes them (the harness's own

@@ -73,6 +73,20 @@ async fn small_bench_on_the_embedded_queue_completes_every_call() {
     let alone = report.accept_alone.as_ref().expect("measured");
     assert_eq!((alone.phase.ok, alone.completed), (200, 200), "{table}");
     assert!(report.ratios.accept_alone_vs_ceiling > Some(0.0), "{table}");
+    // The embedded backend's own baselines and ceiling.
+    for phase in [
+        &report.baseline_embedded_publish,
+        &report.baseline_embedded_pull_ack,
+    ] {
+        let phase = phase.as_ref().expect("measured");
+        assert_eq!((phase.ok, phase.failed), (200, 0), "{table}");
+        assert!(phase.rate_per_sec > 0.0, "{table}");
+    }
+    assert!(
+        report.ratios.end_to_end_vs_embedded_ceiling > Some(0.0),
+        "{table}"
+    );
+    assert!(table.contains("embedded backend's own ceiling"), "{table}");
     assert!(report.is_clean(), "{table}");
     let json: serde_json::Value = serde_json::to_value(&report).unwrap();
     assert_eq!(json["target"], "embedded");
@@ -94,6 +108,7 @@ async fn small_bench_completes_every_call() {
 
     assert_eq!(report.calls, 200);
     let publish = report.baseline_js_publish.as_ref().expect("measured");
+    assert!(report.baseline_embedded_publish.is_none(), "{table}");
     let alone = report.accept_alone.as_ref().expect("measured");
     // The worker was stopped for them and drained every one once started again.
     assert_eq!(alone.completed, 200, "{table}");
