@@ -17,11 +17,13 @@
 
 pub mod admin;
 pub mod auth;
+pub mod authorize;
 pub mod calls;
 pub mod config;
 pub mod error;
 pub mod link;
 pub mod live;
+pub mod paths;
 pub mod peer;
 pub mod routes;
 pub mod state;

@@ -34,7 +34,7 @@ use crate::auth::Permission;
 use crate::error::ApiError;
 use crate::state::AppState;
 
-const ASYNC_PREFIX: &str = "/async-function/";
+use crate::paths::split_path;
 
 /// Writes the record of a call about to be queued; returns its revision and whether this
 /// request created it. A record already there is the same call retried (still queued, same
@@ -285,7 +285,7 @@ pub fn routes<Q: CallQueue>() -> Vec<Route<Q>> {
 }
 
 /// All routes, from [`routes`]. Each route that is not public gets the authorization layer
-/// ([`crate::auth::authorize`]) with its permission; without an authenticator configured, no
+/// ([`crate::authorize::authorize`]) with its permission; without an authenticator configured, no
 /// route gets one (all open, nothing added to a request's path through the gateway).
 pub fn router<Q: CallQueue>(state: Arc<AppState<Q>>) -> Router {
     let mut router = Router::new();
@@ -303,7 +303,13 @@ pub fn router<Q: CallQueue>(state: Arc<AppState<Q>>) -> Router {
             let state = state.clone();
             endpoint = endpoint.route_layer(axum::middleware::from_fn(
                 move |request: Request, next: axum::middleware::Next| {
-                    crate::auth::authorize(state.clone(), auth.clone(), permission, request, next)
+                    crate::authorize::authorize(
+                        state.clone(),
+                        auth.clone(),
+                        permission,
+                        request,
+                        next,
+                    )
                 },
             ));
         }
@@ -431,15 +437,6 @@ async fn readyz<Q: CallQueue>(State(state): State<Arc<AppState<Q>>>) -> Response
             axum::Json(json!({"status": "not_ready", "reason": reason})),
         )
             .into_response(),
-    }
-}
-
-/// Splits `/async-function/{name}{rest}` from the raw (still percent-encoded) path.
-pub(crate) fn split_path(raw: &str) -> (&str, &str) {
-    let rest = raw.strip_prefix(ASYNC_PREFIX).unwrap_or(raw);
-    match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, ""),
     }
 }
 
@@ -741,13 +738,6 @@ mod tests {
                 assert!(seen.insert((m.as_str(), route.path)), "{route:?} twice");
             }
         }
-    }
-
-    #[test]
-    fn splits_name_and_path() {
-        assert_eq!(split_path("/async-function/fn"), ("fn", ""));
-        assert_eq!(split_path("/async-function/fn/"), ("fn", "/"));
-        assert_eq!(split_path("/async-function/fn.ns/a/b"), ("fn.ns", "/a/b"));
     }
 
     #[test]

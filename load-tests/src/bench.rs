@@ -1488,7 +1488,7 @@ async fn measure_baseline_js(
     nats_url: &str,
     body: &Bytes,
 ) -> Result<(Phase, Phase), BenchError> {
-    let nats = async_nats::connect(nats_servers(nats_url))
+    let nats = async_nats::connect(crate::sut::nats_servers(nats_url))
         .await
         .map_err(|e| BenchError::setup("connecting to nats-server", e))?;
     let js = jetstream::new(nats.clone());
@@ -1634,16 +1634,6 @@ async fn measure_baseline_embedded(
         first_error: None,
     };
     Ok((result.phase, pull_ack))
-}
-
-/// The servers of a `--nats-url` list, as the NATS client takes them (the harness's own
-/// URLs carry no credentials).
-pub fn nats_servers(list: &str) -> Vec<String> {
-    list.split(',')
-        .map(str::trim)
-        .filter(|url| !url.is_empty())
-        .map(str::to_owned)
-        .collect()
 }
 
 /// Phase 2b: one pull consumer drains the messages just published, acking

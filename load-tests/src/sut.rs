@@ -387,7 +387,7 @@ impl SystemUnderTest {
         let config = queue_worker::WorkerConfig::try_parse_from(["queue-worker"])
             .map_err(|e| BenchError::setup("worker defaults", e))?;
         let defaults = (config.nats.stream, config.consumer);
-        let nats = async_nats::connect(crate::bench::nats_servers(nats_url))
+        let nats = async_nats::connect(nats_servers(nats_url))
             .await
             .map_err(|e| BenchError::setup("connecting to nats-server", e))?;
         let js = jetstream::new(nats);
@@ -419,6 +419,16 @@ impl SystemUnderTest {
             tokio::time::sleep(POLL_INTERVAL).await;
         }
     }
+}
+
+/// The servers of a `--nats-url` list, as the NATS client takes them (the harness's own
+/// URLs carry no credentials).
+pub fn nats_servers(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 /// The directory holding every one of `binaries`: `explicit`, or the

@@ -154,14 +154,15 @@ pub fn note_answered(name: &str, status: u16) {
     }
 }
 
-/// Sets the queue gauges (at scrape time).
-pub fn set_queue_gauges(stats: &crate::backend::QueueStats) {
+/// Sets the queue gauges (at scrape time): calls pending, of those unacked, dead letters
+/// kept, the oldest pending call's age in seconds.
+pub fn set_queue_gauges(pending: u64, unacked: u64, dead_letters: u64, oldest_age_seconds: f64) {
     #[allow(clippy::cast_precision_loss, reason = "gauges are f64")]
     {
-        metrics::gauge!(PENDING).set(stats.pending as f64);
-        metrics::gauge!(UNACKED).set(stats.unacked as f64);
-        metrics::gauge!(DEAD_LETTERS_KEPT).set(stats.dead_letters as f64);
-        metrics::gauge!(OLDEST_PENDING_SECONDS).set(stats.oldest_age_seconds);
+        metrics::gauge!(PENDING).set(pending as f64);
+        metrics::gauge!(UNACKED).set(unacked as f64);
+        metrics::gauge!(DEAD_LETTERS_KEPT).set(dead_letters as f64);
+        metrics::gauge!(OLDEST_PENDING_SECONDS).set(oldest_age_seconds);
     }
 }
 

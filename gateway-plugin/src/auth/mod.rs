@@ -1,7 +1,7 @@
 //! Authentication and authorization: one layer in front of every route.
 //!
 //! Every route of [`crate::routes::routes`] declares a [`Permission`]; the router puts
-//! [`authorize`] in front of each route whose permission is not public. It finds who is
+//! [`crate::authorize::authorize`] in front of each route whose permission is not public. It finds who is
 //! calling ([`Authenticator::authenticate`]: OpenFaaS basic auth, a token of the tokens file, a
 //! JWT), works out the scope the request needs (the function's namespace, a call's recorded
 //! namespace, or every namespace for queue-wide views) and lets the request through only if the
@@ -21,17 +21,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::Request;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
-use queue_core::backend::CallQueue;
-use queue_core::message::canonical_function;
+use axum::http::{HeaderMap, HeaderValue, header};
 use queue_core::settings::parse_duration;
-use serde_json::json;
 
-use crate::error::ApiError;
-use crate::state::AppState;
 pub use scope::{Action, Needed, Scopes};
 
 /// What a route needs.
@@ -286,7 +278,7 @@ impl Authenticator {
         }
     }
 
-    fn challenge(&self, denied: Denied) -> Vec<HeaderValue> {
+    pub(crate) fn challenge(&self, denied: Denied) -> Vec<HeaderValue> {
         let mut out = Vec::with_capacity(2);
         if self.tokens.is_some() || self.jwt.is_some() {
             out.push(HeaderValue::from_static(match denied {
@@ -335,130 +327,4 @@ pub async fn watch_tokens(auth: Arc<Authenticator>, stop: tokio_util::sync::Canc
             tracing::error!(error = %e, "tokens file not reloaded; the previous tokens stay in force");
         }
     }
-}
-
-fn unauthorized(auth: &Authenticator, denied: Denied) -> Response {
-    let message = match denied {
-        Denied::Missing => "credentials required",
-        Denied::Invalid(_) => "invalid credentials",
-    };
-    let mut response =
-        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
-    for value in auth.challenge(denied) {
-        response
-            .headers_mut()
-            .append(header::WWW_AUTHENTICATE, value);
-    }
-    response
-}
-
-fn forbidden(needed: &dyn std::fmt::Display) -> Response {
-    (
-        StatusCode::FORBIDDEN,
-        axum::Json(json!({
-            "error": "forbidden",
-            "message": format!("this request needs the scope {needed}"),
-            "missing_scope": needed.to_string(),
-        })),
-    )
-        .into_response()
-}
-
-/// The namespace of a function as addressed (`name` or `name.namespace`).
-fn namespace_of(addressed: &str, default_namespace: &str) -> Result<String, ApiError> {
-    let (_, ns) = canonical_function(addressed, default_namespace)
-        .map_err(|e| ApiError::bad_request("invalid_function_name", e.to_string()))?;
-    Ok(ns.unwrap_or_else(|| default_namespace.to_ascii_lowercase()))
-}
-
-fn path_param<'a>(params: &'a axum::extract::RawPathParams, key: &str) -> Option<&'a str> {
-    params.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
-}
-
-/// The layer in front of every non-public route: lets the request through only if its caller
-/// holds the scope `permission` needs here.
-pub async fn authorize<Q: CallQueue>(
-    state: Arc<AppState<Q>>,
-    auth: Arc<Authenticator>,
-    permission: Permission,
-    request: Request,
-    next: Next,
-) -> Response {
-    let principal = match auth.authenticate(request.headers()) {
-        Ok(p) => p,
-        Err(denied) => {
-            tracing::info!(
-                path = request.uri().path(),
-                reason = match denied {
-                    Denied::Missing => "no credentials",
-                    Denied::Invalid(why) => why,
-                },
-                "authentication refused"
-            );
-            return unauthorized(&auth, denied);
-        }
-    };
-    let (mut parts, body) = request.into_parts();
-    let params =
-        match axum::RequestPartsExt::extract::<axum::extract::RawPathParams>(&mut parts).await {
-            Ok(p) => p,
-            Err(e) => return e.into_response(),
-        };
-    // Percent-decoded, as axum's `Path` gives them to the handler.
-    let decoded = |key: &str| path_param(&params, key).unwrap_or_default().to_owned();
-    let needed = match permission {
-        Permission::Public => None,
-        Permission::Invoke => {
-            let (addressed, _) = crate::routes::split_path(parts.uri.path());
-            match namespace_of(addressed, &state.default_namespace) {
-                Ok(ns) => Some(Needed::In(Action::Invoke, ns)),
-                Err(e) => return e.into_response(),
-            }
-        }
-        Permission::AdminFunction => {
-            let name = decoded("name");
-            match namespace_of(&name, &state.default_namespace) {
-                Ok(ns) => Some(Needed::In(Action::Admin, ns)),
-                Err(e) => return e.into_response(),
-            }
-        }
-        Permission::Admin | Permission::Metrics => Some(Needed::Everywhere(Action::Admin)),
-        Permission::Read | Permission::Cancel => {
-            let action = match permission {
-                Permission::Cancel => Action::Cancel,
-                _ => Action::Read,
-            };
-            if !principal.scopes.any(action) {
-                let needed = format!("{}:<namespace of the call>", action.as_str());
-                tracing::info!(subject = principal.subject, needed, "authorization refused");
-                return forbidden(&needed);
-            }
-            let call_id = decoded("call_id");
-            let record = match crate::calls::load(&state, &call_id).await {
-                Ok(r) => r,
-                Err(e) => return e.with_call_id(&call_id).into_response(),
-            };
-            let ns = match namespace_of(&record.function, &state.default_namespace) {
-                Ok(ns) => ns,
-                Err(e) => return e.into_response(),
-            };
-            let needed = Needed::In(action, ns);
-            if !principal.scopes.grants(&needed) {
-                tracing::info!(subject = principal.subject, needed = %needed, "authorization refused (answered as an unknown call)");
-                return crate::calls::unknown_call()
-                    .with_call_id(&call_id)
-                    .into_response();
-            }
-            None
-        }
-    };
-    if let Some(needed) = needed
-        && !principal.scopes.grants(&needed)
-    {
-        tracing::info!(subject = principal.subject, needed = %needed, "authorization refused");
-        return forbidden(&needed);
-    }
-    let mut request = Request::from_parts(parts, body);
-    request.extensions_mut().insert(Arc::new(principal));
-    next.run(request).await
 }

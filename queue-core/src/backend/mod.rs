@@ -561,7 +561,12 @@ pub async fn render_metrics<Q: CallQueue>(
 ) -> String {
     match queue.stats().await {
         Ok(stats) => {
-            crate::metrics::set_queue_gauges(&stats);
+            crate::metrics::set_queue_gauges(
+                stats.pending,
+                stats.unacked,
+                stats.dead_letters,
+                stats.oldest_age_seconds,
+            );
         }
         Err(e) => tracing::debug!(error = %e, "queue stats unavailable for /metrics"),
     }
