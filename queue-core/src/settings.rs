@@ -171,7 +171,10 @@ pub mod nats_setting {
     /// `--nats-token-file`.
     pub const TOKEN_FILE: &str = "--nats-token-file (NATS_TOKEN_FILE)";
     /// Credentials written into `--nats-url`.
-    pub const URL_CREDENTIALS: &str = "credentials in --nats-url (NATS_URL)";
+    pub const URL_CREDENTIALS: &str = "user:password@ or token@ in --nats-url (NATS_URL)";
+    /// `--nats-user` with `--nats-password-file`.
+    pub const USER_PASSWORD: &str =
+        "--nats-user (NATS_USER) with --nats-password-file (NATS_PASSWORD_FILE)";
 }
 
 /// How the client proves who it is to NATS, read from the settings at start. Its `Debug`
@@ -207,19 +210,6 @@ impl std::fmt::Debug for NatsAuth {
     }
 }
 
-impl NatsAuth {
-    /// Which setting the credentials came from.
-    pub fn setting(&self) -> &'static str {
-        match self {
-            Self::None => "no credentials",
-            Self::UserPassword { .. } => "--nats-user (NATS_USER) and --nats-password-file (NATS_PASSWORD_FILE), or user:password in --nats-url",
-            Self::Token(_) => "--nats-token-file (NATS_TOKEN_FILE), or a token in --nats-url",
-            Self::CredsFile(_) => nats_setting::CREDS,
-            Self::NKey(_) => nats_setting::NKEY,
-        }
-    }
-}
-
 /// TLS to NATS as configured.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NatsTls {
@@ -245,6 +235,9 @@ pub struct NatsConnection {
     pub urls: Vec<String>,
     /// How the client authenticates.
     pub auth: NatsAuth,
+    /// Which setting the credentials came from (for messages): one of [`nats_setting`], or
+    /// `"no credentials"`.
+    pub auth_from: &'static str,
     /// TLS settings.
     pub tls: NatsTls,
 }
@@ -331,7 +324,7 @@ impl NatsArgs {
             given.push(n::URL_CREDENTIALS);
         }
         match (&self.nats_user, &self.nats_password_file) {
-            (Some(_), Some(_)) => given.push(n::USER),
+            (Some(_), Some(_)) => given.push(n::USER_PASSWORD),
             (Some(_), None) => {
                 return Err(NatsSettingsError::Incomplete {
                     given: n::USER,
@@ -358,6 +351,7 @@ impl NatsArgs {
         if let [first, second, ..] = given[..] {
             return Err(NatsSettingsError::Conflict { first, second });
         }
+        let auth_from = given.first().copied().unwrap_or("no credentials");
         let auth = if let Some(credentials) = credentials {
             match credentials {
                 NatsCredentials::UserPassword(user, password) => {
@@ -412,6 +406,7 @@ impl NatsArgs {
         Ok(NatsConnection {
             urls,
             auth,
+            auth_from,
             tls: NatsTls {
                 ca: self.nats_ca.clone(),
                 client_cert,
@@ -748,7 +743,7 @@ mod tests {
 
         let mut args = nats_args("nats://n1:4222");
         args.nats_user = Some("alice".into());
-        args.nats_password_file = Some(password.clone());
+        args.nats_password_file = Some(password);
         let connection = args.connection().unwrap();
         assert_eq!(
             connection.auth,
@@ -794,18 +789,27 @@ mod tests {
         args.nats_user = Some("alice".into());
         args.nats_password_file = Some(secret.clone());
         let e = args.connection().unwrap_err().to_string();
-        assert!(e.contains("NATS_USER") && e.contains("NATS_TOKEN_FILE"), "{e}");
+        assert!(
+            e.contains("NATS_USER") && e.contains("NATS_TOKEN_FILE"),
+            "{e}"
+        );
 
         let mut args = nats_args("nats://tok@n1:4222");
         args.nats_creds = Some(secret.clone());
         let e = args.connection().unwrap_err().to_string();
-        assert!(e.contains("credentials in --nats-url") && e.contains("NATS_CREDS"), "{e}");
+        assert!(
+            e.contains("token@ in --nats-url") && e.contains("NATS_CREDS"),
+            "{e}"
+        );
         assert!(!e.contains("tok@"), "{e}");
 
         let mut args = nats_args("nats://n1:4222");
         args.nats_user = Some("alice".into());
         let e = args.connection().unwrap_err().to_string();
-        assert!(e.contains("NATS_USER") && e.contains("NATS_PASSWORD_FILE"), "{e}");
+        assert!(
+            e.contains("NATS_USER") && e.contains("NATS_PASSWORD_FILE"),
+            "{e}"
+        );
 
         let mut args = nats_args("nats://n1:4222");
         args.nats_key = Some(secret.clone());
@@ -814,14 +818,17 @@ mod tests {
 
         // A file that is no seed: named, its content never shown.
         let mut args = nats_args("nats://n1:4222");
-        args.nats_nkey = Some(secret.clone());
+        args.nats_nkey = Some(secret);
         let e = args.connection().unwrap_err().to_string();
         assert!(e.contains("NATS_NKEY") && !e.contains("hunter2"), "{e}");
 
         let mut args = nats_args("nats://n1:4222");
         args.nats_token_file = Some(dir.path().join("missing"));
         let e = args.connection().unwrap_err().to_string();
-        assert!(e.contains("NATS_TOKEN_FILE") && e.contains("missing"), "{e}");
+        assert!(
+            e.contains("NATS_TOKEN_FILE") && e.contains("missing"),
+            "{e}"
+        );
 
         let empty = dir.path().join("empty");
         std::fs::write(&empty, "\n").unwrap();

@@ -45,7 +45,9 @@ impl TestPki {
         let leaf = |names: Vec<String>, common_name: &str, usage: ExtendedKeyUsagePurpose| {
             let key = KeyPair::generate().map_err(cert_error)?;
             let mut params = CertificateParams::new(names).map_err(cert_error)?;
-            params.distinguished_name.push(DnType::CommonName, common_name);
+            params
+                .distinguished_name
+                .push(DnType::CommonName, common_name);
             params.key_usages = vec![
                 KeyUsagePurpose::DigitalSignature,
                 KeyUsagePurpose::KeyEncipherment,

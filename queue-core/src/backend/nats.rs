@@ -35,6 +35,21 @@ pub const HEADER_ALLOWANCE: usize = 4 * 1024;
 /// that reaches a server which refuses the credentials or whose TLS does not verify. A server
 /// that cannot be reached is waited for, as before.
 pub async fn connect(nats: &NatsArgs, name: &str) -> Result<async_nats::Client, QueueError> {
+    connect_with(nats, name, true).await
+}
+
+/// Like [`connect`], but one attempt at every server and no waiting: a server that cannot be
+/// reached is an error too. For commands that should fail fast (`dlq`), where [`connect`]
+/// would wait for NATS.
+pub async fn connect_once(nats: &NatsArgs, name: &str) -> Result<async_nats::Client, QueueError> {
+    connect_with(nats, name, false).await
+}
+
+async fn connect_with(
+    nats: &NatsArgs,
+    name: &str,
+    wait_for_server: bool,
+) -> Result<async_nats::Client, QueueError> {
     let url = || crate::settings::redact_url(&nats.nats_url);
     let failed = |kind: ConnectErrorKind, cause: String| QueueError::Connect {
         url: url(),
@@ -70,8 +85,14 @@ pub async fn connect(nats: &NatsArgs, name: &str) -> Result<async_nats::Client, 
     match options.clone().connect(servers.clone()).await {
         Ok(client) => return Ok(client),
         Err(e) => {
-            if let Some((kind, cause)) = fatal_cause(&e, &connection.auth) {
+            if let Some((kind, cause)) = fatal_cause(&e, &connection) {
                 return Err(failed(kind, cause));
+            }
+            if !wait_for_server {
+                return Err(QueueError::Connect {
+                    url: url(),
+                    source: e,
+                });
             }
             tracing::warn!(error = %e, "NATS not reachable yet; waiting for it");
         }
@@ -188,20 +209,23 @@ fn check_tls_files(tls: &NatsTls) -> Result<(), NatsSettingsError> {
 
 /// Whether a failed first attempt is a mistake in the settings (not a server that is down),
 /// and what to say: which kind, and a cause naming the setting to check.
-fn fatal_cause(error: &async_nats::ConnectError, auth: &NatsAuth) -> Option<(ConnectErrorKind, String)> {
+fn fatal_cause(
+    error: &async_nats::ConnectError,
+    connection: &NatsConnection,
+) -> Option<(ConnectErrorKind, String)> {
     let kind = error.kind();
     match kind {
         ConnectErrorKind::AuthorizationViolation => Some((
             kind,
-            match auth {
+            match connection.auth {
                 NatsAuth::None => "the server requires credentials and none are configured \
                                    (--nats-user with --nats-password-file, --nats-token-file, \
                                    --nats-creds, --nats-nkey, or user:password@ in --nats-url)"
                     .to_owned(),
                 _ => format!(
-                    "the server refused the credentials of {}: wrong user, password, token or \
+                    "the server refused the credentials given by {}: wrong user, password, token or \
                      key, or not allowed on this server",
-                    auth.setting()
+                    connection.auth_from
                 ),
             },
         )),
@@ -209,7 +233,7 @@ fn fatal_cause(error: &async_nats::ConnectError, auth: &NatsAuth) -> Option<(Con
             kind,
             format!(
                 "the key of {} could not sign the server's challenge",
-                auth.setting()
+                connection.auth_from
             ),
         )),
         ConnectErrorKind::Tls => Some((kind, format!("TLS set-up failed: {error}"))),
@@ -406,4 +430,72 @@ pub async fn bind_consumer(
             name,
             message: e.to_string(),
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(url: &str) -> NatsArgs {
+        NatsArgs {
+            nats_url: url.into(),
+            stream: "s".into(),
+            subject_prefix: "p".into(),
+            dead_letter_stream: "d".into(),
+            nats_request_timeout: Duration::from_secs(5),
+            nats_ca: None,
+            nats_cert: None,
+            nats_key: None,
+            nats_creds: None,
+            nats_nkey: None,
+            nats_user: None,
+            nats_password_file: None,
+            nats_token_file: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn connect_once_fails_on_an_unreachable_server_where_connect_waits() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or(1);
+        let nats = args(&format!("nats://127.0.0.1:{port}"));
+        let e = connect_once(&nats, "test")
+            .await
+            .err()
+            .map(|e| e.to_string());
+        assert!(e.is_some_and(|e| e.contains("cannot connect to NATS")));
+        // `connect` hands back a client that keeps trying.
+        let client = connect(&nats, "test").await.ok();
+        assert!(
+            client
+                .is_some_and(|c| c.connection_state() != async_nats::connection::State::Connected)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bad_tls_file_fails_before_any_connection_naming_the_setting() {
+        let dir = tempfile::tempdir().ok();
+        let Some(dir) = dir else { return };
+        let junk = dir.path().join("ca.pem");
+        assert!(std::fs::write(&junk, "not PEM\n").is_ok());
+        let mut nats = args("nats://127.0.0.1:1");
+        nats.nats_ca = Some(junk);
+        let e = connect(&nats, "test").await.err().map(|e| e.to_string());
+        assert!(
+            e.as_deref().is_some_and(
+                |e| e.contains("--nats-ca (NATS_CA)") && e.contains("no PEM certificate")
+            ),
+            "{e:?}"
+        );
+        let mut nats = args("nats://127.0.0.1:1");
+        nats.nats_cert = Some(dir.path().join("missing.pem"));
+        nats.nats_key = Some(dir.path().join("missing-key.pem"));
+        let e = connect(&nats, "test").await.err().map(|e| e.to_string());
+        assert!(
+            e.as_deref().is_some_and(|e| e.contains("--nats-cert (NATS_CERT)") && e.contains("missing.pem")),
+            "{e:?}"
+        );
+    }
 }
