@@ -375,3 +375,44 @@ async fn a_wrong_password_fails_at_start_and_no_start_logs_a_secret() {
     );
     assert_no_secret(&started);
 }
+
+/// A server whose configuration file lists one NKey user.
+async fn nkey_server(dir: &Path, public_key: &str, seed: &str) -> NatsServer {
+    let config = dir.join("nkey.conf");
+    std::fs::write(
+        &config,
+        format!("authorization {{\n  users = [ {{ nkey: \"{public_key}\" }} ]\n}}\n"),
+    )
+    .unwrap();
+    NatsServer::start_secured(
+        &["-c", &path(&config)],
+        async_nats::ConnectOptions::with_nkey(seed.to_owned()),
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_nkey_seed_file_round_trips_and_a_stranger_nkey_or_bad_creds_fail_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (seed, public_key) = test_support::tls::nkey_user();
+    let nats = nkey_server(dir.path(), &public_key, &seed).await;
+    let seed_file = path(&secret_file(dir.path(), "user.nk", &seed));
+    round_trip(&nats.url(), &["--nats-nkey", &seed_file]).await;
+
+    // Another user's seed: refused by the server, at start, naming the setting.
+    let (stranger, _) = test_support::tls::nkey_user();
+    let stranger_file = path(&secret_file(dir.path(), "stranger.nk", &stranger));
+    let started = run_gateway_binary(&nats.url(), &["--nats-nkey", &stranger_file]).await;
+    assert_failed_with(
+        &started,
+        &["authorization violation", "--nats-nkey (NATS_NKEY)"],
+    );
+    assert!(!started.log.contains(&stranger), "{}", started.log);
+    assert!(!started.log.contains(&seed), "{}", started.log);
+
+    // A .creds file that holds no credentials: refused before connecting, naming it.
+    let creds = path(&secret_file(dir.path(), "user.creds", "not a creds file"));
+    let started = run_gateway_binary(&nats.url(), &["--nats-creds", &creds]).await;
+    assert_failed_with(&started, &["--nats-creds (NATS_CREDS)", "credentials file"]);
+}

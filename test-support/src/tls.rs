@@ -1,6 +1,6 @@
 //! Certificates made for one test: a private certificate authority, a server certificate for
 //! `127.0.0.1` and `localhost`, and a client certificate, written as PEM files to a temporary
-//! directory that lives as long as the [`TestPki`].
+//! directory that lives as long as the [`TestPki`]; and NKey users ([`nkey_user`]).
 
 use std::path::{Path, PathBuf};
 
@@ -110,4 +110,13 @@ impl TestPki {
     pub fn client_key(&self) -> PathBuf {
         self.dir.path().join("client-key.pem")
     }
+}
+
+/// A fresh NKey user: its seed (what the client holds, `SU...`) and its public key (what the
+/// server's configuration lists, `U...`).
+pub fn nkey_user() -> (String, String) {
+    let pair = nkeys::KeyPair::new_user();
+    // A freshly generated pair always has its seed.
+    let seed = pair.seed().unwrap_or_default();
+    (seed, pair.public_key())
 }
