@@ -12,11 +12,13 @@
 //! - [`peer`]: the peer address, trusted proxies, `X-Forwarded-For`.
 //! - [`link`]: the body limit derived from the queue's message limit.
 //! - [`error`]: JSON error answers.
+//! - [`connections`]: the accept loop: connection limit, header and body deadlines.
 //! - [`config`]: settings (flags and environment variables; OpenFaaS's NATS variables).
 
 pub mod admin;
 pub mod calls;
 pub mod config;
+pub mod connections;
 pub mod error;
 pub mod link;
 pub mod live;
@@ -83,16 +85,41 @@ pub async fn run(
         nats = %queue_core::settings::redact_url(&config.nats.nats_url),
         "queue: JetStream"
     );
-    let result = serve(queue, config.http_settings(), listener, shutdown).await;
+    let result = serve_limited(
+        queue,
+        config.http_settings(),
+        config.connection_limits(),
+        listener,
+        shutdown,
+    )
+    .await;
     stop.cancel();
     result
 }
 
-/// Serves on `listener`, storing calls in `queue`, until `shutdown` completes; then lets
-/// requests in progress finish (up to the grace period) and flushes the queue.
+/// Serves with the default [`connections::ConnectionLimits`]; see [`serve_limited`].
 pub async fn serve<Q: CallQueue>(
     queue: Arc<Q>,
     settings: HttpSettings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), GatewayError> {
+    serve_limited(
+        queue,
+        settings,
+        connections::ConnectionLimits::default(),
+        listener,
+        shutdown,
+    )
+    .await
+}
+
+/// Serves on `listener`, storing calls in `queue`, until `shutdown` completes; then lets
+/// requests in progress finish (up to the grace period) and flushes the queue.
+pub async fn serve_limited<Q: CallQueue>(
+    queue: Arc<Q>,
+    settings: HttpSettings,
+    limits: connections::ConnectionLimits,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
@@ -117,23 +144,18 @@ pub async fn serve<Q: CallQueue>(
     let app = routes::router(state);
     tracing::info!(listen = %listener.local_addr()?, "gateway-plugin listening");
 
-    let drain_started = CancellationToken::new();
-    let serve = {
-        let drain_started = drain_started.clone();
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            drain_started.cancel();
-        })
-    };
-    let serve = tokio::spawn(async move { serve.await });
-    drain_started.cancelled().await;
-    // Wait for the server to drain, but not forever.
+    let stop_accepting = CancellationToken::new();
+    let serve = tokio::spawn(connections::serve(
+        listener,
+        app,
+        limits,
+        stop_accepting.clone(),
+    ));
+    shutdown.await;
+    stop_accepting.cancel();
+    // Wait for the connections to drain, but not forever.
     let result = match tokio::time::timeout(settings.shutdown_grace, serve).await {
-        Ok(Ok(r)) => r.map_err(GatewayError::from),
+        Ok(Ok(())) => Ok(()),
         Ok(Err(join)) => Err(GatewayError::Serve(std::io::Error::other(join))),
         Err(_) => {
             tracing::warn!("grace period over with requests still in progress; stopping");
