@@ -3,6 +3,7 @@
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
@@ -62,6 +63,23 @@ pub struct GatewayConfig {
     /// Connections open at once; one more is answered `503` and closed at once.
     #[arg(long, env = "GATEWAY_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
+    /// PEM file of the certificate chain (leaf first) to serve HTTPS with (with `--tls-key`).
+    /// Without it the gateway serves plain HTTP.
+    #[arg(
+        long,
+        env = "GATEWAY_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM file of the certificate's private key (with `--tls-cert`).
+    #[arg(
+        long,
+        env = "GATEWAY_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl GatewayConfig {

@@ -10,10 +10,13 @@
 //! - **Body deadline**: a request's whole body must arrive within `body_read_timeout` of its
 //!   headers; otherwise reading it fails (the enqueue route answers `400 unreadable_body`) and
 //!   the connection is closed.
+//! - **TLS** (optional, `--tls-cert`/`--tls-key`): the handshake must finish within the header
+//!   deadline too, so a client that opens a connection and never says hello holds nothing.
 //! - **Connection limit**: at most `max_connections` at once; one more is answered `503` and
 //!   closed at once (counted in `faas_async_gateway_connections_refused_total`) instead of
 //!   waiting in the kernel's backlog behind the ones that hold their slots.
 
+use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -28,6 +31,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
@@ -68,6 +72,7 @@ pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: ConnectionLimits,
+    tls: Option<TlsAcceptor>,
     stop: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
@@ -107,22 +112,32 @@ pub async fn serve(
                 request.extensions_mut().insert(ConnectInfo(peer));
                 request
             });
-        let connection =
-            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+        let service = TowerToHyperService::new(service);
+        let http = http.clone();
         let stop = stop.clone();
+        let tls = tls.clone();
+        let handshake_timeout = limits.header_read_timeout;
         connections.spawn(async move {
-            let mut connection = pin!(connection);
-            tokio::select! {
-                result = connection.as_mut() => {
-                    if let Err(e) = result {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    }
-                }
-                () = stop.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    if let Err(e) = connection.await {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    }
+            match tls {
+                None => serve_one(&http, stream, service, peer, &stop).await,
+                Some(acceptor) => {
+                    let handshake =
+                        tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
+                    let stream = tokio::select! {
+                        handshake = handshake => match handshake {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, "TLS handshake not done in time");
+                                return;
+                            }
+                        },
+                        () = stop.cancelled() => return,
+                    };
+                    serve_one(&http, stream, service, peer, &stop).await;
                 }
             }
             drop(slot);
@@ -131,6 +146,95 @@ pub async fn serve(
     drop(listener);
     connections.close();
     connections.wait().await;
+}
+
+/// Serves one connection until it closes; on `stop`, finishes the request in progress first.
+async fn serve_one<I, S>(
+    http: &hyper::server::conn::http1::Builder,
+    io: I,
+    service: S,
+    peer: SocketAddr,
+    stop: &CancellationToken,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming> + Send,
+    S::ResBody: Send + 'static,
+    <S::ResBody as Body>::Error: Into<axum::BoxError>,
+    S::Future: Send + 'static,
+{
+    let connection = http.serve_connection(TokioIo::new(io), service);
+    let mut connection = pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        }
+        () = stop.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            if let Err(e) = connection.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        }
+    }
+}
+
+/// Why the listener's certificate or key cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsFileError {
+    /// A file cannot be read or holds no PEM item of the kind expected.
+    #[error("{setting}: {}: {reason}", path.display())]
+    File {
+        /// The setting naming the file.
+        setting: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The certificate and key do not make a TLS configuration (a key of another certificate).
+    #[error("--tls-cert and --tls-key: {0}")]
+    Config(String),
+}
+
+/// A TLS acceptor from PEM files: the certificate chain (leaf first) and its private key.
+pub fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<TlsAcceptor, TlsFileError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let file_error =
+        |setting: &'static str, path: &std::path::Path, reason: String| TlsFileError::File {
+            setting,
+            path: path.to_owned(),
+            reason,
+        };
+    const CERT: &str = "--tls-cert (GATEWAY_TLS_CERT)";
+    const KEY: &str = "--tls-key (GATEWAY_TLS_KEY)";
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| file_error(CERT, cert, e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_error(CERT, cert, e.to_string()))?;
+    if chain.is_empty() {
+        return Err(file_error(CERT, cert, "no PEM certificate in it".into()));
+    }
+    // The key's own error text never holds key material; keep to a fixed message anyway.
+    let private_key = PrivateKeyDer::from_pem_file(key).map_err(|e| match e {
+        rustls::pki_types::pem::Error::Io(e) => file_error(KEY, key, e.to_string()),
+        _ => file_error(KEY, key, "no PEM private key in it".into()),
+    })?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| TlsFileError::Config(e.to_string()))?
+    .with_no_client_auth()
+    .with_single_cert(chain, private_key)
+    .map_err(|e| TlsFileError::Config(e.to_string()))?;
+    let mut config = config;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
 /// The body of a request took longer than the body deadline to arrive.

@@ -46,6 +46,9 @@ pub enum GatewayError {
     /// The HTTP server failed.
     #[error("HTTP server: {0}")]
     Serve(#[from] std::io::Error),
+    /// The listener's TLS certificate or key cannot be used.
+    #[error("TLS listener: {0}")]
+    Tls(#[from] connections::TlsFileError),
 }
 
 /// How the HTTP front behaves, whatever the queue.
@@ -73,6 +76,11 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
+    // Checked before connecting: a bad certificate fails at once, whatever NATS does.
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(connections::tls_acceptor(cert, key)?),
+        _ => None,
+    };
     let stop = CancellationToken::new();
     let options = JetStreamOptions {
         nats: config.nats.clone(),
@@ -89,6 +97,7 @@ pub async fn run(
         queue,
         config.http_settings(),
         config.connection_limits(),
+        tls,
         listener,
         shutdown,
     )
@@ -108,6 +117,7 @@ pub async fn serve<Q: CallQueue>(
         queue,
         settings,
         connections::ConnectionLimits::default(),
+        None,
         listener,
         shutdown,
     )
@@ -120,6 +130,7 @@ pub async fn serve_limited<Q: CallQueue>(
     queue: Arc<Q>,
     settings: HttpSettings,
     limits: connections::ConnectionLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
@@ -149,6 +160,7 @@ pub async fn serve_limited<Q: CallQueue>(
         listener,
         app,
         limits,
+        tls,
         stop_accepting.clone(),
     ));
     shutdown.await;
