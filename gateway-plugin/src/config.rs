@@ -3,6 +3,7 @@
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
@@ -54,6 +55,34 @@ pub struct GatewayConfig {
     /// equal): `fn.{it}` and `fn` are one function, for pause, settings and metrics alike.
     #[arg(long, env = "GATEWAY_DEFAULT_NAMESPACE", default_value = "openfaas-fn")]
     pub default_namespace: String,
+    /// A request's headers must arrive within this time, or the connection is closed (an idle
+    /// kept-alive connection too): a client sending headers a byte at a time holds no slot.
+    #[arg(long, env = "GATEWAY_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+    /// A request's whole body must arrive within this time after its headers, or the request
+    /// fails (`400 unreadable_body`) and the connection is closed.
+    #[arg(long, env = "GATEWAY_BODY_READ_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub body_read_timeout: Duration,
+    /// Connections open at once; one more is answered `503` and closed at once.
+    #[arg(long, env = "GATEWAY_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// PEM file of the certificate chain (leaf first) to serve HTTPS with (with `--tls-key`).
+    /// Without it the gateway serves plain HTTP.
+    #[arg(
+        long,
+        env = "GATEWAY_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM file of the certificate's private key (with `--tls-cert`).
+    #[arg(
+        long,
+        env = "GATEWAY_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl GatewayConfig {
@@ -67,6 +96,15 @@ impl GatewayConfig {
             default_namespace: self.default_namespace.clone(),
             callback_policy: self.callback_policy.policy(),
             auth: self.auth.clone(),
+        }
+    }
+
+    /// What one client may hold: connections, and how long headers and bodies may take.
+    pub fn connection_limits(&self) -> crate::connections::ConnectionLimits {
+        crate::connections::ConnectionLimits {
+            header_read_timeout: self.header_read_timeout,
+            body_read_timeout: self.body_read_timeout,
+            max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
         }
     }
 }

@@ -13,6 +13,7 @@
 //! - [`peer`]: the peer address, trusted proxies, `X-Forwarded-For`.
 //! - [`link`]: the body limit derived from the queue's message limit.
 //! - [`error`]: JSON error answers.
+//! - [`connections`]: the accept loop: connection limit, header and body deadlines.
 //! - [`config`]: settings (flags and environment variables; OpenFaaS's NATS variables).
 
 pub mod admin;
@@ -20,6 +21,7 @@ pub mod auth;
 pub mod authorize;
 pub mod calls;
 pub mod config;
+pub mod connections;
 pub mod error;
 pub mod link;
 pub mod live;
@@ -51,6 +53,9 @@ pub enum GatewayError {
     /// The HTTP server failed.
     #[error("HTTP server: {0}")]
     Serve(#[from] std::io::Error),
+    /// The listener's TLS certificate or key cannot be used.
+    #[error("TLS listener: {0}")]
+    Tls(#[from] connections::TlsFileError),
 }
 
 /// How the HTTP front behaves, whatever the queue.
@@ -80,6 +85,11 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
+    // Checked before connecting: a bad certificate fails at once, whatever NATS does.
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(connections::tls_acceptor(cert, key)?),
+        _ => None,
+    };
     let stop = CancellationToken::new();
     let options = JetStreamOptions {
         nats: config.nats.clone(),
@@ -92,16 +102,44 @@ pub async fn run(
         nats = %queue_core::settings::redact_url(&config.nats.nats_url),
         "queue: JetStream"
     );
-    let result = serve(queue, config.http_settings(), listener, shutdown).await;
+    let result = serve_limited(
+        queue,
+        config.http_settings(),
+        config.connection_limits(),
+        tls,
+        listener,
+        shutdown,
+    )
+    .await;
     stop.cancel();
     result
 }
 
-/// Serves on `listener`, storing calls in `queue`, until `shutdown` completes; then lets
-/// requests in progress finish (up to the grace period) and flushes the queue.
+/// Serves with the default [`connections::ConnectionLimits`]; see [`serve_limited`].
 pub async fn serve<Q: CallQueue>(
     queue: Arc<Q>,
     settings: HttpSettings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), GatewayError> {
+    serve_limited(
+        queue,
+        settings,
+        connections::ConnectionLimits::default(),
+        None,
+        listener,
+        shutdown,
+    )
+    .await
+}
+
+/// Serves on `listener`, storing calls in `queue`, until `shutdown` completes; then lets
+/// requests in progress finish (up to the grace period) and flushes the queue.
+pub async fn serve_limited<Q: CallQueue>(
+    queue: Arc<Q>,
+    settings: HttpSettings,
+    limits: connections::ConnectionLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
@@ -139,23 +177,19 @@ pub async fn serve<Q: CallQueue>(
     let app = routes::router(state);
     tracing::info!(listen = %listener.local_addr()?, "gateway-plugin listening");
 
-    let drain_started = CancellationToken::new();
-    let serve = {
-        let drain_started = drain_started.clone();
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            drain_started.cancel();
-        })
-    };
-    let serve = tokio::spawn(async move { serve.await });
-    drain_started.cancelled().await;
-    // Wait for the server to drain, but not forever.
+    let stop_accepting = CancellationToken::new();
+    let serve = tokio::spawn(connections::serve(
+        listener,
+        app,
+        limits,
+        tls,
+        stop_accepting.clone(),
+    ));
+    shutdown.await;
+    stop_accepting.cancel();
+    // Wait for the connections to drain, but not forever.
     let result = match tokio::time::timeout(settings.shutdown_grace, serve).await {
-        Ok(Ok(r)) => r.map_err(GatewayError::from),
+        Ok(Ok(())) => Ok(()),
         Ok(Err(join)) => Err(GatewayError::Serve(std::io::Error::other(join))),
         Err(_) => {
             tracing::warn!("grace period over with requests still in progress; stopping");

@@ -7,6 +7,7 @@
 //! names, and the core itself never needs clap.
 
 use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Parses a humantime duration (`500ms`, `30s`, `5m`, `1h 30m`). A bare number is seconds,
@@ -95,6 +96,323 @@ pub struct NatsArgs {
     /// How long a JetStream API request or publish acknowledgement may take.
     #[cfg_attr(feature = "cli", arg(long, global = true, env = "NATS_REQUEST_TIMEOUT", default_value = "5s", value_parser = parse_duration))]
     pub nats_request_timeout: Duration,
+    /// PEM file of the certificate authority (or authorities) that signed the NATS server's
+    /// certificate; TLS is then required. Without it, a server that requires TLS is checked
+    /// against the system's authorities.
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, global = true, env = "NATS_CA", value_name = "FILE")
+    )]
+    pub nats_ca: Option<PathBuf>,
+    /// PEM file of the client certificate presented to a NATS server that verifies clients
+    /// (with `--nats-key`; TLS is then required).
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, global = true, env = "NATS_CERT", value_name = "FILE")
+    )]
+    pub nats_cert: Option<PathBuf>,
+    /// PEM file of the client certificate's private key (with `--nats-cert`).
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, global = true, env = "NATS_KEY", value_name = "FILE")
+    )]
+    pub nats_key: Option<PathBuf>,
+    /// NATS credentials file (`.creds`: a user JWT and its NKey seed, as `nsc` writes it).
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, global = true, env = "NATS_CREDS", value_name = "FILE")
+    )]
+    pub nats_creds: Option<PathBuf>,
+    /// File holding an NKey user seed (`SU...`, as `nk -gen user` writes it).
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, global = true, env = "NATS_NKEY", value_name = "FILE")
+    )]
+    pub nats_nkey: Option<PathBuf>,
+    /// NATS user name (with `--nats-password-file`).
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, global = true, env = "NATS_USER", value_name = "USER")
+    )]
+    pub nats_user: Option<String>,
+    /// File holding the NATS user's password (with `--nats-user`); a trailing newline is not
+    /// part of it.
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, global = true, env = "NATS_PASSWORD_FILE", value_name = "FILE")
+    )]
+    pub nats_password_file: Option<PathBuf>,
+    /// File holding the NATS authorization token; a trailing newline is not part of it.
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, global = true, env = "NATS_TOKEN_FILE", value_name = "FILE")
+    )]
+    pub nats_token_file: Option<PathBuf>,
+}
+
+/// The names of a NATS setting, as errors and the README give them.
+pub mod nats_setting {
+    /// `--nats-url`.
+    pub const URL: &str = "--nats-url (NATS_URL)";
+    /// `--nats-ca`.
+    pub const CA: &str = "--nats-ca (NATS_CA)";
+    /// `--nats-cert`.
+    pub const CERT: &str = "--nats-cert (NATS_CERT)";
+    /// `--nats-key`.
+    pub const KEY: &str = "--nats-key (NATS_KEY)";
+    /// `--nats-creds`.
+    pub const CREDS: &str = "--nats-creds (NATS_CREDS)";
+    /// `--nats-nkey`.
+    pub const NKEY: &str = "--nats-nkey (NATS_NKEY)";
+    /// `--nats-user`.
+    pub const USER: &str = "--nats-user (NATS_USER)";
+    /// `--nats-password-file`.
+    pub const PASSWORD_FILE: &str = "--nats-password-file (NATS_PASSWORD_FILE)";
+    /// `--nats-token-file`.
+    pub const TOKEN_FILE: &str = "--nats-token-file (NATS_TOKEN_FILE)";
+    /// Credentials written into `--nats-url`.
+    pub const URL_CREDENTIALS: &str = "user:password@ or token@ in --nats-url (NATS_URL)";
+    /// `--nats-user` with `--nats-password-file`.
+    pub const USER_PASSWORD: &str =
+        "--nats-user (NATS_USER) with --nats-password-file (NATS_PASSWORD_FILE)";
+}
+
+/// How the client proves who it is to NATS, read from the settings at start. Its `Debug`
+/// never shows a secret.
+#[derive(Clone, PartialEq, Eq)]
+pub enum NatsAuth {
+    /// No credentials.
+    None,
+    /// User and password (`--nats-user` + `--nats-password-file`, or `user:password@` in the URL).
+    UserPassword {
+        /// The user.
+        user: String,
+        /// The password.
+        password: String,
+    },
+    /// A token (`--nats-token-file`, or `token@` in the URL).
+    Token(String),
+    /// A `.creds` file (user JWT + NKey seed), read by the client when it connects.
+    CredsFile(PathBuf),
+    /// An NKey user seed (`--nats-nkey`).
+    NKey(String),
+}
+
+impl std::fmt::Debug for NatsAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::None => write!(f, "None"),
+            Self::UserPassword { user, .. } => write!(f, "UserPassword({user:?}, ***)"),
+            Self::Token(_) => write!(f, "Token(***)"),
+            Self::CredsFile(path) => write!(f, "CredsFile({})", path.display()),
+            Self::NKey(_) => write!(f, "NKey(***)"),
+        }
+    }
+}
+
+/// TLS to NATS as configured.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NatsTls {
+    /// The authorities trusted for the server's certificate (`--nats-ca`).
+    pub ca: Option<PathBuf>,
+    /// The client certificate and its key (`--nats-cert`, `--nats-key`).
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+impl NatsTls {
+    /// Whether the client insists on TLS (a CA or a client certificate is given). Otherwise
+    /// TLS is used when the URL says `tls://` or the server requires it.
+    pub fn required(&self) -> bool {
+        self.ca.is_some() || self.client_cert.is_some()
+    }
+}
+
+/// Everything the client needs to connect, taken from [`NatsArgs`] at start: the server
+/// URLs without credentials, the credentials (secrets read from their files) and TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatsConnection {
+    /// One URL per server, credentials removed.
+    pub urls: Vec<String>,
+    /// How the client authenticates.
+    pub auth: NatsAuth,
+    /// Which setting the credentials came from (for messages): one of [`nats_setting`], or
+    /// `"no credentials"`.
+    pub auth_from: &'static str,
+    /// TLS settings.
+    pub tls: NatsTls,
+}
+
+/// Why the NATS settings cannot be used. Names settings and files, never a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum NatsSettingsError {
+    /// `--nats-url` cannot be parsed.
+    #[error(transparent)]
+    Urls(#[from] NatsUrlError),
+    /// Two ways to authenticate are given; the client uses one.
+    #[error(
+        "{first} and {second} are both set: give one way to authenticate to NATS (user and \
+         password, token, NKey, or .creds file)"
+    )]
+    Conflict {
+        /// One setting.
+        first: &'static str,
+        /// The other.
+        second: &'static str,
+    },
+    /// A setting that needs another is given alone.
+    #[error("{given} is set but {missing} is not: they go together")]
+    Incomplete {
+        /// The setting given.
+        given: &'static str,
+        /// The one it needs.
+        missing: &'static str,
+    },
+    /// A secret's file cannot be read.
+    #[error("{setting}: cannot read {}: {source}", path.display())]
+    Read {
+        /// The setting naming the file.
+        setting: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file does not hold what the setting expects.
+    #[error("{setting}: {}: {reason}", path.display())]
+    BadFile {
+        /// The setting naming the file.
+        setting: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What is wrong (never its content).
+        reason: String,
+    },
+}
+
+/// The content of a secret's file without its trailing newline (`\n` or `\r\n`, however many).
+fn read_secret(setting: &'static str, path: &Path) -> Result<String, NatsSettingsError> {
+    let bytes = std::fs::read(path).map_err(|source| NatsSettingsError::Read {
+        setting,
+        path: path.to_owned(),
+        source,
+    })?;
+    let bad = |reason: &str| NatsSettingsError::BadFile {
+        setting,
+        path: path.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let text = String::from_utf8(bytes).map_err(|_| bad("not UTF-8 text"))?;
+    let secret = text.trim_end_matches(['\n', '\r']);
+    if secret.is_empty() {
+        return Err(bad("empty"));
+    }
+    if secret.contains(['\n', '\r']) {
+        return Err(bad("more than one line"));
+    }
+    Ok(secret.to_owned())
+}
+
+impl NatsArgs {
+    /// Reads the connection settings: the URL list, the credentials (at most one way, secrets
+    /// read from their files now) and TLS. Called once at start.
+    pub fn connection(&self) -> Result<NatsConnection, NatsSettingsError> {
+        use nats_setting as n;
+        let NatsServers { urls, credentials } = parse_nats_urls(&self.nats_url)?;
+        let mut given: Vec<&'static str> = Vec::new();
+        if credentials.is_some() {
+            given.push(n::URL_CREDENTIALS);
+        }
+        match (&self.nats_user, &self.nats_password_file) {
+            (Some(_), Some(_)) => given.push(n::USER_PASSWORD),
+            (Some(_), None) => {
+                return Err(NatsSettingsError::Incomplete {
+                    given: n::USER,
+                    missing: n::PASSWORD_FILE,
+                });
+            }
+            (None, Some(_)) => {
+                return Err(NatsSettingsError::Incomplete {
+                    given: n::PASSWORD_FILE,
+                    missing: n::USER,
+                });
+            }
+            (None, None) => {}
+        }
+        for (set, name) in [
+            (self.nats_token_file.is_some(), n::TOKEN_FILE),
+            (self.nats_creds.is_some(), n::CREDS),
+            (self.nats_nkey.is_some(), n::NKEY),
+        ] {
+            if set {
+                given.push(name);
+            }
+        }
+        if let [first, second, ..] = given[..] {
+            return Err(NatsSettingsError::Conflict { first, second });
+        }
+        let auth_from = given.first().copied().unwrap_or("no credentials");
+        let auth = if let Some(credentials) = credentials {
+            match credentials {
+                NatsCredentials::UserPassword(user, password) => {
+                    NatsAuth::UserPassword { user, password }
+                }
+                NatsCredentials::Token(token) => NatsAuth::Token(token),
+            }
+        } else if let (Some(user), Some(file)) = (&self.nats_user, &self.nats_password_file) {
+            NatsAuth::UserPassword {
+                user: user.clone(),
+                password: read_secret(n::PASSWORD_FILE, file)?,
+            }
+        } else if let Some(file) = &self.nats_token_file {
+            NatsAuth::Token(read_secret(n::TOKEN_FILE, file)?)
+        } else if let Some(file) = &self.nats_creds {
+            // The client parses it; reading it here fails at start on a missing file.
+            std::fs::metadata(file).map_err(|source| NatsSettingsError::Read {
+                setting: n::CREDS,
+                path: file.clone(),
+                source,
+            })?;
+            NatsAuth::CredsFile(file.clone())
+        } else if let Some(file) = &self.nats_nkey {
+            let seed = read_secret(n::NKEY, file)?.trim().to_owned();
+            if !seed.starts_with("SU") {
+                return Err(NatsSettingsError::BadFile {
+                    setting: n::NKEY,
+                    path: file.clone(),
+                    reason: "does not hold an NKey user seed (one line starting with SU)".into(),
+                });
+            }
+            NatsAuth::NKey(seed)
+        } else {
+            NatsAuth::None
+        };
+        let client_cert = match (&self.nats_cert, &self.nats_key) {
+            (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+            (Some(_), None) => {
+                return Err(NatsSettingsError::Incomplete {
+                    given: n::CERT,
+                    missing: n::KEY,
+                });
+            }
+            (None, Some(_)) => {
+                return Err(NatsSettingsError::Incomplete {
+                    given: n::KEY,
+                    missing: n::CERT,
+                });
+            }
+            (None, None) => None,
+        };
+        Ok(NatsConnection {
+            urls,
+            auth,
+            auth_from,
+            tls: NatsTls {
+                ca: self.nats_ca.clone(),
+                client_cert,
+            },
+        })
+    }
 }
 
 /// How the gateway creates or updates the stream. Only the gateway applies these; workers use
@@ -396,6 +714,129 @@ pub fn with_leading_args(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn nats_args(url: &str) -> NatsArgs {
+        NatsArgs {
+            nats_url: url.into(),
+            stream: "s".into(),
+            subject_prefix: "p".into(),
+            dead_letter_stream: "d".into(),
+            nats_request_timeout: Duration::from_secs(5),
+            nats_ca: None,
+            nats_cert: None,
+            nats_key: None,
+            nats_creds: None,
+            nats_nkey: None,
+            nats_user: None,
+            nats_password_file: None,
+            nats_token_file: None,
+        }
+    }
+
+    #[test]
+    fn secrets_are_read_from_files_without_their_trailing_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let password = dir.path().join("password");
+        std::fs::write(&password, "s3cret pw\r\n").unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "tok3n\n").unwrap();
+
+        let mut args = nats_args("nats://n1:4222");
+        args.nats_user = Some("alice".into());
+        args.nats_password_file = Some(password);
+        let connection = args.connection().unwrap();
+        assert_eq!(
+            connection.auth,
+            NatsAuth::UserPassword {
+                user: "alice".into(),
+                password: "s3cret pw".into()
+            }
+        );
+        assert!(!format!("{connection:?}").contains("s3cret"));
+        assert!(!connection.tls.required());
+
+        let mut args = nats_args("nats://n1:4222");
+        args.nats_token_file = Some(token);
+        let connection = args.connection().unwrap();
+        assert_eq!(connection.auth, NatsAuth::Token("tok3n".into()));
+        assert!(!format!("{connection:?}").contains("tok3n"));
+
+        // Credentials in the URL are passed on, and the URL keeps none.
+        let connection = nats_args("nats://bob:pw9@n1:4222,nats://n2:4222")
+            .connection()
+            .unwrap();
+        assert_eq!(connection.urls, ["nats://n1:4222", "nats://n2:4222"]);
+        assert_eq!(
+            connection.auth,
+            NatsAuth::UserPassword {
+                user: "bob".into(),
+                password: "pw9".into()
+            }
+        );
+        let mut args = nats_args("nats://n1:4222");
+        args.nats_ca = Some(dir.path().join("ca.pem"));
+        assert!(args.connection().unwrap().tls.required());
+    }
+
+    #[test]
+    fn conflicting_or_incomplete_nats_settings_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "hunter2\n").unwrap();
+
+        let mut args = nats_args("nats://n1:4222");
+        args.nats_token_file = Some(secret.clone());
+        args.nats_user = Some("alice".into());
+        args.nats_password_file = Some(secret.clone());
+        let e = args.connection().unwrap_err().to_string();
+        assert!(
+            e.contains("NATS_USER") && e.contains("NATS_TOKEN_FILE"),
+            "{e}"
+        );
+
+        let mut args = nats_args("nats://tok@n1:4222");
+        args.nats_creds = Some(secret.clone());
+        let e = args.connection().unwrap_err().to_string();
+        assert!(
+            e.contains("token@ in --nats-url") && e.contains("NATS_CREDS"),
+            "{e}"
+        );
+        assert!(!e.contains("tok@"), "{e}");
+
+        let mut args = nats_args("nats://n1:4222");
+        args.nats_user = Some("alice".into());
+        let e = args.connection().unwrap_err().to_string();
+        assert!(
+            e.contains("NATS_USER") && e.contains("NATS_PASSWORD_FILE"),
+            "{e}"
+        );
+
+        let mut args = nats_args("nats://n1:4222");
+        args.nats_key = Some(secret.clone());
+        let e = args.connection().unwrap_err().to_string();
+        assert!(e.contains("NATS_KEY") && e.contains("NATS_CERT"), "{e}");
+
+        // A file that is no seed: named, its content never shown.
+        let mut args = nats_args("nats://n1:4222");
+        args.nats_nkey = Some(secret);
+        let e = args.connection().unwrap_err().to_string();
+        assert!(e.contains("NATS_NKEY") && !e.contains("hunter2"), "{e}");
+
+        let mut args = nats_args("nats://n1:4222");
+        args.nats_token_file = Some(dir.path().join("missing"));
+        let e = args.connection().unwrap_err().to_string();
+        assert!(
+            e.contains("NATS_TOKEN_FILE") && e.contains("missing"),
+            "{e}"
+        );
+
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        let mut args = nats_args("nats://n1:4222");
+        args.nats_token_file = Some(empty);
+        let e = args.connection().unwrap_err().to_string();
+        assert!(e.contains("empty"), "{e}");
+    }
 
     #[test]
     fn credentials_are_redacted_from_urls() {

@@ -48,6 +48,9 @@ pub enum HarnessError {
         /// The last lines of the server log.
         log_tail: String,
     },
+    /// A test certificate could not be generated.
+    #[error("generating a test certificate: {0}")]
+    Certificate(String),
     /// A cluster condition was not met, or a cluster request failed.
     #[error("nats cluster: {0}")]
     Cluster(String),

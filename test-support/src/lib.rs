@@ -21,6 +21,8 @@
 //!   accepted call ids: lost, duplicated, unexpected, bad headers.
 //! - [`tools_python`]: the Python of `.tools/` (`./scripts/install-tools.sh`), with the
 //!   `standardwebhooks` verifier.
+//! - [`tls`]: [`TestPki`], a private certificate authority with server and client
+//!   certificates as PEM files, made for one test.
 //! - [`HarnessError`]: the error type of everything above.
 
 pub mod audit;
@@ -29,10 +31,12 @@ pub mod nats_cluster;
 pub mod nats_server;
 pub mod open_loop;
 pub mod stub;
+pub mod tls;
 
 pub use error::{HarnessError, workspace_dir};
 pub use nats_cluster::NatsCluster;
 pub use nats_server::{NatsServer, nats_server_binary};
+pub use tls::TestPki;
 
 /// The Python interpreter of the test tools: `$TOOLS_PYTHON` if set, else
 /// `<workspace root>/.tools/venv/bin/python3`, where `./scripts/install-tools.sh` installs the

@@ -61,6 +61,8 @@ pub struct NatsServer {
     monitor_port: Option<u16>,
     /// How a (re)started process is known to be ready.
     readiness: Readiness,
+    /// How the readiness probe connects (TLS, credentials of a secured server).
+    probe_options: async_nats::ConnectOptions,
     store_dir: PathBuf,
     log_path: PathBuf,
     /// Declared last: removed only after the process is gone.
@@ -78,8 +80,19 @@ impl NatsServer {
     /// (e.g. `["--server_name", "a"]`); they are kept for restarts. Settings
     /// without a flag, such as `max_payload`, go in a file passed with `-c`.
     pub async fn start_with_args(extra: &[&str]) -> Result<Self, HarnessError> {
+        Self::start_secured(extra, async_nats::ConnectOptions::new()).await
+    }
+
+    /// Like [`NatsServer::start_with_args`] for a server that requires TLS or credentials
+    /// (`--tls ...`, `--user U --pass P`, `--auth TOKEN`, or a `-c` file): the readiness probe
+    /// connects with `probe` (root certificates, client certificate, credentials).
+    pub async fn start_secured(
+        extra: &[&str],
+        probe: async_nats::ConnectOptions,
+    ) -> Result<Self, HarnessError> {
         let extra = extra.iter().map(|&arg| arg.to_owned()).collect();
         let mut server = Self::unstarted(extra, 0, None, Readiness::JetStreamAccount)?;
+        server.probe_options = probe;
         // The port is free when picked but may be grabbed by someone else
         // before the server binds it: pick another one then.
         let mut attempt = 1;
@@ -114,6 +127,7 @@ impl NatsServer {
             port,
             monitor_port,
             readiness,
+            probe_options: async_nats::ConnectOptions::new(),
             log_path: dir.path().join("nats-server.log"),
             store_dir,
             _dir: dir,
@@ -238,6 +252,7 @@ impl NatsServer {
         let deadline = Instant::now() + READY_TIMEOUT;
         let url = self.url();
         let monitor = self.monitor_port;
+        let options = self.probe_options.clone();
         loop {
             if let Some(status) = self.exit_status()? {
                 return Err(HarnessError::NatsServerExited {
@@ -248,7 +263,9 @@ impl NatsServer {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let probe = async {
                 match (readiness, monitor) {
-                    (Readiness::JetStreamAccount, _) | (_, None) => probe(&url).await,
+                    (Readiness::JetStreamAccount, _) | (_, None) => {
+                        probe(&url, options.clone()).await
+                    }
                     (Readiness::Healthz { js_enabled_only }, Some(monitor)) => {
                         probe_healthz(monitor, js_enabled_only).await
                     }
@@ -369,8 +386,8 @@ pub(crate) async fn monitor_get(port: u16, path: &str) -> Result<(u16, String), 
 }
 
 /// One readiness probe: a real client connection and a JetStream round trip.
-async fn probe(url: &str) -> Result<(), String> {
-    let client = async_nats::ConnectOptions::new()
+async fn probe(url: &str, options: async_nats::ConnectOptions) -> Result<(), String> {
+    let client = options
         .connection_timeout(PROBE_TIMEOUT)
         .connect(url)
         .await

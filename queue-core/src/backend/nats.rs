@@ -9,53 +9,110 @@ use async_nats::jetstream::{self, consumer, stream};
 
 use super::{PublishError, QueueError, call_subject};
 use crate::message::QueuedCall;
-use crate::settings::{NatsArgs, NatsCredentials, NatsServers, StreamArgs};
+use std::path::Path;
+
+use async_nats::ConnectErrorKind;
+
+use crate::settings::{
+    NatsArgs, NatsAuth, NatsConnection, NatsSettingsError, NatsTls, StreamArgs, nats_setting,
+};
 
 /// Room kept for NATS headers (message id, dead-letter reasons) when comparing an envelope with
 /// the server's `max_payload`.
 pub const HEADER_ALLOWANCE: usize = 4 * 1024;
 
-/// Connects with unlimited reconnects, including on the first connect, so a process started
-/// before NATS comes up waits for it instead of exiting. `--nats-url` may list several servers
-/// (comma-separated): the client connects to one of them and moves to another when it is lost.
-/// Credentials in the URLs (`user:password@`, `token@`) are taken out and given to the client
-/// as options, so that no URL the client keeps (and may log) carries them. A list that cannot
-/// be parsed fails at once, naming the bad entry (redacted).
+/// Connects with unlimited reconnects, so a process started before NATS comes up waits for it
+/// instead of exiting. `--nats-url` may list several servers (comma-separated): the client
+/// connects to one of them and moves to another when it is lost.
+///
+/// Credentials (in the URLs, or from `--nats-user`/`--nats-password-file`, `--nats-token-file`,
+/// `--nats-creds`, `--nats-nkey`) and TLS (`--nats-ca`, `--nats-cert`/`--nats-key`) are read
+/// from the settings here, secrets from their files; no URL the client keeps (and may log)
+/// carries a credential, and no error or log line carries a secret.
+///
+/// Fails at once, naming the setting, on what waiting cannot fix: unusable settings (a list
+/// that cannot be parsed, two ways to authenticate, an unreadable file), and on a first attempt
+/// that reaches a server which refuses the credentials or whose TLS does not verify. A server
+/// that cannot be reached is waited for, as before.
 pub async fn connect(nats: &NatsArgs, name: &str) -> Result<async_nats::Client, QueueError> {
-    let was_disconnected = Arc::new(AtomicBool::new(false));
+    connect_with(nats, name, true).await
+}
+
+/// Like [`connect`], but one attempt at every server and no waiting: a server that cannot be
+/// reached is an error too. For commands that should fail fast (`dlq`), where [`connect`]
+/// would wait for NATS.
+pub async fn connect_once(nats: &NatsArgs, name: &str) -> Result<async_nats::Client, QueueError> {
+    connect_with(nats, name, false).await
+}
+
+async fn connect_with(
+    nats: &NatsArgs,
+    name: &str,
+    wait_for_server: bool,
+) -> Result<async_nats::Client, QueueError> {
     let url = || crate::settings::redact_url(&nats.nats_url);
-    let parse_error = |source: crate::settings::NatsUrlError| QueueError::Connect {
+    let failed = |kind: ConnectErrorKind, cause: String| QueueError::Connect {
         url: url(),
-        source: async_nats::ConnectError::with_source(
-            async_nats::ConnectErrorKind::ServerParse,
-            source,
-        ),
+        source: async_nats::ConnectError::with_source(kind, cause),
     };
-    let NatsServers { urls, credentials } =
-        crate::settings::parse_nats_urls(&nats.nats_url).map_err(parse_error)?;
-    let servers = urls
+    let connection = nats.connection().map_err(|e| match e {
+        NatsSettingsError::Urls(e) => failed(ConnectErrorKind::ServerParse, e.to_string()),
+        other => failed(ConnectErrorKind::Io, format!("NATS settings: {other}")),
+    })?;
+    check_tls_files(&connection.tls)
+        .map_err(|e| failed(ConnectErrorKind::Tls, format!("NATS settings: {e}")))?;
+    let servers = connection
+        .urls
         .iter()
         .enumerate()
         .map(|(i, one)| {
             one.parse::<async_nats::ServerAddr>().map_err(|e| {
-                parse_error(crate::settings::NatsUrlError::Invalid {
+                let invalid = crate::settings::NatsUrlError::Invalid {
                     index: i + 1,
                     url: one.clone(),
                     reason: e.to_string(),
-                })
+                };
+                failed(ConnectErrorKind::ServerParse, invalid.to_string())
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let options = match credentials {
-        None => async_nats::ConnectOptions::new(),
-        Some(NatsCredentials::UserPassword(user, password)) => {
-            async_nats::ConnectOptions::with_user_and_password(user, password)
+    let options = options(&connection, nats, name)
+        .await
+        .map_err(|e| failed(ConnectErrorKind::Io, format!("NATS settings: {e}")))?;
+
+    // One attempt at every server first: a refusal of the credentials or a certificate that
+    // does not verify is a mistake in the settings, reported now rather than retried forever.
+    match options.clone().connect(servers.clone()).await {
+        Ok(client) => return Ok(client),
+        Err(e) => {
+            if let Some((kind, cause)) = fatal_cause(&e, &connection) {
+                return Err(failed(kind, cause));
+            }
+            if !wait_for_server {
+                return Err(QueueError::Connect {
+                    url: url(),
+                    source: e,
+                });
+            }
+            tracing::warn!(error = %e, "NATS not reachable yet; waiting for it");
         }
-        Some(NatsCredentials::Token(token)) => async_nats::ConnectOptions::with_token(token),
-    };
+    }
     options
-        .name(name)
         .retry_on_initial_connect()
+        .connect(servers)
+        .await
+        .map_err(|source| QueueError::Connect { url: url(), source })
+}
+
+/// The client options: name, timeouts, reconnect events, credentials and TLS.
+async fn options(
+    connection: &NatsConnection,
+    nats: &NatsArgs,
+    name: &str,
+) -> Result<async_nats::ConnectOptions, String> {
+    let was_disconnected = Arc::new(AtomicBool::new(false));
+    let mut options = async_nats::ConnectOptions::new()
+        .name(name)
         .request_timeout(Some(nats.nats_request_timeout))
         .connection_timeout(Duration::from_secs(5))
         .event_callback(move |event| {
@@ -73,13 +130,150 @@ pub async fn connect(nats: &NatsArgs, name: &str) -> Result<async_nats::Client, 
                         tracing::warn!("disconnected from NATS");
                     }
                     async_nats::Event::Closed => tracing::info!("NATS connection closed"),
+                    // A reconnect attempt that failed: an authorization violation here means
+                    // the server now refuses the credentials (it is retried, as the server's
+                    // configuration may be fixed without restarting the clients).
+                    async_nats::Event::ClientError(error) => {
+                        tracing::error!(%error, "NATS connection attempt failed");
+                    }
                     other => tracing::warn!(event = %other, "NATS event"),
                 }
             }
-        })
-        .connect(servers)
-        .await
-        .map_err(|source| QueueError::Connect { url: url(), source })
+        });
+    options = match &connection.auth {
+        NatsAuth::None => options,
+        NatsAuth::UserPassword { user, password } => {
+            options.user_and_password(user.clone(), password.clone())
+        }
+        NatsAuth::Token(token) => options.token(token.clone()),
+        NatsAuth::NKey(seed) => options.nkey(seed.clone()),
+        NatsAuth::CredsFile(path) => options
+            .credentials_file(path)
+            .await
+            .map_err(|e| format!("{}: {e}", nats_setting::CREDS))?,
+    };
+    let tls = &connection.tls;
+    if tls.required() {
+        options = options.require_tls(true);
+    }
+    if let Some(ca) = &tls.ca {
+        options = options.add_root_certificates(ca.clone());
+    }
+    if let Some((cert, key)) = &tls.client_cert {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    Ok(options)
+}
+
+/// Checks at start that the TLS files hold what they should (the client reads them only when
+/// it connects, and would report a bad file as a failed connection, again and again).
+fn check_tls_files(tls: &NatsTls) -> Result<(), NatsSettingsError> {
+    use async_nats::rustls::pki_types::pem::{self, PemObject};
+    use async_nats::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let error = |setting: &'static str, path: &Path, e: pem::Error, what: &str| match e {
+        pem::Error::Io(source) => NatsSettingsError::Read {
+            setting,
+            path: path.to_owned(),
+            source,
+        },
+        _ => NatsSettingsError::BadFile {
+            setting,
+            path: path.to_owned(),
+            reason: format!("no PEM {what} in it"),
+        },
+    };
+    let certificates = |setting: &'static str, path: &Path| {
+        let found = CertificateDer::pem_file_iter(path)
+            .map_err(|e| error(setting, path, e, "certificate"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| error(setting, path, e, "certificate"))?;
+        if found.is_empty() {
+            return Err(NatsSettingsError::BadFile {
+                setting,
+                path: path.to_owned(),
+                reason: "no PEM certificate in it".into(),
+            });
+        }
+        Ok(())
+    };
+    if let Some(ca) = &tls.ca {
+        certificates(nats_setting::CA, ca)?;
+    }
+    if let Some((cert, key)) = &tls.client_cert {
+        certificates(nats_setting::CERT, cert)?;
+        PrivateKeyDer::from_pem_file(key)
+            .map_err(|e| error(nats_setting::KEY, key, e, "private key"))?;
+    }
+    Ok(())
+}
+
+/// Whether a failed first attempt is a mistake in the settings (not a server that is down),
+/// and what to say: which kind, and a cause naming the setting to check.
+fn fatal_cause(
+    error: &async_nats::ConnectError,
+    connection: &NatsConnection,
+) -> Option<(ConnectErrorKind, String)> {
+    let kind = error.kind();
+    match kind {
+        ConnectErrorKind::AuthorizationViolation => Some((
+            kind,
+            match connection.auth {
+                NatsAuth::None => "the server requires credentials and none are configured \
+                                   (--nats-user with --nats-password-file, --nats-token-file, \
+                                   --nats-creds, --nats-nkey, or user:password@ in --nats-url)"
+                    .to_owned(),
+                _ => format!(
+                    "the server refused the credentials given by {}: wrong user, password, token or \
+                     key, or not allowed on this server",
+                    connection.auth_from
+                ),
+            },
+        )),
+        ConnectErrorKind::Authentication => Some((
+            kind,
+            format!(
+                "the key of {} could not sign the server's challenge",
+                connection.auth_from
+            ),
+        )),
+        ConnectErrorKind::Tls => Some((kind, format!("TLS set-up failed: {error}"))),
+        _ => tls_failure(error).map(|tls| {
+            (
+                ConnectErrorKind::Tls,
+                format!(
+                    "TLS handshake failed: {tls} (check {}: it must hold the authority that \
+                     signed the server's certificate; if the server verifies clients, \
+                     {} and {})",
+                    nats_setting::CA,
+                    nats_setting::CERT,
+                    nats_setting::KEY
+                ),
+            )
+        }),
+    }
+}
+
+/// The TLS error somewhere in `error`'s chain of causes (a certificate that does not verify,
+/// an alert from the server), if there is one.
+fn tls_failure<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a async_nats::rustls::Error> {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(tls) = e.downcast_ref::<async_nats::rustls::Error>() {
+            return Some(tls);
+        }
+        // An I/O error's `source` skips the error it wraps: look at that one too.
+        if let Some(inner) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+            && let Some(tls) = tls_failure(inner)
+        {
+            return Some(tls);
+        }
+        current = e.source();
+    }
+    None
 }
 
 /// Sends what the client still buffers (acks, naks) before the process exits. Bounded: with
@@ -236,4 +430,72 @@ pub async fn bind_consumer(
             name,
             message: e.to_string(),
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(url: &str) -> NatsArgs {
+        NatsArgs {
+            nats_url: url.into(),
+            stream: "s".into(),
+            subject_prefix: "p".into(),
+            dead_letter_stream: "d".into(),
+            nats_request_timeout: Duration::from_secs(5),
+            nats_ca: None,
+            nats_cert: None,
+            nats_key: None,
+            nats_creds: None,
+            nats_nkey: None,
+            nats_user: None,
+            nats_password_file: None,
+            nats_token_file: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn connect_once_fails_on_an_unreachable_server_where_connect_waits() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or(1);
+        let nats = args(&format!("nats://127.0.0.1:{port}"));
+        let e = connect_once(&nats, "test")
+            .await
+            .err()
+            .map(|e| e.to_string());
+        assert!(e.is_some_and(|e| e.contains("cannot connect to NATS")));
+        // `connect` hands back a client that keeps trying.
+        let client = connect(&nats, "test").await.ok();
+        assert!(
+            client
+                .is_some_and(|c| c.connection_state() != async_nats::connection::State::Connected)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bad_tls_file_fails_before_any_connection_naming_the_setting() {
+        let dir = tempfile::tempdir().ok();
+        let Some(dir) = dir else { return };
+        let junk = dir.path().join("ca.pem");
+        assert!(std::fs::write(&junk, "not PEM\n").is_ok());
+        let mut nats = args("nats://127.0.0.1:1");
+        nats.nats_ca = Some(junk);
+        let e = connect(&nats, "test").await.err().map(|e| e.to_string());
+        assert!(
+            e.as_deref().is_some_and(
+                |e| e.contains("--nats-ca (NATS_CA)") && e.contains("no PEM certificate")
+            ),
+            "{e:?}"
+        );
+        let mut nats = args("nats://127.0.0.1:1");
+        nats.nats_cert = Some(dir.path().join("missing.pem"));
+        nats.nats_key = Some(dir.path().join("missing-key.pem"));
+        let e = connect(&nats, "test").await.err().map(|e| e.to_string());
+        assert!(
+            e.as_deref().is_some_and(|e| e.contains("--nats-cert (NATS_CERT)") && e.contains("missing.pem")),
+            "{e:?}"
+        );
+    }
 }
