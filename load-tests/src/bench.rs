@@ -1197,7 +1197,8 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
             .as_ref()
             .and_then(|external| external.nats_url.clone())
     });
-    let baseline_http = measure_baseline_http(opts, &client, &body).await?;
+    let poster = Poster::new(client.clone(), opts.concurrency.max(1));
+    let baseline_http = measure_baseline_http(opts, &poster, &body).await?;
     let (baseline_js_publish, baseline_js_pull_ack) = match &nats_url {
         Some(url) => {
             let (publish, pull_ack) = measure_baseline_js(opts, url, &body).await?;
@@ -1233,7 +1234,7 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
                 system: None,
                 cluster: None,
             };
-            let path = measure_async_path(opts, &client, &body, target, &receiver, None).await?;
+            let path = measure_async_path(opts, &poster, &body, target, &receiver, None).await?;
             (path, Vec::new(), Vec::new(), None)
         }
         (None, bin_dir, Some(nats_url)) => {
@@ -1265,7 +1266,7 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
                 cluster: own_nats.as_mut().and_then(OwnNats::cluster_mut),
             };
             let result =
-                measure_async_path(opts, &client, &body, target, &receiver, Some(&function)).await;
+                measure_async_path(opts, &poster, &body, target, &receiver, Some(&function)).await;
             let after_run = system.usage();
             // Stop even when the measurement failed; its error comes first.
             let stopped = system.stop().await;
@@ -1433,7 +1434,7 @@ fn stub_summary(opts: &BenchOptions, attempts: u64) -> StubSummary {
 /// Phase 1: a trivial axum handler answering `202`.
 async fn measure_baseline_http(
     opts: &BenchOptions,
-    client: &reqwest::Client,
+    client: &Poster,
     body: &Bytes,
 ) -> Result<Phase, BenchError> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
@@ -1452,18 +1453,15 @@ async fn measure_baseline_http(
             .await
     });
 
-    let url = format!("http://{addr}/");
+    let target = Poster::target(&format!("http://{addr}/"));
     let post_body = || {
-        let (client, body, url) = (client.clone(), body.clone(), url.clone());
+        let (client, body, target) = (client.clone(), body.clone(), target.clone());
         move |_| {
-            let request = client
-                .post(url.as_str())
-                .body(body.clone())
-                .timeout(REQUEST_TIMEOUT)
-                .send();
+            let (client, body, target) = (client.clone(), body.clone(), target.clone());
             async move {
-                let response = request.await.map_err(request_error)?;
-                expect_status(&response, StatusCode::ACCEPTED).map(|()| None)
+                let headers = [("content-type", "application/octet-stream")];
+                let (status, _) = client.post(&target, &headers, &body).await?;
+                expect_code(status, StatusCode::ACCEPTED).map(|()| None)
             }
         }
     };
@@ -1740,14 +1738,26 @@ struct SubmitLog {
 /// submitted, and a probe follows ([`cluster_faults`]).
 async fn measure_async_path(
     opts: &BenchOptions,
-    client: &reqwest::Client,
+    client: &Poster,
     body: &Bytes,
     mut target: Target<'_>,
     receiver: &CallbackReceiver,
     function: Option<&StubFunction>,
 ) -> Result<AsyncPath, BenchError> {
-    let url = format!("{}/async-function/{}", target.gateway_url, opts.function);
+    let url = Poster::target(&format!(
+        "{}/async-function/{}",
+        target.gateway_url, opts.function
+    ));
     let callback_url = target.callback_url.to_owned();
+    // Headers every call carries, as text (the CLI took them as text).
+    let mut fixed_headers: Vec<(String, String)> = Vec::with_capacity(opts.headers.len());
+    for (name, value) in &opts.headers {
+        let value = value
+            .to_str()
+            .map_err(|_| BenchError::Options(format!("header {name} is not visible ASCII")))?;
+        fixed_headers.push((name.as_str().to_owned(), value.to_owned()));
+    }
+    let fixed_headers = Arc::new(fixed_headers);
     // A cluster run names its calls (`<phase>-<i>`), so that a refused call that is called
     // back all the same is recognised, and notes when each 202 came.
     let log = opts
@@ -1760,35 +1770,36 @@ async fn measure_async_path(
             url.clone(),
             callback_url.clone(),
             body.clone(),
-            opts.headers.clone(),
+            fixed_headers.clone(),
             log.clone(),
         );
         move |i: usize| {
-            let mut request = client.post(url.as_str());
-            for (name, value) in &headers {
-                request = request.header(name, value);
-            }
             let call_id = log.as_ref().map(|_| format!("{phase}-{i}"));
-            if let Some(call_id) = &call_id {
-                request = request.header("x-call-id", call_id.as_str());
-            }
-            let request = request
-                .header("x-callback-url", callback_url.as_str())
-                .header("content-type", "application/octet-stream")
-                .body(body.clone())
-                .timeout(REQUEST_TIMEOUT)
-                .send();
-            let log = log.clone();
+            let (client, url, callback_url, body, headers, log) = (
+                client.clone(),
+                url.clone(),
+                callback_url.clone(),
+                body.clone(),
+                headers.clone(),
+                log.clone(),
+            );
             async move {
                 let answer = async {
-                    let response = request.await.map_err(request_error)?;
-                    expect_status(&response, StatusCode::ACCEPTED)?;
-                    let call_id = response
-                        .headers()
-                        .get("x-call-id")
-                        .and_then(|id| id.to_str().ok())
+                    let mut sent: Vec<(&str, &str)> = headers
+                        .iter()
+                        .map(|(n, v)| (n.as_str(), v.as_str()))
+                        .collect();
+                    if let Some(call_id) = &call_id {
+                        sent.push(("x-call-id", call_id.as_str()));
+                    }
+                    sent.push(("x-callback-url", callback_url.as_str()));
+                    sent.push(("content-type", "application/octet-stream"));
+                    let (status, answered_id) = client.post(&url, &sent, &body).await?;
+                    expect_code(status, StatusCode::ACCEPTED)?;
+                    let call_id = answered_id
+                        .filter(|id| !id.is_empty())
                         .ok_or("no call id: 202 without a valid X-Call-Id")?;
-                    Ok(Some(call_id.to_owned()))
+                    Ok(Some(call_id))
                 }
                 .await;
                 if let Some(log) = &log {
@@ -2375,16 +2386,102 @@ where
     total.into_result(started, seconds)
 }
 
-/// `Err("status NNN: ...")` unless the response has the `expected` status.
-fn expect_status(response: &reqwest::Response, expected: StatusCode) -> Result<(), String> {
-    if response.status() == expected {
+/// The harness's HTTP client for the raw-HTTP baseline and for the submissions (the same for
+/// both): the worker's small HTTP/1.1 client for plain `http` URLs, so that the baseline is not
+/// limited by a heavier client than `wrk` (BENCHMARKS.md), reqwest for anything else.
+#[derive(Clone)]
+struct Poster {
+    http1: Arc<queue_worker::http1::Http1Client>,
+    general: reqwest::Client,
+}
+
+/// Where a [`Poster`] posts, taken apart once per phase.
+#[derive(Clone)]
+enum PostTarget {
+    Plain(Arc<queue_worker::invoke::PlainTarget>),
+    General(Arc<str>),
+}
+
+impl Poster {
+    fn new(general: reqwest::Client, connections: usize) -> Self {
+        Self {
+            http1: Arc::new(queue_worker::http1::Http1Client::new(
+                connections,
+                Duration::from_secs(60),
+                Duration::from_secs(10),
+            )),
+            general,
+        }
+    }
+
+    fn target(url: &str) -> PostTarget {
+        match queue_worker::invoke::PlainTarget::parse(url) {
+            Some(plain) => PostTarget::Plain(Arc::new(plain)),
+            None => PostTarget::General(url.into()),
+        }
+    }
+
+    /// POSTs `body` with `headers`; the status and the `X-Call-Id` of the answer, or
+    /// `"kind: detail"` (`timeout`, `connect`, `transport`).
+    async fn post(
+        &self,
+        target: &PostTarget,
+        headers: &[(&str, &str)],
+        body: &Bytes,
+    ) -> Result<(u16, Option<String>), String> {
+        match target {
+            PostTarget::Plain(plain) => {
+                let request = queue_worker::http1::Request {
+                    method: "POST",
+                    origin: &plain.origin,
+                    host_header: &plain.host_header,
+                    target: &plain.path_and_query,
+                    headers,
+                    body,
+                };
+                let response =
+                    tokio::time::timeout(REQUEST_TIMEOUT, self.http1.send(&request, 1 << 20))
+                        .await
+                        .map_err(|_| format!("timeout: no answer within {REQUEST_TIMEOUT:?}"))?
+                        .map_err(|e| match e {
+                            queue_worker::http1::Http1Error::Connect => format!("connect: {e}"),
+                            e => format!("transport: {e}"),
+                        })?;
+                let call_id = response
+                    .headers
+                    .iter()
+                    .find(|(name, _)| name == "x-call-id")
+                    .map(|(_, value)| value.clone());
+                Ok((response.status, call_id))
+            }
+            PostTarget::General(url) => {
+                let mut request = self.general.post(&**url);
+                for (name, value) in headers {
+                    request = request.header(*name, *value);
+                }
+                let response = request
+                    .body(body.clone())
+                    .timeout(REQUEST_TIMEOUT)
+                    .send()
+                    .await
+                    .map_err(request_error)?;
+                let call_id = response
+                    .headers()
+                    .get("x-call-id")
+                    .and_then(|id| id.to_str().ok())
+                    .map(str::to_owned);
+                Ok((response.status().as_u16(), call_id))
+            }
+        }
+    }
+}
+
+/// `Err` naming the status unless it is `expected`.
+fn expect_code(status: u16, expected: StatusCode) -> Result<(), String> {
+    if status == expected.as_u16() {
         Ok(())
     } else {
-        Err(format!(
-            "status {}: answered {}, expected {expected}",
-            response.status().as_u16(),
-            response.status()
-        ))
+        Err(format!("status {status}: expected {expected}"))
     }
 }
 
