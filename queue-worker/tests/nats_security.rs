@@ -153,4 +153,33 @@ async fn the_worker_binary_works_over_tls_with_a_password_and_fails_at_start_whe
     let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(log.contains("connected to NATS"), "{log}");
     assert!(!log.contains(PASSWORD), "{log}");
+
+    // The dead-letter command connects with the same settings: TLS and the password file.
+    let dlq = |ca: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_queue-worker"))
+            .args([
+                "--nats-url",
+                &queue.nats.url(),
+                "--nats-ca",
+                ca,
+                "--nats-user",
+                "alice",
+                "--nats-password-file",
+                &password_file,
+                "dlq",
+                "list",
+            ])
+            .env("LOG_LEVEL", "warn")
+            .output()
+            .unwrap()
+    };
+    let listed = dlq(&ca);
+    let stdout = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.status.success(), "{listed:?}");
+    assert!(stdout.contains("0 dead letter(s)"), "{stdout}");
+    let refused = dlq(&path(&other.ca()));
+    assert!(!refused.status.success(), "{refused:?}");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("TLS handshake failed"), "{stderr}");
+    assert!(!stderr.contains(PASSWORD), "{stderr}");
 }

@@ -34,10 +34,11 @@ async fn main() -> anyhow::Result<()> {
 
 async fn dead_letters(config: &WorkerConfig, action: DlqAction) -> anyhow::Result<()> {
     let nats = &config.nats;
-    // A command fails fast when NATS is down, unlike the worker, which waits for it.
+    // A command fails fast when NATS is down, unlike the worker, which waits for it; it uses
+    // the same connection settings (URL list, TLS, credentials files) as the worker.
     let client = tokio::time::timeout(
         Duration::from_secs(10),
-        async_nats::connect(nats.nats_url.as_str()),
+        queue_core::backend::nats::connect_once(nats, "queue-worker dlq"),
     )
     .await
     .with_context(|| {
@@ -45,8 +46,7 @@ async fn dead_letters(config: &WorkerConfig, action: DlqAction) -> anyhow::Resul
             "timed out connecting to NATS at {}",
             redact_url(&nats.nats_url)
         )
-    })?
-    .with_context(|| format!("cannot connect to NATS at {}", redact_url(&nats.nats_url)))?;
+    })??;
     let options = JetStreamOptions {
         nats: nats.clone(),
         manage_streams: None,
