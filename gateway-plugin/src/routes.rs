@@ -537,7 +537,12 @@ async fn accept<Q: CallQueue>(
         .map(|ConnectInfo(addr)| addr.ip());
     let headers = captured_headers(&parts.headers, peer, &state.trusted_proxies)?;
 
-    let limit = state.max_body();
+    let Some(limit) = state.max_body() else {
+        return Err(ApiError::unavailable(
+            "the queue is not reachable yet (its message limit is unknown); retry with the same X-Call-Id",
+            state.retry_after,
+        ));
+    };
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,

@@ -54,9 +54,16 @@ impl<Q> AppState<Q> {
 impl<Q: CallQueue> AppState<Q> {
     /// Largest body accepted now: the configured limit, lowered to what the queue's message
     /// limit leaves room for.
-    pub fn max_body(&self) -> u64 {
-        let allowed = body_limit_for(self.queue.max_message_bytes() as u64);
-        match self.configured_max_body {
+    /// `None` while the queue's message limit is unknown (JetStream before the first
+    /// connection): then nothing can be said about a body's size, and the call is refused
+    /// as the queue being unavailable, never as too large.
+    pub fn max_body(&self) -> Option<u64> {
+        let max_message = self.queue.max_message_bytes();
+        if max_message == 0 {
+            return None;
+        }
+        let allowed = body_limit_for(max_message as u64);
+        Some(match self.configured_max_body {
             Some(configured) if configured > allowed => {
                 if !self.warned_max_body.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
@@ -69,6 +76,6 @@ impl<Q: CallQueue> AppState<Q> {
             }
             Some(configured) => configured,
             None => allowed,
-        }
+        })
     }
 }

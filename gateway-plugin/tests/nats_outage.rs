@@ -131,3 +131,64 @@ async fn deleted_stream_is_recreated() {
     assert_eq!(queued(&nats.url()).await, 1);
     gateway.shutdown().await;
 }
+
+/// A gateway that has not reached NATS yet does not know the queue's message limit: a call is
+/// refused as the queue being unavailable (`503` with `Retry-After`), never as too large (the
+/// unknown limit used to read as 0 bytes: `413 body_too_large`); once NATS is up the same call
+/// is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gateway_that_never_reached_nats_answers_503_not_413() {
+    let mut nats = NatsServer::start().await.unwrap();
+    nats.stop().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let _gateway = tokio::process::Command::new(env!("CARGO_BIN_EXE_gateway-plugin"))
+        .args([
+            "--nats-url",
+            &nats.url(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--retry-after",
+            "2s",
+        ])
+        .env("LOG_LEVEL", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let client = http();
+    let base = format!("http://127.0.0.1:{port}");
+    let post = || {
+        client
+            .post(format!("{base}/async-function/fn"))
+            .body("a body of some bytes")
+            .send()
+    };
+    let end = Instant::now() + DEADLINE;
+    let refused = loop {
+        if let Ok(r) = post().await {
+            break r;
+        }
+        assert!(Instant::now() < end, "the gateway never listened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers()["retry-after"], "2");
+    assert_json_error(refused, 503, "queue_unavailable").await;
+
+    nats.restart().await.unwrap();
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let r = post().await.unwrap();
+        if r.status() == 202 {
+            break;
+        }
+        assert_eq!(r.status(), 503, "only 503 until NATS is reached");
+        assert!(Instant::now() < end, "no 202 after NATS came up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
