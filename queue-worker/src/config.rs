@@ -290,9 +290,38 @@ impl WorkerConfig {
     }
 }
 
+/// An OpenFaaS boolean, as Go's `strconv.ParseBool` reads it (`1`, `t`, `true`, `0`, `f`,
+/// `false`, any case); anything else is refused, naming the variable.
+fn openfaas_bool(name: &str, value: &str) -> Result<bool, String> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "t" | "true" => Ok(true),
+        "0" | "f" | "false" => Ok(false),
+        other => Err(format!(
+            "{name}={other:?} is not a boolean (OpenFaaS reads 1, t, true, 0, f or false)"
+        )),
+    }
+}
+
+/// OpenFaaS's `faas_function_suffix` holds the namespace (`.openfaas-fn.svc.cluster.local`);
+/// ours comes after `{name}.{namespace}`, so a leading `.{default namespace}` is dropped
+/// rather than doubled.
+fn suffix_without_namespace(suffix: &str, default_namespace: &str) -> String {
+    let namespaced = format!(".{}", default_namespace.to_ascii_lowercase());
+    match suffix.to_ascii_lowercase().strip_prefix(&namespaced) {
+        Some(rest) if rest.is_empty() || rest.starts_with('.') => {
+            suffix[namespaced.len()..].to_owned()
+        }
+        _ => suffix.to_owned(),
+    }
+}
+
 /// Turns OpenFaaS queue-worker / gateway environment variables into flags, for those settings
-/// whose own variable is not set. `lookup` reads the environment (a map in tests).
-pub fn openfaas_compat_args(lookup: impl Fn(&str) -> Option<String>) -> Vec<OsString> {
+/// whose own variable is not set. `lookup` reads the environment (a map in tests). A value
+/// OpenFaaS would not take either (a boolean that is not one) is an error naming the variable,
+/// never ignored.
+pub fn openfaas_compat_args(
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<Vec<OsString>, String> {
     let set = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
     let mut args: Vec<OsString> = Vec::new();
     let mut flag = |ours: &str, flag: &str, value: String| {
@@ -303,26 +332,33 @@ pub fn openfaas_compat_args(lookup: impl Fn(&str) -> Option<String>) -> Vec<OsSt
     if let Some(url) = openfaas_nats_url(&lookup) {
         flag("NATS_URL", "nats-url", url);
     }
-    if let Some(addr) = set("faas_gateway_address") {
-        let port = set("faas_gateway_port").unwrap_or_else(|| "8080".into());
+    // Either one names the gateway; the other takes OpenFaaS's default (`gateway`, `8080`).
+    let (address, port) = (set("faas_gateway_address"), set("faas_gateway_port"));
+    if address.is_some() || port.is_some() {
+        let address = address.unwrap_or_else(|| "gateway".into());
+        let port = port.unwrap_or_else(|| "8080".into());
         flag(
             "QUEUE_WORKER_GATEWAY_URL",
             "gateway-url",
-            format!("http://{addr}:{port}"),
+            format!("http://{address}:{port}"),
         );
     }
-    let direct: [(&str, &str, &str); 8] = [
+    if let Some(suffix) = set("faas_function_suffix") {
+        let namespace =
+            set("QUEUE_WORKER_DEFAULT_NAMESPACE").unwrap_or_else(|| "openfaas-fn".into());
+        flag(
+            "QUEUE_WORKER_FUNCTION_SUFFIX",
+            "function-suffix",
+            suffix_without_namespace(&suffix, &namespace),
+        );
+    }
+    let direct: [(&str, &str, &str); 7] = [
         ("max_inflight", "QUEUE_WORKER_MAX_INFLIGHT", "max-inflight"),
         ("ack_wait", "QUEUE_WORKER_ACK_WAIT", "ack-wait"),
         (
             "upstream_timeout",
             "QUEUE_WORKER_UPSTREAM_TIMEOUT",
             "upstream-timeout",
-        ),
-        (
-            "faas_function_suffix",
-            "QUEUE_WORKER_FUNCTION_SUFFIX",
-            "function-suffix",
         ),
         (
             "max_retry_attempts",
@@ -351,17 +387,19 @@ pub fn openfaas_compat_args(lookup: impl Fn(&str) -> Option<String>) -> Vec<OsSt
         }
     }
     if let Some(v) = set("gateway_invoke") {
-        let mode = if v.eq_ignore_ascii_case("true") {
+        let mode = if openfaas_bool("gateway_invoke", &v)? {
             "gateway"
         } else {
             "direct"
         };
         flag("QUEUE_WORKER_INVOKE_MODE", "invoke-mode", mode.into());
     }
-    if set("write_debug").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+    if let Some(v) = set("write_debug")
+        && openfaas_bool("write_debug", &v)?
+    {
         flag("LOG_LEVEL", "log-level", "debug".into());
     }
-    args
+    Ok(args)
 }
 
 #[cfg(test)]
@@ -379,9 +417,64 @@ mod tests {
             .map(OsString::from);
         WorkerConfig::try_parse_from(with_leading_args(
             real,
-            openfaas_compat_args(|k| env.get(k).cloned()),
+            openfaas_compat_args(|k| env.get(k).cloned()).unwrap(),
         ))
         .unwrap()
+    }
+
+    /// Booleans in every spelling OpenFaaS takes; anything else refused, naming the variable.
+    #[test]
+    fn openfaas_booleans_are_read_as_openfaas_reads_them() {
+        for (value, mode, level) in [
+            ("1", InvokeMode::Gateway, "debug"),
+            ("true", InvokeMode::Gateway, "debug"),
+            ("TRUE", InvokeMode::Gateway, "debug"),
+            ("t", InvokeMode::Gateway, "debug"),
+            ("0", InvokeMode::Direct, "info"),
+            ("false", InvokeMode::Direct, "info"),
+            ("F", InvokeMode::Direct, "info"),
+        ] {
+            let c = parse(&[("gateway_invoke", value), ("write_debug", value)], &[]);
+            assert_eq!(c.invoke_mode, mode, "gateway_invoke={value}");
+            assert_eq!(c.log.log_level, level, "write_debug={value}");
+        }
+        for (name, value) in [("gateway_invoke", "yes"), ("write_debug", "2")] {
+            let env: HashMap<&str, &str> = [(name, value)].into();
+            let err = openfaas_compat_args(|k| env.get(k).map(|v| (*v).to_owned())).unwrap_err();
+            assert!(err.contains(name) && err.contains(value), "{err}");
+        }
+    }
+
+    /// A port without an address, or an address without a port: OpenFaaS's defaults fill in.
+    #[test]
+    fn openfaas_gateway_address_and_port_each_alone() {
+        let c = parse(&[("faas_gateway_port", "8081")], &[]);
+        assert_eq!(c.gateway_url, "http://gateway:8081");
+        let c = parse(&[("faas_gateway_address", "gw.openfaas")], &[]);
+        assert_eq!(c.gateway_url, "http://gw.openfaas:8080");
+    }
+
+    /// OpenFaaS's suffix carries the default namespace; ours must not repeat it.
+    #[test]
+    fn openfaas_function_suffix_is_not_doubled() {
+        for (suffix, namespace, ours) in [
+            (".openfaas-fn.svc.cluster.local", None, ".svc.cluster.local"),
+            (".openfaas-fn", None, ""),
+            (".svc.cluster.local", None, ".svc.cluster.local"),
+            (
+                ".team-a.svc.cluster.local",
+                Some("team-a"),
+                ".svc.cluster.local",
+            ),
+            (".openfaas-fnx.svc", None, ".openfaas-fnx.svc"),
+        ] {
+            let mut env = vec![("faas_function_suffix", suffix)];
+            if let Some(ns) = namespace {
+                env.push(("QUEUE_WORKER_DEFAULT_NAMESPACE", ns));
+            }
+            let c = parse(&env, &[]);
+            assert_eq!(c.function_suffix, ours, "{suffix} with {namespace:?}");
+        }
     }
 
     #[test]
@@ -433,7 +526,8 @@ mod tests {
         assert_eq!(c.max_inflight, 7);
         assert_eq!(c.ack_wait, Duration::from_secs(60));
         assert_eq!(c.invoke_mode, InvokeMode::Direct);
-        assert_eq!(c.function_suffix, ".openfaas-fn.svc.cluster.local");
+        // OpenFaaS's suffix carries the namespace, which ours puts before it: not twice.
+        assert_eq!(c.function_suffix, ".svc.cluster.local");
         assert_eq!(c.upstream_timeout, Duration::from_secs(7200));
         assert_eq!(c.log.log_level, "debug");
         assert_eq!(c.retry_max_attempts, 9);
@@ -446,7 +540,11 @@ mod tests {
         // environment, so here we only check that no compat flag is produced).
         let env: HashMap<&str, &str> =
             [("max_inflight", "7"), ("QUEUE_WORKER_MAX_INFLIGHT", "9")].into();
-        assert!(openfaas_compat_args(|k| env.get(k).map(|v| (*v).to_owned())).is_empty());
+        assert!(
+            openfaas_compat_args(|k| env.get(k).map(|v| (*v).to_owned()))
+                .unwrap()
+                .is_empty()
+        );
         // A flag on the command line beats the OpenFaaS variable.
         let c = parse(&[("max_inflight", "7")], &["--max-inflight", "3"]);
         assert_eq!(c.max_inflight, 3);
