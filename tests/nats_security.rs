@@ -39,28 +39,10 @@ fn faas_async(dir: &Path, args: &[&str], log: &Path) -> tokio::process::Child {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_all_in_one_server_works_over_tls_with_a_password_and_refuses_a_wrong_one() {
     let pki = TestPki::generate().unwrap();
-    let (ca, cert, key) = (
-        path(&pki.ca()),
-        path(&pki.server_cert()),
-        path(&pki.server_key()),
-    );
-    let nats = NatsServer::start_secured(
-        &[
-            "--tls",
-            "--tlscert",
-            &cert,
-            "--tlskey",
-            &key,
-            "--user",
-            "alice",
-            "--pass",
-            PASSWORD,
-        ],
-        async_nats::ConnectOptions::with_user_and_password("alice".into(), PASSWORD.into())
-            .add_root_certificates(pki.ca()),
-    )
-    .await
-    .unwrap();
+    let ca = path(&pki.ca());
+    let nats = NatsServer::start_tls_with_password(&pki, "alice", PASSWORD)
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let password = dir.path().join("password");
     std::fs::write(&password, format!("{PASSWORD}\n")).unwrap();

@@ -103,28 +103,10 @@ async fn tls_with_a_private_authority_and_a_client_certificate_round_trips() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tls_and_a_password_from_a_file_round_trip() {
     let pki = TestPki::generate().unwrap();
-    let (ca, cert, key) = (
-        path(&pki.ca()),
-        path(&pki.server_cert()),
-        path(&pki.server_key()),
-    );
-    let nats = NatsServer::start_secured(
-        &[
-            "--tls",
-            "--tlscert",
-            &cert,
-            "--tlskey",
-            &key,
-            "--user",
-            "alice",
-            "--pass",
-            PASSWORD,
-        ],
-        async_nats::ConnectOptions::with_user_and_password("alice".into(), PASSWORD.into())
-            .add_root_certificates(pki.ca()),
-    )
-    .await
-    .unwrap();
+    let ca = path(&pki.ca());
+    let nats = NatsServer::start_tls_with_password(&pki, "alice", PASSWORD)
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let password = path(&secret_file(dir.path(), "password", PASSWORD));
     // A tls:// URL as well as --nats-ca: both say TLS.

@@ -712,11 +712,10 @@ pub fn with_leading_args(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn nats_args(url: &str) -> NatsArgs {
-        NatsArgs {
+impl NatsArgs {
+    /// Settings for `url` with short names and no security, for this crate's unit tests.
+    pub(crate) fn for_tests(url: &str) -> Self {
+        Self {
             nats_url: url.into(),
             stream: "s".into(),
             subject_prefix: "p".into(),
@@ -731,6 +730,15 @@ mod tests {
             nats_password_file: None,
             nats_token_file: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nats_args(url: &str) -> NatsArgs {
+        NatsArgs::for_tests(url)
     }
 
     #[test]

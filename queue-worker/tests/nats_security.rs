@@ -32,28 +32,10 @@ async fn run_until_exit(args: &[String], log: &Path) -> (std::process::ExitStatu
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_worker_binary_works_over_tls_with_a_password_and_fails_at_start_when_refused() {
     let pki = TestPki::generate().unwrap();
-    let (ca, cert, key) = (
-        path(&pki.ca()),
-        path(&pki.server_cert()),
-        path(&pki.server_key()),
-    );
-    let nats = NatsServer::start_secured(
-        &[
-            "--tls",
-            "--tlscert",
-            &cert,
-            "--tlskey",
-            &key,
-            "--user",
-            "alice",
-            "--pass",
-            PASSWORD,
-        ],
-        async_nats::ConnectOptions::with_user_and_password("alice".into(), PASSWORD.into())
-            .add_root_certificates(pki.ca()),
-    )
-    .await
-    .unwrap();
+    let ca = path(&pki.ca());
+    let nats = NatsServer::start_tls_with_password(&pki, "alice", PASSWORD)
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let password_file = dir.path().join("password");
     std::fs::write(&password_file, format!("{PASSWORD}\n")).unwrap();

@@ -83,6 +83,33 @@ impl NatsServer {
         Self::start_secured(extra, async_nats::ConnectOptions::new()).await
     }
 
+    /// A server that requires TLS, with the server certificate of `pki`, and the user `user`
+    /// with `password`.
+    pub async fn start_tls_with_password(
+        pki: &crate::tls::TestPki,
+        user: &str,
+        password: &str,
+    ) -> Result<Self, HarnessError> {
+        let (cert, key) = (pki.server_cert(), pki.server_key());
+        let (cert, key) = (cert.display().to_string(), key.display().to_string());
+        Self::start_secured(
+            &[
+                "--tls",
+                "--tlscert",
+                &cert,
+                "--tlskey",
+                &key,
+                "--user",
+                user,
+                "--pass",
+                password,
+            ],
+            async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+                .add_root_certificates(pki.ca()),
+        )
+        .await
+    }
+
     /// Like [`NatsServer::start_with_args`] for a server that requires TLS or credentials
     /// (`--tls ...`, `--user U --pass P`, `--auth TOKEN`, or a `-c` file): the readiness probe
     /// connects with `probe` (root certificates, client certificate, credentials).

@@ -437,21 +437,7 @@ mod tests {
     use super::*;
 
     fn args(url: &str) -> NatsArgs {
-        NatsArgs {
-            nats_url: url.into(),
-            stream: "s".into(),
-            subject_prefix: "p".into(),
-            dead_letter_stream: "d".into(),
-            nats_request_timeout: Duration::from_secs(5),
-            nats_ca: None,
-            nats_cert: None,
-            nats_key: None,
-            nats_creds: None,
-            nats_nkey: None,
-            nats_user: None,
-            nats_password_file: None,
-            nats_token_file: None,
-        }
+        NatsArgs::for_tests(url)
     }
 
     #[tokio::test]
