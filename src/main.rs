@@ -159,6 +159,7 @@ async fn main() -> anyhow::Result<()> {
             records_retention: config.worker.records.records_retention,
             max_result_bytes: usize::try_from(config.worker.records.max_result_bytes)
                 .unwrap_or(usize::MAX),
+            sealing: config.worker.encryption.sealing()?,
         };
         let dir = options.dir.display().to_string();
         let queue = EmbeddedQueue::open(options).with_context(|| {
@@ -193,6 +194,7 @@ async fn main() -> anyhow::Result<()> {
             max_ack_pending: config.worker.max_ack_pending,
         }),
         records: config.worker.records.clone(),
+        sealing: config.worker.encryption.sealing()?,
     };
     let nats_url = queue_core::settings::redact_url(&config.worker.nats.nats_url);
     let queue = JetStreamQueue::connect(options, "faas-async", stop.clone()).await?;

@@ -33,6 +33,9 @@ pub struct GatewayConfig {
     /// Authentication and authorization.
     #[command(flatten)]
     pub auth: crate::auth::AuthArgs,
+    /// Encryption at rest (`--encryption-keys-file`): queued calls sealed, kept results opened.
+    #[command(flatten)]
+    pub encryption: queue_core::settings::EncryptionArgs,
     /// Address to listen on.
     #[arg(long, env = "GATEWAY_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,

@@ -56,6 +56,9 @@ pub enum GatewayError {
     /// The listener's TLS certificate or key cannot be used.
     #[error("TLS listener: {0}")]
     Tls(#[from] connections::TlsFileError),
+    /// The encryption keys file cannot be used.
+    #[error(transparent)]
+    Keys(#[from] queue_core::sealing::KeyFileError),
 }
 
 /// How the HTTP front behaves, whatever the queue.
@@ -96,6 +99,7 @@ pub async fn run(
         manage_streams: Some(config.stream.clone()),
         consumer: None,
         records: config.records.clone(),
+        sealing: config.encryption.sealing()?,
     };
     let queue = JetStreamQueue::connect(options, "gateway-plugin", stop.clone()).await?;
     tracing::info!(

@@ -1548,6 +1548,7 @@ async fn measure_baseline_embedded(
         .tempdir()
         .map_err(|e| BenchError::setup("creating the embedded baseline's directory", e))?;
     let queue = EmbeddedQueue::open(EmbeddedOptions {
+        sealing: queue_core::sealing::Sealing::off(),
         dir: dir.path().to_path_buf(),
         subject_prefix: "load-tests-baseline".to_owned(),
         ack_wait: Duration::from_secs(60),

@@ -14,6 +14,7 @@
 //! - [`outcome`]: [`Outcome`], what came of one invocation.
 //! - [`headers`]: which headers never cross from one HTTP exchange to another.
 //! - [`egress`]: where callbacks (and direct-mode function calls) may go: the SSRF policy.
+//! - [`sealing`]: encryption at rest: keys by id from a file, sealed values bound to their call.
 //! - [`settings`]: NATS, stream, record and log settings as plain structs (clap argument groups
 //!   with the `cli` feature), and the duration and size parsers.
 //! - [`metrics`]: metric names, the process-wide recorder, the bounded `function` label.
@@ -34,6 +35,7 @@ pub mod message;
 pub mod metrics;
 pub mod outcome;
 pub mod records;
+pub mod sealing;
 pub mod settings;
 pub mod signal;
 #[cfg(feature = "sled")]

@@ -17,15 +17,34 @@
 //!   new body location) either uses a variant of [`BodyLocation`] an older worker rejects, or
 //!   bumps the version byte. A worker dead-letters versions it does not know instead of guessing.
 //!
+//! Version 2 is the same call sealed for encryption at rest ([`crate::sealing`]):
+//!
+//! ```text
+//! 0       4     magic  b"FAQC"
+//! 4       1     format version 2
+//! 5       4     clear metadata length C, big-endian u32
+//! 9       C     clear metadata: UTF-8 JSON, see [`ClearMeta`] (call id, function, namespace,
+//!               received time, body size: what routing and the dead-letter list need)
+//! 9+C     rest  a sealed value (`FAQS`...) whose plaintext is the whole version-1 envelope,
+//!               bound to bytes 0..9+C (so the clear part cannot be swapped either)
+//! ```
+//!
+//! A build that reads version 2 reads version 1 too: calls queued before encryption was turned
+//! on still run.
+//!
 //! The JetStream message also carries `Nats-Msg-Id: <call id>` so a retried publish is stored once.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
+use crate::sealing::{self, OpenError, Purpose, Sealing};
+
 /// First bytes of every envelope.
 pub const MAGIC: [u8; 4] = *b"FAQC";
-/// The envelope version this build writes and reads.
+/// The envelope version of a call in clear; this build writes it without encryption keys.
 pub const FORMAT_VERSION: u8 = 1;
+/// The envelope version of a sealed call; this build writes it with encryption keys.
+pub const SEALED_FORMAT_VERSION: u8 = 2;
 const HEADER_LEN: usize = 4 + 1 + 4;
 
 /// Longest call id we accept (client-supplied ids included).
@@ -126,8 +145,16 @@ pub enum DecodeError {
     #[error("not a queued-call envelope (bad magic)")]
     BadMagic,
     /// A version this build does not read.
-    #[error("unsupported envelope version {0} (this worker reads version {FORMAT_VERSION})")]
+    #[error(
+        "unsupported envelope version {0} (this build reads versions {FORMAT_VERSION} and {SEALED_FORMAT_VERSION})"
+    )]
     UnsupportedVersion(u8),
+    /// A sealed call that does not open here (no or other keys, altered).
+    #[error("cannot decrypt the call: {0}")]
+    Sealed(#[from] OpenError),
+    /// A sealed call whose clear metadata disagrees with what it holds.
+    #[error("the encrypted call does not match the call id and function stored in clear beside it")]
+    ClearMismatch,
     /// Metadata length runs past the end.
     #[error("metadata length {0} exceeds the message")]
     MetadataLength(usize),
@@ -313,15 +340,66 @@ impl QueuedCall {
         Ok(buf.freeze())
     }
 
-    /// Decodes and validates an envelope. The body is a zero-copy slice of `payload`.
+    /// The envelope, sealed when `sealing` has keys (version 2), in clear when it has none
+    /// (version 1).
+    pub fn encode_with(&self, sealing: &Sealing) -> Result<Bytes, serde_json::Error> {
+        let Some(keys) = sealing.keyring() else {
+            return self.encode();
+        };
+        let inner = self.encode()?;
+        let clear = serde_json::to_vec(&ClearMeta {
+            call_id: self.meta.call_id.clone(),
+            function: self.meta.function.clone(),
+            namespace: self.meta.namespace.clone(),
+            received_at_unix_nanos: self.meta.received_at_unix_nanos,
+            body_bytes: self.body.len() as u64,
+        })?;
+        let clear_len = u32::try_from(clear.len()).map_err(|_| {
+            serde_json::Error::io(std::io::Error::other("metadata larger than 4 GiB"))
+        })?;
+        let mut head = Vec::with_capacity(HEADER_LEN + clear.len());
+        head.extend_from_slice(&MAGIC);
+        head.push(SEALED_FORMAT_VERSION);
+        head.extend_from_slice(&clear_len.to_be_bytes());
+        head.extend_from_slice(&clear);
+        let mut out = Vec::with_capacity(head.len() + keys.overhead() + inner.len());
+        out.extend_from_slice(&head);
+        keys.seal_append(Purpose::Call, &head, &inner, &mut out);
+        Ok(Bytes::from(out))
+    }
+
+    /// Decodes and validates an envelope of either version: a sealed one is opened with
+    /// `sealing`'s keys. The body of a version-1 envelope is a zero-copy slice of `payload`.
+    pub fn open(payload: &Bytes, sealing: &Sealing) -> Result<Self, DecodeError> {
+        match envelope_version(payload)? {
+            FORMAT_VERSION => Self::decode_clear(payload),
+            _ => {
+                let (clear, clear_end) = clear_meta(payload)?;
+                let sealed = &payload[clear_end..];
+                if !sealing::is_sealed(sealed) {
+                    return Err(OpenError::Malformed("version 2 without a sealed value").into());
+                }
+                let inner = sealing.open(Purpose::Call, &payload[..clear_end], sealed)?;
+                let call = Self::decode_clear(&Bytes::from(inner.into_owned()))?;
+                if call.meta.call_id != clear.call_id
+                    || call.meta.function != clear.function
+                    || call.meta.namespace != clear.namespace
+                {
+                    return Err(DecodeError::ClearMismatch);
+                }
+                Ok(call)
+            }
+        }
+    }
+
+    /// Decodes and validates an envelope without encryption keys: a sealed one fails with
+    /// [`DecodeError::Sealed`].
     pub fn decode(payload: &Bytes) -> Result<Self, DecodeError> {
-        if payload.len() < HEADER_LEN {
-            return Err(DecodeError::TooShort(payload.len()));
-        }
-        if payload[..4] != MAGIC {
-            return Err(DecodeError::BadMagic);
-        }
-        if payload[4] != FORMAT_VERSION {
+        Self::open(payload, &Sealing::off())
+    }
+
+    fn decode_clear(payload: &Bytes) -> Result<Self, DecodeError> {
+        if envelope_version(payload)? != FORMAT_VERSION {
             return Err(DecodeError::UnsupportedVersion(payload[4]));
         }
         let meta_len =
@@ -343,6 +421,93 @@ impl QueuedCall {
         call.validate()?;
         Ok(call)
     }
+}
+
+/// What a sealed envelope keeps in clear.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClearMeta {
+    /// The call id.
+    pub call_id: String,
+    /// Function name, without namespace.
+    pub function: String,
+    /// Namespace, if given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// When the gateway accepted the call, Unix nanoseconds.
+    pub received_at_unix_nanos: u64,
+    /// Request body size.
+    pub body_bytes: u64,
+}
+
+/// What can be told of an envelope without its keys: enough to list it as a dead letter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvelopeSummary {
+    /// The call id.
+    pub call_id: String,
+    /// `name` or `name.namespace`.
+    pub function: String,
+    /// When the gateway accepted the call, Unix nanoseconds.
+    pub received_at_unix_nanos: u64,
+    /// Request body size.
+    pub body_bytes: u64,
+    /// The id of the key it is sealed with, if sealed.
+    pub key_id: Option<String>,
+}
+
+impl EnvelopeSummary {
+    /// Reads the summary of either version (a sealed envelope is not opened).
+    pub fn of(payload: &Bytes) -> Result<Self, DecodeError> {
+        if envelope_version(payload)? == FORMAT_VERSION {
+            let call = QueuedCall::decode_clear(payload)?;
+            return Ok(Self {
+                function: call.meta.qualified_function(),
+                call_id: call.meta.call_id,
+                received_at_unix_nanos: call.meta.received_at_unix_nanos,
+                body_bytes: call.body.len() as u64,
+                key_id: None,
+            });
+        }
+        let (clear, clear_end) = clear_meta(payload)?;
+        let function = match &clear.namespace {
+            Some(ns) => format!("{}.{ns}", clear.function),
+            None => clear.function.clone(),
+        };
+        Ok(Self {
+            call_id: clear.call_id,
+            function,
+            received_at_unix_nanos: clear.received_at_unix_nanos,
+            body_bytes: clear.body_bytes,
+            key_id: sealing::sealed_key_id(&payload[clear_end..]).map(str::to_owned),
+        })
+    }
+}
+
+/// The version byte of an envelope this build reads.
+fn envelope_version(payload: &[u8]) -> Result<u8, DecodeError> {
+    if payload.len() < HEADER_LEN {
+        return Err(DecodeError::TooShort(payload.len()));
+    }
+    if payload[..4] != MAGIC {
+        return Err(DecodeError::BadMagic);
+    }
+    match payload[4] {
+        v @ (FORMAT_VERSION | SEALED_FORMAT_VERSION) => Ok(v),
+        v => Err(DecodeError::UnsupportedVersion(v)),
+    }
+}
+
+/// The clear metadata of a version-2 envelope and where it ends.
+fn clear_meta(payload: &[u8]) -> Result<(ClearMeta, usize), DecodeError> {
+    let len = u32::from_be_bytes([payload[5], payload[6], payload[7], payload[8]]) as usize;
+    let end = HEADER_LEN
+        .checked_add(len)
+        .filter(|end| *end <= payload.len())
+        .ok_or(DecodeError::MetadataLength(len))?;
+    let clear: ClearMeta = serde_json::from_slice(&payload[HEADER_LEN..end])?;
+    if !valid_call_id(&clear.call_id) {
+        return Err(InvalidCall::CallId(clear.call_id).into());
+    }
+    Ok((clear, end))
 }
 
 #[cfg(test)]
@@ -401,12 +566,16 @@ mod tests {
             QueuedCall::decode(&Bytes::from_static(b"{\"json\": true}")),
             Err(DecodeError::BadMagic)
         ));
-        let mut v2 = sample().encode().unwrap().to_vec();
-        v2[4] = 2;
+        let mut v3 = sample().encode().unwrap().to_vec();
+        v3[4] = 3;
         assert!(matches!(
-            QueuedCall::decode(&Bytes::from(v2)),
-            Err(DecodeError::UnsupportedVersion(2))
+            QueuedCall::decode(&Bytes::from(v3)),
+            Err(DecodeError::UnsupportedVersion(3))
         ));
+        // A version-1 envelope relabelled as version 2 is not a sealed call.
+        let mut relabelled = sample().encode().unwrap().to_vec();
+        relabelled[4] = 2;
+        assert!(QueuedCall::decode(&Bytes::from(relabelled)).is_err());
         let mut long = sample().encode().unwrap().to_vec();
         long[5..9].copy_from_slice(&u32::MAX.to_be_bytes());
         assert!(matches!(
@@ -535,6 +704,75 @@ mod tests {
             "/relative",
         ] {
             assert!(parse_callback_url(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    fn keys(text: &str) -> Sealing {
+        Sealing::with_keys(crate::sealing::Keyring::parse(text, "keys").unwrap())
+    }
+
+    const K1: &str = "k1 AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    const K2: &str = "k2 ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=";
+
+    #[test]
+    fn sealed_envelopes_hide_headers_and_body_and_keep_routing_fields_in_clear() {
+        let mut call = sample();
+        call.body = Bytes::from_static(b"body-marker-7f3a");
+        call.meta.body = BodyLocation::Inline { len: 16 };
+        call.meta
+            .headers
+            .push(("x-secret".into(), "header-marker-9c1d".into()));
+        let sealing = keys(K1);
+        let sealed = call.encode_with(&sealing).unwrap();
+        assert_eq!(sealed[4], SEALED_FORMAT_VERSION);
+        for marker in [&b"body-marker"[..], b"header-marker", b"/render/x", b"a=1"] {
+            assert!(!sealed.windows(marker.len()).any(|w| w == marker));
+        }
+        assert_eq!(QueuedCall::open(&sealed, &sealing).unwrap(), call);
+        // Clear encoding without keys, and clear envelopes still open with keys.
+        let clear = call.encode_with(&Sealing::off()).unwrap();
+        assert_eq!(clear, call.encode().unwrap());
+        assert_eq!(QueuedCall::open(&clear, &sealing).unwrap(), call);
+        // The summary needs no keys.
+        let summary = EnvelopeSummary::of(&sealed).unwrap();
+        assert_eq!(summary.call_id, call.meta.call_id);
+        assert_eq!(summary.function, "figlet.team-a");
+        assert_eq!(summary.body_bytes, 16);
+        assert_eq!(summary.key_id.as_deref(), Some("k1"));
+        assert_eq!(EnvelopeSummary::of(&clear).unwrap().key_id, None);
+    }
+
+    #[test]
+    fn sealed_envelopes_fail_clearly_without_their_key_or_when_altered() {
+        let call = QueuedCall::decode(&sample().encode().unwrap()).unwrap();
+        let sealed = call.encode_with(&keys(K1)).unwrap();
+        assert!(matches!(
+            QueuedCall::decode(&sealed),
+            Err(DecodeError::Sealed(OpenError::NoKeys(id))) if id == "k1"
+        ));
+        assert!(matches!(
+            QueuedCall::open(&sealed, &keys(K2)),
+            Err(DecodeError::Sealed(OpenError::UnknownKey(id))) if id == "k1"
+        ));
+        // Rotation: k2 current, k1 still listed.
+        let rotated = keys(&format!("{K2}\n{K1}"));
+        assert_eq!(QueuedCall::open(&sealed, &rotated).unwrap(), call);
+        // The clear part is bound: another call id in clear does not open.
+        let text = String::from_utf8_lossy(&sealed).into_owned();
+        assert!(text.contains(&call.meta.call_id));
+        let mut swapped = sealed.to_vec();
+        let at = swapped
+            .windows(call.meta.call_id.len())
+            .position(|w| w == call.meta.call_id.as_bytes())
+            .unwrap();
+        swapped[at] = if swapped[at] == b'0' { b'1' } else { b'0' };
+        assert!(matches!(
+            QueuedCall::open(&Bytes::from(swapped), &keys(K1)),
+            Err(DecodeError::Sealed(OpenError::Authentication(_)))
+        ));
+        // Truncations never panic.
+        for cut in 0..sealed.len() {
+            assert!(QueuedCall::open(&sealed.slice(..cut), &keys(K1)).is_err());
         }
     }
 }

@@ -513,6 +513,26 @@ impl CallbackPolicyArgs {
     }
 }
 
+/// Encryption at rest ([`crate::sealing`]). Give every gateway and worker the same file: the
+/// gateway seals queued calls, the worker opens them and seals kept results and its completed
+/// outcomes, the gateway opens results for `GET /async-calls/{id}/result`.
+#[derive(Debug, Clone, Default)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct EncryptionArgs {
+    /// File of encryption keys, one a line: `<key id> <base64 of 32 random bytes>`; the first
+    /// seals, every listed key opens (rotation). Without it nothing is encrypted.
+    #[cfg_attr(feature = "cli", arg(long, env = "ENCRYPTION_KEYS_FILE"))]
+    pub encryption_keys_file: Option<std::path::PathBuf>,
+}
+
+impl EncryptionArgs {
+    /// Reads the keys file, if one is set (an unreadable or malformed file is an error at
+    /// start, naming the line but never a key).
+    pub fn sealing(&self) -> Result<crate::sealing::Sealing, crate::sealing::KeyFileError> {
+        crate::sealing::Sealing::from_keys_file(self.encryption_keys_file.as_deref())
+    }
+}
+
 /// The NATS URL from OpenFaaS's `faas_nats_address` / `faas_nats_port`, if they are set.
 /// Both binaries use it; the gateway maps nothing else.
 pub fn openfaas_nats_url(lookup: impl Fn(&str) -> Option<String>) -> Option<String> {

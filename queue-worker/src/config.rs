@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 pub use queue_core::settings::{
-    CallbackPolicyArgs, LogArgs, LogFormat, NatsArgs, RecordArgs, StreamArgs, openfaas_nats_url,
+    CallbackPolicyArgs, EncryptionArgs, LogArgs, LogFormat, NatsArgs, RecordArgs, StreamArgs, openfaas_nats_url,
     parse_bytes, parse_duration, redact_url, with_leading_args,
 };
 
@@ -113,6 +113,10 @@ pub struct WorkerConfig {
     /// TOML file with per-function overrides of retries, timeout and max age (see README).
     #[arg(long, env = "QUEUE_WORKER_FUNCTIONS_CONFIG")]
     pub functions_config: Option<PathBuf>,
+    /// Encryption at rest (`--encryption-keys-file`): queued calls opened, kept results and
+    /// the dedup state's outcomes sealed.
+    #[command(flatten)]
+    pub encryption: EncryptionArgs,
     /// Where callbacks may go (`--callback-deny`, `--callback-allow`): checked for every
     /// address the callback host resolves to, when the worker connects.
     #[command(flatten)]

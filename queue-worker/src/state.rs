@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use queue_core::Outcome;
+use queue_core::sealing::{Purpose, Sealing};
 use queue_core::sled_flush::GroupFlush;
 use serde::{Deserialize, Serialize};
 
@@ -37,6 +38,9 @@ const LEGACY_TREE: &str = "calls";
 
 const TAG_COMPLETED: u8 = 1;
 const TAG_DONE: u8 = 2;
+/// A `completed` entry sealed for encryption at rest: the tag, then the sealed entry, bound
+/// to its key (function and call id).
+const TAG_SEALED: u8 = 3;
 
 /// Errors from the state store. Any of them makes the worker hand the message back (nak).
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +51,10 @@ pub enum StateError {
     /// An entry could not be encoded.
     #[error("state entry encoding: {0}")]
     Encode(#[from] serde_json::Error),
+    /// An encrypted entry does not open with this worker's keys. The call is handed back,
+    /// not invoked again: re-running it would repeat its effect.
+    #[error("state entry: {0}")]
+    Sealed(#[from] queue_core::sealing::OpenError),
 }
 
 /// What the store remembers of a call.
@@ -153,6 +161,8 @@ pub struct CallStore {
     generation_ms: u64,
     /// Entries migrated from the format before generations are keyed by call id alone.
     legacy: bool,
+    /// Encryption at rest of `completed` entries (they hold the function's response).
+    sealing: Sealing,
 }
 
 fn now_ms() -> u64 {
@@ -203,9 +213,18 @@ impl CallStore {
             generations: Arc::new(Mutex::new(generations)),
             generation_ms,
             legacy: false,
+            sealing: Sealing::off(),
         };
         store.legacy = store.migrate_legacy()?;
         Ok(store)
+    }
+
+    /// Seals the `completed` entries written from now on with `sealing`'s keys (and opens
+    /// sealed ones with them). The worker gives its store the queue's sealing.
+    #[must_use]
+    pub fn with_sealing(mut self, sealing: Sealing) -> Self {
+        self.sealing = sealing;
+        self
     }
 
     /// Moves what the format before generations remembered (call id → JSON state) into the
@@ -320,7 +339,15 @@ impl CallStore {
                 let Some(raw) = tree.get(k)? else {
                     continue;
                 };
-                return Ok(match decode(&raw) {
+                let opened;
+                let raw = match raw.split_first() {
+                    Some((&TAG_SEALED, sealed)) => {
+                        opened = self.sealing.open(Purpose::WorkerState, k, sealed)?;
+                        &opened[..]
+                    }
+                    _ => &raw[..],
+                };
+                return Ok(match decode(raw) {
                     Some((_, None)) => Seen::Done,
                     Some((attempts, Some(outcome))) => Seen::Completed {
                         outcome,
@@ -347,7 +374,15 @@ impl CallStore {
         outcome: &Outcome,
     ) -> Result<Generation, StateError> {
         let (generation, tree) = self.current()?;
-        tree.insert(key(function, call_id), encode_completed(attempts, outcome)?)?;
+        let key = key(function, call_id);
+        let mut entry = encode_completed(attempts, outcome)?;
+        if let Some(keys) = self.sealing.keyring() {
+            let mut sealed = Vec::with_capacity(1 + keys.overhead() + entry.len());
+            sealed.push(TAG_SEALED);
+            keys.seal_append(Purpose::WorkerState, &key, &entry, &mut sealed);
+            entry = sealed;
+        }
+        tree.insert(key, entry)?;
         self.flusher.flush(&self.db).await?;
         Ok(Generation(generation))
     }

@@ -31,7 +31,7 @@ use queue_core::backend::jetstream::{ConsumerOptions, JetStreamOptions, JetStrea
 use queue_core::backend::{
     CallQueue, DeadLetter, DeadLetterReason, OwnedRecord, QueueDelivery, apply_event,
 };
-use queue_core::message::QueuedCall;
+use queue_core::message::{DecodeError, EnvelopeSummary, QueuedCall};
 use queue_core::metrics;
 use queue_core::records::{
     CallRecord, CallState, CallbackEntry, Event, OutcomeEvent, ResultAvailability, StoredResult,
@@ -216,6 +216,10 @@ pub async fn run(
             max_ack_pending: config.max_ack_pending,
         }),
         records: config.records.clone(),
+        sealing: config
+            .encryption
+            .sealing()
+            .map_err(|e| WorkerError::Config(e.to_string()))?,
     };
     let queue = JetStreamQueue::connect(options, "queue-worker", CancellationToken::new()).await?;
     let metrics_stop = CancellationToken::new();
@@ -283,6 +287,8 @@ pub async fn run_with_state<Q: CallQueue>(
                 source,
             })?
     };
+    // The dedup state holds function responses: it is sealed with the queue's keys.
+    let store = store.with_sealing(queue.sealing().clone());
     let http = http_client(concat!("queue-worker/", env!("CARGO_PKG_VERSION")))?;
     // Plain-http functions and callbacks: idle connections kept for as many calls as run at
     // once, like the general client's pool.
@@ -431,7 +437,7 @@ async fn handle<Q: CallQueue>(
     lease: Lease<Q::Delivery>,
     permit: OwnedSemaphorePermit,
 ) {
-    let call = match QueuedCall::decode(lease.delivery().payload()) {
+    let call = match QueuedCall::open(lease.delivery().payload(), ctx.queue.sealing()) {
         Ok(mut call) => {
             call.meta.canonicalize(&ctx.config.default_namespace);
             call
@@ -440,23 +446,32 @@ async fn handle<Q: CallQueue>(
             drop(permit);
             let detail = e.to_string();
             let subject = lease.delivery().subject().to_owned();
+            let reason = match e {
+                DecodeError::Sealed(_) | DecodeError::ClearMismatch => {
+                    DeadLetterReason::Undecryptable
+                }
+                _ => DeadLetterReason::Undecodable,
+            };
+            // A sealed call keeps its id and time in clear: the dead letter names its call.
+            let summary = EnvelopeSummary::of(lease.delivery().payload()).ok();
             let letter = DeadLetter {
-                reason: DeadLetterReason::Undecodable,
+                reason,
                 detail: &detail,
                 original_subject: &subject,
                 stream_sequence: lease.delivery().sequence(),
-                call_id: None,
-                received_at_unix_nanos: None,
+                call_id: summary.as_ref().map(|s| s.call_id.as_str()),
+                received_at_unix_nanos: summary.as_ref().map(|s| s.received_at_unix_nanos),
                 last_status: None,
                 attempts: 0,
             };
-            ::metrics::counter!(metrics::DEAD_LETTERS, "function" => "unknown", "reason" => "undecodable")
+            ::metrics::counter!(metrics::DEAD_LETTERS, "function" => "unknown", "reason" => reason.as_str())
                 .increment(1);
             tracing::error!(
                 stream_sequence = letter.stream_sequence,
                 subject = %subject,
                 detail = %detail,
-                "undecodable message; dead-lettering it"
+                reason = reason.as_str(),
+                "message cannot be read; dead-lettering it"
             );
             lease
                 .dead_letter(ctx.queue.as_ref(), &letter, LOCAL_FAILURE_RETRY)

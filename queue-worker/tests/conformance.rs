@@ -53,6 +53,7 @@ impl JetStreamHarness {
                 max_ack_pending: 1000,
             }),
             records: common::record_args(),
+            sealing: queue_core::sealing::Sealing::off(),
         };
         let queue = JetStreamQueue::connect(options, "conformance", stop.clone())
             .await
@@ -106,6 +107,7 @@ fn embedded_options(dir: &std::path::Path) -> EmbeddedOptions {
         cache_bytes: 16 << 20,
         records_retention: Duration::from_secs(3600),
         max_result_bytes: 1 << 20,
+        sealing: queue_core::sealing::Sealing::off(),
     }
 }
 

@@ -77,6 +77,7 @@ async fn every_call_ends_once_through_kills_restarts_and_outages() {
                     &js,
                     "faas-async",
                     &c,
+                    &queue_core::sealing::Sealing::off(),
                     client.server_info().max_payload,
                 )
                 .await

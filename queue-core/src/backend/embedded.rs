@@ -37,6 +37,7 @@ use super::{
 use crate::clock::unix_nanos_now;
 use crate::message::QueuedCall;
 use crate::records::{self, CallRecord, OutcomeEvent, StoredResult};
+use crate::sealing::{Purpose, Sealing};
 use crate::sled_flush::GroupFlush;
 
 impl From<sled::Error> for BackendError {
@@ -73,6 +74,8 @@ pub struct EmbeddedOptions {
     pub records_retention: Duration,
     /// Largest encoded function response kept for the result endpoint.
     pub max_result_bytes: usize,
+    /// Encryption at rest of queued calls and kept results.
+    pub sealing: Sealing,
 }
 
 /// The embedded queue. Cheap to share behind an `Arc`.
@@ -717,6 +720,12 @@ impl CallRecords for EmbeddedQueue {
         result: Option<Bytes>,
     ) -> Result<Revision, RecordWriteError> {
         let inner = &self.inner;
+        let result = result.map(|encoded| {
+            inner
+                .options
+                .sealing
+                .seal(Purpose::Result, call_id.as_bytes(), Vec::from(encoded))
+        });
         let _guard = inner
             .records_lock
             .lock()
@@ -733,10 +742,10 @@ impl CallRecords for EmbeddedQueue {
             return Err(RecordWriteError::Conflict);
         }
         let revision = current.map_or(1, |r| r.saturating_add(1));
-        if let Some(encoded) = result {
+        if let Some(sealed) = result {
             inner
                 .results
-                .insert(call_id.as_bytes(), encoded.as_ref())
+                .insert(call_id.as_bytes(), sealed)
                 .map_err(BackendError::from)?;
         }
         inner
@@ -758,15 +767,26 @@ impl CallRecords for EmbeddedQueue {
 
     async fn result(&self, call_id: &str) -> Result<Option<StoredResult>, BackendError> {
         match self.inner.results.get(call_id.as_bytes())? {
-            Some(raw) => StoredResult::decode(&raw)
-                .map(Some)
-                .ok_or_else(|| corrupt(format!("results/{call_id}"), "unreadable result")),
+            Some(raw) => {
+                let opened =
+                    self.inner
+                        .options
+                        .sealing
+                        .open(Purpose::Result, call_id.as_bytes(), &raw)?;
+                StoredResult::decode(&opened)
+                    .map(Some)
+                    .ok_or_else(|| corrupt(format!("results/{call_id}"), "unreadable result"))
+            }
             None => Ok(None),
         }
     }
 
     fn max_result_bytes(&self) -> usize {
         self.inner.options.max_result_bytes
+    }
+
+    fn sealing(&self) -> &Sealing {
+        &self.inner.options.sealing
     }
 
     async fn claim_idempotency_key(
@@ -864,7 +884,7 @@ impl CallQueue for EmbeddedQueue {
     type Delivery = EmbeddedDelivery;
 
     async fn publish(&self, call: &QueuedCall) -> Result<Published, PublishError> {
-        let payload = call.encode()?;
+        let payload = call.encode_with(&self.inner.options.sealing)?;
         let subject = call_subject(&self.inner.options.subject_prefix, call);
         self.inner
             .publish_raw(&subject, &payload, &call.meta.call_id)

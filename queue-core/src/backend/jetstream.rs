@@ -28,6 +28,7 @@ use super::{
 };
 use crate::message::QueuedCall;
 use crate::records::{self, CallRecord, OutcomeEvent, StoredResult};
+use crate::sealing::{Purpose, Sealing};
 use crate::settings::{NatsArgs, RecordArgs, StreamArgs};
 
 /// The durable consumer a worker pulls from.
@@ -53,6 +54,8 @@ pub struct JetStreamOptions {
     pub consumer: Option<ConsumerOptions>,
     /// The call-record bucket (created with the streams by the queue that manages them).
     pub records: RecordArgs,
+    /// Encryption at rest of queued calls and kept results.
+    pub sealing: Sealing,
 }
 
 /// The JetStream backend. Cheap to share behind an `Arc`.
@@ -394,7 +397,12 @@ impl CallRecords for JetStreamQueue {
                 // Both publishes leave on this one connection in this order, so the stream
                 // stores the result before the record that points to it; their
                 // acknowledgements are awaited together (one round trip, not two).
-                let keep = kv.put(result_key(call_id), encoded);
+                let sealed = self.options.sealing.seal(
+                    Purpose::Result,
+                    call_id.as_bytes(),
+                    Vec::from(encoded),
+                );
+                let keep = kv.put(result_key(call_id), Bytes::from(sealed));
                 let (kept, written) = tokio::join!(keep, write);
                 kept.map_err(|e| RecordWriteError::Backend(request_err(e)))?;
                 written
@@ -411,7 +419,11 @@ impl CallRecords for JetStreamQueue {
         let kv = self.records_bucket().await?;
         match kv.get(result_key(call_id)).await.map_err(request_err)? {
             Some(raw) => {
-                StoredResult::decode(&raw)
+                let opened = self
+                    .options
+                    .sealing
+                    .open(Purpose::Result, call_id.as_bytes(), &raw)?;
+                StoredResult::decode(&opened)
                     .map(Some)
                     .ok_or_else(|| BackendError::Corrupt {
                         key: result_key(call_id),
@@ -551,10 +563,17 @@ impl CallRecords for JetStreamQueue {
             .boxed())
     }
 
+    fn sealing(&self) -> &Sealing {
+        &self.options.sealing
+    }
+
     fn max_result_bytes(&self) -> usize {
         let configured =
             usize::try_from(self.options.records.max_result_bytes).unwrap_or(usize::MAX);
-        configured.min(self.max_payload().saturating_sub(HEADER_ALLOWANCE))
+        configured.min(
+            self.max_payload()
+                .saturating_sub(HEADER_ALLOWANCE + self.options.sealing.overhead()),
+        )
     }
 }
 
@@ -573,6 +592,7 @@ impl CallQueue for JetStreamQueue {
             &self.js,
             &self.options.nats.subject_prefix,
             call,
+            &self.options.sealing,
             self.max_payload(),
         )
         .await;

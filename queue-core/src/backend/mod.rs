@@ -31,7 +31,7 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use serde::Serialize;
 
-use crate::message::QueuedCall;
+use crate::message::{EnvelopeSummary, QueuedCall};
 use crate::records::{CallRecord, OutcomeEvent, StoredResult};
 
 /// Errors of queue operations other than publishing.
@@ -57,6 +57,9 @@ pub enum BackendError {
         /// What is wrong with it.
         detail: String,
     },
+    /// A stored value is encrypted and does not open here (no or other keys, altered).
+    #[error("cannot decrypt a stored value: {0}")]
+    Sealed(#[from] crate::sealing::OpenError),
     /// A dead letter has no subject to replay to.
     #[error("dead letter {0} has no Dead-Letter-Subject; it cannot be replayed")]
     NoSubject(u64),
@@ -179,6 +182,11 @@ pub trait CallRecords: Send + Sync + 'static {
 
     /// Largest encoded response kept; larger ones are reported as too large.
     fn max_result_bytes(&self) -> usize;
+
+    /// This queue's encryption at rest: it seals what it publishes and the results it keeps,
+    /// and opens them when read; deliveries are opened by their reader with it
+    /// ([`QueuedCall::open`]).
+    fn sealing(&self) -> &crate::sealing::Sealing;
 
     /// Claims `key` (from [`crate::records::idempotency_key`]) for `call_id`, for the records
     /// retention. Returns the call id that already holds it, if another call claimed it first.
@@ -376,6 +384,9 @@ pub enum DeadLetterReason {
     CallbackFailed,
     /// The function ran but the callback policy refused its callback's destination.
     CallbackRefused,
+    /// The call is encrypted and does not open with this worker's keys (missing, other,
+    /// or altered); replay it once the keys are in place.
+    Undecryptable,
 }
 
 impl DeadLetterReason {
@@ -387,6 +398,7 @@ impl DeadLetterReason {
             Self::Expired => "expired",
             Self::CallbackFailed => "callback_failed",
             Self::CallbackRefused => "callback_refused",
+            Self::Undecryptable => "undecryptable",
         }
     }
 }
@@ -394,7 +406,7 @@ impl DeadLetterReason {
 /// Names of what a dead letter records (NATS headers in JetStream, fields in the embedded queue).
 pub mod dead_letter_headers {
     /// Why (`undecodable`, `retries_exhausted`, `expired`, `callback_failed`,
-    /// `callback_refused`).
+    /// `callback_refused`, `undecryptable`).
     pub const REASON: &str = "Dead-Letter-Reason";
     /// Subject the call was queued on (replay publishes there again).
     pub const SUBJECT: &str = "Dead-Letter-Subject";
@@ -502,22 +514,24 @@ impl DeadLetterEntry {
         payload: &Bytes,
     ) -> Self {
         use dead_letter_headers as h;
-        let call = QueuedCall::decode(payload).ok();
+        let call = EnvelopeSummary::of(payload).ok();
         Self {
             sequence,
             call_id: call
                 .as_ref()
-                .map(|c| c.meta.call_id.clone())
+                .map(|c| c.call_id.clone())
                 .or_else(|| field(h::CALL_ID).map(str::to_owned)),
-            function: call.as_ref().map(|c| c.meta.qualified_function()),
+            function: call.as_ref().map(|c| c.function.clone()),
             reason: field(h::REASON).unwrap_or("unknown").to_owned(),
             detail: field(h::DETAIL).unwrap_or_default().to_owned(),
             last_status: field(h::LAST_STATUS).and_then(|v| v.parse().ok()),
             attempts: field(h::ATTEMPTS).and_then(|v| v.parse().ok()).unwrap_or(0),
             subject: field(h::SUBJECT).unwrap_or_default().to_owned(),
             dead_lettered_at_unix_nanos: field(h::TIME).and_then(|v| v.parse().ok()),
-            received_at_unix_nanos: call.as_ref().map(|c| c.meta.received_at_unix_nanos),
-            body_bytes: call.as_ref().map(|c| c.body.len()),
+            received_at_unix_nanos: call.as_ref().map(|c| c.received_at_unix_nanos),
+            body_bytes: call
+                .as_ref()
+                .and_then(|c| usize::try_from(c.body_bytes).ok()),
         }
     }
 

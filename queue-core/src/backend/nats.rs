@@ -9,6 +9,7 @@ use async_nats::jetstream::{self, consumer, stream};
 
 use super::{PublishError, QueueError, call_subject};
 use crate::message::QueuedCall;
+use crate::sealing::Sealing;
 use std::path::Path;
 
 use async_nats::ConnectErrorKind;
@@ -365,12 +366,13 @@ pub async fn publish_call(
     js: &jetstream::Context,
     subject_prefix: &str,
     call: &QueuedCall,
+    sealing: &Sealing,
     max_payload: usize,
 ) -> Result<bool, PublishError> {
     if client.connection_state() != async_nats::connection::State::Connected {
         return Err(PublishError::Disconnected);
     }
-    let payload = call.encode()?;
+    let payload = call.encode_with(sealing)?;
     let max = max_payload;
     if payload.len() + HEADER_ALLOWANCE > max {
         return Err(PublishError::TooLarge {

@@ -52,6 +52,7 @@ async fn dead_letters(config: &WorkerConfig, action: DlqAction) -> anyhow::Resul
         manage_streams: None,
         consumer: None,
         records: config.records.clone(),
+        sealing: config.encryption.sealing()?,
     };
     let queue = JetStreamQueue::with_client(client, options, CancellationToken::new());
     queue_worker::dlq::run_command(queue.as_ref(), action, &mut std::io::stdout().lock())

@@ -83,6 +83,7 @@ impl Queue {
             &self.js,
             &self.args.subject_prefix,
             call,
+            &queue_core::sealing::Sealing::off(),
             self.client.server_info().max_payload,
         )
         .await
@@ -98,6 +99,7 @@ impl Queue {
             manage_streams: None,
             consumer: None,
             records: record_args(),
+            sealing: queue_core::sealing::Sealing::off(),
         };
         let queue = queue_core::backend::jetstream::JetStreamQueue::with_client(
             self.client.clone(),
