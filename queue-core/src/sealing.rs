@@ -105,9 +105,7 @@ pub enum OpenError {
     #[error("encrypted with key id {0:?}, which is not in this process's encryption keys file")]
     UnknownKey(String),
     /// The key is known but the value does not authenticate: tampered, or bound to another call.
-    #[error(
-        "encrypted value (key id {0:?}) failed authentication: altered, or not this call's"
-    )]
+    #[error("encrypted value (key id {0:?}) failed authentication: altered, or not this call's")]
     Authentication(String),
 }
 
@@ -464,7 +462,10 @@ mod tests {
             Err(OpenError::Authentication(_))
         ));
         // Two seals of one value differ (random nonces).
-        assert_ne!(sealed, keys.seal(Purpose::Result, b"call-1", b"secret marker"));
+        assert_ne!(
+            sealed,
+            keys.seal(Purpose::Result, b"call-1", b"secret marker")
+        );
     }
 
     #[test]
@@ -493,14 +494,20 @@ mod tests {
     fn sealing_off_stores_in_clear_and_refuses_sealed_values() {
         let off = Sealing::off();
         assert_eq!(off.seal(Purpose::Result, b"c", b"plain".to_vec()), b"plain");
-        assert_eq!(&*off.open(Purpose::Result, b"c", b"plain").unwrap(), b"plain");
+        assert_eq!(
+            &*off.open(Purpose::Result, b"c", b"plain").unwrap(),
+            b"plain"
+        );
         let sealed = ring(&format!("k1 {K1}")).seal(Purpose::Result, b"c", b"x");
         assert_eq!(
             off.open(Purpose::Result, b"c", &sealed),
             Err(OpenError::NoKeys("k1".into()))
         );
         let on = Sealing::with_keys(ring(&format!("k1 {K1}")));
-        assert_eq!(&*on.open(Purpose::Result, b"c", b"old plain").unwrap(), b"old plain");
+        assert_eq!(
+            &*on.open(Purpose::Result, b"c", b"old plain").unwrap(),
+            b"old plain"
+        );
     }
 
     #[test]
@@ -536,8 +543,14 @@ mod tests {
         ];
         for (text, expected) in cases {
             let err = Keyring::parse(&text, "/etc/keys").unwrap_err().to_string();
-            assert!(err.contains(expected), "{err:?} should contain {expected:?}");
-            assert!(!err.contains(K1) && !err.contains(K2), "{err:?} shows a key");
+            assert!(
+                err.contains(expected),
+                "{err:?} should contain {expected:?}"
+            );
+            assert!(
+                !err.contains(K1) && !err.contains(K2),
+                "{err:?} shows a key"
+            );
         }
         assert!(matches!(
             Keyring::parse("# only a comment\n\n", "/etc/keys"),

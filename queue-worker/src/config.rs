@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 pub use queue_core::settings::{
-    CallbackPolicyArgs, EncryptionArgs, LogArgs, LogFormat, NatsArgs, RecordArgs, StreamArgs, openfaas_nats_url,
-    parse_bytes, parse_duration, redact_url, with_leading_args,
+    CallbackPolicyArgs, EncryptionArgs, LogArgs, LogFormat, NatsArgs, RecordArgs, StreamArgs,
+    openfaas_nats_url, parse_bytes, parse_duration, redact_url, with_leading_args,
 };
 
 /// How the worker reaches functions.

@@ -499,6 +499,76 @@ mod tests {
         assert_eq!(store.len(), 1, "done replaces completed in place");
     }
 
+    fn keys(line: &str) -> Sealing {
+        Sealing::with_keys(queue_core::sealing::Keyring::parse(line, "keys").unwrap())
+    }
+
+    #[tokio::test]
+    async fn completed_outcomes_are_sealed_and_a_missing_key_hands_back_never_reinvokes() {
+        let dir = tempfile::tempdir().unwrap();
+        let k1 = "k1 AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        let marked = Outcome {
+            body: Bytes::from_static(b"STATE-MARKER-3b9e"),
+            ..outcome()
+        };
+        {
+            let store = open(dir.path(), Duration::from_secs(60)).with_sealing(keys(k1));
+            store.complete("f", "c1", 2, &marked).await.unwrap();
+            match store.lookup("f", "c1").unwrap() {
+                Seen::Completed {
+                    outcome, attempts, ..
+                } => {
+                    assert_eq!(outcome, marked);
+                    assert_eq!(attempts, 2);
+                }
+                other => panic!("expected Completed, got {other:?}"),
+            }
+            store.flush().await.unwrap();
+        }
+        let mut clear = Vec::new();
+        for entry in std::fs::read_dir(dir.path()).unwrap().flatten() {
+            if entry.path().is_file() {
+                clear.extend(std::fs::read(entry.path()).unwrap());
+            }
+        }
+        assert!(!clear.is_empty());
+        assert!(
+            !clear.windows(12).any(|w| w == b"STATE-MARKER"),
+            "the outcome's body is on disk in clear"
+        );
+        // Without the key (or with another), the entry is an error: the call is handed back,
+        // not treated as new (that would invoke the function again).
+        let store = open(dir.path(), Duration::from_secs(60));
+        assert!(matches!(
+            store.lookup("f", "c1"),
+            Err(StateError::Sealed(queue_core::sealing::OpenError::NoKeys(
+                _
+            )))
+        ));
+        let other = store.with_sealing(keys("k2 ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8="));
+        assert!(matches!(
+            other.lookup("f", "c1"),
+            Err(StateError::Sealed(
+                queue_core::sealing::OpenError::UnknownKey(_)
+            ))
+        ));
+        // Bound to its key: the same bytes under another call id do not open.
+        let (_, tree) = other.current().unwrap();
+        let raw = tree.get(key("f", "c1")).unwrap().unwrap();
+        tree.insert(key("f", "c2"), raw).unwrap();
+        let right = other.with_sealing(keys(k1));
+        assert!(matches!(
+            right.lookup("f", "c1").unwrap(),
+            Seen::Completed { .. }
+        ));
+        assert!(matches!(
+            right.lookup("f", "c2"),
+            Err(StateError::Sealed(
+                queue_core::sealing::OpenError::Authentication(_)
+            ))
+        ));
+    }
+
     #[tokio::test]
     async fn the_same_call_id_for_another_function_is_another_call() {
         let dir = tempfile::tempdir().unwrap();

@@ -473,9 +473,23 @@ async fn handle<Q: CallQueue>(
                 reason = reason.as_str(),
                 "message cannot be read; dead-lettering it"
             );
-            lease
+            let stored = lease
                 .dead_letter(ctx.queue.as_ref(), &letter, LOCAL_FAILURE_RETRY)
                 .await;
+            if let (true, Some(summary)) = (stored, summary) {
+                // The call's record says where it went (its id was readable in clear).
+                let gave_up = Event::GaveUp {
+                    state: CallState::DeadLettered,
+                    reason: Some(reason.as_str().to_owned()),
+                    function: summary.function,
+                    accepted_at: summary.received_at_unix_nanos,
+                };
+                if let Err(e) =
+                    apply_event(ctx.queue.as_ref(), &summary.call_id, None, &[gave_up], None).await
+                {
+                    tracing::warn!(call_id = %summary.call_id, error = %e, "could not record the dead letter on the call");
+                }
+            }
             return;
         }
     };

@@ -17,7 +17,9 @@ use common::{DEADLINE, call, nats_args, stream_args};
 use futures::StreamExt;
 use queue_core::backend::embedded::{EmbeddedOptions, EmbeddedQueue};
 use queue_core::backend::jetstream::{ConsumerOptions, JetStreamOptions, JetStreamQueue};
-use queue_core::backend::{CallQueue, DeadLetter, DeadLetterReason, PublishError, QueueDelivery};
+use queue_core::backend::{
+    CallQueue, CallRecords, DeadLetter, DeadLetterReason, PublishError, QueueDelivery,
+};
 use queue_core::message::QueuedCall;
 use test_support::nats_server::NatsServer;
 use tokio_util::sync::CancellationToken;
@@ -36,13 +38,28 @@ trait Harness: Sized {
     async fn restart(&mut self);
 }
 
-struct JetStreamHarness {
+/// The keys of the sealed variants: every case holds with encryption at rest on.
+fn sealing(sealed: bool) -> queue_core::sealing::Sealing {
+    if sealed {
+        queue_core::sealing::Sealing::with_keys(
+            queue_core::sealing::Keyring::parse(
+                "k1 AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+                "test keys",
+            )
+            .unwrap(),
+        )
+    } else {
+        queue_core::sealing::Sealing::off()
+    }
+}
+
+struct JetStreamHarness<const SEALED: bool = false> {
     nats: NatsServer,
     queue: Arc<JetStreamQueue>,
     stop: CancellationToken,
 }
 
-impl JetStreamHarness {
+impl<const SEALED: bool> JetStreamHarness<SEALED> {
     async fn connect(nats: &NatsServer, stop: &CancellationToken) -> Arc<JetStreamQueue> {
         let options = JetStreamOptions {
             nats: nats_args(&nats.url()),
@@ -53,7 +70,7 @@ impl JetStreamHarness {
                 max_ack_pending: 1000,
             }),
             records: common::record_args(),
-            sealing: queue_core::sealing::Sealing::off(),
+            sealing: sealing(SEALED),
         };
         let queue = JetStreamQueue::connect(options, "conformance", stop.clone())
             .await
@@ -63,7 +80,7 @@ impl JetStreamHarness {
     }
 }
 
-impl Harness for JetStreamHarness {
+impl<const SEALED: bool> Harness for JetStreamHarness<SEALED> {
     type Queue = JetStreamQueue;
 
     async fn start() -> Self {
@@ -85,18 +102,18 @@ impl Harness for JetStreamHarness {
     }
 }
 
-impl Drop for JetStreamHarness {
+impl<const SEALED: bool> Drop for JetStreamHarness<SEALED> {
     fn drop(&mut self) {
         self.stop.cancel();
     }
 }
 
-struct EmbeddedHarness {
+struct EmbeddedHarness<const SEALED: bool = false> {
     dir: tempfile::TempDir,
     queue: Option<Arc<EmbeddedQueue>>,
 }
 
-fn embedded_options(dir: &std::path::Path) -> EmbeddedOptions {
+fn embedded_options(dir: &std::path::Path, sealed: bool) -> EmbeddedOptions {
     EmbeddedOptions {
         dir: dir.to_path_buf(),
         subject_prefix: "faas-async".into(),
@@ -107,15 +124,15 @@ fn embedded_options(dir: &std::path::Path) -> EmbeddedOptions {
         cache_bytes: 16 << 20,
         records_retention: Duration::from_secs(3600),
         max_result_bytes: 1 << 20,
-        sealing: queue_core::sealing::Sealing::off(),
+        sealing: sealing(sealed),
     }
 }
 
 /// Opens the embedded queue, retrying while a dropped predecessor still holds sled's lock.
-async fn open_embedded(dir: &std::path::Path) -> Arc<EmbeddedQueue> {
+async fn open_embedded(dir: &std::path::Path, sealed: bool) -> Arc<EmbeddedQueue> {
     let end = Instant::now() + DEADLINE;
     loop {
-        match EmbeddedQueue::open(embedded_options(dir)) {
+        match EmbeddedQueue::open(embedded_options(dir, sealed)) {
             Ok(q) => return Arc::new(q),
             Err(e) if Instant::now() < end => {
                 eprintln!("reopening the embedded queue: {e}");
@@ -126,12 +143,12 @@ async fn open_embedded(dir: &std::path::Path) -> Arc<EmbeddedQueue> {
     }
 }
 
-impl Harness for EmbeddedHarness {
+impl<const SEALED: bool> Harness for EmbeddedHarness<SEALED> {
     type Queue = EmbeddedQueue;
 
     async fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let queue = Some(open_embedded(dir.path()).await);
+        let queue = Some(open_embedded(dir.path(), SEALED).await);
         Self { dir, queue }
     }
 
@@ -148,7 +165,7 @@ impl Harness for EmbeddedHarness {
             "the test still holds the queue"
         );
         drop(queue);
-        self.queue = Some(open_embedded(self.dir.path()).await);
+        self.queue = Some(open_embedded(self.dir.path(), SEALED).await);
     }
 }
 
@@ -173,7 +190,9 @@ async fn next<Q: CallQueue>(queue: &Q, within: Duration) -> Option<Q::Delivery> 
 }
 
 fn call_id_of<D: QueueDelivery>(delivery: &D) -> String {
-    QueuedCall::decode(delivery.payload()).unwrap().meta.call_id
+    queue_core::message::EnvelopeSummary::of(delivery.payload())
+        .unwrap()
+        .call_id
 }
 
 async fn publish<Q: CallQueue>(queue: &Q, call: &QueuedCall) {
@@ -196,12 +215,16 @@ mod cases {
         let mut seen = Vec::new();
         for _ in 0..3 {
             let d = next(h.queue().as_ref(), DEADLINE).await.expect("delivered");
-            let decoded = QueuedCall::decode(d.payload()).unwrap();
+            let decoded = QueuedCall::open(d.payload(), h.queue().sealing()).unwrap();
             let sent = calls
                 .iter()
                 .find(|c| c.meta.call_id == decoded.meta.call_id)
                 .expect("a call that was published");
-            assert_eq!(d.payload(), &sent.encode().unwrap(), "stored intact");
+            assert_eq!(
+                decoded.encode().unwrap(),
+                sent.encode().unwrap(),
+                "stored intact"
+            );
             assert_eq!(d.subject(), "faas-async._.durable");
             d.ack().await.unwrap();
             seen.push(decoded.meta.call_id);
@@ -445,7 +468,14 @@ mod cases {
             .unwrap();
         assert_eq!(replayed.len(), 1);
         let d = next(q, DEADLINE).await.expect("replayed call delivered");
-        assert_eq!(d.payload(), &a.encode().unwrap(), "replayed intact");
+        assert_eq!(
+            QueuedCall::open(d.payload(), q.sealing())
+                .unwrap()
+                .encode()
+                .unwrap(),
+            a.encode().unwrap(),
+            "replayed intact"
+        );
         d.ack().await.unwrap();
         let left = q.dead_letters().await.unwrap();
         assert_eq!(left.len(), 1);
@@ -657,6 +687,8 @@ macro_rules! conformance {
 
 conformance!(jetstream, JetStreamHarness);
 conformance!(embedded, EmbeddedHarness);
+conformance!(jetstream_sealed, JetStreamHarness<true>);
+conformance!(embedded_sealed, EmbeddedHarness<true>);
 
 /// Tests of the embedded backend alone.
 mod embedded_specific {
@@ -716,7 +748,7 @@ mod embedded_specific {
         );
 
         runtime.block_on(async {
-            let queue = open_embedded(dir.path()).await;
+            let queue = open_embedded(dir.path(), false).await;
             let mut seen = std::collections::HashMap::new();
             while let Some(d) = next(queue.as_ref(), Duration::from_secs(2)).await {
                 seen.insert(call_id_of(&d), d.attempt());
@@ -748,7 +780,7 @@ mod embedded_specific {
         reason = "the child reports to its parent on stdout"
     )]
     async fn child_publish_forever(dir: std::path::PathBuf) {
-        let queue = EmbeddedQueue::open(embedded_options(&dir)).unwrap();
+        let queue = EmbeddedQueue::open(embedded_options(&dir, false)).unwrap();
         let mut held = Vec::new();
         for i in 0.. {
             let c = call("crash", None, b"payload");

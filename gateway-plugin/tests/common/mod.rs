@@ -133,13 +133,20 @@ impl Worker {
         }
     }
 
-    pub async fn shutdown(mut self) {
+    /// Where this worker keeps its dedup state.
+    pub fn state_dir(&self) -> std::path::PathBuf {
+        self._state.path().to_path_buf()
+    }
+
+    /// Stops the worker (drains); returns its state directory, kept until dropped.
+    pub async fn shutdown(mut self) -> tempfile::TempDir {
         drop(self.stop.take());
         tokio::time::timeout(DEADLINE, &mut self.handle)
             .await
             .expect("worker did not stop")
             .unwrap()
             .unwrap();
+        self._state
     }
 }
 

@@ -419,10 +419,10 @@ impl CallRecords for JetStreamQueue {
         let kv = self.records_bucket().await?;
         match kv.get(result_key(call_id)).await.map_err(request_err)? {
             Some(raw) => {
-                let opened = self
-                    .options
-                    .sealing
-                    .open(Purpose::Result, call_id.as_bytes(), &raw)?;
+                let opened =
+                    self.options
+                        .sealing
+                        .open(Purpose::Result, call_id.as_bytes(), &raw)?;
                 StoredResult::decode(&opened)
                     .map(Some)
                     .ok_or_else(|| BackendError::Corrupt {
