@@ -183,6 +183,15 @@ async fn result_response<Q: CallQueue>(
                 "the result is no longer kept",
             ));
         }
+        Err(queue_core::backend::BackendError::Sealed(e)) => {
+            // Not a passing outage: this gateway lacks the key (or the value was altered).
+            tracing::error!(error = %e, "a kept result does not open with this gateway's keys");
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "result_undecryptable",
+                format!("the kept result cannot be decrypted here: {e}"),
+            ));
+        }
         Err(e) => {
             tracing::warn!(error = %e, "reading a result failed");
             return Err(ApiError::unavailable(

@@ -285,6 +285,15 @@ async fn calls_queued_under_the_old_key_complete_after_a_rotation() {
     assert_eq!(function.count(), 6, "each call ran once");
     worker.shutdown().await;
     gateway.shutdown().await;
+    // A gateway that lacks k2 (the results' key) says so: 500, not a passing outage.
+    let stale = Gateway::start(&nats.url(), &["--encryption-keys-file", &old]).await;
+    let r = client
+        .get(format!("{}/async-calls/{}/result", stale.url, ids[0]))
+        .send()
+        .await
+        .unwrap();
+    common::assert_json_error(r, 500, "result_undecryptable").await;
+    stale.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
