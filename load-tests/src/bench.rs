@@ -332,6 +332,8 @@ pub struct BenchOptions {
     pub faults: FaultMix,
     /// Extra arguments for the worker process (`--upstream-timeout=2s`).
     pub worker_args: Vec<String>,
+    /// Extra arguments for the gateway process (JetStream backend).
+    pub gateway_args: Vec<String>,
     /// Load an existing deployment instead of starting one; the stub
     /// function and the worker settings then do not apply.
     pub external: Option<ExternalTarget>,
@@ -376,6 +378,7 @@ impl Default for BenchOptions {
             response_bytes: None,
             faults: FaultMix::default(),
             worker_args: Vec::new(),
+            gateway_args: Vec::new(),
             external: None,
             kill_worker_every: None,
             headers: Vec::new(),
@@ -1254,7 +1257,10 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
                     .map(|cluster| {
                         vec!["--stream-replicas".to_owned(), cluster.replicas.to_string()]
                     })
-                    .unwrap_or_default(),
+                    .unwrap_or_default()
+                    .into_iter()
+                    .chain(opts.gateway_args.iter().cloned())
+                    .collect(),
             })
             .await?;
             let idle = system.usage();

@@ -217,6 +217,15 @@ struct BenchArgs {
         allow_hyphen_values = true
     )]
     worker_args: Vec<String>,
+    /// An extra argument for the gateway process (JetStream backend), repeatable
+    /// (`--gateway-arg=--encryption-keys-file=keys`). On the embedded backend the one process
+    /// takes `--worker-arg`.
+    #[arg(
+        long = "gateway-arg",
+        env = "LOAD_TESTS_GATEWAY_ARG",
+        allow_hyphen_values = true
+    )]
+    gateway_args: Vec<String>,
     /// Hard limit on the whole run; exceeding it aborts with an error
     /// [default: 5m].
     #[arg(long, env = "LOAD_TESTS_TIME_LIMIT", value_parser = parse_duration)]
@@ -376,6 +385,7 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         } else {
             args.worker_args
         },
+        gateway_args: args.gateway_args,
         external: args.gateway_url.map(|gateway_url| ExternalTarget {
             gateway_url,
             // clap requires it with --gateway-url.
