@@ -33,6 +33,10 @@ echo "==> cargo test"
 # Tests start their own nats-server processes; a few at a time keeps a 2-core machine responsive.
 cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-4}"
 
+echo "==> HTTP API against its OpenAPI document (schemathesis, live gateway)"
+# Uses the debug faas-async cargo test just built; installs schemathesis into .tools/venv.
+./scripts/schemathesis.sh --bin-dir "${CARGO_TARGET_DIR:-target}/debug"
+
 echo "==> deploy artifacts: chart and rendered manifests, image runtime, systemd units, bundle, dashboard"
 # Uses the debug binaries cargo test just built; installs its Python tools into .tools/venv.
 ./scripts/check-deploy.sh --bin-dir "${CARGO_TARGET_DIR:-target}/debug"

@@ -16,7 +16,7 @@
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -26,6 +26,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::error::ApiError;
+use crate::paths::PathParam;
 use crate::state::AppState;
 
 /// Why a request is refused as cross-site, if it is one: a browser says so in
@@ -121,7 +122,7 @@ pub async fn dead_letters<Q: CallQueue>(State(state): State<Arc<AppState<Q>>>) -
 /// `GET /system/async/dead-letters/{sequence}`.
 pub async fn dead_letter<Q: CallQueue>(
     State(state): State<Arc<AppState<Q>>>,
-    Path(sequence): Path<String>,
+    PathParam(sequence): PathParam,
 ) -> Response {
     let Ok(sequence) = sequence.parse::<u64>() else {
         return ApiError::bad_request(
@@ -136,7 +137,7 @@ pub async fn dead_letter<Q: CallQueue>(
 /// `GET /system/async/dead-letters/call/{call_id}`.
 pub async fn dead_letter_of_call<Q: CallQueue>(
     State(state): State<Arc<AppState<Q>>>,
-    Path(call_id): Path<String>,
+    PathParam(call_id): PathParam,
 ) -> Response {
     show(&state, &DeadLetterSelector::CallId(call_id)).await
 }
@@ -267,7 +268,7 @@ async fn set_paused<Q: CallQueue>(state: &AppState<Q>, name: &str, paused: bool)
 /// `POST /system/async/functions/{name}/pause`: its calls are held (stay queued) until resumed.
 pub async fn pause<Q: CallQueue>(
     State(state): State<Arc<AppState<Q>>>,
-    Path(name): Path<String>,
+    PathParam(name): PathParam,
 ) -> Response {
     set_paused(&state, &name, true).await
 }
@@ -275,7 +276,7 @@ pub async fn pause<Q: CallQueue>(
 /// `POST /system/async/functions/{name}/resume`.
 pub async fn resume<Q: CallQueue>(
     State(state): State<Arc<AppState<Q>>>,
-    Path(name): Path<String>,
+    PathParam(name): PathParam,
 ) -> Response {
     set_paused(&state, &name, false).await
 }

@@ -83,7 +83,9 @@ pub async fn authorize<Q: CallQueue>(
     let params =
         match axum::RequestPartsExt::extract::<axum::extract::RawPathParams>(&mut parts).await {
             Ok(p) => p,
-            Err(e) => return e.into_response(),
+            Err(e) => {
+                return crate::paths::refused_parameter(e.status(), &e.body_text()).into_response();
+            }
         };
     // Percent-decoded, as axum's `Path` gives them to the handler.
     let decoded = |key: &str| path_param(&params, key).unwrap_or_default().to_owned();

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use queue_core::backend::{CallQueue, apply_event};
@@ -14,6 +14,7 @@ use queue_core::records::{CallRecord, CallState, Event, ResultAvailability};
 use serde_json::json;
 
 use crate::error::ApiError;
+use crate::paths::PathParam;
 use crate::state::AppState;
 
 /// The answer for a call id with no record (and, with authorization, for a call of a namespace
@@ -54,7 +55,7 @@ pub(crate) async fn load<Q: CallQueue>(
 /// `GET /async-calls/{call_id}`: the call's record as JSON.
 pub async fn record<Q: CallQueue>(
     State(state): State<Arc<AppState<Q>>>,
-    Path(call_id): Path<String>,
+    PathParam(call_id): PathParam,
 ) -> Response {
     match load(&state, &call_id).await {
         Ok(record) => axum::Json(record).into_response(),
@@ -66,7 +67,7 @@ pub async fn record<Q: CallQueue>(
 /// run; a running call's invocation is aborted. `200` with the record; `409` once final.
 pub async fn cancel<Q: CallQueue>(
     State(state): State<Arc<AppState<Q>>>,
-    Path(call_id): Path<String>,
+    PathParam(call_id): PathParam,
 ) -> Response {
     match cancel_call(&state, &call_id).await {
         Ok(record) => axum::Json(record).into_response(),
@@ -115,7 +116,7 @@ async fn cancel_call<Q: CallQueue>(
 /// give (too large to keep, or the call ended without a final answer).
 pub async fn result<Q: CallQueue>(
     State(state): State<Arc<AppState<Q>>>,
-    Path(call_id): Path<String>,
+    PathParam(call_id): PathParam,
 ) -> Response {
     match result_response(&state, &call_id).await {
         Ok(response) => response,

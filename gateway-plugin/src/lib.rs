@@ -25,6 +25,7 @@ pub mod connections;
 pub mod error;
 pub mod link;
 pub mod live;
+pub mod openapi;
 pub mod paths;
 pub mod peer;
 pub mod routes;

@@ -11,6 +11,7 @@
 //!   ([`crate::live`]); `GET /dashboard/`: the dashboard page (`dashboard.html`).
 //! - `GET /healthz` (process up), `GET /readyz` (the queue can take calls: with JetStream, NATS
 //!   connected and the stream present).
+//! - `GET /openapi.json`: the OpenAPI document of these routes ([`crate::openapi`]).
 
 use std::sync::Arc;
 
@@ -137,6 +138,8 @@ pub struct Route<Q> {
     /// What a caller needs ([`crate::auth`]).
     pub permission: Permission,
     endpoint: MethodRouter<Arc<AppState<Q>>>,
+    /// Whether `endpoint` has its own answer for other methods.
+    method_fallback: bool,
 }
 
 impl<Q: CallQueue> Route<Q> {
@@ -160,11 +163,14 @@ impl<Q: CallQueue> Route<Q> {
             path,
             permission,
             endpoint: on(filter, handler),
+            method_fallback: false,
         }
     }
 
+    /// The async routes' own 405: every method the worker does not run.
     fn with_method_fallback(mut self) -> Self {
         self.endpoint = self.endpoint.fallback(method_not_allowed);
+        self.method_fallback = true;
         self
     }
 
@@ -281,6 +287,12 @@ pub fn routes<Q: CallQueue>() -> Vec<Route<Q>> {
         Route::new(&[Verb::Get], "/metrics", Metrics, metrics_text::<Q>),
         Route::new(&[Verb::Get], "/healthz", Public, healthz),
         Route::new(&[Verb::Get], "/readyz", Public, readyz::<Q>),
+        Route::new(
+            &[Verb::Get],
+            "/openapi.json",
+            Public,
+            crate::openapi::document,
+        ),
     ]
 }
 
@@ -289,10 +301,22 @@ pub fn routes<Q: CallQueue>() -> Vec<Route<Q>> {
 /// route gets one (all open, nothing added to a request's path through the gateway).
 pub fn router<Q: CallQueue>(state: Arc<AppState<Q>>) -> Router {
     let mut router = Router::new();
-    for route in routes::<Q>() {
+    let table = routes::<Q>();
+    // One answer per path for the methods it does not take: axum merges the routes of one
+    // path, and only one of them may have it.
+    let mut method_fallbacks: std::collections::HashSet<&str> = (table.iter())
+        .filter(|route| route.method_fallback)
+        .map(|route| route.path)
+        .collect();
+    for route in table {
         let permission = route.permission;
         let admin_change = route.is_admin_change();
         let mut endpoint = route.endpoint;
+        if method_fallbacks.insert(route.path) {
+            // A method the route does not take: the JSON error of every other refusal (axum's
+            // own 405 has no body), with the `Allow` axum adds.
+            endpoint = endpoint.fallback(wrong_method);
+        }
         if admin_change {
             // The CSRF guard of every state-changing admin route.
             endpoint = endpoint.layer(axum::middleware::from_fn(crate::admin::refuse_cross_site));
@@ -349,6 +373,14 @@ async fn not_found() -> ApiError {
         StatusCode::NOT_FOUND,
         "not_found",
         "no such route; async calls go to /async-function/{name}",
+    )
+}
+
+async fn wrong_method() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not take this method; Allow lists those it takes",
     )
 }
 
@@ -732,7 +764,7 @@ mod tests {
             let public = route.permission == Permission::Public;
             assert_eq!(
                 public,
-                matches!(route.path, "/healthz" | "/readyz"),
+                matches!(route.path, "/healthz" | "/readyz" | "/openapi.json"),
                 "{route:?}"
             );
             assert!(!route.methods.is_empty(), "{route:?}");

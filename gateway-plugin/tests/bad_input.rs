@@ -226,3 +226,66 @@ async fn conflicting_lengths_and_header_floods_are_refused() {
     assert_eq!(queued(&nats.url()).await, 0, "nothing was queued");
     gateway.shutdown().await;
 }
+
+/// Found while describing the API in `openapi.json`: a path parameter that is not valid
+/// percent-encoded UTF-8 got axum's plain-text `400` (from the handlers, and from the
+/// authorization layer before them), and a method a route does not take got an empty `405`;
+/// every error is JSON `{"error", "message"}`. Both with and without an authenticator (the layer
+/// reads the parameters first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unreadable_path_parameters_and_wrong_methods_are_json_errors() {
+    let nats = NatsServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let token = "openapi-regression-token";
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, format!("tester {hex} *\n")).unwrap();
+    let tokens = tokens.display().to_string();
+    let client = http();
+    for extra in [&[][..], &["--auth-tokens-file", tokens.as_str()][..]] {
+        let gateway = Gateway::start(&nats.url(), extra).await;
+        let send = |method: &str, path: &str| {
+            let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+            client
+                .request(method, format!("{}{path}", gateway.url))
+                .bearer_auth(token)
+                .send()
+        };
+        for (method, path) in [
+            ("GET", "/async-calls/%FF"),
+            ("DELETE", "/async-calls/%FF"),
+            ("GET", "/async-calls/%C3%28/result"),
+            ("GET", "/system/async/dead-letters/%FF"),
+            ("GET", "/system/async/dead-letters/call/%FF"),
+            ("POST", "/system/async/functions/%FF/pause"),
+            ("POST", "/system/async/functions/%FE%FF/resume"),
+        ] {
+            let r = send(method, path).await.unwrap();
+            assert_json_error(r, 400, "invalid_path").await;
+        }
+        for (method, path, allow) in [
+            ("PUT", "/healthz", "GET,HEAD"),
+            ("POST", "/openapi.json", "GET,HEAD"),
+            ("GET", "/system/async/functions/fn/pause", "POST"),
+            ("PATCH", "/async-calls/some-call", "GET,HEAD,DELETE"),
+            ("DELETE", "/system/async/dead-letters", "GET,HEAD"),
+        ] {
+            let r = send(method, path).await.unwrap();
+            assert_eq!(r.headers()["allow"], allow, "{method} {path}");
+            assert_json_error(r, 405, "method_not_allowed").await;
+        }
+        // The document is public, like the health routes.
+        let r = client
+            .get(format!("{}/openapi.json", gateway.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-type"], "application/json");
+        let doc: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+        assert!(doc["paths"]["/async-function/{name}"]["post"].is_object());
+        gateway.shutdown().await;
+    }
+    assert_eq!(queued(&nats.url()).await, 0, "nothing was queued");
+}

@@ -29,7 +29,7 @@ pub use scope::{Action, Needed, Scopes};
 /// What a route needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Permission {
-    /// Open to anyone (`/healthz`, `/readyz`).
+    /// Open to anyone (`/healthz`, `/readyz`, `/openapi.json`).
     Public,
     /// `invoke:<namespace of the function in the path>`.
     Invoke,
