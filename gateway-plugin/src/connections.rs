@@ -179,62 +179,24 @@ async fn serve_one<I, S>(
     }
 }
 
-/// Why the listener's certificate or key cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsFileError {
-    /// A file cannot be read or holds no PEM item of the kind expected.
-    #[error("{setting}: {}: {reason}", path.display())]
-    File {
-        /// The setting naming the file.
-        setting: &'static str,
-        /// The file.
-        path: std::path::PathBuf,
-        /// What is wrong.
-        reason: String,
-    },
-    /// The certificate and key do not make a TLS configuration (a key of another certificate).
-    #[error("--tls-cert and --tls-key: {0}")]
-    Config(String),
-}
+pub use queue_core::tls_server::TlsFileError;
 
-/// A TLS acceptor from PEM files: the certificate chain (leaf first) and its private key.
+/// The gateway's TLS settings, as its errors name them.
+pub const TLS_SETTINGS: queue_core::tls_server::TlsSettingNames =
+    queue_core::tls_server::TlsSettingNames {
+        cert_flag: "--tls-cert",
+        cert_env: "GATEWAY_TLS_CERT",
+        key_flag: "--tls-key",
+        key_env: "GATEWAY_TLS_KEY",
+    };
+
+/// A TLS acceptor from PEM files: the certificate chain (leaf first) and its private key
+/// (`queue_core::tls_server::acceptor`, shared with the worker's metrics listener).
 pub fn tls_acceptor(
     cert: &std::path::Path,
     key: &std::path::Path,
 ) -> Result<TlsAcceptor, TlsFileError> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let file_error =
-        |setting: &'static str, path: &std::path::Path, reason: String| TlsFileError::File {
-            setting,
-            path: path.to_owned(),
-            reason,
-        };
-    const CERT: &str = "--tls-cert (GATEWAY_TLS_CERT)";
-    const KEY: &str = "--tls-key (GATEWAY_TLS_KEY)";
-    let chain = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| file_error(CERT, cert, e.to_string()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file_error(CERT, cert, e.to_string()))?;
-    if chain.is_empty() {
-        return Err(file_error(CERT, cert, "no PEM certificate in it".into()));
-    }
-    // The key's own error text never holds key material; keep to a fixed message anyway.
-    let private_key = PrivateKeyDer::from_pem_file(key).map_err(|e| match e {
-        rustls::pki_types::pem::Error::Io(e) => file_error(KEY, key, e.to_string()),
-        _ => file_error(KEY, key, "no PEM private key in it".into()),
-    })?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| TlsFileError::Config(e.to_string()))?
-    .with_no_client_auth()
-    .with_single_cert(chain, private_key)
-    .map_err(|e| TlsFileError::Config(e.to_string()))?;
-    let mut config = config;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    queue_core::tls_server::acceptor(cert, key, TLS_SETTINGS)
 }
 
 /// The body of a request took longer than the body deadline to arrive.

@@ -20,12 +20,15 @@
 //! - [`metrics`]: metric names, the process-wide recorder, the bounded `function` label.
 //! - [`telemetry`], [`signal`], [`clock`]: logging, SIGTERM/SIGINT, Unix time.
 //! - `sled_flush` (feature `sled`): group commit for sled databases.
+//! - `tls_server` (feature `tls-server`): a rustls acceptor from PEM files, for the binaries'
+//!   own listeners (the gateway's, the worker's metrics endpoint).
 //!
 //! # Features
 //! - `embedded`: the embedded queue (links sled). The gateway-only and worker-only binaries
 //!   on JetStream do not need it; the all-in-one server does.
 //! - `sled`: the group-commit helper alone (the worker's dedup state uses it).
 //! - `cli`: the shared settings also derive clap's `Args`.
+//! - `tls-server`: `tls_server` (links rustls and tokio-rustls directly).
 
 pub mod backend;
 pub mod clock;
@@ -41,6 +44,8 @@ pub mod signal;
 #[cfg(feature = "sled")]
 pub mod sled_flush;
 pub mod telemetry;
+#[cfg(feature = "tls-server")]
+pub mod tls_server;
 
 pub use backend::{CallQueue, QueueDelivery};
 pub use clock::unix_nanos_now;
