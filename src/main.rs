@@ -259,6 +259,7 @@ async fn serve<Q: CallQueue>(
         // No HTTP front in this process: the worker serves /metrics on its own address.
         queue_worker::worker::serve_metrics(
             config.worker.metrics_listen,
+            queue_worker::worker::metrics_tls(&config.worker)?,
             queue.clone(),
             stop.clone(),
         )

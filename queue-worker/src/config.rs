@@ -169,6 +169,23 @@ pub struct WorkerConfig {
         default_value = "0.0.0.0:8091"
     )]
     pub metrics_listen: std::net::SocketAddr,
+    /// PEM file of the certificate chain (leaf first) the metrics endpoint serves HTTPS with
+    /// (with `--metrics-tls-key`). Without it the endpoint serves plain HTTP.
+    #[arg(
+        long,
+        env = "QUEUE_WORKER_METRICS_TLS_CERT",
+        value_name = "FILE",
+        requires = "metrics_tls_key"
+    )]
+    pub metrics_tls_cert: Option<PathBuf>,
+    /// PEM file of that certificate's private key (with `--metrics-tls-cert`).
+    #[arg(
+        long,
+        env = "QUEUE_WORKER_METRICS_TLS_KEY",
+        value_name = "FILE",
+        requires = "metrics_tls_cert"
+    )]
+    pub metrics_tls_key: Option<PathBuf>,
     /// Fault injection for crash tests: abort the process after a call's result is stored and
     /// before its callback and ack. Never set this in production.
     #[arg(long, env = "QUEUE_WORKER_FAULT_CRASH_AFTER_STORE", hide = true)]

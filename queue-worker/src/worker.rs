@@ -36,6 +36,7 @@ use queue_core::metrics;
 use queue_core::records::{
     CallRecord, CallState, CallbackEntry, Event, OutcomeEvent, ResultAvailability, StoredResult,
 };
+use queue_core::tls_server::TlsAcceptor;
 
 use crate::callback::{CallbackSender, Delivery};
 use crate::config::WorkerConfig;
@@ -76,6 +77,9 @@ pub enum WorkerError {
     /// HTTP client could not be built.
     #[error("cannot build HTTP client: {0}")]
     Http(#[from] reqwest::Error),
+    /// The metrics endpoint's TLS certificate or key cannot be used.
+    #[error("metrics endpoint TLS: {0}")]
+    MetricsTls(#[from] queue_core::tls_server::TlsFileError),
 }
 
 /// Everything a message handler needs, shared by all handlers.
@@ -206,6 +210,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WorkerError> {
     config.validate().map_err(WorkerError::Config)?;
+    // Checked before connecting: a bad certificate fails at once, whatever NATS does.
+    let metrics_tls = metrics_tls(&config)?;
     let options = JetStreamOptions {
         nats: config.nats.clone(),
         // The gateway creates the streams; the worker binds to them.
@@ -223,25 +229,59 @@ pub async fn run(
     };
     let queue = JetStreamQueue::connect(options, "queue-worker", CancellationToken::new()).await?;
     let metrics_stop = CancellationToken::new();
-    serve_metrics(config.metrics_listen, queue.clone(), metrics_stop.clone()).await;
+    serve_metrics(
+        config.metrics_listen,
+        metrics_tls,
+        queue.clone(),
+        metrics_stop.clone(),
+    )
+    .await;
     let result = run_on(config, queue, shutdown).await;
     metrics_stop.cancel();
     result
 }
 
-/// Serves `/metrics` on `address` in the background until `stop` fires. A taken port is
-/// logged, not fatal: the worker's job is the calls.
+/// The metrics endpoint's settings, as its errors name them.
+pub const METRICS_TLS_SETTINGS: queue_core::tls_server::TlsSettingNames =
+    queue_core::tls_server::TlsSettingNames {
+        cert_flag: "--metrics-tls-cert",
+        cert_env: "QUEUE_WORKER_METRICS_TLS_CERT",
+        key_flag: "--metrics-tls-key",
+        key_env: "QUEUE_WORKER_METRICS_TLS_KEY",
+    };
+
+/// The metrics endpoint's TLS acceptor, if `--metrics-tls-cert`/`--metrics-tls-key` are set.
+/// A file that cannot be used is an error: the operator asked for HTTPS, and a worker that
+/// went on without it would serve its metrics in clear (or not at all) unnoticed.
+pub fn metrics_tls(config: &WorkerConfig) -> Result<Option<TlsAcceptor>, WorkerError> {
+    match (&config.metrics_tls_cert, &config.metrics_tls_key) {
+        (Some(cert), Some(key)) => Ok(Some(queue_core::tls_server::acceptor(
+            cert,
+            key,
+            METRICS_TLS_SETTINGS,
+        )?)),
+        (None, None) => Ok(None),
+        _ => Err(WorkerError::Config(
+            "--metrics-tls-cert and --metrics-tls-key go together".into(),
+        )),
+    }
+}
+
+/// Serves `/metrics` on `address` in the background until `stop` fires, over TLS with `tls`.
+/// A taken port is logged, not fatal: the worker's job is the calls.
 pub async fn serve_metrics<Q: CallQueue>(
     address: std::net::SocketAddr,
+    tls: Option<TlsAcceptor>,
     queue: Arc<Q>,
     stop: CancellationToken,
 ) {
     let handle = metrics::install();
     match tokio::net::TcpListener::bind(address).await {
         Ok(listener) => {
-            tracing::info!(listen = ?listener.local_addr().ok(), "metrics at /metrics");
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            tracing::info!(listen = ?listener.local_addr().ok(), scheme, "metrics at /metrics");
             tokio::spawn(async move {
-                if let Err(e) = crate::endpoint::serve(listener, handle, queue, stop).await {
+                if let Err(e) = crate::endpoint::serve(listener, tls, handle, queue, stop).await {
                     tracing::error!(error = %e, "metrics endpoint failed");
                 }
             });
