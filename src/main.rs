@@ -140,6 +140,14 @@ async fn main() -> anyhow::Result<()> {
             stop.cancel();
         });
     }
+    if let Some(WorkerCommand::SigningPublicKeys { file }) = &config.worker.command {
+        return queue_worker::signing::print_public_keys(
+            file.as_deref()
+                .or(config.worker.callback_signing_keys_file.as_deref()),
+            &mut std::io::stdout().lock(),
+        )
+        .context("signing-public-keys");
+    }
     let dlq = config.worker.command.take();
     if kind == QueueKind::Embedded {
         if config.server.role == Role::Worker {

@@ -124,7 +124,7 @@ pub enum CallbackSetupError {
     /// The HTTP client could not be built.
     #[error("cannot build the callback HTTP client: {0}")]
     Client(#[from] reqwest::Error),
-    /// The signing secrets cannot be used.
+    /// The signing secrets or keys cannot be used.
     #[error(transparent)]
     Secrets(#[from] SecretsError),
 }
@@ -181,16 +181,16 @@ fn callback_client(policy: Arc<EgressPolicy>) -> Result<reqwest::Client, reqwest
 }
 
 impl CallbackSender {
-    /// From the worker configuration: the callback policy, the signing secrets (if a file is
-    /// configured; an unreadable or invalid file is an error), the plain-`http` client.
+    /// From the worker configuration: the callback policy, the signing secrets and keys (if
+    /// their files are configured; an unreadable or invalid file is an error), the plain-`http`
+    /// client.
     pub fn new(config: &WorkerConfig, http1: Arc<Http1Client>) -> Result<Self, CallbackSetupError> {
         let policy = Arc::new(config.callback_policy.policy());
-        let signer = config
-            .callback_signing_secrets_file
-            .as_deref()
-            .map(CallbackSigner::open)
-            .transpose()?
-            .map(Arc::new);
+        let signer = CallbackSigner::from_files(
+            config.callback_signing_secrets_file.as_deref(),
+            config.callback_signing_keys_file.as_deref(),
+        )?
+        .map(Arc::new);
         Ok(Self {
             client: callback_client(policy.clone())?,
             http1,

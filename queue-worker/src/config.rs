@@ -126,6 +126,12 @@ pub struct WorkerConfig {
     /// changes. Without it, callbacks are not signed.
     #[arg(long, env = "CALLBACK_SIGNING_SECRETS_FILE")]
     pub callback_signing_secrets_file: Option<PathBuf>,
+    /// File of Standard Webhooks Ed25519 private keys (`whsk_...`, one a line): every callback
+    /// also carries a `v1a` signature by each, which receivers verify with the public key
+    /// (`whpk_...`, printed by `queue-worker signing-public-keys`) and without any secret.
+    /// Re-read when it changes. May be used with or without the secrets file.
+    #[arg(long, env = "CALLBACK_SIGNING_KEYS_FILE")]
+    pub callback_signing_keys_file: Option<PathBuf>,
     /// Direct mode: function destinations refused besides the built-in ones (same notation as
     /// `--callback-deny`), checked for every address a function's host resolves to.
     #[arg(long, env = "FUNCTION_DENY", value_parser = queue_core::egress::parse_rules, action = clap::ArgAction::Append)]
@@ -200,6 +206,12 @@ pub enum WorkerCommand {
         /// What to do.
         #[command(subcommand)]
         action: DlqAction,
+    },
+    /// Prints the public key (`whpk_...`) of each private key of the signing keys file, one a
+    /// line in file order: what receivers verify `v1a` signatures with. Prints no secret.
+    SigningPublicKeys {
+        /// The keys file (default: `--callback-signing-keys-file`).
+        file: Option<PathBuf>,
     },
 }
 

@@ -201,7 +201,7 @@ async fn callbacks_are_signed_verifiably_across_a_rotation_and_no_secret_is_logg
         assert_eq!(verify(&callback, &[(&new, false)]), [true]);
         if std::fs::read_to_string(&log)
             .unwrap()
-            .contains("callback signing secrets not re-read")
+            .contains("callback signing secrets file not re-read")
         {
             break;
         }

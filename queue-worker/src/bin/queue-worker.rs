@@ -1,5 +1,6 @@
 //! `queue-worker` binary: parse configuration, set up logging, run until SIGTERM/SIGINT; or run
-//! a dead-letter command (`queue-worker dlq ...`).
+//! a dead-letter command (`queue-worker dlq ...`) or print the signing keys' public keys
+//! (`queue-worker signing-public-keys`).
 
 use std::time::Duration;
 
@@ -24,8 +25,17 @@ async fn main() -> anyhow::Result<()> {
     let args = with_leading_args(std::env::args_os(), compat);
     let mut config = WorkerConfig::parse_from(args);
     queue_core::telemetry::init(&config.log).map_err(anyhow::Error::msg)?;
-    if let Some(WorkerCommand::Dlq { action }) = config.command.take() {
-        return dead_letters(&config, action).await;
+    match config.command.take() {
+        Some(WorkerCommand::Dlq { action }) => return dead_letters(&config, action).await,
+        Some(WorkerCommand::SigningPublicKeys { file }) => {
+            return queue_worker::signing::print_public_keys(
+                file.as_deref()
+                    .or(config.callback_signing_keys_file.as_deref()),
+                &mut std::io::stdout().lock(),
+            )
+            .context("signing-public-keys");
+        }
+        None => {}
     }
     queue_worker::run(config, queue_core::signal::shutdown_signal())
         .await
