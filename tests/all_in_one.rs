@@ -526,9 +526,15 @@ async fn auth_settings_reach_the_http_front() {
     let hash = String::from_utf8(out.stdout).unwrap()[..64].to_owned();
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, format!("bot {hash} invoke:openfaas-fn\n")).unwrap();
+    let audit = dir.path().join("audit.log");
     let server = Server::start(
         dir.path(),
-        &["--auth-tokens-file", tokens.to_str().unwrap()],
+        &[
+            "--auth-tokens-file",
+            tokens.to_str().unwrap(),
+            "--audit-log",
+            audit.to_str().unwrap(),
+        ],
     )
     .await;
     let client = queue_worker::invoke::http_client("all-in-one-test").unwrap();
@@ -555,6 +561,22 @@ async fn auth_settings_reach_the_http_front() {
         .await
         .unwrap();
     assert_eq!(r.status(), 403, "invoke is not admin");
+    // The audit log setting reaches the HTTP front too: a line per refusal.
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let denied = |action: &str, status: u16| {
+        lines
+            .iter()
+            .filter(|l| l["action"] == action && l["status"] == status && l["outcome"] == "denied")
+            .count()
+    };
+    assert_eq!(denied("queue.stats", 401), 1, "{lines:#?}");
+    assert_eq!(denied("invoke", 401), 2, "{lines:#?}");
+    assert_eq!(denied("queue.stats", 403), 1, "{lines:#?}");
+    assert!(!std::fs::read_to_string(&audit).unwrap().contains(&token));
     server.stop().await;
 }
 

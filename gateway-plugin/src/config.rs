@@ -36,6 +36,9 @@ pub struct GatewayConfig {
     /// Encryption at rest (`--encryption-keys-file`): queued calls sealed, kept results opened.
     #[command(flatten)]
     pub encryption: queue_core::settings::EncryptionArgs,
+    /// The audit log.
+    #[command(flatten)]
+    pub controls: ControlArgs,
     /// Address to listen on.
     #[arg(long, env = "GATEWAY_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
@@ -99,6 +102,7 @@ impl GatewayConfig {
             default_namespace: self.default_namespace.clone(),
             callback_policy: self.callback_policy.policy(),
             auth: self.auth.clone(),
+            controls: self.controls.clone(),
         }
     }
 
@@ -110,6 +114,17 @@ impl GatewayConfig {
             max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
         }
     }
+}
+
+/// The audit log's settings: flags and environment variables, shared by `gateway-plugin` and
+/// `faas-async`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ControlArgs {
+    /// Audit log: JSON lines appended to this file (admin changes, cancels, result reads,
+    /// authentication and authorization refusals). Without it, the lines are `info` events of
+    /// the `tracing` target `audit`.
+    #[arg(long, env = "AUDIT_LOG_FILE", value_name = "FILE")]
+    pub audit_log: Option<PathBuf>,
 }
 
 /// Flags derived from OpenFaaS's gateway variables (`faas_nats_address`, `faas_nats_port`),
@@ -206,6 +221,12 @@ mod tests {
             ]
         );
         assert_eq!(c.auth.jwt_leeway, Duration::from_secs(10));
+        assert_eq!(c.controls.audit_log, None);
+        let c = parse(&[], &["--audit-log", "/var/log/faas-async/audit.log"]);
+        assert_eq!(
+            c.controls.audit_log.as_deref(),
+            Some(std::path::Path::new("/var/log/faas-async/audit.log"))
+        );
         assert!(
             GatewayConfig::try_parse_from(["gateway-plugin", "--public", "dashboard"]).is_err()
         );

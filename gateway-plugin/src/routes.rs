@@ -337,6 +337,22 @@ pub fn router<Q: CallQueue>(state: Arc<AppState<Q>>) -> Router {
                 },
             ));
         }
+        // Outside the authorization layer: it sees the refusals, and what the layer found.
+        if let Some(audited) = crate::audit::classify(route.methods, route.path, permission)
+            && (audited.always
+                || state
+                    .auth
+                    .as_ref()
+                    .is_some_and(|a| !a.is_public(permission)))
+        {
+            let state = state.clone();
+            let log = state.audit.clone();
+            endpoint = endpoint.route_layer(axum::middleware::from_fn(
+                move |request: Request, next: axum::middleware::Next| {
+                    crate::audit::layer(state.clone(), log.clone(), audited, request, next)
+                },
+            ));
+        }
         // ROUTE-TABLE: the one place a route is added.
         router = router.route(route.path, endpoint);
     }

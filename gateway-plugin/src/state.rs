@@ -34,6 +34,8 @@ pub struct AppState<Q> {
     pub callback_policy: EgressPolicy,
     /// Who may do what; `None`: no authenticator configured, every route open.
     pub auth: Option<Arc<crate::auth::Authenticator>>,
+    /// The audit log.
+    pub audit: Arc<crate::audit::AuditLog>,
 }
 
 impl<Q> AppState<Q> {
