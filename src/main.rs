@@ -44,7 +44,7 @@ struct ServerConfig {
     /// Authentication and authorization of the HTTP front (as `gateway-plugin`'s).
     #[command(flatten)]
     auth: gateway_plugin::auth::AuthArgs,
-    /// The audit log of the HTTP front (as `gateway-plugin`'s).
+    /// The audit log, quotas and rate limits of the HTTP front (as `gateway-plugin`'s).
     #[command(flatten)]
     controls: gateway_plugin::config::ControlArgs,
     /// Worker settings, NATS, logging, and the `dlq` command (as `queue-worker`'s).

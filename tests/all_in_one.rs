@@ -527,6 +527,12 @@ async fn auth_settings_reach_the_http_front() {
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, format!("bot {hash} invoke:openfaas-fn\n")).unwrap();
     let audit = dir.path().join("audit.log");
+    let quotas = dir.path().join("quotas.toml");
+    std::fs::write(
+        &quotas,
+        "[namespaces.openfaas-fn]\nrate = 0.01\nburst = 1\n",
+    )
+    .unwrap();
     let server = Server::start(
         dir.path(),
         &[
@@ -534,6 +540,8 @@ async fn auth_settings_reach_the_http_front() {
             tokens.to_str().unwrap(),
             "--audit-log",
             audit.to_str().unwrap(),
+            "--quotas-file",
+            quotas.to_str().unwrap(),
         ],
     )
     .await;
@@ -554,6 +562,10 @@ async fn auth_settings_reach_the_http_front() {
     assert_eq!(invoke(None).await.unwrap().status(), 401);
     assert_eq!(invoke(Some("wrong")).await.unwrap().status(), 401);
     assert_eq!(invoke(Some(&token)).await.unwrap().status(), 202);
+    // The quotas reach the HTTP front too: the burst of one is spent.
+    let limited = invoke(Some(&token)).await.unwrap();
+    assert_eq!(limited.status(), 429);
+    assert!(limited.headers().contains_key("retry-after"));
     let r = client
         .get(format!("{}/system/async/queue", server.url))
         .bearer_auth(&token)

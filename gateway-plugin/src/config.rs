@@ -36,7 +36,7 @@ pub struct GatewayConfig {
     /// Encryption at rest (`--encryption-keys-file`): queued calls sealed, kept results opened.
     #[command(flatten)]
     pub encryption: queue_core::settings::EncryptionArgs,
-    /// The audit log.
+    /// The audit log, quotas and rate limits.
     #[command(flatten)]
     pub controls: ControlArgs,
     /// Address to listen on.
@@ -116,8 +116,8 @@ impl GatewayConfig {
     }
 }
 
-/// The audit log's settings: flags and environment variables, shared by `gateway-plugin` and
-/// `faas-async`.
+/// The audit log's and the quotas' settings: flags and environment variables, shared by
+/// `gateway-plugin` and `faas-async`.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ControlArgs {
     /// Audit log: JSON lines appended to this file (admin changes, cancels, result reads,
@@ -125,6 +125,11 @@ pub struct ControlArgs {
     /// the `tracing` target `audit`.
     #[arg(long, env = "AUDIT_LOG_FILE", value_name = "FILE")]
     pub audit_log: Option<PathBuf>,
+    /// Quotas and rate limits per namespace and per subject (TOML): a rate with a burst on the
+    /// async routes (`429 rate_limited`), a cap on pending calls (`429 quota_exceeded`).
+    /// Without it, no limits.
+    #[arg(long, env = "QUOTAS_FILE", value_name = "FILE")]
+    pub quotas_file: Option<PathBuf>,
 }
 
 /// Flags derived from OpenFaaS's gateway variables (`faas_nats_address`, `faas_nats_port`),
@@ -222,7 +227,20 @@ mod tests {
         );
         assert_eq!(c.auth.jwt_leeway, Duration::from_secs(10));
         assert_eq!(c.controls.audit_log, None);
-        let c = parse(&[], &["--audit-log", "/var/log/faas-async/audit.log"]);
+        assert_eq!(c.controls.quotas_file, None);
+        let c = parse(
+            &[],
+            &[
+                "--audit-log",
+                "/var/log/faas-async/audit.log",
+                "--quotas-file",
+                "/etc/faas-async/quotas.toml",
+            ],
+        );
+        assert_eq!(
+            c.controls.quotas_file.as_deref(),
+            Some(std::path::Path::new("/etc/faas-async/quotas.toml"))
+        );
         assert_eq!(
             c.controls.audit_log.as_deref(),
             Some(std::path::Path::new("/var/log/faas-async/audit.log"))

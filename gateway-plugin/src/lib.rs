@@ -5,6 +5,7 @@
 //! # Layout
 //! - [`auth`]: authentication (basic auth, API tokens, JWT) and the authorization layer.
 //! - [`audit`]: the audit log (admin changes, cancels, result reads, refusals).
+//! - [`quota`]: quotas and rate limits per namespace and subject (`--quotas-file`).
 //! - [`admin`]: the queue admin API (`/system/async/...`).
 //! - [`calls`]: call records and kept results (`/async-calls/{id}`).
 //! - [`state`]: [`state::AppState`], what every handler shares.
@@ -30,6 +31,7 @@ pub mod live;
 pub mod openapi;
 pub mod paths;
 pub mod peer;
+pub mod quota;
 pub mod routes;
 pub mod state;
 
@@ -65,6 +67,9 @@ pub enum GatewayError {
     /// The audit log cannot be written.
     #[error(transparent)]
     Audit(#[from] audit::AuditError),
+    /// The quotas file cannot be used.
+    #[error(transparent)]
+    Quotas(#[from] quota::QuotaError),
 }
 
 /// How the HTTP front behaves, whatever the queue.
@@ -85,7 +90,7 @@ pub struct HttpSettings {
     pub callback_policy: queue_core::egress::EgressPolicy,
     /// Who may do what (no authenticator: every route open, with a warning at start).
     pub auth: auth::AuthArgs,
-    /// The audit log.
+    /// The audit log, quotas and rate limits.
     pub controls: config::ControlArgs,
 }
 
@@ -94,6 +99,7 @@ pub struct HttpSettings {
 #[derive(Debug)]
 struct Controls {
     audit: Arc<audit::AuditLog>,
+    quotas: Option<Arc<quota::Quotas>>,
 }
 
 impl Controls {
@@ -102,7 +108,15 @@ impl Controls {
         if let Some(path) = &args.audit_log {
             tracing::info!(path = %path.display(), "audit log");
         }
-        Ok(Self { audit })
+        let quotas = match &args.quotas_file {
+            Some(path) => {
+                let quotas = quota::Quotas::load(path)?;
+                tracing::info!(path = %path.display(), "quotas and rate limits");
+                Some(Arc::new(quotas))
+            }
+            None => None,
+        };
+        Ok(Self { audit, quotas })
     }
 }
 
@@ -218,7 +232,16 @@ async fn serve_loaded<Q: CallQueue>(
         callback_policy: settings.callback_policy,
         auth: authenticator,
         audit: controls.audit,
+        quotas: controls.quotas.clone(),
     });
+    if let Some(quotas) = controls.quotas {
+        tokio::spawn(quota::follow_pending(
+            queue.clone(),
+            quotas,
+            state.default_namespace.clone(),
+            follow_stop.clone(),
+        ));
+    }
     let app = routes::router(state);
     tracing::info!(listen = %listener.local_addr()?, "gateway-plugin listening");
 

@@ -36,6 +36,8 @@ pub struct AppState<Q> {
     pub auth: Option<Arc<crate::auth::Authenticator>>,
     /// The audit log.
     pub audit: Arc<crate::audit::AuditLog>,
+    /// Quotas and rate limits of the async routes (`None`: no limits).
+    pub quotas: Option<Arc<crate::quota::Quotas>>,
 }
 
 impl<Q> AppState<Q> {
