@@ -305,7 +305,8 @@ fn function_and_namespace(addressed: &str, default_namespace: &str) -> Option<(S
 }
 
 /// The layer: notes the request's id and client, runs the rest, writes the line if `audited`
-/// says so or the answer is a refusal.
+/// says so or the answer is a refusal. On a route where only refusals are written (the async
+/// path among them) an allowed request costs a header lookup and a clone of its URI.
 pub async fn layer<Q: CallQueue>(
     state: Arc<AppState<Q>>,
     log: Arc<AuditLog>,
@@ -326,48 +327,31 @@ pub async fn layer<Q: CallQueue>(
     let client = crate::peer::client_address(
         peer,
         &state.trusted_proxies,
-        request
-            .headers()
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect::<Vec<_>>()
-            .into_iter(),
+        (request.headers().get_all("x-forwarded-for").iter()).filter_map(|v| v.to_str().ok()),
     );
     let method = request.method().clone();
+    let uri = request.uri().clone();
     let (mut parts, body) = request.into_parts();
-    let params = axum::RequestPartsExt::extract::<axum::extract::RawPathParams>(&mut parts)
-        .await
-        .ok();
-    let param = |key| params.as_ref().and_then(|p| path_param(p, key));
-    let mut namespace = None;
-    let mut resource = match audited.resource {
-        Resource::None => None,
-        Resource::CallId => param("call_id")
-            .filter(|id| valid_call_id(id))
-            .map(str::to_owned),
-        Resource::Sequence => param("sequence")
-            .and_then(|s| s.parse::<u64>().ok())
-            .map(|s| format!("sequence={s}")),
-        Resource::AsyncFunction | Resource::Function => {
-            let addressed = match audited.resource {
-                Resource::Function => param("name").unwrap_or_default(),
-                _ => crate::paths::split_path(parts.uri.path()).0,
-            };
-            function_and_namespace(addressed, &state.default_namespace).map(|(f, ns)| {
-                namespace = Some(ns);
-                f
-            })
+    let params = match audited.resource {
+        Resource::CallId | Resource::Sequence | Resource::Function => {
+            axum::RequestPartsExt::extract::<axum::extract::RawPathParams>(&mut parts)
+                .await
+                .ok()
         }
-        Resource::DeadLetterSelection => None,
+        _ => None,
     };
-    if audited.queue_wide {
-        namespace = Some("*".to_owned());
-    }
+    let mut noted = Noted {
+        method,
+        client_id,
+        peer,
+        client,
+        namespace: None,
+        resource: None,
+    };
     let body = if audited.resource == Resource::DeadLetterSelection {
         match axum::body::to_bytes(body, SELECTION_LIMIT).await {
             Ok(bytes) => {
-                resource = selection_of(&bytes);
+                noted.resource = selection_of(&bytes);
                 axum::body::Body::from(bytes)
             }
             Err(_) => {
@@ -376,14 +360,6 @@ pub async fn layer<Q: CallQueue>(
                     format!("a dead-letter selection is JSON of at most {SELECTION_LIMIT} bytes"),
                 )
                 .into_response();
-                let noted = Noted {
-                    method,
-                    client_id,
-                    peer,
-                    client,
-                    namespace: None,
-                    resource: None,
-                };
                 return finish(&log, audited, &noted, response);
             }
         }
@@ -391,19 +367,57 @@ pub async fn layer<Q: CallQueue>(
         body
     };
     let response = next.run(Request::from_parts(parts, body)).await;
-    let facts = response.extensions().get::<AuditFacts>().cloned();
-    if let Some(ns) = facts.as_ref().and_then(|f| f.namespace.clone()) {
-        namespace = Some(ns);
+    if !written(audited, &response) {
+        return response;
     }
-    let noted = Noted {
-        method,
-        client_id,
-        peer,
-        client,
-        namespace,
-        resource,
-    };
+    // What the line names, worked out only when it is written.
+    let param = |key| params.as_ref().and_then(|p| path_param(p, key));
+    match audited.resource {
+        Resource::None | Resource::DeadLetterSelection => {}
+        Resource::CallId => {
+            noted.resource = param("call_id")
+                .filter(|id| valid_call_id(id))
+                .map(str::to_owned);
+        }
+        Resource::Sequence => {
+            noted.resource = param("sequence")
+                .and_then(|s| s.parse::<u64>().ok())
+                .map(|s| format!("sequence={s}"));
+        }
+        Resource::AsyncFunction | Resource::Function => {
+            let addressed = match audited.resource {
+                Resource::Function => param("name").unwrap_or_default(),
+                _ => crate::paths::split_path(uri.path()).0,
+            };
+            if let Some((function, ns)) =
+                function_and_namespace(addressed, &state.default_namespace)
+            {
+                noted.resource = Some(function);
+                noted.namespace = Some(ns);
+            }
+        }
+    }
+    if audited.queue_wide {
+        noted.namespace = Some("*".to_owned());
+    }
+    let facts = response.extensions().get::<AuditFacts>();
+    if let Some(ns) = facts.and_then(|f| f.namespace.clone()) {
+        noted.namespace = Some(ns);
+    }
     finish(&log, audited, &noted, response)
+}
+
+/// Whether the answer `response` of a route `audited` is written: always, or for a refusal.
+fn written(audited: Audited, response: &Response) -> bool {
+    audited.always
+        || response
+            .extensions()
+            .get::<AuditFacts>()
+            .is_some_and(|f| f.denied.is_some())
+        || matches!(
+            response.status(),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+        )
 }
 
 /// What [`layer`] noted of a request before it ran.
@@ -421,7 +435,7 @@ fn finish(log: &AuditLog, audited: Audited, noted: &Noted, mut response: Respons
     let facts = response.extensions().get::<AuditFacts>();
     let denied_by_layer = facts.and_then(|f| f.denied);
     let refused = matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN);
-    if !audited.always && denied_by_layer.is_none() && !refused {
+    if !written(audited, &response) {
         return response;
     }
     let outcome = if denied_by_layer.is_some() || refused {
