@@ -235,6 +235,7 @@ async fn serve_loaded<Q: CallQueue>(
         quotas: controls.quotas.clone(),
     });
     if let Some(quotas) = controls.quotas {
+        tokio::spawn(quota::watch_file(quotas.clone(), follow_stop.clone()));
         tokio::spawn(quota::follow_pending(
             queue.clone(),
             quotas,

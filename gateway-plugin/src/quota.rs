@@ -10,6 +10,9 @@
 //! Figures that are missing or too old (the queue did not answer) never refuse a call: the cap
 //! is then not enforced (fail open), with a warning, until the next good read.
 //!
+//! The file is read again every second ([`watch_file`]): a change applies from the next call
+//! (the buckets keep their tokens); a file that no longer parses keeps the limits in force.
+//!
 //! ```toml
 //! pending_refresh = "500ms"
 //! [namespaces.team-a]
@@ -279,14 +282,22 @@ pub enum Refusal {
     },
 }
 
-/// The quotas and the state of their buckets.
+/// The limits the file sets.
 #[derive(Debug)]
-pub struct Quotas {
+struct Limits {
     namespaces: HashMap<String, NamespaceLimit>,
     any_namespace: Option<NamespaceLimit>,
     subjects: HashMap<String, SubjectLimit>,
     any_subject: Option<SubjectLimit>,
     refresh: Duration,
+}
+
+/// The quotas and the state of their buckets.
+#[derive(Debug)]
+pub struct Quotas {
+    /// The file and the text last read from it.
+    file: Option<(PathBuf, Mutex<String>)>,
+    limits: RwLock<Arc<Limits>>,
     namespace_buckets: Buckets,
     subject_buckets: Buckets,
     pending: RwLock<Option<PendingView>>,
@@ -303,21 +314,9 @@ fn line_of(text: &str, offset: usize) -> usize {
         + 1
 }
 
-impl Quotas {
-    /// Reads the file.
-    pub fn load(path: &Path) -> Result<Self, QuotaError> {
-        let text = std::fs::read_to_string(path).map_err(|source| QuotaError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(&text).map_err(|message| QuotaError::Invalid {
-            path: path.to_owned(),
-            message,
-        })
-    }
-
+impl Limits {
     /// Parses the file's text; the error names the line.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    fn parse(text: &str) -> Result<Self, String> {
         let file: File = toml::from_str(text).map_err(|e| {
             let at = e
                 .span()
@@ -364,10 +363,6 @@ impl Quotas {
             subjects,
             any_subject,
             refresh,
-            namespace_buckets: Buckets::default(),
-            subject_buckets: Buckets::default(),
-            pending: RwLock::new(None),
-            warned_unknown: AtomicBool::new(false),
         })
     }
 
@@ -378,22 +373,101 @@ impl Quotas {
             .or(self.any_namespace)
     }
 
-    /// Whether any namespace has a pending-calls cap (else the queue is never read).
-    pub fn caps_pending(&self) -> bool {
+    fn subject_limit(&self, subject: &str) -> Option<SubjectLimit> {
+        self.subjects.get(subject).copied().or(self.any_subject)
+    }
+
+    fn caps_pending(&self) -> bool {
         self.namespaces
             .values()
             .chain(self.any_namespace.as_ref())
             .any(|l| l.max_pending.is_some())
     }
+}
+
+fn read(path: &Path) -> Result<String, QuotaError> {
+    std::fs::read_to_string(path).map_err(|source| QuotaError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+impl Quotas {
+    /// Reads the file.
+    pub fn load(path: &Path) -> Result<Self, QuotaError> {
+        let text = read(path)?;
+        let limits = Limits::parse(&text).map_err(|message| QuotaError::Invalid {
+            path: path.to_owned(),
+            message,
+        })?;
+        Ok(Self::with(
+            limits,
+            Some((path.to_owned(), Mutex::new(text))),
+        ))
+    }
+
+    /// Parses the file's text; the error names the line.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        Ok(Self::with(Limits::parse(text)?, None))
+    }
+
+    fn with(limits: Limits, file: Option<(PathBuf, Mutex<String>)>) -> Self {
+        Self {
+            file,
+            limits: RwLock::new(Arc::new(limits)),
+            namespace_buckets: Buckets::default(),
+            subject_buckets: Buckets::default(),
+            pending: RwLock::new(None),
+            warned_unknown: AtomicBool::new(false),
+        }
+    }
+
+    fn limits(&self) -> Arc<Limits> {
+        self.limits
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Reads the file again; new limits apply from the next call if its text changed (the
+    /// buckets keep their tokens). `Ok(true)` when it changed. A file that no longer parses
+    /// leaves the limits in force.
+    pub fn reload(&self) -> Result<bool, QuotaError> {
+        let Some((path, last)) = &self.file else {
+            return Ok(false);
+        };
+        let text = read(path)?;
+        let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+        if *last == text {
+            return Ok(false);
+        }
+        let limits = Limits::parse(&text).map_err(|message| QuotaError::Invalid {
+            path: path.clone(),
+            message,
+        })?;
+        *self.limits.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(limits);
+        *last = text;
+        Ok(true)
+    }
+
+    #[cfg(test)]
+    fn namespace_limit(&self, namespace: &str) -> Option<NamespaceLimit> {
+        self.limits().namespace_limit(namespace)
+    }
+
+    /// Whether any namespace has a pending-calls cap (else the queue is never read).
+    pub fn caps_pending(&self) -> bool {
+        self.limits().caps_pending()
+    }
 
     /// How often the pending figures are read.
     pub fn refresh(&self) -> Duration {
-        self.refresh
+        self.limits().refresh
     }
 
     /// Figures older than this are not believed (the cap is then not enforced).
     fn stale_after(&self) -> Duration {
-        (self.refresh * 4).max(Duration::from_secs(2))
+        (self.refresh() * 4).max(Duration::from_secs(2))
     }
 
     /// Notes the pending calls per function (`name` or `name.namespace`) read at `at`.
@@ -427,7 +501,8 @@ impl Quotas {
         subject: Option<&str>,
         now: Instant,
     ) -> Result<(), Refusal> {
-        let limit = self.namespace_limit(namespace);
+        let limits = self.limits();
+        let limit = limits.namespace_limit(namespace);
         if let Some(max_pending) = limit.and_then(|l| l.max_pending) {
             self.check_pending(namespace, max_pending, now)?;
         }
@@ -442,8 +517,7 @@ impl Quotas {
                     retry_after,
                 })?;
         }
-        let subject_limit =
-            subject.and_then(|s| self.subjects.get(s).copied().or(self.any_subject));
+        let subject_limit = subject.and_then(|s| limits.subject_limit(s));
         if let (Some(subject), Some(limit)) = (subject, subject_limit)
             && let Err(retry_after) = self.subject_buckets.take(subject, limit.rate, now)
         {
@@ -491,23 +565,21 @@ impl Quotas {
     }
 }
 
-/// Reads the pending figures every `quotas.refresh()` until `stop` (only when a cap is set).
+/// Reads the pending figures every `quotas.refresh()` until `stop` (only while a cap is set).
 pub async fn follow_pending<Q: CallQueue>(
     queue: Arc<Q>,
     quotas: Arc<Quotas>,
     default_namespace: String,
     stop: CancellationToken,
 ) {
-    if !quotas.caps_pending() {
-        return;
-    }
-    let mut tick = tokio::time::interval(quotas.refresh());
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
-            _ = tick.tick() => {}
+            () = tokio::time::sleep(quotas.refresh()) => {}
+        }
+        if !quotas.caps_pending() {
+            continue;
         }
         let started = Instant::now();
         let read = tokio::select! {
@@ -532,6 +604,29 @@ pub async fn follow_pending<Q: CallQueue>(
                 tracing::warn!("queue figures for the pending-calls caps not read in time");
             }
             _ => {}
+        }
+    }
+}
+
+/// Reads the quotas file again every second until `stop`: a changed file applies from the next
+/// call; one that no longer parses keeps the limits in force, with an error in the log.
+pub async fn watch_file(quotas: Arc<Quotas>, stop: CancellationToken) {
+    if quotas.file.is_none() {
+        return;
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match quotas.reload() {
+            Ok(true) => tracing::info!("quotas file changed: the new limits apply"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "quotas file not reloaded; the previous limits stay in force");
+            }
         }
     }
 }
@@ -682,7 +777,24 @@ burst = 2
             q.namespace_limit("team-z").unwrap().rate.unwrap().burst,
             100
         );
-        assert_eq!(q.subjects["ci-bot"].rate.burst, 4);
+        assert_eq!(q.limits().subjects["ci-bot"].rate.burst, 4);
+    }
+
+    #[test]
+    fn a_changed_file_applies_and_a_broken_one_keeps_the_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("quotas.toml");
+        std::fs::write(&path, "[namespaces.a]\nrate = 1\n").unwrap();
+        let q = Quotas::load(&path).unwrap();
+        assert!(!q.reload().unwrap(), "unchanged");
+        std::fs::write(&path, "[namespaces.a]\nrate = 7\nmax_pending = 9\n").unwrap();
+        assert!(q.reload().unwrap());
+        assert_eq!(q.namespace_limit("a").unwrap().rate.unwrap().burst, 7);
+        assert!(q.caps_pending());
+        std::fs::write(&path, "[namespaces.a]\nrate = -1\n").unwrap();
+        let e = q.reload().unwrap_err().to_string();
+        assert!(e.contains("line 1"), "{e}");
+        assert_eq!(q.namespace_limit("a").unwrap().max_pending, Some(9));
     }
 
     #[test]

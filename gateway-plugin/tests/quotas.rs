@@ -1,8 +1,8 @@
 //! Quotas and rate limits against a live gateway on a private nats-server: a namespace limited
 //! to 5 calls a second with a burst of 5 gets `429 rate_limited` with `Retry-After` for the
 //! excess while another namespace is unaffected; a namespace at its pending-calls cap gets
-//! `429 quota_exceeded` and nothing more is queued; a malformed file stops the gateway at start,
-//! naming the line. Bounds are generous: the machine may be loaded.
+//! `429 quota_exceeded` and nothing more is queued; a changed file applies without a restart; a
+//! malformed file stops the gateway at start, naming the line. Bounds are generous: the machine may be loaded.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
 mod common;
@@ -86,6 +86,23 @@ async fn a_namespace_over_its_rate_gets_429_while_another_is_unaffected() {
     // Another namespace (no entry) is not limited.
     let answers = burst(&client, &gateway.url, "fn.team-b", 20).await;
     assert!(answers.iter().all(|r| r.status() == 202));
+
+    // A changed file applies without a restart: team-b gets a burst of one.
+    std::fs::write(
+        dir.path().join("quotas.toml"),
+        "[namespaces.team-a]\nrate = 5\nburst = 5\n[namespaces.team-b]\nrate = 0.01\nburst = 1\n",
+    )
+    .unwrap();
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let r = burst(&client, &gateway.url, "fn.team-b", 1).await;
+        if r[0].status() == 429 {
+            break;
+        }
+        assert_eq!(r[0].status(), 202);
+        assert!(Instant::now() < end, "the changed file never applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // The bucket refills: team-a is accepted again (polled, no fixed wait).
     let end = Instant::now() + DEADLINE;
@@ -180,4 +197,77 @@ async fn a_malformed_quotas_file_stops_the_gateway_at_start_naming_the_line() {
         error.contains(&file) && error.contains("line 3") && error.contains("brust"),
         "{error}"
     );
+}
+
+fn sha256_hex(token: &str) -> String {
+    let out = std::process::Command::new("sh")
+        .args(["-c", "printf %s \"$T\" | sha256sum"])
+        .env("T", token)
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()[..64].to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_subject_over_its_rate_gets_429_while_another_caller_is_unaffected() {
+    let nats = NatsServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bot = format!("fa_{}", uuid::Uuid::new_v4().simple());
+    let other = format!("fa_{}", uuid::Uuid::new_v4().simple());
+    let tokens = dir.path().join("tokens");
+    std::fs::write(
+        &tokens,
+        format!(
+            "ci-bot {} invoke:*\nteam-bot {} invoke:*\n",
+            sha256_hex(&bot),
+            sha256_hex(&other)
+        ),
+    )
+    .unwrap();
+    let file = quotas_file(&dir, "[subjects.ci-bot]\nrate = 0.01\nburst = 2\n");
+    let gateway = Gateway::start(
+        &nats.url(),
+        &[
+            "--quotas-file",
+            &file,
+            "--auth-tokens-file",
+            tokens.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let client = http();
+    let send = |token: Option<&str>| {
+        let r = client
+            .post(format!("{}/async-function/fn.team-a", gateway.url))
+            .body("x");
+        match token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+        .send()
+    };
+    // Refusals by authentication spend no token.
+    for _ in 0..3 {
+        assert_eq!(send(None).await.unwrap().status(), 401);
+    }
+    assert_eq!(send(Some(&bot)).await.unwrap().status(), 202);
+    assert_eq!(send(Some(&bot)).await.unwrap().status(), 202);
+    let refused = send(Some(&bot)).await.unwrap();
+    assert_eq!(refused.status(), 429);
+    let after: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(after >= 90, "a token every 100 s: {after}");
+    let body: Value = serde_json::from_slice(&refused.bytes().await.unwrap()).unwrap();
+    assert_eq!(body["error"], "rate_limited", "{body}");
+    assert_eq!(body["limit"]["kind"], "subject", "{body}");
+    assert_eq!(body["limit"]["subject"], "ci-bot", "{body}");
+    assert_eq!(body["limit"]["burst"], 2, "{body}");
+    for _ in 0..5 {
+        assert_eq!(send(Some(&other)).await.unwrap().status(), 202);
+    }
+    assert_eq!(common::queued(&nats.url()).await, 7);
+    gateway.shutdown().await;
 }
