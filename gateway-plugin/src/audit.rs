@@ -447,7 +447,8 @@ fn finish(log: &AuditLog, audited: Audited, noted: &Noted, mut response: Respons
     };
     let reason = denied_by_layer.or(match status {
         StatusCode::UNAUTHORIZED => Some("authentication refused"),
-        StatusCode::FORBIDDEN => Some("refused"),
+        // Not the authorization layer's: the cross-site guard of the admin changes.
+        StatusCode::FORBIDDEN => Some("cross-site request"),
         _ => None,
     });
     let request_id = (noted.client_id.clone()).unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
