@@ -44,6 +44,9 @@ struct ServerConfig {
     /// Authentication and authorization of the HTTP front (as `gateway-plugin`'s).
     #[command(flatten)]
     auth: gateway_plugin::auth::AuthArgs,
+    /// The audit log, quotas and rate limits of the HTTP front (as `gateway-plugin`'s).
+    #[command(flatten)]
+    controls: gateway_plugin::config::ControlArgs,
     /// Worker settings, NATS, logging, and the `dlq` command (as `queue-worker`'s).
     #[command(flatten)]
     worker: WorkerConfig,
@@ -253,6 +256,7 @@ async fn serve<Q: CallQueue>(
             default_namespace: config.worker.default_namespace.clone(),
             callback_policy: config.worker.callback_policy.policy(),
             auth: config.auth.clone(),
+            controls: config.controls.clone(),
         };
         let queue = queue.clone();
         let stop = stop.clone();

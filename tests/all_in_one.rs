@@ -526,9 +526,23 @@ async fn auth_settings_reach_the_http_front() {
     let hash = String::from_utf8(out.stdout).unwrap()[..64].to_owned();
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, format!("bot {hash} invoke:openfaas-fn\n")).unwrap();
+    let audit = dir.path().join("audit.log");
+    let quotas = dir.path().join("quotas.toml");
+    std::fs::write(
+        &quotas,
+        "[namespaces.openfaas-fn]\nrate = 0.01\nburst = 1\n",
+    )
+    .unwrap();
     let server = Server::start(
         dir.path(),
-        &["--auth-tokens-file", tokens.to_str().unwrap()],
+        &[
+            "--auth-tokens-file",
+            tokens.to_str().unwrap(),
+            "--audit-log",
+            audit.to_str().unwrap(),
+            "--quotas-file",
+            quotas.to_str().unwrap(),
+        ],
     )
     .await;
     let client = queue_worker::invoke::http_client("all-in-one-test").unwrap();
@@ -548,6 +562,10 @@ async fn auth_settings_reach_the_http_front() {
     assert_eq!(invoke(None).await.unwrap().status(), 401);
     assert_eq!(invoke(Some("wrong")).await.unwrap().status(), 401);
     assert_eq!(invoke(Some(&token)).await.unwrap().status(), 202);
+    // The quotas reach the HTTP front too: the burst of one is spent.
+    let limited = invoke(Some(&token)).await.unwrap();
+    assert_eq!(limited.status(), 429);
+    assert!(limited.headers().contains_key("retry-after"));
     let r = client
         .get(format!("{}/system/async/queue", server.url))
         .bearer_auth(&token)
@@ -555,6 +573,22 @@ async fn auth_settings_reach_the_http_front() {
         .await
         .unwrap();
     assert_eq!(r.status(), 403, "invoke is not admin");
+    // The audit log setting reaches the HTTP front too: a line per refusal.
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let denied = |action: &str, status: u16| {
+        lines
+            .iter()
+            .filter(|l| l["action"] == action && l["status"] == status && l["outcome"] == "denied")
+            .count()
+    };
+    assert_eq!(denied("queue.stats", 401), 1, "{lines:#?}");
+    assert_eq!(denied("invoke", 401), 2, "{lines:#?}");
+    assert_eq!(denied("queue.stats", 403), 1, "{lines:#?}");
+    assert!(!std::fs::read_to_string(&audit).unwrap().contains(&token));
     server.stop().await;
 }
 

@@ -14,6 +14,7 @@ use queue_core::backend::CallQueue;
 use queue_core::message::canonical_function;
 use serde_json::json;
 
+use crate::audit::AuditFacts;
 use crate::auth::{Action, Authenticator, Denied, Needed, Permission};
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -57,7 +58,8 @@ fn path_param<'a>(params: &'a axum::extract::RawPathParams, key: &str) -> Option
 }
 
 /// The layer in front of every non-public route: lets the request through only if its caller
-/// holds the scope `permission` needs here.
+/// holds the scope `permission` needs here. What it found (who, which namespace, why it
+/// refused) goes with the answer, in its extensions, for the audit log ([`AuditFacts`]).
 pub async fn authorize<Q: CallQueue>(
     state: Arc<AppState<Q>>,
     auth: Arc<Authenticator>,
@@ -65,20 +67,38 @@ pub async fn authorize<Q: CallQueue>(
     request: Request,
     next: Next,
 ) -> Response {
+    let mut facts = AuditFacts::default();
+    let mut response = decide(&state, &auth, permission, request, next, &mut facts).await;
+    response.extensions_mut().insert(facts);
+    response
+}
+
+async fn decide<Q: CallQueue>(
+    state: &Arc<AppState<Q>>,
+    auth: &Authenticator,
+    permission: Permission,
+    request: Request,
+    next: Next,
+    facts: &mut AuditFacts,
+) -> Response {
     let principal = match auth.authenticate(request.headers()) {
         Ok(p) => p,
         Err(denied) => {
+            let reason = match denied {
+                Denied::Missing => "no credentials",
+                Denied::Invalid(why) => why,
+            };
             tracing::info!(
                 path = request.uri().path(),
-                reason = match denied {
-                    Denied::Missing => "no credentials",
-                    Denied::Invalid(why) => why,
-                },
+                reason,
                 "authentication refused"
             );
-            return unauthorized(&auth, denied);
+            facts.denied = Some(reason);
+            return unauthorized(auth, denied);
         }
     };
+    facts.subject = Some(principal.subject.clone());
+    facts.auth_method = Some(principal.method);
     let (mut parts, body) = request.into_parts();
     let params =
         match axum::RequestPartsExt::extract::<axum::extract::RawPathParams>(&mut parts).await {
@@ -94,14 +114,20 @@ pub async fn authorize<Q: CallQueue>(
         Permission::Invoke => {
             let (addressed, _) = crate::paths::split_path(parts.uri.path());
             match namespace_of(addressed, &state.default_namespace) {
-                Ok(ns) => Some(Needed::In(Action::Invoke, ns)),
+                Ok(ns) => {
+                    facts.namespace = Some(ns.clone());
+                    Some(Needed::In(Action::Invoke, ns))
+                }
                 Err(e) => return e.into_response(),
             }
         }
         Permission::AdminFunction => {
             let name = decoded("name");
             match namespace_of(&name, &state.default_namespace) {
-                Ok(ns) => Some(Needed::In(Action::Admin, ns)),
+                Ok(ns) => {
+                    facts.namespace = Some(ns.clone());
+                    Some(Needed::In(Action::Admin, ns))
+                }
                 Err(e) => return e.into_response(),
             }
         }
@@ -114,10 +140,11 @@ pub async fn authorize<Q: CallQueue>(
             if !principal.scopes.any(action) {
                 let needed = format!("{}:<namespace of the call>", action.as_str());
                 tracing::info!(subject = principal.subject, needed, "authorization refused");
+                facts.denied = Some("missing scope");
                 return forbidden(&needed);
             }
             let call_id = decoded("call_id");
-            let record = match crate::calls::load(&state, &call_id).await {
+            let record = match crate::calls::load(state, &call_id).await {
                 Ok(r) => r,
                 Err(e) => return e.with_call_id(&call_id).into_response(),
             };
@@ -125,9 +152,11 @@ pub async fn authorize<Q: CallQueue>(
                 Ok(ns) => ns,
                 Err(e) => return e.into_response(),
             };
+            facts.namespace = Some(ns.clone());
             let needed = Needed::In(action, ns);
             if !principal.scopes.grants(&needed) {
                 tracing::info!(subject = principal.subject, needed = %needed, "authorization refused (answered as an unknown call)");
+                facts.denied = Some("call of a namespace not granted (answered as unknown)");
                 return crate::calls::unknown_call()
                     .with_call_id(&call_id)
                     .into_response();
@@ -139,6 +168,7 @@ pub async fn authorize<Q: CallQueue>(
         && !principal.scopes.grants(&needed)
     {
         tracing::info!(subject = principal.subject, needed = %needed, "authorization refused");
+        facts.denied = Some("missing scope");
         return forbidden(&needed);
     }
     let mut request = Request::from_parts(parts, body);

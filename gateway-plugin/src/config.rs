@@ -36,6 +36,9 @@ pub struct GatewayConfig {
     /// Encryption at rest (`--encryption-keys-file`): queued calls sealed, kept results opened.
     #[command(flatten)]
     pub encryption: queue_core::settings::EncryptionArgs,
+    /// The audit log, quotas and rate limits.
+    #[command(flatten)]
+    pub controls: ControlArgs,
     /// Address to listen on.
     #[arg(long, env = "GATEWAY_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
@@ -99,6 +102,7 @@ impl GatewayConfig {
             default_namespace: self.default_namespace.clone(),
             callback_policy: self.callback_policy.policy(),
             auth: self.auth.clone(),
+            controls: self.controls.clone(),
         }
     }
 
@@ -110,6 +114,22 @@ impl GatewayConfig {
             max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
         }
     }
+}
+
+/// The audit log's and the quotas' settings: flags and environment variables, shared by
+/// `gateway-plugin` and `faas-async`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ControlArgs {
+    /// Audit log: JSON lines appended to this file (admin changes, cancels, result reads,
+    /// authentication and authorization refusals). Without it, the lines are `info` events of
+    /// the `tracing` target `audit`.
+    #[arg(long, env = "AUDIT_LOG_FILE", value_name = "FILE")]
+    pub audit_log: Option<PathBuf>,
+    /// Quotas and rate limits per namespace and per subject (TOML): a rate with a burst on the
+    /// async routes (`429 rate_limited`), a cap on pending calls (`429 quota_exceeded`).
+    /// Without it, no limits.
+    #[arg(long, env = "QUOTAS_FILE", value_name = "FILE")]
+    pub quotas_file: Option<PathBuf>,
 }
 
 /// Flags derived from OpenFaaS's gateway variables (`faas_nats_address`, `faas_nats_port`),
@@ -206,6 +226,25 @@ mod tests {
             ]
         );
         assert_eq!(c.auth.jwt_leeway, Duration::from_secs(10));
+        assert_eq!(c.controls.audit_log, None);
+        assert_eq!(c.controls.quotas_file, None);
+        let c = parse(
+            &[],
+            &[
+                "--audit-log",
+                "/var/log/faas-async/audit.log",
+                "--quotas-file",
+                "/etc/faas-async/quotas.toml",
+            ],
+        );
+        assert_eq!(
+            c.controls.quotas_file.as_deref(),
+            Some(std::path::Path::new("/etc/faas-async/quotas.toml"))
+        );
+        assert_eq!(
+            c.controls.audit_log.as_deref(),
+            Some(std::path::Path::new("/var/log/faas-async/audit.log"))
+        );
         assert!(
             GatewayConfig::try_parse_from(["gateway-plugin", "--public", "dashboard"]).is_err()
         );

@@ -4,6 +4,8 @@
 //!
 //! # Layout
 //! - [`auth`]: authentication (basic auth, API tokens, JWT) and the authorization layer.
+//! - [`audit`]: the audit log (admin changes, cancels, result reads, refusals).
+//! - [`quota`]: quotas and rate limits per namespace and subject (`--quotas-file`).
 //! - [`admin`]: the queue admin API (`/system/async/...`).
 //! - [`calls`]: call records and kept results (`/async-calls/{id}`).
 //! - [`state`]: [`state::AppState`], what every handler shares.
@@ -17,6 +19,7 @@
 //! - [`config`]: settings (flags and environment variables; OpenFaaS's NATS variables).
 
 pub mod admin;
+pub mod audit;
 pub mod auth;
 pub mod authorize;
 pub mod calls;
@@ -28,6 +31,7 @@ pub mod live;
 pub mod openapi;
 pub mod paths;
 pub mod peer;
+pub mod quota;
 pub mod routes;
 pub mod state;
 
@@ -60,6 +64,12 @@ pub enum GatewayError {
     /// The encryption keys file cannot be used.
     #[error(transparent)]
     Keys(#[from] queue_core::sealing::KeyFileError),
+    /// The audit log cannot be written.
+    #[error(transparent)]
+    Audit(#[from] audit::AuditError),
+    /// The quotas file cannot be used.
+    #[error(transparent)]
+    Quotas(#[from] quota::QuotaError),
 }
 
 /// How the HTTP front behaves, whatever the queue.
@@ -80,6 +90,34 @@ pub struct HttpSettings {
     pub callback_policy: queue_core::egress::EgressPolicy,
     /// Who may do what (no authenticator: every route open, with a warning at start).
     pub auth: auth::AuthArgs,
+    /// The audit log, quotas and rate limits.
+    pub controls: config::ControlArgs,
+}
+
+/// What [`HttpSettings::controls`] names, opened and read: checked before anything else starts,
+/// so an unusable file stops the gateway at once.
+#[derive(Debug)]
+struct Controls {
+    audit: Arc<audit::AuditLog>,
+    quotas: Option<Arc<quota::Quotas>>,
+}
+
+impl Controls {
+    fn load(args: &config::ControlArgs) -> Result<Self, GatewayError> {
+        let audit = Arc::new(audit::AuditLog::open(args.audit_log.as_deref())?);
+        if let Some(path) = &args.audit_log {
+            tracing::info!(path = %path.display(), "audit log");
+        }
+        let quotas = match &args.quotas_file {
+            Some(path) => {
+                let quotas = quota::Quotas::load(path)?;
+                tracing::info!(path = %path.display(), "quotas and rate limits");
+                Some(Arc::new(quotas))
+            }
+            None => None,
+        };
+        Ok(Self { audit, quotas })
+    }
 }
 
 /// Serves on `listener` with JetStream as the queue until `shutdown` completes, then lets
@@ -94,6 +132,7 @@ pub async fn run(
         (Some(cert), Some(key)) => Some(connections::tls_acceptor(cert, key)?),
         _ => None,
     };
+    let controls = Controls::load(&config.controls)?;
     let stop = CancellationToken::new();
     let options = JetStreamOptions {
         nats: config.nats.clone(),
@@ -107,9 +146,10 @@ pub async fn run(
         nats = %queue_core::settings::redact_url(&config.nats.nats_url),
         "queue: JetStream"
     );
-    let result = serve_limited(
+    let result = serve_loaded(
         queue,
         config.http_settings(),
+        controls,
         config.connection_limits(),
         tls,
         listener,
@@ -148,6 +188,19 @@ pub async fn serve_limited<Q: CallQueue>(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
+    let controls = Controls::load(&settings.controls)?;
+    serve_loaded(queue, settings, controls, limits, tls, listener, shutdown).await
+}
+
+async fn serve_loaded<Q: CallQueue>(
+    queue: Arc<Q>,
+    settings: HttpSettings,
+    controls: Controls,
+    limits: connections::ConnectionLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), GatewayError> {
     let authenticator = auth::Authenticator::from_args(&settings.auth)?.map(Arc::new);
     if authenticator.is_none() {
         tracing::warn!(
@@ -178,7 +231,18 @@ pub async fn serve_limited<Q: CallQueue>(
         default_namespace: settings.default_namespace,
         callback_policy: settings.callback_policy,
         auth: authenticator,
+        audit: controls.audit,
+        quotas: controls.quotas.clone(),
     });
+    if let Some(quotas) = controls.quotas {
+        tokio::spawn(quota::watch_file(quotas.clone(), follow_stop.clone()));
+        tokio::spawn(quota::follow_pending(
+            queue.clone(),
+            quotas,
+            state.default_namespace.clone(),
+            follow_stop.clone(),
+        ));
+    }
     let app = routes::router(state);
     tracing::info!(listen = %listener.local_addr()?, "gateway-plugin listening");
 

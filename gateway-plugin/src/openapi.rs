@@ -180,6 +180,28 @@ mod tests {
         }
     }
 
+    /// Every operation of an async route documents the `429` of the quotas.
+    #[test]
+    fn the_async_routes_document_their_429() {
+        let doc = document();
+        let invoke: BTreeSet<String> = crate::routes::routes::<JetStreamQueue>()
+            .iter()
+            .filter(|r| r.permission == crate::auth::Permission::Invoke)
+            .map(|r| template(r.path))
+            .collect();
+        assert!(!invoke.is_empty());
+        for path in invoke {
+            for method in OPERATIONS {
+                if let Some(op) = doc["paths"][&path].get(method) {
+                    assert_eq!(
+                        op["responses"]["429"]["$ref"], "#/components/responses/CallRateLimited",
+                        "{method} {path}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn the_document_carries_the_crate_version() {
         let doc = document();

@@ -106,6 +106,36 @@ pub fn forwarded_for<'a>(
     Some(chain.join(", "))
 }
 
+/// The client a request came from, as far as it can be believed: the peer, or, when the peer
+/// is a trusted proxy, the nearest address of its `X-Forwarded-For` chain (read from the right)
+/// that is not itself a trusted proxy. An entry that is not an address ends the walk at the hop
+/// before it (never a value the client could have invented). `None` without a peer address.
+pub fn client_address<'a>(
+    peer: Option<IpAddr>,
+    trusted: &TrustedProxies,
+    client_values: impl DoubleEndedIterator<Item = &'a str>,
+) -> Option<IpAddr> {
+    let mut client = peer?;
+    if !trusted.trusts(client) {
+        return Some(client);
+    }
+    for entry in client_values
+        .rev()
+        .flat_map(|v| v.rsplit(','))
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+    {
+        let Ok(hop) = entry.parse::<IpAddr>() else {
+            break;
+        };
+        client = hop;
+        if !trusted.trusts(hop) {
+            break;
+        }
+    }
+    Some(client)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,5 +170,32 @@ mod tests {
             Some("1.2.3.4, 5.6.7.8, 9.9.9.9, 10.0.0.5")
         );
         assert_eq!(forwarded_for(None, false, std::iter::empty()), None);
+    }
+
+    #[test]
+    fn client_address_believes_only_trusted_proxies() {
+        let trusted = TrustedProxies(vec!["10.0.0.0/8".parse().unwrap()]);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let untrusted = Some(ip("192.0.2.7"));
+        assert_eq!(
+            client_address(untrusted, &trusted, ["6.6.6.6"].into_iter()),
+            untrusted
+        );
+        let proxy = Some(ip("10.0.0.5"));
+        assert_eq!(
+            client_address(
+                proxy,
+                &trusted,
+                ["6.6.6.6, 198.51.100.4", "10.0.0.9"].into_iter()
+            ),
+            Some(ip("198.51.100.4")),
+            "the nearest hop that is not a trusted proxy"
+        );
+        assert_eq!(
+            client_address(proxy, &trusted, ["garbage, 10.0.0.9"].into_iter()),
+            Some(ip("10.0.0.9"))
+        );
+        assert_eq!(client_address(proxy, &trusted, std::iter::empty()), proxy);
+        assert_eq!(client_address(None, &trusted, std::iter::empty()), None);
     }
 }

@@ -321,6 +321,24 @@ pub fn router<Q: CallQueue>(state: Arc<AppState<Q>>) -> Router {
             // The CSRF guard of every state-changing admin route.
             endpoint = endpoint.layer(axum::middleware::from_fn(crate::admin::refuse_cross_site));
         }
+        if permission == Permission::Invoke
+            && let Some(quotas) = state.quotas.clone()
+        {
+            // Inside the authorization layer: the subject is known, refused calls spend nothing.
+            let default_namespace: Arc<str> = Arc::from(state.default_namespace.as_str());
+            let retry_after = state.retry_after;
+            endpoint = endpoint.route_layer(axum::middleware::from_fn(
+                move |request: Request, next: axum::middleware::Next| {
+                    crate::quota::layer(
+                        quotas.clone(),
+                        default_namespace.clone(),
+                        retry_after,
+                        request,
+                        next,
+                    )
+                },
+            ));
+        }
         if let Some(auth) = state.auth.clone()
             && !auth.is_public(permission)
         {
@@ -334,6 +352,22 @@ pub fn router<Q: CallQueue>(state: Arc<AppState<Q>>) -> Router {
                         request,
                         next,
                     )
+                },
+            ));
+        }
+        // Outside the authorization layer: it sees the refusals, and what the layer found.
+        if let Some(audited) = crate::audit::classify(route.methods, route.path, permission)
+            && (audited.always
+                || state
+                    .auth
+                    .as_ref()
+                    .is_some_and(|a| !a.is_public(permission)))
+        {
+            let state = state.clone();
+            let log = state.audit.clone();
+            endpoint = endpoint.route_layer(axum::middleware::from_fn(
+                move |request: Request, next: axum::middleware::Next| {
+                    crate::audit::layer(state.clone(), log.clone(), audited, request, next)
                 },
             ));
         }

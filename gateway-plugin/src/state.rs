@@ -34,6 +34,10 @@ pub struct AppState<Q> {
     pub callback_policy: EgressPolicy,
     /// Who may do what; `None`: no authenticator configured, every route open.
     pub auth: Option<Arc<crate::auth::Authenticator>>,
+    /// The audit log.
+    pub audit: Arc<crate::audit::AuditLog>,
+    /// Quotas and rate limits of the async routes (`None`: no limits).
+    pub quotas: Option<Arc<crate::quota::Quotas>>,
 }
 
 impl<Q> AppState<Q> {

@@ -1,0 +1,299 @@
+//! The audit log against a live gateway on a private nats-server: a line for each refusal
+//! (401, 403, and the 404 of another namespace's call), each cancel, each dead-letter purge and
+//! each result read, with its fields; the client address as a trusted proxy tells it; the
+//! client's `X-Request-Id` kept and echoed; no credential, body or query string in any line; a
+//! file that cannot be opened stops the gateway at start.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
+
+mod common;
+
+use clap::Parser;
+use common::{Gateway, http};
+use serde_json::Value;
+use test_support::nats_server::NatsServer;
+
+const PASSWORD: &str = "AUDIT-PASSWORD-4c1d";
+const BODY_MARKER: &str = "AUDIT-BODY-MARKER-77e0";
+const QUERY_MARKER: &str = "AUDIT-QUERY-MARKER-2b9f";
+
+fn sha256_hex(token: &str) -> String {
+    let out = std::process::Command::new("sh")
+        .args(["-c", "printf %s \"$T\" | sha256sum"])
+        .env("T", token)
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()[..64].to_owned()
+}
+
+fn token() -> String {
+    format!(
+        "fa_{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
+/// Every line of the audit log, parsed (each must be one JSON object).
+fn lines(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect()
+}
+
+/// The one line of `action` with `status`.
+fn line<'a>(all: &'a [Value], action: &str, status: u16) -> &'a Value {
+    let found: Vec<&Value> = all
+        .iter()
+        .filter(|l| l["action"] == action && l["status"] == status)
+        .collect();
+    assert_eq!(found.len(), 1, "{action} {status} in {all:#?}");
+    found[0]
+}
+
+fn assert_time(line: &Value) {
+    let time = line["time"].as_str().unwrap();
+    humantime::parse_rfc3339(time).unwrap_or_else(|e| panic!("{time}: {e}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refusals_cancels_purges_and_result_reads_are_audited_without_secrets() {
+    let nats = NatsServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets");
+    std::fs::create_dir(&secrets).unwrap();
+    std::fs::write(secrets.join("basic-auth-user"), "admin\n").unwrap();
+    std::fs::write(secrets.join("basic-auth-password"), format!("{PASSWORD}\n")).unwrap();
+    let team_a = token();
+    let team_b = token();
+    std::fs::write(
+        dir.path().join("tokens"),
+        format!(
+            "team-a-bot {} invoke:team-a read:team-a cancel:team-a\nteam-b-bot {} invoke:team-b read:team-b\n",
+            sha256_hex(&team_a),
+            sha256_hex(&team_b)
+        ),
+    )
+    .unwrap();
+    let audit = dir.path().join("audit.log");
+    let gateway = Gateway::start(
+        &nats.url(),
+        &[
+            "--basic-auth",
+            "--secret-mount-path",
+            secrets.to_str().unwrap(),
+            "--auth-tokens-file",
+            dir.path().join("tokens").to_str().unwrap(),
+            "--audit-log",
+            audit.to_str().unwrap(),
+            "--trusted-proxies",
+            "127.0.0.1",
+        ],
+    )
+    .await;
+    let client = http();
+    let url = |path: &str| format!("{}{path}", gateway.url);
+
+    // Accepted invocations are not audited (only refusals are, on the hot path).
+    let accepted = client
+        .post(url(&format!(
+            "/async-function/fn.team-a/p?q={QUERY_MARKER}"
+        )))
+        .bearer_auth(&team_a)
+        .body(BODY_MARKER)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(accepted.status(), 202);
+    let call = accepted.headers()["x-call-id"].to_str().unwrap().to_owned();
+    assert!(lines(&audit).is_empty(), "{:#?}", lines(&audit));
+
+    // A refusal: no credentials, wrong password, another namespace, another namespace's call.
+    let r = client
+        .post(url(&format!("/async-function/fn.team-a?q={QUERY_MARKER}")))
+        .header("x-forwarded-for", "198.51.100.7")
+        .body(BODY_MARKER)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let echoed = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let r = client
+        .post(url("/system/async/functions/fn.team-a/pause"))
+        .basic_auth("admin", Some("wrong-password"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = client
+        .post(url("/async-function/fn.team-a"))
+        .bearer_auth(&team_b)
+        .body(BODY_MARKER)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = client
+        .get(url(&format!("/async-calls/{call}/result")))
+        .bearer_auth(&team_b)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "another namespace's call is unknown");
+
+    let all = lines(&audit);
+    let denied = line(&all, "invoke", 401);
+    assert_eq!(denied["outcome"], "denied");
+    assert!(denied["subject"].is_null());
+    assert_eq!(denied["namespace"], "team-a");
+    assert_eq!(denied["resource"], "fn.team-a");
+    assert_eq!(denied["reason"], "no credentials");
+    assert_eq!(denied["client"], "198.51.100.7", "told by a trusted proxy");
+    assert_eq!(denied["peer"], "127.0.0.1");
+    assert_eq!(denied["request_id"], echoed.as_str());
+    assert_eq!(denied["method"], "POST");
+    assert_time(denied);
+    let wrong = line(&all, "function.pause", 401);
+    assert_eq!(wrong["outcome"], "denied");
+    assert_eq!(wrong["resource"], "fn.team-a");
+    let forbidden = line(&all, "invoke", 403);
+    assert_eq!(forbidden["subject"], "team-b-bot");
+    assert_eq!(forbidden["auth_method"], "token");
+    assert_eq!(forbidden["namespace"], "team-a");
+    assert_eq!(forbidden["reason"], "missing scope");
+    let hidden = line(&all, "call.result", 404);
+    assert_eq!(
+        hidden["outcome"], "denied",
+        "the 404 of another namespace's call"
+    );
+    assert_eq!(hidden["subject"], "team-b-bot");
+    assert_eq!(hidden["resource"], call.as_str());
+    assert_eq!(hidden["namespace"], "team-a");
+
+    // A result read (the call has not run: 202) and a cancel, by the namespace's own token.
+    let r = client
+        .get(url(&format!("/async-calls/{call}/result?q={QUERY_MARKER}")))
+        .bearer_auth(&team_a)
+        .header("x-request-id", "read-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(r.headers()["x-request-id"], "read-1");
+    let r = client
+        .delete(url(&format!("/async-calls/{call}")))
+        .bearer_auth(&team_a)
+        .header("x-request-id", "cancel-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // A dead-letter purge, by the basic-auth administrator.
+    let r = client
+        .post(url("/system/async/dead-letters/purge"))
+        .basic_auth("admin", Some(PASSWORD))
+        .header("content-type", "application/json")
+        .body(r#"{"all": true}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = client
+        .post(url("/system/async/dead-letters/replay"))
+        .basic_auth("admin", Some(PASSWORD))
+        .header("content-type", "application/json")
+        .body(r#"{"sequences": [7], "call_ids": ["job-9"]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    let all = lines(&audit);
+    let read = line(&all, "call.result", 202);
+    assert_eq!(read["outcome"], "ok");
+    assert_eq!(read["subject"], "team-a-bot");
+    assert_eq!(read["resource"], call.as_str());
+    assert_eq!(read["namespace"], "team-a");
+    assert_eq!(read["request_id"], "read-1");
+    assert_eq!(read["client"], "127.0.0.1");
+    let cancel = line(&all, "call.cancel", 200);
+    assert_eq!(cancel["outcome"], "ok");
+    assert_eq!(cancel["subject"], "team-a-bot");
+    assert_eq!(cancel["resource"], call.as_str());
+    assert_eq!(cancel["namespace"], "team-a");
+    assert_eq!(cancel["request_id"], "cancel-1");
+    assert_eq!(cancel["method"], "DELETE");
+    assert_time(cancel);
+    let purge = line(&all, "dead_letters.purge", 200);
+    assert_eq!(purge["outcome"], "ok");
+    assert_eq!(purge["subject"], "admin");
+    assert_eq!(purge["auth_method"], "basic");
+    assert_eq!(purge["namespace"], "*");
+    assert_eq!(purge["resource"], "all");
+    let replay = line(&all, "dead_letters.replay", 200);
+    assert_eq!(replay["resource"], "sequences=7 call_ids=job-9");
+    // Reads that are not of results, and accepted calls, are not audited.
+    assert!(
+        all.iter()
+            .all(|l| l["status"] != 202 || l["action"] != "invoke"),
+        "{all:#?}"
+    );
+
+    // No credential, body or query string in any line.
+    let text = std::fs::read_to_string(&audit).unwrap();
+    for secret in [
+        team_a.as_str(),
+        team_b.as_str(),
+        PASSWORD,
+        "wrong-password",
+        BODY_MARKER,
+        QUERY_MARKER,
+    ] {
+        assert!(!text.contains(secret), "{secret} in the audit log:\n{text}");
+    }
+    for l in &all {
+        let object = l.as_object().unwrap();
+        for key in [
+            "time",
+            "request_id",
+            "subject",
+            "action",
+            "namespace",
+            "resource",
+            "outcome",
+            "status",
+            "client",
+        ] {
+            assert!(object.contains_key(key), "{key} missing in {l}");
+        }
+    }
+    gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_log_that_cannot_be_opened_stops_the_gateway_at_start() {
+    // No NATS server at all: the file is checked before connecting.
+    let config = gateway_plugin::GatewayConfig::try_parse_from([
+        "gateway-plugin",
+        "--nats-url",
+        "nats://127.0.0.1:1",
+        "--audit-log",
+        "/nonexistent-directory/audit.log",
+    ])
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let result = tokio::time::timeout(
+        common::DEADLINE,
+        gateway_plugin::run(config, listener, std::future::pending()),
+    )
+    .await
+    .expect("the gateway kept running");
+    let error = result
+        .expect_err("an unusable audit log is refused")
+        .to_string();
+    assert!(
+        error.contains("/nonexistent-directory/audit.log"),
+        "{error}"
+    );
+}
