@@ -47,6 +47,9 @@ struct ServerConfig {
     /// The audit log, quotas and rate limits of the HTTP front (as `gateway-plugin`'s).
     #[command(flatten)]
     controls: gateway_plugin::config::ControlArgs,
+    /// Caps on the limits a call may set for itself (as `gateway-plugin`'s).
+    #[command(flatten)]
+    call_limits: gateway_plugin::overrides::CallLimitArgs,
     /// Worker settings, NATS, logging, and the `dlq` command (as `queue-worker`'s).
     #[command(flatten)]
     worker: WorkerConfig,
@@ -257,6 +260,7 @@ async fn serve<Q: CallQueue>(
             callback_policy: config.worker.callback_policy.policy(),
             auth: config.auth.clone(),
             controls: config.controls.clone(),
+            call_limits: config.call_limits.clone(),
         };
         let queue = queue.clone();
         let stop = stop.clone();

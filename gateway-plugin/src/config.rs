@@ -39,6 +39,9 @@ pub struct GatewayConfig {
     /// The audit log, quotas and rate limits.
     #[command(flatten)]
     pub controls: ControlArgs,
+    /// Caps on the limits a call may set for itself (`X-Max-Retries`, `X-Timeout`, `X-Max-Age`).
+    #[command(flatten)]
+    pub call_limits: crate::overrides::CallLimitArgs,
     /// Address to listen on.
     #[arg(long, env = "GATEWAY_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
@@ -103,6 +106,7 @@ impl GatewayConfig {
             callback_policy: self.callback_policy.policy(),
             auth: self.auth.clone(),
             controls: self.controls.clone(),
+            call_limits: self.call_limits.clone(),
         }
     }
 

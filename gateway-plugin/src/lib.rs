@@ -29,6 +29,7 @@ pub mod error;
 pub mod link;
 pub mod live;
 pub mod openapi;
+pub mod overrides;
 pub mod paths;
 pub mod peer;
 pub mod quota;
@@ -92,6 +93,8 @@ pub struct HttpSettings {
     pub auth: auth::AuthArgs,
     /// The audit log, quotas and rate limits.
     pub controls: config::ControlArgs,
+    /// Caps on the limits a call may set for itself (`X-Max-Retries`, `X-Timeout`, `X-Max-Age`).
+    pub call_limits: overrides::CallLimitArgs,
 }
 
 /// What [`HttpSettings::controls`] names, opened and read: checked before anything else starts,
@@ -233,6 +236,7 @@ async fn serve_loaded<Q: CallQueue>(
         auth: authenticator,
         audit: controls.audit,
         quotas: controls.quotas.clone(),
+        call_limits: settings.call_limits,
     });
     if let Some(quotas) = controls.quotas {
         tokio::spawn(quota::watch_file(quotas.clone(), follow_stop.clone()));

@@ -602,6 +602,7 @@ async fn accept<Q: CallQueue>(
         .get::<ConnectInfo<std::net::SocketAddr>>()
         .map(|ConnectInfo(addr)| addr.ip());
     let headers = captured_headers(&parts.headers, peer, &state.trusted_proxies)?;
+    let overrides = crate::overrides::call_overrides(&parts.headers, &state.call_limits)?;
 
     let Some(limit) = state.max_body() else {
         return Err(ApiError::unavailable(
@@ -648,6 +649,7 @@ async fn accept<Q: CallQueue>(
             received_at_unix_nanos: received_at,
             body: BodyLocation::Inline { len: 0 },
             record_revision: None,
+            overrides,
         },
         body,
     };

@@ -38,6 +38,8 @@ pub struct AppState<Q> {
     pub audit: Arc<crate::audit::AuditLog>,
     /// Quotas and rate limits of the async routes (`None`: no limits).
     pub quotas: Option<Arc<crate::quota::Quotas>>,
+    /// Caps on the limits a call may set for itself.
+    pub call_limits: crate::overrides::CallLimitArgs,
 }
 
 impl<Q> AppState<Q> {

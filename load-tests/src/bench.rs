@@ -1585,6 +1585,7 @@ async fn measure_baseline_embedded(
                     received_at_unix_nanos: queue_core::unix_nanos_now(),
                     body: BodyLocation::Inline { len: 0 },
                     record_revision: None,
+                    overrides: Default::default(),
                 },
                 body,
             };

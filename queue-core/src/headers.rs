@@ -35,6 +35,17 @@ pub fn is_worker_request_header(name: &str) -> bool {
         .any(|h| name.eq_ignore_ascii_case(h))
 }
 
+/// Headers of a client's request that set the call's own limits (`X-Max-Retries`, `X-Timeout`,
+/// `X-Max-Age`): read by the gateway into the call, never forwarded to the function.
+pub const CALL_OVERRIDE_HEADERS: [&str; 3] = ["x-max-retries", "x-timeout", "x-max-age"];
+
+/// True for a header of [`CALL_OVERRIDE_HEADERS`].
+pub fn is_call_override_header(name: &str) -> bool {
+    CALL_OVERRIDE_HEADERS
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h))
+}
+
 /// Headers that say where a request came from. Only the gateway writes them (from the
 /// connection's peer); a client's values are dropped unless the client is a trusted proxy.
 pub const FORWARDING_HEADERS: [&str; 3] = ["forwarded", "x-real-ip", "x-client-ip"];
@@ -49,10 +60,12 @@ pub fn is_forwarding_header(name: &str) -> bool {
 }
 
 /// True for a header of a client's request that the gateway does not keep: hop-by-hop, set by
-/// the worker, or (from a client that is not a trusted proxy) a forwarding header.
+/// the worker, a limit of the call itself, or (from a client that is not a trusted proxy) a
+/// forwarding header.
 pub fn is_dropped_from_client(name: &str, trusted_proxy: bool) -> bool {
     is_hop_by_hop(name)
         || is_worker_request_header(name)
+        || is_call_override_header(name)
         || (!trusted_proxy && is_forwarding_header(name))
 }
 

@@ -97,6 +97,31 @@ pub struct CallMeta {
     /// replayed dead letters with a stale one are fine too): the worker reads first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub record_revision: Option<u64>,
+    /// Limits the client set for this call (within the gateway's caps); unset ones are the
+    /// worker's settings for the function. An older worker ignores them.
+    #[serde(default, skip_serializing_if = "CallOverrides::is_empty")]
+    pub overrides: CallOverrides,
+}
+
+/// Per-call limits a client asked for: `X-Max-Retries`, `X-Timeout`, `X-Max-Age`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallOverrides {
+    /// Retries after the first attempt (`X-Max-Retries: 2`: at most 3 attempts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_retries: Option<u32>,
+    /// Longest single invocation, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Oldest the call may be when an attempt starts, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age_ms: Option<u64>,
+}
+
+impl CallOverrides {
+    /// Nothing overridden.
+    pub fn is_empty(&self) -> bool {
+        self.max_retries.is_none() && self.timeout_ms.is_none() && self.max_age_ms.is_none()
+    }
 }
 
 impl CallMeta {
@@ -532,6 +557,7 @@ mod tests {
                 received_at_unix_nanos: 1_700_000_000_000_000_000,
                 body: BodyLocation::Inline { len: 0 },
                 record_revision: None,
+                overrides: Default::default(),
             },
             body: Bytes::from_static(b"\x00\xffbinary body, not base64"),
         }

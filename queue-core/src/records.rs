@@ -94,6 +94,21 @@ pub struct CallRecord {
     pub dead_letter_reason: Option<String>,
     /// What the result endpoint can return: `stored`, `too_large`, or none yet.
     pub result: Option<ResultAvailability>,
+    /// The limits the worker applies (its settings for the function, with the call's own
+    /// `X-Max-Retries`, `X-Timeout`, `X-Max-Age`), from the first attempt on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<CallLimits>,
+}
+
+/// The limits a call runs under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallLimits {
+    /// Attempts at most (retries + 1).
+    pub max_attempts: u32,
+    /// Longest single invocation, milliseconds.
+    pub timeout_ms: u64,
+    /// Oldest the call may be when an attempt starts, milliseconds.
+    pub max_age_ms: u64,
 }
 
 /// Whether the final response was kept.
@@ -128,6 +143,8 @@ pub enum Event {
         at: u64,
         /// When the gateway accepted it.
         accepted_at: u64,
+        /// The limits it runs under.
+        limits: Option<CallLimits>,
     },
     /// The attempt ended; `next` is the state it leaves the call in.
     AttemptEnded {
@@ -174,6 +191,7 @@ impl CallRecord {
             callbacks: Vec::new(),
             dead_letter_reason: None,
             result: None,
+            limits: None,
         }
     }
 }
@@ -197,12 +215,16 @@ pub fn apply(call_id: &str, current: Option<CallRecord>, event: &Event, now: u64
             attempt,
             at,
             accepted_at,
+            limits,
         } => {
             let mut record =
                 current.unwrap_or_else(|| CallRecord::new(call_id, function, *accepted_at));
             if record.state == CallState::Cancelled {
                 // Not started: the worker sees the state and does not invoke.
                 return record;
+            }
+            if limits.is_some() {
+                record.limits = *limits;
             }
             if !record.attempts.iter().any(|a| a.attempt == *attempt) {
                 record.attempts.push(AttemptEntry {
@@ -381,6 +403,7 @@ mod tests {
             attempt,
             at: 10,
             accepted_at: 1,
+            limits: None,
         }
     }
 

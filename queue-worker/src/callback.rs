@@ -395,6 +395,7 @@ mod tests {
             received_at_unix_nanos: 42,
             body: BodyLocation::Inline { len: 0 },
             record_revision: None,
+            overrides: Default::default(),
         };
         let outcome = Outcome {
             status: 418,

@@ -167,9 +167,27 @@ impl FunctionSettings {
         Ok(canonical)
     }
 
-    /// The settings for a call: `name.namespace` entry (the default namespace when the call
-    /// names none), else `name` entry, else defaults. Names are compared in lower case.
+    /// The settings for a call: those of its function ([`FunctionSettings::for_function`]),
+    /// with the limits the call set for itself (`X-Max-Retries`, `X-Timeout`, `X-Max-Age`,
+    /// capped by the gateway) in their place.
     pub fn for_call(&self, meta: &CallMeta) -> CallSettings {
+        let mut settings = self.for_function(meta);
+        let own = &meta.overrides;
+        if let Some(retries) = own.max_retries {
+            settings.retry.max_attempts = retries.saturating_add(1);
+        }
+        if let Some(ms) = own.timeout_ms {
+            settings.timeout = Duration::from_millis(ms);
+        }
+        if let Some(ms) = own.max_age_ms {
+            settings.max_age = Duration::from_millis(ms);
+        }
+        settings
+    }
+
+    /// The settings for a call's function: `name.namespace` entry (the default namespace when
+    /// the call names none), else `name` entry, else defaults. Names are compared in lower case.
+    pub fn for_function(&self, meta: &CallMeta) -> CallSettings {
         let function = meta.function.to_ascii_lowercase();
         let namespace = meta
             .namespace
@@ -218,6 +236,7 @@ mod tests {
             received_at_unix_nanos: 0,
             body: BodyLocation::Inline { len: 0 },
             record_revision: None,
+            overrides: Default::default(),
         }
     }
 

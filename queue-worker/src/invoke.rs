@@ -487,6 +487,7 @@ mod tests {
                 received_at_unix_nanos: 0,
                 body: BodyLocation::Inline { len: 0 },
                 record_revision: None,
+                overrides: Default::default(),
             },
             body: Bytes::new(),
         }

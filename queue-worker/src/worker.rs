@@ -34,7 +34,8 @@ use queue_core::backend::{
 use queue_core::message::{DecodeError, EnvelopeSummary, QueuedCall};
 use queue_core::metrics;
 use queue_core::records::{
-    CallRecord, CallState, CallbackEntry, Event, OutcomeEvent, ResultAvailability, StoredResult,
+    CallLimits, CallRecord, CallState, CallbackEntry, Event, OutcomeEvent, ResultAvailability,
+    StoredResult,
 };
 use queue_core::tls_server::TlsAcceptor;
 
@@ -723,6 +724,11 @@ impl<Q: CallQueue> Job<'_, Q> {
             attempt,
             at: queue_core::unix_nanos_now(),
             accepted_at: self.call.meta.received_at_unix_nanos,
+            limits: Some(CallLimits {
+                max_attempts: max,
+                timeout_ms: u64::try_from(settings.timeout.as_millis()).unwrap_or(u64::MAX),
+                max_age_ms: u64::try_from(settings.max_age.as_millis()).unwrap_or(u64::MAX),
+            }),
         };
         self.note(&[started], None).await;
         if self.cancelled_in_record() {

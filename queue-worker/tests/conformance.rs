@@ -579,6 +579,7 @@ mod cases {
             attempt: 1,
             at: now,
             accepted_at: now,
+            limits: None,
         };
         let after = apply_event(q.as_ref(), "cas", Some(stale), &[started], None)
             .await

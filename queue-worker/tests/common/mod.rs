@@ -142,6 +142,7 @@ pub fn call(function: &str, callback_url: Option<&str>, body: &'static [u8]) -> 
             received_at_unix_nanos: queue_core::unix_nanos_now(),
             body: BodyLocation::Inline { len: 0 },
             record_revision: None,
+            overrides: Default::default(),
         },
         body: Bytes::from_static(body),
     }
