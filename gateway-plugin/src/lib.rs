@@ -34,6 +34,7 @@ pub mod peer;
 pub mod quota;
 pub mod routes;
 pub mod state;
+pub mod tenancy;
 
 use std::future::Future;
 use std::sync::Arc;

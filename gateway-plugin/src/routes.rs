@@ -465,8 +465,19 @@ async fn metrics_text<Q: CallQueue>(State(state): State<Arc<AppState<Q>>>) -> Re
         .into_response()
 }
 
-async fn live_stats<Q: CallQueue>(State(state): State<Arc<AppState<Q>>>) -> Response {
-    axum::Json(state.live.snapshot()).into_response()
+/// The live figures of the caller's view ([`crate::tenancy`]).
+async fn live_stats<Q: CallQueue>(
+    State(state): State<Arc<AppState<Q>>>,
+    view: crate::tenancy::AdminView,
+) -> Response {
+    let mut snapshot = state.live.snapshot();
+    if !view.is_everything() {
+        snapshot
+            .functions
+            .retain(|f| view.sees_function(&f.function));
+        (snapshot.recent_failures).retain(|e| view.sees_function(&e.function));
+    }
+    axum::Json(snapshot).into_response()
 }
 
 /// The dashboard's content security policy: its own inline script and style only, requests to
