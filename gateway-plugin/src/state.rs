@@ -38,6 +38,8 @@ pub struct AppState<Q> {
     pub audit: Arc<crate::audit::AuditLog>,
     /// Quotas and rate limits of the async routes (`None`: no limits).
     pub quotas: Option<Arc<crate::quota::Quotas>>,
+    /// CORS of the async routes and `/async-calls/...` (`None`: no CORS anywhere).
+    pub cors: Option<Arc<crate::cors::CorsPolicy>>,
 }
 
 impl<Q> AppState<Q> {
