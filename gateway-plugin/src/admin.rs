@@ -9,6 +9,9 @@
 //!   `dlq` command. Sequences and call ids are typed apart (a call id may be digits).
 //! - `POST /system/async/functions/{name}/pause` and `/resume`: hold a function's calls.
 //!
+//! Every view is the caller's [`AdminView`]: with an authenticator, an `admin:team-a` caller
+//! sees and changes only team-a's functions and dead letters ([`crate::tenancy`]).
+//!
 //! Every state-changing route goes through [`refuse_cross_site`]: a page on another origin
 //! cannot make a browser change the queue (CSRF), even with a form a browser sends without
 //! asking.
@@ -28,6 +31,7 @@ use serde_json::json;
 use crate::error::ApiError;
 use crate::paths::PathParam;
 use crate::state::AppState;
+use crate::tenancy::AdminView;
 
 /// Why a request is refused as cross-site, if it is one: a browser says so in
 /// `Sec-Fetch-Site` (anything but `same-origin`, or `none` for what the user typed), or sends an
@@ -78,17 +82,50 @@ fn unavailable<Q>(state: &AppState<Q>, e: &BackendError) -> ApiError {
     ApiError::unavailable(format!("the queue did not answer: {e}"), state.retry_after)
 }
 
-/// `GET /system/async/queue`.
-pub async fn queue<Q: CallQueue>(State(state): State<Arc<AppState<Q>>>) -> Response {
+/// The paused functions of the view.
+async fn paused_in<Q: CallQueue>(state: &AppState<Q>, view: &AdminView) -> Vec<String> {
+    let mut paused = state.queue.paused_functions().await.unwrap_or_default();
+    paused.retain(|f| view.sees_function(f));
+    paused
+}
+
+/// `GET /system/async/queue`. In a view short of every namespace, `pending` and
+/// `dead_letters` count the view's functions and dead letters, and the queue-wide `unacked` and
+/// `consumers` are `null`.
+pub async fn queue<Q: CallQueue>(
+    State(state): State<Arc<AppState<Q>>>,
+    view: AdminView,
+) -> Response {
     let stats = match state.queue.stats().await {
         Ok(s) => s,
         Err(e) => return unavailable(&state, &e).into_response(),
     };
-    let functions = match state.queue.function_stats().await {
+    let mut functions = match state.queue.function_stats().await {
         Ok(f) => f,
         Err(e) => return unavailable(&state, &e).into_response(),
     };
-    let paused = state.queue.paused_functions().await.unwrap_or_default();
+    let paused = paused_in(&state, &view).await;
+    let (pending, unacked, consumers, dead_letters) = if view.is_everything() {
+        (
+            stats.pending,
+            Some(stats.unacked),
+            Some(stats.consumers),
+            stats.dead_letters,
+        )
+    } else {
+        functions.retain(|f| view.sees_function(&f.function));
+        let letters = match state.queue.dead_letters().await {
+            Ok(list) => list,
+            Err(e) => return unavailable(&state, &e).into_response(),
+        };
+        let dead_letters = letters.iter().filter(|e| view.sees_dead_letter(e)).count();
+        (
+            functions.iter().map(|f| f.pending).sum(),
+            None,
+            None,
+            dead_letters as u64,
+        )
+    };
     let functions: Vec<_> = functions
         .into_iter()
         .map(|f| {
@@ -101,20 +138,26 @@ pub async fn queue<Q: CallQueue>(State(state): State<Arc<AppState<Q>>>) -> Respo
         })
         .collect();
     axum::Json(json!({
-        "pending": stats.pending,
-        "unacked": stats.unacked,
-        "consumers": stats.consumers,
-        "dead_letters": stats.dead_letters,
+        "pending": pending,
+        "unacked": unacked,
+        "consumers": consumers,
+        "dead_letters": dead_letters,
         "functions": functions,
         "paused_functions": paused,
     }))
     .into_response()
 }
 
-/// `GET /system/async/dead-letters`.
-pub async fn dead_letters<Q: CallQueue>(State(state): State<Arc<AppState<Q>>>) -> Response {
+/// `GET /system/async/dead-letters`: those of the view.
+pub async fn dead_letters<Q: CallQueue>(
+    State(state): State<Arc<AppState<Q>>>,
+    view: AdminView,
+) -> Response {
     match state.queue.dead_letters().await {
-        Ok(list) => axum::Json(list).into_response(),
+        Ok(mut list) => {
+            list.retain(|e| view.sees_dead_letter(e));
+            axum::Json(list).into_response()
+        }
         Err(e) => unavailable(&state, &e).into_response(),
     }
 }
@@ -122,6 +165,7 @@ pub async fn dead_letters<Q: CallQueue>(State(state): State<Arc<AppState<Q>>>) -
 /// `GET /system/async/dead-letters/{sequence}`.
 pub async fn dead_letter<Q: CallQueue>(
     State(state): State<Arc<AppState<Q>>>,
+    view: AdminView,
     PathParam(sequence): PathParam,
 ) -> Response {
     let Ok(sequence) = sequence.parse::<u64>() else {
@@ -131,28 +175,36 @@ pub async fn dead_letter<Q: CallQueue>(
         )
         .into_response();
     };
-    show(&state, &DeadLetterSelector::Sequence(sequence)).await
+    show(&state, &view, &DeadLetterSelector::Sequence(sequence)).await
 }
 
 /// `GET /system/async/dead-letters/call/{call_id}`.
 pub async fn dead_letter_of_call<Q: CallQueue>(
     State(state): State<Arc<AppState<Q>>>,
+    view: AdminView,
     PathParam(call_id): PathParam,
 ) -> Response {
-    show(&state, &DeadLetterSelector::CallId(call_id)).await
+    show(&state, &view, &DeadLetterSelector::CallId(call_id)).await
 }
 
-async fn show<Q: CallQueue>(state: &AppState<Q>, selector: &DeadLetterSelector) -> Response {
+/// One dead letter; one of another namespace is as unknown as one that does not exist.
+async fn show<Q: CallQueue>(
+    state: &AppState<Q>,
+    view: &AdminView,
+    selector: &DeadLetterSelector,
+) -> Response {
     match state.queue.dead_letters().await {
-        Ok(list) => match list.into_iter().find(|e| e.matches(selector)) {
-            Some(entry) => axum::Json(entry).into_response(),
-            None => ApiError::new(
-                StatusCode::NOT_FOUND,
-                "unknown_dead_letter",
-                "no dead letter with this sequence or call id",
-            )
-            .into_response(),
-        },
+        Ok(list) => {
+            match (list.into_iter()).find(|e| e.matches(selector) && view.sees_dead_letter(e)) {
+                Some(entry) => axum::Json(entry).into_response(),
+                None => ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "unknown_dead_letter",
+                    "no dead letter with this sequence or call id",
+                )
+                .into_response(),
+            }
+        }
         Err(e) => unavailable(state, &e).into_response(),
     }
 }
@@ -219,12 +271,34 @@ fn selection(body: Result<axum::Json<Selection>, JsonRejection>) -> Result<Selec
     })
 }
 
-/// `POST /system/async/dead-letters/replay`.
+/// The selection a view may apply: as given for everything; else the sequences of the
+/// selected dead letters of the view (`all`: all of the view's), `None` when that is none.
+async fn within_view<Q: CallQueue>(
+    state: &AppState<Q>,
+    view: &AdminView,
+    selection: Selected,
+) -> Result<Option<Selected>, ApiError> {
+    if view.is_everything() {
+        return Ok(Some(selection));
+    }
+    let letters = (state.queue.dead_letters().await).map_err(|e| unavailable(state, &e))?;
+    let selectors = view.narrow(&letters, &selection.selectors, selection.all);
+    Ok((!selectors.is_empty()).then_some(Selected {
+        selectors,
+        all: false,
+    }))
+}
+
+/// `POST /system/async/dead-letters/replay`: of the view's dead letters.
 pub async fn replay<Q: CallQueue>(
     State(state): State<Arc<AppState<Q>>>,
+    view: AdminView,
     body: Result<axum::Json<Selection>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let selection = selection(body)?;
+    let Some(selection) = within_view(&state, &view, selection).await? else {
+        return Ok(axum::Json(json!({ "replayed": [] })).into_response());
+    };
     let replayed = (state.queue)
         .replay_dead_letters(&selection.selectors, selection.all)
         .await
@@ -233,12 +307,16 @@ pub async fn replay<Q: CallQueue>(
     Ok(axum::Json(json!({ "replayed": replayed })).into_response())
 }
 
-/// `POST /system/async/dead-letters/purge`.
+/// `POST /system/async/dead-letters/purge`: of the view's dead letters.
 pub async fn purge<Q: CallQueue>(
     State(state): State<Arc<AppState<Q>>>,
+    view: AdminView,
     body: Result<axum::Json<Selection>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let selection = selection(body)?;
+    let Some(selection) = within_view(&state, &view, selection).await? else {
+        return Ok(axum::Json(json!({ "deleted": 0 })).into_response());
+    };
     let deleted = (state.queue)
         .purge_dead_letters(&selection.selectors, selection.all)
         .await
@@ -247,7 +325,14 @@ pub async fn purge<Q: CallQueue>(
     Ok(axum::Json(json!({ "deleted": deleted })).into_response())
 }
 
-async fn set_paused<Q: CallQueue>(state: &AppState<Q>, name: &str, paused: bool) -> Response {
+/// Pauses or resumes `name`. The authorization layer checked `admin:<its namespace>`; the
+/// answer's `paused_functions` are those of the view.
+async fn set_paused<Q: CallQueue>(
+    state: &AppState<Q>,
+    view: &AdminView,
+    name: &str,
+    paused: bool,
+) -> Response {
     let function = match canonical_function(name, &state.default_namespace) {
         Ok((name, None)) => name,
         Ok((name, Some(namespace))) => format!("{name}.{namespace}"),
@@ -256,7 +341,8 @@ async fn set_paused<Q: CallQueue>(state: &AppState<Q>, name: &str, paused: bool)
         }
     };
     match state.queue.set_paused(&function, paused).await {
-        Ok(list) => {
+        Ok(mut list) => {
+            list.retain(|f| view.sees_function(f));
             tracing::info!(function, paused, "function pause changed");
             axum::Json(json!({ "function": function, "paused": paused, "paused_functions": list }))
                 .into_response()
@@ -268,15 +354,17 @@ async fn set_paused<Q: CallQueue>(state: &AppState<Q>, name: &str, paused: bool)
 /// `POST /system/async/functions/{name}/pause`: its calls are held (stay queued) until resumed.
 pub async fn pause<Q: CallQueue>(
     State(state): State<Arc<AppState<Q>>>,
+    view: AdminView,
     PathParam(name): PathParam,
 ) -> Response {
-    set_paused(&state, &name, true).await
+    set_paused(&state, &view, &name, true).await
 }
 
 /// `POST /system/async/functions/{name}/resume`.
 pub async fn resume<Q: CallQueue>(
     State(state): State<Arc<AppState<Q>>>,
+    view: AdminView,
     PathParam(name): PathParam,
 ) -> Response {
-    set_paused(&state, &name, false).await
+    set_paused(&state, &view, &name, false).await
 }

@@ -1,6 +1,7 @@
 //! The authorization layer in front of every non-public route ([`authorize`]): who calls
 //! ([`crate::auth::Authenticator`]), which scope the request needs here (the function's
-//! namespace, a call's recorded namespace, every namespace for queue-wide views), and the
+//! namespace, a call's recorded namespace, admin of some namespace for the admin views, which
+//! then hold only those namespaces: [`crate::tenancy`]; every namespace for `/metrics`), and the
 //! `401`/`403`/`404` answers. Apart from [`crate::auth`] so that the authenticators depend on
 //! nothing of the router (no module cycle: `auth` ← `state` ← `calls` ← here).
 
@@ -131,7 +132,20 @@ async fn decide<Q: CallQueue>(
                 Err(e) => return e.into_response(),
             }
         }
-        Permission::Admin | Permission::Metrics => Some(Needed::Everywhere(Action::Admin)),
+        Permission::Admin => {
+            // Admin of some namespace: the handler shows and changes only those
+            // ([`crate::tenancy::AdminView`]).
+            if !principal.scopes.any(Action::Admin) {
+                tracing::info!(
+                    subject = principal.subject,
+                    "authorization refused (no admin scope)"
+                );
+                facts.denied = Some("missing scope");
+                return forbidden(&"admin:<namespace>");
+            }
+            None
+        }
+        Permission::Metrics => Some(Needed::Everywhere(Action::Admin)),
         Permission::Read | Permission::Cancel => {
             let action = match permission {
                 Permission::Cancel => Action::Cancel,

@@ -120,7 +120,7 @@ impl GatewayConfig {
     }
 }
 
-/// The audit log's and the quotas' settings: flags and environment variables, shared by
+/// The audit log's, the quotas' and the CORS settings: flags and environment variables, shared by
 /// `gateway-plugin` and `faas-async`.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ControlArgs {
@@ -134,6 +134,11 @@ pub struct ControlArgs {
     /// Without it, no limits.
     #[arg(long, env = "QUOTAS_FILE", value_name = "FILE")]
     pub quotas_file: Option<PathBuf>,
+    /// CORS per function, per namespace, by default, and for `/async-calls/...` (TOML): the
+    /// origins, methods and headers a browser page may use. Without it, no CORS (no route
+    /// allows another origin). Read at start.
+    #[arg(long, env = "CORS_FILE", value_name = "FILE")]
+    pub cors_file: Option<PathBuf>,
 }
 
 /// Flags derived from OpenFaaS's gateway variables (`faas_nats_address`, `faas_nats_port`),

@@ -6,7 +6,9 @@
 //! - [`auth`]: authentication (basic auth, API tokens, JWT) and the authorization layer.
 //! - [`audit`]: the audit log (admin changes, cancels, result reads, refusals).
 //! - [`quota`]: quotas and rate limits per namespace and subject (`--quotas-file`).
+//! - [`cors`]: CORS per function, namespace and for `/async-calls/...` (`--cors-file`).
 //! - [`admin`]: the queue admin API (`/system/async/...`).
+//! - [`tenancy`]: admin views by namespace ([`tenancy::AdminView`]).
 //! - [`calls`]: call records and kept results (`/async-calls/{id}`).
 //! - [`state`]: [`state::AppState`], what every handler shares.
 //! - [`routes`]: the router (the one place every route is declared) and the enqueue handler.
@@ -25,6 +27,7 @@ pub mod authorize;
 pub mod calls;
 pub mod config;
 pub mod connections;
+pub mod cors;
 pub mod error;
 pub mod link;
 pub mod live;
@@ -35,6 +38,7 @@ pub mod peer;
 pub mod quota;
 pub mod routes;
 pub mod state;
+pub mod tenancy;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -71,6 +75,9 @@ pub enum GatewayError {
     /// The quotas file cannot be used.
     #[error(transparent)]
     Quotas(#[from] quota::QuotaError),
+    /// The CORS file cannot be used.
+    #[error(transparent)]
+    Cors(#[from] cors::CorsError),
 }
 
 /// How the HTTP front behaves, whatever the queue.
@@ -103,10 +110,11 @@ pub struct HttpSettings {
 struct Controls {
     audit: Arc<audit::AuditLog>,
     quotas: Option<Arc<quota::Quotas>>,
+    cors: Option<Arc<cors::CorsPolicy>>,
 }
 
 impl Controls {
-    fn load(args: &config::ControlArgs) -> Result<Self, GatewayError> {
+    fn load(args: &config::ControlArgs, default_namespace: &str) -> Result<Self, GatewayError> {
         let audit = Arc::new(audit::AuditLog::open(args.audit_log.as_deref())?);
         if let Some(path) = &args.audit_log {
             tracing::info!(path = %path.display(), "audit log");
@@ -119,7 +127,19 @@ impl Controls {
             }
             None => None,
         };
-        Ok(Self { audit, quotas })
+        let cors = match &args.cors_file {
+            Some(path) => {
+                let cors = cors::CorsPolicy::load(path, default_namespace)?;
+                tracing::info!(path = %path.display(), "CORS settings");
+                Some(Arc::new(cors))
+            }
+            None => None,
+        };
+        Ok(Self {
+            audit,
+            quotas,
+            cors,
+        })
     }
 }
 
@@ -135,7 +155,7 @@ pub async fn run(
         (Some(cert), Some(key)) => Some(connections::tls_acceptor(cert, key)?),
         _ => None,
     };
-    let controls = Controls::load(&config.controls)?;
+    let controls = Controls::load(&config.controls, &config.default_namespace)?;
     let stop = CancellationToken::new();
     let options = JetStreamOptions {
         nats: config.nats.clone(),
@@ -191,7 +211,7 @@ pub async fn serve_limited<Q: CallQueue>(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
-    let controls = Controls::load(&settings.controls)?;
+    let controls = Controls::load(&settings.controls, &settings.default_namespace)?;
     serve_loaded(queue, settings, controls, limits, tls, listener, shutdown).await
 }
 
@@ -237,6 +257,7 @@ async fn serve_loaded<Q: CallQueue>(
         audit: controls.audit,
         quotas: controls.quotas.clone(),
         call_limits: settings.call_limits,
+        cors: controls.cors,
     });
     if let Some(quotas) = controls.quotas {
         tokio::spawn(quota::watch_file(quotas.clone(), follow_stop.clone()));

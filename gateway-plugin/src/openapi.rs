@@ -191,7 +191,8 @@ mod tests {
             .collect();
         assert!(!invoke.is_empty());
         for path in invoke {
-            for method in OPERATIONS {
+            // The preflight is answered from the CORS file alone, before any quota.
+            for method in OPERATIONS.into_iter().filter(|m| *m != "options") {
                 if let Some(op) = doc["paths"][&path].get(method) {
                     assert_eq!(
                         op["responses"]["429"]["$ref"], "#/components/responses/CallRateLimited",

@@ -101,6 +101,8 @@ pub enum Verb {
     Patch,
     /// `DELETE`.
     Delete,
+    /// `OPTIONS`: the CORS preflights ([`crate::cors`]).
+    Options,
 }
 
 impl Verb {
@@ -112,6 +114,7 @@ impl Verb {
             Self::Put => "PUT",
             Self::Patch => "PATCH",
             Self::Delete => "DELETE",
+            Self::Options => "OPTIONS",
         }
     }
 
@@ -122,12 +125,16 @@ impl Verb {
             Self::Put => MethodFilter::PUT,
             Self::Patch => MethodFilter::PATCH,
             Self::Delete => MethodFilter::DELETE,
+            Self::Options => MethodFilter::OPTIONS,
         }
     }
 }
 
 /// The methods of an async call.
 const CALL_METHODS: &[Verb] = &[Verb::Post, Verb::Put, Verb::Patch, Verb::Delete, Verb::Get];
+/// The CORS preflight: public (browsers send no credentials with it), answered from the CORS
+/// settings alone ([`crate::cors`]).
+const PREFLIGHT: &[Verb] = &[Verb::Options];
 
 /// One route: its methods, its path, the permission it needs, its handler.
 pub struct Route<Q> {
@@ -213,6 +220,36 @@ pub fn routes<Q: CallQueue>() -> Vec<Route<Q>> {
             enqueue::<Q>,
         )
         .with_method_fallback(),
+        Route::new(
+            PREFLIGHT,
+            "/async-function/{name}",
+            Public,
+            preflight_function::<Q>,
+        ),
+        Route::new(
+            PREFLIGHT,
+            "/async-function/{name}/",
+            Public,
+            preflight_function::<Q>,
+        ),
+        Route::new(
+            PREFLIGHT,
+            "/async-function/{name}/{*path}",
+            Public,
+            preflight_function::<Q>,
+        ),
+        Route::new(
+            PREFLIGHT,
+            "/async-calls/{call_id}",
+            Public,
+            preflight_calls::<Q>,
+        ),
+        Route::new(
+            PREFLIGHT,
+            "/async-calls/{call_id}/result",
+            Public,
+            preflight_calls::<Q>,
+        ),
         Route::new(
             &[Verb::Get],
             "/async-calls/{call_id}",
@@ -371,6 +408,19 @@ pub fn router<Q: CallQueue>(state: Arc<AppState<Q>>) -> Router {
                 },
             ));
         }
+        // Outermost: every answer of these routes (refusals too) gets its CORS headers.
+        let cors_kind = match permission {
+            Permission::Invoke => Some(crate::cors::Kind::Function),
+            Permission::Read | Permission::Cancel => Some(crate::cors::Kind::Calls),
+            _ => None,
+        };
+        if let (Some(kind), Some(policy)) = (cors_kind, state.cors.clone()) {
+            endpoint = endpoint.layer(axum::middleware::from_fn(
+                move |request: Request, next: axum::middleware::Next| {
+                    crate::cors::layer(policy.clone(), kind, request, next)
+                },
+            ));
+        }
         // ROUTE-TABLE: the one place a route is added.
         router = router.route(route.path, endpoint);
     }
@@ -399,6 +449,49 @@ async fn no_sniffing(mut response: Response) -> Response {
         .headers_mut()
         .entry(header::X_CONTENT_TYPE_OPTIONS)
         .or_insert(HeaderValue::from_static("nosniff"));
+    response
+}
+
+/// The CORS preflight of the async routes; any other `OPTIONS` is refused as the method
+/// of a call the worker does not run.
+async fn preflight_function<Q: CallQueue>(
+    State(state): State<Arc<AppState<Q>>>,
+    request: Request,
+) -> Response {
+    let none = crate::cors::CorsPolicy::default();
+    let policy = state.cors.as_deref().unwrap_or(&none);
+    match policy.preflight(
+        crate::cors::Kind::Function,
+        request.uri().path(),
+        request.headers(),
+    ) {
+        Some(answer) => answer,
+        None => method_not_allowed().await,
+    }
+}
+
+/// The CORS preflight of `/async-calls/...`; any other `OPTIONS` is a method the route does
+/// not take.
+async fn preflight_calls<Q: CallQueue>(
+    State(state): State<Arc<AppState<Q>>>,
+    request: Request,
+) -> Response {
+    let none = crate::cors::CorsPolicy::default();
+    let policy = state.cors.as_deref().unwrap_or(&none);
+    let path = request.uri().path();
+    if let Some(answer) = policy.preflight(crate::cors::Kind::Calls, path, request.headers()) {
+        return answer;
+    }
+    // As axum's own `Allow` on these paths (OPTIONS: the preflight).
+    let allow = if path.ends_with("/result") {
+        "OPTIONS,GET,HEAD"
+    } else {
+        "OPTIONS,GET,HEAD,DELETE"
+    };
+    let mut response = wrong_method().await.into_response();
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
     response
 }
 
@@ -465,8 +558,19 @@ async fn metrics_text<Q: CallQueue>(State(state): State<Arc<AppState<Q>>>) -> Re
         .into_response()
 }
 
-async fn live_stats<Q: CallQueue>(State(state): State<Arc<AppState<Q>>>) -> Response {
-    axum::Json(state.live.snapshot()).into_response()
+/// The live figures of the caller's view ([`crate::tenancy`]).
+async fn live_stats<Q: CallQueue>(
+    State(state): State<Arc<AppState<Q>>>,
+    view: crate::tenancy::AdminView,
+) -> Response {
+    let mut snapshot = state.live.snapshot();
+    if !view.is_everything() {
+        snapshot
+            .functions
+            .retain(|f| view.sees_function(&f.function));
+        (snapshot.recent_failures).retain(|e| view.sees_function(&e.function));
+    }
+    axum::Json(snapshot).into_response()
 }
 
 /// The dashboard's content security policy: its own inline script and style only, requests to
@@ -800,8 +904,13 @@ mod tests {
             let public = route.permission == Permission::Public;
             assert_eq!(
                 public,
-                matches!(route.path, "/healthz" | "/readyz" | "/openapi.json"),
+                matches!(route.path, "/healthz" | "/readyz" | "/openapi.json")
+                    || route.methods == PREFLIGHT,
                 "{route:?}"
+            );
+            assert!(
+                !route.methods.contains(&Verb::Options) || route.methods == PREFLIGHT,
+                "OPTIONS is the preflight alone: {route:?}"
             );
             assert!(!route.methods.is_empty(), "{route:?}");
         }

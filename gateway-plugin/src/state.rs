@@ -40,6 +40,8 @@ pub struct AppState<Q> {
     pub quotas: Option<Arc<crate::quota::Quotas>>,
     /// Caps on the limits a call may set for itself.
     pub call_limits: crate::overrides::CallLimitArgs,
+    /// CORS of the async routes and `/async-calls/...` (`None`: no CORS anywhere).
+    pub cors: Option<Arc<crate::cors::CorsPolicy>>,
 }
 
 impl<Q> AppState<Q> {

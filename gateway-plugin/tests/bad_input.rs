@@ -268,7 +268,7 @@ async fn unreadable_path_parameters_and_wrong_methods_are_json_errors() {
             ("PUT", "/healthz", "GET,HEAD"),
             ("POST", "/openapi.json", "GET,HEAD"),
             ("GET", "/system/async/functions/fn/pause", "POST"),
-            ("PATCH", "/async-calls/some-call", "GET,HEAD,DELETE"),
+            ("PATCH", "/async-calls/some-call", "OPTIONS,GET,HEAD,DELETE"),
             ("DELETE", "/system/async/dead-letters", "GET,HEAD"),
         ] {
             let r = send(method, path).await.unwrap();

@@ -1,0 +1,283 @@
+//! CORS against a live gateway on a private nats-server, with an authenticator: the preflight
+//! of an allowed origin is answered without credentials, the answers to that origin carry the
+//! CORS headers (refusals too), another origin and a function without CORS get none, the
+//! `[calls]` section opens `/async-calls/...`, and the admin routes answer no preflight and keep
+//! refusing cross-site changes.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
+
+mod common;
+
+use common::{Gateway, http};
+use test_support::nats_server::NatsServer;
+
+const UI: &str = "https://ui.team-a.example.org";
+const OTHER: &str = "https://elsewhere.example.net";
+
+const CORS_FILE: &str = r#"
+[namespaces.team-a]
+origins = ["https://ui.team-a.example.org"]
+methods = ["POST", "PUT"]
+headers = ["authorization", "content-type", "x-callback-url"]
+max_age = "5m"
+
+[calls]
+origins = ["https://ui.team-a.example.org"]
+headers = ["authorization"]
+"#;
+
+fn sha256_hex(token: &str) -> String {
+    let out = std::process::Command::new("sh")
+        .args(["-c", "printf %s \"$T\" | sha256sum"])
+        .env("T", token)
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()[..64].to_owned()
+}
+
+fn header<'a>(r: &'a reqwest::Response, name: &str) -> Option<&'a str> {
+    r.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+fn assert_no_cors(r: &reqwest::Response, what: &str) {
+    let found: Vec<_> = (r.headers().keys())
+        .filter(|k| k.as_str().starts_with("access-control-"))
+        .collect();
+    assert!(found.is_empty(), "{what}: {found:?}");
+}
+
+fn assert_cors(r: &reqwest::Response, origin: &str, what: &str) {
+    assert_eq!(
+        header(r, "access-control-allow-origin"),
+        Some(origin),
+        "{what}"
+    );
+    let exposed = header(r, "access-control-expose-headers").unwrap_or_default();
+    assert!(exposed.contains("X-Call-Id"), "{what}: {exposed}");
+    assert!(
+        header(r, "access-control-allow-credentials").is_none(),
+        "{what}"
+    );
+    assert!(
+        r.headers()
+            .get_all("vary")
+            .iter()
+            .any(|v| v.to_str().unwrap().contains("Origin")),
+        "{what}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_origins_get_cors_others_and_unlisted_functions_none() {
+    let nats = NatsServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let token = format!("fa_{}", uuid::Uuid::new_v4().simple());
+    std::fs::write(
+        dir.path().join("tokens"),
+        format!(
+            "ui {} invoke:team-a invoke:team-b read:team-a\n",
+            sha256_hex(&token)
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("cors.toml"), CORS_FILE).unwrap();
+    let gateway = Gateway::start(
+        &nats.url(),
+        &[
+            "--auth-tokens-file",
+            dir.path().join("tokens").to_str().unwrap(),
+            "--cors-file",
+            dir.path().join("cors.toml").to_str().unwrap(),
+        ],
+    )
+    .await;
+    let client = http();
+    let url = |path: &str| format!("{}{path}", gateway.url);
+    let preflight = async |path: &str, origin: &str, method: &str, headers: &str| {
+        client
+            .request(reqwest::Method::OPTIONS, url(path))
+            .header("origin", origin)
+            .header("access-control-request-method", method)
+            .header("access-control-request-headers", headers)
+            .send()
+            .await
+            .unwrap()
+    };
+
+    // The allowed origin: the preflight (no credentials) and the answers.
+    for path in [
+        "/async-function/fn.team-a",
+        "/async-function/fn.team-a/",
+        "/async-function/fn.team-a/deeper/path",
+    ] {
+        let r = preflight(path, UI, "POST", "authorization, content-type").await;
+        assert_eq!(r.status(), 204, "{path}");
+        assert_eq!(header(&r, "access-control-allow-origin"), Some(UI));
+        assert_eq!(
+            header(&r, "access-control-allow-methods"),
+            Some("POST, PUT")
+        );
+        assert_eq!(
+            header(&r, "access-control-allow-headers"),
+            Some("authorization, content-type, x-callback-url")
+        );
+        assert_eq!(header(&r, "access-control-max-age"), Some("300"));
+        assert!(header(&r, "vary").unwrap().contains("Origin"));
+        assert!(header(&r, "access-control-allow-credentials").is_none());
+    }
+    let r = (client.post(url("/async-function/fn.team-a")))
+        .header("origin", UI)
+        .bearer_auth(&token)
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_cors(&r, UI, "accepted call");
+    let call = header(&r, "x-call-id").unwrap().to_owned();
+    // A refusal is readable by the page too (the token it lacks, a method not allowed here).
+    let r = (client.post(url("/async-function/fn.team-a")))
+        .header("origin", UI)
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_cors(&r, UI, "401");
+    let r = (client.delete(url("/async-function/fn.team-a")))
+        .header("origin", UI)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_no_cors(&r, "DELETE is not an allowed method");
+
+    // What the section does not allow: a method, a header; another origin.
+    for (origin, method, headers) in [
+        (UI, "DELETE", "authorization"),
+        (UI, "POST", "authorization, x-secret"),
+        (OTHER, "POST", "authorization"),
+    ] {
+        let r = preflight("/async-function/fn.team-a", origin, method, headers).await;
+        assert_eq!(r.status(), 403, "{origin} {method} {headers}");
+        assert_no_cors(&r, &format!("{origin} {method} {headers}"));
+        let body: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+        assert_eq!(body["error"], "cors_not_allowed");
+    }
+    let r = (client.post(url("/async-function/fn.team-a")))
+        .header("origin", OTHER)
+        .bearer_auth(&token)
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_no_cors(&r, "another origin");
+
+    // A function without a CORS section: nothing, for any origin.
+    let r = preflight("/async-function/fn.team-b", UI, "POST", "authorization").await;
+    assert_eq!(r.status(), 403);
+    assert_no_cors(&r, "preflight of a function without CORS");
+    let r = (client.post(url("/async-function/fn.team-b")))
+        .header("origin", UI)
+        .bearer_auth(&token)
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_no_cors(&r, "a function without CORS");
+
+    // `[calls]`: the status of a call, and the 404 of an unknown one, alike.
+    let r = preflight(&format!("/async-calls/{call}"), UI, "GET", "authorization").await;
+    assert_eq!(r.status(), 204);
+    assert_eq!(header(&r, "access-control-allow-methods"), Some("GET"));
+    let r = preflight(
+        &format!("/async-calls/{call}"),
+        UI,
+        "DELETE",
+        "authorization",
+    )
+    .await;
+    assert_eq!(r.status(), 403, "DELETE not in [calls]");
+    for (id, status) in [(call.as_str(), 200), ("no-such-call", 404)] {
+        let r = (client.get(url(&format!("/async-calls/{id}"))))
+            .header("origin", UI)
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status);
+        assert_cors(&r, UI, id);
+        let r = (client.get(url(&format!("/async-calls/{id}"))))
+            .header("origin", OTHER)
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_no_cors(&r, id);
+    }
+
+    // Not a preflight: the route's 405. The admin routes answer no preflight (those that
+    // change state refuse it as cross-site), and a cross-site change is still refused.
+    let r = (client.request(reqwest::Method::OPTIONS, url("/async-function/fn.team-a")))
+        .header("origin", UI)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    assert_no_cors(&r, "OPTIONS without a requested method");
+    let r = (client.request(reqwest::Method::OPTIONS, url("/async-calls/x/result")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status().as_u16(), header(&r, "allow")),
+        (405, Some("OPTIONS,GET,HEAD"))
+    );
+    let r = preflight("/system/async/functions/fn.team-a/pause", UI, "POST", "").await;
+    assert_no_cors(&r, "admin preflight");
+    let body: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!(
+        body["error"], "cross_site_request",
+        "the guard answers first"
+    );
+    let r = preflight("/system/async/queue", UI, "GET", "").await;
+    assert_eq!(r.status(), 405);
+    assert_no_cors(&r, "admin view preflight");
+    let r = (client.post(url("/system/async/functions/fn.team-a/pause")))
+        .header("origin", UI)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_no_cors(&r, "admin change");
+    assert_eq!(
+        common::queued(&nats.url()).await,
+        4,
+        "no preflight queued anything"
+    );
+    gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_cors_file_stops_the_gateway() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cors.toml");
+    std::fs::write(&file, "[default]\norigins = [\"*\"]\n").unwrap();
+    let config = <gateway_plugin::GatewayConfig as clap::Parser>::try_parse_from([
+        "gateway-plugin",
+        "--nats-url",
+        "nats://127.0.0.1:9",
+        "--cors-file",
+        file.to_str().unwrap(),
+    ])
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let e = gateway_plugin::run(config, listener, std::future::pending())
+        .await
+        .unwrap_err();
+    let text = e.to_string();
+    assert!(text.contains("cors.toml") && text.contains("`*`"), "{text}");
+}
