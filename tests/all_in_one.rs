@@ -533,9 +533,17 @@ async fn auth_settings_reach_the_http_front() {
         "[namespaces.openfaas-fn]\nrate = 0.01\nburst = 1\n",
     )
     .unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "[[rule]]\nclaim = \"groups\"\ncontains = \"ops\"\nscopes = [\"admin:*\"]\n",
+    )
+    .unwrap();
     let server = Server::start(
         dir.path(),
         &[
+            "--auth-policy-file",
+            policy.to_str().unwrap(),
             "--auth-tokens-file",
             tokens.to_str().unwrap(),
             "--audit-log",

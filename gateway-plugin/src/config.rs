@@ -236,7 +236,13 @@ mod tests {
                 "1m",
                 "--jwks-ca",
                 "/etc/faas-async/idp-ca.pem",
+                "--auth-policy-file",
+                "/etc/faas-async/policy.toml",
             ],
+        );
+        assert_eq!(
+            c.auth.auth_policy_file.as_deref(),
+            Some(std::path::Path::new("/etc/faas-async/policy.toml"))
         );
         assert_eq!(
             c.auth.jwks_url.as_deref(),

@@ -828,3 +828,148 @@ async fn jwks_over_https_with_a_private_ca_is_refreshed() {
     assert!(idp.fetches() >= 2);
     gateway.shutdown().await;
 }
+
+/// The README's policy file, for the test issuer.
+fn readme_policy() -> String {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .unwrap();
+    let start = readme.find("# /etc/faas-async/policy.toml").unwrap();
+    let end = start + readme[start..].find("```").unwrap();
+    readme[start..end].replace("https://login.example.org/realms/research", ISSUER)
+}
+
+/// `--auth-policy-file`: scopes from groups and roles claims (PyJWT tokens without a scope
+/// claim), added to the token's own; a member gets them, a non-member a 403; a malformed file
+/// stops the gateway naming the line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn policy_file_maps_claims_to_scopes() {
+    let nats = NatsServer::start().await.unwrap();
+    let (jwks, jwt) = mint();
+    let dir = tempfile::tempdir().unwrap();
+    let jwks_path = dir.path().join("jwks.json");
+    std::fs::write(&jwks_path, jwks.to_string()).unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(&policy, readme_policy()).unwrap();
+    let (jwks_path, policy) = (
+        jwks_path.display().to_string(),
+        policy.display().to_string(),
+    );
+    let args = [
+        "--jwks-file",
+        &jwks_path,
+        "--jwt-issuer",
+        ISSUER,
+        "--jwt-audience",
+        AUDIENCE,
+        "--auth-policy-file",
+        &policy,
+    ];
+    let gateway = common::Gateway::start(&nats.url(), &args).await;
+    let client = http();
+    let url = |path: &str| format!("{}{path}", gateway.url);
+    let member = Cred::Bearer(&jwt["group_member"]);
+
+    // The group's scopes: invoke, read, admin of team-a; nothing of team-b, nothing queue-wide.
+    let r = send(&client, "POST", &url("/async-function/fn.team-a"), member).await;
+    assert_eq!(r.status(), 202);
+    let call = call_id(&r);
+    let record = url(&format!("/async-calls/{call}"));
+    assert_eq!(send(&client, "GET", &record, member).await.status(), 200);
+    assert_eq!(
+        send(
+            &client,
+            "POST",
+            &url("/system/async/functions/fn.team-a/pause"),
+            member
+        )
+        .await
+        .status(),
+        200
+    );
+    expect_403(
+        send(&client, "POST", &url("/async-function/fn.team-b"), member).await,
+        "invoke:team-b",
+        "the member's group is team-a's",
+    )
+    .await;
+    expect_403(
+        send(&client, "GET", &url("/system/async/queue"), member).await,
+        "admin:*",
+        "admin:team-a is not queue-wide",
+    )
+    .await;
+
+    // A member of another group: no scope at all for team-a.
+    let other = Cred::Bearer(&jwt["group_other"]);
+    expect_403(
+        send(&client, "POST", &url("/async-function/fn.team-a"), other).await,
+        "invoke:team-a",
+        "not a member",
+    )
+    .await;
+    common::assert_json_error(send(&client, "GET", &record, other).await, 403, "forbidden").await;
+
+    // A realm role, nested in realm_access.roles, for this issuer: read everywhere, no invoke.
+    let auditor = Cred::Bearer(&jwt["role_reader"]);
+    assert_eq!(send(&client, "GET", &record, auditor).await.status(), 200);
+    expect_403(
+        send(&client, "POST", &url("/async-function/fn.team-a"), auditor).await,
+        "invoke:team-a",
+        "the auditor only reads",
+    )
+    .await;
+
+    // `equals` on a custom claim, added to the token's own scope claim (read:team-a).
+    let genomics = Cred::Bearer(&jwt["department"]);
+    let r = send(
+        &client,
+        "POST",
+        &url("/async-function/fn.genomics"),
+        genomics,
+    )
+    .await;
+    assert_eq!(r.status(), 202);
+    let own = url(&format!("/async-calls/{}", call_id(&r)));
+    assert_eq!(send(&client, "GET", &own, genomics).await.status(), 200);
+    assert_eq!(
+        send(&client, "GET", &record, genomics).await.status(),
+        200,
+        "the token's own scope stays"
+    );
+
+    // Tokens with their own scopes and no matching rule are as before.
+    assert_eq!(
+        send(
+            &client,
+            "POST",
+            &url("/async-function/fn.team-a"),
+            Cred::Bearer(&jwt["valid_rs256"])
+        )
+        .await
+        .status(),
+        202
+    );
+    gateway.shutdown().await;
+
+    // A malformed file stops the gateway: the error names the file and the line.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[rule]]\nclaim = \"groups\"\ncontains = \"team-a-admins\"\nscopes = [\"invoke:team-a\", \"write:team-a\"]\n",
+    )
+    .unwrap();
+    let bad = bad.display().to_string();
+    let mut config_args = vec!["gateway-plugin"];
+    config_args.extend(args);
+    config_args.extend(["--auth-policy-file", &bad]);
+    let config =
+        <gateway_plugin::GatewayConfig as clap::Parser>::try_parse_from(config_args).unwrap();
+    let e = gateway_plugin::auth::Authenticator::from_args(&config.auth)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&bad) && e.contains("line 4") && e.contains("write:team-a"),
+        "{e}"
+    );
+}

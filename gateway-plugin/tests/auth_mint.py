@@ -96,6 +96,13 @@ tokens = {
         lambda m: hmac.new(rsa_public_pem, m, hashlib.sha256).digest(),
     ),
     "rotated": mint(successor, "RS256", "rsa-next", scope=TEAM_A),
+    # Scopes from the policy file: groups and roles claims, no scope claim.
+    "group_member": mint(rsa_key, "RS256", "rsa-1", sub="carol", groups=["staff", "team-a-admins"]),
+    "group_other": mint(rsa_key, "RS256", "rsa-1", sub="dave", groups=["staff", "team-b-admins"]),
+    "role_reader": mint(
+        rsa_key, "RS256", "rsa-1", sub="erin", realm_access={"roles": ["offline_access", "auditor"]}
+    ),
+    "department": mint(rsa_key, "RS256", "rsa-1", sub="frank", department="genomics", scope="read:team-a"),
 }
 json.dump(
     {

@@ -13,7 +13,8 @@
 //!   cannot be reached.
 //! - `iss` and `aud` must be the configured ones, `exp` must be there and not past; `nbf`, when
 //!   there, must not be ahead; both with a small leeway for clock skew.
-//! - Scopes come from `scope` (space-separated) or `scp` (an array, or one string).
+//! - Scopes come from `scope` (space-separated) or `scp` (an array, or one string), and from
+//!   the rules of the policy file ([`super::policy`]) that hold for the token's claims.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -23,9 +24,10 @@ use std::time::{Duration, Instant};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use serde::Deserialize;
+use serde_json::{Map, Value};
 
 use super::jwks::{KID_REFRESH_INTERVAL, RemoteJwks, next_refresh};
+use super::policy::Policy;
 use super::scope::Scopes;
 use super::{AuthError, Denied};
 
@@ -68,6 +70,7 @@ pub struct JwtVerifier {
     rules: JwtRules,
     keys: RwLock<Arc<KeySet>>,
     source: Source,
+    policy: Option<Policy>,
 }
 
 impl std::fmt::Debug for JwtVerifier {
@@ -80,23 +83,6 @@ impl std::fmt::Debug for JwtVerifier {
             .field("source", &self.source)
             .finish_non_exhaustive()
     }
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum ScpClaim {
-    List(Vec<String>),
-    One(String),
-}
-
-#[derive(Deserialize)]
-struct Claims {
-    #[serde(default)]
-    sub: Option<String>,
-    #[serde(default)]
-    scope: Option<String>,
-    #[serde(default)]
-    scp: Option<ScpClaim>,
 }
 
 /// The one algorithm of a key, from its type, curve and (if given) `alg`.
@@ -203,6 +189,7 @@ impl JwtVerifier {
             rules: rules.clone(),
             keys: RwLock::new(Arc::new(keys)),
             source: Source::File,
+            policy: None,
         })
     }
 
@@ -216,7 +203,14 @@ impl JwtVerifier {
                 jwks: remote,
                 last_kid_fetch: tokio::sync::Mutex::new(None),
             })),
+            policy: None,
         }
+    }
+
+    /// Grants scopes by claims too, from `policy`'s rules.
+    pub fn with_policy(mut self, policy: Option<Policy>) -> Self {
+        self.policy = policy;
+        self
     }
 
     fn current(&self) -> Arc<KeySet> {
@@ -303,28 +297,38 @@ impl JwtVerifier {
             keys = self.current();
         }
         let (key, validation) = keys.keys.get(&kid).ok_or(Denied::Invalid("unknown kid"))?;
-        let data = jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| {
-            Denied::Invalid(match e.kind() {
-                ErrorKind::InvalidAlgorithm => "algorithm not allowed for this key",
-                ErrorKind::InvalidSignature => "bad signature",
-                ErrorKind::ExpiredSignature => "expired",
-                ErrorKind::ImmatureSignature => "not valid yet",
-                ErrorKind::InvalidIssuer => "wrong issuer",
-                ErrorKind::InvalidAudience => "wrong audience",
-                ErrorKind::MissingRequiredClaim(_) => "missing exp, iss or aud",
-                _ => "invalid token",
-            })
-        })?;
+        let data =
+            jsonwebtoken::decode::<Map<String, Value>>(token, key, validation).map_err(|e| {
+                Denied::Invalid(match e.kind() {
+                    ErrorKind::InvalidAlgorithm => "algorithm not allowed for this key",
+                    ErrorKind::InvalidSignature => "bad signature",
+                    ErrorKind::ExpiredSignature => "expired",
+                    ErrorKind::ImmatureSignature => "not valid yet",
+                    ErrorKind::InvalidIssuer => "wrong issuer",
+                    ErrorKind::InvalidAudience => "wrong audience",
+                    ErrorKind::MissingRequiredClaim(_) => "missing exp, iss or aud",
+                    _ => "invalid token",
+                })
+            })?;
         let claims = data.claims;
-        let scopes = match (&claims.scope, &claims.scp) {
-            (Some(scope), _) => Scopes::parse_lenient(scope.split_whitespace()),
-            (None, Some(ScpClaim::List(list))) => {
-                Scopes::parse_lenient(list.iter().map(String::as_str))
+        let words = |text: &str| Scopes::parse_lenient(text.split_whitespace());
+        let mut scopes = match (claims.get("scope"), claims.get("scp")) {
+            (Some(Value::String(scope)), _) => words(scope),
+            (_, Some(Value::Array(list))) => {
+                Scopes::parse_lenient(list.iter().filter_map(Value::as_str))
             }
-            (None, Some(ScpClaim::One(one))) => Scopes::parse_lenient(one.split_whitespace()),
-            (None, None) => Scopes::default(),
+            (_, Some(Value::String(one))) => words(one),
+            _ => Scopes::default(),
         };
-        Ok((claims.sub.unwrap_or_else(|| format!("jwt:{kid}")), scopes))
+        if let Some(policy) = &self.policy {
+            let issuer = claims.get("iss").and_then(Value::as_str);
+            policy.grant(issuer, &claims, &mut scopes);
+        }
+        let subject = match claims.get("sub").and_then(Value::as_str) {
+            Some(sub) => sub.to_owned(),
+            None => format!("jwt:{kid}"),
+        };
+        Ok((subject, scopes))
     }
 }
 

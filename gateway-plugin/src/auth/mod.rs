@@ -15,6 +15,7 @@
 pub mod basic;
 pub mod jwks;
 pub mod jwt;
+pub mod policy;
 pub mod scope;
 pub mod tokens;
 
@@ -85,6 +86,10 @@ pub struct AuthArgs {
     /// the system's.
     #[arg(long, env = "AUTH_JWKS_CA", value_name = "FILE")]
     pub jwks_ca: Option<PathBuf>,
+    /// Scopes for JWTs by their claims (groups, roles, ...): a TOML file of rules, each an
+    /// optional issuer, a claim condition and the scopes it adds to the token's own.
+    #[arg(long, env = "AUTH_POLICY_FILE", value_name = "FILE")]
+    pub auth_policy_file: Option<PathBuf>,
     /// The accepted JWT `iss` (required with `--jwks-file` or `--jwks-url`).
     #[arg(long, env = "AUTH_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
@@ -135,6 +140,14 @@ pub enum AuthError {
         /// The file.
         path: PathBuf,
         /// What is wrong.
+        message: String,
+    },
+    /// The policy file is unusable.
+    #[error("policy file {path}: {message}")]
+    Policy {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with the line.
         message: String,
     },
     /// Settings that do not go together.
@@ -221,20 +234,32 @@ impl Authenticator {
                     audience: audience.clone(),
                     leeway: args.jwt_leeway,
                 };
-                Some(match keys {
+                let verifier = match keys {
                     KeysFrom::File(path) => jwt::JwtVerifier::load(path, &rules)?,
                     KeysFrom::Url(url) => jwt::JwtVerifier::remote(
                         jwks::RemoteJwks::new(url, args.jwks_ca.as_deref(), args.jwks_refresh)?,
                         &rules,
                     ),
-                })
+                };
+                let policy = match &args.auth_policy_file {
+                    Some(path) => Some(policy::Policy::load(path, issuer)?),
+                    None => None,
+                };
+                Some(verifier.with_policy(policy))
             }
             (Some(_), _, _) => {
                 return Err(AuthError::Settings(
                     "--jwks-file or --jwks-url needs --jwt-issuer and --jwt-audience: a JWT is accepted only for this issuer and audience".into(),
                 ));
             }
-            (None, None, None) => None,
+            (None, None, None) => {
+                if args.auth_policy_file.is_some() {
+                    return Err(AuthError::Settings(
+                        "--auth-policy-file maps JWT claims to scopes: it needs --jwks-file or --jwks-url, --jwt-issuer and --jwt-audience".into(),
+                    ));
+                }
+                None
+            }
             (None, _, _) => {
                 return Err(AuthError::Settings(
                     "--jwt-issuer and --jwt-audience need --jwks-file or --jwks-url (the keys)"
