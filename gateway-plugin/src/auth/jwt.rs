@@ -344,7 +344,11 @@ pub async fn follow(verifier: &JwtVerifier, stop: tokio_util::sync::Cancellation
     let max_backoff = remote.refresh.min(Duration::from_secs(60));
     let mut backoff = FIRST_BACKOFF;
     loop {
-        let wait = match verifier.fetch(remote, "periodic").await {
+        let why = match verifier.ready() {
+            Ok(()) => "periodic refresh",
+            Err(_) => "start",
+        };
+        let wait = match verifier.fetch(remote, why).await {
             Ok(max_age) => {
                 backoff = FIRST_BACKOFF;
                 next_refresh(remote.refresh, max_age)
