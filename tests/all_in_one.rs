@@ -533,21 +533,51 @@ async fn auth_settings_reach_the_http_front() {
         "[namespaces.openfaas-fn]\nrate = 0.01\nburst = 1\n",
     )
     .unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "[[rule]]\nclaim = \"groups\"\ncontains = \"ops\"\nscopes = [\"admin:*\"]\n",
+    )
+    .unwrap();
     let server = Server::start(
         dir.path(),
         &[
+            "--auth-policy-file",
+            policy.to_str().unwrap(),
             "--auth-tokens-file",
             tokens.to_str().unwrap(),
             "--audit-log",
             audit.to_str().unwrap(),
             "--quotas-file",
             quotas.to_str().unwrap(),
+            // Nothing listens there: the keys are never fetched.
+            "--jwks-url",
+            "http://127.0.0.1:9/certs",
+            "--jwks-refresh",
+            "10m",
+            "--jwt-issuer",
+            "https://login.example.test/realms/research",
+            "--jwt-audience",
+            "faas-async",
         ],
     )
     .await;
     let client = queue_worker::invoke::http_client("all-in-one-test").unwrap();
     let get = |path: &str| client.get(format!("{}{path}", server.url)).send();
     assert_eq!(get("/healthz").await.unwrap().status(), 200);
+    // The JWT settings reach the HTTP front: not ready while the keys of --jwks-url are not
+    // fetched, and a JWT cannot be checked yet (503); the tokens file works meanwhile.
+    let ready = get("/readyz").await.unwrap();
+    assert_eq!(ready.status(), 503);
+    assert!(ready.text().await.unwrap().contains("signing keys"));
+    let jwt = client
+        .post(format!("{}/async-function/fn", server.url))
+        .bearer_auth("eyJhbGciOiJSUzI1NiIsImtpZCI6ImsifQ.e30.c2ln")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(jwt.status(), 503);
     assert_eq!(get("/system/async/queue").await.unwrap().status(), 401);
     let invoke = |bearer: Option<&str>| {
         let r = client

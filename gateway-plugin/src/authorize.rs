@@ -24,6 +24,15 @@ fn unauthorized(auth: &Authenticator, denied: Denied) -> Response {
     let message = match denied {
         Denied::Missing => "credentials required",
         Denied::Invalid(_) => "invalid credentials",
+        Denied::Unavailable(why) => {
+            let mut response =
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "auth_unavailable", why)
+                    .into_response();
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+            return response;
+        }
     };
     let mut response =
         ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
@@ -82,12 +91,12 @@ async fn decide<Q: CallQueue>(
     next: Next,
     facts: &mut AuditFacts,
 ) -> Response {
-    let principal = match auth.authenticate(request.headers()) {
+    let principal = match auth.authenticate(request.headers()).await {
         Ok(p) => p,
         Err(denied) => {
             let reason = match denied {
                 Denied::Missing => "no credentials",
-                Denied::Invalid(why) => why,
+                Denied::Invalid(why) | Denied::Unavailable(why) => why,
             };
             tracing::info!(
                 path = request.uri().path(),

@@ -235,6 +235,44 @@ mod tests {
             ]
         );
         assert_eq!(c.auth.jwt_leeway, Duration::from_secs(10));
+        assert_eq!(c.auth.jwks_refresh, Duration::from_secs(300));
+        let c = parse(
+            &[],
+            &[
+                "--jwks-url",
+                "https://login.example.org/realms/r/certs",
+                "--jwks-refresh",
+                "1m",
+                "--jwks-ca",
+                "/etc/faas-async/idp-ca.pem",
+                "--auth-policy-file",
+                "/etc/faas-async/policy.toml",
+            ],
+        );
+        assert_eq!(
+            c.auth.auth_policy_file.as_deref(),
+            Some(std::path::Path::new("/etc/faas-async/policy.toml"))
+        );
+        assert_eq!(
+            c.auth.jwks_url.as_deref(),
+            Some("https://login.example.org/realms/r/certs")
+        );
+        assert_eq!(c.auth.jwks_refresh, Duration::from_secs(60));
+        assert_eq!(
+            c.auth.jwks_ca.as_deref(),
+            Some(std::path::Path::new("/etc/faas-async/idp-ca.pem"))
+        );
+        assert!(
+            GatewayConfig::try_parse_from([
+                "gateway-plugin",
+                "--jwks-url",
+                "https://a/k",
+                "--jwks-file",
+                "/k.json"
+            ])
+            .is_err(),
+            "one source of keys"
+        );
         assert_eq!(c.controls.audit_log, None);
         assert_eq!(c.controls.quotas_file, None);
         let c = parse(

@@ -227,13 +227,17 @@ async fn serve_loaded<Q: CallQueue>(
     let authenticator = auth::Authenticator::from_args(&settings.auth)?.map(Arc::new);
     if authenticator.is_none() {
         tracing::warn!(
-            "NO AUTHENTICATION: no authenticator is configured (--basic-auth, --auth-tokens-file, --jwks-file); every route, admin included, is open to anyone who can reach this gateway"
+            "NO AUTHENTICATION: no authenticator is configured (--basic-auth, --auth-tokens-file, --jwks-file, --jwks-url); every route, admin included, is open to anyone who can reach this gateway"
         );
     }
     let live = Arc::new(live::LiveStats::default());
     let follow_stop = CancellationToken::new();
     if let Some(authenticator) = &authenticator {
         tokio::spawn(auth::watch_tokens(
+            authenticator.clone(),
+            follow_stop.clone(),
+        ));
+        tokio::spawn(auth::follow_jwks(
             authenticator.clone(),
             follow_stop.clone(),
         ));

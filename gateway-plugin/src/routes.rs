@@ -10,7 +10,7 @@
 //! - `GET /metrics`: Prometheus metrics; `GET /system/async/stats`: live figures
 //!   ([`crate::live`]); `GET /dashboard/`: the dashboard page (`dashboard.html`).
 //! - `GET /healthz` (process up), `GET /readyz` (the queue can take calls: with JetStream, NATS
-//!   connected and the stream present).
+//!   connected and the stream present; with `--jwks-url`, the JWT signing keys fetched).
 //! - `GET /openapi.json`: the OpenAPI document of these routes ([`crate::openapi`]).
 
 use std::sync::Arc;
@@ -600,7 +600,11 @@ async fn healthz() -> impl IntoResponse {
 }
 
 async fn readyz<Q: CallQueue>(State(state): State<Arc<AppState<Q>>>) -> Response {
-    match state.queue.check_ready().await {
+    let ready = match state.queue.check_ready().await {
+        Ok(()) => state.auth.as_ref().map_or(Ok(()), |auth| auth.ready()),
+        Err(reason) => Err(reason),
+    };
+    match ready {
         Ok(()) => axum::Json(json!({"status": "ready"})).into_response(),
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -22,6 +22,12 @@ const BASIC_PASSWORD: &str = "BASIC-PASSWORD-b7e1";
 
 /// Keys, JWKS and tokens from `auth_mint.py` (PyJWT + cryptography).
 fn mint() -> (serde_json::Value, HashMap<String, String>) {
+    let (minted, tokens) = mint_all();
+    (minted["jwks"].clone(), tokens)
+}
+
+/// Everything `auth_mint.py` made: `jwks`, `jwks_rotated`, `jwks_successor_only`, and the tokens.
+fn mint_all() -> (serde_json::Value, HashMap<String, String>) {
     let python = test_support::tools_python().expect("the test tools' Python");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/auth_mint.py");
     let mut child = std::process::Command::new(python)
@@ -50,7 +56,7 @@ fn mint() -> (serde_json::Value, HashMap<String, String>) {
     );
     let minted: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let tokens = serde_json::from_value(minted["tokens"].clone()).unwrap();
-    (minted["jwks"].clone(), tokens)
+    (minted, tokens)
 }
 
 fn sha256_hex(token: &str) -> String {
@@ -583,4 +589,402 @@ async fn every_route_in_the_table_is_behind_its_permission() {
         }
     }
     gateway.shutdown().await;
+}
+
+/// The issuer's JWKS endpoint on 127.0.0.1 (plain HTTP, or HTTPS with a test CA): counts the
+/// fetches, answers `500` while `failing`, serves whatever `jwks` holds, and can be stopped.
+struct Idp {
+    url: String,
+    jwks: std::sync::Arc<std::sync::Mutex<serde_json::Value>>,
+    fetches: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Idp {
+    async fn start(jwks: serde_json::Value, tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let jwks = Arc::new(std::sync::Mutex::new(jwks));
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let failing = Arc::new(AtomicBool::new(false));
+        let (j, f, d) = (jwks.clone(), fetches.clone(), failing.clone());
+        let app = axum::Router::new().route(
+            "/realms/research/certs",
+            axum::routing::get(move || {
+                let (j, f, d) = (j.clone(), f.clone(), d.clone());
+                async move {
+                    use axum::response::IntoResponse;
+                    f.fetch_add(1, Ordering::SeqCst);
+                    if d.load(Ordering::SeqCst) {
+                        return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "down")
+                            .into_response();
+                    }
+                    let body = j.lock().unwrap().to_string();
+                    (
+                        [
+                            ("content-type", "application/jwk-set+json"),
+                            ("cache-control", "public, max-age=3600"),
+                        ],
+                        body,
+                    )
+                        .into_response()
+                }
+            }),
+        );
+        let server = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let service = hyper_util::service::TowerToHyperService::new(app.clone());
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let _ = http
+                                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                                .await;
+                        }
+                        Some(acceptor) => {
+                            if let Ok(tls) = acceptor.accept(tcp).await {
+                                let _ = http
+                                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                                    .await;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            url: format!("{scheme}://127.0.0.1:{port}/realms/research/certs"),
+            jwks,
+            fetches,
+            failing,
+            server,
+        }
+    }
+
+    fn fetches(&self) -> usize {
+        self.fetches.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn serve(&self, jwks: &serde_json::Value) {
+        *self.jwks.lock().unwrap() = jwks.clone();
+    }
+
+    fn fail(&self, failing: bool) {
+        self.failing
+            .store(failing, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A token naming a `kid` nobody published (its signature is never looked at).
+fn forged_kid(i: usize) -> String {
+    use base64::Engine;
+    let b64 = |v: serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    format!(
+        "{}.{}.c2lnbmF0dXJl",
+        b64(serde_json::json!({"alg": "RS256", "typ": "JWT", "kid": format!("forged-{i}")})),
+        b64(
+            serde_json::json!({"iss": ISSUER, "aud": AUDIENCE, "sub": "mallory", "exp": exp, "scope": "*"})
+        ),
+    )
+}
+
+fn jwt_args(url: &str) -> Vec<&str> {
+    vec![
+        "--jwks-url",
+        url,
+        "--jwt-issuer",
+        ISSUER,
+        "--jwt-audience",
+        AUDIENCE,
+    ]
+}
+
+/// `--jwks-url`: not ready (and JWTs answered 503) until the keys are fetched; a key rotated in
+/// at the issuer is accepted after one fetch; a flood of unknown `kid`s makes at most one fetch
+/// per interval; with the issuer gone, the keys fetched before still work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn jwks_from_a_url_rotation_flood_and_outage() {
+    let nats = NatsServer::start().await.unwrap();
+    let (minted, jwt) = mint_all();
+    let idp = Idp::start(minted["jwks"].clone(), None).await;
+    idp.fail(true);
+    let gateway = common::Gateway::launch(&nats.url(), &jwt_args(&idp.url)).await;
+    let client = http();
+    let fn_a = format!("{}/async-function/fn.team-a/x", gateway.url);
+    let valid = Cred::Bearer(&jwt["valid_rs256"]);
+
+    // The issuer fails: not ready, and a JWT cannot be checked yet (503, not a 401 that would
+    // make the client drop a good token). Other refusals are as usual.
+    assert!(gateway.wait_ready(false).await);
+    let ready = client
+        .get(format!("{}/readyz", gateway.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    let body: serde_json::Value = serde_json::from_slice(&ready.bytes().await.unwrap()).unwrap();
+    assert!(
+        body["reason"].as_str().unwrap().contains("signing keys"),
+        "{body}"
+    );
+    let r = send(&client, "POST", &fn_a, valid).await;
+    assert!(r.headers().contains_key("retry-after"));
+    common::assert_json_error(r, 503, "auth_unavailable").await;
+    assert_eq!(send(&client, "POST", &fn_a, Cred::None).await.status(), 401);
+
+    // The issuer answers: fetched on the next retry of the backoff.
+    idp.fail(false);
+    assert!(gateway.wait_ready(true).await, "keys never fetched");
+    assert_eq!(send(&client, "POST", &fn_a, valid).await.status(), 202);
+    let fetched = idp.fetches();
+
+    // Rotation at the issuer: a token signed with the new key makes one fetch, and passes.
+    idp.serve(&minted["jwks_rotated"]);
+    let rotated = Cred::Bearer(&jwt["rotated"]);
+    assert_eq!(send(&client, "POST", &fn_a, rotated).await.status(), 202);
+    assert_eq!(idp.fetches(), fetched + 1, "one fetch for the new kid");
+
+    // A flood of unknown kids right after: no fetch at all (one per 30 s at most).
+    let flood: Vec<String> = (0..40).map(forged_kid).collect();
+    let answers = futures::future::join_all(
+        flood
+            .iter()
+            .map(|t| send(&client, "POST", &fn_a, Cred::Bearer(t))),
+    )
+    .await;
+    assert!(answers.iter().all(|r| r.status() == 401));
+    assert_eq!(
+        send(&client, "POST", &fn_a, Cred::Bearer(&jwt["unknown_kid"]))
+            .await
+            .status(),
+        401
+    );
+    assert_eq!(
+        idp.fetches(),
+        fetched + 1,
+        "forged kids made the gateway fetch"
+    );
+
+    // Another gateway whose first unknown kids come all at once: exactly one fetch for them.
+    let second = common::Gateway::start(&nats.url(), &jwt_args(&idp.url)).await;
+    let fetched = idp.fetches();
+    let second_fn = format!("{}/async-function/fn.team-a/x", second.url);
+    let answers = futures::future::join_all(
+        flood
+            .iter()
+            .map(|t| send(&client, "POST", &second_fn, Cred::Bearer(t))),
+    )
+    .await;
+    assert!(answers.iter().all(|r| r.status() == 401));
+    assert_eq!(
+        idp.fetches(),
+        fetched + 1,
+        "one fetch for a burst of unknown kids"
+    );
+    second.shutdown().await;
+
+    // The issuer goes away: the keys fetched before keep working, and the gateway stays ready.
+    idp.server.abort();
+    let _ = idp.server.await;
+    for cred in [valid, rotated] {
+        assert_eq!(send(&client, "POST", &fn_a, cred).await.status(), 202);
+    }
+    assert!(gateway.wait_ready(true).await);
+    gateway.shutdown().await;
+}
+
+/// `--jwks-url` over HTTPS from a private CA (`--jwks-ca`), refreshed every `--jwks-refresh`: a
+/// key the issuer withdrew stops working without any token asking for a fetch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn jwks_over_https_with_a_private_ca_is_refreshed() {
+    let nats = NatsServer::start().await.unwrap();
+    let (minted, jwt) = mint_all();
+    let pki = test_support::TestPki::generate().unwrap();
+    let acceptor = queue_core::tls_server::acceptor(
+        &pki.server_cert(),
+        &pki.server_key(),
+        gateway_plugin::connections::TLS_SETTINGS,
+    )
+    .unwrap();
+    let idp = Idp::start(minted["jwks_rotated"].clone(), Some(acceptor)).await;
+    let ca = pki.ca().display().to_string();
+    let mut args = jwt_args(&idp.url);
+    args.extend(["--jwks-ca", &ca, "--jwks-refresh", "1s"]);
+    let gateway = common::Gateway::start(&nats.url(), &args).await;
+    let client = http();
+    let fn_a = format!("{}/async-function/fn.team-a/x", gateway.url);
+    let old = Cred::Bearer(&jwt["valid_rs256"]);
+    let new = Cred::Bearer(&jwt["rotated"]);
+    assert_eq!(send(&client, "POST", &fn_a, old).await.status(), 202);
+    assert_eq!(send(&client, "POST", &fn_a, new).await.status(), 202);
+
+    // The issuer withdraws the old key: the periodic refresh drops it (the old kid is still
+    // known until then, so no token asks for the fetch).
+    idp.serve(&minted["jwks_successor_only"]);
+    let end = Instant::now() + DEADLINE;
+    while send(&client, "POST", &fn_a, old).await.status() != 401 {
+        assert!(Instant::now() < end, "the withdrawn key was never dropped");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(send(&client, "POST", &fn_a, new).await.status(), 202);
+    assert!(idp.fetches() >= 2);
+    gateway.shutdown().await;
+}
+
+/// The README's policy file, for the test issuer.
+fn readme_policy() -> String {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .unwrap();
+    let start = readme.find("# /etc/faas-async/policy.toml").unwrap();
+    let end = start + readme[start..].find("```").unwrap();
+    readme[start..end].replace("https://login.example.org/realms/research", ISSUER)
+}
+
+/// `--auth-policy-file`: scopes from groups and roles claims (PyJWT tokens without a scope
+/// claim), added to the token's own; a member gets them, a non-member a 403; a malformed file
+/// stops the gateway naming the line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn policy_file_maps_claims_to_scopes() {
+    let nats = NatsServer::start().await.unwrap();
+    let (jwks, jwt) = mint();
+    let dir = tempfile::tempdir().unwrap();
+    let jwks_path = dir.path().join("jwks.json");
+    std::fs::write(&jwks_path, jwks.to_string()).unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(&policy, readme_policy()).unwrap();
+    let (jwks_path, policy) = (
+        jwks_path.display().to_string(),
+        policy.display().to_string(),
+    );
+    let args = [
+        "--jwks-file",
+        &jwks_path,
+        "--jwt-issuer",
+        ISSUER,
+        "--jwt-audience",
+        AUDIENCE,
+        "--auth-policy-file",
+        &policy,
+    ];
+    let gateway = common::Gateway::start(&nats.url(), &args).await;
+    let client = http();
+    let url = |path: &str| format!("{}{path}", gateway.url);
+    let member = Cred::Bearer(&jwt["group_member"]);
+
+    // The group's scopes: invoke, read, admin of team-a; nothing of team-b, nothing queue-wide.
+    let r = send(&client, "POST", &url("/async-function/fn.team-a"), member).await;
+    assert_eq!(r.status(), 202);
+    let call = call_id(&r);
+    let record = url(&format!("/async-calls/{call}"));
+    assert_eq!(send(&client, "GET", &record, member).await.status(), 200);
+    assert_eq!(
+        send(
+            &client,
+            "POST",
+            &url("/system/async/functions/fn.team-a/pause"),
+            member
+        )
+        .await
+        .status(),
+        200
+    );
+    expect_403(
+        send(&client, "POST", &url("/async-function/fn.team-b"), member).await,
+        "invoke:team-b",
+        "the member's group is team-a's",
+    )
+    .await;
+    expect_403(
+        send(&client, "GET", &url("/system/async/queue"), member).await,
+        "admin:*",
+        "admin:team-a is not queue-wide",
+    )
+    .await;
+
+    // A member of another group: no scope at all for team-a.
+    let other = Cred::Bearer(&jwt["group_other"]);
+    expect_403(
+        send(&client, "POST", &url("/async-function/fn.team-a"), other).await,
+        "invoke:team-a",
+        "not a member",
+    )
+    .await;
+    common::assert_json_error(send(&client, "GET", &record, other).await, 403, "forbidden").await;
+
+    // A realm role, nested in realm_access.roles, for this issuer: read everywhere, no invoke.
+    let auditor = Cred::Bearer(&jwt["role_reader"]);
+    assert_eq!(send(&client, "GET", &record, auditor).await.status(), 200);
+    expect_403(
+        send(&client, "POST", &url("/async-function/fn.team-a"), auditor).await,
+        "invoke:team-a",
+        "the auditor only reads",
+    )
+    .await;
+
+    // `equals` on a custom claim, added to the token's own scope claim (read:team-a).
+    let genomics = Cred::Bearer(&jwt["department"]);
+    let r = send(
+        &client,
+        "POST",
+        &url("/async-function/fn.genomics"),
+        genomics,
+    )
+    .await;
+    assert_eq!(r.status(), 202);
+    let own = url(&format!("/async-calls/{}", call_id(&r)));
+    assert_eq!(send(&client, "GET", &own, genomics).await.status(), 200);
+    assert_eq!(
+        send(&client, "GET", &record, genomics).await.status(),
+        200,
+        "the token's own scope stays"
+    );
+
+    // Tokens with their own scopes and no matching rule are as before.
+    assert_eq!(
+        send(
+            &client,
+            "POST",
+            &url("/async-function/fn.team-a"),
+            Cred::Bearer(&jwt["valid_rs256"])
+        )
+        .await
+        .status(),
+        202
+    );
+    gateway.shutdown().await;
+
+    // A malformed file stops the gateway: the error names the file and the line.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[rule]]\nclaim = \"groups\"\ncontains = \"team-a-admins\"\nscopes = [\"invoke:team-a\", \"write:team-a\"]\n",
+    )
+    .unwrap();
+    let bad = bad.display().to_string();
+    let mut config_args = vec!["gateway-plugin"];
+    config_args.extend(args);
+    config_args.extend(["--auth-policy-file", &bad]);
+    let config =
+        <gateway_plugin::GatewayConfig as clap::Parser>::try_parse_from(config_args).unwrap();
+    let e = gateway_plugin::auth::Authenticator::from_args(&config.auth)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&bad) && e.contains("line 4") && e.contains("write:team-a"),
+        "{e}"
+    );
 }

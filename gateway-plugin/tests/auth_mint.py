@@ -21,6 +21,8 @@ rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 ec_key = ec.generate_private_key(ec.SECP256R1())
 ed_key = ed25519.Ed25519PrivateKey.generate()
 stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+# The key an issuer rotates to (served by the test's JWKS URL after the rotation).
+successor = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
 def public_jwk(algorithm, key, kid):
@@ -37,6 +39,11 @@ jwks = {
         public_jwk(jwt.algorithms.OKPAlgorithm, ed_key, "ed-1"),
     ]
 }
+
+
+# After a rotation: the old key still published, and then only the new one.
+jwks_rotated = {"keys": jwks["keys"] + [public_jwk(jwt.algorithms.RSAAlgorithm, successor, "rsa-next")]}
+jwks_successor_only = {"keys": [public_jwk(jwt.algorithms.RSAAlgorithm, successor, "rsa-next")]}
 
 
 def claims(**extra):
@@ -88,5 +95,21 @@ tokens = {
         claims(scope="*"),
         lambda m: hmac.new(rsa_public_pem, m, hashlib.sha256).digest(),
     ),
+    "rotated": mint(successor, "RS256", "rsa-next", scope=TEAM_A),
+    # Scopes from the policy file: groups and roles claims, no scope claim.
+    "group_member": mint(rsa_key, "RS256", "rsa-1", sub="carol", groups=["staff", "team-a-admins"]),
+    "group_other": mint(rsa_key, "RS256", "rsa-1", sub="dave", groups=["staff", "team-b-admins"]),
+    "role_reader": mint(
+        rsa_key, "RS256", "rsa-1", sub="erin", realm_access={"roles": ["offline_access", "auditor"]}
+    ),
+    "department": mint(rsa_key, "RS256", "rsa-1", sub="frank", department="genomics", scope="read:team-a"),
 }
-json.dump({"jwks": jwks, "tokens": tokens}, sys.stdout)
+json.dump(
+    {
+        "jwks": jwks,
+        "jwks_rotated": jwks_rotated,
+        "jwks_successor_only": jwks_successor_only,
+        "tokens": tokens,
+    },
+    sys.stdout,
+)

@@ -1,26 +1,35 @@
-//! JWT bearer tokens (OIDC access tokens) validated offline against a JWKS file
-//! (`--jwks-file`): RS256 (and the other RSA algorithms), ES256/ES384, EdDSA (Ed25519).
+//! JWT bearer tokens (OIDC access tokens) validated against a JWKS: read from a file
+//! (`--jwks-file`, offline) or fetched from the issuer (`--jwks-url`, cached): RS256 (and the
+//! other RSA algorithms), ES256/ES384, EdDSA (Ed25519).
 //!
 //! - Each key's algorithm is fixed when the file is read (from the key's `alg`, else its type
 //!   and curve), never taken from the token: an `HS256` token "signed" with an RSA public key
 //!   is refused, and so is `alg: none`. Symmetric (`oct`) keys are refused at start.
-//! - A token names its key with `kid`; a token without one, or with one the file does not
-//!   have, is refused.
+//! - A token names its key with `kid`; a token without one, or with one the keys do not have,
+//!   is refused. With `--jwks-url`, an unknown `kid` first makes the gateway fetch the keys
+//!   again (the issuer may have rotated them), at most once per
+//!   [`super::jwks::KID_REFRESH_INTERVAL`]; the keys are also fetched again every
+//!   `--jwks-refresh` ([`follow`]), and the last good ones stay in force while the issuer
+//!   cannot be reached.
 //! - `iss` and `aud` must be the configured ones, `exp` must be there and not past; `nbf`, when
 //!   there, must not be ahead; both with a small leeway for clock skew.
-//! - Scopes come from `scope` (space-separated) or `scp` (an array, or one string).
+//! - Scopes come from `scope` (space-separated) or `scp` (an array, or one string), and from
+//!   the rules of the policy file ([`super::policy`]) that hold for the token's claims.
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::time::Duration;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use serde::Deserialize;
+use serde_json::{Map, Value};
 
-use super::AuthError;
+use super::jwks::{KID_REFRESH_INTERVAL, RemoteJwks, next_refresh};
+use super::policy::Policy;
 use super::scope::Scopes;
+use super::{AuthError, Denied};
 
 /// What a JWT must satisfy besides its signature.
 #[derive(Debug, Clone)]
@@ -33,34 +42,47 @@ pub struct JwtRules {
     pub leeway: Duration,
 }
 
-/// The keys of a JWKS file, each with its one algorithm.
-pub struct JwtVerifier {
+/// The keys of a JWKS document, each with its one algorithm.
+#[derive(Default)]
+struct KeySet {
     keys: HashMap<String, (DecodingKey, Validation)>,
+}
+
+/// Where the keys come from.
+#[derive(Debug)]
+enum Source {
+    /// `--jwks-file`: read once, at start.
+    File,
+    /// `--jwks-url`: fetched, then refreshed.
+    Remote(Box<Remote>),
+}
+
+#[derive(Debug)]
+struct Remote {
+    jwks: RemoteJwks,
+    /// When a token's unknown `kid` last made the gateway fetch the keys (held during that
+    /// fetch, so that concurrent unknown `kid`s wait for it instead of fetching too).
+    last_kid_fetch: tokio::sync::Mutex<Option<Instant>>,
+}
+
+/// Verifies JWTs against the keys of a JWKS file or URL.
+pub struct JwtVerifier {
+    rules: JwtRules,
+    keys: RwLock<Arc<KeySet>>,
+    source: Source,
+    policy: Option<Policy>,
 }
 
 impl std::fmt::Debug for JwtVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keys = self.current();
+        let mut kids: Vec<_> = keys.keys.keys().collect();
+        kids.sort();
         f.debug_struct("JwtVerifier")
-            .field("kids", &self.keys.keys().collect::<Vec<_>>())
-            .finish()
+            .field("kids", &kids)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
     }
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum ScpClaim {
-    List(Vec<String>),
-    One(String),
-}
-
-#[derive(Deserialize)]
-struct Claims {
-    #[serde(default)]
-    sub: Option<String>,
-    #[serde(default)]
-    scope: Option<String>,
-    #[serde(default)]
-    scp: Option<ScpClaim>,
 }
 
 /// The one algorithm of a key, from its type, curve and (if given) `alg`.
@@ -111,31 +133,25 @@ fn algorithm_of(
     Ok(alg)
 }
 
-impl JwtVerifier {
-    /// Reads the JWKS file.
-    pub fn load(path: &Path, rules: &JwtRules) -> Result<Self, AuthError> {
-        let bad = |message: String| AuthError::Jwks {
-            path: path.to_owned(),
-            message,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| AuthError::io(path, e))?;
-        let set: JwkSet =
-            serde_json::from_str(&text).map_err(|e| bad(format!("not a JWKS: {e}")))?;
+impl KeySet {
+    /// The signature keys of a JWKS document (an error names the key, never its material).
+    fn parse(text: &str, rules: &JwtRules) -> Result<Self, String> {
+        let set: JwkSet = serde_json::from_str(text).map_err(|e| format!("not a JWKS: {e}"))?;
         let mut keys = HashMap::new();
         for jwk in &set.keys {
             let Some(kid) = jwk.common.key_id.clone() else {
-                return Err(bad("every key needs a \"kid\"".into()));
+                return Err("every key needs a \"kid\"".into());
             };
             if matches!(
                 jwk.common.public_key_use,
                 Some(PublicKeyUse::Encryption | PublicKeyUse::Other(_))
             ) {
-                tracing::info!(kid, "JWKS key not for signatures; skipped");
+                tracing::debug!(kid, "JWKS key not for signatures; skipped");
                 continue;
             }
             let alg = algorithm_of(&jwk.algorithm, jwk.common.key_algorithm)
-                .map_err(|m| bad(format!("key {kid:?}: {m}")))?;
-            let key = DecodingKey::from_jwk(jwk).map_err(|e| bad(format!("key {kid:?}: {e}")))?;
+                .map_err(|m| format!("key {kid:?}: {m}"))?;
+            let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("key {kid:?}: {e}"))?;
             let mut validation = Validation::new(alg);
             validation.set_issuer(&[&rules.issuer]);
             validation.set_audience(&[&rules.audience]);
@@ -145,41 +161,213 @@ impl JwtVerifier {
             validation.validate_aud = true;
             validation.leeway = rules.leeway.as_secs();
             if keys.insert(kid.clone(), (key, validation)).is_some() {
-                return Err(bad(format!("kid {kid:?} appears twice")));
+                return Err(format!("kid {kid:?} appears twice"));
             }
         }
         if keys.is_empty() {
-            return Err(bad("no signature keys".into()));
+            return Err("no signature keys".into());
         }
         Ok(Self { keys })
     }
 
+    fn kids(&self) -> Vec<&str> {
+        let mut kids: Vec<&str> = self.keys.keys().map(String::as_str).collect();
+        kids.sort_unstable();
+        kids
+    }
+}
+
+impl JwtVerifier {
+    /// Reads the JWKS file.
+    pub fn load(path: &Path, rules: &JwtRules) -> Result<Self, AuthError> {
+        let text = std::fs::read_to_string(path).map_err(|e| AuthError::io(path, e))?;
+        let keys = KeySet::parse(&text, rules).map_err(|message| AuthError::Jwks {
+            path: path.to_owned(),
+            message,
+        })?;
+        Ok(Self {
+            rules: rules.clone(),
+            keys: RwLock::new(Arc::new(keys)),
+            source: Source::File,
+            policy: None,
+        })
+    }
+
+    /// Keys from `remote`: none until [`follow`] has fetched them (JWTs are answered `503`
+    /// and [`Self::ready`] says why until then).
+    pub fn remote(remote: RemoteJwks, rules: &JwtRules) -> Self {
+        Self {
+            rules: rules.clone(),
+            keys: RwLock::new(Arc::new(KeySet::default())),
+            source: Source::Remote(Box::new(Remote {
+                jwks: remote,
+                last_kid_fetch: tokio::sync::Mutex::new(None),
+            })),
+            policy: None,
+        }
+    }
+
+    /// Grants scopes by claims too, from `policy`'s rules.
+    pub fn with_policy(mut self, policy: Option<Policy>) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    fn current(&self) -> Arc<KeySet> {
+        self.keys.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// `Err` with the reason while there are no keys yet (`--jwks-url` not fetched yet).
+    pub fn ready(&self) -> Result<(), String> {
+        match &self.source {
+            Source::Remote(remote) if self.current().keys.is_empty() => Err(format!(
+                "the JWT signing keys have not been fetched yet from {}",
+                remote.jwks.shown()
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Fetches the keys of `--jwks-url` once and puts them in force; returns the answer's
+    /// `max-age`. A document that does not parse leaves the keys in force as they were.
+    async fn fetch(
+        &self,
+        remote: &RemoteJwks,
+        why: &'static str,
+    ) -> Result<Option<Duration>, String> {
+        let fetched = remote.fetch().await?;
+        let text = std::str::from_utf8(&fetched.body).map_err(|_| "not UTF-8 text".to_owned())?;
+        let keys = KeySet::parse(text, &self.rules)?;
+        let before = self.current();
+        if before.kids() != keys.kids() {
+            tracing::info!(url = remote.shown(), why, kids = ?keys.kids(), "JWT signing keys fetched");
+        } else {
+            tracing::debug!(
+                url = remote.shown(),
+                why,
+                "JWT signing keys fetched, unchanged"
+            );
+        }
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keys);
+        Ok(fetched.max_age)
+    }
+
+    /// For a token whose `kid` the keys do not have: fetches the keys again, unless that was
+    /// done for an unknown `kid` less than [`KID_REFRESH_INTERVAL`] ago. Whether `kid` is
+    /// known afterwards.
+    async fn fetch_for_unknown_kid(&self, kid: &str) -> bool {
+        let Source::Remote(remote) = &self.source else {
+            return false;
+        };
+        let mut last = remote.last_kid_fetch.lock().await;
+        // Another request may have fetched them while this one waited.
+        if self.current().keys.contains_key(kid) {
+            return true;
+        }
+        if last.is_some_and(|at| at.elapsed() < KID_REFRESH_INTERVAL) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        if let Err(e) = self
+            .fetch(&remote.jwks, "a token names an unknown kid")
+            .await
+        {
+            tracing::warn!(url = remote.jwks.shown(), error = %e, "JWT signing keys not fetched again; the keys in force stay");
+            return false;
+        }
+        self.current().keys.contains_key(kid)
+    }
+
     /// The subject and scopes of a valid token; else why it is refused (a fixed phrase,
     /// never anything of the token).
-    pub fn verify(&self, token: &str) -> Result<(String, Scopes), &'static str> {
-        let header = jsonwebtoken::decode_header(token).map_err(|_| "malformed or alg none")?;
-        let kid = header.kid.ok_or("no kid")?;
-        let (key, validation) = self.keys.get(&kid).ok_or("unknown kid")?;
+    pub async fn verify(&self, token: &str) -> Result<(String, Scopes), Denied> {
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| Denied::Invalid("malformed or alg none"))?;
+        let kid = header.kid.ok_or(Denied::Invalid("no kid"))?;
+        let mut keys = self.current();
+        if keys.keys.is_empty() {
+            return Err(Denied::Unavailable(
+                "the JWT signing keys are not loaded yet",
+            ));
+        }
+        if !keys.keys.contains_key(&kid) {
+            if !self.fetch_for_unknown_kid(&kid).await {
+                return Err(Denied::Invalid("unknown kid"));
+            }
+            keys = self.current();
+        }
+        let (key, validation) = keys.keys.get(&kid).ok_or(Denied::Invalid("unknown kid"))?;
         let data =
-            jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| match e.kind() {
-                ErrorKind::InvalidAlgorithm => "algorithm not allowed for this key",
-                ErrorKind::InvalidSignature => "bad signature",
-                ErrorKind::ExpiredSignature => "expired",
-                ErrorKind::ImmatureSignature => "not valid yet",
-                ErrorKind::InvalidIssuer => "wrong issuer",
-                ErrorKind::InvalidAudience => "wrong audience",
-                ErrorKind::MissingRequiredClaim(_) => "missing exp, iss or aud",
-                _ => "invalid token",
+            jsonwebtoken::decode::<Map<String, Value>>(token, key, validation).map_err(|e| {
+                Denied::Invalid(match e.kind() {
+                    ErrorKind::InvalidAlgorithm => "algorithm not allowed for this key",
+                    ErrorKind::InvalidSignature => "bad signature",
+                    ErrorKind::ExpiredSignature => "expired",
+                    ErrorKind::ImmatureSignature => "not valid yet",
+                    ErrorKind::InvalidIssuer => "wrong issuer",
+                    ErrorKind::InvalidAudience => "wrong audience",
+                    ErrorKind::MissingRequiredClaim(_) => "missing exp, iss or aud",
+                    _ => "invalid token",
+                })
             })?;
         let claims = data.claims;
-        let scopes = match (&claims.scope, &claims.scp) {
-            (Some(scope), _) => Scopes::parse_lenient(scope.split_whitespace()),
-            (None, Some(ScpClaim::List(list))) => {
-                Scopes::parse_lenient(list.iter().map(String::as_str))
+        let words = |text: &str| Scopes::parse_lenient(text.split_whitespace());
+        let mut scopes = match (claims.get("scope"), claims.get("scp")) {
+            (Some(Value::String(scope)), _) => words(scope),
+            (_, Some(Value::Array(list))) => {
+                Scopes::parse_lenient(list.iter().filter_map(Value::as_str))
             }
-            (None, Some(ScpClaim::One(one))) => Scopes::parse_lenient(one.split_whitespace()),
-            (None, None) => Scopes::default(),
+            (_, Some(Value::String(one))) => words(one),
+            _ => Scopes::default(),
         };
-        Ok((claims.sub.unwrap_or_else(|| format!("jwt:{kid}")), scopes))
+        if let Some(policy) = &self.policy {
+            let issuer = claims.get("iss").and_then(Value::as_str);
+            policy.grant(issuer, &claims, &mut scopes);
+        }
+        let subject = match claims.get("sub").and_then(Value::as_str) {
+            Some(sub) => sub.to_owned(),
+            None => format!("jwt:{kid}"),
+        };
+        Ok((subject, scopes))
+    }
+}
+
+/// With `--jwks-url`: fetches the keys at once, then every `--jwks-refresh` (sooner if the
+/// answer's `max-age` says so), until `stop`. A failed fetch is retried with a backoff
+/// (1 s doubling up to a minute, at most `--jwks-refresh`); the keys in force stay.
+pub async fn follow(verifier: &JwtVerifier, stop: tokio_util::sync::CancellationToken) {
+    let Source::Remote(remote) = &verifier.source else {
+        return;
+    };
+    let remote = &remote.jwks;
+    const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+    let max_backoff = remote.refresh.min(Duration::from_secs(60));
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let why = match verifier.ready() {
+            Ok(()) => "periodic refresh",
+            Err(_) => "start",
+        };
+        let wait = match verifier.fetch(remote, why).await {
+            Ok(max_age) => {
+                backoff = FIRST_BACKOFF;
+                next_refresh(remote.refresh, max_age)
+            }
+            Err(e) => {
+                let retry = humantime::format_duration(backoff).to_string();
+                if verifier.ready().is_ok() {
+                    tracing::warn!(url = remote.shown(), error = %e, retry, "JWT signing keys not fetched again; the keys fetched before stay in force");
+                } else {
+                    tracing::error!(url = remote.shown(), error = %e, retry, "JWT signing keys not fetched: JWTs are answered 503 and /readyz is not ready until they are");
+                }
+                let wait = backoff;
+                backoff = (backoff * 2).min(max_backoff);
+                wait
+            }
+        };
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
     }
 }

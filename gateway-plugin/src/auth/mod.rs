@@ -13,7 +13,9 @@
 //! before; the gateway warns at start) and the accept path does no extra work.
 
 pub mod basic;
+pub mod jwks;
 pub mod jwt;
+pub mod policy;
 pub mod scope;
 pub mod tokens;
 
@@ -69,12 +71,29 @@ pub struct AuthArgs {
     #[arg(long, env = "AUTH_TOKENS_FILE")]
     pub auth_tokens_file: Option<PathBuf>,
     /// JWT bearer tokens: the signing keys (a JWKS document), read from this file.
-    #[arg(long, env = "AUTH_JWKS_FILE")]
+    #[arg(long, env = "AUTH_JWKS_FILE", conflicts_with = "jwks_url")]
     pub jwks_file: Option<PathBuf>,
-    /// The accepted JWT `iss` (required with `--jwks-file`).
+    /// JWT bearer tokens: the signing keys (a JWKS document) fetched from this URL (`https`;
+    /// plain `http` only to a loopback address), cached, fetched again every `--jwks-refresh`
+    /// and, at most every 30 s, for a token naming an unknown `kid`.
+    #[arg(long, env = "AUTH_JWKS_URL")]
+    pub jwks_url: Option<String>,
+    /// How often the keys of `--jwks-url` are fetched again (sooner when the answer's
+    /// `Cache-Control: max-age` is shorter, but not below 30 s).
+    #[arg(long, env = "AUTH_JWKS_REFRESH", default_value = "5m", value_parser = parse_duration)]
+    pub jwks_refresh: Duration,
+    /// PEM file of the CA certificates trusted for `--jwks-url` (a private IdP), instead of
+    /// the system's.
+    #[arg(long, env = "AUTH_JWKS_CA", value_name = "FILE")]
+    pub jwks_ca: Option<PathBuf>,
+    /// Scopes for JWTs by their claims (groups, roles, ...): a TOML file of rules, each an
+    /// optional issuer, a claim condition and the scopes it adds to the token's own.
+    #[arg(long, env = "AUTH_POLICY_FILE", value_name = "FILE")]
+    pub auth_policy_file: Option<PathBuf>,
+    /// The accepted JWT `iss` (required with `--jwks-file` or `--jwks-url`).
     #[arg(long, env = "AUTH_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
-    /// The accepted JWT `aud` (required with `--jwks-file`).
+    /// The accepted JWT `aud` (required with `--jwks-file` or `--jwks-url`).
     #[arg(long, env = "AUTH_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
     /// Clock skew allowed on JWT `exp` and `nbf`.
@@ -123,6 +142,14 @@ pub enum AuthError {
         /// What is wrong.
         message: String,
     },
+    /// The policy file is unusable.
+    #[error("policy file {path}: {message}")]
+    Policy {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with the line.
+        message: String,
+    },
     /// Settings that do not go together.
     #[error("{0}")]
     Settings(String),
@@ -155,6 +182,15 @@ pub enum Denied {
     Missing,
     /// Credentials that are not valid (a fixed phrase for the log, never the credentials).
     Invalid(&'static str),
+    /// Credentials that cannot be checked yet (the JWT keys of `--jwks-url` not fetched yet):
+    /// `503`, not `401`, so a client does not take its token for a bad one.
+    Unavailable(&'static str),
+}
+
+/// Where the JWT signing keys come from.
+enum KeysFrom<'a> {
+    File(&'a Path),
+    Url(&'a str),
 }
 
 /// The configured authenticators.
@@ -178,24 +214,56 @@ impl Authenticator {
             Some(path) => Some(tokens::TokenStore::load(path)?),
             None => None,
         };
-        let jwt = match (&args.jwks_file, &args.jwt_issuer, &args.jwt_audience) {
-            (Some(path), Some(issuer), Some(audience)) => Some(jwt::JwtVerifier::load(
-                path,
-                &jwt::JwtRules {
+        let keys = match (&args.jwks_file, &args.jwks_url) {
+            (Some(_), Some(_)) => {
+                return Err(AuthError::Settings(
+                    "give --jwks-file or --jwks-url, not both".into(),
+                ));
+            }
+            (Some(path), None) => Some(KeysFrom::File(path)),
+            (None, Some(url)) => Some(KeysFrom::Url(url)),
+            (None, None) => None,
+        };
+        if args.jwks_ca.is_some() && args.jwks_url.is_none() {
+            return Err(AuthError::Settings("--jwks-ca is for --jwks-url".into()));
+        }
+        let jwt = match (keys, &args.jwt_issuer, &args.jwt_audience) {
+            (Some(keys), Some(issuer), Some(audience)) => {
+                let rules = jwt::JwtRules {
                     issuer: issuer.clone(),
                     audience: audience.clone(),
                     leeway: args.jwt_leeway,
-                },
-            )?),
+                };
+                let verifier = match keys {
+                    KeysFrom::File(path) => jwt::JwtVerifier::load(path, &rules)?,
+                    KeysFrom::Url(url) => jwt::JwtVerifier::remote(
+                        jwks::RemoteJwks::new(url, args.jwks_ca.as_deref(), args.jwks_refresh)?,
+                        &rules,
+                    ),
+                };
+                let policy = match &args.auth_policy_file {
+                    Some(path) => Some(policy::Policy::load(path, issuer)?),
+                    None => None,
+                };
+                Some(verifier.with_policy(policy))
+            }
             (Some(_), _, _) => {
                 return Err(AuthError::Settings(
-                    "--jwks-file needs --jwt-issuer and --jwt-audience: a JWT is accepted only for this issuer and audience".into(),
+                    "--jwks-file or --jwks-url needs --jwt-issuer and --jwt-audience: a JWT is accepted only for this issuer and audience".into(),
                 ));
             }
-            (None, None, None) => None,
+            (None, None, None) => {
+                if args.auth_policy_file.is_some() {
+                    return Err(AuthError::Settings(
+                        "--auth-policy-file maps JWT claims to scopes: it needs --jwks-file or --jwks-url, --jwt-issuer and --jwt-audience".into(),
+                    ));
+                }
+                None
+            }
             (None, _, _) => {
                 return Err(AuthError::Settings(
-                    "--jwt-issuer and --jwt-audience need --jwks-file (the keys)".into(),
+                    "--jwt-issuer and --jwt-audience need --jwks-file or --jwks-url (the keys)"
+                        .into(),
                 ));
             }
         };
@@ -229,8 +297,14 @@ impl Authenticator {
         self.tokens.as_ref()
     }
 
+    /// `Err` with the reason while credentials cannot be checked yet (the keys of
+    /// `--jwks-url` not fetched yet); `/readyz` says so.
+    pub fn ready(&self) -> Result<(), String> {
+        self.jwt.as_ref().map_or(Ok(()), jwt::JwtVerifier::ready)
+    }
+
     /// Who sent a request with `headers`.
-    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Principal, Denied> {
+    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Principal, Denied> {
         let Some(value) = headers.get(header::AUTHORIZATION) else {
             return Err(Denied::Missing);
         };
@@ -267,7 +341,7 @@ impl Authenticator {
         }
         match &self.jwt {
             Some(jwt) if credentials.bytes().filter(|b| *b == b'.').count() == 2 => {
-                let (subject, scopes) = jwt.verify(credentials).map_err(Denied::Invalid)?;
+                let (subject, scopes) = jwt.verify(credentials).await?;
                 Ok(Principal {
                     subject,
                     method: "jwt",
@@ -283,7 +357,9 @@ impl Authenticator {
         if self.tokens.is_some() || self.jwt.is_some() {
             out.push(HeaderValue::from_static(match denied {
                 Denied::Missing => "Bearer realm=\"faas-async\"",
-                Denied::Invalid(_) => "Bearer realm=\"faas-async\", error=\"invalid_token\"",
+                Denied::Invalid(_) | Denied::Unavailable(_) => {
+                    "Bearer realm=\"faas-async\", error=\"invalid_token\""
+                }
             }));
         }
         if self.basic.is_some() {
@@ -292,6 +368,13 @@ impl Authenticator {
             ));
         }
         out
+    }
+}
+
+/// With `--jwks-url`: fetches the JWT signing keys and keeps them fresh, until `stop`.
+pub async fn follow_jwks(auth: Arc<Authenticator>, stop: tokio_util::sync::CancellationToken) {
+    if let Some(verifier) = &auth.jwt {
+        jwt::follow(verifier, stop).await;
     }
 }
 

@@ -123,6 +123,15 @@ impl Scopes {
         )
     }
 
+    /// Adds `more` to these.
+    pub fn extend(&mut self, more: &Scopes) {
+        for grant in &more.0 {
+            if !self.0.contains(grant) {
+                self.0.push(grant.clone());
+            }
+        }
+    }
+
     /// Whether these scopes grant `needed`.
     pub fn grants(&self, needed: &Needed) -> bool {
         self.0.iter().any(|grant| match (grant, needed) {

@@ -38,6 +38,13 @@ pub struct Gateway {
 
 impl Gateway {
     pub async fn start(nats_url: &str, extra: &[&str]) -> Self {
+        let gateway = Self::launch(nats_url, extra).await;
+        assert!(gateway.wait_ready(true).await, "gateway never became ready");
+        gateway
+    }
+
+    /// Starts without waiting for `/readyz` to answer ready.
+    pub async fn launch(nats_url: &str, extra: &[&str]) -> Self {
         let mut args = vec![
             "gateway-plugin",
             "--nats-url",
@@ -53,13 +60,11 @@ impl Gateway {
         let handle = tokio::spawn(gateway_plugin::run(config, listener, async move {
             let _ = rx.await;
         }));
-        let gateway = Self {
+        Self {
             url,
             stop: Some(tx),
             handle,
-        };
-        assert!(gateway.wait_ready(true).await, "gateway never became ready");
-        gateway
+        }
     }
 
     /// Waits until `/readyz` answers ready (or not ready, with `want = false`).
