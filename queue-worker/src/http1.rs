@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use queue_core::egress::{EgressPolicy, Refusal};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Most response headers accepted.
@@ -391,6 +391,18 @@ async fn exchange(
     if stream.readable().await.is_err() {
         return Err(Attempt::ClosedBeforeAnswer);
     }
+    let (response, reusable) = read_response(&mut stream, request.method, max_body).await?;
+    Ok((response, reusable.then_some(stream)))
+}
+
+/// Reads one response to a `method` request from `stream`: skips informational answers, then
+/// the head and the body as [`framing`] delimits it. Also says whether the connection is clean
+/// for another request. Generic over the reader so the parser can be driven from memory.
+async fn read_response<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    method: &str,
+    max_body: u64,
+) -> Result<(Response, bool), Attempt> {
     let mut buf = BytesMut::with_capacity(INITIAL_READ);
     let mut received = false;
     let (status, headers) = loop {
@@ -437,7 +449,7 @@ async fn exchange(
     if status == 101 {
         return Err(Http1Error::Malformed("protocol switch").into());
     }
-    let framing = framing(request.method, status, &headers)?;
+    let framing = framing(method, status, &headers)?;
     let (body, reusable) = match framing {
         Framing::None => (Bytes::new(), true),
         Framing::Length(len) => {
@@ -445,10 +457,10 @@ async fn exchange(
                 return Err(Http1Error::TooLarge.into());
             }
             let len = usize::try_from(len).map_err(|_| Http1Error::TooLarge)?;
-            (read_exact_body(&mut stream, buf, len).await?, true)
+            (read_exact_body(stream, buf, len).await?, true)
         }
-        Framing::Chunked => read_chunked(&mut stream, buf, max_body).await?,
-        Framing::UntilClose => (read_to_close(&mut stream, buf, max_body).await?, false),
+        Framing::Chunked => read_chunked(stream, buf, max_body).await?,
+        Framing::UntilClose => (read_to_close(stream, buf, max_body).await?, false),
     };
     let keep_alive = reusable
         && !headers
@@ -460,8 +472,31 @@ async fn exchange(
             headers,
             body,
         },
-        keep_alive.then_some(stream),
+        keep_alive,
     ))
+}
+
+/// The response parser over any reader, for the fuzz targets (`fuzz`): an answer that
+/// ends before its first byte is [`Http1Error::Io`] here. Not a stable interface.
+#[doc(hidden)]
+pub async fn read_response_from<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    method: &str,
+    max_body: u64,
+) -> Result<(Response, bool), Http1Error> {
+    read_response(stream, method, max_body)
+        .await
+        .map_err(|e| match e {
+            Attempt::ClosedBeforeAnswer => Http1Error::Io,
+            Attempt::Failed(e) => e,
+        })
+}
+
+/// The request head as it is written to the connection, for the fuzz targets. Not a stable
+/// interface.
+#[doc(hidden)]
+pub fn request_head(request: &Request<'_>) -> Result<Vec<u8>, Http1Error> {
+    head(request)
 }
 
 type Parsed = (u16, Vec<(String, String)>, usize);
@@ -544,8 +579,8 @@ fn framing(method: &str, status: u16, headers: &[(String, String)]) -> Result<Fr
     Ok(length.map_or(Framing::UntilClose, Framing::Length))
 }
 
-async fn read_exact_body(
-    stream: &mut TcpStream,
+async fn read_exact_body<S: AsyncRead + Unpin>(
+    stream: &mut S,
     mut buf: BytesMut,
     len: usize,
 ) -> Result<Bytes, Attempt> {
@@ -565,7 +600,10 @@ async fn read_exact_body(
     Ok(buf.freeze())
 }
 
-async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<(), Attempt> {
+async fn read_more<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+) -> Result<(), Attempt> {
     if buf.capacity() == buf.len() {
         buf.reserve(buf.len().clamp(INITIAL_READ, MAX_READ));
     }
@@ -580,7 +618,10 @@ fn crlf(buf: &[u8]) -> Option<usize> {
     buf.windows(2).position(|w| w == b"\r\n")
 }
 
-async fn read_line(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Bytes, Attempt> {
+async fn read_line<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+) -> Result<Bytes, Attempt> {
     loop {
         if let Some(end) = crlf(buf) {
             let line = buf.split_to(end).freeze();
@@ -595,8 +636,8 @@ async fn read_line(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Bytes, 
 }
 
 /// Reads a chunked body; returns it and whether the connection is clean for reuse.
-async fn read_chunked(
-    stream: &mut TcpStream,
+async fn read_chunked<S: AsyncRead + Unpin>(
+    stream: &mut S,
     mut buf: BytesMut,
     max_body: u64,
 ) -> Result<(Bytes, bool), Attempt> {
@@ -642,8 +683,8 @@ async fn read_chunked(
     }
 }
 
-async fn read_to_close(
-    stream: &mut TcpStream,
+async fn read_to_close<S: AsyncRead + Unpin>(
+    stream: &mut S,
     mut buf: BytesMut,
     max_body: u64,
 ) -> Result<Bytes, Attempt> {
