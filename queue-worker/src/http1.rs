@@ -668,18 +668,20 @@ async fn read_chunked<S: AsyncRead + Unpin>(
             }
             return Ok((body.freeze(), buf.is_empty()));
         }
-        if body.len() as u64 + size > max_body {
+        // A chunk size is up to 16 hex digits: the sums must not wrap.
+        if (body.len() as u64).saturating_add(size) > max_body {
             return Err(Http1Error::TooLarge.into());
         }
         let size = usize::try_from(size).map_err(|_| Http1Error::TooLarge)?;
-        while buf.len() < size + 2 {
+        let end = size.checked_add(2).ok_or(Http1Error::TooLarge)?;
+        while buf.len() < end {
             read_more(stream, &mut buf).await?;
         }
         body.extend_from_slice(&buf[..size]);
-        if &buf[size..size + 2] != b"\r\n" {
+        if &buf[size..end] != b"\r\n" {
             return Err(Http1Error::Malformed("chunk not followed by CRLF").into());
         }
-        buf.advance(size + 2);
+        buf.advance(end);
     }
 }
 
@@ -1083,6 +1085,33 @@ mod tests {
                 let r = post(&c, &origin, b"x", 64).await.unwrap();
                 assert!(r.body.is_empty());
             }
+        }
+    }
+
+    /// Found by the `http1_response` fuzz target: a chunk of 2^64 - 1 bytes after a first chunk
+    /// wrapped the body-size sum (a panic with overflow checks, an out-of-bounds slice without).
+    #[tokio::test]
+    async fn fuzz_regression_a_huge_chunk_size_is_too_large_not_a_panic() {
+        for size in ["ffffffffffffffff", "fffffffffffffffe", "fffffffffffffffd"] {
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n{size}\r\nde\r\n"
+            );
+            let mut peer = answer.as_bytes();
+            let parsed = read_response(&mut peer, "POST", 16).await;
+            assert!(
+                matches!(parsed, Err(Attempt::Failed(Http1Error::TooLarge))),
+                "{size}"
+            );
+            // Without a limit: too large to address, or a body that never comes.
+            let mut peer = answer.as_bytes();
+            let parsed = read_response(&mut peer, "POST", u64::MAX).await;
+            assert!(
+                matches!(
+                    parsed,
+                    Err(Attempt::Failed(Http1Error::TooLarge | Http1Error::Io))
+                ),
+                "{size} without a limit"
+            );
         }
     }
 }
