@@ -322,7 +322,7 @@ fn head(request: &Request<'_>) -> Result<Vec<u8>, Http1Error> {
     if !is_token(request.method) {
         return Err(Http1Error::Malformed("invalid method"));
     }
-    if request.target.bytes().any(|b| b <= b' ' || b == 0x7f) {
+    if request.target.is_empty() || request.target.bytes().any(|b| b <= b' ' || b == 0x7f) {
         return Err(Http1Error::Malformed("invalid request target"));
     }
     let mut out = Vec::with_capacity(
@@ -1086,6 +1086,29 @@ mod tests {
                 assert!(r.body.is_empty());
             }
         }
+    }
+
+    /// Found by the `headers` fuzz target: an empty target wrote `POST  HTTP/1.1`, a request
+    /// line no server parses.
+    #[test]
+    fn fuzz_regression_an_empty_request_target_is_refused() {
+        let origin = Origin {
+            host: "gateway".into(),
+            port: 8080,
+        };
+        let body = Bytes::new();
+        let request = Request {
+            method: "POST",
+            origin: &origin,
+            host_header: "gateway:8080",
+            target: "",
+            headers: &[],
+            body: &body,
+        };
+        assert_eq!(
+            head(&request),
+            Err(Http1Error::Malformed("invalid request target"))
+        );
     }
 
     /// Found by the `http1_response` fuzz target: a chunk of 2^64 - 1 bytes after a first chunk
