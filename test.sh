@@ -33,6 +33,9 @@ echo "==> cargo test"
 # Tests start their own nats-server processes; a few at a time keeps a 2-core machine responsive.
 cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-4}"
 
+echo "==> fuzzing (scripts/fuzz.sh, FUZZ_SECONDS=${FUZZ_SECONDS:-20} per target)"
+./scripts/fuzz.sh
+
 echo "==> deploy artifacts: chart and rendered manifests, image runtime, systemd units, bundle, dashboard"
 # Uses the debug binaries cargo test just built; installs its Python tools into .tools/venv.
 ./scripts/check-deploy.sh --bin-dir "${CARGO_TARGET_DIR:-target}/debug"
