@@ -597,6 +597,10 @@ async fn read_exact_body<S: AsyncRead + Unpin>(
             return Err(Http1Error::Io.into());
         }
     }
+    // The last read may have brought more than the body (a buffer can hold more than asked).
+    if buf.len() > len {
+        return Err(Http1Error::Malformed("more data than content-length").into());
+    }
     Ok(buf.freeze())
 }
 
@@ -1136,5 +1140,27 @@ mod tests {
                 "{size} without a limit"
             );
         }
+    }
+
+    /// Found by the `http1_response` fuzz target: bytes past the content length that came in
+    /// the same read as the end of the body were returned as part of it (and the connection
+    /// kept for reuse).
+    #[tokio::test]
+    async fn fuzz_regression_a_body_longer_than_its_content_length_is_refused() {
+        let head: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n";
+        // The head in one read, the body (and what follows it) in the next.
+        let mut peer = AsyncReadExt::chain(head, &b"ok, and more"[..]);
+        assert!(matches!(
+            read_response(&mut peer, "POST", 1024).await,
+            Err(Attempt::Failed(Http1Error::Malformed(
+                "more data than content-length"
+            )))
+        ));
+        let mut peer = AsyncReadExt::chain(head, &b"ok"[..]);
+        let (response, reusable) = match read_response(&mut peer, "POST", 1024).await {
+            Ok(answer) => answer,
+            Err(_) => panic!("a body of its content length is refused"),
+        };
+        assert_eq!((&response.body[..], reusable), (&b"ok"[..], true));
     }
 }
