@@ -9,7 +9,8 @@
 #   FUZZ_SECONDS       seconds per target (default 20)
 #   FUZZ_JOBS          targets fuzzed at once, one core each (default: the number of CPUs)
 #   FUZZ_TARGET_DIR    build directory (default ${CARGO_TARGET_DIR:-target}/fuzz)
-#   CARGO_FUZZ_VERSION the cargo-fuzz installed into .tools/cargo-fuzz (default 0.13.2)
+#   CARGO_FUZZ_VERSION the cargo-fuzz to install (default 0.13.2)
+#   FUZZ_TOOLS_DIR     where it is installed (default ~/.cache/faas-async/cargo-fuzz-VERSION)
 #
 # Each target starts from its committed seeds (fuzz/seeds/TARGET) and the corpus earlier runs
 # grew (fuzz/corpus/TARGET, kept out of git). A crashing input (a panic, a failed property, an
@@ -37,14 +38,15 @@ for t in "${targets[@]}"; do
   [ -f "fuzz/libfuzzer/fuzz_targets/$t.rs" ] || fail "unknown target '$t' (targets: ${all_targets[*]})"
 done
 
-# cargo-fuzz, pinned, in .tools (out of git). libfuzzer-sys builds libFuzzer with the C++ compiler.
-tools="$root/.tools/cargo-fuzz"
+# cargo-fuzz, pinned, built once per machine and version (outside the clone: CI clones afresh).
+# libfuzzer-sys builds libFuzzer with the C++ compiler.
+tools="${FUZZ_TOOLS_DIR:-${XDG_CACHE_HOME:-${HOME:-$root/.tools}/.cache}/faas-async/cargo-fuzz-$CARGO_FUZZ_VERSION}"
 cargo_fuzz="$tools/bin/cargo-fuzz"
 installed() { [ -x "$cargo_fuzz" ] && [ "$("$cargo_fuzz" --version 2>/dev/null)" = "cargo-fuzz $CARGO_FUZZ_VERSION" ]; }
 command -v cargo >/dev/null || fail "cargo is required"
 command -v c++ >/dev/null || fail "a C++ compiler (c++) is required to build libFuzzer (Debian: apt-get install g++)"
 if ! installed; then
-  echo "==> installing cargo-fuzz $CARGO_FUZZ_VERSION into .tools/cargo-fuzz" >&2
+  echo "==> installing cargo-fuzz $CARGO_FUZZ_VERSION into $tools" >&2
   CARGO_TARGET_DIR="$tools/build" cargo install --quiet --locked --force \
     --root "$tools" --version "=$CARGO_FUZZ_VERSION" cargo-fuzz >&2 ||
     fail "cargo install cargo-fuzz $CARGO_FUZZ_VERSION failed"
