@@ -36,6 +36,8 @@ cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-4}"
 echo "==> HTTP API against its OpenAPI document (schemathesis, live gateway)"
 # Uses the debug faas-async cargo test just built; installs schemathesis into .tools/venv.
 ./scripts/schemathesis.sh --bin-dir "${CARGO_TARGET_DIR:-target}/debug"
+echo "==> fuzzing (scripts/fuzz.sh, FUZZ_SECONDS=${FUZZ_SECONDS:-20} per target)"
+./scripts/fuzz.sh
 
 echo "==> deploy artifacts: chart and rendered manifests, image runtime, systemd units, bundle, dashboard"
 # Uses the debug binaries cargo test just built; installs its Python tools into .tools/venv.

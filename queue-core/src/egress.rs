@@ -254,7 +254,12 @@ impl EgressPolicy {
         match url.host().ok_or(Refusal::NoHost)? {
             url::Host::Ipv4(a) => self.check_address(None, IpAddr::V4(a)),
             url::Host::Ipv6(a) => self.check_address(None, IpAddr::V6(a)),
-            url::Host::Domain(d) => self.check_name(d),
+            // The URL parser reads a host with two or more trailing dots (`169.254.169.254..`)
+            // as a name; with its dots trimmed, as every name here is, it is an address.
+            url::Host::Domain(d) => match url::Host::parse(trim_dots(d)) {
+                Ok(url::Host::Ipv4(a)) => self.check_address(None, IpAddr::V4(a)),
+                _ => self.check_name(d),
+            },
         }
     }
 
@@ -472,6 +477,31 @@ mod tests {
         ] {
             assert_eq!(check(&p, url), Err(Refusal::LinkLocal), "{url}");
         }
+    }
+
+    /// Found by the `callback_url` fuzz target: with two trailing dots an address was a name
+    /// to the URL parser, and passed.
+    #[test]
+    fn fuzz_regression_addresses_with_trailing_dots_are_addresses() {
+        let p = EgressPolicy::default();
+        for (url, refusal) in [
+            ("http://169.254.169.254../", Refusal::LinkLocal),
+            ("http://169.254.169.254....//0x0xa9@", Refusal::LinkLocal),
+            ("http://0xa9fea9fe.../", Refusal::LinkLocal),
+            ("http://2852039166../", Refusal::LinkLocal),
+            ("http://100.100.100.200../", Refusal::Metadata),
+            ("http://0.0.0.0../", Refusal::Unspecified),
+            ("http://224.0.0.1../", Refusal::Multicast),
+        ] {
+            assert_eq!(check(&p, url), Err(refusal), "{url}");
+        }
+        let denied = policy(&["127.0.0.0/8"], &[]);
+        assert_eq!(
+            check(&denied, "http://127.0.0.1../"),
+            Err(Refusal::DeniedAddress)
+        );
+        assert_eq!(check(&p, "http://127.0.0.1../"), Ok(()));
+        assert_eq!(check(&p, "http://hooks.example.com../"), Ok(()));
     }
 
     #[test]

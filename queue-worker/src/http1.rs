@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use queue_core::egress::{EgressPolicy, Refusal};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Most response headers accepted.
@@ -322,7 +322,7 @@ fn head(request: &Request<'_>) -> Result<Vec<u8>, Http1Error> {
     if !is_token(request.method) {
         return Err(Http1Error::Malformed("invalid method"));
     }
-    if request.target.bytes().any(|b| b <= b' ' || b == 0x7f) {
+    if request.target.is_empty() || request.target.bytes().any(|b| b <= b' ' || b == 0x7f) {
         return Err(Http1Error::Malformed("invalid request target"));
     }
     let mut out = Vec::with_capacity(
@@ -391,6 +391,18 @@ async fn exchange(
     if stream.readable().await.is_err() {
         return Err(Attempt::ClosedBeforeAnswer);
     }
+    let (response, reusable) = read_response(&mut stream, request.method, max_body).await?;
+    Ok((response, reusable.then_some(stream)))
+}
+
+/// Reads one response to a `method` request from `stream`: skips informational answers, then
+/// the head and the body as [`framing`] delimits it. Also says whether the connection is clean
+/// for another request. Generic over the reader so the parser can be driven from memory.
+async fn read_response<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    method: &str,
+    max_body: u64,
+) -> Result<(Response, bool), Attempt> {
     let mut buf = BytesMut::with_capacity(INITIAL_READ);
     let mut received = false;
     let (status, headers) = loop {
@@ -437,7 +449,7 @@ async fn exchange(
     if status == 101 {
         return Err(Http1Error::Malformed("protocol switch").into());
     }
-    let framing = framing(request.method, status, &headers)?;
+    let framing = framing(method, status, &headers)?;
     let (body, reusable) = match framing {
         Framing::None => (Bytes::new(), true),
         Framing::Length(len) => {
@@ -445,10 +457,10 @@ async fn exchange(
                 return Err(Http1Error::TooLarge.into());
             }
             let len = usize::try_from(len).map_err(|_| Http1Error::TooLarge)?;
-            (read_exact_body(&mut stream, buf, len).await?, true)
+            (read_exact_body(stream, buf, len).await?, true)
         }
-        Framing::Chunked => read_chunked(&mut stream, buf, max_body).await?,
-        Framing::UntilClose => (read_to_close(&mut stream, buf, max_body).await?, false),
+        Framing::Chunked => read_chunked(stream, buf, max_body).await?,
+        Framing::UntilClose => (read_to_close(stream, buf, max_body).await?, false),
     };
     let keep_alive = reusable
         && !headers
@@ -460,8 +472,31 @@ async fn exchange(
             headers,
             body,
         },
-        keep_alive.then_some(stream),
+        keep_alive,
     ))
+}
+
+/// The response parser over any reader, for the fuzz targets (`fuzz`): an answer that
+/// ends before its first byte is [`Http1Error::Io`] here. Not a stable interface.
+#[doc(hidden)]
+pub async fn read_response_from<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    method: &str,
+    max_body: u64,
+) -> Result<(Response, bool), Http1Error> {
+    read_response(stream, method, max_body)
+        .await
+        .map_err(|e| match e {
+            Attempt::ClosedBeforeAnswer => Http1Error::Io,
+            Attempt::Failed(e) => e,
+        })
+}
+
+/// The request head as it is written to the connection, for the fuzz targets. Not a stable
+/// interface.
+#[doc(hidden)]
+pub fn request_head(request: &Request<'_>) -> Result<Vec<u8>, Http1Error> {
+    head(request)
 }
 
 type Parsed = (u16, Vec<(String, String)>, usize);
@@ -544,8 +579,8 @@ fn framing(method: &str, status: u16, headers: &[(String, String)]) -> Result<Fr
     Ok(length.map_or(Framing::UntilClose, Framing::Length))
 }
 
-async fn read_exact_body(
-    stream: &mut TcpStream,
+async fn read_exact_body<S: AsyncRead + Unpin>(
+    stream: &mut S,
     mut buf: BytesMut,
     len: usize,
 ) -> Result<Bytes, Attempt> {
@@ -562,10 +597,17 @@ async fn read_exact_body(
             return Err(Http1Error::Io.into());
         }
     }
+    // The last read may have brought more than the body (a buffer can hold more than asked).
+    if buf.len() > len {
+        return Err(Http1Error::Malformed("more data than content-length").into());
+    }
     Ok(buf.freeze())
 }
 
-async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<(), Attempt> {
+async fn read_more<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+) -> Result<(), Attempt> {
     if buf.capacity() == buf.len() {
         buf.reserve(buf.len().clamp(INITIAL_READ, MAX_READ));
     }
@@ -580,7 +622,10 @@ fn crlf(buf: &[u8]) -> Option<usize> {
     buf.windows(2).position(|w| w == b"\r\n")
 }
 
-async fn read_line(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Bytes, Attempt> {
+async fn read_line<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+) -> Result<Bytes, Attempt> {
     loop {
         if let Some(end) = crlf(buf) {
             let line = buf.split_to(end).freeze();
@@ -595,8 +640,8 @@ async fn read_line(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Bytes, 
 }
 
 /// Reads a chunked body; returns it and whether the connection is clean for reuse.
-async fn read_chunked(
-    stream: &mut TcpStream,
+async fn read_chunked<S: AsyncRead + Unpin>(
+    stream: &mut S,
     mut buf: BytesMut,
     max_body: u64,
 ) -> Result<(Bytes, bool), Attempt> {
@@ -627,23 +672,25 @@ async fn read_chunked(
             }
             return Ok((body.freeze(), buf.is_empty()));
         }
-        if body.len() as u64 + size > max_body {
+        // A chunk size is up to 16 hex digits: the sums must not wrap.
+        if (body.len() as u64).saturating_add(size) > max_body {
             return Err(Http1Error::TooLarge.into());
         }
         let size = usize::try_from(size).map_err(|_| Http1Error::TooLarge)?;
-        while buf.len() < size + 2 {
+        let end = size.checked_add(2).ok_or(Http1Error::TooLarge)?;
+        while buf.len() < end {
             read_more(stream, &mut buf).await?;
         }
         body.extend_from_slice(&buf[..size]);
-        if &buf[size..size + 2] != b"\r\n" {
+        if &buf[size..end] != b"\r\n" {
             return Err(Http1Error::Malformed("chunk not followed by CRLF").into());
         }
-        buf.advance(size + 2);
+        buf.advance(end);
     }
 }
 
-async fn read_to_close(
-    stream: &mut TcpStream,
+async fn read_to_close<S: AsyncRead + Unpin>(
+    stream: &mut S,
     mut buf: BytesMut,
     max_body: u64,
 ) -> Result<Bytes, Attempt> {
@@ -1043,5 +1090,77 @@ mod tests {
                 assert!(r.body.is_empty());
             }
         }
+    }
+
+    /// Found by the `headers` fuzz target: an empty target wrote `POST  HTTP/1.1`, a request
+    /// line no server parses.
+    #[test]
+    fn fuzz_regression_an_empty_request_target_is_refused() {
+        let origin = Origin {
+            host: "gateway".into(),
+            port: 8080,
+        };
+        let body = Bytes::new();
+        let request = Request {
+            method: "POST",
+            origin: &origin,
+            host_header: "gateway:8080",
+            target: "",
+            headers: &[],
+            body: &body,
+        };
+        assert_eq!(
+            head(&request),
+            Err(Http1Error::Malformed("invalid request target"))
+        );
+    }
+
+    /// Found by the `http1_response` fuzz target: a chunk of 2^64 - 1 bytes after a first chunk
+    /// wrapped the body-size sum (a panic with overflow checks, an out-of-bounds slice without).
+    #[tokio::test]
+    async fn fuzz_regression_a_huge_chunk_size_is_too_large_not_a_panic() {
+        for size in ["ffffffffffffffff", "fffffffffffffffe", "fffffffffffffffd"] {
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n{size}\r\nde\r\n"
+            );
+            let mut peer = answer.as_bytes();
+            let parsed = read_response(&mut peer, "POST", 16).await;
+            assert!(
+                matches!(parsed, Err(Attempt::Failed(Http1Error::TooLarge))),
+                "{size}"
+            );
+            // Without a limit: too large to address, or a body that never comes.
+            let mut peer = answer.as_bytes();
+            let parsed = read_response(&mut peer, "POST", u64::MAX).await;
+            assert!(
+                matches!(
+                    parsed,
+                    Err(Attempt::Failed(Http1Error::TooLarge | Http1Error::Io))
+                ),
+                "{size} without a limit"
+            );
+        }
+    }
+
+    /// Found by the `http1_response` fuzz target: bytes past the content length that came in
+    /// the same read as the end of the body were returned as part of it (and the connection
+    /// kept for reuse).
+    #[tokio::test]
+    async fn fuzz_regression_a_body_longer_than_its_content_length_is_refused() {
+        let head: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n";
+        // The head in one read, the body (and what follows it) in the next.
+        let mut peer = AsyncReadExt::chain(head, &b"ok, and more"[..]);
+        assert!(matches!(
+            read_response(&mut peer, "POST", 1024).await,
+            Err(Attempt::Failed(Http1Error::Malformed(
+                "more data than content-length"
+            )))
+        ));
+        let mut peer = AsyncReadExt::chain(head, &b"ok"[..]);
+        let (response, reusable) = match read_response(&mut peer, "POST", 1024).await {
+            Ok(answer) => answer,
+            Err(_) => panic!("a body of its content length is refused"),
+        };
+        assert_eq!((&response.body[..], reusable), (&b"ok"[..], true));
     }
 }

@@ -171,7 +171,8 @@ fn corrupt(key: impl std::fmt::Display, detail: &str) -> BackendError {
 }
 
 /// `messages` value: version, publish time, subject length, subject, message.
-fn encode_message(published_at: u64, subject: &str, payload: &[u8]) -> Vec<u8> {
+#[doc(hidden)] // pub for the fuzz targets (`fuzz`); not a stable interface.
+pub fn encode_message(published_at: u64, subject: &str, payload: &[u8]) -> Vec<u8> {
     let subject_len = u16::try_from(subject.len()).unwrap_or(u16::MAX);
     let mut buf = BytesMut::with_capacity(11 + subject.len() + payload.len());
     buf.put_u8(RECORD_VERSION);
@@ -193,7 +194,8 @@ fn decode_message_header(raw: &[u8]) -> Option<(u64, &str, usize)> {
     Some((published_at, subject, 11 + len))
 }
 
-fn decode_message(raw: &[u8]) -> Option<(String, Bytes)> {
+#[doc(hidden)] // pub for the fuzz targets (`fuzz`); not a stable interface.
+pub fn decode_message(raw: &[u8]) -> Option<(String, Bytes)> {
     let (_, subject, start) = decode_message_header(raw)?;
     Some((
         subject.to_owned(),
@@ -668,7 +670,8 @@ fn announcements<T: Clone + Send + 'static>(
 
 /// A stored record: `r`, its revision (big-endian), its JSON. A value that starts with `{` is
 /// a record written before revisions existed (revision 0).
-fn encode_record(record: &CallRecord, revision: Revision) -> Result<Vec<u8>, BackendError> {
+#[doc(hidden)] // pub for the fuzz targets (`fuzz`); not a stable interface.
+pub fn encode_record(record: &CallRecord, revision: Revision) -> Result<Vec<u8>, BackendError> {
     let mut out = Vec::with_capacity(256);
     out.push(b'r');
     out.extend_from_slice(&revision.to_be_bytes());
@@ -676,7 +679,8 @@ fn encode_record(record: &CallRecord, revision: Revision) -> Result<Vec<u8>, Bac
     Ok(out)
 }
 
-fn decode_record(raw: &[u8]) -> Option<(CallRecord, Revision)> {
+#[doc(hidden)] // pub for the fuzz targets (`fuzz`); not a stable interface.
+pub fn decode_record(raw: &[u8]) -> Option<(CallRecord, Revision)> {
     if raw.first() == Some(&b'{') {
         return serde_json::from_slice(raw).ok().map(|r| (r, 0));
     }
