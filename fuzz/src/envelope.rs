@@ -8,13 +8,19 @@
 //! - a decoded call re-encodes to an envelope that decodes to the same call;
 //! - any call encodes to `encoded_len` bytes and decodes to itself when it is valid, or is
 //!   refused with exactly the error `validate` gives; every proper prefix of an envelope is
-//!   refused with the error of the part it cuts.
+//!   refused with the error of the part it cuts;
+//! - sealed (version 2, a fixed test key): arbitrary bytes open to a valid call or an error,
+//!   and their keyless summary agrees; a valid call sealed opens to itself, never without the
+//!   key, and no proper prefix of it opens.
 
 use arbitrary::{Result, Unstructured};
 use bytes::Bytes;
 use queue_core::message::{
-    BodyLocation, CallMeta, DecodeError, FORMAT_VERSION, MAGIC, METHODS, QueuedCall,
+    BodyLocation, CallMeta, CallOverrides, DecodeError, EnvelopeSummary, FORMAT_VERSION, MAGIC,
+    METHODS, QueuedCall,
 };
+
+use queue_core::sealing::{Keyring, Sealing};
 
 use crate::generate::{HEADER_PIECES, bytes, list, maybe_text, text};
 use crate::must;
@@ -25,9 +31,64 @@ const HEADER_LEN: usize = 4 + 1 + 4;
 /// Runs the target on one input.
 pub fn run(data: &[u8]) {
     decode_any(data);
+    open_any(data);
     if let Ok((call, cut)) = call_and_cut(&mut Unstructured::new(data)) {
         round_trip(&call, cut);
+        sealed_round_trip(&call, cut);
     }
+}
+
+/// The keys of the sealed (version 2) properties: a fixed test key.
+fn sealing() -> Sealing {
+    static SEALING: std::sync::OnceLock<Sealing> = std::sync::OnceLock::new();
+    SEALING
+        .get_or_init(|| {
+            Sealing::with_keys(must(
+                Keyring::parse(
+                    "k1 AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+                    "fuzz keys",
+                ),
+                "the fuzz key parses",
+            ))
+        })
+        .clone()
+}
+
+/// Arbitrary bytes opened with keys: a valid call, or an error; never a panic. The summary
+/// (read without keys) never panics either, and agrees with an opened call.
+fn open_any(data: &[u8]) {
+    let payload = Bytes::copy_from_slice(data);
+    let opened = QueuedCall::open(&payload, &sealing());
+    let summary = EnvelopeSummary::of(&payload);
+    if let Ok(call) = opened {
+        assert_eq!(call.validate(), Ok(()));
+        let summary = must(summary, "an envelope that opens has a summary");
+        assert_eq!(summary.call_id, call.meta.call_id);
+        assert_eq!(summary.function, call.meta.qualified_function());
+    }
+}
+
+/// A valid call sealed opens to itself with the keys, never without them, and no proper
+/// prefix of it opens.
+fn sealed_round_trip(call: &QueuedCall, cut: usize) {
+    if call.validate().is_err() {
+        return;
+    }
+    let sealed = must(call.encode_with(&sealing()), "a call seals");
+    let mut expected = call.clone();
+    expected.meta.body = BodyLocation::Inline {
+        len: call.body.len() as u64,
+    };
+    assert_eq!(
+        must(QueuedCall::open(&sealed, &sealing()), "a sealed call opens"),
+        expected
+    );
+    assert!(matches!(
+        QueuedCall::decode(&sealed),
+        Err(DecodeError::Sealed(_))
+    ));
+    let cut = cut % sealed.len();
+    assert!(QueuedCall::open(&sealed.slice(..cut), &sealing()).is_err());
 }
 
 fn decode_any(data: &[u8]) {
@@ -166,6 +227,11 @@ fn call_and_cut(u: &mut Unstructured<'_>) -> Result<(QueuedCall, usize)> {
             len: u.arbitrary()?,
         },
         record_revision: u.arbitrary()?,
+        overrides: CallOverrides {
+            max_retries: u.arbitrary()?,
+            timeout_ms: u.arbitrary()?,
+            max_age_ms: u.arbitrary()?,
+        },
     };
     let cut = u.arbitrary()?;
     let body = Bytes::from(bytes(u, 64)?);
@@ -191,6 +257,11 @@ pub fn seeds() -> Vec<Vec<u8>> {
             received_at_unix_nanos: 1_700_000_000_000_000_000,
             body: BodyLocation::Inline { len: 0 },
             record_revision: Some(7),
+            overrides: CallOverrides {
+                max_retries: Some(2),
+                timeout_ms: Some(90_000),
+                max_age_ms: None,
+            },
         },
         body: Bytes::from_static(b"\x00\xffbinary body"),
     };
@@ -207,6 +278,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
             received_at_unix_nanos: 0,
             body: BodyLocation::Inline { len: 0 },
             record_revision: None,
+            overrides: CallOverrides::default(),
         },
         body: Bytes::new(),
     };

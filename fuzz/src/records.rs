@@ -14,8 +14,8 @@
 use arbitrary::{Result, Unstructured};
 use queue_core::backend::embedded::{decode_message, decode_record, encode_message, encode_record};
 use queue_core::records::{
-    AttemptEntry, CallRecord, CallState, CallbackEntry, Event, ResultAvailability, StoredResult,
-    apply,
+    AttemptEntry, CallLimits, CallRecord, CallState, CallbackEntry, Event, ResultAvailability,
+    StoredResult, apply,
 };
 
 use crate::generate::{HEADER_PIECES, bytes, list, maybe_text, text};
@@ -176,6 +176,15 @@ fn record(u: &mut Unstructured<'_>) -> Result<CallRecord> {
         callbacks: list(u, 3, callback_entry)?,
         dead_letter_reason: maybe_text(u, TEXT_PIECES, 3)?,
         result: availability(u)?,
+        limits: if u.arbitrary()? {
+            Some(CallLimits {
+                max_attempts: u.arbitrary()?,
+                timeout_ms: u.arbitrary()?,
+                max_age_ms: u.arbitrary()?,
+            })
+        } else {
+            None
+        },
     })
 }
 
@@ -210,6 +219,15 @@ fn event(u: &mut Unstructured<'_>) -> Result<Event> {
             attempt: u.int_in_range(1..=4)?,
             at: u.int_in_range(0..=100)?,
             accepted_at: u.int_in_range(0..=100)?,
+            limits: if u.arbitrary()? {
+                Some(CallLimits {
+                    max_attempts: u.int_in_range(1..=5)?,
+                    timeout_ms: u.arbitrary()?,
+                    max_age_ms: u.arbitrary()?,
+                })
+            } else {
+                None
+            },
         },
         2 => Event::AttemptEnded {
             attempt: u.int_in_range(1..=4)?,
@@ -269,6 +287,11 @@ pub fn seeds() -> Vec<Vec<u8>> {
         }],
         dead_letter_reason: None,
         result: Some(ResultAvailability::Stored),
+        limits: Some(CallLimits {
+            max_attempts: 3,
+            timeout_ms: 30_000,
+            max_age_ms: 86_400_000,
+        }),
     };
     let queued = apply(
         "job_42",
