@@ -41,7 +41,9 @@ pub enum Permission {
     Cancel,
     /// `admin:<namespace of the function {name} in the path>`.
     AdminFunction,
-    /// `admin:*`: queue-wide views and operations (dead letters, queue stats, dashboard).
+    /// `admin:` of at least one namespace: the admin views and operations (dead letters, queue
+    /// stats, dashboard), each filtered to the caller's admin namespaces (`crate::tenancy`);
+    /// `admin:*` sees the whole queue.
     Admin,
     /// `/metrics`: `admin:*`, or open with `--public metrics`.
     Metrics,
