@@ -908,8 +908,15 @@ async fn policy_file_maps_claims_to_scopes() {
         "the member's group is team-a's",
     )
     .await;
+    // Admin views are the member's namespaces' (filtered); the queue-wide metrics are not.
+    assert_eq!(
+        send(&client, "GET", &url("/system/async/queue"), member)
+            .await
+            .status(),
+        200
+    );
     expect_403(
-        send(&client, "GET", &url("/system/async/queue"), member).await,
+        send(&client, "GET", &url("/metrics"), member).await,
         "admin:*",
         "admin:team-a is not queue-wide",
     )
@@ -987,4 +994,50 @@ async fn policy_file_maps_claims_to_scopes() {
         e.contains(&bad) && e.contains("line 4") && e.contains("write:team-a"),
         "{e}"
     );
+}
+
+/// A verified token is remembered (one signature check a minute, not one per call), but never
+/// past its `exp`: with no leeway, the same token is refused once it expires, though it was
+/// accepted (and remembered) a moment before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remembered_token_is_refused_once_it_expires() {
+    let nats = NatsServer::start().await.unwrap();
+    let (jwks, jwt) = mint();
+    let minted = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let jwks_path = dir.path().join("jwks.json");
+    std::fs::write(&jwks_path, jwks.to_string()).unwrap();
+    let jwks_path = jwks_path.display().to_string();
+    let args = [
+        "--jwks-file",
+        &jwks_path,
+        "--jwt-issuer",
+        ISSUER,
+        "--jwt-audience",
+        AUDIENCE,
+        "--jwt-leeway",
+        "0s",
+    ];
+    let gateway = common::Gateway::start(&nats.url(), &args).await;
+    let client = http();
+    let url = format!("{}/async-function/fn.team-a", gateway.url);
+    let short = Cred::Bearer(&jwt["short_lived"]);
+    for _ in 0..3 {
+        let r = send(&client, "POST", &url, short).await;
+        assert_eq!(r.status(), 202, "valid for 10 s, and then remembered");
+    }
+    // Past its exp (10 s after minting, whole seconds): refused although remembered.
+    while minted.elapsed() < Duration::from_secs(12) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = send(&client, "POST", &url, short).await;
+    assert_eq!(
+        r.status(),
+        401,
+        "an expired token, remembered or not, is refused"
+    );
+    // A fresh token still passes.
+    let r = send(&client, "POST", &url, Cred::Bearer(&jwt["valid_rs256"])).await;
+    assert_eq!(r.status(), 202);
+    gateway.shutdown().await;
 }

@@ -81,6 +81,8 @@ tokens = {
     "team_b": mint(rsa_key, "RS256", "rsa-1", scope="invoke:team-b read:team-b"),
     "no_scope": mint(rsa_key, "RS256", "rsa-1", scope="openid profile"),
     "expired": mint(rsa_key, "RS256", "rsa-1", scope=TEAM_A, exp=now - 3600, iat=now - 7200),
+    # Valid for a few seconds: a remembered (verified) token is not accepted past its exp.
+    "short_lived": mint(rsa_key, "RS256", "rsa-1", scope=TEAM_A, exp=now + 10),
     "not_yet": mint(rsa_key, "RS256", "rsa-1", scope=TEAM_A, nbf=now + 3600),
     "no_exp": mint(rsa_key, "RS256", "rsa-1", scope=TEAM_A, exp=None),
     "wrong_issuer": mint(rsa_key, "RS256", "rsa-1", scope=TEAM_A, iss="https://other.test"),
