@@ -473,8 +473,23 @@ mod tests {
         }
     }
 
+    /// Opens the store, waiting while a dropped predecessor's background flusher still holds
+    /// sled's file lock (it lets go within its flush interval; on a loaded machine, later).
     fn open(dir: &Path, retention: Duration) -> CallStore {
-        CallStore::open(dir, 1 << 20, retention).unwrap()
+        let end = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match CallStore::open(dir, 1 << 20, retention) {
+                Ok(store) => return store,
+                Err(StateError::Sled(sled::Error::Io(e)))
+                    if e.kind() == std::io::ErrorKind::Other
+                        && e.to_string().contains("lock")
+                        && std::time::Instant::now() < end =>
+                {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("cannot open the state store: {e}"),
+            }
+        }
     }
 
     #[tokio::test]
