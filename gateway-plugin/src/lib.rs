@@ -39,6 +39,7 @@ pub mod quota;
 pub mod routes;
 pub mod state;
 pub mod tenancy;
+pub mod verb;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -88,47 +88,7 @@ async fn record_call<Q: CallQueue>(
     }
 }
 
-/// An HTTP method of a route.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verb {
-    /// `GET` (and `HEAD`, which axum routes to it).
-    Get,
-    /// `POST`.
-    Post,
-    /// `PUT`.
-    Put,
-    /// `PATCH`.
-    Patch,
-    /// `DELETE`.
-    Delete,
-    /// `OPTIONS`: the CORS preflights ([`crate::cors`]).
-    Options,
-}
-
-impl Verb {
-    /// The method's name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Get => "GET",
-            Self::Post => "POST",
-            Self::Put => "PUT",
-            Self::Patch => "PATCH",
-            Self::Delete => "DELETE",
-            Self::Options => "OPTIONS",
-        }
-    }
-
-    fn filter(self) -> MethodFilter {
-        match self {
-            Self::Get => MethodFilter::GET,
-            Self::Post => MethodFilter::POST,
-            Self::Put => MethodFilter::PUT,
-            Self::Patch => MethodFilter::PATCH,
-            Self::Delete => MethodFilter::DELETE,
-            Self::Options => MethodFilter::OPTIONS,
-        }
-    }
-}
+pub use crate::verb::Verb;
 
 /// The methods of an async call.
 const CALL_METHODS: &[Verb] = &[Verb::Post, Verb::Put, Verb::Patch, Verb::Delete, Verb::Get];
@@ -867,6 +827,34 @@ async fn accept<Q: CallQueue>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_route_but_the_public_ones_has_an_action() {
+        use queue_core::backend::jetstream::JetStreamQueue;
+        for route in routes::<JetStreamQueue>() {
+            let audited = crate::audit::classify(route.methods, route.path, route.permission);
+            assert_eq!(
+                audited.is_none(),
+                route.permission == Permission::Public,
+                "{route:?}"
+            );
+            let changes = route.methods.iter().any(|m| *m != Verb::Get);
+            if let Some(audited) = audited {
+                let admin = matches!(
+                    route.permission,
+                    Permission::Admin | Permission::AdminFunction
+                );
+                assert!(
+                    audited.always || !(admin && changes),
+                    "an admin change is always logged: {route:?}"
+                );
+                assert!(
+                    !matches!(audited.action, "admin" | "function.admin"),
+                    "{route:?} needs its own action name"
+                );
+            }
+        }
+    }
 
     /// Routes are added in one place only, the loop over [`routes`]: a route added anywhere
     /// else (`route`, `route_service`, `nest`, `merge` called on a router) would bypass the

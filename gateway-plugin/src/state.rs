@@ -35,7 +35,7 @@ pub struct AppState<Q> {
     /// Who may do what; `None`: no authenticator configured, every route open.
     pub auth: Option<Arc<crate::auth::Authenticator>>,
     /// The audit log.
-    pub audit: Arc<crate::audit::AuditLog>,
+    pub audit: Arc<crate::audit::log::AuditLog>,
     /// Quotas and rate limits of the async routes (`None`: no limits).
     pub quotas: Option<Arc<crate::quota::Quotas>>,
     /// Caps on the limits a call may set for itself.

@@ -13,10 +13,8 @@
 //! Never in a line: a credential, a body, a query string, a header value (the client's
 //! `X-Request-Id` only when it is a short token of safe characters).
 
-use std::io::Write;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use axum::extract::{ConnectInfo, Request};
@@ -25,132 +23,15 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use queue_core::backend::CallQueue;
 use queue_core::message::{canonical_function, valid_call_id};
-use serde::Serialize;
 
 use crate::auth::Permission;
 use crate::error::ApiError;
-use crate::routes::Verb;
 use crate::state::AppState;
+use crate::verb::Verb;
 
-/// The audit log cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum AuditError {
-    /// The file cannot be opened for appending.
-    #[error("audit log {path}: cannot open it for appending: {source}")]
-    Open {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-}
+pub mod log;
 
-/// Where audit lines go.
-#[derive(Debug)]
-enum Sink {
-    /// Appended to a file.
-    File {
-        path: PathBuf,
-        file: Mutex<std::fs::File>,
-    },
-    /// `tracing` events of the target `audit`.
-    Tracing,
-}
-
-/// The audit log of this gateway.
-#[derive(Debug)]
-pub struct AuditLog {
-    sink: Sink,
-}
-
-impl AuditLog {
-    /// The log `path` names (opened, or created with mode 0600, for appending), or the
-    /// `tracing` target `audit` without one.
-    pub fn open(path: Option<&Path>) -> Result<Self, AuditError> {
-        let Some(path) = path else {
-            return Ok(Self {
-                sink: Sink::Tracing,
-            });
-        };
-        let mut options = std::fs::OpenOptions::new();
-        options.append(true).create(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let file = options.open(path).map_err(|source| AuditError::Open {
-            path: path.to_owned(),
-            source,
-        })?;
-        Ok(Self {
-            sink: Sink::File {
-                path: path.to_owned(),
-                file: Mutex::new(file),
-            },
-        })
-    }
-
-    /// The `tracing` target only.
-    pub fn to_tracing() -> Self {
-        Self {
-            sink: Sink::Tracing,
-        }
-    }
-
-    /// Writes one event. A failed write is logged (the request is answered anyway).
-    pub fn write(&self, event: &AuditEvent<'_>) {
-        let mut line = match serde_json::to_string(event) {
-            Ok(line) => line,
-            Err(e) => {
-                tracing::error!(error = %e, "audit event not serialized");
-                return;
-            }
-        };
-        match &self.sink {
-            Sink::Tracing => tracing::info!(target: "audit", "{line}"),
-            Sink::File { path, file } => {
-                line.push('\n');
-                let mut file = file.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                // One write(2) on an O_APPEND descriptor: lines of concurrent writers (other
-                // processes included) do not interleave.
-                if let Err(e) = file.write_all(line.as_bytes()).and_then(|()| file.flush()) {
-                    tracing::error!(path = %path.display(), error = %e, "audit line not written");
-                }
-            }
-        }
-    }
-}
-
-/// One audit line.
-#[derive(Debug, Serialize)]
-pub struct AuditEvent<'a> {
-    /// When (RFC 3339, UTC, milliseconds).
-    pub time: String,
-    /// The request's id (the client's `X-Request-Id` if it is a safe token, else generated).
-    pub request_id: &'a str,
-    /// Who: the basic-auth user, the token's name, the JWT's `sub`; `null` when unknown.
-    pub subject: Option<&'a str>,
-    /// How the subject authenticated (`basic`, `token`, `jwt`).
-    pub auth_method: Option<&'static str>,
-    /// What was asked ([`classify`]).
-    pub action: &'static str,
-    /// The namespace it concerns (`*` for queue-wide operations); `null` when unknown.
-    pub namespace: Option<&'a str>,
-    /// The call id, the function, the dead letter (sequence, call id or selection).
-    pub resource: Option<&'a str>,
-    /// `ok` (2xx), `denied` (refused by authentication or authorization) or `error`.
-    pub outcome: &'static str,
-    /// The answer's status.
-    pub status: u16,
-    /// Why it was denied (a fixed phrase, never the credentials).
-    pub reason: Option<&'a str>,
-    /// The client (the peer, or what a trusted proxy says the client was).
-    pub client: Option<String>,
-    /// The connection's peer.
-    pub peer: Option<String>,
-    /// The request's method.
-    pub method: &'a str,
-    /// The route (its template, never the query).
-    pub route: &'static str,
-}
+pub use log::{AuditError, AuditEvent, AuditLog};
 
 /// What the authorization layer found, left in the answer's extensions for [`layer`].
 #[derive(Debug, Clone, Default)]
@@ -481,34 +362,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_route_but_the_public_ones_has_an_action() {
-        use queue_core::backend::jetstream::JetStreamQueue;
-        for route in crate::routes::routes::<JetStreamQueue>() {
-            let audited = classify(route.methods, route.path, route.permission);
-            assert_eq!(
-                audited.is_none(),
-                route.permission == Permission::Public,
-                "{route:?}"
-            );
-            let changes = route.methods.iter().any(|m| *m != Verb::Get);
-            if let Some(audited) = audited {
-                let admin = matches!(
-                    route.permission,
-                    Permission::Admin | Permission::AdminFunction
-                );
-                assert!(
-                    audited.always || !(admin && changes),
-                    "an admin change is always logged: {route:?}"
-                );
-                assert!(
-                    !matches!(audited.action, "admin" | "function.admin"),
-                    "{route:?} needs its own action name"
-                );
-            }
-        }
-    }
-
-    #[test]
     fn selections_name_what_they_select_and_nothing_else() {
         assert_eq!(selection_of(br#"{"all": true}"#).as_deref(), Some("all"));
         assert_eq!(
@@ -558,7 +411,7 @@ mod tests {
         assert_eq!(lines[1]["request_id"], "b");
         assert!(lines[0]["subject"].is_null());
         assert!(matches!(
-            AuditLog::open(Some(Path::new("/nonexistent-dir/audit.log"))),
+            AuditLog::open(Some(std::path::Path::new("/nonexistent-dir/audit.log"))),
             Err(AuditError::Open { .. })
         ));
     }
