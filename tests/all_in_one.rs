@@ -628,25 +628,6 @@ fn uuid_like() -> String {
     id.trim().replace('-', "")
 }
 
-/// Every file under `root` whose bytes contain `marker`.
-fn files_containing(root: &Path, marker: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    let mut dirs = vec![root.to_path_buf()];
-    while let Some(dir) = dirs.pop() {
-        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                dirs.push(path);
-            } else if std::fs::read(&path)
-                .is_ok_and(|bytes| bytes.windows(marker.len()).any(|w| w == marker.as_bytes()))
-            {
-                found.push(path.display().to_string());
-            }
-        }
-    }
-    found
-}
-
 /// Encryption at rest on the embedded queue: with a keys file, the queue directory (queued
 /// calls, kept results, dedup state: one sled database) holds no marker of a call's body,
 /// headers or result, while the callback and the result endpoint give them back; without keys
@@ -727,7 +708,7 @@ async fn embedded_queue_keeps_call_data_encrypted_at_rest() {
         server.stop().await;
         let found: Vec<String> = ["BODY-MARKER-e1", "HEADER-MARKER-e1", "RESULT-MARKER-e1"]
             .iter()
-            .flat_map(|m| files_containing(&data_dir, m))
+            .flat_map(|m| test_support::files_containing(&data_dir, m))
             .collect();
         if sealed {
             assert!(found.is_empty(), "call data in clear: {found:?}");

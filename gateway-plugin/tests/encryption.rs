@@ -25,28 +25,6 @@ fn keys_file(dir: &Path, name: &str, lines: &[&str]) -> String {
     path.display().to_string()
 }
 
-/// Every file under `root` whose bytes contain `marker`.
-fn files_containing(root: &Path, marker: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    let mut dirs = vec![root.to_path_buf()];
-    while let Some(dir) = dirs.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                dirs.push(path);
-            } else if let Ok(bytes) = std::fs::read(&path)
-                && bytes.windows(marker.len()).any(|w| w == marker.as_bytes())
-            {
-                found.push(path.display().to_string());
-            }
-        }
-    }
-    found
-}
-
 fn echo_with_marker(marker: &str) -> StubBehavior {
     StubBehavior {
         response_headers: vec![("x-result-marker".into(), marker.into())],
@@ -191,8 +169,8 @@ async fn run_and_search(keys: Option<&str>, tag: &str) -> Vec<String> {
     nats.stop().await;
     let mut found = Vec::new();
     for marker in [&result_marker, &body_marker, &header_marker] {
-        found.extend(files_containing(nats.store_dir(), marker));
-        found.extend(files_containing(state.path(), marker));
+        found.extend(test_support::files_containing(nats.store_dir(), marker));
+        found.extend(test_support::files_containing(state.path(), marker));
     }
     found
 }

@@ -395,10 +395,10 @@ impl Sealing {
         self.keys.as_deref().map_or(0, Keyring::overhead)
     }
 
-    /// `plaintext` sealed when on, as it is when off.
-    pub fn seal(&self, purpose: Purpose, context: &[u8], plaintext: Vec<u8>) -> Vec<u8> {
+    /// `plaintext` sealed when on; untouched (not copied) when off.
+    pub fn seal(&self, purpose: Purpose, context: &[u8], plaintext: bytes::Bytes) -> bytes::Bytes {
         match &self.keys {
-            Some(keys) => keys.seal(purpose, context, &plaintext),
+            Some(keys) => bytes::Bytes::from(keys.seal(purpose, context, &plaintext)),
             None => plaintext,
         }
     }
@@ -493,7 +493,10 @@ mod tests {
     #[test]
     fn sealing_off_stores_in_clear_and_refuses_sealed_values() {
         let off = Sealing::off();
-        assert_eq!(off.seal(Purpose::Result, b"c", b"plain".to_vec()), b"plain");
+        assert_eq!(
+            off.seal(Purpose::Result, b"c", bytes::Bytes::from_static(b"plain")),
+            &b"plain"[..]
+        );
         assert_eq!(
             &*off.open(Purpose::Result, b"c", b"plain").unwrap(),
             b"plain"

@@ -63,3 +63,23 @@ pub use stub::{
     ANSWERED_AT_HEADER, CallbackReceiver, Fault, FaultMix, INVOKED_AT_HEADER, RecordedCallback,
     RecordedRequest, StubBehavior, StubFunction,
 };
+
+/// Every file under `root` (recursively) whose bytes contain `marker`: how the encryption tests
+/// show that no call data reached a store's files in clear.
+pub fn files_containing(root: &std::path::Path, marker: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if std::fs::read(&path)
+                .is_ok_and(|bytes| bytes.windows(marker.len()).any(|w| w == marker.as_bytes()))
+            {
+                found.push(path.display().to_string());
+            }
+        }
+    }
+    found
+}

@@ -728,7 +728,7 @@ impl CallRecords for EmbeddedQueue {
             inner
                 .options
                 .sealing
-                .seal(Purpose::Result, call_id.as_bytes(), Vec::from(encoded))
+                .seal(Purpose::Result, call_id.as_bytes(), encoded)
         });
         let _guard = inner
             .records_lock
@@ -749,7 +749,7 @@ impl CallRecords for EmbeddedQueue {
         if let Some(sealed) = result {
             inner
                 .results
-                .insert(call_id.as_bytes(), sealed)
+                .insert(call_id.as_bytes(), sealed.as_ref())
                 .map_err(BackendError::from)?;
         }
         inner

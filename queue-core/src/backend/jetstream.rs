@@ -397,12 +397,11 @@ impl CallRecords for JetStreamQueue {
                 // Both publishes leave on this one connection in this order, so the stream
                 // stores the result before the record that points to it; their
                 // acknowledgements are awaited together (one round trip, not two).
-                let sealed = self.options.sealing.seal(
-                    Purpose::Result,
-                    call_id.as_bytes(),
-                    Vec::from(encoded),
-                );
-                let keep = kv.put(result_key(call_id), Bytes::from(sealed));
+                let sealed =
+                    self.options
+                        .sealing
+                        .seal(Purpose::Result, call_id.as_bytes(), encoded);
+                let keep = kv.put(result_key(call_id), sealed);
                 let (kept, written) = tokio::join!(keep, write);
                 kept.map_err(|e| RecordWriteError::Backend(request_err(e)))?;
                 written
