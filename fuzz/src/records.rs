@@ -1,4 +1,5 @@
-//! Call records and kept results as they are stored: JSON in the JetStream KV bucket, `r` +
+//! Call records and kept results as they are stored: JSON in the JetStream KV bucket (or
+//! `0x01` + length + JSON + a small kept result in the same value), `r` +
 //! revision + JSON (or legacy bare JSON) in the embedded queue's sled tree, the kept result as
 //! a length-prefixed JSON head and the raw body, and the embedded queue's message values. Bytes
 //! read back from a store another process (or another version) wrote.
@@ -15,7 +16,7 @@ use arbitrary::{Result, Unstructured};
 use queue_core::backend::embedded::{decode_message, decode_record, encode_message, encode_record};
 use queue_core::records::{
     AttemptEntry, CallLimits, CallRecord, CallState, CallbackEntry, Event, ResultAvailability,
-    StoredResult, apply,
+    StoredResult, apply, split_stored_record, stored_record_value,
 };
 
 use crate::generate::{HEADER_PIECES, bytes, list, maybe_text, text};
@@ -30,7 +31,18 @@ pub fn run(data: &[u8]) {
     }
     if let Ok(result) = stored_result(&mut u) {
         let encoded = must(result.encode(), "a result encodes");
-        assert_eq!(StoredResult::decode(&encoded), Some(result));
+        assert_eq!(StoredResult::decode(&encoded), Some(result.clone()));
+        if let Ok(record) = record(&mut u) {
+            // The JetStream form: the record's JSON with the kept result in one value.
+            let json = must(serde_json::to_vec(&record), "a record encodes as JSON");
+            let value = stored_record_value(&json, Some(&encoded));
+            let (j, r) = some(split_stored_record(&value), "a record value splits");
+            assert_eq!(
+                must(serde_json::from_slice::<CallRecord>(j), "JSON"),
+                record
+            );
+            assert_eq!(r.and_then(StoredResult::decode), Some(result));
+        }
     }
     if let Ok((at, subject, payload)) = message(&mut u) {
         let encoded = encode_message(at, &subject, &payload);
@@ -66,6 +78,14 @@ fn stored_bytes(data: &[u8]) {
         );
         if data.first() == Some(&b'{') {
             assert_eq!(decode_record(data), Some((record, 0)));
+        }
+    }
+    if let Some((json, result)) = split_stored_record(data) {
+        assert!(json.len() + result.map_or(0, <[u8]>::len) <= data.len());
+        let again = stored_record_value(json, result);
+        assert_eq!(split_stored_record(&again), Some((json, result)));
+        if result.is_none() {
+            assert_eq!(again, data, "a plain record value is its JSON");
         }
     }
     if let Some(result) = StoredResult::decode(data) {

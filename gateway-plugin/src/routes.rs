@@ -69,11 +69,14 @@ async fn record_call<Q: CallQueue>(
     }
     let window = u64::try_from(state.queue.duplicate_window().as_nanos()).unwrap_or(u64::MAX);
     match state.queue.record_entry(call_id).await {
-        Ok(Some((existing, revision)))
-            if existing.state == CallState::Queued
-                && existing.function == function
-                && existing.attempts.is_empty()
-                && received_at.saturating_sub(existing.accepted_at) < window =>
+        Ok(Some(queue_core::backend::RecordEntry {
+            record: existing,
+            revision,
+            ..
+        })) if existing.state == CallState::Queued
+            && existing.function == function
+            && existing.attempts.is_empty()
+            && received_at.saturating_sub(existing.accepted_at) < window =>
         {
             Ok((revision, false))
         }

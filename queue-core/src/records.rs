@@ -1,8 +1,9 @@
 //! Call records: where every call is, kept by the gateway and the workers in a store every
 //! gateway replica can read (JetStream: a key-value bucket with a TTL; embedded: a sled tree),
 //! keyed by call id. A record holds the call's state, its timestamps and a timeline: one entry
-//! per attempt and one per callback delivery. The function's final response is kept beside it
-//! (up to a size) so callers can fetch the result without a callback server.
+//! per attempt and one per callback delivery. The function's final response is kept with it
+//! (up to a size; a small one inside the record's stored value, see [`stored_record_value`]) so
+//! callers can fetch the result without a callback server.
 //!
 //! Writers only ever apply one [`Event`] with a compare-and-set loop, so the gateway and a
 //! worker (or two workers after a redelivery) never overwrite each other's entries.
@@ -393,6 +394,41 @@ impl StoredResult {
     }
 }
 
+/// First byte of a stored record value that carries a kept result after the record (a plain
+/// record is its JSON, whose first byte is `{`).
+const WITH_RESULT: u8 = 0x01;
+
+/// A record as a backend stores it in one value: the record's JSON, or, with a small kept
+/// result (already sealed when encryption is on), `0x01`, the JSON's length (u32, big-endian),
+/// the JSON, then the result. One write keeps both, and a reader that sees the record say
+/// `stored` has the result in the same value.
+pub fn stored_record_value(record_json: &[u8], result: Option<&[u8]>) -> Vec<u8> {
+    let Some(result) = result else {
+        return record_json.to_vec();
+    };
+    let len = u32::try_from(record_json.len()).unwrap_or(u32::MAX);
+    let mut out = Vec::with_capacity(5 + record_json.len() + result.len());
+    out.push(WITH_RESULT);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(record_json);
+    out.extend_from_slice(result);
+    out
+}
+
+/// Takes apart what [`stored_record_value`] wrote: the record's JSON and the kept result, if
+/// the value carries one. `None` for a value that is neither form (a short or lying frame).
+pub fn split_stored_record(raw: &[u8]) -> Option<(&[u8], Option<&[u8]>)> {
+    match raw.first() {
+        Some(&WITH_RESULT) => {
+            let len = usize::try_from(u32::from_be_bytes(raw.get(1..5)?.try_into().ok()?)).ok()?;
+            let end = 5usize.checked_add(len)?;
+            Some((raw.get(5..end)?, Some(raw.get(end..)?)))
+        }
+        Some(_) => Some((raw, None)),
+        None => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -499,5 +535,30 @@ mod tests {
             Some(result)
         );
         assert_eq!(StoredResult::decode(b"\x00\x00"), None);
+    }
+
+    #[test]
+    fn a_stored_record_value_carries_a_result_or_is_plain_json() {
+        let json = br#"{"call_id":"a"}"#;
+        assert_eq!(
+            split_stored_record(&stored_record_value(json, None)),
+            Some((&json[..], None))
+        );
+        let both = stored_record_value(json, Some(b"\x00result"));
+        assert_eq!(
+            split_stored_record(&both),
+            Some((&json[..], Some(&b"\x00result"[..])))
+        );
+        // An empty result is still a result.
+        let empty = stored_record_value(json, Some(b""));
+        assert_eq!(
+            split_stored_record(&empty),
+            Some((&json[..], Some(&b""[..])))
+        );
+        // Frames that lie about their length, or nothing at all.
+        assert_eq!(split_stored_record(b""), None);
+        assert_eq!(split_stored_record(b"\x01\x00\x00"), None);
+        assert_eq!(split_stored_record(b"\x01\x00\x00\x00\x09{}"), None);
+        assert_eq!(split_stored_record(b"\x01\xff\xff\xff\xff{}"), None);
     }
 }

@@ -549,8 +549,10 @@ mod cases {
             q.write_record("cas", None, &record, None).await,
             Err(RecordWriteError::Conflict)
         ));
-        let (read, revision) = q.record_entry("cas").await.unwrap().unwrap();
+        let entry = q.record_entry("cas").await.unwrap().unwrap();
+        let (read, revision) = (entry.record, entry.revision);
         assert_eq!((read.clone(), revision), (record.clone(), first));
+        assert_eq!(entry.inline_result, None);
         let second = q
             .write_record(
                 "cas",
@@ -573,6 +575,7 @@ mod cases {
         let stale = queue_core::backend::OwnedRecord {
             record: read,
             revision: Some(second),
+            inline_result: None,
         };
         let started = Event::AttemptStarted {
             function: "f".into(),
@@ -587,6 +590,97 @@ mod cases {
         assert_eq!(after.record.state, CallState::Cancelled);
         q.delete_record("cas").await.unwrap();
         assert!(q.record("cas").await.unwrap().is_none());
+    }
+
+    /// A kept result, small (kept inside the record where the backend does that) or large
+    /// (beside it), is still there after later writes of the record that do not pass it: the
+    /// callback entry, a cancel attempt after the end, a writer that read the record first.
+    pub async fn a_kept_result_survives_later_record_writes<H: Harness>() {
+        use queue_core::backend::{CallRecords, OwnedRecord, apply_event};
+        use queue_core::records::{
+            CallState, CallbackEntry, Event, ResultAvailability, StoredResult,
+        };
+        let h = H::start().await;
+        let q = h.queue();
+        let large = q.max_result_bytes().min(64 * 1024) - 1024;
+        for (id, body_len) in [("small-result", 16), ("large-result", large)] {
+            let now = queue_core::unix_nanos_now();
+            let accepted = Event::Accepted {
+                function: "f".into(),
+                at: now,
+                has_callback: true,
+            };
+            let created = apply_event(q.as_ref(), id, None, &[accepted], None)
+                .await
+                .unwrap();
+            let started = Event::AttemptStarted {
+                function: "f".into(),
+                attempt: 1,
+                at: now,
+                accepted_at: now,
+                limits: None,
+            };
+            let running = apply_event(q.as_ref(), id, Some(created), &[started], None)
+                .await
+                .unwrap();
+            let result = StoredResult {
+                status: 200,
+                headers: vec![("content-type".into(), "application/octet-stream".into())],
+                body: (0..body_len).map(|i| (i % 251) as u8).collect(),
+            };
+            let ended = Event::AttemptEnded {
+                attempt: 1,
+                status: 200,
+                duration_ms: 1,
+                error: None,
+                next: CallState::Succeeded,
+                result: Some(ResultAvailability::Stored),
+            };
+            let encoded = bytes::Bytes::from(result.encode().unwrap());
+            let finished = apply_event(q.as_ref(), id, Some(running), &[ended], Some(encoded))
+                .await
+                .unwrap();
+            assert_eq!(q.result(id).await.unwrap().as_ref(), Some(&result), "{id}");
+            // The worker's next write starts from what it wrote (no read, no result passed).
+            let callback = Event::Callback(CallbackEntry {
+                at: now,
+                status: Some(200),
+                attempts: 1,
+                delivered: true,
+                error: None,
+            });
+            let after = apply_event(q.as_ref(), id, Some(finished), &[callback], None)
+                .await
+                .unwrap();
+            assert_eq!(after.record.callbacks.len(), 1);
+            assert_eq!(q.result(id).await.unwrap().as_ref(), Some(&result), "{id}");
+            // A writer that reads first (a cancel, ignored once final) keeps it too.
+            let reread = apply_event(q.as_ref(), id, None, &[Event::Cancel], None)
+                .await
+                .unwrap();
+            assert_eq!(reread.record.state, CallState::Succeeded);
+            assert_eq!(q.result(id).await.unwrap().as_ref(), Some(&result), "{id}");
+            // And a stale writer that conflicts, re-reads and re-applies.
+            let stale = OwnedRecord {
+                record: after.record.clone(),
+                revision: after.revision,
+                inline_result: None,
+            };
+            let second = Event::Callback(CallbackEntry {
+                at: now,
+                status: Some(200),
+                attempts: 1,
+                delivered: true,
+                error: None,
+            });
+            let last = apply_event(q.as_ref(), id, Some(stale), &[second], None)
+                .await
+                .unwrap();
+            assert_eq!(last.record.callbacks.len(), 2);
+            assert_eq!(q.result(id).await.unwrap().as_ref(), Some(&result), "{id}");
+            let entry = q.record_entry(id).await.unwrap().unwrap();
+            assert_eq!(entry.record, last.record);
+        }
     }
 
     /// The paused list is delivered at once and after every change.
@@ -637,6 +731,10 @@ macro_rules! conformance {
             #[tokio::test]
             async fn ack_removes() {
                 cases::ack_removes::<$harness>().await;
+            }
+            #[tokio::test]
+            async fn a_kept_result_survives_later_record_writes() {
+                cases::a_kept_result_survives_later_record_writes::<$harness>().await;
             }
             #[tokio::test]
             async fn nak_with_delay_delays() {

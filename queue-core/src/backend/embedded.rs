@@ -32,7 +32,7 @@ use tokio::sync::Notify;
 use super::DeadLetterSelector;
 use super::{
     BackendError, CallQueue, CallRecords, DeadLetter, DeadLetterEntry, PublishError, Published,
-    QueueDelivery, RecordWriteError, Revision, call_subject,
+    QueueDelivery, RecordEntry, RecordWriteError, Revision, call_subject,
 };
 use crate::clock::unix_nanos_now;
 use crate::message::QueuedCall;
@@ -700,20 +700,22 @@ struct Pull {
 
 impl CallRecords for EmbeddedQueue {
     async fn record(&self, call_id: &str) -> Result<Option<CallRecord>, BackendError> {
-        Ok(self.record_entry(call_id).await?.map(|(record, _)| record))
+        Ok(self.record_entry(call_id).await?.map(|entry| entry.record))
     }
 
-    async fn record_entry(
-        &self,
-        call_id: &str,
-    ) -> Result<Option<(CallRecord, Revision)>, BackendError> {
+    async fn record_entry(&self, call_id: &str) -> Result<Option<RecordEntry>, BackendError> {
         let Some(raw) = self.inner.records.get(call_id.as_bytes())? else {
             return Ok(None);
         };
         let (record, revision) = decode_record(&raw)
             .ok_or_else(|| corrupt(format!("records/{call_id}"), "unreadable call record"))?;
         let oldest = unix_nanos_now().saturating_sub(nanos(self.inner.options.records_retention));
-        Ok((record.updated_at >= oldest).then_some((record, revision)))
+        // Results are kept in their own tree here (one batch writes both): none inline.
+        Ok((record.updated_at >= oldest).then_some(RecordEntry {
+            record,
+            revision,
+            inline_result: None,
+        }))
     }
 
     async fn write_record(

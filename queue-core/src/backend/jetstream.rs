@@ -24,7 +24,7 @@ use super::DeadLetterSelector;
 use super::nats::{self as queue, HEADER_ALLOWANCE};
 use super::{
     BackendError, CallQueue, CallRecords, DeadLetter, DeadLetterEntry, PublishError, Published,
-    QueueDelivery, QueueError, RecordWriteError, Revision,
+    QueueDelivery, QueueError, RecordEntry, RecordWriteError, Revision,
 };
 use crate::message::QueuedCall;
 use crate::records::{self, CallRecord, OutcomeEvent, StoredResult};
@@ -319,6 +319,26 @@ fn result_key(call_id: &str) -> String {
     format!("result.{call_id}")
 }
 
+/// Largest encoded result kept inside the record's value rather than under its own key: one
+/// store per finished call instead of two. Every later write of the record carries it again, so
+/// it stays small.
+pub const INLINE_RESULT_BYTES: usize = 4096;
+
+/// A stored record value: the record and, when it carries one, the kept result (still sealed).
+fn decode_record<'a>(
+    call_id: &str,
+    raw: &'a [u8],
+) -> Result<(CallRecord, Option<&'a [u8]>), BackendError> {
+    let corrupt = |detail: String| BackendError::Corrupt {
+        key: record_key(call_id),
+        detail,
+    };
+    let (json, result) = records::split_stored_record(raw)
+        .ok_or_else(|| corrupt("not a record value".to_owned()))?;
+    let record = serde_json::from_slice(json).map_err(|e| corrupt(e.to_string()))?;
+    Ok((record, result))
+}
+
 /// Key of the paused-functions list. Note: the bucket's TTL applies to it too; a pause older
 /// than `--records-retention` lapses.
 const PAUSED_KEY: &str = "paused-functions";
@@ -334,30 +354,34 @@ impl CallRecords for JetStreamQueue {
     async fn record(&self, call_id: &str) -> Result<Option<CallRecord>, BackendError> {
         let kv = self.records_bucket().await?;
         match kv.get(record_key(call_id)).await.map_err(request_err)? {
-            Some(raw) => Ok(Some(serde_json::from_slice(&raw).map_err(|e| {
-                BackendError::Corrupt {
-                    key: record_key(call_id),
-                    detail: e.to_string(),
-                }
-            })?)),
+            Some(raw) => {
+                let (record, _) = decode_record(call_id, &raw)?;
+                Ok(Some(record))
+            }
             None => Ok(None),
         }
     }
 
-    async fn record_entry(
-        &self,
-        call_id: &str,
-    ) -> Result<Option<(CallRecord, Revision)>, BackendError> {
+    async fn record_entry(&self, call_id: &str) -> Result<Option<RecordEntry>, BackendError> {
         let kv = self.records_bucket().await?;
         let key = record_key(call_id);
-        match kv.entry(key.clone()).await.map_err(request_err)? {
+        match kv.entry(key).await.map_err(request_err)? {
             Some(e) if e.operation == kv::Operation::Put => {
-                let record =
-                    serde_json::from_slice(&e.value).map_err(|err| BackendError::Corrupt {
-                        key,
-                        detail: err.to_string(),
-                    })?;
-                Ok(Some((record, e.revision)))
+                let (record, sealed) = decode_record(call_id, &e.value)?;
+                let inline_result = match sealed {
+                    Some(sealed) => Some(Bytes::from(
+                        self.options
+                            .sealing
+                            .open(Purpose::Result, call_id.as_bytes(), sealed)?
+                            .into_owned(),
+                    )),
+                    None => None,
+                };
+                Ok(Some(RecordEntry {
+                    record,
+                    revision: e.revision,
+                    inline_result,
+                }))
             }
             _ => Ok(None),
         }
@@ -372,7 +396,22 @@ impl CallRecords for JetStreamQueue {
     ) -> Result<Revision, RecordWriteError> {
         let kv = self.records_bucket().await?;
         let key = record_key(call_id);
-        let value = Bytes::from(serde_json::to_vec(record).map_err(BackendError::from)?);
+        let json = serde_json::to_vec(record).map_err(BackendError::from)?;
+        let sealed = result.map(|encoded| {
+            let inline = encoded.len() <= self.inline_result_bytes();
+            let sealed = self
+                .options
+                .sealing
+                .seal(Purpose::Result, call_id.as_bytes(), encoded);
+            (inline, sealed)
+        });
+        let (value, beside) = match sealed {
+            // A small result rides in the record's own value: one store for both.
+            Some((true, sealed)) => (records::stored_record_value(&json, Some(&sealed)), None),
+            Some((false, sealed)) => (json, Some(sealed)),
+            None => (json, None),
+        };
+        let value = Bytes::from(value);
         let write = async {
             match expected {
                 Some(revision) => kv.update(&key, value, revision).await.map_err(|e| {
@@ -391,16 +430,12 @@ impl CallRecords for JetStreamQueue {
                 }),
             }
         };
-        match result {
+        match beside {
             None => write.await,
-            Some(encoded) => {
+            Some(sealed) => {
                 // Both publishes leave on this one connection in this order, so the stream
                 // stores the result before the record that points to it; their
                 // acknowledgements are awaited together (one round trip, not two).
-                let sealed =
-                    self.options
-                        .sealing
-                        .seal(Purpose::Result, call_id.as_bytes(), encoded);
                 let keep = kv.put(result_key(call_id), sealed);
                 let (kept, written) = tokio::join!(keep, write);
                 kept.map_err(|e| RecordWriteError::Backend(request_err(e)))?;
@@ -416,7 +451,19 @@ impl CallRecords for JetStreamQueue {
 
     async fn result(&self, call_id: &str) -> Result<Option<StoredResult>, BackendError> {
         let kv = self.records_bucket().await?;
-        match kv.get(result_key(call_id)).await.map_err(request_err)? {
+        // A small result is inside the record's value; a larger one beside it.
+        let inline = match kv.get(record_key(call_id)).await.map_err(request_err)? {
+            Some(raw) => decode_record(call_id, &raw)?.1.map(Bytes::copy_from_slice),
+            None => None,
+        };
+        let (key, raw) = match inline {
+            Some(sealed) => (record_key(call_id), Some(sealed)),
+            None => (
+                result_key(call_id),
+                kv.get(result_key(call_id)).await.map_err(request_err)?,
+            ),
+        };
+        match raw {
             Some(raw) => {
                 let opened =
                     self.options
@@ -425,7 +472,7 @@ impl CallRecords for JetStreamQueue {
                 StoredResult::decode(&opened)
                     .map(Some)
                     .ok_or_else(|| BackendError::Corrupt {
-                        key: result_key(call_id),
+                        key,
                         detail: "unreadable result".into(),
                     })
             }
@@ -564,6 +611,10 @@ impl CallRecords for JetStreamQueue {
 
     fn sealing(&self) -> &Sealing {
         &self.options.sealing
+    }
+
+    fn inline_result_bytes(&self) -> usize {
+        INLINE_RESULT_BYTES.min(self.max_result_bytes())
     }
 
     fn max_result_bytes(&self) -> usize {

@@ -99,6 +99,19 @@ pub enum QueueError {
 /// JetStream, a counter in the embedded queue).
 pub type Revision = u64;
 
+/// A stored record as [`CallRecords::record_entry`] reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordEntry {
+    /// The record.
+    pub record: CallRecord,
+    /// Its revision.
+    pub revision: Revision,
+    /// The kept result the record's value carries (encoded as by
+    /// [`StoredResult::encode_parts`], opened), where the backend keeps small results inside
+    /// the record; `None` otherwise.
+    pub inline_result: Option<Bytes>,
+}
+
 /// Why a compare-and-set write of a record did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordWriteError {
@@ -148,11 +161,13 @@ pub trait CallRecords: Send + Sync + 'static {
         call_id: &str,
     ) -> impl Future<Output = Result<Option<CallRecord>, BackendError>> + Send;
 
-    /// The record of a call with its revision, for a compare-and-set write.
+    /// The record of a call with its revision, for a compare-and-set write, and the kept
+    /// result it carries when the backend keeps small results inside the record
+    /// ([`CallRecords::inline_result_bytes`]): a writer writes that result back with the record.
     fn record_entry(
         &self,
         call_id: &str,
-    ) -> impl Future<Output = Result<Option<(CallRecord, Revision)>, BackendError>> + Send;
+    ) -> impl Future<Output = Result<Option<RecordEntry>, BackendError>> + Send;
 
     /// Writes `record` if the stored record is still at `expected` (`None`: only if there is
     /// none), and returns its new revision. With `result` (as encoded by
@@ -182,6 +197,13 @@ pub trait CallRecords: Send + Sync + 'static {
 
     /// Largest encoded response kept; larger ones are reported as too large.
     fn max_result_bytes(&self) -> usize;
+
+    /// Largest encoded result this backend keeps inside the record's own value (one store for
+    /// both; `0`: results are always kept beside the record). A record that carries its result
+    /// must be written back with it: [`apply_event`] does so.
+    fn inline_result_bytes(&self) -> usize {
+        0
+    }
 
     /// This queue's encryption at rest: it seals what it publishes and the results it keeps,
     /// and opens them when read; deliveries are opened by their reader with it

@@ -18,6 +18,9 @@ pub struct OwnedRecord {
     pub record: CallRecord,
     /// Its revision; `None` when no record is stored (yet).
     pub revision: Option<Revision>,
+    /// The kept result stored inside the record's value (see
+    /// [`CallRecords::inline_result_bytes`]), carried into the next write.
+    pub inline_result: Option<Bytes>,
 }
 
 impl OwnedRecord {
@@ -39,6 +42,7 @@ impl OwnedRecord {
         Self {
             record: records::apply(call_id, None, &event, accepted_at),
             revision: Some(revision),
+            inline_result: None,
         }
     }
 }
@@ -48,8 +52,9 @@ const CAS_ATTEMPTS: usize = 16;
 
 /// Applies `events` in order to the call's record and writes it once. Starts from `known` when given (no
 /// read), otherwise from what is stored; re-reads and re-applies only on a conflict. With
-/// `result`, the kept result is written with the record (see [`CallRecords::write_record`]).
-/// Returns the record as written, to start the next write from.
+/// `result`, the kept result is written with the record (see [`CallRecords::write_record`]);
+/// without, a result the stored record carries inside its value is written back with it (as long
+/// as the record still says `stored`). Returns the record as written, to start the next write from.
 pub async fn apply_event<R: CallRecords>(
     records: &R,
     call_id: &str,
@@ -59,11 +64,15 @@ pub async fn apply_event<R: CallRecords>(
 ) -> Result<OwnedRecord, BackendError> {
     let mut base = known;
     for _ in 0..CAS_ATTEMPTS {
-        let (current, revision) = match base.take() {
-            Some(owned) => (Some(owned.record), owned.revision),
+        let (current, revision, carried) = match base.take() {
+            Some(owned) => (Some(owned.record), owned.revision, owned.inline_result),
             None => match records.record_entry(call_id).await? {
-                Some((record, revision)) => (Some(record), Some(revision)),
-                None => (None, None),
+                Some(entry) => (
+                    Some(entry.record),
+                    Some(entry.revision),
+                    entry.inline_result,
+                ),
+                None => (None, None, None),
             },
         };
         let now = unix_nanos_now();
@@ -74,14 +83,19 @@ pub async fn apply_event<R: CallRecords>(
                 "record {call_id}: nothing to write"
             )));
         };
+        let kept = result.clone().or_else(|| {
+            carried.filter(|_| record.result == Some(records::ResultAvailability::Stored))
+        });
         match records
-            .write_record(call_id, revision, &record, result.clone())
+            .write_record(call_id, revision, &record, kept.clone())
             .await
         {
             Ok(revision) => {
+                let inline_result = kept.filter(|r| r.len() <= records.inline_result_bytes());
                 return Ok(OwnedRecord {
                     record,
                     revision: Some(revision),
+                    inline_result,
                 });
             }
             Err(RecordWriteError::Conflict) => {}
