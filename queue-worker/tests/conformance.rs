@@ -626,7 +626,7 @@ mod cases {
             let result = StoredResult {
                 status: 200,
                 headers: vec![("content-type".into(), "application/octet-stream".into())],
-                body: (0..body_len).map(|i| (i % 251) as u8).collect(),
+                body: (0..=250u8).cycle().take(body_len).collect(),
             };
             let ended = Event::AttemptEnded {
                 attempt: 1,
