@@ -205,6 +205,7 @@ fn record(u: &mut Unstructured<'_>) -> Result<CallRecord> {
         } else {
             None
         },
+        request_digest: maybe_text(u, TEXT_PIECES, 2)?,
     })
 }
 
@@ -312,6 +313,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
             timeout_ms: 30_000,
             max_age_ms: 86_400_000,
         }),
+        request_digest: None,
     };
     let queued = apply(
         "job_42",

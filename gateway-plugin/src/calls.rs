@@ -58,7 +58,7 @@ pub async fn record<Q: CallQueue>(
     PathParam(call_id): PathParam,
 ) -> Response {
     match load(&state, &call_id).await {
-        Ok(record) => axum::Json(record).into_response(),
+        Ok(record) => axum::Json(record.for_api()).into_response(),
         Err(e) => e.with_call_id(&call_id).into_response(),
     }
 }
@@ -70,7 +70,7 @@ pub async fn cancel<Q: CallQueue>(
     PathParam(call_id): PathParam,
 ) -> Response {
     match cancel_call(&state, &call_id).await {
-        Ok(record) => axum::Json(record).into_response(),
+        Ok(record) => axum::Json(record.for_api()).into_response(),
         Err(e) => e.with_call_id(&call_id).into_response(),
     }
 }

@@ -22,6 +22,8 @@ pub struct ApiError {
     pub retry_after: Option<Duration>,
     /// Call id assigned to the request, if any.
     pub call_id: Option<String>,
+    /// The state of the call the answer is about (`409 call_id_in_use`: the existing call's).
+    pub state: Option<queue_core::records::CallState>,
 }
 
 #[derive(Serialize)]
@@ -30,6 +32,8 @@ struct Body<'a> {
     message: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     call_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state: Option<queue_core::records::CallState>,
 }
 
 impl ApiError {
@@ -41,6 +45,7 @@ impl ApiError {
             message: message.into(),
             retry_after: None,
             call_id: None,
+            state: None,
         }
     }
 
@@ -61,6 +66,12 @@ impl ApiError {
         }
     }
 
+    /// Attaches the state of the call the answer is about (in the body).
+    pub fn with_state(mut self, state: queue_core::records::CallState) -> Self {
+        self.state = Some(state);
+        self
+    }
+
     /// Attaches the call id (sent as `X-Call-Id` and in the body).
     pub fn with_call_id(mut self, call_id: &str) -> Self {
         self.call_id = Some(call_id.to_owned());
@@ -74,6 +85,7 @@ impl IntoResponse for ApiError {
             error: self.code,
             message: &self.message,
             call_id: self.call_id.as_deref(),
+            state: self.state,
         };
         let mut response = (self.status, Json(body)).into_response();
         let headers = response.headers_mut();

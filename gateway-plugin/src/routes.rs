@@ -25,7 +25,7 @@ use axum::routing::{MethodFilter, MethodRouter, on};
 use queue_core::backend::{CallQueue, PublishError, RecordWriteError, Revision};
 use queue_core::headers::is_dropped_from_client;
 use queue_core::message::{
-    BodyLocation, CallMeta, InvalidCall, METHODS, QueuedCall, canonical_function,
+    BodyLocation, CallMeta, InvalidCall, METHODS, QueuedCall, call_id_problem, canonical_function,
     parse_callback_url, valid_call_id, validate_path,
 };
 use queue_core::records::{self, CallState, Event, idempotency_key};
@@ -54,7 +54,9 @@ async fn record_call<Q: CallQueue>(
         at: received_at,
         has_callback: call.meta.callback_url.is_some(),
     };
-    let record = records::apply(call_id, None, &accepted, received_at);
+    let mut record = records::apply(call_id, None, &accepted, received_at);
+    let digest = request_digest(call);
+    record.request_digest = Some(digest.clone());
     let unavailable = |e: &dyn std::fmt::Display| {
         tracing::warn!(call_id, error = %e, "could not write the call record");
         ApiError::unavailable(
@@ -76,15 +78,18 @@ async fn record_call<Q: CallQueue>(
         })) if existing.state == CallState::Queued
             && existing.function == function
             && existing.attempts.is_empty()
+            && existing.request_digest.as_deref() == Some(digest.as_str())
             && received_at.saturating_sub(existing.accepted_at) < window =>
         {
             Ok((revision, false))
         }
-        Ok(Some(_)) => Err(ApiError::new(
+        Ok(Some(entry)) => Err(ApiError::new(
             StatusCode::CONFLICT,
             "call_id_in_use",
-            "this X-Call-Id belongs to another call; send a new id (or none, to get one)",
-        )),
+            "this X-Call-Id belongs to another call (its state is given); send a new id (or \
+             none, to get one), or the Idempotency-Key of that call to be answered as it was",
+        )
+        .with_state(entry.record.state)),
         // Expired between the two requests: the client may simply retry.
         Ok(None) => Err(unavailable(&"the record vanished while it was read")),
         Err(e) => Err(unavailable(&e)),
@@ -626,9 +631,19 @@ async fn enqueue<Q: CallQueue>(
 ) -> Response {
     let received_at = queue_core::unix_nanos_now();
     let (parts, body) = request.into_parts();
-    let call_id = match parts.headers.get("x-call-id").and_then(|v| v.to_str().ok()) {
-        Some(id) if valid_call_id(id) => id.to_owned(),
-        _ => uuid::Uuid::now_v7().to_string(),
+    // A client's id is kept exactly as sent, or refused saying why: never replaced behind
+    // its back (an empty header is no id, as OpenFaaS reads it).
+    let call_id = match parts.headers.get("x-call-id").map(|v| v.as_bytes()) {
+        None | Some(b"") => uuid::Uuid::now_v7().to_string(),
+        Some(raw) => match std::str::from_utf8(raw) {
+            Ok(id) if valid_call_id(id) => id.to_owned(),
+            Ok(id) => return invalid_call_id(call_id_problem(id).unwrap_or_default()),
+            Err(_) => {
+                return invalid_call_id(
+                    "X-Call-Id is not text (only visible ASCII, ! to ~, is accepted)".to_owned(),
+                );
+            }
+        },
     };
     match accept(&state, parts, body, &call_id, received_at).await {
         Ok(response) => response,
@@ -643,6 +658,34 @@ async fn enqueue<Q: CallQueue>(
             with_allow(e.with_call_id(&call_id).into_response())
         }
     }
+}
+
+/// SHA-256 (hex) of what makes a request this call: method, path, query, callback URL, body.
+/// Fields are length-prefixed, so no two requests share the bytes hashed.
+fn request_digest(call: &QueuedCall) -> String {
+    let m = &call.meta;
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    for field in [
+        m.method.as_bytes(),
+        m.path.as_bytes(),
+        m.query.as_deref().unwrap_or_default().as_bytes(),
+        m.callback_url.as_deref().unwrap_or_default().as_bytes(),
+        call.body.as_ref(),
+    ] {
+        context.update(&u64::try_from(field.len()).unwrap_or(u64::MAX).to_be_bytes());
+        context.update(field);
+    }
+    let mut hex = String::with_capacity(64);
+    for byte in context.finish().as_ref() {
+        hex.push_str(&format!("{byte:02x}"));
+    }
+    hex
+}
+
+/// `400 invalid_call_id` for a client's `X-Call-Id` that cannot be kept as sent.
+fn invalid_call_id(why: String) -> Response {
+    metrics::counter!(queue_core::metrics::REFUSED, "reason" => "invalid_call_id").increment(1);
+    with_allow(ApiError::bad_request("invalid_call_id", why).into_response())
 }
 
 async fn accept<Q: CallQueue>(

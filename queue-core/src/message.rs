@@ -292,9 +292,31 @@ pub fn validate_path(path: &str) -> Result<(), InvalidCall> {
     Ok(())
 }
 
-/// Is this an acceptable call id (client-supplied or generated)?
+/// Is this an acceptable call id (client-supplied or generated)? 1 to [`MAX_CALL_ID_LEN`]
+/// visible ASCII characters (`!` to `~`, no space): any such id a client sends, as OpenFaaS
+/// would pass it through, is kept exactly (stores that restrict their keys use
+/// [`crate::records::store_key`]); anything else is refused, never replaced.
 pub fn valid_call_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= MAX_CALL_ID_LEN && id.chars().all(is_name_char)
+    !id.is_empty() && id.len() <= MAX_CALL_ID_LEN && id.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Why `id` is not a call id ([`valid_call_id`]), in words for an error body.
+pub fn call_id_problem(id: &str) -> Option<String> {
+    if id.is_empty() {
+        return Some("X-Call-Id is empty".to_owned());
+    }
+    if id.len() > MAX_CALL_ID_LEN {
+        return Some(format!(
+            "X-Call-Id is {} bytes long; at most {MAX_CALL_ID_LEN} are accepted",
+            id.len()
+        ));
+    }
+    id.bytes().position(|b| !b.is_ascii_graphic()).map(|at| {
+        format!(
+            "X-Call-Id has a character other than visible ASCII (! to ~) at byte {at}; \
+             spaces, control characters and non-ASCII text are not accepted"
+        )
+    })
 }
 
 /// Parses a callback URL: absolute, http or https, with a host.
@@ -719,8 +741,21 @@ mod tests {
     fn call_ids_and_callback_urls() {
         assert!(valid_call_id("0192a7c4-1b2c-7d3e-8f40-123456789abc"));
         assert!(valid_call_id("job_42"));
-        for bad in ["", "a b", "a/b", "a.b", &"x".repeat(129)] {
+        // What OpenFaaS passes through: any visible ASCII, kept as sent.
+        for good in [
+            "a/b",
+            "a.b",
+            "order#42@team:a",
+            "x=1&y=<2>",
+            "~!\"'%",
+            &"x".repeat(128),
+        ] {
+            assert!(valid_call_id(good), "{good:?}");
+            assert_eq!(call_id_problem(good), None);
+        }
+        for bad in ["", "a b", "tab\there", "é", "nl\n", &"x".repeat(129)] {
             assert!(!valid_call_id(bad), "{bad:?}");
+            assert!(call_id_problem(bad).is_some(), "{bad:?}");
         }
         assert!(parse_callback_url("https://example.com/hook?x=1").is_ok());
         for bad in [

@@ -99,6 +99,12 @@ pub struct CallRecord {
     /// `X-Max-Retries`, `X-Timeout`, `X-Max-Age`), from the first attempt on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<CallLimits>,
+    /// SHA-256 (hex) of the request the gateway accepted (method, path, query, callback URL,
+    /// body), written with the queued record: a request that reuses the call id is the same
+    /// call retried only if it is the same request. Workers do not carry it on (it only
+    /// matters while the call is queued); the API does not show it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_digest: Option<String>,
 }
 
 /// The limits a call runs under.
@@ -193,7 +199,14 @@ impl CallRecord {
             dead_letter_reason: None,
             result: None,
             limits: None,
+            request_digest: None,
         }
+    }
+
+    /// The record as the API shows it (without what is kept for the gateway's own checks).
+    pub fn for_api(mut self) -> Self {
+        self.request_digest = None;
+        self
     }
 }
 
@@ -335,6 +348,28 @@ pub fn with_paused(mut list: Vec<String>, function: &str, paused: bool) -> Vec<S
     }
     list
 }
+
+/// The key of a call id in a store whose keys are restricted (a JetStream key-value bucket:
+/// letters, digits, `-`, `_`, `/`, `=`, `.` as a separator): the id itself when it is made of
+/// letters, digits, `-` and `_` only (every generated id), else `=` and the id's bytes in hex
+/// (`=` never starts a plain id, so the two never meet).
+pub fn store_key(call_id: &str) -> std::borrow::Cow<'_, str> {
+    if call_id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return std::borrow::Cow::Borrowed(call_id);
+    }
+    let mut out = String::with_capacity(1 + 2 * call_id.len());
+    out.push('=');
+    for byte in call_id.bytes() {
+        out.push(char::from(HEX[usize::from(byte >> 4)]));
+        out.push(char::from(HEX[usize::from(byte & 0x0f)]));
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
 
 /// The storage key of an `Idempotency-Key` for a function: both hex-encoded, so any visible
 /// ASCII key is a valid key-value store key.
@@ -535,6 +570,20 @@ mod tests {
             Some(result)
         );
         assert_eq!(StoredResult::decode(b"\x00\x00"), None);
+    }
+
+    #[test]
+    fn store_keys_keep_plain_ids_and_encode_the_others_apart() {
+        assert_eq!(store_key("0192a7c4-1b2c_x"), "0192a7c4-1b2c_x");
+        assert_eq!(store_key("a.b"), "=612e62");
+        assert_eq!(store_key("a/b"), "=612f62");
+        // An id that looks like an encoded one is itself encoded: no two ids share a key.
+        assert_eq!(store_key("=612e62"), "=3d363132653632");
+        assert!(
+            store_key("order#42@team:a ~")
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'=')
+        );
     }
 
     #[test]

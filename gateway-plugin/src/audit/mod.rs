@@ -164,7 +164,8 @@ fn selection_of(body: &[u8]) -> Option<String> {
             .filter_map(|v| v.as_str())
             .filter(|id| valid_call_id(id))
             .collect();
-        let mut text = format!("call_ids={}", valid.join(","));
+        // Separated by spaces: a call id may hold any visible ASCII (commas too), never a space.
+        let mut text = format!("call_ids={}", valid.join(" "));
         let invalid = ids.len() - valid.len();
         if invalid > 0 {
             text.push_str(&format!(" (+{invalid} invalid)"));
@@ -365,8 +366,9 @@ mod tests {
     fn selections_name_what_they_select_and_nothing_else() {
         assert_eq!(selection_of(br#"{"all": true}"#).as_deref(), Some("all"));
         assert_eq!(
-            selection_of(br#"{"sequences": [3, 4], "call_ids": ["job-1", "<script>"]}"#).as_deref(),
-            Some("sequences=3,4 call_ids=job-1 (+1 invalid)")
+            selection_of(br#"{"sequences": [3, 4], "call_ids": ["job-1", "a,b", "has space"]}"#)
+                .as_deref(),
+            Some("sequences=3,4 call_ids=job-1 a,b (+1 invalid)")
         );
         assert_eq!(selection_of(b"not json"), None);
     }

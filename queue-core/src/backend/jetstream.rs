@@ -312,11 +312,11 @@ fn entry_of(msg: &StreamMessage) -> DeadLetterEntry {
 }
 
 fn record_key(call_id: &str) -> String {
-    format!("call.{call_id}")
+    format!("call.{}", records::store_key(call_id))
 }
 
 fn result_key(call_id: &str) -> String {
-    format!("result.{call_id}")
+    format!("result.{}", records::store_key(call_id))
 }
 
 /// Largest encoded result kept inside the record's value rather than under its own key: one
