@@ -418,8 +418,11 @@ async fn preflight_function<Q: CallQueue>(
     State(state): State<Arc<AppState<Q>>>,
     request: Request,
 ) -> Response {
-    let none = crate::cors::CorsPolicy::default();
-    let policy = state.cors.as_deref().unwrap_or(&none);
+    let policy = state
+        .cors
+        .as_ref()
+        .map(|file| file.current())
+        .unwrap_or_default();
     match policy.preflight(
         crate::cors::Kind::Function,
         request.uri().path(),
@@ -436,8 +439,11 @@ async fn preflight_calls<Q: CallQueue>(
     State(state): State<Arc<AppState<Q>>>,
     request: Request,
 ) -> Response {
-    let none = crate::cors::CorsPolicy::default();
-    let policy = state.cors.as_deref().unwrap_or(&none);
+    let policy = state
+        .cors
+        .as_ref()
+        .map(|file| file.current())
+        .unwrap_or_default();
     let path = request.uri().path();
     if let Some(answer) = policy.preflight(crate::cors::Kind::Calls, path, request.headers()) {
         return answer;

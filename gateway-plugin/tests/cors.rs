@@ -281,3 +281,73 @@ async fn a_bad_cors_file_stops_the_gateway() {
     let text = e.to_string();
     assert!(text.contains("cors.toml") && text.contains("`*`"), "{text}");
 }
+
+/// The CORS file is reread while the gateway runs: an origin added gets the headers, one taken
+/// away none; a broken version keeps the settings in force (reported, and again on SIGHUP,
+/// which the gateway survives); a change sent with SIGHUP applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cors_file_is_reread_on_change_and_on_sighup() {
+    let nats = NatsServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cors = dir.path().join("cors.toml");
+    std::fs::write(&cors, CORS_FILE).unwrap();
+    let gateway =
+        common::GatewayProcess::start(&nats.url(), &["--cors-file", cors.to_str().unwrap()], &[])
+            .await;
+    let client = http();
+    let fn_a = format!("{}/async-function/fn.team-a", gateway.url);
+    let preflight = async |origin: &str| {
+        client
+            .request(reqwest::Method::OPTIONS, &fn_a)
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .send()
+            .await
+            .unwrap()
+    };
+    let call = async |origin: &str| {
+        let r = (client.post(&fn_a))
+            .header("origin", origin)
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        header(&r, "access-control-allow-origin").map(str::to_owned)
+    };
+    assert_eq!(preflight(UI).await.status(), 204);
+    assert_eq!(preflight(OTHER).await.status(), 403);
+
+    // OTHER added, UI taken away.
+    std::fs::write(&cors, CORS_FILE.replace(UI, OTHER)).unwrap();
+    common::eventually("the new origins apply", async || {
+        preflight(OTHER).await.status() == 204
+    })
+    .await;
+    gateway.wait_log("CORS file reloaded", 1).await;
+    assert_eq!(preflight(UI).await.status(), 403);
+    assert_eq!(call(OTHER).await.as_deref(), Some(OTHER));
+    assert_eq!(call(UI).await, None);
+
+    // A broken version (`*` is refused): the settings in force stay.
+    std::fs::write(&cors, "[default]\norigins = [\"*\"]\n").unwrap();
+    gateway.wait_log("CORS file not reloaded", 1).await;
+    assert!(gateway.log().contains("`*`"), "{}", gateway.log());
+    assert_eq!(preflight(OTHER).await.status(), 204);
+    assert_eq!(preflight(UI).await.status(), 403, "never opened up");
+    gateway.hangup();
+    gateway.wait_log("SIGHUP received", 1).await;
+    gateway.wait_log("CORS file not reloaded", 2).await;
+    assert_eq!(preflight(OTHER).await.status(), 204, "still in force");
+
+    // Back to the first version, with SIGHUP.
+    std::fs::write(&cors, CORS_FILE).unwrap();
+    gateway.hangup();
+    common::eventually("the first version applies again", async || {
+        preflight(UI).await.status() == 204
+    })
+    .await;
+    assert_eq!(preflight(OTHER).await.status(), 403);
+    assert_eq!(call(UI).await.as_deref(), Some(UI));
+    gateway.stop().await;
+}
