@@ -441,6 +441,13 @@ impl CorsPolicy {
     pub fn covers(&self, kind: Kind, path: &str) -> bool {
         self.rule(kind, path).is_some()
     }
+
+    /// Whether the section of `path` lets a page of `origin` send `method` (what gets the
+    /// CORS headers on the answer).
+    pub fn allows(&self, kind: Kind, path: &str, origin: &str, method: &str) -> bool {
+        self.rule(kind, path)
+            .is_some_and(|rule| rule.allows_origin(origin) && rule.allows_method(method))
+    }
 }
 
 /// The layer of the routes CORS may apply to (outside every other, so that refusals carry the

@@ -16,6 +16,7 @@
 //! - [`routes`]: the router (the one place every route is declared) and the enqueue handler.
 //! - [`live`]: live figures for the dashboard, from the workers' outcome announcements.
 //! - `dashboard.html`: the dashboard page (served at `/dashboard/`).
+//! - [`site`]: cross-site requests (the guards of admin changes and of basic-auth invocations).
 //! - [`peer`]: the peer address, trusted proxies, `X-Forwarded-For`.
 //! - [`link`]: the body limit derived from the queue's message limit.
 //! - [`error`]: JSON error answers.
@@ -40,6 +41,7 @@ pub mod peer;
 pub mod quota;
 pub mod reload;
 pub mod routes;
+pub mod site;
 pub mod state;
 pub mod tenancy;
 pub mod verb;
