@@ -43,6 +43,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::log::Limited;
 use crate::auth::Principal;
 use crate::reload::{LoadError, Reloadable, Watched};
 
@@ -662,16 +663,20 @@ pub async fn layer(
         .get::<Arc<Principal>>()
         .map(|p| p.subject.clone());
     if let Err(refusal) = quotas.admit(&namespace, subject.as_deref(), Instant::now()) {
+        let reason = match refusal {
+            Refusal::Rate { .. } => "rate_limited",
+            Refusal::Pending { .. } => "quota_exceeded",
+        };
         tracing::info!(
             namespace,
             subject = subject.as_deref(),
-            reason = match refusal {
-                Refusal::Rate { .. } => "rate_limited",
-                Refusal::Pending { .. } => "quota_exceeded",
-            },
+            reason,
             "call refused"
         );
-        return refused(&refusal, retry_after);
+        let mut response = refused(&refusal, retry_after);
+        // For the audit line (the audit layer is outside this one).
+        response.extensions_mut().insert(Limited(reason));
+        return response;
     }
     next.run(request).await
 }

@@ -352,13 +352,15 @@ pub fn router<Q: CallQueue>(state: Arc<AppState<Q>>) -> Router {
                 },
             ));
         }
-        // Outside the authorization layer: it sees the refusals, and what the layer found.
+        // Outside the authorization layer: it sees the refusals, and what the layer found;
+        // outside the quotas layer too, whose `429`s it writes.
         if let Some(audited) = crate::audit::classify(route.methods, route.path, permission)
             && (audited.always
                 || state
                     .auth
                     .as_ref()
-                    .is_some_and(|a| !a.is_public(permission)))
+                    .is_some_and(|a| !a.is_public(permission))
+                || (permission == Permission::Invoke && state.quotas.is_some()))
         {
             let state = state.clone();
             let log = state.audit.clone();
