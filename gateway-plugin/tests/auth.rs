@@ -1076,16 +1076,15 @@ async fn the_policy_file_is_reread_on_change_and_on_sighup() {
 
     // No rule: the member's token (no scope claim) verifies, and is remembered, without scopes.
     assert_eq!(status().await, 403);
-    std::fs::write(&policy, readme_policy()).unwrap();
+    common::replace_file(&policy, &readme_policy());
     common::eventually("the new rule applies", async || status().await == 202).await;
     gateway.wait_log("policy file reloaded", 1).await;
 
     // A broken version: the rules in force stay, the error names the line, reported once.
-    std::fs::write(
+    common::replace_file(
         &policy,
         "[[rule]]\nclaim = \"groups\"\ncontains = \"team-a-admins\"\nscopes = [\"invoke:team-a\", \"write:team-a\"]\n",
-    )
-    .unwrap();
+    );
     gateway.wait_log("policy file not reloaded", 1).await;
     assert!(gateway.log().contains("line 4"), "{}", gateway.log());
     assert_eq!(status().await, 202, "the last good rules stay in force");
@@ -1101,11 +1100,10 @@ async fn the_policy_file_is_reread_on_change_and_on_sighup() {
     assert_eq!(status().await, 202);
 
     // The group's rule narrowed to reading: invoking stops at once, remembered token or not.
-    std::fs::write(
+    common::replace_file(
         &policy,
         "[[rule]]\nclaim = \"groups\"\ncontains = \"team-a-admins\"\nscopes = [\"read:team-a\"]\n",
-    )
-    .unwrap();
+    );
     gateway.hangup();
     common::eventually("the narrowed rule applies", async || status().await == 403).await;
     let logs = gateway.stop().await;

@@ -319,7 +319,7 @@ async fn the_cors_file_is_reread_on_change_and_on_sighup() {
     assert_eq!(preflight(OTHER).await.status(), 403);
 
     // OTHER added, UI taken away.
-    std::fs::write(&cors, CORS_FILE.replace(UI, OTHER)).unwrap();
+    common::replace_file(&cors, &CORS_FILE.replace(UI, OTHER));
     common::eventually("the new origins apply", async || {
         preflight(OTHER).await.status() == 204
     })
@@ -330,7 +330,7 @@ async fn the_cors_file_is_reread_on_change_and_on_sighup() {
     assert_eq!(call(UI).await, None);
 
     // A broken version (`*` is refused): the settings in force stay.
-    std::fs::write(&cors, "[default]\norigins = [\"*\"]\n").unwrap();
+    common::replace_file(&cors, "[default]\norigins = [\"*\"]\n");
     gateway.wait_log("CORS file not reloaded", 1).await;
     assert!(gateway.log().contains("`*`"), "{}", gateway.log());
     assert_eq!(preflight(OTHER).await.status(), 204);
@@ -341,7 +341,7 @@ async fn the_cors_file_is_reread_on_change_and_on_sighup() {
     assert_eq!(preflight(OTHER).await.status(), 204, "still in force");
 
     // Back to the first version, with SIGHUP.
-    std::fs::write(&cors, CORS_FILE).unwrap();
+    common::replace_file(&cors, CORS_FILE);
     gateway.hangup();
     common::eventually("the first version applies again", async || {
         preflight(UI).await.status() == 204

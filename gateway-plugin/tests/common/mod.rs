@@ -303,3 +303,11 @@ pub async fn eventually(what: &str, mut probe: impl AsyncFnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Replaces `path` with `text` as an operator should (a new file renamed over the old one), so
+/// that a reread never sees it half-written.
+pub fn replace_file(path: &std::path::Path, text: &str) {
+    let next = path.with_extension("next");
+    std::fs::write(&next, text).unwrap();
+    std::fs::rename(&next, path).unwrap();
+}
