@@ -14,13 +14,13 @@
 //!
 //! Every state-changing route goes through [`refuse_cross_site`]: a page on another origin
 //! cannot make a browser change the queue (CSRF), even with a form a browser sends without
-//! asking.
+//! asking ([`crate::site`]; no origin is an exception here, whatever the CORS file says).
 
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use queue_core::backend::{BackendError, CallQueue, DeadLetterSelector};
@@ -33,35 +33,10 @@ use crate::paths::PathParam;
 use crate::state::AppState;
 use crate::tenancy::AdminView;
 
-/// Why a request is refused as cross-site, if it is one: a browser says so in
-/// `Sec-Fetch-Site` (anything but `same-origin`, or `none` for what the user typed), or sends an
-/// `Origin` that is not the gateway's own (`Host`). Clients that are not browsers send neither.
-fn cross_site(headers: &HeaderMap) -> Option<&'static str> {
-    let text = |name| headers.get(name).map(|v| v.to_str().unwrap_or("\u{0}"));
-    if let Some(site) = text("sec-fetch-site")
-        && !site.eq_ignore_ascii_case("same-origin")
-        && !site.eq_ignore_ascii_case("none")
-    {
-        return Some("Sec-Fetch-Site says the request comes from another site");
-    }
-    if let Some(origin) = text(header::ORIGIN.as_str()) {
-        let authority = origin
-            .split_once("://")
-            .map(|(_, authority)| authority)
-            .filter(|a| !a.is_empty() && !a.contains('/'));
-        let host = text(header::HOST.as_str());
-        let same = matches!((authority, host), (Some(a), Some(h)) if a.eq_ignore_ascii_case(h));
-        if !same {
-            return Some("Origin is not this gateway");
-        }
-    }
-    None
-}
-
 /// Middleware of the state-changing admin routes: `403` `cross_site_request` for a request a
 /// browser sent from another origin.
 pub async fn refuse_cross_site(request: Request, next: Next) -> Response {
-    if let Some(reason) = cross_site(request.headers()) {
+    if let Some(reason) = crate::site::cross_site(request.headers(), |_| false) {
         tracing::warn!(
             path = request.uri().path(),
             reason,

@@ -56,6 +56,35 @@ fn forbidden(needed: &dyn std::fmt::Display) -> Response {
         .into_response()
 }
 
+/// The guard of invocations authenticated by basic auth: a browser that cached the gateway's
+/// basic-auth credentials sends them with a cross-site "simple" `POST` or `GET` too (no
+/// preflight, so CORS does not stop it), so such a request is refused unless its `Origin` is
+/// one the CORS settings allow for this function and method ([`crate::site::cross_site`]).
+/// Bearer tokens are never attached by a browser on its own and are not held to this.
+fn basic_auth_cross_site<Q>(state: &AppState<Q>, request: &Request) -> Option<Response> {
+    let path = request.uri().path();
+    let method = request.method().as_str();
+    let cors = state.cors.as_ref().map(|file| file.current());
+    let reason = crate::site::cross_site(request.headers(), |origin| {
+        cors.is_some_and(|c| c.allows(crate::cors::Kind::Function, path, origin, method))
+    })?;
+    tracing::warn!(
+        path,
+        reason,
+        "cross-site invocation with basic auth refused"
+    );
+    Some(
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "cross_site_request",
+            format!(
+                "{reason}: basic-auth credentials (which a browser sends by itself) are not accepted on an invocation from another site's page; send a bearer token, or list the page's origin in the CORS file"
+            ),
+        )
+        .into_response(),
+    )
+}
+
 /// The namespace of a function as addressed (`name` or `name.namespace`).
 fn namespace_of(addressed: &str, default_namespace: &str) -> Result<String, ApiError> {
     let (_, ns) = canonical_function(addressed, default_namespace)
@@ -109,6 +138,13 @@ async fn decide<Q: CallQueue>(
     };
     facts.subject = Some(principal.subject.clone());
     facts.auth_method = Some(principal.method);
+    if permission == Permission::Invoke
+        && principal.method == "basic"
+        && let Some(refused) = basic_auth_cross_site(state, &request)
+    {
+        facts.denied = Some("cross-site request with basic auth");
+        return refused;
+    }
     let (mut parts, body) = request.into_parts();
     let params =
         match axum::RequestPartsExt::extract::<axum::extract::RawPathParams>(&mut parts).await {

@@ -9,10 +9,11 @@ use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use queue_core::backend::{CallQueue, apply_event};
 use queue_core::headers;
-use queue_core::message::valid_call_id;
+use queue_core::message::{canonical_function, valid_call_id};
 use queue_core::records::{CallRecord, CallState, Event, ResultAvailability};
 use serde_json::json;
 
+use crate::audit::AuditFacts;
 use crate::error::ApiError;
 use crate::paths::PathParam;
 use crate::state::AppState;
@@ -69,17 +70,40 @@ pub async fn cancel<Q: CallQueue>(
     State(state): State<Arc<AppState<Q>>>,
     PathParam(call_id): PathParam,
 ) -> Response {
-    match cancel_call(&state, &call_id).await {
+    let mut namespace = None;
+    let response = match cancel_call(&state, &call_id, &mut namespace).await {
         Ok(record) => axum::Json(record.for_api()).into_response(),
         Err(e) => e.with_call_id(&call_id).into_response(),
+    };
+    with_namespace(response, namespace)
+}
+
+/// The namespace of a call's function, from its record.
+fn namespace_of<Q>(state: &AppState<Q>, record: &CallRecord) -> Option<String> {
+    let (_, namespace) = canonical_function(&record.function, &state.default_namespace).ok()?;
+    Some(namespace.unwrap_or_else(|| state.default_namespace.to_ascii_lowercase()))
+}
+
+/// `response` with the call's namespace for its audit line ([`AuditFacts`]), which the
+/// authorization layer knows when there is one, and this handler otherwise: it read the record
+/// anyway, so the line costs no second read.
+fn with_namespace(mut response: Response, namespace: Option<String>) -> Response {
+    if namespace.is_some() {
+        response.extensions_mut().insert(AuditFacts {
+            namespace,
+            ..AuditFacts::default()
+        });
     }
+    response
 }
 
 async fn cancel_call<Q: CallQueue>(
     state: &AppState<Q>,
     call_id: &str,
+    namespace: &mut Option<String>,
 ) -> Result<CallRecord, ApiError> {
     let record = load(state, call_id).await?;
+    *namespace = namespace_of(state, &record);
     let finished = |record: &CallRecord| {
         ApiError::new(
             StatusCode::CONFLICT,
@@ -118,17 +142,21 @@ pub async fn result<Q: CallQueue>(
     State(state): State<Arc<AppState<Q>>>,
     PathParam(call_id): PathParam,
 ) -> Response {
-    match result_response(&state, &call_id).await {
+    let mut namespace = None;
+    let response = match result_response(&state, &call_id, &mut namespace).await {
         Ok(response) => response,
         Err(e) => e.with_call_id(&call_id).into_response(),
-    }
+    };
+    with_namespace(response, namespace)
 }
 
 async fn result_response<Q: CallQueue>(
     state: &AppState<Q>,
     call_id: &str,
+    namespace: &mut Option<String>,
 ) -> Result<Response, ApiError> {
     let record = load(state, call_id).await?;
+    *namespace = namespace_of(state, &record);
     let no_result =
         |code: &'static str, message: String| ApiError::new(StatusCode::CONFLICT, code, message);
     match record.state {

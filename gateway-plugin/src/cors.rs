@@ -33,6 +33,10 @@
 //! origin itself, never `*`) and `Access-Control-Expose-Headers` for an allowed origin and
 //! method, and no CORS header for any other; every answer of a route with a section carries
 //! `Vary: Origin`.
+//!
+//! The file is a [`crate::reload::Reloadable`]: reread when it changes and on SIGHUP, a new
+//! version applies whole from the next request; one that does not parse leaves the settings
+//! in force, with an error in the log.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -47,6 +51,10 @@ use queue_core::message::{canonical_function, valid_namespace};
 use serde::Deserialize;
 
 use crate::error::ApiError;
+use crate::reload::{LoadError, Reloadable};
+
+/// The CORS file, reloadable.
+pub type CorsFile = Reloadable<CorsPolicy>;
 
 /// Default `Access-Control-Max-Age`.
 const DEFAULT_MAX_AGE: Duration = Duration::from_secs(600);
@@ -262,15 +270,22 @@ impl Rule {
 }
 
 impl CorsPolicy {
-    /// Reads and checks the file; errors name it (and the line, where TOML says).
-    pub fn load(path: &Path, default_namespace: &str) -> Result<Self, CorsError> {
-        let text = std::fs::read_to_string(path).map_err(|source| CorsError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(&text, default_namespace).map_err(|message| CorsError::Invalid {
-            path: path.to_owned(),
-            message,
+    /// Reads and checks the file; errors name it (and the line, where TOML says). Each
+    /// version read later is parsed the same way.
+    pub fn load(path: &Path, default_namespace: &str) -> Result<CorsFile, CorsError> {
+        let default_namespace = default_namespace.to_owned();
+        Reloadable::load("CORS file", path, move |text| {
+            Self::parse(text, &default_namespace)
+        })
+        .map_err(|e| match e {
+            LoadError::Io(source) => CorsError::Io {
+                path: path.to_owned(),
+                source,
+            },
+            LoadError::Invalid(message) => CorsError::Invalid {
+                path: path.to_owned(),
+                message,
+            },
         })
     }
 
@@ -426,16 +441,25 @@ impl CorsPolicy {
     pub fn covers(&self, kind: Kind, path: &str) -> bool {
         self.rule(kind, path).is_some()
     }
+
+    /// Whether the section of `path` lets a page of `origin` send `method` (what gets the
+    /// CORS headers on the answer).
+    pub fn allows(&self, kind: Kind, path: &str, origin: &str, method: &str) -> bool {
+        self.rule(kind, path)
+            .is_some_and(|rule| rule.allows_origin(origin) && rule.allows_method(method))
+    }
 }
 
 /// The layer of the routes CORS may apply to (outside every other, so that refusals carry the
 /// headers too): an allowed origin and method get `Access-Control-Allow-Origin` and
 /// `Access-Control-Expose-Headers` on the answer, any other none.
-pub async fn layer(policy: Arc<CorsPolicy>, kind: Kind, request: Request, next: Next) -> Response {
+pub async fn layer(file: Arc<CorsFile>, kind: Kind, request: Request, next: Next) -> Response {
     let path = request.uri().path().to_owned();
     let origin = request.headers().get(header::ORIGIN).cloned();
     let method = request.method().clone();
     let mut response = next.run(request).await;
+    // The version in force when the answer is sent.
+    let policy = file.current();
     let Some(rule) = policy.rule(kind, &path) else {
         return response;
     };

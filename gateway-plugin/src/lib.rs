@@ -7,6 +7,8 @@
 //! - [`audit`]: the audit log (admin changes, cancels, result reads, refusals).
 //! - [`quota`]: quotas and rate limits per namespace and subject (`--quotas-file`).
 //! - [`cors`]: CORS per function, namespace and for `/async-calls/...` (`--cors-file`).
+//! - [`reload`]: the settings files reread on change and on SIGHUP (tokens, policy, quotas,
+//!   CORS).
 //! - [`admin`]: the queue admin API (`/system/async/...`).
 //! - [`tenancy`]: admin views by namespace ([`tenancy::AdminView`]).
 //! - [`calls`]: call records and kept results (`/async-calls/{id}`).
@@ -14,6 +16,7 @@
 //! - [`routes`]: the router (the one place every route is declared) and the enqueue handler.
 //! - [`live`]: live figures for the dashboard, from the workers' outcome announcements.
 //! - `dashboard.html`: the dashboard page (served at `/dashboard/`).
+//! - [`site`]: cross-site requests (the guards of admin changes and of basic-auth invocations).
 //! - [`peer`]: the peer address, trusted proxies, `X-Forwarded-For`.
 //! - [`link`]: the body limit derived from the queue's message limit.
 //! - [`error`]: JSON error answers.
@@ -36,7 +39,9 @@ pub mod overrides;
 pub mod paths;
 pub mod peer;
 pub mod quota;
+pub mod reload;
 pub mod routes;
+pub mod site;
 pub mod state;
 pub mod tenancy;
 pub mod verb;
@@ -111,7 +116,7 @@ pub struct HttpSettings {
 struct Controls {
     audit: Arc<audit::AuditLog>,
     quotas: Option<Arc<quota::Quotas>>,
-    cors: Option<Arc<cors::CorsPolicy>>,
+    cors: Option<Arc<cors::CorsFile>>,
 }
 
 impl Controls {
@@ -233,11 +238,10 @@ async fn serve_loaded<Q: CallQueue>(
     }
     let live = Arc::new(live::LiveStats::default());
     let follow_stop = CancellationToken::new();
+    // The settings files reread while the gateway runs (one task, one SIGHUP handler).
+    let mut watched = Vec::new();
     if let Some(authenticator) = &authenticator {
-        tokio::spawn(auth::watch_tokens(
-            authenticator.clone(),
-            follow_stop.clone(),
-        ));
+        watched.extend(authenticator.watched());
         tokio::spawn(auth::follow_jwks(
             authenticator.clone(),
             follow_stop.clone(),
@@ -264,8 +268,12 @@ async fn serve_loaded<Q: CallQueue>(
         call_limits: settings.call_limits,
         cors: controls.cors,
     });
+    watched.extend(controls.quotas.as_ref().and_then(|q| q.watched()));
+    if let Some(cors) = &state.cors {
+        watched.push(cors.clone() as Arc<dyn reload::Watched>);
+    }
+    tokio::spawn(reload::watch(watched, follow_stop.clone()));
     if let Some(quotas) = controls.quotas {
-        tokio::spawn(quota::watch_file(quotas.clone(), follow_stop.clone()));
         tokio::spawn(quota::follow_pending(
             queue.clone(),
             quotas,

@@ -203,6 +203,40 @@ mod tests {
         }
     }
 
+    /// Every operation of a route that needs a permission documents the `503`
+    /// `auth_unavailable` of a JWT that cannot be checked yet (the keys of `--jwks-url` not
+    /// fetched yet); the public ones do not.
+    #[test]
+    fn protected_routes_document_auth_unavailable() {
+        let doc = document();
+        let resolve = |value: &Value| -> Value {
+            match value.get("$ref").and_then(Value::as_str) {
+                Some(r) => doc.pointer(r.trim_start_matches('#')).cloned().unwrap(),
+                None => value.clone(),
+            }
+        };
+        let mut protected = 0;
+        for route in crate::routes::routes::<JetStreamQueue>() {
+            let path = template(route.path);
+            for method in route.methods {
+                let method = method.as_str().to_ascii_lowercase();
+                let op = &doc["paths"][&path][&method];
+                let answer = op["responses"].get("503").map(&resolve);
+                let says = answer.as_ref().and_then(|a| a["description"].as_str());
+                let mentions = says.is_some_and(|d| d.contains("`auth_unavailable`"));
+                if route.permission == crate::auth::Permission::Public {
+                    assert!(!mentions, "{method} {path} is public");
+                } else {
+                    protected += 1;
+                    assert!(mentions, "{method} {path}: 503 {says:?}");
+                    let retry = answer.as_ref().map(|a| &a["headers"]["Retry-After"]);
+                    assert!(retry.is_some_and(|h| !h.is_null()), "{method} {path}");
+                }
+            }
+        }
+        assert!(protected >= 20, "{protected}");
+    }
+
     #[test]
     fn the_document_carries_the_crate_version() {
         let doc = document();

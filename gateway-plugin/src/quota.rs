@@ -10,8 +10,9 @@
 //! Figures that are missing or too old (the queue did not answer) never refuse a call: the cap
 //! is then not enforced (fail open), with a warning, until the next good read.
 //!
-//! The file is read again every second ([`watch_file`]): a change applies from the next call
-//! (the buckets keep their tokens); a file that no longer parses keeps the limits in force.
+//! The file is a [`crate::reload::Reloadable`], read again every second and on SIGHUP: a change
+//! applies from the next call (the buckets keep their tokens); a file that no longer parses
+//! keeps the limits in force.
 //!
 //! ```toml
 //! pending_refresh = "500ms"
@@ -42,7 +43,9 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::log::Limited;
 use crate::auth::Principal;
+use crate::reload::{LoadError, Reloadable, Watched};
 
 /// The quotas file cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -295,9 +298,8 @@ struct Limits {
 /// The quotas and the state of their buckets.
 #[derive(Debug)]
 pub struct Quotas {
-    /// The file and the text last read from it.
-    file: Option<(PathBuf, Mutex<String>)>,
-    limits: RwLock<Arc<Limits>>,
+    /// The limits, from the file.
+    limits: Arc<Reloadable<Limits>>,
     namespace_buckets: Buckets,
     subject_buckets: Buckets,
     pending: RwLock<Option<PendingView>>,
@@ -385,36 +387,33 @@ impl Limits {
     }
 }
 
-fn read(path: &Path) -> Result<String, QuotaError> {
-    std::fs::read_to_string(path).map_err(|source| QuotaError::Io {
-        path: path.to_owned(),
-        source,
-    })
-}
-
 impl Quotas {
     /// Reads the file.
     pub fn load(path: &Path) -> Result<Self, QuotaError> {
-        let text = read(path)?;
-        let limits = Limits::parse(&text).map_err(|message| QuotaError::Invalid {
-            path: path.to_owned(),
-            message,
+        let limits = Reloadable::load("quotas file", path, Limits::parse).map_err(|e| match e {
+            LoadError::Io(source) => QuotaError::Io {
+                path: path.to_owned(),
+                source,
+            },
+            LoadError::Invalid(message) => QuotaError::Invalid {
+                path: path.to_owned(),
+                message,
+            },
         })?;
-        Ok(Self::with(
-            limits,
-            Some((path.to_owned(), Mutex::new(text))),
-        ))
+        Ok(Self::with(limits))
     }
 
     /// Parses the file's text; the error names the line.
     pub fn parse(text: &str) -> Result<Self, String> {
-        Ok(Self::with(Limits::parse(text)?, None))
+        Ok(Self::with(Reloadable::fixed(
+            "quotas file",
+            Limits::parse(text)?,
+        )))
     }
 
-    fn with(limits: Limits, file: Option<(PathBuf, Mutex<String>)>) -> Self {
+    fn with(limits: Reloadable<Limits>) -> Self {
         Self {
-            file,
-            limits: RwLock::new(Arc::new(limits)),
+            limits: Arc::new(limits),
             namespace_buckets: Buckets::default(),
             subject_buckets: Buckets::default(),
             pending: RwLock::new(None),
@@ -423,31 +422,16 @@ impl Quotas {
     }
 
     fn limits(&self) -> Arc<Limits> {
-        self.limits
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.limits.current()
     }
 
-    /// Reads the file again; new limits apply from the next call if its text changed (the
-    /// buckets keep their tokens). `Ok(true)` when it changed. A file that no longer parses
-    /// leaves the limits in force.
-    pub fn reload(&self) -> Result<bool, QuotaError> {
-        let Some((path, last)) = &self.file else {
-            return Ok(false);
-        };
-        let text = read(path)?;
-        let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
-        if *last == text {
-            return Ok(false);
-        }
-        let limits = Limits::parse(&text).map_err(|message| QuotaError::Invalid {
-            path: path.clone(),
-            message,
-        })?;
-        *self.limits.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(limits);
-        *last = text;
-        Ok(true)
+    /// The file, for [`crate::reload::watch`] (`None` for limits from no file): a new version
+    /// applies from the next call, the buckets keep their tokens (up to the new burst).
+    pub fn watched(&self) -> Option<Arc<dyn Watched>> {
+        self.limits
+            .path()
+            .is_some()
+            .then(|| self.limits.clone() as Arc<dyn Watched>)
     }
 
     #[cfg(test)]
@@ -608,29 +592,6 @@ pub async fn follow_pending<Q: CallQueue>(
     }
 }
 
-/// Reads the quotas file again every second until `stop`: a changed file applies from the next
-/// call; one that no longer parses keeps the limits in force, with an error in the log.
-pub async fn watch_file(quotas: Arc<Quotas>, stop: CancellationToken) {
-    if quotas.file.is_none() {
-        return;
-    }
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        match quotas.reload() {
-            Ok(true) => tracing::info!("quotas file changed: the new limits apply"),
-            Ok(false) => {}
-            Err(e) => {
-                tracing::error!(error = %e, "quotas file not reloaded; the previous limits stay in force");
-            }
-        }
-    }
-}
-
 /// The `429` of a refusal.
 pub fn refused(refusal: &Refusal, retry_after_pending: Duration) -> Response {
     let (code, message, limit, retry_after) = match refusal {
@@ -702,16 +663,20 @@ pub async fn layer(
         .get::<Arc<Principal>>()
         .map(|p| p.subject.clone());
     if let Err(refusal) = quotas.admit(&namespace, subject.as_deref(), Instant::now()) {
+        let reason = match refusal {
+            Refusal::Rate { .. } => "rate_limited",
+            Refusal::Pending { .. } => "quota_exceeded",
+        };
         tracing::info!(
             namespace,
             subject = subject.as_deref(),
-            reason = match refusal {
-                Refusal::Rate { .. } => "rate_limited",
-                Refusal::Pending { .. } => "quota_exceeded",
-            },
+            reason,
             "call refused"
         );
-        return refused(&refusal, retry_after);
+        let mut response = refused(&refusal, retry_after);
+        // For the audit line (the audit layer is outside this one).
+        response.extensions_mut().insert(Limited(reason));
+        return response;
     }
     next.run(request).await
 }
@@ -750,6 +715,7 @@ burst = 2
         assert_eq!(other.rate.unwrap().burst, 100, "burst defaults to the rate");
         assert!(q.caps_pending());
         assert!(!Quotas::parse("").unwrap().caps_pending());
+        assert!(q.watched().is_none(), "no file to reread");
     }
 
     /// The worked example of the README parses, and means what the README says.
@@ -786,13 +752,14 @@ burst = 2
         let path = dir.path().join("quotas.toml");
         std::fs::write(&path, "[namespaces.a]\nrate = 1\n").unwrap();
         let q = Quotas::load(&path).unwrap();
-        assert!(!q.reload().unwrap(), "unchanged");
+        let file = q.watched().unwrap();
+        assert!(!file.reload(false).unwrap(), "unchanged");
         std::fs::write(&path, "[namespaces.a]\nrate = 7\nmax_pending = 9\n").unwrap();
-        assert!(q.reload().unwrap());
+        assert!(file.reload(false).unwrap());
         assert_eq!(q.namespace_limit("a").unwrap().rate.unwrap().burst, 7);
         assert!(q.caps_pending());
         std::fs::write(&path, "[namespaces.a]\nrate = -1\n").unwrap();
-        let e = q.reload().unwrap_err().to_string();
+        let e = file.reload(false).unwrap_err();
         assert!(e.contains("line 1"), "{e}");
         assert_eq!(q.namespace_limit("a").unwrap().max_pending, Some(9));
     }

@@ -360,13 +360,15 @@ pub fn router<Q: CallQueue>(state: Arc<AppState<Q>>) -> Router {
                 },
             ));
         }
-        // Outside the authorization layer: it sees the refusals, and what the layer found.
+        // Outside the authorization layer: it sees the refusals, and what the layer found;
+        // outside the quotas layer too, whose `429`s it writes.
         if let Some(audited) = crate::audit::classify(route.methods, route.path, permission)
             && (audited.always
                 || state
                     .auth
                     .as_ref()
-                    .is_some_and(|a| !a.is_public(permission)))
+                    .is_some_and(|a| !a.is_public(permission))
+                || (permission == Permission::Invoke && state.quotas.is_some()))
         {
             let state = state.clone();
             let log = state.audit.clone();
@@ -426,8 +428,11 @@ async fn preflight_function<Q: CallQueue>(
     State(state): State<Arc<AppState<Q>>>,
     request: Request,
 ) -> Response {
-    let none = crate::cors::CorsPolicy::default();
-    let policy = state.cors.as_deref().unwrap_or(&none);
+    let policy = state
+        .cors
+        .as_ref()
+        .map(|file| file.current())
+        .unwrap_or_default();
     match policy.preflight(
         crate::cors::Kind::Function,
         request.uri().path(),
@@ -444,8 +449,11 @@ async fn preflight_calls<Q: CallQueue>(
     State(state): State<Arc<AppState<Q>>>,
     request: Request,
 ) -> Response {
-    let none = crate::cors::CorsPolicy::default();
-    let policy = state.cors.as_deref().unwrap_or(&none);
+    let policy = state
+        .cors
+        .as_ref()
+        .map(|file| file.current())
+        .unwrap_or_default();
     let path = request.uri().path();
     if let Some(answer) = policy.preflight(crate::cors::Kind::Calls, path, request.headers()) {
         return answer;

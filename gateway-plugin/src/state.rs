@@ -40,8 +40,9 @@ pub struct AppState<Q> {
     pub quotas: Option<Arc<crate::quota::Quotas>>,
     /// Caps on the limits a call may set for itself.
     pub call_limits: crate::overrides::CallLimitArgs,
-    /// CORS of the async routes and `/async-calls/...` (`None`: no CORS anywhere).
-    pub cors: Option<Arc<crate::cors::CorsPolicy>>,
+    /// CORS of the async routes and `/async-calls/...` (`None`: no CORS anywhere); the file's
+    /// version in force.
+    pub cors: Option<Arc<crate::cors::CorsFile>>,
 }
 
 impl<Q> AppState<Q> {

@@ -297,3 +297,180 @@ async fn an_audit_log_that_cannot_be_opened_stops_the_gateway_at_start() {
         "{error}"
     );
 }
+
+/// `429` answers are audit lines too: a rate limit and a pending-calls quota, each with the
+/// namespace, the subject, the outcome `limited` and the code as the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_and_quota_refusals_are_audited() {
+    let nats = NatsServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bot = token();
+    std::fs::write(
+        dir.path().join("tokens"),
+        format!(
+            "team-bot {} invoke:team-a invoke:team-q\n",
+            sha256_hex(&bot)
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("quotas.toml"),
+        "pending_refresh = \"100ms\"\n[namespaces.team-a]\nrate = 0.01\nburst = 1\n[namespaces.team-q]\nmax_pending = 1\n",
+    )
+    .unwrap();
+    let audit = dir.path().join("audit.log");
+    let gateway = Gateway::start(
+        &nats.url(),
+        &[
+            "--auth-tokens-file",
+            dir.path().join("tokens").to_str().unwrap(),
+            "--quotas-file",
+            dir.path().join("quotas.toml").to_str().unwrap(),
+            "--audit-log",
+            audit.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let client = http();
+    let post = async |function: &str| {
+        client
+            .post(format!("{}/async-function/{function}", gateway.url))
+            .bearer_auth(&bot)
+            .body(BODY_MARKER)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(post("fn.team-a").await, 202);
+    assert_eq!(post("fn.team-a").await, 429);
+    // The first call of team-q is pending (no worker): once the gateway has read it, the cap.
+    assert_eq!(post("fn.team-q").await, 202);
+    common::eventually("the pending cap refuses", async || {
+        post("fn.team-q").await == 429
+    })
+    .await;
+
+    let all = lines(&audit);
+    let limited: Vec<&Value> = all.iter().filter(|l| l["status"] == 429).collect();
+    assert_eq!(limited.len(), 2, "{all:#?}");
+    for (l, namespace, reason) in [
+        (limited[0], "team-a", "rate_limited"),
+        (limited[1], "team-q", "quota_exceeded"),
+    ] {
+        assert_time(l);
+        assert_eq!(l["action"], "invoke", "{l}");
+        assert_eq!(l["namespace"], namespace, "{l}");
+        assert_eq!(l["resource"], format!("fn.{namespace}"), "{l}");
+        assert_eq!(l["subject"], "team-bot", "{l}");
+        assert_eq!(l["auth_method"], "token", "{l}");
+        assert_eq!(l["outcome"], "limited", "{l}");
+        assert_eq!(l["reason"], reason, "{l}");
+    }
+    assert!(
+        all.iter().all(|l| l["status"] == 429),
+        "accepted calls are not written: {all:#?}"
+    );
+    let text = std::fs::read_to_string(&audit).unwrap();
+    assert!(
+        !text.contains(&bot) && !text.contains(BODY_MARKER),
+        "{text}"
+    );
+    gateway.shutdown().await;
+}
+
+/// Without an authenticator the lines name the namespace where it is known without another
+/// record read: a cancel's and a result read's (from the record the handler reads), a
+/// rate-limited call's (from its path, subject `null`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_authenticator_lines_name_the_namespace() {
+    let nats = NatsServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("quotas.toml"),
+        "[namespaces.team-a]\nrate = 0.01\nburst = 2\n",
+    )
+    .unwrap();
+    let audit = dir.path().join("audit.log");
+    let gateway = Gateway::start(
+        &nats.url(),
+        &[
+            "--quotas-file",
+            dir.path().join("quotas.toml").to_str().unwrap(),
+            "--audit-log",
+            audit.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let client = http();
+    let url = |path: &str| format!("{}{path}", gateway.url);
+    let mut calls = Vec::new();
+    for _ in 0..2 {
+        let r = client
+            .post(url("/async-function/fn.team-a"))
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        calls.push(r.headers()["x-call-id"].to_str().unwrap().to_owned());
+    }
+    let r = client
+        .post(url("/async-function/fn.team-a"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let r = client
+        .get(url(&format!("/async-calls/{}/result", calls[0])))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "not run yet");
+    let r = client
+        .delete(url(&format!("/async-calls/{}", calls[1])))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // An unknown call: no record, no namespace.
+    let r = client
+        .delete(url("/async-calls/no-such-call"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+
+    let all = lines(&audit);
+    assert_eq!(all.len(), 4, "{all:#?}");
+    let limited = line(&all, "invoke", 429);
+    assert_eq!(
+        (
+            &limited["namespace"],
+            &limited["subject"],
+            &limited["outcome"],
+            &limited["reason"]
+        ),
+        (
+            &Value::from("team-a"),
+            &Value::Null,
+            &Value::from("limited"),
+            &Value::from("rate_limited")
+        ),
+        "{limited}"
+    );
+    for (action, status, call) in [
+        ("call.result", 202, &calls[0]),
+        ("call.cancel", 200, &calls[1]),
+    ] {
+        let l = line(&all, action, status);
+        assert_eq!(l["namespace"], "team-a", "{l}");
+        assert_eq!(l["resource"], call.as_str(), "{l}");
+        assert!(l["subject"].is_null(), "{l}");
+        assert_eq!(l["outcome"], "ok", "{l}");
+    }
+    let unknown = line(&all, "call.cancel", 404);
+    assert!(unknown["namespace"].is_null(), "{unknown}");
+    gateway.shutdown().await;
+}

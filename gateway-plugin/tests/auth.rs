@@ -1041,3 +1041,72 @@ async fn a_remembered_token_is_refused_once_it_expires() {
     assert_eq!(r.status(), 202);
     gateway.shutdown().await;
 }
+
+/// The policy file is reread while the gateway runs: a rule added applies (to a token already
+/// verified and remembered, too), a broken version keeps the rules in force (reported once, and
+/// again on SIGHUP, which the gateway survives), and a rule taken away on SIGHUP stops applying.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_policy_file_is_reread_on_change_and_on_sighup() {
+    let nats = NatsServer::start().await.unwrap();
+    let (jwks, jwt) = mint();
+    let dir = tempfile::tempdir().unwrap();
+    let jwks_path = dir.path().join("jwks.json");
+    std::fs::write(&jwks_path, jwks.to_string()).unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(&policy, "# no rules yet\n").unwrap();
+    let gateway = common::GatewayProcess::start(
+        &nats.url(),
+        &[
+            "--jwks-file",
+            jwks_path.to_str().unwrap(),
+            "--jwt-issuer",
+            ISSUER,
+            "--jwt-audience",
+            AUDIENCE,
+            "--auth-policy-file",
+            policy.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .await;
+    let client = http();
+    let fn_a = format!("{}/async-function/fn.team-a", gateway.url);
+    let member = Cred::Bearer(&jwt["group_member"]);
+    let status = async || send(&client, "POST", &fn_a, member).await.status();
+
+    // No rule: the member's token (no scope claim) verifies, and is remembered, without scopes.
+    assert_eq!(status().await, 403);
+    common::replace_file(&policy, &readme_policy());
+    common::eventually("the new rule applies", async || status().await == 202).await;
+    gateway.wait_log("policy file reloaded", 1).await;
+
+    // A broken version: the rules in force stay, the error names the line, reported once.
+    common::replace_file(
+        &policy,
+        "[[rule]]\nclaim = \"groups\"\ncontains = \"team-a-admins\"\nscopes = [\"invoke:team-a\", \"write:team-a\"]\n",
+    );
+    gateway.wait_log("policy file not reloaded", 1).await;
+    assert!(gateway.log().contains("line 4"), "{}", gateway.log());
+    assert_eq!(status().await, 202, "the last good rules stay in force");
+    // SIGHUP rereads it at once: reported again, still in force, the gateway still up.
+    gateway.hangup();
+    gateway.wait_log("SIGHUP received", 1).await;
+    gateway.wait_log("policy file not reloaded", 2).await;
+    assert_eq!(
+        gateway.log().matches("policy file not reloaded").count(),
+        2,
+        "reported once per version (and once per SIGHUP), not every second"
+    );
+    assert_eq!(status().await, 202);
+
+    // The group's rule narrowed to reading: invoking stops at once, remembered token or not.
+    common::replace_file(
+        &policy,
+        "[[rule]]\nclaim = \"groups\"\ncontains = \"team-a-admins\"\nscopes = [\"read:team-a\"]\n",
+    );
+    gateway.hangup();
+    common::eventually("the narrowed rule applies", async || status().await == 403).await;
+    let logs = gateway.stop().await;
+    let signature = jwt["group_member"].rsplit('.').next().unwrap();
+    assert!(!logs.contains(signature), "a token leaked into the log");
+}

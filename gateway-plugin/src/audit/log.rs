@@ -8,6 +8,14 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
+/// A refusal by a limit (a rate limit, a pending-calls quota: `429`), left in the answer's
+/// extensions by the layer that refused (inside the audit layer) so that the audit line says
+/// so: its outcome is `limited` and its reason this code (`rate_limited`, `quota_exceeded`).
+/// Here, beside the sink, so that the quotas layer names it without depending on the audit
+/// layer (which reads the shared state that holds the quotas).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limited(pub &'static str);
+
 /// The audit log cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -112,7 +120,8 @@ pub struct AuditEvent<'a> {
     pub namespace: Option<&'a str>,
     /// The call id, the function, the dead letter (sequence, call id or selection).
     pub resource: Option<&'a str>,
-    /// `ok` (2xx), `denied` (refused by authentication or authorization) or `error`.
+    /// `ok` (2xx), `denied` (refused by authentication or authorization), `limited` (refused by
+    /// a rate limit or quota) or `error`.
     pub outcome: &'static str,
     /// The answer's status.
     pub status: u16,

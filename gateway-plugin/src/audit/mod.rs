@@ -1,11 +1,12 @@
 //! The audit log: one JSON line per event, for every admin change (pause, resume, dead-letter
-//! replay and purge), every cancel, every result read, and every authentication or
-//! authorization refusal (`401`, `403`, and the `404` given for a call of another namespace).
+//! replay and purge), every cancel, every result read, every authentication or
+//! authorization refusal (`401`, `403`, and the `404` given for a call of another namespace),
+//! and every `429` of the quotas ([`Limited`]).
 //!
-//! [`layer`] sits in front of the authorization layer ([`crate::authorize`]) on the routes
-//! [`classify`] names, so no handler writes audit lines itself. The authorization layer leaves
-//! what it found ([`AuditFacts`]: the subject, the namespace, why it refused) in the answer's
-//! extensions; this layer adds the request id, the client address and the outcome, and writes
+//! [`layer`] sits in front of the authorization layer ([`crate::authorize`]) and of the quotas
+//! layer on the routes [`classify`] names, so no handler writes audit lines itself. The
+//! authorization layer leaves what it found ([`AuditFacts`]: the subject, the namespace, why it
+//! refused) in the answer's extensions, the quotas layer its refusal; this layer adds the request id, the client address and the outcome, and writes
 //! the line ([`AuditLog`]): to the `--audit-log` file (appended, one `write` per line, no
 //! buffering in the process), or, without a file, as an `info` event of the `tracing` target
 //! `audit`.
@@ -31,9 +32,11 @@ use crate::verb::Verb;
 
 pub mod log;
 
-pub use log::{AuditError, AuditEvent, AuditLog};
+pub use log::{AuditError, AuditEvent, AuditLog, Limited};
 
-/// What the authorization layer found, left in the answer's extensions for [`layer`].
+/// What the authorization layer found, left in the answer's extensions for [`layer`]; without
+/// an authorization layer, the handlers of `/async-calls/...` leave the call's namespace, read
+/// from the record they load anyway ([`crate::calls`]).
 #[derive(Debug, Clone, Default)]
 pub struct AuditFacts {
     /// The authenticated subject.
@@ -289,13 +292,15 @@ pub async fn layer<Q: CallQueue>(
     finish(&log, audited, &noted, response)
 }
 
-/// Whether the answer `response` of a route `audited` is written: always, or for a refusal.
+/// Whether the answer `response` of a route `audited` is written: always, or for a refusal
+/// (by authentication, authorization, a cross-site guard, a rate limit or quota).
 fn written(audited: Audited, response: &Response) -> bool {
     audited.always
         || response
             .extensions()
             .get::<AuditFacts>()
             .is_some_and(|f| f.denied.is_some())
+        || response.extensions().get::<Limited>().is_some()
         || matches!(
             response.status(),
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
@@ -320,14 +325,17 @@ fn finish(log: &AuditLog, audited: Audited, noted: &Noted, mut response: Respons
     if !written(audited, &response) {
         return response;
     }
+    let limited = response.extensions().get::<Limited>().map(|l| l.0);
     let outcome = if denied_by_layer.is_some() || refused {
         "denied"
+    } else if limited.is_some() {
+        "limited"
     } else if status.is_success() || status.is_redirection() {
         "ok"
     } else {
         "error"
     };
-    let reason = denied_by_layer.or(match status {
+    let reason = denied_by_layer.or(limited).or(match status {
         StatusCode::UNAUTHORIZED => Some("authentication refused"),
         // Not the authorization layer's: the cross-site guard of the admin changes.
         StatusCode::FORBIDDEN => Some("cross-site request"),

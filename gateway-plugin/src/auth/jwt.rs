@@ -18,7 +18,8 @@
 //! - A token that verified is remembered, by the SHA-256 of the whole token, until its `exp`
 //!   and for at most [`VERIFIED_TTL`]: a client that sends the same token with every call pays
 //!   for one signature check a minute, not one per call (an RS256 check is ~250 µs of CPU, an
-//!   ES256 one more). New keys in force (a `--jwks-url` fetch) forget every remembered token;
+//!   ES256 one more). New keys in force (a `--jwks-url` fetch) forget every remembered token,
+//!   and so does a new version of the policy file (the scopes it granted may have changed);
 //!   failures are never remembered.
 
 use std::collections::HashMap;
@@ -32,7 +33,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
 
 use super::jwks::{KID_REFRESH_INTERVAL, RemoteJwks, next_refresh};
-use super::policy::Policy;
+use super::policy::PolicyFile;
 use super::scope::Scopes;
 use super::{AuthError, Denied};
 
@@ -82,6 +83,8 @@ struct Verified {
     subject: String,
     scopes: Scopes,
     until: Instant,
+    /// The version of the policy file its scopes were granted by.
+    policy: u64,
 }
 
 /// Verifies JWTs against the keys of a JWKS file or URL.
@@ -89,7 +92,7 @@ pub struct JwtVerifier {
     rules: JwtRules,
     keys: RwLock<Arc<KeySet>>,
     source: Source,
-    policy: Option<Policy>,
+    policy: Option<Arc<PolicyFile>>,
     /// Tokens that verified, by the SHA-256 of the token.
     verified: std::sync::Mutex<HashMap<[u8; 32], Verified>>,
 }
@@ -230,10 +233,20 @@ impl JwtVerifier {
         }
     }
 
-    /// Grants scopes by claims too, from `policy`'s rules.
-    pub fn with_policy(mut self, policy: Option<Policy>) -> Self {
-        self.policy = policy;
+    /// Grants scopes by claims too, from `policy`'s rules (the version in force).
+    pub fn with_policy(mut self, policy: Option<PolicyFile>) -> Self {
+        self.policy = policy.map(Arc::new);
         self
+    }
+
+    /// The policy file, for [`crate::reload::watch`].
+    pub fn policy(&self) -> Option<Arc<PolicyFile>> {
+        self.policy.clone()
+    }
+
+    /// The version of the policy file in force (0 without one).
+    fn policy_generation(&self) -> u64 {
+        self.policy.as_ref().map_or(0, |p| p.generation())
     }
 
     fn current(&self) -> Arc<KeySet> {
@@ -313,10 +326,15 @@ impl JwtVerifier {
     pub async fn verify(&self, token: &str) -> Result<(String, Scopes), Denied> {
         let digest = super::tokens::sha256(token.as_bytes());
         let now = Instant::now();
+        // Read before the check: scopes granted by an older policy are never remembered as
+        // the new one's.
+        let policy = self.policy_generation();
         {
             let mut remembered = self.remembered();
             match remembered.get(&digest) {
-                Some(v) if v.until > now => return Ok((v.subject.clone(), v.scopes.clone())),
+                Some(v) if v.until > now && v.policy == policy => {
+                    return Ok((v.subject.clone(), v.scopes.clone()));
+                }
                 Some(_) => {
                     remembered.remove(&digest);
                 }
@@ -346,6 +364,7 @@ impl JwtVerifier {
                     subject: subject.clone(),
                     scopes: scopes.clone(),
                     until: now + keep,
+                    policy,
                 },
             );
         }
@@ -395,7 +414,7 @@ impl JwtVerifier {
         };
         if let Some(policy) = &self.policy {
             let issuer = claims.get("iss").and_then(Value::as_str);
-            policy.grant(issuer, &claims, &mut scopes);
+            policy.current().grant(issuer, &claims, &mut scopes);
         }
         let subject = match claims.get("sub").and_then(Value::as_str) {
             Some(sub) => sub.to_owned(),

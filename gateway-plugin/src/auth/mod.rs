@@ -89,7 +89,8 @@ pub struct AuthArgs {
     #[arg(long, env = "AUTH_JWKS_CA", value_name = "FILE")]
     pub jwks_ca: Option<PathBuf>,
     /// Scopes for JWTs by their claims (groups, roles, ...): a TOML file of rules, each an
-    /// optional issuer, a claim condition and the scopes it adds to the token's own.
+    /// optional issuer, a claim condition and the scopes it adds to the token's own; reread
+    /// when it changes or on SIGHUP.
     #[arg(long, env = "AUTH_POLICY_FILE", value_name = "FILE")]
     pub auth_policy_file: Option<PathBuf>,
     /// The accepted JWT `iss` (required with `--jwks-file` or `--jwks-url`).
@@ -294,9 +295,17 @@ impl Authenticator {
         }
     }
 
-    /// The tokens file, to reload when it changes.
-    pub fn tokens(&self) -> Option<&tokens::TokenStore> {
-        self.tokens.as_ref()
+    /// The files to reread while the gateway runs (the tokens file, the policy file), for
+    /// [`crate::reload::watch`].
+    pub fn watched(&self) -> Vec<Arc<dyn crate::reload::Watched>> {
+        let mut files = Vec::new();
+        if let Some(tokens) = &self.tokens {
+            files.push(tokens.watched());
+        }
+        if let Some(policy) = self.jwt.as_ref().and_then(jwt::JwtVerifier::policy) {
+            files.push(policy as Arc<dyn crate::reload::Watched>);
+        }
+        files
     }
 
     /// `Err` with the reason while credentials cannot be checked yet (the keys of
@@ -377,39 +386,5 @@ impl Authenticator {
 pub async fn follow_jwks(auth: Arc<Authenticator>, stop: tokio_util::sync::CancellationToken) {
     if let Some(verifier) = &auth.jwt {
         jwt::follow(verifier, stop).await;
-    }
-}
-
-/// Reloads the tokens file when it changes (polled every second) or on SIGHUP, until `stop`.
-pub async fn watch_tokens(auth: Arc<Authenticator>, stop: tokio_util::sync::CancellationToken) {
-    let Some(store) = auth.tokens() else { return };
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    #[cfg(unix)]
-    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(error = %e, "no SIGHUP handler; the tokens file is still polled");
-            None
-        }
-    };
-    loop {
-        #[cfg(unix)]
-        let hup = async {
-            match hangup.as_mut() {
-                Some(s) => s.recv().await,
-                None => std::future::pending().await,
-            }
-        };
-        #[cfg(not(unix))]
-        let hup = std::future::pending::<Option<()>>();
-        let force = tokio::select! {
-            () = stop.cancelled() => return,
-            _ = tick.tick() => false,
-            _ = hup => true,
-        };
-        if let Err(e) = store.reload(force) {
-            tracing::error!(error = %e, "tokens file not reloaded; the previous tokens stay in force");
-        }
     }
 }

@@ -15,9 +15,10 @@
 //! ```
 //!
 //! Every rule whose condition holds adds its scopes to those of the token's `scope`/`scp`
-//! claims; no rule takes any away. The file is read at start; a mistake (TOML, an unknown key,
-//! a scope that is not ours, a rule without a condition or with two) stops the gateway, naming
-//! the line.
+//! claims; no rule takes any away. A mistake (TOML, an unknown key, a scope that is not ours, a
+//! rule without a condition or with two) stops the gateway at start, naming the line. The file
+//! is a [`crate::reload::Reloadable`]: reread when it changes and on SIGHUP; a new version
+//! that does not parse leaves the rules in force, with an error in the log.
 
 use std::path::{Path, PathBuf};
 
@@ -26,6 +27,10 @@ use serde_json::{Map, Value};
 
 use super::AuthError;
 use super::scope::Scopes;
+use crate::reload::{LoadError, Reloadable};
+
+/// The policy file, reloadable.
+pub type PolicyFile = Reloadable<Policy, AuthError>;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -122,10 +127,22 @@ impl Test {
 }
 
 impl Policy {
-    /// Reads the file (an error names the file and the line).
-    pub fn load(path: &Path, accepted_issuer: &str) -> Result<Self, AuthError> {
-        let text = std::fs::read_to_string(path).map_err(|e| AuthError::io(path, e))?;
-        let policy = Self::parse(path, &text).map_err(|message| AuthError::Policy {
+    /// Reads the file (an error names the file and the line); each version read later is
+    /// parsed the same way.
+    pub fn load(path: &Path, accepted_issuer: &str) -> Result<PolicyFile, AuthError> {
+        let owned = path.to_owned();
+        let accepted_issuer = accepted_issuer.to_owned();
+        Reloadable::load("policy file", path, move |text| {
+            Self::parse_checked(&owned, text, &accepted_issuer)
+        })
+        .map_err(|e| match e {
+            LoadError::Io(e) => AuthError::io(path, e),
+            LoadError::Invalid(e) => e,
+        })
+    }
+
+    fn parse_checked(path: &Path, text: &str, accepted_issuer: &str) -> Result<Self, AuthError> {
+        let policy = Self::parse(path, text).map_err(|message| AuthError::Policy {
             path: path.to_owned(),
             message,
         })?;

@@ -7,17 +7,18 @@
 //!
 //! Only the SHA-256 of each token is stored (the tokens are long random strings, so a plain
 //! hash is enough); a presented token is hashed and compared with every entry in constant time.
-//! The file is reread when it changes (checked every second, and at once on SIGHUP); a file
-//! that no longer parses leaves the previous table in force, with an error in the log.
+//! The file is a [`crate::reload::Reloadable`]: reread when it changes (checked every second,
+//! and at once on SIGHUP); a file that no longer parses leaves the previous table in force,
+//! with an error in the log.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::SystemTime;
+use std::path::Path;
+use std::sync::Arc;
 
 use subtle::ConstantTimeEq;
 
 use super::AuthError;
 use super::scope::Scopes;
+use crate::reload::{LoadError, Reloadable, Watched};
 
 /// One token's entry.
 #[derive(Debug, Clone)]
@@ -27,15 +28,10 @@ struct Entry {
     scopes: Scopes,
 }
 
-/// What identifies one version of the file.
-type Stamp = (Option<SystemTime>, u64);
-
 /// The token table, reloadable.
 #[derive(Debug)]
 pub struct TokenStore {
-    path: PathBuf,
-    table: RwLock<Arc<Vec<Entry>>>,
-    stamp: Mutex<Stamp>,
+    file: Arc<Reloadable<Vec<Entry>, AuthError>>,
 }
 
 /// SHA-256 of `bytes`.
@@ -104,53 +100,35 @@ fn parse(path: &Path, text: &str) -> Result<Vec<Entry>, AuthError> {
     Ok(entries)
 }
 
-fn stamp(path: &Path) -> Result<Stamp, AuthError> {
-    let meta = std::fs::metadata(path).map_err(|e| AuthError::io(path, e))?;
-    Ok((meta.modified().ok(), meta.len()))
-}
-
-fn read(path: &Path) -> Result<(Stamp, Vec<Entry>), AuthError> {
-    let before = stamp(path)?;
-    let text = std::fs::read_to_string(path).map_err(|e| AuthError::io(path, e))?;
-    Ok((before, parse(path, &text)?))
-}
-
 impl TokenStore {
     /// Loads the file (an error stops the gateway at start).
     pub fn load(path: &Path) -> Result<Self, AuthError> {
-        let (stamp, entries) = read(path)?;
-        if entries.is_empty() {
-            tracing::warn!(path = %path.display(), "the tokens file has no tokens");
-        }
+        let owned = path.to_owned();
+        let file = Reloadable::load("tokens file", path, move |text| {
+            let entries = parse(&owned, text)?;
+            if entries.is_empty() {
+                tracing::warn!(path = %owned.display(), "the tokens file has no tokens");
+            }
+            Ok(entries)
+        })
+        .map_err(|e| match e {
+            LoadError::Io(e) => AuthError::io(path, e),
+            LoadError::Invalid(e) => e,
+        })?;
         Ok(Self {
-            path: path.to_owned(),
-            table: RwLock::new(Arc::new(entries)),
-            stamp: Mutex::new(stamp),
+            file: Arc::new(file),
         })
     }
 
-    /// Rereads the file if it changed (or always, with `force`). Returns whether a new table is
-    /// in force; a file that does not parse keeps the old one.
-    pub fn reload(&self, force: bool) -> Result<bool, AuthError> {
-        let now = stamp(&self.path)?;
-        {
-            let last = self.stamp.lock().unwrap_or_else(|p| p.into_inner());
-            if !force && *last == now {
-                return Ok(false);
-            }
-        }
-        let (stamp, entries) = read(&self.path)?;
-        let count = entries.len();
-        *self.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(entries);
-        *self.stamp.lock().unwrap_or_else(|p| p.into_inner()) = stamp;
-        tracing::info!(path = %self.path.display(), tokens = count, "tokens file reloaded");
-        Ok(true)
+    /// The file, for [`crate::reload::watch`].
+    pub fn watched(&self) -> Arc<dyn Watched> {
+        self.file.clone()
     }
 
     /// The name and scopes of `token`, if it is one of the file's.
     pub fn lookup(&self, token: &str) -> Option<(String, Scopes)> {
         let presented = sha256(token.as_bytes());
-        let table = self.table.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let table = self.file.current();
         // Every entry is compared, whichever matches.
         let mut found = None;
         for entry in table.iter() {
@@ -160,11 +138,6 @@ impl TokenStore {
             }
         }
         found.map(|e| (e.name.clone(), e.scopes.clone()))
-    }
-
-    /// The file's path.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 }
 

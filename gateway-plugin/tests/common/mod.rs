@@ -186,3 +186,128 @@ pub async fn assert_json_error(response: reqwest::Response, status: u16, code: &
         "error message missing in {body}"
     );
 }
+
+/// The gateway binary as a process of its own (for what a process sees: signals, its log),
+/// with its log in a file.
+pub struct GatewayProcess {
+    pub url: String,
+    child: tokio::process::Child,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl GatewayProcess {
+    /// Starts `gateway-plugin --nats-url nats_url --listen 127.0.0.1:<free port> args...` with
+    /// `env` and waits until `/readyz` answers ready.
+    pub async fn start(nats_url: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("gateway.log");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_gateway-plugin"));
+        command
+            .args([
+                "--nats-url",
+                nats_url,
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .args(args)
+            .env("LOG_LEVEL", "info")
+            .stderr(std::fs::File::create(&log).unwrap())
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true);
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let gateway = Self {
+            url: format!("http://127.0.0.1:{port}"),
+            child: command.spawn().unwrap(),
+            log,
+            _dir: dir,
+        };
+        let client = http();
+        let end = Instant::now() + DEADLINE;
+        loop {
+            if let Ok(r) = client.get(format!("{}/readyz", gateway.url)).send().await
+                && r.status() == 200
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < end,
+                "gateway never became ready:\n{}",
+                gateway.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        gateway
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until its log holds `needle` at least `times` times.
+    pub async fn wait_log(&self, needle: &str, times: usize) {
+        let end = Instant::now() + DEADLINE;
+        while self.log().matches(needle).count() < times {
+            assert!(
+                Instant::now() < end,
+                "{needle:?} not {times} times in the log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn signal(&self, name: &str) {
+        let pid = self.child.id().expect("the gateway is running").to_string();
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{name}"), &pid])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{name} {pid}");
+    }
+
+    /// Sends it `SIGHUP`.
+    pub fn hangup(&self) {
+        self.signal("HUP");
+    }
+
+    /// Stops it with `SIGTERM`; it must exit with success. Its log.
+    pub async fn stop(mut self) -> String {
+        self.signal("TERM");
+        let status = tokio::time::timeout(DEADLINE, self.child.wait())
+            .await
+            .expect("the gateway did not stop")
+            .unwrap();
+        assert!(
+            status.success(),
+            "gateway exited with {status}:\n{}",
+            self.log()
+        );
+        self.log()
+    }
+}
+
+/// Polls `probe` until it returns `true`, failing with `what` after [`DEADLINE`].
+pub async fn eventually(what: &str, mut probe: impl AsyncFnMut() -> bool) {
+    let end = Instant::now() + DEADLINE;
+    while !probe().await {
+        assert!(Instant::now() < end, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Replaces `path` with `text` as an operator should (a new file renamed over the old one), so
+/// that a reread never sees it half-written.
+pub fn replace_file(path: &std::path::Path, text: &str) {
+    let next = path.with_extension("next");
+    std::fs::write(&next, text).unwrap();
+    std::fs::rename(&next, path).unwrap();
+}
