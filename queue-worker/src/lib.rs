@@ -25,6 +25,7 @@
 //! - [`endpoint`]: `/metrics` and `/healthz`.
 //! - [`config`]: every setting as a flag and an environment variable; OpenFaaS variable mapping.
 
+pub mod annotations;
 pub mod callback;
 pub mod config;
 pub mod dlq;

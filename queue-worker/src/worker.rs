@@ -548,6 +548,7 @@ async fn handle<Q: CallQueue>(
         ctx: &ctx,
         call,
         record: None,
+        tries: None,
     };
     job.run(lease, delivery, permit).instrument(span).await;
 }
@@ -561,6 +562,9 @@ struct Job<'a, Q: CallQueue> {
     label: String,
     /// The record as this worker last wrote it: the next write starts from it.
     record: Option<OwnedRecord>,
+    /// The attempt running or last run (from 1) and the attempts allowed: the callback's
+    /// `X-Retry` and `X-Retry-Max`.
+    tries: Option<(u32, u32)>,
 }
 
 impl<Q: CallQueue> Job<'_, Q> {
@@ -719,6 +723,7 @@ impl<Q: CallQueue> Job<'_, Q> {
         let ctx = self.ctx;
         let max = settings.retry.max_attempts;
         tracing::debug!(attempt, max, "invoking");
+        self.tries = Some((attempt, max));
         let started = Event::AttemptStarted {
             function: self.function.clone(),
             attempt,
@@ -1083,7 +1088,14 @@ impl<Q: CallQueue> Job<'_, Q> {
         let started = std::time::Instant::now();
         let delivery = ctx
             .callbacks
-            .deliver(url, &self.call.meta, outcome, final_reason, &ctx.hand_back)
+            .deliver(
+                url,
+                &self.call.meta,
+                outcome,
+                final_reason,
+                self.tries,
+                &ctx.hand_back,
+            )
             .await;
         let result = match &delivery {
             Delivery::Delivered { .. } => "delivered",
