@@ -211,6 +211,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WorkerError> {
     config.validate().map_err(WorkerError::Config)?;
+    metrics::set_pro_labels(&config.nats.stream, &config.default_namespace);
     // Checked before connecting: a bad certificate fails at once, whatever NATS does.
     let metrics_tls = metrics_tls(&config)?;
     let options = JetStreamOptions {
@@ -1128,6 +1129,8 @@ impl<Q: CallQueue> Job<'_, Q> {
         let end_to_end = metrics::seconds_since(self.call.meta.received_at_unix_nanos);
         ::metrics::counter!(metrics::PROCESSED, "function" => self.label.clone(), "outcome" => outcome)
             .increment(1);
+        ::metrics::counter!(metrics::PRO_PROCESSED, "queue_name" => metrics::pro_queue_name())
+            .increment(1);
         ::metrics::histogram!(metrics::END_TO_END_SECONDS, "function" => self.label.clone())
             .record(end_to_end);
         let event = OutcomeEvent {
@@ -1143,19 +1146,27 @@ impl<Q: CallQueue> Job<'_, Q> {
     }
 }
 
-/// Counts a function invocation as in flight while it lives.
-struct InFlight(String);
+/// Counts a function invocation as in flight while it lives (ours and OpenFaaS Pro's series).
+struct InFlight(::metrics::Gauge, ::metrics::Gauge);
 
 impl InFlight {
     fn start(label: &str) -> Self {
-        ::metrics::gauge!(metrics::IN_FLIGHT, "function" => label.to_owned()).increment(1.0);
-        Self(label.to_owned())
+        let ours = ::metrics::gauge!(metrics::IN_FLIGHT, "function" => label.to_owned());
+        let pro = ::metrics::gauge!(
+            metrics::PRO_INFLIGHT,
+            "queue_name" => metrics::pro_queue_name(),
+            "function_name" => metrics::pro_function_name(label)
+        );
+        ours.increment(1.0);
+        pro.increment(1.0);
+        Self(ours, pro)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        ::metrics::gauge!(metrics::IN_FLIGHT, "function" => self.0.clone()).decrement(1.0);
+        self.0.decrement(1.0);
+        self.1.decrement(1.0);
     }
 }
 

@@ -606,5 +606,15 @@ pub async fn render_metrics<Q: CallQueue>(
         }
         Err(e) => tracing::debug!(error = %e, "queue stats unavailable for /metrics"),
     }
+    match queue.function_stats().await {
+        Ok(functions) => {
+            let pending: Vec<(String, u64)> = functions
+                .into_iter()
+                .map(|f| (f.function, f.pending))
+                .collect();
+            crate::metrics::set_pending_per_function(&pending);
+        }
+        Err(e) => tracing::debug!(error = %e, "function stats unavailable for /metrics"),
+    }
     handle.render()
 }

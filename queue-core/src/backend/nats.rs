@@ -124,6 +124,7 @@ async fn options(
                         tracing::info!("connected to NATS");
                         if was_disconnected.swap(false, Ordering::Relaxed) {
                             metrics::counter!(crate::metrics::RECONNECTS).increment(1);
+                            metrics::counter!(crate::metrics::PRO_RECONNECTS).increment(1);
                         }
                     }
                     async_nats::Event::Disconnected => {
