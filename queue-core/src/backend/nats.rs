@@ -15,7 +15,8 @@ use std::path::Path;
 use async_nats::ConnectErrorKind;
 
 use crate::settings::{
-    NatsArgs, NatsAuth, NatsConnection, NatsSettingsError, NatsTls, StreamArgs, nats_setting,
+    NatsArgs, NatsAuth, NatsConnection, NatsSettingsError, NatsTls, RecordArgs, StreamArgs,
+    nats_setting,
 };
 
 /// Room kept for NATS headers (message id, dead-letter reasons) when comparing an envelope with
@@ -332,6 +333,30 @@ pub fn dead_letter_stream_config(nats: &NatsArgs, settings: &StreamArgs) -> stre
         max_age: Duration::from_secs(7 * 24 * 3600).max(settings.stream_max_age),
         num_replicas: settings.stream_replicas,
         description: Some("async calls that could not be processed".into()),
+        ..Default::default()
+    }
+}
+
+/// The stream behind the records bucket (`KV_<bucket>`), as the client's key-value helper
+/// defines it for a bucket with one value per key: rollups allowed, deletes only through the
+/// bucket, direct gets, discard-new. Every field is what that helper sends, so a bucket it
+/// created before is left as it is.
+pub fn records_bucket_config(records: &RecordArgs, settings: &StreamArgs) -> stream::Config {
+    stream::Config {
+        name: format!("KV_{}", records.records_bucket),
+        description: Some("async call records and kept results".into()),
+        subjects: vec![format!("$KV.{}.>", records.records_bucket)],
+        max_messages_per_subject: 1,
+        max_bytes: 0,
+        max_age: records.records_retention,
+        max_message_size: 0,
+        storage: stream::StorageType::File,
+        allow_rollup: true,
+        deny_delete: true,
+        deny_purge: false,
+        allow_direct: true,
+        num_replicas: settings.stream_replicas.max(1),
+        discard: stream::DiscardPolicy::New,
         ..Default::default()
     }
 }
