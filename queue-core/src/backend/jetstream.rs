@@ -620,6 +620,8 @@ impl CallQueue for JetStreamQueue {
         if !self.is_connected() {
             return Err("not connected to NATS".into());
         }
+        // A server reached only after start (or after a move within a cluster) is checked here.
+        queue::check_server_version(&self.client.server_info().version)?;
         if self.options.manage_streams.is_some() && !self.streams_ready.load(Ordering::Relaxed) {
             return Err("streams not set up yet".into());
         }
