@@ -240,6 +240,7 @@ impl FunctionSettings {
                     .retry_codes
                     .clone()
                     .unwrap_or_else(|| d.retry.codes.clone()),
+                backoff: d.retry.backoff,
             },
             timeout: o.timeout.unwrap_or(d.timeout),
             max_age: o.max_age.unwrap_or(d.max_age),

@@ -93,6 +93,14 @@ pub enum QueueError {
         /// What went wrong.
         message: String,
     },
+    /// The server is older than the oldest this system runs on.
+    #[error("NATS at {url}: {message}")]
+    UnsupportedServer {
+        /// URL used.
+        url: String,
+        /// The server's version and the minimum.
+        message: String,
+    },
 }
 
 /// The version of a stored call record that a writer last saw (a key-value revision in
