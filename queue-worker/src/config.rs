@@ -15,6 +15,15 @@ pub use queue_core::settings::{
     parse_bytes, parse_duration, redact_url, with_leading_args,
 };
 
+/// Whether the gateway's function annotations are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Annotations {
+    /// Read them.
+    On,
+    /// Do not.
+    Off,
+}
+
 /// How the worker reaches functions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum InvokeMode {
@@ -117,6 +126,20 @@ pub struct WorkerConfig {
     /// TOML file with per-function overrides of retries, timeout and max age (see README).
     #[arg(long, env = "QUEUE_WORKER_FUNCTIONS_CONFIG")]
     pub functions_config: Option<PathBuf>,
+    /// Read OpenFaaS Pro's retry annotations (`com.openfaas.retry.attempts`, `.codes`,
+    /// `.min_wait`, `.max_wait`) from the function list of the gateway at `--gateway-url`
+    /// (`GET /system/functions`): `on` or `off`; on whenever OpenFaaS's own variables configure
+    /// the worker, as OpenFaaS Pro's worker always reads them.
+    #[arg(long, env = "QUEUE_WORKER_FUNCTION_ANNOTATIONS", value_enum, default_value_t = Annotations::Off)]
+    pub function_annotations: Annotations,
+    /// How often the function list is read again.
+    #[arg(long, env = "QUEUE_WORKER_ANNOTATIONS_REFRESH", default_value = "30s", value_parser = parse_duration)]
+    pub annotations_refresh: Duration,
+    /// Directory holding `basic-auth-user` and `basic-auth-password` (as OpenFaaS mounts its
+    /// gateway's credentials; OpenFaaS: `basic_auth=true` with `secret_mount_path`): sent as
+    /// basic auth when the function list is read.
+    #[arg(long, env = "QUEUE_WORKER_GATEWAY_CREDENTIALS_DIR")]
+    pub gateway_credentials_dir: Option<PathBuf>,
     /// Encryption at rest (`--encryption-keys-file`): queued calls opened, kept results and
     /// the dedup state's outcomes sealed.
     #[command(flatten)]
@@ -309,6 +332,41 @@ impl WorkerConfig {
             }
         }
         Ok(())
+    }
+
+    /// Where the gateway's function annotations are read from, if they are
+    /// (`--function-annotations`), with the gateway's credentials read from
+    /// `--gateway-credentials-dir` (trailing newlines dropped; never logged). A credentials
+    /// file that cannot be read is an error naming it.
+    pub fn function_list(&self) -> Result<Option<crate::annotations::FunctionList>, String> {
+        if self.function_annotations == Annotations::Off {
+            return Ok(None);
+        }
+        let gateway = url::Url::parse(&self.gateway_url)
+            .map_err(|e| format!("--gateway-url {:?}: {e}", redact_url(&self.gateway_url)))?;
+        let credentials = match &self.gateway_credentials_dir {
+            None => None,
+            Some(dir) => {
+                let file = |name: &str| {
+                    let path = dir.join(name);
+                    std::fs::read_to_string(&path)
+                        .map(|text| text.trim_end_matches(['\r', '\n']).to_owned())
+                        .map_err(|e| {
+                            format!(
+                                "--gateway-credentials-dir: cannot read {}: {e}",
+                                path.display()
+                            )
+                        })
+                };
+                Some((file("basic-auth-user")?, file("basic-auth-password")?))
+            }
+        };
+        Ok(Some(crate::annotations::FunctionList {
+            gateway,
+            credentials,
+            default_namespace: self.default_namespace.clone(),
+            timeout: Duration::from_secs(10),
+        }))
     }
 
     /// The function retry policy.

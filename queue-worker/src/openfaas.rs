@@ -67,6 +67,8 @@ pub const VARIABLES: &[&str] = &[
 
 /// OpenFaaS's NATS when its variables are in use and name none.
 const OPENFAAS_NATS: &str = "nats://nats:4222";
+/// Where OpenFaaS's queue worker looks for its gateway's credentials by default.
+const OPENFAAS_SECRET_MOUNT_PATH: &str = "/var/secrets";
 /// The name of OpenFaaS's one shared queue.
 const OPENFAAS_SHARED_QUEUE: &str = "faas-request";
 
@@ -438,16 +440,22 @@ impl<L: Fn(&str) -> Option<String>> Reader<L> {
                 "faas_reconnect_delay={v}: the NATS client spaces its reconnect attempts itself"
             ));
         }
-        if self.bool("basic_auth")? == Some(true) {
-            self.note(
-                "basic_auth=true: functions are called through the gateway's /function/ routes, \
-                 which OpenFaaS does not authenticate; no credentials are sent",
-            );
-        }
-        if let Some(path) = self.value("secret_mount_path") {
-            self.note(format!(
-                "secret_mount_path={path:?}: no credentials are read (see basic_auth)"
-            ));
+        // OpenFaaS's worker sends its gateway's credentials (basic-auth-user and
+        // basic-auth-password under secret_mount_path) where the gateway asks for them: here,
+        // reading the function list for its annotations (/function/ is not authenticated).
+        match (self.bool("basic_auth")?, self.value("secret_mount_path")) {
+            (Some(true), path) => {
+                let dir = path.unwrap_or_else(|| OPENFAAS_SECRET_MOUNT_PATH.to_owned());
+                self.flag(
+                    "QUEUE_WORKER_GATEWAY_CREDENTIALS_DIR",
+                    "gateway-credentials-dir",
+                    &dir,
+                );
+            }
+            (_, Some(path)) => self.note(format!(
+                "secret_mount_path={path:?}: no credentials are read without basic_auth=true"
+            )),
+            (_, None) => {}
         }
         Ok(())
     }
@@ -466,6 +474,12 @@ pub fn openfaas_compat_args(
     if VARIABLES.iter().all(|name| reader.value(name).is_none()) {
         return Ok(reader.out);
     }
+    // OpenFaaS Pro's worker reads its functions' retry annotations from the gateway.
+    reader.flag(
+        "QUEUE_WORKER_FUNCTION_ANNOTATIONS",
+        "function-annotations",
+        "on",
+    );
     reader.addresses()?;
     reader.calls()?;
     reader.logs()?;
@@ -789,7 +803,20 @@ mod tests {
             ),
             (
                 &[("basic_auth", "true")],
-                Noted("basic_auth=true: functions are called through"),
+                Reads(|c| {
+                    c.gateway_credentials_dir.as_deref()
+                        == Some(std::path::Path::new("/var/secrets"))
+                }),
+            ),
+            (
+                &[
+                    ("basic_auth", "true"),
+                    ("secret_mount_path", "/var/secrets/gateway"),
+                ],
+                Reads(|c| {
+                    c.gateway_credentials_dir.as_deref()
+                        == Some(std::path::Path::new("/var/secrets/gateway"))
+                }),
             ),
             (
                 &[("secret_mount_path", "/var/secrets/gateway")],
@@ -865,14 +892,19 @@ mod tests {
                 if on { "debug" } else { "info" },
                 "debug={value}"
             );
-            for name in ["faas_print_body", "basic_auth"] {
-                let notes = compat(&[(name, value)]).unwrap().notes;
-                assert_eq!(
-                    notes.iter().any(|n| n.starts_with(&format!("{name}=true"))),
-                    on,
-                    "{name}={value}: {notes:?}"
-                );
-            }
+            assert_eq!(
+                parse(&[("basic_auth", value)])
+                    .gateway_credentials_dir
+                    .is_some(),
+                on,
+                "basic_auth={value}"
+            );
+            let notes = compat(&[("faas_print_body", value)]).unwrap().notes;
+            assert_eq!(
+                notes.iter().any(|n| n.starts_with("faas_print_body=true")),
+                on,
+                "faas_print_body={value}: {notes:?}"
+            );
             assert_eq!(compat(&[("tls_insecure", value)]).is_err(), on);
             let notes = compat(&[("limiter_enabled", value)]).unwrap().notes;
             assert!(
@@ -972,7 +1004,13 @@ mod tests {
             ("QUEUE_WORKER_RETRY_BACKOFF", "equal"),
         ])
         .unwrap();
-        assert!(settings.args.is_empty(), "{:?}", settings.args);
+        // Only the one the OpenFaaS variables imply by being there at all.
+        assert_eq!(
+            settings.args,
+            ["--function-annotations=on"],
+            "{:?}",
+            settings.args
+        );
         // A flag on the command line beats the OpenFaaS variable.
         let (c, _) = parse_with(
             &[("max_inflight", "7"), ("backoff", "full")],

@@ -313,6 +313,7 @@ pub async fn run_with_state<Q: CallQueue>(
     config.validate().map_err(WorkerError::Config)?;
     let functions =
         FunctionSettings::load(&config).map_err(|e| WorkerError::Config(e.to_string()))?;
+    let function_list = config.function_list().map_err(WorkerError::Config)?;
     let store = if let Some(store) = store {
         store
     } else {
@@ -371,6 +372,14 @@ pub async fn run_with_state<Q: CallQueue>(
     let sweeper = tokio::spawn(sweep_expired(ctx.store.clone(), stop_pulling.clone()));
     let cancel_listener = tokio::spawn(listen_for_cancels(ctx.clone(), stop_pulling.clone()));
     let paused_follower = tokio::spawn(follow_paused(ctx.clone(), stop_pulling.clone()));
+    let annotations = function_list.map(|list| {
+        tokio::spawn(crate::annotations::follow(
+            list,
+            ctx.config.annotations_refresh,
+            ctx.functions.annotated(),
+            stop_pulling.clone(),
+        ))
+    });
 
     tracing::info!(
         consumer = %ctx.config.consumer,
@@ -403,6 +412,9 @@ pub async fn run_with_state<Q: CallQueue>(
     sweeper.abort();
     cancel_listener.abort();
     paused_follower.abort();
+    if let Some(annotations) = annotations {
+        annotations.abort();
+    }
     beats_stop.cancel();
     let _ = heartbeat.await;
     ctx.queue.flush_before_exit().await;

@@ -44,17 +44,14 @@ const CE: Chart = Chart {
         ("faas_function_suffix", ".openfaas-fn.svc.cluster.local"),
         ("ack_wait", "60s"),
         ("max_inflight", "1"),
-        ("secret_mount_path", "/var/secrets/gateway"),
+        // The chart mounts the gateway's basic-auth secret here ({secrets}: the test's copy).
+        ("secret_mount_path", "{secrets}"),
         ("basic_auth", "true"),
     ],
     flags: &["--gateway-url", "{gateway}"],
     stream: "faas-async",
     consumer: "faas",
-    notes: &[
-        "faas_nats_channel=\"faas-request\" is a NATS Streaming channel",
-        "basic_auth=true",
-        "secret_mount_path=\"/var/secrets/gateway\"",
-    ],
+    notes: &["faas_nats_channel=\"faas-request\" is a NATS Streaming channel"],
 };
 
 /// `chart/openfaas/templates/queueworker-dep.yaml` (`openfaasPro: true`) with
@@ -158,11 +155,17 @@ async fn a_worker_from_the_chart_runs(chart: &Chart) {
         .await
         .unwrap();
 
+    let dir = tempfile::tempdir().unwrap();
+    // The gateway's credentials, as OpenFaaS mounts them (basic-auth-user, basic-auth-password).
+    let secrets = dir.path().join("secrets");
+    std::fs::create_dir(&secrets).unwrap();
+    std::fs::write(secrets.join("basic-auth-user"), "admin\n").unwrap();
+    std::fs::write(secrets.join("basic-auth-password"), "from-the-secret\n").unwrap();
     let fill = |s: &str| {
         s.replace("{nats_port}", &nats.port().to_string())
             .replace("{gateway}", &function.url())
+            .replace("{secrets}", &secrets.display().to_string())
     };
-    let dir = tempfile::tempdir().unwrap();
     let log_path = dir.path().join("worker.log");
     let metrics = format!("127.0.0.1:{}", free_port());
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_queue-worker"));
@@ -214,9 +217,36 @@ async fn a_worker_from_the_chart_runs(chart: &Chart) {
         "no callback:\n{}",
         log()
     );
-    let invoked = function.requests();
+    let requests = function.requests();
+    let invoked: Vec<_> = requests
+        .iter()
+        .filter(|r| r.path_and_query.starts_with("/function/"))
+        .collect();
     assert_eq!(invoked.len(), 1);
     assert_eq!(invoked[0].path_and_query, "/function/figlet");
+    // As OpenFaaS Pro's worker does, it reads the functions' annotations from the gateway,
+    // with the gateway's credentials where the chart gives them.
+    let end = Instant::now() + DEADLINE;
+    let listed = loop {
+        let listed: Vec<_> = function
+            .requests()
+            .into_iter()
+            .filter(|r| r.path_and_query.starts_with("/system/"))
+            .collect();
+        if !listed.is_empty() {
+            break listed;
+        }
+        assert!(Instant::now() < end, "no function list asked:\n{}", log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    if chart.env.contains(&("basic_auth", "true")) {
+        assert!(
+            listed.iter().all(|r| r
+                .header("authorization")
+                .is_some_and(|v| v.starts_with("Basic "))),
+            "{listed:?}"
+        );
+    }
 
     // The consumer (bound at the first pull) is the one the chart names, on its stream.
     let consumer = js
