@@ -42,6 +42,9 @@ pub struct GatewayConfig {
     /// Caps on the limits a call may set for itself (`X-Max-Retries`, `X-Timeout`, `X-Max-Age`).
     #[command(flatten)]
     pub call_limits: crate::overrides::CallLimitArgs,
+    /// Front mode: every other request passed to the OpenFaaS gateway.
+    #[command(flatten)]
+    pub upstream: crate::upstream::UpstreamArgs,
     /// Address to listen on.
     #[arg(long, env = "GATEWAY_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
@@ -107,6 +110,7 @@ impl GatewayConfig {
             auth: self.auth.clone(),
             controls: self.controls.clone(),
             call_limits: self.call_limits.clone(),
+            upstream: self.upstream.clone(),
         }
     }
 
@@ -141,13 +145,25 @@ pub struct ControlArgs {
     pub cors_file: Option<PathBuf>,
 }
 
-/// Flags derived from OpenFaaS's gateway variables (`faas_nats_address`, `faas_nats_port`),
-/// used when `NATS_URL` is not set; they go before the real command line, which wins.
+/// Flags derived from OpenFaaS's variables: `faas_nats_address` / `faas_nats_port` when
+/// `NATS_URL` is not set, and `faas_gateway_address` / `faas_gateway_port` (front mode's
+/// upstream, with the worker's meaning: either alone takes OpenFaaS's default for the other,
+/// `gateway` or `8080`) when `UPSTREAM_GATEWAY_URL` is not set. They go before the real
+/// command line, which wins.
 pub fn openfaas_compat_args(lookup: impl Fn(&str) -> Option<String>) -> Vec<OsString> {
-    match queue_core::settings::openfaas_nats_url(&lookup) {
-        Some(url) if lookup("NATS_URL").is_none() => vec![format!("--nats-url={url}").into()],
-        _ => Vec::new(),
+    let unset = |name: &str| lookup(name).is_none_or(|v| v.trim().is_empty());
+    let mut args: Vec<OsString> = Vec::new();
+    if let Some(url) = queue_core::settings::openfaas_nats_url(&lookup)
+        && lookup("NATS_URL").is_none()
+    {
+        args.push(format!("--nats-url={url}").into());
     }
+    if let Some(url) = queue_core::settings::openfaas_gateway_url(&lookup)
+        && unset("UPSTREAM_GATEWAY_URL")
+    {
+        args.push(format!("--upstream-gateway={url}").into());
+    }
+    args
 }
 
 #[cfg(test)]
@@ -193,6 +209,64 @@ mod tests {
             &["--nats-url", "nats://other:1"],
         );
         assert_eq!(c.nats.nats_url, "nats://other:1");
+    }
+
+    #[test]
+    fn front_mode_settings_and_openfaas_gateway_variables() {
+        let c = parse(&[], &[]);
+        assert_eq!(c.upstream.upstream_gateway, None, "off by default");
+        assert_eq!(c.upstream.upstream_connect_timeout, Duration::from_secs(5));
+        assert_eq!(
+            c.upstream.upstream_response_timeout,
+            Duration::from_secs(75)
+        );
+        let url = |c: &GatewayConfig| {
+            c.upstream
+                .upstream_gateway
+                .as_ref()
+                .map(ToString::to_string)
+        };
+        let c = parse(&[("faas_gateway_address", "gateway.openfaas")], &[]);
+        assert_eq!(url(&c).as_deref(), Some("http://gateway.openfaas:8080"));
+        let c = parse(&[("faas_gateway_port", "8081")], &[]);
+        assert_eq!(url(&c).as_deref(), Some("http://gateway:8081"));
+        let c = parse(
+            &[("faas_gateway_address", "gw"), ("faas_gateway_port", "9")],
+            &[
+                "--upstream-connect-timeout",
+                "250ms",
+                "--upstream-response-timeout",
+                "2m",
+            ],
+        );
+        assert_eq!(url(&c).as_deref(), Some("http://gw:9"));
+        assert_eq!(
+            c.upstream.upstream_connect_timeout,
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            c.upstream.upstream_response_timeout,
+            Duration::from_secs(120)
+        );
+        // Our own variable (here as the flag the environment would give) wins.
+        let c = parse(
+            &[
+                ("faas_gateway_address", "gw"),
+                ("UPSTREAM_GATEWAY_URL", "http://ours:1"),
+            ],
+            &[],
+        );
+        assert_eq!(url(&c), None, "left to UPSTREAM_GATEWAY_URL, read by clap");
+        let c = parse(
+            &[("faas_gateway_address", "gw")],
+            &["--upstream-gateway", "http://ours:1/"],
+        );
+        assert_eq!(url(&c).as_deref(), Some("http://ours:1"));
+        let err =
+            GatewayConfig::try_parse_from(["gateway-plugin", "--upstream-gateway", "https://gw"])
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("https is not supported"), "{err}");
     }
 
     #[test]

@@ -42,6 +42,9 @@ pub struct AppState<Q> {
     pub call_limits: crate::overrides::CallLimitArgs,
     /// CORS of the async routes and `/async-calls/...` (`None`: no CORS anywhere).
     pub cors: Option<Arc<crate::cors::CorsPolicy>>,
+    /// Front mode: the OpenFaaS gateway every request no route matches is passed to (`None`:
+    /// those are `404`).
+    pub upstream: Option<Arc<crate::upstream::Upstream>>,
 }
 
 impl<Q> AppState<Q> {
