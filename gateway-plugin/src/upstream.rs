@@ -209,6 +209,9 @@ impl Upstream {
             Ok(Ok(response)) => {
                 let (mut parts, body) = response.into_parts();
                 remove_hop_by_hop(&mut parts.headers);
+                // Our connection's version, not the upstream's (an HTTP/1.0 upstream's answer
+                // would otherwise close a kept-alive HTTP/1.1 connection).
+                parts.version = Version::HTTP_11;
                 parts.extensions.insert(Proxied);
                 Response::from_parts(parts, Body::new(body))
             }

@@ -614,6 +614,56 @@ async fn proxied_routes_are_public_and_trusted_proxies_are_believed() {
     gateway.shutdown().await;
 }
 
+/// An HTTP/1.0 upstream's answer reaches an HTTP/1.1 client as HTTP/1.1, on a connection kept
+/// alive for the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_1_0_upstream_is_answered_in_http_1_1() {
+    let nats = NatsServer::start().await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if stream.read(&mut byte).await.unwrap() == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let answer = b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\nx-old: yes\r\n\r\nok";
+                stream.write_all(answer).await.unwrap();
+            });
+        }
+    });
+    let gateway = start_gateway(&nats, &front_mode_args(&format!("http://{upstream_addr}"))).await;
+    let mut stream = tokio::net::TcpStream::connect(gateway.url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        stream
+            .write_all(b"GET /function/old HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let mut byte = [0u8; 1];
+        while !answer.ends_with(b"\r\n\r\nok") {
+            let n = tokio::time::timeout(DEADLINE, stream.read(&mut byte))
+                .await
+                .expect("no answer")
+                .unwrap();
+            assert_eq!(n, 1, "closed after {:?}", String::from_utf8_lossy(&answer));
+            answer.push(byte[0]);
+        }
+        let answer = String::from_utf8(answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        assert!(answer.contains("x-old: yes\r\n"), "{answer}");
+    }
+    gateway.shutdown().await;
+}
+
 /// Without `--upstream-gateway` nothing changes: an unknown route is our `404`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_an_upstream_unknown_routes_are_404() {
