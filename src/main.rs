@@ -50,6 +50,10 @@ struct ServerConfig {
     /// Caps on the limits a call may set for itself (as `gateway-plugin`'s).
     #[command(flatten)]
     call_limits: gateway_plugin::overrides::CallLimitArgs,
+    /// Front mode of the HTTP front: every other request passed to the OpenFaaS gateway (as
+    /// `gateway-plugin`'s `--upstream-gateway`).
+    #[command(flatten)]
+    upstream: gateway_plugin::upstream::UpstreamArgs,
     /// Worker settings, NATS, logging, and the `dlq` command (as `queue-worker`'s).
     #[command(flatten)]
     worker: WorkerConfig,
@@ -265,6 +269,7 @@ async fn serve<Q: CallQueue>(
             auth: config.auth.clone(),
             controls: config.controls.clone(),
             call_limits: config.call_limits.clone(),
+            upstream: config.upstream.clone(),
         };
         let queue = queue.clone();
         let stop = stop.clone();

@@ -42,6 +42,9 @@ pub struct GatewayConfig {
     /// Caps on the limits a call may set for itself (`X-Max-Retries`, `X-Timeout`, `X-Max-Age`).
     #[command(flatten)]
     pub call_limits: crate::overrides::CallLimitArgs,
+    /// Front mode: every other request passed to the OpenFaaS gateway.
+    #[command(flatten)]
+    pub upstream: crate::upstream::UpstreamArgs,
     /// Address to listen on.
     #[arg(long, env = "GATEWAY_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
@@ -107,6 +110,7 @@ impl GatewayConfig {
             auth: self.auth.clone(),
             controls: self.controls.clone(),
             call_limits: self.call_limits.clone(),
+            upstream: self.upstream.clone(),
         }
     }
 
@@ -146,8 +150,10 @@ pub struct ControlArgs {
 /// the Pro worker's `nats_host`/`nats_port`; either part alone takes OpenFaaS's default for the
 /// other, `nats` or `4222`), and the stream the Pro worker names, `nats_stream`, with its
 /// `nats_stream_replicas` (the gateway creates the stream), so one set of variables serves the
-/// gateway and the workers. They go before the real command line, which wins. A value that
-/// cannot be used is an error naming the variable.
+/// gateway and the workers; and `faas_gateway_address` / `faas_gateway_port` as front mode's
+/// upstream (with the worker's meaning: either alone takes OpenFaaS's default for the other,
+/// `gateway` or `8080`) when `UPSTREAM_GATEWAY_URL` is not set. They go before the real
+/// command line, which wins. A value that cannot be used is an error naming the variable.
 pub fn openfaas_compat_args(
     lookup: impl Fn(&str) -> Option<String>,
 ) -> Result<Vec<OsString>, String> {
@@ -176,6 +182,11 @@ pub fn openfaas_compat_args(
                 ));
             }
         }
+    }
+    if let Some(url) = queue_core::settings::openfaas_gateway_url(&lookup)
+        && !ours("UPSTREAM_GATEWAY_URL")
+    {
+        args.push(format!("--upstream-gateway={url}").into());
     }
     Ok(args)
 }
@@ -247,6 +258,64 @@ mod tests {
             let e = openfaas_compat_args(|k| env.get(k).map(|v| (*v).to_owned())).unwrap_err();
             assert!(e.contains(named), "{e}");
         }
+    }
+
+    #[test]
+    fn front_mode_settings_and_openfaas_gateway_variables() {
+        let c = parse(&[], &[]);
+        assert_eq!(c.upstream.upstream_gateway, None, "off by default");
+        assert_eq!(c.upstream.upstream_connect_timeout, Duration::from_secs(5));
+        assert_eq!(
+            c.upstream.upstream_response_timeout,
+            Duration::from_secs(75)
+        );
+        let url = |c: &GatewayConfig| {
+            c.upstream
+                .upstream_gateway
+                .as_ref()
+                .map(ToString::to_string)
+        };
+        let c = parse(&[("faas_gateway_address", "gateway.openfaas")], &[]);
+        assert_eq!(url(&c).as_deref(), Some("http://gateway.openfaas:8080"));
+        let c = parse(&[("faas_gateway_port", "8081")], &[]);
+        assert_eq!(url(&c).as_deref(), Some("http://gateway:8081"));
+        let c = parse(
+            &[("faas_gateway_address", "gw"), ("faas_gateway_port", "9")],
+            &[
+                "--upstream-connect-timeout",
+                "250ms",
+                "--upstream-response-timeout",
+                "2m",
+            ],
+        );
+        assert_eq!(url(&c).as_deref(), Some("http://gw:9"));
+        assert_eq!(
+            c.upstream.upstream_connect_timeout,
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            c.upstream.upstream_response_timeout,
+            Duration::from_secs(120)
+        );
+        // Our own variable (here as the flag the environment would give) wins.
+        let c = parse(
+            &[
+                ("faas_gateway_address", "gw"),
+                ("UPSTREAM_GATEWAY_URL", "http://ours:1"),
+            ],
+            &[],
+        );
+        assert_eq!(url(&c), None, "left to UPSTREAM_GATEWAY_URL, read by clap");
+        let c = parse(
+            &[("faas_gateway_address", "gw")],
+            &["--upstream-gateway", "http://ours:1/"],
+        );
+        assert_eq!(url(&c).as_deref(), Some("http://ours:1"));
+        let err =
+            GatewayConfig::try_parse_from(["gateway-plugin", "--upstream-gateway", "https://gw"])
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("https is not supported"), "{err}");
     }
 
     #[test]

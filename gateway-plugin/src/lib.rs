@@ -22,6 +22,8 @@
 //! - [`error`]: JSON error answers.
 //! - [`connections`]: the accept loop: connection limit, header and body deadlines.
 //! - [`config`]: settings (flags and environment variables; OpenFaaS's NATS variables).
+//! - [`upstream`]: front mode (`--upstream-gateway`): every other request streamed to the
+//!   OpenFaaS gateway.
 
 pub mod admin;
 pub mod audit;
@@ -44,6 +46,7 @@ pub mod routes;
 pub mod site;
 pub mod state;
 pub mod tenancy;
+pub mod upstream;
 pub mod verb;
 
 use std::future::Future;
@@ -108,6 +111,8 @@ pub struct HttpSettings {
     pub controls: config::ControlArgs,
     /// Caps on the limits a call may set for itself (`X-Max-Retries`, `X-Timeout`, `X-Max-Age`).
     pub call_limits: overrides::CallLimitArgs,
+    /// Front mode: the OpenFaaS gateway every other request is passed to, and its timeouts.
+    pub upstream: upstream::UpstreamArgs,
 }
 
 /// What [`HttpSettings::controls`] names, opened and read: checked before anything else starts,
@@ -253,6 +258,18 @@ async fn serve_loaded<Q: CallQueue>(
         live.clone(),
         follow_stop.clone(),
     ));
+    let upstream = upstream::Upstream::from_args(
+        &settings.upstream,
+        settings.trusted_proxies.clone(),
+        tls.is_some(),
+    )
+    .map(Arc::new);
+    if let Some(upstream) = &upstream {
+        tracing::info!(
+            upstream = %upstream.url(),
+            "front mode: requests outside this gateway's routes go to the OpenFaaS gateway"
+        );
+    }
     let state = Arc::new(state::AppState {
         queue: queue.clone(),
         retry_after: settings.retry_after,
@@ -268,6 +285,7 @@ async fn serve_loaded<Q: CallQueue>(
         quotas: controls.quotas.clone(),
         call_limits: settings.call_limits,
         cors: controls.cors,
+        upstream,
     });
     watched.extend(controls.quotas.as_ref().and_then(|q| q.watched()));
     if let Some(cors) = &state.cors {

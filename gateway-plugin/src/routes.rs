@@ -12,6 +12,8 @@
 //! - `GET /healthz` (process up), `GET /readyz` (the queue can take calls: with JetStream, NATS
 //!   connected and the stream present; with `--jwks-url`, the JWT signing keys fetched).
 //! - `GET /openapi.json`: the OpenAPI document of these routes ([`crate::openapi`]).
+//! - Anything else: the fallback, declared in [`UNROUTED`]: `404`, or in front mode
+//!   (`--upstream-gateway`) passed to the OpenFaaS gateway ([`crate::upstream`]).
 
 use std::sync::Arc;
 
@@ -301,6 +303,36 @@ pub fn routes<Q: CallQueue>() -> Vec<Route<Q>> {
     ]
 }
 
+/// What answers a request no route of [`routes`] matches: the router's one fallback, declared
+/// here as a route is, with its permission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unrouted {
+    /// What a caller needs.
+    pub permission: Permission,
+    /// Path spaces of this gateway's own: an unknown path there is our `404`, never passed on.
+    pub own_prefixes: &'static [&'static str],
+}
+
+/// The fallback: public. Without an upstream it answers `404`; in front mode it passes the
+/// request to the OpenFaaS gateway, which checks its own credentials (its basic auth on
+/// `/system/...`; functions do their own): the client's `Authorization` reaches it untouched,
+/// and ours are not asked for. Paths under [`Unrouted::own_prefixes`] stay ours (`404`).
+pub const UNROUTED: Unrouted = Unrouted {
+    permission: Permission::Public,
+    own_prefixes: &["/async-function", "/async-calls", "/system/async"],
+};
+
+impl Unrouted {
+    /// Whether `path` is in one of this gateway's own path spaces (the prefix itself, or below
+    /// it): answered here, never passed on.
+    pub fn is_own(&self, path: &str) -> bool {
+        self.own_prefixes.iter().any(|prefix| {
+            path.strip_prefix(prefix)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        })
+    }
+}
+
 /// All routes, from [`routes`]. Each route that is not public gets the authorization layer
 /// ([`crate::authorize::authorize`]) with its permission; without an authenticator configured, no
 /// route gets one (all open, nothing added to a request's path through the gateway).
@@ -344,22 +376,7 @@ pub fn router<Q: CallQueue>(state: Arc<AppState<Q>>) -> Router {
                 },
             ));
         }
-        if let Some(auth) = state.auth.clone()
-            && !auth.is_public(permission)
-        {
-            let state = state.clone();
-            endpoint = endpoint.route_layer(axum::middleware::from_fn(
-                move |request: Request, next: axum::middleware::Next| {
-                    crate::authorize::authorize(
-                        state.clone(),
-                        auth.clone(),
-                        permission,
-                        request,
-                        next,
-                    )
-                },
-            ));
-        }
+        endpoint = guarded(&state, permission, endpoint);
         // Outside the authorization layer: it sees the refusals, and what the layer found;
         // outside the quotas layer too, whose `429`s it writes.
         if let Some(audited) = crate::audit::classify(route.methods, route.path, permission)
@@ -394,13 +411,56 @@ pub fn router<Q: CallQueue>(state: Arc<AppState<Q>>) -> Router {
         // ROUTE-TABLE: the one place a route is added.
         router = router.route(route.path, endpoint);
     }
+    // ROUTE-TABLE: the fallback, declared in UNROUTED, guarded as a route is.
+    let fallback = guarded(
+        &state,
+        UNROUTED.permission,
+        axum::routing::any(unrouted::<Q>),
+    );
+    let router = router.fallback(fallback);
     router
-        .fallback(not_found)
         // The body limit is enforced by the handler against the queue's live limit.
         .layer(DefaultBodyLimit::disable())
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(on_panic))
         .layer(axum::middleware::map_response(no_sniffing))
         .with_state(state)
+}
+
+/// `endpoint` behind the authorization layer ([`crate::authorize::authorize`]) with
+/// `permission`, unless no authenticator is configured or the permission is public.
+fn guarded<Q: CallQueue>(
+    state: &Arc<AppState<Q>>,
+    permission: Permission,
+    endpoint: MethodRouter<Arc<AppState<Q>>>,
+) -> MethodRouter<Arc<AppState<Q>>> {
+    let Some(auth) = state
+        .auth
+        .clone()
+        .filter(|auth| !auth.is_public(permission))
+    else {
+        return endpoint;
+    };
+    let state = state.clone();
+    endpoint.route_layer(axum::middleware::from_fn(
+        move |request: Request, next: axum::middleware::Next| {
+            crate::authorize::authorize(state.clone(), auth.clone(), permission, request, next)
+        },
+    ))
+}
+
+/// The fallback ([`UNROUTED`]): in front mode, every request outside our own path spaces goes
+/// to the OpenFaaS gateway; anything else is `404`.
+async fn unrouted<Q: CallQueue>(
+    State(state): State<Arc<AppState<Q>>>,
+    request: Request,
+) -> Response {
+    match &state.upstream {
+        Some(_) if request.method() == axum::http::Method::CONNECT => {
+            wrong_method().await.into_response()
+        }
+        Some(upstream) if !UNROUTED.is_own(request.uri().path()) => upstream.forward(request).await,
+        _ => not_found().await.into_response(),
+    }
 }
 
 fn on_panic(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
@@ -413,8 +473,16 @@ fn on_panic(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     .into_response()
 }
 
-/// Every answer says what it is: a browser never guesses a type from the bytes.
+/// Every answer says what it is: a browser never guesses a type from the bytes. An answer of
+/// the upstream gateway (front mode) is passed as it came.
 async fn no_sniffing(mut response: Response) -> Response {
+    if response
+        .extensions()
+        .get::<crate::upstream::Proxied>()
+        .is_some()
+    {
+        return response;
+    }
     response
         .headers_mut()
         .entry(header::X_CONTENT_TYPE_OPTIONS)
@@ -942,6 +1010,86 @@ mod tests {
         }
         assert_eq!(found.len(), 1, "routes added outside the table: {found:#?}");
         assert!(found[0].contains("router = router"), "{found:?}");
+        // One fallback, the declared one: a request no route matches meets UNROUTED.
+        let fallbacks: Vec<String> = fallback_lines(&src);
+        assert_eq!(fallbacks.len(), 1, "fallbacks: {fallbacks:#?}");
+        assert!(
+            fallbacks[0].ends_with(concat!("router", ".fallback(fallback);")),
+            "{fallbacks:?}"
+        );
+    }
+
+    /// Lines that give a router a fallback (`Router::fallback`, `fallback_service`); the
+    /// methods' own answers (`MethodRouter::fallback`, on `endpoint`) are not counted.
+    fn fallback_lines(src: &std::path::Path) -> Vec<String> {
+        // Split so that this test's own lines do not match.
+        let needles = [
+            concat!("router", ".fallback("),
+            concat!("fallback", "_service("),
+        ];
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(src).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            for line in text.lines() {
+                let code = line.trim();
+                if !code.starts_with("//") && needles.iter().any(|n| code.contains(n)) {
+                    found.push(code.to_owned());
+                }
+            }
+        }
+        found
+    }
+
+    /// The fallback is declared like a route: public (the OpenFaaS gateway behind it checks
+    /// its own credentials), never audited as an action of ours, and our own path spaces stay
+    /// ours.
+    #[test]
+    fn the_fallback_is_declared_public_and_keeps_our_path_spaces() {
+        use queue_core::backend::jetstream::JetStreamQueue;
+        assert_eq!(UNROUTED.permission, Permission::Public);
+        let every: Vec<Verb> = CALL_METHODS.iter().chain(PREFLIGHT).copied().collect();
+        assert!(crate::audit::classify(&every, "/{*rest}", UNROUTED.permission).is_none());
+        for path in [
+            "/async-function",
+            "/async-function/",
+            "/async-function/fn/deep",
+            "/async-calls/x/y/z",
+            "/system/async",
+            "/system/async/unknown",
+        ] {
+            assert!(UNROUTED.is_own(path), "{path}");
+        }
+        for path in [
+            "/function/fn",
+            "/system/functions",
+            "/system/async-report",
+            "/async-functions",
+            "/ui/",
+            "/",
+        ] {
+            assert!(!UNROUTED.is_own(path), "{path}");
+        }
+        // Every route of the table is in one of our path spaces or is one of our own fixed
+        // paths, which the router matches before the fallback.
+        for route in routes::<JetStreamQueue>() {
+            assert!(
+                UNROUTED.is_own(route.path)
+                    || matches!(
+                        route.path,
+                        "/metrics"
+                            | "/healthz"
+                            | "/readyz"
+                            | "/openapi.json"
+                            | "/dashboard"
+                            | "/dashboard/"
+                    ),
+                "{route:?}"
+            );
+        }
     }
 
     #[test]

@@ -43,6 +43,9 @@ pub struct AppState<Q> {
     /// CORS of the async routes and `/async-calls/...` (`None`: no CORS anywhere); the file's
     /// version in force.
     pub cors: Option<Arc<crate::cors::CorsFile>>,
+    /// Front mode: the OpenFaaS gateway every request no route matches is passed to (`None`:
+    /// those are `404`).
+    pub upstream: Option<Arc<crate::upstream::Upstream>>,
 }
 
 impl<Q> AppState<Q> {

@@ -20,6 +20,12 @@
 //!    submit until every accepted call's callback arrived (or the callback
 //!    timeout passed).
 //!
+//! With [`BenchOptions::front_mode`] (`--scenario front-mode`) the gateway runs
+//! in front mode with the stub function as its upstream, and before the async
+//! path two more phases compare the same synchronous POST made straight to the
+//! stub (`direct_function`) and through the gateway (`proxied_function`): the
+//! cost of the proxied hop, in the same run.
+//!
 //! # Load models
 //!
 //! Without [`BenchOptions::rate`] every phase is a *closed loop*:
@@ -139,6 +145,11 @@ pub enum Scenario {
     /// the records bucket's leader likewise; afterwards a probe of 100 calls must go
     /// through. Refused calls (503 during the fail-over) are counted, never a lost 202.
     Cluster,
+    /// The gateway in front mode (`--upstream-gateway`, the stub function as
+    /// the OpenFaaS gateway): closed loop, concurrency 64, 10,000 synchronous
+    /// calls straight to the stub and 10,000 through the gateway, then the
+    /// async path as usual.
+    FrontMode,
 }
 
 impl Scenario {
@@ -193,16 +204,24 @@ impl Scenario {
                 time_limit: Duration::from_secs(900),
                 ..base
             },
+            Self::FrontMode => BenchOptions {
+                calls: 10_000,
+                concurrency: 64,
+                front_mode: true,
+                accept_alone: false,
+                ..base
+            },
         }
     }
 
     /// Every scenario.
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::Throughput,
         Self::LatencyAtRate,
         Self::LongRunning,
         Self::Faults,
         Self::Cluster,
+        Self::FrontMode,
     ];
 }
 
@@ -355,6 +374,10 @@ pub struct BenchOptions {
     /// Run on a JetStream cluster and kill its leaders under load (the `cluster` scenario);
     /// `None`: one nats-server, no NATS faults.
     pub cluster: Option<ClusterOptions>,
+    /// Run the gateway in front mode with the stub function as its upstream, and measure
+    /// synchronous calls straight to the stub against the same calls through the gateway
+    /// (the `front-mode` scenario; a system this run started only).
+    pub front_mode: bool,
 }
 
 impl Default for BenchOptions {
@@ -384,6 +407,7 @@ impl Default for BenchOptions {
             headers: Vec::new(),
             accept_alone: true,
             cluster: None,
+            front_mode: false,
         }
     }
 }
@@ -488,6 +512,13 @@ impl BenchOptions {
                     cluster.probe_calls
                 ));
             }
+        }
+        if self.front_mode && (self.external.is_some() || self.cluster.is_some()) {
+            return fail(
+                "front mode needs a system this run starts (its upstream is the stub function), \
+                 on one nats-server"
+                    .to_owned(),
+            );
         }
         if let Some(external) = &self.external {
             if !(external.gateway_url.starts_with("http://")
@@ -780,6 +811,22 @@ pub struct ClusterReport {
     pub probe_completed: u64,
 }
 
+/// Synchronous calls to the stub function, straight and through the gateway in front mode
+/// ([`BenchOptions::front_mode`]).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FrontModeReport {
+    /// POSTs to the stub's `/function/{name}` (answered `200` with the body echoed).
+    pub direct: Phase,
+    /// The same POSTs to the gateway, which passes them to the stub.
+    pub proxied: Phase,
+    /// `proxied` rate / `direct` rate.
+    pub rate_ratio: f64,
+    /// Median latency the proxied hop adds (proxied p50 − direct p50), in microseconds.
+    pub added_p50_us: i64,
+    /// 99th-percentile latency the proxied hop adds (proxied p99 − direct p99), in microseconds.
+    pub added_p99_us: i64,
+}
+
 /// What [`run`] measured.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Report {
@@ -842,6 +889,8 @@ pub struct Report {
     pub total_seconds: f64,
     /// The cluster and its faults (`null` without `--scenario cluster`).
     pub cluster: Option<ClusterReport>,
+    /// Direct and proxied synchronous calls (`null` without front mode).
+    pub front_mode: Option<FrontModeReport>,
 }
 
 impl Report {
@@ -870,6 +919,10 @@ impl Report {
             && e2e.unexpected == 0
             && e2e.bad_results == 0
             && e2e.bad_headers == 0
+            && self
+                .front_mode
+                .as_ref()
+                .is_none_or(|f| f.direct.failed == 0 && f.proxied.failed == 0)
     }
 
     /// A human-readable table of the report, ending with a newline.
@@ -979,6 +1032,14 @@ impl Report {
                 row(&mut out, name, phase_counts(phase), &phase.latency_us);
             }
         }
+        if let Some(front) = &self.front_mode {
+            for (name, phase) in [
+                ("direct_function", &front.direct),
+                ("proxied_function", &front.proxied),
+            ] {
+                row(&mut out, name, phase_counts(phase), &phase.latency_us);
+            }
+        }
         match &self.accept_alone {
             Some(alone) => row(
                 &mut out,
@@ -1040,6 +1101,14 @@ impl Report {
             per_sec(self.ratios.end_to_end_ceiling),
             ratio(self.ratios.end_to_end_vs_ceiling),
         );
+        if let Some(front) = &self.front_mode {
+            let _ = writeln!(
+                out,
+                "front mode: proxied_function/direct_function rate {:.3}; the proxied hop adds \
+                 {} µs at p50, {} µs at p99",
+                front.rate_ratio, front.added_p50_us, front.added_p99_us,
+            );
+        }
         if let Some(ceiling) = self.ratios.embedded_end_to_end_ceiling {
             let _ = writeln!(
                 out,
@@ -1229,6 +1298,7 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
         .as_ref()
         .and_then(|external| external.callback_url.clone())
         .unwrap_or_else(|| receiver.url());
+    let mut front_mode = None;
     let (path, idle, after_run, stub) = match (&opts.external, bin_dir, &nats_url) {
         (Some(external), _, _) => {
             let target = Target {
@@ -1244,13 +1314,23 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
             let function = StubFunction::start(stub_behavior(opts)).await?;
             // Thousands of recorded requests are not worth their memory here.
             function.set_recording(false);
+            // Front mode: the stub stands in for the OpenFaaS gateway behind ours (the embedded
+            // backend's one process takes the gateway's flags among its own).
+            let upstream_arg = opts
+                .front_mode
+                .then(|| format!("--upstream-gateway={}", function.url()));
+            let (mut worker_args, mut front_gateway_args) = (opts.worker_args.clone(), Vec::new());
+            match opts.backend {
+                Backend::JetStream => front_gateway_args.extend(upstream_arg),
+                Backend::Embedded => worker_args.extend(upstream_arg),
+            }
             let mut system = SystemUnderTest::start(&SutOptions {
                 backend: opts.backend,
                 bin_dir,
                 max_inflight: opts.max_inflight,
                 function_url: function.url(),
                 nats_url: nats_url.clone(),
-                worker_args: opts.worker_args.clone(),
+                worker_args,
                 gateway_args: opts
                     .cluster
                     .as_ref()
@@ -1260,11 +1340,23 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
                     .unwrap_or_default()
                     .into_iter()
                     .chain(opts.gateway_args.iter().cloned())
+                    .chain(front_gateway_args)
                     .collect(),
             })
             .await?;
             let idle = system.usage();
             let gateway_url = system.gateway_url.clone();
+            if opts.front_mode {
+                let measured =
+                    measure_front_mode(opts, &poster, &body, &function.url(), &gateway_url).await;
+                match measured {
+                    Ok(report) => front_mode = Some(report),
+                    Err(e) => {
+                        let _ = system.stop().await;
+                        return Err(e);
+                    }
+                }
+            }
             let target = Target {
                 gateway_url: &gateway_url,
                 callback_url: &callback_url,
@@ -1386,6 +1478,7 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
         cpu_us_per_call,
         total_seconds: started.elapsed().as_secs_f64(),
         cluster,
+        front_mode,
     })
 }
 
@@ -1484,6 +1577,58 @@ async fn measure_baseline_http(
         Err(_) => tracing::warn!("baseline HTTP server did not stop in time"),
     }
     Ok(result.phase)
+}
+
+/// Front mode: the same synchronous POST to the stub function, first straight to it, then
+/// through the gateway (which passes it to the stub), each after its own warm-up.
+async fn measure_front_mode(
+    opts: &BenchOptions,
+    client: &Poster,
+    body: &Bytes,
+    function_url: &str,
+    gateway_url: &str,
+) -> Result<FrontModeReport, BenchError> {
+    let mut phases = Vec::with_capacity(2);
+    for (label, base) in [("direct", function_url), ("proxied", gateway_url)] {
+        let target = Poster::target(&format!("{base}/function/{}", opts.function));
+        let post_body = || {
+            let (client, body, target) = (client.clone(), body.clone(), target.clone());
+            move |_| {
+                let (client, body, target) = (client.clone(), body.clone(), target.clone());
+                async move {
+                    let headers = [("content-type", "application/octet-stream")];
+                    let (status, _) = client.post(&target, &headers, &body).await?;
+                    expect_code(status, StatusCode::OK).map(|()| None)
+                }
+            }
+        };
+        if opts.warmup > 0 {
+            drive(&opts.warmup_options(), "function warm-up", post_body()).await?;
+        }
+        let phase = if label == "direct" {
+            "direct function"
+        } else {
+            "proxied function"
+        };
+        phases.push(drive(opts, phase, post_body()).await?.phase);
+    }
+    let (Some(proxied), Some(direct)) = (phases.pop(), phases.pop()) else {
+        return Err(BenchError::Setup("front-mode phases missing".to_owned()));
+    };
+    let added = |proxied: u64, direct: u64| {
+        i64::try_from(proxied).unwrap_or(i64::MAX) - i64::try_from(direct).unwrap_or(i64::MAX)
+    };
+    Ok(FrontModeReport {
+        rate_ratio: if direct.rate_per_sec > 0.0 {
+            proxied.rate_per_sec / direct.rate_per_sec
+        } else {
+            0.0
+        },
+        added_p50_us: added(proxied.latency_us.p50, direct.latency_us.p50),
+        added_p99_us: added(proxied.latency_us.p99, direct.latency_us.p99),
+        direct,
+        proxied,
+    })
 }
 
 /// Phase 2: JetStream publishes with ack to a separate file-backed stream.
@@ -2603,6 +2748,11 @@ mod tests {
                 rate: Some(MAX_RATE * 2.0),
                 ..BenchOptions::default()
             },
+            BenchOptions {
+                front_mode: true,
+                cluster: Some(ClusterOptions::default()),
+                ..BenchOptions::default()
+            },
         ] {
             assert!(
                 matches!(bad.validate(), Err(BenchError::Options(_))),
@@ -2626,6 +2776,8 @@ mod tests {
             Scenario::LatencyAtRate.options().load_model(),
             LoadModel::Open
         );
+        assert!(Scenario::FrontMode.options().front_mode);
+        assert!(!BenchOptions::default().front_mode);
     }
 
     #[test]

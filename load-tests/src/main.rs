@@ -209,6 +209,11 @@ struct BenchArgs {
     /// drained) that closed loops against a started system run before the end-to-end phase.
     #[arg(long, env = "LOAD_TESTS_NO_ACCEPT_ALONE")]
     no_accept_alone: bool,
+    /// Run the gateway in front mode (`--upstream-gateway`, the stub function as the OpenFaaS
+    /// gateway) and, before the async path, measure synchronous calls straight to the stub
+    /// against the same calls through the gateway [default: on for the front-mode scenario].
+    #[arg(long, env = "LOAD_TESTS_FRONT_MODE")]
+    front_mode: bool,
     /// An extra argument for the worker process, repeatable
     /// (`--worker-arg=--upstream-timeout=2s`).
     #[arg(
@@ -403,6 +408,7 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
             .filter(|_| args.backend == Backend::JetStream && !external_target)),
         // The cluster and its faults come with `--scenario cluster`.
         cluster: base.cluster,
+        front_mode: base.front_mode || args.front_mode,
     };
     // The self-contained system is the default; the flag only says so.
     let _ = args.self_contained;

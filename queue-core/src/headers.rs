@@ -22,6 +22,36 @@ pub fn is_hop_by_hop(name: &str) -> bool {
     HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h)) || name.eq_ignore_ascii_case("host")
 }
 
+/// Headers that belong to one connection and that a reverse proxy (the gateway's front mode,
+/// passing requests to the OpenFaaS gateway) removes in both directions, with every header the
+/// `Connection` header names ([`connection_tokens`]). Unlike [`HOP_BY_HOP`], `Content-Length`
+/// is kept: the proxied message is the same message, its length with it.
+pub const PROXY_HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// True for a header a reverse proxy does not pass on ([`PROXY_HOP_BY_HOP`]); the headers a
+/// `Connection` header names are found with [`connection_tokens`].
+pub fn is_proxy_hop_by_hop(name: &str) -> bool {
+    PROXY_HOP_BY_HOP
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h))
+}
+
+/// The header names one `Connection` header value lists (`close` and `keep-alive` included:
+/// removing a header of that name is harmless).
+pub fn connection_tokens(value: &str) -> impl Iterator<Item = &str> {
+    value.split(',').map(str::trim).filter(|t| !t.is_empty())
+}
+
 /// Headers the worker sets on every function request from the call itself. A client's values
 /// are dropped by the gateway, and again by the worker (a message from an older gateway), and
 /// the worker's own are *inserted*, never appended.
@@ -226,6 +256,26 @@ pub fn served_content_type(declared: Option<&str>) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_proxy_drops_connection_headers_but_keeps_the_length() {
+        for h in [
+            "Connection",
+            "keep-alive",
+            "Proxy-Authorization",
+            "TE",
+            "Transfer-Encoding",
+        ] {
+            assert!(is_proxy_hop_by_hop(h), "{h}");
+        }
+        for h in ["content-length", "host", "authorization", "x-call-id"] {
+            assert!(!is_proxy_hop_by_hop(h), "{h}");
+        }
+        assert_eq!(
+            connection_tokens(" close, X-Hop ,,keep-alive").collect::<Vec<_>>(),
+            ["close", "X-Hop", "keep-alive"]
+        );
+    }
 
     #[test]
     fn browser_control_headers_are_recognised() {

@@ -594,6 +594,21 @@ pub fn openfaas_nats_url(
     Ok(Some(format!("nats://{host}:{port}")))
 }
 
+/// The OpenFaaS gateway's URL from OpenFaaS's `faas_gateway_address` / `faas_gateway_port`,
+/// with OpenFaaS's meaning: either one names the gateway, the other takes OpenFaaS's default
+/// (`gateway`, `8080`); `None` when neither is set. The gateway's front mode reads it
+/// (`--upstream-gateway`); the worker's own mapping (`--gateway-url`) gives the same URL.
+pub fn openfaas_gateway_url(lookup: impl Fn(&str) -> Option<String>) -> Option<String> {
+    let set = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+    let (address, port) = (set("faas_gateway_address"), set("faas_gateway_port"));
+    if address.is_none() && port.is_none() {
+        return None;
+    }
+    let address = address.unwrap_or_else(|| "gateway".into());
+    let port = port.unwrap_or_else(|| "8080".into());
+    Some(format!("http://{address}:{port}"))
+}
+
 /// Splits one URL into the part before its credentials, the credentials (`user:password` or
 /// `token`, without the `@`), and the rest (`@host:port/...`). No credentials: `None`.
 fn split_userinfo(one: &str) -> Option<(&str, &str, &str)> {
@@ -810,6 +825,32 @@ mod tests {
 
     fn nats_args(url: &str) -> NatsArgs {
         NatsArgs::for_tests(url)
+    }
+
+    #[test]
+    fn openfaas_gateway_address_and_port_each_alone() {
+        let url = |env: &[(&str, &str)]| {
+            let env: std::collections::HashMap<&str, &str> = env.iter().copied().collect();
+            openfaas_gateway_url(|k| env.get(k).map(|v| (*v).to_owned()))
+        };
+        assert_eq!(url(&[]), None);
+        assert_eq!(
+            url(&[("faas_gateway_address", " ")]),
+            None,
+            "blank is unset"
+        );
+        assert_eq!(
+            url(&[("faas_gateway_port", "8081")]).as_deref(),
+            Some("http://gateway:8081")
+        );
+        assert_eq!(
+            url(&[("faas_gateway_address", "gw.openfaas")]).as_deref(),
+            Some("http://gw.openfaas:8080")
+        );
+        assert_eq!(
+            url(&[("faas_gateway_address", "gw"), ("faas_gateway_port", "9")]).as_deref(),
+            Some("http://gw:9")
+        );
     }
 
     #[test]
