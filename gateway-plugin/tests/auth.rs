@@ -1197,6 +1197,8 @@ struct TableIds {
     read_call: String,
     /// Cancelled by `DELETE /async-calls/{id}`.
     cancel_call: String,
+    /// Cancelled by `DELETE /async-function/{id}` (OpenFaaS Pro's cancel).
+    pro_cancel_call: String,
     /// The sequence of dead letter `dl-show` (team-a), shown and listed, never changed.
     show_sequence: u64,
 }
@@ -1208,6 +1210,9 @@ struct Target {
     method: &'static str,
     route: &'static str,
     permission: Permission,
+    /// The permission the request is decided by: the route's, but for
+    /// `DELETE /async-function/{name}`, a cancel's or an invocation's.
+    acts_as: Permission,
     path: String,
     json_body: Option<serde_json::Value>,
     /// For a CORS preflight: the method it asks for.
@@ -1224,6 +1229,31 @@ fn is_array_of_ids(value: &serde_json::Value, ids: &[&str]) -> bool {
         got.sort_unstable();
         got == ids
     })
+}
+
+/// The table's requests for `method` on `route`: one, or for `DELETE /async-function/{name}`
+/// two: the name of a function (an invocation) and the id of a call (OpenFaaS Pro's cancel).
+fn targets(
+    route: &gateway_plugin::routes::Route<JetStreamQueue>,
+    method: &'static str,
+    ids: &TableIds,
+) -> Vec<Target> {
+    let mut function = target(route, method, ids);
+    if route.permission != Permission::CancelOrInvoke {
+        return vec![function];
+    }
+    function.acts_as = Permission::Invoke;
+    let id = ids.pro_cancel_call.clone();
+    let call = Target {
+        path: format!("/async-function/{id}"),
+        acts_as: Permission::Cancel,
+        valid: answer(202, "the cancelled record and its X-Call-Id", move |a| {
+            let r = a.json();
+            r["call_id"] == id.as_str() && r["state"] == "cancelled" && a.header("x-call-id") == id
+        }),
+        ..target(route, method, ids)
+    };
+    vec![function, call]
 }
 
 /// The table's request for `method` on `route`, with what it must be answered. A route this
@@ -1256,9 +1286,9 @@ fn target(
         ("OPTIONS", _) => answer(204, "the CORS preflight's headers", |a| {
             a.header("access-control-allow-origin") == TABLE_ORIGIN
         }),
-        (_, p) if p.starts_with("/async-function/") => {
-            answer(202, "an X-Call-Id", |a| !a.header("x-call-id").is_empty())
-        }
+        (_, p) if p.starts_with("/async-function/") => answer(202, "an X-Call-Id, no body", |a| {
+            !a.header("x-call-id").is_empty() && a.body.is_empty()
+        }),
         ("GET", "/async-calls/{call_id}") => answer(200, "the queued call's record", move |a| {
             let r = a.json();
             r["call_id"] == read_call.as_str() && r["state"] == "queued"
@@ -1381,6 +1411,7 @@ fn target(
         method,
         route: route.path,
         permission: route.permission,
+        acts_as: route.permission,
         path,
         json_body,
         preflight,
@@ -1394,11 +1425,11 @@ fn target(
 /// is unknown; the admin views hold only the caller's namespaces).
 fn expected(target: &Target, standing: Standing) -> Want {
     use Permission::*;
-    if target.permission == Public {
+    if target.acts_as == Public {
         return target.valid.clone();
     }
     let forbidden = |scope: &str| Want::Forbidden(scope.to_owned());
-    match (standing, target.permission) {
+    match (standing, target.acts_as) {
         (Standing::Refused, _) => Want::Unauthorized,
         (Standing::Valid, _) => target.valid.clone(),
         (Standing::NoScope | Standing::OtherNamespace, Invoke) => forbidden("invoke:team-a"),
@@ -1439,7 +1470,9 @@ fn credential<'a>(
         7 => token("alg_none"),
         8 => token("hs256_public_key"),
         9 => token(match permission {
-            Permission::Invoke | Permission::Public => "table_a_no_invoke",
+            Permission::Invoke | Permission::Public | Permission::CancelOrInvoke => {
+                "table_a_no_invoke"
+            }
             Permission::Read => "table_a_no_read",
             Permission::Cancel => "table_a_no_cancel",
             Permission::Admin | Permission::AdminFunction => "table_a_no_admin",
@@ -1610,7 +1643,7 @@ async fn route_table_with_keys_from(keys: KeysFrom) {
 
     // What the requests name: calls of team-a, dead letters of team-a and team-b.
     let mut calls = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..3 {
         let r = send(
             &client,
             "POST",
@@ -1648,6 +1681,7 @@ async fn route_table_with_keys_from(keys: KeysFrom) {
     let ids = TableIds {
         read_call: calls[0].clone(),
         cancel_call: calls[1].clone(),
+        pro_cancel_call: calls[2].clone(),
         show_sequence,
     };
 
@@ -1658,7 +1692,7 @@ async fn route_table_with_keys_from(keys: KeysFrom) {
             route
                 .methods
                 .iter()
-                .map(|m| target(route, m.as_str(), &ids))
+                .flat_map(|m| targets(route, m.as_str(), &ids))
         })
         .collect();
     assert!(
@@ -1677,7 +1711,7 @@ async fn route_table_with_keys_from(keys: KeysFrom) {
             let (client, jwt, unknown, base) = (&client, &jwt, &unknown, &gateway.url);
             async move {
                 let (name, standing) = CASES[case];
-                let cred = credential(case, target.permission, index, jwt, unknown);
+                let cred = credential(case, target.acts_as, index, jwt, unknown);
                 let method = reqwest::Method::from_bytes(target.method.as_bytes()).unwrap();
                 let mut request = client.request(method, format!("{base}{}", target.path));
                 request = match &target.json_body {
@@ -1698,8 +1732,8 @@ async fn route_table_with_keys_from(keys: KeysFrom) {
                 };
                 let response = request.send().await.unwrap();
                 let what = format!(
-                    "{keys:?}: {} {} ({:?}) as {name}",
-                    target.method, target.path, target.permission
+                    "{keys:?}: {} {} ({:?} as {:?}) as {name}",
+                    target.method, target.path, target.permission, target.acts_as
                 );
                 check(&expected(target, standing), response, &what).await;
             }
@@ -1707,14 +1741,14 @@ async fn route_table_with_keys_from(keys: KeysFrom) {
         .await;
     let took = started.elapsed();
 
-    // Nothing refused was queued: the two calls made above, one per invocation of the table.
+    // Nothing refused was queued: the calls made above, one per invocation of the table.
     let invocations = targets
         .iter()
-        .filter(|t| t.permission == Permission::Invoke)
+        .filter(|t| t.acts_as == Permission::Invoke)
         .count() as u64;
     assert_eq!(
         common::queued(&nats.url()).await,
-        2 + invocations + 1,
+        3 + invocations + 1,
         "the replayed dead letter is queued again"
     );
     eprintln!(
@@ -1733,4 +1767,59 @@ async fn every_route_times_every_credential_with_jwks_from_a_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_route_times_every_credential_with_jwks_from_a_url() {
     route_table_with_keys_from(KeysFrom::Url).await;
+}
+
+/// `--public invoke` opens every invocation, a `DELETE` one included (credentials are not
+/// looked at, as on the other async routes), but never OpenFaaS Pro's cancel: a
+/// `DELETE /async-function/{call_id}` still needs `cancel:` of the call's namespace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_invoke_opens_delete_invocations_not_the_pro_cancel() {
+    let nats = NatsServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let canceller = random_token();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(
+        &tokens,
+        format!("canceller {} cancel:team-a\n", sha256_hex(&canceller)),
+    )
+    .unwrap();
+    let tokens = tokens.display().to_string();
+    let gateway = common::Gateway::start(
+        &nats.url(),
+        &["--auth-tokens-file", &tokens, "--public", "invoke"],
+    )
+    .await;
+    let client = http();
+    let url = |path: &str| format!("{}{path}", gateway.url);
+    let r = send(
+        &client,
+        "POST",
+        &url("/async-function/fn.team-a"),
+        Cred::None,
+    )
+    .await;
+    assert_eq!(r.status(), 202);
+    let call = call_id(&r);
+    for cred in [Cred::None, Cred::Bearer("not-a-known-token")] {
+        let r = send(&client, "DELETE", &url("/async-function/fn.team-a"), cred).await;
+        assert_eq!(r.status(), 202, "{cred:?}");
+        assert_ne!(call_id(&r), call);
+    }
+    let pro = url(&format!("/async-function/{call}"));
+    common::assert_json_error(
+        send(&client, "DELETE", &pro, Cred::None).await,
+        401,
+        "unauthorized",
+    )
+    .await;
+    let r = send(&client, "DELETE", &pro, Cred::Bearer(&canceller)).await;
+    assert_eq!(r.status(), 202);
+    let record: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!(record["state"], "cancelled", "{record}");
+    assert_eq!(
+        common::queued(&nats.url()).await,
+        3,
+        "the cancel queued nothing"
+    );
+    gateway.shutdown().await;
 }
