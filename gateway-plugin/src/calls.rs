@@ -40,7 +40,7 @@ pub(crate) async fn load<Q: CallQueue>(
     if !valid_call_id(call_id) {
         return Err(ApiError::bad_request(
             "invalid_call_id",
-            "a call id is 1-128 characters of A-Z a-z 0-9 - _",
+            "a call id is 1-128 characters of visible ASCII (! to ~)",
         ));
     }
     match state.queue.record(call_id).await {
