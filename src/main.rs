@@ -133,6 +133,10 @@ async fn main() -> anyhow::Result<()> {
     if is_default(&matches, "gateway_url") {
         config.worker.gateway_url = DEFAULT_FUNCTIONS_URL.to_owned();
     }
+    queue_core::metrics::set_pro_labels(
+        &config.worker.nats.stream,
+        &config.worker.default_namespace,
+    );
     let kind = match config.server.queue {
         QueueKind::Auto if is_default(&matches, "nats_url") => QueueKind::Embedded,
         QueueKind::Auto => QueueKind::Jetstream,

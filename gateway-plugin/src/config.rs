@@ -141,13 +141,43 @@ pub struct ControlArgs {
     pub cors_file: Option<PathBuf>,
 }
 
-/// Flags derived from OpenFaaS's gateway variables (`faas_nats_address`, `faas_nats_port`),
-/// used when `NATS_URL` is not set; they go before the real command line, which wins.
-pub fn openfaas_compat_args(lookup: impl Fn(&str) -> Option<String>) -> Vec<OsString> {
-    match queue_core::settings::openfaas_nats_url(&lookup) {
-        Some(url) if lookup("NATS_URL").is_none() => vec![format!("--nats-url={url}").into()],
-        _ => Vec::new(),
+/// Flags derived from OpenFaaS's variables, for the settings whose own variable is not set:
+/// the NATS address (`faas_nats_address`/`faas_nats_port` as OpenFaaS's gateway reads them, or
+/// the Pro worker's `nats_host`/`nats_port`; either part alone takes OpenFaaS's default for the
+/// other, `nats` or `4222`), and the stream the Pro worker names, `nats_stream`, with its
+/// `nats_stream_replicas` (the gateway creates the stream), so one set of variables serves the
+/// gateway and the workers. They go before the real command line, which wins. A value that
+/// cannot be used is an error naming the variable.
+pub fn openfaas_compat_args(
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<Vec<OsString>, String> {
+    use queue_core::settings::{openfaas_nats_url, openfaas_value};
+    let ours = |name: &str| openfaas_value(&lookup, name).is_some();
+    let mut args: Vec<OsString> = Vec::new();
+    if let Some(url) = openfaas_nats_url(&lookup)?
+        && !ours("NATS_URL")
+    {
+        args.push(format!("--nats-url={url}").into());
     }
+    if let Some(stream) = openfaas_value(&lookup, "nats_stream")
+        && !ours("ASYNC_STREAM")
+    {
+        args.push(format!("--stream={stream}").into());
+    }
+    if let Some(replicas) = openfaas_value(&lookup, "nats_stream_replicas") {
+        match replicas.parse::<usize>() {
+            Ok(n @ 1..=5) if !ours("ASYNC_STREAM_REPLICAS") => {
+                args.push(format!("--stream-replicas={n}").into());
+            }
+            Ok(1..=5) => {}
+            _ => {
+                return Err(format!(
+                    "nats_stream_replicas={replicas:?} is not a number of replicas (1 to 5)"
+                ));
+            }
+        }
+    }
+    Ok(args)
 }
 
 #[cfg(test)]
@@ -166,7 +196,7 @@ mod tests {
             .map(OsString::from);
         GatewayConfig::try_parse_from(with_leading_args(
             real,
-            openfaas_compat_args(|k| env.get(k).cloned()),
+            openfaas_compat_args(|k| env.get(k).cloned()).unwrap(),
         ))
         .unwrap()
     }
@@ -193,6 +223,30 @@ mod tests {
             &["--nats-url", "nats://other:1"],
         );
         assert_eq!(c.nats.nats_url, "nats://other:1");
+        // The Pro worker's names, a port without an address, the stream and its replicas.
+        let c = parse(
+            &[
+                ("nats_port", "4223"),
+                ("nats_stream", "faas-request"),
+                ("nats_stream_replicas", "3"),
+            ],
+            &[],
+        );
+        assert_eq!(c.nats.nats_url, "nats://nats:4223");
+        assert_eq!(c.nats.stream, "faas-request");
+        assert_eq!(c.stream.stream_replicas, 3);
+        for (env, named) in [
+            (&[("nats_stream_replicas", "0")][..], "nats_stream_replicas"),
+            (&[("nats_port", "x")][..], "nats_port"),
+            (
+                &[("nats_host", "a"), ("faas_nats_address", "b")][..],
+                "nats_host",
+            ),
+        ] {
+            let env: HashMap<&str, &str> = env.iter().copied().collect();
+            let e = openfaas_compat_args(|k| env.get(k).map(|v| (*v).to_owned())).unwrap_err();
+            assert!(e.contains(named), "{e}");
+        }
     }
 
     #[test]

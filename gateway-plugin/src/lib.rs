@@ -162,6 +162,7 @@ pub async fn run(
         _ => None,
     };
     let controls = Controls::load(&config.controls, &config.default_namespace)?;
+    queue_core::metrics::set_pro_labels(&config.nats.stream, &config.default_namespace);
     let stop = CancellationToken::new();
     let options = JetStreamOptions {
         nats: config.nats.clone(),

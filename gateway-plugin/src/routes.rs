@@ -916,6 +916,8 @@ async fn accept<Q: CallQueue>(
     );
     let function = queue_core::metrics::function_label(&call.meta.qualified_function());
     metrics::counter!(queue_core::metrics::SUBMITTED, "function" => function).increment(1);
+    metrics::counter!(queue_core::metrics::PRO_SUBMITTED, "queue_name" => queue_core::metrics::pro_queue_name())
+        .increment(1);
     metrics::histogram!(queue_core::metrics::ACCEPT_SECONDS)
         .record(queue_core::metrics::seconds_since(received_at));
     let mut response = StatusCode::ACCEPTED.into_response();

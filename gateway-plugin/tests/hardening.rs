@@ -715,6 +715,14 @@ async fn finding_10_junk_function_names_cannot_squat_label_slots() {
         "{metrics}"
     );
     assert!(!metrics.contains("squat-"), "junk names became labels");
+    // OpenFaaS Pro's series: every accepted call counted, labelled by queue only.
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l
+                .starts_with("queue_worker_messages_submitted_total{queue_name=\"faas-async\"} ")),
+        "{metrics}"
+    );
     worker.shutdown().await;
 }
 

@@ -72,8 +72,10 @@ pub fn is_dropped_from_client(name: &str, trusted_proxy: bool) -> bool {
 /// Headers the worker sets on a callback. A function's response never supplies them: the
 /// receiver must be able to trust each of them (the Standard Webhooks signature headers
 /// included, whether or not callbacks are signed).
-pub const CALLBACK_HEADERS: [&str; 11] = [
+pub const CALLBACK_HEADERS: [&str; 13] = [
     "x-call-id",
+    "x-retry",
+    "x-retry-max",
     "x-call-state",
     "x-function-status",
     "x-function-error",

@@ -51,6 +51,72 @@ pub const OLDEST_PENDING_SECONDS: &str = "faas_async_oldest_pending_seconds";
 /// Reconnections to NATS.
 pub const RECONNECTS: &str = "faas_async_nats_reconnects_total";
 
+/// OpenFaaS Pro's queue-worker series, beside ours, so that its Grafana dashboards and its
+/// queue-depth autoscaling rules keep working: labels `queue_name` (the stream) and
+/// `function_name` (`name.namespace`, the default namespace written out; bounded as `function`
+/// is). Calls stored and not acknowledged, per function, at scrape time.
+pub const PRO_PENDING: &str = "queue_worker_pending_messages";
+/// Calls that reached a final outcome (OpenFaaS Pro: messages processed).
+pub const PRO_PROCESSED: &str = "queue_worker_messages_processed_total";
+/// Calls queued by the gateway (OpenFaaS Pro: messages submitted).
+pub const PRO_SUBMITTED: &str = "queue_worker_messages_submitted_total";
+/// Function invocations running now, per function.
+pub const PRO_INFLIGHT: &str = "queue_worker_function_invocation_inflight";
+/// Reconnections to NATS.
+pub const PRO_RECONNECTS: &str = "queue_worker_nats_reconnect_total";
+
+/// The `queue_name` and default namespace the OpenFaaS Pro series are labelled with.
+static PRO_LABELS: OnceLock<(&'static str, String)> = OnceLock::new();
+
+/// Names the queue (the stream) and the default namespace for the OpenFaaS Pro series; once,
+/// at start (later calls are ignored).
+pub fn set_pro_labels(queue_name: &str, default_namespace: &str) {
+    let name: &'static str = Box::leak(queue_name.to_owned().into_boxed_str());
+    let _ = PRO_LABELS.set((name, default_namespace.to_ascii_lowercase()));
+}
+
+/// The `queue_name` label of the OpenFaaS Pro series.
+pub fn pro_queue_name() -> &'static str {
+    PRO_LABELS.get().map_or("faas-async", |(name, _)| name)
+}
+
+/// The `function_name` label of the OpenFaaS Pro series for a `function` label value: `name`
+/// becomes `name.<default namespace>`; `other` stays `other`.
+pub fn pro_function_name(label: &str) -> String {
+    if label == "other" || label.contains('.') {
+        return label.to_owned();
+    }
+    let namespace = PRO_LABELS
+        .get()
+        .map_or("openfaas-fn", |(_, ns)| ns.as_str());
+    format!("{label}.{namespace}")
+}
+
+/// Sets the OpenFaaS Pro pending gauge per function (at scrape time): functions without a
+/// label of their own are summed as `other`, and a function no longer pending is set to 0.
+pub fn set_pending_per_function(pending: &[(String, u64)]) {
+    static SEEN: OnceLock<Mutex<std::collections::HashSet<String>>> = OnceLock::new();
+    let mut by_label: HashMap<String, u64> = HashMap::new();
+    for (function, n) in pending {
+        let label = pro_function_name(&labels().peek(function));
+        *by_label.entry(label).or_default() += n;
+    }
+    let mut seen = SEEN
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    for gone in seen.iter().filter(|l| !by_label.contains_key(*l)) {
+        metrics::gauge!(PRO_PENDING, "queue_name" => pro_queue_name(), "function_name" => gone.clone())
+            .set(0.0);
+    }
+    #[allow(clippy::cast_precision_loss, reason = "gauges are f64")]
+    for (label, n) in &by_label {
+        metrics::gauge!(PRO_PENDING, "queue_name" => pro_queue_name(), "function_name" => label.clone())
+            .set(*n as f64);
+    }
+    seen.extend(by_label.into_keys());
+}
+
 /// Distinct `function` label values per process.
 pub const MAX_FUNCTION_LABELS: usize = 200;
 
@@ -103,6 +169,15 @@ impl FunctionLabels {
                 name.to_owned()
             }
             None => "other".to_owned(),
+        }
+    }
+
+    /// The label for `name` without counting it as a use (a scrape is not a use).
+    pub fn peek(&self, name: &str) -> String {
+        if self.last_used.contains_key(name) {
+            name.to_owned()
+        } else {
+            "other".to_owned()
         }
     }
 

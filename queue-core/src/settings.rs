@@ -533,14 +533,65 @@ impl EncryptionArgs {
     }
 }
 
-/// The NATS URL from OpenFaaS's `faas_nats_address` / `faas_nats_port`, if they are set.
-/// Both binaries use it; the gateway maps nothing else.
-pub fn openfaas_nats_url(lookup: impl Fn(&str) -> Option<String>) -> Option<String> {
-    let addr = lookup("faas_nats_address").filter(|v| !v.trim().is_empty())?;
-    let port = lookup("faas_nats_port")
-        .filter(|v| !v.trim().is_empty())
-        .unwrap_or_else(|| "4222".into());
-    Some(format!("nats://{addr}:{port}"))
+/// An OpenFaaS variable's value, trimmed; `None` when it is not set or empty (the charts render
+/// an unset value as `""`, which OpenFaaS reads as not set).
+pub fn openfaas_value(lookup: impl Fn(&str) -> Option<String>, name: &str) -> Option<String> {
+    lookup(name)
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+}
+
+/// One setting OpenFaaS names twice (the CE worker's name `ce`, the Pro worker's `pro`): the
+/// one set with its name, or an error naming both when both are set to different values.
+pub fn openfaas_either(
+    lookup: impl Fn(&str) -> Option<String>,
+    ce: &'static str,
+    pro: &'static str,
+) -> Result<Option<(&'static str, String)>, String> {
+    match (openfaas_value(&lookup, ce), openfaas_value(&lookup, pro)) {
+        (Some(a), Some(b)) if a != b => Err(format!(
+            "{ce}={a:?} and {pro}={b:?} are the same setting (OpenFaaS CE's and Pro's name) \
+             with different values: set one"
+        )),
+        (Some(a), _) => Ok(Some((ce, a))),
+        (None, Some(b)) => Ok(Some((pro, b))),
+        (None, None) => Ok(None),
+    }
+}
+
+/// A port number as OpenFaaS reads one (1 to 65535), or an error naming the variable.
+pub fn openfaas_port(name: &str, value: &str) -> Result<u16, String> {
+    value
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{name}={value:?} is not a port number (1 to 65535)"))
+}
+
+/// The NATS URL from OpenFaaS's variables, if any is set: the host from `faas_nats_address`
+/// (CE) or `nats_host` (Pro), the port from `faas_nats_port` or `nats_port`; either alone
+/// takes OpenFaaS's default for the other (`nats`, `4222`). Both binaries use it. A port that
+/// is not one, or a CE and a Pro name set to different values, is an error naming them.
+pub fn openfaas_nats_url(
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<Option<String>, String> {
+    let host = openfaas_either(&lookup, "faas_nats_address", "nats_host")?;
+    let port = openfaas_either(&lookup, "faas_nats_port", "nats_port")?;
+    if host.is_none() && port.is_none() {
+        return Ok(None);
+    }
+    let port = match port {
+        Some((name, value)) => openfaas_port(name, &value)?,
+        None => 4222,
+    };
+    let host = host.map_or_else(|| "nats".to_owned(), |(_, host)| host);
+    // An IPv6 address is written in brackets in a URL.
+    let host = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host
+    };
+    Ok(Some(format!("nats://{host}:{port}")))
 }
 
 /// Splits one URL into the part before its credentials, the credentials (`user:password` or
@@ -864,6 +915,58 @@ mod tests {
         args.nats_token_file = Some(empty);
         let e = args.connection().unwrap_err().to_string();
         assert!(e.contains("empty"), "{e}");
+    }
+
+    /// CE and Pro names, each alone or together, a port without an address.
+    #[test]
+    fn openfaas_nats_variables_make_the_url() {
+        let url = |env: &[(&str, &str)]| {
+            let env: std::collections::HashMap<&str, &str> = env.iter().copied().collect();
+            openfaas_nats_url(|k| env.get(k).map(|v| (*v).to_owned()))
+        };
+        for (env, expected) in [
+            (&[][..], None),
+            (
+                &[("faas_nats_address", "nats.openfaas")][..],
+                Some("nats://nats.openfaas:4222"),
+            ),
+            (
+                &[("nats_host", "nats.openfaas")][..],
+                Some("nats://nats.openfaas:4222"),
+            ),
+            (&[("faas_nats_port", "4223")][..], Some("nats://nats:4223")),
+            (&[("nats_port", " 4223 ")][..], Some("nats://nats:4223")),
+            (
+                &[("nats_host", "n"), ("nats_port", "1")][..],
+                Some("nats://n:1"),
+            ),
+            (
+                &[("faas_nats_address", "n"), ("nats_host", "n")][..],
+                Some("nats://n:4222"),
+            ),
+            (
+                &[("faas_nats_address", ""), ("faas_nats_port", "")][..],
+                None,
+            ),
+            (&[("nats_host", "::1")][..], Some("nats://[::1]:4222")),
+        ] {
+            assert_eq!(url(env).unwrap().as_deref(), expected, "{env:?}");
+        }
+        for (env, named) in [
+            (
+                &[("faas_nats_port", "x")][..],
+                &["faas_nats_port", "\"x\""][..],
+            ),
+            (&[("nats_port", "0")][..], &["nats_port"][..]),
+            (&[("nats_port", "70000")][..], &["nats_port"][..]),
+            (
+                &[("faas_nats_address", "a"), ("nats_host", "b")][..],
+                &["faas_nats_address", "nats_host"][..],
+            ),
+        ] {
+            let e = url(env).unwrap_err();
+            assert!(named.iter().all(|n| e.contains(n)), "{env:?}: {e}");
+        }
     }
 
     #[test]

@@ -77,10 +77,13 @@ pub const CANCELLED: &str = "cancelled";
 /// The function's response never supplies one of ours
 /// ([`queue_core::headers::CALLBACK_HEADERS`], `X-Call-State` included): a receiver can trust
 /// every one of them.
+/// `tries`: the attempt the outcome came from (from 1) and the attempts allowed, sent as
+/// `X-Retry` and `X-Retry-Max` as OpenFaaS Pro does (none for a call that never ran).
 pub fn callback_headers(
     meta: &CallMeta,
     outcome: &Outcome,
     dead_letter: Option<&str>,
+    tries: Option<(u32, u32)>,
 ) -> Vec<(String, String)> {
     let mut headers: Vec<(String, String)> = outcome
         .headers
@@ -107,6 +110,10 @@ pub fn callback_headers(
     }
     if let Some(reason) = dead_letter {
         headers.push(("X-Dead-Letter-Reason".into(), reason.to_owned()));
+    }
+    if let Some((attempt, max)) = tries {
+        headers.push(("X-Retry".into(), attempt.to_string()));
+        headers.push(("X-Retry-Max".into(), max.to_string()));
     }
     headers
 }
@@ -211,6 +218,7 @@ impl CallbackSender {
         meta: &CallMeta,
         outcome: &Outcome,
         dead_letter: Option<&str>,
+        tries: Option<(u32, u32)>,
         interrupt: &CancellationToken,
     ) -> Delivery {
         let failed = |reason: String, attempts: u32| Delivery::GaveUp {
@@ -223,7 +231,7 @@ impl CallbackSender {
             return failed("invalid callback URL".into(), 0);
         };
         let plain = PlainTarget::from_url(&url);
-        let headers = callback_headers(meta, outcome, dead_letter);
+        let headers = callback_headers(meta, outcome, dead_letter, tries);
         let mut wait = self.initial_wait;
         let mut attempts = 0;
         loop {
@@ -404,13 +412,14 @@ mod tests {
                 ("x-call-id".into(), "spoofed".into()),
                 ("X-Call-State".into(), "cancelled".into()),
                 ("x-dead-letter-reason".into(), "spoofed".into()),
+                ("x-retry".into(), "99".into()),
                 ("transfer-encoding".into(), "chunked".into()),
             ],
             body: Bytes::new(),
             duration: Duration::from_millis(1250),
             error: None,
         };
-        let h = callback_headers(&meta, &outcome, None);
+        let h = callback_headers(&meta, &outcome, None, Some((2, 5)));
         let get = |n: &str| {
             h.iter()
                 .filter(|(k, _)| k.eq_ignore_ascii_case(n))
@@ -423,6 +432,8 @@ mod tests {
         assert_eq!(get("x-duration-seconds"), ["1.250000"]);
         assert_eq!(get("x-function-name"), ["fn.ns"]);
         assert_eq!(get("x-start-time"), ["42"]);
+        assert_eq!(get("x-retry"), ["2"], "the worker's, not the function's");
+        assert_eq!(get("x-retry-max"), ["5"]);
         assert!(get("transfer-encoding").is_empty());
         assert!(get("x-function-error").is_empty());
         assert!(

@@ -2,19 +2,27 @@
 //! variable, durations in humantime form (`30s`, `5m`). The NATS and stream settings are
 //! shared with `gateway-plugin`, which flattens [`NatsArgs`] and [`StreamArgs`] into its own.
 //!
-//! OpenFaaS's queue-worker variables (`faas_nats_address`, `max_inflight`, ...) are accepted by
-//! [`openfaas_compat_args`], which turns them into flags that come before the real command line.
-//! Precedence: command-line flag > our environment variable > OpenFaaS variable > default.
+//! OpenFaaS's queue-worker variables (`faas_nats_address`, `nats_host`, `max_inflight`, ...) are
+//! read by [`crate::openfaas`], which turns them into flags that come before the real command
+//! line. Precedence: command-line flag > our environment variable > OpenFaaS variable > default.
 
-use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 pub use queue_core::settings::{
     CallbackPolicyArgs, EncryptionArgs, LogArgs, LogFormat, NatsArgs, RecordArgs, StreamArgs,
-    openfaas_nats_url, parse_bytes, parse_duration, redact_url, with_leading_args,
+    parse_bytes, parse_duration, redact_url, with_leading_args,
 };
+
+/// Whether the gateway's function annotations are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Annotations {
+    /// Read them.
+    On,
+    /// Do not.
+    Off,
+}
 
 /// How the worker reaches functions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -106,6 +114,11 @@ pub struct WorkerConfig {
     /// Function statuses that are retried.
     #[arg(long, env = "QUEUE_WORKER_RETRY_CODES", default_value = "408,429,500,502,503,504", value_parser = crate::retry::parse_codes)]
     pub retry_codes: std::vec::Vec<u16>,
+    /// How the wait before a retry is drawn from the exponential delay (OpenFaaS Pro's
+    /// `backoff`): `exponential` (no jitter), `full` (anywhere from 0 to the delay), `equal`
+    /// (from half the delay to the delay).
+    #[arg(long, env = "QUEUE_WORKER_RETRY_BACKOFF", value_enum, default_value_t = crate::retry::Backoff::Equal)]
+    pub retry_backoff: crate::retry::Backoff,
     /// A call older than this (since the gateway accepted it) is not invoked: it is
     /// dead-lettered with reason `expired`.
     #[arg(long, env = "QUEUE_WORKER_CALL_MAX_AGE", default_value = "24h", value_parser = parse_duration)]
@@ -113,6 +126,20 @@ pub struct WorkerConfig {
     /// TOML file with per-function overrides of retries, timeout and max age (see README).
     #[arg(long, env = "QUEUE_WORKER_FUNCTIONS_CONFIG")]
     pub functions_config: Option<PathBuf>,
+    /// Read OpenFaaS Pro's retry annotations (`com.openfaas.retry.attempts`, `.codes`,
+    /// `.min_wait`, `.max_wait`) from the function list of the gateway at `--gateway-url`
+    /// (`GET /system/functions`): `on` or `off`; on whenever OpenFaaS's own variables configure
+    /// the worker, as OpenFaaS Pro's worker always reads them.
+    #[arg(long, env = "QUEUE_WORKER_FUNCTION_ANNOTATIONS", value_enum, default_value_t = Annotations::Off)]
+    pub function_annotations: Annotations,
+    /// How often the function list is read again.
+    #[arg(long, env = "QUEUE_WORKER_ANNOTATIONS_REFRESH", default_value = "30s", value_parser = parse_duration)]
+    pub annotations_refresh: Duration,
+    /// Directory holding `basic-auth-user` and `basic-auth-password` (as OpenFaaS mounts its
+    /// gateway's credentials; OpenFaaS: `basic_auth=true` with `secret_mount_path`): sent as
+    /// basic auth when the function list is read.
+    #[arg(long, env = "QUEUE_WORKER_GATEWAY_CREDENTIALS_DIR")]
+    pub gateway_credentials_dir: Option<PathBuf>,
     /// Encryption at rest (`--encryption-keys-file`): queued calls opened, kept results and
     /// the dedup state's outcomes sealed.
     #[command(flatten)]
@@ -307,6 +334,41 @@ impl WorkerConfig {
         Ok(())
     }
 
+    /// Where the gateway's function annotations are read from, if they are
+    /// (`--function-annotations`), with the gateway's credentials read from
+    /// `--gateway-credentials-dir` (trailing newlines dropped; never logged). A credentials
+    /// file that cannot be read is an error naming it.
+    pub fn function_list(&self) -> Result<Option<crate::annotations::FunctionList>, String> {
+        if self.function_annotations == Annotations::Off {
+            return Ok(None);
+        }
+        let gateway = url::Url::parse(&self.gateway_url)
+            .map_err(|e| format!("--gateway-url {:?}: {e}", redact_url(&self.gateway_url)))?;
+        let credentials = match &self.gateway_credentials_dir {
+            None => None,
+            Some(dir) => {
+                let file = |name: &str| {
+                    let path = dir.join(name);
+                    std::fs::read_to_string(&path)
+                        .map(|text| text.trim_end_matches(['\r', '\n']).to_owned())
+                        .map_err(|e| {
+                            format!(
+                                "--gateway-credentials-dir: cannot read {}: {e}",
+                                path.display()
+                            )
+                        })
+                };
+                Some((file("basic-auth-user")?, file("basic-auth-password")?))
+            }
+        };
+        Ok(Some(crate::annotations::FunctionList {
+            gateway,
+            credentials,
+            default_namespace: self.default_namespace.clone(),
+            timeout: Duration::from_secs(10),
+        }))
+    }
+
     /// The function retry policy.
     pub fn retry_policy(&self) -> crate::retry::RetryPolicy {
         crate::retry::RetryPolicy {
@@ -314,6 +376,7 @@ impl WorkerConfig {
             initial_wait: self.retry_initial_wait,
             max_wait: self.retry_max_wait,
             codes: self.retry_codes.clone(),
+            backoff: self.retry_backoff,
         }
     }
 
@@ -323,191 +386,14 @@ impl WorkerConfig {
     }
 }
 
-/// An OpenFaaS boolean, as Go's `strconv.ParseBool` reads it (`1`, `t`, `true`, `0`, `f`,
-/// `false`, any case); anything else is refused, naming the variable.
-fn openfaas_bool(name: &str, value: &str) -> Result<bool, String> {
-    match value.trim().to_ascii_lowercase().as_str() {
-        "1" | "t" | "true" => Ok(true),
-        "0" | "f" | "false" => Ok(false),
-        other => Err(format!(
-            "{name}={other:?} is not a boolean (OpenFaaS reads 1, t, true, 0, f or false)"
-        )),
-    }
-}
-
-/// OpenFaaS's `faas_function_suffix` holds the namespace (`.openfaas-fn.svc.cluster.local`);
-/// ours comes after `{name}.{namespace}`, so a leading `.{default namespace}` is dropped
-/// rather than doubled.
-fn suffix_without_namespace(suffix: &str, default_namespace: &str) -> String {
-    let namespaced = format!(".{}", default_namespace.to_ascii_lowercase());
-    match suffix.to_ascii_lowercase().strip_prefix(&namespaced) {
-        Some(rest) if rest.is_empty() || rest.starts_with('.') => {
-            suffix[namespaced.len()..].to_owned()
-        }
-        _ => suffix.to_owned(),
-    }
-}
-
-/// Turns OpenFaaS queue-worker / gateway environment variables into flags, for those settings
-/// whose own variable is not set. `lookup` reads the environment (a map in tests). A value
-/// OpenFaaS would not take either (a boolean that is not one) is an error naming the variable,
-/// never ignored.
-pub fn openfaas_compat_args(
-    lookup: impl Fn(&str) -> Option<String>,
-) -> Result<Vec<OsString>, String> {
-    let set = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
-    let mut args: Vec<OsString> = Vec::new();
-    let mut flag = |ours: &str, flag: &str, value: String| {
-        if set(ours).is_none() {
-            args.push(format!("--{flag}={value}").into());
-        }
-    };
-    if let Some(url) = openfaas_nats_url(&lookup) {
-        flag("NATS_URL", "nats-url", url);
-    }
-    // Either one names the gateway; the other takes OpenFaaS's default (`gateway`, `8080`).
-    let (address, port) = (set("faas_gateway_address"), set("faas_gateway_port"));
-    if address.is_some() || port.is_some() {
-        let address = address.unwrap_or_else(|| "gateway".into());
-        let port = port.unwrap_or_else(|| "8080".into());
-        flag(
-            "QUEUE_WORKER_GATEWAY_URL",
-            "gateway-url",
-            format!("http://{address}:{port}"),
-        );
-    }
-    if let Some(suffix) = set("faas_function_suffix") {
-        let namespace =
-            set("QUEUE_WORKER_DEFAULT_NAMESPACE").unwrap_or_else(|| "openfaas-fn".into());
-        flag(
-            "QUEUE_WORKER_FUNCTION_SUFFIX",
-            "function-suffix",
-            suffix_without_namespace(&suffix, &namespace),
-        );
-    }
-    let direct: [(&str, &str, &str); 7] = [
-        ("max_inflight", "QUEUE_WORKER_MAX_INFLIGHT", "max-inflight"),
-        ("ack_wait", "QUEUE_WORKER_ACK_WAIT", "ack-wait"),
-        (
-            "upstream_timeout",
-            "QUEUE_WORKER_UPSTREAM_TIMEOUT",
-            "upstream-timeout",
-        ),
-        (
-            "max_retry_attempts",
-            "QUEUE_WORKER_RETRY_MAX_ATTEMPTS",
-            "retry-max-attempts",
-        ),
-        (
-            "initial_retry_wait",
-            "QUEUE_WORKER_RETRY_INITIAL_WAIT",
-            "retry-initial-wait",
-        ),
-        (
-            "max_retry_wait",
-            "QUEUE_WORKER_RETRY_MAX_WAIT",
-            "retry-max-wait",
-        ),
-        (
-            "retry_http_codes",
-            "QUEUE_WORKER_RETRY_CODES",
-            "retry-codes",
-        ),
-    ];
-    for (theirs, ours, name) in direct {
-        if let Some(v) = set(theirs) {
-            flag(ours, name, v);
-        }
-    }
-    if let Some(v) = set("gateway_invoke") {
-        let mode = if openfaas_bool("gateway_invoke", &v)? {
-            "gateway"
-        } else {
-            "direct"
-        };
-        flag("QUEUE_WORKER_INVOKE_MODE", "invoke-mode", mode.into());
-    }
-    if let Some(v) = set("write_debug")
-        && openfaas_bool("write_debug", &v)?
-    {
-        flag("LOG_LEVEL", "log-level", "debug".into());
-    }
-    Ok(args)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
 
-    fn parse(env: &[(&str, &str)], cli: &[&str]) -> WorkerConfig {
-        let env: HashMap<String, String> = env
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
-        let real = std::iter::once("queue-worker")
-            .chain(cli.iter().copied())
-            .map(OsString::from);
-        WorkerConfig::try_parse_from(with_leading_args(
-            real,
-            openfaas_compat_args(|k| env.get(k).cloned()).unwrap(),
-        ))
-        .unwrap()
-    }
-
-    /// Booleans in every spelling OpenFaaS takes; anything else refused, naming the variable.
-    #[test]
-    fn openfaas_booleans_are_read_as_openfaas_reads_them() {
-        for (value, mode, level) in [
-            ("1", InvokeMode::Gateway, "debug"),
-            ("true", InvokeMode::Gateway, "debug"),
-            ("TRUE", InvokeMode::Gateway, "debug"),
-            ("t", InvokeMode::Gateway, "debug"),
-            ("0", InvokeMode::Direct, "info"),
-            ("false", InvokeMode::Direct, "info"),
-            ("F", InvokeMode::Direct, "info"),
-        ] {
-            let c = parse(&[("gateway_invoke", value), ("write_debug", value)], &[]);
-            assert_eq!(c.invoke_mode, mode, "gateway_invoke={value}");
-            assert_eq!(c.log.log_level, level, "write_debug={value}");
-        }
-        for (name, value) in [("gateway_invoke", "yes"), ("write_debug", "2")] {
-            let env: HashMap<&str, &str> = [(name, value)].into();
-            let err = openfaas_compat_args(|k| env.get(k).map(|v| (*v).to_owned())).unwrap_err();
-            assert!(err.contains(name) && err.contains(value), "{err}");
-        }
-    }
-
-    /// A port without an address, or an address without a port: OpenFaaS's defaults fill in.
-    #[test]
-    fn openfaas_gateway_address_and_port_each_alone() {
-        let c = parse(&[("faas_gateway_port", "8081")], &[]);
-        assert_eq!(c.gateway_url, "http://gateway:8081");
-        let c = parse(&[("faas_gateway_address", "gw.openfaas")], &[]);
-        assert_eq!(c.gateway_url, "http://gw.openfaas:8080");
-    }
-
-    /// OpenFaaS's suffix carries the default namespace; ours must not repeat it.
-    #[test]
-    fn openfaas_function_suffix_is_not_doubled() {
-        for (suffix, namespace, ours) in [
-            (".openfaas-fn.svc.cluster.local", None, ".svc.cluster.local"),
-            (".openfaas-fn", None, ""),
-            (".svc.cluster.local", None, ".svc.cluster.local"),
-            (
-                ".team-a.svc.cluster.local",
-                Some("team-a"),
-                ".svc.cluster.local",
-            ),
-            (".openfaas-fnx.svc", None, ".openfaas-fnx.svc"),
-        ] {
-            let mut env = vec![("faas_function_suffix", suffix)];
-            if let Some(ns) = namespace {
-                env.push(("QUEUE_WORKER_DEFAULT_NAMESPACE", ns));
-            }
-            let c = parse(&env, &[]);
-            assert_eq!(c.function_suffix, ours, "{suffix} with {namespace:?}");
-        }
+    /// The settings from a command line alone (the OpenFaaS variables: `crate::openfaas`).
+    fn parse(cli: &[&str]) -> WorkerConfig {
+        WorkerConfig::try_parse_from(std::iter::once("queue-worker").chain(cli.iter().copied()))
+            .unwrap()
     }
 
     #[test]
@@ -527,7 +413,7 @@ mod tests {
 
     #[test]
     fn defaults_are_sane() {
-        let c = parse(&[], &[]);
+        let c = parse(&[]);
         assert_eq!(c.max_inflight, 50);
         assert_eq!(c.ack_wait, Duration::from_secs(30));
         assert_eq!(c.nats.nats_url, "nats://127.0.0.1:4222");
@@ -537,55 +423,8 @@ mod tests {
     }
 
     #[test]
-    fn openfaas_variables_map_onto_settings() {
-        let c = parse(
-            &[
-                ("faas_nats_address", "nats.openfaas"),
-                ("faas_nats_port", "4223"),
-                ("faas_gateway_address", "gateway.openfaas"),
-                ("max_inflight", "7"),
-                ("ack_wait", "1m"),
-                ("gateway_invoke", "false"),
-                ("faas_function_suffix", ".openfaas-fn.svc.cluster.local"),
-                ("upstream_timeout", "2h"),
-                ("write_debug", "true"),
-                ("max_retry_attempts", "9"),
-                ("retry_http_codes", "429,503"),
-            ],
-            &[],
-        );
-        assert_eq!(c.nats.nats_url, "nats://nats.openfaas:4223");
-        assert_eq!(c.gateway_url, "http://gateway.openfaas:8080");
-        assert_eq!(c.max_inflight, 7);
-        assert_eq!(c.ack_wait, Duration::from_secs(60));
-        assert_eq!(c.invoke_mode, InvokeMode::Direct);
-        // OpenFaaS's suffix carries the namespace, which ours puts before it: not twice.
-        assert_eq!(c.function_suffix, ".svc.cluster.local");
-        assert_eq!(c.upstream_timeout, Duration::from_secs(7200));
-        assert_eq!(c.log.log_level, "debug");
-        assert_eq!(c.retry_max_attempts, 9);
-        assert_eq!(c.retry_codes, vec![429, 503]);
-    }
-
-    #[test]
-    fn our_variables_and_flags_win_over_openfaas_ones() {
-        // Our own variable set: the OpenFaaS one is ignored (clap reads ours from the real
-        // environment, so here we only check that no compat flag is produced).
-        let env: HashMap<&str, &str> =
-            [("max_inflight", "7"), ("QUEUE_WORKER_MAX_INFLIGHT", "9")].into();
-        assert!(
-            openfaas_compat_args(|k| env.get(k).map(|v| (*v).to_owned()))
-                .unwrap()
-                .is_empty()
-        );
-        // A flag on the command line beats the OpenFaaS variable.
-        let c = parse(&[("max_inflight", "7")], &["--max-inflight", "3"]);
-        assert_eq!(c.max_inflight, 3);
-    }
-
-    #[test]
     fn dlq_commands_parse_with_global_nats_flags() {
-        let c = parse(&[], &["dlq", "replay", "--all", "--nats-url", "nats://x:1"]);
+        let c = parse(&["dlq", "replay", "--all", "--nats-url", "nats://x:1"]);
         assert_eq!(c.nats.nats_url, "nats://x:1");
         assert!(matches!(
             c.command,
@@ -594,7 +433,7 @@ mod tests {
             })
         ));
         assert!(WorkerConfig::try_parse_from(["queue-worker", "dlq", "purge"]).is_err());
-        let c = parse(&[], &["dlq", "purge", "--seq", "30", "--call-id", "30,job"]);
+        let c = parse(&["dlq", "purge", "--seq", "30", "--call-id", "30,job"]);
         let Some(WorkerCommand::Dlq {
             action: DlqAction::Purge { select, all: false },
         }) = c.command
@@ -615,7 +454,7 @@ mod tests {
             let args = std::iter::once("queue-worker").chain(bad.iter().copied());
             assert!(WorkerConfig::try_parse_from(args).is_err(), "{bad:?}");
         }
-        assert!(parse(&[], &[]).command.is_none());
+        assert!(parse(&[]).command.is_none());
     }
 
     #[test]
@@ -625,24 +464,21 @@ mod tests {
             .to_string();
         assert!(err.contains("expected e.g. 30s"), "{err}");
         assert!(WorkerConfig::try_parse_from(["queue-worker", "--max-inflight", "0"]).is_err());
-        let c = parse(&[], &["--ack-wait", "100ms"]);
+        let c = parse(&["--ack-wait", "100ms"]);
         assert!(c.validate().unwrap_err().contains("ack-wait"));
     }
 
     #[test]
     fn egress_lists_parse_and_bad_entries_are_clear_errors() {
         use queue_core::egress::Rule;
-        let c = parse(
-            &[],
-            &[
-                "--callback-deny",
-                "127.0.0.0/8,::1,*.internal.example,:25",
-                "--callback-allow",
-                "hooks.example.com",
-                "--function-deny",
-                "10.0.0.0/8",
-            ],
-        );
+        let c = parse(&[
+            "--callback-deny",
+            "127.0.0.0/8,::1,*.internal.example,:25",
+            "--callback-allow",
+            "hooks.example.com",
+            "--function-deny",
+            "10.0.0.0/8",
+        ]);
         assert_eq!(c.callback_policy.callback_deny.concat().len(), 4);
         assert_eq!(
             c.callback_policy.callback_allow.concat(),
@@ -654,17 +490,14 @@ mod tests {
         );
         assert!(c.function_allow.is_empty());
         // Repeated flags add up; empty entries (an empty variable, a trailing comma) are none.
-        let c = parse(
-            &[],
-            &[
-                "--callback-deny",
-                "10.0.0.0/8,",
-                "--callback-deny",
-                "",
-                "--callback-deny",
-                "::1",
-            ],
-        );
+        let c = parse(&[
+            "--callback-deny",
+            "10.0.0.0/8,",
+            "--callback-deny",
+            "",
+            "--callback-deny",
+            "::1",
+        ]);
         assert_eq!(c.callback_policy.callback_deny.concat().len(), 2);
         let err = WorkerConfig::try_parse_from(["queue-worker", "--callback-deny", "10.0.0.0/33"])
             .unwrap_err()

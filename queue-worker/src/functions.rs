@@ -17,10 +17,12 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::annotations::Annotated;
 use crate::config::WorkerConfig;
 use crate::retry::RetryPolicy;
 use queue_core::message::CallMeta;
@@ -100,6 +102,9 @@ pub struct FunctionSettings {
     /// Keyed by the lower-cased `name` (any namespace) or `name.namespace` (the default
     /// namespace written out).
     overrides: HashMap<String, FunctionOverride>,
+    /// From the OpenFaaS gateway's function list ([`crate::annotations`]), keyed by lower-case
+    /// `name.namespace`; under the file's entries, over the defaults.
+    annotated: Annotated,
     default_namespace: String,
 }
 
@@ -118,8 +123,14 @@ impl FunctionSettings {
         Ok(Self {
             defaults,
             overrides,
+            annotated: Annotated::default(),
             default_namespace: config.default_namespace.to_ascii_lowercase(),
         })
+    }
+
+    /// Where the function list's annotations go ([`crate::annotations::follow`] fills it).
+    pub fn annotated(&self) -> Annotated {
+        Arc::clone(&self.annotated)
     }
 
     fn parse_file(path: &Path) -> Result<HashMap<String, FunctionOverride>, FunctionsConfigError> {
@@ -185,20 +196,39 @@ impl FunctionSettings {
         settings
     }
 
-    /// The settings for a call's function: `name.namespace` entry (the default namespace when
-    /// the call names none), else `name` entry, else defaults. Names are compared in lower case.
+    /// The settings for a call's function: `name.namespace` entry of the file (the default
+    /// namespace when the call names none), else its `name` entry, field by field over the
+    /// function's annotations, over the defaults. Names are compared in lower case.
     pub fn for_function(&self, meta: &CallMeta) -> CallSettings {
         let function = meta.function.to_ascii_lowercase();
         let namespace = meta
             .namespace
             .as_deref()
             .map_or_else(|| self.default_namespace.clone(), str::to_ascii_lowercase);
+        let qualified = format!("{function}.{namespace}");
         let found = self
             .overrides
-            .get(&format!("{function}.{namespace}"))
+            .get(&qualified)
             .or_else(|| self.overrides.get(&function));
-        let Some(o) = found else {
-            return self.defaults.clone();
+        let annotated = {
+            let all = self
+                .annotated
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            all.get(&qualified).cloned()
+        };
+        let o = match (found, annotated) {
+            (None, None) => return self.defaults.clone(),
+            (Some(o), None) => o.clone(),
+            (None, Some(a)) => a,
+            (Some(o), Some(a)) => FunctionOverride {
+                max_attempts: o.max_attempts.or(a.max_attempts),
+                retry_codes: o.retry_codes.clone().or(a.retry_codes),
+                initial_wait: o.initial_wait.or(a.initial_wait),
+                max_wait: o.max_wait.or(a.max_wait),
+                timeout: o.timeout.or(a.timeout),
+                max_age: o.max_age.or(a.max_age),
+            },
         };
         let d = &self.defaults;
         CallSettings {
@@ -210,6 +240,7 @@ impl FunctionSettings {
                     .retry_codes
                     .clone()
                     .unwrap_or_else(|| d.retry.codes.clone()),
+                backoff: d.retry.backoff,
             },
             timeout: o.timeout.unwrap_or(d.timeout),
             max_age: o.max_age.unwrap_or(d.max_age),
@@ -304,6 +335,56 @@ mod tests {
                 .retry
                 .max_attempts,
             5
+        );
+    }
+
+    #[test]
+    fn annotations_apply_under_the_file_and_over_the_defaults() {
+        let s = load(
+            r#"
+            [functions."billing"]
+            max_attempts = 7
+            "#,
+        )
+        .unwrap();
+        let annotated = HashMap::from([
+            (
+                "billing.openfaas-fn".to_owned(),
+                FunctionOverride {
+                    max_attempts: Some(2),
+                    retry_codes: Some(vec![429]),
+                    ..FunctionOverride::default()
+                },
+            ),
+            (
+                "report.team-a".to_owned(),
+                FunctionOverride {
+                    max_attempts: Some(3),
+                    initial_wait: Some(Duration::from_secs(1)),
+                    ..FunctionOverride::default()
+                },
+            ),
+        ]);
+        *s.annotated().write().unwrap() = Arc::new(annotated);
+        let billing = s.for_call(&meta("billing", None));
+        assert_eq!(billing.retry.max_attempts, 7, "the file wins");
+        assert_eq!(
+            billing.retry.codes,
+            vec![429],
+            "the annotation fills the rest"
+        );
+        let report = s.for_call(&meta("Report", Some("team-a")));
+        assert_eq!(report.retry.max_attempts, 3);
+        assert_eq!(report.retry.initial_wait, Duration::from_secs(1));
+        assert_eq!(
+            report.timeout,
+            Duration::from_secs(300),
+            "defaults under both"
+        );
+        assert_eq!(
+            s.for_call(&meta("report", None)).retry.max_attempts,
+            5,
+            "another namespace's annotation does not apply"
         );
     }
 

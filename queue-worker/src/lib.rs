@@ -23,8 +23,10 @@
 //! - [`state`]: the dedup state in sled.
 //! - [`dlq`]: dead-letter administration (`queue-worker dlq list|show|replay|purge`).
 //! - [`endpoint`]: `/metrics` and `/healthz`.
-//! - [`config`]: every setting as a flag and an environment variable; OpenFaaS variable mapping.
+//! - [`config`]: every setting as a flag and an environment variable.
+//! - [`openfaas`]: OpenFaaS's queue-worker variables (CE and Pro), each mapped, noted or refused.
 
+pub mod annotations;
 pub mod callback;
 pub mod config;
 pub mod dlq;
@@ -33,6 +35,7 @@ pub mod functions;
 pub mod http1;
 pub mod invoke;
 pub mod lease;
+pub mod openfaas;
 pub mod plan;
 pub mod retry;
 pub mod signing;

@@ -1,5 +1,6 @@
-//! When to retry a function call, and how long to wait: exponential backoff with jitter between
-//! an initial and a maximum wait, `Retry-After` honoured on 429 and 503 (within the maximum).
+//! When to retry a function call, and how long to wait: exponential backoff between an initial
+//! and a maximum wait, with OpenFaaS Pro's three jitter modes ([`Backoff`]: none, full, equal),
+//! `Retry-After` honoured on 429 and 503 (within the maximum).
 //!
 //! Retries are scheduled with a delayed nak, so a waiting call holds no concurrency permit and
 //! any worker may take the next attempt. The attempt number is JetStream's delivery count.
@@ -7,6 +8,20 @@
 use std::time::{Duration, SystemTime};
 
 use queue_core::Outcome;
+
+/// How the wait before a retry is drawn from the exponential delay
+/// `base = min(max_wait, initial_wait * 2^(attempt - 1))`: OpenFaaS Pro's `backoff` modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Backoff {
+    /// No jitter: exactly `base` (OpenFaaS Pro's default). Retries of calls that failed
+    /// together stay together.
+    Exponential,
+    /// Full jitter: anywhere in `[0, base]`. Spreads retries the most; a wait may be short.
+    Full,
+    /// Equal jitter: half fixed, half random, in `[base / 2, base]`. Spread, never below half.
+    #[default]
+    Equal,
+}
 
 /// Retry settings for function calls.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +34,8 @@ pub struct RetryPolicy {
     pub max_wait: Duration,
     /// Function statuses that are retried. Connection errors and timeouts always are.
     pub codes: Vec<u16>,
+    /// How the wait is drawn within the exponential delay.
+    pub backoff: Backoff,
 }
 
 /// What to do after an attempt.
@@ -50,15 +67,21 @@ impl RetryPolicy {
         transport_failure || self.codes.contains(&outcome.status)
     }
 
-    /// The backoff window before attempt `attempt + 1`: `[base / 2, base]` with
-    /// `base = min(max_wait, initial_wait * 2^(attempt - 1))`.
+    /// The window the wait before attempt `attempt + 1` is drawn from, with
+    /// `base = min(max_wait, initial_wait * 2^(attempt - 1))`: `[base, base]` (exponential),
+    /// `[0, base]` (full jitter) or `[base / 2, base]` (equal jitter).
     pub fn backoff_window(&self, attempt: u32) -> (Duration, Duration) {
         let doublings = attempt.saturating_sub(1).min(30);
         let base = self
             .initial_wait
             .saturating_mul(1 << doublings)
             .min(self.max_wait);
-        (base / 2, base)
+        let low = match self.backoff {
+            Backoff::Exponential => base,
+            Backoff::Full => Duration::ZERO,
+            Backoff::Equal => base / 2,
+        };
+        (low, base)
     }
 
     /// Decides after attempt number `attempt` (1-based) produced `outcome`.
@@ -70,7 +93,6 @@ impl RetryPolicy {
             return Decision::Exhausted;
         }
         let (low, high) = self.backoff_window(attempt);
-        // Equal jitter: half fixed, half random, so waits spread without collapsing to zero.
         let jitter = high.saturating_sub(low).mul_f64(fastrand::f64());
         let mut wait = low + jitter;
         if matches!(outcome.status, 429 | 503)
@@ -111,6 +133,7 @@ mod tests {
             initial_wait: Duration::from_secs(1),
             max_wait: Duration::from_secs(10),
             codes: vec![408, 429, 500, 502, 503, 504],
+            backoff: Backoff::Equal,
         }
     }
 
@@ -201,6 +224,74 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(parse_retry_after("soon", now), None);
+    }
+
+    /// Each mode's window, and every drawn wait inside it: exponential is exact, full jitter
+    /// reaches below half the delay, equal jitter never does.
+    #[test]
+    fn each_backoff_mode_draws_from_its_window() {
+        let secs = Duration::from_secs;
+        for (backoff, windows) in [
+            (
+                Backoff::Exponential,
+                [(secs(1), secs(1)), (secs(4), secs(4)), (secs(10), secs(10))],
+            ),
+            (
+                Backoff::Full,
+                [
+                    (Duration::ZERO, secs(1)),
+                    (Duration::ZERO, secs(4)),
+                    (Duration::ZERO, secs(10)),
+                ],
+            ),
+            (
+                Backoff::Equal,
+                [
+                    (Duration::from_millis(500), secs(1)),
+                    (secs(2), secs(4)),
+                    (secs(5), secs(10)),
+                ],
+            ),
+        ] {
+            let p = RetryPolicy {
+                backoff,
+                ..policy()
+            };
+            for (attempt, window) in [1, 3, 30].into_iter().zip(windows) {
+                assert_eq!(p.backoff_window(attempt), window, "{backoff:?} {attempt}");
+            }
+            let waits: Vec<Duration> = (0..400)
+                .map(|_| match p.decide(3, &outcome(502, &[], None)) {
+                    Decision::RetryAfter(w) => w,
+                    other => panic!("{other:?}"),
+                })
+                .collect();
+            assert!(
+                waits
+                    .iter()
+                    .all(|w| *w >= windows[1].0 && *w <= windows[1].1),
+                "{backoff:?}: {waits:?}"
+            );
+            let below_half = waits.iter().filter(|w| **w < secs(2)).count();
+            let distinct: std::collections::HashSet<_> = waits.iter().collect();
+            match backoff {
+                Backoff::Exponential => assert_eq!(distinct.len(), 1, "{waits:?}"),
+                // 400 draws all above half the delay: probability 2^-400.
+                Backoff::Full => assert!(below_half > 0 && distinct.len() > 1),
+                Backoff::Equal => assert!(below_half == 0 && distinct.len() > 1),
+            }
+        }
+        // Retry-After still wins over a shorter drawn wait, in every mode.
+        for backoff in [Backoff::Exponential, Backoff::Full, Backoff::Equal] {
+            let p = RetryPolicy {
+                backoff,
+                ..policy()
+            };
+            match p.decide(1, &outcome(429, &[("Retry-After", "7")], None)) {
+                Decision::RetryAfter(w) => assert_eq!(w, secs(7), "{backoff:?}"),
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -211,6 +211,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WorkerError> {
     config.validate().map_err(WorkerError::Config)?;
+    metrics::set_pro_labels(&config.nats.stream, &config.default_namespace);
     // Checked before connecting: a bad certificate fails at once, whatever NATS does.
     let metrics_tls = metrics_tls(&config)?;
     let options = JetStreamOptions {
@@ -312,6 +313,7 @@ pub async fn run_with_state<Q: CallQueue>(
     config.validate().map_err(WorkerError::Config)?;
     let functions =
         FunctionSettings::load(&config).map_err(|e| WorkerError::Config(e.to_string()))?;
+    let function_list = config.function_list().map_err(WorkerError::Config)?;
     let store = if let Some(store) = store {
         store
     } else {
@@ -370,6 +372,14 @@ pub async fn run_with_state<Q: CallQueue>(
     let sweeper = tokio::spawn(sweep_expired(ctx.store.clone(), stop_pulling.clone()));
     let cancel_listener = tokio::spawn(listen_for_cancels(ctx.clone(), stop_pulling.clone()));
     let paused_follower = tokio::spawn(follow_paused(ctx.clone(), stop_pulling.clone()));
+    let annotations = function_list.map(|list| {
+        tokio::spawn(crate::annotations::follow(
+            list,
+            ctx.config.annotations_refresh,
+            ctx.functions.annotated(),
+            stop_pulling.clone(),
+        ))
+    });
 
     tracing::info!(
         consumer = %ctx.config.consumer,
@@ -402,6 +412,9 @@ pub async fn run_with_state<Q: CallQueue>(
     sweeper.abort();
     cancel_listener.abort();
     paused_follower.abort();
+    if let Some(annotations) = annotations {
+        annotations.abort();
+    }
     beats_stop.cancel();
     let _ = heartbeat.await;
     ctx.queue.flush_before_exit().await;
@@ -548,6 +561,7 @@ async fn handle<Q: CallQueue>(
         ctx: &ctx,
         call,
         record: None,
+        tries: None,
     };
     job.run(lease, delivery, permit).instrument(span).await;
 }
@@ -561,6 +575,9 @@ struct Job<'a, Q: CallQueue> {
     label: String,
     /// The record as this worker last wrote it: the next write starts from it.
     record: Option<OwnedRecord>,
+    /// The attempt running or last run (from 1) and the attempts allowed: the callback's
+    /// `X-Retry` and `X-Retry-Max`.
+    tries: Option<(u32, u32)>,
 }
 
 impl<Q: CallQueue> Job<'_, Q> {
@@ -719,6 +736,7 @@ impl<Q: CallQueue> Job<'_, Q> {
         let ctx = self.ctx;
         let max = settings.retry.max_attempts;
         tracing::debug!(attempt, max, "invoking");
+        self.tries = Some((attempt, max));
         let started = Event::AttemptStarted {
             function: self.function.clone(),
             attempt,
@@ -1083,7 +1101,14 @@ impl<Q: CallQueue> Job<'_, Q> {
         let started = std::time::Instant::now();
         let delivery = ctx
             .callbacks
-            .deliver(url, &self.call.meta, outcome, final_reason, &ctx.hand_back)
+            .deliver(
+                url,
+                &self.call.meta,
+                outcome,
+                final_reason,
+                self.tries,
+                &ctx.hand_back,
+            )
             .await;
         let result = match &delivery {
             Delivery::Delivered { .. } => "delivered",
@@ -1116,6 +1141,8 @@ impl<Q: CallQueue> Job<'_, Q> {
         let end_to_end = metrics::seconds_since(self.call.meta.received_at_unix_nanos);
         ::metrics::counter!(metrics::PROCESSED, "function" => self.label.clone(), "outcome" => outcome)
             .increment(1);
+        ::metrics::counter!(metrics::PRO_PROCESSED, "queue_name" => metrics::pro_queue_name())
+            .increment(1);
         ::metrics::histogram!(metrics::END_TO_END_SECONDS, "function" => self.label.clone())
             .record(end_to_end);
         let event = OutcomeEvent {
@@ -1131,19 +1158,27 @@ impl<Q: CallQueue> Job<'_, Q> {
     }
 }
 
-/// Counts a function invocation as in flight while it lives.
-struct InFlight(String);
+/// Counts a function invocation as in flight while it lives (ours and OpenFaaS Pro's series).
+struct InFlight(::metrics::Gauge, ::metrics::Gauge);
 
 impl InFlight {
     fn start(label: &str) -> Self {
-        ::metrics::gauge!(metrics::IN_FLIGHT, "function" => label.to_owned()).increment(1.0);
-        Self(label.to_owned())
+        let ours = ::metrics::gauge!(metrics::IN_FLIGHT, "function" => label.to_owned());
+        let pro = ::metrics::gauge!(
+            metrics::PRO_INFLIGHT,
+            "queue_name" => metrics::pro_queue_name(),
+            "function_name" => metrics::pro_function_name(label)
+        );
+        ours.increment(1.0);
+        pro.increment(1.0);
+        Self(ours, pro)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        ::metrics::gauge!(metrics::IN_FLIGHT, "function" => self.0.clone()).decrement(1.0);
+        self.0.decrement(1.0);
+        self.1.decrement(1.0);
     }
 }
 

@@ -1,6 +1,6 @@
 //! The queue contract's conformance suite: every case in `cases` is written once and run against
-//! both backends (`jetstream::*` against a private nats-server, `embedded::*` against a sled
-//! directory). A backend passes when it shows the behaviours listed in
+//! both backends (`jetstream::*` against a private nats-server, `jetstream_debian::*` against
+//! Debian's packaged one, `embedded::*` against a sled directory). A backend passes when it shows the behaviours listed in
 //! `queue_worker::backend`: durable publish, attempt counts, ack, delayed nak, in-progress,
 //! terminate, redelivery after the ack wait, dedup by call id, dead letters, the size limit and
 //! pull batches.
@@ -53,13 +53,14 @@ fn sealing(sealed: bool) -> queue_core::sealing::Sealing {
     }
 }
 
-struct JetStreamHarness<const SEALED: bool = false> {
+/// JetStream on the pinned nats-server, or with `DEBIAN` on Debian's packaged one (2.9).
+struct JetStreamHarness<const SEALED: bool = false, const DEBIAN: bool = false> {
     nats: NatsServer,
     queue: Arc<JetStreamQueue>,
     stop: CancellationToken,
 }
 
-impl<const SEALED: bool> JetStreamHarness<SEALED> {
+impl<const SEALED: bool, const DEBIAN: bool> JetStreamHarness<SEALED, DEBIAN> {
     async fn connect(nats: &NatsServer, stop: &CancellationToken) -> Arc<JetStreamQueue> {
         let options = JetStreamOptions {
             nats: nats_args(&nats.url()),
@@ -80,11 +81,15 @@ impl<const SEALED: bool> JetStreamHarness<SEALED> {
     }
 }
 
-impl<const SEALED: bool> Harness for JetStreamHarness<SEALED> {
+impl<const SEALED: bool, const DEBIAN: bool> Harness for JetStreamHarness<SEALED, DEBIAN> {
     type Queue = JetStreamQueue;
 
     async fn start() -> Self {
-        let nats = NatsServer::start().await.unwrap();
+        let nats = if DEBIAN {
+            NatsServer::start_debian().await.unwrap()
+        } else {
+            NatsServer::start().await.unwrap()
+        };
         let stop = CancellationToken::new();
         let queue = Self::connect(&nats, &stop).await;
         Self { nats, queue, stop }
@@ -102,7 +107,7 @@ impl<const SEALED: bool> Harness for JetStreamHarness<SEALED> {
     }
 }
 
-impl<const SEALED: bool> Drop for JetStreamHarness<SEALED> {
+impl<const SEALED: bool, const DEBIAN: bool> Drop for JetStreamHarness<SEALED, DEBIAN> {
     fn drop(&mut self) {
         self.stop.cancel();
     }
@@ -788,6 +793,8 @@ conformance!(jetstream, JetStreamHarness);
 conformance!(embedded, EmbeddedHarness);
 conformance!(jetstream_sealed, JetStreamHarness<true>);
 conformance!(embedded_sealed, EmbeddedHarness<true>);
+// Debian's stable nats-server (2.9.10), the one many hosts already run (README, "NATS servers").
+conformance!(jetstream_debian, JetStreamHarness<false, true>);
 
 /// Tests of the embedded backend alone.
 mod embedded_specific {

@@ -13,7 +13,7 @@ use test_support::stub::StubBehavior;
 async fn the_worker_binary_exports_the_documented_series() {
     let f = Fixture::start(StubBehavior::default()).await;
     let log = f.log("worker.log");
-    let mut worker = spawn_worker_process(&f.worker_args("state", &[]), &log);
+    let mut worker = spawn_worker_process(&f.worker_args("state", &["--max-inflight", "1"]), &log);
     // The worker logs the address it bound (port 0 in tests).
     let end = Instant::now() + DEADLINE;
     let address = loop {
@@ -52,31 +52,63 @@ async fn the_worker_binary_exports_the_documented_series() {
         "faas_async_pending_messages 0",
         "faas_async_oldest_pending_seconds 0",
         "faas_async_dead_letters_kept 0",
+        // OpenFaaS Pro's series, for its dashboards and autoscaling rules.
+        "queue_worker_messages_processed_total{queue_name=\"faas-async\"} 4",
+        "queue_worker_function_invocation_inflight{queue_name=\"faas-async\",function_name=\"metered.openfaas-fn\"} 0",
     ];
-    let end = Instant::now() + DEADLINE;
-    loop {
-        let text = client
+    let scrape = || async {
+        client
             .get(format!("http://{address}/metrics"))
             .send()
             .await
             .unwrap()
             .text()
             .await
-            .unwrap();
-        let missing: Vec<_> = expected
-            .iter()
-            .filter(|line| !text.lines().any(|l| l == **line))
-            .collect();
-        if missing.is_empty() {
-            assert!(
-                ids.iter().all(|id| !text.contains(id.as_str())),
-                "no call ids"
-            );
-            break;
+            .unwrap()
+    };
+    let wait_for = |expected: Vec<String>| async move {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            let text = scrape().await;
+            let missing: Vec<_> = expected
+                .iter()
+                .filter(|line| !text.lines().any(|l| l == line.as_str()))
+                .collect();
+            if missing.is_empty() {
+                return text;
+            }
+            assert!(Instant::now() < end, "missing {missing:?} in\n{text}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        assert!(Instant::now() < end, "missing {missing:?} in\n{text}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let text = wait_for(expected.iter().map(|l| (*l).to_owned()).collect()).await;
+    assert!(
+        ids.iter().all(|id| !text.contains(id.as_str())),
+        "no call ids"
+    );
+
+    // A slow call holds the only slot while two more wait: three pending for the function,
+    // one in flight.
+    f.function.set_behavior(StubBehavior {
+        delay: Duration::from_secs(3),
+        ..StubBehavior::default()
+    });
+    let mut slow = Vec::new();
+    for _ in 0..3 {
+        slow.push(f.publish("metered", b"x").await);
     }
+    wait_for(vec![
+        "queue_worker_pending_messages{queue_name=\"faas-async\",function_name=\"metered.openfaas-fn\"} 3".to_owned(),
+        "queue_worker_function_invocation_inflight{queue_name=\"faas-async\",function_name=\"metered.openfaas-fn\"} 1".to_owned(),
+    ])
+    .await;
+    assert!(f.receiver.wait_for_call_ids(&slow, DEADLINE).await);
+    // Drained: the gauge falls back to 0, it does not keep the last figure.
+    wait_for(vec![
+        "queue_worker_pending_messages{queue_name=\"faas-async\",function_name=\"metered.openfaas-fn\"} 0".to_owned(),
+        "queue_worker_messages_processed_total{queue_name=\"faas-async\"} 7".to_owned(),
+    ])
+    .await;
     signal(&worker, "TERM");
     worker.wait().await.unwrap();
 }
@@ -87,7 +119,7 @@ async fn the_worker_binary_exports_the_documented_series() {
 async fn the_worker_readiness_follows_its_queue() {
     let mut f = Fixture::start(StubBehavior::default()).await;
     let log = f.log("worker.log");
-    let mut worker = spawn_worker_process(&f.worker_args("state", &[]), &log);
+    let mut worker = spawn_worker_process(&f.worker_args("state", &["--max-inflight", "1"]), &log);
     let end = Instant::now() + DEADLINE;
     let address = loop {
         let text = std::fs::read_to_string(&log).unwrap_or_default();

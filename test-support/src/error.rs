@@ -16,6 +16,17 @@ pub enum HarnessError {
         /// The path that was looked up.
         path: PathBuf,
     },
+    /// Debian's packaged `nats-server` is not installed.
+    #[error(
+        "Debian's nats-server not found at {}: install the package (`apt-get install \
+         nats-server`; `./scripts/install-tools.sh` does it), or set DEBIAN_NATS_SERVER_BIN to \
+         the binary",
+        path.display()
+    )]
+    DebianNatsServerMissing {
+        /// The path that was looked up.
+        path: PathBuf,
+    },
     /// An I/O operation failed.
     #[error("{context}: {source}")]
     Io {

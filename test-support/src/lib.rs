@@ -8,7 +8,8 @@
 //!
 //! - [`nats_server`]: [`NatsServer`], a private `nats-server` process with
 //!   JetStream enabled, its own port and its own store directory; it can be
-//!   stopped and restarted on the same port and store.
+//!   stopped and restarted on the same port and store. The pinned server by
+//!   default, Debian's packaged one with [`NatsServer::start_debian`].
 //! - [`nats_cluster`]: [`NatsCluster`], a JetStream cluster of such servers
 //!   with routes between them, each node killable and restartable on its own.
 //! - [`stub`]: [`StubFunction`], an HTTP server standing in for an OpenFaaS
@@ -35,7 +36,7 @@ pub mod tls;
 
 pub use error::{HarnessError, workspace_dir};
 pub use nats_cluster::NatsCluster;
-pub use nats_server::{NatsServer, nats_server_binary};
+pub use nats_server::{NatsServer, debian_nats_server_binary, nats_server_binary};
 pub use tls::TestPki;
 
 /// The Python interpreter of the test tools: `$TOOLS_PYTHON` if set, else

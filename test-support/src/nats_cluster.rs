@@ -84,6 +84,7 @@ impl NatsCluster {
             }
             args.extend(extra.iter().map(|&arg| arg.to_owned()));
             nodes.push(NatsServer::unstarted(
+                crate::nats_server::nats_server_binary()?,
                 args,
                 client[i],
                 Some(monitor[i]),

@@ -33,6 +33,24 @@ pub fn nats_server_binary() -> Result<PathBuf, HarnessError> {
     resolve_binary(std::env::var_os("NATS_SERVER_BIN"))
 }
 
+/// Where Debian's `nats-server` package puts the binary.
+pub const DEBIAN_NATS_SERVER: &str = "/usr/sbin/nats-server";
+
+/// Debian's packaged `nats-server` (stable's is 2.9.10, what many on-premises hosts run):
+/// `$DEBIAN_NATS_SERVER_BIN` if set, else [`DEBIAN_NATS_SERVER`]. Missing, it is an error
+/// saying how to install it: the tests that run against it fail, they never skip.
+pub fn debian_nats_server_binary() -> Result<PathBuf, HarnessError> {
+    let path = match std::env::var_os("DEBIAN_NATS_SERVER_BIN") {
+        Some(path) if !path.is_empty() => PathBuf::from(path),
+        _ => PathBuf::from(DEBIAN_NATS_SERVER),
+    };
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(HarnessError::DebianNatsServerMissing { path })
+    }
+}
+
 fn resolve_binary(from_env: Option<OsString>) -> Result<PathBuf, HarnessError> {
     let path = match from_env {
         Some(path) if !path.is_empty() => PathBuf::from(path),
@@ -117,8 +135,28 @@ impl NatsServer {
         extra: &[&str],
         probe: async_nats::ConnectOptions,
     ) -> Result<Self, HarnessError> {
+        Self::start_binary(nats_server_binary()?, extra, probe).await
+    }
+
+    /// Like [`NatsServer::start`] with Debian's packaged server
+    /// ([`debian_nats_server_binary`]) instead of the pinned one; an error if it is missing.
+    pub async fn start_debian() -> Result<Self, HarnessError> {
+        Self::start_binary(
+            debian_nats_server_binary()?,
+            &[],
+            async_nats::ConnectOptions::new(),
+        )
+        .await
+    }
+
+    /// Like [`NatsServer::start_secured`] with the server binary at `binary`.
+    pub async fn start_binary(
+        binary: PathBuf,
+        extra: &[&str],
+        probe: async_nats::ConnectOptions,
+    ) -> Result<Self, HarnessError> {
         let extra = extra.iter().map(|&arg| arg.to_owned()).collect();
-        let mut server = Self::unstarted(extra, 0, None, Readiness::JetStreamAccount)?;
+        let mut server = Self::unstarted(binary, extra, 0, None, Readiness::JetStreamAccount)?;
         server.probe_options = probe;
         // The port is free when picked but may be grabbed by someone else
         // before the server binds it: pick another one then.
@@ -134,12 +172,12 @@ impl NatsServer {
 
     /// A server with its own temporary directory, not started yet.
     pub(crate) fn unstarted(
+        binary: PathBuf,
         extra_args: Vec<String>,
         port: u16,
         monitor_port: Option<u16>,
         readiness: Readiness,
     ) -> Result<Self, HarnessError> {
-        let binary = nats_server_binary()?;
         let dir = tempfile::Builder::new()
             .prefix("nats-server-")
             .tempdir()
@@ -419,11 +457,18 @@ async fn probe(url: &str, options: async_nats::ConnectOptions) -> Result<(), Str
         .connect(url)
         .await
         .map_err(|e| format!("connect: {e}"))?;
-    async_nats::jetstream::new(client)
-        .query_account()
+    // The raw API request, not the client's `query_account`: the client cannot parse a 2.9
+    // server's account info (it lacks fields added in 2.10), and the harness runs that one too.
+    let answer = client
+        .request("$JS.API.INFO", bytes::Bytes::new())
         .await
         .map_err(|e| format!("JetStream account query: {e}"))?;
-    Ok(())
+    let info: serde_json::Value = serde_json::from_slice(&answer.payload)
+        .map_err(|e| format!("JetStream account query: not JSON: {e}"))?;
+    match info.get("error") {
+        None => Ok(()),
+        Some(error) => Err(format!("JetStream account query: {error}")),
+    }
 }
 
 /// A port that was free on 127.0.0.1 a moment ago.
@@ -452,6 +497,30 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.contains("./scripts/install-tools.sh"), "{msg}");
         assert!(msg.contains("2.15.1"), "{msg}");
+    }
+
+    /// Debian's server is the machine's package: present, it is 2.9 and serves JetStream; the
+    /// error for a missing one says how to install it.
+    #[tokio::test]
+    async fn debians_nats_server_starts_and_a_missing_one_says_how_to_install_it() {
+        let missing = HarnessError::DebianNatsServerMissing {
+            path: "/nonexistent/nats-server".into(),
+        }
+        .to_string();
+        assert!(
+            missing.contains("apt-get install nats-server")
+                && missing.contains("./scripts/install-tools.sh")
+                && missing.contains("DEBIAN_NATS_SERVER_BIN"),
+            "{missing}"
+        );
+        let server = NatsServer::start_debian().await.unwrap();
+        let client = async_nats::connect(server.url()).await.unwrap();
+        let version = client.server_info().version;
+        // Not the pinned server (so another binary really ran), and a 2.x (bookworm: 2.9.10).
+        assert!(
+            version.starts_with("2.") && version != "2.15.1",
+            "{version}"
+        );
     }
 
     #[tokio::test]

@@ -13,7 +13,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let compat = openfaas_compat_args(|k| std::env::var(k).ok());
+    let compat = openfaas_compat_args(|k| std::env::var(k).ok())
+        .map_err(|e| anyhow::anyhow!("OpenFaaS settings: {e}"))?;
     let args = with_leading_args(std::env::args_os(), compat);
     let config = GatewayConfig::parse_from(args);
     queue_core::telemetry::init(&config.log).map_err(anyhow::Error::msg)?;

@@ -219,23 +219,26 @@ impl JetStreamQueue {
     }
 
     async fn ensure_records_bucket(&self, settings: &StreamArgs) -> Result<(), QueueError> {
-        let config = kv::Config {
-            bucket: self.options.records.records_bucket.clone(),
-            description: "async call records and kept results".into(),
-            history: 1,
-            max_age: self.options.records.records_retention,
-            storage: jetstream::stream::StorageType::File,
-            num_replicas: settings.stream_replicas,
-            ..Default::default()
+        let bucket = &self.options.records.records_bucket;
+        let failed = |message: String| QueueError::Stream {
+            name: bucket.clone(),
+            message,
         };
+        // The bucket's stream is created as a plain stream, not with the client's
+        // `create_or_update_key_value`: that one first reads the account's JetStream info,
+        // which the client cannot parse from a 2.9 server (README, "NATS servers").
+        self.js
+            .create_or_update_stream(queue::records_bucket_config(
+                &self.options.records,
+                settings,
+            ))
+            .await
+            .map_err(|e| failed(e.to_string()))?;
         let store = self
             .js
-            .create_or_update_key_value(config)
+            .get_key_value(bucket)
             .await
-            .map_err(|e| QueueError::Stream {
-                name: self.options.records.records_bucket.clone(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| failed(e.to_string()))?;
         // A bucket re-created under the same name is reached through the same handle.
         let _ = self.records.set(Arc::new(store));
         Ok(())
@@ -668,6 +671,8 @@ impl CallQueue for JetStreamQueue {
         if !self.is_connected() {
             return Err("not connected to NATS".into());
         }
+        // A server reached only after start (or after a move within a cluster) is checked here.
+        queue::check_server_version(&self.client.server_info().version)?;
         if self.options.manage_streams.is_some() && !self.streams_ready.load(Ordering::Relaxed) {
             return Err("streams not set up yet".into());
         }

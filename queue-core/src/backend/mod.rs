@@ -93,6 +93,14 @@ pub enum QueueError {
         /// What went wrong.
         message: String,
     },
+    /// The server is older than the oldest this system runs on.
+    #[error("NATS at {url}: {message}")]
+    UnsupportedServer {
+        /// URL used.
+        url: String,
+        /// The server's version and the minimum.
+        message: String,
+    },
 }
 
 /// The version of a stored call record that a writer last saw (a key-value revision in
@@ -605,6 +613,16 @@ pub async fn render_metrics<Q: CallQueue>(
             );
         }
         Err(e) => tracing::debug!(error = %e, "queue stats unavailable for /metrics"),
+    }
+    match queue.function_stats().await {
+        Ok(functions) => {
+            let pending: Vec<(String, u64)> = functions
+                .into_iter()
+                .map(|f| (f.function, f.pending))
+                .collect();
+            crate::metrics::set_pending_per_function(&pending);
+        }
+        Err(e) => tracing::debug!(error = %e, "function stats unavailable for /metrics"),
     }
     handle.render()
 }

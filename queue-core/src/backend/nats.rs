@@ -15,7 +15,8 @@ use std::path::Path;
 use async_nats::ConnectErrorKind;
 
 use crate::settings::{
-    NatsArgs, NatsAuth, NatsConnection, NatsSettingsError, NatsTls, StreamArgs, nats_setting,
+    NatsArgs, NatsAuth, NatsConnection, NatsSettingsError, NatsTls, RecordArgs, StreamArgs,
+    nats_setting,
 };
 
 /// Room kept for NATS headers (message id, dead-letter reasons) when comparing an envelope with
@@ -84,7 +85,15 @@ async fn connect_with(
     // One attempt at every server first: a refusal of the credentials or a certificate that
     // does not verify is a mistake in the settings, reported now rather than retried forever.
     match options.clone().connect(servers.clone()).await {
-        Ok(client) => return Ok(client),
+        Ok(client) => {
+            check_server_version(&client.server_info().version).map_err(|message| {
+                QueueError::UnsupportedServer {
+                    url: url(),
+                    message,
+                }
+            })?;
+            return Ok(client);
+        }
         Err(e) => {
             if let Some((kind, cause)) = fatal_cause(&e, &connection) {
                 return Err(failed(kind, cause));
@@ -103,6 +112,38 @@ async fn connect_with(
         .connect(servers)
         .await
         .map_err(|source| QueueError::Connect { url: url(), source })
+}
+
+/// The oldest nats-server this system runs on, and why: 2.9 brought the consumer-create API
+/// that names the subject filter, and direct gets, which the workers and the call records use.
+/// README, "NATS servers", gives the range the tests run against.
+pub const MINIMUM_SERVER_VERSION: &str = "2.9.0";
+
+/// Whether a server of `version` (`2.10.4`, `2.11.0-beta.1`, `v2.9.10`) is new enough; the
+/// message names the version and the minimum when it is not. A version that does not read as
+/// `major.minor.patch` is let through (a build that reports its own): what it lacks shows up as
+/// a JetStream error naming the request.
+pub fn check_server_version(version: &str) -> Result<(), String> {
+    let number = |part: Option<&str>| -> Option<u64> {
+        let digits: String = part?.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    };
+    let parse = |v: &str| {
+        let mut parts = v.trim().trim_start_matches('v').split('.');
+        Some((
+            number(parts.next())?,
+            number(parts.next())?,
+            number(parts.next()).unwrap_or(0),
+        ))
+    };
+    match (parse(version), parse(MINIMUM_SERVER_VERSION)) {
+        (Some(found), Some(minimum)) if found < minimum => Err(format!(
+            "nats-server {} is too old: the oldest supported is {MINIMUM_SERVER_VERSION} \
+             (upgrade the server; README, \"NATS servers\")",
+            version.trim()
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// The client options: name, timeouts, reconnect events, credentials and TLS.
@@ -124,6 +165,7 @@ async fn options(
                         tracing::info!("connected to NATS");
                         if was_disconnected.swap(false, Ordering::Relaxed) {
                             metrics::counter!(crate::metrics::RECONNECTS).increment(1);
+                            metrics::counter!(crate::metrics::PRO_RECONNECTS).increment(1);
                         }
                     }
                     async_nats::Event::Disconnected => {
@@ -336,6 +378,30 @@ pub fn dead_letter_stream_config(nats: &NatsArgs, settings: &StreamArgs) -> stre
     }
 }
 
+/// The stream behind the records bucket (`KV_<bucket>`), as the client's key-value helper
+/// defines it for a bucket with one value per key: rollups allowed, deletes only through the
+/// bucket, direct gets, discard-new. Every field is what that helper sends, so a bucket it
+/// created before is left as it is.
+pub fn records_bucket_config(records: &RecordArgs, settings: &StreamArgs) -> stream::Config {
+    stream::Config {
+        name: format!("KV_{}", records.records_bucket),
+        description: Some("async call records and kept results".into()),
+        subjects: vec![format!("$KV.{}.>", records.records_bucket)],
+        max_messages_per_subject: 1,
+        max_bytes: 0,
+        max_age: records.records_retention,
+        max_message_size: 0,
+        storage: stream::StorageType::File,
+        allow_rollup: true,
+        deny_delete: true,
+        deny_purge: false,
+        allow_direct: true,
+        num_replicas: settings.stream_replicas.max(1),
+        discard: stream::DiscardPolicy::New,
+        ..Default::default()
+    }
+}
+
 /// Creates or updates both streams. Called by the gateway at start and after NATS comes back.
 pub async fn ensure_streams(
     js: &jetstream::Context,
@@ -440,6 +506,28 @@ mod tests {
 
     fn args(url: &str) -> NatsArgs {
         NatsArgs::for_tests(url)
+    }
+
+    #[test]
+    fn servers_older_than_2_9_are_refused_naming_both_versions() {
+        for ok in [
+            "2.9.0",
+            "2.9.10",
+            "v2.9.10",
+            "2.10.4",
+            "2.11.0-beta.1",
+            "3.0.0",
+            "custom",
+        ] {
+            assert!(check_server_version(ok).is_ok(), "{ok}");
+        }
+        for old in ["2.8.4", "2.2.6", "1.4.1", "v2.8.0-RC.1"] {
+            let e = check_server_version(old).unwrap_err();
+            assert!(
+                e.contains(old.trim_start_matches('v')) && e.contains("2.9.0"),
+                "{e}"
+            );
+        }
     }
 
     #[tokio::test]

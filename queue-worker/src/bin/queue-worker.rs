@@ -8,9 +8,8 @@ use anyhow::Context;
 use clap::Parser;
 use queue_core::backend::jetstream::{JetStreamOptions, JetStreamQueue};
 use queue_core::settings::redact_url;
-use queue_worker::config::{
-    DlqAction, WorkerCommand, WorkerConfig, openfaas_compat_args, with_leading_args,
-};
+use queue_worker::config::{DlqAction, WorkerCommand, WorkerConfig, with_leading_args};
+use queue_worker::openfaas::openfaas_compat_args;
 use tokio_util::sync::CancellationToken;
 
 /// mimalloc instead of the system allocator: allocation was a quarter of the instructions an
@@ -21,10 +20,14 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let compat = openfaas_compat_args(|k| std::env::var(k).ok()).map_err(anyhow::Error::msg)?;
-    let args = with_leading_args(std::env::args_os(), compat);
+    let compat = openfaas_compat_args(|k| std::env::var(k).ok())
+        .map_err(|e| anyhow::anyhow!("OpenFaaS settings: {e}"))?;
+    let args = with_leading_args(std::env::args_os(), compat.args);
     let mut config = WorkerConfig::parse_from(args);
     queue_core::telemetry::init(&config.log).map_err(anyhow::Error::msg)?;
+    for note in &compat.notes {
+        tracing::info!(target: "openfaas", "{note}");
+    }
     match config.command.take() {
         Some(WorkerCommand::Dlq { action }) => return dead_letters(&config, action).await,
         Some(WorkerCommand::SigningPublicKeys { file }) => {
