@@ -396,7 +396,7 @@ pub fn router<Q: CallQueue>(state: Arc<AppState<Q>>) -> Router {
             ));
         }
         if permission == Permission::CancelOrInvoke {
-            // Outside every other layer: what the request addresses, found once.
+            // Outside every layer but CORS: what the request addresses, found once.
             let state = state.clone();
             endpoint = endpoint.route_layer(axum::middleware::from_fn(
                 move |request: Request, next: axum::middleware::Next| {

@@ -2,7 +2,9 @@
 //! nats-server): OpenFaaS basic auth from files laid out as OpenFaaS mounts them (selected by
 //! OpenFaaS's own variables), API tokens from a file, and JWTs minted by PyJWT (an independent
 //! implementation) from keys generated for the run. Hostile tokens are refused, scopes hold per
-//! namespace, ids of other namespaces read as unknown, and no credential reaches the log.
+//! namespace, ids of other namespaces read as unknown, and no credential reaches the log. The
+//! route table test walks every method of every route against every credential case, with the
+//! keys from a file and from a URL.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
 mod common;
