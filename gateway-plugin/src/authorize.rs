@@ -1,8 +1,9 @@
 //! The authorization layer in front of every non-public route ([`authorize`]): who calls
 //! ([`crate::auth::Authenticator`]), which scope the request needs here (the function's
 //! namespace, a call's recorded namespace, admin of some namespace for the admin views, which
-//! then hold only those namespaces: [`crate::tenancy`]; every namespace for `/metrics`), and the
-//! `401`/`403`/`404` answers. Apart from [`crate::auth`] so that the authenticators depend on
+//! then hold only those namespaces: [`crate::tenancy`]; every namespace for `/metrics`; for
+//! `DELETE /async-function/{name}`, a cancel's or an invocation's as the name is a call's id
+//! or not: [`DeleteTarget`]), and the `401`/`403`/`404` answers. Apart from [`crate::auth`] so that the authenticators depend on
 //! nothing of the router (no module cycle: `auth` ← `state` ← `calls` ← here).
 
 use std::sync::Arc;
@@ -16,8 +17,9 @@ use queue_core::message::canonical_function;
 use serde_json::json;
 
 use crate::audit::AuditFacts;
-use crate::auth::{Action, Authenticator, Denied, Needed, Permission};
+use crate::auth::{Action, Authenticator, Denied, Needed, Permission, Principal};
 use crate::error::ApiError;
+use crate::paths::DeleteTarget;
 use crate::state::AppState;
 
 fn unauthorized(auth: &Authenticator, denied: Denied) -> Response {
@@ -96,6 +98,46 @@ fn path_param<'a>(params: &'a axum::extract::RawPathParams, key: &str) -> Option
     params.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
 }
 
+/// `403`: the caller holds `action` in no namespace at all (said before a call's record is
+/// read, so it tells nothing of the call).
+fn missing_call_scope(principal: &Principal, action: Action, facts: &mut AuditFacts) -> Response {
+    let needed = format!("{}:<namespace of the call>", action.as_str());
+    tracing::info!(subject = principal.subject, needed, "authorization refused");
+    facts.denied = Some("missing scope");
+    forbidden(&needed)
+}
+
+/// Whether `principal` may `action` the call of `record`: `None` if so, else the refusal:
+/// `403` without `action` anywhere, the `404` of an unknown call for a call of a namespace it
+/// does not hold `action` in.
+fn call_scope<Q>(
+    state: &AppState<Q>,
+    principal: &Principal,
+    action: Action,
+    record: &queue_core::records::CallRecord,
+    facts: &mut AuditFacts,
+) -> Option<Response> {
+    if !principal.scopes.any(action) {
+        return Some(missing_call_scope(principal, action, facts));
+    }
+    let ns = match namespace_of(&record.function, &state.default_namespace) {
+        Ok(ns) => ns,
+        Err(e) => return Some(e.into_response()),
+    };
+    facts.namespace = Some(ns.clone());
+    let needed = Needed::In(action, ns);
+    if !principal.scopes.grants(&needed) {
+        tracing::info!(subject = principal.subject, needed = %needed, "authorization refused (answered as an unknown call)");
+        facts.denied = Some("call of a namespace not granted (answered as unknown)");
+        return Some(
+            crate::calls::unknown_call()
+                .with_call_id(&record.call_id)
+                .into_response(),
+        );
+    }
+    None
+}
+
 /// The layer in front of every non-public route: lets the request through only if its caller
 /// holds the scope `permission` needs here. What it found (who, which namespace, why it
 /// refused) goes with the answer, in its extensions, for the audit log ([`AuditFacts`]).
@@ -120,6 +162,32 @@ async fn decide<Q: CallQueue>(
     next: Next,
     facts: &mut AuditFacts,
 ) -> Response {
+    // `DELETE /async-function/{name}`: a cancel or an invocation, found before this layer.
+    let target = match permission {
+        Permission::CancelOrInvoke => match request.extensions().get::<DeleteTarget>() {
+            Some(DeleteTarget::Function) if auth.is_public(Permission::Invoke) => {
+                // An invocation, open as on the other async routes.
+                return next.run(request).await;
+            }
+            Some(target) => Some(target.clone()),
+            None => {
+                tracing::error!("DELETE /async-function/{{name}} without its target");
+                return ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal error",
+                )
+                .into_response();
+            }
+        },
+        _ => None,
+    };
+    let cancelled = match &target {
+        Some(DeleteTarget::Call(record)) => Some(record.as_ref()),
+        _ => None,
+    };
+    let invokes = permission == Permission::Invoke
+        || (permission == Permission::CancelOrInvoke && cancelled.is_none());
     let principal = match auth.authenticate(request.headers()).await {
         Ok(p) => p,
         Err(denied) => {
@@ -138,7 +206,7 @@ async fn decide<Q: CallQueue>(
     };
     facts.subject = Some(principal.subject.clone());
     facts.auth_method = Some(principal.method);
-    if permission == Permission::Invoke
+    if invokes
         && principal.method == "basic"
         && let Some(refused) = basic_auth_cross_site(state, &request)
     {
@@ -155,9 +223,16 @@ async fn decide<Q: CallQueue>(
         };
     // Percent-decoded, as axum's `Path` gives them to the handler.
     let decoded = |key: &str| path_param(&params, key).unwrap_or_default().to_owned();
-    let needed = match permission {
-        Permission::Public => None,
-        Permission::Invoke => {
+    let needed = match (permission, cancelled) {
+        (Permission::Public, _) => None,
+        (Permission::CancelOrInvoke, Some(record)) => {
+            // OpenFaaS Pro's cancel: answered as `DELETE /async-calls/{id}`.
+            if let Some(refused) = call_scope(state, &principal, Action::Cancel, record, facts) {
+                return refused;
+            }
+            None
+        }
+        (Permission::Invoke | Permission::CancelOrInvoke, _) => {
             let (addressed, _) = crate::paths::split_path(parts.uri.path());
             match namespace_of(addressed, &state.default_namespace) {
                 Ok(ns) => {
@@ -167,7 +242,7 @@ async fn decide<Q: CallQueue>(
                 Err(e) => return e.into_response(),
             }
         }
-        Permission::AdminFunction => {
+        (Permission::AdminFunction, _) => {
             let name = decoded("name");
             match namespace_of(&name, &state.default_namespace) {
                 Ok(ns) => {
@@ -177,7 +252,7 @@ async fn decide<Q: CallQueue>(
                 Err(e) => return e.into_response(),
             }
         }
-        Permission::Admin => {
+        (Permission::Admin, _) => {
             // Admin of some namespace: the handler shows and changes only those
             // ([`crate::tenancy::AdminView`]).
             if !principal.scopes.any(Action::Admin) {
@@ -190,35 +265,22 @@ async fn decide<Q: CallQueue>(
             }
             None
         }
-        Permission::Metrics => Some(Needed::Everywhere(Action::Admin)),
-        Permission::Read | Permission::Cancel => {
+        (Permission::Metrics, _) => Some(Needed::Everywhere(Action::Admin)),
+        (Permission::Read | Permission::Cancel, _) => {
             let action = match permission {
                 Permission::Cancel => Action::Cancel,
                 _ => Action::Read,
             };
             if !principal.scopes.any(action) {
-                let needed = format!("{}:<namespace of the call>", action.as_str());
-                tracing::info!(subject = principal.subject, needed, "authorization refused");
-                facts.denied = Some("missing scope");
-                return forbidden(&needed);
+                return missing_call_scope(&principal, action, facts);
             }
             let call_id = decoded("call_id");
             let record = match crate::calls::load(state, &call_id).await {
                 Ok(r) => r,
                 Err(e) => return e.with_call_id(&call_id).into_response(),
             };
-            let ns = match namespace_of(&record.function, &state.default_namespace) {
-                Ok(ns) => ns,
-                Err(e) => return e.into_response(),
-            };
-            facts.namespace = Some(ns.clone());
-            let needed = Needed::In(action, ns);
-            if !principal.scopes.grants(&needed) {
-                tracing::info!(subject = principal.subject, needed = %needed, "authorization refused (answered as an unknown call)");
-                facts.denied = Some("call of a namespace not granted (answered as unknown)");
-                return crate::calls::unknown_call()
-                    .with_call_id(&call_id)
-                    .into_response();
+            if let Some(refused) = call_scope(state, &principal, action, &record, facts) {
+                return refused;
             }
             None
         }

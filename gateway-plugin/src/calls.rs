@@ -1,11 +1,14 @@
 //! Where a call is: `GET /async-calls/{call_id}` (its record) and
-//! `GET /async-calls/{call_id}/result` (the function's final response, when it was kept).
+//! `GET /async-calls/{call_id}/result` (the function's final response, when it was kept);
+//! `DELETE /async-calls/{call_id}`, and OpenFaaS Pro's `DELETE /async-function/{call_id}`
+//! ([`resolve_delete`], [`cancel_addressed`]), cancel it.
 //! The `/async-calls/` prefix cannot collide with the `/async-function/{name}/...` routes.
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{RawPathParams, Request, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use queue_core::backend::{CallQueue, apply_event};
 use queue_core::headers;
@@ -15,7 +18,7 @@ use serde_json::json;
 
 use crate::audit::AuditFacts;
 use crate::error::ApiError;
-use crate::paths::PathParam;
+use crate::paths::{DeleteTarget, PathParam};
 use crate::state::AppState;
 
 /// The answer for a call id with no record (and, with authorization, for a call of a namespace
@@ -37,7 +40,7 @@ pub(crate) async fn load<Q: CallQueue>(
     if !valid_call_id(call_id) {
         return Err(ApiError::bad_request(
             "invalid_call_id",
-            "a call id is 1-128 characters of A-Z a-z 0-9 - _",
+            "a call id is 1-128 characters of visible ASCII (! to ~)",
         ));
     }
     match state.queue.record(call_id).await {
@@ -71,8 +74,81 @@ pub async fn cancel<Q: CallQueue>(
     PathParam(call_id): PathParam,
 ) -> Response {
     let mut namespace = None;
-    let response = match cancel_call(&state, &call_id, &mut namespace).await {
+    let response = match cancel_call(&state, &call_id, None, &mut namespace).await {
         Ok(record) => axum::Json(record.for_api()).into_response(),
+        Err(e) => e.with_call_id(&call_id).into_response(),
+    };
+    with_namespace(response, namespace)
+}
+
+/// What `DELETE /async-function/{name}` addresses: the call whose id is `name` when it has a
+/// record, else the function `name`. A name that cannot be a call id is a function without a
+/// read; `503` when records cannot be read (an invocation could not be queued either).
+pub(crate) async fn delete_target<Q: CallQueue>(
+    state: &AppState<Q>,
+    name: &str,
+) -> Result<DeleteTarget, ApiError> {
+    if !valid_call_id(name) {
+        return Ok(DeleteTarget::Function);
+    }
+    match state.queue.record(name).await {
+        Ok(Some(record)) => Ok(DeleteTarget::Call(Box::new(record))),
+        Ok(None) => Ok(DeleteTarget::Function),
+        Err(e) => {
+            tracing::warn!(error = %e, "reading a call record failed");
+            Err(ApiError::unavailable(
+                "call records are unavailable now",
+                state.retry_after,
+            ))
+        }
+    }
+}
+
+/// The outermost layer of `DELETE /async-function/{name}` (after CORS): reads the record of
+/// `{name}` (percent-decoded, as `/async-calls/{call_id}` takes an id) once, and leaves what
+/// the request addresses ([`DeleteTarget`]) in its extensions for the audit, authorization and
+/// quotas layers and the handler. No other method of the async routes comes here.
+pub async fn resolve_delete<Q: CallQueue>(
+    state: Arc<AppState<Q>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let (mut parts, body) = request.into_parts();
+    let name = match axum::RequestPartsExt::extract::<RawPathParams>(&mut parts).await {
+        Ok(params) => (params.iter())
+            .find(|(key, _)| *key == "name")
+            .map(|(_, value)| value.to_owned())
+            .unwrap_or_default(),
+        Err(e) => {
+            return crate::paths::refused_parameter(e.status(), &e.body_text()).into_response();
+        }
+    };
+    match delete_target(&state, &name).await {
+        Ok(target) => {
+            parts.extensions.insert(target);
+            next.run(Request::from_parts(parts, body)).await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `DELETE /async-function/{call_id}` of a call with a record (OpenFaaS Pro's cancel): the
+/// cancel of `DELETE /async-calls/{call_id}`, answered `202` as OpenFaaS Pro does, with the
+/// record and `X-Call-Id`; `409` `already_finished` once final.
+pub(crate) async fn cancel_addressed<Q: CallQueue>(
+    state: &AppState<Q>,
+    record: CallRecord,
+) -> Response {
+    let call_id = record.call_id.clone();
+    let mut namespace = None;
+    let response = match cancel_call(state, &call_id, Some(record), &mut namespace).await {
+        Ok(record) => {
+            let mut response = (StatusCode::ACCEPTED, axum::Json(record.for_api())).into_response();
+            if let Ok(id) = HeaderValue::from_str(&call_id) {
+                response.headers_mut().insert("x-call-id", id);
+            }
+            response
+        }
         Err(e) => e.with_call_id(&call_id).into_response(),
     };
     with_namespace(response, namespace)
@@ -97,12 +173,17 @@ fn with_namespace(mut response: Response, namespace: Option<String>) -> Response
     response
 }
 
+/// Cancels `call_id`, whose record is `known` when the caller read it already.
 async fn cancel_call<Q: CallQueue>(
     state: &AppState<Q>,
     call_id: &str,
+    known: Option<CallRecord>,
     namespace: &mut Option<String>,
 ) -> Result<CallRecord, ApiError> {
-    let record = load(state, call_id).await?;
+    let record = match known {
+        Some(record) => record,
+        None => load(state, call_id).await?,
+    };
     *namespace = namespace_of(state, &record);
     let finished = |record: &CallRecord| {
         ApiError::new(

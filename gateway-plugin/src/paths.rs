@@ -1,6 +1,7 @@
 //! The async route's path: `/async-function/{name}{rest}`, split where the router and the
-//! authorization layer both need it; and [`PathParam`], the one path parameter of the other
-//! routes, refused as JSON like every other error.
+//! authorization layer both need it; what a `DELETE /async-function/{name}` addresses
+//! ([`DeleteTarget`]); and [`PathParam`], the one path parameter of the other routes, refused
+//! as JSON like every other error.
 
 use axum::extract::{FromRequestParts, Path};
 use axum::http::StatusCode;
@@ -17,6 +18,26 @@ pub fn split_path(raw: &str) -> (&str, &str) {
     match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, ""),
+    }
+}
+
+/// What `DELETE /async-function/{name}` (no path after the name) addresses, found once, before
+/// any other layer of that route, by [`crate::calls::resolve_delete`]: a call whose id is
+/// `{name}` (it has a record: OpenFaaS Pro's cancel), or else the function `{name}` (an
+/// invocation with method `DELETE`). The authorization layer, the quotas layer, the audit layer
+/// and the handler all read it from the request's extensions.
+#[derive(Debug, Clone)]
+pub enum DeleteTarget {
+    /// The call of this record: a cancel.
+    Call(Box<queue_core::records::CallRecord>),
+    /// The function: an invocation.
+    Function,
+}
+
+impl DeleteTarget {
+    /// Whether it is a cancel.
+    pub fn is_call(&self) -> bool {
+        matches!(self, Self::Call(_))
     }
 }
 

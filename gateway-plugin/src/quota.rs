@@ -652,6 +652,12 @@ pub async fn layer(
     request: Request,
     next: Next,
 ) -> Response {
+    // OpenFaaS Pro's cancel (`DELETE /async-function/{call_id}`) queues nothing.
+    if (request.extensions().get::<crate::paths::DeleteTarget>())
+        .is_some_and(crate::paths::DeleteTarget::is_call)
+    {
+        return next.run(request).await;
+    }
     let (addressed, _) = crate::paths::split_path(request.uri().path());
     let Ok((_, namespace)) = canonical_function(addressed, &default_namespace) else {
         // The handler refuses it (400).

@@ -3,7 +3,10 @@
 //! front of every route that is not public.
 //!
 //! - `POST|PUT|PATCH|DELETE|GET /async-function/{name}[.{namespace}][/{path...}][?query]`
-//!   → `202 Accepted` once the queue stored the call.
+//!   → `202 Accepted` once the queue stored the call. `DELETE /async-function/{name}` with
+//!   nothing after the name is OpenFaaS Pro's cancel when `{name}` is the id of a call with a
+//!   record ([`crate::paths::DeleteTarget`]); `/async-function/{name}/` invokes with `DELETE`
+//!   whatever the name.
 //! - `GET /async-calls/{call_id}[/result]`, `DELETE /async-calls/{call_id}`: where a call is, its
 //!   kept result, cancel ([`crate::calls`]).
 //! - `/system/async/...`: the queue admin API ([`crate::admin`]).
@@ -37,7 +40,7 @@ use crate::auth::Permission;
 use crate::error::ApiError;
 use crate::state::AppState;
 
-use crate::paths::split_path;
+use crate::paths::{DeleteTarget, split_path};
 
 /// Writes the record of a call about to be queued; returns its revision and whether this
 /// request created it. A record already there is the same call retried (still queued, same
@@ -102,6 +105,9 @@ pub use crate::verb::Verb;
 
 /// The methods of an async call.
 const CALL_METHODS: &[Verb] = &[Verb::Post, Verb::Put, Verb::Patch, Verb::Delete, Verb::Get];
+/// The methods of an async call to `/async-function/{name}` but `DELETE`, which is a cancel
+/// there when the name is a call's id ([`delete_function`]).
+const CALL_METHODS_BUT_DELETE: &[Verb] = &[Verb::Post, Verb::Put, Verb::Patch, Verb::Get];
 /// The CORS preflight: public (browsers send no credentials with it), answered from the CORS
 /// settings alone ([`crate::cors`]).
 const PREFLIGHT: &[Verb] = &[Verb::Options];
@@ -174,8 +180,19 @@ impl<Q> std::fmt::Debug for Route<Q> {
 pub fn routes<Q: CallQueue>() -> Vec<Route<Q>> {
     use Permission::*;
     vec![
-        Route::new(CALL_METHODS, "/async-function/{name}", Invoke, enqueue::<Q>)
-            .with_method_fallback(),
+        Route::new(
+            CALL_METHODS_BUT_DELETE,
+            "/async-function/{name}",
+            Invoke,
+            enqueue::<Q>,
+        )
+        .with_method_fallback(),
+        Route::new(
+            &[Verb::Delete],
+            "/async-function/{name}",
+            CancelOrInvoke,
+            delete_function::<Q>,
+        ),
         Route::new(
             CALL_METHODS,
             "/async-function/{name}/",
@@ -358,7 +375,7 @@ pub fn router<Q: CallQueue>(state: Arc<AppState<Q>>) -> Router {
             // The CSRF guard of every state-changing admin route.
             endpoint = endpoint.layer(axum::middleware::from_fn(crate::admin::refuse_cross_site));
         }
-        if permission == Permission::Invoke
+        if matches!(permission, Permission::Invoke | Permission::CancelOrInvoke)
             && let Some(quotas) = state.quotas.clone()
         {
             // Inside the authorization layer: the subject is known, refused calls spend nothing.
@@ -395,9 +412,18 @@ pub fn router<Q: CallQueue>(state: Arc<AppState<Q>>) -> Router {
                 },
             ));
         }
+        if permission == Permission::CancelOrInvoke {
+            // Outside every layer but CORS: what the request addresses, found once.
+            let state = state.clone();
+            endpoint = endpoint.route_layer(axum::middleware::from_fn(
+                move |request: Request, next: axum::middleware::Next| {
+                    crate::calls::resolve_delete(state.clone(), request, next)
+                },
+            ));
+        }
         // Outermost: every answer of these routes (refusals too) gets its CORS headers.
         let cors_kind = match permission {
-            Permission::Invoke => Some(crate::cors::Kind::Function),
+            Permission::Invoke | Permission::CancelOrInvoke => Some(crate::cors::Kind::Function),
             Permission::Read | Permission::Cancel => Some(crate::cors::Kind::Calls),
             _ => None,
         };
@@ -699,6 +725,29 @@ fn captured_headers(
         out.push(("x-forwarded-for".to_owned(), chain));
     }
     Ok(out)
+}
+
+/// `DELETE /async-function/{name}`: the cancel of the call whose id is `{name}` when it has a
+/// record (OpenFaaS Pro's cancel, [`crate::calls::cancel_addressed`]), else an invocation of
+/// the function `{name}` with method `DELETE`. What it addresses was found by
+/// [`crate::calls::resolve_delete`], and authorized as such.
+async fn delete_function<Q: CallQueue>(
+    State(state): State<Arc<AppState<Q>>>,
+    mut request: Request,
+) -> Response {
+    match request.extensions_mut().remove::<DeleteTarget>() {
+        Some(DeleteTarget::Call(record)) => crate::calls::cancel_addressed(&state, *record).await,
+        Some(DeleteTarget::Function) => enqueue(State(state), request).await,
+        None => {
+            tracing::error!("DELETE /async-function/{{name}} without its target");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error",
+            )
+            .into_response()
+        }
+    }
 }
 
 async fn enqueue<Q: CallQueue>(
@@ -1115,6 +1164,39 @@ mod tests {
             for m in route.methods {
                 assert!(seen.insert((m.as_str(), route.path)), "{route:?} twice");
             }
+        }
+    }
+
+    /// OpenFaaS Pro's cancel is `DELETE /async-function/{name}` alone, the one route that
+    /// reads a record before it knows what it does; every other method and every path with
+    /// something after the name (a trailing slash too) is an invocation, as every call method
+    /// is on each async path.
+    #[test]
+    fn only_a_delete_without_a_path_may_be_a_cancel() {
+        use queue_core::backend::jetstream::JetStreamQueue;
+        let table = routes::<JetStreamQueue>();
+        for route in &table {
+            let pro = route.permission == Permission::CancelOrInvoke;
+            assert_eq!(
+                pro,
+                route.path == "/async-function/{name}" && route.methods == [Verb::Delete],
+                "{route:?}"
+            );
+            if route.path.starts_with("/async-function/") && route.methods != PREFLIGHT && !pro {
+                assert_eq!(route.permission, Permission::Invoke, "{route:?}");
+            }
+        }
+        for path in [
+            "/async-function/{name}",
+            "/async-function/{name}/",
+            "/async-function/{name}/{*path}",
+        ] {
+            let mut methods: Vec<&str> = (table.iter())
+                .filter(|r| r.path == path && r.methods != PREFLIGHT)
+                .flat_map(|r| r.methods.iter().map(|m| m.as_str()))
+                .collect();
+            methods.sort_unstable();
+            assert_eq!(methods, ["DELETE", "GET", "PATCH", "POST", "PUT"], "{path}");
         }
     }
 

@@ -155,7 +155,7 @@ async fn every_route_form_and_method_is_accepted_invoked_and_called_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn client_call_ids_are_reused_when_valid_and_replaced_when_not() {
+async fn client_call_ids_are_kept_when_valid_and_refused_when_not() {
     let nats = NatsServer::start().await.unwrap();
     let gateway = Gateway::start(&nats.url(), &[]).await;
     let client = http();
@@ -172,11 +172,14 @@ async fn client_call_ids_are_reused_when_valid_and_replaced_when_not() {
     let r = post("job-42_a").await.unwrap();
     assert_eq!(r.status(), 202);
     assert_eq!(common::queued(&nats.url()).await, 1);
-    let r = post("not a valid id/..").await.unwrap();
-    assert_eq!(r.status(), 202);
-    let id = r.headers()["x-call-id"].to_str().unwrap();
-    assert_ne!(id, "not a valid id/..");
-    assert_eq!(uuid::Uuid::parse_str(id).unwrap().get_version_num(), 7);
+    // Never replaced behind the client's back: refused, saying why, and nothing queued.
+    common::assert_json_error(
+        post("not a valid id/..").await.unwrap(),
+        400,
+        "invalid_call_id",
+    )
+    .await;
+    assert_eq!(common::queued(&nats.url()).await, 1);
     gateway.shutdown().await;
 }
 

@@ -441,9 +441,42 @@ async fn without_an_authenticator_lines_name_the_namespace() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
+    // OpenFaaS Pro's cancel of the other call, team-a's rate spent: a cancel queues nothing and
+    // is not held to the quotas; a DELETE invocation of the function is an invocation, and is.
+    let r = client
+        .delete(url(&format!("/async-function/{}", calls[0])))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let r = client
+        .delete(url("/async-function/fn.team-a"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
 
     let all = lines(&audit);
-    assert_eq!(all.len(), 4, "{all:#?}");
+    assert_eq!(all.len(), 6, "{all:#?}");
+    let limited_delete: Vec<&Value> = (all.iter())
+        .filter(|l| l["action"] == "invoke" && l["status"] == 429 && l["method"] == "DELETE")
+        .collect();
+    assert_eq!(limited_delete.len(), 1, "{all:#?}");
+    assert_eq!(limited_delete[0]["resource"], "fn.team-a");
+    let pro = line(&all, "call.cancel", 202);
+    assert_eq!(
+        (&pro["namespace"], &pro["resource"], &pro["route"]),
+        (
+            &Value::from("team-a"),
+            &Value::from(calls[0].as_str()),
+            &Value::from("/async-function/{name}")
+        ),
+        "{pro}"
+    );
+    let all: Vec<Value> = all
+        .into_iter()
+        .filter(|l| l["method"] != "DELETE" || l["route"] != "/async-function/{name}")
+        .collect();
     let limited = line(&all, "invoke", 429);
     assert_eq!(
         (
@@ -472,5 +505,97 @@ async fn without_an_authenticator_lines_name_the_namespace() {
     }
     let unknown = line(&all, "call.cancel", 404);
     assert!(unknown["namespace"].is_null(), "{unknown}");
+    gateway.shutdown().await;
+}
+
+/// OpenFaaS Pro's cancel, `DELETE /async-function/{call_id}`, is audited as the cancel it is
+/// (`call.cancel`, the call's id and namespace, whether it passed or was refused), and a
+/// `DELETE` invocation of a function as every other invocation (its refusals only).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openfaas_pro_cancel_is_audited_as_a_cancel() {
+    let nats = NatsServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (team_a, team_b) = (token(), token());
+    std::fs::write(
+        dir.path().join("tokens"),
+        format!(
+            "team-a-bot {} invoke:team-a cancel:team-a\nteam-b-bot {} invoke:team-b cancel:team-b\n",
+            sha256_hex(&team_a),
+            sha256_hex(&team_b)
+        ),
+    )
+    .unwrap();
+    let audit = dir.path().join("audit.log");
+    let gateway = Gateway::start(
+        &nats.url(),
+        &[
+            "--auth-tokens-file",
+            dir.path().join("tokens").to_str().unwrap(),
+            "--audit-log",
+            audit.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let client = http();
+    let url = |path: &str| format!("{}{path}", gateway.url);
+    let delete = |path: String, token: &str| {
+        client
+            .delete(url(&path))
+            .bearer_auth(token)
+            .header("x-request-id", "pro-cancel")
+            .send()
+    };
+    let mut calls = Vec::new();
+    for _ in 0..2 {
+        let r = (client.post(url("/async-function/fn.team-a")))
+            .bearer_auth(&team_a)
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        calls.push(r.headers()["x-call-id"].to_str().unwrap().to_owned());
+    }
+    let r = delete(format!("/async-function/{}", calls[0]), &team_a)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let r = delete(format!("/async-function/{}", calls[1]), &team_b)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "another namespace's call is unknown");
+    let r = delete("/async-function/fn.team-a".into(), &team_a)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "an invocation");
+    assert!(r.headers()["x-call-id"] != calls[0].as_str());
+    let r = delete("/async-function/fn.team-a".into(), &team_b)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+
+    let all = lines(&audit);
+    assert_eq!(
+        all.len(),
+        3,
+        "the accepted invocation is not audited: {all:#?}"
+    );
+    for (status, outcome, subject, call) in [
+        (202, "ok", "team-a-bot", &calls[0]),
+        (404, "denied", "team-b-bot", &calls[1]),
+    ] {
+        let l = line(&all, "call.cancel", status);
+        assert_eq!(l["outcome"], outcome, "{l}");
+        assert_eq!(l["subject"], subject, "{l}");
+        assert_eq!(l["resource"], call.as_str(), "{l}");
+        assert_eq!(l["namespace"], "team-a", "{l}");
+        assert_eq!(l["route"], "/async-function/{name}", "{l}");
+        assert_eq!(l["method"], "DELETE", "{l}");
+        assert_eq!(l["request_id"], "pro-cancel", "{l}");
+    }
+    let refused = line(&all, "invoke", 403);
+    assert_eq!(refused["resource"], "fn.team-a");
+    assert_eq!(refused["subject"], "team-b-bot");
+    assert_eq!(refused["reason"], "missing scope");
     gateway.shutdown().await;
 }

@@ -2,7 +2,9 @@
 //! nats-server): OpenFaaS basic auth from files laid out as OpenFaaS mounts them (selected by
 //! OpenFaaS's own variables), API tokens from a file, and JWTs minted by PyJWT (an independent
 //! implementation) from keys generated for the run. Hostile tokens are refused, scopes hold per
-//! namespace, ids of other namespaces read as unknown, and no credential reaches the log.
+//! namespace, ids of other namespaces read as unknown, and no credential reaches the log. The
+//! route table test walks every method of every route against every credential case, with the
+//! keys from a file and from a URL.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
 mod common;
@@ -1109,4 +1111,717 @@ async fn the_policy_file_is_reread_on_change_and_on_sighup() {
     let logs = gateway.stop().await;
     let signature = jwt["group_member"].rsplit('.').next().unwrap();
     assert!(!logs.contains(signature), "a token leaked into the log");
+}
+
+/// What a request of the route table must be answered.
+#[derive(Clone)]
+enum Want {
+    /// `401` `unauthorized`, with the Bearer and the Basic challenges.
+    Unauthorized,
+    /// `403` `forbidden`, naming the missing scope.
+    Forbidden(String),
+    /// A JSON error: its status and code.
+    Error(u16, &'static str),
+    /// A handler's answer: its status, and what it must show (said, then checked).
+    Answer(u16, &'static str, Check),
+}
+
+type Check = std::sync::Arc<dyn Fn(&Answer) -> bool + Send + Sync>;
+
+fn answer(
+    status: u16,
+    shows: &'static str,
+    check: impl Fn(&Answer) -> bool + Send + Sync + 'static,
+) -> Want {
+    Want::Answer(status, shows, std::sync::Arc::new(check))
+}
+
+/// What the gateway answered.
+struct Answer {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    body: bytes::Bytes,
+}
+
+impl Answer {
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+    }
+}
+
+/// Where a credential case stands: refused by authentication, or an authenticated caller
+/// short of the scope, of another namespace, or with what the route needs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Standing {
+    Refused,
+    NoScope,
+    OtherNamespace,
+    Valid,
+}
+
+/// The credential cases of issue 11's table (the unknown key twice: a `kid` nobody published,
+/// and a stranger's key under a published `kid`).
+const CASES: [(&str, Standing); 12] = [
+    ("no credentials", Standing::Refused),
+    ("wrong password", Standing::Refused),
+    ("unknown token", Standing::Refused),
+    ("expired JWT", Standing::Refused),
+    ("JWT for another audience", Standing::Refused),
+    (
+        "JWT signed by an unknown key (unknown kid)",
+        Standing::Refused,
+    ),
+    (
+        "JWT signed by an unknown key (known kid)",
+        Standing::Refused,
+    ),
+    ("alg: none", Standing::Refused),
+    ("HS256 signed with the public key", Standing::Refused),
+    ("valid token without the scope", Standing::NoScope),
+    (
+        "valid token for another namespace",
+        Standing::OtherNamespace,
+    ),
+    ("valid token", Standing::Valid),
+];
+
+/// The ids the table's requests name: calls of team-a made by the test, dead letters of
+/// team-a and team-b stored by it.
+struct TableIds {
+    /// Read (record, result): never cancelled.
+    read_call: String,
+    /// Cancelled by `DELETE /async-calls/{id}`.
+    cancel_call: String,
+    /// Cancelled by `DELETE /async-function/{id}` (OpenFaaS Pro's cancel).
+    pro_cancel_call: String,
+    /// The sequence of dead letter `dl-show` (team-a), shown and listed, never changed.
+    show_sequence: u64,
+}
+
+/// One request of the table: a route of the table with its parameters filled in, and what
+/// it must be answered by a caller with what the route needs (`valid`) and, on the admin
+/// views, by an admin of another namespace (`other`).
+struct Target {
+    method: &'static str,
+    route: &'static str,
+    permission: Permission,
+    /// The permission the request is decided by: the route's, but for
+    /// `DELETE /async-function/{name}`, a cancel's or an invocation's.
+    acts_as: Permission,
+    path: String,
+    json_body: Option<serde_json::Value>,
+    /// For a CORS preflight: the method it asks for.
+    preflight: Option<&'static str>,
+    valid: Want,
+    other: Option<Want>,
+}
+
+const TABLE_ORIGIN: &str = "https://ui.team-a.example.test";
+
+fn is_array_of_ids(value: &serde_json::Value, ids: &[&str]) -> bool {
+    value.as_array().is_some_and(|list| {
+        let mut got: Vec<&str> = list.iter().filter_map(|e| e["call_id"].as_str()).collect();
+        got.sort_unstable();
+        got == ids
+    })
+}
+
+/// The table's requests for `method` on `route`: one, or for `DELETE /async-function/{name}`
+/// two: the name of a function (an invocation) and the id of a call (OpenFaaS Pro's cancel).
+fn targets(
+    route: &gateway_plugin::routes::Route<JetStreamQueue>,
+    method: &'static str,
+    ids: &TableIds,
+) -> Vec<Target> {
+    let mut function = target(route, method, ids);
+    if route.permission != Permission::CancelOrInvoke {
+        return vec![function];
+    }
+    function.acts_as = Permission::Invoke;
+    let id = ids.pro_cancel_call.clone();
+    let call = Target {
+        path: format!("/async-function/{id}"),
+        acts_as: Permission::Cancel,
+        valid: answer(202, "the cancelled record and its X-Call-Id", move |a| {
+            let r = a.json();
+            r["call_id"] == id.as_str() && r["state"] == "cancelled" && a.header("x-call-id") == id
+        }),
+        ..target(route, method, ids)
+    };
+    vec![function, call]
+}
+
+/// The table's request for `method` on `route`, with what it must be answered. A route this
+/// does not know fails the test: a new route gets its row here.
+fn target(
+    route: &gateway_plugin::routes::Route<JetStreamQueue>,
+    method: &'static str,
+    ids: &TableIds,
+) -> Target {
+    let mut path = route
+        .path
+        .replace("{name}", "fn.team-a")
+        .replace("{*path}", "deeper/path")
+        .replace("{sequence}", &ids.show_sequence.to_string());
+    let call = match (method, route.path) {
+        (_, "/system/async/dead-letters/call/{call_id}") => "dl-show",
+        ("DELETE", _) => ids.cancel_call.as_str(),
+        _ => ids.read_call.as_str(),
+    };
+    path = path.replace("{call_id}", call);
+    let read_call = ids.read_call.clone();
+    let mut json_body = None;
+    let mut other = None;
+    let preflight =
+        (method == "OPTIONS").then_some(match route.path.starts_with("/async-calls/") {
+            true => "GET",
+            false => "POST",
+        });
+    let valid = match (method, route.path) {
+        ("OPTIONS", _) => answer(204, "the CORS preflight's headers", |a| {
+            a.header("access-control-allow-origin") == TABLE_ORIGIN
+        }),
+        (_, p) if p.starts_with("/async-function/") => answer(202, "an X-Call-Id, no body", |a| {
+            !a.header("x-call-id").is_empty() && a.body.is_empty()
+        }),
+        ("GET", "/async-calls/{call_id}") => answer(200, "the queued call's record", move |a| {
+            let r = a.json();
+            r["call_id"] == read_call.as_str() && r["state"] == "queued"
+        }),
+        ("DELETE", "/async-calls/{call_id}") => {
+            let id = ids.cancel_call.clone();
+            answer(200, "the cancelled record", move |a| {
+                let r = a.json();
+                r["call_id"] == id.as_str() && r["state"] == "cancelled"
+            })
+        }
+        ("GET", "/async-calls/{call_id}/result") => {
+            answer(202, "not finished yet", |a| a.json()["state"] == "queued")
+        }
+        ("GET", "/system/async/queue") => {
+            other = Some(answer(
+                200,
+                "team-b's dead letter, no team-a function",
+                |a| {
+                    let q = a.json();
+                    q["dead_letters"] == 1
+                        && q["unacked"].is_null()
+                        && q["functions"].as_array().is_some_and(|f| {
+                            f.iter().all(|f| {
+                                f["function"]
+                                    .as_str()
+                                    .is_some_and(|n| n.ends_with(".team-b"))
+                            })
+                        })
+                },
+            ));
+            answer(200, "team-a's functions and dead letters only", |a| {
+                let q = a.json();
+                q["dead_letters"]
+                    .as_u64()
+                    .is_some_and(|n| (1..=3).contains(&n))
+                    && q["unacked"].is_null()
+                    && q["functions"].as_array().is_some_and(|f| {
+                        !f.is_empty()
+                            && f.iter().all(|f| {
+                                f["function"]
+                                    .as_str()
+                                    .is_some_and(|n| n.ends_with(".team-a"))
+                            })
+                    })
+            })
+        }
+        ("GET", "/system/async/stats") => {
+            let live = |a: &Answer| a.json()["functions"].is_array();
+            other = Some(answer(200, "the live figures", live));
+            answer(200, "the live figures", live)
+        }
+        ("GET", "/dashboard") => {
+            let moved = |a: &Answer| a.header("location") == "/dashboard/";
+            other = Some(answer(308, "a redirect to /dashboard/", moved));
+            answer(308, "a redirect to /dashboard/", moved)
+        }
+        ("GET", "/dashboard/") => {
+            let page = |a: &Answer| a.header("content-type").starts_with("text/html");
+            other = Some(answer(200, "the page", page));
+            answer(200, "the page", page)
+        }
+        ("GET", "/system/async/dead-letters") => {
+            other = Some(answer(200, "team-b's dead letter alone", |a| {
+                is_array_of_ids(&a.json(), &["dl-b"])
+            }));
+            answer(200, "team-a's dead letters alone", |a| {
+                let list = a.json();
+                let ids: Vec<&str> = (list.as_array().into_iter().flatten())
+                    .filter_map(|e| e["call_id"].as_str())
+                    .collect();
+                ids.contains(&"dl-show") && !ids.contains(&"dl-b")
+            })
+        }
+        ("POST", "/system/async/dead-letters/replay") => {
+            json_body = Some(serde_json::json!({"call_ids": ["dl-replay"]}));
+            other = Some(answer(200, "nothing replayed", |a| {
+                is_array_of_ids(&a.json()["replayed"], &[])
+            }));
+            answer(200, "dl-replay replayed", |a| {
+                is_array_of_ids(&a.json()["replayed"], &["dl-replay"])
+            })
+        }
+        ("POST", "/system/async/dead-letters/purge") => {
+            json_body = Some(serde_json::json!({"call_ids": ["dl-purge"]}));
+            other = Some(answer(200, "nothing purged", |a| a.json()["deleted"] == 0));
+            answer(200, "dl-purge purged", |a| a.json()["deleted"] == 1)
+        }
+        (
+            "GET",
+            "/system/async/dead-letters/{sequence}" | "/system/async/dead-letters/call/{call_id}",
+        ) => {
+            other = Some(Want::Error(404, "unknown_dead_letter"));
+            answer(200, "dead letter dl-show", |a| {
+                a.json()["call_id"] == "dl-show"
+            })
+        }
+        ("POST", "/system/async/functions/{name}/pause") => answer(200, "fn.team-a paused", |a| {
+            let r = a.json();
+            r["function"] == "fn.team-a" && r["paused"] == true
+        }),
+        ("POST", "/system/async/functions/{name}/resume") => {
+            answer(200, "fn.team-a resumed", |a| {
+                let r = a.json();
+                r["function"] == "fn.team-a" && r["paused"] == false
+            })
+        }
+        ("GET", "/metrics") => answer(200, "Prometheus text", |a| {
+            a.header("content-type").starts_with("text/plain")
+                && std::str::from_utf8(&a.body).is_ok_and(|t| t.contains("# TYPE "))
+        }),
+        ("GET", "/healthz") => answer(200, "status ok", |a| a.json()["status"] == "ok"),
+        ("GET", "/readyz") => answer(200, "status ready", |a| a.json()["status"] == "ready"),
+        ("GET", "/openapi.json") => answer(200, "the OpenAPI document", |a| {
+            a.json()["openapi"] == "3.0.3"
+        }),
+        (method, path) => panic!("the route table test has no row for {method} {path}: add one"),
+    };
+    Target {
+        method,
+        route: route.path,
+        permission: route.permission,
+        acts_as: route.permission,
+        path,
+        json_body,
+        preflight,
+        valid,
+        other,
+    }
+}
+
+/// What `standing` must get on `target`: `401` for every refused credential, else by the
+/// route's permission (public routes answer alike whoever asks; a call of another namespace
+/// is unknown; the admin views hold only the caller's namespaces).
+fn expected(target: &Target, standing: Standing) -> Want {
+    use Permission::*;
+    if target.acts_as == Public {
+        return target.valid.clone();
+    }
+    let forbidden = |scope: &str| Want::Forbidden(scope.to_owned());
+    match (standing, target.acts_as) {
+        (Standing::Refused, _) => Want::Unauthorized,
+        (Standing::Valid, _) => target.valid.clone(),
+        (Standing::NoScope | Standing::OtherNamespace, Invoke) => forbidden("invoke:team-a"),
+        (Standing::NoScope | Standing::OtherNamespace, AdminFunction) => forbidden("admin:team-a"),
+        (Standing::NoScope | Standing::OtherNamespace, Metrics) => forbidden("admin:*"),
+        (Standing::NoScope, Read) => forbidden("read:<namespace of the call>"),
+        (Standing::NoScope, Cancel) => forbidden("cancel:<namespace of the call>"),
+        (Standing::OtherNamespace, Read | Cancel) => Want::Error(404, "unknown_call"),
+        (Standing::NoScope, Admin) => forbidden("admin:<namespace>"),
+        (Standing::OtherNamespace, Admin) => target.other.clone().unwrap_or_else(|| {
+            panic!(
+                "{} {}: no answer for another namespace's admin",
+                target.method, target.route
+            )
+        }),
+        (_, permission) => panic!("no expectation for {permission:?}"),
+    }
+}
+
+/// The credential of case `case` on a route with `permission` (the `index`-th request: the
+/// valid token's algorithm goes round RS256, ES256, EdDSA).
+fn credential<'a>(
+    case: usize,
+    permission: Permission,
+    index: usize,
+    jwt: &'a HashMap<String, String>,
+    unknown: &'a str,
+) -> Cred<'a> {
+    let token = |name: &str| Cred::Bearer(&jwt[name]);
+    match case {
+        0 => Cred::None,
+        1 => Cred::Basic("admin", "wrong"),
+        2 => Cred::Bearer(unknown),
+        3 => token("expired"),
+        4 => token("wrong_audience"),
+        5 => token("unknown_kid"),
+        6 => token("unknown_key_known_kid"),
+        7 => token("alg_none"),
+        8 => token("hs256_public_key"),
+        9 => token(match permission {
+            Permission::Invoke | Permission::Public | Permission::CancelOrInvoke => {
+                "table_a_no_invoke"
+            }
+            Permission::Read => "table_a_no_read",
+            Permission::Cancel => "table_a_no_cancel",
+            Permission::Admin | Permission::AdminFunction => "table_a_no_admin",
+            // admin:team-a is not admin:*.
+            Permission::Metrics => "table_a_rs256",
+        }),
+        10 => token("table_b"),
+        _ => match permission {
+            Permission::Metrics => token("table_root"),
+            _ => token(["table_a_rs256", "table_a_es256", "table_a_eddsa"][index % 3]),
+        },
+    }
+}
+
+async fn check(want: &Want, response: reqwest::Response, what: &str) {
+    match want {
+        Want::Unauthorized => expect_401(response, what).await,
+        Want::Forbidden(scope) => expect_403(response, scope, what).await,
+        Want::Error(status, code) => {
+            let got = response.status().as_u16();
+            let body: serde_json::Value =
+                serde_json::from_slice(&response.bytes().await.unwrap()).unwrap_or_default();
+            assert_eq!(
+                (got, &body["error"]),
+                (*status, &serde_json::json!(code)),
+                "{what}: {body}"
+            );
+        }
+        Want::Answer(status, shows, check) => {
+            let answer = Answer {
+                status: response.status().as_u16(),
+                headers: response.headers().clone(),
+                body: response.bytes().await.unwrap(),
+            };
+            assert!(
+                answer.status == *status && check(&answer),
+                "{what}: expected {status} with {shows}, got {} {:?}",
+                answer.status,
+                String::from_utf8_lossy(&answer.body)
+            );
+        }
+    }
+}
+
+/// Stores a dead letter of `function` (`name.namespace`) with `call_id` through the queue's
+/// own dead-letter operation, as a worker would; returns its sequence.
+async fn store_dead_letter(
+    queue: &JetStreamQueue,
+    config: &gateway_plugin::GatewayConfig,
+    function: &str,
+    call_id: &str,
+    sequence: u64,
+) -> u64 {
+    use queue_core::backend::{CallQueue, DeadLetter, DeadLetterReason};
+    let (name, namespace) = function.split_once('.').unwrap();
+    let call = queue_core::message::QueuedCall {
+        meta: queue_core::message::CallMeta {
+            call_id: call_id.to_owned(),
+            function: name.to_owned(),
+            namespace: Some(namespace.to_owned()),
+            method: "POST".into(),
+            path: String::new(),
+            query: None,
+            headers: Vec::new(),
+            callback_url: None,
+            received_at_unix_nanos: queue_core::unix_nanos_now(),
+            body: queue_core::message::BodyLocation::Inline { len: 4 },
+            record_revision: None,
+            overrides: Default::default(),
+        },
+        body: bytes::Bytes::from_static(b"body"),
+    };
+    let subject = queue_core::backend::call_subject(&config.nats.subject_prefix, &call);
+    queue
+        .dead_letter(
+            call.encode().unwrap(),
+            &DeadLetter {
+                reason: DeadLetterReason::RetriesExhausted,
+                detail: "failed in the test",
+                original_subject: &subject,
+                stream_sequence: sequence,
+                call_id: Some(call_id),
+                received_at_unix_nanos: Some(call.meta.received_at_unix_nanos),
+                last_status: Some(500),
+                attempts: 1,
+            },
+        )
+        .await
+        .unwrap();
+    let letters = queue.dead_letters().await.unwrap();
+    letters
+        .iter()
+        .find(|e| e.call_id.as_deref() == Some(call_id))
+        .map(|e| e.sequence)
+        .unwrap()
+}
+
+/// Where the table's gateway gets the JWT signing keys.
+#[derive(Clone, Copy, Debug)]
+enum KeysFrom {
+    File,
+    Url,
+}
+
+/// Issue 11's table: every route of the table (each method) × every credential case, each
+/// answered `401` / `403` / `404` / the handler's own answer as the route's permission says,
+/// on a gateway with basic auth, a tokens file and JWTs (keys from a file or a URL).
+async fn route_table_with_keys_from(keys: KeysFrom) {
+    use futures::StreamExt;
+    let nats = NatsServer::start().await.unwrap();
+    let (minted, jwt) = mint_all();
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets");
+    std::fs::create_dir(&secrets).unwrap();
+    std::fs::write(secrets.join("basic-auth-user"), "admin\n").unwrap();
+    std::fs::write(
+        secrets.join("basic-auth-password"),
+        format!("{BASIC_PASSWORD}\n"),
+    )
+    .unwrap();
+    let bot = random_token();
+    std::fs::write(
+        dir.path().join("tokens"),
+        format!("ci-bot {} invoke:team-a\n", sha256_hex(&bot)),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("cors.toml"),
+        format!(
+            "[namespaces.team-a]\norigins = [\"{TABLE_ORIGIN}\"]\nmethods = [\"POST\", \"PUT\", \"PATCH\", \"DELETE\", \"GET\"]\n\
+             [calls]\norigins = [\"{TABLE_ORIGIN}\"]\nmethods = [\"GET\", \"DELETE\"]\n"
+        ),
+    )
+    .unwrap();
+    let jwks_file = dir.path().join("jwks.json");
+    std::fs::write(&jwks_file, minted["jwks"].to_string()).unwrap();
+    let idp = match keys {
+        KeysFrom::Url => Some(Idp::start(minted["jwks"].clone(), None).await),
+        KeysFrom::File => None,
+    };
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let (secrets, tokens, cors, jwks_file) = (
+        path("secrets"),
+        path("tokens"),
+        path("cors.toml"),
+        jwks_file.display().to_string(),
+    );
+    let mut args = vec![
+        "--basic-auth",
+        "--secret-mount-path",
+        &secrets,
+        "--auth-tokens-file",
+        &tokens,
+        "--cors-file",
+        &cors,
+        "--jwt-issuer",
+        ISSUER,
+        "--jwt-audience",
+        AUDIENCE,
+    ];
+    match &idp {
+        Some(idp) => args.extend(["--jwks-url", &idp.url]),
+        None => args.extend(["--jwks-file", &jwks_file]),
+    }
+    let gateway = common::Gateway::start(&nats.url(), &args).await;
+    let client = http();
+    let admin = Cred::Basic("admin", BASIC_PASSWORD);
+
+    // What the requests name: calls of team-a, dead letters of team-a and team-b.
+    let mut calls = Vec::new();
+    for _ in 0..3 {
+        let r = send(
+            &client,
+            "POST",
+            &format!("{}/async-function/fn.team-a", gateway.url),
+            admin,
+        )
+        .await;
+        assert_eq!(r.status(), 202);
+        calls.push(call_id(&r));
+    }
+    let config = <gateway_plugin::GatewayConfig as clap::Parser>::try_parse_from([
+        "gateway-plugin",
+        "--nats-url",
+        &nats.url(),
+    ])
+    .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let queue = JetStreamQueue::connect(
+        queue_core::backend::jetstream::JetStreamOptions {
+            nats: config.nats.clone(),
+            manage_streams: None,
+            consumer: None,
+            records: config.records.clone(),
+            sealing: queue_core::sealing::Sealing::off(),
+        },
+        "route-table",
+        stop.clone(),
+    )
+    .await
+    .unwrap();
+    let show_sequence = store_dead_letter(&queue, &config, "fn.team-a", "dl-show", 1).await;
+    store_dead_letter(&queue, &config, "fn.team-a", "dl-replay", 2).await;
+    store_dead_letter(&queue, &config, "fn.team-a", "dl-purge", 3).await;
+    store_dead_letter(&queue, &config, "fn.team-b", "dl-b", 4).await;
+    let ids = TableIds {
+        read_call: calls[0].clone(),
+        cancel_call: calls[1].clone(),
+        pro_cancel_call: calls[2].clone(),
+        show_sequence,
+    };
+
+    let routes = gateway_plugin::routes::routes::<JetStreamQueue>();
+    let targets: Vec<Target> = routes
+        .iter()
+        .flat_map(|route| {
+            route
+                .methods
+                .iter()
+                .flat_map(|m| targets(route, m.as_str(), &ids))
+        })
+        .collect();
+    assert!(
+        targets.len() >= 30,
+        "every method of every route: {}",
+        targets.len()
+    );
+    let unknown = random_token();
+    let requests = targets
+        .iter()
+        .enumerate()
+        .flat_map(|(index, target)| (0..CASES.len()).map(move |case| (index, target, case)));
+    let started = Instant::now();
+    futures::stream::iter(requests)
+        .for_each_concurrent(16, |(index, target, case)| {
+            let (client, jwt, unknown, base) = (&client, &jwt, &unknown, &gateway.url);
+            async move {
+                let (name, standing) = CASES[case];
+                let cred = credential(case, target.acts_as, index, jwt, unknown);
+                let method = reqwest::Method::from_bytes(target.method.as_bytes()).unwrap();
+                let mut request = client.request(method, format!("{base}{}", target.path));
+                request = match &target.json_body {
+                    Some(body) => request
+                        .header("content-type", "application/json")
+                        .body(body.to_string()),
+                    None => match target.preflight {
+                        Some(asked) => request
+                            .header("origin", TABLE_ORIGIN)
+                            .header("access-control-request-method", asked),
+                        None => request.body("payload"),
+                    },
+                };
+                request = match cred {
+                    Cred::None => request,
+                    Cred::Bearer(token) => request.bearer_auth(token),
+                    Cred::Basic(user, password) => request.basic_auth(user, Some(password)),
+                };
+                let response = request.send().await.unwrap();
+                let what = format!(
+                    "{keys:?}: {} {} ({:?} as {:?}) as {name}",
+                    target.method, target.path, target.permission, target.acts_as
+                );
+                check(&expected(target, standing), response, &what).await;
+            }
+        })
+        .await;
+    let took = started.elapsed();
+
+    // Nothing refused was queued: the calls made above, one per invocation of the table.
+    let invocations = targets
+        .iter()
+        .filter(|t| t.acts_as == Permission::Invoke)
+        .count() as u64;
+    assert_eq!(
+        common::queued(&nats.url()).await,
+        3 + invocations + 1,
+        "the replayed dead letter is queued again"
+    );
+    eprintln!(
+        "{keys:?}: {} requests in {took:?}",
+        targets.len() * CASES.len()
+    );
+    stop.cancel();
+    gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_times_every_credential_with_jwks_from_a_file() {
+    route_table_with_keys_from(KeysFrom::File).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_times_every_credential_with_jwks_from_a_url() {
+    route_table_with_keys_from(KeysFrom::Url).await;
+}
+
+/// `--public invoke` opens every invocation, a `DELETE` one included (credentials are not
+/// looked at, as on the other async routes), but never OpenFaaS Pro's cancel: a
+/// `DELETE /async-function/{call_id}` still needs `cancel:` of the call's namespace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_invoke_opens_delete_invocations_not_the_pro_cancel() {
+    let nats = NatsServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let canceller = random_token();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(
+        &tokens,
+        format!("canceller {} cancel:team-a\n", sha256_hex(&canceller)),
+    )
+    .unwrap();
+    let tokens = tokens.display().to_string();
+    let gateway = common::Gateway::start(
+        &nats.url(),
+        &["--auth-tokens-file", &tokens, "--public", "invoke"],
+    )
+    .await;
+    let client = http();
+    let url = |path: &str| format!("{}{path}", gateway.url);
+    let r = send(
+        &client,
+        "POST",
+        &url("/async-function/fn.team-a"),
+        Cred::None,
+    )
+    .await;
+    assert_eq!(r.status(), 202);
+    let call = call_id(&r);
+    for cred in [Cred::None, Cred::Bearer("not-a-known-token")] {
+        let r = send(&client, "DELETE", &url("/async-function/fn.team-a"), cred).await;
+        assert_eq!(r.status(), 202, "{cred:?}");
+        assert_ne!(call_id(&r), call);
+    }
+    let pro = url(&format!("/async-function/{call}"));
+    common::assert_json_error(
+        send(&client, "DELETE", &pro, Cred::None).await,
+        401,
+        "unauthorized",
+    )
+    .await;
+    let r = send(&client, "DELETE", &pro, Cred::Bearer(&canceller)).await;
+    assert_eq!(r.status(), 202);
+    let record: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!(record["state"], "cancelled", "{record}");
+    assert_eq!(
+        common::queued(&nats.url()).await,
+        3,
+        "the cancel queued nothing"
+    );
+    gateway.shutdown().await;
 }

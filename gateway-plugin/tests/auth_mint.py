@@ -106,6 +106,20 @@ tokens = {
     ),
     "department": mint(rsa_key, "RS256", "rsa-1", sub="frank", department="genomics", scope="read:team-a"),
 }
+
+# The route table test: every team-a scope (in each algorithm), each one short of one action,
+# every scope of team-b, and the queue-wide admin.
+TEAM_A_ALL = ["invoke:team-a", "read:team-a", "cancel:team-a", "admin:team-a"]
+tokens["table_a_rs256"] = mint(rsa_key, "RS256", "rsa-1", sub="table-a", scope=" ".join(TEAM_A_ALL))
+tokens["table_a_es256"] = mint(ec_key, "ES256", "ec-1", sub="table-a", scp=TEAM_A_ALL)
+tokens["table_a_eddsa"] = mint(ed_key, "EdDSA", "ed-1", sub="table-a", scope=" ".join(TEAM_A_ALL))
+for action in ["invoke", "read", "cancel", "admin"]:
+    short = [s for s in TEAM_A_ALL if not s.startswith(action + ":")]
+    tokens["table_a_no_" + action] = mint(rsa_key, "RS256", "rsa-1", sub="table-a", scope=" ".join(short))
+tokens["table_b"] = mint(
+    rsa_key, "RS256", "rsa-1", sub="table-b", scope="invoke:team-b read:team-b cancel:team-b admin:team-b"
+)
+tokens["table_root"] = mint(ed_key, "EdDSA", "ed-1", sub="table-root", scope="admin:*")
 json.dump(
     {
         "jwks": jwks,

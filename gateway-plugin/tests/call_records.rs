@@ -325,3 +325,130 @@ async fn queued_and_running_calls_can_be_cancelled() {
     assert_eq!(record["attempts"][0]["error"], "cancelled");
     worker.shutdown().await;
 }
+
+/// OpenFaaS Pro's cancel, `DELETE /async-function/{call_id}` (issue 14): a queued call is never
+/// run, a running one is aborted, both answered `202` with the cancelled record; a `DELETE` of a
+/// function that is no call's id is still an invocation with method `DELETE`; and a trailing
+/// slash invokes with `DELETE` a function named like a call's id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn delete_of_a_call_id_cancels_and_of_a_function_invokes() {
+    let nats = NatsServer::start().await.unwrap();
+    let function = StubFunction::start(StubBehavior {
+        delay: Duration::from_secs(30),
+        ..StubBehavior::default()
+    })
+    .await
+    .unwrap();
+    let receiver = CallbackReceiver::start().await.unwrap();
+    let gateway = Gateway::start(&nats.url(), &[]).await;
+    let client = http();
+    let delete = |path: &str| {
+        client
+            .delete(format!("{}/async-function/{path}", gateway.url))
+            .body("delete-body")
+            .send()
+    };
+    let cancelled = async |response: reqwest::Response, id: &str| {
+        assert_eq!(response.status(), 202, "OpenFaaS Pro answers a cancel 202");
+        assert_eq!(response.headers()["x-call-id"], id);
+        let record: Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+        assert_eq!(record["call_id"], id, "{record}");
+        assert_eq!(record["state"], "cancelled", "{record}");
+    };
+
+    // Queued: no worker yet.
+    let queued = post(&client, &gateway, b"q".to_vec(), Some(&receiver.url())).await;
+    cancelled(delete(&queued).await.unwrap(), &queued).await;
+    assert_json_error(delete(&queued).await.unwrap(), 409, "already_finished").await;
+
+    let started = Instant::now();
+    let worker = Worker::start(&nats.url(), &function.url());
+    // Running: the function holds it for 30 s; the cancel aborts it.
+    let running = post(&client, &gateway, b"r".to_vec(), Some(&receiver.url())).await;
+    let end = Instant::now() + DEADLINE;
+    while function.invocations_for(&running) == 0 {
+        assert!(Instant::now() < end, "the function was not called");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cancelled(delete(&running).await.unwrap(), &running).await;
+    let end = Instant::now() + DEADLINE;
+    while receiver.count() < 2 {
+        assert!(Instant::now() < end, "cancel callbacks did not arrive");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "the running call was aborted, not waited for"
+    );
+    for id in [&queued, &running] {
+        let callback = (receiver.callbacks().into_iter())
+            .find(|c| c.call_id.as_deref() == Some(id.as_str()))
+            .expect("a callback per cancelled call");
+        assert_eq!(callback.header("x-call-state"), Some("cancelled"));
+        assert_eq!(
+            state_of(&client, &gateway, id).await.unwrap()["state"],
+            "cancelled"
+        );
+    }
+    assert_eq!(
+        function.invocations_for(&queued),
+        0,
+        "a cancelled queued call never runs"
+    );
+    let record = state_of(&client, &gateway, &running).await.unwrap();
+    assert_eq!(record["attempts"][0]["error"], "cancelled");
+
+    // A function that is no call's id: an invocation with method DELETE, as before. And a call
+    // whose id is a function's name: `DELETE /async-function/billing` is its cancel (409 once it
+    // ended), `DELETE /async-function/billing/` invokes billing with DELETE.
+    function.set_behavior(StubBehavior::default());
+    let r = client
+        .post(format!("{}/async-function/echo", gateway.url))
+        .header("x-call-id", "billing")
+        .body("named")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let invoked = delete("echo").await.unwrap();
+    assert_eq!(invoked.status(), 202);
+    let echo_call = invoked.headers()["x-call-id"].to_str().unwrap().to_owned();
+    assert!(
+        invoked.bytes().await.unwrap().is_empty(),
+        "an invocation's 202 has no body"
+    );
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let done = (state_of(&client, &gateway, "billing").await)
+            .is_some_and(|r| r["state"] == "succeeded");
+        if done {
+            break;
+        }
+        assert!(Instant::now() < end, "the call billing never ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_json_error(delete("billing").await.unwrap(), 409, "already_finished").await;
+    let escaped = delete("billing/").await.unwrap();
+    assert_eq!(escaped.status(), 202);
+    let billing_call = escaped.headers()["x-call-id"].to_str().unwrap().to_owned();
+    assert_ne!(billing_call, "billing");
+    for (id, path) in [
+        (&echo_call, "/function/echo"),
+        (&billing_call, "/function/billing/"),
+    ] {
+        let end = Instant::now() + DEADLINE;
+        let request = loop {
+            let seen = (function.requests().into_iter())
+                .find(|r| r.call_id.as_deref() == Some(id.as_str()));
+            if let Some(request) = seen {
+                break request;
+            }
+            assert!(Instant::now() < end, "{path} was not invoked");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(request.method, "DELETE", "{path}");
+        assert_eq!(request.path_and_query, path);
+        assert_eq!(&request.body[..], b"delete-body");
+    }
+    worker.shutdown().await;
+}

@@ -27,6 +27,7 @@ use queue_core::message::{canonical_function, valid_call_id};
 
 use crate::auth::Permission;
 use crate::error::ApiError;
+use crate::paths::DeleteTarget;
 use crate::state::AppState;
 use crate::verb::Verb;
 
@@ -56,6 +57,9 @@ pub enum Resource {
     None,
     /// The `{call_id}` parameter.
     CallId,
+    /// The `{name}` parameter of `DELETE /async-function/{name}`, a call's id (OpenFaaS Pro's
+    /// cancel).
+    AddressedCall,
     /// The function of the async path.
     AsyncFunction,
     /// The function of the `{name}` parameter.
@@ -90,6 +94,8 @@ pub fn classify(methods: &[Verb], path: &'static str, permission: Permission) ->
         (Permission::Public, _) => return None,
         (Permission::Invoke, _) => ("invoke", false, Resource::AsyncFunction),
         (Permission::Cancel, _) => ("call.cancel", true, Resource::CallId),
+        // A cancel; an invocation when the name is no call's ([`Audited::as_invocation`]).
+        (Permission::CancelOrInvoke, _) => ("call.cancel", true, Resource::AddressedCall),
         (Permission::Read, "/async-calls/{call_id}/result") => {
             ("call.result", true, Resource::CallId)
         }
@@ -132,6 +138,19 @@ pub fn classify(methods: &[Verb], path: &'static str, permission: Permission) ->
         route: path,
         queue_wide: matches!(permission, Permission::Admin | Permission::Metrics),
     })
+}
+
+impl Audited {
+    /// `DELETE /async-function/{name}` of a function (not a call's id): audited as every
+    /// other invocation.
+    fn as_invocation(self) -> Self {
+        Self {
+            action: "invoke",
+            always: false,
+            resource: Resource::AsyncFunction,
+            ..self
+        }
+    }
 }
 
 /// The largest dead-letter selection read for the log (a selection is a few ids).
@@ -199,6 +218,11 @@ pub async fn layer<Q: CallQueue>(
     request: Request,
     next: Next,
 ) -> Response {
+    // Found before this layer ([`crate::calls::resolve_delete`]).
+    let audited = match request.extensions().get::<DeleteTarget>() {
+        Some(DeleteTarget::Function) => audited.as_invocation(),
+        _ => audited,
+    };
     let client_id = request
         .headers()
         .get("x-request-id")
@@ -218,7 +242,7 @@ pub async fn layer<Q: CallQueue>(
     let uri = request.uri().clone();
     let (mut parts, body) = request.into_parts();
     let params = match audited.resource {
-        Resource::CallId | Resource::Sequence | Resource::Function => {
+        Resource::CallId | Resource::AddressedCall | Resource::Sequence | Resource::Function => {
             axum::RequestPartsExt::extract::<axum::extract::RawPathParams>(&mut parts)
                 .await
                 .ok()
@@ -259,10 +283,12 @@ pub async fn layer<Q: CallQueue>(
     let param = |key| params.as_ref().and_then(|p| path_param(p, key));
     match audited.resource {
         Resource::None | Resource::DeadLetterSelection => {}
-        Resource::CallId => {
-            noted.resource = param("call_id")
-                .filter(|id| valid_call_id(id))
-                .map(str::to_owned);
+        Resource::CallId | Resource::AddressedCall => {
+            let key = match audited.resource {
+                Resource::AddressedCall => "name",
+                _ => "call_id",
+            };
+            noted.resource = param(key).filter(|id| valid_call_id(id)).map(str::to_owned);
         }
         Resource::Sequence => {
             noted.resource = param("sequence")

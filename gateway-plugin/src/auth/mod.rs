@@ -39,6 +39,10 @@ pub enum Permission {
     Read,
     /// `cancel:<namespace of the call's function>` (from the call's record).
     Cancel,
+    /// `DELETE /async-function/{name}`: `cancel:<namespace of the call>` when `{name}` is the
+    /// id of a call with a record (OpenFaaS Pro's cancel, answered as [`Permission::Cancel`]),
+    /// else `invoke:<namespace of the function {name}>` (open with `--public invoke`).
+    CancelOrInvoke,
     /// `admin:<namespace of the function {name} in the path>`.
     AdminFunction,
     /// `admin:` of at least one namespace: the admin views and operations (dead letters, queue
@@ -291,6 +295,9 @@ impl Authenticator {
             Permission::Public => true,
             Permission::Invoke => self.public_invoke,
             Permission::Metrics => self.public_metrics,
+            // Never: a cancel needs credentials; the authorization layer lets the invocation
+            // form through without any when invocation is public.
+            Permission::CancelOrInvoke => false,
             _ => false,
         }
     }
