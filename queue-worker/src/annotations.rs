@@ -11,13 +11,14 @@
 //! in a warning once, and its calls run on the shared queue.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::functions::FunctionOverride;
+use crate::config::{WorkerConfig, parse_duration, redact_url};
+use crate::functions::{Annotated, FunctionOverride};
 
 /// Invocations at most (OpenFaaS: "the amount of times to try").
 pub const ATTEMPTS: &str = "com.openfaas.retry.attempts";
@@ -29,10 +30,6 @@ pub const MIN_WAIT: &str = "com.openfaas.retry.min_wait";
 pub const MAX_WAIT: &str = "com.openfaas.retry.max_wait";
 /// A named queue (OpenFaaS Pro); not served separately here.
 pub const QUEUE: &str = "com.openfaas.queue";
-
-/// Settings from annotations, keyed by lower-case `name.namespace`, shared with the function
-/// settings that read them per call.
-pub type Annotated = Arc<RwLock<Arc<HashMap<String, FunctionOverride>>>>;
 
 /// The overrides one function's annotations ask for, and the problems of those that do not
 /// parse (each naming the annotation; the value itself is the operator's, not data).
@@ -67,7 +64,7 @@ pub fn override_from(annotations: &HashMap<String, String>) -> (FunctionOverride
     }
     for (name, slot) in [(MIN_WAIT, &mut o.initial_wait), (MAX_WAIT, &mut o.max_wait)] {
         if let Some(raw) = annotations.get(name) {
-            match crate::config::parse_duration(raw.trim()) {
+            match parse_duration(raw.trim()) {
                 Ok(d) => *slot = Some(d),
                 Err(e) => problems.push(format!("{name}={raw:?}: {e}")),
             }
@@ -189,6 +186,41 @@ impl FunctionList {
         }
         Ok(out)
     }
+}
+
+/// Where the gateway's function annotations are read from, if they are
+/// (`--function-annotations`), with the gateway's credentials read from
+/// `--gateway-credentials-dir` (trailing newlines dropped; never logged). A credentials
+/// file that cannot be read is an error naming it.
+pub fn function_list(config: &WorkerConfig) -> Result<Option<FunctionList>, String> {
+    if config.function_annotations == crate::config::Annotations::Off {
+        return Ok(None);
+    }
+    let gateway = url::Url::parse(&config.gateway_url)
+        .map_err(|e| format!("--gateway-url {:?}: {e}", redact_url(&config.gateway_url)))?;
+    let credentials = match &config.gateway_credentials_dir {
+        None => None,
+        Some(dir) => {
+            let file = |name: &str| {
+                let path = dir.join(name);
+                std::fs::read_to_string(&path)
+                    .map(|text| text.trim_end_matches(['\r', '\n']).to_owned())
+                    .map_err(|e| {
+                        format!(
+                            "--gateway-credentials-dir: cannot read {}: {e}",
+                            path.display()
+                        )
+                    })
+            };
+            Some((file("basic-auth-user")?, file("basic-auth-password")?))
+        }
+    };
+    Ok(Some(FunctionList {
+        gateway,
+        credentials,
+        default_namespace: config.default_namespace.clone(),
+        timeout: Duration::from_secs(10),
+    }))
 }
 
 /// The overrides of a fetched list; problems are logged once per function and value.

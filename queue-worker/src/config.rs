@@ -334,41 +334,6 @@ impl WorkerConfig {
         Ok(())
     }
 
-    /// Where the gateway's function annotations are read from, if they are
-    /// (`--function-annotations`), with the gateway's credentials read from
-    /// `--gateway-credentials-dir` (trailing newlines dropped; never logged). A credentials
-    /// file that cannot be read is an error naming it.
-    pub fn function_list(&self) -> Result<Option<crate::annotations::FunctionList>, String> {
-        if self.function_annotations == Annotations::Off {
-            return Ok(None);
-        }
-        let gateway = url::Url::parse(&self.gateway_url)
-            .map_err(|e| format!("--gateway-url {:?}: {e}", redact_url(&self.gateway_url)))?;
-        let credentials = match &self.gateway_credentials_dir {
-            None => None,
-            Some(dir) => {
-                let file = |name: &str| {
-                    let path = dir.join(name);
-                    std::fs::read_to_string(&path)
-                        .map(|text| text.trim_end_matches(['\r', '\n']).to_owned())
-                        .map_err(|e| {
-                            format!(
-                                "--gateway-credentials-dir: cannot read {}: {e}",
-                                path.display()
-                            )
-                        })
-                };
-                Some((file("basic-auth-user")?, file("basic-auth-password")?))
-            }
-        };
-        Ok(Some(crate::annotations::FunctionList {
-            gateway,
-            credentials,
-            default_namespace: self.default_namespace.clone(),
-            timeout: Duration::from_secs(10),
-        }))
-    }
-
     /// The function retry policy.
     pub fn retry_policy(&self) -> crate::retry::RetryPolicy {
         crate::retry::RetryPolicy {

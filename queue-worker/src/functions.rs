@@ -22,8 +22,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use crate::annotations::Annotated;
 use crate::config::WorkerConfig;
+
+/// Settings from the gateway's function annotations ([`crate::annotations`]), keyed by
+/// lower-case `name.namespace`, shared with the function settings that read them per call.
+pub type Annotated = Arc<std::sync::RwLock<Arc<HashMap<String, FunctionOverride>>>>;
 use crate::retry::RetryPolicy;
 use queue_core::message::CallMeta;
 

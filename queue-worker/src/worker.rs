@@ -313,7 +313,7 @@ pub async fn run_with_state<Q: CallQueue>(
     config.validate().map_err(WorkerError::Config)?;
     let functions =
         FunctionSettings::load(&config).map_err(|e| WorkerError::Config(e.to_string()))?;
-    let function_list = config.function_list().map_err(WorkerError::Config)?;
+    let function_list = crate::annotations::function_list(&config).map_err(WorkerError::Config)?;
     let store = if let Some(store) = store {
         store
     } else {
