@@ -674,14 +674,25 @@ async fn readyz<Q: CallQueue>(State(state): State<Arc<AppState<Q>>>) -> Response
         Ok(()) => state.auth.as_ref().map_or(Ok(()), |auth| auth.ready()),
         Err(reason) => Err(reason),
     };
-    match ready {
-        Ok(()) => axum::Json(json!({"status": "ready"})).into_response(),
+    let (status, mut body) = match ready {
+        Ok(()) => (StatusCode::OK, json!({"status": "ready"})),
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({"status": "not_ready", "reason": reason})),
-        )
-            .into_response(),
+            json!({"status": "not_ready", "reason": reason}),
+        ),
+    };
+    // Who may do what is part of the gateway's state: an open gateway says so here too, not
+    // only in its start-up log.
+    match &state.auth {
+        Some(auth) => body["authentication"] = json!(auth.kinds()),
+        None => {
+            body["authentication"] = json!("none");
+            body["warning"] = json!(
+                "no authenticator is configured: every route, admin included, is open to anyone who can reach this gateway"
+            );
+        }
     }
+    (status, axum::Json(body)).into_response()
 }
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {

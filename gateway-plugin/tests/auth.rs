@@ -593,6 +593,45 @@ async fn every_route_in_the_table_is_behind_its_permission() {
     gateway.shutdown().await;
 }
 
+/// `/readyz` says whether the gateway is open: with no authenticator it names none and warns
+/// (besides the start-up log); with one it lists them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_says_whether_anyone_is_authenticated() {
+    let nats = NatsServer::start().await.unwrap();
+    let client = http();
+    let readyz = |url: String| {
+        let client = client.clone();
+        async move {
+            let r = client.get(format!("{url}/readyz")).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            serde_json::from_slice::<serde_json::Value>(&r.bytes().await.unwrap()).unwrap()
+        }
+    };
+    let open = common::Gateway::start(&nats.url(), &[]).await;
+    let body = readyz(open.url.clone()).await;
+    assert_eq!(body["status"], "ready", "{body}");
+    assert_eq!(body["authentication"], "none", "{body}");
+    assert!(
+        body["warning"].as_str().unwrap().contains("open to anyone"),
+        "{body}"
+    );
+    open.shutdown().await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "").unwrap();
+    let tokens = tokens.display().to_string();
+    let guarded = common::Gateway::start(&nats.url(), &["--auth-tokens-file", &tokens]).await;
+    let body = readyz(guarded.url.clone()).await;
+    assert_eq!(
+        body["authentication"],
+        serde_json::json!(["tokens"]),
+        "{body}"
+    );
+    assert!(body.get("warning").is_none(), "{body}");
+    guarded.shutdown().await;
+}
+
 /// The issuer's JWKS endpoint on 127.0.0.1 (plain HTTP, or HTTPS with a test CA): counts the
 /// fetches, answers `500` while `failing`, serves whatever `jwks` holds, and can be stopped.
 struct Idp {

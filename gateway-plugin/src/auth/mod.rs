@@ -317,6 +317,21 @@ impl Authenticator {
 
     /// `Err` with the reason while credentials cannot be checked yet (the keys of
     /// `--jwks-url` not fetched yet); `/readyz` says so.
+    /// The authenticators configured, as `/readyz` names them (`basic`, `tokens`, `jwt`).
+    pub fn kinds(&self) -> Vec<&'static str> {
+        let mut kinds = Vec::new();
+        if self.basic.is_some() {
+            kinds.push("basic");
+        }
+        if self.tokens.is_some() {
+            kinds.push("tokens");
+        }
+        if self.jwt.is_some() {
+            kinds.push("jwt");
+        }
+        kinds
+    }
+
     pub fn ready(&self) -> Result<(), String> {
         self.jwt.as_ref().map_or(Ok(()), jwt::JwtVerifier::ready)
     }
