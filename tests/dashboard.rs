@@ -233,3 +233,102 @@ async fn the_dashboard_shows_functions_failures_dead_letters_and_pauses() {
         std::fs::write(target, png).unwrap();
     }
 }
+
+/// With an authenticator (here an API token), a browser that opens the dashboard without
+/// credentials gets the page's shell with the 401 (no data: the sign-in row shows), and the
+/// same page with the token typed once (here given in the address's fragment, which never
+/// reaches the server) loads its data from the admin API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_works_with_a_token_typed_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_function, function_url) = start(
+        env!("CARGO_BIN_EXE_stats-function"),
+        &["--listen", "127.0.0.1:0"],
+        dir.path(),
+        "stats-function listening on ",
+    )
+    .await;
+    let token = "dashboard-token-0123456789abcdef";
+    let digest: String = ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, format!("ops {digest} admin:* invoke:*\n")).unwrap();
+    let (_server, url) = start(
+        env!("CARGO_BIN_EXE_faas-async"),
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--gateway-url",
+            &function_url,
+            "--auth-tokens-file",
+            tokens.to_str().unwrap(),
+        ],
+        dir.path(),
+        "faas-async listening on ",
+    )
+    .await;
+    let client = queue_worker::invoke::http_client("dashboard-test").unwrap();
+    let accepted = client
+        .post(format!("{url}/async-function/stats"))
+        .bearer_auth(token)
+        .body("[1, 2]")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(accepted.status(), 202);
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let response = client
+            .get(format!("{url}/system/async/stats"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        let stats: Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+        if stats["functions"][0]["completed"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < end, "the call did not finish: {stats}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Not a browser: the JSON refusal, as on every route.
+    let refused = client
+        .get(format!("{url}/dashboard/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    assert!(
+        refused.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/json")
+    );
+    // A browser without credentials: the shell, asking for them, and no data.
+    let dom = browse(&format!("{url}/dashboard/"), &["--dump-dom"]).await;
+    assert!(dom.contains(r#"id="sign-in""#), "the page's shell:\n{dom}");
+    assert!(
+        dom.contains(r#"<body class="signed-out">"#),
+        "the sign-in row shows:\n{dom}"
+    );
+    assert!(
+        !dom.contains(r#"data-loaded="true""#),
+        "no data without credentials"
+    );
+    assert!(
+        !dom.contains(r#"data-function="stats""#),
+        "no data without credentials"
+    );
+    // The token given once: the data loads.
+    let dom = browse(&format!("{url}/dashboard/#token={token}"), &["--dump-dom"]).await;
+    assert!(
+        dom.contains(r#"data-loaded="true""#),
+        "the page loaded its data with the token:\n{dom}"
+    );
+    assert!(dom.contains(r#"data-function="stats""#), "{dom}");
+    assert!(!dom.contains(token), "the token is not left in the page");
+}

@@ -394,6 +394,12 @@ pub fn router<Q: CallQueue>(state: Arc<AppState<Q>>) -> Router {
             ));
         }
         endpoint = guarded(&state, permission, endpoint);
+        if route.path == "/dashboard/" {
+            // A browser refused the page still gets the page's shell (static, no data) with
+            // the 401, so that a token can be typed into it: the data it shows comes from the
+            // admin API, which the same layer guards.
+            endpoint = endpoint.route_layer(axum::middleware::from_fn(dashboard_shell_on_401));
+        }
         // Outside the authorization layer: it sees the refusals, and what the layer found;
         // outside the quotas layer too, whose `429`s it writes.
         if let Some(audited) = crate::audit::classify(route.methods, route.path, permission)
@@ -663,6 +669,30 @@ async fn dashboard() -> Response {
         include_str!("dashboard.html"),
     )
         .into_response()
+}
+
+/// `401` on `/dashboard/` for a browser (`Accept: text/html`): the dashboard's static page
+/// instead of the JSON error, with the same status and challenges. The page holds no data; it
+/// asks for a token (or a user and password) and sends it with its admin API requests, which
+/// the authorization layer checks as any other. Other clients get the JSON error.
+async fn dashboard_shell_on_401(request: Request, next: axum::middleware::Next) -> Response {
+    let wants_html = request
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains("text/html"));
+    let refused = next.run(request).await;
+    if refused.status() != StatusCode::UNAUTHORIZED || !wants_html {
+        return refused;
+    }
+    let mut shell = dashboard().await;
+    *shell.status_mut() = StatusCode::UNAUTHORIZED;
+    for challenge in refused.headers().get_all(header::WWW_AUTHENTICATE) {
+        shell
+            .headers_mut()
+            .append(header::WWW_AUTHENTICATE, challenge.clone());
+    }
+    shell
 }
 
 async fn healthz() -> impl IntoResponse {
