@@ -46,11 +46,13 @@ use crate::paths::{DeleteTarget, split_path};
 /// request created it. A record already there is the same call retried (still queued, same
 /// function, within the queue's duplicate window, so publishing again stores it once) or
 /// another call's: then the id is refused with 409 rather than rebinding another call's record,
-/// result and dedup state.
+/// result and dedup state. Only a client's own id can meet an existing record: the request's
+/// digest, which tells a retry from another call, is taken and kept for those alone.
 async fn record_call<Q: CallQueue>(
     state: &AppState<Q>,
     call: &QueuedCall,
     received_at: u64,
+    client_id: bool,
 ) -> Result<(Revision, bool), ApiError> {
     let call_id = call.meta.call_id.as_str();
     let function = call.meta.qualified_function();
@@ -60,8 +62,8 @@ async fn record_call<Q: CallQueue>(
         has_callback: call.meta.callback_url.is_some(),
     };
     let mut record = records::apply(call_id, None, &accepted, received_at);
-    let digest = request_digest(call);
-    record.request_digest = Some(digest.clone());
+    let digest = client_id.then(|| request_digest(call));
+    record.request_digest.clone_from(&digest);
     let unavailable = |e: &dyn std::fmt::Display| {
         tracing::warn!(call_id, error = %e, "could not write the call record");
         ApiError::unavailable(
@@ -83,7 +85,8 @@ async fn record_call<Q: CallQueue>(
         })) if existing.state == CallState::Queued
             && existing.function == function
             && existing.attempts.is_empty()
-            && existing.request_digest.as_deref() == Some(digest.as_str())
+            && digest.is_some()
+            && existing.request_digest == digest
             && received_at.saturating_sub(existing.accepted_at) < window =>
         {
             Ok((revision, false))
@@ -864,6 +867,10 @@ async fn accept<Q: CallQueue>(
     if !METHODS.contains(&parts.method.as_str()) {
         return Err(method_refused());
     }
+    let client_id = parts
+        .headers
+        .get("x-call-id")
+        .is_some_and(|v| !v.is_empty());
     let (addressed, path) = split_path(parts.uri.path());
     let (function, namespace) = canonical_function(addressed, &state.default_namespace)
         .map_err(|e| ApiError::bad_request("invalid_function_name", e.to_string()))?;
@@ -980,7 +987,7 @@ async fn accept<Q: CallQueue>(
     // The record first, so that `GET /async-calls/{id}` knows every call answered 202, a
     // reused call id is caught before anything is queued, and the worker can write the next
     // state at the revision the envelope carries without reading the record.
-    let (revision, created) = match record_call(state, &call, received_at).await {
+    let (revision, created) = match record_call(state, &call, received_at, client_id).await {
         Ok(written) => written,
         Err(e) => {
             release_key().await;

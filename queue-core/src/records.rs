@@ -100,8 +100,8 @@ pub struct CallRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<CallLimits>,
     /// SHA-256 (hex) of the request the gateway accepted (method, path, query, callback URL,
-    /// body), written with the queued record: a request that reuses the call id is the same
-    /// call retried only if it is the same request. Workers do not carry it on (it only
+    /// body), written with the queued record of a call whose id the client chose: a request
+    /// that reuses the call id is the same call retried only if it is the same request. Workers do not carry it on (it only
     /// matters while the call is queued); the API does not show it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_digest: Option<String>,
