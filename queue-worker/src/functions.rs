@@ -23,12 +23,12 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use crate::config::WorkerConfig;
+use crate::retry::RetryPolicy;
+use queue_core::message::CallMeta;
 
 /// Settings from the gateway's function annotations ([`crate::annotations`]), keyed by
 /// lower-case `name.namespace`, shared with the function settings that read them per call.
 pub type Annotated = Arc<std::sync::RwLock<Arc<HashMap<String, FunctionOverride>>>>;
-use crate::retry::RetryPolicy;
-use queue_core::message::CallMeta;
 
 /// Why the file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +78,23 @@ pub struct FunctionOverride {
     /// Oldest a call may be when it starts.
     #[serde(default, deserialize_with = "duration")]
     pub max_age: Option<Duration>,
+}
+
+impl FunctionOverride {
+    /// These overrides, with `under`'s where these leave a field unset.
+    pub fn over(&self, under: &Self) -> Self {
+        Self {
+            max_attempts: self.max_attempts.or(under.max_attempts),
+            retry_codes: self
+                .retry_codes
+                .clone()
+                .or_else(|| under.retry_codes.clone()),
+            initial_wait: self.initial_wait.or(under.initial_wait),
+            max_wait: self.max_wait.or(under.max_wait),
+            timeout: self.timeout.or(under.timeout),
+            max_age: self.max_age.or(under.max_age),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -213,26 +230,16 @@ impl FunctionSettings {
             .overrides
             .get(&qualified)
             .or_else(|| self.overrides.get(&function));
-        let annotated = {
-            let all = self
-                .annotated
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            all.get(&qualified).cloned()
-        };
-        let o = match (found, annotated) {
+        let all = self
+            .annotated
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let o = match (found, all.get(&qualified)) {
             (None, None) => return self.defaults.clone(),
-            (Some(o), None) => o.clone(),
-            (None, Some(a)) => a,
-            (Some(o), Some(a)) => FunctionOverride {
-                max_attempts: o.max_attempts.or(a.max_attempts),
-                retry_codes: o.retry_codes.clone().or(a.retry_codes),
-                initial_wait: o.initial_wait.or(a.initial_wait),
-                max_wait: o.max_wait.or(a.max_wait),
-                timeout: o.timeout.or(a.timeout),
-                max_age: o.max_age.or(a.max_age),
-            },
+            (Some(o), None) | (None, Some(o)) => o.clone(),
+            (Some(o), Some(a)) => o.over(a),
         };
+        drop(all);
         let d = &self.defaults;
         CallSettings {
             retry: RetryPolicy {
