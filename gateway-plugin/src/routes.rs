@@ -986,12 +986,18 @@ async fn accept<Q: CallQueue>(
     };
     // The record first, so that `GET /async-calls/{id}` knows every call answered 202, a
     // reused call id is caught before anything is queued, and the worker can write the next
-    // state at the revision the envelope carries without reading the record.
-    let (revision, created) = match record_call(state, &call, received_at, client_id).await {
-        Ok(written) => written,
-        Err(e) => {
-            release_key().await;
-            return Err(e);
+    // state at the revision the envelope carries without reading the record. A generated id
+    // needs no such check, and a queue that finds its queued calls by id answers their
+    // record until a worker writes it: the call is then one store, not two.
+    let (revision, created) = if !client_id && state.queue.finds_queued_calls() {
+        (queue_core::backend::NOT_STORED, false)
+    } else {
+        match record_call(state, &call, received_at, client_id).await {
+            Ok(written) => written,
+            Err(e) => {
+                release_key().await;
+                return Err(e);
+            }
         }
     };
     call.meta.record_revision = Some(revision);

@@ -452,3 +452,72 @@ async fn delete_of_a_call_id_cancels_and_of_a_function_invokes() {
     }
     worker.shutdown().await;
 }
+
+/// Calls with a generated id are queued without a record (one store per accept); until a
+/// worker writes it their record comes from the queue. Polled from a second replica from the
+/// `202` on, while a worker runs them, no call is ever unknown (`404`) or goes back to an
+/// earlier state: the worker writes a record before it acks, and the gateway reads the records,
+/// then the queue, then the records again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_call_queued_without_a_record_is_never_unknown() {
+    let nats = NatsServer::start().await.unwrap();
+    let function = StubFunction::start(StubBehavior::default()).await.unwrap();
+    let first = Gateway::start(&nats.url(), &[]).await;
+    let second = Gateway::start(&nats.url(), &[]).await;
+    let client = http();
+    let rank = |state: &str| match state {
+        "queued" => 0,
+        "running" | "retrying" => 1,
+        "succeeded" => 2,
+        other => panic!("unexpected state {other}"),
+    };
+    let mut polls = Vec::new();
+    let mut worker = None;
+    for i in 0..40u32 {
+        if i == 20 {
+            // The first half is queued before any worker runs; the second races one.
+            worker = Some(Worker::start(&nats.url(), &function.url()));
+        }
+        let id = post(&client, &first, format!("job {i}").into_bytes(), None).await;
+        let client = client.clone();
+        let url = format!("{}/async-calls/{id}", second.url);
+        polls.push(tokio::spawn(async move {
+            let end = Instant::now() + DEADLINE;
+            let mut seen = Vec::new();
+            loop {
+                let response = client.get(&url).send().await.unwrap();
+                assert_eq!(response.status(), 200, "{url} after {seen:?}");
+                let record: Value =
+                    serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+                let state = record["state"].as_str().unwrap().to_owned();
+                assert!(
+                    seen.last()
+                        .is_none_or(|last: &String| rank(last) <= rank(&state)),
+                    "{url}: {state} after {seen:?}"
+                );
+                if seen.last() != Some(&state) {
+                    seen.push(state.clone());
+                }
+                if state == "succeeded" {
+                    return seen;
+                }
+                assert!(Instant::now() < end, "{url}: states seen {seen:?}");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }));
+    }
+    let mut from_the_queue = 0;
+    for poll in polls {
+        let seen = poll.await.unwrap();
+        if seen.first().map(String::as_str) == Some("queued") {
+            from_the_queue += 1;
+        }
+    }
+    assert!(
+        from_the_queue >= 20,
+        "{from_the_queue} calls were seen queued"
+    );
+    if let Some(worker) = worker {
+        worker.shutdown().await;
+    }
+}

@@ -54,6 +54,9 @@ const MAX_PULL_BATCH: usize = 256;
 /// `X-Function-Error` of a call dead-lettered because its deliveries ran out before an attempt
 /// could finish (workers died during it).
 const EXHAUSTED_BY_REDELIVERY: &str = "attempts used up by redeliveries";
+/// How long a call queued without a record waits for its first record write before it runs
+/// anyway (the records store electing a leader takes seconds).
+const RECORD_WAIT: Duration = Duration::from_secs(30);
 /// Wait before a message is offered again after a local failure (state store, dead-letter publish).
 const LOCAL_FAILURE_RETRY: Duration = Duration::from_secs(5);
 
@@ -748,7 +751,25 @@ impl<Q: CallQueue> Job<'_, Q> {
                 max_age_ms: u64::try_from(settings.max_age.as_millis()).unwrap_or(u64::MAX),
             }),
         };
-        self.note(&[started], None).await;
+        self.note(std::slice::from_ref(&started), None).await;
+        if self.record.is_none()
+            && self.call.meta.record_revision == Some(queue_core::backend::NOT_STORED)
+        {
+            // Queued without a record: the call must not run (and be acked) before one is
+            // written, or `GET` would not know it afterwards. The records store is electing a
+            // leader or out of reach: wait for it, the lease keeping the delivery, then run it
+            // anyway rather than hold it back for good (its later writes create the record).
+            let give_up_at = tokio::time::Instant::now() + RECORD_WAIT;
+            let mut delay = Duration::from_millis(100);
+            while self.record.is_none() && tokio::time::Instant::now() < give_up_at {
+                tokio::select! {
+                    () = ctx.hand_back.cancelled() => return lease.hand_back().await,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(2));
+                self.note(std::slice::from_ref(&started), None).await;
+            }
+        }
         if self.cancelled_in_record() {
             drop(permit);
             return Box::pin(self.cancelled(lease, attempt - 1)).await;

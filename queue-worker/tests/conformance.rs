@@ -230,7 +230,12 @@ mod cases {
                 sent.encode().unwrap(),
                 "stored intact"
             );
-            assert_eq!(d.subject(), "faas-async._.durable");
+            let subject = if h.queue().finds_queued_calls() {
+                queue_core::backend::call_subject_with_id("faas-async", sent)
+            } else {
+                queue_core::backend::call_subject("faas-async", sent)
+            };
+            assert_eq!(d.subject(), subject);
             d.ack().await.unwrap();
             seen.push(decoded.meta.call_id);
         }
@@ -460,7 +465,17 @@ mod cases {
             assert_eq!(l.last_status, Some(500));
             assert_eq!(l.attempts, 3);
             assert_eq!(l.function.as_deref(), Some("dead"));
-            assert_eq!(l.subject, "faas-async._.dead");
+            let published = if l.call_id.as_deref() == Some(a.meta.call_id.as_str()) {
+                &a
+            } else {
+                &b
+            };
+            let subject = if q.finds_queued_calls() {
+                queue_core::backend::call_subject_with_id("faas-async", published)
+            } else {
+                queue_core::backend::call_subject("faas-async", published)
+            };
+            assert_eq!(l.subject, subject);
         }
         let replayed = q
             .replay_dead_letters(
@@ -688,6 +703,112 @@ mod cases {
         }
     }
 
+    /// A call queued with no record (the gateway writes none for a generated id where the
+    /// queue finds queued calls by id): its record is `queued` at `NOT_STORED` until someone
+    /// writes it; the first writer creates it, a later one conflicts and re-reads (a cancel is
+    /// kept); once acked without a record it is gone. Writing at `NOT_STORED` creates on
+    /// every backend. The per-function counts add up calls queued under their own subjects.
+    pub async fn a_queued_call_without_a_record<H: Harness>() {
+        use queue_core::backend::{NOT_STORED, OwnedRecord, RecordWriteError, apply_event};
+        use queue_core::records::{CallState, Event};
+        let h = H::start().await;
+        let q = h.queue();
+        let mut first = call("unrecorded", Some("http://127.0.0.1:9/cb"), b"in");
+        first.meta.record_revision = Some(NOT_STORED);
+        let second = call("unrecorded", None, b"in");
+        let mut dotted = call("unrecorded", None, b"in");
+        dotted.meta.call_id = "order.42".into();
+        for c in [&first, &second, &dotted] {
+            publish(q.as_ref(), c).await;
+        }
+        let id = first.meta.call_id.as_str();
+        if q.finds_queued_calls() {
+            let entry = q
+                .record_entry(id)
+                .await
+                .unwrap()
+                .expect("found in the queue");
+            assert_eq!(entry.revision, NOT_STORED);
+            assert_eq!(entry.record.state, CallState::Queued);
+            assert_eq!(entry.record.function, "unrecorded");
+            assert_eq!(entry.record.accepted_at, first.meta.received_at_unix_nanos);
+            assert_eq!(q.record(id).await.unwrap(), Some(entry.record.clone()));
+            // An id that cannot be a subject token is not looked for in the queue.
+            assert_eq!(q.record("order.42").await.unwrap(), None);
+            let stats = q.function_stats().await.unwrap();
+            let unrecorded = stats
+                .iter()
+                .find(|f| f.function == "unrecorded")
+                .expect("counted");
+            assert_eq!(unrecorded.pending, 3, "{stats:?}");
+            assert!(unrecorded.oldest_age_seconds >= 0.0, "{stats:?}");
+            // A cancel is the first writer: it creates the record.
+            let cancelled = apply_event(q.as_ref(), id, None, &[Event::Cancel], None)
+                .await
+                .unwrap();
+            assert_eq!(cancelled.record.state, CallState::Cancelled);
+            assert_ne!(cancelled.revision, Some(NOT_STORED));
+            // The worker starts from the envelope (no read); it conflicts and sees the cancel.
+            let known = OwnedRecord::accepted(
+                id,
+                "unrecorded",
+                first.meta.received_at_unix_nanos,
+                true,
+                NOT_STORED,
+            );
+            let started = Event::AttemptStarted {
+                function: "unrecorded".into(),
+                attempt: 1,
+                at: queue_core::unix_nanos_now(),
+                accepted_at: first.meta.received_at_unix_nanos,
+                limits: None,
+            };
+            let after = apply_event(q.as_ref(), id, Some(known), &[started], None)
+                .await
+                .unwrap();
+            assert_eq!(after.record.state, CallState::Cancelled);
+            // Acked with no record written: nothing to find.
+            let mut acked = 0;
+            while acked < 3 {
+                let d = next(q.as_ref(), DEADLINE).await.expect("delivered");
+                d.ack().await.unwrap();
+                acked += 1;
+            }
+            let end = Instant::now() + DEADLINE;
+            while q.record(&second.meta.call_id).await.unwrap().is_some() {
+                assert!(Instant::now() < end, "an acked call is still found");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert_eq!(
+                q.record(id).await.unwrap().map(|r| r.state),
+                Some(CallState::Cancelled),
+                "a written record outlives the message"
+            );
+        } else {
+            assert_eq!(q.record(id).await.unwrap(), None);
+        }
+        // Writing at NOT_STORED creates, once.
+        let now = queue_core::unix_nanos_now();
+        let record = OwnedRecord::accepted("created-at-zero", "f", now, false, NOT_STORED).record;
+        let revision = q
+            .write_record("created-at-zero", Some(NOT_STORED), &record, None)
+            .await
+            .unwrap();
+        assert_ne!(revision, NOT_STORED);
+        assert!(matches!(
+            q.write_record("created-at-zero", Some(NOT_STORED), &record, None)
+                .await,
+            Err(RecordWriteError::Conflict)
+        ));
+        assert_eq!(
+            q.record_entry("created-at-zero")
+                .await
+                .unwrap()
+                .map(|e| e.revision),
+            Some(revision)
+        );
+    }
+
     /// The paused list is delivered at once and after every change.
     pub async fn paused_functions_are_watched<H: Harness>() {
         use queue_core::backend::CallRecords;
@@ -776,6 +897,10 @@ macro_rules! conformance {
             #[tokio::test]
             async fn records_compare_and_set() {
                 cases::records_compare_and_set::<$harness>().await;
+            }
+            #[tokio::test]
+            async fn a_queued_call_without_a_record() {
+                cases::a_queued_call_without_a_record::<$harness>().await;
             }
             #[tokio::test]
             async fn paused_functions_are_watched() {

@@ -203,7 +203,7 @@ async fn a_worker_from_the_chart_runs(chart: &Chart) {
     queue_core::backend::nats::publish_call(
         &client,
         &js,
-        &args.subject_prefix,
+        queue_core::backend::call_subject(&args.subject_prefix, &queued),
         &queued,
         &queue_core::sealing::Sealing::off(),
         max_payload,

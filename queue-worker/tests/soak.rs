@@ -75,7 +75,7 @@ async fn every_call_ends_once_through_kills_restarts_and_outages() {
                 while queue_core::backend::nats::publish_call(
                     &client,
                     &js,
-                    "faas-async",
+                    queue_core::backend::call_subject("faas-async", &c),
                     &c,
                     &queue_core::sealing::Sealing::off(),
                     client.server_info().max_payload,

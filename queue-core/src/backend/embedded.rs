@@ -744,7 +744,7 @@ impl CallRecords for EmbeddedQueue {
             .and_then(|raw| decode_record(&raw))
             .filter(|(r, _)| r.updated_at >= oldest)
             .map(|(_, revision)| revision);
-        if current != expected {
+        if current != expected.filter(|&r| r != super::NOT_STORED) {
             return Err(RecordWriteError::Conflict);
         }
         let revision = current.map_or(1, |r| r.saturating_add(1));

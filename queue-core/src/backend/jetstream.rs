@@ -23,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 use super::DeadLetterSelector;
 use super::nats::{self as queue, HEADER_ALLOWANCE};
 use super::{
-    BackendError, CallQueue, CallRecords, DeadLetter, DeadLetterEntry, PublishError, Published,
-    QueueDelivery, QueueError, RecordEntry, RecordWriteError, Revision,
+    BackendError, CallQueue, CallRecords, DeadLetter, DeadLetterEntry, NOT_STORED, OwnedRecord,
+    PublishError, Published, QueueDelivery, QueueError, RecordEntry, RecordWriteError, Revision,
 };
 use crate::message::QueuedCall;
 use crate::records::{self, CallRecord, OutcomeEvent, StoredResult};
@@ -269,6 +269,82 @@ impl JetStreamQueue {
     }
 
     /// Forget the consumer so the next pull binds again (after a failed pull).
+    /// The stored record of `call_id` with its revision, if there is one.
+    async fn stored_entry(
+        &self,
+        kv: &kv::Store,
+        call_id: &str,
+    ) -> Result<Option<RecordEntry>, BackendError> {
+        match kv.entry(record_key(call_id)).await.map_err(request_err)? {
+            Some(e) if e.operation == kv::Operation::Put => {
+                let (record, sealed) = decode_record(call_id, &e.value)?;
+                let inline_result = match sealed {
+                    Some(sealed) => Some(Bytes::from(
+                        self.options
+                            .sealing
+                            .open(Purpose::Result, call_id.as_bytes(), sealed)?
+                            .into_owned(),
+                    )),
+                    None => None,
+                };
+                Ok(Some(RecordEntry {
+                    record,
+                    revision: e.revision,
+                    inline_result,
+                }))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// The record of a call with none stored: a call queued without one
+    /// ([`CallQueue::finds_queued_calls`]) and not started yet is `queued`, at [`NOT_STORED`],
+    /// as its queued message says. A call that left the queue between the caller's read of
+    /// the records and this one had its record written first (a worker writes it before it
+    /// acknowledges), so the records are read once more before answering that there is none.
+    async fn unstored_record(
+        &self,
+        kv: &kv::Store,
+        call_id: &str,
+    ) -> Result<Option<RecordEntry>, BackendError> {
+        let prefix = &self.options.nats.subject_prefix;
+        let Some(filter) = super::queued_call_filter(prefix, call_id) else {
+            return Ok(None);
+        };
+        let stream = self
+            .js
+            .get_stream_no_info(&self.options.nats.stream)
+            .await
+            .map_err(request_err)?;
+        match stream.get_first_raw_message_by_subject(&filter, 0).await {
+            Ok(message) => {
+                let call =
+                    QueuedCall::open(&message.payload, &self.options.sealing).map_err(|e| {
+                        BackendError::Corrupt {
+                            key: format!("queued call {call_id}"),
+                            detail: e.to_string(),
+                        }
+                    })?;
+                let meta = &call.meta;
+                let owned = OwnedRecord::accepted(
+                    &meta.call_id,
+                    &meta.qualified_function(),
+                    meta.received_at_unix_nanos,
+                    meta.callback_url.is_some(),
+                    NOT_STORED,
+                );
+                return Ok(Some(RecordEntry {
+                    record: owned.record,
+                    revision: NOT_STORED,
+                    inline_result: None,
+                }));
+            }
+            Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {}
+            Err(e) => return Err(request_err(e)),
+        }
+        self.stored_entry(kv, call_id).await
+    }
+
     async fn unbind(&self) {
         *self.consumer.lock().await = None;
     }
@@ -356,37 +432,17 @@ const CAS_ATTEMPTS: usize = 16;
 impl CallRecords for JetStreamQueue {
     async fn record(&self, call_id: &str) -> Result<Option<CallRecord>, BackendError> {
         let kv = self.records_bucket().await?;
-        match kv.get(record_key(call_id)).await.map_err(request_err)? {
-            Some(raw) => {
-                let (record, _) = decode_record(call_id, &raw)?;
-                Ok(Some(record))
-            }
-            None => Ok(None),
+        if let Some(raw) = kv.get(record_key(call_id)).await.map_err(request_err)? {
+            return Ok(Some(decode_record(call_id, &raw)?.0));
         }
+        Ok(self.unstored_record(&kv, call_id).await?.map(|e| e.record))
     }
 
     async fn record_entry(&self, call_id: &str) -> Result<Option<RecordEntry>, BackendError> {
         let kv = self.records_bucket().await?;
-        let key = record_key(call_id);
-        match kv.entry(key).await.map_err(request_err)? {
-            Some(e) if e.operation == kv::Operation::Put => {
-                let (record, sealed) = decode_record(call_id, &e.value)?;
-                let inline_result = match sealed {
-                    Some(sealed) => Some(Bytes::from(
-                        self.options
-                            .sealing
-                            .open(Purpose::Result, call_id.as_bytes(), sealed)?
-                            .into_owned(),
-                    )),
-                    None => None,
-                };
-                Ok(Some(RecordEntry {
-                    record,
-                    revision: e.revision,
-                    inline_result,
-                }))
-            }
-            _ => Ok(None),
+        match self.stored_entry(&kv, call_id).await? {
+            Some(entry) => Ok(Some(entry)),
+            None => self.unstored_record(&kv, call_id).await,
         }
     }
 
@@ -416,7 +472,7 @@ impl CallRecords for JetStreamQueue {
         };
         let value = Bytes::from(value);
         let write = async {
-            match expected {
+            match expected.filter(|&r| r != NOT_STORED) {
                 Some(revision) => kv.update(&key, value, revision).await.map_err(|e| {
                     if e.kind() == kv::UpdateErrorKind::WrongLastRevision {
                         RecordWriteError::Conflict
@@ -633,6 +689,10 @@ impl CallRecords for JetStreamQueue {
 impl CallQueue for JetStreamQueue {
     type Delivery = JetStreamDelivery;
 
+    fn finds_queued_calls(&self) -> bool {
+        true
+    }
+
     async fn publish(&self, call: &QueuedCall) -> Result<Published, PublishError> {
         if self.options.manage_streams.is_some() && !self.streams_ready.load(Ordering::Relaxed) {
             self.recheck.notify_one();
@@ -643,7 +703,7 @@ impl CallQueue for JetStreamQueue {
         let result = queue::publish_call(
             &self.client,
             &self.js,
-            &self.options.nats.subject_prefix,
+            super::call_subject_with_id(&self.options.nats.subject_prefix, call),
             call,
             &self.options.sealing,
             self.max_payload(),
@@ -819,25 +879,38 @@ impl CallQueue for JetStreamQueue {
             .info_with_subjects(format!("{prefix}.>"))
             .await
             .map_err(request_err)?;
-        let mut counts = Vec::new();
+        // A call queued with its id in the subject has a subject of its own: the counts are
+        // summed per function, and the oldest is looked up once per form of subject found
+        // (`<prefix>.<ns>.<name>` and `<prefix>.<ns>.<name>.<id>`).
+        let mut by_function: std::collections::BTreeMap<String, (u64, Vec<String>)> =
+            std::collections::BTreeMap::new();
         while let Some(item) = subjects.next().await {
-            counts.push(item.map_err(request_err)?);
+            let (subject, pending) = item.map_err(request_err)?;
+            let (Some(function), Some(filter)) = (
+                super::function_of_subject(prefix, &subject),
+                super::function_filter_of_subject(prefix, &subject),
+            ) else {
+                continue;
+            };
+            let entry = by_function.entry(function).or_default();
+            entry.0 += pending as u64;
+            if !entry.1.contains(&filter) {
+                entry.1.push(filter);
+            }
         }
         let now = i128::from(crate::clock::unix_nanos_now());
         let mut out = Vec::new();
-        for (subject, pending) in counts {
-            let Some(function) = super::function_of_subject(prefix, &subject) else {
-                continue;
-            };
-            let oldest = stream
-                .get_first_raw_message_by_subject(&subject, 0)
-                .await
-                .map(|m| m.time.unix_timestamp_nanos())
-                .unwrap_or(now);
+        for (function, (pending, filters)) in by_function {
+            let mut oldest = now;
+            for filter in filters {
+                if let Ok(m) = stream.get_first_raw_message_by_subject(&filter, 0).await {
+                    oldest = oldest.min(m.time.unix_timestamp_nanos());
+                }
+            }
             let age_nanos = u64::try_from((now - oldest).max(0)).unwrap_or(u64::MAX);
             out.push(super::FunctionQueueStats {
                 function,
-                pending: pending as u64,
+                pending,
                 oldest_age_seconds: Duration::from_nanos(age_nanos).as_secs_f64(),
             });
         }

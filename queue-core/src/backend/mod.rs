@@ -104,8 +104,14 @@ pub enum QueueError {
 }
 
 /// The version of a stored call record that a writer last saw (a key-value revision in
-/// JetStream, a counter in the embedded queue).
+/// JetStream, a counter in the embedded queue). [`NOT_STORED`] is the revision of a record
+/// nobody wrote yet.
 pub type Revision = u64;
+
+/// The revision of a call's record that is not stored yet: the record of a call the gateway
+/// queued without writing one ([`CallQueue::finds_queued_calls`]), as [`CallRecords::record_entry`]
+/// rebuilds it from the queued message. Writing at it creates the record, as `None` does.
+pub const NOT_STORED: Revision = 0;
 
 /// A stored record as [`CallRecords::record_entry`] reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,8 +183,8 @@ pub trait CallRecords: Send + Sync + 'static {
         call_id: &str,
     ) -> impl Future<Output = Result<Option<RecordEntry>, BackendError>> + Send;
 
-    /// Writes `record` if the stored record is still at `expected` (`None`: only if there is
-    /// none), and returns its new revision. With `result` (as encoded by
+    /// Writes `record` if the stored record is still at `expected` (`None` or [`NOT_STORED`]:
+    /// only if there is none), and returns its new revision. With `result` (as encoded by
     /// [`StoredResult::encode_parts`], measured against [`CallRecords::max_result_bytes`] by
     /// the caller), the result is kept first, in the same round trip where the backend can:
     /// a reader that sees the record say `stored` finds the result.
@@ -290,6 +296,17 @@ pub trait CallQueue: CallRecords {
     /// How long a publish with the same call id is stored once.
     fn duplicate_window(&self) -> Duration;
 
+    /// Whether this queue finds a queued call by its id (a generated one, see
+    /// [`is_subject_token`]) until a worker takes it, so that the gateway need not write a
+    /// record when it accepts such a call: [`CallRecords::record_entry`] then answers the
+    /// call's `queued` record, rebuilt from the queued message, at [`NOT_STORED`], and the
+    /// first writer (the worker starting it, or a cancel) creates it. A worker writes the
+    /// record before it acknowledges the message, so a reader that looks in the records,
+    /// then in the queue, then in the records again never misses a call that exists.
+    fn finds_queued_calls(&self) -> bool {
+        false
+    }
+
     /// Whether publishes can succeed now (for `/readyz`); the error says why not.
     fn check_ready(&self) -> impl Future<Output = Result<(), String>> + Send;
 
@@ -369,14 +386,29 @@ pub struct FunctionQueueStats {
     pub oldest_age_seconds: f64,
 }
 
-/// The function (`name` or `name.namespace`) a subject `<prefix>.<namespace or _>.<name>` is for.
+/// The function (`name` or `name.namespace`) a subject `<prefix>.<namespace or _>.<name>`,
+/// or `<prefix>.<namespace or _>.<name>.<call id>` ([`call_subject_with_id`]), is for.
 pub fn function_of_subject(prefix: &str, subject: &str) -> Option<String> {
     let rest = subject.strip_prefix(prefix)?.strip_prefix('.')?;
-    let (namespace, name) = rest.split_once('.')?;
+    let (namespace, rest) = rest.split_once('.')?;
+    // Names are DNS labels (no dots): what follows the name's token is the call's id.
+    let name = rest.split_once('.').map_or(rest, |(name, _)| name);
     Some(if namespace == "_" {
         name.to_owned()
     } else {
         format!("{name}.{namespace}")
+    })
+}
+
+/// The subject filter that matches `subject`'s function's calls queued the same way: `subject`
+/// itself for `<prefix>.<namespace>.<name>`, `<prefix>.<namespace>.<name>.*` for a subject with
+/// a call id.
+pub fn function_filter_of_subject(prefix: &str, subject: &str) -> Option<String> {
+    let rest = subject.strip_prefix(prefix)?.strip_prefix('.')?;
+    let (namespace, rest) = rest.split_once('.')?;
+    Some(match rest.split_once('.') {
+        None => subject.to_owned(),
+        Some((name, _)) => format!("{prefix}.{namespace}.{name}.*"),
     })
 }
 
@@ -597,6 +629,33 @@ pub fn call_subject(prefix: &str, call: &QueuedCall) -> String {
     format!("{prefix}.{ns}.{}", call.meta.function)
 }
 
+/// Whether a call id can be a subject token (letters, digits, `-` and `_`): a generated id
+/// always can; a client's own id may hold `.`, `*` or `>`.
+pub fn is_subject_token(call_id: &str) -> bool {
+    !call_id.is_empty()
+        && call_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// The subject a call is queued on where the queue finds queued calls by id
+/// ([`CallQueue::finds_queued_calls`]): `<prefix>.<namespace or _>.<name>.<call id>`, or
+/// [`call_subject`]'s when the id cannot be a subject token.
+pub fn call_subject_with_id(prefix: &str, call: &QueuedCall) -> String {
+    let mut subject = call_subject(prefix, call);
+    if is_subject_token(&call.meta.call_id) {
+        subject.push('.');
+        subject.push_str(&call.meta.call_id);
+    }
+    subject
+}
+
+/// The subject filter that finds the queued call `call_id` whatever its function
+/// (`<prefix>.*.*.<call id>`), if the id can be a subject token.
+pub fn queued_call_filter(prefix: &str, call_id: &str) -> Option<String> {
+    is_subject_token(call_id).then(|| format!("{prefix}.*.*.{call_id}"))
+}
+
 /// Renders the metrics in Prometheus text format, after refreshing the queue gauges from
 /// `queue` (an unavailable queue leaves them as they were).
 pub async fn render_metrics<Q: CallQueue>(
@@ -625,4 +684,68 @@ pub async fn render_metrics<Q: CallQueue>(
         Err(e) => tracing::debug!(error = %e, "function stats unavailable for /metrics"),
     }
     handle.render()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(call_id: &str, namespace: Option<&str>) -> QueuedCall {
+        QueuedCall {
+            meta: crate::message::CallMeta {
+                call_id: call_id.into(),
+                function: "stats".into(),
+                namespace: namespace.map(str::to_owned),
+                method: "POST".into(),
+                path: String::new(),
+                query: None,
+                headers: Vec::new(),
+                callback_url: None,
+                received_at_unix_nanos: 1,
+                body: crate::message::BodyLocation::Inline { len: 0 },
+                record_revision: None,
+                overrides: Default::default(),
+            },
+            body: Bytes::new(),
+        }
+    }
+
+    #[test]
+    fn a_subject_token_id_is_in_the_subject_and_found_by_the_filter() {
+        let id = "0b5c6a3e-4f0d-4c8e-9a51-3f1f0c2d7e11";
+        let subject = call_subject_with_id("faas.a", &call(id, Some("team")));
+        assert_eq!(subject, format!("faas.a.team.stats.{id}"));
+        assert_eq!(
+            function_of_subject("faas.a", &subject).as_deref(),
+            Some("stats.team")
+        );
+        assert_eq!(
+            function_filter_of_subject("faas.a", &subject).as_deref(),
+            Some("faas.a.team.stats.*")
+        );
+        assert_eq!(
+            queued_call_filter("faas.a", id).as_deref(),
+            Some(format!("faas.a.*.*.{id}").as_str())
+        );
+    }
+
+    #[test]
+    fn an_id_that_cannot_be_a_token_keeps_the_function_subject() {
+        for id in ["a.b", "a*", ">", "x y", "ü"] {
+            assert!(!is_subject_token(id), "{id}");
+            assert_eq!(queued_call_filter("faas", id), None, "{id}");
+        }
+        let subject = call_subject_with_id("faas", &call("order.42", None));
+        assert_eq!(subject, "faas._.stats");
+        assert_eq!(
+            function_of_subject("faas", &subject).as_deref(),
+            Some("stats")
+        );
+        assert_eq!(
+            function_filter_of_subject("faas", &subject).as_deref(),
+            Some("faas._.stats")
+        );
+        assert_eq!(function_of_subject("other", &subject), None);
+        assert_eq!(function_of_subject("faas", "faas._"), None);
+    }
 }

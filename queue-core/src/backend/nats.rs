@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
 
-use super::{PublishError, QueueError, call_subject};
+use super::{PublishError, QueueError};
 use crate::message::QueuedCall;
 use crate::sealing::Sealing;
 use std::path::Path;
@@ -426,11 +426,12 @@ pub async fn ensure_streams(
 
 /// Publishes a call and waits for JetStream's acknowledgement: when this returns `Ok` the call
 /// is stored durably. Returns whether JetStream saw the call id before (a retried publish).
+/// `subject` is where it is queued ([`super::call_subject`] or [`super::call_subject_with_id`]);
 /// `max_payload` is the server's limit (the envelope must fit with [`HEADER_ALLOWANCE`]).
 pub async fn publish_call(
     client: &async_nats::Client,
     js: &jetstream::Context,
-    subject_prefix: &str,
+    subject: String,
     call: &QueuedCall,
     sealing: &Sealing,
     max_payload: usize,
@@ -450,7 +451,7 @@ pub async fn publish_call(
         .payload(payload)
         .message_id(call.meta.call_id.as_str());
     let ack = js
-        .send_publish(call_subject(subject_prefix, call), publish)
+        .send_publish(subject, publish)
         .await
         .map_err(|e| PublishError::NotStored(e.to_string()))?
         .await

@@ -81,7 +81,7 @@ impl Queue {
         queue_core::backend::nats::publish_call(
             &self.client,
             &self.js,
-            &self.args.subject_prefix,
+            queue_core::backend::call_subject(&self.args.subject_prefix, call),
             call,
             &queue_core::sealing::Sealing::off(),
             self.client.server_info().max_payload,
