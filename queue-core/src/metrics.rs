@@ -126,6 +126,9 @@ const BUCKETS: &[f64] = &[
     300.0, 900.0, 3600.0, 14400.0,
 ];
 
+/// How often histogram samples are drained into their buckets when nobody scrapes.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
 /// Installs the process-wide recorder once and returns the handle that renders it. Gateway and
 /// worker in one process share it.
 pub fn install() -> PrometheusHandle {
@@ -144,6 +147,21 @@ pub fn install() -> PrometheusHandle {
             let handle = recorder.handle();
             if metrics::set_global_recorder(recorder).is_err() {
                 tracing::warn!("a metrics recorder was already installed; /metrics may be empty");
+            }
+            // A histogram keeps every sample until it is drained: a scrape does, and so must
+            // this, or a process nobody scrapes grows by every call's samples (the soak's
+            // worker did, ~65 bytes a call, BENCHMARKS.md "Soak").
+            let upkept = handle.clone();
+            let upkeep = std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(UPKEEP_EVERY);
+                        upkept.run_upkeep();
+                    }
+                });
+            if let Err(e) = upkeep {
+                tracing::warn!(error = %e, "no metrics upkeep thread: histograms grow until scraped");
             }
             handle
         })
