@@ -40,6 +40,7 @@ use queue_core::records::{
 use queue_core::tls_server::TlsAcceptor;
 
 use crate::callback::{CallbackSender, Delivery};
+use crate::concurrency::{Admission, Limits, Slot};
 use crate::config::WorkerConfig;
 use crate::functions::{CallSettings, FunctionSettings};
 use crate::http1::Http1Client;
@@ -99,6 +100,8 @@ struct Ctx<Q: CallQueue> {
     running: RunningCalls,
     /// One per concurrent invocation (`max_inflight`).
     permits: Arc<Semaphore>,
+    /// Each function's concurrency cap and adaptive limit.
+    limits: Limits,
     /// The leased deliveries and their one heartbeat.
     beats: Arc<Heartbeats<Arc<Q::Delivery>>>,
     /// The paused functions.
@@ -352,6 +355,10 @@ pub async fn run_with_state<Q: CallQueue>(
         functions,
         running: RunningCalls::default(),
         permits: Arc::new(Semaphore::new(config.max_inflight as usize)),
+        limits: Limits::new(
+            config.adaptive_concurrency == crate::config::Adaptive::On,
+            config.max_inflight,
+        ),
         beats: Heartbeats::new(),
         paused: PausedCache::default(),
         config,
@@ -384,6 +391,7 @@ pub async fn run_with_state<Q: CallQueue>(
     tracing::info!(
         consumer = %ctx.config.consumer,
         max_inflight = ctx.config.max_inflight,
+        adaptive_concurrency = ctx.limits.adaptive(),
         ack_wait = ?ctx.config.ack_wait,
         "queue-worker started"
     );
@@ -668,10 +676,27 @@ impl<Q: CallQueue> Job<'_, Q> {
                 let Some(claim) = &claim else {
                     return lease.nak(Some(ctx.config.ack_wait)).await;
                 };
+                // The function's own slot; a full function waits without the permit.
+                let admission = ctx.limits.admit(
+                    &self.function,
+                    &self.label,
+                    settings.max_concurrency,
+                    permit,
+                    &ctx.permits,
+                    &ctx.hand_back,
+                    &claim.cancel,
+                );
+                let (permit, slot) = match Box::pin(admission).await {
+                    Admission::Run(permit, slot) => (permit, slot),
+                    Admission::HandBack => return lease.hand_back().await,
+                    Admission::Cancelled => {
+                        return Box::pin(self.cancelled(lease, attempt - 1)).await;
+                    }
+                };
                 // Boxed, like the other branches: a task's memory is its largest state, and
                 // with thousands of long calls in flight the per-call task is most of the
                 // worker's memory.
-                Box::pin(self.invoke(lease, attempt, permit, claim, &settings)).await;
+                Box::pin(self.invoke(lease, attempt, (permit, slot), claim, &settings)).await;
             }
         }
         drop(claim);
@@ -729,7 +754,7 @@ impl<Q: CallQueue> Job<'_, Q> {
         &mut self,
         lease: Lease<Q::Delivery>,
         attempt: u32,
-        permit: OwnedSemaphorePermit,
+        (permit, slot): (OwnedSemaphorePermit, Slot),
         claim: &Claim<'_>,
         settings: &CallSettings,
     ) {
@@ -750,7 +775,7 @@ impl<Q: CallQueue> Job<'_, Q> {
         };
         self.note(&[started], None).await;
         if self.cancelled_in_record() {
-            drop(permit);
+            drop((permit, slot));
             return Box::pin(self.cancelled(lease, attempt - 1)).await;
         }
         if attempt == 1 {
@@ -764,7 +789,7 @@ impl<Q: CallQueue> Job<'_, Q> {
             o = ctx.invoker.invoke(&self.call, attempt, max, settings.timeout) => o,
             () = claim.cancel.cancelled() => {
                 tracing::info!("cancelled while running: invocation aborted");
-                drop(permit);
+                drop((permit, slot));
                 let aborted = no_response(CANCELLED_STATUS, CANCELLED);
                 self.note(&[attempt_ended(attempt, &aborted, CallState::Cancelled, None)], None).await;
                 return Box::pin(self.cancelled(lease, attempt)).await;
@@ -780,6 +805,7 @@ impl<Q: CallQueue> Job<'_, Q> {
             // A function that answered has a label of its own now (see `metrics::note_answered`).
             self.label = metrics::function_label(&self.function);
         }
+        slot.finish(&outcome, &self.label);
         ::metrics::histogram!(metrics::FUNCTION_SECONDS, "function" => self.label.clone())
             .record(outcome.duration.as_secs_f64());
         // The success path logs at debug: at thousands of calls a second, a line per call
