@@ -73,8 +73,8 @@ impl Signal {
 /// The adaptive limit of one function (pure: every rule is a unit test).
 ///
 /// - Additive increase: an answer that is not backpressure adds `1 / limit` (one whole slot
-///   per `limit` such answers), but only while the limit is in use (at least half of it was
-///   running), and [`PROBE_SLOWDOWN`] times less when the next whole slot would reach the
+///   per `limit` such answers), but only while the limit is in use (all of it was running
+///   when the call ended: a function called less often than its limit learns nothing), and [`PROBE_SLOWDOWN`] times less when the next whole slot would reach the
 ///   concurrency at which the function last pushed back (the *ceiling*). Once the limit is a
 ///   whole slot above the ceiling without backpressure, the ceiling is forgotten.
 /// - Multiplicative decrease: backpressure on a call admitted since the last decrease
@@ -152,7 +152,7 @@ impl Aimd {
     /// included.
     pub fn on_success(&mut self, running: u32) {
         let cap = f64::from(self.cap);
-        if self.limit >= cap || f64::from(running) * 2.0 < self.limit.floor() {
+        if self.limit >= cap || running < self.allowed() {
             return;
         }
         let near_ceiling = self
@@ -641,9 +641,9 @@ mod tests {
             successes += 1;
         }
         assert_eq!(successes, 11, "about 10 successes at 10 add one slot");
-        // A limit not in use does not grow.
+        // A limit not in full use does not grow.
         let before = a.limit();
-        a.on_success(2);
+        a.on_success(10);
         assert!((a.limit() - before).abs() < f64::EPSILON);
     }
 
