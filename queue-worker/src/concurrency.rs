@@ -397,25 +397,22 @@ pub enum Admission {
     Cancelled,
 }
 
-/// Gauge of calls waiting for a slot of their function, while one waits.
-struct Waiting(Option<::metrics::Gauge>);
+/// Gauge of calls waiting for a slot of their function, while one waits. Counted under
+/// `other` too, as `faas_async_in_flight` is: the calls of a function yet to answer (its first
+/// burst waits before its first answer) are counted there.
+struct Waiting(::metrics::Gauge);
 
 impl Waiting {
     fn start(label: &str) -> Self {
-        if label == "other" {
-            return Self(None);
-        }
         let gauge = ::metrics::gauge!(metrics::CONCURRENCY_WAITING, "function" => label.to_owned());
         gauge.increment(1.0);
-        Self(Some(gauge))
+        Self(gauge)
     }
 }
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        if let Some(gauge) = &self.0 {
-            gauge.decrement(1.0);
-        }
+        self.0.decrement(1.0);
     }
 }
 
