@@ -693,6 +693,23 @@ impl<Q: CallQueue> Job<'_, Q> {
                         return Box::pin(self.cancelled(lease, attempt - 1)).await;
                     }
                 };
+                // Held for its function's slot, the call may have grown too old to start.
+                let age = Duration::from_nanos(
+                    queue_core::unix_nanos_now()
+                        .saturating_sub(self.call.meta.received_at_unix_nanos),
+                );
+                if age > settings.max_age {
+                    drop((permit, slot));
+                    let detail = format!("older than the maximum age of {:?}", settings.max_age);
+                    return Box::pin(self.give_up(
+                        lease,
+                        DeadLetterReason::Expired,
+                        &detail,
+                        no_response(504, "expired"),
+                        attempt - 1,
+                    ))
+                    .await;
+                }
                 // Boxed, like the other branches: a task's memory is its largest state, and
                 // with thousands of long calls in flight the per-call task is most of the
                 // worker's memory.

@@ -1,5 +1,7 @@
 //! `max_inflight = N`: the function never sees more than N concurrent calls from one worker,
-//! and 2N from two.
+//! and 2N from two. A function's own cap and adaptive limit (`concurrency.rs`): held calls
+//! drain on shutdown and are expired when they grew too old waiting; the adaptive limit
+//! settles at a function's capacity.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
 mod common;
@@ -169,4 +171,113 @@ async fn adaptive_concurrency_settles_at_the_functions_capacity_without_exhausti
         refused_later <= CALLS / 4,
         "{refused_later} 429s in the second half"
     );
+}
+
+/// A `--functions-config` giving `function` a cap of 1, in `dir`.
+fn cap_of_one(dir: &std::path::Path, function: &str) -> String {
+    let conf = dir.join("functions.toml");
+    std::fs::write(
+        &conf,
+        format!("[functions.\"{function}\"]\nmax_concurrency = 1\n"),
+    )
+    .unwrap();
+    conf.display().to_string()
+}
+
+/// Shutdown drains the calls held for their function's slot, as it drains running ones: with
+/// a cap of 1 and four calls held by the worker when it is told to stop, all four run (once
+/// each, one at a time) and are called back before it exits; none is left in the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_drains_the_calls_held_for_their_functions_slot() {
+    const CALLS: usize = 4;
+    let f = common::Fixture::start(StubBehavior {
+        delay: Duration::from_millis(400),
+        ..StubBehavior::default()
+    })
+    .await;
+    let conf = cap_of_one(f.dir.path(), "drained");
+    let worker = InProcessWorker::start(&f.worker_args("state", &["--functions-config", &conf]));
+    let mut ids = Vec::new();
+    for _ in 0..CALLS {
+        ids.push(f.publish("drained", b"x").await);
+    }
+    // Every call is with the worker (delivered, unacked) and the first one is running.
+    let stream = f.queue.js.get_stream(&f.queue.args.stream).await.unwrap();
+    let end = std::time::Instant::now() + DEADLINE;
+    loop {
+        let info = stream.consumer_info("faas-async-workers").await.ok();
+        let held = info.is_some_and(|i| i.num_pending == 0 && i.num_ack_pending == CALLS);
+        if held && f.function.received() >= 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "the worker never held every call"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        f.function.count() < CALLS,
+        "the calls were to be held at shutdown"
+    );
+    worker.shutdown().await;
+    assert_eq!(
+        f.receiver.count(),
+        CALLS,
+        "every held call ran before the worker stopped"
+    );
+    for id in &ids {
+        assert_eq!(f.function.invocations_for(id), 1, "{id} invoked once");
+    }
+    assert_eq!(f.function.max_in_flight(), 1, "one at a time");
+    assert_eq!(f.queue.pending().await, 0, "nothing left in the queue");
+    assert!(f.queue.dead_letters().await.is_empty());
+}
+
+/// `--call-max-age` is the oldest a call may be when it *starts*: a call held for its
+/// function's slot until it is older than that is expired (dead-lettered, never invoked), as a
+/// call that waited in the queue is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_call_held_for_its_slot_past_its_max_age_is_expired_not_invoked() {
+    let f = common::Fixture::start(StubBehavior {
+        delay: Duration::from_secs(5),
+        ..StubBehavior::default()
+    })
+    .await;
+    let conf = cap_of_one(f.dir.path(), "aging");
+    let worker = InProcessWorker::start(&f.worker_args(
+        "state",
+        &["--functions-config", &conf, "--call-max-age", "4s"],
+    ));
+    let first = f.publish("aging", b"first").await;
+    assert!(
+        common::wait_until(|| f.function.received() >= 1).await,
+        "the first call never ran"
+    );
+    // Held for the 5 s the first call takes: older than 4 s when its slot frees.
+    let second = f.publish("aging", b"second").await;
+    assert!(
+        f.receiver
+            .wait_for_call_ids(&[first.clone(), second.clone()], DEADLINE)
+            .await,
+        "{} callbacks of 2",
+        f.receiver.count()
+    );
+    worker.shutdown().await;
+    assert_eq!(f.function.invocations_for(&first), 1);
+    assert_eq!(
+        f.function.invocations_for(&second),
+        0,
+        "expired, not invoked"
+    );
+    let callbacks = f.receiver.callbacks();
+    let late = callbacks
+        .iter()
+        .find(|c| c.call_id.as_deref() == Some(second.as_str()))
+        .unwrap();
+    assert_eq!(late.header("x-dead-letter-reason"), Some("expired"));
+    let letters = f.queue.dead_letters().await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].reason, "expired");
+    assert_eq!(letters[0].attempts, 0, "it never ran");
 }
