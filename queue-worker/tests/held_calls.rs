@@ -1,5 +1,5 @@
 //! Calls held for their function's slot (`concurrency.rs`) keep their delivery alive: with a
-//! cap of 1 and an ack wait shorter than the wait, no call is redelivered or runs twice, and
+//! cap of 1 and an ack wait shorter than the wait, no call is delivered again or runs twice, and
 //! `faas_async_concurrency_waiting` counts the held calls. A test binary of its own: the
 //! gauge is process-wide, and other tests' held calls would count in it.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
@@ -67,7 +67,25 @@ async fn held_calls_outlive_the_ack_wait_without_a_redelivery_or_a_second_run() 
         f.receiver.count()
     );
     let after = waiting(&["held", "other"]);
+    // One delivery per call: a held call whose lease lapsed would have been delivered again
+    // (and handed back by the worker, which still holds the call).
+    let deliveries = f
+        .queue
+        .js
+        .get_stream(&f.queue.args.stream)
+        .await
+        .unwrap()
+        .consumer_info("faas-async-workers")
+        .await
+        .unwrap()
+        .delivered
+        .consumer_sequence;
     worker.shutdown().await;
+    assert_eq!(
+        deliveries,
+        u64::try_from(CALLS).unwrap(),
+        "each call delivered once"
+    );
 
     for id in &ids {
         assert_eq!(f.function.invocations_for(id), 1, "{id} ran once");
