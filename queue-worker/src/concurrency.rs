@@ -31,11 +31,12 @@
 //! changes).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use queue_core::Outcome;
 use queue_core::metrics;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio_util::sync::CancellationToken;
 
 /// The limit after a function pushed back is this share of what it was.
@@ -422,6 +423,27 @@ pub struct Limits {
     adaptive: bool,
     max_inflight: u32,
     functions: RwLock<HashMap<String, Arc<Limiter>>>,
+    /// Calls that have their function's slot and wait for a worker permit.
+    wanting: AtomicUsize,
+    /// Tells the pull loop a call with a slot waits for a permit (see [`Limits::permit_wanted`]).
+    wanted: Notify,
+}
+
+/// Counts a call with a slot waiting for a worker permit, while it waits.
+struct Wanting<'a>(&'a Limits);
+
+impl<'a> Wanting<'a> {
+    fn start(limits: &'a Limits) -> Self {
+        limits.wanting.fetch_add(1, Ordering::SeqCst);
+        limits.wanted.notify_one();
+        Self(limits)
+    }
+}
+
+impl Drop for Wanting<'_> {
+    fn drop(&mut self) {
+        self.0.wanting.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Limits {
@@ -431,7 +453,27 @@ impl Limits {
             adaptive,
             max_inflight: max_inflight.max(1),
             functions: RwLock::default(),
+            wanting: AtomicUsize::new(0),
+            wanted: Notify::new(),
         }
+    }
+
+    /// Calls that have their function's slot and wait for a worker permit now.
+    ///
+    /// The pull loop reserves the free permits for the deliveries it asked for; a call that
+    /// got its slot while they are reserved would wait for them until the pull ends (up to
+    /// `--pull-expires`), its slot idle and counted as in use (so that the limit grew on no
+    /// evidence, then the reserved permits came free at once: a burst of `429`s). The pull loop
+    /// gives its reserved permits up while this is above 0, and the deliveries it still gets
+    /// for that pull wait for a permit of their own.
+    pub fn permits_wanted(&self) -> usize {
+        self.wanting.load(Ordering::SeqCst)
+    }
+
+    /// Resolves when a call with a slot starts waiting for a permit (or has since the last
+    /// time this resolved); then see [`Limits::permits_wanted`].
+    pub async fn permit_wanted(&self) {
+        self.wanted.notified().await;
     }
 
     /// Whether limits adapt to the functions' answers.
@@ -531,6 +573,13 @@ impl Limits {
             () = cancel.cancelled() => return Admission::Cancelled,
         };
         drop(waiting);
+        match permits.clone().try_acquire_owned() {
+            Ok(permit) => return Admission::Run(permit, slot),
+            Err(TryAcquireError::Closed) => return Admission::HandBack,
+            Err(TryAcquireError::NoPermits) => {}
+        }
+        // The pull loop gives up the permits it reserved (see `permits_wanted`).
+        let _wanting = Wanting::start(self);
         tokio::select! {
             p = permits.clone().acquire_owned() => match p {
                 Ok(permit) => Admission::Run(permit, slot),
@@ -842,6 +891,37 @@ mod tests {
         let (allowed, running) = limits.current("f").unwrap();
         assert_eq!(allowed, 3, "near the ceiling the limit grows slowly");
         assert_eq!(running, 3);
+    }
+
+    /// A call given a slot while every free permit is reserved (by the pull loop) says so,
+    /// and runs as soon as a reserved permit is given up.
+    #[tokio::test(start_paused = true)]
+    async fn a_call_with_a_slot_waiting_for_a_permit_is_announced() {
+        let limits = Arc::new(Limits::new(false, 4));
+        let permits = Arc::new(Semaphore::new(4));
+        let (p1, slot) = run(admit(&limits, &permits, Some(1)).await);
+        let waiting = {
+            let (limits, permits) = (limits.clone(), permits.clone());
+            tokio::spawn(async move { run(admit(&limits, &permits, Some(1)).await) })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // The other permits reserved, then the running call ends: its permit is taken too.
+        let mut reserved: Vec<_> = (0..3).map(|_| permit(&permits)).collect();
+        assert_eq!(limits.permits_wanted(), 0);
+        let announced = limits.permit_wanted();
+        tokio::pin!(announced);
+        drop(p1);
+        reserved.push(permit(&permits));
+        slot.finish(&outcome(200, None), "f");
+        tokio::select! {
+            () = &mut announced => {}
+            () = tokio::time::sleep(Duration::from_secs(60)) => panic!("not announced"),
+        }
+        assert_eq!(limits.permits_wanted(), 1);
+        assert!(!waiting.is_finished(), "no permit free");
+        reserved.pop();
+        let (_p, _slot) = waiting.await.unwrap();
+        assert_eq!(limits.permits_wanted(), 0, "no longer waiting");
     }
 
     #[tokio::test(start_paused = true)]

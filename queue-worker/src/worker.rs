@@ -447,6 +447,13 @@ async fn pull_loop<Q: CallQueue>(ctx: &Arc<Ctx<Q>>, stop: &CancellationToken) ->
             },
             () = stop.cancelled() => break,
         };
+        if ctx.limits.permits_wanted() > 0 {
+            // A call with its function's slot waits for a permit: it goes first (the permit
+            // passes to it, queued on the semaphore).
+            drop(first);
+            tokio::task::yield_now().await;
+            continue;
+        }
         let mut held = vec![first];
         while held.len() < MAX_PULL_BATCH {
             match permits.clone().try_acquire_owned() {
@@ -466,9 +473,19 @@ async fn pull_loop<Q: CallQueue>(ctx: &Arc<Ctx<Q>>, stop: &CancellationToken) ->
             },
             () = stop.cancelled() => break,
         };
+        // Permits given up to calls with a slot (`Limits::permits_wanted`): as many deliveries
+        // of this pull still to come wait for a permit of their own.
+        let mut owed = 0usize;
         loop {
             let next = tokio::select! {
                 n = batch.next() => n,
+                () = ctx.limits.permit_wanted(), if !held.is_empty() => {
+                    if ctx.limits.permits_wanted() > 0 {
+                        owed += held.len();
+                        held.clear();
+                    }
+                    continue;
+                }
                 () = stop.cancelled() => None,
             };
             match next {
@@ -476,12 +493,15 @@ async fn pull_loop<Q: CallQueue>(ctx: &Arc<Ctx<Q>>, stop: &CancellationToken) ->
                 Some(Ok(msg)) => {
                     backoff.reset();
                     let lease = Lease::new(msg, &ctx.beats);
-                    let Some(permit) = held.pop() else {
+                    if let Some(permit) = held.pop() {
+                        tasks.spawn(handle(ctx.clone(), lease, permit));
+                    } else if owed > 0 {
+                        owed -= 1;
+                        tasks.spawn(handle_when_permitted(ctx.clone(), lease));
+                    } else {
                         // The queue sent more than asked; hand it straight back.
                         lease.hand_back().await;
-                        continue;
-                    };
-                    tasks.spawn(handle(ctx.clone(), lease, permit));
+                    }
                 }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "pull failed");
@@ -492,6 +512,19 @@ async fn pull_loop<Q: CallQueue>(ctx: &Arc<Ctx<Q>>, stop: &CancellationToken) ->
         }
     }
     tasks
+}
+
+/// A delivery whose reserved permit went to a call with a slot: it waits for a permit (its
+/// lease kept alive), or is handed back at shutdown.
+async fn handle_when_permitted<Q: CallQueue>(ctx: Arc<Ctx<Q>>, lease: Lease<Q::Delivery>) {
+    let permit = tokio::select! {
+        p = ctx.permits.clone().acquire_owned() => p.ok(),
+        () = ctx.hand_back.cancelled() => None,
+    };
+    match permit {
+        Some(permit) => handle(ctx, lease, permit).await,
+        None => lease.hand_back().await,
+    }
 }
 
 async fn handle<Q: CallQueue>(

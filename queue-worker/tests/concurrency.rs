@@ -115,8 +115,19 @@ async fn adaptive_concurrency_settles_at_the_functions_capacity_without_exhausti
     }
     let dir = tempfile::tempdir().unwrap();
     let mut args = worker_args(&queue.nats.url(), &function.url(), dir.path());
-    // Retries soon, so the test is short; the default 5 attempts.
-    args.extend(["--retry-initial-wait", "50ms", "--retry-max-wait", "200ms"].map(String::from));
+    // Retries soon, so the test is short; the default 5 attempts. The default pull expiry:
+    // the pull loop's reserved permits must not keep calls that have their slot waiting.
+    args.extend(
+        [
+            "--retry-initial-wait",
+            "50ms",
+            "--retry-max-wait",
+            "200ms",
+            "--pull-expires",
+            "5s",
+        ]
+        .map(String::from),
+    );
     let worker = InProcessWorker::start(&args);
 
     // The first half: the first burst (up to 50 at once) meets the function's limit, and the
