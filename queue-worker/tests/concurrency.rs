@@ -175,9 +175,10 @@ async fn adaptive_concurrency_settles_at_the_functions_capacity_without_exhausti
     );
     let gauge = gauge.expect("the limit gauge is exported");
     // A slot is held from the attempt's start record to its answer, so with a 20 ms function
-    // on a loaded machine the limit stands a slot or three above what the function sees at
-    // once (which is held to 4 above); it came down from the worker's 50 all the same.
-    assert!((1.0..=8.0).contains(&gauge), "limit gauge {gauge}");
+    // the limit may stand a slot above what the function sees at once (held to 4 above); it
+    // came down from the worker's 50. (It climbed far above while calls given a slot waited
+    // for the permits the pull loop had reserved.)
+    assert!((1.0..=5.0).contains(&gauge), "limit gauge {gauge}");
     assert!(
         refused_later <= CALLS / 4,
         "{refused_later} 429s in the second half"
