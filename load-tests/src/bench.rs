@@ -150,6 +150,12 @@ pub enum Scenario {
     /// calls straight to the stub and 10,000 through the gateway, then the
     /// async path as usual.
     FrontMode,
+    /// Adaptive concurrency: a stub function that takes 3 calls at once and answers `429` to
+    /// any more (`--function-capacity 3`, 20 ms each), a worker allowed 50 (`--max-inflight`),
+    /// closed loop of 64, 2,000 calls; the worker's limit for the function is read from its
+    /// metrics every 250 ms and printed as a table. Every call must succeed within its
+    /// retries (a call that ran out of them is a bad result).
+    Adaptive,
 }
 
 impl Scenario {
@@ -211,17 +217,32 @@ impl Scenario {
                 accept_alone: false,
                 ..base
             },
+            Self::Adaptive => BenchOptions {
+                calls: 2_000,
+                concurrency: 64,
+                max_inflight: 50,
+                function_delay: Duration::from_millis(20),
+                function_capacity: Some(3),
+                // The limit from the first call on.
+                warmup: 0,
+                accept_alone: false,
+                worker_args: ["--retry-initial-wait=100ms", "--retry-max-wait=1s"]
+                    .map(str::to_owned)
+                    .to_vec(),
+                ..base
+            },
         }
     }
 
     /// Every scenario.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::Throughput,
         Self::LatencyAtRate,
         Self::LongRunning,
         Self::Faults,
         Self::Cluster,
         Self::FrontMode,
+        Self::Adaptive,
     ];
 }
 
@@ -378,6 +399,10 @@ pub struct BenchOptions {
     /// synchronous calls straight to the stub against the same calls through the gateway
     /// (the `front-mode` scenario; a system this run started only).
     pub front_mode: bool,
+    /// The stub function takes this many calls at once and answers `429` to any more; the
+    /// worker's concurrency limit for the function is then sampled from its metrics and
+    /// reported (the `adaptive` scenario; a system this run started only).
+    pub function_capacity: Option<usize>,
 }
 
 impl Default for BenchOptions {
@@ -408,6 +433,7 @@ impl Default for BenchOptions {
             accept_alone: true,
             cluster: None,
             front_mode: false,
+            function_capacity: None,
         }
     }
 }
@@ -512,6 +538,14 @@ impl BenchOptions {
                     cluster.probe_calls
                 ));
             }
+        }
+        if let Some(capacity) = self.function_capacity
+            && (capacity == 0 || self.external.is_some())
+        {
+            return fail(format!(
+                "function-capacity needs a system this run starts (the stub function is its \
+                 function) and at least 1, not {capacity}"
+            ));
         }
         if self.front_mode && (self.external.is_some() || self.cluster.is_some()) {
             return fail(
@@ -891,6 +925,8 @@ pub struct Report {
     pub cluster: Option<ClusterReport>,
     /// Direct and proxied synchronous calls (`null` without front mode).
     pub front_mode: Option<FrontModeReport>,
+    /// The worker's concurrency limit over the run (`null` without `--function-capacity`).
+    pub adaptive: Option<crate::adaptive::AdaptiveReport>,
 }
 
 impl Report {
@@ -1227,6 +1263,9 @@ impl Report {
                 self.cpu_us_per_call
             );
         }
+        if let Some(adaptive) = &self.adaptive {
+            out.push_str(&adaptive.to_table());
+        }
         let _ = writeln!(out, "total wall time {:.1} s", self.total_seconds);
         out
     }
@@ -1299,6 +1338,7 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
         .and_then(|external| external.callback_url.clone())
         .unwrap_or_else(|| receiver.url());
     let mut front_mode = None;
+    let mut adaptive = None;
     let (path, idle, after_run, stub) = match (&opts.external, bin_dir, &nats_url) {
         (Some(external), _, _) => {
             let target = Target {
@@ -1324,6 +1364,19 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
                 Backend::JetStream => front_gateway_args.extend(upstream_arg),
                 Backend::Embedded => worker_args.extend(upstream_arg),
             }
+            // The worker's metrics, read for its concurrency limit: the worker's own port
+            // (JetStream; the last --metrics-listen wins), or the all-in-one's gateway port.
+            let worker_metrics = match (opts.function_capacity, opts.backend) {
+                (None, _) => None,
+                (Some(_), Backend::JetStream) => {
+                    let port = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+                        .and_then(|l| l.local_addr())
+                        .map_err(|e| BenchError::setup("finding a free port", e))?;
+                    worker_args.push(format!("--metrics-listen={port}"));
+                    Some(format!("http://{port}/metrics"))
+                }
+                (Some(_), Backend::Embedded) => Some(String::new()),
+            };
             let mut system = SystemUnderTest::start(&SutOptions {
                 backend: opts.backend,
                 bin_dir,
@@ -1363,8 +1416,35 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
                 system: Some(&mut system),
                 cluster: own_nats.as_mut().and_then(OwnNats::cluster_mut),
             };
-            let result =
-                measure_async_path(opts, &poster, &body, target, &receiver, Some(&function)).await;
+            let measuring =
+                measure_async_path(opts, &poster, &body, target, &receiver, Some(&function));
+            let result = match (&worker_metrics, opts.function_capacity) {
+                (Some(url), Some(capacity)) => {
+                    let url = if url.is_empty() {
+                        format!("{gateway_url}/metrics")
+                    } else {
+                        url.clone()
+                    };
+                    let label = opts.function.to_ascii_lowercase();
+                    let (stop, stopped) = tokio::sync::oneshot::channel();
+                    let sampling = crate::adaptive::sample(
+                        &client, &url, &label, &function, &receiver, stopped,
+                    );
+                    let measuring = async {
+                        let result = measuring.await;
+                        let _ = stop.send(());
+                        result
+                    };
+                    let (result, samples) = tokio::join!(measuring, sampling);
+                    adaptive = Some(crate::adaptive::AdaptiveReport {
+                        function_capacity: capacity,
+                        refused_total: function.over_capacity(),
+                        samples,
+                    });
+                    result
+                }
+                _ => measuring.await,
+            };
             let after_run = system.usage();
             // Stop even when the measurement failed; its error comes first.
             let stopped = system.stop().await;
@@ -1479,6 +1559,7 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
         total_seconds: started.elapsed().as_secs_f64(),
         cluster,
         front_mode,
+        adaptive,
     })
 }
 
@@ -1513,6 +1594,7 @@ fn stub_behavior(opts: &BenchOptions) -> StubBehavior {
         delay_p99: opts.function_delay_p99,
         response_bytes: opts.response_bytes,
         faults: opts.faults,
+        capacity: opts.function_capacity,
         ..StubBehavior::default()
     }
 }

@@ -7,7 +7,9 @@
 //!
 //! - [`bench`]: options, load loops, baselines and the report.
 //! - [`sut`]: the system under test as processes (builds missing binaries under `cargo run`).
+//! - [`adaptive`]: the worker's concurrency limit over a run (the `adaptive` scenario).
 
+pub mod adaptive;
 pub mod bench;
 mod error;
 pub mod sut;

@@ -214,6 +214,11 @@ struct BenchArgs {
     /// against the same calls through the gateway [default: on for the front-mode scenario].
     #[arg(long, env = "LOAD_TESTS_FRONT_MODE")]
     front_mode: bool,
+    /// The stub function takes this many calls at once and answers `429` to any more; the
+    /// worker's concurrency limit for it is read from its metrics every 250 ms and printed
+    /// [default: 3 for the adaptive scenario].
+    #[arg(long, env = "LOAD_TESTS_FUNCTION_CAPACITY", value_parser = RangedU64ValueParser::<usize>::new().range(1..=100_000))]
+    function_capacity: Option<usize>,
     /// An extra argument for the worker process, repeatable
     /// (`--worker-arg=--upstream-timeout=2s`).
     #[arg(
@@ -409,6 +414,7 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         // The cluster and its faults come with `--scenario cluster`.
         cluster: base.cluster,
         front_mode: base.front_mode || args.front_mode,
+        function_capacity: args.function_capacity.or(base.function_capacity),
     };
     // The self-contained system is the default; the flag only says so.
     let _ = args.self_contained;

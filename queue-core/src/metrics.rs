@@ -50,6 +50,11 @@ pub const DEAD_LETTERS_KEPT: &str = "faas_async_dead_letters_kept";
 pub const OLDEST_PENDING_SECONDS: &str = "faas_async_oldest_pending_seconds";
 /// Reconnections to NATS.
 pub const RECONNECTS: &str = "faas_async_nats_reconnects_total";
+/// Calls of a function one worker runs at once at most now (its adaptive limit, within the
+/// function's cap and `--max-inflight`), by function.
+pub const CONCURRENCY_LIMIT: &str = "faas_async_concurrency_limit";
+/// Calls held by a worker waiting for a slot under their function's limit, by function.
+pub const CONCURRENCY_WAITING: &str = "faas_async_concurrency_waiting";
 
 /// OpenFaaS Pro's queue-worker series, beside ours, so that its Grafana dashboards and its
 /// queue-depth autoscaling rules keep working: labels `queue_name` (the stream) and

@@ -7,7 +7,9 @@
 //! `--functions-config` wins over an annotation, an annotation over the worker's defaults. A
 //! function list that cannot be fetched keeps the last one (a warning says why); a value that does
 //! not parse is left out with a warning naming the function and the annotation.
-//! `com.openfaas.queue` (a named queue) has no meaning here yet: a function carrying it is named
+//! `faas-async.max_concurrency` (ours: OpenFaaS has no annotation for a function's concurrency
+//! in the queue) caps the function's calls at once per worker, as `max_concurrency` does in the
+//! file. `com.openfaas.queue` (a named queue) has no meaning here yet: a function carrying it is named
 //! in a warning once, and its calls run on the shared queue.
 
 use std::collections::{HashMap, HashSet};
@@ -28,6 +30,8 @@ pub const CODES: &str = "com.openfaas.retry.codes";
 pub const MIN_WAIT: &str = "com.openfaas.retry.min_wait";
 /// Longest wait between attempts.
 pub const MAX_WAIT: &str = "com.openfaas.retry.max_wait";
+/// Calls of the function one worker runs at once, at most (this project's own annotation).
+pub const MAX_CONCURRENCY: &str = "faas-async.max_concurrency";
 /// A named queue (OpenFaaS Pro); not served separately here.
 pub const QUEUE: &str = "com.openfaas.queue";
 
@@ -41,6 +45,14 @@ pub fn override_from(annotations: &HashMap<String, String>) -> (FunctionOverride
             Ok(n) if n >= 1 => o.max_attempts = Some(n),
             _ => problems.push(format!(
                 "{ATTEMPTS}={raw:?} is not a whole number of at least 1"
+            )),
+        }
+    }
+    if let Some(raw) = annotations.get(MAX_CONCURRENCY) {
+        match raw.trim().parse::<u32>() {
+            Ok(n) if n >= 1 => o.max_concurrency = Some(n),
+            _ => problems.push(format!(
+                "{MAX_CONCURRENCY}={raw:?} is not a whole number of at least 1"
             )),
         }
     }
@@ -338,6 +350,13 @@ mod tests {
                 },
             ),
             (
+                vec![(MAX_CONCURRENCY, "4")],
+                FunctionOverride {
+                    max_concurrency: Some(4),
+                    ..FunctionOverride::default()
+                },
+            ),
+            (
                 vec![("com.openfaas.scale.max", "5")],
                 FunctionOverride::default(),
             ),
@@ -357,6 +376,8 @@ mod tests {
             (vec![(CODES, "999")], CODES),
             (vec![(CODES, " , ")], CODES),
             (vec![(MIN_WAIT, "soon")], MIN_WAIT),
+            (vec![(MAX_CONCURRENCY, "0")], MAX_CONCURRENCY),
+            (vec![(MAX_CONCURRENCY, "many")], MAX_CONCURRENCY),
         ] {
             let (o, problems) = override_from(&annotations(&pairs));
             assert_eq!(o, FunctionOverride::default(), "{pairs:?}");

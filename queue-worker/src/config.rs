@@ -24,6 +24,15 @@ pub enum Annotations {
     Off,
 }
 
+/// Whether each function's concurrency adapts to its answers ([`crate::concurrency`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Adaptive {
+    /// Lowered on backpressure (429, 503, timeouts), raised again on answers.
+    On,
+    /// Fixed: the function's cap, else `--max-inflight`.
+    Off,
+}
+
 /// How the worker reaches functions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum InvokeMode {
@@ -59,6 +68,12 @@ pub struct WorkerConfig {
     /// Most function invocations this worker runs at once.
     #[arg(long, env = "QUEUE_WORKER_MAX_INFLIGHT", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_inflight: u32,
+    /// Adaptive concurrency per function: each function's calls at once are lowered when it
+    /// pushes back (429, 503, timeouts) and raised again on its other answers, never above its
+    /// `max_concurrency` or `--max-inflight`, never below 1; `on` or `off` (OpenFaaS:
+    /// `limiter_enabled`). It starts at the cap, so it only ever lowers concurrency.
+    #[arg(long, env = "QUEUE_WORKER_ADAPTIVE_CONCURRENCY", value_enum, default_value_t = Adaptive::On)]
+    pub adaptive_concurrency: Adaptive,
     /// Time JetStream waits for an ack (or in-progress heartbeat) before redelivering.
     /// Short: a dead worker's calls are redelivered quickly; heartbeats keep long calls alive.
     #[arg(long, env = "QUEUE_WORKER_ACK_WAIT", default_value = "30s", value_parser = parse_duration)]
@@ -380,6 +395,7 @@ mod tests {
     fn defaults_are_sane() {
         let c = parse(&[]);
         assert_eq!(c.max_inflight, 50);
+        assert_eq!(c.adaptive_concurrency, Adaptive::On);
         assert_eq!(c.ack_wait, Duration::from_secs(30));
         assert_eq!(c.nats.nats_url, "nats://127.0.0.1:4222");
         assert_eq!(c.invoke_mode, InvokeMode::Gateway);

@@ -11,6 +11,7 @@
 //! initial_wait = "5s"
 //! max_wait = "10m"
 //! max_age = "48h"
+//! max_concurrency = 4            # calls at once per worker, at most
 //! ```
 //!
 //! Unknown keys are errors, so a typo is caught at start rather than silently ignored.
@@ -78,6 +79,8 @@ pub struct FunctionOverride {
     /// Oldest a call may be when it starts.
     #[serde(default, deserialize_with = "duration")]
     pub max_age: Option<Duration>,
+    /// Calls of the function one worker runs at once, at most ([`crate::concurrency`]).
+    pub max_concurrency: Option<u32>,
 }
 
 impl FunctionOverride {
@@ -93,6 +96,7 @@ impl FunctionOverride {
             max_wait: self.max_wait.or(under.max_wait),
             timeout: self.timeout.or(under.timeout),
             max_age: self.max_age.or(under.max_age),
+            max_concurrency: self.max_concurrency.or(under.max_concurrency),
         }
     }
 }
@@ -113,6 +117,8 @@ pub struct CallSettings {
     pub timeout: Duration,
     /// Oldest the call may be when it starts.
     pub max_age: Duration,
+    /// The function's concurrency cap per worker, if it has one (else `--max-inflight`).
+    pub max_concurrency: Option<u32>,
 }
 
 /// Defaults from the command line plus per-function overrides.
@@ -135,6 +141,7 @@ impl FunctionSettings {
             retry: config.retry_policy(),
             timeout: config.upstream_timeout,
             max_age: config.call_max_age,
+            max_concurrency: None,
         };
         let overrides = match &config.functions_config {
             None => HashMap::new(),
@@ -170,6 +177,8 @@ impl FunctionSettings {
                 Some("is not a function name (name or name.namespace)".to_owned())
             } else if o.max_attempts == Some(0) {
                 Some("max_attempts must be at least 1".to_owned())
+            } else if o.max_concurrency == Some(0) {
+                Some("max_concurrency must be at least 1".to_owned())
             } else {
                 o.retry_codes
                     .iter()
@@ -254,6 +263,7 @@ impl FunctionSettings {
             },
             timeout: o.timeout.unwrap_or(d.timeout),
             max_age: o.max_age.unwrap_or(d.max_age),
+            max_concurrency: o.max_concurrency,
         }
     }
 }
@@ -304,6 +314,7 @@ mod tests {
             [functions."figlet.team-a"]
             retry_codes = [429]
             max_age = "48h"
+            max_concurrency = 4
             "#,
         )
         .unwrap();
@@ -314,6 +325,8 @@ mod tests {
         let team = s.for_call(&meta("figlet", Some("team-a")));
         assert_eq!(team.retry.codes, vec![429]);
         assert_eq!(team.max_age, Duration::from_secs(48 * 3600));
+        assert_eq!(team.max_concurrency, Some(4));
+        assert_eq!(plain.max_concurrency, None, "no cap: --max-inflight");
         assert_eq!(
             team.retry.max_attempts, 5,
             "the namespaced entry does not inherit"
@@ -407,6 +420,10 @@ mod tests {
                 "expected e.g. 30s",
             ),
             ("[functions.f]\nmax_attempts = 0\n", "at least 1"),
+            (
+                "[functions.f]\nmax_concurrency = 0\n",
+                "max_concurrency must be",
+            ),
             ("[functions.f]\nretry_codes = [999]\n", "not an HTTP status"),
             (
                 "[functions.\"a/b\"]\nmax_attempts = 1\n",

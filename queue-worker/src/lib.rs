@@ -17,6 +17,7 @@
 //!   socket and a right-sized buffer per in-flight call, an idle pool per origin).
 //! - [`retry`]: the function retry policy (backoff with jitter, `Retry-After`).
 //! - [`functions`]: per-function overrides (`--functions-config`, TOML).
+//! - [`concurrency`]: per-function concurrency: a cap and the adaptive (AIMD) limit under it.
 //! - [`callback`]: callback headers and delivery with retries of the callback alone; the
 //!   callback URL policy at connect time.
 //! - [`signing`]: Standard Webhooks signatures of callbacks, secrets from a file.
@@ -28,6 +29,7 @@
 
 pub mod annotations;
 pub mod callback;
+pub mod concurrency;
 pub mod config;
 pub mod dlq;
 pub mod endpoint;

@@ -38,6 +38,7 @@ pub const VARIABLES: &[&str] = &[
     "max_retry_wait",
     "retry_http_codes",
     "backoff",
+    "limiter_enabled",
     // Logs and TLS.
     "write_debug",
     "debug",
@@ -57,7 +58,6 @@ pub const VARIABLES: &[&str] = &[
     // Read, with no effect here (as in OpenFaaS's static mode, or NATS Streaming only).
     "consumer_inactive_threshold",
     "consumer_pull_max_messages",
-    "limiter_enabled",
     "faas_nats_cluster_name",
     "faas_max_reconnect",
     "faas_reconnect_delay",
@@ -289,6 +289,16 @@ impl<L: Fn(&str) -> Option<String>> Reader<L> {
             }
             self.flag("QUEUE_WORKER_RETRY_BACKOFF", "retry-backoff", mode);
         }
+        // OpenFaaS: adaptive concurrency per function from its 429s (its function mode, where
+        // each function has a consumer). Here each function has its own limit in every mode.
+        if let Some(on) = self.bool("limiter_enabled")? {
+            let value = if on { "on" } else { "off" };
+            self.flag(
+                "QUEUE_WORKER_ADAPTIVE_CONCURRENCY",
+                "adaptive-concurrency",
+                value,
+            );
+        }
         Ok(())
     }
 
@@ -418,12 +428,6 @@ impl<L: Fn(&str) -> Option<String>> Reader<L> {
                  this worker has free slots, at most --max-inflight"
             ));
         }
-        if let Some(on) = self.bool("limiter_enabled")? {
-            self.note(format!(
-                "limiter_enabled={on}: adaptive concurrency applies to scaling_mode=function \
-                 only; no effect in static mode, as in OpenFaaS"
-            ));
-        }
         if let Some(v) = self.value("faas_nats_cluster_name") {
             self.note(format!(
                 "faas_nats_cluster_name={v:?}: a NATS Streaming cluster id; JetStream has none"
@@ -491,7 +495,7 @@ pub fn openfaas_compat_args(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{InvokeMode, LogFormat, WorkerConfig, with_leading_args};
+    use crate::config::{Adaptive, InvokeMode, LogFormat, WorkerConfig, with_leading_args};
     use crate::retry::Backoff;
     use clap::Parser;
     use std::collections::HashMap;
@@ -783,7 +787,11 @@ mod tests {
             ),
             (
                 &[("limiter_enabled", "true")],
-                Noted("limiter_enabled=true: adaptive concurrency"),
+                Reads(|c| c.adaptive_concurrency == Adaptive::On),
+            ),
+            (
+                &[("limiter_enabled", "false")],
+                Reads(|c| c.adaptive_concurrency == Adaptive::Off),
             ),
             (
                 &[("limiter_enabled", "maybe")],
@@ -906,12 +914,10 @@ mod tests {
                 "faas_print_body={value}: {notes:?}"
             );
             assert_eq!(compat(&[("tls_insecure", value)]).is_err(), on);
-            let notes = compat(&[("limiter_enabled", value)]).unwrap().notes;
-            assert!(
-                notes
-                    .iter()
-                    .any(|n| n.contains(&format!("limiter_enabled={on}"))),
-                "{notes:?}"
+            assert_eq!(
+                parse(&[("limiter_enabled", value)]).adaptive_concurrency,
+                if on { Adaptive::On } else { Adaptive::Off },
+                "limiter_enabled={value}"
             );
         }
         for name in [

@@ -40,6 +40,7 @@ use queue_core::records::{
 use queue_core::tls_server::TlsAcceptor;
 
 use crate::callback::{CallbackSender, Delivery};
+use crate::concurrency::{Admission, Limits, Slot};
 use crate::config::WorkerConfig;
 use crate::functions::{CallSettings, FunctionSettings};
 use crate::http1::Http1Client;
@@ -102,6 +103,8 @@ struct Ctx<Q: CallQueue> {
     running: RunningCalls,
     /// One per concurrent invocation (`max_inflight`).
     permits: Arc<Semaphore>,
+    /// Each function's concurrency cap and adaptive limit.
+    limits: Limits,
     /// The leased deliveries and their one heartbeat.
     beats: Arc<Heartbeats<Arc<Q::Delivery>>>,
     /// The paused functions.
@@ -355,6 +358,10 @@ pub async fn run_with_state<Q: CallQueue>(
         functions,
         running: RunningCalls::default(),
         permits: Arc::new(Semaphore::new(config.max_inflight as usize)),
+        limits: Limits::new(
+            config.adaptive_concurrency == crate::config::Adaptive::On,
+            config.max_inflight,
+        ),
         beats: Heartbeats::new(),
         paused: PausedCache::default(),
         config,
@@ -387,6 +394,7 @@ pub async fn run_with_state<Q: CallQueue>(
     tracing::info!(
         consumer = %ctx.config.consumer,
         max_inflight = ctx.config.max_inflight,
+        adaptive_concurrency = ctx.limits.adaptive(),
         ack_wait = ?ctx.config.ack_wait,
         "queue-worker started"
     );
@@ -442,6 +450,13 @@ async fn pull_loop<Q: CallQueue>(ctx: &Arc<Ctx<Q>>, stop: &CancellationToken) ->
             },
             () = stop.cancelled() => break,
         };
+        if ctx.limits.permits_wanted() > 0 {
+            // A call with its function's slot waits for a permit: it goes first (the permit
+            // passes to it, queued on the semaphore).
+            drop(first);
+            tokio::task::yield_now().await;
+            continue;
+        }
         let mut held = vec![first];
         while held.len() < MAX_PULL_BATCH {
             match permits.clone().try_acquire_owned() {
@@ -461,9 +476,19 @@ async fn pull_loop<Q: CallQueue>(ctx: &Arc<Ctx<Q>>, stop: &CancellationToken) ->
             },
             () = stop.cancelled() => break,
         };
+        // Permits given up to calls with a slot (`Limits::permits_wanted`): as many deliveries
+        // of this pull still to come wait for a permit of their own.
+        let mut owed = 0usize;
         loop {
             let next = tokio::select! {
                 n = batch.next() => n,
+                () = ctx.limits.permit_wanted(), if !held.is_empty() => {
+                    if ctx.limits.permits_wanted() > 0 {
+                        owed += held.len();
+                        held.clear();
+                    }
+                    continue;
+                }
                 () = stop.cancelled() => None,
             };
             match next {
@@ -471,12 +496,15 @@ async fn pull_loop<Q: CallQueue>(ctx: &Arc<Ctx<Q>>, stop: &CancellationToken) ->
                 Some(Ok(msg)) => {
                     backoff.reset();
                     let lease = Lease::new(msg, &ctx.beats);
-                    let Some(permit) = held.pop() else {
+                    if let Some(permit) = held.pop() {
+                        tasks.spawn(handle(ctx.clone(), lease, permit));
+                    } else if owed > 0 {
+                        owed -= 1;
+                        tasks.spawn(handle_when_permitted(ctx.clone(), lease));
+                    } else {
                         // The queue sent more than asked; hand it straight back.
                         lease.hand_back().await;
-                        continue;
-                    };
-                    tasks.spawn(handle(ctx.clone(), lease, permit));
+                    }
                 }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "pull failed");
@@ -487,6 +515,19 @@ async fn pull_loop<Q: CallQueue>(ctx: &Arc<Ctx<Q>>, stop: &CancellationToken) ->
         }
     }
     tasks
+}
+
+/// A delivery whose reserved permit went to a call with a slot: it waits for a permit (its
+/// lease kept alive), or is handed back at shutdown.
+async fn handle_when_permitted<Q: CallQueue>(ctx: Arc<Ctx<Q>>, lease: Lease<Q::Delivery>) {
+    let permit = tokio::select! {
+        p = ctx.permits.clone().acquire_owned() => p.ok(),
+        () = ctx.hand_back.cancelled() => None,
+    };
+    match permit {
+        Some(permit) => handle(ctx, lease, permit).await,
+        None => lease.hand_back().await,
+    }
 }
 
 async fn handle<Q: CallQueue>(
@@ -671,10 +712,44 @@ impl<Q: CallQueue> Job<'_, Q> {
                 let Some(claim) = &claim else {
                     return lease.nak(Some(ctx.config.ack_wait)).await;
                 };
+                // The function's own slot; a full function waits without the permit.
+                let admission = ctx.limits.admit(
+                    &self.function,
+                    &self.label,
+                    settings.max_concurrency,
+                    permit,
+                    &ctx.permits,
+                    &ctx.hand_back,
+                    &claim.cancel,
+                );
+                let (permit, slot) = match Box::pin(admission).await {
+                    Admission::Run(permit, slot) => (permit, slot),
+                    Admission::HandBack => return lease.hand_back().await,
+                    Admission::Cancelled => {
+                        return Box::pin(self.cancelled(lease, attempt - 1)).await;
+                    }
+                };
+                // Held for its function's slot, the call may have grown too old to start.
+                let age = Duration::from_nanos(
+                    queue_core::unix_nanos_now()
+                        .saturating_sub(self.call.meta.received_at_unix_nanos),
+                );
+                if age > settings.max_age {
+                    drop((permit, slot));
+                    let detail = format!("older than the maximum age of {:?}", settings.max_age);
+                    return Box::pin(self.give_up(
+                        lease,
+                        DeadLetterReason::Expired,
+                        &detail,
+                        no_response(504, "expired"),
+                        attempt - 1,
+                    ))
+                    .await;
+                }
                 // Boxed, like the other branches: a task's memory is its largest state, and
                 // with thousands of long calls in flight the per-call task is most of the
                 // worker's memory.
-                Box::pin(self.invoke(lease, attempt, permit, claim, &settings)).await;
+                Box::pin(self.invoke(lease, attempt, (permit, slot), claim, &settings)).await;
             }
         }
         drop(claim);
@@ -732,7 +807,7 @@ impl<Q: CallQueue> Job<'_, Q> {
         &mut self,
         lease: Lease<Q::Delivery>,
         attempt: u32,
-        permit: OwnedSemaphorePermit,
+        (permit, slot): (OwnedSemaphorePermit, Slot),
         claim: &Claim<'_>,
         settings: &CallSettings,
     ) {
@@ -771,7 +846,7 @@ impl<Q: CallQueue> Job<'_, Q> {
             }
         }
         if self.cancelled_in_record() {
-            drop(permit);
+            drop((permit, slot));
             return Box::pin(self.cancelled(lease, attempt - 1)).await;
         }
         if attempt == 1 {
@@ -785,7 +860,7 @@ impl<Q: CallQueue> Job<'_, Q> {
             o = ctx.invoker.invoke(&self.call, attempt, max, settings.timeout) => o,
             () = claim.cancel.cancelled() => {
                 tracing::info!("cancelled while running: invocation aborted");
-                drop(permit);
+                drop((permit, slot));
                 let aborted = no_response(CANCELLED_STATUS, CANCELLED);
                 self.note(&[attempt_ended(attempt, &aborted, CallState::Cancelled, None)], None).await;
                 return Box::pin(self.cancelled(lease, attempt)).await;
@@ -801,6 +876,7 @@ impl<Q: CallQueue> Job<'_, Q> {
             // A function that answered has a label of its own now (see `metrics::note_answered`).
             self.label = metrics::function_label(&self.function);
         }
+        slot.finish(&outcome, &self.label);
         ::metrics::histogram!(metrics::FUNCTION_SECONDS, "function" => self.label.clone())
             .record(outcome.duration.as_secs_f64());
         // The success path logs at debug: at thousands of calls a second, a line per call

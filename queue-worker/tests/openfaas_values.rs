@@ -84,11 +84,7 @@ const PRO: Chart = Chart {
     flags: &[],
     stream: "faas-request",
     consumer: "faas-workers",
-    notes: &[
-        "consumer_inactive_threshold=30s",
-        "limiter_enabled=true",
-        "nats_stream_replicas=1",
-    ],
+    notes: &["consumer_inactive_threshold=30s", "nats_stream_replicas=1"],
 };
 
 /// `chart/queue-worker/templates/deployment.yaml` with the chart's defaults (`queueName: ""`,
@@ -123,7 +119,7 @@ const DEDICATED_QUEUE: Chart = Chart {
     flags: &[],
     stream: "custom-request",
     consumer: "custom-workers",
-    notes: &["consumer_inactive_threshold=30s", "limiter_enabled=true"],
+    notes: &["consumer_inactive_threshold=30s"],
 };
 
 fn free_port() -> u16 {

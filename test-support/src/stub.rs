@@ -60,6 +60,9 @@ pub struct StubBehavior {
     pub response_bytes: Option<usize>,
     /// Random faults drawn per attempt, independently of `fail_first`.
     pub faults: FaultMix,
+    /// When set, a request arriving while this many are already inside is answered `429` at
+    /// once (no `Retry-After`): a function with a concurrency limit of its own.
+    pub capacity: Option<usize>,
 }
 
 /// Shares of attempts (each 0.0..=1.0, summing to at most 1.0) that a [`StubFunction`] answers
@@ -162,6 +165,7 @@ impl Default for StubBehavior {
             delay_p99: None,
             response_bytes: None,
             faults: FaultMix::default(),
+            capacity: None,
         }
     }
 }
@@ -275,6 +279,8 @@ struct StubState {
     max_in_flight: AtomicUsize,
     /// Requests received, recorded or not.
     received: AtomicUsize,
+    /// Requests refused with `429` for [`StubBehavior::capacity`].
+    over_capacity: AtomicUsize,
 }
 
 impl StubFunction {
@@ -352,6 +358,18 @@ impl StubFunction {
         self.state.max_in_flight.load(Ordering::SeqCst)
     }
 
+    /// Starts a new window for [`StubFunction::max_in_flight`]: the highest so far is
+    /// returned and the count starts again from those in flight now.
+    pub fn reset_max_in_flight(&self) -> usize {
+        let now = self.state.in_flight.load(Ordering::SeqCst);
+        self.state.max_in_flight.swap(now, Ordering::SeqCst)
+    }
+
+    /// How many requests were refused with `429` for [`StubBehavior::capacity`].
+    pub fn over_capacity(&self) -> usize {
+        self.state.over_capacity.load(Ordering::SeqCst)
+    }
+
     /// How many requests are being handled right now.
     pub fn in_flight(&self) -> usize {
         self.state.in_flight.load(Ordering::SeqCst)
@@ -367,6 +385,10 @@ async fn stub_handler(State(state): State<Arc<StubState>>, request: Request) -> 
     let in_flight = InFlight::enter(&state);
     state.received.fetch_add(1, Ordering::SeqCst);
     let behavior = lock(&state.behavior).clone();
+    if behavior.capacity.is_some_and(|c| in_flight.now > c) {
+        state.over_capacity.fetch_add(1, Ordering::SeqCst);
+        return StatusCode::TOO_MANY_REQUESTS.into_response();
+    }
     let (parts, body) = request.into_parts();
     let body = match axum::body::to_bytes(body, usize::MAX).await {
         Ok(body) => body,
@@ -462,19 +484,26 @@ fn standard_normal() -> f64 {
 
 /// Counts a request as in flight for as long as it lives, so that requests
 /// whose client goes away are uncounted too.
-struct InFlight<'a>(&'a AtomicUsize);
+struct InFlight<'a> {
+    count: &'a AtomicUsize,
+    /// In flight when this one arrived, itself included.
+    now: usize,
+}
 
 impl<'a> InFlight<'a> {
     fn enter(state: &'a StubState) -> Self {
         let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         state.max_in_flight.fetch_max(now, Ordering::SeqCst);
-        Self(&state.in_flight)
+        Self {
+            count: &state.in_flight,
+            now,
+        }
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.count.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
