@@ -87,6 +87,9 @@ pub enum GatewayError {
     /// The CORS file cannot be used.
     #[error(transparent)]
     Cors(#[from] cors::CorsError),
+    /// Settings that do not fit together (named in the message).
+    #[error("settings: {0}")]
+    Settings(String),
 }
 
 /// How the HTTP front behaves, whatever the queue.
@@ -166,6 +169,10 @@ pub async fn run(
         (Some(cert), Some(key)) => Some(connections::tls_acceptor(cert, key)?),
         _ => None,
     };
+    config
+        .call_limits
+        .check(config.records.records_retention)
+        .map_err(GatewayError::Settings)?;
     let controls = Controls::load(&config.controls, &config.default_namespace)?;
     queue_core::metrics::set_pro_labels(&config.nats.stream, &config.default_namespace);
     let stop = CancellationToken::new();

@@ -991,8 +991,11 @@ async fn accept<Q: CallQueue>(
     // reused call id is caught before anything is queued, and the worker can write the next
     // state at the revision the envelope carries without reading the record. A generated id
     // needs no such check, and a queue that finds its queued calls by id answers their
-    // record until a worker writes it: the call is then one store, not two.
-    let (revision, created) = if !client_id && state.queue.finds_queued_calls() {
+    // record until a worker writes it: the call is then one store, not two. A scheduled call
+    // (`X-Delay`, `X-Not-Before`) waits apart from the queued calls, where no such look-up
+    // finds it: its record is written, so that it is `scheduled` and cancellable until it runs.
+    let scheduled = call.meta.not_before_unix_nanos.is_some();
+    let (revision, created) = if !client_id && !scheduled && state.queue.finds_queued_calls() {
         (queue_core::backend::NOT_STORED, false)
     } else {
         match record_call(state, &call, received_at, client_id).await {
@@ -1037,7 +1040,7 @@ async fn accept<Q: CallQueue>(
         function = %call.meta.qualified_function(),
         method = %call.meta.method,
         duplicate = published.duplicate,
-        scheduled = call.meta.not_before_unix_nanos.is_some(),
+        scheduled,
         "call queued"
     );
     let function = queue_core::metrics::function_label(&call.meta.qualified_function());

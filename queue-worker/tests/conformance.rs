@@ -562,6 +562,7 @@ mod cases {
             function: "f".into(),
             at: now,
             has_callback: false,
+            not_before: None,
         };
         let record = records::apply("cas", None, &accepted, now);
         let first = q.write_record("cas", None, &record, None).await.unwrap();
@@ -629,6 +630,7 @@ mod cases {
                 function: "f".into(),
                 at: now,
                 has_callback: true,
+                not_before: None,
             };
             let created = apply_event(q.as_ref(), id, None, &[accepted], None)
                 .await
@@ -754,6 +756,7 @@ mod cases {
                 "unrecorded",
                 first.meta.received_at_unix_nanos,
                 true,
+                None,
                 NOT_STORED,
             );
             let started = Event::AttemptStarted {
@@ -789,7 +792,8 @@ mod cases {
         }
         // Writing at NOT_STORED creates, once.
         let now = queue_core::unix_nanos_now();
-        let record = OwnedRecord::accepted("created-at-zero", "f", now, false, NOT_STORED).record;
+        let record =
+            OwnedRecord::accepted("created-at-zero", "f", now, false, None, NOT_STORED).record;
         let revision = q
             .write_record("created-at-zero", Some(NOT_STORED), &record, None)
             .await

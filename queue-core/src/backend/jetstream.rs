@@ -356,6 +356,7 @@ impl JetStreamQueue {
                     &meta.qualified_function(),
                     meta.received_at_unix_nanos,
                     meta.callback_url.is_some(),
+                    meta.not_before_unix_nanos,
                     NOT_STORED,
                 );
                 return Ok(Some(RecordEntry {

@@ -755,6 +755,7 @@ mod tests {
                 body: crate::message::BodyLocation::Inline { len: 0 },
                 record_revision: None,
                 overrides: Default::default(),
+                not_before_unix_nanos: None,
             },
             body: Bytes::new(),
         }
