@@ -369,7 +369,9 @@ pub fn delayed_stream_name(stream: &str) -> String {
 }
 
 /// The subject prefix of scheduled calls (`<prefix>-delayed`, outside the calls stream's
-/// `<prefix>.>`): `<prefix>-delayed.<namespace or _>.<function>`.
+/// `<prefix>.>`): `<prefix>-delayed.<namespace or _>.<function>.<call id>` (the id as for
+/// [`super::call_subject_with_id`]), which the scheduler releases on the same subject under
+/// `<prefix>`.
 pub fn delayed_subject_prefix(subject_prefix: &str) -> String {
     format!("{subject_prefix}-delayed")
 }
