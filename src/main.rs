@@ -163,11 +163,11 @@ async fn main() -> anyhow::Result<()> {
         .context("signing-public-keys");
     }
     let dlq = config.worker.command.take();
-    if dlq.is_none() && config.server.role != Role::Worker {
-        config
-            .call_limits
-            .check(config.worker.records.records_retention)
-            .map_err(anyhow::Error::msg)?;
+    if let Some(note) = config
+        .call_limits
+        .fit_to(config.worker.records.records_retention)
+    {
+        tracing::warn!("{note}");
     }
     if kind == QueueKind::Embedded {
         if config.server.role == Role::Worker {

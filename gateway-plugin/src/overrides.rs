@@ -31,24 +31,31 @@ pub struct CallLimitArgs {
     /// max age: an older message is gone from the stream).
     #[arg(long, env = "GATEWAY_MAX_AGE_CAP", default_value = "24h", value_parser = parse_duration)]
     pub max_age_cap: Duration,
-    /// Longest a call may be scheduled ahead with `X-Delay` or `X-Not-Before`. Must be below
-    /// `--records-retention`, so a scheduled call's record lives until it runs.
+    /// Longest a call may be scheduled ahead with `X-Delay` or `X-Not-Before`. Kept below
+    /// `--records-retention` (lowered to nine tenths of it, with a warning), so a scheduled
+    /// call's record lives until it runs.
     #[arg(long, env = "GATEWAY_MAX_DELAY", default_value = "12h", value_parser = parse_duration)]
     pub max_delay: Duration,
 }
 
 impl CallLimitArgs {
-    /// Refuses a `--max-delay` a scheduled call's record would not outlive.
-    pub fn check(&self, records_retention: Duration) -> Result<(), String> {
-        if self.max_delay >= records_retention {
-            return Err(format!(
-                "--max-delay (GATEWAY_MAX_DELAY) {} must be below --records-retention \
-                 (ASYNC_RECORDS_RETENTION) {}: a scheduled call's record would expire before it runs",
-                humantime::format_duration(self.max_delay),
-                humantime::format_duration(records_retention)
-            ));
+    /// Lowers a `--max-delay` a scheduled call's record would not outlive (not below
+    /// `--records-retention`) to nine tenths of the retention, and says so: the record of a
+    /// call delayed that long is written at accept and must still be there when it runs.
+    pub fn fit_to(&mut self, records_retention: Duration) -> Option<String> {
+        if self.max_delay < records_retention {
+            return None;
         }
-        Ok(())
+        let lowered = records_retention.saturating_sub(records_retention / 10);
+        let note = format!(
+            "--max-delay (GATEWAY_MAX_DELAY) {} is not below --records-retention \
+             (ASYNC_RECORDS_RETENTION) {}: lowered to {} so a delayed call's record lives until it runs",
+            humantime::format_duration(self.max_delay),
+            humantime::format_duration(records_retention),
+            humantime::format_duration(lowered)
+        );
+        self.max_delay = lowered;
+        Some(note)
     }
 }
 
@@ -400,13 +407,15 @@ mod tests {
             assert_eq!(e.code, code, "{pairs:?}");
             assert!(e.message.contains(says), "{pairs:?}: {}", e.message);
         }
-        assert!(caps.check(Duration::from_secs(7200)).is_ok());
-        let e = CallLimitArgs::default()
-            .check(Duration::from_secs(12 * 3600))
-            .unwrap_err();
+        let mut fitted = caps;
+        assert_eq!(fitted.fit_to(Duration::from_secs(7200)), None);
+        assert_eq!(fitted.max_delay, Duration::from_secs(3600));
+        let mut fitted = CallLimitArgs::default();
+        let note = fitted.fit_to(Duration::from_secs(12 * 3600)).unwrap();
         assert!(
-            e.contains("--max-delay") && e.contains("--records-retention"),
-            "{e}"
+            note.contains("--max-delay") && note.contains("--records-retention"),
+            "{note}"
         );
+        assert_eq!(fitted.max_delay, Duration::from_secs(12 * 360 * 9));
     }
 }
