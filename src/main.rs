@@ -163,6 +163,12 @@ async fn main() -> anyhow::Result<()> {
         .context("signing-public-keys");
     }
     let dlq = config.worker.command.take();
+    if let Some(note) = config
+        .call_limits
+        .fit_to(config.worker.records.records_retention)
+    {
+        tracing::warn!("{note}");
+    }
     if kind == QueueKind::Embedded {
         if config.server.role == Role::Worker {
             bail!(

@@ -726,3 +726,93 @@ async fn embedded_queue_keeps_call_data_encrypted_at_rest() {
         }
     }
 }
+
+/// Delayed calls on the embedded queue (issue 15): an `X-Delay` call is `scheduled`, survives a
+/// restart of the server on the same directory, and runs within 1 s of its time; a cancelled
+/// scheduled call never runs (its cancel callback comes when its time comes).
+#[tokio::test]
+async fn a_delayed_call_survives_a_restart_and_runs_on_time_on_the_embedded_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let function = StubFunction::start(StubBehavior::default()).await.unwrap();
+    let receiver = CallbackReceiver::start().await.unwrap();
+    let function_url = function.url();
+    let (base_instant, base_unix) = (Instant::now(), queue_core::unix_nanos_now());
+    let server = Server::start(dir.path(), &["--gateway-url", &function_url]).await;
+    let client = queue_worker::invoke::http_client("all-in-one-test").unwrap();
+    let post = || {
+        client
+            .post(format!("{}/async-function/later", server.url))
+            .header("X-Delay", "8s")
+            .header("X-Callback-Url", receiver.url())
+            .body("job")
+            .send()
+    };
+    let delayed = post().await.unwrap();
+    assert_eq!(delayed.status(), 202);
+    let delayed = delayed.headers()["x-call-id"].to_str().unwrap().to_owned();
+    let cancelled = post().await.unwrap();
+    let cancelled = cancelled.headers()["x-call-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let record = |id: String| {
+        let client = client.clone();
+        let url = server.url.clone();
+        async move {
+            let body = client
+                .get(format!("{url}/async-calls/{id}"))
+                .send()
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap()
+        }
+    };
+    let shown = record(delayed.clone()).await;
+    assert_eq!(shown["state"], "scheduled", "{shown}");
+    let due = shown["scheduled_for"].as_u64().expect("scheduled_for");
+    let response = client
+        .delete(format!("{}/async-calls/{cancelled}", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    server.stop().await;
+
+    let _server = Server::start(dir.path(), &["--gateway-url", &function_url]).await;
+    wait_until(
+        "the delayed call ran and the cancelled one was called back",
+        || {
+            let done = receiver.count_by_call_id();
+            done.contains_key(&delayed) && done.contains_key(&cancelled)
+        },
+    )
+    .await;
+    let invoked = function
+        .requests()
+        .into_iter()
+        .find(|r| r.call_id.as_deref() == Some(delayed.as_str()))
+        .expect("invoked");
+    let at = base_unix
+        + u64::try_from(invoked.received_at.duration_since(base_instant).as_nanos()).unwrap();
+    assert!(at >= due, "ran {} ms early", (due - at) / 1_000_000);
+    assert!(
+        at - due < 1_000_000_000,
+        "ran {} ms after its time",
+        (at - due) / 1_000_000
+    );
+    assert_eq!(function.invocations_for(&delayed), 1);
+    assert_eq!(
+        function.invocations_for(&cancelled),
+        0,
+        "a cancelled call ran"
+    );
+    let callback = receiver
+        .callbacks()
+        .into_iter()
+        .find(|c| c.call_id.as_deref() == Some(cancelled.as_str()))
+        .unwrap();
+    assert_eq!(callback.header("x-call-state"), Some("cancelled"));
+}

@@ -232,6 +232,7 @@ fn call_and_cut(u: &mut Unstructured<'_>) -> Result<(QueuedCall, usize)> {
             timeout_ms: u.arbitrary()?,
             max_age_ms: u.arbitrary()?,
         },
+        not_before_unix_nanos: u.arbitrary()?,
     };
     let cut = u.arbitrary()?;
     let body = Bytes::from(bytes(u, 64)?);
@@ -262,6 +263,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
                 timeout_ms: Some(90_000),
                 max_age_ms: None,
             },
+            not_before_unix_nanos: None,
         },
         body: Bytes::from_static(b"\x00\xffbinary body"),
     };
@@ -279,6 +281,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
             body: BodyLocation::Inline { len: 0 },
             record_revision: None,
             overrides: CallOverrides::default(),
+            not_before_unix_nanos: None,
         },
         body: Bytes::new(),
     };

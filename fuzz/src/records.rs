@@ -144,7 +144,8 @@ fn apply_all(events: &[Event]) {
     }
 }
 
-const STATES: [CallState; 8] = [
+const STATES: [CallState; 9] = [
+    CallState::Scheduled,
     CallState::Queued,
     CallState::Running,
     CallState::Retrying,
@@ -206,6 +207,8 @@ fn record(u: &mut Unstructured<'_>) -> Result<CallRecord> {
             None
         },
         request_digest: maybe_text(u, TEXT_PIECES, 2)?,
+        scheduled_for: u.arbitrary()?,
+        queued_at: u.arbitrary()?,
     })
 }
 
@@ -229,11 +232,12 @@ fn message(u: &mut Unstructured<'_>) -> Result<(u64, String, Vec<u8>)> {
 
 fn event(u: &mut Unstructured<'_>) -> Result<Event> {
     let function = || "f".to_owned();
-    Ok(match u.int_in_range(0..=5)? {
+    Ok(match u.int_in_range(0..=6)? {
         0 => Event::Accepted {
             function: function(),
             at: u.int_in_range(0..=100)?,
             has_callback: u.arbitrary()?,
+            not_before: u.arbitrary()?,
         },
         1 => Event::AttemptStarted {
             function: function(),
@@ -260,6 +264,9 @@ fn event(u: &mut Unstructured<'_>) -> Result<Event> {
         },
         3 => Event::Callback(callback_entry(u)?),
         4 => Event::Cancel,
+        5 => Event::Released {
+            at: u.int_in_range(0..=100)?,
+        },
         _ => Event::GaveUp {
             state: *u.choose(&[
                 CallState::DeadLettered,
@@ -314,6 +321,8 @@ pub fn seeds() -> Vec<Vec<u8>> {
             max_age_ms: 86_400_000,
         }),
         request_digest: None,
+        scheduled_for: None,
+        queued_at: None,
     };
     let queued = apply(
         "job_42",
@@ -322,6 +331,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
             function: "f".into(),
             at: 1,
             has_callback: false,
+            not_before: None,
         },
         1,
     );

@@ -62,7 +62,7 @@ pub async fn record<Q: CallQueue>(
     PathParam(call_id): PathParam,
 ) -> Response {
     match load(&state, &call_id).await {
-        Ok(record) => axum::Json(record.for_api()).into_response(),
+        Ok(record) => axum::Json(record.for_api(queue_core::unix_nanos_now())).into_response(),
         Err(e) => e.with_call_id(&call_id).into_response(),
     }
 }
@@ -75,7 +75,7 @@ pub async fn cancel<Q: CallQueue>(
 ) -> Response {
     let mut namespace = None;
     let response = match cancel_call(&state, &call_id, None, &mut namespace).await {
-        Ok(record) => axum::Json(record.for_api()).into_response(),
+        Ok(record) => axum::Json(record.for_api(queue_core::unix_nanos_now())).into_response(),
         Err(e) => e.with_call_id(&call_id).into_response(),
     };
     with_namespace(response, namespace)
@@ -143,7 +143,11 @@ pub(crate) async fn cancel_addressed<Q: CallQueue>(
     let mut namespace = None;
     let response = match cancel_call(state, &call_id, Some(record), &mut namespace).await {
         Ok(record) => {
-            let mut response = (StatusCode::ACCEPTED, axum::Json(record.for_api())).into_response();
+            let mut response = (
+                StatusCode::ACCEPTED,
+                axum::Json(record.for_api(queue_core::unix_nanos_now())),
+            )
+                .into_response();
             if let Ok(id) = HeaderValue::from_str(&call_id) {
                 response.headers_mut().insert("x-call-id", id);
             }
@@ -241,7 +245,7 @@ async fn result_response<Q: CallQueue>(
     let no_result =
         |code: &'static str, message: String| ApiError::new(StatusCode::CONFLICT, code, message);
     match record.state {
-        CallState::Queued | CallState::Running | CallState::Retrying => {
+        CallState::Scheduled | CallState::Queued | CallState::Running | CallState::Retrying => {
             return Ok((
                 StatusCode::ACCEPTED,
                 axum::Json(json!({

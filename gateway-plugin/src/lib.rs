@@ -157,7 +157,7 @@ impl Controls {
 /// Serves on `listener` with JetStream as the queue until `shutdown` completes, then lets
 /// requests in progress finish (up to the grace period) and flushes the NATS connection.
 pub async fn run(
-    config: GatewayConfig,
+    mut config: GatewayConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
@@ -166,6 +166,9 @@ pub async fn run(
         (Some(cert), Some(key)) => Some(connections::tls_acceptor(cert, key)?),
         _ => None,
     };
+    if let Some(note) = config.call_limits.fit_to(config.records.records_retention) {
+        tracing::warn!("{note}");
+    }
     let controls = Controls::load(&config.controls, &config.default_namespace)?;
     queue_core::metrics::set_pro_labels(&config.nats.stream, &config.default_namespace);
     let stop = CancellationToken::new();

@@ -60,6 +60,7 @@ async fn record_call<Q: CallQueue>(
         function: function.clone(),
         at: received_at,
         has_callback: call.meta.callback_url.is_some(),
+        not_before: call.meta.not_before_unix_nanos,
     };
     let mut record = records::apply(call_id, None, &accepted, received_at);
     let digest = client_id.then(|| request_digest(call));
@@ -82,7 +83,7 @@ async fn record_call<Q: CallQueue>(
             record: existing,
             revision,
             ..
-        })) if existing.state == CallState::Queued
+        })) if matches!(existing.state, CallState::Queued | CallState::Scheduled)
             && existing.function == function
             && existing.attempts.is_empty()
             && digest.is_some()
@@ -890,6 +891,7 @@ async fn accept<Q: CallQueue>(
         .map(|ConnectInfo(addr)| addr.ip());
     let headers = captured_headers(&parts.headers, peer, &state.trusted_proxies)?;
     let overrides = crate::overrides::call_overrides(&parts.headers, &state.call_limits)?;
+    let not_before = crate::overrides::not_before(&parts.headers, &state.call_limits, received_at)?;
 
     let Some(limit) = state.max_body() else {
         return Err(ApiError::unavailable(
@@ -937,6 +939,7 @@ async fn accept<Q: CallQueue>(
             body: BodyLocation::Inline { len: 0 },
             record_revision: None,
             overrides,
+            not_before_unix_nanos: not_before,
         },
         body,
     };
@@ -988,8 +991,11 @@ async fn accept<Q: CallQueue>(
     // reused call id is caught before anything is queued, and the worker can write the next
     // state at the revision the envelope carries without reading the record. A generated id
     // needs no such check, and a queue that finds its queued calls by id answers their
-    // record until a worker writes it: the call is then one store, not two.
-    let (revision, created) = if !client_id && state.queue.finds_queued_calls() {
+    // record until a worker writes it: the call is then one store, not two. A scheduled call
+    // (`X-Delay`, `X-Not-Before`) waits apart from the queued calls, where no such look-up
+    // finds it: its record is written, so that it is `scheduled` and cancellable until it runs.
+    let scheduled = call.meta.not_before_unix_nanos.is_some();
+    let (revision, created) = if !client_id && !scheduled && state.queue.finds_queued_calls() {
         (queue_core::backend::NOT_STORED, false)
     } else {
         match record_call(state, &call, received_at, client_id).await {
@@ -1034,6 +1040,7 @@ async fn accept<Q: CallQueue>(
         function = %call.meta.qualified_function(),
         method = %call.meta.method,
         duplicate = published.duplicate,
+        scheduled,
         "call queued"
     );
     let function = queue_core::metrics::function_label(&call.meta.qualified_function());

@@ -1583,6 +1583,7 @@ async fn store_dead_letter(
             body: queue_core::message::BodyLocation::Inline { len: 4 },
             record_revision: None,
             overrides: Default::default(),
+            not_before_unix_nanos: None,
         },
         body: bytes::Bytes::from_static(b"body"),
     };

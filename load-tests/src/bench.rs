@@ -1813,6 +1813,7 @@ async fn measure_baseline_embedded(
                     body: BodyLocation::Inline { len: 0 },
                     record_revision: None,
                     overrides: Default::default(),
+                    not_before_unix_nanos: None,
                 },
                 body,
             };

@@ -101,6 +101,15 @@ pub struct CallMeta {
     /// worker's settings for the function. An older worker ignores them.
     #[serde(default, skip_serializing_if = "CallOverrides::is_empty")]
     pub overrides: CallOverrides,
+    /// A scheduled call (`X-Delay`, `X-Not-Before`): not to be run before this time, Unix
+    /// nanoseconds. Optional, and safe for an older worker to ignore because no worker sees a
+    /// scheduled call before its time: JetStream keeps it on the delayed stream until a
+    /// worker's scheduler moves it onto the calls stream at its time, and the embedded queue
+    /// keeps the time in its own delivery state, which older builds already honour. What an
+    /// older worker does get wrong is the age: it counts from acceptance, this build from this
+    /// time (upgrade the workers before the gateways, as for call ids).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before_unix_nanos: Option<u64>,
 }
 
 /// Per-call limits a client asked for: `X-Max-Retries`, `X-Timeout`, `X-Max-Age`.
@@ -125,6 +134,16 @@ impl CallOverrides {
 }
 
 impl CallMeta {
+    /// When the call was due to run, Unix nanoseconds: its not-before time when it was
+    /// scheduled, else its acceptance. A call's age (for `--call-max-age`, `X-Max-Age`) and its
+    /// queue wait count from here.
+    pub fn due_at_unix_nanos(&self) -> u64 {
+        self.not_before_unix_nanos
+            .map_or(self.received_at_unix_nanos, |at| {
+                at.max(self.received_at_unix_nanos)
+            })
+    }
+
     /// Rewrites the function to its canonical identity ([`canonical_function`]): a call
     /// queued by an older gateway, or by hand, is paused, configured and counted as the same
     /// function as every other call of it.
@@ -400,6 +419,7 @@ impl QueuedCall {
             namespace: self.meta.namespace.clone(),
             received_at_unix_nanos: self.meta.received_at_unix_nanos,
             body_bytes: self.body.len() as u64,
+            not_before_unix_nanos: self.meta.not_before_unix_nanos,
         })?;
         let clear_len = u32::try_from(clear.len()).map_err(|_| {
             serde_json::Error::io(std::io::Error::other("metadata larger than 4 GiB"))
@@ -431,6 +451,7 @@ impl QueuedCall {
                 if call.meta.call_id != clear.call_id
                     || call.meta.function != clear.function
                     || call.meta.namespace != clear.namespace
+                    || call.meta.not_before_unix_nanos != clear.not_before_unix_nanos
                 {
                     return Err(DecodeError::ClearMismatch);
                 }
@@ -484,6 +505,10 @@ pub struct ClearMeta {
     pub received_at_unix_nanos: u64,
     /// Request body size.
     pub body_bytes: u64,
+    /// Not to be run before this time (a scheduled call), Unix nanoseconds: in clear so the
+    /// scheduler needs no keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before_unix_nanos: Option<u64>,
 }
 
 /// What can be told of an envelope without its keys: enough to list it as a dead letter.
@@ -499,6 +524,8 @@ pub struct EnvelopeSummary {
     pub body_bytes: u64,
     /// The id of the key it is sealed with, if sealed.
     pub key_id: Option<String>,
+    /// Not to be run before this time (a scheduled call), Unix nanoseconds.
+    pub not_before_unix_nanos: Option<u64>,
 }
 
 impl EnvelopeSummary {
@@ -512,6 +539,7 @@ impl EnvelopeSummary {
                 received_at_unix_nanos: call.meta.received_at_unix_nanos,
                 body_bytes: call.body.len() as u64,
                 key_id: None,
+                not_before_unix_nanos: call.meta.not_before_unix_nanos,
             });
         }
         let (clear, clear_end) = clear_meta(payload)?;
@@ -525,6 +553,7 @@ impl EnvelopeSummary {
             received_at_unix_nanos: clear.received_at_unix_nanos,
             body_bytes: clear.body_bytes,
             key_id: sealing::sealed_key_id(&payload[clear_end..]).map(str::to_owned),
+            not_before_unix_nanos: clear.not_before_unix_nanos,
         })
     }
 }
@@ -580,6 +609,7 @@ mod tests {
                 body: BodyLocation::Inline { len: 0 },
                 record_revision: None,
                 overrides: Default::default(),
+                not_before_unix_nanos: None,
             },
             body: Bytes::from_static(b"\x00\xffbinary body, not base64"),
         }

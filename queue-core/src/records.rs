@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CallState {
+    /// Stored with a time not to run before (`X-Delay`, `X-Not-Before`), which has not come
+    /// yet (`scheduled_for`). Then `queued`.
+    Scheduled,
     /// Stored, waiting for a worker.
     Queued,
     /// A worker is invoking the function.
@@ -105,6 +108,13 @@ pub struct CallRecord {
     /// matters while the call is queued); the API does not show it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_digest: Option<String>,
+    /// A scheduled call's time (`X-Delay`, `X-Not-Before`), Unix nanoseconds: not run before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_for: Option<u64>,
+    /// When a scheduled call joined the queue (left `scheduled` for `queued`), Unix
+    /// nanoseconds: its timeline is `accepted_at`, `queued_at`, then the attempts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued_at: Option<u64>,
 }
 
 /// The limits a call runs under.
@@ -139,6 +149,13 @@ pub enum Event {
         at: u64,
         /// A callback URL was given.
         has_callback: bool,
+        /// Not to be run before this time (a scheduled call), Unix nanoseconds.
+        not_before: Option<u64>,
+    },
+    /// A scheduled call's time came: it was moved onto the queue.
+    Released {
+        /// Unix nanoseconds.
+        at: u64,
     },
     /// A worker started an attempt.
     AttemptStarted {
@@ -200,13 +217,30 @@ impl CallRecord {
             result: None,
             limits: None,
             request_digest: None,
+            scheduled_for: None,
+            queued_at: None,
         }
     }
 
-    /// The record as the API shows it (without what is kept for the gateway's own checks).
-    pub fn for_api(mut self) -> Self {
+    /// The record as the API shows it at `now` (without what is kept for the gateway's own
+    /// checks). A scheduled call whose time has passed is queued, whether or not a scheduler
+    /// wrote so yet (the embedded queue offers it to the workers at that time by itself).
+    pub fn for_api(mut self, now: u64) -> Self {
         self.request_digest = None;
+        if self.state == CallState::Scheduled
+            && let Some(due) = self.scheduled_for.filter(|due| *due <= now)
+        {
+            self.state = CallState::Queued;
+            self.queued_at.get_or_insert(due);
+        }
         self
+    }
+
+    /// Notes that a scheduled call left the schedule at `at` (the first time only).
+    fn queued_now(&mut self, at: u64) {
+        if self.scheduled_for.is_some() && self.queued_at.is_none() {
+            self.queued_at = Some(at);
+        }
     }
 }
 
@@ -217,11 +251,32 @@ pub fn apply(call_id: &str, current: Option<CallRecord>, event: &Event, now: u64
             function,
             at,
             has_callback,
+            not_before,
         } => {
             // A worker may have been faster than the gateway's record write: keep its news.
-            let mut record = current.unwrap_or_else(|| CallRecord::new(call_id, function, *at));
+            let mut record = current.unwrap_or_else(|| {
+                let mut new = CallRecord::new(call_id, function, *at);
+                if not_before.is_some() {
+                    new.state = CallState::Scheduled;
+                }
+                new
+            });
             record.has_callback = *has_callback;
             record.accepted_at = *at;
+            if not_before.is_some() {
+                record.scheduled_for = *not_before;
+            }
+            record
+        }
+        Event::Released { at } => {
+            let mut record = current.unwrap_or_else(|| CallRecord::new(call_id, "", *at));
+            // Only a call still scheduled becomes queued: a cancel, or a worker that already
+            // started it, stays as it is.
+            if record.state == CallState::Scheduled {
+                record.state = CallState::Queued;
+            }
+            record.queued_now(*at);
+            record.updated_at = now;
             record
         }
         Event::AttemptStarted {
@@ -239,6 +294,11 @@ pub fn apply(call_id: &str, current: Option<CallRecord>, event: &Event, now: u64
             }
             if limits.is_some() {
                 record.limits = *limits;
+            }
+            // A scheduled call offered at its time (no scheduler wrote `queued`): it was queued
+            // then.
+            if let Some(due) = record.scheduled_for {
+                record.queued_now(due.min(*at));
             }
             if !record.attempts.iter().any(|a| a.attempt == *attempt) {
                 record.attempts.push(AttemptEntry {
@@ -495,6 +555,7 @@ mod tests {
             function: "f".into(),
             at: 1,
             has_callback: true,
+            not_before: None,
         };
         let r = apply("id", None, &accepted, 1);
         assert_eq!(r.state, CallState::Queued);
@@ -523,6 +584,7 @@ mod tests {
                 function: "f".into(),
                 at: 1,
                 has_callback: false,
+                not_before: None,
             },
             3,
         );
@@ -547,6 +609,66 @@ mod tests {
         assert_eq!(
             apply("id", Some(done), &Event::Cancel, 2).state,
             CallState::Succeeded
+        );
+    }
+
+    #[test]
+    fn a_scheduled_call_goes_scheduled_queued_running_and_a_cancel_holds() {
+        let accepted = Event::Accepted {
+            function: "f".into(),
+            at: 1,
+            has_callback: false,
+            not_before: Some(100),
+        };
+        let r = apply("id", None, &accepted, 1);
+        assert_eq!(
+            (r.state, r.scheduled_for, r.queued_at),
+            (CallState::Scheduled, Some(100), None)
+        );
+        // Before its time the API shows it scheduled; after, queued (from its time).
+        assert_eq!(r.clone().for_api(99).state, CallState::Scheduled);
+        let shown = r.clone().for_api(100);
+        assert_eq!(
+            (shown.state, shown.queued_at),
+            (CallState::Queued, Some(100))
+        );
+        let released = apply("id", Some(r.clone()), &Event::Released { at: 101 }, 101);
+        assert_eq!(
+            (released.state, released.queued_at),
+            (CallState::Queued, Some(101))
+        );
+        let running = apply("id", Some(released), &started(1), 102);
+        assert_eq!(
+            (running.state, running.queued_at),
+            (CallState::Running, Some(101))
+        );
+        // Started without a scheduler's word (the embedded queue): queued at its time.
+        let late_start = Event::AttemptStarted {
+            function: "f".into(),
+            attempt: 1,
+            at: 150,
+            accepted_at: 1,
+            limits: None,
+        };
+        let direct = apply("id", Some(r.clone()), &late_start, 150);
+        assert_eq!(
+            (direct.state, direct.queued_at),
+            (CallState::Running, Some(100))
+        );
+        // A release never moves a call back, and a cancelled scheduled call stays cancelled.
+        let again = apply("id", Some(direct), &Event::Released { at: 160 }, 160);
+        assert_eq!(
+            (again.state, again.queued_at),
+            (CallState::Running, Some(100))
+        );
+        let cancelled = apply("id", Some(r), &Event::Cancel, 50);
+        assert_eq!(cancelled.state, CallState::Cancelled);
+        let cancelled = apply("id", Some(cancelled), &Event::Released { at: 100 }, 100);
+        assert_eq!(cancelled.state, CallState::Cancelled);
+        let cancelled = apply("id", Some(cancelled), &started(1), 101);
+        assert_eq!(
+            (cancelled.state, cancelled.attempts.len()),
+            (CallState::Cancelled, 0)
         );
     }
 

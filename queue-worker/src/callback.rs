@@ -404,6 +404,7 @@ mod tests {
             body: BodyLocation::Inline { len: 0 },
             record_revision: None,
             overrides: Default::default(),
+            not_before_unix_nanos: None,
         };
         let outcome = Outcome {
             status: 418,

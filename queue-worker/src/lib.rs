@@ -22,6 +22,8 @@
 //!   callback URL policy at connect time.
 //! - [`signing`]: Standard Webhooks signatures of callbacks, secrets from a file.
 //! - [`state`]: the dedup state in sled.
+//! - [`scheduler`]: scheduled calls held apart by the queue (JetStream's delayed stream),
+//!   moved onto the queue at their time.
 //! - [`dlq`]: dead-letter administration (`queue-worker dlq list|show|replay|purge`).
 //! - [`endpoint`]: `/metrics` and `/healthz`.
 //! - [`config`]: every setting as a flag and an environment variable.
@@ -40,6 +42,7 @@ pub mod lease;
 pub mod openfaas;
 pub mod plan;
 pub mod retry;
+pub mod scheduler;
 pub mod signing;
 pub mod state;
 pub mod worker;

@@ -382,6 +382,10 @@ pub async fn run_with_state<Q: CallQueue>(
     let sweeper = tokio::spawn(sweep_expired(ctx.store.clone(), stop_pulling.clone()));
     let cancel_listener = tokio::spawn(listen_for_cancels(ctx.clone(), stop_pulling.clone()));
     let paused_follower = tokio::spawn(follow_paused(ctx.clone(), stop_pulling.clone()));
+    let mut scheduler = tokio::spawn(crate::scheduler::run(
+        ctx.queue.clone(),
+        stop_pulling.clone(),
+    ));
     let annotations = function_list.map(|list| {
         tokio::spawn(crate::annotations::follow(
             list,
@@ -419,6 +423,14 @@ pub async fn run_with_state<Q: CallQueue>(
             while tasks.join_next().await.is_some() {}
         })
         .await;
+    }
+    // The scheduler hands back what it held (stopped with the pulls): bounded.
+    if tokio::time::timeout(Duration::from_secs(5), &mut scheduler)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the scheduler did not stop in time");
+        scheduler.abort();
     }
     sweeper.abort();
     cancel_listener.abort();
@@ -653,8 +665,9 @@ impl<Q: CallQueue> Job<'_, Q> {
             },
         };
         let settings = ctx.functions.for_call(&self.call.meta);
+        // A scheduled call ages from its time, not from its acceptance.
         let age = Duration::from_nanos(
-            queue_core::unix_nanos_now().saturating_sub(self.call.meta.received_at_unix_nanos),
+            queue_core::unix_nanos_now().saturating_sub(self.call.meta.due_at_unix_nanos()),
         );
         match plan(
             seen,
@@ -772,6 +785,7 @@ impl<Q: CallQueue> Job<'_, Q> {
                     &self.function,
                     meta.received_at_unix_nanos,
                     meta.callback_url.is_some(),
+                    meta.not_before_unix_nanos,
                     revision,
                 )
             })
@@ -851,9 +865,7 @@ impl<Q: CallQueue> Job<'_, Q> {
         }
         if attempt == 1 {
             ::metrics::histogram!(metrics::QUEUE_WAIT_SECONDS, "function" => self.label.clone())
-                .record(metrics::seconds_since(
-                    self.call.meta.received_at_unix_nanos,
-                ));
+                .record(metrics::seconds_since(self.call.meta.due_at_unix_nanos()));
         }
         let in_flight = InFlight::start(&self.label);
         let outcome = tokio::select! {

@@ -276,6 +276,71 @@ mod cases {
 
     /// The stats say how old the oldest pending call is: 0 with none, its age while it waits
     /// (never more than the time since it was published), 0 again once it is acked.
+    /// A scheduled call (a not-before time) is stored at once, offered to no worker before its
+    /// time, kept across a restart of the backend (NATS, or the embedded queue reopened) with
+    /// the scheduler stopped in between, and delivered as a first attempt within 1 s after its
+    /// time (JetStream: moved onto the calls stream by the worker's scheduler).
+    pub async fn a_scheduled_call_runs_at_its_time_after_a_restart<H: Harness>() {
+        let mut h = H::start().await;
+        let mut scheduled = call("later", None, b"later");
+        let due = queue_core::unix_nanos_now() + 5_000_000_000;
+        scheduled.meta.not_before_unix_nanos = Some(due);
+        publish(h.queue().as_ref(), &scheduled).await;
+        let stats = h.queue().stats().await.unwrap();
+        assert_eq!((stats.scheduled, stats.pending), (1, 0), "{stats:?}");
+
+        let stop = CancellationToken::new();
+        let scheduler = tokio::spawn(queue_worker::scheduler::run(
+            h.queue().clone(),
+            stop.clone(),
+        ));
+        assert!(
+            next(h.queue().as_ref(), Duration::from_secs(1))
+                .await
+                .is_none(),
+            "a scheduled call was offered before its time"
+        );
+        stop.cancel();
+        scheduler.await.unwrap();
+        h.restart().await;
+        let stats = h.queue().stats().await.unwrap();
+        assert_eq!(stats.scheduled, 1, "the restart lost it: {stats:?}");
+
+        let stop = CancellationToken::new();
+        let scheduler = tokio::spawn(queue_worker::scheduler::run(
+            h.queue().clone(),
+            stop.clone(),
+        ));
+        let end = Instant::now() + DEADLINE;
+        let delivery = loop {
+            if let Some(d) = next(h.queue().as_ref(), Duration::from_millis(500)).await {
+                break d;
+            }
+            assert!(Instant::now() < end, "the scheduled call never came");
+        };
+        let at = queue_core::unix_nanos_now();
+        assert!(at >= due, "offered {} ms early", (due - at) / 1_000_000);
+        assert!(
+            at - due < 1_000_000_000,
+            "offered {} ms after its time",
+            (at - due) / 1_000_000
+        );
+        assert_eq!(call_id_of(&delivery), scheduled.meta.call_id);
+        assert_eq!(delivery.attempt(), 1, "the wait is no attempt");
+        delivery.ack().await.unwrap();
+        let end = Instant::now() + DEADLINE;
+        loop {
+            let stats = h.queue().stats().await.unwrap();
+            if stats.scheduled == 0 && stats.pending == 0 {
+                break;
+            }
+            assert!(Instant::now() < end, "still held: {stats:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stop.cancel();
+        scheduler.await.unwrap();
+    }
+
     pub async fn stats_show_the_oldest_pending_call<H: Harness>() {
         let h = H::start().await;
         let q = h.queue().as_ref();
@@ -562,6 +627,7 @@ mod cases {
             function: "f".into(),
             at: now,
             has_callback: false,
+            not_before: None,
         };
         let record = records::apply("cas", None, &accepted, now);
         let first = q.write_record("cas", None, &record, None).await.unwrap();
@@ -629,6 +695,7 @@ mod cases {
                 function: "f".into(),
                 at: now,
                 has_callback: true,
+                not_before: None,
             };
             let created = apply_event(q.as_ref(), id, None, &[accepted], None)
                 .await
@@ -754,6 +821,7 @@ mod cases {
                 "unrecorded",
                 first.meta.received_at_unix_nanos,
                 true,
+                None,
                 NOT_STORED,
             );
             let started = Event::AttemptStarted {
@@ -789,7 +857,8 @@ mod cases {
         }
         // Writing at NOT_STORED creates, once.
         let now = queue_core::unix_nanos_now();
-        let record = OwnedRecord::accepted("created-at-zero", "f", now, false, NOT_STORED).record;
+        let record =
+            OwnedRecord::accepted("created-at-zero", "f", now, false, None, NOT_STORED).record;
         let revision = q
             .write_record("created-at-zero", Some(NOT_STORED), &record, None)
             .await
@@ -905,6 +974,10 @@ macro_rules! conformance {
             #[tokio::test]
             async fn paused_functions_are_watched() {
                 cases::paused_functions_are_watched::<$harness>().await;
+            }
+            #[tokio::test]
+            async fn a_scheduled_call_runs_at_its_time_after_a_restart() {
+                cases::a_scheduled_call_runs_at_its_time_after_a_restart::<$harness>().await;
             }
             #[tokio::test]
             async fn stats_show_the_oldest_pending_call() {

@@ -5,7 +5,8 @@
 //! - `messages`: sequence → subject and message, written with its dedup entry in one
 //!   transaction and flushed before `publish` returns;
 //! - `deliveries`: sequence → delivery count and "not before" time, so attempts and delayed
-//!   naks survive a restart (written without a flush: a crash may forget the last few);
+//!   naks survive a restart (written without a flush: a crash may forget the last few); a
+//!   scheduled call's (count 0, its time) is written with its message and flushed with it;
 //! - `dedup`: dedup id → publish time and sequence, swept after the duplicate window;
 //! - `dead`, `dead_ids`: dead letters and their idempotency keys.
 //!
@@ -128,6 +129,14 @@ struct Entry {
     size: u64,
     subject: Arc<str>,
     published_at: u64,
+}
+
+impl Entry {
+    /// A scheduled call whose time has not come: never delivered, due later. (A nak with a
+    /// delay leaves a delivered message, which is pending, not scheduled.)
+    fn is_scheduled(&self, now: u64) -> bool {
+        self.delivered == 0 && !self.leased && self.due > now
+    }
 }
 
 impl Schedule {
@@ -385,6 +394,7 @@ impl Inner {
         subject: &str,
         payload: &[u8],
         dedup_id: &str,
+        not_before: Option<u64>,
     ) -> Result<Published, PublishError> {
         if payload.len() > self.options.max_message_bytes {
             return Err(PublishError::TooLarge {
@@ -406,11 +416,12 @@ impl Inner {
             // Reserved now so concurrent publishes cannot overshoot the limit together.
             schedule.bytes += size;
         }
-        let result = self.store(&record, dedup_id).await;
+        let result = self.store(&record, dedup_id, not_before).await;
         let mut schedule = self.schedule();
         match result {
             Ok(Some(seq)) => {
-                let due = unix_nanos_now();
+                // A scheduled call is due at its time; its first delivery is its first attempt.
+                let due = not_before.unwrap_or(0).max(unix_nanos_now());
                 schedule.entries.insert(
                     seq,
                     Entry {
@@ -438,22 +449,34 @@ impl Inner {
         }
     }
 
-    /// Writes message and dedup entry in one transaction and flushes. `None`: a duplicate.
-    async fn store(&self, record: &[u8], dedup_id: &str) -> Result<Option<u64>, PublishError> {
+    /// Writes message and dedup entry (and a scheduled call's not-before time, as a delivery
+    /// record with no delivery yet, which a restart and older builds honour) in one
+    /// transaction and flushes. `None`: a duplicate.
+    async fn store(
+        &self,
+        record: &[u8],
+        dedup_id: &str,
+        not_before: Option<u64>,
+    ) -> Result<Option<u64>, PublishError> {
         let not_stored = |e: &dyn std::fmt::Display| PublishError::NotStored(e.to_string());
         let seq = self.db.generate_id().map_err(|e| not_stored(&e))?;
         let now = unix_nanos_now();
         let window = nanos(self.options.duplicate_window);
-        let outcome = (&self.messages, &self.dedup).transaction(|(messages, dedup)| {
-            if let Some(previous) = dedup.get(dedup_id.as_bytes())?
-                && dedup_time(&previous).is_some_and(|at| now.saturating_sub(at) < window)
-            {
-                return Err(ConflictableTransactionError::Abort(Refused::Duplicate));
-            }
-            dedup.insert(dedup_id.as_bytes(), &encode_dedup(now, seq))?;
-            messages.insert(&seq_key(seq), record)?;
-            Ok(())
-        });
+        let outcome = (&self.messages, &self.dedup, &self.deliveries).transaction(
+            |(messages, dedup, deliveries)| {
+                if let Some(previous) = dedup.get(dedup_id.as_bytes())?
+                    && dedup_time(&previous).is_some_and(|at| now.saturating_sub(at) < window)
+                {
+                    return Err(ConflictableTransactionError::Abort(Refused::Duplicate));
+                }
+                dedup.insert(dedup_id.as_bytes(), &encode_dedup(now, seq))?;
+                messages.insert(&seq_key(seq), record)?;
+                if let Some(at) = not_before {
+                    deliveries.insert(&seq_key(seq), &encode_delivery(0, at))?;
+                }
+                Ok(())
+            },
+        );
         match outcome {
             Ok(()) => {}
             Err(TransactionError::Abort(Refused::Duplicate)) => return Ok(None),
@@ -893,7 +916,12 @@ impl CallQueue for EmbeddedQueue {
         let payload = call.encode_with(&self.inner.options.sealing)?;
         let subject = call_subject(&self.inner.options.subject_prefix, call);
         self.inner
-            .publish_raw(&subject, &payload, &call.meta.call_id)
+            .publish_raw(
+                &subject,
+                &payload,
+                &call.meta.call_id,
+                call.meta.not_before_unix_nanos,
+            )
             .await
     }
 
@@ -1016,6 +1044,7 @@ impl CallQueue for EmbeddedQueue {
                     &subject,
                     &payload,
                     &format!("replay-dead-{}", entry.sequence),
+                    None,
                 )
                 .await
                 .map_err(|e| BackendError::Request(e.to_string()))?;
@@ -1047,6 +1076,9 @@ impl CallQueue for EmbeddedQueue {
         let now = unix_nanos_now();
         let mut by_subject: HashMap<Arc<str>, (u64, u64)> = HashMap::new();
         for entry in self.inner.schedule().entries.values() {
+            if entry.is_scheduled(now) {
+                continue;
+            }
             let slot = by_subject
                 .entry(entry.subject.clone())
                 .or_insert((0, entry.published_at));
@@ -1070,12 +1102,24 @@ impl CallQueue for EmbeddedQueue {
     }
 
     async fn stats(&self) -> Result<super::QueueStats, BackendError> {
-        let (pending, unacked, oldest) = {
+        let now = unix_nanos_now();
+        let (pending, unacked, oldest, scheduled) = {
             let schedule = self.inner.schedule();
+            let scheduled = schedule
+                .entries
+                .values()
+                .filter(|e| e.is_scheduled(now))
+                .count() as u64;
             (
-                schedule.entries.len() as u64,
+                schedule.entries.len() as u64 - scheduled,
                 schedule.entries.values().filter(|e| e.leased).count() as u64,
-                schedule.entries.values().map(|e| e.published_at).min(),
+                schedule
+                    .entries
+                    .values()
+                    .filter(|e| !e.is_scheduled(now))
+                    .map(|e| e.published_at)
+                    .min(),
+                scheduled,
             )
         };
         let oldest_age_seconds = oldest.map_or(0.0, |at| {
@@ -1086,6 +1130,7 @@ impl CallQueue for EmbeddedQueue {
             unacked,
             consumers: 1,
             dead_letters: self.inner.dead.len() as u64,
+            scheduled,
             oldest_age_seconds,
         })
     }

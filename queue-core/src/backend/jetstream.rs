@@ -70,6 +70,8 @@ pub struct JetStreamQueue {
     max_payload: AtomicUsize,
     recheck: Notify,
     consumer: Mutex<Option<PullConsumer>>,
+    /// The schedulers' consumer on the scheduled calls' stream, bound on first use.
+    scheduler: Mutex<Option<PullConsumer>>,
     /// Shared, not cloned per use (a `kv::Store` clone copies the stream's whole info), and set
     /// once: every record operation reads it without taking a lock.
     records: tokio::sync::OnceCell<Arc<kv::Store>>,
@@ -103,6 +105,7 @@ impl JetStreamQueue {
             max_payload: AtomicUsize::new(0),
             recheck: Notify::new(),
             consumer: Mutex::new(None),
+            scheduler: Mutex::new(None),
             records: tokio::sync::OnceCell::new(),
         });
         if manage {
@@ -214,6 +217,28 @@ impl JetStreamQueue {
         );
         let consumer = queue::bind_consumer(&self.js, &self.options.nats.stream, config).await?;
         tracing::info!(consumer = %options.name, "bound to consumer");
+        *slot = Some(consumer.clone());
+        Ok(consumer)
+    }
+
+    async fn bound_scheduler(&self) -> Result<PullConsumer, BackendError> {
+        let mut slot = self.scheduler.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let Some(options) = self.options.consumer.as_ref() else {
+            return Err(BackendError::Request(
+                "this queue was opened without a consumer".into(),
+            ));
+        };
+        let config = queue::scheduler_consumer_config(
+            &options.name,
+            &self.options.nats.subject_prefix,
+            options.ack_wait,
+        );
+        let stream = queue::delayed_stream_name(&self.options.nats.stream);
+        let consumer = queue::bind_consumer(&self.js, &stream, config).await?;
+        tracing::info!(consumer = %options.name, "bound to the scheduled calls' consumer");
         *slot = Some(consumer.clone());
         Ok(consumer)
     }
@@ -331,6 +356,7 @@ impl JetStreamQueue {
                     &meta.qualified_function(),
                     meta.received_at_unix_nanos,
                     meta.callback_url.is_some(),
+                    meta.not_before_unix_nanos,
                     NOT_STORED,
                 );
                 return Ok(Some(RecordEntry {
@@ -700,10 +726,19 @@ impl CallQueue for JetStreamQueue {
                 "the stream is not set up yet".into(),
             ));
         }
+        // A call with a not-before time waits in the scheduled calls' stream, on the same
+        // subject under the delayed prefix: the scheduler moves it to the calls' subject
+        // (`release_scheduled` strips the prefix), id included.
+        let prefix = &self.options.nats.subject_prefix;
+        let subject = if call.meta.not_before_unix_nanos.is_some() {
+            super::call_subject_with_id(&queue::delayed_subject_prefix(prefix), call)
+        } else {
+            super::call_subject_with_id(prefix, call)
+        };
         let result = queue::publish_call(
             &self.client,
             &self.js,
-            super::call_subject_with_id(&self.options.nats.subject_prefix, call),
+            subject,
             call,
             &self.options.sealing,
             self.max_payload(),
@@ -950,12 +985,84 @@ impl CallQueue for JetStreamQueue {
             .map_err(request_err)?
             .state
             .messages;
+        // A stream set up by an older gateway has no scheduled calls' stream: none scheduled.
+        let scheduled = match self
+            .js
+            .get_stream(queue::delayed_stream_name(&self.options.nats.stream))
+            .await
+        {
+            Ok(mut delayed) => delayed.info().await.map_err(request_err)?.state.messages,
+            Err(_) => 0,
+        };
         Ok(super::QueueStats {
             pending,
             unacked,
             consumers,
             dead_letters,
+            scheduled,
             oldest_age_seconds,
+        })
+    }
+
+    fn holds_scheduled_apart(&self) -> bool {
+        true
+    }
+
+    async fn pull_scheduled(
+        &self,
+        max: usize,
+        expires: Duration,
+    ) -> Result<BoxStream<'static, Result<JetStreamDelivery, BackendError>>, BackendError> {
+        let consumer = self.bound_scheduler().await?;
+        match consumer
+            .batch()
+            .max_messages(max)
+            .expires(expires)
+            .messages()
+            .await
+        {
+            Ok(batch) => Ok(batch
+                .map(|m| m.map(JetStreamDelivery::new).map_err(request_err))
+                .boxed()),
+            Err(e) => {
+                *self.scheduler.lock().await = None;
+                Err(request_err(e))
+            }
+        }
+    }
+
+    async fn release_scheduled(
+        &self,
+        delivery: &JetStreamDelivery,
+        call_id: &str,
+    ) -> Result<Published, PublishError> {
+        let prefix = &self.options.nats.subject_prefix;
+        let delayed = queue::delayed_subject_prefix(prefix);
+        let Some(rest) = delivery
+            .subject()
+            .strip_prefix(delayed.as_str())
+            .filter(|rest| rest.starts_with('.'))
+        else {
+            return Err(PublishError::NotStored(format!(
+                "{} is not a scheduled call's subject",
+                delivery.subject()
+            )));
+        };
+        // The call id as message id: a release repeated after a crash, within the duplicate
+        // window, is stored once (the calls stream never saw this id: the gateway published the
+        // call to the scheduled calls' stream only).
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(delivery.payload().clone())
+            .message_id(call_id);
+        let ack = self
+            .js
+            .send_publish(format!("{prefix}{rest}"), publish)
+            .await
+            .map_err(|e| PublishError::NotStored(e.to_string()))?
+            .await
+            .map_err(|e| PublishError::NotStored(e.to_string()))?;
+        Ok(Published {
+            duplicate: ack.duplicate,
         })
     }
 

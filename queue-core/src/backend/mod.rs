@@ -12,7 +12,13 @@
 //!   restarts the ack clock; terminate drops it without redelivery;
 //! - a delivery neither acked nor nakked is offered again once the ack wait has passed;
 //! - dead letters keep the original message with what is known about the failure, and can be
-//!   listed, replayed onto the queue and purged.
+//!   listed, replayed onto the queue and purged;
+//! - a call published with a not-before time (`CallMeta::not_before_unix_nanos`) is
+//!   *scheduled*: durable at once, never delivered by `pull` before its time, delivered as a
+//!   first attempt after it. A backend either schedules it itself (embedded) or holds it apart
+//!   ([`CallQueue::holds_scheduled_apart`], JetStream's delayed stream) for a worker's
+//!   scheduler to take ([`CallQueue::pull_scheduled`]) and move onto the queue when due
+//!   ([`CallQueue::release_scheduled`]).
 
 #[cfg(feature = "embedded")]
 pub mod embedded;
@@ -28,6 +34,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use futures::stream::BoxStream;
 use serde::Serialize;
 
@@ -358,6 +365,47 @@ pub trait CallQueue: CallRecords {
 
     /// Makes what the process buffered (acks, writes) durable before it exits. Bounded in time.
     fn flush_before_exit(&self) -> impl Future<Output = ()> + Send;
+
+    /// Whether scheduled calls are held apart from the queue until a scheduler moves them
+    /// ([`CallQueue::pull_scheduled`], [`CallQueue::release_scheduled`]). `false`: the queue
+    /// schedules them itself and `pull` offers them at their time.
+    fn holds_scheduled_apart(&self) -> bool {
+        false
+    }
+
+    /// Asks for at most `max` of the scheduled calls held apart, as [`CallQueue::pull`] does
+    /// for the queue: each delivery is a scheduled call, early or due. The scheduler naks an
+    /// early one with the time left (such redeliveries are not attempts of the call) and
+    /// releases a due one. A queue that holds none apart yields nothing until `expires`.
+    fn pull_scheduled(
+        &self,
+        max: usize,
+        expires: Duration,
+    ) -> impl Future<
+        Output = Result<BoxStream<'static, Result<Self::Delivery, BackendError>>, BackendError>,
+    > + Send {
+        let _ = max;
+        async move {
+            tokio::time::sleep(expires).await;
+            Ok(futures::stream::empty().boxed())
+        }
+    }
+
+    /// Puts a due scheduled call (a delivery of [`CallQueue::pull_scheduled`], whose call id is
+    /// `call_id`) on the queue, as published, deduplicated by its call id so a release repeated
+    /// after a crash stores it once. The caller acks the scheduled delivery afterwards.
+    fn release_scheduled(
+        &self,
+        delivery: &Self::Delivery,
+        call_id: &str,
+    ) -> impl Future<Output = Result<Published, PublishError>> + Send {
+        let _ = (delivery, call_id);
+        async {
+            Err(PublishError::NotStored(
+                "this queue holds no scheduled calls apart".into(),
+            ))
+        }
+    }
 }
 
 /// A snapshot of the queue.
@@ -371,6 +419,8 @@ pub struct QueueStats {
     pub consumers: u64,
     /// Dead letters kept.
     pub dead_letters: u64,
+    /// Scheduled calls whose time has not come (not in `pending`).
+    pub scheduled: u64,
     /// Age of the oldest call stored and not acknowledged, in seconds (0 when none is).
     pub oldest_age_seconds: f64,
 }
@@ -705,6 +755,7 @@ mod tests {
                 body: crate::message::BodyLocation::Inline { len: 0 },
                 record_revision: None,
                 overrides: Default::default(),
+                not_before_unix_nanos: None,
             },
             body: Bytes::new(),
         }

@@ -363,6 +363,44 @@ pub fn stream_config(nats: &NatsArgs, settings: &StreamArgs, max_payload: usize)
     }
 }
 
+/// The stream of scheduled calls beside the calls stream (`<stream>-delayed`).
+pub fn delayed_stream_name(stream: &str) -> String {
+    format!("{stream}-delayed")
+}
+
+/// The subject prefix of scheduled calls (`<prefix>-delayed`, outside the calls stream's
+/// `<prefix>.>`): `<prefix>-delayed.<namespace or _>.<function>.<call id>` (the id as for
+/// [`super::call_subject_with_id`]), which the scheduler releases on the same subject under
+/// `<prefix>`.
+pub fn delayed_subject_prefix(subject_prefix: &str) -> String {
+    format!("{subject_prefix}-delayed")
+}
+
+/// The scheduled calls' stream: a call published with a not-before time waits here, apart from
+/// the calls stream, so waiting calls never take a place in the workers' consumer
+/// (`max_ack_pending`) nor delay the calls behind them. Work-queue retention (gone once the
+/// scheduler moved it and acked), discard-new when full, the calls stream's size limits, and
+/// no age limit: a scheduled call leaves only by being moved to the calls stream, never by
+/// being dropped unseen (the gateway caps the delay with `--max-delay`).
+pub fn delayed_stream_config(
+    nats: &NatsArgs,
+    settings: &StreamArgs,
+    max_payload: usize,
+) -> stream::Config {
+    stream::Config {
+        name: delayed_stream_name(&nats.stream),
+        subjects: vec![format!(
+            "{}.>",
+            delayed_subject_prefix(&nats.subject_prefix)
+        )],
+        max_age: Duration::ZERO,
+        description: Some(
+            "scheduled async function calls, moved to the calls stream when due".into(),
+        ),
+        ..stream_config(nats, settings, max_payload)
+    }
+}
+
 /// The dead-letter stream: limits retention, kept until purged or aged out.
 pub fn dead_letter_stream_config(nats: &NatsArgs, settings: &StreamArgs) -> stream::Config {
     stream::Config {
@@ -402,7 +440,7 @@ pub fn records_bucket_config(records: &RecordArgs, settings: &StreamArgs) -> str
     }
 }
 
-/// Creates or updates both streams. Called by the gateway at start and after NATS comes back.
+/// Creates or updates the streams (calls, dead letters, scheduled calls). Called by the gateway at start and after NATS comes back.
 pub async fn ensure_streams(
     js: &jetstream::Context,
     nats: &NatsArgs,
@@ -412,6 +450,7 @@ pub async fn ensure_streams(
     for config in [
         stream_config(nats, settings, max_payload),
         dead_letter_stream_config(nats, settings),
+        delayed_stream_config(nats, settings, max_payload),
     ] {
         let name = config.name.clone();
         js.create_or_update_stream(config)
@@ -426,7 +465,9 @@ pub async fn ensure_streams(
 
 /// Publishes a call and waits for JetStream's acknowledgement: when this returns `Ok` the call
 /// is stored durably. Returns whether JetStream saw the call id before (a retried publish).
-/// `subject` is where it is queued ([`super::call_subject`] or [`super::call_subject_with_id`]);
+/// `subject` is where it is queued ([`super::call_subject`] or [`super::call_subject_with_id`]
+/// under the calls' prefix, or under [`delayed_subject_prefix`] for a call with a not-before
+/// time: the caller picks it).
 /// `max_payload` is the server's limit (the envelope must fit with [`HEADER_ALLOWANCE`]).
 pub async fn publish_call(
     client: &async_nats::Client,
@@ -473,6 +514,30 @@ pub fn consumer_config(
         ack_wait,
         max_ack_pending,
         filter_subject: format!("{subject_prefix}.>"),
+        deliver_policy: consumer::DeliverPolicy::All,
+        ..Default::default()
+    }
+}
+
+/// The durable pull consumer of the workers' schedulers on the scheduled calls' stream
+/// (`<consumer>-scheduler`). A scheduled call is delivered to it at once and naked with the
+/// time left until due, so every waiting call is pending there: no limit on pending acks, and
+/// no limit on deliveries (a long wait may be redelivered early, by a restart, and naked again).
+pub fn scheduler_consumer_config(
+    name: &str,
+    subject_prefix: &str,
+    ack_wait: Duration,
+) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(format!("{name}-scheduler")),
+        description: Some(
+            "queue-worker: scheduled calls, moved to the calls stream when due".into(),
+        ),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait,
+        max_ack_pending: -1,
+        max_deliver: -1,
+        filter_subject: format!("{}.>", delayed_subject_prefix(subject_prefix)),
         deliver_policy: consumer::DeliverPolicy::All,
         ..Default::default()
     }

@@ -25,19 +25,21 @@ pub struct OwnedRecord {
 
 impl OwnedRecord {
     /// The record the gateway wrote when it accepted the call, rebuilt from what the envelope
-    /// says (function, acceptance time, callback) and the revision the gateway put in it:
-    /// what a worker starts from without reading.
+    /// says (function, acceptance time, callback, not-before time) and the revision the gateway
+    /// put in it: what a worker starts from without reading.
     pub fn accepted(
         call_id: &str,
         function: &str,
         accepted_at: u64,
         has_callback: bool,
+        not_before: Option<u64>,
         revision: Revision,
     ) -> Self {
         let event = Event::Accepted {
             function: function.to_owned(),
             at: accepted_at,
             has_callback,
+            not_before,
         };
         Self {
             record: records::apply(call_id, None, &event, accepted_at),

@@ -143,6 +143,7 @@ pub fn call(function: &str, callback_url: Option<&str>, body: &'static [u8]) -> 
             body: BodyLocation::Inline { len: 0 },
             record_revision: None,
             overrides: Default::default(),
+            not_before_unix_nanos: None,
         },
         body: Bytes::from_static(body),
     }
