@@ -200,42 +200,7 @@ impl JetStreamQueue {
     }
 
     async fn bound_consumer(&self) -> Result<PullConsumer, BackendError> {
-        self.bound(&self.consumer, |options, nats| {
-            let config = queue::consumer_config(
-                &options.name,
-                &nats.subject_prefix,
-                options.ack_wait,
-                options.max_ack_pending,
-            );
-            (nats.stream.clone(), config, "bound to consumer")
-        })
-        .await
-    }
-
-    async fn bound_scheduler(&self) -> Result<PullConsumer, BackendError> {
-        self.bound(&self.scheduler, |options, nats| {
-            let config = queue::scheduler_consumer_config(
-                &options.name,
-                &nats.subject_prefix,
-                options.ack_wait,
-            );
-            let stream = queue::delayed_stream_name(&nats.stream);
-            (stream, config, "bound to the scheduled calls' consumer")
-        })
-        .await
-    }
-
-    /// The consumer kept in `slot`, or bound now on the stream and with the definition `define`
-    /// gives (and kept there).
-    async fn bound(
-        &self,
-        slot: &Mutex<Option<PullConsumer>>,
-        define: impl FnOnce(
-            &ConsumerOptions,
-            &NatsArgs,
-        ) -> (String, jetstream::consumer::pull::Config, &'static str),
-    ) -> Result<PullConsumer, BackendError> {
-        let mut slot = slot.lock().await;
+        let mut slot = self.consumer.lock().await;
         if let Some(c) = slot.as_ref() {
             return Ok(c.clone());
         }
@@ -244,9 +209,36 @@ impl JetStreamQueue {
                 "this queue was opened without a consumer".into(),
             ));
         };
-        let (stream, config, bound) = define(options, &self.options.nats);
+        let config = queue::consumer_config(
+            &options.name,
+            &self.options.nats.subject_prefix,
+            options.ack_wait,
+            options.max_ack_pending,
+        );
+        let consumer = queue::bind_consumer(&self.js, &self.options.nats.stream, config).await?;
+        tracing::info!(consumer = %options.name, "bound to consumer");
+        *slot = Some(consumer.clone());
+        Ok(consumer)
+    }
+
+    async fn bound_scheduler(&self) -> Result<PullConsumer, BackendError> {
+        let mut slot = self.scheduler.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let Some(options) = self.options.consumer.as_ref() else {
+            return Err(BackendError::Request(
+                "this queue was opened without a consumer".into(),
+            ));
+        };
+        let config = queue::scheduler_consumer_config(
+            &options.name,
+            &self.options.nats.subject_prefix,
+            options.ack_wait,
+        );
+        let stream = queue::delayed_stream_name(&self.options.nats.stream);
         let consumer = queue::bind_consumer(&self.js, &stream, config).await?;
-        tracing::info!(consumer = %options.name, "{bound}");
+        tracing::info!(consumer = %options.name, "bound to the scheduled calls' consumer");
         *slot = Some(consumer.clone());
         Ok(consumer)
     }
@@ -379,37 +371,15 @@ impl JetStreamQueue {
         self.stored_entry(kv, call_id).await
     }
 
+    async fn unbind(&self) {
+        *self.consumer.lock().await = None;
+    }
+
     async fn dead_letter_stream(&self) -> Result<jetstream::stream::Stream, BackendError> {
         self.js
             .get_stream(&self.options.nats.dead_letter_stream)
             .await
             .map_err(request_err)
-    }
-}
-
-/// One pull request of at most `max` messages from `consumer`. A failed request empties
-/// `bound`, the slot `consumer` came from: it or its stream may be gone, so the next pull binds
-/// again.
-async fn pull_batch(
-    consumer: &PullConsumer,
-    bound: &Mutex<Option<PullConsumer>>,
-    max: usize,
-    expires: Duration,
-) -> Result<BoxStream<'static, Result<JetStreamDelivery, BackendError>>, BackendError> {
-    match consumer
-        .batch()
-        .max_messages(max)
-        .expires(expires)
-        .messages()
-        .await
-    {
-        Ok(batch) => Ok(batch
-            .map(|m| m.map(JetStreamDelivery::new).map_err(request_err))
-            .boxed()),
-        Err(e) => {
-            *bound.lock().await = None;
-            Err(request_err(e))
-        }
     }
 }
 
@@ -816,7 +786,22 @@ impl CallQueue for JetStreamQueue {
         expires: Duration,
     ) -> Result<BoxStream<'static, Result<JetStreamDelivery, BackendError>>, BackendError> {
         let consumer = self.bound_consumer().await?;
-        pull_batch(&consumer, &self.consumer, max, expires).await
+        match consumer
+            .batch()
+            .max_messages(max)
+            .expires(expires)
+            .messages()
+            .await
+        {
+            Ok(batch) => Ok(batch
+                .map(|m| m.map(JetStreamDelivery::new).map_err(request_err))
+                .boxed()),
+            Err(e) => {
+                // The consumer or stream may be gone: bind again next time.
+                self.unbind().await;
+                Err(request_err(e))
+            }
+        }
     }
 
     async fn dead_letter(
@@ -932,29 +917,28 @@ impl CallQueue for JetStreamQueue {
         // A call queued with its id in the subject has a subject of its own: the counts are
         // summed per function, and the oldest is looked up once per form of subject found
         // (`<prefix>.<ns>.<name>` and `<prefix>.<ns>.<name>.<id>`).
-        // Per function: its pending count, and the filter of each form of subject seen (the
-        // function's own subject, then the wildcard over the ids), each built once.
-        let mut by_function: std::collections::BTreeMap<String, (u64, [Option<String>; 2])> =
+        let mut by_function: std::collections::BTreeMap<String, (u64, Vec<String>)> =
             std::collections::BTreeMap::new();
         while let Some(item) = subjects.next().await {
             let (subject, pending) = item.map_err(request_err)?;
-            let Some(function) = super::function_of_subject(prefix, &subject) else {
+            let (Some(function), Some(filter)) = (
+                super::function_of_subject(prefix, &subject),
+                super::function_filter_of_subject(prefix, &subject),
+            ) else {
                 continue;
             };
             let entry = by_function.entry(function).or_default();
             entry.0 += pending as u64;
-            let with_id = subject[prefix.len()..].matches('.').count() > 2;
-            let form = &mut entry.1[usize::from(with_id)];
-            if form.is_none() {
-                *form = super::function_filter_of_subject(prefix, &subject);
+            if !entry.1.contains(&filter) {
+                entry.1.push(filter);
             }
         }
         let now = i128::from(crate::clock::unix_nanos_now());
         let mut out = Vec::new();
         for (function, (pending, filters)) in by_function {
             let mut oldest = now;
-            for filter in filters.iter().flatten() {
-                if let Ok(m) = stream.get_first_raw_message_by_subject(filter, 0).await {
+            for filter in filters {
+                if let Ok(m) = stream.get_first_raw_message_by_subject(&filter, 0).await {
                     oldest = oldest.min(m.time.unix_timestamp_nanos());
                 }
             }
@@ -1030,7 +1014,21 @@ impl CallQueue for JetStreamQueue {
         expires: Duration,
     ) -> Result<BoxStream<'static, Result<JetStreamDelivery, BackendError>>, BackendError> {
         let consumer = self.bound_scheduler().await?;
-        pull_batch(&consumer, &self.scheduler, max, expires).await
+        match consumer
+            .batch()
+            .max_messages(max)
+            .expires(expires)
+            .messages()
+            .await
+        {
+            Ok(batch) => Ok(batch
+                .map(|m| m.map(JetStreamDelivery::new).map_err(request_err))
+                .boxed()),
+            Err(e) => {
+                *self.scheduler.lock().await = None;
+                Err(request_err(e))
+            }
+        }
     }
 
     async fn release_scheduled(
