@@ -220,6 +220,7 @@ async fn main() -> anyhow::Result<()> {
             name: config.worker.consumer.clone(),
             ack_wait: config.worker.ack_wait,
             max_ack_pending: config.worker.max_ack_pending,
+            lane_idle: config.worker.lane_idle(),
         }),
         records: config.worker.records.clone(),
         sealing: config.worker.encryption.sealing()?,

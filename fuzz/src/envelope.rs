@@ -231,6 +231,12 @@ fn call_and_cut(u: &mut Unstructured<'_>) -> Result<(QueuedCall, usize)> {
             max_retries: u.arbitrary()?,
             timeout_ms: u.arbitrary()?,
             max_age_ms: u.arbitrary()?,
+            priority: match u.int_in_range(0..=3u8)? {
+                0 => None,
+                n => queue_core::message::Priority::ALL
+                    .get(usize::from(n - 1))
+                    .copied(),
+            },
         },
         not_before_unix_nanos: u.arbitrary()?,
     };
@@ -262,6 +268,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
                 max_retries: Some(2),
                 timeout_ms: Some(90_000),
                 max_age_ms: None,
+                priority: Some(queue_core::message::Priority::High),
             },
             not_before_unix_nanos: None,
         },

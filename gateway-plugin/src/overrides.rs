@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use axum::http::HeaderMap;
-use queue_core::message::CallOverrides;
+use queue_core::message::{CallOverrides, Priority};
 use queue_core::settings::parse_duration;
 
 use crate::error::ApiError;
@@ -227,10 +227,21 @@ pub fn call_overrides(
             Some(retries)
         }
     };
+    let priority = match header(headers, "x-priority")? {
+        None => None,
+        Some(raw) => Some(Priority::parse(raw).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_priority",
+                format!("X-Priority {raw:?} is not low, normal or high (or 0, 1, 2)"),
+            )
+        })?),
+    };
     Ok(CallOverrides {
         max_retries,
         timeout_ms: duration(headers, "x-timeout", "--timeout-cap", caps.timeout_cap)?,
         max_age_ms: duration(headers, "x-max-age", "--max-age-cap", caps.max_age_cap)?,
+        // Normal is the default: not written into the call (its subject stays the same).
+        priority: priority.filter(|p| *p != Priority::Normal),
     })
 }
 
@@ -298,6 +309,16 @@ mod tests {
             ),
             (("x-timeout", "0s"), "invalid_override", "longer than zero"),
             (("x-timeout", "soon"), "invalid_override", "not a duration"),
+            (
+                ("x-priority", "urgent"),
+                "invalid_priority",
+                "low, normal or high",
+            ),
+            (
+                ("x-priority", "3"),
+                "invalid_priority",
+                "low, normal or high",
+            ),
             (
                 ("x-max-age", "2h"),
                 "override_above_cap",

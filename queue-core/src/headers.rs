@@ -66,14 +66,15 @@ pub fn is_worker_request_header(name: &str) -> bool {
 }
 
 /// Headers of a client's request that set the call's own limits (`X-Max-Retries`, `X-Timeout`,
-/// `X-Max-Age`) and its time (`X-Delay`, `X-Not-Before`): read by the gateway into the call,
-/// never forwarded to the function.
-pub const CALL_OVERRIDE_HEADERS: [&str; 5] = [
+/// `X-Max-Age`), its time (`X-Delay`, `X-Not-Before`) and its priority (`X-Priority`): read by
+/// the gateway into the call, never forwarded to the function.
+pub const CALL_OVERRIDE_HEADERS: [&str; 6] = [
     "x-max-retries",
     "x-timeout",
     "x-max-age",
     "x-delay",
     "x-not-before",
+    "x-priority",
 ];
 
 /// True for a header of [`CALL_OVERRIDE_HEADERS`].

@@ -124,12 +124,88 @@ pub struct CallOverrides {
     /// Oldest the call may be when an attempt starts, milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_age_ms: Option<u64>,
+    /// `X-Priority`: which of the function's lanes the call is queued in (absent: normal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<Priority>,
 }
 
 impl CallOverrides {
     /// Nothing overridden.
     pub fn is_empty(&self) -> bool {
-        self.max_retries.is_none() && self.timeout_ms.is_none() && self.max_age_ms.is_none()
+        self.max_retries.is_none()
+            && self.timeout_ms.is_none()
+            && self.max_age_ms.is_none()
+            && self.priority.is_none()
+    }
+}
+
+/// How urgent a call is (`X-Priority`). Each level of a function is a lane of its own (its own
+/// subject: [`crate::backend::call_subject`]); a fair worker serves a function's lanes 4:2:1,
+/// so a higher level goes first within the function's share and a lower one still progresses.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    /// Served after the others (weight 1).
+    Low,
+    /// The default (weight 2).
+    #[default]
+    Normal,
+    /// Served first (weight 4).
+    High,
+}
+
+impl Priority {
+    /// Every level, lowest first.
+    pub const ALL: [Self; 3] = [Self::Low, Self::Normal, Self::High];
+
+    /// `low`, `normal`, `high`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Low => "low",
+            Self::Normal => "normal",
+            Self::High => "high",
+        }
+    }
+
+    /// Reads `low`/`normal`/`high` (any case) or `0`/`1`/`2`.
+    pub fn parse(value: &str) -> Option<Self> {
+        let value = value.trim();
+        Self::ALL
+            .into_iter()
+            .find(|p| value.eq_ignore_ascii_case(p.as_str()) || value == p.digit())
+    }
+
+    /// Reads exactly `low`, `normal` or `high` (a subject token).
+    pub fn of_token(token: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.as_str() == token)
+    }
+
+    fn digit(self) -> &'static str {
+        match self {
+            Self::Low => "0",
+            Self::Normal => "1",
+            Self::High => "2",
+        }
+    }
+
+    /// The subject token after the function's (none for normal, so normal calls keep the
+    /// subject of builds without priorities).
+    pub fn subject_token(self) -> Option<&'static str> {
+        match self {
+            Self::Normal => None,
+            other => Some(other.as_str()),
+        }
+    }
+
+    /// The share of a function's pulls this level gets while the others wait too.
+    pub fn weight(self) -> u32 {
+        match self {
+            Self::Low => 1,
+            Self::Normal => 2,
+            Self::High => 4,
+        }
     }
 }
 

@@ -81,6 +81,29 @@ pub struct WorkerConfig {
     /// Upper bound on unacknowledged calls across all workers of the consumer.
     #[arg(long, env = "QUEUE_WORKER_MAX_ACK_PENDING", default_value_t = 20_000)]
     pub max_ack_pending: i64,
+    /// Fair scheduling: pull each lane (one function at one priority: its own subject) through
+    /// a consumer of its own, in weighted round-robin across namespaces, then functions, then
+    /// priorities (4:2:1), so a backlog of one function does not hold back the others and
+    /// `X-Priority` takes effect. Off: one consumer shared by all, in arrival order. Switch
+    /// the whole fleet at once (each layout deletes the other's consumers; no call is lost).
+    #[arg(long, env = "QUEUE_WORKER_FAIR_SCHEDULING", default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub fair_scheduling: bool,
+    /// Fair scheduling: the weights of namespaces (`team-a=3,team-b=1`; unlisted ones 1, the
+    /// default namespace by its name). A namespace of weight 3 gets three pulls to one of
+    /// weight 1 while both have calls waiting.
+    #[arg(long, env = "QUEUE_WORKER_NAMESPACE_WEIGHTS", value_delimiter = ',', value_parser = parse_namespace_weight)]
+    pub namespace_weights: Vec<(String, u32)>,
+    /// Fair scheduling: how often the worker takes a census of the lanes (one listing of the
+    /// consumers): it learns the lanes other workers pull, and lists the queue when it holds
+    /// calls no known lane accounts for (an announcement missed in a reconnect). Publishers
+    /// announce each call's lane, so a new lane is pulled from at once, not after this.
+    #[arg(long, env = "QUEUE_WORKER_LANE_CENSUS_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub lane_census_interval: Duration,
+    /// Fair scheduling (JetStream): a lane's consumer not pulled from for this long is deleted
+    /// by the server, and created again by the next call. Never less than twice
+    /// `--upstream-timeout` (a consumer must outlive the calls it delivered).
+    #[arg(long, env = "QUEUE_WORKER_LANE_IDLE", default_value = "1h", value_parser = parse_duration)]
+    pub lane_idle: Duration,
     /// How long one pull request waits for messages before it is renewed.
     #[arg(long, env = "QUEUE_WORKER_PULL_EXPIRES", default_value = "5s", value_parser = parse_duration)]
     pub pull_expires: Duration,
@@ -336,6 +359,9 @@ impl WorkerConfig {
         if self.callback_initial_wait > self.callback_max_wait {
             return Err("--callback-initial-wait must not exceed --callback-max-wait".into());
         }
+        if self.lane_census_interval < Duration::from_millis(100) {
+            return Err("--lane-census-interval must be at least 100ms".into());
+        }
         if self.invoke_mode == InvokeMode::Gateway {
             let url = url::Url::parse(&self.gateway_url)
                 .map_err(|e| format!("--gateway-url {:?}: {e}", redact_url(&self.gateway_url)))?;
@@ -360,10 +386,43 @@ impl WorkerConfig {
         }
     }
 
+    /// How long an idle lane consumer lives: `--lane-idle`, at least twice the longest call.
+    pub fn lane_idle(&self) -> Duration {
+        self.lane_idle.max(self.upstream_timeout.saturating_mul(2))
+    }
+
+    /// The weight of a namespace (`None`: the default one) under fair scheduling.
+    pub fn namespace_weight(&self, namespace: Option<&str>) -> u32 {
+        let name = namespace.unwrap_or(&self.default_namespace);
+        self.namespace_weights
+            .iter()
+            .find(|(ns, _)| ns == name)
+            .map_or(1, |(_, w)| *w)
+    }
+
     /// How often an in-progress heartbeat is sent while a call is handled.
     pub fn progress_interval(&self) -> Duration {
         self.ack_wait / 3
     }
+}
+
+/// One `namespace=weight` of `--namespace-weights` (a weight from 1 to 1000).
+pub fn parse_namespace_weight(raw: &str) -> Result<(String, u32), String> {
+    let (ns, weight) = raw
+        .trim()
+        .split_once('=')
+        .ok_or_else(|| format!("{raw:?} is not namespace=weight, e.g. team-a=3"))?;
+    let weight: u32 = weight
+        .trim()
+        .parse()
+        .ok()
+        .filter(|w| (1..=1000).contains(w))
+        .ok_or_else(|| format!("the weight in {raw:?} is not a whole number from 1 to 1000"))?;
+    let ns = ns.trim();
+    if ns.is_empty() {
+        return Err(format!("{raw:?} names no namespace"));
+    }
+    Ok((ns.to_owned(), weight))
 }
 
 #[cfg(test)]

@@ -35,6 +35,7 @@ pub mod concurrency;
 pub mod config;
 pub mod dlq;
 pub mod endpoint;
+pub mod fair;
 pub mod functions;
 pub mod http1;
 pub mod invoke;

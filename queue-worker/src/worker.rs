@@ -20,16 +20,18 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use queue_core::Outcome;
 use queue_core::backend::jetstream::{ConsumerOptions, JetStreamOptions, JetStreamQueue};
 use queue_core::backend::{
-    CallQueue, DeadLetter, DeadLetterReason, OwnedRecord, QueueDelivery, apply_event,
+    BackendError, CallQueue, DeadLetter, DeadLetterReason, Lane, OwnedRecord, QueueDelivery,
+    apply_event,
 };
 use queue_core::message::{DecodeError, EnvelopeSummary, QueuedCall};
 use queue_core::metrics;
@@ -42,6 +44,7 @@ use queue_core::tls_server::TlsAcceptor;
 use crate::callback::{CallbackSender, Delivery};
 use crate::concurrency::{Admission, Limits, Slot};
 use crate::config::WorkerConfig;
+use crate::fair;
 use crate::functions::{CallSettings, FunctionSettings};
 use crate::http1::Http1Client;
 use crate::invoke::{FunctionInvoker, http_client};
@@ -228,6 +231,7 @@ pub async fn run(
             name: config.consumer.clone(),
             ack_wait: config.ack_wait,
             max_ack_pending: config.max_ack_pending,
+            lane_idle: config.lane_idle(),
         }),
         records: config.records.clone(),
         sealing: config
@@ -317,6 +321,13 @@ pub async fn run_with_state<Q: CallQueue>(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WorkerError> {
     config.validate().map_err(WorkerError::Config)?;
+    if config.fair_scheduling && !queue.pulls_by_lane() {
+        return Err(WorkerError::Config(
+            "--fair-scheduling needs the JetStream backend (the embedded queue is pulled in \
+             arrival order)"
+                .into(),
+        ));
+    }
     let functions =
         FunctionSettings::load(&config).map_err(|e| WorkerError::Config(e.to_string()))?;
     let function_list = crate::annotations::function_list(&config).map_err(WorkerError::Config)?;
@@ -450,34 +461,19 @@ pub async fn run_with_state<Q: CallQueue>(
 
 /// Pulls until `stop` fires; returns the handlers still running.
 async fn pull_loop<Q: CallQueue>(ctx: &Arc<Ctx<Q>>, stop: &CancellationToken) -> JoinSet<()> {
-    let permits = ctx.permits.clone();
+    if ctx.config.fair_scheduling {
+        return fair_pull_loop(ctx, stop).await;
+    }
     let mut tasks = JoinSet::new();
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
     while !stop.is_cancelled() {
         while tasks.try_join_next().is_some() {}
-        let first = tokio::select! {
-            p = permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            () = stop.cancelled() => break,
+        let Some(held) = hold_permits(ctx, stop).await else {
+            break;
         };
-        if ctx.limits.permits_wanted() > 0 {
-            // A call with its function's slot waits for a permit: it goes first (the permit
-            // passes to it, queued on the semaphore).
-            drop(first);
-            tokio::task::yield_now().await;
-            continue;
-        }
-        let mut held = vec![first];
-        while held.len() < MAX_PULL_BATCH {
-            match permits.clone().try_acquire_owned() {
-                Ok(p) => held.push(p),
-                Err(_) => break,
-            }
-        }
+        let Some(held) = held else { continue };
         let batch = ctx.queue.pull(held.len(), ctx.config.pull_expires);
-        let mut batch = tokio::select! {
+        let batch = tokio::select! {
             b = batch => match b {
                 Ok(b) => b,
                 Err(e) => {
@@ -488,45 +484,238 @@ async fn pull_loop<Q: CallQueue>(ctx: &Arc<Ctx<Q>>, stop: &CancellationToken) ->
             },
             () = stop.cancelled() => break,
         };
-        // Permits given up to calls with a slot (`Limits::permits_wanted`): as many deliveries
-        // of this pull still to come wait for a permit of their own.
-        let mut owed = 0usize;
-        loop {
-            let next = tokio::select! {
-                n = batch.next() => n,
-                () = ctx.limits.permit_wanted(), if !held.is_empty() => {
-                    if ctx.limits.permits_wanted() > 0 {
-                        owed += held.len();
-                        held.clear();
-                    }
-                    continue;
+        dispatch(ctx, batch, held, &mut tasks, stop, &mut backoff).await;
+    }
+    tasks
+}
+
+/// Waits for at least one permit and takes as many more as are free (up to a batch). `None`:
+/// stop fired. `Some(None)`: a call with its function's slot wanted the permit (ask again).
+async fn hold_permits<Q: CallQueue>(
+    ctx: &Arc<Ctx<Q>>,
+    stop: &CancellationToken,
+) -> Option<Option<Vec<OwnedSemaphorePermit>>> {
+    let permits = &ctx.permits;
+    let first = tokio::select! {
+        p = permits.clone().acquire_owned() => p.ok()?,
+        () = stop.cancelled() => return None,
+    };
+    if ctx.limits.permits_wanted() > 0 {
+        // A call with its function's slot waits for a permit: it goes first (the permit
+        // passes to it, queued on the semaphore).
+        drop(first);
+        tokio::task::yield_now().await;
+        return Some(None);
+    }
+    let mut held = vec![first];
+    while held.len() < MAX_PULL_BATCH {
+        match permits.clone().try_acquire_owned() {
+            Ok(p) => held.push(p),
+            Err(_) => break,
+        }
+    }
+    Some(Some(held))
+}
+
+/// What [`dispatch`] saw of one pull.
+#[derive(Debug, Default)]
+struct Dispatched {
+    /// Deliveries it brought.
+    deliveries: usize,
+    /// The queue's count of calls left behind, from the last delivery.
+    pending: Option<u64>,
+    /// The pull failed part way.
+    failed: bool,
+}
+
+/// Hands each delivery of one pull to a handler with one of the `held` permits.
+async fn dispatch<Q: CallQueue>(
+    ctx: &Arc<Ctx<Q>>,
+    mut batch: futures::stream::BoxStream<'static, Result<Q::Delivery, BackendError>>,
+    mut held: Vec<OwnedSemaphorePermit>,
+    tasks: &mut JoinSet<()>,
+    stop: &CancellationToken,
+    backoff: &mut Backoff,
+) -> Dispatched {
+    let mut seen = Dispatched::default();
+    // Permits given up to calls with a slot (`Limits::permits_wanted`): as many deliveries
+    // of this pull still to come wait for a permit of their own.
+    let mut owed = 0usize;
+    loop {
+        let next = tokio::select! {
+            n = batch.next() => n,
+            () = ctx.limits.permit_wanted(), if !held.is_empty() => {
+                if ctx.limits.permits_wanted() > 0 {
+                    owed += held.len();
+                    held.clear();
                 }
-                () = stop.cancelled() => None,
-            };
-            match next {
-                None => break,
-                Some(Ok(msg)) => {
-                    backoff.reset();
-                    let lease = Lease::new(msg, &ctx.beats);
-                    if let Some(permit) = held.pop() {
-                        tasks.spawn(handle(ctx.clone(), lease, permit));
-                    } else if owed > 0 {
-                        owed -= 1;
-                        tasks.spawn(handle_when_permitted(ctx.clone(), lease));
-                    } else {
-                        // The queue sent more than asked; hand it straight back.
-                        lease.hand_back().await;
-                    }
+                continue;
+            }
+            () = stop.cancelled() => None,
+        };
+        match next {
+            None => break,
+            Some(Ok(msg)) => {
+                backoff.reset();
+                seen.deliveries += 1;
+                seen.pending = msg.pending();
+                let lease = Lease::new(msg, &ctx.beats);
+                if let Some(permit) = held.pop() {
+                    tasks.spawn(handle(ctx.clone(), lease, permit));
+                } else if owed > 0 {
+                    owed -= 1;
+                    tasks.spawn(handle_when_permitted(ctx.clone(), lease));
+                } else {
+                    // The queue sent more than asked; hand it straight back.
+                    lease.hand_back().await;
                 }
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "pull failed");
-                    backoff.wait(stop).await;
-                    break;
-                }
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "pull failed");
+                seen.failed = true;
+                backoff.wait(stop).await;
+                break;
             }
         }
     }
+    seen
+}
+
+/// [`pull_loop`] under fair scheduling: each pull asks one lane, picked by [`fair::Scheduler`]
+/// among those known to hold calls (announced by publishers, found by a census or a listing of
+/// the queue) or due for a poll.
+async fn fair_pull_loop<Q: CallQueue>(ctx: &Arc<Ctx<Q>>, stop: &CancellationToken) -> JoinSet<()> {
+    let mut tasks = JoinSet::new();
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
+    let mut lanes = fair::Scheduler::new(fair::Timing::default());
+    let weight = |lane: &Lane| ctx.config.namespace_weight(lane.namespace());
+    // Announcements first, then the listing: a call queued in between is in one or the other.
+    let mut announcements = match ctx.queue.lane_announcements().await {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(error = %e, "no lane announcements; lanes are found by census only");
+            futures::stream::pending().boxed()
+        }
+    };
+    let mut census = tokio::time::interval(ctx.config.lane_census_interval);
+    census.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A listing of the queue is due at start and after two censuses in a row found calls no
+    // known lane accounts for (one alone may be a call acked or queued between two reads).
+    let mut list_due = true;
+    let mut unaccounted_before = false;
+    while !stop.is_cancelled() {
+        while tasks.try_join_next().is_some() {}
+        if list_due {
+            match ctx.queue.waiting_lanes().await {
+                Ok(found) => {
+                    let now = Instant::now();
+                    for lane in &found {
+                        lanes.ready(lane, weight(lane), now);
+                    }
+                    tracing::debug!(lanes = found.len(), "listed the lanes holding calls");
+                    list_due = false;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff.peek(), "cannot list the lanes holding calls");
+                    backoff.wait(stop).await;
+                    continue;
+                }
+            }
+        }
+        let Some(held) = hold_permits(ctx, stop).await else {
+            break;
+        };
+        let Some(held) = held else { continue };
+        // A lane to pull, waiting for one to be announced or due.
+        let pick = loop {
+            while let Some(Some(lane)) = announcements.next().now_or_never() {
+                lanes.ready(&lane, weight(&lane), Instant::now());
+            }
+            let now = Instant::now();
+            if let Some(pick) = lanes.pick(now) {
+                break Some(pick);
+            }
+            let due = lanes.next_due(now);
+            tokio::select! {
+                a = announcements.next() => if let Some(lane) = a {
+                    lanes.ready(&lane, weight(&lane), Instant::now());
+                },
+                () = async {
+                    match due {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
+                _ = census.tick() => break None,
+                () = stop.cancelled() => break None,
+            }
+        };
+        let Some(pick) = pick else {
+            drop(held);
+            if stop.is_cancelled() {
+                break;
+            }
+            take_census(ctx, &mut lanes, &mut list_due, &mut unaccounted_before).await;
+            continue;
+        };
+        let asked = held.len();
+        let batch = tokio::select! {
+            b = ctx.queue.pull_lane(&pick.lane, asked) => b,
+            () = stop.cancelled() => break,
+        };
+        let seen = match batch {
+            Ok(batch) => dispatch(ctx, batch, held, &mut tasks, stop, &mut backoff).await,
+            Err(e) => {
+                drop(held);
+                tracing::warn!(error = %e, lane = %pick.lane.qualified_function(), retry_in = ?backoff.peek(), "lane pull failed");
+                backoff.wait(stop).await;
+                Dispatched {
+                    failed: true,
+                    ..Dispatched::default()
+                }
+            }
+        };
+        let now = Instant::now();
+        if seen.deliveries == asked && seen.pending.is_some_and(|p| p > 0) {
+            lanes.fetched(&pick.lane, now);
+        } else {
+            lanes.drained(&pick.lane, pick.generation, seen.deliveries > 0, now);
+        }
+        // A census when one is due, also while lanes keep every permit busy.
+        if census.tick().now_or_never().is_some() {
+            take_census(ctx, &mut lanes, &mut list_due, &mut unaccounted_before).await;
+        }
+    }
     tasks
+}
+
+/// Learns the lanes the consumers know (other workers' too), forgets long idle ones, and
+/// decides whether the queue must be listed (calls no lane accounts for, twice in a row).
+async fn take_census<Q: CallQueue>(
+    ctx: &Arc<Ctx<Q>>,
+    lanes: &mut fair::Scheduler,
+    list_due: &mut bool,
+    unaccounted_before: &mut bool,
+) {
+    let now = Instant::now();
+    lanes.forget_idle(now);
+    match ctx.queue.lane_census().await {
+        Ok(census) => {
+            for lane in &census.lanes {
+                lanes.know(lane, ctx.config.namespace_weight(lane.namespace()), now);
+            }
+            let unaccounted = census.unaccounted > 0;
+            if unaccounted && *unaccounted_before {
+                tracing::info!(
+                    calls = census.unaccounted,
+                    "calls queued that no known lane accounts for: listing the queue"
+                );
+                *list_due = true;
+            }
+            *unaccounted_before = unaccounted && !*list_due;
+        }
+        Err(e) => tracing::warn!(error = %e, "lane census failed"),
+    }
 }
 
 /// A delivery whose reserved permit went to a call with a slot: it waits for a permit (its

@@ -69,6 +69,7 @@ impl<const SEALED: bool, const DEBIAN: bool> JetStreamHarness<SEALED, DEBIAN> {
                 name: "conformance".into(),
                 ack_wait: ACK_WAIT,
                 max_ack_pending: 1000,
+                lane_idle: Duration::from_secs(3600),
             }),
             records: common::record_args(),
             sealing: sealing(SEALED),

@@ -7,6 +7,7 @@
 //! NATS comes back. Publishes never wait for it; until it succeeds they fail and `check_ready`
 //! says why.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -23,8 +24,9 @@ use tokio_util::sync::CancellationToken;
 use super::DeadLetterSelector;
 use super::nats::{self as queue, HEADER_ALLOWANCE};
 use super::{
-    BackendError, CallQueue, CallRecords, DeadLetter, DeadLetterEntry, NOT_STORED, OwnedRecord,
-    PublishError, Published, QueueDelivery, QueueError, RecordEntry, RecordWriteError, Revision,
+    BackendError, CallQueue, CallRecords, DeadLetter, DeadLetterEntry, Lane, LaneCensus,
+    NOT_STORED, OwnedRecord, PublishError, Published, QueueDelivery, QueueError, RecordEntry,
+    RecordWriteError, Revision,
 };
 use crate::message::QueuedCall;
 use crate::records::{self, CallRecord, OutcomeEvent, StoredResult};
@@ -38,8 +40,11 @@ pub struct ConsumerOptions {
     pub name: String,
     /// Redelivery after this long without an ack or progress signal.
     pub ack_wait: Duration,
-    /// Most unacknowledged messages across all workers.
+    /// Most unacknowledged messages across all workers (per lane when pulling by lanes).
     pub max_ack_pending: i64,
+    /// A lane's consumer ([`CallQueue::pull_lane`]) not pulled from for this long is deleted
+    /// by the server (its calls stay in the stream; the next pull creates it again).
+    pub lane_idle: Duration,
 }
 
 /// How to use JetStream.
@@ -70,6 +75,8 @@ pub struct JetStreamQueue {
     max_payload: AtomicUsize,
     recheck: Notify,
     consumer: Mutex<Option<PullConsumer>>,
+    /// The lanes' consumers bound so far (a lock held for a lookup or an insert only).
+    lanes: Arc<std::sync::Mutex<HashMap<Lane, PullConsumer>>>,
     /// The schedulers' consumer on the scheduled calls' stream, bound on first use.
     scheduler: Mutex<Option<PullConsumer>>,
     /// Shared, not cloned per use (a `kv::Store` clone copies the stream's whole info), and set
@@ -105,6 +112,7 @@ impl JetStreamQueue {
             max_payload: AtomicUsize::new(0),
             recheck: Notify::new(),
             consumer: Mutex::new(None),
+            lanes: Arc::default(),
             scheduler: Mutex::new(None),
             records: tokio::sync::OnceCell::new(),
         });
@@ -215,10 +223,138 @@ impl JetStreamQueue {
             options.ack_wait,
             options.max_ack_pending,
         );
-        let consumer = queue::bind_consumer(&self.js, &self.options.nats.stream, config).await?;
+        let stream = self
+            .js
+            .get_stream(&self.options.nats.stream)
+            .await
+            .map_err(|e| QueueError::Stream {
+                name: self.options.nats.stream.clone(),
+                message: e.to_string(),
+            })?;
+        let consumer = match stream.create_consumer(config.clone()).await {
+            Err(e) if queue::is_overlapping_consumer(&e) => {
+                // Fair workers' lane consumers hold the subjects: go back to the one shared
+                // consumer (the lanes' calls stay in the stream and come to it).
+                self.delete_lane_consumers(&stream, &options.name).await?;
+                stream.create_consumer(config).await
+            }
+            other => other,
+        }
+        .map_err(|e| QueueError::Consumer {
+            name: options.name.clone(),
+            message: e.to_string(),
+        })?;
         tracing::info!(consumer = %options.name, "bound to consumer");
         *slot = Some(consumer.clone());
         Ok(consumer)
+    }
+
+    fn lane_handles(&self) -> std::sync::MutexGuard<'_, HashMap<Lane, PullConsumer>> {
+        // Lookups and inserts only, never held across an await.
+        self.lanes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The lane's consumer, created (or updated) on its first pull. Where the shared consumer
+    /// of the other layout holds the stream's subjects, it is deleted first: its calls stay in
+    /// the stream, and those it had delivered and not seen acked come again to the lanes.
+    async fn lane_consumer(&self, lane: &Lane) -> Result<PullConsumer, BackendError> {
+        if let Some(consumer) = self.lane_handles().get(lane) {
+            return Ok(consumer.clone());
+        }
+        let Some(options) = self.options.consumer.as_ref() else {
+            return Err(BackendError::Request(
+                "this queue was opened without a consumer".into(),
+            ));
+        };
+        let version = self.client.server_info().version;
+        if !queue::server_has(&version, (2, 10)) {
+            return Err(BackendError::Request(format!(
+                "fair scheduling needs nats-server 2.10 or later (consumers with several \
+                 filter subjects); this one is {version}"
+            )));
+        }
+        let config = queue::lane_consumer_config(
+            &options.name,
+            &self.options.nats.subject_prefix,
+            lane,
+            options.ack_wait,
+            options.max_ack_pending,
+            options.lane_idle,
+        );
+        let name = lane.consumer_name(&options.name);
+        let stream = self
+            .js
+            .get_stream_no_info(&self.options.nats.stream)
+            .await
+            .map_err(request_err)?;
+        let created = match stream.create_consumer(config.clone()).await {
+            Err(e) if queue::is_overlapping_consumer(&e) => {
+                tracing::warn!(
+                    consumer = %options.name,
+                    "the shared consumer holds the stream's subjects; deleting it to pull by \
+                     lanes (its calls stay queued)"
+                );
+                self.unbind().await;
+                if let Err(e) = stream.delete_consumer(&options.name).await {
+                    tracing::debug!(error = %e, "shared consumer not deleted");
+                }
+                stream.create_consumer(config).await
+            }
+            other => other,
+        };
+        let consumer = created.map_err(|e| QueueError::Consumer {
+            name,
+            message: e.to_string(),
+        })?;
+        self.lane_handles().insert(lane.clone(), consumer.clone());
+        Ok(consumer)
+    }
+
+    /// Deletes the lane consumers of the worker group `group` (`<group>_...`), so that its
+    /// shared consumer can filter on every subject again.
+    async fn delete_lane_consumers(
+        &self,
+        stream: &jetstream::stream::Stream,
+        group: &str,
+    ) -> Result<(), BackendError> {
+        let prefix = format!("{group}_");
+        let mut names = stream.consumer_names();
+        let mut ours = Vec::new();
+        while let Some(name) = names.next().await {
+            let name = name.map_err(request_err)?;
+            if name.starts_with(&prefix) {
+                ours.push(name);
+            }
+        }
+        tracing::warn!(
+            consumer = %group,
+            lanes = ours.len(),
+            "lane consumers hold the stream's subjects; deleting them to pull through the \
+             shared consumer (their calls stay queued)"
+        );
+        for name in ours {
+            if let Err(e) = stream.delete_consumer(&name).await {
+                tracing::debug!(error = %e, "lane consumer not deleted");
+            }
+        }
+        self.lane_handles().clear();
+        Ok(())
+    }
+
+    /// Tells fair workers that `subject`'s lane has a call (best effort: core NATS, not
+    /// waited for; a missed one is found by a census).
+    async fn announce_lane(&self, subject: &str) {
+        let prefix = &self.options.nats.subject_prefix;
+        if let Some(lane) = Lane::of_subject(prefix, subject)
+            && let Err(e) = self
+                .client
+                .publish(lane.announce_subject(prefix), Bytes::new())
+                .await
+        {
+            tracing::debug!(error = %e, "lane announcement not sent");
+        }
     }
 
     async fn bound_scheduler(&self) -> Result<PullConsumer, BackendError> {
@@ -333,7 +469,7 @@ impl JetStreamQueue {
         call_id: &str,
     ) -> Result<Option<RecordEntry>, BackendError> {
         let prefix = &self.options.nats.subject_prefix;
-        let Some(filter) = super::queued_call_filter(prefix, call_id) else {
+        let Some(filters) = super::queued_call_filters(prefix, call_id) else {
             return Ok(None);
         };
         let stream = self
@@ -341,32 +477,40 @@ impl JetStreamQueue {
             .get_stream_no_info(&self.options.nats.stream)
             .await
             .map_err(request_err)?;
-        match stream.get_first_raw_message_by_subject(&filter, 0).await {
-            Ok(message) => {
-                let call =
-                    QueuedCall::open(&message.payload, &self.options.sealing).map_err(|e| {
-                        BackendError::Corrupt {
-                            key: format!("queued call {call_id}"),
-                            detail: e.to_string(),
-                        }
-                    })?;
-                let meta = &call.meta;
-                let owned = OwnedRecord::accepted(
-                    &meta.call_id,
-                    &meta.qualified_function(),
-                    meta.received_at_unix_nanos,
-                    meta.callback_url.is_some(),
-                    meta.not_before_unix_nanos,
-                    NOT_STORED,
-                );
-                return Ok(Some(RecordEntry {
-                    record: owned.record,
-                    revision: NOT_STORED,
-                    inline_result: None,
-                }));
+        // A call of normal priority is found by the first filter, one of high or low by the
+        // second (its level is a token after the id).
+        let mut found = None;
+        for filter in &filters {
+            match stream.get_first_raw_message_by_subject(filter, 0).await {
+                Ok(message) => {
+                    found = Some(message);
+                    break;
+                }
+                Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {}
+                Err(e) => return Err(request_err(e)),
             }
-            Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {}
-            Err(e) => return Err(request_err(e)),
+        }
+        if let Some(message) = found {
+            let call = QueuedCall::open(&message.payload, &self.options.sealing).map_err(|e| {
+                BackendError::Corrupt {
+                    key: format!("queued call {call_id}"),
+                    detail: e.to_string(),
+                }
+            })?;
+            let meta = &call.meta;
+            let owned = OwnedRecord::accepted(
+                &meta.call_id,
+                &meta.qualified_function(),
+                meta.received_at_unix_nanos,
+                meta.callback_url.is_some(),
+                meta.not_before_unix_nanos,
+                NOT_STORED,
+            );
+            return Ok(Some(RecordEntry {
+                record: owned.record,
+                revision: NOT_STORED,
+                inline_result: None,
+            }));
         }
         self.stored_entry(kv, call_id).await
     }
@@ -735,18 +879,23 @@ impl CallQueue for JetStreamQueue {
         } else {
             super::call_subject_with_id(prefix, call)
         };
+        let scheduled = call.meta.not_before_unix_nanos.is_some();
         let result = queue::publish_call(
             &self.client,
             &self.js,
-            subject,
+            subject.clone(),
             call,
             &self.options.sealing,
             self.max_payload(),
         )
         .await;
-        if let Err(PublishError::NotStored(_)) = &result {
-            // The stream may be gone (a NATS server that lost its store): check it again.
-            self.recheck.notify_one();
+        match &result {
+            Ok(false) if !scheduled => self.announce_lane(&subject).await,
+            Err(PublishError::NotStored(_)) => {
+                // The stream may be gone (a NATS server that lost its store): check it again.
+                self.recheck.notify_one();
+            }
+            _ => {}
         }
         result.map(|duplicate| Published { duplicate })
     }
@@ -799,6 +948,117 @@ impl CallQueue for JetStreamQueue {
             Err(e) => {
                 // The consumer or stream may be gone: bind again next time.
                 self.unbind().await;
+                Err(request_err(e))
+            }
+        }
+    }
+
+    fn pulls_by_lane(&self) -> bool {
+        true
+    }
+
+    async fn lane_announcements(&self) -> Result<BoxStream<'static, Lane>, BackendError> {
+        let prefix = self.options.nats.subject_prefix.clone();
+        let subscription = self
+            .client
+            .subscribe(format!("{}.>", super::announce_prefix(&prefix)))
+            .await
+            .map_err(request_err)?;
+        Ok(subscription
+            .filter_map(move |m| {
+                let lane = Lane::of_announcement(&prefix, m.subject.as_str());
+                async move { lane }
+            })
+            .boxed())
+    }
+
+    async fn waiting_lanes(&self) -> Result<Vec<Lane>, BackendError> {
+        let stream = self
+            .js
+            .get_stream_no_info(&self.options.nats.stream)
+            .await
+            .map_err(request_err)?;
+        let prefix = &self.options.nats.subject_prefix;
+        let mut subjects = stream
+            .info_with_subjects(format!("{prefix}.>"))
+            .await
+            .map_err(request_err)?;
+        let mut lanes = std::collections::BTreeSet::new();
+        while let Some(item) = subjects.next().await {
+            let (subject, count) = item.map_err(request_err)?;
+            if count > 0
+                && let Some(lane) = Lane::of_subject(prefix, &subject)
+            {
+                lanes.insert(lane);
+            }
+        }
+        Ok(lanes.into_iter().collect())
+    }
+
+    async fn lane_census(&self) -> Result<LaneCensus, BackendError> {
+        let Some(options) = self.options.consumer.as_ref() else {
+            return Ok(LaneCensus::default());
+        };
+        let prefix = &self.options.nats.subject_prefix;
+        let group = format!("{}_", options.name);
+        let mut stream = self
+            .js
+            .get_stream(&self.options.nats.stream)
+            .await
+            .map_err(request_err)?;
+        // The consumers first, then the stream: a call published in between is counted by
+        // the stream only (a census that errs towards a rescan, never towards a missed lane).
+        let mut lanes = Vec::new();
+        let mut accounted = 0u64;
+        let mut list = stream.consumers();
+        while let Some(info) = list.next().await {
+            let info = info.map_err(request_err)?;
+            if !info.name.starts_with(&group) {
+                continue;
+            }
+            let lane = info
+                .config
+                .filter_subjects
+                .first()
+                .or(Some(&info.config.filter_subject))
+                .and_then(|f| Lane::of_subject(prefix, f));
+            if let Some(lane) = lane {
+                accounted += info.num_pending + info.num_ack_pending as u64;
+                lanes.push(lane);
+            }
+        }
+        let messages = stream.info().await.map_err(request_err)?.state.messages;
+        Ok(LaneCensus {
+            lanes,
+            unaccounted: messages.saturating_sub(accounted),
+        })
+    }
+
+    async fn pull_lane(
+        &self,
+        lane: &Lane,
+        max: usize,
+    ) -> Result<BoxStream<'static, Result<JetStreamDelivery, BackendError>>, BackendError> {
+        let consumer = self.lane_consumer(lane).await?;
+        match consumer.fetch().max_messages(max).messages().await {
+            Ok(batch) => {
+                let (handles, lane) = (self.lanes.clone(), lane.clone());
+                Ok(batch
+                    .map(move |m| {
+                        m.map(JetStreamDelivery::new).map_err(|e| {
+                            // No consumer answers (deleted when idle, or by the other
+                            // layout): create it again next time.
+                            handles
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .remove(&lane);
+                            request_err(e)
+                        })
+                    })
+                    .boxed())
+            }
+            Err(e) => {
+                self.lane_handles().remove(lane);
                 Err(request_err(e))
             }
         }
@@ -870,6 +1130,7 @@ impl CallQueue for JetStreamQueue {
                 .map_err(request_err)?
                 .await
                 .map_err(request_err)?;
+            self.announce_lane(&entry.subject).await;
             stream
                 .delete_message(entry.sequence)
                 .await
@@ -1054,13 +1315,17 @@ impl CallQueue for JetStreamQueue {
         let publish = jetstream::message::PublishMessage::build()
             .payload(delivery.payload().clone())
             .message_id(call_id);
+        let subject = format!("{prefix}{rest}");
         let ack = self
             .js
-            .send_publish(format!("{prefix}{rest}"), publish)
+            .send_publish(subject.clone(), publish)
             .await
             .map_err(|e| PublishError::NotStored(e.to_string()))?
             .await
             .map_err(|e| PublishError::NotStored(e.to_string()))?;
+        if !ack.duplicate {
+            self.announce_lane(&subject).await;
+        }
         Ok(Published {
             duplicate: ack.duplicate,
         })
@@ -1077,18 +1342,20 @@ pub struct JetStreamDelivery {
     message: jetstream::Message,
     sequence: u64,
     attempt: u32,
+    pending: u64,
 }
 
 impl JetStreamDelivery {
     fn new(message: jetstream::Message) -> Self {
-        let (sequence, delivered) = message
+        let (sequence, delivered, pending) = message
             .info()
-            .map(|i| (i.stream_sequence, i.delivered))
-            .unwrap_or((0, 1));
+            .map(|i| (i.stream_sequence, i.delivered, i.pending))
+            .unwrap_or((0, 1, 0));
         Self {
             message,
             sequence,
             attempt: u32::try_from(delivered.max(1)).unwrap_or(u32::MAX),
+            pending,
         }
     }
 
@@ -1112,6 +1379,10 @@ impl QueueDelivery for JetStreamDelivery {
 
     fn attempt(&self) -> u32 {
         self.attempt
+    }
+
+    fn pending(&self) -> Option<u64> {
+        Some(self.pending)
     }
 
     async fn ack(&self) -> Result<(), BackendError> {

@@ -23,8 +23,11 @@
 #[cfg(feature = "embedded")]
 pub mod embedded;
 pub mod jetstream;
+mod lanes;
 pub mod nats;
 mod owned;
+
+pub use lanes::{Lane, NO_ID_TOKEN, announce_prefix};
 
 pub use owned::{OwnedRecord, apply_event};
 
@@ -406,6 +409,62 @@ pub trait CallQueue: CallRecords {
             ))
         }
     }
+
+    /// Whether this queue can be pulled lane by lane ([`CallQueue::pull_lane`]), for fair
+    /// scheduling. A worker that pulls by lane never uses [`CallQueue::pull`] (and the other
+    /// way round): the two consumer layouts exclude each other, and the first pull of one
+    /// removes the other's consumers (their calls stay queued).
+    fn pulls_by_lane(&self) -> bool {
+        false
+    }
+
+    /// Lanes that just got a call, announced by the publishers. Best effort: an announcement
+    /// can be missed (a reconnect), so a worker also takes a [`CallQueue::lane_census`] now
+    /// and then.
+    fn lane_announcements(
+        &self,
+    ) -> impl Future<Output = Result<BoxStream<'static, Lane>, BackendError>> + Send {
+        async { Ok(futures::stream::pending().boxed()) }
+    }
+
+    /// Every lane that holds queued calls, read off the queue itself: costly (it lists the
+    /// queue's subjects), so taken at start and when a census finds calls that no known lane
+    /// accounts for.
+    fn waiting_lanes(&self) -> impl Future<Output = Result<Vec<Lane>, BackendError>> + Send {
+        async { Ok(Vec::new()) }
+    }
+
+    /// The lanes the workers' consumers know, and how many queued calls none of them accounts
+    /// for (a lane no worker has heard of yet). Cheap: one listing of the consumers.
+    fn lane_census(&self) -> impl Future<Output = Result<LaneCensus, BackendError>> + Send {
+        async { Ok(LaneCensus::default()) }
+    }
+
+    /// Asks one lane for at most `max` deliveries and answers with those available now (an
+    /// empty stream when the lane has none). Only for a queue that [`CallQueue::pulls_by_lane`].
+    fn pull_lane(
+        &self,
+        lane: &Lane,
+        max: usize,
+    ) -> impl Future<
+        Output = Result<BoxStream<'static, Result<Self::Delivery, BackendError>>, BackendError>,
+    > + Send {
+        let _ = (lane, max);
+        async {
+            Err(BackendError::Request(
+                "this queue is not pulled by lanes (fair scheduling needs JetStream)".into(),
+            ))
+        }
+    }
+}
+
+/// What [`CallQueue::lane_census`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LaneCensus {
+    /// The lanes with a consumer.
+    pub lanes: Vec<Lane>,
+    /// Queued calls that no lane's consumer accounts for (waiting, or delivered and not acked).
+    pub unaccounted: u64,
 }
 
 /// A snapshot of the queue.
@@ -451,14 +510,14 @@ pub fn function_of_subject(prefix: &str, subject: &str) -> Option<String> {
 }
 
 /// The subject filter that matches `subject`'s function's calls queued the same way: `subject`
-/// itself for `<prefix>.<namespace>.<name>`, `<prefix>.<namespace>.<name>.*` for a subject with
-/// a call id.
+/// itself for `<prefix>.<namespace>.<name>`, `<prefix>.<namespace>.<name>.>` for a subject with
+/// a call id (and maybe a priority).
 pub fn function_filter_of_subject(prefix: &str, subject: &str) -> Option<String> {
     let rest = subject.strip_prefix(prefix)?.strip_prefix('.')?;
     let (namespace, rest) = rest.split_once('.')?;
     Some(match rest.split_once('.') {
         None => subject.to_owned(),
-        Some((name, _)) => format!("{prefix}.{namespace}.{name}.*"),
+        Some((name, _)) => format!("{prefix}.{namespace}.{name}.>"),
     })
 }
 
@@ -468,6 +527,11 @@ pub trait QueueDelivery: Clone + Send + Sync + 'static {
     fn payload(&self) -> &Bytes;
     /// Where it was queued (`<prefix>.<namespace>.<function>`); replays go back there.
     fn subject(&self) -> &str;
+    /// How many calls the consumer still had waiting when it delivered this one, where the
+    /// queue says (a fair worker learns from it that a lane is drained).
+    fn pending(&self) -> Option<u64> {
+        None
+    }
     /// The message's position in the queue; unique while it is queued.
     fn sequence(&self) -> u64;
     /// Which delivery this is: 1 for the first, counting deliveries lost to crashed workers.
@@ -690,20 +754,42 @@ pub fn is_subject_token(call_id: &str) -> bool {
 
 /// The subject a call is queued on where the queue finds queued calls by id
 /// ([`CallQueue::finds_queued_calls`]): `<prefix>.<namespace or _>.<name>.<call id>`, or
-/// [`call_subject`]'s when the id cannot be a subject token.
+/// [`call_subject`]'s when the id cannot be a subject token. A call of high or low priority
+/// gets the level as one more token (`<prefix>.<ns>.<name>.<call id or _>.high`): its own
+/// lane ([`Lane`]).
 pub fn call_subject_with_id(prefix: &str, call: &QueuedCall) -> String {
     let mut subject = call_subject(prefix, call);
-    if is_subject_token(&call.meta.call_id) {
+    let id_token = is_subject_token(&call.meta.call_id);
+    let level = call
+        .meta
+        .overrides
+        .priority
+        .and_then(crate::message::Priority::subject_token);
+    if id_token || level.is_some() {
         subject.push('.');
-        subject.push_str(&call.meta.call_id);
+        subject.push_str(if id_token {
+            &call.meta.call_id
+        } else {
+            NO_ID_TOKEN
+        });
+    }
+    if let Some(level) = level {
+        subject.push('.');
+        subject.push_str(level);
     }
     subject
 }
 
-/// The subject filter that finds the queued call `call_id` whatever its function
-/// (`<prefix>.*.*.<call id>`), if the id can be a subject token.
-pub fn queued_call_filter(prefix: &str, call_id: &str) -> Option<String> {
-    is_subject_token(call_id).then(|| format!("{prefix}.*.*.{call_id}"))
+/// The subject filters that find the queued call `call_id` whatever its function and priority
+/// (`<prefix>.*.*.<call id>`, then `<prefix>.*.*.<call id>.*`), if the id can be a subject
+/// token.
+pub fn queued_call_filters(prefix: &str, call_id: &str) -> Option<[String; 2]> {
+    is_subject_token(call_id).then(|| {
+        [
+            format!("{prefix}.*.*.{call_id}"),
+            format!("{prefix}.*.*.{call_id}.*"),
+        ]
+    })
 }
 
 /// Renders the metrics in Prometheus text format, after refreshing the queue gauges from
@@ -772,11 +858,11 @@ mod tests {
         );
         assert_eq!(
             function_filter_of_subject("faas.a", &subject).as_deref(),
-            Some("faas.a.team.stats.*")
+            Some("faas.a.team.stats.>")
         );
         assert_eq!(
-            queued_call_filter("faas.a", id).as_deref(),
-            Some(format!("faas.a.*.*.{id}").as_str())
+            queued_call_filters("faas.a", id),
+            Some([format!("faas.a.*.*.{id}"), format!("faas.a.*.*.{id}.*")])
         );
     }
 
@@ -784,7 +870,7 @@ mod tests {
     fn an_id_that_cannot_be_a_token_keeps_the_function_subject() {
         for id in ["a.b", "a*", ">", "x y", "ü"] {
             assert!(!is_subject_token(id), "{id}");
-            assert_eq!(queued_call_filter("faas", id), None, "{id}");
+            assert_eq!(queued_call_filters("faas", id), None, "{id}");
         }
         let subject = call_subject_with_id("faas", &call("order.42", None));
         assert_eq!(subject, "faas._.stats");
@@ -798,5 +884,38 @@ mod tests {
         );
         assert_eq!(function_of_subject("other", &subject), None);
         assert_eq!(function_of_subject("faas", "faas._"), None);
+    }
+
+    #[test]
+    fn a_priority_is_a_token_after_the_id_and_its_lane_is_found_again() {
+        use crate::message::Priority;
+        let id = "0b5c6a3e";
+        for (priority, subject) in [
+            (None, format!("faas._.stats.{id}")),
+            (Some(Priority::Normal), format!("faas._.stats.{id}")),
+            (Some(Priority::High), format!("faas._.stats.{id}.high")),
+            (Some(Priority::Low), format!("faas._.stats.{id}.low")),
+        ] {
+            let mut c = call(id, None);
+            c.meta.overrides.priority = priority;
+            let got = call_subject_with_id("faas", &c);
+            assert_eq!(got, subject);
+            let lane = Lane::of_subject("faas", &got).expect("a lane");
+            assert_eq!(lane.priority, priority.unwrap_or_default());
+            assert_eq!(function_of_subject("faas", &got).as_deref(), Some("stats"));
+            assert_eq!(
+                function_filter_of_subject("faas", &got).as_deref(),
+                Some("faas._.stats.>")
+            );
+        }
+        // An id that cannot be a token leaves a placeholder, so the level stays the 5th token.
+        let mut c = call("order.42", Some("team"));
+        c.meta.overrides.priority = Some(Priority::High);
+        let got = call_subject_with_id("faas", &c);
+        assert_eq!(got, "faas.team.stats._.high");
+        assert_eq!(
+            Lane::of_subject("faas", &got).map(|l| l.priority),
+            Some(Priority::High)
+        );
     }
 }

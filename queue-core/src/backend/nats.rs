@@ -146,6 +146,24 @@ pub fn check_server_version(version: &str) -> Result<(), String> {
     }
 }
 
+/// Whether a server of `version` is at least `major.minor` (a version that does not read as
+/// one is taken to be: what it lacks shows up as a JetStream error).
+pub fn server_has(version: &str, (major, minor): (u64, u64)) -> bool {
+    let mut parts = version.trim().trim_start_matches('v').split('.');
+    let mut number = || -> Option<u64> {
+        let digits: String = parts
+            .next()?
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().ok()
+    };
+    match (number(), number()) {
+        (Some(found_major), Some(found_minor)) => (found_major, found_minor) >= (major, minor),
+        _ => true,
+    }
+}
+
 /// The client options: name, timeouts, reconnect events, credentials and TLS.
 async fn options(
     connection: &NatsConnection,
@@ -543,6 +561,45 @@ pub fn scheduler_consumer_config(
     }
 }
 
+/// The durable pull consumer of one lane (fair workers, [`super::Lane`]): the lane's filters
+/// only, so the lanes of a stream never overlap; the server deletes it after
+/// `inactive_threshold` without a pull (its calls stay in the stream, and the next pull of the
+/// lane creates it again).
+pub fn lane_consumer_config(
+    group: &str,
+    subject_prefix: &str,
+    lane: &super::Lane,
+    ack_wait: Duration,
+    max_ack_pending: i64,
+    inactive_threshold: Duration,
+) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(lane.consumer_name(group)),
+        description: Some("queue-worker: async function calls of one lane".into()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait,
+        max_ack_pending,
+        filter_subjects: lane.filters(subject_prefix),
+        deliver_policy: consumer::DeliverPolicy::All,
+        inactive_threshold,
+        ..Default::default()
+    }
+}
+
+/// Whether a consumer could not be created because another consumer of the work-queue stream
+/// filters on (some of) the same subjects: the other consumer layout (shared or by lane) is in
+/// place.
+pub fn is_overlapping_consumer(error: &jetstream::stream::ConsumerError) -> bool {
+    use async_nats::jetstream::ErrorCode;
+    match error.kind() {
+        jetstream::stream::ConsumerErrorKind::JetStream(e) => {
+            e.error_code() == ErrorCode::CONSUMER_WQ_CONSUMER_NOT_UNIQUE
+                || e.error_code() == ErrorCode::CONSUMER_WQ_MULTIPLE_UNFILTERED
+        }
+        _ => false,
+    }
+}
+
 /// Finds the stream (created by the gateway) and creates or updates the durable consumer.
 pub async fn bind_consumer(
     js: &jetstream::Context,
@@ -594,6 +651,16 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn server_has_compares_major_and_minor() {
+        assert!(server_has("2.10.0", (2, 10)));
+        assert!(server_has("v2.15.1", (2, 10)));
+        assert!(server_has("3.0.0", (2, 10)));
+        assert!(!server_has("2.9.25", (2, 10)));
+        assert!(!server_has("1.99.0", (2, 10)));
+        assert!(server_has("custom", (2, 10)));
     }
 
     #[tokio::test]
