@@ -739,3 +739,57 @@ async fn corrupted_file_is_an_integrity_error() {
         Err(BlobError::Integrity { .. })
     ));
 }
+
+// ---- specific to JetStream: a record is a message, which can be removed alone ----
+
+#[tokio::test]
+async fn a_missing_chunk_message_is_an_integrity_error() {
+    let b = Js::start().await;
+    let store = b.store();
+    let k = key("holed", BlobRole::Result);
+    store
+        .put(&k, body(MIB, 64 * 1024), PutLimit::at_most(MIB))
+        .await
+        .unwrap();
+    let object = b.js.get_object_store(store.bucket()).await.unwrap();
+    let info = object.info(k.as_str()).await.unwrap();
+    let stream = b.js.get_stream(store.stream_name()).await.unwrap();
+    let subject = format!("$O.{}.C.{}", store.bucket(), info.nuid);
+    let first = stream
+        .direct_get_next_for_subject(subject.as_str(), None)
+        .await
+        .unwrap();
+    let second = stream
+        .direct_get_next_for_subject(subject.as_str(), Some(first.sequence + 1))
+        .await
+        .unwrap();
+    stream.delete_message(second.sequence).await.unwrap();
+
+    // The third record now comes second: its digest is bound to its index.
+    let items: Vec<_> = store.get(&k, None).await.unwrap().body.collect().await;
+    assert_eq!(items.len(), 2, "the first chunk, then the error");
+    assert!(
+        matches!(items[1], Err(BlobError::Integrity { .. })),
+        "{:?}",
+        items[1]
+    );
+
+    // The last one gone: missing.
+    let last = stream
+        .direct_get_last_for_subject(subject.as_str())
+        .await
+        .unwrap();
+    stream.delete_message(last.sequence).await.unwrap();
+    let tail = ByteRange::Suffix(10);
+    let items: Vec<_> = store
+        .get(&k, Some(tail))
+        .await
+        .unwrap()
+        .body
+        .collect()
+        .await;
+    assert!(
+        matches!(items.as_slice(), [Err(BlobError::Integrity { .. })]),
+        "{items:?}"
+    );
+}

@@ -78,6 +78,16 @@ pub struct BucketSettings {
     pub max_bytes: u64,
 }
 
+impl BucketSettings {
+    /// The calls stream's replicas, at most `max_bytes` (0 = no limit).
+    pub fn following(stream: &crate::settings::StreamArgs, max_bytes: u64) -> Self {
+        Self {
+            replicas: stream.stream_replicas,
+            max_bytes,
+        }
+    }
+}
+
 impl JetStreamBlobs {
     /// The bucket of the calls stream `stream`, created when missing (the gateway's upkeep).
     pub async fn ensure(
