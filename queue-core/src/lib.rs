@@ -10,6 +10,8 @@
 //! - [`backend`]: the [`CallQueue`]/[`QueueDelivery`] contract, with
 //!   [`backend::jetstream::JetStreamQueue`] and (feature `embedded`) the sled-backed
 //!   `backend::embedded::EmbeddedQueue`.
+//! - [`blobs`]: large bodies and results by reference: the [`BlobStore`] contract (streamed
+//!   puts and reads, digests, sealing, sweep), on a JetStream object store or on files.
 //! - [`records`]: call records (`GET /async-calls/{id}`), their events and kept results.
 //! - [`outcome`]: [`Outcome`], what came of one invocation.
 //! - [`headers`]: which headers never cross from one HTTP exchange to another.
@@ -31,6 +33,7 @@
 //! - `tls-server`: `tls_server` (links rustls and tokio-rustls directly).
 
 pub mod backend;
+pub mod blobs;
 pub mod clock;
 pub mod egress;
 pub mod headers;
@@ -48,5 +51,6 @@ pub mod telemetry;
 pub mod tls_server;
 
 pub use backend::{CallQueue, QueueDelivery};
+pub use blobs::{BlobError, BlobKey, BlobRole, BlobStore};
 pub use clock::unix_nanos_now;
 pub use outcome::Outcome;

@@ -57,6 +57,9 @@ pub enum Purpose {
     Result = 2,
     /// A completed outcome in the worker's dedup state.
     WorkerState = 3,
+    /// One chunk (or the digest) of a large body or result in the blob store
+    /// ([`crate::blobs`]).
+    Blob = 4,
 }
 
 /// Why the keys file cannot be used. Never shows key material.
