@@ -8,10 +8,12 @@
 //! - [`bench`]: options, load loops, baselines and the report.
 //! - [`sut`]: the system under test as processes (builds missing binaries under `cargo run`).
 //! - [`adaptive`]: the worker's concurrency limit over a run (the `adaptive` scenario).
+//! - [`fairness`]: `load-tests fairness`, a call's wait behind another function's backlog.
 
 pub mod adaptive;
 pub mod bench;
 mod error;
+pub mod fairness;
 pub mod sut;
 
 pub use test_support::*;

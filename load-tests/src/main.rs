@@ -94,6 +94,39 @@ enum Command {
     /// JetStream baselines measured in the same run. Exits non-zero if a call
     /// was refused, lost, duplicated or returned a bad result.
     Bench(Box<BenchArgs>),
+    /// How long a call waits behind another function's backlog: for each layout (arrival
+    /// order, fair scheduling, fair across namespaces, priorities) a fresh system, a backlog
+    /// for one function, and a probe call every second while it drains. Exits non-zero if a
+    /// call was lost or duplicated.
+    Fairness(FairnessArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct FairnessArgs {
+    /// Calls queued for the busy function.
+    #[arg(long, env = "LOAD_TESTS_BACKLOG", default_value_t = 10_000)]
+    backlog: usize,
+    /// How long the function holds every call.
+    #[arg(long, env = "LOAD_TESTS_FUNCTION_DELAY", default_value = "50ms", value_parser = parse_duration)]
+    function_delay: Duration,
+    /// One probe call this often.
+    #[arg(long, env = "LOAD_TESTS_PROBE_EVERY", default_value = "1s", value_parser = parse_duration)]
+    probe_every: Duration,
+    /// Probe calls at least.
+    #[arg(long, env = "LOAD_TESTS_MIN_PROBES", default_value_t = 10)]
+    min_probes: usize,
+    /// The worker's `--max-inflight`.
+    #[arg(long, env = "LOAD_TESTS_MAX_INFLIGHT", default_value_t = 50)]
+    max_inflight: u32,
+    /// The layouts to run, comma-separated [default: all].
+    #[arg(long, env = "LOAD_TESTS_LAYOUTS", value_delimiter = ',')]
+    layouts: Vec<load_tests::fairness::Layout>,
+    /// Where the `gateway-plugin` and `queue-worker` binaries are.
+    #[arg(long, env = "LOAD_TESTS_BIN_DIR")]
+    bin_dir: Option<std::path::PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -275,6 +308,7 @@ async fn main() -> anyhow::Result<ExitCode> {
         Some(Command::Function(args)) => serve_function(args).await,
         Some(Command::Receiver { listen }) => serve_receiver(listen).await,
         Some(Command::Bench(args)) => run_bench(*args).await,
+        Some(Command::Fairness(args)) => run_fairness(args).await,
         None => run_bench(cli.bench).await,
     }
 }
@@ -365,6 +399,41 @@ fn describe(callback: &RecordedCallback) -> String {
         header("x-function-status"),
         callback.body.len(),
     )
+}
+
+async fn run_fairness(args: FairnessArgs) -> anyhow::Result<ExitCode> {
+    use load_tests::fairness::{FairnessOptions, Layout};
+    let opts = FairnessOptions {
+        backlog: args.backlog,
+        delay: args.function_delay,
+        probe_every: args.probe_every,
+        min_probes: args.min_probes,
+        max_inflight: args.max_inflight,
+        bin_dir: args.bin_dir,
+        layouts: if args.layouts.is_empty() {
+            Layout::ALL.to_vec()
+        } else {
+            args.layouts
+        },
+        ..FairnessOptions::default()
+    };
+    let report = load_tests::fairness::run(&opts)
+        .await
+        .context("fairness run failed")?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer(&mut out, &report)?;
+        writeln!(out)?;
+    } else {
+        write!(out, "{}", report.to_table())?;
+    }
+    drop(out);
+    if report.is_clean() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("fairness: a call was lost or called back twice");
+        Ok(ExitCode::FAILURE)
+    }
 }
 
 async fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {

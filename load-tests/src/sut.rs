@@ -118,6 +118,8 @@ pub struct SystemUnderTest {
     /// How the one embedded process was started, to start it again with the gateway role
     /// only (embedded backend only).
     server_spawn: Option<Launch>,
+    /// The worker pulls lane by lane (`--fair-scheduling=true` among its arguments).
+    fair_worker: bool,
     /// The worker's state; removed when this is dropped.
     _state_dir: tempfile::TempDir,
 }
@@ -162,6 +164,10 @@ impl SystemUnderTest {
                     processes: vec![gateway],
                     worker_spawn: None,
                     server_spawn: None,
+                    fair_worker: opts
+                        .worker_args
+                        .iter()
+                        .any(|a| a == "--fair-scheduling=true"),
                     _state_dir: state_dir,
                 };
                 // The worker binds to the stream the gateway creates: gateway first.
@@ -237,6 +243,10 @@ impl SystemUnderTest {
                         args,
                         nats_url: String::new(),
                     }),
+                    fair_worker: opts
+                        .worker_args
+                        .iter()
+                        .any(|a| a == "--fair-scheduling=true"),
                     _state_dir: state_dir,
                 };
                 system.wait_gateway_ready().await?;
@@ -405,8 +415,16 @@ impl SystemUnderTest {
             .and_then(Process::pid);
         loop {
             self.check_running()?;
-            let last = match stream.consumer_info(&defaults.1).await {
-                Ok(_) if worker_pid.is_none_or(handles_sigterm) => return Ok(()),
+            // A fair worker (`--fair-scheduling=true`) creates its lanes' consumers on their
+            // first pull, none before: it is ready once it handles SIGTERM (it lists the
+            // queued calls' lanes at start).
+            let found = if self.fair_worker {
+                Ok(())
+            } else {
+                stream.consumer_info(&defaults.1).await.map(|_| ())
+            };
+            let last = match found {
+                Ok(()) if worker_pid.is_none_or(handles_sigterm) => return Ok(()),
                 Ok(_) => "the worker does not handle SIGTERM yet".to_owned(),
                 Err(e) => e.to_string(),
             };
