@@ -9,8 +9,8 @@
 //! not parse is left out with a warning naming the function and the annotation.
 //! `faas-async.max_concurrency` (ours: OpenFaaS has no annotation for a function's concurrency
 //! in the queue) caps the function's calls at once per worker, as `max_concurrency` does in the
-//! file. `com.openfaas.queue` (a named queue) has no meaning here yet: a function carrying it is named
-//! in a warning once, and its calls run on the shared queue.
+//! file. `com.openfaas.queue` names the function's queue, as `queue` does in the file: the
+//! workers of `--queues <it>` serve it (fair scheduling).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -32,7 +32,7 @@ pub const MIN_WAIT: &str = "com.openfaas.retry.min_wait";
 pub const MAX_WAIT: &str = "com.openfaas.retry.max_wait";
 /// Calls of the function one worker runs at once, at most (this project's own annotation).
 pub const MAX_CONCURRENCY: &str = "faas-async.max_concurrency";
-/// A named queue (OpenFaaS Pro); not served separately here.
+/// A named queue (OpenFaaS Pro): the workers of `--queues <it>` serve the function.
 pub const QUEUE: &str = "com.openfaas.queue";
 
 /// The overrides one function's annotations ask for, and the problems of those that do not
@@ -54,6 +54,16 @@ pub fn override_from(annotations: &HashMap<String, String>) -> (FunctionOverride
             _ => problems.push(format!(
                 "{MAX_CONCURRENCY}={raw:?} is not a whole number of at least 1"
             )),
+        }
+    }
+    if let Some(raw) = annotations.get(QUEUE) {
+        let queue = raw.trim().to_ascii_lowercase();
+        if crate::functions::is_queue_name(&queue) {
+            o.queue = Some(queue);
+        } else {
+            problems.push(format!(
+                "{QUEUE}={raw:?} is not a queue name (1 to 64 letters, digits and -)"
+            ));
         }
     }
     if let Some(raw) = annotations.get(CODES) {
@@ -248,15 +258,6 @@ pub fn overrides_of(
                 tracing::warn!(%function, %problem, "function annotation left out");
             }
         }
-        if let Some(queue) = annotations.get(QUEUE)
-            && warned.insert(format!("{function} {QUEUE}={queue}"))
-        {
-            tracing::warn!(
-                %function,
-                queue = %queue,
-                "{QUEUE}: named queues are not served separately by this worker; the function's calls run on the shared queue"
-            );
-        }
         if o != FunctionOverride::default() {
             out.insert(function.clone(), o);
         }
@@ -353,6 +354,13 @@ mod tests {
                 vec![(MAX_CONCURRENCY, "4")],
                 FunctionOverride {
                     max_concurrency: Some(4),
+                    ..FunctionOverride::default()
+                },
+            ),
+            (
+                vec![(QUEUE, " Batch ")],
+                FunctionOverride {
+                    queue: Some("batch".into()),
                     ..FunctionOverride::default()
                 },
             ),

@@ -93,6 +93,13 @@ pub struct WorkerConfig {
     /// weight 1 while both have calls waiting.
     #[arg(long, env = "QUEUE_WORKER_NAMESPACE_WEIGHTS", value_delimiter = ',', value_parser = parse_namespace_weight)]
     pub namespace_weights: Vec<(String, u32)>,
+    /// Fair scheduling: the named queues this worker serves (comma-separated): the functions
+    /// whose `queue` (`--functions-config`) or `com.openfaas.queue` annotation names one of
+    /// them; `default` is the functions that name none. Workers of other queues never take
+    /// these functions' calls, so a slow batch function and an interactive one never share
+    /// capacity.
+    #[arg(long, env = "QUEUE_WORKER_QUEUES", value_delimiter = ',', default_value = "default", value_parser = parse_queue_name)]
+    pub queues: Vec<String>,
     /// Fair scheduling: how often the worker takes a census of the lanes (one listing of the
     /// consumers): it learns the lanes other workers pull, and lists the queue when it holds
     /// calls no known lane accounts for (an announcement missed in a reconnect). Publishers
@@ -359,6 +366,17 @@ impl WorkerConfig {
         if self.callback_initial_wait > self.callback_max_wait {
             return Err("--callback-initial-wait must not exceed --callback-max-wait".into());
         }
+        if !self.fair_scheduling
+            && self
+                .queues
+                .iter()
+                .any(|q| q != crate::functions::DEFAULT_QUEUE)
+        {
+            return Err(
+                "--queues needs --fair-scheduling true (named queues are served lane by lane)"
+                    .into(),
+            );
+        }
         if self.lane_census_interval < Duration::from_millis(100) {
             return Err("--lane-census-interval must be at least 100ms".into());
         }
@@ -403,6 +421,18 @@ impl WorkerConfig {
     /// How often an in-progress heartbeat is sent while a call is handled.
     pub fn progress_interval(&self) -> Duration {
         self.ack_wait / 3
+    }
+}
+
+/// One name of `--queues`.
+pub fn parse_queue_name(raw: &str) -> Result<String, String> {
+    let name = raw.trim().to_ascii_lowercase();
+    if crate::functions::is_queue_name(&name) {
+        Ok(name)
+    } else {
+        Err(format!(
+            "{raw:?} is not a queue name (1 to 64 letters, digits and -)"
+        ))
     }
 }
 

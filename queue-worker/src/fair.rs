@@ -260,6 +260,22 @@ impl Scheduler {
             .flat_map(|f| f.lanes.iter().flatten())
     }
 
+    /// Forgets a lane (its function moved to another queue).
+    pub fn forget(&mut self, lane: &Lane) {
+        for ns in &mut self.namespaces {
+            if ns.name != lane.namespace {
+                continue;
+            }
+            for f in &mut ns.functions {
+                if f.name == lane.function && f.lanes[slot(lane.priority)].take().is_some() {
+                    self.lanes -= 1;
+                }
+            }
+            ns.functions.retain(|f| f.lanes.iter().any(Option::is_some));
+        }
+        self.namespaces.retain(|n| !n.functions.is_empty());
+    }
+
     /// Forgets lanes without calls for [`Timing::forget`] that are not ready.
     pub fn forget_idle(&mut self, now: Instant) {
         let forget = self.timing.forget;
@@ -443,6 +459,10 @@ mod tests {
         assert_eq!(s.next_due(t0 + timing.forget), None);
         s.ready(&a, 1, t0 + timing.forget);
         assert_eq!(s.len(), 1);
+        s.forget(&b);
+        assert_eq!(s.len(), 1);
+        s.forget(&a);
+        assert!(s.is_empty() && s.pick(t0 + timing.forget).is_none());
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! max_wait = "10m"
 //! max_age = "48h"
 //! max_concurrency = 4            # calls at once per worker, at most
+//! queue = "batch"                # served by the workers of `--queues batch` (fair scheduling)
 //! ```
 //!
 //! Unknown keys are errors, so a typo is caught at start rather than silently ignored.
@@ -81,6 +82,8 @@ pub struct FunctionOverride {
     pub max_age: Option<Duration>,
     /// Calls of the function one worker runs at once, at most ([`crate::concurrency`]).
     pub max_concurrency: Option<u32>,
+    /// The named queue whose workers (`--queues`) serve the function; none: the default one.
+    pub queue: Option<String>,
 }
 
 impl FunctionOverride {
@@ -97,8 +100,20 @@ impl FunctionOverride {
             timeout: self.timeout.or(under.timeout),
             max_age: self.max_age.or(under.max_age),
             max_concurrency: self.max_concurrency.or(under.max_concurrency),
+            queue: self.queue.clone().or_else(|| under.queue.clone()),
         }
     }
+}
+
+/// The queue of functions that name none.
+pub const DEFAULT_QUEUE: &str = "default";
+
+/// Whether `name` can name a queue: 1 to 64 lower-case letters, digits and `-`.
+pub fn is_queue_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -179,6 +194,10 @@ impl FunctionSettings {
                 Some("max_attempts must be at least 1".to_owned())
             } else if o.max_concurrency == Some(0) {
                 Some("max_concurrency must be at least 1".to_owned())
+            } else if let Some(queue) = o.queue.as_deref().filter(|q| !is_queue_name(q)) {
+                Some(format!(
+                    "queue {queue:?} is not a queue name (1 to 64 lower-case letters, digits and -)"
+                ))
             } else {
                 o.retry_codes
                     .iter()
@@ -223,6 +242,28 @@ impl FunctionSettings {
             settings.max_age = Duration::from_millis(ms);
         }
         settings
+    }
+
+    /// The named queue of a function (`name`, in `namespace` or the default one): the file's
+    /// `queue`, else the function's `com.openfaas.queue` annotation, else [`DEFAULT_QUEUE`].
+    pub fn queue_of(&self, function: &str, namespace: Option<&str>) -> String {
+        let function = function.to_ascii_lowercase();
+        let namespace =
+            namespace.map_or_else(|| self.default_namespace.clone(), str::to_ascii_lowercase);
+        let qualified = format!("{function}.{namespace}");
+        let file = self
+            .overrides
+            .get(&qualified)
+            .or_else(|| self.overrides.get(&function))
+            .and_then(|o| o.queue.clone());
+        file.or_else(|| {
+            self.annotated
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(&qualified)
+                .and_then(|o| o.queue.clone())
+        })
+        .unwrap_or_else(|| DEFAULT_QUEUE.to_owned())
     }
 
     /// The settings for a call's function: `name.namespace` entry of the file (the default
@@ -303,6 +344,25 @@ mod tests {
         ])
         .unwrap();
         FunctionSettings::load(&config)
+    }
+
+    #[test]
+    fn a_queue_from_the_file_by_namespace_then_name_else_default() {
+        let s = load(
+            r#"
+            [functions.report]
+            queue = "batch"
+            [functions."report.team-b"]
+            queue = "team-b-batch"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(s.queue_of("report", None), "batch");
+        assert_eq!(s.queue_of("Report", Some("team-a")), "batch");
+        assert_eq!(s.queue_of("report", Some("team-b")), "team-b-batch");
+        assert_eq!(s.queue_of("other", None), DEFAULT_QUEUE);
+        let e = load("[functions.report]\nqueue = \"Not OK\"\n").unwrap_err();
+        assert!(e.to_string().contains("is not a queue name"), "{e}");
     }
 
     #[test]

@@ -589,6 +589,12 @@ async fn fair_pull_loop<Q: CallQueue>(ctx: &Arc<Ctx<Q>>, stop: &CancellationToke
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
     let mut lanes = fair::Scheduler::new(fair::Timing::default());
     let weight = |lane: &Lane| ctx.config.namespace_weight(lane.namespace());
+    // The lanes of the functions of this worker's queues (`--queues`), asked each time: a
+    // function's queue may change with its annotations.
+    let ours = |lane: &Lane| {
+        let queue = ctx.functions.queue_of(&lane.function, lane.namespace());
+        ctx.config.queues.contains(&queue)
+    };
     // Announcements first, then the listing: a call queued in between is in one or the other.
     let mut announcements = match ctx.queue.lane_announcements().await {
         Ok(a) => a,
@@ -603,14 +609,22 @@ async fn fair_pull_loop<Q: CallQueue>(ctx: &Arc<Ctx<Q>>, stop: &CancellationToke
     // known lane accounts for (one alone may be a call acked or queued between two reads).
     let mut list_due = true;
     let mut unaccounted_before = false;
+    // Calls the last listing found in other queues' lanes: not a reason to list again while
+    // those queues' workers are away (their consumers would account for them).
+    let mut foreign = 0u64;
     while !stop.is_cancelled() {
         while tasks.try_join_next().is_some() {}
         if list_due {
             match ctx.queue.waiting_lanes().await {
                 Ok(found) => {
                     let now = Instant::now();
-                    for lane in &found {
-                        lanes.ready(lane, weight(lane), now);
+                    foreign = 0;
+                    for (lane, calls) in &found {
+                        if ours(lane) {
+                            lanes.ready(lane, weight(lane), now);
+                        } else {
+                            foreign += calls;
+                        }
                     }
                     tracing::debug!(lanes = found.len(), "listed the lanes holding calls");
                     list_due = false;
@@ -629,15 +643,21 @@ async fn fair_pull_loop<Q: CallQueue>(ctx: &Arc<Ctx<Q>>, stop: &CancellationToke
         // A lane to pull, waiting for one to be announced or due.
         let pick = loop {
             while let Some(Some(lane)) = announcements.next().now_or_never() {
-                lanes.ready(&lane, weight(&lane), Instant::now());
+                if ours(&lane) {
+                    lanes.ready(&lane, weight(&lane), Instant::now());
+                }
             }
             let now = Instant::now();
             if let Some(pick) = lanes.pick(now) {
+                if !ours(&pick.lane) {
+                    lanes.forget(&pick.lane);
+                    continue;
+                }
                 break Some(pick);
             }
             let due = lanes.next_due(now);
             tokio::select! {
-                a = announcements.next() => if let Some(lane) = a {
+                a = announcements.next() => if let Some(lane) = a.filter(|l| ours(l)) {
                     lanes.ready(&lane, weight(&lane), Instant::now());
                 },
                 () = async {
@@ -655,7 +675,15 @@ async fn fair_pull_loop<Q: CallQueue>(ctx: &Arc<Ctx<Q>>, stop: &CancellationToke
             if stop.is_cancelled() {
                 break;
             }
-            take_census(ctx, &mut lanes, &mut list_due, &mut unaccounted_before).await;
+            take_census(
+                ctx,
+                &mut lanes,
+                &ours,
+                foreign,
+                &mut list_due,
+                &mut unaccounted_before,
+            )
+            .await;
             continue;
         };
         let asked = held.len();
@@ -683,7 +711,15 @@ async fn fair_pull_loop<Q: CallQueue>(ctx: &Arc<Ctx<Q>>, stop: &CancellationToke
         }
         // A census when one is due, also while lanes keep every permit busy.
         if census.tick().now_or_never().is_some() {
-            take_census(ctx, &mut lanes, &mut list_due, &mut unaccounted_before).await;
+            take_census(
+                ctx,
+                &mut lanes,
+                &ours,
+                foreign,
+                &mut list_due,
+                &mut unaccounted_before,
+            )
+            .await;
         }
     }
     tasks
@@ -694,6 +730,8 @@ async fn fair_pull_loop<Q: CallQueue>(ctx: &Arc<Ctx<Q>>, stop: &CancellationToke
 async fn take_census<Q: CallQueue>(
     ctx: &Arc<Ctx<Q>>,
     lanes: &mut fair::Scheduler,
+    ours: &impl Fn(&Lane) -> bool,
+    foreign: u64,
     list_due: &mut bool,
     unaccounted_before: &mut bool,
 ) {
@@ -701,10 +739,10 @@ async fn take_census<Q: CallQueue>(
     lanes.forget_idle(now);
     match ctx.queue.lane_census().await {
         Ok(census) => {
-            for lane in &census.lanes {
+            for lane in census.lanes.iter().filter(|l| ours(l)) {
                 lanes.know(lane, ctx.config.namespace_weight(lane.namespace()), now);
             }
-            let unaccounted = census.unaccounted > 0;
+            let unaccounted = census.unaccounted > foreign;
             if unaccounted && *unaccounted_before {
                 tracing::info!(
                     calls = census.unaccounted,

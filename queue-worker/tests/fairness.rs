@@ -196,3 +196,90 @@ async fn switching_between_the_shared_consumer_and_lanes_loses_no_call() {
     assert!(f.queue.dead_letters().await.is_empty());
     assert!(f.queue.wait_until_empty().await);
 }
+
+/// `slow` is mapped to the queue `batch` (`queue` in the functions file), `fast` is not: the
+/// worker of `--queues batch` (its own function gateway) runs only `slow`'s calls, the default
+/// queue's worker only `fast`'s, each call once, whichever worker starts first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn named_queues_keep_their_functions_apart() {
+    let f = Fixture::start(StubBehavior::default()).await;
+    let batch_gateway = test_support::stub::StubFunction::start(StubBehavior::default())
+        .await
+        .unwrap();
+    let conf = f.dir.path().join("functions.toml");
+    std::fs::write(&conf, "[functions.slow]\nqueue = \"batch\"\n").unwrap();
+    let conf = conf.to_str().unwrap();
+    let queue = publisher(&f);
+    let mut slow = Vec::new();
+    let mut fast = Vec::new();
+    for _ in 0..15 {
+        slow.push(publish(&queue, &f, "slow", None).await);
+        fast.push(publish(&queue, &f, "fast", Some(Priority::High)).await);
+    }
+    let mut batch_args = common::worker_args(
+        &f.queue.nats.url(),
+        &batch_gateway.url(),
+        &f.dir.path().join("batch-state"),
+    );
+    batch_args.extend(
+        [
+            "--fair-scheduling",
+            "true",
+            "--queues",
+            "batch",
+            "--functions-config",
+            conf,
+        ]
+        .map(str::to_owned),
+    );
+    let default_worker = InProcessWorker::start(&f.worker_args(
+        "state",
+        &["--fair-scheduling", "true", "--functions-config", conf],
+    ));
+    assert!(
+        f.receiver.wait_for_call_ids(&fast, DEADLINE).await,
+        "fast came back: {} of 15",
+        done(&f, &fast)
+    );
+    // The default queue's worker never takes `slow`.
+    assert_eq!(done(&f, &slow), 0, "slow ran without its queue's worker");
+    let batch_worker = InProcessWorker::start(&batch_args);
+    assert!(
+        f.receiver.wait_for_call_ids(&slow, DEADLINE).await,
+        "slow came back: {} of 15",
+        done(&f, &slow)
+    );
+    default_worker.shutdown().await;
+    batch_worker.shutdown().await;
+    assert!(
+        f.function
+            .requests()
+            .iter()
+            .all(|r| r.path_and_query.ends_with("/fast")),
+        "the default queue's worker ran only fast"
+    );
+    assert!(
+        batch_gateway
+            .requests()
+            .iter()
+            .all(|r| r.path_and_query.ends_with("/slow")),
+        "the batch worker ran only slow"
+    );
+    assert_eq!(f.function.count(), 15);
+    assert_eq!(batch_gateway.count(), 15);
+    assert!(f.queue.wait_until_empty().await);
+}
+
+/// `--queues` other than `default` without fair scheduling is refused at start.
+#[test]
+fn named_queues_need_fair_scheduling() {
+    use clap::Parser;
+    let config =
+        queue_worker::WorkerConfig::try_parse_from(["queue-worker", "--queues", "batch"]).unwrap();
+    let e = config.validate().unwrap_err();
+    assert!(e.contains("--fair-scheduling"), "{e}");
+    assert!(
+        queue_worker::WorkerConfig::try_parse_from(["queue-worker", "--queues", "Bad_Name"])
+            .is_err()
+    );
+}

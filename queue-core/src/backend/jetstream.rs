@@ -972,7 +972,7 @@ impl CallQueue for JetStreamQueue {
             .boxed())
     }
 
-    async fn waiting_lanes(&self) -> Result<Vec<Lane>, BackendError> {
+    async fn waiting_lanes(&self) -> Result<Vec<(Lane, u64)>, BackendError> {
         let stream = self
             .js
             .get_stream_no_info(&self.options.nats.stream)
@@ -983,13 +983,13 @@ impl CallQueue for JetStreamQueue {
             .info_with_subjects(format!("{prefix}.>"))
             .await
             .map_err(request_err)?;
-        let mut lanes = std::collections::BTreeSet::new();
+        let mut lanes = std::collections::BTreeMap::new();
         while let Some(item) = subjects.next().await {
             let (subject, count) = item.map_err(request_err)?;
             if count > 0
                 && let Some(lane) = Lane::of_subject(prefix, &subject)
             {
-                lanes.insert(lane);
+                *lanes.entry(lane).or_insert(0) += count as u64;
             }
         }
         Ok(lanes.into_iter().collect())

@@ -427,10 +427,10 @@ pub trait CallQueue: CallRecords {
         async { Ok(futures::stream::pending().boxed()) }
     }
 
-    /// Every lane that holds queued calls, read off the queue itself: costly (it lists the
-    /// queue's subjects), so taken at start and when a census finds calls that no known lane
-    /// accounts for.
-    fn waiting_lanes(&self) -> impl Future<Output = Result<Vec<Lane>, BackendError>> + Send {
+    /// Every lane that holds queued calls, with how many, read off the queue itself: costly
+    /// (it lists the queue's subjects), so taken at start and when a census finds calls that
+    /// no known lane accounts for.
+    fn waiting_lanes(&self) -> impl Future<Output = Result<Vec<(Lane, u64)>, BackendError>> + Send {
         async { Ok(Vec::new()) }
     }
 
