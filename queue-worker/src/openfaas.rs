@@ -369,15 +369,17 @@ impl<L: Fn(&str) -> Option<String>> Reader<L> {
                  uses the stream as it finds it"
             ));
         }
-        if let Some(queue) = self.value("queue_name")
-            && queue != OPENFAAS_SHARED_QUEUE
-        {
-            return Err(format!(
-                "queue_name={queue:?}: named queues (functions sent to a queue by the \
-                 com.openfaas.queue annotation) are not supported; every worker serves every \
-                 function of its stream: leave queue_name empty (or {OPENFAAS_SHARED_QUEUE})"
-            ));
-        }
+        // A named queue (Pro: the functions of `com.openfaas.queue: <name>`): this worker
+        // serves that queue's functions, lane by lane.
+        let named_queue = match self.value("queue_name") {
+            Some(queue) if queue != OPENFAAS_SHARED_QUEUE => {
+                let name = crate::config::parse_queue_name(&queue)
+                    .map_err(|e| format!("queue_name: {e}"))?;
+                self.flag("QUEUE_WORKER_QUEUES", "queues", &name);
+                true
+            }
+            _ => false,
+        };
         if let Some(n) = self.number("queue_partitions", 0, u64::from(u32::MAX))?
             && n > 1
         {
@@ -394,29 +396,35 @@ impl<L: Fn(&str) -> Option<String>> Reader<L> {
                  partition 0"
             ));
         }
-        if let Some(mode) = self.value("scaling_mode") {
-            match mode.to_ascii_lowercase().as_str() {
-                "static" => {}
-                "function" => {
-                    return Err("scaling_mode=function (a consumer per function) is not \
-                                supported: this worker runs OpenFaaS's static mode, one \
-                                consumer shared by every function; set scaling_mode=static \
-                                (per-function retries and timeouts: --functions-config)"
-                        .into());
-                }
+        // Pro's `function` mode (a consumer per function, created on demand, removed when
+        // idle) is fair scheduling here; so is a named queue, which is served lane by lane.
+        let by_function = match self.value("scaling_mode") {
+            None => false,
+            Some(mode) => match mode.to_ascii_lowercase().as_str() {
+                "static" => false,
+                "function" => true,
                 _ => {
                     return Err(format!(
                         "scaling_mode={mode:?} is not one of OpenFaaS's modes: static, function"
                     ));
                 }
-            }
+            },
+        };
+        if by_function || named_queue {
+            self.flag("QUEUE_WORKER_FAIR_SCHEDULING", "fair-scheduling", true);
+        }
+        if by_function && let Some(v) = self.duration("consumer_inactive_threshold")? {
+            self.flag("QUEUE_WORKER_LANE_IDLE", "lane-idle", &v);
         }
         Ok(())
     }
 
     /// Read and checked, with no effect here: noted.
     fn without_effect(&mut self) -> Result<(), String> {
-        if let Some(v) = self.duration("consumer_inactive_threshold")? {
+        let function_mode = self
+            .value("scaling_mode")
+            .is_some_and(|m| m.eq_ignore_ascii_case("function"));
+        if !function_mode && let Some(v) = self.duration("consumer_inactive_threshold")? {
             self.note(format!(
                 "consumer_inactive_threshold={v}: it applies to scaling_mode=function only; no \
                  effect in static mode, as in OpenFaaS"
@@ -751,7 +759,11 @@ mod tests {
             (&[("queue_name", "faas-request")], Reads(|_| true)),
             (
                 &[("queue_name", "slow-fns")],
-                Refused(&["queue_name", "com.openfaas.queue", "not supported"]),
+                Reads(|c| c.queues == ["slow-fns"] && c.fair_scheduling),
+            ),
+            (
+                &[("queue_name", "Not A Queue")],
+                Refused(&["queue_name", "not a queue name"]),
             ),
             (&[("queue_partitions", "1")], Reads(|_| true)),
             (
@@ -766,7 +778,14 @@ mod tests {
             (&[("scaling_mode", "static")], Reads(|_| true)),
             (
                 &[("scaling_mode", "function")],
-                Refused(&["scaling_mode=function", "static"]),
+                Reads(|c| c.fair_scheduling && c.queues == ["default"]),
+            ),
+            (
+                &[
+                    ("scaling_mode", "function"),
+                    ("consumer_inactive_threshold", "10m"),
+                ],
+                Reads(|c| c.fair_scheduling && c.lane_idle == Duration::from_secs(600)),
             ),
             (
                 &[("scaling_mode", "dynamic")],
