@@ -217,6 +217,13 @@ async fn limits_above_the_caps_are_refused_and_nothing_is_queued() {
         ),
         ("X-Max-Retries", "many", "invalid_override", "whole number"),
         ("X-Timeout", "0s", "invalid_override", "longer than zero"),
+        (
+            "X-Priority",
+            "urgent",
+            "invalid_priority",
+            "low, normal or high",
+        ),
+        ("X-Priority", "3", "invalid_priority", "low, normal or high"),
     ] {
         let r = submit(
             &client,
@@ -245,5 +252,49 @@ async fn limits_above_the_caps_are_refused_and_nothing_is_queued() {
     )
     .await;
     assert_eq!(r.status(), 202, "at the cap is allowed");
+    gateway.shutdown().await;
+}
+
+/// `X-Priority: high` queues the call in its function's high lane (the level is a subject token
+/// after the id), never forwards the header, and its status is found while it waits (the
+/// gateway wrote no record: the queued message is found by the second filter).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_priority_call_is_queued_in_its_lane_and_found_while_it_waits() {
+    let nats = NatsServer::start().await.unwrap();
+    let gateway = Gateway::start(&nats.url(), &[]).await;
+    let client = http();
+    let mut ids = Vec::new();
+    for level in ["high", "LOW", "1"] {
+        let r = submit(
+            &client,
+            &gateway.url,
+            "f",
+            "http://127.0.0.1:9/cb",
+            &[("X-Priority", level)],
+        )
+        .await;
+        ids.push(call_id(&r));
+    }
+    let nats_client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(nats_client);
+    let stream = js.get_stream("faas-async").await.unwrap();
+    let mut subjects: Vec<String> = Vec::new();
+    let mut listed = stream.info_with_subjects("faas-async.>").await.unwrap();
+    use futures::StreamExt;
+    while let Some(item) = listed.next().await {
+        subjects.push(item.unwrap().0);
+    }
+    subjects.sort();
+    let mut want = vec![
+        format!("faas-async._.f.{}.high", ids[0]),
+        format!("faas-async._.f.{}.low", ids[1]),
+        format!("faas-async._.f.{}", ids[2]),
+    ];
+    want.sort();
+    assert_eq!(subjects, want);
+    for id in &ids {
+        let record = record_when(&client, &gateway.url, id, |r| r["state"] == "queued").await;
+        assert_eq!(record["call_id"], id.as_str(), "{record}");
+    }
     gateway.shutdown().await;
 }
