@@ -739,8 +739,15 @@ async fn take_census<Q: CallQueue>(
     lanes.forget_idle(now);
     match ctx.queue.lane_census().await {
         Ok(census) => {
-            for lane in census.lanes.iter().filter(|l| ours(l)) {
-                lanes.know(lane, ctx.config.namespace_weight(lane.namespace()), now);
+            // Lanes with calls only: an idle lane's consumer is left to lapse (`--lane-idle`),
+            // and its next call is announced.
+            for count in census.lanes.iter().filter(|c| ours(&c.lane)) {
+                let weight = ctx.config.namespace_weight(count.lane.namespace());
+                if count.waiting > 0 {
+                    lanes.ready(&count.lane, weight, now);
+                } else if count.delivered > 0 {
+                    lanes.know(&count.lane, weight, now);
+                }
             }
             let unaccounted = census.unaccounted > foreign;
             if unaccounted && *unaccounted_before {

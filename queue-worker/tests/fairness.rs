@@ -283,3 +283,35 @@ fn named_queues_need_fair_scheduling() {
             .is_err()
     );
 }
+
+/// Calls whose lane was never announced (queued by an older gateway, or the announcement lost)
+/// after the worker started are found all the same: a census sees calls that no lane's
+/// consumer accounts for and the worker lists the stream's subjects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn calls_of_an_unannounced_lane_are_found_by_the_census() {
+    let f = Fixture::start(StubBehavior::default()).await;
+    let queue = publisher(&f);
+    let worker = fair_worker(&f, "4");
+    let first = publish(&queue, &f, "announced", None).await;
+    assert!(
+        f.receiver
+            .wait_for_call_ids(std::slice::from_ref(&first), DEADLINE)
+            .await,
+        "the worker runs"
+    );
+    // The old subject form and no announcement: only a census can tell.
+    let mut quiet = Vec::new();
+    for _ in 0..5 {
+        quiet.push(f.publish("quiet", b"x").await);
+    }
+    assert!(
+        f.receiver.wait_for_call_ids(&quiet, DEADLINE).await,
+        "{} of 5 unannounced calls came back",
+        done(&f, &quiet)
+    );
+    worker.shutdown().await;
+    for id in &quiet {
+        assert_eq!(f.function.invocations_for(id), 1, "{id} ran once");
+    }
+    assert!(f.queue.wait_until_empty().await);
+}

@@ -1023,8 +1023,13 @@ impl CallQueue for JetStreamQueue {
                 .or(Some(&info.config.filter_subject))
                 .and_then(|f| Lane::of_subject(prefix, f));
             if let Some(lane) = lane {
-                accounted += info.num_pending + info.num_ack_pending as u64;
-                lanes.push(lane);
+                let delivered = info.num_ack_pending as u64;
+                accounted += info.num_pending + delivered;
+                lanes.push(super::LaneCount {
+                    lane,
+                    waiting: info.num_pending,
+                    delivered,
+                });
             }
         }
         let messages = stream.info().await.map_err(request_err)?.state.messages;

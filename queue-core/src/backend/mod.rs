@@ -461,10 +461,21 @@ pub trait CallQueue: CallRecords {
 /// What [`CallQueue::lane_census`] found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LaneCensus {
-    /// The lanes with a consumer.
-    pub lanes: Vec<Lane>,
+    /// The lanes with a consumer, with their calls.
+    pub lanes: Vec<LaneCount>,
     /// Queued calls that no lane's consumer accounts for (waiting, or delivered and not acked).
     pub unaccounted: u64,
+}
+
+/// One lane of a [`LaneCensus`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaneCount {
+    /// The lane.
+    pub lane: Lane,
+    /// Calls not delivered yet.
+    pub waiting: u64,
+    /// Calls delivered and not acknowledged (running, or to be delivered again).
+    pub delivered: u64,
 }
 
 /// A snapshot of the queue.
