@@ -1,5 +1,6 @@
 //! The dashboard in a real browser: headless Chromium loads `/dashboard/` from the real
-//! `faas-async` binary after known traffic (successes, dead letters, a paused function) and the
+//! `faas-async` binary after known traffic (successes, dead letters, a paused function, a
+//! scheduled call; the worker's announced limits) and the
 //! test asserts on the page the browser built. It also takes the screenshot used in the docs
 //! (written to `$DASHBOARD_SCREENSHOT` when set).
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
@@ -107,7 +108,7 @@ async fn get_json(client: &reqwest::Client, url: String) -> Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_dashboard_shows_functions_failures_dead_letters_and_pauses() {
+async fn the_dashboard_shows_functions_failures_dead_letters_pauses_and_limits() {
     let dir = tempfile::tempdir().unwrap();
     let (_function, function_url) = start(
         env!("CARGO_BIN_EXE_stats-function"),
@@ -128,21 +129,24 @@ async fn the_dashboard_shows_functions_failures_dead_letters_and_pauses() {
             "400",
             "--retry-max-attempts",
             "1",
+            "--status-interval",
+            "200ms",
         ],
         dir.path(),
         "faas-async listening on ",
     )
     .await;
     let client = queue_worker::invoke::http_client("dashboard-test").unwrap();
-    let call = async |function: &str, body: &str| {
-        let response = client
+    let call_with = async |function: &str, body: &str, delay: Option<&str>| {
+        let mut request = client
             .post(format!("{url}/async-function/{function}"))
-            .body(body.to_owned())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 202);
+            .body(body.to_owned());
+        if let Some(delay) = delay {
+            request = request.header("X-Delay", delay);
+        }
+        assert_eq!(request.send().await.unwrap().status(), 202);
     };
+    let call = async |function: &str, body: &str| call_with(function, body, None).await;
     for body in ["[1, 2]", "[3]", "4 5", "6", "[7, 8, 9]"] {
         call("stats", body).await;
     }
@@ -155,14 +159,23 @@ async fn the_dashboard_shows_functions_failures_dead_letters_and_pauses() {
         .unwrap();
     assert_eq!(paused.status(), 200);
     call("reports", "[1]").await;
+    // Scheduled for later: counted apart from the queue.
+    call_with("stats", "[10]", Some("1h")).await;
 
     let end = Instant::now() + DEADLINE;
     loop {
         let stats = get_json(&client, format!("{url}/system/async/stats")).await;
         let queue = get_json(&client, format!("{url}/system/async/queue")).await;
+        let limit = |function: &str| {
+            (queue["functions"].as_array().unwrap().iter())
+                .find(|f| f["function"] == function)
+                .map(|f| f["concurrency"]["limit"].clone())
+        };
         if stats["functions"][0]["completed"] == 7
             && queue["dead_letters"] == 2
             && queue["unacked"] == 1
+            && queue["scheduled"] == 1
+            && limit("stats") == Some(50.into())
         {
             break;
         }
@@ -192,6 +205,23 @@ async fn the_dashboard_shows_functions_failures_dead_letters_and_pauses() {
     );
     assert!(stats_row.contains("28.6 %"), "2 of 7 failed: {stats_row}");
     assert!(stats_row.contains(">running<"), "{stats_row}");
+    assert!(
+        stats_row.contains(r#"data-field="scheduled">1<"#),
+        "one scheduled call: {stats_row}"
+    );
+    assert!(
+        stats_row.contains(r#"data-field="limit">50 / 50<"#),
+        "the worker's limit of 50 (its --max-inflight): {stats_row}"
+    );
+    assert!(
+        dom.contains(r#"id="scheduled">1<"#),
+        "the scheduled card says 1"
+    );
+    assert_eq!(dom.matches("data-worker=").count(), 1, "one worker listed");
+    assert!(
+        dom.contains(r#"<section id="lanes-section" hidden="">"#),
+        "no lanes in the embedded queue:\n{dom}"
+    );
     let reports_row = row("reports");
     assert!(reports_row.contains(">paused<"), "{reports_row}");
     assert_eq!(

@@ -1,7 +1,8 @@
 //! The queue admin API, under `/system/async/`:
 //!
-//! - `GET  /system/async/queue`: depth, unacknowledged, consumers, dead letters; per function:
-//!   pending, oldest age, paused.
+//! - `GET  /system/async/queue`: depth, unacknowledged, consumers, dead letters, scheduled
+//!   calls; per function: pending, scheduled, oldest age, paused, and its concurrency limit
+//!   summed over the workers; the lanes of fair workers; each worker's announced status.
 //! - `GET  /system/async/dead-letters`, `/dead-letters/{sequence}` and
 //!   `/dead-letters/call/{call_id}`: list or show (metadata only).
 //! - `POST /system/async/dead-letters/replay` and `/purge` with
@@ -16,16 +17,18 @@
 //! cannot make a browser change the queue (CSRF), even with a form a browser sends without
 //! asking ([`crate::site`]; no origin is an exception here, whatever the CORS file says).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use queue_core::backend::{BackendError, CallQueue, DeadLetterSelector};
+use queue_core::backend::{BackendError, CallQueue, DeadLetterSelector, LaneStats, WorkerStatus};
 use queue_core::message::canonical_function;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::error::ApiError;
@@ -64,9 +67,11 @@ async fn paused_in<Q: CallQueue>(state: &AppState<Q>, view: &AdminView) -> Vec<S
     paused
 }
 
-/// `GET /system/async/queue`. In a view short of every namespace, `pending` and
-/// `dead_letters` count the view's functions and dead letters, and the queue-wide `unacked` and
-/// `consumers` are `null`.
+/// `GET /system/async/queue`. In a view short of every namespace, `pending`, `scheduled` and
+/// `dead_letters` count the view's functions and dead letters, the queue-wide `unacked` and
+/// `consumers` are `null`, and so are each worker's figures for all its functions
+/// (`max_inflight`, `in_flight`, `functions_omitted`); lanes and the workers' functions are the
+/// view's.
 pub async fn queue<Q: CallQueue>(
     State(state): State<Arc<AppState<Q>>>,
     view: AdminView,
@@ -79,16 +84,24 @@ pub async fn queue<Q: CallQueue>(
         Ok(f) => f,
         Err(e) => return unavailable(&state, &e).into_response(),
     };
+    let mut scheduled = match state.queue.scheduled_stats().await {
+        Ok(s) => s,
+        Err(e) => return unavailable(&state, &e).into_response(),
+    };
     let paused = paused_in(&state, &view).await;
-    let (pending, unacked, consumers, dead_letters) = if view.is_everything() {
+    let workers = workers_in(&state, &view).await;
+    let lanes = lanes_in(&state, &view, &workers).await;
+    functions.retain(|f| view.sees_function(&f.function));
+    scheduled.retain(|f| view.sees_function(&f.function));
+    let (pending, unacked, consumers, dead_letters, scheduled_total) = if view.is_everything() {
         (
             stats.pending,
             Some(stats.unacked),
             Some(stats.consumers),
             stats.dead_letters,
+            stats.scheduled,
         )
     } else {
-        functions.retain(|f| view.sees_function(&f.function));
         let letters = match state.queue.dead_letters().await {
             Ok(list) => list,
             Err(e) => return unavailable(&state, &e).into_response(),
@@ -99,16 +112,53 @@ pub async fn queue<Q: CallQueue>(
             None,
             None,
             dead_letters as u64,
+            scheduled.iter().map(|f| f.scheduled).sum(),
         )
     };
-    let functions: Vec<_> = functions
+    let concurrency = concurrency_per_function(&workers);
+    let mut rows: BTreeMap<String, FunctionRow> = BTreeMap::new();
+    for f in functions {
+        let row = rows.entry(f.function).or_default();
+        row.pending = f.pending;
+        row.oldest_age_seconds = f.oldest_age_seconds;
+    }
+    for f in scheduled {
+        rows.entry(f.function).or_default().scheduled = f.scheduled;
+    }
+    for function in concurrency.keys() {
+        rows.entry(function.clone()).or_default();
+    }
+    let functions: Vec<_> = rows
         .into_iter()
-        .map(|f| {
+        .map(|(function, row)| {
             json!({
-                "function": f.function,
-                "pending": f.pending,
-                "oldest_age_seconds": f.oldest_age_seconds,
-                "paused": paused.contains(&f.function),
+                "paused": paused.contains(&function),
+                "concurrency": concurrency.get(&function),
+                "function": function,
+                "pending": row.pending,
+                "scheduled": row.scheduled,
+                "oldest_age_seconds": row.oldest_age_seconds,
+            })
+        })
+        .collect();
+    let now = queue_core::unix_nanos_now();
+    let workers: Vec<_> = workers
+        .into_iter()
+        .map(|w| {
+            let everything = view.is_everything();
+            json!({
+                "worker": w.worker,
+                "hostname": w.hostname,
+                "consumer": w.consumer,
+                "max_inflight": everything.then_some(w.max_inflight),
+                "in_flight": everything.then_some(w.in_flight),
+                "fair_scheduling": w.fair_scheduling,
+                "adaptive_concurrency": w.adaptive_concurrency,
+                "interval_seconds": w.interval_seconds,
+                "age_seconds": Duration::from_nanos(now.saturating_sub(w.announced_at_unix_nanos))
+                    .as_secs_f64(),
+                "functions": w.functions,
+                "functions_omitted": everything.then_some(w.functions_omitted),
             })
         })
         .collect();
@@ -117,10 +167,90 @@ pub async fn queue<Q: CallQueue>(
         "unacked": unacked,
         "consumers": consumers,
         "dead_letters": dead_letters,
+        "scheduled": scheduled_total,
         "functions": functions,
         "paused_functions": paused,
+        "lanes": lanes,
+        "workers": workers,
     }))
     .into_response()
+}
+
+/// One function's queue figures, gathered from the queue's listings.
+#[derive(Debug, Default)]
+struct FunctionRow {
+    pending: u64,
+    scheduled: u64,
+    oldest_age_seconds: f64,
+}
+
+/// One function's concurrency summed over the workers that track it.
+#[derive(Debug, Default, Serialize)]
+struct Concurrency {
+    /// Calls of it the workers run at once now (the sum of their limits).
+    limit: u64,
+    /// The sum of their caps.
+    cap: u64,
+    /// Running now.
+    in_flight: u64,
+    /// Waiting for a slot.
+    waiting: u64,
+    /// Workers tracking it.
+    workers: u64,
+}
+
+fn concurrency_per_function(workers: &[WorkerStatus]) -> BTreeMap<String, Concurrency> {
+    let mut out: BTreeMap<String, Concurrency> = BTreeMap::new();
+    for f in workers.iter().flat_map(|w| &w.functions) {
+        let sum = out.entry(f.function.clone()).or_default();
+        sum.limit += u64::from(f.limit);
+        sum.cap += u64::from(f.cap);
+        sum.in_flight += u64::from(f.in_flight);
+        sum.waiting += u64::from(f.waiting);
+        sum.workers += 1;
+    }
+    out
+}
+
+/// The workers' statuses with the functions of the view (best effort: none when they cannot
+/// be read, the queue's own figures still answer).
+async fn workers_in<Q: CallQueue>(state: &AppState<Q>, view: &AdminView) -> Vec<WorkerStatus> {
+    let mut workers = match state.queue.worker_statuses().await {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::debug!(error = %e, "worker statuses unavailable");
+            Vec::new()
+        }
+    };
+    for w in &mut workers {
+        w.functions.retain(|f| view.sees_function(&f.function));
+    }
+    workers
+}
+
+/// The lanes of the view, where the queue is pulled by lanes and a worker group does (`None`
+/// otherwise; best effort: an empty list when they cannot be read).
+async fn lanes_in<Q: CallQueue>(
+    state: &AppState<Q>,
+    view: &AdminView,
+    workers: &[WorkerStatus],
+) -> Option<Vec<LaneStats>> {
+    let groups: BTreeSet<&str> = (workers.iter())
+        .filter(|w| w.fair_scheduling)
+        .map(|w| w.consumer.as_str())
+        .collect();
+    if !state.queue.pulls_by_lane() || groups.is_empty() {
+        return None;
+    }
+    let mut lanes = Vec::new();
+    for group in groups {
+        match state.queue.lane_stats(group).await {
+            Ok(found) => lanes.extend(found),
+            Err(e) => tracing::debug!(error = %e, "lanes unavailable"),
+        }
+    }
+    lanes.retain(|l| view.sees_function(&l.function));
+    Some(lanes)
 }
 
 /// `GET /system/async/dead-letters`: those of the view.

@@ -524,6 +524,32 @@ impl Limits {
         Some((state.aimd.allowed(), state.running))
     }
 
+    /// Every tracked function's limit, cap, running and waiting calls now, by name (read
+    /// only: each function's lock is taken once, briefly; for the worker's status, not the
+    /// path of a call).
+    pub fn snapshot(&self) -> Vec<queue_core::backend::FunctionConcurrency> {
+        let functions = self
+            .functions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut out: Vec<_> = functions
+            .iter()
+            .map(|(function, limiter)| {
+                let state = limiter.state();
+                queue_core::backend::FunctionConcurrency {
+                    function: function.clone(),
+                    limit: state.aimd.allowed(),
+                    cap: state.aimd.cap(),
+                    in_flight: state.running,
+                    waiting: state.waiting,
+                }
+            })
+            .collect();
+        drop(functions);
+        out.sort_by(|a, b| a.function.cmp(&b.function));
+        out
+    }
+
     /// Admits a call of `function` (metric label `label`, cap `max_concurrency`) holding the
     /// worker's `permit`: at once if its function has a free slot; else the permit is given
     /// back and the call waits for a slot (see the module documentation), then for a permit
@@ -858,6 +884,24 @@ mod tests {
         assert!(matches!(waiting.await, Admission::Cancelled));
         let state = limits.limiter("f", 1);
         assert_eq!(state.state().waiting, 0, "a dropped wait is not counted");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_snapshot_shows_each_functions_limit_cap_and_calls() {
+        let limits = Limits::new(true, 10);
+        assert!(limits.snapshot().is_empty());
+        let permits = Arc::new(Semaphore::new(10));
+        let (_p, slot) = run(admit(&limits, &permits, Some(4)).await);
+        let (_q, other) = run(admit(&limits, &permits, Some(4)).await);
+        let got = limits.snapshot();
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].function, "f");
+        assert_eq!((got[0].limit, got[0].cap, got[0].in_flight), (4, 4, 2));
+        slot.finish(&outcome(429, None), "f");
+        drop(other);
+        let got = limits.snapshot();
+        let got = (got[0].limit, got[0].cap, got[0].in_flight, got[0].waiting);
+        assert_eq!(got, (3, 4, 0, 0), "lowered by the 429");
     }
 
     #[tokio::test(start_paused = true)]

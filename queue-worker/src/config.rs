@@ -106,6 +106,11 @@ pub struct WorkerConfig {
     /// announce each call's lane, so a new lane is pulled from at once, not after this.
     #[arg(long, env = "QUEUE_WORKER_LANE_CENSUS_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub lane_census_interval: Duration,
+    /// How often the worker announces its status (its limit per function, calls in flight)
+    /// for the gateway's admin API and dashboard; `0s`: never. At most 20s (a status is kept
+    /// for three intervals).
+    #[arg(long, env = "QUEUE_WORKER_STATUS_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub status_interval: Duration,
     /// Fair scheduling (JetStream): a lane's consumer not pulled from for this long is deleted
     /// by the server, and created again by the next call. Never less than twice
     /// `--upstream-timeout` (a consumer must outlive the calls it delivered).
@@ -376,6 +381,12 @@ impl WorkerConfig {
                 "--queues needs --fair-scheduling true (named queues are served lane by lane)"
                     .into(),
             );
+        }
+        if !self.status_interval.is_zero()
+            && (self.status_interval < Duration::from_millis(100)
+                || self.status_interval > queue_core::backend::status::MAX_STATUS_INTERVAL)
+        {
+            return Err("--status-interval must be 0s (off) or from 100ms to 20s".into());
         }
         if self.lane_census_interval < Duration::from_millis(100) {
             return Err("--lane-census-interval must be at least 100ms".into());

@@ -46,6 +46,7 @@ pub mod retry;
 pub mod scheduler;
 pub mod signing;
 pub mod state;
+pub mod status;
 pub mod worker;
 
 pub use config::WorkerConfig;

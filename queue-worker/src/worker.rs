@@ -378,6 +378,15 @@ pub async fn run_with_state<Q: CallQueue>(
         config,
     });
     let beats_stop = CancellationToken::new();
+    let status = tokio::spawn(crate::status::announce(
+        ctx.queue.clone(),
+        crate::status::Identity::of(&ctx.config, ctx.limits.adaptive()),
+        {
+            let ctx = ctx.clone();
+            move || (ctx.limits.snapshot(), ctx.running.calls().len())
+        },
+        beats_stop.clone(),
+    ));
     let heartbeat = tokio::spawn(ctx.beats.clone().run(
         ctx.config.progress_interval(),
         beats_stop.clone(),
@@ -451,6 +460,7 @@ pub async fn run_with_state<Q: CallQueue>(
     }
     beats_stop.cancel();
     let _ = heartbeat.await;
+    let _ = status.await;
     ctx.queue.flush_before_exit().await;
     if let Err(e) = ctx.store.flush().await {
         tracing::warn!(error = %e, "could not flush state at shutdown");

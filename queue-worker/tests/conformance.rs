@@ -275,6 +275,68 @@ mod cases {
         );
     }
 
+    /// Worker statuses (issue 15): none at first; an announcement is read back, a newer one
+    /// replaces it, a withdrawn one is gone, one announced long ago is not fresh. A scheduled
+    /// call is counted for its function.
+    pub async fn worker_statuses_and_scheduled_calls_are_read_back<H: Harness>() {
+        use queue_core::backend::{FunctionConcurrency, WorkerStatus};
+        let h = H::start().await;
+        let q = h.queue().as_ref();
+        assert!(q.worker_statuses().await.unwrap().is_empty());
+        let status = |worker: &str, limit: u32, at: u64| WorkerStatus {
+            worker: worker.into(),
+            hostname: "host".into(),
+            consumer: "workers".into(),
+            max_inflight: 8,
+            in_flight: 1,
+            fair_scheduling: false,
+            adaptive_concurrency: true,
+            interval_seconds: 5.0,
+            announced_at_unix_nanos: at,
+            functions: vec![FunctionConcurrency {
+                function: "f.team".into(),
+                limit,
+                cap: 8,
+                in_flight: 1,
+                waiting: 0,
+            }],
+            functions_omitted: 0,
+        };
+        let now = queue_core::unix_nanos_now();
+        q.announce_worker_status(&status("w-1", 8, now))
+            .await
+            .unwrap();
+        q.announce_worker_status(&status("w-2", 8, now))
+            .await
+            .unwrap();
+        q.announce_worker_status(&status("w-1", 3, now))
+            .await
+            .unwrap();
+        q.announce_worker_status(&status("stale", 8, now - 120_000_000_000))
+            .await
+            .unwrap();
+        assert_eq!(
+            q.worker_statuses().await.unwrap(),
+            vec![status("w-1", 3, now), status("w-2", 8, now)],
+            "the latest of each, the stale one left out"
+        );
+        q.withdraw_worker_status("w-2").await.unwrap();
+        let left = q.worker_statuses().await.unwrap();
+        assert_eq!(left, vec![status("w-1", 3, now)]);
+
+        assert!(q.scheduled_stats().await.unwrap().is_empty());
+        let mut later = call("later", None, b"");
+        later.meta.namespace = Some("team".into());
+        later.meta.not_before_unix_nanos = Some(now + 3_600_000_000_000);
+        publish(q, &later).await;
+        let scheduled = q.scheduled_stats().await.unwrap();
+        assert_eq!(scheduled.len(), 1, "{scheduled:?}");
+        assert_eq!(
+            (scheduled[0].function.as_str(), scheduled[0].scheduled),
+            ("later.team", 1)
+        );
+    }
+
     /// The stats say how old the oldest pending call is: 0 with none, its age while it waits
     /// (never more than the time since it was published), 0 again once it is acked.
     /// A scheduled call (a not-before time) is stored at once, offered to no worker before its
@@ -927,6 +989,10 @@ macro_rules! conformance {
             #[tokio::test]
             async fn ack_removes() {
                 cases::ack_removes::<$harness>().await;
+            }
+            #[tokio::test]
+            async fn worker_statuses_and_scheduled_calls_are_read_back() {
+                cases::worker_statuses_and_scheduled_calls_are_read_back::<$harness>().await;
             }
             #[tokio::test]
             async fn a_kept_result_survives_later_record_writes() {

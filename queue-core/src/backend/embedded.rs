@@ -109,6 +109,8 @@ struct Inner {
     schedule: Mutex<Schedule>,
     /// Wakes pullers when something may have become due.
     wake: Notify,
+    /// The workers' statuses, by worker id (in memory: the workers of this process).
+    statuses: Mutex<HashMap<String, super::WorkerStatus>>,
 }
 
 /// Which queued message is due when; leases of deliveries in progress.
@@ -328,6 +330,7 @@ impl EmbeddedQueue {
             flusher: Arc::new(GroupFlush::new()),
             schedule: Mutex::new(Schedule::default()),
             wake: Notify::new(),
+            statuses: Mutex::default(),
         };
         inner.rebuild_schedule()?;
         let inner = Arc::new(inner);
@@ -352,6 +355,11 @@ impl EmbeddedQueue {
 }
 
 impl Inner {
+    fn worker_statuses(&self) -> MutexGuard<'_, HashMap<String, super::WorkerStatus>> {
+        // Whole values replaced under the lock: a panic elsewhere leaves it usable.
+        self.statuses.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn schedule(&self) -> MutexGuard<'_, Schedule> {
         // The schedule stays consistent between statements; a panic elsewhere leaves it usable.
         self.schedule.lock().unwrap_or_else(PoisonError::into_inner)
@@ -907,6 +915,32 @@ impl CallRecords for EmbeddedQueue {
         // Missed announcements: the record check before and after each attempt covers them.
         Ok(announcements(self.inner.cancels.subscribe()))
     }
+
+    async fn announce_worker_status(
+        &self,
+        status: &super::WorkerStatus,
+    ) -> Result<(), BackendError> {
+        let mut statuses = self.inner.worker_statuses();
+        let now = unix_nanos_now();
+        statuses.retain(|_, s| s.is_fresh(now));
+        statuses.insert(status.worker.clone(), status.clone());
+        Ok(())
+    }
+
+    async fn withdraw_worker_status(&self, worker: &str) -> Result<(), BackendError> {
+        self.inner.worker_statuses().remove(worker);
+        Ok(())
+    }
+
+    async fn worker_statuses(&self) -> Result<Vec<super::WorkerStatus>, BackendError> {
+        let now = unix_nanos_now();
+        let mut out: Vec<_> = (self.inner.worker_statuses().values())
+            .filter(|s| s.is_fresh(now))
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| a.worker.cmp(&b.worker));
+        Ok(out)
+    }
 }
 
 impl CallQueue for EmbeddedQueue {
@@ -1099,6 +1133,16 @@ impl CallQueue for EmbeddedQueue {
             .collect();
         out.sort_by(|a, b| a.function.cmp(&b.function));
         Ok(out)
+    }
+
+    async fn scheduled_stats(&self) -> Result<Vec<super::FunctionScheduled>, BackendError> {
+        let now = unix_nanos_now();
+        let prefix = &self.inner.options.subject_prefix;
+        let counts: Vec<(String, u64)> = (self.inner.schedule().entries.values())
+            .filter(|e| e.is_scheduled(now))
+            .filter_map(|e| Some((super::function_of_subject(prefix, &e.subject)?, 1)))
+            .collect();
+        Ok(super::status::scheduled_rows(counts))
     }
 
     async fn stats(&self) -> Result<super::QueueStats, BackendError> {

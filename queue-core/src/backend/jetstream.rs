@@ -854,6 +854,21 @@ impl CallRecords for JetStreamQueue {
                 .saturating_sub(HEADER_ALLOWANCE + self.options.sealing.overhead()),
         )
     }
+
+    async fn announce_worker_status(
+        &self,
+        status: &super::WorkerStatus,
+    ) -> Result<(), BackendError> {
+        super::status::put_status(&self.js, &self.options.records.records_bucket, status).await
+    }
+
+    async fn withdraw_worker_status(&self, worker: &str) -> Result<(), BackendError> {
+        super::status::delete_status(&self.js, &self.options.records.records_bucket, worker).await
+    }
+
+    async fn worker_statuses(&self) -> Result<Vec<super::WorkerStatus>, BackendError> {
+        super::status::read_statuses(&self.js, &self.options.records.records_bucket).await
+    }
 }
 
 impl CallQueue for JetStreamQueue {
@@ -1338,6 +1353,25 @@ impl CallQueue for JetStreamQueue {
 
     async fn flush_before_exit(&self) {
         queue::flush_before_exit(&self.client).await;
+    }
+
+    async fn lane_stats(&self, group: &str) -> Result<Vec<super::LaneStats>, BackendError> {
+        super::status::lane_consumers(
+            &self.js,
+            &self.options.nats.stream,
+            &self.options.nats.subject_prefix,
+            group,
+        )
+        .await
+    }
+
+    async fn scheduled_stats(&self) -> Result<Vec<super::FunctionScheduled>, BackendError> {
+        super::status::scheduled_subjects(
+            &self.js,
+            &self.options.nats.stream,
+            &self.options.nats.subject_prefix,
+        )
+        .await
     }
 }
 

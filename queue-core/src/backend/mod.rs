@@ -26,6 +26,9 @@ pub mod jetstream;
 mod lanes;
 pub mod nats;
 mod owned;
+pub mod status;
+
+pub use status::{FunctionConcurrency, FunctionScheduled, LaneStats, WorkerStatus};
 
 pub use lanes::{Lane, NO_ID_TOKEN, announce_prefix};
 
@@ -283,6 +286,35 @@ pub trait CallRecords: Send + Sync + 'static {
     fn cancellations(
         &self,
     ) -> impl Future<Output = Result<BoxStream<'static, String>, BackendError>> + Send;
+
+    /// Announces one worker's status, replacing the one it announced before (a worker calls
+    /// it every `--status-interval`, off the path of any call). Kept a short while only
+    /// ([`status`]): a worker that stops announcing drops out of
+    /// [`CallRecords::worker_statuses`].
+    fn announce_worker_status(
+        &self,
+        status: &WorkerStatus,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send {
+        let _ = status;
+        async { Ok(()) }
+    }
+
+    /// Forgets the status of `worker` (it stops).
+    fn withdraw_worker_status(
+        &self,
+        worker: &str,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send {
+        let _ = worker;
+        async { Ok(()) }
+    }
+
+    /// The statuses of the workers that announced one recently
+    /// ([`WorkerStatus::is_fresh`]), by worker id.
+    fn worker_statuses(
+        &self,
+    ) -> impl Future<Output = Result<Vec<WorkerStatus>, BackendError>> + Send {
+        async { Ok(Vec::new()) }
+    }
 }
 
 /// A queue the gateway publishes into and workers pull from, with its call records.
@@ -438,6 +470,26 @@ pub trait CallQueue: CallRecords {
     /// for (a lane no worker has heard of yet). Cheap: one listing of the consumers.
     fn lane_census(&self) -> impl Future<Output = Result<LaneCensus, BackendError>> + Send {
         async { Ok(LaneCensus::default()) }
+    }
+
+    /// The lanes the worker group `group` pulls by ([`CallQueue::pulls_by_lane`]) with the
+    /// calls each holds, as the lanes' consumers count them (one listing of the consumers; a
+    /// lane no worker pulled yet has none and is not listed). Empty for a queue not pulled by
+    /// lanes.
+    fn lane_stats(
+        &self,
+        group: &str,
+    ) -> impl Future<Output = Result<Vec<LaneStats>, BackendError>> + Send {
+        let _ = group;
+        async { Ok(Vec::new()) }
+    }
+
+    /// Scheduled calls whose time has not come, per function (those [`QueueStats::scheduled`]
+    /// counts).
+    fn scheduled_stats(
+        &self,
+    ) -> impl Future<Output = Result<Vec<FunctionScheduled>, BackendError>> + Send {
+        async { Ok(Vec::new()) }
     }
 
     /// Asks one lane for at most `max` deliveries and answers with those available now (an
