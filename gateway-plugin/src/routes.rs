@@ -622,6 +622,7 @@ fn refused(e: &InvalidCall) -> ApiError {
         InvalidCall::Path(_) => "invalid_path",
         InvalidCall::CallId(_) => "invalid_call_id",
         InvalidCall::CallbackUrl(_) => "invalid_callback_url",
+        InvalidCall::BodyReference(_) => "invalid_body",
     };
     ApiError::bad_request(code, e.to_string())
 }

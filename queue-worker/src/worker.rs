@@ -33,7 +33,7 @@ use queue_core::backend::{
     BackendError, CallQueue, DeadLetter, DeadLetterReason, Lane, OwnedRecord, QueueDelivery,
     apply_event,
 };
-use queue_core::message::{DecodeError, EnvelopeSummary, QueuedCall};
+use queue_core::message::{DecodeError, EnvelopeSummary, InvalidCall, QueuedCall};
 use queue_core::metrics;
 use queue_core::records::{
     CallLimits, CallRecord, CallState, CallbackEntry, Event, OutcomeEvent, ResultAvailability,
@@ -736,7 +736,16 @@ async fn handle<Q: CallQueue>(
     lease: Lease<Q::Delivery>,
     permit: OwnedSemaphorePermit,
 ) {
-    let call = match QueuedCall::open(lease.delivery().payload(), ctx.queue.sealing()) {
+    let opened = QueuedCall::open(lease.delivery().payload(), ctx.queue.sealing());
+    // A body in the blob store: not read by this worker yet (issue 16), so refused as a call
+    // it cannot read rather than run with an empty body.
+    let opened = opened.and_then(|call| match call.meta.body.is_blob() {
+        true => Err(DecodeError::Invalid(InvalidCall::BodyReference(
+            "this worker does not read stored bodies",
+        ))),
+        false => Ok(call),
+    });
+    let call = match opened {
         Ok(mut call) => {
             call.meta.canonicalize(&ctx.config.default_namespace);
             call
