@@ -18,6 +18,7 @@
 //! - `dashboard.html`: the dashboard page (served at `/dashboard/`).
 //! - [`site`]: cross-site requests (the guards of admin changes and of basic-auth invocations).
 //! - [`peer`]: the peer address, trusted proxies, `X-Forwarded-For`.
+//! - `large`: request bodies above the inline size, streamed into the blob store.
 //! - [`link`]: the body limit derived from the queue's message limit.
 //! - [`error`]: JSON error answers.
 //! - [`connections`]: the accept loop: connection limit, header and body deadlines.
@@ -34,6 +35,7 @@ pub mod config;
 pub mod connections;
 pub mod cors;
 pub mod error;
+mod large;
 pub mod link;
 pub mod live;
 pub mod openapi;
@@ -92,8 +94,12 @@ pub enum GatewayError {
 /// How the HTTP front behaves, whatever the queue.
 #[derive(Debug, Clone)]
 pub struct HttpSettings {
-    /// Largest request body (lowered to what the queue allows).
+    /// Largest request body (without a blob store, lowered to what the queue allows).
     pub max_body_bytes: Option<u64>,
+    /// Largest body queued inline; larger ones go to `blobs`.
+    pub inline_body_bytes: u64,
+    /// Where bodies above the inline size go (`None`: none; every body inline).
+    pub blobs: Option<queue_core::blobs::SharedBlobs>,
     /// `Retry-After` of 503 answers.
     pub retry_after: Duration,
     /// How long requests in progress may take to finish at shutdown.
@@ -179,14 +185,22 @@ pub async fn run(
         records: config.records.clone(),
         sealing: config.encryption.sealing()?,
     };
+    let sealing = options.sealing.clone();
     let queue = JetStreamQueue::connect(options, "gateway-plugin", stop.clone()).await?;
     tracing::info!(
         nats = %queue_core::settings::redact_url(&config.nats.nats_url),
         "queue: JetStream"
     );
+    let mut settings = config.http_settings();
+    settings.blobs = Some(jetstream_blobs(
+        &queue,
+        &config.nats.stream,
+        &config.stream,
+        sealing,
+    ));
     let result = serve_loaded(
         queue,
-        config.http_settings(),
+        settings,
         controls,
         config.connection_limits(),
         tls,
@@ -196,6 +210,31 @@ pub async fn run(
     .await;
     stop.cancel();
     result
+}
+
+/// The blob store of a gateway on JetStream: the calls stream's object-store bucket
+/// (`<stream>-blobs`, its replicas), created now in the background and, failing that, when a
+/// large body first needs it.
+pub fn jetstream_blobs(
+    queue: &JetStreamQueue,
+    stream: &str,
+    stream_args: &queue_core::settings::StreamArgs,
+    sealing: queue_core::sealing::Sealing,
+) -> queue_core::blobs::SharedBlobs {
+    let settings = queue_core::blobs::jetstream::BucketSettings::following(stream_args, 0);
+    let blobs = queue_core::blobs::SharedBlobs::jetstream(
+        queue.context().clone(),
+        stream,
+        Some(settings),
+        sealing,
+    );
+    let early = blobs.clone();
+    tokio::spawn(async move {
+        if let Err(e) = early.store().await {
+            tracing::warn!(error = %e, "the blob store is not ready yet; tried again when a large body needs it");
+        }
+    });
+    blobs
 }
 
 /// Serves with the default [`connections::ConnectionLimits`]; see [`serve_limited`].
@@ -277,6 +316,8 @@ async fn serve_loaded<Q: CallQueue>(
         queue: queue.clone(),
         retry_after: settings.retry_after,
         configured_max_body: settings.max_body_bytes,
+        inline_body_bytes: settings.inline_body_bytes,
+        blobs: settings.blobs,
         warned_max_body: AtomicBool::new(false),
         metrics: queue_core::metrics::install(),
         live: live.clone(),

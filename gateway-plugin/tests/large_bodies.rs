@@ -1,0 +1,296 @@
+//! Request bodies above the inline size (issue 16), on JetStream: streamed into the blob store
+//! by the gateway, queued by reference, streamed to the function by the worker; `413` with the
+//! limit above `--max-body-bytes`; an upload cut short leaves nothing stored or queued; a call
+//! whose stored body is gone is dead-lettered, never run.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{DEADLINE, Gateway, Worker, assert_json_error, http, queued};
+use queue_core::blobs::jetstream::JetStreamBlobs;
+use queue_core::blobs::{BlobKey, BlobRole, BlobStore};
+use queue_core::sealing::Sealing;
+use test_support::NatsServer;
+use test_support::stub::{CallbackReceiver, StubBehavior, StubFunction};
+use tokio::io::AsyncWriteExt;
+
+const MIB: usize = 1024 * 1024;
+
+/// `len` bytes that are not all alike (a pattern a misplaced chunk would break).
+fn body_of(len: usize) -> Vec<u8> {
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state.to_le_bytes()[0]
+        })
+        .collect()
+}
+
+fn sha256(bytes: &[u8]) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, bytes)
+        .as_ref()
+        .to_vec()
+}
+
+async fn blobs(nats_url: &str) -> JetStreamBlobs {
+    let client = async_nats::connect(nats_url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let end = Instant::now() + DEADLINE;
+    loop {
+        match JetStreamBlobs::open(&js, "faas-async", Sealing::off()).await {
+            Ok(blobs) => return blobs,
+            Err(e) if Instant::now() > end => panic!("the gateway made no blob bucket: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// Messages in the blob bucket's stream (records and infos; 0 when nothing is stored).
+async fn stored_messages(nats_url: &str) -> u64 {
+    let client = async_nats::connect(nats_url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream("OBJ_faas-async-blobs").await.unwrap();
+    stream.info().await.unwrap().state.messages
+}
+
+async fn wait_for<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = Instant::now() + DEADLINE;
+    while !condition().await {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_64_mib_body_goes_through_the_blob_store_to_the_function_and_back() {
+    let nats = NatsServer::start().await.unwrap();
+    let function = StubFunction::start(StubBehavior {
+        echo_body: true,
+        ..StubBehavior::default()
+    })
+    .await
+    .unwrap();
+    let receiver = CallbackReceiver::start().await.unwrap();
+    let gateway = Gateway::start(
+        &nats.url(),
+        &[
+            "--max-body-bytes",
+            "128MiB",
+            "--inline-body-bytes",
+            "256KiB",
+        ],
+    )
+    .await;
+    let client = http();
+    let body = body_of(64 * MIB);
+    let digest = sha256(&body);
+
+    let response = client
+        .post(format!("{}/async-function/echo", gateway.url))
+        .header("X-Callback-Url", receiver.url())
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let call_id = response.headers()["x-call-id"].to_str().unwrap().to_owned();
+
+    // Stored apart, queued small.
+    let store = blobs(&nats.url()).await;
+    let listed = store.list().await.unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let key = BlobKey::for_call(&call_id, BlobRole::Request).unwrap();
+    assert_eq!(listed[0].key, key);
+    assert_eq!(listed[0].len, 64 * MIB as u64);
+    let client_nats = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client_nats);
+    let mut calls = js.get_stream("faas-async").await.unwrap();
+    let info = calls.info().await.unwrap();
+    assert_eq!(info.state.messages, 1);
+    assert!(
+        info.state.bytes < 64 * 1024,
+        "{} bytes queued",
+        info.state.bytes
+    );
+
+    // A small call beside it is unaffected.
+    let small = client
+        .post(format!("{}/async-function/echo", gateway.url))
+        .header("X-Callback-Url", receiver.url())
+        .body("small")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(small.status(), 202);
+    let small_id = small.headers()["x-call-id"].to_str().unwrap().to_owned();
+
+    let worker = Worker::start_with(
+        &nats.url(),
+        &function.url(),
+        &["--max-response-bytes", "80MiB"],
+    );
+    assert!(
+        receiver
+            .wait_for_call_ids(&[call_id.clone(), small_id.clone()], DEADLINE)
+            .await,
+        "callbacks did not arrive"
+    );
+    let requests = function.requests();
+    let large = requests
+        .iter()
+        .find(|r| r.call_id.as_deref() == Some(call_id.as_str()))
+        .unwrap();
+    assert_eq!(sha256(&large.body), digest, "the function got the body");
+    assert_eq!(
+        large.header("content-length"),
+        Some((64 * MIB).to_string().as_str())
+    );
+    let callbacks = receiver.callbacks();
+    let back = callbacks
+        .iter()
+        .find(|c| c.call_id.as_deref() == Some(call_id.as_str()))
+        .unwrap();
+    assert_eq!(sha256(&back.body), digest, "the callback got the response");
+    let small_back = callbacks
+        .iter()
+        .find(|c| c.call_id.as_deref() == Some(small_id.as_str()))
+        .unwrap();
+    assert_eq!(&small_back.body[..], b"small");
+    assert_eq!(receiver.count_by_call_id()[&call_id], 1, "one callback");
+
+    worker.shutdown().await;
+    gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_body_above_the_maximum_is_413_with_the_limit_and_leaves_nothing() {
+    let nats = NatsServer::start().await.unwrap();
+    let gateway = Gateway::start(&nats.url(), &["--max-body-bytes", "1MiB"]).await;
+    let client = http();
+
+    // Announced too large.
+    let response = client
+        .post(format!("{}/async-function/echo", gateway.url))
+        .body(vec![7u8; 2 * MIB])
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let json: serde_json::Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+    assert_eq!(status, 413, "{json}");
+    assert_eq!(json["error"], "body_too_large");
+    assert_eq!(json["max_bytes"], MIB as u64, "{json}");
+
+    // Streamed without a length, found too large on the way (in the store's put).
+    let chunks = futures::stream::iter(
+        (0..17).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![1u8; 64 * 1024]))),
+    );
+    let response = client
+        .post(format!("{}/async-function/echo", gateway.url))
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let json: serde_json::Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+    assert_eq!(status, 413, "{json}");
+    assert_eq!(json["max_bytes"], MIB as u64, "{json}");
+
+    // Under it: accepted (stored apart, above the inline size).
+    let response = client
+        .post(format!("{}/async-function/echo", gateway.url))
+        .body(vec![7u8; MIB - 1])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    assert_eq!(queued(&nats.url()).await, 1);
+    assert_eq!(blobs(&nats.url()).await.list().await.unwrap().len(), 1);
+
+    // A refusal's JSON is the usual one.
+    let response = client
+        .post(format!("{}/async-function/echo", gateway.url))
+        .body(vec![7u8; 3 * MIB])
+        .send()
+        .await
+        .unwrap();
+    assert_json_error(response, 413, "body_too_large").await;
+    assert_eq!(queued(&nats.url()).await, 1);
+    gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_disconnects_mid_upload_leaves_nothing_stored_or_queued() {
+    let nats = NatsServer::start().await.unwrap();
+    let gateway = Gateway::start(&nats.url(), &["--max-body-bytes", "64MiB"]).await;
+    let store = blobs(&nats.url()).await;
+    let address = gateway.url.trim_start_matches("http://").to_owned();
+    let mut socket = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let head = format!(
+        "POST /async-function/echo HTTP/1.1\r\nHost: {address}\r\nContent-Length: {}\r\n\r\n",
+        32 * MIB
+    );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    let piece = vec![3u8; 256 * 1024];
+    // Send until the store holds chunks of the upload: it is under way.
+    let mut sent = 0;
+    while stored_messages(&nats.url()).await == 0 {
+        assert!(sent < 31 * MIB, "nothing stored after {sent} bytes");
+        socket.write_all(&piece).await.unwrap();
+        sent += piece.len();
+    }
+    drop(socket);
+    wait_for("the interrupted upload's chunks to be removed", || async {
+        stored_messages(&nats.url()).await == 0
+    })
+    .await;
+    assert!(store.list().await.unwrap().is_empty());
+    assert_eq!(queued(&nats.url()).await, 0);
+    gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_call_whose_stored_body_is_gone_is_dead_lettered_not_run() {
+    let nats = NatsServer::start().await.unwrap();
+    let function = StubFunction::start(StubBehavior::default()).await.unwrap();
+    let gateway = Gateway::start(&nats.url(), &["--max-body-bytes", "8MiB"]).await;
+    let client = http();
+    let response = client
+        .post(format!("{}/async-function/echo", gateway.url))
+        .body(body_of(2 * MIB))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let call_id = response.headers()["x-call-id"].to_str().unwrap().to_owned();
+    let store = blobs(&nats.url()).await;
+    store
+        .delete(&BlobKey::for_call(&call_id, BlobRole::Request).unwrap())
+        .await
+        .unwrap();
+
+    let worker = Worker::start(&nats.url(), &function.url());
+    wait_for("the call to be dead-lettered", || async {
+        let answer = client
+            .get(format!("{}/async-calls/{call_id}", gateway.url))
+            .send()
+            .await
+            .unwrap();
+        let record: serde_json::Value =
+            serde_json::from_slice(&answer.bytes().await.unwrap()).unwrap();
+        record["state"] == "dead_lettered"
+    })
+    .await;
+    assert_eq!(function.count(), 0, "never run");
+    worker.shutdown().await;
+    gateway.shutdown().await;
+}
