@@ -211,3 +211,62 @@ async fn delete_blob(blobs: &SharedBlobs, key: &BlobKey) {
         tracing::warn!(key = %key, error = %e, "could not delete the body of a call not queued");
     }
 }
+
+/// Deletes the blobs of `call_id` (its request body and result), if there is a blob store;
+/// failures are logged (the sweep removes what is left once the record is gone).
+pub(crate) async fn delete_call_blobs<Q>(state: &AppState<Q>, call_id: &str) {
+    let Some(blobs) = &state.blobs else {
+        return;
+    };
+    for role in [BlobRole::Request, BlobRole::Result] {
+        if let Ok(key) = BlobKey::for_call(call_id, role) {
+            delete_blob(blobs, &key).await;
+        }
+    }
+}
+
+/// How often the gateway sweeps the blob store.
+pub const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+/// A blob is an orphan once it is this old and no record names its call: far longer than an
+/// upload's record and publish take, so a call being accepted is never swept.
+pub const ORPHAN_AGE: std::time::Duration = std::time::Duration::from_secs(60 * 60);
+
+/// One sweep of the blob store: blobs older than `older_than` whose call has no record (it
+/// expired, or the call was never queued) and what crashed puts left.
+pub async fn sweep_blobs<Q: CallQueue>(
+    queue: &Q,
+    blobs: &SharedBlobs,
+    older_than: std::time::Duration,
+) -> Result<queue_core::blobs::SweepReport, BlobError> {
+    let store = blobs.store().await?;
+    queue_core::blobs::sweep(store, older_than, |key| async move {
+        // A record that cannot be read now is not taken for a missing one.
+        matches!(queue.record_entry(key.call_id()).await, Ok(None))
+    })
+    .await
+}
+
+/// Sweeps the blob store every [`SWEEP_EVERY`] until `stop` fires.
+pub(crate) async fn follow_sweeps<Q: CallQueue>(
+    queue: std::sync::Arc<Q>,
+    blobs: SharedBlobs,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(SWEEP_EVERY) => {}
+            () = stop.cancelled() => return,
+        }
+        match sweep_blobs(queue.as_ref(), &blobs, ORPHAN_AGE).await {
+            Ok(report) if report.orphans + report.leftovers > 0 => {
+                tracing::info!(
+                    orphans = report.orphans,
+                    leftovers = report.leftovers,
+                    "blob store swept"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "blob store sweep failed; tried again later"),
+        }
+    }
+}

@@ -18,7 +18,8 @@
 //! - `dashboard.html`: the dashboard page (served at `/dashboard/`).
 //! - [`site`]: cross-site requests (the guards of admin changes and of basic-auth invocations).
 //! - [`peer`]: the peer address, trusted proxies, `X-Forwarded-For`.
-//! - `large`: request bodies above the inline size, streamed into the blob store.
+//! - [`large`]: request bodies above the inline size, streamed into the blob store; the
+//!   blob sweep.
 //! - [`link`]: the body limit derived from the queue's message limit.
 //! - [`error`]: JSON error answers.
 //! - [`connections`]: the accept loop: connection limit, header and body deadlines.
@@ -35,7 +36,7 @@ pub mod config;
 pub mod connections;
 pub mod cors;
 pub mod error;
-mod large;
+pub mod large;
 pub mod link;
 pub mod live;
 pub mod openapi;
@@ -336,6 +337,13 @@ async fn serve_loaded<Q: CallQueue>(
         watched.push(cors.clone() as Arc<dyn reload::Watched>);
     }
     tokio::spawn(reload::watch(watched, follow_stop.clone()));
+    if let Some(blobs) = &state.blobs {
+        tokio::spawn(large::follow_sweeps(
+            queue.clone(),
+            blobs.clone(),
+            follow_stop.clone(),
+        ));
+    }
     if let Some(quotas) = controls.quotas {
         tokio::spawn(quota::follow_pending(
             queue.clone(),

@@ -294,3 +294,159 @@ async fn a_call_whose_stored_body_is_gone_is_dead_lettered_not_run() {
     worker.shutdown().await;
     gateway.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancel_deletes_the_stored_body_and_the_call_is_never_run() {
+    let nats = NatsServer::start().await.unwrap();
+    let function = StubFunction::start(StubBehavior::default()).await.unwrap();
+    let receiver = CallbackReceiver::start().await.unwrap();
+    let gateway = Gateway::start(&nats.url(), &["--max-body-bytes", "8MiB"]).await;
+    let client = http();
+    let response = client
+        .post(format!("{}/async-function/echo", gateway.url))
+        .header("X-Callback-Url", receiver.url())
+        .body(body_of(3 * MIB))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let call_id = response.headers()["x-call-id"].to_str().unwrap().to_owned();
+    let store = blobs(&nats.url()).await;
+    assert_eq!(store.list().await.unwrap().len(), 1);
+
+    let cancel = client
+        .delete(format!("{}/async-calls/{call_id}", gateway.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancel.status(), 200);
+    assert!(
+        store.list().await.unwrap().is_empty(),
+        "cancel deletes the body"
+    );
+    assert_eq!(stored_messages(&nats.url()).await, 0);
+
+    // The worker drops it as cancelled (its cancel callback), never runs it, and does not
+    // dead-letter it for its missing body.
+    let worker = Worker::start(&nats.url(), &function.url());
+    assert!(
+        receiver.wait_for_count(1, DEADLINE).await,
+        "no cancel callback"
+    );
+    wait_for("the queue to be empty", || async {
+        queued(&nats.url()).await == 0
+    })
+    .await;
+    assert_eq!(function.count(), 0, "never run");
+    let answer = client
+        .get(format!("{}/async-calls/{call_id}", gateway.url))
+        .send()
+        .await
+        .unwrap();
+    let record: serde_json::Value = serde_json::from_slice(&answer.bytes().await.unwrap()).unwrap();
+    assert_eq!(record["state"], "cancelled", "{record}");
+    worker.shutdown().await;
+    gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_sweep_removes_blobs_whose_record_is_gone_and_keeps_the_others() {
+    use clap::Parser;
+    use queue_core::backend::CallRecords;
+    use queue_core::backend::jetstream::{JetStreamOptions, JetStreamQueue};
+
+    let nats = NatsServer::start().await.unwrap();
+    let function = StubFunction::start(StubBehavior::default()).await.unwrap();
+    let receiver = CallbackReceiver::start().await.unwrap();
+    let gateway = Gateway::start(&nats.url(), &["--max-body-bytes", "8MiB"]).await;
+    let client = http();
+    let mut ids = Vec::new();
+    for id in ["finished-then-expired", "still-queued"] {
+        let response = client
+            .post(format!("{}/async-function/echo", gateway.url))
+            .header("X-Call-Id", id)
+            .header("X-Callback-Url", receiver.url())
+            .body(body_of(MIB))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+        ids.push(id.to_owned());
+        if ids.len() == 1 {
+            // The first one runs to its end before the second is queued.
+            let worker = Worker::start(&nats.url(), &function.url());
+            assert!(receiver.wait_for_count(1, DEADLINE).await);
+            worker.shutdown().await;
+        }
+    }
+    let store = blobs(&nats.url()).await;
+    // What a crash between an upload and its publish would leave: a body no call names.
+    let orphan = BlobKey::for_call("never-queued", BlobRole::Request).unwrap();
+    store
+        .put(
+            &orphan,
+            futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"x"))]),
+            queue_core::blobs::PutLimit::at_most(10),
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.list().await.unwrap().len(), 3);
+
+    let config = gateway_plugin::GatewayConfig::try_parse_from([
+        "gateway-plugin",
+        "--nats-url",
+        &nats.url(),
+    ])
+    .unwrap();
+    let queue = JetStreamQueue::connect(
+        JetStreamOptions {
+            nats: config.nats.clone(),
+            manage_streams: None,
+            consumer: None,
+            records: config.records.clone(),
+            sealing: Sealing::off(),
+        },
+        "sweep-test",
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    // The finished call's record expires.
+    queue.delete_record("finished-then-expired").await.unwrap();
+    let shared = queue_core::blobs::SharedBlobs::jetstream(
+        queue.context().clone(),
+        "faas-async",
+        None,
+        Sealing::off(),
+    );
+    let report = gateway_plugin::large::sweep_blobs(queue.as_ref(), &shared, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(report.orphans, 2, "{report:?}");
+    let left: Vec<_> = store
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|entry| entry.key.call_id().to_owned())
+        .collect();
+    assert_eq!(left, ["still-queued"]);
+    // A generous age keeps even orphans that young.
+    store
+        .put(
+            &orphan,
+            futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"x"))]),
+            queue_core::blobs::PutLimit::at_most(10),
+        )
+        .await
+        .unwrap();
+    let report = gateway_plugin::large::sweep_blobs(
+        queue.as_ref(),
+        &shared,
+        gateway_plugin::large::ORPHAN_AGE,
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.orphans, 0);
+    gateway.shutdown().await;
+}

@@ -747,6 +747,14 @@ async fn handle_when_permitted<Q: CallQueue>(ctx: Arc<Ctx<Q>>, lease: Lease<Q::D
     }
 }
 
+/// Whether the record of `call` says it was cancelled.
+async fn cancelled_call<Q: CallQueue>(ctx: &Ctx<Q>, call: &QueuedCall) -> bool {
+    matches!(
+        ctx.queue.record_entry(&call.meta.call_id).await,
+        Ok(Some(entry)) if entry.record.state == CallState::Cancelled
+    )
+}
+
 async fn handle<Q: CallQueue>(
     ctx: Arc<Ctx<Q>>,
     lease: Lease<Q::Delivery>,
@@ -760,6 +768,9 @@ async fn handle<Q: CallQueue>(
     {
         match ctx.invoker.check_stored_body(call).await {
             Ok(()) => {}
+            // A cancelled call's body is deleted with the cancel: the call goes on to be
+            // dropped as cancelled, never run.
+            Err(StoredBodyProblem::Unreadable(_)) if cancelled_call(&ctx, call).await => {}
             Err(StoredBodyProblem::Unreadable(why)) => {
                 opened = Err(DecodeError::Invalid(InvalidCall::BodyReference(why)));
             }
