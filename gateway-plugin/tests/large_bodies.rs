@@ -450,3 +450,58 @@ async fn the_sweep_removes_blobs_whose_record_is_gone_and_keeps_the_others() {
     assert_eq!(report.orphans, 0);
     gateway.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_encryption_keys_a_stored_body_is_sealed_and_still_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, "k1 AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n").unwrap();
+    let keys = keys.display().to_string();
+    let nats = NatsServer::start().await.unwrap();
+    let function = StubFunction::start(StubBehavior {
+        echo_body: true,
+        ..StubBehavior::default()
+    })
+    .await
+    .unwrap();
+    let receiver = CallbackReceiver::start().await.unwrap();
+    let gateway = Gateway::start(
+        &nats.url(),
+        &["--max-body-bytes", "8MiB", "--encryption-keys-file", &keys],
+    )
+    .await;
+    let marker = b"LARGE-BODY-MARKER-41d7 ";
+    let body: Vec<u8> = marker.iter().copied().cycle().take(2 * MIB).collect();
+    let response = http()
+        .post(format!("{}/async-function/echo", gateway.url))
+        .header("X-Callback-Url", receiver.url())
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+
+    // No stored record holds the body in clear.
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stream = js.get_stream("OBJ_faas-async-blobs").await.unwrap();
+    let info = stream.get_info().await.unwrap();
+    assert!(info.state.messages > 16, "{} messages", info.state.messages);
+    for sequence in info.state.first_sequence..=info.state.last_sequence {
+        let message = stream.get_raw_message(sequence).await.unwrap();
+        assert!(
+            !message.payload.windows(marker.len()).any(|w| w == marker),
+            "record {sequence} holds the body in clear"
+        );
+    }
+
+    let worker = Worker::start_with(
+        &nats.url(),
+        &function.url(),
+        &["--encryption-keys-file", &keys],
+    );
+    assert!(receiver.wait_for_count(1, DEADLINE).await);
+    assert_eq!(sha256(&receiver.callbacks()[0].body), sha256(&body));
+    worker.shutdown().await;
+    gateway.shutdown().await;
+}
