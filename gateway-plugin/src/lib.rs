@@ -214,10 +214,10 @@ pub async fn run(
 }
 
 /// The blob store of a gateway on JetStream: the calls stream's object-store bucket
-/// (`<stream>-blobs`, its replicas), created now in the background and, failing that, when a
-/// large body first needs it.
+/// (`<stream>-blobs`, its replicas), created in the background once the streams are ready
+/// (not to slow their set-up) and, failing that, when a large body first needs it.
 pub fn jetstream_blobs(
-    queue: &JetStreamQueue,
+    queue: &Arc<JetStreamQueue>,
     stream: &str,
     stream_args: &queue_core::settings::StreamArgs,
     sealing: queue_core::sealing::Sealing,
@@ -230,7 +230,18 @@ pub fn jetstream_blobs(
         sealing,
     );
     let early = blobs.clone();
+    let queue = queue.clone();
     tokio::spawn(async move {
+        // Up to 5 minutes; after that the first large body creates it.
+        for _ in 0..1500 {
+            if queue.check_ready().await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if early.opened().is_some() {
+                return;
+            }
+        }
         if let Err(e) = early.store().await {
             tracing::warn!(error = %e, "the blob store is not ready yet; tried again when a large body needs it");
         }
