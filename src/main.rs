@@ -107,6 +107,10 @@ struct ServerArgs {
     /// store (embedded: files in `<queue-dir>/bodies`; JetStream: the bucket `<stream>-blobs`).
     #[arg(long, env = "FAAS_ASYNC_INLINE_BODY_BYTES", default_value = "256KiB", value_parser = parse_bytes)]
     inline_body_bytes: u64,
+    /// A request's whole body must arrive within this time after its headers (`400
+    /// unreadable_body` and the connection closed otherwise): raise it for large uploads.
+    #[arg(long, env = "FAAS_ASYNC_BODY_READ_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    body_read_timeout: std::time::Duration,
     /// `Retry-After` of 503 answers.
     #[arg(long, env = "FAAS_ASYNC_RETRY_AFTER", default_value = "5s", value_parser = parse_duration)]
     retry_after: std::time::Duration,
@@ -313,10 +317,22 @@ async fn serve<Q: CallQueue>(
         };
         let queue = queue.clone();
         let stop = stop.clone();
+        let body_read_timeout = config.server.body_read_timeout;
         tasks.spawn(async move {
-            gateway_plugin::serve(queue, settings, listener, stop.cancelled_owned())
-                .await
-                .context("gateway failed")
+            let limits = gateway_plugin::connections::ConnectionLimits {
+                body_read_timeout,
+                ..Default::default()
+            };
+            gateway_plugin::serve_limited(
+                queue,
+                settings,
+                limits,
+                None,
+                listener,
+                stop.cancelled_owned(),
+            )
+            .await
+            .context("gateway failed")
         });
         print_banner(address, role, queue_description, &config.worker.gateway_url);
     }
