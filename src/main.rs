@@ -19,6 +19,7 @@ use gateway_plugin::HttpSettings;
 use queue_core::backend::CallQueue;
 use queue_core::backend::embedded::{EmbeddedOptions, EmbeddedQueue};
 use queue_core::backend::jetstream::{ConsumerOptions, JetStreamOptions, JetStreamQueue};
+use queue_core::blobs::SharedBlobs;
 use queue_core::settings::{StreamArgs, parse_bytes, parse_duration};
 use queue_worker::WorkerConfig;
 use queue_worker::config::WorkerCommand;
@@ -29,6 +30,9 @@ use tokio_util::sync::CancellationToken;
 /// Where the all-in-one server invokes functions unless `--gateway-url` says otherwise: the
 /// address the example function (`stats-function`) listens on.
 const DEFAULT_FUNCTIONS_URL: &str = "http://127.0.0.1:8081";
+
+/// The blob store's directory inside the embedded queue's (`--queue-dir`).
+const BLOB_DIR: &str = "bodies";
 
 /// The async invocation system in one process: gateway + worker pool + queue (embedded by
 /// default; JetStream when a NATS URL is given).
@@ -95,9 +99,18 @@ struct ServerArgs {
     /// Address of the HTTP front.
     #[arg(long, env = "FAAS_ASYNC_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// Largest request body accepted (413 above it); lowered to what the queue allows.
+    /// Largest request body accepted (413 above it, the limit in the answer); GiB too: bodies
+    /// above `--inline-body-bytes` go to the blob store.
     #[arg(long, env = "FAAS_ASYNC_MAX_BODY_BYTES", value_parser = parse_bytes)]
     max_body_bytes: Option<u64>,
+    /// Largest body queued inside the call's message; a larger one is streamed into the blob
+    /// store (embedded: files in `<queue-dir>/bodies`; JetStream: the bucket `<stream>-blobs`).
+    #[arg(long, env = "FAAS_ASYNC_INLINE_BODY_BYTES", default_value = "256KiB", value_parser = parse_bytes)]
+    inline_body_bytes: u64,
+    /// A request's whole body must arrive within this time after its headers (`400
+    /// unreadable_body` and the connection closed otherwise): raise it for large uploads.
+    #[arg(long, env = "FAAS_ASYNC_BODY_READ_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    body_read_timeout: std::time::Duration,
     /// `Retry-After` of 503 answers.
     #[arg(long, env = "FAAS_ASYNC_RETRY_AFTER", default_value = "5s", value_parser = parse_duration)]
     retry_after: std::time::Duration,
@@ -202,12 +215,20 @@ async fn main() -> anyhow::Result<()> {
         let (db, flusher) = queue.database();
         let state = CallStore::in_database(db, flusher, config.worker.dedup_retention)
             .with_context(|| format!("cannot open the dedup state in {dir}"))?;
+        // Large bodies and results: files beside the database, in the same locked directory.
+        let blobs = SharedBlobs::files(
+            config.server.queue_dir.join(BLOB_DIR),
+            config.worker.encryption.sealing()?,
+        )
+        .await
+        .with_context(|| format!("cannot open the blob store in {dir}/{BLOB_DIR}"))?;
         return serve(
             config,
             queue,
             &format!("embedded, in {dir}"),
             stop,
             Some(state),
+            blobs,
         )
         .await;
     }
@@ -226,16 +247,29 @@ async fn main() -> anyhow::Result<()> {
         sealing: config.worker.encryption.sealing()?,
     };
     let nats_url = queue_core::settings::redact_url(&config.worker.nats.nats_url);
+    let sealing = options.sealing.clone();
     let queue = JetStreamQueue::connect(options, "faas-async", stop.clone()).await?;
     if let Some(WorkerCommand::Dlq { action }) = dlq {
         return dead_letters(queue.as_ref(), action).await;
     }
+    // The gateway creates the bucket with the streams; a worker alone opens it as found.
+    let blobs = if with_gateway {
+        gateway_plugin::jetstream_blobs(&queue, &config.worker.nats.stream, &config.stream, sealing)
+    } else {
+        SharedBlobs::jetstream(
+            queue.context().clone(),
+            &config.worker.nats.stream,
+            None,
+            sealing,
+        )
+    };
     serve(
         config,
         queue,
         &format!("JetStream at {nats_url}"),
         stop,
         None,
+        blobs,
     )
     .await
 }
@@ -256,6 +290,7 @@ async fn serve<Q: CallQueue>(
     queue_description: &str,
     stop: CancellationToken,
     state: Option<CallStore>,
+    blobs: SharedBlobs,
 ) -> anyhow::Result<()> {
     let role = config.server.role;
     let mut tasks = tokio::task::JoinSet::new();
@@ -266,6 +301,8 @@ async fn serve<Q: CallQueue>(
         let address = listener.local_addr()?;
         let settings = HttpSettings {
             max_body_bytes: config.server.max_body_bytes,
+            inline_body_bytes: config.server.inline_body_bytes,
+            blobs: Some(blobs.clone()),
             retry_after: config.server.retry_after,
             shutdown_grace: config.worker.shutdown_grace,
             trusted_proxies: gateway_plugin::peer::TrustedProxies(
@@ -280,10 +317,22 @@ async fn serve<Q: CallQueue>(
         };
         let queue = queue.clone();
         let stop = stop.clone();
+        let body_read_timeout = config.server.body_read_timeout;
         tasks.spawn(async move {
-            gateway_plugin::serve(queue, settings, listener, stop.cancelled_owned())
-                .await
-                .context("gateway failed")
+            let limits = gateway_plugin::connections::ConnectionLimits {
+                body_read_timeout,
+                ..Default::default()
+            };
+            gateway_plugin::serve_limited(
+                queue,
+                settings,
+                limits,
+                None,
+                listener,
+                stop.cancelled_owned(),
+            )
+            .await
+            .context("gateway failed")
         });
         print_banner(address, role, queue_description, &config.worker.gateway_url);
     }
@@ -301,9 +350,15 @@ async fn serve<Q: CallQueue>(
         let worker = config.worker;
         let stop = stop.clone();
         tasks.spawn(async move {
-            queue_worker::worker::run_with_state(worker, queue, state, stop.cancelled_owned())
-                .await
-                .context("worker failed")
+            queue_worker::worker::run_with_blobs(
+                worker,
+                queue,
+                state,
+                Some(blobs),
+                stop.cancelled_owned(),
+            )
+            .await
+            .context("worker failed")
         });
     }
     let mut result = Ok(());

@@ -103,6 +103,23 @@ async fn the_all_in_one_server_works_over_tls_with_a_password_and_refuses_a_wron
     .await
     .expect("faas-async did not print where it listens");
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    // The banner comes once the front listens; calls are taken once the streams are set up.
+    let end = std::time::Instant::now() + DEADLINE;
+    loop {
+        let ready = reqwest::Client::new()
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200);
+        if ready {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "faas-async never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let response = reqwest::Client::new()
         .post(format!("{base}/async-function/echo"))
         .header("X-Callback-Url", receiver.url())

@@ -75,10 +75,7 @@ fn sealed_round_trip(call: &QueuedCall, cut: usize) {
         return;
     }
     let sealed = must(call.encode_with(&sealing()), "a call seals");
-    let mut expected = call.clone();
-    expected.meta.body = BodyLocation::Inline {
-        len: call.body.len() as u64,
-    };
+    let expected = as_encoded(call);
     assert_eq!(
         must(QueuedCall::open(&sealed, &sealing()), "a sealed call opens"),
         expected
@@ -97,12 +94,10 @@ fn decode_any(data: &[u8]) {
         Ok(call) => {
             assert_eq!(call.validate(), Ok(()), "a decoded call is valid");
             assert!(data.ends_with(&call.body), "the body is the input's tail");
-            assert_eq!(
-                call.meta.body,
-                BodyLocation::Inline {
-                    len: call.body.len() as u64
-                }
-            );
+            match &call.meta.body {
+                BodyLocation::Inline { len } => assert_eq!(*len, call.body.len() as u64),
+                BodyLocation::Blob { .. } => assert!(call.body.is_empty(), "a stored body"),
+            }
             let again = must(call.encode(), "a decoded call encodes");
             assert_eq!(
                 must(QueuedCall::decode(&again), "a re-encoded call decodes"),
@@ -150,13 +145,22 @@ fn check_refusal(data: &[u8], e: &DecodeError) {
     }
 }
 
+/// The call as its envelope carries it: an inline body's length written in, a stored body's
+/// reference kept.
+fn as_encoded(call: &QueuedCall) -> QueuedCall {
+    let mut expected = call.clone();
+    if !call.meta.body.is_blob() {
+        expected.meta.body = BodyLocation::Inline {
+            len: call.body.len() as u64,
+        };
+    }
+    expected
+}
+
 fn round_trip(call: &QueuedCall, cut: usize) {
     let encoded = must(call.encode(), "a call encodes");
     assert_eq!(encoded.len(), must(call.encoded_len(), "encoded_len"));
-    let mut expected = call.clone();
-    expected.meta.body = BodyLocation::Inline {
-        len: call.body.len() as u64,
-    };
+    let expected = as_encoded(call);
     match (call.validate(), QueuedCall::decode(&encoded)) {
         (Ok(()), Ok(decoded)) => assert_eq!(decoded, expected),
         (Err(invalid), Err(DecodeError::Invalid(refused))) => assert_eq!(invalid, refused),
@@ -177,10 +181,19 @@ fn round_trip(call: &QueuedCall, cut: usize) {
             assert_eq!(declared, call.body.len() as u64);
             assert_eq!(actual, cut - HEADER_LEN - meta_len);
         }
+        // A stored body with bytes inline too (an invalid call): a prefix past the metadata
+        // is refused as that call is.
+        Err(DecodeError::Invalid(_)) if call.meta.body.is_blob() => {
+            assert!(cut >= HEADER_LEN + meta_len);
+        }
         Err(e) => panic!("a {cut}-byte prefix refused as {e}"),
     }
 }
 
+const BLOB_KEY_PIECES: &[&str] = &[
+    "0192a7c4", "job_42", "_2F", ".request", ".result", "/", "..",
+];
+const DIGEST_PIECES: &[&str] = &["ab", "0123456789abcdef0123456789abcdef", "AB", "g", ""];
 const ID_PIECES: &[&str] = &[
     "0192a7c4", "-", "_", "job", "42", "a", "Z", ".", "/", " ", "%",
 ];
@@ -223,8 +236,16 @@ fn call_and_cut(u: &mut Unstructured<'_>) -> Result<(QueuedCall, usize)> {
         })?,
         callback_url: maybe_text(u, URL_PIECES, 6)?,
         received_at_unix_nanos: u.arbitrary()?,
-        body: BodyLocation::Inline {
-            len: u.arbitrary()?,
+        body: if u.ratio(1, 4)? {
+            BodyLocation::Blob {
+                key: text(u, BLOB_KEY_PIECES, 4)?,
+                len: u.arbitrary()?,
+                sha256: text(u, DIGEST_PIECES, 3)?,
+            }
+        } else {
+            BodyLocation::Inline {
+                len: u.arbitrary()?,
+            }
         },
         record_revision: u.arbitrary()?,
         overrides: CallOverrides {
@@ -296,7 +317,13 @@ pub fn seeds() -> Vec<Vec<u8>> {
     hooked.meta.callback_url = Some("https://hooks.example.com/a?b=c".into());
     hooked.meta.method = "DELETE".into();
     hooked.meta.path = "/".into();
-    [full, bare, hooked]
+    let mut stored = bare.clone();
+    stored.meta.body = BodyLocation::Blob {
+        key: "job_5F42.request".into(),
+        len: 300 << 20,
+        sha256: "0123456789abcdef".repeat(4),
+    };
+    [full, bare, hooked, stored]
         .iter()
         .map(|call| must(call.encode(), "a seed encodes").to_vec())
         .collect()

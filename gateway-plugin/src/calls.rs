@@ -216,6 +216,8 @@ async fn cancel_call<Q: CallQueue>(
         // Workers also check the record before and after each attempt.
         tracing::warn!(call_id, error = %e, "could not announce the cancel");
     }
+    // A cancelled call is never run: its stored body (and any result) can go now.
+    crate::large::delete_call_blobs(state, call_id).await;
     tracing::info!(call_id, "call cancelled");
     Ok(record)
 }

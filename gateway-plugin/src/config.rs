@@ -48,10 +48,16 @@ pub struct GatewayConfig {
     /// Address to listen on.
     #[arg(long, env = "GATEWAY_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
-    /// Largest request body accepted (413 above it). Default: as large as the NATS server's
-    /// max_payload allows; a larger value is lowered to that, with a warning.
+    /// Largest request body accepted (413 above it, the limit in the answer). Default: as
+    /// large as the NATS server's max_payload allows; larger values (GiB too) are taken, and
+    /// bodies above `--inline-body-bytes` go to the blob store.
     #[arg(long, env = "GATEWAY_MAX_BODY_BYTES", value_parser = parse_bytes)]
     pub max_body_bytes: Option<u64>,
+    /// Largest body queued inside the call's message; a larger one is streamed into the blob
+    /// store (the JetStream object-store bucket `<stream>-blobs`) and the call carries a
+    /// reference. Lowered to what the NATS message limit leaves room for.
+    #[arg(long, env = "GATEWAY_INLINE_BODY_BYTES", default_value = "256KiB", value_parser = parse_bytes)]
+    pub inline_body_bytes: u64,
     /// `Retry-After` sent with 503 answers when the queue cannot take a call.
     #[arg(long, env = "GATEWAY_RETRY_AFTER", default_value = "5s", value_parser = parse_duration)]
     pub retry_after: Duration,
@@ -102,6 +108,8 @@ impl GatewayConfig {
     pub fn http_settings(&self) -> crate::HttpSettings {
         crate::HttpSettings {
             max_body_bytes: self.max_body_bytes,
+            inline_body_bytes: self.inline_body_bytes,
+            blobs: None,
             retry_after: self.retry_after,
             shutdown_grace: self.shutdown_grace,
             trusted_proxies: crate::peer::TrustedProxies(self.trusted_proxies.clone()),

@@ -24,6 +24,8 @@ pub struct ApiError {
     pub call_id: Option<String>,
     /// The state of the call the answer is about (`409 call_id_in_use`: the existing call's).
     pub state: Option<queue_core::records::CallState>,
+    /// The limit a `413` is about, bytes (`max_bytes` in the body).
+    pub limit: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -34,6 +36,8 @@ struct Body<'a> {
     call_id: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     state: Option<queue_core::records::CallState>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_bytes: Option<u64>,
 }
 
 impl ApiError {
@@ -46,6 +50,15 @@ impl ApiError {
             retry_after: None,
             call_id: None,
             state: None,
+            limit: None,
+        }
+    }
+
+    /// `413` with the limit (in the body as `max_bytes`).
+    pub fn too_large(code: &'static str, message: impl Into<String>, limit: u64) -> Self {
+        Self {
+            limit: Some(limit),
+            ..Self::new(StatusCode::PAYLOAD_TOO_LARGE, code, message)
         }
     }
 
@@ -86,6 +99,7 @@ impl IntoResponse for ApiError {
             message: &self.message,
             call_id: self.call_id.as_deref(),
             state: self.state,
+            max_bytes: self.limit,
         };
         let mut response = (self.status, Json(body)).into_response();
         let headers = response.headers_mut();

@@ -18,6 +18,8 @@
 //! - `dashboard.html`: the dashboard page (served at `/dashboard/`).
 //! - [`site`]: cross-site requests (the guards of admin changes and of basic-auth invocations).
 //! - [`peer`]: the peer address, trusted proxies, `X-Forwarded-For`.
+//! - [`large`]: request bodies above the inline size, streamed into the blob store; the
+//!   blob sweep.
 //! - [`link`]: the body limit derived from the queue's message limit.
 //! - [`error`]: JSON error answers.
 //! - [`connections`]: the accept loop: connection limit, header and body deadlines.
@@ -34,6 +36,7 @@ pub mod config;
 pub mod connections;
 pub mod cors;
 pub mod error;
+pub mod large;
 pub mod link;
 pub mod live;
 pub mod openapi;
@@ -92,8 +95,12 @@ pub enum GatewayError {
 /// How the HTTP front behaves, whatever the queue.
 #[derive(Debug, Clone)]
 pub struct HttpSettings {
-    /// Largest request body (lowered to what the queue allows).
+    /// Largest request body (without a blob store, lowered to what the queue allows).
     pub max_body_bytes: Option<u64>,
+    /// Largest body queued inline; larger ones go to `blobs`.
+    pub inline_body_bytes: u64,
+    /// Where bodies above the inline size go (`None`: none; every body inline).
+    pub blobs: Option<queue_core::blobs::SharedBlobs>,
     /// `Retry-After` of 503 answers.
     pub retry_after: Duration,
     /// How long requests in progress may take to finish at shutdown.
@@ -179,14 +186,22 @@ pub async fn run(
         records: config.records.clone(),
         sealing: config.encryption.sealing()?,
     };
+    let sealing = options.sealing.clone();
     let queue = JetStreamQueue::connect(options, "gateway-plugin", stop.clone()).await?;
     tracing::info!(
         nats = %queue_core::settings::redact_url(&config.nats.nats_url),
         "queue: JetStream"
     );
+    let mut settings = config.http_settings();
+    settings.blobs = Some(jetstream_blobs(
+        &queue,
+        &config.nats.stream,
+        &config.stream,
+        sealing,
+    ));
     let result = serve_loaded(
         queue,
-        config.http_settings(),
+        settings,
         controls,
         config.connection_limits(),
         tls,
@@ -196,6 +211,42 @@ pub async fn run(
     .await;
     stop.cancel();
     result
+}
+
+/// The blob store of a gateway on JetStream: the calls stream's object-store bucket
+/// (`<stream>-blobs`, its replicas), created in the background once the streams are ready
+/// (not to slow their set-up) and, failing that, when a large body first needs it.
+pub fn jetstream_blobs(
+    queue: &Arc<JetStreamQueue>,
+    stream: &str,
+    stream_args: &queue_core::settings::StreamArgs,
+    sealing: queue_core::sealing::Sealing,
+) -> queue_core::blobs::SharedBlobs {
+    let settings = queue_core::blobs::jetstream::BucketSettings::following(stream_args, 0);
+    let blobs = queue_core::blobs::SharedBlobs::jetstream(
+        queue.context().clone(),
+        stream,
+        Some(settings),
+        sealing,
+    );
+    let early = blobs.clone();
+    let queue = queue.clone();
+    tokio::spawn(async move {
+        // Up to 5 minutes; after that the first large body creates it.
+        for _ in 0..1500 {
+            if queue.check_ready().await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if early.opened().is_some() {
+                return;
+            }
+        }
+        if let Err(e) = early.store().await {
+            tracing::warn!(error = %e, "the blob store is not ready yet; tried again when a large body needs it");
+        }
+    });
+    blobs
 }
 
 /// Serves with the default [`connections::ConnectionLimits`]; see [`serve_limited`].
@@ -277,6 +328,8 @@ async fn serve_loaded<Q: CallQueue>(
         queue: queue.clone(),
         retry_after: settings.retry_after,
         configured_max_body: settings.max_body_bytes,
+        inline_body_bytes: settings.inline_body_bytes,
+        blobs: settings.blobs,
         warned_max_body: AtomicBool::new(false),
         metrics: queue_core::metrics::install(),
         live: live.clone(),
@@ -295,6 +348,13 @@ async fn serve_loaded<Q: CallQueue>(
         watched.push(cors.clone() as Arc<dyn reload::Watched>);
     }
     tokio::spawn(reload::watch(watched, follow_stop.clone()));
+    if let Some(blobs) = &state.blobs {
+        tokio::spawn(large::follow_sweeps(
+            queue.clone(),
+            blobs.clone(),
+            follow_stop.clone(),
+        ));
+    }
     if let Some(quotas) = controls.quotas {
         tokio::spawn(quota::follow_pending(
             queue.clone(),

@@ -622,6 +622,7 @@ fn refused(e: &InvalidCall) -> ApiError {
         InvalidCall::Path(_) => "invalid_path",
         InvalidCall::CallId(_) => "invalid_call_id",
         InvalidCall::CallbackUrl(_) => "invalid_callback_url",
+        InvalidCall::BodyReference(_) => "invalid_body",
     };
     ApiError::bad_request(code, e.to_string())
 }
@@ -840,7 +841,10 @@ fn request_digest(call: &QueuedCall) -> String {
         m.path.as_bytes(),
         m.query.as_deref().unwrap_or_default().as_bytes(),
         m.callback_url.as_deref().unwrap_or_default().as_bytes(),
-        call.body.as_ref(),
+        match &m.body {
+            BodyLocation::Blob { sha256, .. } => sha256.as_bytes(),
+            BodyLocation::Inline { .. } => call.body.as_ref(),
+        },
     ] {
         context.update(&u64::try_from(field.len()).unwrap_or(u64::MAX).to_be_bytes());
         context.update(field);
@@ -850,6 +854,11 @@ fn request_digest(call: &QueuedCall) -> String {
         hex.push_str(&format!("{byte:02x}"));
     }
     hex
+}
+
+/// `400 unreadable_body`: the body did not arrive whole.
+pub(crate) fn unreadable_body() -> ApiError {
+    ApiError::bad_request("unreadable_body", "could not read the request body")
 }
 
 /// `400 invalid_call_id` for a client's `X-Call-Id` that cannot be kept as sent.
@@ -900,10 +909,10 @@ async fn accept<Q: CallQueue>(
         ));
     };
     let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
+        ApiError::too_large(
             "body_too_large",
             format!("request body exceeds the limit of {limit} bytes"),
+            limit,
         )
     };
     let declared =
@@ -911,19 +920,34 @@ async fn accept<Q: CallQueue>(
     if declared.is_some_and(|len| len > limit) {
         return Err(too_large());
     }
-    let body = axum::body::to_bytes(body, usize::try_from(limit).unwrap_or(usize::MAX))
-        .await
-        .map_err(|e| {
-            // to_bytes reports an exceeded limit as a LengthLimitError somewhere in the chain.
-            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-            while let Some(err) = source {
-                if err.is::<http_body_util::LengthLimitError>() {
-                    return too_large();
-                }
-                source = err.source();
-            }
-            ApiError::bad_request("unreadable_body", "could not read the request body")
-        })?;
+    // Small bodies (the hot path): read whole, queued inline. A body that is or may be larger
+    // than the inline size, with a blob store: read up to the inline size, and what goes past
+    // it is streamed into the store (below).
+    let inline = state.inline_limit();
+    let (body, rest) = match &state.blobs {
+        Some(_) if declared.is_none_or(|len| len > inline) => {
+            let mut source = body.into_data_stream();
+            let (head, ended) = crate::large::read_head(&mut source, inline, declared).await?;
+            (head, (!ended).then_some(source))
+        }
+        _ => (
+            axum::body::to_bytes(body, usize::try_from(limit).unwrap_or(usize::MAX))
+                .await
+                .map_err(|e| {
+                    // to_bytes reports an exceeded limit as a LengthLimitError somewhere in
+                    // the chain.
+                    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+                    while let Some(err) = source {
+                        if err.is::<http_body_util::LengthLimitError>() {
+                            return too_large();
+                        }
+                        source = err.source();
+                    }
+                    unreadable_body()
+                })?,
+            None,
+        ),
+    };
 
     let mut call = QueuedCall {
         meta: CallMeta {
@@ -987,6 +1011,32 @@ async fn accept<Q: CallQueue>(
             tracing::warn!(error = %e, "could not release the idempotency key");
         }
     };
+    // A body past the inline size: into the blob store (streamed; a failed or interrupted
+    // upload leaves nothing stored), the call carries the reference. Dropped from here on
+    // (the client gone, a failed publish), the guard deletes the blob.
+    let mut stored = None;
+    if let (Some(rest), Some(blobs)) = (rest, &state.blobs) {
+        let head = std::mem::take(&mut call.body);
+        let upload = crate::large::Upload {
+            blobs,
+            call: &call,
+            head,
+            rest,
+            limit,
+            declared,
+            client_id,
+        };
+        match upload.store(state).await {
+            Ok((location, guard)) => {
+                call.meta.body = location;
+                stored = guard;
+            }
+            Err(e) => {
+                release_key().await;
+                return Err(e);
+            }
+        }
+    }
     // The record first, so that `GET /async-calls/{id}` knows every call answered 202, a
     // reused call id is caught before anything is queued, and the worker can write the next
     // state at the revision the envelope carries without reading the record. A generated id
@@ -1014,11 +1064,17 @@ async fn accept<Q: CallQueue>(
             tracing::warn!(call_id, error = %e, "could not remove the record of a call not queued");
         }
     }
+    if let Some(guard) = stored {
+        match published {
+            Ok(_) => guard.keep(),
+            Err(_) => guard.delete().await,
+        }
+    }
     let published = published.map_err(|e| match e {
-        PublishError::TooLarge { max, .. } => ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
+        PublishError::TooLarge { max, .. } => ApiError::too_large(
             "request_too_large",
             format!("request headers and body together exceed the queue's limit of {max} bytes"),
+            max as u64,
         ),
         PublishError::Disconnected | PublishError::NotStored(_) => {
             tracing::warn!(error = %e, "call not queued");

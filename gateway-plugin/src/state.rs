@@ -20,6 +20,11 @@ pub struct AppState<Q> {
     pub retry_after: Duration,
     /// `--max-body-bytes`, if set.
     pub configured_max_body: Option<u64>,
+    /// `--inline-body-bytes`: a larger body goes to the blob store (when there is one).
+    pub inline_body_bytes: u64,
+    /// Where bodies above the inline size go (`None`: every body inline, within the queue's
+    /// message limit).
+    pub blobs: Option<queue_core::blobs::SharedBlobs>,
     /// The configured limit was found above the queue's and lowered (warned once).
     pub warned_max_body: AtomicBool,
     /// Renders `/metrics`.
@@ -64,8 +69,8 @@ impl<Q> AppState<Q> {
 }
 
 impl<Q: CallQueue> AppState<Q> {
-    /// Largest body accepted now: the configured limit, lowered to what the queue's message
-    /// limit leaves room for.
+    /// Largest body accepted now: the configured limit; without a blob store, lowered to what
+    /// the queue's message limit leaves room for.
     /// `None` while the queue's message limit is unknown (JetStream before the first
     /// connection): then nothing can be said about a body's size, and the call is refused
     /// as the queue being unavailable, never as too large.
@@ -76,6 +81,8 @@ impl<Q: CallQueue> AppState<Q> {
         }
         let allowed = body_limit_for(max_message as u64);
         Some(match self.configured_max_body {
+            // Bodies above the message limit go to the blob store.
+            Some(configured) if self.blobs.is_some() => configured,
             Some(configured) if configured > allowed => {
                 if !self.warned_max_body.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
@@ -89,5 +96,12 @@ impl<Q: CallQueue> AppState<Q> {
             Some(configured) => configured,
             None => allowed,
         })
+    }
+
+    /// Largest body kept inline in the envelope: `--inline-body-bytes`, within what the
+    /// queue's message limit leaves room for (0 while that limit is unknown).
+    pub fn inline_limit(&self) -> u64 {
+        let max_message = self.queue.max_message_bytes() as u64;
+        self.inline_body_bytes.min(body_limit_for(max_message))
     }
 }

@@ -99,17 +99,20 @@ async fn bad_names_paths_callbacks_and_headers_are_refused() {
     gateway.shutdown().await;
 }
 
-/// The body limit follows the server's `max_payload`: a configured limit above it is lowered,
-/// bodies over it get 413 before anything is published, and oversized header sets too.
+/// The inline size follows the server's `max_payload` (bodies above it go to the blob store),
+/// bodies over `--max-body-bytes` get 413 before anything is stored or published, and
+/// oversized header sets too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn body_limit_agrees_with_the_nats_max_payload() {
     let dir = tempfile::tempdir().unwrap();
     let conf = dir.path().join("nats.conf");
-    std::fs::write(&conf, "max_payload: 131072\n").unwrap();
+    std::fs::write(&conf, "max_payload: 262144\n").unwrap();
     let nats = NatsServer::start_with_args(&["-c", conf.to_str().unwrap()])
         .await
         .unwrap();
-    // Asks for 1 MiB; the server allows 128 KiB per message, so the gateway uses 96 KiB.
+    // The server allows 256 KiB per message: bodies up to 192 KiB are queued inline, larger
+    // ones (up to --max-body-bytes, 1 MiB) are stored apart in the blob store (whose records
+    // are 128 KiB chunks: a server allowing less cannot hold them).
     let gateway = Gateway::start(&nats.url(), &["--max-body-bytes", "1MiB"]).await;
     // A fresh client per request: the gateway closes a connection whose body it refused.
     let post = |body: Vec<u8>| {
@@ -118,11 +121,11 @@ async fn body_limit_agrees_with_the_nats_max_payload() {
             .body(body)
             .send()
     };
-    let r = post(vec![b'a'; 96 * 1024 + 1]).await.unwrap();
+    let r = post(vec![b'a'; 1024 * 1024 + 1]).await.unwrap();
     assert_json_error(r, 413, "body_too_large").await;
     // Without Content-Length (chunked), the limit holds while reading.
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
-        (0..100).map(|_| Ok(vec![b'b'; 1024])).collect();
+        (0..1025).map(|_| Ok(vec![b'b'; 1024])).collect();
     let r = http()
         .post(format!("{}/async-function/fn", gateway.url))
         .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
@@ -130,22 +133,33 @@ async fn body_limit_agrees_with_the_nats_max_payload() {
         .await
         .unwrap();
     assert_json_error(r, 413, "body_too_large").await;
-    // Body within the limit but headers pushing the message over max_payload.
+    // Body within the inline size but headers pushing the message over max_payload.
     let mut big_headers = http().post(format!("{}/async-function/fn", gateway.url));
-    for i in 0..40 {
+    for i in 0..90 {
         big_headers = big_headers.header(format!("x-big-{i}"), "h".repeat(1000));
     }
     let r = big_headers
-        .body(vec![b'c'; 90 * 1024])
+        .body(vec![b'c'; 180 * 1024])
         .send()
         .await
         .unwrap();
     assert_json_error(r, 413, "request_too_large").await;
     assert_eq!(queued(&nats.url()).await, 0, "an oversized call was queued");
 
-    let r = post(vec![b'd'; 96 * 1024]).await.unwrap();
-    assert_eq!(r.status(), 202, "a body at the limit is accepted");
-    assert_eq!(queued(&nats.url()).await, 1);
+    let r = post(vec![b'd'; 192 * 1024]).await.unwrap();
+    assert_eq!(r.status(), 202, "a body at the inline size is accepted");
+    let r = post(vec![b'd'; 192 * 1024 + 1]).await.unwrap();
+    assert_eq!(r.status(), 202, "a body above it is stored apart");
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        (0..200).map(|_| Ok(vec![b'b'; 1024])).collect();
+    let r = http()
+        .post(format!("{}/async-function/fn", gateway.url))
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "a chunked body above it too");
+    assert_eq!(queued(&nats.url()).await, 3);
     gateway.shutdown().await;
 }
 

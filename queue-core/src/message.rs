@@ -52,8 +52,9 @@ pub const MAX_CALL_ID_LEN: usize = 128;
 /// Longest function name or namespace (Kubernetes DNS label length).
 pub const MAX_NAME_LEN: usize = 63;
 
-/// Where the request body is. Only `inline` exists today; a body kept in an object store and
-/// passed by reference will be another variant, which older workers reject rather than misread.
+/// Where the request body is: in the envelope, or in the blob store by reference. A worker
+/// older than the `blob` variant refuses such an envelope as undecodable metadata (it
+/// dead-letters it) rather than misreading it as a call with an empty body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum BodyLocation {
@@ -62,6 +63,36 @@ pub enum BodyLocation {
         /// Body length in bytes, checked on decode.
         len: u64,
     },
+    /// The body is the blob `key` of the blob store ([`crate::blobs`]); nothing follows the
+    /// metadata. The key is always the call's request key
+    /// (`BlobKey::for_call(call_id, BlobRole::Request)`), checked on decode.
+    Blob {
+        /// The blob's key.
+        key: String,
+        /// Body length in bytes.
+        len: u64,
+        /// SHA-256 of the body, lowercase hex (the envelope is sealed when encryption is on).
+        sha256: String,
+    },
+}
+
+impl BodyLocation {
+    /// The body's length in bytes, wherever it is.
+    pub fn len(&self) -> u64 {
+        match self {
+            Self::Inline { len } | Self::Blob { len, .. } => *len,
+        }
+    }
+
+    /// Whether the body is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether the body is in the blob store.
+    pub fn is_blob(&self) -> bool {
+        matches!(self, Self::Blob { .. })
+    }
 }
 
 /// Everything about a call except its body.
@@ -316,6 +347,9 @@ pub enum InvalidCall {
     /// Callback URL.
     #[error("invalid callback URL: {0}")]
     CallbackUrl(String),
+    /// A body by reference that is not this call's request blob, or with bytes inline too.
+    #[error("invalid body reference: {0}")]
+    BodyReference(&'static str),
 }
 
 /// Methods the async path accepts and forwards.
@@ -450,11 +484,45 @@ impl QueuedCall {
         if let Some(cb) = &m.callback_url {
             parse_callback_url(cb)?;
         }
+        if let BodyLocation::Blob { key, sha256, .. } = &m.body {
+            let expected =
+                crate::blobs::BlobKey::for_call(&m.call_id, crate::blobs::BlobRole::Request)
+                    .map_err(|_| InvalidCall::BodyReference("the call id has no blob key"))?;
+            if key != expected.as_str() {
+                return Err(InvalidCall::BodyReference("not this call's request blob"));
+            }
+            if sha256.len() != 64
+                || !sha256
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            {
+                return Err(InvalidCall::BodyReference(
+                    "the digest is not 64 hex digits",
+                ));
+            }
+            if !self.body.is_empty() {
+                return Err(InvalidCall::BodyReference(
+                    "a stored body with bytes inline",
+                ));
+            }
+        }
         Ok(())
     }
 
-    /// Metadata JSON with the body's real length written in.
+    /// The body's length in bytes, inline or stored.
+    pub fn body_len(&self) -> u64 {
+        match &self.meta.body {
+            BodyLocation::Inline { .. } => self.body.len() as u64,
+            BodyLocation::Blob { len, .. } => *len,
+        }
+    }
+
+    /// Metadata JSON with the body's real length written in (an inline body's; a stored
+    /// body's reference is kept as it is).
     fn meta_json(&self) -> Result<Vec<u8>, serde_json::Error> {
+        if self.meta.body.is_blob() {
+            return serde_json::to_vec(&self.meta);
+        }
         let mut meta = self.meta.clone();
         meta.body = BodyLocation::Inline {
             len: self.body.len() as u64,
@@ -494,7 +562,7 @@ impl QueuedCall {
             function: self.meta.function.clone(),
             namespace: self.meta.namespace.clone(),
             received_at_unix_nanos: self.meta.received_at_unix_nanos,
-            body_bytes: self.body.len() as u64,
+            body_bytes: self.body_len(),
             not_before_unix_nanos: self.meta.not_before_unix_nanos,
         })?;
         let clear_len = u32::try_from(clear.len()).map_err(|_| {
@@ -554,8 +622,10 @@ impl QueuedCall {
             .ok_or(DecodeError::MetadataLength(meta_len))?;
         let meta: CallMeta = serde_json::from_slice(&payload[HEADER_LEN..meta_end])?;
         let body = payload.slice(meta_end..);
-        let BodyLocation::Inline { len } = meta.body;
-        if len != body.len() as u64 {
+        // A stored body: `validate` refuses bytes after the metadata.
+        if let BodyLocation::Inline { len } = meta.body
+            && len != body.len() as u64
+        {
             return Err(DecodeError::BodyLength {
                 declared: len,
                 actual: body.len(),
@@ -609,11 +679,12 @@ impl EnvelopeSummary {
     pub fn of(payload: &Bytes) -> Result<Self, DecodeError> {
         if envelope_version(payload)? == FORMAT_VERSION {
             let call = QueuedCall::decode_clear(payload)?;
+            let body_bytes = call.body_len();
             return Ok(Self {
                 function: call.meta.qualified_function(),
                 call_id: call.meta.call_id,
                 received_at_unix_nanos: call.meta.received_at_unix_nanos,
-                body_bytes: call.body.len() as u64,
+                body_bytes,
                 key_id: None,
                 not_before_unix_nanos: call.meta.not_before_unix_nanos,
             });
@@ -758,6 +829,77 @@ mod tests {
             QueuedCall::decode(&Bytes::from(buf)),
             Err(DecodeError::Metadata(_))
         ));
+    }
+
+    fn blob_call() -> QueuedCall {
+        let mut call = sample();
+        call.body = Bytes::new();
+        call.meta.body = BodyLocation::Blob {
+            key: format!("{}.request", call.meta.call_id),
+            len: 300 * 1024 * 1024,
+            sha256: "ab".repeat(32),
+        };
+        call
+    }
+
+    #[test]
+    fn bodies_by_reference_round_trip_in_clear_and_sealed() {
+        let call = blob_call();
+        assert_eq!(call.body_len(), 300 * 1024 * 1024);
+        let clear = call.encode().unwrap();
+        assert_eq!(clear.len(), call.encoded_len().unwrap());
+        assert_eq!(QueuedCall::decode(&clear).unwrap(), call);
+        let text = String::from_utf8_lossy(&clear).into_owned();
+        assert!(text.contains(r#""body":{"kind":"blob","key":"#), "{text}");
+        let sealing = keys(K1);
+        let sealed = call.encode_with(&sealing).unwrap();
+        assert_eq!(QueuedCall::open(&sealed, &sealing).unwrap(), call);
+        let summary = EnvelopeSummary::of(&sealed).unwrap();
+        assert_eq!(summary.body_bytes, 300 * 1024 * 1024);
+        assert_eq!(
+            EnvelopeSummary::of(&clear).unwrap().body_bytes,
+            300 * 1024 * 1024
+        );
+    }
+
+    #[test]
+    fn bodies_by_reference_name_their_own_call_and_nothing_inline() {
+        type Change = fn(&mut QueuedCall);
+        let cases: [(&str, Change); 4] = [
+            ("another call's blob", |call| {
+                if let BodyLocation::Blob { key, .. } = &mut call.meta.body {
+                    *key = "other.request".into();
+                }
+            }),
+            ("the result blob", |call| {
+                if let BodyLocation::Blob { key, .. } = &mut call.meta.body {
+                    *key = key.replace(".request", ".result");
+                }
+            }),
+            ("a digest that is not hex", |call| {
+                if let BodyLocation::Blob { sha256, .. } = &mut call.meta.body {
+                    *sha256 = "AB".repeat(32);
+                }
+            }),
+            ("bytes inline too", |call| {
+                call.body = Bytes::from_static(b"x");
+            }),
+        ];
+        for (what, change) in cases {
+            let mut call = blob_call();
+            change(&mut call);
+            assert!(
+                matches!(call.validate(), Err(InvalidCall::BodyReference(_))),
+                "{what}"
+            );
+            assert!(
+                matches!(
+                    QueuedCall::decode(&call.encode().unwrap()),
+                    Err(DecodeError::Invalid(InvalidCall::BodyReference(_)))
+                ),
+                "{what}"
+            );
+        }
     }
 
     #[test]

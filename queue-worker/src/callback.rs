@@ -160,7 +160,7 @@ impl reqwest::dns::Resolve for PolicyResolver {
 }
 
 /// The refusal behind a general-client error, if the resolver refused the destination.
-fn refusal_of(error: &reqwest::Error) -> Option<Refusal> {
+pub(crate) fn refusal_of(error: &reqwest::Error) -> Option<Refusal> {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(e) = source {
         if let Some(refusal) = e.downcast_ref::<Refusal>() {
@@ -174,10 +174,19 @@ fn refusal_of(error: &reqwest::Error) -> Option<Refusal> {
 /// The general client for callbacks: the policy's resolver, no redirects, no proxy (the worker
 /// must see the address it connects to).
 fn callback_client(policy: Arc<EgressPolicy>) -> Result<reqwest::Client, reqwest::Error> {
+    policy_client(policy, USER_AGENT)
+}
+
+/// A general client whose resolver applies `policy` (callbacks; direct-mode functions whose
+/// body is streamed from the blob store).
+pub(crate) fn policy_client(
+    policy: Arc<EgressPolicy>,
+    user_agent: &str,
+) -> Result<reqwest::Client, reqwest::Error> {
     // As in `invoke::http_client`: one rustls provider for the process.
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
-        .user_agent(USER_AGENT)
+        .user_agent(user_agent)
         .redirect(reqwest::redirect::Policy::none())
         .no_proxy()
         .dns_resolver(Arc::new(PolicyResolver { policy }))

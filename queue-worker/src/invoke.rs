@@ -9,10 +9,12 @@ use std::sync::Arc;
 
 use crate::config::{InvokeMode, WorkerConfig};
 use crate::http1::{Http1Client, Http1Error, Origin, Request};
+use futures::StreamExt;
+use queue_core::blobs::{BlobError, BlobKey, BlobStore, SharedBlobs};
 use queue_core::egress::EgressPolicy;
 use queue_core::headers::is_worker_request_header;
 pub use queue_core::headers::{HOP_BY_HOP, is_hop_by_hop};
-use queue_core::message::QueuedCall;
+use queue_core::message::{BodyLocation, QueuedCall};
 pub use queue_core::outcome::Outcome;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
@@ -34,6 +36,24 @@ pub struct FunctionInvoker {
     /// Gateway mode over plain `http`: `{gateway_url}/function/` taken apart once, so that a
     /// call's target is a concatenation, not a URL parse ([`FunctionInvoker::gateway_target`]).
     gateway_base: Option<Arc<PlainTarget>>,
+    /// Where stored request bodies are (`None`: a call with one is refused before it runs).
+    blobs: Option<SharedBlobs>,
+    /// Direct mode: the general client with the function policy's resolver, for calls whose
+    /// body is streamed from the blob store (the small client takes whole bodies only).
+    policy_client: Option<reqwest::Client>,
+}
+
+/// Why a call's stored body cannot be sent ([`FunctionInvoker::check_stored_body`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoredBodyProblem {
+    /// It will never be readable: missing, not the body the call names, failing its
+    /// integrity check, or sealed with keys this worker does not have. The call is
+    /// dead-lettered, never retried.
+    #[error("{0}")]
+    Unreadable(&'static str),
+    /// The store cannot be reached now: the call waits and comes back.
+    #[error("the blob store is unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// Why a call is not sent to any function.
@@ -93,7 +113,65 @@ impl FunctionInvoker {
                 })
                 .flatten()
                 .map(Arc::new),
+            blobs: None,
+            policy_client: None,
         }
+    }
+
+    /// Reads stored request bodies from `blobs`.
+    pub fn with_blobs(mut self, blobs: Option<SharedBlobs>) -> Result<Self, reqwest::Error> {
+        if blobs.is_some()
+            && let Some(policy) = &self.function_policy
+        {
+            self.policy_client = Some(crate::callback::policy_client(
+                policy.clone(),
+                &self.user_agent,
+            )?);
+        }
+        self.blobs = blobs;
+        Ok(self)
+    }
+
+    /// Whether the stored body of `call` (a [`BodyLocation::Blob`]) is there and is the one
+    /// the call names, before the call runs.
+    pub async fn check_stored_body(&self, call: &QueuedCall) -> Result<(), StoredBodyProblem> {
+        self.open_stored_body(call).await.map(drop)
+    }
+
+    async fn open_stored_body(
+        &self,
+        call: &QueuedCall,
+    ) -> Result<queue_core::blobs::BlobRead, StoredBodyProblem> {
+        let BodyLocation::Blob { key, len, sha256 } = &call.meta.body else {
+            return Err(StoredBodyProblem::Unreadable("the body is not stored"));
+        };
+        let Some(blobs) = &self.blobs else {
+            return Err(StoredBodyProblem::Unreadable(
+                "this worker has no blob store for the call's stored body",
+            ));
+        };
+        let key = BlobKey::parse(key)
+            .map_err(|_| StoredBodyProblem::Unreadable("the stored body's key is malformed"))?;
+        let store = blobs
+            .store()
+            .await
+            .map_err(|e| StoredBodyProblem::Unavailable(e.to_string()))?;
+        let read = store.get(&key, None).await.map_err(|e| match e {
+            BlobError::NotFound => StoredBodyProblem::Unreadable("the stored body is missing"),
+            BlobError::Integrity { .. } => {
+                StoredBodyProblem::Unreadable("the stored body failed its integrity check")
+            }
+            BlobError::Undecryptable { .. } => StoredBodyProblem::Unreadable(
+                "the stored body cannot be decrypted with this worker's keys",
+            ),
+            other => StoredBodyProblem::Unavailable(other.to_string()),
+        })?;
+        if read.info.len != *len || read.info.sha256 != *sha256 {
+            return Err(StoredBodyProblem::Unreadable(
+                "the stored body is not the one the call names (length or digest)",
+            ));
+        }
+        Ok(read)
     }
 
     /// Gateway mode: the target of `call` built from [`FunctionInvoker::gateway_base`], when
@@ -181,6 +259,10 @@ impl FunctionInvoker {
         timeout: Duration,
     ) -> Outcome {
         let started = Instant::now();
+        if call.meta.body.is_blob() {
+            return Box::pin(self.invoke_stored(call, attempt, max_attempts, timeout, started))
+                .await;
+        }
         if let Some(target) = self.gateway_target(call) {
             return Box::pin(self.invoke_plain(
                 call,
@@ -255,6 +337,88 @@ impl FunctionInvoker {
 }
 
 impl FunctionInvoker {
+    /// [`FunctionInvoker::invoke`] of a call whose body is in the blob store: streamed from
+    /// the store to the function through the general client, one record in memory at a time,
+    /// with its `Content-Length`. A read that fails on the way (the store lost, a record that
+    /// does not check) aborts the request: a `503` outcome (retried as any).
+    async fn invoke_stored(
+        &self,
+        call: &QueuedCall,
+        attempt: u32,
+        max_attempts: u32,
+        timeout: Duration,
+        started: Instant,
+    ) -> Outcome {
+        let failed = |status: u16, error: &str| no_answer(status, error, started);
+        let url = match self.url(call) {
+            Ok(url) => url,
+            Err(e) => return failed(403, &e.to_string()),
+        };
+        let client = match (&self.function_policy, &self.policy_client) {
+            (None, _) => &self.client,
+            (Some(policy), Some(client)) => {
+                // Address literals skip the resolver: checked as written.
+                match url::Url::parse(&url) {
+                    Ok(parsed) if policy.check_url(&parsed).is_ok() => client,
+                    _ => return failed(403, "function address not allowed"),
+                }
+            }
+            (Some(_), None) => return failed(403, "function address not allowed"),
+        };
+        let method = match reqwest::Method::from_bytes(call.meta.method.as_bytes()) {
+            Ok(m) => m,
+            Err(_) => return failed(502, "invalid method"),
+        };
+        let read = match self.open_stored_body(call).await {
+            Ok(read) => read,
+            Err(_) => return failed(503, "stored body unreadable"),
+        };
+        let broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let noted = broken.clone();
+        let body = read.body.map(move |item| {
+            item.map_err(|e| {
+                noted.store(true, std::sync::atomic::Ordering::Relaxed);
+                std::io::Error::other(e.to_string())
+            })
+        });
+        let mut headers = function_request_headers(call, attempt, max_attempts);
+        headers.insert(
+            reqwest::header::CONTENT_LENGTH,
+            HeaderValue::from(read.info.len),
+        );
+        let request = client
+            .request(method, url)
+            .timeout(timeout)
+            .headers(headers)
+            .body(reqwest::Body::wrap_stream(body));
+        let response = match request.send().await {
+            Ok(r) => r,
+            Err(_) if broken.load(std::sync::atomic::Ordering::Relaxed) => {
+                return failed(503, "stored body unreadable");
+            }
+            Err(e) => {
+                if crate::callback::refusal_of(&e).is_some() {
+                    return failed(403, "function address not allowed");
+                }
+                return failed(503, transport_error_kind(&e));
+            }
+        };
+        let status = response.status().as_u16();
+        queue_core::metrics::note_answered(&call.meta.qualified_function(), status);
+        let headers = response_headers(response.headers());
+        match read_limited(response, self.max_response_bytes).await {
+            Ok(body) => Outcome {
+                status,
+                headers,
+                body,
+                duration: started.elapsed(),
+                error: None,
+            },
+            Err(ReadError::TooLarge) => failed(502, "response too large"),
+            Err(ReadError::Transport(e)) => failed(503, transport_error_kind(&e)),
+        }
+    }
+
     /// [`FunctionInvoker::invoke`] over plain `http` with [`Http1Client`].
     async fn invoke_plain(
         &self,

@@ -33,7 +33,8 @@ use queue_core::backend::{
     BackendError, CallQueue, DeadLetter, DeadLetterReason, Lane, OwnedRecord, QueueDelivery,
     apply_event,
 };
-use queue_core::message::{DecodeError, EnvelopeSummary, QueuedCall};
+use queue_core::blobs::SharedBlobs;
+use queue_core::message::{DecodeError, EnvelopeSummary, InvalidCall, QueuedCall};
 use queue_core::metrics;
 use queue_core::records::{
     CallLimits, CallRecord, CallState, CallbackEntry, Event, OutcomeEvent, ResultAvailability,
@@ -47,7 +48,7 @@ use crate::config::WorkerConfig;
 use crate::fair;
 use crate::functions::{CallSettings, FunctionSettings};
 use crate::http1::Http1Client;
-use crate::invoke::{FunctionInvoker, http_client};
+use crate::invoke::{FunctionInvoker, StoredBodyProblem, http_client};
 use crate::lease::{Heartbeats, Lease, beat};
 use crate::plan::{Plan, plan};
 use crate::retry::Decision;
@@ -239,7 +240,10 @@ pub async fn run(
             .sealing()
             .map_err(|e| WorkerError::Config(e.to_string()))?,
     };
+    let sealing = options.sealing.clone();
     let queue = JetStreamQueue::connect(options, "queue-worker", CancellationToken::new()).await?;
+    // The gateway creates the bucket; opened when a stored body first needs it.
+    let blobs = SharedBlobs::jetstream(queue.context().clone(), &config.nats.stream, None, sealing);
     let metrics_stop = CancellationToken::new();
     serve_metrics(
         config.metrics_listen,
@@ -248,7 +252,7 @@ pub async fn run(
         metrics_stop.clone(),
     )
     .await;
-    let result = run_on(config, queue, shutdown).await;
+    let result = run_with_blobs(config, queue, None, Some(blobs), shutdown).await;
     metrics_stop.cancel();
     result
 }
@@ -320,6 +324,18 @@ pub async fn run_with_state<Q: CallQueue>(
     store: Option<CallStore>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WorkerError> {
+    run_with_blobs(config, queue, store, None, shutdown).await
+}
+
+/// [`run_with_state`] with the blob store of large bodies (`None`: a call whose body is
+/// stored is dead-lettered as unreadable).
+pub async fn run_with_blobs<Q: CallQueue>(
+    config: WorkerConfig,
+    queue: Arc<Q>,
+    store: Option<CallStore>,
+    blobs: Option<SharedBlobs>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), WorkerError> {
     config.validate().map_err(WorkerError::Config)?;
     if config.fair_scheduling && !queue.pulls_by_lane() {
         return Err(WorkerError::Config(
@@ -360,7 +376,7 @@ pub async fn run_with_state<Q: CallQueue>(
 
     let stop_pulling = CancellationToken::new();
     let ctx = Arc::new(Ctx {
-        invoker: FunctionInvoker::new(&config, http, plain.clone()),
+        invoker: FunctionInvoker::new(&config, http, plain.clone()).with_blobs(blobs)?,
         callbacks: CallbackSender::new(&config, plain)
             .map_err(|e| WorkerError::Config(e.to_string()))?,
         queue,
@@ -786,12 +802,41 @@ async fn handle_when_permitted<Q: CallQueue>(ctx: Arc<Ctx<Q>>, lease: Lease<Q::D
     }
 }
 
+/// Whether the record of `call` says it was cancelled.
+async fn cancelled_call<Q: CallQueue>(ctx: &Ctx<Q>, call: &QueuedCall) -> bool {
+    matches!(
+        ctx.queue.record_entry(&call.meta.call_id).await,
+        Ok(Some(entry)) if entry.record.state == CallState::Cancelled
+    )
+}
+
 async fn handle<Q: CallQueue>(
     ctx: Arc<Ctx<Q>>,
     lease: Lease<Q::Delivery>,
     permit: OwnedSemaphorePermit,
 ) {
-    let call = match QueuedCall::open(lease.delivery().payload(), ctx.queue.sealing()) {
+    let mut opened = QueuedCall::open(lease.delivery().payload(), ctx.queue.sealing());
+    // A body in the blob store: there and the one the call names, or the call is refused as
+    // one it cannot read (never retried); the store out of reach: it comes back later.
+    if let Ok(call) = &opened
+        && call.meta.body.is_blob()
+    {
+        match ctx.invoker.check_stored_body(call).await {
+            Ok(()) => {}
+            // A cancelled call's body is deleted with the cancel: the call goes on to be
+            // dropped as cancelled, never run.
+            Err(StoredBodyProblem::Unreadable(_)) if cancelled_call(&ctx, call).await => {}
+            Err(StoredBodyProblem::Unreadable(why)) => {
+                opened = Err(DecodeError::Invalid(InvalidCall::BodyReference(why)));
+            }
+            Err(StoredBodyProblem::Unavailable(e)) => {
+                tracing::warn!(call_id = %call.meta.call_id, error = %e, "stored body out of reach; the call waits");
+                drop(permit);
+                return lease.nak(Some(LOCAL_FAILURE_RETRY)).await;
+            }
+        }
+    }
+    let call = match opened {
         Ok(mut call) => {
             call.meta.canonicalize(&ctx.config.default_namespace);
             call

@@ -55,6 +55,9 @@
 
 pub mod files;
 pub mod jetstream;
+pub mod shared;
+
+pub use shared::{AnyBlobs, SharedBlobs};
 
 use std::future::Future;
 use std::ops::Range;

@@ -1,0 +1,507 @@
+//! Request bodies above the inline size (issue 16), on JetStream: streamed into the blob store
+//! by the gateway, queued by reference, streamed to the function by the worker; `413` with the
+//! limit above `--max-body-bytes`; an upload cut short leaves nothing stored or queued; a call
+//! whose stored body is gone is dead-lettered, never run.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{DEADLINE, Gateway, Worker, assert_json_error, http, queued};
+use queue_core::blobs::jetstream::JetStreamBlobs;
+use queue_core::blobs::{BlobKey, BlobRole, BlobStore};
+use queue_core::sealing::Sealing;
+use test_support::NatsServer;
+use test_support::stub::{CallbackReceiver, StubBehavior, StubFunction};
+use tokio::io::AsyncWriteExt;
+
+const MIB: usize = 1024 * 1024;
+
+/// `len` bytes that are not all alike (a pattern a misplaced chunk would break).
+fn body_of(len: usize) -> Vec<u8> {
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state.to_le_bytes()[0]
+        })
+        .collect()
+}
+
+fn sha256(bytes: &[u8]) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, bytes)
+        .as_ref()
+        .to_vec()
+}
+
+async fn blobs(nats_url: &str) -> JetStreamBlobs {
+    let client = async_nats::connect(nats_url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let end = Instant::now() + DEADLINE;
+    loop {
+        match JetStreamBlobs::open(&js, "faas-async", Sealing::off()).await {
+            Ok(blobs) => return blobs,
+            Err(e) if Instant::now() > end => panic!("the gateway made no blob bucket: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// Messages in the blob bucket's stream (records and infos; 0 when nothing is stored).
+async fn stored_messages(nats_url: &str) -> u64 {
+    let client = async_nats::connect(nats_url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream("OBJ_faas-async-blobs").await.unwrap();
+    stream.info().await.unwrap().state.messages
+}
+
+async fn wait_for<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = Instant::now() + DEADLINE;
+    while !condition().await {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_64_mib_body_goes_through_the_blob_store_to_the_function_and_back() {
+    let nats = NatsServer::start().await.unwrap();
+    let function = StubFunction::start(StubBehavior {
+        echo_body: true,
+        ..StubBehavior::default()
+    })
+    .await
+    .unwrap();
+    let receiver = CallbackReceiver::start().await.unwrap();
+    let gateway = Gateway::start(
+        &nats.url(),
+        &[
+            "--max-body-bytes",
+            "128MiB",
+            "--inline-body-bytes",
+            "256KiB",
+        ],
+    )
+    .await;
+    let client = http();
+    let body = body_of(64 * MIB);
+    let digest = sha256(&body);
+
+    let response = client
+        .post(format!("{}/async-function/echo", gateway.url))
+        .header("X-Callback-Url", receiver.url())
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let call_id = response.headers()["x-call-id"].to_str().unwrap().to_owned();
+
+    // Stored apart, queued small.
+    let store = blobs(&nats.url()).await;
+    let listed = store.list().await.unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let key = BlobKey::for_call(&call_id, BlobRole::Request).unwrap();
+    assert_eq!(listed[0].key, key);
+    assert_eq!(listed[0].len, 64 * MIB as u64);
+    let client_nats = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client_nats);
+    let mut calls = js.get_stream("faas-async").await.unwrap();
+    let info = calls.info().await.unwrap();
+    assert_eq!(info.state.messages, 1);
+    assert!(
+        info.state.bytes < 64 * 1024,
+        "{} bytes queued",
+        info.state.bytes
+    );
+
+    // A small call beside it is unaffected.
+    let small = client
+        .post(format!("{}/async-function/echo", gateway.url))
+        .header("X-Callback-Url", receiver.url())
+        .body("small")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(small.status(), 202);
+    let small_id = small.headers()["x-call-id"].to_str().unwrap().to_owned();
+
+    let worker = Worker::start_with(
+        &nats.url(),
+        &function.url(),
+        &["--max-response-bytes", "80MiB"],
+    );
+    assert!(
+        receiver
+            .wait_for_call_ids(&[call_id.clone(), small_id.clone()], DEADLINE)
+            .await,
+        "callbacks did not arrive"
+    );
+    let requests = function.requests();
+    let large = requests
+        .iter()
+        .find(|r| r.call_id.as_deref() == Some(call_id.as_str()))
+        .unwrap();
+    assert_eq!(sha256(&large.body), digest, "the function got the body");
+    assert_eq!(
+        large.header("content-length"),
+        Some((64 * MIB).to_string().as_str())
+    );
+    let callbacks = receiver.callbacks();
+    let back = callbacks
+        .iter()
+        .find(|c| c.call_id.as_deref() == Some(call_id.as_str()))
+        .unwrap();
+    assert_eq!(sha256(&back.body), digest, "the callback got the response");
+    let small_back = callbacks
+        .iter()
+        .find(|c| c.call_id.as_deref() == Some(small_id.as_str()))
+        .unwrap();
+    assert_eq!(&small_back.body[..], b"small");
+    assert_eq!(receiver.count_by_call_id()[&call_id], 1, "one callback");
+
+    worker.shutdown().await;
+    gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_body_above_the_maximum_is_413_with_the_limit_and_leaves_nothing() {
+    let nats = NatsServer::start().await.unwrap();
+    let gateway = Gateway::start(&nats.url(), &["--max-body-bytes", "1MiB"]).await;
+    let client = http();
+
+    // Announced too large.
+    let response = client
+        .post(format!("{}/async-function/echo", gateway.url))
+        .body(vec![7u8; 2 * MIB])
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let json: serde_json::Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+    assert_eq!(status, 413, "{json}");
+    assert_eq!(json["error"], "body_too_large");
+    assert_eq!(json["max_bytes"], MIB as u64, "{json}");
+
+    // Streamed without a length, found too large on the way (in the store's put).
+    let chunks = futures::stream::iter(
+        (0..17).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![1u8; 64 * 1024]))),
+    );
+    let response = client
+        .post(format!("{}/async-function/echo", gateway.url))
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let json: serde_json::Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+    assert_eq!(status, 413, "{json}");
+    assert_eq!(json["max_bytes"], MIB as u64, "{json}");
+
+    // Under it: accepted (stored apart, above the inline size).
+    let response = client
+        .post(format!("{}/async-function/echo", gateway.url))
+        .body(vec![7u8; MIB - 1])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    assert_eq!(queued(&nats.url()).await, 1);
+    assert_eq!(blobs(&nats.url()).await.list().await.unwrap().len(), 1);
+
+    // A refusal's JSON is the usual one.
+    let response = client
+        .post(format!("{}/async-function/echo", gateway.url))
+        .body(vec![7u8; 3 * MIB])
+        .send()
+        .await
+        .unwrap();
+    assert_json_error(response, 413, "body_too_large").await;
+    assert_eq!(queued(&nats.url()).await, 1);
+    gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_disconnects_mid_upload_leaves_nothing_stored_or_queued() {
+    let nats = NatsServer::start().await.unwrap();
+    let gateway = Gateway::start(&nats.url(), &["--max-body-bytes", "64MiB"]).await;
+    let store = blobs(&nats.url()).await;
+    let address = gateway.url.trim_start_matches("http://").to_owned();
+    let mut socket = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let head = format!(
+        "POST /async-function/echo HTTP/1.1\r\nHost: {address}\r\nContent-Length: {}\r\n\r\n",
+        32 * MIB
+    );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    let piece = vec![3u8; 256 * 1024];
+    // Send until the store holds chunks of the upload: it is under way.
+    let mut sent = 0;
+    while stored_messages(&nats.url()).await == 0 {
+        assert!(sent < 31 * MIB, "nothing stored after {sent} bytes");
+        socket.write_all(&piece).await.unwrap();
+        sent += piece.len();
+    }
+    drop(socket);
+    wait_for("the interrupted upload's chunks to be removed", || async {
+        stored_messages(&nats.url()).await == 0
+    })
+    .await;
+    assert!(store.list().await.unwrap().is_empty());
+    assert_eq!(queued(&nats.url()).await, 0);
+    gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_call_whose_stored_body_is_gone_is_dead_lettered_not_run() {
+    let nats = NatsServer::start().await.unwrap();
+    let function = StubFunction::start(StubBehavior::default()).await.unwrap();
+    let gateway = Gateway::start(&nats.url(), &["--max-body-bytes", "8MiB"]).await;
+    let client = http();
+    let response = client
+        .post(format!("{}/async-function/echo", gateway.url))
+        .body(body_of(2 * MIB))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let call_id = response.headers()["x-call-id"].to_str().unwrap().to_owned();
+    let store = blobs(&nats.url()).await;
+    store
+        .delete(&BlobKey::for_call(&call_id, BlobRole::Request).unwrap())
+        .await
+        .unwrap();
+
+    let worker = Worker::start(&nats.url(), &function.url());
+    wait_for("the call to be dead-lettered", || async {
+        let answer = client
+            .get(format!("{}/async-calls/{call_id}", gateway.url))
+            .send()
+            .await
+            .unwrap();
+        let record: serde_json::Value =
+            serde_json::from_slice(&answer.bytes().await.unwrap()).unwrap();
+        record["state"] == "dead_lettered"
+    })
+    .await;
+    assert_eq!(function.count(), 0, "never run");
+    worker.shutdown().await;
+    gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancel_deletes_the_stored_body_and_the_call_is_never_run() {
+    let nats = NatsServer::start().await.unwrap();
+    let function = StubFunction::start(StubBehavior::default()).await.unwrap();
+    let receiver = CallbackReceiver::start().await.unwrap();
+    let gateway = Gateway::start(&nats.url(), &["--max-body-bytes", "8MiB"]).await;
+    let client = http();
+    let response = client
+        .post(format!("{}/async-function/echo", gateway.url))
+        .header("X-Callback-Url", receiver.url())
+        .body(body_of(3 * MIB))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let call_id = response.headers()["x-call-id"].to_str().unwrap().to_owned();
+    let store = blobs(&nats.url()).await;
+    assert_eq!(store.list().await.unwrap().len(), 1);
+
+    let cancel = client
+        .delete(format!("{}/async-calls/{call_id}", gateway.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancel.status(), 200);
+    assert!(
+        store.list().await.unwrap().is_empty(),
+        "cancel deletes the body"
+    );
+    assert_eq!(stored_messages(&nats.url()).await, 0);
+
+    // The worker drops it as cancelled (its cancel callback), never runs it, and does not
+    // dead-letter it for its missing body.
+    let worker = Worker::start(&nats.url(), &function.url());
+    assert!(
+        receiver.wait_for_count(1, DEADLINE).await,
+        "no cancel callback"
+    );
+    wait_for("the queue to be empty", || async {
+        queued(&nats.url()).await == 0
+    })
+    .await;
+    assert_eq!(function.count(), 0, "never run");
+    let answer = client
+        .get(format!("{}/async-calls/{call_id}", gateway.url))
+        .send()
+        .await
+        .unwrap();
+    let record: serde_json::Value = serde_json::from_slice(&answer.bytes().await.unwrap()).unwrap();
+    assert_eq!(record["state"], "cancelled", "{record}");
+    worker.shutdown().await;
+    gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_sweep_removes_blobs_whose_record_is_gone_and_keeps_the_others() {
+    use clap::Parser;
+    use queue_core::backend::CallRecords;
+    use queue_core::backend::jetstream::{JetStreamOptions, JetStreamQueue};
+
+    let nats = NatsServer::start().await.unwrap();
+    let function = StubFunction::start(StubBehavior::default()).await.unwrap();
+    let receiver = CallbackReceiver::start().await.unwrap();
+    let gateway = Gateway::start(&nats.url(), &["--max-body-bytes", "8MiB"]).await;
+    let client = http();
+    let mut ids = Vec::new();
+    for id in ["finished-then-expired", "still-queued"] {
+        let response = client
+            .post(format!("{}/async-function/echo", gateway.url))
+            .header("X-Call-Id", id)
+            .header("X-Callback-Url", receiver.url())
+            .body(body_of(MIB))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+        ids.push(id.to_owned());
+        if ids.len() == 1 {
+            // The first one runs to its end before the second is queued.
+            let worker = Worker::start(&nats.url(), &function.url());
+            assert!(receiver.wait_for_count(1, DEADLINE).await);
+            worker.shutdown().await;
+        }
+    }
+    let store = blobs(&nats.url()).await;
+    // What a crash between an upload and its publish would leave: a body no call names.
+    let orphan = BlobKey::for_call("never-queued", BlobRole::Request).unwrap();
+    store
+        .put(
+            &orphan,
+            futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"x"))]),
+            queue_core::blobs::PutLimit::at_most(10),
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.list().await.unwrap().len(), 3);
+
+    let config = gateway_plugin::GatewayConfig::try_parse_from([
+        "gateway-plugin",
+        "--nats-url",
+        &nats.url(),
+    ])
+    .unwrap();
+    let queue = JetStreamQueue::connect(
+        JetStreamOptions {
+            nats: config.nats.clone(),
+            manage_streams: None,
+            consumer: None,
+            records: config.records.clone(),
+            sealing: Sealing::off(),
+        },
+        "sweep-test",
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    // The finished call's record expires.
+    queue.delete_record("finished-then-expired").await.unwrap();
+    let shared = queue_core::blobs::SharedBlobs::jetstream(
+        queue.context().clone(),
+        "faas-async",
+        None,
+        Sealing::off(),
+    );
+    let report = gateway_plugin::large::sweep_blobs(queue.as_ref(), &shared, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(report.orphans, 2, "{report:?}");
+    let left: Vec<_> = store
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|entry| entry.key.call_id().to_owned())
+        .collect();
+    assert_eq!(left, ["still-queued"]);
+    // A generous age keeps even orphans that young.
+    store
+        .put(
+            &orphan,
+            futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"x"))]),
+            queue_core::blobs::PutLimit::at_most(10),
+        )
+        .await
+        .unwrap();
+    let report = gateway_plugin::large::sweep_blobs(
+        queue.as_ref(),
+        &shared,
+        gateway_plugin::large::ORPHAN_AGE,
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.orphans, 0);
+    gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_encryption_keys_a_stored_body_is_sealed_and_still_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, "k1 AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n").unwrap();
+    let keys = keys.display().to_string();
+    let nats = NatsServer::start().await.unwrap();
+    let function = StubFunction::start(StubBehavior {
+        echo_body: true,
+        ..StubBehavior::default()
+    })
+    .await
+    .unwrap();
+    let receiver = CallbackReceiver::start().await.unwrap();
+    let gateway = Gateway::start(
+        &nats.url(),
+        &["--max-body-bytes", "8MiB", "--encryption-keys-file", &keys],
+    )
+    .await;
+    let marker = b"LARGE-BODY-MARKER-41d7 ";
+    let body: Vec<u8> = marker.iter().copied().cycle().take(2 * MIB).collect();
+    let response = http()
+        .post(format!("{}/async-function/echo", gateway.url))
+        .header("X-Callback-Url", receiver.url())
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+
+    // No stored record holds the body in clear.
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stream = js.get_stream("OBJ_faas-async-blobs").await.unwrap();
+    let info = stream.get_info().await.unwrap();
+    assert!(info.state.messages > 16, "{} messages", info.state.messages);
+    for sequence in info.state.first_sequence..=info.state.last_sequence {
+        let message = stream.get_raw_message(sequence).await.unwrap();
+        assert!(
+            !message.payload.windows(marker.len()).any(|w| w == marker),
+            "record {sequence} holds the body in clear"
+        );
+    }
+
+    let worker = Worker::start_with(
+        &nats.url(),
+        &function.url(),
+        &["--encryption-keys-file", &keys],
+    );
+    assert!(receiver.wait_for_count(1, DEADLINE).await);
+    assert_eq!(sha256(&receiver.callbacks()[0].body), sha256(&body));
+    worker.shutdown().await;
+    gateway.shutdown().await;
+}
