@@ -117,3 +117,8 @@ impl IntoResponse for ApiError {
         response
     }
 }
+
+/// `400 unreadable_body`: the body did not arrive whole.
+pub(crate) fn unreadable_body() -> ApiError {
+    ApiError::bad_request("unreadable_body", "could not read the request body")
+}

@@ -11,7 +11,7 @@ use queue_core::blobs::{BlobError, BlobKey, BlobRole, BlobStore, PutLimit, Share
 use queue_core::message::{BodyLocation, QueuedCall};
 
 use crate::error::ApiError;
-use crate::routes::unreadable_body;
+use crate::error::unreadable_body;
 use crate::state::AppState;
 
 /// Reads `source` up to `inline` bytes: the bytes read, and whether the body ended there (a

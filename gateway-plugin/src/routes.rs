@@ -856,10 +856,7 @@ fn request_digest(call: &QueuedCall) -> String {
     hex
 }
 
-/// `400 unreadable_body`: the body did not arrive whole.
-pub(crate) fn unreadable_body() -> ApiError {
-    ApiError::bad_request("unreadable_body", "could not read the request body")
-}
+use crate::error::unreadable_body;
 
 /// `400 invalid_call_id` for a client's `X-Call-Id` that cannot be kept as sent.
 fn invalid_call_id(why: String) -> Response {

@@ -34,6 +34,7 @@
 
 pub mod backend;
 pub mod blobs;
+pub mod call_id;
 pub mod clock;
 pub mod egress;
 pub mod headers;

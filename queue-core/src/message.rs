@@ -47,8 +47,7 @@ pub const FORMAT_VERSION: u8 = 1;
 pub const SEALED_FORMAT_VERSION: u8 = 2;
 const HEADER_LEN: usize = 4 + 1 + 4;
 
-/// Longest call id we accept (client-supplied ids included).
-pub const MAX_CALL_ID_LEN: usize = 128;
+pub use crate::call_id::{MAX_CALL_ID_LEN, valid_call_id};
 /// Longest function name or namespace (Kubernetes DNS label length).
 pub const MAX_NAME_LEN: usize = 63;
 
@@ -419,14 +418,6 @@ pub fn validate_path(path: &str) -> Result<(), InvalidCall> {
         return Err(InvalidCall::Path(path.to_owned()));
     }
     Ok(())
-}
-
-/// Is this an acceptable call id (client-supplied or generated)? 1 to [`MAX_CALL_ID_LEN`]
-/// visible ASCII characters (`!` to `~`, no space): any such id a client sends, as OpenFaaS
-/// would pass it through, is kept exactly (stores that restrict their keys use
-/// [`crate::records::store_key`]); anything else is refused, never replaced.
-pub fn valid_call_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= MAX_CALL_ID_LEN && id.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// Why `id` is not a call id ([`valid_call_id`]), in words for an error body.

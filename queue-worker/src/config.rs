@@ -371,12 +371,7 @@ impl WorkerConfig {
         if self.callback_initial_wait > self.callback_max_wait {
             return Err("--callback-initial-wait must not exceed --callback-max-wait".into());
         }
-        if !self.fair_scheduling
-            && self
-                .queues
-                .iter()
-                .any(|q| q != crate::functions::DEFAULT_QUEUE)
-        {
+        if !self.fair_scheduling && self.queues.iter().any(|q| q != DEFAULT_QUEUE) {
             return Err(
                 "--queues needs --fair-scheduling true (named queues are served lane by lane)"
                     .into(),
@@ -435,10 +430,21 @@ impl WorkerConfig {
     }
 }
 
+/// The queue of functions that name none.
+pub const DEFAULT_QUEUE: &str = "default";
+
+/// Whether `name` can name a queue: 1 to 64 lower-case letters, digits and `-`.
+pub fn is_queue_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
 /// One name of `--queues`.
 pub fn parse_queue_name(raw: &str) -> Result<String, String> {
     let name = raw.trim().to_ascii_lowercase();
-    if crate::functions::is_queue_name(&name) {
+    if is_queue_name(&name) {
         Ok(name)
     } else {
         Err(format!(

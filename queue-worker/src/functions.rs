@@ -105,16 +105,7 @@ impl FunctionOverride {
     }
 }
 
-/// The queue of functions that name none.
-pub const DEFAULT_QUEUE: &str = "default";
-
-/// Whether `name` can name a queue: 1 to 64 lower-case letters, digits and `-`.
-pub fn is_queue_name(name: &str) -> bool {
-    (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-}
+pub use crate::config::{DEFAULT_QUEUE, is_queue_name};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -123,7 +123,7 @@ impl FunctionInvoker {
         if blobs.is_some()
             && let Some(policy) = &self.function_policy
         {
-            self.policy_client = Some(crate::callback::policy_client(
+            self.policy_client = Some(crate::policy_client::policy_client(
                 policy.clone(),
                 &self.user_agent,
             )?);
@@ -397,7 +397,7 @@ impl FunctionInvoker {
                 return failed(503, "stored body unreadable");
             }
             Err(e) => {
-                if crate::callback::refusal_of(&e).is_some() {
+                if crate::policy_client::refusal_of(&e).is_some() {
                     return failed(403, "function address not allowed");
                 }
                 return failed(503, transport_error_kind(&e));

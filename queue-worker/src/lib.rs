@@ -42,6 +42,7 @@ pub mod invoke;
 pub mod lease;
 pub mod openfaas;
 pub mod plan;
+pub mod policy_client;
 pub mod retry;
 pub mod scheduler;
 pub mod signing;

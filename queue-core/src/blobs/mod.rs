@@ -67,7 +67,7 @@ use bytes::{Bytes, BytesMut};
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 
-use crate::message::valid_call_id;
+use crate::call_id::valid_call_id;
 use crate::sealing::{Keyring, Purpose, Sealing};
 
 /// Plaintext bytes of every chunk but the last: the unit of digests, sealing and ranges.
