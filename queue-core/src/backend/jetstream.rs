@@ -1015,7 +1015,6 @@ impl CallQueue for JetStreamQueue {
             return Ok(LaneCensus::default());
         };
         let prefix = &self.options.nats.subject_prefix;
-        let group = format!("{}_", options.name);
         let mut stream = self
             .js
             .get_stream(&self.options.nats.stream)
@@ -1025,27 +1024,15 @@ impl CallQueue for JetStreamQueue {
         // the stream only (a census that errs towards a rescan, never towards a missed lane).
         let mut lanes = Vec::new();
         let mut accounted = 0u64;
-        let mut list = stream.consumers();
-        while let Some(info) = list.next().await {
-            let info = info.map_err(request_err)?;
-            if !info.name.starts_with(&group) {
-                continue;
-            }
-            let lane = info
-                .config
-                .filter_subjects
-                .first()
-                .or(Some(&info.config.filter_subject))
-                .and_then(|f| Lane::of_subject(prefix, f));
-            if let Some(lane) = lane {
-                let delivered = info.num_ack_pending as u64;
-                accounted += info.num_pending + delivered;
-                lanes.push(super::LaneCount {
-                    lane,
-                    waiting: info.num_pending,
-                    delivered,
-                });
-            }
+        for (lane, waiting, delivered) in
+            super::status::group_lanes(&stream, prefix, &options.name).await?
+        {
+            accounted += waiting + delivered;
+            lanes.push(super::LaneCount {
+                lane,
+                waiting,
+                delivered,
+            });
         }
         let messages = stream.info().await.map_err(request_err)?.state.messages;
         Ok(LaneCensus {

@@ -287,18 +287,14 @@ pub(super) async fn read_statuses(
     Ok(out)
 }
 
-/// JetStream: the lanes of the worker group `group` with their consumers' counts, from one
-/// listing of the calls stream's consumers.
-pub(super) async fn lane_consumers(
-    js: &jetstream::Context,
-    stream_name: &str,
+/// JetStream: the lanes of the worker group `group` (consumers named
+/// [`Lane::consumer_name`]) with each one's calls waiting and delivered, from one listing of
+/// `stream`'s consumers.
+pub(super) async fn group_lanes<I>(
+    stream: &jetstream::stream::Stream<I>,
     prefix: &str,
     group: &str,
-) -> Result<Vec<LaneStats>, BackendError> {
-    let stream = js
-        .get_stream_no_info(stream_name)
-        .await
-        .map_err(request_err)?;
+) -> Result<Vec<(Lane, u64, u64)>, BackendError> {
     let name_prefix = format!("{group}_");
     let mut out = Vec::new();
     let mut list = stream.consumers();
@@ -316,14 +312,29 @@ pub(super) async fn lane_consumers(
         if let Some(lane) = lane
             && lane.consumer_name(group) == info.name
         {
-            out.push(LaneStats::of(
-                &lane,
-                group,
-                info.num_pending,
-                info.num_ack_pending as u64,
-            ));
+            out.push((lane, info.num_pending, info.num_ack_pending as u64));
         }
     }
+    Ok(out)
+}
+
+/// JetStream: the lanes of the worker group `group` with their consumers' counts, from one
+/// listing of the calls stream's consumers.
+pub(super) async fn lane_consumers(
+    js: &jetstream::Context,
+    stream_name: &str,
+    prefix: &str,
+    group: &str,
+) -> Result<Vec<LaneStats>, BackendError> {
+    let stream = js
+        .get_stream_no_info(stream_name)
+        .await
+        .map_err(request_err)?;
+    let mut out: Vec<LaneStats> = group_lanes(&stream, prefix, group)
+        .await?
+        .into_iter()
+        .map(|(lane, waiting, delivered)| LaneStats::of(&lane, group, waiting, delivered))
+        .collect();
     out.sort_by(|a, b| (&a.function, a.priority).cmp(&(&b.function, b.priority)));
     Ok(out)
 }
