@@ -69,7 +69,13 @@ pub struct JetStreamQueue {
     client: async_nats::Client,
     js: jetstream::Context,
     options: JetStreamOptions,
+    /// The streams and the records bucket were found in place at the last check.
     streams_ready: AtomicBool,
+    /// They have been set up at least once since start. Until then publishes are refused
+    /// without a round trip; afterwards a failed re-check (a cluster electing a leader) does
+    /// not refuse them: each publish's own acknowledgement says whether the call was stored,
+    /// so the gateway accepts again the moment the stream does, not at the next re-check.
+    streams_seen: AtomicBool,
     /// The server's `max_payload`, read once and refreshed with the streams (0: not known
     /// yet). Requests read this instead of cloning the whole server info each time.
     max_payload: AtomicUsize,
@@ -109,6 +115,7 @@ impl JetStreamQueue {
             js,
             options,
             streams_ready: AtomicBool::new(false),
+            streams_seen: AtomicBool::new(false),
             max_payload: AtomicUsize::new(0),
             recheck: Notify::new(),
             consumer: Mutex::new(None),
@@ -184,6 +191,9 @@ impl JetStreamQueue {
                 false
             };
             let was_ready = self.streams_ready.swap(ok, Ordering::Relaxed);
+            if ok {
+                self.streams_seen.store(true, Ordering::Relaxed);
+            }
             if ok && !was_ready {
                 tracing::info!(stream = %self.options.nats.stream, "streams ready");
             }
@@ -879,11 +889,18 @@ impl CallQueue for JetStreamQueue {
     }
 
     async fn publish(&self, call: &QueuedCall) -> Result<Published, PublishError> {
-        if self.options.manage_streams.is_some() && !self.streams_ready.load(Ordering::Relaxed) {
-            self.recheck.notify_one();
-            return Err(PublishError::NotStored(
-                "the stream is not set up yet".into(),
-            ));
+        if self.options.manage_streams.is_some() {
+            if !self.streams_seen.load(Ordering::Relaxed) {
+                self.recheck.notify_one();
+                return Err(PublishError::NotStored(
+                    "the stream is not set up yet".into(),
+                ));
+            }
+            if !self.streams_ready.load(Ordering::Relaxed) {
+                // Set up before, not found at the last check: try the publish, and have the
+                // streams checked again soon.
+                self.recheck.notify_one();
+            }
         }
         // A call with a not-before time waits in the scheduled calls' stream, on the same
         // subject under the delayed prefix: the scheduler moves it to the calls' subject
