@@ -35,6 +35,7 @@ async fn killing_the_stream_and_records_leaders_under_load_loses_no_accepted_cal
     };
     let report = bench::run(&opts).await.expect("bench run");
     let table = report.to_table();
+    eprintln!("{table}");
     let cluster = report.cluster.as_ref().expect("a cluster report");
     assert_eq!(cluster.nodes, 3, "{table}");
     assert_eq!(cluster.replicas, 3, "{table}");
