@@ -14,6 +14,7 @@ pub mod adaptive;
 pub mod bench;
 mod error;
 pub mod fairness;
+pub mod large;
 pub mod sut;
 
 pub use test_support::*;

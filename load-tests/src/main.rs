@@ -99,6 +99,32 @@ enum Command {
     /// for one function, and a probe call every second while it drains. Exits non-zero if a
     /// call was lost or duplicated.
     Fairness(FairnessArgs),
+    /// One large body, echoed back as an equally large result, through each backend: upload
+    /// rate, round trip, result read, digests, and the processes' peak memory over idle, next
+    /// to a raw file copy and a raw object-store put/get of the same bytes. Exits non-zero if a
+    /// digest differs or the result could not be read.
+    Large(LargeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct LargeArgs {
+    /// Bytes of the body (and of the result): `256MiB`, `1GiB`.
+    #[arg(long, env = "LOAD_TESTS_SIZE", default_value = "256MiB", value_parser = parse_size)]
+    size: usize,
+    /// The backends to run, comma-separated.
+    #[arg(
+        long,
+        env = "LOAD_TESTS_BACKENDS",
+        value_delimiter = ',',
+        default_value = "jetstream,embedded"
+    )]
+    backends: Vec<load_tests::sut::Backend>,
+    /// Where the `gateway-plugin`, `queue-worker` and `faas-async` binaries are.
+    #[arg(long, env = "LOAD_TESTS_BIN_DIR")]
+    bin_dir: Option<std::path::PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -309,6 +335,7 @@ async fn main() -> anyhow::Result<ExitCode> {
         Some(Command::Receiver { listen }) => serve_receiver(listen).await,
         Some(Command::Bench(args)) => run_bench(*args).await,
         Some(Command::Fairness(args)) => run_fairness(args).await,
+        Some(Command::Large(args)) => run_large(args).await,
         None => run_bench(cli.bench).await,
     }
 }
@@ -399,6 +426,32 @@ fn describe(callback: &RecordedCallback) -> String {
         header("x-function-status"),
         callback.body.len(),
     )
+}
+
+async fn run_large(args: LargeArgs) -> anyhow::Result<ExitCode> {
+    let opts = load_tests::large::LargeOptions {
+        size: args.size,
+        backends: args.backends,
+        bin_dir: args.bin_dir,
+        ..load_tests::large::LargeOptions::default()
+    };
+    let report = load_tests::large::run(&opts)
+        .await
+        .context("large run failed")?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer(&mut out, &report)?;
+        writeln!(out)?;
+    } else {
+        write!(out, "{}", report.to_table())?;
+    }
+    drop(out);
+    if report.is_clean() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("large: a digest differed or the result was not read");
+        Ok(ExitCode::FAILURE)
+    }
 }
 
 async fn run_fairness(args: FairnessArgs) -> anyhow::Result<ExitCode> {
@@ -550,5 +603,15 @@ fn parse_rate(value: &str) -> Result<f64, String> {
             "must be above 0 and at most {}, not {rate}",
             bench::MAX_RATE
         ))
+    }
+}
+
+/// A size such as `256MiB` (the product's byte syntax), at least 1 byte.
+fn parse_size(value: &str) -> Result<usize, String> {
+    let bytes = queue_core::settings::parse_bytes(value)?;
+    match usize::try_from(bytes) {
+        Ok(0) => Err("a size of at least 1 byte".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{value} does not fit in memory here")),
     }
 }
