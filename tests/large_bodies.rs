@@ -192,3 +192,185 @@ async fn cancelling_a_delayed_call_deletes_its_stored_body() {
     assert_eq!(function.count(), 0);
     server.kill9().await;
 }
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_32_mib_result_is_stored_streamed_to_the_callback_and_served_with_ranges() {
+    let dir = tempfile::tempdir().unwrap();
+    let function = StubFunction::start(StubBehavior {
+        echo_body: true,
+        ..StubBehavior::default()
+    })
+    .await
+    .unwrap();
+    let receiver = CallbackReceiver::start().await.unwrap();
+    let args = [
+        "--gateway-url",
+        &function.url(),
+        "--max-body-bytes",
+        "64MiB",
+        "--max-response-bytes",
+        "64MiB",
+        "--max-result-bytes",
+        "64MiB",
+    ];
+    let server = Server::start(dir.path(), &args).await;
+    let client = queue_worker::invoke::http_client("large-bodies-test").unwrap();
+    let body = body_of(32 * MIB);
+    let digest = sha256(&body);
+    let response = client
+        .post(format!("{}/async-function/echo", server.url))
+        .header("X-Callback-Url", receiver.url())
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let call_id = response.headers()["x-call-id"].to_str().unwrap().to_owned();
+    assert!(
+        receiver.wait_for_count(1, DEADLINE).await,
+        "no callback for the large result"
+    );
+    let callback = &receiver.callbacks()[0];
+    assert_eq!(callback.body.len(), body.len());
+    assert_eq!(
+        sha256(&callback.body),
+        digest,
+        "the callback got the response"
+    );
+    assert_eq!(header(&callback.headers, "x-function-status"), Some("200"));
+    // The response went to the store (above --inline-response-bytes) and is kept there.
+    let result_blob = format!("{call_id}.result");
+    assert!(
+        stored(dir.path()).contains(&result_blob),
+        "{:?}",
+        stored(dir.path())
+    );
+
+    let result_url = format!("{}/async-calls/{call_id}/result", server.url);
+    let whole = client.get(&result_url).send().await.unwrap();
+    assert_eq!(whole.status(), 200);
+    assert_eq!(
+        whole.headers()["content-length"].to_str().unwrap(),
+        body.len().to_string()
+    );
+    assert_eq!(whole.headers()["x-function-status"], "200");
+    assert_eq!(sha256(&whole.bytes().await.unwrap()), digest);
+
+    let part = client
+        .get(&result_url)
+        .header("Range", "bytes=1000000-1999999")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(part.status(), 206);
+    assert_eq!(
+        part.headers()["content-range"].to_str().unwrap(),
+        format!("bytes 1000000-1999999/{}", body.len())
+    );
+    assert_eq!(
+        &part.bytes().await.unwrap()[..],
+        &body[1_000_000..2_000_000]
+    );
+
+    // A small answer stays inline: no blob for it.
+    let small = client
+        .post(format!("{}/async-function/echo", server.url))
+        .header("X-Callback-Url", receiver.url())
+        .body("small")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(small.status(), 202);
+    let small_id = small.headers()["x-call-id"].to_str().unwrap().to_owned();
+    assert!(receiver.wait_for_count(2, DEADLINE).await);
+    assert!(!stored(dir.path()).contains(&format!("{small_id}.result")));
+    let small_result = client
+        .get(format!("{}/async-calls/{small_id}/result", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(small_result.status(), 200);
+    assert_eq!(small_result.bytes().await.unwrap(), "small");
+    server.kill9().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stored_result_too_large_to_keep_reaches_the_callback_and_its_blob_is_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let function = StubFunction::start(StubBehavior {
+        echo_body: true,
+        ..StubBehavior::default()
+    })
+    .await
+    .unwrap();
+    let receiver = CallbackReceiver::start().await.unwrap();
+    let args = [
+        "--gateway-url",
+        &function.url(),
+        "--max-body-bytes",
+        "16MiB",
+        "--max-response-bytes",
+        "12MiB",
+        "--max-result-bytes",
+        "1MiB",
+    ];
+    let server = Server::start(dir.path(), &args).await;
+    let client = queue_worker::invoke::http_client("large-bodies-test").unwrap();
+    let body = body_of(8 * MIB);
+    let response = client
+        .post(format!("{}/async-function/echo", server.url))
+        .header("X-Callback-Url", receiver.url())
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let call_id = response.headers()["x-call-id"].to_str().unwrap().to_owned();
+    assert!(receiver.wait_for_count(1, DEADLINE).await);
+    assert_eq!(sha256(&receiver.callbacks()[0].body), sha256(&body));
+    let result_blob = format!("{call_id}.result");
+    wait_until("the result blob nobody keeps is deleted", || {
+        !stored(dir.path()).contains(&result_blob)
+    })
+    .await;
+    let result = client
+        .get(format!("{}/async-calls/{call_id}/result", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(result.status(), 409);
+    let error: serde_json::Value = serde_json::from_slice(&result.bytes().await.unwrap()).unwrap();
+    assert_eq!(error["error"], "result_too_large", "{error}");
+
+    // Larger than --max-response-bytes: a 502 outcome, nothing left stored.
+    let huge = client
+        .post(format!("{}/async-function/echo", server.url))
+        .header("X-Callback-Url", receiver.url())
+        .header("X-Max-Retries", "0")
+        .body(body_of(16 * MIB))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(huge.status(), 202);
+    let huge_id = huge.headers()["x-call-id"].to_str().unwrap().to_owned();
+    assert!(receiver.wait_for_count(2, DEADLINE).await);
+    let callbacks = receiver.callbacks();
+    let last = callbacks
+        .iter()
+        .find(|c| header(&c.headers, "x-call-id") == Some(huge_id.as_str()))
+        .unwrap();
+    assert_eq!(header(&last.headers, "x-function-status"), Some("502"));
+    assert_eq!(
+        header(&last.headers, "x-function-error"),
+        Some("response too large")
+    );
+    assert!(!stored(dir.path()).contains(&format!("{huge_id}.result")));
+    server.kill9().await;
+}

@@ -5,15 +5,17 @@
 //!
 //! Properties: the parser returns a response or an error, never a panic, never waits on a
 //! reader that is always ready; a body is never larger than the limit, a `HEAD` answer has
-//! none, names are lower case, no informational status is returned as the answer; and how the
-//! bytes are split into reads does not change an answer that parses both ways.
+//! none, names are lower case, no informational status is returned as the answer; how the
+//! bytes are split into reads does not change an answer that parses both ways; and a body
+//! read past a spill limit (its first part in memory, the rest streamed) is the same answer,
+//! or the same error, as the body read whole.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
-use queue_worker::http1::{Response, read_response_from};
+use queue_worker::http1::{Http1Error, Response, read_response_from, read_response_spilling_from};
 use tokio::io::{AsyncRead, ReadBuf};
 
 use crate::some;
@@ -26,9 +28,37 @@ pub fn run(data: &[u8]) {
     let method = if control & 1 == 1 { "HEAD" } else { "POST" };
     let max_body = [0, 16, 1024, 64 << 10][usize::from((control >> 1) & 3)];
     let step = [1, 2, 3, 7, 64, 1024, 4096, usize::MAX][usize::from((control >> 3) & 7)];
+    let spill = [0, 1, 5, 100][usize::from((control >> 6) & 3)];
     let split = parse(peer, method, max_body, step);
     let whole = parse(peer, method, max_body, usize::MAX);
-    for (response, _) in split.iter().chain(whole.iter()) {
+    let spilled = some(
+        ready(read_response_spilling_from(
+            &mut Pieces { data: peer, step },
+            method,
+            max_body,
+            spill,
+        )),
+        "the spilling parser waited on a reader that is always ready",
+    );
+    // Against the same reads: the same answer. The one difference allowed is bytes past a
+    // `Content-Length`, which a reader sees or not depending on how much it asks for at once.
+    let past_length = |e: &Http1Error| *e == Http1Error::Malformed("more data than content-length");
+    match (&spilled, &split) {
+        (Ok((a, _)), Ok((b, _))) => assert_eq!(
+            (a.status, &a.headers, &a.body),
+            (b.status, &b.headers, &b.body),
+            "a spill limit of {spill} changed the answer"
+        ),
+        (Err(a), Err(b)) => assert!(
+            a == b || past_length(a) || past_length(b),
+            "a spill limit of {spill} changed the error: {a:?} against {b:?}"
+        ),
+        (Ok(_), Err(e)) | (Err(e), Ok(_)) => assert!(
+            past_length(e),
+            "a spill limit of {spill} changed the outcome: {e:?} on one side only"
+        ),
+    }
+    for (response, _) in split.iter().chain(whole.iter()).chain(spilled.iter()) {
         assert!(
             response.body.len() as u64 <= max_body,
             "body over the limit"
@@ -55,7 +85,7 @@ pub fn run(data: &[u8]) {
     }
 }
 
-type Parsed = Result<(Response, bool), queue_worker::http1::Http1Error>;
+type Parsed = Result<(Response, bool), Http1Error>;
 
 fn parse(peer: &[u8], method: &str, max_body: u64, step: usize) -> Parsed {
     let mut reader = Pieces { data: peer, step };

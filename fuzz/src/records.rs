@@ -14,6 +14,7 @@
 
 use arbitrary::{Result, Unstructured};
 use queue_core::backend::embedded::{decode_message, decode_record, encode_message, encode_record};
+use queue_core::blobs::BlobRef;
 use queue_core::records::{
     AttemptEntry, CallLimits, CallRecord, CallState, CallbackEntry, Event, ResultAvailability,
     StoredResult, apply, split_stored_record, stored_record_value,
@@ -213,12 +214,26 @@ fn record(u: &mut Unstructured<'_>) -> Result<CallRecord> {
 }
 
 fn stored_result(u: &mut Unstructured<'_>) -> Result<StoredResult> {
+    let status = u.arbitrary()?;
+    let headers = list(u, 4, |u| {
+        Ok((text(u, HEADER_PIECES, 3)?, text(u, HEADER_PIECES, 3)?))
+    })?;
+    let body = bytes(u, 64)?;
+    // A result in the blob store has no body beside its reference.
+    let stored = if body.is_empty() && u.arbitrary()? {
+        Some(BlobRef {
+            key: text(u, &["call-1", ".result", "é", "/"], 3)?,
+            len: u.arbitrary()?,
+            sha256: text(u, &["0f", "ab", "Z"], 32)?,
+        })
+    } else {
+        None
+    };
     Ok(StoredResult {
-        status: u.arbitrary()?,
-        headers: list(u, 4, |u| {
-            Ok((text(u, HEADER_PIECES, 3)?, text(u, HEADER_PIECES, 3)?))
-        })?,
-        body: bytes(u, 64)?,
+        status,
+        headers,
+        body,
+        stored,
     })
 }
 
@@ -339,6 +354,17 @@ pub fn seeds() -> Vec<Vec<u8>> {
         status: 201,
         headers: vec![("content-type".into(), "application/json".into())],
         body: b"{\"ok\":true}".to_vec(),
+        stored: None,
+    };
+    let stored = StoredResult {
+        status: 200,
+        headers: vec![("content-type".into(), "application/octet-stream".into())],
+        body: Vec::new(),
+        stored: Some(BlobRef {
+            key: "job_42.result".into(),
+            len: 256 << 20,
+            sha256: "ab".repeat(32),
+        }),
     };
     vec![
         must(encode_record(&record, 7), "seed"),
@@ -346,6 +372,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
         must(serde_json::to_vec(&record), "seed"),
         must(serde_json::to_vec(&queued), "seed"),
         must(result.encode(), "seed"),
+        must(stored.encode(), "seed"),
         encode_message(
             1_700_000_000_000_000_000,
             "faas-async.team-a.figlet",

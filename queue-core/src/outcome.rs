@@ -13,8 +13,11 @@ pub struct Outcome {
     pub status: u16,
     /// The function's response headers (hop-by-hop removed).
     pub headers: Vec<(String, String)>,
-    /// The function's response body (empty on a transport error).
+    /// The function's response body (empty on a transport error, and when it is stored).
     pub body: Bytes,
+    /// The response body when it was larger than the inline threshold and was streamed into
+    /// the blob store instead (`body` is then empty).
+    pub stored: Option<crate::blobs::BlobRef>,
     /// Wall time of the call.
     pub duration: Duration,
     /// Why there is no real response, if so (`timeout`, `connect`, ...). Sent as

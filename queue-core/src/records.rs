@@ -449,14 +449,25 @@ pub struct StoredResult {
     pub status: u16,
     /// Response headers.
     pub headers: Vec<(String, String)>,
-    /// Response body.
+    /// Response body (empty when it is `stored`).
     pub body: Vec<u8>,
+    /// The response body in the blob store, when it was above the inline threshold.
+    pub stored: Option<crate::blobs::BlobRef>,
 }
+
+/// The metadata of a kept result: status, headers and, for a body in the blob store, where
+/// it is (a third element older writers never wrote).
+#[derive(serde::Deserialize)]
+struct ResultMeta(
+    u16,
+    Vec<(String, String)>,
+    #[serde(default)] Option<crate::blobs::BlobRef>,
+);
 
 impl StoredResult {
     /// Encodes for storage: the metadata as length-prefixed JSON, then the raw body.
     pub fn encode(&self) -> Result<Vec<u8>, serde_json::Error> {
-        Self::encode_parts(self.status, &self.headers, &self.body)
+        Self::encode_parts(self.status, &self.headers, &self.body, self.stored.as_ref())
     }
 
     /// [`StoredResult::encode`] of a response still in its parts, without copying them into a
@@ -465,8 +476,12 @@ impl StoredResult {
         status: u16,
         headers: &[(String, String)],
         body: &[u8],
+        stored: Option<&crate::blobs::BlobRef>,
     ) -> Result<Vec<u8>, serde_json::Error> {
-        let meta = serde_json::to_vec(&(status, headers))?;
+        let meta = match stored {
+            None => serde_json::to_vec(&(status, headers))?,
+            Some(stored) => serde_json::to_vec(&(status, headers, stored))?,
+        };
         let len = u32::try_from(meta.len()).unwrap_or(u32::MAX).to_be_bytes();
         let mut out = Vec::with_capacity(4 + meta.len() + body.len());
         out.extend_from_slice(&len);
@@ -479,12 +494,16 @@ impl StoredResult {
     pub fn decode(raw: &[u8]) -> Option<Self> {
         let len = usize::try_from(u32::from_be_bytes(raw.get(..4)?.try_into().ok()?)).ok()?;
         let end = 4usize.checked_add(len)?;
-        let (status, headers): (u16, Vec<(String, String)>) =
-            serde_json::from_slice(raw.get(4..end)?).ok()?;
+        let ResultMeta(status, headers, stored) = serde_json::from_slice(raw.get(4..end)?).ok()?;
+        let body = raw.get(end..)?;
+        if stored.is_some() && !body.is_empty() {
+            return None;
+        }
         Some(Self {
             status,
             headers,
-            body: raw.get(end..)?.to_vec(),
+            body: body.to_vec(),
+            stored,
         })
     }
 }
@@ -686,12 +705,33 @@ mod tests {
             status: 201,
             headers: vec![("content-type".into(), "text/plain".into())],
             body: b"\x00binary\xff".to_vec(),
+            stored: None,
         };
-        assert_eq!(
-            StoredResult::decode(&result.encode().unwrap()),
-            Some(result)
-        );
+        let encoded = result.encode().unwrap();
+        assert_eq!(StoredResult::decode(&encoded), Some(result.clone()));
         assert_eq!(StoredResult::decode(b"\x00\x00"), None);
+        // What a writer before body references wrote reads the same.
+        let meta = serde_json::to_vec(&(201, &result.headers)).unwrap();
+        let mut old = u32::try_from(meta.len()).unwrap().to_be_bytes().to_vec();
+        old.extend_from_slice(&meta);
+        old.extend_from_slice(&result.body);
+        assert_eq!(encoded, old);
+        // A body in the blob store: the reference comes back, and a reference with a body
+        // beside it is refused (one of the two is wrong).
+        let by_ref = StoredResult {
+            status: 200,
+            headers: vec![],
+            body: vec![],
+            stored: Some(crate::blobs::BlobRef {
+                key: "c1.result".into(),
+                len: 1 << 30,
+                sha256: "ab".repeat(32),
+            }),
+        };
+        let mut encoded = by_ref.encode().unwrap();
+        assert_eq!(StoredResult::decode(&encoded), Some(by_ref));
+        encoded.push(b'x');
+        assert_eq!(StoredResult::decode(&encoded), None);
     }
 
     #[test]

@@ -22,8 +22,10 @@ use crate::http1::{Http1Client, Http1Error, Request};
 use crate::invoke::{PlainTarget, transport_error_kind};
 use crate::policy_client::{policy_client, refusal_of};
 use crate::signing::{CallbackSigner, SecretsError, unix_seconds_now};
+use futures::StreamExt;
 use queue_core::Outcome;
 use queue_core::backend::DeadLetterReason;
+use queue_core::blobs::{BlobError, BlobKey, BlobRef, BlobStore, BlobStream, SharedBlobs};
 use queue_core::egress::{EgressPolicy, Refusal};
 use queue_core::headers::{is_callback_header, is_hop_by_hop};
 use queue_core::message::CallMeta;
@@ -66,6 +68,8 @@ pub struct CallbackSender {
     max_attempts: u32,
     initial_wait: Duration,
     max_wait: Duration,
+    /// Where results too large to hold are (`None`: a stored result cannot be sent).
+    blobs: Option<SharedBlobs>,
 }
 
 /// `X-Function-Error` of a cancelled call's callback (an outcome only the worker makes); its
@@ -162,7 +166,15 @@ impl CallbackSender {
             max_attempts: config.callback_max_attempts,
             initial_wait: config.callback_initial_wait,
             max_wait: config.callback_max_wait,
+            blobs: None,
         })
+    }
+
+    /// Sends results kept in `blobs` (the function's response was larger than
+    /// `--inline-response-bytes`) from there.
+    pub fn with_blobs(mut self, blobs: Option<SharedBlobs>) -> Self {
+        self.blobs = blobs;
+        self
     }
 
     /// Delivers the callback, retrying retryable failures until it succeeds, fails for good,
@@ -235,6 +247,9 @@ impl CallbackSender {
         if let Err(refusal) = self.policy.check_url(url) {
             return AttemptResult::Refused(refusal);
         }
+        if let Some(stored) = &outcome.stored {
+            return self.attempt_stored(url, msg_id, headers, stored).await;
+        }
         let signature = self
             .signer
             .as_ref()
@@ -245,11 +260,88 @@ impl CallbackSender {
                 .attempt_plain(target, headers, signature, outcome)
                 .await;
         }
+        self.send_general(url, headers, signature, outcome.body.clone().into())
+            .await
+    }
+
+    /// An attempt of a callback whose body is a stored result: streamed from the store
+    /// through the general client, with its `Content-Length`; when signing, the signature is
+    /// computed over a first read of the blob (the body is never held whole; `v1a` keys need
+    /// the whole message and hold it for the signature).
+    async fn attempt_stored(
+        &self,
+        url: &url::Url,
+        msg_id: &str,
+        headers: &[(String, String)],
+        stored: &BlobRef,
+    ) -> AttemptResult {
+        let signature = match &self.signer {
+            None => None,
+            Some(signer) => {
+                let mut draft = signer.begin(msg_id, unix_seconds_now());
+                let mut body = match self.open_result(stored).await {
+                    Ok(body) => body,
+                    Err(e) => return e,
+                };
+                while let Some(piece) = body.next().await {
+                    match piece {
+                        Ok(piece) => draft.update(&piece),
+                        Err(e) => return read_failed(&e),
+                    }
+                }
+                Some(draft.finish())
+            }
+        };
+        let signature = signature.as_ref().map_or(&[][..], |s| &s[..]);
+        let body = match self.open_result(stored).await {
+            Ok(body) => body,
+            Err(e) => return e,
+        };
+        let mut with_length = headers.to_vec();
+        with_length.retain(|(name, _)| !name.eq_ignore_ascii_case("content-length"));
+        with_length.push(("content-length".into(), stored.len.to_string()));
+        self.send_general(
+            url,
+            &with_length,
+            signature,
+            reqwest::Body::wrap_stream(body),
+        )
+        .await
+    }
+
+    /// The stored result's bytes, checked to be the blob `stored` names.
+    async fn open_result(&self, stored: &BlobRef) -> Result<BlobStream, AttemptResult> {
+        let gone = |what: &str| AttemptResult::Permanent(format!("the stored result {what}"));
+        let Some(blobs) = &self.blobs else {
+            return Err(gone("cannot be read: this worker has no blob store"));
+        };
+        let key = BlobKey::parse(&stored.key).map_err(|_| gone("has a malformed key"))?;
+        let store = blobs
+            .store()
+            .await
+            .map_err(|_| AttemptResult::Retry("result store unavailable".into(), None))?;
+        match store.get(&key, None).await {
+            Ok(read) if read.info.len == stored.len && read.info.sha256 == stored.sha256 => {
+                Ok(read.body)
+            }
+            Ok(_) => Err(gone("is not the one the call names (length or digest)")),
+            Err(e) => Err(read_failed(&e)),
+        }
+    }
+
+    /// A POST through the general client.
+    async fn send_general(
+        &self,
+        url: &url::Url,
+        headers: &[(String, String)],
+        signature: &[(&'static str, String)],
+        body: reqwest::Body,
+    ) -> AttemptResult {
         let mut request = self
             .client
             .post(url.clone())
             .timeout(self.timeout)
-            .body(outcome.body.clone());
+            .body(body);
         for (name, value) in headers {
             request = request.header(name.as_str(), value.as_str());
         }
@@ -325,6 +417,18 @@ impl CallbackSender {
     }
 }
 
+/// What a failed read of a stored result means for the callback: retried while the store is
+/// unavailable; a blob missing or failing its checks will not get better.
+fn read_failed(e: &BlobError) -> AttemptResult {
+    match e {
+        BlobError::NotFound => AttemptResult::Permanent("the stored result is missing".into()),
+        BlobError::Integrity { .. } | BlobError::Undecryptable { .. } => {
+            AttemptResult::Permanent("the stored result failed its integrity check".into())
+        }
+        _ => AttemptResult::Retry("result store unavailable".into(), None),
+    }
+}
+
 /// Largest answer body read from a callback receiver (it is drained, never used).
 const MAX_RECEIVER_ANSWER: u64 = 1 << 20;
 
@@ -372,6 +476,7 @@ mod tests {
                 ("transfer-encoding".into(), "chunked".into()),
             ],
             body: Bytes::new(),
+            stored: None,
             duration: Duration::from_millis(1250),
             error: None,
         };

@@ -644,6 +644,7 @@ mod tests {
             status,
             headers: Vec::new(),
             body: bytes::Bytes::new(),
+            stored: None,
             duration: Duration::ZERO,
             error: error.map(str::to_owned),
         }

@@ -151,6 +151,11 @@ pub struct WorkerConfig {
     /// Largest function response kept and forwarded; a larger one is reported as status 502.
     #[arg(long, env = "QUEUE_WORKER_MAX_RESPONSE_BYTES", default_value = "32MiB", value_parser = parse_bytes)]
     pub max_response_bytes: u64,
+    /// Largest function response held in memory; a larger one (up to
+    /// `--max-response-bytes`) is streamed into the blob store as the call's result and sent
+    /// to the callback from there. Without a blob store every response is held in memory.
+    #[arg(long, env = "QUEUE_WORKER_INLINE_RESPONSE_BYTES", default_value = "256KiB", value_parser = parse_bytes)]
+    pub inline_response_bytes: u64,
     /// Function invocations at most per call, the first included (retries on retryable
     /// failures: the statuses in `--retry-codes`, refused connections, timeouts).
     #[arg(long, env = "QUEUE_WORKER_RETRY_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]

@@ -94,8 +94,45 @@ pub struct Response {
     pub status: u16,
     /// Headers in arrival order, names lower-case, values that are not UTF-8 dropped.
     pub headers: Vec<(String, String)>,
-    /// Body (de-chunked).
+    /// Body (de-chunked); with [`Response::rest`], only its first part.
     pub body: Bytes,
+    /// The rest of a body larger than the caller's spill limit, still on the connection
+    /// ([`Http1Client::send_spilling`]); the connection is not reused after it.
+    pub rest: Option<BodyRest>,
+}
+
+/// The part of a response body not read yet: pulled piece by piece from the connection with
+/// [`BodyRest::into_stream`], never held whole.
+pub struct BodyRest {
+    stream: TcpStream,
+    reader: BodyReader,
+}
+
+impl std::fmt::Debug for BodyRest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BodyRest").finish_non_exhaustive()
+    }
+}
+
+impl BodyRest {
+    /// The length the response announced (`Content-Length`) when it did.
+    pub fn announced_len(&self) -> Option<u64> {
+        self.reader.announced
+    }
+
+    /// The remaining pieces, in order; after an `Err` the stream ends.
+    pub fn into_stream(self) -> futures::stream::BoxStream<'static, Result<Bytes, Http1Error>> {
+        Box::pin(futures::stream::unfold(self, |mut rest| async move {
+            match rest.reader.next(&mut rest.stream).await {
+                Ok(Some(piece)) => Some((Ok(piece), rest)),
+                Ok(None) => None,
+                Err(e) => {
+                    rest.reader.left = Left::Done;
+                    Some((Err(e.into_error()), rest))
+                }
+            }
+        }))
+    }
 }
 
 /// Idle connections per origin, and when the whole pool was last pruned.
@@ -259,13 +296,26 @@ impl Http1Client {
         max_body: u64,
         policy: Option<&EgressPolicy>,
     ) -> Result<Response, Http1Error> {
+        self.send_spilling(request, max_body, None, policy).await
+    }
+
+    /// [`Http1Client::send_checked`] that reads at most `spill_above` bytes of the body into
+    /// memory: a larger body comes back as its first part and a [`BodyRest`] to stream the
+    /// rest from (`None`: the whole body is read, up to `max_body`).
+    pub async fn send_spilling(
+        &self,
+        request: &Request<'_>,
+        max_body: u64,
+        spill_above: Option<u64>,
+        policy: Option<&EgressPolicy>,
+    ) -> Result<Response, Http1Error> {
         if let Some((stream, peer)) = self.take_idle(request.origin) {
             let allowed = policy.is_none_or(|p| {
                 p.check_endpoint(&request.origin.host, request.origin.port, peer)
                     .is_ok()
             });
             if allowed {
-                match exchange(stream, request, max_body).await {
+                match exchange(stream, request, max_body, spill_above).await {
                     Ok((response, reusable)) => {
                         if let Some(stream) = reusable {
                             self.put_idle(request.origin, stream, peer);
@@ -282,7 +332,7 @@ impl Http1Client {
             }
         }
         let (stream, peer) = self.connect(request.origin, policy).await?;
-        match exchange(stream, request, max_body).await {
+        match exchange(stream, request, max_body, spill_above).await {
             Ok((response, reusable)) => {
                 if let Some(stream) = reusable {
                     self.put_idle(request.origin, stream, peer);
@@ -371,6 +421,7 @@ async fn exchange(
     mut stream: TcpStream,
     request: &Request<'_>,
     max_body: u64,
+    spill_above: Option<u64>,
 ) -> Result<(Response, Option<TcpStream>), Attempt> {
     let head = head(request)?;
     let written = async {
@@ -391,7 +442,15 @@ async fn exchange(
     if stream.readable().await.is_err() {
         return Err(Attempt::ClosedBeforeAnswer);
     }
-    let (response, reusable) = read_response(&mut stream, request.method, max_body).await?;
+    let (mut response, reusable, rest) =
+        read_response(&mut stream, request.method, max_body, spill_above).await?;
+    if let Some(mut reader) = rest {
+        // Whoever streams the rest applies the limit (a blob put's `max_bytes`), so that a
+        // body too large is reported as such, not as a broken stream.
+        reader.max = u64::MAX;
+        response.rest = Some(BodyRest { stream, reader });
+        return Ok((response, None));
+    }
     Ok((response, reusable.then_some(stream)))
 }
 
@@ -402,7 +461,8 @@ async fn read_response<S: AsyncRead + Unpin>(
     stream: &mut S,
     method: &str,
     max_body: u64,
-) -> Result<(Response, bool), Attempt> {
+    spill_above: Option<u64>,
+) -> Result<(Response, bool, Option<BodyReader>), Attempt> {
     let mut buf = BytesMut::with_capacity(INITIAL_READ);
     let mut received = false;
     let (status, headers) = loop {
@@ -450,17 +510,30 @@ async fn read_response<S: AsyncRead + Unpin>(
         return Err(Http1Error::Malformed("protocol switch").into());
     }
     let framing = framing(method, status, &headers)?;
-    let (body, reusable) = match framing {
-        Framing::None => (Bytes::new(), true),
+    let spill = spill_above.map_or(u64::MAX, |limit| limit.min(max_body));
+    let (body, reusable, rest) = match framing {
+        Framing::None => (Bytes::new(), true, None),
         Framing::Length(len) => {
             if len > max_body {
                 return Err(Http1Error::TooLarge.into());
             }
-            let len = usize::try_from(len).map_err(|_| Http1Error::TooLarge)?;
-            (read_exact_body(stream, buf, len).await?, true)
+            if len > spill {
+                let reader = BodyReader::new(buf, Left::Length(len), max_body);
+                (Bytes::new(), false, Some(reader))
+            } else {
+                let len = usize::try_from(len).map_err(|_| Http1Error::TooLarge)?;
+                (read_exact_body(stream, buf, len).await?, true, None)
+            }
         }
-        Framing::Chunked => read_chunked(stream, buf, max_body).await?,
-        Framing::UntilClose => (read_to_close(stream, buf, max_body).await?, false),
+        Framing::Chunked => {
+            let reader = BodyReader::new(buf, Left::ChunkSize, max_body);
+            collect(stream, reader, spill).await?
+        }
+        Framing::UntilClose => {
+            let reader = BodyReader::new(buf, Left::UntilClose, max_body);
+            let (body, _, rest) = collect(stream, reader, spill).await?;
+            (body, false, rest)
+        }
     };
     let keep_alive = reusable
         && !headers
@@ -471,9 +544,207 @@ async fn read_response<S: AsyncRead + Unpin>(
             status,
             headers,
             body,
+            rest: None,
         },
         keep_alive,
+        rest,
     ))
+}
+
+/// Reads `reader`'s body into memory while it stays within `spill` bytes: the whole body and
+/// whether the connection is clean for reuse, or (above `spill`) what was read and the
+/// reader to stream the rest from.
+async fn collect<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    mut reader: BodyReader,
+    spill: u64,
+) -> Result<(Bytes, bool, Option<BodyReader>), Attempt> {
+    // The first piece is kept as it is: a body of one piece (the common small answer) is
+    // not copied.
+    let mut first: Option<Bytes> = None;
+    let mut body = BytesMut::new();
+    while let Some(piece) = reader.next(stream).await? {
+        if first.is_none() && body.is_empty() {
+            first = Some(piece);
+        } else {
+            if let Some(first) = first.take() {
+                body.extend_from_slice(&first);
+            }
+            body.extend_from_slice(&piece);
+        }
+        let read = first.as_ref().map_or(body.len(), Bytes::len);
+        if read as u64 > spill {
+            let read = first.unwrap_or_else(|| body.freeze());
+            return Ok((read, false, Some(reader)));
+        }
+    }
+    let reusable = reader.buf.is_empty();
+    Ok((first.unwrap_or_else(|| body.freeze()), reusable, None))
+}
+
+/// What is left of a body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Left {
+    /// This many bytes of a body with a `Content-Length`.
+    Length(u64),
+    /// A chunk-size line comes next.
+    ChunkSize,
+    /// This many bytes of the current chunk, then its CRLF.
+    Chunk(u64),
+    /// Everything until the connection closes.
+    UntilClose,
+    /// Nothing.
+    Done,
+}
+
+/// Reads a body piece by piece, as its framing delimits it, refusing more than `max` bytes.
+struct BodyReader {
+    /// What was read from the connection and not handed out yet.
+    buf: BytesMut,
+    left: Left,
+    /// Bytes handed out so far.
+    total: u64,
+    max: u64,
+    /// The `Content-Length`, when the body has one.
+    announced: Option<u64>,
+}
+
+impl BodyReader {
+    fn new(buf: BytesMut, left: Left, max: u64) -> Self {
+        let announced = match left {
+            Left::Length(len) => Some(len),
+            _ => None,
+        };
+        Self {
+            buf,
+            left,
+            total: 0,
+            max,
+            announced,
+        }
+    }
+
+    /// Reads more of the connection into `buf` (at least one byte, or an error).
+    async fn fill<S: AsyncRead + Unpin>(&mut self, stream: &mut S) -> Result<usize, Attempt> {
+        if self.buf.capacity() - self.buf.len() < INITIAL_READ {
+            self.buf.reserve(MAX_READ);
+        }
+        match stream.read_buf(&mut self.buf).await {
+            Ok(n) => Ok(n),
+            Err(_) => Err(Http1Error::Io.into()),
+        }
+    }
+
+    /// The next piece of the body; `None` at its end.
+    async fn next<S: AsyncRead + Unpin>(
+        &mut self,
+        stream: &mut S,
+    ) -> Result<Option<Bytes>, Attempt> {
+        loop {
+            match self.left {
+                Left::Done => return Ok(None),
+                Left::Length(0) => {
+                    // The last read may have brought more than the body.
+                    if !self.buf.is_empty() {
+                        return Err(Http1Error::Malformed("more data than content-length").into());
+                    }
+                    self.left = Left::Done;
+                    return Ok(None);
+                }
+                Left::Length(n) => {
+                    if self.buf.is_empty() && self.fill(stream).await? == 0 {
+                        return Err(Http1Error::Io.into());
+                    }
+                    let take = self.buf.len().min(usize::try_from(n).unwrap_or(usize::MAX));
+                    let piece = self.buf.split_to(take).freeze();
+                    self.left = Left::Length(n - take as u64);
+                    if n == take as u64 {
+                        if !self.buf.is_empty() {
+                            return Err(
+                                Http1Error::Malformed("more data than content-length").into()
+                            );
+                        }
+                        self.left = Left::Done;
+                    }
+                    return Ok(Some(self.handed(piece)?));
+                }
+                Left::ChunkSize => {
+                    let line = read_line(stream, &mut self.buf).await?;
+                    let size_text = line
+                        .split(|&b| b == b';')
+                        .next()
+                        .map(<[u8]>::trim_ascii)
+                        .unwrap_or_default();
+                    if size_text.is_empty()
+                        || size_text.len() > 16
+                        || !size_text.iter().all(u8::is_ascii_hexdigit)
+                    {
+                        return Err(Http1Error::Malformed("invalid chunk size").into());
+                    }
+                    let size = std::str::from_utf8(size_text)
+                        .ok()
+                        .and_then(|s| u64::from_str_radix(s, 16).ok())
+                        .ok_or(Http1Error::Malformed("invalid chunk size"))?;
+                    if size == 0 {
+                        // Trailers, ignored, up to the empty line.
+                        while !read_line(stream, &mut self.buf).await?.is_empty() {}
+                        self.left = Left::Done;
+                        return Ok(None);
+                    }
+                    // A chunk size is up to 16 hex digits: the sums must not wrap.
+                    if self.total.saturating_add(size) > self.max {
+                        return Err(Http1Error::TooLarge.into());
+                    }
+                    self.left = Left::Chunk(size);
+                }
+                Left::Chunk(0) => {
+                    while self.buf.len() < 2 {
+                        read_more(stream, &mut self.buf).await?;
+                    }
+                    if &self.buf[..2] != b"\r\n" {
+                        return Err(Http1Error::Malformed("chunk not followed by CRLF").into());
+                    }
+                    self.buf.advance(2);
+                    self.left = Left::ChunkSize;
+                }
+                Left::Chunk(n) => {
+                    if self.buf.is_empty() && self.fill(stream).await? == 0 {
+                        return Err(Http1Error::Io.into());
+                    }
+                    let take = self.buf.len().min(usize::try_from(n).unwrap_or(usize::MAX));
+                    let piece = self.buf.split_to(take).freeze();
+                    self.left = Left::Chunk(n - take as u64);
+                    return Ok(Some(self.handed(piece)?));
+                }
+                Left::UntilClose => {
+                    if self.buf.is_empty() && self.fill(stream).await? == 0 {
+                        self.left = Left::Done;
+                        return Ok(None);
+                    }
+                    let piece = self.buf.split().freeze();
+                    return Ok(Some(self.handed(piece)?));
+                }
+            }
+        }
+    }
+
+    /// Counts `piece` against the limit.
+    fn handed(&mut self, piece: Bytes) -> Result<Bytes, Attempt> {
+        self.total += piece.len() as u64;
+        if self.total > self.max {
+            return Err(Http1Error::TooLarge.into());
+        }
+        Ok(piece)
+    }
+}
+
+impl Attempt {
+    fn into_error(self) -> Http1Error {
+        match self {
+            Self::ClosedBeforeAnswer => Http1Error::Io,
+            Self::Failed(e) => e,
+        }
+    }
 }
 
 /// The response parser over any reader, for the fuzz targets (`fuzz`): an answer that
@@ -484,12 +755,34 @@ pub async fn read_response_from<S: AsyncRead + Unpin>(
     method: &str,
     max_body: u64,
 ) -> Result<(Response, bool), Http1Error> {
-    read_response(stream, method, max_body)
+    read_response(stream, method, max_body, None)
         .await
-        .map_err(|e| match e {
-            Attempt::ClosedBeforeAnswer => Http1Error::Io,
-            Attempt::Failed(e) => e,
-        })
+        .map(|(response, reusable, _)| (response, reusable))
+        .map_err(Attempt::into_error)
+}
+
+/// [`read_response_from`] with a spill limit of `spill_above` bytes, for the fuzz targets:
+/// the first part read into memory and the rest through the streaming reader, joined (a
+/// spilled answer is never reused). Not a stable interface.
+#[doc(hidden)]
+pub async fn read_response_spilling_from<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    method: &str,
+    max_body: u64,
+    spill_above: u64,
+) -> Result<(Response, bool), Http1Error> {
+    let (mut response, reusable, rest) = read_response(stream, method, max_body, Some(spill_above))
+        .await
+        .map_err(Attempt::into_error)?;
+    let Some(mut reader) = rest else {
+        return Ok((response, reusable));
+    };
+    let mut body = BytesMut::from(&response.body[..]);
+    while let Some(piece) = reader.next(stream).await.map_err(Attempt::into_error)? {
+        body.extend_from_slice(&piece);
+    }
+    response.body = body.freeze();
+    Ok((response, false))
 }
 
 /// The request head as it is written to the connection, for the fuzz targets. Not a stable
@@ -636,76 +929,6 @@ async fn read_line<S: AsyncRead + Unpin>(
             return Err(Http1Error::Malformed("chunk line too long").into());
         }
         read_more(stream, buf).await?;
-    }
-}
-
-/// Reads a chunked body; returns it and whether the connection is clean for reuse.
-async fn read_chunked<S: AsyncRead + Unpin>(
-    stream: &mut S,
-    mut buf: BytesMut,
-    max_body: u64,
-) -> Result<(Bytes, bool), Attempt> {
-    let mut body = BytesMut::new();
-    loop {
-        let line = read_line(stream, &mut buf).await?;
-        let size_text = line
-            .split(|&b| b == b';')
-            .next()
-            .map(<[u8]>::trim_ascii)
-            .unwrap_or_default();
-        if size_text.is_empty()
-            || size_text.len() > 16
-            || !size_text.iter().all(u8::is_ascii_hexdigit)
-        {
-            return Err(Http1Error::Malformed("invalid chunk size").into());
-        }
-        let size = std::str::from_utf8(size_text)
-            .ok()
-            .and_then(|s| u64::from_str_radix(s, 16).ok())
-            .ok_or(Http1Error::Malformed("invalid chunk size"))?;
-        if size == 0 {
-            // Trailers, ignored, up to the empty line.
-            loop {
-                if read_line(stream, &mut buf).await?.is_empty() {
-                    break;
-                }
-            }
-            return Ok((body.freeze(), buf.is_empty()));
-        }
-        // A chunk size is up to 16 hex digits: the sums must not wrap.
-        if (body.len() as u64).saturating_add(size) > max_body {
-            return Err(Http1Error::TooLarge.into());
-        }
-        let size = usize::try_from(size).map_err(|_| Http1Error::TooLarge)?;
-        let end = size.checked_add(2).ok_or(Http1Error::TooLarge)?;
-        while buf.len() < end {
-            read_more(stream, &mut buf).await?;
-        }
-        body.extend_from_slice(&buf[..size]);
-        if &buf[size..end] != b"\r\n" {
-            return Err(Http1Error::Malformed("chunk not followed by CRLF").into());
-        }
-        buf.advance(end);
-    }
-}
-
-async fn read_to_close<S: AsyncRead + Unpin>(
-    stream: &mut S,
-    mut buf: BytesMut,
-    max_body: u64,
-) -> Result<Bytes, Attempt> {
-    loop {
-        if buf.len() as u64 > max_body {
-            return Err(Http1Error::TooLarge.into());
-        }
-        if buf.capacity() == buf.len() {
-            buf.reserve(buf.len().clamp(INITIAL_READ, MAX_READ));
-        }
-        match stream.read_buf(&mut buf).await {
-            Ok(0) => return Ok(buf.freeze()),
-            Ok(_) => {}
-            Err(_) => return Err(Http1Error::Io.into()),
-        }
     }
 }
 
@@ -860,6 +1083,91 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(20), client.send(&request, max))
             .await
             .expect("no answer within 20 s")
+    }
+
+    #[tokio::test]
+    async fn a_body_above_the_spill_limit_is_a_first_part_and_a_stream_of_the_rest() {
+        use futures::StreamExt;
+        let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let mut length =
+            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", big.len()).into_bytes();
+        length.extend_from_slice(&big);
+        let mut chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+        for piece in big.chunks(70_000) {
+            chunked.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+            chunked.extend_from_slice(piece);
+            chunked.extend_from_slice(b"\r\n");
+        }
+        chunked.extend_from_slice(b"0\r\n\r\n");
+        let mut close = b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n".to_vec();
+        close.extend_from_slice(&big);
+        let mut short =
+            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", big.len()).into_bytes();
+        short.extend_from_slice(&big[..200_000]);
+        let body = Bytes::new();
+        let cases = [
+            ("length", length, Some(big.len() as u64), true),
+            ("chunked", chunked, None, true),
+            ("until close", close, None, true),
+            ("short", short, Some(big.len() as u64), false),
+        ];
+        for (what, answer, announced, complete) in cases {
+            let (origin, _, _) = raw_server(vec![answer.clone()]).await;
+            let request = Request {
+                method: "POST",
+                origin: &origin,
+                host_header: "fn.example",
+                target: "/",
+                headers: &[],
+                body: &body,
+            };
+            let client = client();
+            // Within the spill limit: read whole, as without one.
+            let whole = client
+                .send_spilling(&request, 1 << 20, Some(1 << 20), None)
+                .await;
+            if complete {
+                let whole = whole.unwrap();
+                assert!(whole.rest.is_none(), "{what}");
+                assert_eq!(&whole.body[..], &big[..], "{what}");
+            } else {
+                assert_eq!(whole.unwrap_err(), Http1Error::Io, "{what}");
+            }
+            let (origin, _, _) = raw_server(vec![answer]).await;
+            let request = Request {
+                origin: &origin,
+                ..request
+            };
+            let response = client
+                .send_spilling(&request, 1 << 20, Some(100_000), None)
+                .await
+                .unwrap();
+            let rest = response.rest.expect("spilled");
+            assert_eq!(rest.announced_len(), announced, "{what}");
+            assert!(
+                response.body.len() < 100_000 + 70_000,
+                "{what}: first part held"
+            );
+            let mut all = response.body.to_vec();
+            let mut pieces = rest.into_stream();
+            let mut failed = None;
+            while let Some(piece) = pieces.next().await {
+                match piece {
+                    Ok(piece) => {
+                        assert!(piece.len() <= MAX_READ + INITIAL_READ, "{what}: one read");
+                        all.extend_from_slice(&piece);
+                    }
+                    Err(e) => failed = Some(e),
+                }
+            }
+            if complete {
+                assert_eq!(failed, None, "{what}");
+                assert_eq!(all, big, "{what}");
+            } else {
+                assert_eq!(failed, Some(Http1Error::Io), "{what}: cut short");
+                assert_eq!(&all[..], &big[..200_000], "{what}");
+            }
+        }
     }
 
     #[tokio::test]
@@ -1124,14 +1432,14 @@ mod tests {
                 "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n{size}\r\nde\r\n"
             );
             let mut peer = answer.as_bytes();
-            let parsed = read_response(&mut peer, "POST", 16).await;
+            let parsed = read_response(&mut peer, "POST", 16, None).await;
             assert!(
                 matches!(parsed, Err(Attempt::Failed(Http1Error::TooLarge))),
                 "{size}"
             );
             // Without a limit: too large to address, or a body that never comes.
             let mut peer = answer.as_bytes();
-            let parsed = read_response(&mut peer, "POST", u64::MAX).await;
+            let parsed = read_response(&mut peer, "POST", u64::MAX, None).await;
             assert!(
                 matches!(
                     parsed,
@@ -1151,13 +1459,13 @@ mod tests {
         // The head in one read, the body (and what follows it) in the next.
         let mut peer = AsyncReadExt::chain(head, &b"ok, and more"[..]);
         assert!(matches!(
-            read_response(&mut peer, "POST", 1024).await,
+            read_response(&mut peer, "POST", 1024, None).await,
             Err(Attempt::Failed(Http1Error::Malformed(
                 "more data than content-length"
             )))
         ));
         let mut peer = AsyncReadExt::chain(head, &b"ok"[..]);
-        let (response, reusable) = match read_response(&mut peer, "POST", 1024).await {
+        let (response, reusable, _) = match read_response(&mut peer, "POST", 1024, None).await {
             Ok(answer) => answer,
             Err(_) => panic!("a body of its content length is refused"),
         };

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::config::{InvokeMode, WorkerConfig};
 use crate::http1::{Http1Client, Http1Error, Origin, Request};
 use futures::StreamExt;
-use queue_core::blobs::{BlobError, BlobKey, BlobStore, SharedBlobs};
+use queue_core::blobs::{BlobError, BlobKey, BlobRef, BlobRole, BlobStore, PutLimit, SharedBlobs};
 use queue_core::egress::EgressPolicy;
 use queue_core::headers::is_worker_request_header;
 pub use queue_core::headers::{HOP_BY_HOP, is_hop_by_hop};
@@ -31,6 +31,8 @@ pub struct FunctionInvoker {
     allowed_namespaces: Vec<String>,
     function_suffix: String,
     max_response_bytes: u64,
+    /// Largest response held in memory when a blob store is there (`--inline-response-bytes`).
+    inline_response_bytes: u64,
     /// Direct mode: where functions may be reached (`--function-deny`, `--function-allow`).
     function_policy: Option<Arc<EgressPolicy>>,
     /// Gateway mode over plain `http`: `{gateway_url}/function/` taken apart once, so that a
@@ -100,6 +102,7 @@ impl FunctionInvoker {
                 .collect(),
             function_suffix: config.function_suffix.clone(),
             max_response_bytes: config.max_response_bytes,
+            inline_response_bytes: config.inline_response_bytes,
             function_policy: (config.invoke_mode == InvokeMode::Direct).then(|| {
                 Arc::new(EgressPolicy::new(
                     &config.function_deny.concat(),
@@ -322,16 +325,9 @@ impl FunctionInvoker {
         // A function that answers gets its own metrics label; names nobody answers for do not.
         queue_core::metrics::note_answered(&call.meta.qualified_function(), status);
         let headers = response_headers(response.headers());
-        match read_limited(response, self.max_response_bytes).await {
-            Ok(body) => Outcome {
-                status,
-                headers,
-                body,
-                duration: started.elapsed(),
-                error: None,
-            },
-            Err(ReadError::TooLarge) => failed(502, "response too large"),
-            Err(ReadError::Transport(e)) => failed(503, transport_error_kind(&e)),
+        match self.read_body(call, response).await {
+            Ok(body) => answered(status, headers, body, started),
+            Err((status, error)) => failed(status, error),
         }
     }
 }
@@ -406,16 +402,9 @@ impl FunctionInvoker {
         let status = response.status().as_u16();
         queue_core::metrics::note_answered(&call.meta.qualified_function(), status);
         let headers = response_headers(response.headers());
-        match read_limited(response, self.max_response_bytes).await {
-            Ok(body) => Outcome {
-                status,
-                headers,
-                body,
-                duration: started.elapsed(),
-                error: None,
-            },
-            Err(ReadError::TooLarge) => failed(502, "response too large"),
-            Err(ReadError::Transport(e)) => failed(503, transport_error_kind(&e)),
+        match self.read_body(call, response).await {
+            Ok(body) => answered(status, headers, body, started),
+            Err((status, error)) => failed(status, error),
         }
     }
 
@@ -462,12 +451,14 @@ impl FunctionInvoker {
             headers: &headers,
             body: &call.body,
         };
-        let sent = self.http1.send_checked(
+        let deadline = tokio::time::Instant::now() + timeout;
+        let sent = self.http1.send_spilling(
             &request,
             self.max_response_bytes,
+            self.spill_above(),
             self.function_policy.as_deref(),
         );
-        match tokio::time::timeout(timeout, sent).await {
+        match tokio::time::timeout_at(deadline, sent).await {
             Err(_) => failed(503, "timeout"),
             // Not retried (403 is not a retry code): the operator's policy will not change.
             Ok(Err(Http1Error::Refused(_))) => failed(403, "function address not allowed"),
@@ -482,16 +473,30 @@ impl FunctionInvoker {
                     &call.meta.qualified_function(),
                     response.status,
                 );
-                Outcome {
-                    status: response.status,
-                    headers: response
-                        .headers
-                        .into_iter()
-                        .filter(|(name, _)| !is_hop_by_hop(name))
-                        .collect(),
-                    body: response.body,
-                    duration: started.elapsed(),
-                    error: None,
+                let headers = response
+                    .headers
+                    .into_iter()
+                    .filter(|(name, _)| !is_hop_by_hop(name))
+                    .collect();
+                let Some(rest) = response.rest else {
+                    return answered(
+                        response.status,
+                        headers,
+                        Kept::Inline(response.body),
+                        started,
+                    );
+                };
+                // Larger than `--inline-response-bytes`: streamed into the store from the
+                // connection, within the same deadline.
+                let announced = rest.announced_len();
+                let body = futures::stream::iter([Ok(response.body)]).chain(rest.into_stream());
+                let stored = self.store_response(call, body, announced);
+                match tokio::time::timeout_at(deadline, stored).await {
+                    Err(_) => failed(503, "timeout"),
+                    Ok(Err((status, error))) => failed(status, error),
+                    Ok(Ok(stored)) => {
+                        answered(response.status, headers, Kept::Stored(stored), started)
+                    }
                 }
             }
         }
@@ -580,6 +585,7 @@ fn no_answer(status: u16, error: &str, started: Instant) -> Outcome {
         status,
         headers: Vec::new(),
         body: Bytes::new(),
+        stored: None,
         duration: started.elapsed(),
         error: Some(error.to_owned()),
     }
@@ -612,23 +618,134 @@ pub fn transport_error_kind(e: &reqwest::Error) -> &'static str {
     }
 }
 
-enum ReadError {
-    TooLarge,
-    Transport(reqwest::Error),
+/// A function's response body: whole in memory, or in the blob store as the call's result.
+enum Kept {
+    Inline(Bytes),
+    Stored(BlobRef),
 }
 
-async fn read_limited(mut response: reqwest::Response, max: u64) -> Result<Bytes, ReadError> {
-    if response.content_length().is_some_and(|len| len > max) {
-        return Err(ReadError::TooLarge);
+/// The outcome of a function that answered.
+fn answered(status: u16, headers: Vec<(String, String)>, body: Kept, started: Instant) -> Outcome {
+    let (body, stored) = match body {
+        Kept::Inline(body) => (body, None),
+        Kept::Stored(stored) => (Bytes::new(), Some(stored)),
+    };
+    Outcome {
+        status,
+        headers,
+        body,
+        stored,
+        duration: started.elapsed(),
+        error: None,
     }
-    let mut buf = BytesMut::new();
-    while let Some(chunk) = response.chunk().await.map_err(ReadError::Transport)? {
-        if (buf.len() + chunk.len()) as u64 > max {
-            return Err(ReadError::TooLarge);
+}
+
+impl FunctionInvoker {
+    /// Deletes the blob of a stored response nobody will read (an attempt that is retried, a
+    /// result not kept once its callback is done); a failure is logged, the record's expiry
+    /// sweeps it later.
+    pub async fn discard_stored(&self, stored: &BlobRef) {
+        let (Some(blobs), Ok(key)) = (&self.blobs, BlobKey::parse(&stored.key)) else {
+            return;
+        };
+        let deleted = match blobs.store().await {
+            Ok(store) => store.delete(&key).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = deleted {
+            tracing::warn!(error = %e, "could not delete a stored response nobody reads");
         }
-        buf.extend_from_slice(&chunk);
     }
-    Ok(buf.freeze())
+
+    /// Above how many bytes a response goes to the blob store (`None`: no store, every
+    /// response is held, up to `--max-response-bytes`).
+    fn spill_above(&self) -> Option<u64> {
+        self.blobs
+            .as_ref()
+            .map(|_| self.inline_response_bytes.min(self.max_response_bytes))
+    }
+
+    /// Reads a response body of the general client: into memory up to
+    /// [`FunctionInvoker::spill_above`], streamed into the store beyond; the status and
+    /// data-free reason of the outcome when that fails.
+    async fn read_body(
+        &self,
+        call: &QueuedCall,
+        mut response: reqwest::Response,
+    ) -> Result<Kept, (u16, &'static str)> {
+        let max = self.max_response_bytes;
+        let announced = response.content_length();
+        if announced.is_some_and(|len| len > max) {
+            return Err((502, "response too large"));
+        }
+        let spill = self.spill_above();
+        if let Some(spill) = spill
+            && announced.is_some_and(|len| len > spill)
+        {
+            let body = Box::pin(response.bytes_stream());
+            return self
+                .store_response(call, body, announced)
+                .await
+                .map(Kept::Stored);
+        }
+        let mut buf = BytesMut::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| (503, transport_error_kind(&e)))?
+        {
+            let total = (buf.len() + chunk.len()) as u64;
+            if let Some(spill) = spill
+                && total > spill
+            {
+                buf.extend_from_slice(&chunk);
+                let first = futures::stream::iter([Ok::<_, reqwest::Error>(buf.freeze())]);
+                let body = first.chain(Box::pin(response.bytes_stream()));
+                return self
+                    .store_response(call, body, announced)
+                    .await
+                    .map(Kept::Stored);
+            }
+            if total > max {
+                return Err((502, "response too large"));
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(Kept::Inline(buf.freeze()))
+    }
+
+    /// Streams a response body into the blob store as `call`'s result, up to
+    /// `--max-response-bytes` (the store's put holds one chunk at a time and leaves nothing
+    /// behind when it fails or is dropped).
+    async fn store_response<S, E>(
+        &self,
+        call: &QueuedCall,
+        body: S,
+        announced: Option<u64>,
+    ) -> Result<BlobRef, (u16, &'static str)>
+    where
+        S: futures::Stream<Item = Result<Bytes, E>> + Send + Unpin,
+        E: std::fmt::Display + Send,
+    {
+        let too_large = (502, "response too large");
+        let Some(blobs) = &self.blobs else {
+            return Err(too_large);
+        };
+        // Call ids the gateway accepts always name a blob; another cannot keep a large answer.
+        let key = BlobKey::for_call(&call.meta.call_id, BlobRole::Result).map_err(|_| too_large)?;
+        let unavailable = (503, "result store unavailable");
+        let store = blobs.store().await.map_err(|_| unavailable)?;
+        let limit = PutLimit {
+            max_bytes: self.max_response_bytes,
+            expected_len: announced,
+        };
+        match store.put(&key, body, limit).await {
+            Ok(info) => Ok(info.into()),
+            Err(BlobError::TooLarge { .. }) => Err(too_large),
+            Err(BlobError::Interrupted(_)) => Err((503, "body")),
+            Err(_) => Err(unavailable),
+        }
+    }
 }
 
 #[cfg(test)]

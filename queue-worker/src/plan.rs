@@ -107,6 +107,7 @@ mod tests {
             status: 200,
             headers: Vec::new(),
             body: Bytes::from_static(b"ok"),
+            stored: None,
             duration: Duration::from_millis(3),
             error: None,
         }

@@ -145,6 +145,7 @@ mod tests {
                 .map(|(k, v)| ((*k).into(), (*v).into()))
                 .collect(),
             body: Bytes::new(),
+            stored: None,
             duration: Duration::ZERO,
             error: error.map(Into::into),
         }

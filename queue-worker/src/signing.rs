@@ -437,47 +437,99 @@ impl CallbackSigner {
         timestamp: u64,
         body: &[u8],
     ) -> [(&'static str, String); 3] {
+        let mut draft = self.begin(msg_id, timestamp);
+        draft.update(body);
+        draft.finish()
+    }
+
+    /// [`CallbackSigner::headers`] over a body given piece by piece
+    /// ([`SignatureDraft::update`]): the `v1` (HMAC) signatures are computed as the pieces
+    /// come; the `v1a` (Ed25519) ones need the whole message, which is kept for them only
+    /// when such keys are configured.
+    pub fn begin(&self, msg_id: &str, timestamp: u64) -> SignatureDraft {
         let timestamp = timestamp.to_string();
         let secrets = self.secrets.as_ref().map(KeyFile::current);
         let keys = self.keys.as_ref().map(KeyFile::current);
-        let (secrets, keys) = (
-            secrets.as_deref().unwrap_or(&[]),
-            keys.as_deref().unwrap_or(&[]),
-        );
-        let mut signature = String::with_capacity(secrets.len() * 48 + keys.len() * 94);
-        for key in secrets {
-            let mut ctx = ring::hmac::Context::with_key(key);
-            ctx.update(msg_id.as_bytes());
-            ctx.update(b".");
-            ctx.update(timestamp.as_bytes());
-            ctx.update(b".");
-            ctx.update(body);
+        let mut prefix = Vec::with_capacity(msg_id.len() + timestamp.len() + 2);
+        prefix.extend_from_slice(msg_id.as_bytes());
+        prefix.push(b'.');
+        prefix.extend_from_slice(timestamp.as_bytes());
+        prefix.push(b'.');
+        let hmacs = secrets
+            .as_deref()
+            .unwrap_or(&[])
+            .iter()
+            .map(|key| {
+                let mut ctx = ring::hmac::Context::with_key(key);
+                ctx.update(&prefix);
+                ctx
+            })
+            .collect();
+        let keys = keys.filter(|k| !k.is_empty());
+        SignatureDraft {
+            msg_id: msg_id.to_owned(),
+            timestamp,
+            hmacs,
+            // Ed25519 signs the whole message at once (it hashes it twice): one copy, shared
+            // by every key.
+            message: keys.is_some().then_some(prefix),
+            keys,
+        }
+    }
+}
+
+/// A signature being computed over a body that comes in pieces ([`CallbackSigner::begin`]).
+pub struct SignatureDraft {
+    msg_id: String,
+    timestamp: String,
+    hmacs: Vec<ring::hmac::Context>,
+    keys: Option<Arc<[SigningKey]>>,
+    message: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for SignatureDraft {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // No key material, no body.
+        f.debug_struct("SignatureDraft")
+            .field("msg_id", &self.msg_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SignatureDraft {
+    /// The next piece of the body.
+    pub fn update(&mut self, piece: &[u8]) {
+        for ctx in &mut self.hmacs {
+            ctx.update(piece);
+        }
+        if let Some(message) = &mut self.message {
+            message.extend_from_slice(piece);
+        }
+    }
+
+    /// The three headers.
+    pub fn finish(self) -> [(&'static str, String); 3] {
+        let keys = self.keys.as_deref().unwrap_or(&[]);
+        let mut signature = String::with_capacity(self.hmacs.len() * 48 + keys.len() * 94);
+        for ctx in self.hmacs {
             if !signature.is_empty() {
                 signature.push(' ');
             }
             signature.push_str("v1,");
             STANDARD.encode_string(ctx.sign().as_ref(), &mut signature);
         }
-        if !keys.is_empty() {
-            // Ed25519 signs the whole message at once (it hashes it twice): one copy, shared
-            // by every key.
-            let mut message = Vec::with_capacity(msg_id.len() + timestamp.len() + body.len() + 2);
-            message.extend_from_slice(msg_id.as_bytes());
-            message.push(b'.');
-            message.extend_from_slice(timestamp.as_bytes());
-            message.push(b'.');
-            message.extend_from_slice(body);
+        if let Some(message) = &self.message {
             for key in keys {
                 if !signature.is_empty() {
                     signature.push(' ');
                 }
                 signature.push_str("v1a,");
-                STANDARD.encode_string(key.sign(&message).to_bytes(), &mut signature);
+                STANDARD.encode_string(key.sign(message).to_bytes(), &mut signature);
             }
         }
         [
-            (WEBHOOK_ID, msg_id.to_owned()),
-            (WEBHOOK_TIMESTAMP, timestamp),
+            (WEBHOOK_ID, self.msg_id),
+            (WEBHOOK_TIMESTAMP, self.timestamp),
             (WEBHOOK_SIGNATURE, signature),
         ]
     }

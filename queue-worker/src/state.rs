@@ -93,6 +93,9 @@ struct StoredOutcome {
     duration_secs: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     error: Option<String>,
+    /// The response body is this blob (the body part of the entry is then empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    stored: Option<queue_core::blobs::BlobRef>,
 }
 
 /// `completed`: tag, attempts (u32 BE), metadata length (u32 BE), metadata JSON, body raw.
@@ -102,6 +105,7 @@ fn encode_completed(attempts: u32, outcome: &Outcome) -> Result<Vec<u8>, StateEr
         headers: outcome.headers.clone(),
         duration_secs: outcome.duration.as_secs_f64(),
         error: outcome.error.clone(),
+        stored: outcome.stored.clone(),
     })?;
     let len = u32::try_from(meta.len())
         .map_err(|_| serde_json::Error::io(std::io::Error::other("outcome too large")))?;
@@ -133,6 +137,7 @@ fn decode(raw: &[u8]) -> Option<(u32, Option<Outcome>)> {
                     status: meta.status,
                     headers: meta.headers,
                     body: Bytes::copy_from_slice(raw.get(end..)?),
+                    stored: meta.stored,
                     duration: Duration::try_from_secs_f64(meta.duration_secs).unwrap_or_default(),
                     error: meta.error,
                 }),
@@ -276,6 +281,7 @@ impl CallStore {
                         status: outcome.status,
                         headers: outcome.headers,
                         body: Bytes::copy_from_slice(body),
+                        stored: outcome.stored,
                         duration: Duration::try_from_secs_f64(outcome.duration_secs)
                             .unwrap_or_default(),
                         error: outcome.error,
@@ -468,6 +474,7 @@ mod tests {
             status: 201,
             headers: vec![("content-type".into(), "application/json".into())],
             body: Bytes::from_static(b"{\"ok\":true}"),
+            stored: None,
             duration: Duration::from_millis(1500),
             error: None,
         }
@@ -524,6 +531,7 @@ mod tests {
         let k1 = "k1 AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
         let marked = Outcome {
             body: Bytes::from_static(b"STATE-MARKER-3b9e"),
+            stored: None,
             ..outcome()
         };
         {

@@ -242,8 +242,22 @@ pub async fn run(
     };
     let sealing = options.sealing.clone();
     let queue = JetStreamQueue::connect(options, "queue-worker", CancellationToken::new()).await?;
-    // The gateway creates the bucket; opened when a stored body first needs it.
-    let blobs = SharedBlobs::jetstream(queue.context().clone(), &config.nats.stream, None, sealing);
+    // The gateway creates the bucket; opened when a stored body or a large response first
+    // needs it, and created as the gateway would (the calls stream's replicas) if no gateway
+    // has yet.
+    let replicas = match queue.context().get_stream(&config.nats.stream).await {
+        Ok(stream) => stream.cached_info().config.num_replicas.max(1),
+        Err(_) => 1,
+    };
+    let blobs = SharedBlobs::jetstream(
+        queue.context().clone(),
+        &config.nats.stream,
+        Some(queue_core::blobs::jetstream::BucketSettings {
+            replicas,
+            max_bytes: 0,
+        }),
+        sealing,
+    );
     let metrics_stop = CancellationToken::new();
     serve_metrics(
         config.metrics_listen,
@@ -376,9 +390,10 @@ pub async fn run_with_blobs<Q: CallQueue>(
 
     let stop_pulling = CancellationToken::new();
     let ctx = Arc::new(Ctx {
-        invoker: FunctionInvoker::new(&config, http, plain.clone()).with_blobs(blobs)?,
+        invoker: FunctionInvoker::new(&config, http, plain.clone()).with_blobs(blobs.clone())?,
         callbacks: CallbackSender::new(&config, plain)
-            .map_err(|e| WorkerError::Config(e.to_string()))?,
+            .map_err(|e| WorkerError::Config(e.to_string()))?
+            .with_blobs(blobs.clone()),
         queue,
         store,
         hand_back: CancellationToken::new(),
@@ -1231,6 +1246,9 @@ impl<Q: CallQueue> Job<'_, Q> {
                 if self.cancelled_in_record() {
                     return Box::pin(self.cancelled(lease, attempt)).await;
                 }
+                if let Some(stored) = &outcome.stored {
+                    ctx.invoker.discard_stored(stored).await;
+                }
                 tracing::info!(retry_in = ?wait, "retryable failure; scheduling the next attempt");
                 ::metrics::counter!(metrics::RETRIES, "function" => self.label.clone())
                     .increment(1);
@@ -1246,6 +1264,7 @@ impl<Q: CallQueue> Job<'_, Q> {
                     return Box::pin(self.cancelled(lease, attempt)).await;
                 }
                 let detail = format!("{attempt} attempts, last status {}", outcome.status);
+                let stored = outcome.stored.clone();
                 Box::pin(self.give_up(
                     lease,
                     DeadLetterReason::RetriesExhausted,
@@ -1254,6 +1273,10 @@ impl<Q: CallQueue> Job<'_, Q> {
                     attempt,
                 ))
                 .await;
+                // Not kept (only final answers are): sent with the last callback, then gone.
+                if let Some(stored) = &stored {
+                    ctx.invoker.discard_stored(stored).await;
+                }
             }
         }
     }
@@ -1262,25 +1285,42 @@ impl<Q: CallQueue> Job<'_, Q> {
     /// when it fits: one write for both.
     async fn note_final(&mut self, attempt: u32, outcome: &Outcome, next: CallState) {
         let limit = self.ctx.queue.max_result_bytes();
-        let (kept, availability) =
-            match StoredResult::encode_parts(outcome.status, &outcome.headers, &outcome.body) {
-                Ok(encoded) if encoded.len() <= limit => (
-                    Some(bytes::Bytes::from(encoded)),
-                    Some(ResultAvailability::Stored),
-                ),
-                Ok(encoded) => {
-                    tracing::info!(
-                        result_bytes = encoded.len(),
-                        limit,
-                        "result too large to keep"
-                    );
-                    (None, Some(ResultAvailability::TooLarge))
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not encode the result");
-                    (None, None)
-                }
-            };
+        if let Some(stored) = &outcome.stored
+            && stored.len > self.ctx.queue.max_stored_result_bytes()
+        {
+            // Sent to the callback from the store, not kept (the blob goes after the callback).
+            tracing::info!(
+                result_bytes = stored.len,
+                limit = self.ctx.queue.max_stored_result_bytes(),
+                "result too large to keep"
+            );
+            let ended = attempt_ended(attempt, outcome, next, Some(ResultAvailability::TooLarge));
+            self.note(&[ended], None).await;
+            return;
+        }
+        let (kept, availability) = match StoredResult::encode_parts(
+            outcome.status,
+            &outcome.headers,
+            &outcome.body,
+            outcome.stored.as_ref(),
+        ) {
+            Ok(encoded) if encoded.len() <= limit => (
+                Some(bytes::Bytes::from(encoded)),
+                Some(ResultAvailability::Stored),
+            ),
+            Ok(encoded) => {
+                tracing::info!(
+                    result_bytes = encoded.len(),
+                    limit,
+                    "result too large to keep"
+                );
+                (None, Some(ResultAvailability::TooLarge))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not encode the result");
+                (None, None)
+            }
+        };
         let ended = attempt_ended(attempt, outcome, next, availability);
         let had_result = kept.is_some();
         if self
@@ -1305,6 +1345,11 @@ impl<Q: CallQueue> Job<'_, Q> {
         generation: Option<Generation>,
     ) {
         let ctx = self.ctx;
+        // A stored response too large to keep is read only by the callback.
+        let unkept = outcome
+            .stored
+            .as_ref()
+            .filter(|stored| stored.len > ctx.queue.max_stored_result_bytes());
         if let Some(url) = self.call.meta.callback_url.clone() {
             let delivery = self.send_callback(&url, outcome, None).await;
             let Some(entry) = callback_entry(&delivery) else {
@@ -1339,6 +1384,9 @@ impl<Q: CallQueue> Job<'_, Q> {
                 lease
                     .dead_letter(ctx.queue.as_ref(), &letter, LOCAL_FAILURE_RETRY)
                     .await;
+                if let Some(stored) = unkept {
+                    ctx.invoker.discard_stored(stored).await;
+                }
                 return;
             }
             tracing::debug!(?delivery, "callback delivered");
@@ -1357,6 +1405,9 @@ impl<Q: CallQueue> Job<'_, Q> {
             tracing::warn!(error = %e, "could not mark the call done");
         }
         lease.ack().await;
+        if let Some(stored) = unkept {
+            ctx.invoker.discard_stored(stored).await;
+        }
     }
 
     /// The call was cancelled: it is not run (again); its callback, if any, says so with
@@ -1629,6 +1680,7 @@ fn no_response(status: u16, error: &str) -> Outcome {
         status,
         headers: Vec::new(),
         body: bytes::Bytes::new(),
+        stored: None,
         duration: Duration::ZERO,
         error: Some(error.to_owned()),
     }

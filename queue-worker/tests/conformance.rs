@@ -777,6 +777,7 @@ mod cases {
                 status: 200,
                 headers: vec![("content-type".into(), "application/octet-stream".into())],
                 body: (0..=250u8).cycle().take(body_len).collect(),
+                stored: None,
             };
             let ended = Event::AttemptEnded {
                 attempt: 1,

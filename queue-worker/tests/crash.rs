@@ -141,3 +141,58 @@ async fn redelivery_after_completion_does_not_invoke_again() {
     assert_eq!(cb.header("x-function-status"), Some("201"));
     assert_eq!(cb.body.as_ref(), b"compute", "stored result body delivered");
 }
+
+/// The same with a response above `--inline-response-bytes`: the dedup entry holds the
+/// reference to the stored response, and the redelivery sends the callback from the store
+/// without running the function again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redelivery_after_completion_sends_a_stored_response_from_the_store() {
+    const LEN: usize = 2 * 1024 * 1024 + 17;
+    let f = Fixture::start(StubBehavior {
+        response_bytes: Some(LEN),
+        ..StubBehavior::default()
+    })
+    .await;
+    let log = f.log("worker.log");
+    let id = f.publish("once-large", b"compute").await;
+    let crashing = f.worker_args(
+        "state",
+        &[
+            "--ack-wait",
+            "1s",
+            "--inline-response-bytes",
+            "64KiB",
+            "--fault-crash-after-store",
+        ],
+    );
+    let mut worker = spawn_worker_process(&crashing, &log);
+    let status = tokio::time::timeout(DEADLINE, worker.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    let logs = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!status.success(), "no crash:\n{logs}");
+    assert_eq!(f.function.invocations_for(&id), 1, "worker log:\n{logs}");
+    assert_eq!(f.receiver.count(), 0, "no callback before the crash");
+
+    let mut worker = spawn_worker_process(
+        &f.worker_args(
+            "state",
+            &["--ack-wait", "1s", "--inline-response-bytes", "64KiB"],
+        ),
+        &log,
+    );
+    assert!(
+        f.receiver
+            .wait_for_call_ids(std::slice::from_ref(&id), DEADLINE)
+            .await
+    );
+    assert!(f.queue.wait_until_empty().await, "redelivery not acked");
+    signal(&worker, "TERM");
+    assert!(worker.wait().await.unwrap().success());
+    assert_eq!(f.function.invocations_for(&id), 1, "the function ran again");
+    assert_eq!(f.receiver.count_by_call_id()[&id], 1, "one callback");
+    let cb = &f.receiver.callbacks()[0];
+    assert_eq!(cb.body.len(), LEN, "the stored response was delivered");
+    assert!(cb.body.iter().all(|&b| b == b'r'));
+}

@@ -458,3 +458,93 @@ async fn an_invalid_keys_file_stops_the_worker_at_start_without_showing_it() {
     assert!(stderr.contains("callback signing keys file"), "{stderr}");
     assert!(!stderr.contains(&seed[..16]), "{stderr}");
 }
+
+/// A response above `--inline-response-bytes` goes to the blob store (the worker creates the
+/// bucket, no gateway here) and its callback is streamed from there: the `v1` signature is
+/// computed over a first read of the blob, the `v1a` one over the whole message; both verify
+/// with the independent implementations, a tampered body does not, and the blob of a result
+/// too large to keep is deleted once the callback is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_large_result_sent_from_the_blob_store_is_signed_verifiably() {
+    const LEN: usize = 3 * 1024 * 1024;
+    let f = Fixture::start(StubBehavior {
+        response_bytes: Some(LEN),
+        ..StubBehavior::default()
+    })
+    .await;
+    let seed = new_seed();
+    let derived: Vec<(String, String)> = serde_json::from_value(python(
+        ED25519,
+        &serde_json::json!({"mode": "derive", "seeds": [seed]}),
+    ))
+    .unwrap();
+    let (private, public) = derived.into_iter().next().unwrap();
+    let keys = f.dir.path().join("callback-keys");
+    std::fs::write(&keys, format!("{private}\n")).unwrap();
+    let (secret, _) = new_secret();
+    let secrets = f.dir.path().join("callback-secrets");
+    std::fs::write(&secrets, format!("{secret}\n")).unwrap();
+    let log = f.log("worker.log");
+    let mut args = f.worker_args("state", &["--inline-response-bytes", "64KiB"]);
+    args.extend([
+        "--callback-signing-secrets-file".to_owned(),
+        secrets.display().to_string(),
+        "--callback-signing-keys-file".to_owned(),
+        keys.display().to_string(),
+    ]);
+    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_queue-worker"))
+        .args(&args)
+        .env("LOG_LEVEL", "debug")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+
+    let id = f.publish("large", b"make it big").await;
+    assert!(
+        f.receiver
+            .wait_for_call_ids(std::slice::from_ref(&id), DEADLINE)
+            .await
+    );
+    let callback = take_for(&f, &id);
+    assert_eq!(callback.body.len(), LEN);
+    assert!(
+        callback.body.iter().all(|&b| b == b'r'),
+        "the function's body"
+    );
+    assert_eq!(callback.header("x-function-status"), Some("200"));
+    assert_eq!(
+        verify(&callback, &[(&secret, false), (&secret, true)]),
+        [true, false]
+    );
+    let mut case = case_of(&callback);
+    case["mode"] = "verify".into();
+    case["checks"] = serde_json::json!([(&public, false), (&public, true)]);
+    let results: Vec<bool> = serde_json::from_value(python(ED25519, &case)).unwrap();
+    assert_eq!(results, [true, false]);
+
+    // Above the default --max-result-bytes (512KiB): not kept, so its blob goes.
+    let js = f.queue.js.clone();
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let blobs = queue_core::blobs::jetstream::JetStreamBlobs::open(
+            &js,
+            &f.queue.args.stream,
+            queue_core::sealing::Sealing::off(),
+        )
+        .await
+        .expect("the worker created the blob bucket");
+        let listed = queue_core::blobs::BlobStore::list(&blobs).await.unwrap();
+        if listed.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < end, "the result blob stayed: {listed:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    signal(&worker, "TERM");
+    worker.wait().await.unwrap();
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(!logged.contains("rrrrrrrr"), "no body in the logs");
+    assert!(!logged.contains(&secret[6..]), "no secret in the logs");
+}

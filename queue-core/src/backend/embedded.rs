@@ -822,6 +822,10 @@ impl CallRecords for EmbeddedQueue {
         self.inner.options.max_result_bytes
     }
 
+    fn max_stored_result_bytes(&self) -> u64 {
+        self.inner.options.max_result_bytes as u64
+    }
+
     fn sealing(&self) -> &Sealing {
         &self.inner.options.sealing
     }

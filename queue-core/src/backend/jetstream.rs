@@ -856,6 +856,10 @@ impl CallRecords for JetStreamQueue {
         INLINE_RESULT_BYTES.min(self.max_result_bytes())
     }
 
+    fn max_stored_result_bytes(&self) -> u64 {
+        self.options.records.max_result_bytes
+    }
+
     fn max_result_bytes(&self) -> usize {
         let configured =
             usize::try_from(self.options.records.max_result_bytes).unwrap_or(usize::MAX);

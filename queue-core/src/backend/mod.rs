@@ -225,6 +225,10 @@ pub trait CallRecords: Send + Sync + 'static {
     /// Largest encoded response kept; larger ones are reported as too large.
     fn max_result_bytes(&self) -> usize;
 
+    /// Largest response body kept in the blob store (`--max-result-bytes` as configured, not
+    /// lowered to the message limit: the record holds only the blob's reference).
+    fn max_stored_result_bytes(&self) -> u64;
+
     /// Largest encoded result this backend keeps inside the record's own value (one store for
     /// both; `0`: results are always kept beside the record). A record that carries its result
     /// must be written back with it: [`apply_event`] does so.

@@ -278,6 +278,28 @@ pub struct BlobInfo {
     pub sha256: String,
 }
 
+/// Where a stored body is, as a record or a dedup entry names it: the blob's key, its
+/// length and its SHA-256 (checked again on every full read).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BlobRef {
+    /// The blob's key ([`BlobKey::as_str`]).
+    pub key: String,
+    /// Length in bytes.
+    pub len: u64,
+    /// SHA-256 of the plaintext, lowercase hex.
+    pub sha256: String,
+}
+
+impl From<BlobInfo> for BlobRef {
+    fn from(info: BlobInfo) -> Self {
+        Self {
+            key: info.key.as_str().to_owned(),
+            len: info.len,
+            sha256: info.sha256,
+        }
+    }
+}
+
 /// A blob as [`BlobStore::list`] sees it (no digest: listing needs no keys).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlobEntry {
