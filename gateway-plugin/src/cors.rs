@@ -63,7 +63,7 @@ const MAX_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 /// Headers a page may read on the answers of the async routes.
 const EXPOSE_FUNCTION: &str = "X-Call-Id, X-Start-Time, Idempotent-Replayed, Retry-After";
 /// Headers a page may read on the answers of `/async-calls/...`.
-const EXPOSE_CALLS: &str = "X-Call-Id, X-Function-Status, X-Function-Content-Type, Retry-After";
+const EXPOSE_CALLS: &str = "X-Call-Id, X-Function-Status, X-Function-Content-Type, Retry-After, Content-Range, Accept-Ranges";
 /// Methods of the async routes.
 const FUNCTION_METHODS: &[&str] = &["POST", "PUT", "PATCH", "DELETE", "GET"];
 /// Methods of `/async-calls/...`.
