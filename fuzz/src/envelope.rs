@@ -15,6 +15,7 @@
 
 use arbitrary::{Result, Unstructured};
 use bytes::Bytes;
+use queue_core::blobs::BlobRef;
 use queue_core::message::{
     BodyLocation, CallMeta, CallOverrides, DecodeError, EnvelopeSummary, FORMAT_VERSION, MAGIC,
     METHODS, QueuedCall,
@@ -96,7 +97,7 @@ fn decode_any(data: &[u8]) {
             assert!(data.ends_with(&call.body), "the body is the input's tail");
             match &call.meta.body {
                 BodyLocation::Inline { len } => assert_eq!(*len, call.body.len() as u64),
-                BodyLocation::Blob { .. } => assert!(call.body.is_empty(), "a stored body"),
+                BodyLocation::Blob(_) => assert!(call.body.is_empty(), "a stored body"),
             }
             let again = must(call.encode(), "a decoded call encodes");
             assert_eq!(
@@ -237,11 +238,11 @@ fn call_and_cut(u: &mut Unstructured<'_>) -> Result<(QueuedCall, usize)> {
         callback_url: maybe_text(u, URL_PIECES, 6)?,
         received_at_unix_nanos: u.arbitrary()?,
         body: if u.ratio(1, 4)? {
-            BodyLocation::Blob {
+            BodyLocation::Blob(BlobRef {
                 key: text(u, BLOB_KEY_PIECES, 4)?,
                 len: u.arbitrary()?,
                 sha256: text(u, DIGEST_PIECES, 3)?,
-            }
+            })
         } else {
             BodyLocation::Inline {
                 len: u.arbitrary()?,
@@ -318,11 +319,11 @@ pub fn seeds() -> Vec<Vec<u8>> {
     hooked.meta.method = "DELETE".into();
     hooked.meta.path = "/".into();
     let mut stored = bare.clone();
-    stored.meta.body = BodyLocation::Blob {
+    stored.meta.body = BodyLocation::Blob(BlobRef {
         key: "job_5F42.request".into(),
         len: 300 << 20,
         sha256: "0123456789abcdef".repeat(4),
-    };
+    });
     [full, bare, hooked, stored]
         .iter()
         .map(|call| must(call.encode(), "a seed encodes").to_vec())

@@ -7,7 +7,7 @@
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 use queue_core::backend::CallQueue;
-use queue_core::blobs::{BlobError, BlobKey, BlobRole, BlobStore, PutLimit, SharedBlobs};
+use queue_core::blobs::{BlobError, BlobKey, BlobRef, BlobRole, BlobStore, PutLimit, SharedBlobs};
 use queue_core::message::{BodyLocation, QueuedCall};
 
 use crate::error::ApiError;
@@ -98,11 +98,11 @@ where
                     let (len, sha256) = hash_only(body, put_limit)
                         .await
                         .map_err(|e| if e { too_large() } else { unreadable_body() })?;
-                    let location = BodyLocation::Blob {
+                    let location = BodyLocation::Blob(BlobRef {
                         key: key.as_str().to_owned(),
                         len,
                         sha256,
-                    };
+                    });
                     return Ok((location, None));
                 }
                 Err(e) => {
@@ -128,11 +128,11 @@ where
             Err(BlobError::Interrupted(_)) => return Err(unreadable_body()),
             Err(e) => return Err(unavailable(&e)),
         };
-        let location = BodyLocation::Blob {
+        let location = BodyLocation::Blob(BlobRef {
             key: key.as_str().to_owned(),
             len: info.len,
             sha256: info.sha256,
-        };
+        });
         Ok((
             location,
             Some(StoredBody {

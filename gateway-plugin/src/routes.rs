@@ -28,6 +28,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{MethodFilter, MethodRouter, on};
 use queue_core::backend::{CallQueue, PublishError, RecordWriteError, Revision};
+use queue_core::blobs::BlobRef;
 use queue_core::headers::is_dropped_from_client;
 use queue_core::message::{
     BodyLocation, CallMeta, InvalidCall, METHODS, QueuedCall, call_id_problem, canonical_function,
@@ -842,7 +843,7 @@ fn request_digest(call: &QueuedCall) -> String {
         m.query.as_deref().unwrap_or_default().as_bytes(),
         m.callback_url.as_deref().unwrap_or_default().as_bytes(),
         match &m.body {
-            BodyLocation::Blob { sha256, .. } => sha256.as_bytes(),
+            BodyLocation::Blob(BlobRef { sha256, .. }) => sha256.as_bytes(),
             BodyLocation::Inline { .. } => call.body.as_ref(),
         },
     ] {

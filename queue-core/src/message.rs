@@ -37,6 +37,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
+use crate::blobs::BlobRef;
 use crate::sealing::{self, OpenError, Purpose, Sealing};
 
 /// First bytes of every envelope.
@@ -65,21 +66,16 @@ pub enum BodyLocation {
     /// The body is the blob `key` of the blob store ([`crate::blobs`]); nothing follows the
     /// metadata. The key is always the call's request key
     /// (`BlobKey::for_call(call_id, BlobRole::Request)`), checked on decode.
-    Blob {
-        /// The blob's key.
-        key: String,
-        /// Body length in bytes.
-        len: u64,
-        /// SHA-256 of the body, lowercase hex (the envelope is sealed when encryption is on).
-        sha256: String,
-    },
+    /// Same wire form as before it carried a [`BlobRef`]: `kind`, `key`, `len`, `sha256` side
+    /// by side (the envelope is sealed when encryption is on).
+    Blob(BlobRef),
 }
 
 impl BodyLocation {
     /// The body's length in bytes, wherever it is.
     pub fn len(&self) -> u64 {
         match self {
-            Self::Inline { len } | Self::Blob { len, .. } => *len,
+            Self::Inline { len } | Self::Blob(BlobRef { len, .. }) => *len,
         }
     }
 
@@ -475,7 +471,7 @@ impl QueuedCall {
         if let Some(cb) = &m.callback_url {
             parse_callback_url(cb)?;
         }
-        if let BodyLocation::Blob { key, sha256, .. } = &m.body {
+        if let BodyLocation::Blob(BlobRef { key, sha256, .. }) = &m.body {
             let expected =
                 crate::blobs::BlobKey::for_call(&m.call_id, crate::blobs::BlobRole::Request)
                     .map_err(|_| InvalidCall::BodyReference("the call id has no blob key"))?;
@@ -504,7 +500,7 @@ impl QueuedCall {
     pub fn body_len(&self) -> u64 {
         match &self.meta.body {
             BodyLocation::Inline { .. } => self.body.len() as u64,
-            BodyLocation::Blob { len, .. } => *len,
+            BodyLocation::Blob(BlobRef { len, .. }) => *len,
         }
     }
 
@@ -825,11 +821,11 @@ mod tests {
     fn blob_call() -> QueuedCall {
         let mut call = sample();
         call.body = Bytes::new();
-        call.meta.body = BodyLocation::Blob {
+        call.meta.body = BodyLocation::Blob(BlobRef {
             key: format!("{}.request", call.meta.call_id),
             len: 300 * 1024 * 1024,
             sha256: "ab".repeat(32),
-        };
+        });
         call
     }
 
@@ -858,17 +854,17 @@ mod tests {
         type Change = fn(&mut QueuedCall);
         let cases: [(&str, Change); 4] = [
             ("another call's blob", |call| {
-                if let BodyLocation::Blob { key, .. } = &mut call.meta.body {
+                if let BodyLocation::Blob(BlobRef { key, .. }) = &mut call.meta.body {
                     *key = "other.request".into();
                 }
             }),
             ("the result blob", |call| {
-                if let BodyLocation::Blob { key, .. } = &mut call.meta.body {
+                if let BodyLocation::Blob(BlobRef { key, .. }) = &mut call.meta.body {
                     *key = key.replace(".request", ".result");
                 }
             }),
             ("a digest that is not hex", |call| {
-                if let BodyLocation::Blob { sha256, .. } = &mut call.meta.body {
+                if let BodyLocation::Blob(BlobRef { sha256, .. }) = &mut call.meta.body {
                     *sha256 = "AB".repeat(32);
                 }
             }),

@@ -145,7 +145,7 @@ impl FunctionInvoker {
         &self,
         call: &QueuedCall,
     ) -> Result<queue_core::blobs::BlobRead, StoredBodyProblem> {
-        let BodyLocation::Blob { key, len, sha256 } = &call.meta.body else {
+        let BodyLocation::Blob(BlobRef { key, len, sha256 }) = &call.meta.body else {
             return Err(StoredBodyProblem::Unreadable("the body is not stored"));
         };
         let Some(blobs) = &self.blobs else {
