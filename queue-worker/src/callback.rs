@@ -248,7 +248,8 @@ impl CallbackSender {
             return AttemptResult::Refused(refusal);
         }
         if let Some(stored) = &outcome.stored {
-            return self.attempt_stored(url, msg_id, headers, stored).await;
+            // Boxed: only a stored result's callback needs the store's read state.
+            return Box::pin(self.attempt_stored(url, msg_id, headers, stored)).await;
         }
         let signature = self
             .signer

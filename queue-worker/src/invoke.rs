@@ -490,7 +490,9 @@ impl FunctionInvoker {
                 // connection, within the same deadline.
                 let announced = rest.announced_len();
                 let body = futures::stream::iter([Ok(response.body)]).chain(rest.into_stream());
-                let stored = self.store_response(call, body, announced);
+                // Boxed: a put's state is large, and only a call with a large answer needs it
+                // (every call in flight holds its invocation future at its largest size).
+                let stored = Box::pin(self.store_response(call, body, announced));
                 match tokio::time::timeout_at(deadline, stored).await {
                     Err(_) => failed(503, "timeout"),
                     Ok(Err((status, error))) => failed(status, error),
@@ -648,10 +650,15 @@ impl FunctionInvoker {
         let (Some(blobs), Ok(key)) = (&self.blobs, BlobKey::parse(&stored.key)) else {
             return;
         };
-        let deleted = match blobs.store().await {
-            Ok(store) => store.delete(&key).await,
-            Err(e) => Err(e),
-        };
+        // Boxed: the store's open and delete states are large, and every call in flight
+        // holds its handler's future at its largest size, whichever branch it takes.
+        let deleted = Box::pin(async {
+            match blobs.store().await {
+                Ok(store) => store.delete(&key).await,
+                Err(e) => Err(e),
+            }
+        })
+        .await;
         if let Err(e) = deleted {
             tracing::warn!(error = %e, "could not delete a stored response nobody reads");
         }
@@ -683,8 +690,7 @@ impl FunctionInvoker {
             && announced.is_some_and(|len| len > spill)
         {
             let body = Box::pin(response.bytes_stream());
-            return self
-                .store_response(call, body, announced)
+            return Box::pin(self.store_response(call, body, announced))
                 .await
                 .map(Kept::Stored);
         }
@@ -701,8 +707,7 @@ impl FunctionInvoker {
                 buf.extend_from_slice(&chunk);
                 let first = futures::stream::iter([Ok::<_, reqwest::Error>(buf.freeze())]);
                 let body = first.chain(Box::pin(response.bytes_stream()));
-                return self
-                    .store_response(call, body, announced)
+                return Box::pin(self.store_response(call, body, announced))
                     .await
                     .map(Kept::Stored);
             }
