@@ -836,11 +836,14 @@ async fn handle<Q: CallQueue>(
     if let Ok(call) = &opened
         && call.meta.body.is_blob()
     {
-        match ctx.invoker.check_stored_body(call).await {
+        // Boxed, as every path most calls do not take: each call in flight holds this
+        // future at its largest size (the store's open and read states are kilobytes).
+        match Box::pin(ctx.invoker.check_stored_body(call)).await {
             Ok(()) => {}
             // A cancelled call's body is deleted with the cancel: the call goes on to be
             // dropped as cancelled, never run.
-            Err(StoredBodyProblem::Unreadable(_)) if cancelled_call(&ctx, call).await => {}
+            Err(StoredBodyProblem::Unreadable(_)) if Box::pin(cancelled_call(&ctx, call)).await => {
+            }
             Err(StoredBodyProblem::Unreadable(why)) => {
                 opened = Err(DecodeError::Invalid(InvalidCall::BodyReference(why)));
             }
@@ -898,9 +901,15 @@ async fn handle<Q: CallQueue>(
                     function: summary.function,
                     accepted_at: summary.received_at_unix_nanos,
                 };
-                if let Err(e) =
-                    apply_event(ctx.queue.as_ref(), &summary.call_id, None, &[gave_up], None).await
-                {
+                let events = [gave_up];
+                let recorded = Box::pin(apply_event(
+                    ctx.queue.as_ref(),
+                    &summary.call_id,
+                    None,
+                    &events,
+                    None,
+                ));
+                if let Err(e) = recorded.await {
                     tracing::warn!(call_id = %summary.call_id, error = %e, "could not record the dead letter on the call");
                 }
             }
