@@ -280,17 +280,20 @@ impl CallbackSender {
             None => None,
             Some(signer) => {
                 let mut draft = signer.begin(msg_id, unix_seconds_now());
-                let mut body = match self.open_result(stored).await {
-                    Ok(body) => body,
-                    Err(e) => return e,
-                };
-                while let Some(piece) = body.next().await {
-                    match piece {
-                        Ok(piece) => draft.update(&piece),
-                        Err(e) => return read_failed(&e),
+                // The signing read is bounded like the POST (`--callback-timeout`).
+                let signed = tokio::time::timeout(self.timeout, async {
+                    let mut body = self.open_result(stored).await?;
+                    while let Some(piece) = body.next().await {
+                        draft.update(&piece.map_err(|e| read_failed(&e))?);
                     }
+                    Ok::<(), AttemptResult>(())
+                })
+                .await;
+                match signed {
+                    Err(_) => return AttemptResult::Retry("timeout".into(), None),
+                    Ok(Err(e)) => return e,
+                    Ok(Ok(())) => Some(draft.finish()),
                 }
-                Some(draft.finish())
             }
         };
         let signature = signature.as_ref().map_or(&[][..], |s| &s[..]);

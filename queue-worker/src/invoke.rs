@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::config::{InvokeMode, WorkerConfig};
 use crate::http1::{Http1Client, Http1Error, Origin, Request};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use queue_core::blobs::{BlobError, BlobKey, BlobRef, BlobRole, BlobStore, PutLimit, SharedBlobs};
 use queue_core::egress::EgressPolicy;
 use queue_core::headers::is_worker_request_header;
@@ -460,12 +460,12 @@ impl FunctionInvoker {
         );
         match tokio::time::timeout_at(deadline, sent).await {
             Err(_) => failed(503, "timeout"),
-            // Not retried (403 is not a retry code): the operator's policy will not change.
-            Ok(Err(Http1Error::Refused(_))) => failed(403, "function address not allowed"),
-            Ok(Err(Http1Error::Connect)) => failed(503, "connect"),
-            Ok(Err(Http1Error::Io)) => failed(503, "request"),
-            Ok(Err(Http1Error::TooLarge)) => failed(502, "response too large"),
-            Ok(Err(Http1Error::Malformed(_))) => failed(502, "invalid response"),
+            // A refusal is 403, not retried (403 is not a retry code): the operator's policy
+            // will not change.
+            Ok(Err(e)) => {
+                let (status, error) = plain_failure(&e);
+                failed(status, error)
+            }
             Ok(Ok(response)) => {
                 // A function that answers gets its own metrics label; names nobody answers for
                 // do not.
@@ -489,10 +489,17 @@ impl FunctionInvoker {
                 // Larger than `--inline-response-bytes`: streamed into the store from the
                 // connection, within the same deadline.
                 let announced = rest.announced_len();
-                let body = futures::stream::iter([Ok(response.body)]).chain(rest.into_stream());
+                // A broken answer is the outcome it is before the spill (not a generic
+                // "interrupted"): what the first stream error means is noted for the put's.
+                let failure = std::sync::OnceLock::new();
+                let body = futures::stream::iter([Ok(response.body)])
+                    .chain(rest.into_stream())
+                    .inspect_err(|e| {
+                        let _ = failure.set(plain_failure(e));
+                    });
                 // Boxed: a put's state is large, and only a call with a large answer needs it
                 // (every call in flight holds its invocation future at its largest size).
-                let stored = Box::pin(self.store_response(call, body, announced));
+                let stored = Box::pin(self.store_response(call, body, announced, &failure));
                 match tokio::time::timeout_at(deadline, stored).await {
                     Err(_) => failed(503, "timeout"),
                     Ok(Err((status, error))) => failed(status, error),
@@ -578,6 +585,17 @@ pub fn function_request_headers(call: &QueuedCall, attempt: u32, max_attempts: u
     headers.insert("x-retry", HeaderValue::from(attempt));
     headers.insert("x-retry-max", HeaderValue::from(max_attempts));
     headers
+}
+
+/// The outcome a plain-http error means, as [`FunctionInvoker::invoke_plain`] maps it.
+fn plain_failure(e: &Http1Error) -> (u16, &'static str) {
+    match e {
+        Http1Error::Refused(_) => (403, "function address not allowed"),
+        Http1Error::Connect => (503, "connect"),
+        Http1Error::Io => (503, "request"),
+        Http1Error::TooLarge => (502, "response too large"),
+        Http1Error::Malformed(_) => (502, "invalid response"),
+    }
 }
 
 /// The outcome of an invocation that got no usable answer: `status` (503 unreachable, 502
@@ -689,8 +707,11 @@ impl FunctionInvoker {
         if let Some(spill) = spill
             && announced.is_some_and(|len| len > spill)
         {
-            let body = Box::pin(response.bytes_stream());
-            return Box::pin(self.store_response(call, body, announced))
+            let failure = std::sync::OnceLock::new();
+            let body = Box::pin(response.bytes_stream()).inspect_err(|e| {
+                let _ = failure.set((503, transport_error_kind(e)));
+            });
+            return Box::pin(self.store_response(call, body, announced, &failure))
                 .await
                 .map(Kept::Stored);
         }
@@ -706,8 +727,13 @@ impl FunctionInvoker {
             {
                 buf.extend_from_slice(&chunk);
                 let first = futures::stream::iter([Ok::<_, reqwest::Error>(buf.freeze())]);
-                let body = first.chain(Box::pin(response.bytes_stream()));
-                return Box::pin(self.store_response(call, body, announced))
+                let failure = std::sync::OnceLock::new();
+                let body = first
+                    .chain(Box::pin(response.bytes_stream()))
+                    .inspect_err(|e| {
+                        let _ = failure.set((503, transport_error_kind(e)));
+                    });
+                return Box::pin(self.store_response(call, body, announced, &failure))
                     .await
                     .map(Kept::Stored);
             }
@@ -719,7 +745,8 @@ impl FunctionInvoker {
         Ok(Kept::Inline(buf.freeze()))
     }
 
-    /// Streams a response body into the blob store as `call`'s result, up to
+    /// Streams a response body into the blob store as `call`'s result (`failure`: the outcome
+    /// the body stream's first error means, noted by the caller), up to
     /// `--max-response-bytes` (the store's put holds one chunk at a time and leaves nothing
     /// behind when it fails or is dropped).
     async fn store_response<S, E>(
@@ -727,6 +754,7 @@ impl FunctionInvoker {
         call: &QueuedCall,
         body: S,
         announced: Option<u64>,
+        failure: &std::sync::OnceLock<(u16, &'static str)>,
     ) -> Result<BlobRef, (u16, &'static str)>
     where
         S: futures::Stream<Item = Result<Bytes, E>> + Send + Unpin,
@@ -747,7 +775,8 @@ impl FunctionInvoker {
         match store.put(&key, body, limit).await {
             Ok(info) => Ok(info.into()),
             Err(BlobError::TooLarge { .. }) => Err(too_large),
-            Err(BlobError::Interrupted(_)) => Err((503, "body")),
+            // The answer broke on the way: what its first error means.
+            Err(BlobError::Interrupted(_)) => Err(failure.get().copied().unwrap_or((503, "body"))),
             Err(_) => Err(unavailable),
         }
     }
@@ -924,6 +953,87 @@ mod tests {
             (outcome.status, outcome.error.as_deref()),
             (403, Some("function address not allowed"))
         );
+    }
+
+    /// A server that answers every connection's first request with `answer`, then closes.
+    async fn answering(answer: Vec<u8>) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let _ = stream.write_all(&answer).await;
+                });
+            }
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn a_large_answer_is_stored_and_a_broken_one_keeps_its_outcome() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = SharedBlobs::files(dir.path(), queue_core::sealing::Sealing::off())
+            .await
+            .unwrap();
+        let big: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+        let chunked = |tail: &[u8]| {
+            let mut answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+            for piece in big.chunks(50_000) {
+                answer.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+                answer.extend_from_slice(piece);
+                answer.extend_from_slice(b"\r\n");
+            }
+            answer.extend_from_slice(tail);
+            answer
+        };
+        let mut c = call(None, "", None);
+        c.meta.call_id = "large-answer".into();
+        let cases: [(&[u8], u16, Option<&str>); 3] = [
+            (b"0\r\n\r\n", 200, None),
+            // Past the spill: bad framing is still an invalid answer (502, not retried), a
+            // cut connection still a failed request (503).
+            (b"zz\r\n", 502, Some("invalid response")),
+            (b"", 503, Some("request")),
+        ];
+        for (tail, status, error) in cases {
+            let url = answering(chunked(tail)).await;
+            let inv = invoker(&["--gateway-url", &url, "--inline-response-bytes", "64KiB"])
+                .with_blobs(Some(blobs.clone()))
+                .unwrap();
+            let outcome = inv.invoke(&c, 1, 1, Duration::from_secs(20)).await;
+            assert_eq!((outcome.status, outcome.error.as_deref()), (status, error));
+            let store = blobs.store().await.unwrap();
+            let key = BlobKey::for_call("large-answer", BlobRole::Result).unwrap();
+            if status == 200 {
+                let stored = outcome.stored.expect("stored");
+                assert!(outcome.body.is_empty());
+                assert_eq!(stored.len, big.len() as u64);
+                let mut read = store.get(&key, None).await.unwrap();
+                let mut all = Vec::new();
+                while let Some(piece) = read.body.next().await {
+                    all.extend_from_slice(&piece.unwrap());
+                }
+                assert_eq!(all, big);
+                inv.discard_stored(&stored).await;
+            } else {
+                assert!(outcome.stored.is_none());
+            }
+            // Nothing left: discarded, or never completed.
+            assert!(matches!(
+                store.get(&key, None).await,
+                Err(BlobError::NotFound)
+            ));
+        }
     }
 
     #[test]

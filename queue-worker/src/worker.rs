@@ -825,32 +825,33 @@ async fn cancelled_call<Q: CallQueue>(ctx: &Ctx<Q>, call: &QueuedCall) -> bool {
     )
 }
 
-async fn handle<Q: CallQueue>(
-    ctx: Arc<Ctx<Q>>,
+/// Opens a delivery: the call, with its stored body checked; `None` when the delivery was
+/// dealt with here (an unreadable message dead-lettered, a store out of reach naked).
+async fn open_call<Q: CallQueue>(
+    ctx: &Ctx<Q>,
     lease: Lease<Q::Delivery>,
     permit: OwnedSemaphorePermit,
-) {
+) -> Option<(QueuedCall, Lease<Q::Delivery>, OwnedSemaphorePermit)> {
     let mut opened = QueuedCall::open(lease.delivery().payload(), ctx.queue.sealing());
     // A body in the blob store: there and the one the call names, or the call is refused as
     // one it cannot read (never retried); the store out of reach: it comes back later.
     if let Ok(call) = &opened
         && call.meta.body.is_blob()
     {
-        // Boxed, as every path most calls do not take: each call in flight holds this
-        // future at its largest size (the store's open and read states are kilobytes).
+        // Boxed, as the other cold paths here: every call is opened, few have a stored body.
         match Box::pin(ctx.invoker.check_stored_body(call)).await {
             Ok(()) => {}
             // A cancelled call's body is deleted with the cancel: the call goes on to be
             // dropped as cancelled, never run.
-            Err(StoredBodyProblem::Unreadable(_)) if Box::pin(cancelled_call(&ctx, call)).await => {
-            }
+            Err(StoredBodyProblem::Unreadable(_)) if Box::pin(cancelled_call(ctx, call)).await => {}
             Err(StoredBodyProblem::Unreadable(why)) => {
                 opened = Err(DecodeError::Invalid(InvalidCall::BodyReference(why)));
             }
             Err(StoredBodyProblem::Unavailable(e)) => {
                 tracing::warn!(call_id = %call.meta.call_id, error = %e, "stored body out of reach; the call waits");
                 drop(permit);
-                return lease.nak(Some(LOCAL_FAILURE_RETRY)).await;
+                lease.nak(Some(LOCAL_FAILURE_RETRY)).await;
+                return None;
             }
         }
     }
@@ -913,24 +914,41 @@ async fn handle<Q: CallQueue>(
                     tracing::warn!(call_id = %summary.call_id, error = %e, "could not record the dead letter on the call");
                 }
             }
-            return;
+            return None;
         }
     };
-    let delivery = lease.delivery().attempt();
-    let function = call.meta.qualified_function();
-    let span = tracing::info_span!(
-        "call",
-        call_id = %call.meta.call_id,
-        function = %function,
-        delivered = delivery,
-    );
-    let mut job = Job {
-        label: metrics::function_label(&function),
-        function,
-        ctx: &ctx,
-        call,
-        record: None,
-        tries: None,
+    Some((call, lease, permit))
+}
+
+async fn handle<Q: CallQueue>(
+    ctx: Arc<Ctx<Q>>,
+    lease: Lease<Q::Delivery>,
+    permit: OwnedSemaphorePermit,
+) {
+    // Opened in a boxed future of its own, the job built in a block: each call in flight
+    // holds this future at its largest size, which then has no copy of the call beside the
+    // job's and none of the opening's states (the store's open and read are kilobytes).
+    let (mut job, lease, permit, delivery, span) = {
+        let Some((call, lease, permit)) = Box::pin(open_call(&ctx, lease, permit)).await else {
+            return;
+        };
+        let delivery = lease.delivery().attempt();
+        let function = call.meta.qualified_function();
+        let span = tracing::info_span!(
+            "call",
+            call_id = %call.meta.call_id,
+            function = %function,
+            delivered = delivery,
+        );
+        let job = Job {
+            label: metrics::function_label(&function),
+            function,
+            ctx: &ctx,
+            call,
+            record: None,
+            tries: None,
+        };
+        (job, lease, permit, delivery, span)
     };
     job.run(lease, delivery, permit).instrument(span).await;
 }
@@ -1006,7 +1024,13 @@ impl<Q: CallQueue> Job<'_, Q> {
             } => {
                 drop(permit);
                 tracing::info!("redelivered call already completed; delivering its callback only");
-                Box::pin(self.deliver(lease, &outcome, attempts, Some(generation))).await;
+                // Replayed from the dedup entry: kept if it was within the limit when the
+                // attempt ended (a failed record write then is not known here).
+                let kept = outcome
+                    .stored
+                    .as_ref()
+                    .is_none_or(|stored| stored.len <= ctx.queue.max_stored_result_bytes());
+                Box::pin(self.deliver(lease, &outcome, attempts, Some(generation), kept)).await;
             }
             Plan::Expire { attempts } => {
                 drop(permit);
@@ -1221,9 +1245,13 @@ impl<Q: CallQueue> Job<'_, Q> {
                 } else {
                     CallState::Failed
                 };
-                Box::pin(self.note_final(attempt, &outcome, next)).await;
+                let kept = Box::pin(self.note_final(attempt, &outcome, next)).await;
                 if self.cancelled_in_record() {
-                    // Cancelled while it ran and the announcement did not reach us.
+                    // Cancelled while it ran and the announcement did not reach us: nobody
+                    // reads its response (a cancelled call serves no result).
+                    if let Some(stored) = &outcome.stored {
+                        ctx.invoker.discard_stored(stored).await;
+                    }
                     return Box::pin(self.cancelled(lease, attempt)).await;
                 }
                 let generation = match ctx
@@ -1244,7 +1272,7 @@ impl<Q: CallQueue> Job<'_, Q> {
                     tracing::error!("fault injection: aborting after storing the outcome");
                     std::process::abort();
                 }
-                Box::pin(self.deliver(lease, &outcome, attempt, generation)).await;
+                Box::pin(self.deliver(lease, &outcome, attempt, generation, kept)).await;
             }
             Decision::RetryAfter(wait) => {
                 self.note(
@@ -1252,11 +1280,12 @@ impl<Q: CallQueue> Job<'_, Q> {
                     None,
                 )
                 .await;
-                if self.cancelled_in_record() {
-                    return Box::pin(self.cancelled(lease, attempt)).await;
-                }
+                // Not kept (only final answers are); the next attempt answers anew.
                 if let Some(stored) = &outcome.stored {
                     ctx.invoker.discard_stored(stored).await;
+                }
+                if self.cancelled_in_record() {
+                    return Box::pin(self.cancelled(lease, attempt)).await;
                 }
                 tracing::info!(retry_in = ?wait, "retryable failure; scheduling the next attempt");
                 ::metrics::counter!(metrics::RETRIES, "function" => self.label.clone())
@@ -1270,6 +1299,9 @@ impl<Q: CallQueue> Job<'_, Q> {
                 )
                 .await;
                 if self.cancelled_in_record() {
+                    if let Some(stored) = &outcome.stored {
+                        ctx.invoker.discard_stored(stored).await;
+                    }
                     return Box::pin(self.cancelled(lease, attempt)).await;
                 }
                 let detail = format!("{attempt} attempts, last status {}", outcome.status);
@@ -1292,7 +1324,9 @@ impl<Q: CallQueue> Job<'_, Q> {
 
     /// Records the end of the final attempt and keeps its response for the result endpoint
     /// when it fits: one write for both.
-    async fn note_final(&mut self, attempt: u32, outcome: &Outcome, next: CallState) {
+    /// Returns whether the record now names the response's blob (a response in the blob store
+    /// that is not is deleted once its callback is done).
+    async fn note_final(&mut self, attempt: u32, outcome: &Outcome, next: CallState) -> bool {
         let limit = self.ctx.queue.max_result_bytes();
         if let Some(stored) = &outcome.stored
             && stored.len > self.ctx.queue.max_stored_result_bytes()
@@ -1305,7 +1339,7 @@ impl<Q: CallQueue> Job<'_, Q> {
             );
             let ended = attempt_ended(attempt, outcome, next, Some(ResultAvailability::TooLarge));
             self.note(&[ended], None).await;
-            return;
+            return false;
         }
         let (kept, availability) = match StoredResult::encode_parts(
             outcome.status,
@@ -1336,12 +1370,15 @@ impl<Q: CallQueue> Job<'_, Q> {
             .note(std::slice::from_ref(&ended), kept)
             .await
             .is_none()
-            && had_result
         {
-            // Perhaps only the result could not be kept: record the end without it.
-            let ended = attempt_ended(attempt, outcome, next, None);
-            self.note(&[ended], None).await;
+            if had_result {
+                // Perhaps only the result could not be kept: record the end without it.
+                let ended = attempt_ended(attempt, outcome, next, None);
+                self.note(&[ended], None).await;
+            }
+            return false;
         }
+        had_result
     }
 
     /// Delivers the callback (if any), records it, marks the call done and acks. A callback
@@ -1352,13 +1389,11 @@ impl<Q: CallQueue> Job<'_, Q> {
         outcome: &Outcome,
         attempts: u32,
         generation: Option<Generation>,
+        kept: bool,
     ) {
         let ctx = self.ctx;
-        // A stored response too large to keep is read only by the callback.
-        let unkept = outcome
-            .stored
-            .as_ref()
-            .filter(|stored| stored.len > ctx.queue.max_stored_result_bytes());
+        // A stored response the record does not name is read only by the callback.
+        let unkept = outcome.stored.as_ref().filter(|_| !kept);
         if let Some(url) = self.call.meta.callback_url.clone() {
             let delivery = self.send_callback(&url, outcome, None).await;
             let Some(entry) = callback_entry(&delivery) else {
