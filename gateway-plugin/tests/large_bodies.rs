@@ -411,7 +411,13 @@ async fn the_sweep_removes_blobs_whose_record_is_gone_and_keeps_the_others() {
     use queue_core::backend::jetstream::{JetStreamOptions, JetStreamQueue};
 
     let nats = NatsServer::start().await.unwrap();
-    let function = StubFunction::start(StubBehavior::default()).await.unwrap();
+    // The function echoes: the finished call's 1 MiB result is kept in the store too.
+    let function = StubFunction::start(StubBehavior {
+        echo_body: true,
+        ..StubBehavior::default()
+    })
+    .await
+    .unwrap();
     let receiver = CallbackReceiver::start().await.unwrap();
     let gateway = Gateway::start(&nats.url(), &["--max-body-bytes", "8MiB"]).await;
     let client = http();
@@ -429,7 +435,11 @@ async fn the_sweep_removes_blobs_whose_record_is_gone_and_keeps_the_others() {
         ids.push(id.to_owned());
         if ids.len() == 1 {
             // The first one runs to its end before the second is queued.
-            let worker = Worker::start(&nats.url(), &function.url());
+            let worker = Worker::start_with(
+                &nats.url(),
+                &function.url(),
+                &["--max-result-bytes", "8MiB"],
+            );
             assert!(receiver.wait_for_count(1, DEADLINE).await);
             worker.shutdown().await;
         }
@@ -445,7 +455,10 @@ async fn the_sweep_removes_blobs_whose_record_is_gone_and_keeps_the_others() {
         )
         .await
         .unwrap();
-    assert_eq!(store.list().await.unwrap().len(), 3);
+    let listed = store.list().await.unwrap();
+    assert_eq!(listed.len(), 4, "{listed:?}");
+    let kept_result = BlobKey::for_call("finished-then-expired", BlobRole::Result).unwrap();
+    assert!(listed.iter().any(|b| b.key == kept_result), "{listed:?}");
 
     let config = gateway_plugin::GatewayConfig::try_parse_from([
         "gateway-plugin",
@@ -477,7 +490,8 @@ async fn the_sweep_removes_blobs_whose_record_is_gone_and_keeps_the_others() {
     let report = gateway_plugin::large::sweep_blobs(queue.as_ref(), &shared, Duration::ZERO)
         .await
         .unwrap();
-    assert_eq!(report.orphans, 2, "{report:?}");
+    // The expired call's body and kept result, and the orphan.
+    assert_eq!(report.orphans, 3, "{report:?}");
     let left: Vec<_> = store
         .list()
         .await
