@@ -7,7 +7,9 @@
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 use queue_core::backend::CallQueue;
-use queue_core::blobs::{BlobError, BlobKey, BlobRef, BlobRole, BlobStore, PutLimit, SharedBlobs};
+use queue_core::blobs::{
+    BlobError, BlobKey, BlobRef, BlobRole, BlobStore, PutOptions, SharedBlobs,
+};
 use queue_core::message::{BodyLocation, QueuedCall};
 
 use crate::error::ApiError;
@@ -87,15 +89,23 @@ where
         };
         let body = futures::stream::iter((!self.head.is_empty()).then_some(Ok(self.head)))
             .chain(self.rest);
-        let put_limit = PutLimit {
+        let namespace = self
+            .call
+            .meta
+            .namespace
+            .as_deref()
+            .unwrap_or(&state.default_namespace)
+            .to_ascii_lowercase();
+        let put_limit = PutOptions {
             max_bytes: limit,
             expected_len: self.declared,
+            namespace: Some(namespace),
         };
         if self.client_id {
             match state.queue.record_entry(call_id).await {
                 Ok(None) => {}
                 Ok(Some(_)) => {
-                    let (len, sha256) = hash_only(body, put_limit)
+                    let (len, sha256) = hash_only(body, &put_limit)
                         .await
                         .map_err(|e| if e { too_large() } else { unreadable_body() })?;
                     let location = BodyLocation::Blob(BlobRef {
@@ -145,7 +155,7 @@ where
 
 /// Reads the body to its end within `limit`: its length and SHA-256 (hex); `Err(true)` when
 /// too large, `Err(false)` when interrupted.
-async fn hash_only<S>(mut body: S, limit: PutLimit) -> Result<(u64, String), bool>
+async fn hash_only<S>(mut body: S, limit: &PutOptions) -> Result<(u64, String), bool>
 where
     S: Stream<Item = Result<Bytes, axum::Error>> + Unpin,
 {

@@ -355,6 +355,13 @@ async fn serve_loaded<Q: CallQueue>(
             follow_stop.clone(),
         ));
     }
+    if let (Some(quotas), Some(blobs)) = (&controls.quotas, &state.blobs) {
+        tokio::spawn(quota::follow_stored(
+            blobs.clone(),
+            quotas.clone(),
+            follow_stop.clone(),
+        ));
+    }
     if let Some(quotas) = controls.quotas {
         tokio::spawn(quota::follow_pending(
             queue.clone(),

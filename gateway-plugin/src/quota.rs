@@ -7,8 +7,14 @@
 //!   background every `pending_refresh` and never on the request's path: at the cap,
 //!   `429` `quota_exceeded`, nothing queued.
 //!
-//! Figures that are missing or too old (the queue did not answer) never refuse a call: the cap
-//! is then not enforced (fail open), with a warning, until the next good read.
+//! - a cap on the bytes a namespace holds in the blob store (large request bodies and kept
+//!   results, [`queue_core::blobs::stored_bytes_by_namespace`]), from a listing of the store
+//!   read in the background every `stored_refresh`: a namespace at its cap gets `429`
+//!   `quota_exceeded` for every call (its result may be stored too), one whose announced large
+//!   body would take it past the cap as well, and a body larger than the whole cap `413`.
+//!
+//! Figures that are missing or too old (the queue or the store did not answer) never refuse a
+//! call: the cap is then not enforced (fail open), with a warning, until the next good read.
 //!
 //! The file is a [`crate::reload::Reloadable`], read again every second and on SIGHUP: a change
 //! applies from the next call (the buckets keep their tokens); a file that no longer parses
@@ -20,6 +26,7 @@
 //! rate = 5          # calls per second, refilled continuously
 //! burst = 10        # calls at once from a full bucket (default: the rate, at least 1)
 //! max_pending = 1000
+//! max_stored_bytes = "50GiB"
 //! [namespaces."*"]  # every namespace without its own entry, each with its own bucket
 //! rate = 50
 //! [subjects.ci-bot] # a caller (token name, JWT subject, basic-auth user), in any namespace
@@ -38,6 +45,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use queue_core::backend::CallQueue;
+use queue_core::blobs::{BlobStore, SharedBlobs};
 use queue_core::message::canonical_function;
 use serde::Deserialize;
 use serde_json::json;
@@ -72,6 +80,11 @@ pub enum QuotaError {
 const REFRESH_BOUNDS: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(10));
 /// Default `pending_refresh`.
 const DEFAULT_REFRESH: Duration = Duration::from_millis(500);
+/// Bounds of `stored_refresh` (a listing of the whole store: not as often as the queue's figures).
+const STORED_REFRESH_BOUNDS: (Duration, Duration) =
+    (Duration::from_secs(1), Duration::from_secs(600));
+/// Default `stored_refresh`.
+const DEFAULT_STORED_REFRESH: Duration = Duration::from_secs(10);
 /// Buckets kept before the full (idle) ones are dropped: clients may name any namespace.
 const MAX_BUCKETS: usize = 10_000;
 
@@ -80,6 +93,8 @@ const MAX_BUCKETS: usize = 10_000;
 struct File {
     #[serde(default)]
     pending_refresh: Option<String>,
+    #[serde(default)]
+    stored_refresh: Option<String>,
     #[serde(default)]
     namespaces: BTreeMap<String, NamespaceLimit>,
     #[serde(default)]
@@ -92,6 +107,47 @@ struct RawLimit {
     rate: Option<f64>,
     burst: Option<u32>,
     max_pending: Option<u64>,
+    max_stored_bytes: Option<Size>,
+}
+
+/// A byte size in the file: a number of bytes or a text such as `"50GiB"`.
+#[derive(Debug)]
+enum Size {
+    Bytes(u64),
+    Text(String),
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Size;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a size: a number of bytes or a text such as \"50GiB\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Size, E> {
+                Ok(Size::Bytes(n))
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Size, E> {
+                u64::try_from(n)
+                    .map(Size::Bytes)
+                    .map_err(|_| E::custom(format!("a size is not negative, not {n}")))
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Size, E> {
+                Ok(Size::Text(text.to_owned()))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+impl Size {
+    fn bytes(&self) -> Result<u64, String> {
+        match self {
+            Self::Bytes(n) => Ok(*n),
+            Self::Text(text) => queue_core::settings::parse_bytes(text),
+        }
+    }
 }
 
 /// A rate with a burst.
@@ -109,6 +165,7 @@ pub struct Rate {
 struct NamespaceLimit {
     rate: Option<Rate>,
     max_pending: Option<u64>,
+    max_stored_bytes: Option<u64>,
 }
 
 /// The limit of one subject.
@@ -154,12 +211,21 @@ impl TryFrom<RawLimit> for NamespaceLimit {
         if raw.max_pending == Some(0) {
             return Err("max_pending must be at least 1".into());
         }
-        if rate.is_none() && raw.max_pending.is_none() {
-            return Err("a namespace entry needs rate and/or max_pending".into());
+        let max_stored_bytes = match &raw.max_stored_bytes {
+            None => None,
+            Some(size) => match size.bytes() {
+                Ok(0) => return Err("max_stored_bytes must be at least 1 byte".into()),
+                Ok(n) => Some(n),
+                Err(e) => return Err(format!("max_stored_bytes: {e}")),
+            },
+        };
+        if rate.is_none() && raw.max_pending.is_none() && max_stored_bytes.is_none() {
+            return Err("a namespace entry needs rate, max_pending and/or max_stored_bytes".into());
         }
         Ok(Self {
             rate,
             max_pending: raw.max_pending,
+            max_stored_bytes,
         })
     }
 }
@@ -171,6 +237,12 @@ impl TryFrom<RawLimit> for SubjectLimit {
         if raw.max_pending.is_some() {
             return Err(
                 "max_pending is per namespace (the queue counts calls by function), not per subject"
+                    .into(),
+            );
+        }
+        if raw.max_stored_bytes.is_some() {
+            return Err(
+                "max_stored_bytes is per namespace (stored bodies and results are kept by namespace), not per subject"
                     .into(),
             );
         }
@@ -260,6 +332,13 @@ struct PendingView {
     at: Instant,
 }
 
+/// The bytes stored per namespace, as last listed from the blob store.
+#[derive(Debug)]
+struct StoredView {
+    by_namespace: HashMap<String, u64>,
+    at: Instant,
+}
+
 /// Why a call is refused.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Refusal {
@@ -283,6 +362,27 @@ pub enum Refusal {
         /// Pending now (as last read).
         pending: u64,
     },
+    /// The namespace's stored bytes are at the cap, or this call's body would take them past.
+    Stored {
+        /// The namespace.
+        namespace: String,
+        /// The cap, bytes.
+        max_stored_bytes: u64,
+        /// Stored now (as last listed), bytes.
+        stored: u64,
+        /// The announced length of this call's body when it is stored apart, else 0.
+        incoming: u64,
+    },
+}
+
+impl Refusal {
+    /// The reason, as the audit log and the metrics name it.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Rate { .. } => "rate_limited",
+            Self::Pending { .. } | Self::Stored { .. } => "quota_exceeded",
+        }
+    }
 }
 
 /// The limits the file sets.
@@ -293,6 +393,7 @@ struct Limits {
     subjects: HashMap<String, SubjectLimit>,
     any_subject: Option<SubjectLimit>,
     refresh: Duration,
+    stored_refresh: Duration,
 }
 
 /// The quotas and the state of their buckets.
@@ -304,6 +405,8 @@ pub struct Quotas {
     subject_buckets: Buckets,
     pending: RwLock<Option<PendingView>>,
     warned_unknown: AtomicBool,
+    stored: RwLock<Option<StoredView>>,
+    warned_stored_unknown: AtomicBool,
 }
 
 /// The line (from 1) of byte `offset` in `text`.
@@ -338,6 +441,18 @@ impl Limits {
                 humantime::format_duration(REFRESH_BOUNDS.1)
             ));
         }
+        let stored_refresh = match &file.stored_refresh {
+            None => DEFAULT_STORED_REFRESH,
+            Some(text) => queue_core::settings::parse_duration(text)
+                .map_err(|e| format!("stored_refresh: {e}"))?,
+        };
+        if !(STORED_REFRESH_BOUNDS.0..=STORED_REFRESH_BOUNDS.1).contains(&stored_refresh) {
+            return Err(format!(
+                "stored_refresh must be between {} and {}",
+                humantime::format_duration(STORED_REFRESH_BOUNDS.0),
+                humantime::format_duration(STORED_REFRESH_BOUNDS.1)
+            ));
+        }
         let mut namespaces: HashMap<String, NamespaceLimit> = HashMap::new();
         let mut any_namespace = None;
         for (name, limit) in file.namespaces {
@@ -365,6 +480,7 @@ impl Limits {
             subjects,
             any_subject,
             refresh,
+            stored_refresh,
         })
     }
 
@@ -384,6 +500,13 @@ impl Limits {
             .values()
             .chain(self.any_namespace.as_ref())
             .any(|l| l.max_pending.is_some())
+    }
+
+    fn caps_stored(&self) -> bool {
+        self.namespaces
+            .values()
+            .chain(self.any_namespace.as_ref())
+            .any(|l| l.max_stored_bytes.is_some())
     }
 }
 
@@ -418,6 +541,8 @@ impl Quotas {
             subject_buckets: Buckets::default(),
             pending: RwLock::new(None),
             warned_unknown: AtomicBool::new(false),
+            stored: RwLock::new(None),
+            warned_stored_unknown: AtomicBool::new(false),
         }
     }
 
@@ -454,6 +579,30 @@ impl Quotas {
         (self.refresh() * 4).max(Duration::from_secs(2))
     }
 
+    /// Whether any namespace has a stored-bytes cap (else the store is never listed).
+    pub fn caps_stored(&self) -> bool {
+        self.limits().caps_stored()
+    }
+
+    /// How often the blob store is listed for the stored-bytes caps.
+    pub fn stored_refresh(&self) -> Duration {
+        self.limits().stored_refresh
+    }
+
+    /// Stored-bytes figures older than this are not believed.
+    fn stored_stale_after(&self) -> Duration {
+        (self.stored_refresh() * 4).max(Duration::from_secs(10))
+    }
+
+    /// Notes the bytes stored per namespace (lower case), listed at `at`.
+    pub fn note_stored(&self, by_namespace: HashMap<String, u64>, at: Instant) {
+        *self.stored.write().unwrap_or_else(|p| p.into_inner()) =
+            Some(StoredView { by_namespace, at });
+        if self.warned_stored_unknown.swap(false, Ordering::Relaxed) {
+            tracing::info!("blob store listed again: the stored-bytes caps are enforced");
+        }
+    }
+
     /// Notes the pending calls per function (`name` or `name.namespace`) read at `at`.
     pub fn note_pending<'a>(
         &self,
@@ -477,18 +626,23 @@ impl Quotas {
         }
     }
 
-    /// Whether a call of `namespace` from `subject` may be queued now; takes a token from each
-    /// bucket that applies when it may.
+    /// Whether a call of `namespace` from `subject`, whose body adds `incoming` bytes to the
+    /// blob store (0 for a body kept inline or of unknown length), may be queued now; takes a
+    /// token from each bucket that applies when it may.
     pub fn admit(
         &self,
         namespace: &str,
         subject: Option<&str>,
+        incoming: u64,
         now: Instant,
     ) -> Result<(), Refusal> {
         let limits = self.limits();
         let limit = limits.namespace_limit(namespace);
         if let Some(max_pending) = limit.and_then(|l| l.max_pending) {
             self.check_pending(namespace, max_pending, now)?;
+        }
+        if let Some(max_stored_bytes) = limit.and_then(|l| l.max_stored_bytes) {
+            self.check_stored(namespace, max_stored_bytes, incoming, now)?;
         }
         let namespace_rate = limit.and_then(|l| l.rate);
         if let Some(rate) = namespace_rate {
@@ -549,6 +703,86 @@ impl Quotas {
     }
 }
 
+impl Quotas {
+    fn check_stored(
+        &self,
+        namespace: &str,
+        max_stored_bytes: u64,
+        incoming: u64,
+        now: Instant,
+    ) -> Result<(), Refusal> {
+        let refusal = |stored| Refusal::Stored {
+            namespace: namespace.to_owned(),
+            max_stored_bytes,
+            stored,
+            incoming,
+        };
+        // Never fits, whatever is stored: no figures needed.
+        if incoming > max_stored_bytes {
+            return Err(refusal(0));
+        }
+        let view = self.stored.read().unwrap_or_else(|p| p.into_inner());
+        let fresh = view
+            .as_ref()
+            .filter(|v| now.saturating_duration_since(v.at) <= self.stored_stale_after());
+        let Some(view) = fresh else {
+            if !self.warned_stored_unknown.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "the blob store's figures are unknown or too old: stored-bytes caps are not enforced until it is listed again"
+                );
+            }
+            return Ok(());
+        };
+        let stored = view.by_namespace.get(namespace).copied().unwrap_or(0);
+        if stored >= max_stored_bytes || stored.saturating_add(incoming) > max_stored_bytes {
+            return Err(refusal(stored));
+        }
+        Ok(())
+    }
+}
+
+/// Lists the blob store every `quotas.stored_refresh()` until `stop` (only while a stored-bytes
+/// cap is set), for the stored-bytes caps.
+pub async fn follow_stored(blobs: SharedBlobs, quotas: Arc<Quotas>, stop: CancellationToken) {
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(quotas.stored_refresh()) => {}
+        }
+        if !quotas.caps_stored() {
+            continue;
+        }
+        let started = Instant::now();
+        let list = async {
+            let store = blobs.store().await?;
+            store.list().await
+        };
+        let read = tokio::select! {
+            () = stop.cancelled() => return,
+            read = tokio::time::timeout(quotas.stored_stale_after(), list) => read,
+        };
+        match read {
+            Ok(Ok(entries)) => {
+                failing = false;
+                quotas.note_stored(
+                    queue_core::blobs::stored_bytes_by_namespace(&entries),
+                    started,
+                );
+            }
+            Ok(Err(e)) if !failing => {
+                failing = true;
+                tracing::warn!(error = %e, "blob store not listed for the stored-bytes caps");
+            }
+            Err(_) if !failing => {
+                failing = true;
+                tracing::warn!("blob store not listed in time for the stored-bytes caps");
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Reads the pending figures every `quotas.refresh()` until `stop` (only while a cap is set).
 pub async fn follow_pending<Q: CallQueue>(
     queue: Arc<Q>,
@@ -592,8 +826,10 @@ pub async fn follow_pending<Q: CallQueue>(
     }
 }
 
-/// The `429` of a refusal.
+/// The `429` of a refusal (`413` for a body larger than its namespace's whole stored-bytes cap,
+/// which waiting never helps).
 pub fn refused(refusal: &Refusal, retry_after_pending: Duration) -> Response {
+    let mut status = StatusCode::TOO_MANY_REQUESTS;
     let (code, message, limit, retry_after) = match refusal {
         Refusal::Rate {
             kind,
@@ -628,27 +864,62 @@ pub fn refused(refusal: &Refusal, retry_after_pending: Duration) -> Response {
             json!({ "kind": "namespace", "namespace": namespace, "max_pending": max_pending, "pending": pending }),
             retry_after_pending,
         ),
+        Refusal::Stored {
+            namespace,
+            max_stored_bytes,
+            stored,
+            incoming,
+        } => {
+            let message = if incoming > max_stored_bytes {
+                status = StatusCode::PAYLOAD_TOO_LARGE;
+                format!(
+                    "the body of {incoming} bytes is more than namespace {namespace} may store ({max_stored_bytes} bytes); nothing was queued"
+                )
+            } else if stored >= max_stored_bytes {
+                format!(
+                    "namespace {namespace} stores {stored} bytes of bodies and results, its quota is {max_stored_bytes}; nothing was queued"
+                )
+            } else {
+                format!(
+                    "namespace {namespace} stores {stored} bytes of bodies and results, and this body of {incoming} bytes would take it past its quota of {max_stored_bytes}; nothing was queued"
+                )
+            };
+            let mut limit = json!({
+                "kind": "namespace",
+                "namespace": namespace,
+                "max_stored_bytes": max_stored_bytes,
+                "stored_bytes": stored,
+            });
+            if *incoming > 0 {
+                limit["body_bytes"] = json!(incoming);
+            }
+            ("quota_exceeded", message, limit, retry_after_pending)
+        }
     };
     metrics::counter!(queue_core::metrics::REFUSED, "reason" => code).increment(1);
     let mut response = (
-        StatusCode::TOO_MANY_REQUESTS,
+        status,
         axum::Json(json!({ "error": code, "message": message, "limit": limit })),
     )
         .into_response();
-    // Whole seconds, rounded up: a client that waits as long finds a token.
-    let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
-    response
-        .headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        // Whole seconds, rounded up: a client that waits as long finds a token.
+        let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    }
     response
 }
 
 /// The layer of the async routes: the call's namespace (from the path) and subject (from the
-/// authorization layer, when there is one) must be within their quotas.
+/// authorization layer, when there is one) must be within their quotas; a `Content-Length`
+/// above `inline` (the body is stored apart) counts against the stored-bytes cap.
 pub async fn layer(
     quotas: Arc<Quotas>,
     default_namespace: Arc<str>,
     retry_after: Duration,
+    inline: u64,
     request: Request,
     next: Next,
 ) -> Response {
@@ -668,11 +939,15 @@ pub async fn layer(
         .extensions()
         .get::<Arc<Principal>>()
         .map(|p| p.subject.clone());
-    if let Err(refusal) = quotas.admit(&namespace, subject.as_deref(), Instant::now()) {
-        let reason = match refusal {
-            Refusal::Rate { .. } => "rate_limited",
-            Refusal::Pending { .. } => "quota_exceeded",
-        };
+    let incoming = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|len| *len > inline)
+        .unwrap_or(0);
+    if let Err(refusal) = quotas.admit(&namespace, subject.as_deref(), incoming, Instant::now()) {
+        let reason = refusal.reason();
         tracing::info!(
             namespace,
             subject = subject.as_deref(),
@@ -741,9 +1016,12 @@ burst = 2
                     per_second: 5.0,
                     burst: 10
                 }),
-                max_pending: Some(1000)
+                max_pending: Some(1000),
+                max_stored_bytes: Some(50 << 30),
             })
         );
+        assert_eq!(q.stored_refresh(), Duration::from_secs(10));
+        assert!(q.caps_stored());
         assert_eq!(q.namespace_limit("openfaas-fn").unwrap().rate, None);
         assert_eq!(
             q.namespace_limit("team-z").unwrap().rate.unwrap().burst,
@@ -802,16 +1080,16 @@ burst = 2
         let q = Quotas::parse(FILE).unwrap();
         let t0 = Instant::now();
         for _ in 0..5 {
-            q.admit("team-b", None, t0).unwrap();
+            q.admit("team-b", None, 0, t0).unwrap();
         }
         let mut refused = 0;
         for _ in 0..5 {
-            match q.admit("team-a", None, t0) {
+            match q.admit("team-a", None, 0, t0) {
                 Ok(()) => {}
                 Err(r) => panic!("{r:?}"),
             }
         }
-        match q.admit("team-a", None, t0) {
+        match q.admit("team-a", None, 0, t0) {
             Err(Refusal::Rate {
                 kind, retry_after, ..
             }) => {
@@ -823,10 +1101,10 @@ burst = 2
         }
         assert_eq!(refused, 1);
         // 200 ms later, one more token (5 per second).
-        q.admit("team-a", None, t0 + Duration::from_millis(200))
+        q.admit("team-a", None, 0, t0 + Duration::from_millis(200))
             .unwrap();
         assert!(
-            q.admit("team-a", None, t0 + Duration::from_millis(200))
+            q.admit("team-a", None, 0, t0 + Duration::from_millis(200))
                 .is_err()
         );
     }
@@ -835,10 +1113,10 @@ burst = 2
     fn a_subject_refusal_does_not_spend_the_namespace_token() {
         let q = Quotas::parse(FILE).unwrap();
         let t0 = Instant::now();
-        q.admit("team-a", Some("ci-bot"), t0).unwrap();
-        q.admit("team-a", Some("ci-bot"), t0).unwrap();
+        q.admit("team-a", Some("ci-bot"), 0, t0).unwrap();
+        q.admit("team-a", Some("ci-bot"), 0, t0).unwrap();
         assert!(matches!(
-            q.admit("team-a", Some("ci-bot"), t0),
+            q.admit("team-a", Some("ci-bot"), 0, t0),
             Err(Refusal::Rate {
                 kind: "subject",
                 ..
@@ -846,9 +1124,9 @@ burst = 2
         ));
         // Three tokens of team-a's five are left.
         for _ in 0..3 {
-            q.admit("team-a", Some("someone"), t0).unwrap();
+            q.admit("team-a", Some("someone"), 0, t0).unwrap();
         }
-        assert!(q.admit("team-a", Some("someone"), t0).is_err());
+        assert!(q.admit("team-a", Some("someone"), 0, t0).is_err());
     }
 
     #[test]
@@ -856,23 +1134,132 @@ burst = 2
         let q = Quotas::parse("[namespaces.team-a]\nmax_pending = 3\n").unwrap();
         let t0 = Instant::now();
         // Unknown: not enforced.
-        q.admit("team-a", None, t0).unwrap();
+        q.admit("team-a", None, 0, t0).unwrap();
         q.note_pending(
             [("fn.team-a", 2), ("other.team-a", 1), ("fn", 50)].into_iter(),
             "openfaas-fn",
             t0,
         );
         assert_eq!(
-            q.admit("team-a", None, t0),
+            q.admit("team-a", None, 0, t0),
             Err(Refusal::Pending {
                 namespace: "team-a".into(),
                 max_pending: 3,
                 pending: 3
             })
         );
-        q.admit("openfaas-fn", None, t0).unwrap();
+        q.admit("openfaas-fn", None, 0, t0).unwrap();
         // Too old (the queue stopped answering): not enforced.
-        q.admit("team-a", None, t0 + Duration::from_secs(30))
+        q.admit("team-a", None, 0, t0 + Duration::from_secs(30))
+            .unwrap();
+    }
+
+    #[test]
+    fn stored_bytes_caps_parse_as_numbers_or_sizes_and_bad_ones_name_the_line() {
+        let q = Quotas::parse(
+            "stored_refresh = \"2s\"\n[namespaces.a]\nmax_stored_bytes = 1000\n[namespaces.b]\nmax_stored_bytes = \"2MiB\"\n",
+        )
+        .unwrap();
+        assert_eq!(q.namespace_limit("a").unwrap().max_stored_bytes, Some(1000));
+        assert_eq!(
+            q.namespace_limit("b").unwrap().max_stored_bytes,
+            Some(2 << 20)
+        );
+        assert_eq!(q.stored_refresh(), Duration::from_secs(2));
+        assert!(q.caps_stored());
+        assert!(!q.caps_pending());
+        assert!(
+            !Quotas::parse("[namespaces.a]\nrate = 1\n")
+                .unwrap()
+                .caps_stored()
+        );
+        for (text, what) in [
+            ("[namespaces.a]\nmax_stored_bytes = 0\n", "at least 1 byte"),
+            (
+                "[namespaces.a]\nmax_stored_bytes = \"5XB\"\n",
+                "unknown size unit",
+            ),
+            (
+                "[namespaces.a]\nmax_stored_bytes = -5\n",
+                "not negative, not -5",
+            ),
+            (
+                "[namespaces.a]\nmax_stored_bytes = 1.5\n",
+                "a number of bytes",
+            ),
+            (
+                "[subjects.bot]\nrate = 1\nmax_stored_bytes = 10\n",
+                "per namespace",
+            ),
+            ("stored_refresh = \"100ms\"\n", "between 1s and 10m"),
+            ("stored_refresh = \"soon\"\n", "stored_refresh"),
+        ] {
+            let e = Quotas::parse(text).unwrap_err();
+            assert!(e.contains(what), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_stored_bytes_cap_holds_on_fresh_figures_and_fails_open_without() {
+        let q =
+            Quotas::parse("[namespaces.team-a]\nmax_stored_bytes = 1000\nrate = 1\nburst = 4\n")
+                .unwrap();
+        let t0 = Instant::now();
+        // Unknown figures: not enforced, except for a body larger than the whole cap.
+        q.admit("team-a", None, 900, t0).unwrap();
+        let too_big = q.admit("team-a", None, 1001, t0).unwrap_err();
+        assert_eq!(
+            too_big,
+            Refusal::Stored {
+                namespace: "team-a".into(),
+                max_stored_bytes: 1000,
+                stored: 0,
+                incoming: 1001
+            }
+        );
+        let response = refused(&too_big, Duration::from_secs(5));
+        assert_eq!(response.status(), 413);
+        assert!(!response.headers().contains_key(header::RETRY_AFTER));
+
+        q.note_stored(HashMap::from([("team-a".to_owned(), 600)]), t0);
+        q.admit("team-a", None, 0, t0).unwrap();
+        q.admit("team-a", None, 400, t0).unwrap();
+        assert_eq!(
+            q.admit("team-a", None, 401, t0),
+            Err(Refusal::Stored {
+                namespace: "team-a".into(),
+                max_stored_bytes: 1000,
+                stored: 600,
+                incoming: 401
+            })
+        );
+        q.admit("team-b", None, 5000, t0).unwrap();
+
+        // At the cap, every call is refused (its result may be stored too), and the refusals
+        // spend no token: one of the four is left.
+        q.note_stored(HashMap::from([("team-a".to_owned(), 1000)]), t0);
+        let at_cap = q.admit("team-a", None, 0, t0).unwrap_err();
+        assert_eq!(at_cap.reason(), "quota_exceeded");
+        let response = refused(&at_cap, Duration::from_secs(5));
+        assert_eq!(response.status(), 429);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "5");
+        for _ in 0..100 {
+            assert!(q.admit("team-a", None, 0, t0).is_err());
+        }
+        q.note_stored(HashMap::new(), t0);
+        q.admit("team-a", None, 0, t0).unwrap();
+        assert!(matches!(
+            q.admit("team-a", None, 0, t0),
+            Err(Refusal::Rate { .. })
+        ));
+
+        // Figures older than 4 x stored_refresh (at least 10 s) are not believed.
+        q.note_stored(HashMap::from([("team-a".to_owned(), 5000)]), t0);
+        assert!(
+            q.admit("team-a", None, 0, t0 + Duration::from_secs(5))
+                .is_err()
+        );
+        q.admit("team-a", None, 0, t0 + Duration::from_secs(60))
             .unwrap();
     }
 

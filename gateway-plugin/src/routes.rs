@@ -386,12 +386,15 @@ pub fn router<Q: CallQueue>(state: Arc<AppState<Q>>) -> Router {
             // Inside the authorization layer: the subject is known, refused calls spend nothing.
             let default_namespace: Arc<str> = Arc::from(state.default_namespace.as_str());
             let retry_after = state.retry_after;
+            // Read per request: a JetStream server's message limit may change.
+            let sizes = state.clone();
             endpoint = endpoint.route_layer(axum::middleware::from_fn(
                 move |request: Request, next: axum::middleware::Next| {
                     crate::quota::layer(
                         quotas.clone(),
                         default_namespace.clone(),
                         retry_after,
+                        sizes.inline_limit(),
                         request,
                         next,
                     )

@@ -8,8 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{DEADLINE, Gateway, Worker, http, queued};
-use queue_core::blobs::jetstream::JetStreamBlobs;
+use common::{DEADLINE, Gateway, Worker, blobs, http, queued};
 use queue_core::blobs::{BlobKey, BlobRole, BlobStore};
 use queue_core::sealing::Sealing;
 use test_support::NatsServer;
@@ -35,19 +34,6 @@ fn sha256(bytes: &[u8]) -> Vec<u8> {
     ring::digest::digest(&ring::digest::SHA256, bytes)
         .as_ref()
         .to_vec()
-}
-
-async fn blobs(nats_url: &str) -> JetStreamBlobs {
-    let client = async_nats::connect(nats_url).await.unwrap();
-    let js = async_nats::jetstream::new(client);
-    let end = Instant::now() + DEADLINE;
-    loop {
-        match JetStreamBlobs::open(&js, "faas-async", Sealing::off()).await {
-            Ok(blobs) => return blobs,
-            Err(e) if Instant::now() > end => panic!("the gateway made no blob bucket: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
 }
 
 /// Messages in the blob bucket's stream (records and infos; 0 when nothing is stored).
@@ -111,6 +97,11 @@ async fn a_64_mib_body_goes_through_the_blob_store_to_the_function_and_back() {
     let key = BlobKey::for_call(&call_id, BlobRole::Request).unwrap();
     assert_eq!(listed[0].key, key);
     assert_eq!(listed[0].len, 64 * MIB as u64);
+    assert_eq!(
+        listed[0].namespace.as_deref(),
+        Some("openfaas-fn"),
+        "the stored body names its namespace (the default one written out)"
+    );
     let client_nats = async_nats::connect(nats.url()).await.unwrap();
     let js = async_nats::jetstream::new(client_nats);
     let mut calls = js.get_stream("faas-async").await.unwrap();
@@ -181,6 +172,11 @@ async fn a_64_mib_body_goes_through_the_blob_store_to_the_function_and_back() {
         .find(|b| b.key == result_key)
         .expect("result stored");
     assert_eq!(kept.len, 64 * MIB as u64);
+    assert_eq!(
+        kept.namespace.as_deref(),
+        Some("openfaas-fn"),
+        "the worker's result names its namespace"
+    );
     let small_key = BlobKey::for_call(&small_id, BlobRole::Result).unwrap();
     assert!(!listed.iter().any(|b| b.key == small_key), "{listed:?}");
     let result_url = format!("{}/async-calls/{call_id}/result", gateway.url);
@@ -404,6 +400,75 @@ async fn cancel_deletes_the_stored_body_and_the_call_is_never_run() {
     gateway.shutdown().await;
 }
 
+/// A call cancelled while its function runs and answers above `--inline-response-bytes`:
+/// whether the worker stops the call or stores the answer and then finds the call cancelled,
+/// nothing is left in the store (listed) once the worker is done with the call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancel_of_a_running_call_leaves_no_stored_result() {
+    let nats = NatsServer::start().await.unwrap();
+    let function = StubFunction::start(StubBehavior {
+        delay: Duration::from_secs(2),
+        response_bytes: Some(2 * MIB),
+        ..StubBehavior::default()
+    })
+    .await
+    .unwrap();
+    let receiver = CallbackReceiver::start().await.unwrap();
+    let gateway = Gateway::start(&nats.url(), &[]).await;
+    let worker = Worker::start_with(
+        &nats.url(),
+        &function.url(),
+        &["--max-response-bytes", "8MiB"],
+    );
+    let client = http();
+    let response = client
+        .post(format!("{}/async-function/slow", gateway.url))
+        .header("X-Callback-Url", receiver.url())
+        .body("small")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let call_id = response.headers()["x-call-id"].to_str().unwrap().to_owned();
+    wait_for("the function to be called", || async {
+        function.count() == 1
+    })
+    .await;
+
+    let cancel = client
+        .delete(format!("{}/async-calls/{call_id}", gateway.url))
+        .send()
+        .await
+        .unwrap();
+    assert!(cancel.status().is_success(), "{}", cancel.status());
+    // Done with the call: acknowledged, and the record says cancelled.
+    wait_for("the queue to be empty", || async {
+        queued(&nats.url()).await == 0
+    })
+    .await;
+    let store = blobs(&nats.url()).await;
+    wait_for("nothing stored", || async {
+        store.list().await.unwrap().is_empty()
+    })
+    .await;
+    let answer = client
+        .get(format!("{}/async-calls/{call_id}", gateway.url))
+        .send()
+        .await
+        .unwrap();
+    let record: serde_json::Value = serde_json::from_slice(&answer.bytes().await.unwrap()).unwrap();
+    assert_eq!(record["state"], "cancelled", "{record}");
+    let result = client
+        .get(format!("{}/async-calls/{call_id}/result", gateway.url))
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(result.status(), 200, "a cancelled call has no result");
+    assert_eq!(function.count(), 1, "run once");
+    worker.shutdown().await;
+    gateway.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_sweep_removes_blobs_whose_record_is_gone_and_keeps_the_others() {
     use clap::Parser;
@@ -451,7 +516,7 @@ async fn the_sweep_removes_blobs_whose_record_is_gone_and_keeps_the_others() {
         .put(
             &orphan,
             futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"x"))]),
-            queue_core::blobs::PutLimit::at_most(10),
+            queue_core::blobs::PutOptions::at_most(10),
         )
         .await
         .unwrap();
@@ -505,7 +570,7 @@ async fn the_sweep_removes_blobs_whose_record_is_gone_and_keeps_the_others() {
         .put(
             &orphan,
             futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"x"))]),
-            queue_core::blobs::PutLimit::at_most(10),
+            queue_core::blobs::PutOptions::at_most(10),
         )
         .await
         .unwrap();

@@ -12,15 +12,14 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::Parser;
-use common::{DEADLINE, Gateway, assert_json_error, http};
+use common::{DEADLINE, Gateway, assert_json_error, blobs, http};
 use queue_core::backend::apply_event;
 use queue_core::backend::jetstream::{JetStreamOptions, JetStreamQueue};
 use queue_core::blobs::jetstream::JetStreamBlobs;
-use queue_core::blobs::{BlobKey, BlobRef, BlobRole, BlobStore, PutLimit};
+use queue_core::blobs::{BlobKey, BlobRef, BlobRole, BlobStore, PutOptions};
 use queue_core::records::{CallState, Event, ResultAvailability, StoredResult};
 use queue_core::sealing::Sealing;
 use test_support::NatsServer;
@@ -40,20 +39,6 @@ fn body_of(len: usize, seed: u64) -> Vec<u8> {
             state.to_le_bytes()[0]
         })
         .collect()
-}
-
-/// The gateway's blob bucket, once it has made it.
-async fn blobs(nats_url: &str) -> JetStreamBlobs {
-    let client = async_nats::connect(nats_url).await.unwrap();
-    let js = async_nats::jetstream::new(client);
-    let end = Instant::now() + DEADLINE;
-    loop {
-        match JetStreamBlobs::open(&js, "faas-async", Sealing::off()).await {
-            Ok(blobs) => return blobs,
-            Err(e) if Instant::now() > end => panic!("the gateway made no blob bucket: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
 }
 
 /// The queue as a worker opens it (streams and records bucket as the gateway made them).
@@ -126,7 +111,7 @@ async fn put_result_blob(store: &JetStreamBlobs, call_id: &str, body: &[u8]) -> 
         .put(
             &key,
             futures::stream::iter(chunks),
-            PutLimit::at_most(body.len() as u64),
+            PutOptions::at_most(body.len() as u64),
         )
         .await
         .unwrap();

@@ -271,3 +271,112 @@ async fn a_subject_over_its_rate_gets_429_while_another_caller_is_unaffected() {
     assert_eq!(common::queued(&nats.url()).await, 7);
     gateway.shutdown().await;
 }
+
+/// A namespace's stored-bytes cap against the blob store it fills: large bodies are accepted
+/// until the gateway's listing shows the namespace past its cap, then refused `429
+/// quota_exceeded` (nothing stored, nothing queued); a body larger than the whole cap is `413`
+/// at once; another namespace is unaffected; cancelling the calls frees the space.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_namespace_at_its_stored_bytes_cap_gets_quota_exceeded_until_space_is_freed() {
+    use queue_core::blobs::{BlobStore, stored_bytes_by_namespace};
+
+    const BODY: usize = 600 * 1024;
+    const CAP: u64 = 1024 * 1024;
+    let nats = NatsServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = quotas_file(
+        &dir,
+        "stored_refresh = \"1s\"\n[namespaces.team-s]\nmax_stored_bytes = \"1MiB\"\n",
+    );
+    let gateway = Gateway::start(
+        &nats.url(),
+        &["--quotas-file", &file, "--max-body-bytes", "8MiB"],
+    )
+    .await;
+    let client = http();
+    let send = |function: &str, len: usize| {
+        client
+            .post(format!("{}/async-function/{function}", gateway.url))
+            .body(vec![b'x'; len])
+            .send()
+    };
+    let call_id = |r: &reqwest::Response| r.headers()["x-call-id"].to_str().unwrap().to_owned();
+
+    // Larger than the whole cap: 413 at once, figures or not.
+    let too_big = send("fn.team-s", 2 * 1024 * 1024).await.unwrap();
+    assert_eq!(too_big.status(), 413);
+    assert!(!too_big.headers().contains_key("retry-after"));
+    let body: Value = serde_json::from_slice(&too_big.bytes().await.unwrap()).unwrap();
+    assert_eq!(body["error"], "quota_exceeded", "{body}");
+    assert_eq!(body["limit"]["max_stored_bytes"], CAP, "{body}");
+    assert_eq!(body["limit"]["body_bytes"], 2 * 1024 * 1024, "{body}");
+
+    // Stored bodies are taken until the listing shows them, then refused.
+    let mut accepted = Vec::new();
+    let end = Instant::now() + DEADLINE;
+    let refused = loop {
+        let r = send("fn.team-s", BODY).await.unwrap();
+        match r.status().as_u16() {
+            202 => accepted.push(call_id(&r)),
+            429 => break r,
+            other => panic!("unexpected {other}"),
+        }
+        assert!(Instant::now() < end, "the cap was never enforced");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!accepted.is_empty());
+    assert!(refused.headers().contains_key("retry-after"));
+    let body: Value = serde_json::from_slice(&refused.bytes().await.unwrap()).unwrap();
+    assert_eq!(body["error"], "quota_exceeded", "{body}");
+    assert_eq!(body["limit"]["namespace"], "team-s", "{body}");
+    assert_eq!(body["limit"]["max_stored_bytes"], CAP, "{body}");
+    assert_eq!(body["limit"]["body_bytes"], BODY, "{body}");
+    let stored = body["limit"]["stored_bytes"].as_u64().unwrap();
+    assert!(stored >= BODY as u64, "{body}");
+    assert!(stored + BODY as u64 > CAP, "{body}");
+
+    // What the gateway summed is in the store, under the namespace.
+    let store = common::blobs(&nats.url()).await;
+    let listed = store.list().await.unwrap();
+    assert_eq!(
+        listed.len(),
+        accepted.len(),
+        "refused bodies are not stored"
+    );
+    let sums = stored_bytes_by_namespace(&listed);
+    assert_eq!(sums["team-s"], (BODY * accepted.len()) as u64);
+    assert_eq!(common::queued(&nats.url()).await, accepted.len() as u64);
+
+    // A small call is stored nothing apart: refused only once the namespace is at its cap.
+    let small = send("fn.team-s", 10).await.unwrap();
+    if sums["team-s"] >= CAP {
+        assert_eq!(small.status(), 429);
+    } else {
+        assert_eq!(small.status(), 202);
+        accepted.push(call_id(&small));
+    }
+    // Another namespace is not capped.
+    assert_eq!(send("fn.team-t", BODY).await.unwrap().status(), 202);
+
+    // Cancelling the calls deletes their bodies: once listed again, bodies are taken.
+    for id in &accepted {
+        let r = client
+            .delete(format!("{}/async-calls/{id}", gateway.url))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.status());
+    }
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let r = send("fn.team-s", BODY).await.unwrap();
+        match r.status().as_u16() {
+            202 => break,
+            429 => {}
+            other => panic!("unexpected {other}"),
+        }
+        assert!(Instant::now() < end, "the freed space was never seen");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    gateway.shutdown().await;
+}

@@ -12,7 +12,8 @@ use futures::{Stream, StreamExt};
 use queue_core::blobs::files::FileBlobs;
 use queue_core::blobs::jetstream::{BucketSettings, JetStreamBlobs};
 use queue_core::blobs::{
-    BlobError, BlobKey, BlobRole, BlobStore, ByteRange, CHUNK_BYTES, PutLimit, sweep,
+    BlobError, BlobKey, BlobRole, BlobStore, ByteRange, CHUNK_BYTES, PutOptions,
+    stored_bytes_by_namespace, sweep,
 };
 use queue_core::sealing::{Keyring, Sealing};
 use test_support::NatsServer;
@@ -250,7 +251,7 @@ async fn round_trip_32_mib<B: Backend>(b: B) {
     let k = key("call-32", BlobRole::Request);
     let len = 32 * MIB;
     let put = store
-        .put(&k, body(len, 64 * 1024), PutLimit::at_most(64 * MIB))
+        .put(&k, body(len, 64 * 1024), PutOptions::at_most(64 * MIB))
         .await
         .unwrap();
     assert_eq!(put.len, len);
@@ -293,7 +294,7 @@ async fn empty_and_one_byte_blobs<B: Backend>(b: B) {
     ] {
         let k = key(&format!("small-{n}"), BlobRole::Result);
         let put = store
-            .put(&k, body(len, 1000), PutLimit::at_most(MIB))
+            .put(&k, body(len, 1000), PutOptions::at_most(MIB))
             .await
             .unwrap();
         assert_eq!(put.len, len);
@@ -308,7 +309,7 @@ async fn too_large_leaves_nothing<B: Backend>(b: B) {
     let store = b.store();
     let k = key("big", BlobRole::Request);
     let err = store
-        .put(&k, body(3 * MIB, 64 * 1024), PutLimit::at_most(MIB))
+        .put(&k, body(3 * MIB, 64 * 1024), PutOptions::at_most(MIB))
         .await
         .unwrap_err();
     assert!(
@@ -316,9 +317,10 @@ async fn too_large_leaves_nothing<B: Backend>(b: B) {
         "{err}"
     );
     // An announced length above the limit is refused before reading.
-    let announced = PutLimit {
+    let announced = PutOptions {
         max_bytes: MIB,
         expected_len: Some(MIB + 1),
+        namespace: None,
     };
     let err = store
         .put(&k, body(MIB + 1, 64 * 1024), announced)
@@ -341,7 +343,7 @@ async fn interrupted_source_leaves_nothing<B: Backend>(b: B) {
         .chain(futures::stream::iter([Err("connection reset".to_owned())]))
         .boxed();
     let err = store
-        .put(&k, failing, PutLimit::at_most(4 * MIB))
+        .put(&k, failing, PutOptions::at_most(4 * MIB))
         .await
         .unwrap_err();
     assert!(
@@ -349,9 +351,10 @@ async fn interrupted_source_leaves_nothing<B: Backend>(b: B) {
         "{err}"
     );
     // Ending short of the announced length is an interruption too.
-    let short = PutLimit {
+    let short = PutOptions {
         max_bytes: 4 * MIB,
         expected_len: Some(2 * MIB),
+        namespace: None,
     };
     let err = store
         .put(&k, body(MIB, 64 * 1024), short)
@@ -366,7 +369,7 @@ async fn dropped_put_leaves_nothing<B: Backend>(b: B) {
     let store = b.store().clone();
     let (tx, rx) = futures::channel::mpsc::channel::<Result<Bytes, Infallible>>(4);
     let k = key("dropped", BlobRole::Request);
-    let put = tokio::spawn(async move { store.put(&k, rx, PutLimit::at_most(64 * MIB)).await });
+    let put = tokio::spawn(async move { store.put(&k, rx, PutOptions::at_most(64 * MIB)).await });
     let mut tx = tx;
     for _ in 0..4 {
         futures::SinkExt::send(&mut tx, Ok(Bytes::from(vec![1u8; CHUNK_BYTES])))
@@ -391,7 +394,7 @@ async fn range_reads<B: Backend>(b: B) {
     // More chunks than the JetStream index stride, and a short last chunk.
     let len = 9 * MIB + 123;
     store
-        .put(&k, body(len, 100_000), PutLimit::at_most(16 * MIB))
+        .put(&k, body(len, 100_000), PutOptions::at_most(16 * MIB))
         .await
         .unwrap();
     let all = collect(body(len, 1 << 20).map(|item| Ok(item.unwrap()))).await;
@@ -453,7 +456,7 @@ async fn tampered_digest_fails_at_the_end<B: Backend>(b: B) {
     let store = b.store();
     let k = key("tampered", BlobRole::Result);
     store
-        .put(&k, body(MIB, 64 * 1024), PutLimit::at_most(MIB))
+        .put(&k, body(MIB, 64 * 1024), PutOptions::at_most(MIB))
         .await
         .unwrap();
     b.tamper_digest(&k).await;
@@ -475,7 +478,7 @@ async fn delete_then_get_is_not_found<B: Backend>(b: B) {
     let store = b.store();
     let k = key("gone", BlobRole::Request);
     store
-        .put(&k, body(300_000, 64 * 1024), PutLimit::at_most(MIB))
+        .put(&k, body(300_000, 64 * 1024), PutOptions::at_most(MIB))
         .await
         .unwrap();
     store.delete(&k).await.unwrap();
@@ -492,11 +495,11 @@ async fn put_replaces_and_keeps_one_copy<B: Backend>(b: B) {
     let store = b.store();
     let k = key("twice", BlobRole::Result);
     store
-        .put(&k, body(MIB, 64 * 1024), PutLimit::at_most(MIB))
+        .put(&k, body(MIB, 64 * 1024), PutOptions::at_most(MIB))
         .await
         .unwrap();
     let second = store
-        .put(&k, body(1000, 64), PutLimit::at_most(MIB))
+        .put(&k, body(1000, 64), PutOptions::at_most(MIB))
         .await
         .unwrap();
     let read = store.get(&k, None).await.unwrap();
@@ -523,7 +526,7 @@ async fn keys_are_checked<B: Backend>(b: B) {
     let odd = key("../../etc/passwd", BlobRole::Request);
     let store = b.store();
     store
-        .put(&odd, body(10, 10), PutLimit::at_most(10))
+        .put(&odd, body(10, 10), PutOptions::at_most(10))
         .await
         .unwrap();
     let listed = store.list().await.unwrap();
@@ -545,7 +548,7 @@ async fn list_and_sweep<B: Backend>(b: B) {
             .put(
                 &key(id, BlobRole::Result),
                 body(len, 64),
-                PutLimit::at_most(MIB),
+                PutOptions::at_most(MIB),
             )
             .await
             .unwrap();
@@ -599,6 +602,79 @@ async fn list_and_sweep<B: Backend>(b: B) {
     eventually("nothing stored", || async { b.residue().await == 0 }).await;
 }
 
+/// The namespace a put names is listed with the blob (sealed or not), summed per namespace,
+/// replaced with the blob, and a namespace that could not be stored is refused before
+/// anything is.
+async fn namespaces_are_listed_and_summed<B: Backend>(b: B) {
+    let sealed = b.with_sealing(sealing()).await;
+    for (store, id, len, ns) in [
+        (b.store(), "a1", 300_000u64, Some("team-a")),
+        (b.store(), "a2", 5, Some("Team-A")),
+        (&sealed, "b1", 7, Some("team-b")),
+        (b.store(), "none", 11, None),
+    ] {
+        let mut options = PutOptions::at_most(MIB);
+        options.namespace = ns.map(str::to_owned);
+        store
+            .put(&key(id, BlobRole::Result), body(len, 4096), options)
+            .await
+            .unwrap();
+    }
+    let listed = b.store().list().await.unwrap();
+    let owners: Vec<(&str, Option<&str>)> = listed
+        .iter()
+        .map(|e| (e.key.call_id(), e.namespace.as_deref()))
+        .collect();
+    assert_eq!(
+        owners,
+        [
+            ("a1", Some("team-a")),
+            ("a2", Some("Team-A")),
+            ("b1", Some("team-b")),
+            ("none", None)
+        ]
+    );
+    let sums = stored_bytes_by_namespace(&listed);
+    assert_eq!(sums.len(), 2, "{sums:?}");
+    assert_eq!(sums["team-a"], 300_005);
+    assert_eq!(sums["team-b"], 7);
+
+    // A put over a blob carries its own owner.
+    b.store()
+        .put(
+            &key("a1", BlobRole::Result),
+            body(3, 64),
+            PutOptions::at_most(MIB).in_namespace("team-c"),
+        )
+        .await
+        .unwrap();
+    let sums = stored_bytes_by_namespace(&b.store().list().await.unwrap());
+    assert_eq!(sums["team-a"], 5);
+    assert_eq!(sums["team-c"], 3);
+
+    for bad in ["", "a.b", "../x", "ns with space", &"n".repeat(64)] {
+        let err = b
+            .store()
+            .put(
+                &key("bad", BlobRole::Request),
+                body(10, 64),
+                PutOptions::at_most(MIB).in_namespace(bad),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, BlobError::Backend(_)), "{bad:?}: {err}");
+    }
+    assert_eq!(
+        b.store().list().await.unwrap().len(),
+        4,
+        "nothing more stored"
+    );
+    for id in ["a1", "a2", "b1", "none"] {
+        b.store().delete(&key(id, BlobRole::Result)).await.unwrap();
+    }
+    eventually("nothing stored", || async { b.residue().await == 0 }).await;
+}
+
 async fn sealed_blobs_hold_no_plaintext<B: Backend>(b: B) {
     let sealed = b.with_sealing(sealing()).await;
     let k = key("secret", BlobRole::Request);
@@ -612,7 +688,7 @@ async fn sealed_blobs_hold_no_plaintext<B: Backend>(b: B) {
         .map(|c| Ok::<_, Infallible>(Bytes::copy_from_slice(c)))
         .collect::<Vec<_>>();
     let put = sealed
-        .put(&k, futures::stream::iter(items), PutLimit::at_most(MIB))
+        .put(&k, futures::stream::iter(items), PutOptions::at_most(MIB))
         .await
         .unwrap();
     assert_eq!(put.sha256, sha256_hex(&plain));
@@ -637,7 +713,7 @@ async fn sealed_blobs_hold_no_plaintext<B: Backend>(b: B) {
     assert!(matches!(err, BlobError::Undecryptable { .. }), "{err}");
     let clear = key("clear", BlobRole::Request);
     b.store()
-        .put(&clear, body(5000, 100), PutLimit::at_most(MIB))
+        .put(&clear, body(5000, 100), PutOptions::at_most(MIB))
         .await
         .unwrap();
     assert_eq!(
@@ -681,6 +757,7 @@ cases!(
     put_replaces_and_keeps_one_copy,
     keys_are_checked,
     list_and_sweep,
+    namespaces_are_listed_and_summed,
     sealed_blobs_hold_no_plaintext,
 );
 
@@ -692,7 +769,7 @@ async fn corrupted_file_is_an_integrity_error() {
     let store = b.store();
     let k = key("rotten", BlobRole::Result);
     store
-        .put(&k, body(MIB, 64 * 1024), PutLimit::at_most(MIB))
+        .put(&k, body(MIB, 64 * 1024), PutOptions::at_most(MIB))
         .await
         .unwrap();
     let path = store.path_of(&k);
@@ -748,7 +825,7 @@ async fn a_missing_chunk_message_is_an_integrity_error() {
     let store = b.store();
     let k = key("holed", BlobRole::Result);
     store
-        .put(&k, body(MIB, 64 * 1024), PutLimit::at_most(MIB))
+        .put(&k, body(MIB, 64 * 1024), PutOptions::at_most(MIB))
         .await
         .unwrap();
     let object = b.js.get_object_store(store.bucket()).await.unwrap();

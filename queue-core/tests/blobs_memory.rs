@@ -9,7 +9,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use queue_core::blobs::files::FileBlobs;
 use queue_core::blobs::jetstream::{BucketSettings, JetStreamBlobs};
-use queue_core::blobs::{BlobKey, BlobRole, BlobStore, PutLimit};
+use queue_core::blobs::{BlobKey, BlobRole, BlobStore, PutOptions};
 use queue_core::sealing::Sealing;
 use test_support::NatsServer;
 
@@ -31,7 +31,7 @@ async fn transfer<B: BlobStore>(store: &B, what: &str) {
     let key = BlobKey::for_call(&format!("memory-{what}"), BlobRole::Result).unwrap();
     // Warm up: connections, buffers and lazily built state, so only the transfer is measured.
     store
-        .put(&key, source().take(4), PutLimit::at_most(u64::MAX))
+        .put(&key, source().take(4), PutOptions::at_most(u64::MAX))
         .await
         .unwrap();
     let mut warm = store.get(&key, None).await.unwrap().body;
@@ -39,7 +39,7 @@ async fn transfer<B: BlobStore>(store: &B, what: &str) {
 
     let before = ALLOCATOR.allocated();
     let info = store
-        .put(&key, source(), PutLimit::at_most(u64::MAX))
+        .put(&key, source(), PutOptions::at_most(u64::MAX))
         .await
         .unwrap();
     assert_eq!(info.len, BLOB as u64);

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use crate::config::{InvokeMode, WorkerConfig};
 use crate::http1::{Http1Client, Http1Error, Origin, Request};
 use futures::{StreamExt, TryStreamExt};
-use queue_core::blobs::{BlobError, BlobKey, BlobRef, BlobRole, BlobStore, PutLimit, SharedBlobs};
+use queue_core::blobs::{
+    BlobError, BlobKey, BlobRef, BlobRole, BlobStore, PutOptions, SharedBlobs,
+};
 use queue_core::egress::EgressPolicy;
 use queue_core::headers::is_worker_request_header;
 pub use queue_core::headers::{HOP_BY_HOP, is_hop_by_hop};
@@ -768,9 +770,15 @@ impl FunctionInvoker {
         let key = BlobKey::for_call(&call.meta.call_id, BlobRole::Result).map_err(|_| too_large)?;
         let unavailable = (503, "result store unavailable");
         let store = blobs.store().await.map_err(|_| unavailable)?;
-        let limit = PutLimit {
+        let namespace = call
+            .meta
+            .namespace
+            .as_deref()
+            .map_or_else(|| self.default_namespace.clone(), str::to_ascii_lowercase);
+        let limit = PutOptions {
             max_bytes: self.max_response_bytes,
             expected_len: announced,
+            namespace: Some(namespace),
         };
         match store.put(&key, body, limit).await {
             Ok(info) => Ok(info.into()),

@@ -155,6 +155,26 @@ impl Worker {
     }
 }
 
+/// The gateway's blob store (the bucket of the `faas-async` stream), once the gateway made it.
+pub async fn blobs(nats_url: &str) -> queue_core::blobs::jetstream::JetStreamBlobs {
+    let client = async_nats::connect(nats_url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let end = Instant::now() + DEADLINE;
+    loop {
+        match queue_core::blobs::jetstream::JetStreamBlobs::open(
+            &js,
+            "faas-async",
+            queue_core::sealing::Sealing::off(),
+        )
+        .await
+        {
+            Ok(blobs) => return blobs,
+            Err(e) if Instant::now() > end => panic!("the gateway made no blob bucket: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
 /// Messages in the queued-calls stream.
 pub async fn queued(nats_url: &str) -> u64 {
     let client = async_nats::connect(nats_url).await.unwrap();

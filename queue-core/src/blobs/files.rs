@@ -8,7 +8,8 @@
 //! 0       4     magic b"FAQB"
 //! 4       1     format version 1
 //! 5       2     JSON length J, big-endian
-//! 7       J     JSON: encoding, chunk, overhead, len, sha256 (sealed with encryption), created
+//! 7       J     JSON: encoding, chunk, overhead, len, sha256 (sealed with encryption), created,
+//!               the namespace (if the put named one)
 //! 7+J     ...   zeros up to HEADER_LEN
 //! HEADER_LEN    the records, every one but the last of chunk + overhead bytes
 //! ```
@@ -30,7 +31,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 use super::{
     BlobEntry, BlobError, BlobInfo, BlobKey, BlobRead, BlobStore, ByteRange, Chunker, Codec,
-    Encoding, Layout, PutLimit, RecordSource, read_stream, to_hex,
+    Encoding, Layout, PutOptions, RecordSource, read_stream, to_hex,
 };
 use crate::sealing::Sealing;
 
@@ -48,6 +49,8 @@ struct Header {
     len: u64,
     sha256: String,
     created: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    namespace: Option<String>,
 }
 
 /// Blobs as files in one directory.
@@ -176,13 +179,14 @@ impl BlobStore for FileBlobs {
         &self,
         key: &BlobKey,
         body: S,
-        limit: PutLimit,
+        limit: PutOptions,
     ) -> Result<BlobInfo, BlobError>
     where
         S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
         E: std::fmt::Display + Send,
     {
-        let mut chunker = Chunker::new(body, limit)?;
+        let namespace = limit.checked_namespace()?.map(str::to_owned);
+        let mut chunker = Chunker::new(body, &limit)?;
         let codec = Codec::new(key, &self.sealing);
         let mut layout = codec.layout();
         let temp_path = self
@@ -214,6 +218,7 @@ impl BlobStore for FileBlobs {
             len: layout.len,
             sha256: codec.seal_digest(&layout, &digest),
             created: crate::clock::unix_nanos_now(),
+            namespace,
         })?;
         file.seek(SeekFrom::Start(0)).await.map_err(write_error)?;
         file.write_all(&header).await.map_err(write_error)?;
@@ -308,21 +313,23 @@ impl BlobStore for FileBlobs {
             };
             // A file whose header does not read is listed with its file time, so a sweep
             // can remove it.
-            let (len, created) = match read_header(&mut file).await.map_err(list_error)? {
-                Some(header) => (header.len, header.created),
-                None => {
-                    let modified = file
-                        .metadata()
-                        .await
-                        .and_then(|meta| meta.modified())
-                        .map_err(list_error)?;
-                    (0, nanos_of(modified))
-                }
-            };
+            let (len, created, namespace) =
+                match read_header(&mut file).await.map_err(list_error)? {
+                    Some(header) => (header.len, header.created, header.namespace),
+                    None => {
+                        let modified = file
+                            .metadata()
+                            .await
+                            .and_then(|meta| meta.modified())
+                            .map_err(list_error)?;
+                        (0, nanos_of(modified), None)
+                    }
+                };
             entries.push(BlobEntry {
                 key,
                 len,
                 created_unix_nanos: created,
+                namespace,
             });
         }
         entries.sort_by(|a, b| a.key.cmp(&b.key));

@@ -28,7 +28,7 @@ use futures::{Stream, StreamExt, TryStreamExt};
 
 use super::{
     BlobEntry, BlobError, BlobInfo, BlobKey, BlobRead, BlobStore, ByteRange, Chunker, Codec,
-    Encoding, Layout, PutLimit, RecordSource, read_stream, to_hex,
+    Encoding, Layout, PutOptions, RecordSource, read_stream, to_hex,
 };
 use crate::sealing::Sealing;
 
@@ -44,6 +44,7 @@ const META_LEN: &str = "faas-len";
 const META_SHA256: &str = "faas-sha256";
 const META_CREATED: &str = "faas-created";
 const META_INDEX: &str = "faas-index";
+const META_NAMESPACE: &str = "faas-namespace";
 
 /// The bucket of the calls stream `stream`.
 pub fn bucket_name(stream: &str) -> String {
@@ -327,13 +328,14 @@ impl BlobStore for JetStreamBlobs {
         &self,
         key: &BlobKey,
         body: S,
-        limit: PutLimit,
+        limit: PutOptions,
     ) -> Result<BlobInfo, BlobError>
     where
         S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
         E: std::fmt::Display + Send,
     {
-        let mut chunker = Chunker::new(body, limit)?;
+        let namespace = limit.checked_namespace()?.map(str::to_owned);
+        let mut chunker = Chunker::new(body, &limit)?;
         let codec = Codec::new(key, &self.sealing);
         let mut layout = codec.layout();
         let previous = self.info(key).await?;
@@ -384,7 +386,7 @@ impl BlobStore for JetStreamBlobs {
         layout.len = chunker.total();
         let digest = chunker.digest();
         let created = crate::clock::unix_nanos_now();
-        let metadata = HashMap::from([
+        let mut metadata = HashMap::from([
             (
                 META_ENCODING.to_owned(),
                 layout.encoding.as_str().to_owned(),
@@ -396,6 +398,9 @@ impl BlobStore for JetStreamBlobs {
             (META_CREATED.to_owned(), created.to_string()),
             (META_INDEX.to_owned(), index),
         ]);
+        if let Some(namespace) = namespace {
+            metadata.insert(META_NAMESPACE.to_owned(), namespace);
+        }
         let info = ObjectInfo {
             name: key.as_str().to_owned(),
             description: None,
@@ -523,10 +528,12 @@ impl BlobStore for JetStreamBlobs {
                     Some((layout, _, created)) => (layout.len, created),
                     None => (0, 0),
                 };
+                let namespace = info.metadata.get(META_NAMESPACE).cloned();
                 Some(BlobEntry {
                     key,
                     len,
                     created_unix_nanos: created,
+                    namespace,
                 })
             })
             .collect();

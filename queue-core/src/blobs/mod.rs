@@ -50,8 +50,14 @@
 //! [`BlobError::Interrupted`], a store error) or whose future is dropped leaves nothing
 //! stored (a dropped JetStream put purges its chunks from a spawned task). What a crash leaves
 //! (temporary files, chunks without an object) and blobs whose call is gone are removed by
-//! [`sweep`]. Not done here yet: quotas of stored bytes per namespace (the key carries no
-//! namespace; the integration keeps the count, e.g. in the call's record).
+//! [`sweep`].
+//!
+//! # Owners
+//!
+//! A put may name the namespace of its call ([`PutOptions::namespace`]); it is kept in clear
+//! beside the blob and listed, so the bytes a namespace holds are a sum over
+//! [`BlobStore::list`] ([`stored_bytes_by_namespace`]) with no record read (the gateway's
+//! stored-bytes quota).
 
 pub mod files;
 pub mod jetstream;
@@ -309,25 +315,64 @@ pub struct BlobEntry {
     pub len: u64,
     /// When the put finished, Unix nanoseconds.
     pub created_unix_nanos: u64,
+    /// The namespace the put named ([`PutOptions::namespace`]); `None` for a blob stored
+    /// without one (by a release before namespaces were kept).
+    pub namespace: Option<String>,
 }
 
-/// Limits of one put.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PutLimit {
+/// Limits and owner of one put.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PutOptions {
     /// Most bytes the blob may have; more is [`BlobError::TooLarge`].
     pub max_bytes: u64,
     /// The length the source announced (a `Content-Length`), if any: above `max_bytes` it is
     /// refused before anything is stored; a source that ends short of it, or goes past it, is
     /// [`BlobError::Interrupted`].
     pub expected_len: Option<u64>,
+    /// The namespace of the call the blob belongs to (the default one written out), kept
+    /// beside the blob in clear and listed ([`BlobEntry::namespace`]) so the stored bytes of a
+    /// namespace are counted from a listing alone. At most [`MAX_NAMESPACE_LEN`] bytes of
+    /// `[A-Za-z0-9_-]`, else the put is refused ([`BlobError::Backend`]) before it stores
+    /// anything.
+    pub namespace: Option<String>,
 }
 
-impl PutLimit {
-    /// At most `max_bytes`, length not announced.
+/// Longest namespace a blob may carry (a Kubernetes DNS label).
+pub const MAX_NAMESPACE_LEN: usize = 63;
+
+impl PutOptions {
+    /// At most `max_bytes`, length not announced, no namespace.
     pub fn at_most(max_bytes: u64) -> Self {
         Self {
             max_bytes,
             expected_len: None,
+            namespace: None,
+        }
+    }
+
+    /// The same, owned by `namespace`.
+    #[must_use]
+    pub fn in_namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = Some(namespace.into());
+        self
+    }
+
+    /// The namespace, checked (an owner that could not be stored is refused up front).
+    pub(crate) fn checked_namespace(&self) -> Result<Option<&str>, BlobError> {
+        match self.namespace.as_deref() {
+            None => Ok(None),
+            Some(ns)
+                if !ns.is_empty()
+                    && ns.len() <= MAX_NAMESPACE_LEN
+                    && ns
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
+            {
+                Ok(Some(ns))
+            }
+            Some(_) => Err(BlobError::Backend(
+                "a blob's namespace is 1 to 63 letters, digits, '-' or '_'".to_owned(),
+            )),
         }
     }
 }
@@ -443,7 +488,7 @@ pub trait BlobStore: Send + Sync + 'static {
         &self,
         key: &BlobKey,
         body: S,
-        limit: PutLimit,
+        limit: PutOptions,
     ) -> impl Future<Output = Result<BlobInfo, BlobError>> + Send
     where
         S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
@@ -503,6 +548,18 @@ where
     }
     report.leftovers = store.remove_leftovers(older_than).await?;
     Ok(report)
+}
+
+/// The plaintext bytes stored per namespace, from a listing; blobs without a namespace are
+/// left out (counted by none).
+pub fn stored_bytes_by_namespace(entries: &[BlobEntry]) -> std::collections::HashMap<String, u64> {
+    let mut by_namespace = std::collections::HashMap::new();
+    for entry in entries {
+        if let Some(ns) = &entry.namespace {
+            *by_namespace.entry(ns.to_ascii_lowercase()).or_insert(0u64) += entry.len;
+        }
+    }
+    by_namespace
 }
 
 /// How a blob's records are written.
@@ -746,7 +803,8 @@ pub(crate) struct Chunk {
 /// item of lookahead so the last chunk is known as the last.
 pub(crate) struct Chunker<S> {
     source: S,
-    limit: PutLimit,
+    max_bytes: u64,
+    expected_len: Option<u64>,
     buf: BytesMut,
     total: u64,
     index: u64,
@@ -761,7 +819,7 @@ where
     E: std::fmt::Display,
 {
     /// Refuses at once a source whose announced length is above the limit.
-    pub fn new(source: S, limit: PutLimit) -> Result<Self, BlobError> {
+    pub fn new(source: S, limit: &PutOptions) -> Result<Self, BlobError> {
         if limit.expected_len.is_some_and(|len| len > limit.max_bytes) {
             return Err(BlobError::TooLarge {
                 limit: limit.max_bytes,
@@ -769,7 +827,8 @@ where
         }
         Ok(Self {
             source,
-            limit,
+            max_bytes: limit.max_bytes,
+            expected_len: limit.expected_len,
             buf: BytesMut::with_capacity(CHUNK_BYTES),
             total: 0,
             index: 0,
@@ -788,12 +847,12 @@ where
             match self.source.next().await {
                 Some(Ok(item)) => {
                     self.total += item.len() as u64;
-                    if self.total > self.limit.max_bytes {
+                    if self.total > self.max_bytes {
                         return Err(BlobError::TooLarge {
-                            limit: self.limit.max_bytes,
+                            limit: self.max_bytes,
                         });
                     }
-                    if let Some(expected) = self.limit.expected_len
+                    if let Some(expected) = self.expected_len
                         && self.total > expected
                     {
                         return Err(BlobError::Interrupted(format!(
@@ -804,7 +863,7 @@ where
                 }
                 Some(Err(err)) => return Err(BlobError::Interrupted(err.to_string())),
                 None => {
-                    if let Some(expected) = self.limit.expected_len
+                    if let Some(expected) = self.expected_len
                         && self.total != expected
                     {
                         return Err(BlobError::Interrupted(format!(

@@ -12,7 +12,7 @@ use futures::Stream;
 
 use super::files::FileBlobs;
 use super::jetstream::{BucketSettings, JetStreamBlobs};
-use super::{BlobEntry, BlobError, BlobInfo, BlobKey, BlobRead, BlobStore, ByteRange, PutLimit};
+use super::{BlobEntry, BlobError, BlobInfo, BlobKey, BlobRead, BlobStore, ByteRange, PutOptions};
 use crate::sealing::Sealing;
 
 /// Either blob store.
@@ -29,7 +29,7 @@ impl BlobStore for AnyBlobs {
         &self,
         key: &BlobKey,
         body: S,
-        limit: PutLimit,
+        limit: PutOptions,
     ) -> Result<BlobInfo, BlobError>
     where
         S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
