@@ -196,3 +196,91 @@ async fn redelivery_after_completion_sends_a_stored_response_from_the_store() {
     assert_eq!(cb.body.len(), LEN, "the stored response was delivered");
     assert!(cb.body.iter().all(|&b| b == b'r'));
 }
+
+/// A worker SIGKILLed while the function's answer streams into the blob store: the put is cut
+/// short (chunks stored, no object), the redelivery runs the call again and stores the whole
+/// answer, the callback arrives once with all of it, and the chunks the killed put left are
+/// removed as leftovers: afterwards the store holds nothing (the result is above
+/// `--max-result-bytes`, so it is not kept).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_while_the_answer_streams_into_the_store_reruns_and_calls_back_once() {
+    use queue_core::blobs::BlobStore;
+    use queue_core::blobs::jetstream::JetStreamBlobs;
+
+    const LEN: usize = 4 * 1024 * 1024 + 5;
+    const BEFORE_STALL: usize = 1024 * 1024;
+    let f = Fixture::start(StubBehavior {
+        response_bytes: Some(LEN),
+        stall_first_answer_after: Some(BEFORE_STALL),
+        ..StubBehavior::default()
+    })
+    .await;
+    let log = f.log("worker.log");
+    let args = f.worker_args(
+        "state",
+        &[
+            "--ack-wait",
+            "2s",
+            "--inline-response-bytes",
+            "64KiB",
+            "--max-response-bytes",
+            "16MiB",
+        ],
+    );
+    let id = f.publish("stalls", b"compute").await;
+    let mut worker = spawn_worker_process(&args, &log);
+    // The worker made the bucket and is storing the answer: chunks are in its stream.
+    let stream = f.queue.args.stream.clone();
+    let object_stream = format!("OBJ_{}", queue_core::blobs::jetstream::bucket_name(&stream));
+    let chunks = || async {
+        match f.queue.js.get_stream(&object_stream).await {
+            Ok(mut stream) => stream.info().await.map_or(0, |i| i.state.messages),
+            Err(_) => 0,
+        }
+    };
+    let mut stored = 0;
+    let end = std::time::Instant::now() + DEADLINE;
+    while stored < 4 {
+        assert!(
+            std::time::Instant::now() < end,
+            "the answer never reached the store"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stored = chunks().await;
+    }
+    signal(&worker, "KILL");
+    worker.wait().await.unwrap();
+    assert_eq!(f.receiver.count(), 0, "no callback before the kill");
+    let blobs = JetStreamBlobs::open(&f.queue.js, &stream, queue_core::sealing::Sealing::off())
+        .await
+        .unwrap();
+    assert!(
+        blobs.list().await.unwrap().is_empty(),
+        "a cut put stores no object"
+    );
+
+    let mut worker = spawn_worker_process(&args, &log);
+    assert!(
+        f.receiver
+            .wait_for_call_ids(std::slice::from_ref(&id), DEADLINE)
+            .await,
+        "no callback after the restart"
+    );
+    assert!(f.queue.wait_until_empty().await, "redelivery not acked");
+    signal(&worker, "TERM");
+    assert!(worker.wait().await.unwrap().success());
+    assert_eq!(
+        f.function.invocations_for(&id),
+        2,
+        "run again from the start"
+    );
+    assert_eq!(f.receiver.count_by_call_id()[&id], 1, "one callback");
+    let cb = &f.receiver.callbacks()[0];
+    assert_eq!(cb.body.len(), LEN, "the whole answer");
+    assert!(cb.body.iter().all(|&b| b == b'r'));
+    // The killed put's chunks are leftovers; once removed, nothing is stored.
+    assert!(blobs.list().await.unwrap().is_empty(), "not kept: deleted");
+    let removed = blobs.remove_leftovers(Duration::ZERO).await.unwrap();
+    assert!(removed > 0, "the killed put left chunks");
+    assert_eq!(chunks().await, 0, "nothing left in the store");
+}

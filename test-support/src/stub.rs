@@ -63,6 +63,10 @@ pub struct StubBehavior {
     /// When set, a request arriving while this many are already inside is answered `429` at
     /// once (no `Retry-After`): a function with a concurrency limit of its own.
     pub capacity: Option<usize>,
+    /// With [`StubBehavior::response_bytes`]: the first attempt of each call sends the status,
+    /// a `Content-Length` of the whole answer and this many bytes of it, then stalls until the
+    /// client goes away (a function caught mid-answer); later attempts answer whole.
+    pub stall_first_answer_after: Option<usize>,
 }
 
 /// Shares of attempts (each 0.0..=1.0, summing to at most 1.0) that a [`StubFunction`] answers
@@ -166,6 +170,7 @@ impl Default for StubBehavior {
             response_bytes: None,
             faults: FaultMix::default(),
             capacity: None,
+            stall_first_answer_after: None,
         }
     }
 }
@@ -434,7 +439,20 @@ async fn stub_handler(State(state): State<Arc<StubState>>, request: Request) -> 
     drop(in_flight);
 
     let succeeds = !failing && fault.is_none();
+    let stall = behavior
+        .stall_first_answer_after
+        .filter(|_| attempt == 1)
+        .zip(behavior.response_bytes);
     let mut response = Response::new(match (succeeds, behavior.response_bytes) {
+        (true, Some(n)) if stall.is_some() => {
+            let sent = stall.map_or(0, |(after, _)| after.min(n));
+            let head =
+                futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(vec![
+                    b'r';
+                    sent
+                ]))]);
+            Body::from_stream(futures::StreamExt::chain(head, futures::stream::pending()))
+        }
         (true, Some(n)) => Body::from(vec![b'r'; n]),
         (true, None) if behavior.echo_body => Body::from(body),
         _ => Body::empty(),
@@ -461,6 +479,9 @@ async fn stub_handler(State(state): State<Arc<StubState>>, request: Request) -> 
     }
     if let Ok(method) = HeaderValue::try_from(method) {
         headers.insert("x-stub-method", method);
+    }
+    if let (true, Some((_, n))) = (succeeds, stall) {
+        headers.insert(axum::http::header::CONTENT_LENGTH, HeaderValue::from(n));
     }
     response
 }
