@@ -113,7 +113,16 @@ struct Ctx<Q: CallQueue> {
     beats: Arc<Heartbeats<Arc<Q::Delivery>>>,
     /// The paused functions.
     paused: PausedCache,
+    /// Record writes in flight at once ([`RECORD_WRITES_IN_FLIGHT`]).
+    record_writes: Semaphore,
 }
+
+/// Most record writes a worker has in flight at once. A write's future is ~3 KiB while it
+/// waits for its round trip; when thousands of long calls start or answer within a second,
+/// every one of them would hold one at once (the writes queue in the one NATS connection
+/// anyway). A few hundred in flight keep the connection busy (at ~1 ms a round trip, far
+/// more writes a second than a worker makes) and the rest wait in a FIFO at a few bytes each.
+const RECORD_WRITES_IN_FLIGHT: usize = 512;
 
 /// The calls this process is handling, each with the token that aborts its invocation.
 #[derive(Debug, Default)]
@@ -406,6 +415,7 @@ pub async fn run_with_blobs<Q: CallQueue>(
         ),
         beats: Heartbeats::new(),
         paused: PausedCache::default(),
+        record_writes: Semaphore::new(RECORD_WRITES_IN_FLIGHT),
         config,
     });
     let beats_stop = CancellationToken::new();
@@ -1127,6 +1137,8 @@ impl<Q: CallQueue> Job<'_, Q> {
                 )
             })
         });
+        // In turn: the boxed write below is made only once a slot is free (never closed).
+        let _slot = self.ctx.record_writes.acquire().await.ok();
         // Boxed: the record write's future is large and lives only for a round trip.
         match Box::pin(apply_event(
             self.ctx.queue.as_ref(),
