@@ -629,13 +629,70 @@ async fn with_encryption_keys_a_stored_body_is_sealed_and_still_round_trips() {
         );
     }
 
+    let call_id = response.headers()["x-call-id"].to_str().unwrap().to_owned();
     let worker = Worker::start_with(
         &nats.url(),
         &function.url(),
-        &["--encryption-keys-file", &keys],
+        &[
+            "--encryption-keys-file",
+            &keys,
+            "--max-result-bytes",
+            "8MiB",
+        ],
     );
     assert!(receiver.wait_for_count(1, DEADLINE).await);
     assert_eq!(sha256(&receiver.callbacks()[0].body), sha256(&body));
+
+    // The echoed answer is kept in the store as the result, sealed with the same keys: no
+    // record of the bucket holds it in clear, and the gateway serves it opened.
+    let result_key = BlobKey::for_call(&call_id, BlobRole::Result).unwrap();
+    let store = blobs(&nats.url()).await;
+    wait_for("the result to be kept", || async {
+        store
+            .list()
+            .await
+            .unwrap()
+            .iter()
+            .any(|b| b.key == result_key)
+    })
+    .await;
+    let info = stream.get_info().await.unwrap();
+    for sequence in info.state.first_sequence..=info.state.last_sequence {
+        let Ok(message) = stream.get_raw_message(sequence).await else {
+            continue; // purged (the request body's records, once the call is done)
+        };
+        assert!(
+            !message.payload.windows(marker.len()).any(|w| w == marker),
+            "record {sequence} holds the result in clear"
+        );
+    }
+    let result_url = format!("{}/async-calls/{call_id}/result", gateway.url);
+    let whole = http().get(&result_url).send().await.unwrap();
+    assert_eq!(whole.status(), 200);
+    assert_eq!(sha256(&whole.bytes().await.unwrap()), sha256(&body));
+    let part = http()
+        .get(&result_url)
+        .header("Range", "bytes=1000000-1000099")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(part.status(), 206);
+    assert_eq!(
+        &part.bytes().await.unwrap()[..],
+        &body[1_000_000..1_000_100]
+    );
+    // A store opened without the keys cannot read it.
+    let unsealed = store.get(&result_key, None).await;
+    match unsealed {
+        Err(_) => {}
+        Ok(read) => {
+            let items: Vec<_> = futures::StreamExt::collect(read.body).await;
+            assert!(
+                items.iter().any(Result::is_err),
+                "a sealed result read without its keys"
+            );
+        }
+    }
     worker.shutdown().await;
     gateway.shutdown().await;
 }

@@ -446,8 +446,7 @@ async fn stub_handler(State(state): State<Arc<StubState>>, request: Request) -> 
     let mut response = Response::new(match (succeeds, behavior.response_bytes) {
         (true, Some(n)) if stall.is_some() => {
             let sent = stall.map_or(0, |(after, _)| after.min(n));
-            let head =
-                futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(vec![
+            let head = futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(vec![
                     b'r';
                     sent
                 ]))]);
