@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use test_support::payload::{pattern, sha256};
 use test_support::{CallbackReceiver, StubBehavior, StubFunction};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -62,24 +63,6 @@ impl Server {
     }
 }
 
-fn body_of(len: usize) -> Vec<u8> {
-    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state.to_le_bytes()[0]
-        })
-        .collect()
-}
-
-fn sha256(bytes: &[u8]) -> Vec<u8> {
-    ring::digest::digest(&ring::digest::SHA256, bytes)
-        .as_ref()
-        .to_vec()
-}
-
 /// Blob files (temporary ones of a put in progress excluded).
 fn stored(dir: &Path) -> Vec<String> {
     match std::fs::read_dir(dir.join("data/queue/bodies")) {
@@ -123,7 +106,7 @@ async fn a_64_mib_body_round_trips_and_a_sigkill_mid_call_runs_it_again_from_the
     ];
     let server = Server::start(dir.path(), &args).await;
     let client = queue_worker::invoke::http_client("large-bodies-test").unwrap();
-    let body = body_of(64 * MIB);
+    let body = pattern(64 * MIB, 1);
     let digest = sha256(&body);
     let response = client
         .post(format!("{}/async-function/echo", server.url))
@@ -175,7 +158,7 @@ async fn cancelling_a_delayed_call_deletes_its_stored_body() {
     let response = client
         .post(format!("{}/async-function/echo", server.url))
         .header("X-Delay", "1h")
-        .body(body_of(4 * MIB))
+        .body(pattern(4 * MIB, 1))
         .send()
         .await
         .unwrap();
@@ -222,7 +205,7 @@ async fn a_32_mib_result_is_stored_streamed_to_the_callback_and_served_with_rang
     ];
     let server = Server::start(dir.path(), &args).await;
     let client = queue_worker::invoke::http_client("large-bodies-test").unwrap();
-    let body = body_of(32 * MIB);
+    let body = pattern(32 * MIB, 1);
     let digest = sha256(&body);
     let response = client
         .post(format!("{}/async-function/echo", server.url))
@@ -323,7 +306,7 @@ async fn a_stored_result_too_large_to_keep_reaches_the_callback_and_its_blob_is_
     ];
     let server = Server::start(dir.path(), &args).await;
     let client = queue_worker::invoke::http_client("large-bodies-test").unwrap();
-    let body = body_of(8 * MIB);
+    let body = pattern(8 * MIB, 1);
     let response = client
         .post(format!("{}/async-function/echo", server.url))
         .header("X-Callback-Url", receiver.url())
@@ -354,7 +337,7 @@ async fn a_stored_result_too_large_to_keep_reaches_the_callback_and_its_blob_is_
         .post(format!("{}/async-function/echo", server.url))
         .header("X-Callback-Url", receiver.url())
         .header("X-Max-Retries", "0")
-        .body(body_of(16 * MIB))
+        .body(pattern(16 * MIB, 1))
         .send()
         .await
         .unwrap();

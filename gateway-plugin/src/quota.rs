@@ -325,18 +325,55 @@ impl Buckets {
     }
 }
 
-/// The pending calls per namespace, as last read from the queue.
+/// Figures per namespace read in the background (the pending calls, the stored bytes), and
+/// whether their being unknown has been logged.
 #[derive(Debug)]
-struct PendingView {
-    by_namespace: HashMap<String, u64>,
-    at: Instant,
+struct Figures {
+    /// What they are, for the log.
+    what: &'static str,
+    /// The figures per namespace (lower case) and when they were read.
+    view: RwLock<Option<(HashMap<String, u64>, Instant)>>,
+    warned: AtomicBool,
 }
 
-/// The bytes stored per namespace, as last listed from the blob store.
-#[derive(Debug)]
-struct StoredView {
-    by_namespace: HashMap<String, u64>,
-    at: Instant,
+impl Figures {
+    fn new(what: &'static str) -> Self {
+        Self {
+            what,
+            view: RwLock::new(None),
+            warned: AtomicBool::new(false),
+        }
+    }
+
+    fn note(&self, by_namespace: HashMap<String, u64>, at: Instant) {
+        *self.view.write().unwrap_or_else(|p| p.into_inner()) = Some((by_namespace, at));
+        if self.warned.swap(false, Ordering::Relaxed) {
+            tracing::info!(
+                figures = self.what,
+                "figures read again: their caps are enforced"
+            );
+        }
+    }
+
+    /// The namespace's figure (0 when it has none), or `None` when the figures are unknown
+    /// or older than `stale_after` (logged once until they are read again).
+    fn of(&self, namespace: &str, now: Instant, stale_after: Duration) -> Option<u64> {
+        let view = self.view.read().unwrap_or_else(|p| p.into_inner());
+        match view.as_ref() {
+            Some((by_namespace, at)) if now.saturating_duration_since(*at) <= stale_after => {
+                Some(by_namespace.get(namespace).copied().unwrap_or(0))
+            }
+            _ => {
+                if !self.warned.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        figures = self.what,
+                        "figures unknown or too old: their caps are not enforced until they are read again"
+                    );
+                }
+                None
+            }
+        }
+    }
 }
 
 /// Why a call is refused.
@@ -403,10 +440,8 @@ pub struct Quotas {
     limits: Arc<Reloadable<Limits>>,
     namespace_buckets: Buckets,
     subject_buckets: Buckets,
-    pending: RwLock<Option<PendingView>>,
-    warned_unknown: AtomicBool,
-    stored: RwLock<Option<StoredView>>,
-    warned_stored_unknown: AtomicBool,
+    pending: Figures,
+    stored: Figures,
 }
 
 /// The line (from 1) of byte `offset` in `text`.
@@ -539,10 +574,8 @@ impl Quotas {
             limits: Arc::new(limits),
             namespace_buckets: Buckets::default(),
             subject_buckets: Buckets::default(),
-            pending: RwLock::new(None),
-            warned_unknown: AtomicBool::new(false),
-            stored: RwLock::new(None),
-            warned_stored_unknown: AtomicBool::new(false),
+            pending: Figures::new("pending calls"),
+            stored: Figures::new("stored bytes"),
         }
     }
 
@@ -596,11 +629,7 @@ impl Quotas {
 
     /// Notes the bytes stored per namespace (lower case), listed at `at`.
     pub fn note_stored(&self, by_namespace: HashMap<String, u64>, at: Instant) {
-        *self.stored.write().unwrap_or_else(|p| p.into_inner()) =
-            Some(StoredView { by_namespace, at });
-        if self.warned_stored_unknown.swap(false, Ordering::Relaxed) {
-            tracing::info!("blob store listed again: the stored-bytes caps are enforced");
-        }
+        self.stored.note(by_namespace, at);
     }
 
     /// Notes the pending calls per function (`name` or `name.namespace`) read at `at`.
@@ -619,11 +648,7 @@ impl Quotas {
             };
             *by_namespace.entry(namespace).or_default() += pending;
         }
-        *self.pending.write().unwrap_or_else(|p| p.into_inner()) =
-            Some(PendingView { by_namespace, at });
-        if self.warned_unknown.swap(false, Ordering::Relaxed) {
-            tracing::info!("queue figures read again: the pending-calls caps are enforced");
-        }
+        self.pending.note(by_namespace, at);
     }
 
     /// Whether a call of `namespace` from `subject`, whose body adds `incoming` bytes to the
@@ -679,19 +704,9 @@ impl Quotas {
         max_pending: u64,
         now: Instant,
     ) -> Result<(), Refusal> {
-        let view = self.pending.read().unwrap_or_else(|p| p.into_inner());
-        let fresh = view
-            .as_ref()
-            .filter(|v| now.saturating_duration_since(v.at) <= self.stale_after());
-        let Some(view) = fresh else {
-            if !self.warned_unknown.swap(true, Ordering::Relaxed) {
-                tracing::warn!(
-                    "the queue's pending figures are unknown or too old: pending-calls caps are not enforced until they are read again"
-                );
-            }
+        let Some(pending) = self.pending.of(namespace, now, self.stale_after()) else {
             return Ok(());
         };
-        let pending = view.by_namespace.get(namespace).copied().unwrap_or(0);
         if pending >= max_pending {
             return Err(Refusal::Pending {
                 namespace: namespace.to_owned(),
@@ -721,19 +736,9 @@ impl Quotas {
         if incoming > max_stored_bytes {
             return Err(refusal(0));
         }
-        let view = self.stored.read().unwrap_or_else(|p| p.into_inner());
-        let fresh = view
-            .as_ref()
-            .filter(|v| now.saturating_duration_since(v.at) <= self.stored_stale_after());
-        let Some(view) = fresh else {
-            if !self.warned_stored_unknown.swap(true, Ordering::Relaxed) {
-                tracing::warn!(
-                    "the blob store's figures are unknown or too old: stored-bytes caps are not enforced until it is listed again"
-                );
-            }
+        let Some(stored) = self.stored.of(namespace, now, self.stored_stale_after()) else {
             return Ok(());
         };
-        let stored = view.by_namespace.get(namespace).copied().unwrap_or(0);
         if stored >= max_stored_bytes || stored.saturating_add(incoming) > max_stored_bytes {
             return Err(refusal(stored));
         }
@@ -741,89 +746,104 @@ impl Quotas {
     }
 }
 
-/// Lists the blob store every `quotas.stored_refresh()` until `stop` (only while a stored-bytes
-/// cap is set), for the stored-bytes caps.
-pub async fn follow_stored(blobs: SharedBlobs, quotas: Arc<Quotas>, stop: CancellationToken) {
+/// Every `refresh(quotas)` until `stop`, while `enabled(quotas)`: `read` within
+/// `stale_after(quotas)`, its figures given to `note` with the time the read began. A failing
+/// read is logged once until one succeeds (the figures go stale meanwhile: fail open).
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one loop for both kinds of figures, each argument a different accessor"
+)]
+async fn follow_figures<T, E, Fut>(
+    quotas: &Quotas,
+    stop: &CancellationToken,
+    what: &str,
+    refresh: fn(&Quotas) -> Duration,
+    enabled: fn(&Quotas) -> bool,
+    stale_after: fn(&Quotas) -> Duration,
+    mut read: impl FnMut() -> Fut,
+    mut note: impl FnMut(T, Instant),
+) where
+    Fut: Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
     let mut failing = false;
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
-            () = tokio::time::sleep(quotas.stored_refresh()) => {}
+            () = tokio::time::sleep(refresh(quotas)) => {}
         }
-        if !quotas.caps_stored() {
+        if !enabled(quotas) {
             continue;
         }
         let started = Instant::now();
-        let list = async {
-            let store = blobs.store().await?;
-            store.list().await
-        };
         let read = tokio::select! {
             () = stop.cancelled() => return,
-            read = tokio::time::timeout(quotas.stored_stale_after(), list) => read,
+            read = tokio::time::timeout(stale_after(quotas), read()) => read,
         };
         match read {
-            Ok(Ok(entries)) => {
+            Ok(Ok(figures)) => {
                 failing = false;
-                quotas.note_stored(
-                    queue_core::blobs::stored_bytes_by_namespace(&entries),
-                    started,
-                );
+                note(figures, started);
             }
             Ok(Err(e)) if !failing => {
                 failing = true;
-                tracing::warn!(error = %e, "blob store not listed for the stored-bytes caps");
+                tracing::warn!(error = %e, "{what} for the quotas not read");
             }
             Err(_) if !failing => {
                 failing = true;
-                tracing::warn!("blob store not listed in time for the stored-bytes caps");
+                tracing::warn!("{what} for the quotas not read in time");
             }
             _ => {}
         }
     }
 }
 
-/// Reads the pending figures every `quotas.refresh()` until `stop` (only while a cap is set).
+/// Lists the blob store every `stored_refresh` until `stop` (only while a stored-bytes cap is
+/// set), for the stored-bytes caps.
+pub async fn follow_stored(blobs: SharedBlobs, quotas: Arc<Quotas>, stop: CancellationToken) {
+    let list = || async {
+        let store = blobs.store().await?;
+        store.list().await
+    };
+    follow_figures(
+        &quotas,
+        &stop,
+        "blob store listing",
+        Quotas::stored_refresh,
+        Quotas::caps_stored,
+        Quotas::stored_stale_after,
+        list,
+        |entries: Vec<queue_core::blobs::BlobEntry>, at| {
+            quotas.note_stored(queue_core::blobs::stored_bytes_by_namespace(&entries), at);
+        },
+    )
+    .await;
+}
+
+/// Reads the pending figures every `pending_refresh` until `stop` (only while a cap is set).
 pub async fn follow_pending<Q: CallQueue>(
     queue: Arc<Q>,
     quotas: Arc<Quotas>,
     default_namespace: String,
     stop: CancellationToken,
 ) {
-    let mut failing = false;
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(quotas.refresh()) => {}
-        }
-        if !quotas.caps_pending() {
-            continue;
-        }
-        let started = Instant::now();
-        let read = tokio::select! {
-            () = stop.cancelled() => return,
-            read = tokio::time::timeout(quotas.stale_after(), queue.function_stats()) => read,
-        };
-        match read {
-            Ok(Ok(functions)) => {
-                failing = false;
-                quotas.note_pending(
-                    functions.iter().map(|f| (f.function.as_str(), f.pending)),
-                    &default_namespace,
-                    started,
-                );
-            }
-            Ok(Err(e)) if !failing => {
-                failing = true;
-                tracing::warn!(error = %e, "queue figures for the pending-calls caps not read");
-            }
-            Err(_) if !failing => {
-                failing = true;
-                tracing::warn!("queue figures for the pending-calls caps not read in time");
-            }
-            _ => {}
-        }
-    }
+    follow_figures(
+        &quotas,
+        &stop,
+        "queue figures",
+        Quotas::refresh,
+        Quotas::caps_pending,
+        Quotas::stale_after,
+        || queue.function_stats(),
+        |functions: Vec<queue_core::backend::FunctionQueueStats>, at| {
+            quotas.note_pending(
+                functions.iter().map(|f| (f.function.as_str(), f.pending)),
+                &default_namespace,
+                at,
+            );
+        },
+    )
+    .await;
 }
 
 /// The `429` of a refusal (`413` for a body larger than its namespace's whole stored-bytes cap,

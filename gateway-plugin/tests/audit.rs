@@ -8,30 +8,13 @@
 mod common;
 
 use clap::Parser;
-use common::{Gateway, http};
+use common::{Gateway, http, sha256_hex, token};
 use serde_json::Value;
 use test_support::nats_server::NatsServer;
 
 const PASSWORD: &str = "AUDIT-PASSWORD-4c1d";
 const BODY_MARKER: &str = "AUDIT-BODY-MARKER-77e0";
 const QUERY_MARKER: &str = "AUDIT-QUERY-MARKER-2b9f";
-
-fn sha256_hex(token: &str) -> String {
-    let out = std::process::Command::new("sh")
-        .args(["-c", "printf %s \"$T\" | sha256sum"])
-        .env("T", token)
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout).unwrap()[..64].to_owned()
-}
-
-fn token() -> String {
-    format!(
-        "fa_{}{}",
-        uuid::Uuid::new_v4().simple(),
-        uuid::Uuid::new_v4().simple()
-    )
-}
 
 /// Every line of the audit log, parsed (each must be one JSON object).
 fn lines(path: &std::path::Path) -> Vec<Value> {

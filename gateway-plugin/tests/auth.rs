@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{DEADLINE, http};
+use common::{DEADLINE, http, sha256_hex};
 use gateway_plugin::auth::Permission;
 use queue_core::backend::jetstream::JetStreamQueue;
 use test_support::nats_server::NatsServer;
@@ -59,20 +59,6 @@ fn mint_all() -> (serde_json::Value, HashMap<String, String>) {
     let minted: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let tokens = serde_json::from_value(minted["tokens"].clone()).unwrap();
     (minted, tokens)
-}
-
-fn sha256_hex(token: &str) -> String {
-    let out = std::process::Command::new("sha256sum")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut child| {
-            use std::io::Write;
-            child.stdin.take().unwrap().write_all(token.as_bytes())?;
-            child.wait_with_output()
-        })
-        .unwrap();
-    String::from_utf8(out.stdout).unwrap()[..64].to_owned()
 }
 
 fn random_token() -> String {

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{Gateway, http};
+use common::{Gateway, http, sha256_hex};
 use test_support::nats_server::NatsServer;
 
 const UI: &str = "https://ui.team-a.example.org";
@@ -24,15 +24,6 @@ max_age = "5m"
 origins = ["https://ui.team-a.example.org"]
 headers = ["authorization"]
 "#;
-
-fn sha256_hex(token: &str) -> String {
-    let out = std::process::Command::new("sh")
-        .args(["-c", "printf %s \"$T\" | sha256sum"])
-        .env("T", token)
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout).unwrap()[..64].to_owned()
-}
 
 fn header<'a>(r: &'a reqwest::Response, name: &str) -> Option<&'a str> {
     r.headers().get(name).and_then(|v| v.to_str().ok())

@@ -12,29 +12,11 @@ use common::{DEADLINE, Gateway, Worker, blobs, http, queued};
 use queue_core::blobs::{BlobKey, BlobRole, BlobStore};
 use queue_core::sealing::Sealing;
 use test_support::NatsServer;
+use test_support::payload::{pattern, sha256};
 use test_support::stub::{CallbackReceiver, StubBehavior, StubFunction};
 use tokio::io::AsyncWriteExt;
 
 const MIB: usize = 1024 * 1024;
-
-/// `len` bytes that are not all alike (a pattern a misplaced chunk would break).
-fn body_of(len: usize) -> Vec<u8> {
-    let mut state = 0x2545_f491_4f6c_dd1d_u64;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state.to_le_bytes()[0]
-        })
-        .collect()
-}
-
-fn sha256(bytes: &[u8]) -> Vec<u8> {
-    ring::digest::digest(&ring::digest::SHA256, bytes)
-        .as_ref()
-        .to_vec()
-}
 
 /// Messages in the blob bucket's stream (records and infos; 0 when nothing is stored).
 async fn stored_messages(nats_url: &str) -> u64 {
@@ -77,7 +59,7 @@ async fn a_64_mib_body_goes_through_the_blob_store_to_the_function_and_back() {
     )
     .await;
     let client = http();
-    let body = body_of(64 * MIB);
+    let body = pattern(64 * MIB, 0);
     let digest = sha256(&body);
 
     let response = client
@@ -317,7 +299,7 @@ async fn a_call_whose_stored_body_is_gone_is_dead_lettered_not_run() {
     let client = http();
     let response = client
         .post(format!("{}/async-function/echo", gateway.url))
-        .body(body_of(2 * MIB))
+        .body(pattern(2 * MIB, 0))
         .send()
         .await
         .unwrap();
@@ -356,7 +338,7 @@ async fn cancel_deletes_the_stored_body_and_the_call_is_never_run() {
     let response = client
         .post(format!("{}/async-function/echo", gateway.url))
         .header("X-Callback-Url", receiver.url())
-        .body(body_of(3 * MIB))
+        .body(pattern(3 * MIB, 0))
         .send()
         .await
         .unwrap();
@@ -492,7 +474,7 @@ async fn the_sweep_removes_blobs_whose_record_is_gone_and_keeps_the_others() {
             .post(format!("{}/async-function/echo", gateway.url))
             .header("X-Call-Id", id)
             .header("X-Callback-Url", receiver.url())
-            .body(body_of(MIB))
+            .body(pattern(MIB, 0))
             .send()
             .await
             .unwrap();

@@ -23,23 +23,11 @@ use queue_core::blobs::{BlobKey, BlobRef, BlobRole, BlobStore, PutOptions};
 use queue_core::records::{CallState, Event, ResultAvailability, StoredResult};
 use queue_core::sealing::Sealing;
 use test_support::NatsServer;
+use test_support::payload::pattern;
 
 const MIB: usize = 1024 * 1024;
 /// A few chunks of the store (128 KiB each) and a short last one.
 const LEN: usize = 3 * MIB + 12_345;
-
-/// `len` bytes that are not all alike (a misplaced chunk or range would show).
-fn body_of(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = 0x2545_f491_4f6c_dd1d_u64 ^ seed;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state.to_le_bytes()[0]
-        })
-        .collect()
-}
 
 /// The queue as a worker opens it (streams and records bucket as the gateway made them).
 async fn queue(nats_url: &str) -> Arc<JetStreamQueue> {
@@ -183,7 +171,7 @@ async fn a_result_in_the_blob_store_is_streamed_whole_or_by_range() {
     let store = blobs(&nats.url()).await;
     let result_url = |id: &str| format!("{}/async-calls/{id}/result", gateway.url);
 
-    let body = body_of(LEN, 1);
+    let body = pattern(LEN, 1);
     let id = "large-result";
     let blob = put_result_blob(&store, id, &body).await;
     assert_eq!(blob.len, LEN as u64);
@@ -305,7 +293,7 @@ async fn an_inline_result_answers_the_same_ranges() {
     let nats = NatsServer::start().await.unwrap();
     let gateway = Gateway::start(&nats.url(), &[]).await;
     let queue = queue(&nats.url()).await;
-    let body = body_of(1000, 2);
+    let body = pattern(1000, 2);
     let id = "inline-result";
     keep_result(&queue, id, &body, None).await;
     let url = format!("{}/async-calls/{id}/result", gateway.url);
@@ -340,7 +328,7 @@ async fn a_stored_body_that_is_gone_or_not_the_one_named_is_refused() {
 
     // The blob was deleted (swept, or its call purged): the result is no longer kept.
     let gone = "deleted-blob";
-    let blob = put_result_blob(&store, gone, &body_of(200_000, 3)).await;
+    let blob = put_result_blob(&store, gone, &pattern(200_000, 3)).await;
     keep_result(&queue, gone, &[], Some(&blob)).await;
     assert_eq!(get(&result_url(gone), None).await.status(), 200);
     store
@@ -354,7 +342,7 @@ async fn a_stored_body_that_is_gone_or_not_the_one_named_is_refused() {
     }
 
     // The record names another digest, or another length, than the stored blob has.
-    let body = body_of(300_000, 4);
+    let body = pattern(300_000, 4);
     let digest = "digest-differs";
     let mut wrong = put_result_blob(&store, digest, &body).await;
     wrong.sha256 = "00".repeat(32);
@@ -443,7 +431,7 @@ async fn a_sealed_stored_body_without_its_key_is_undecryptable_not_an_outage() {
         .await
         .unwrap();
     let id = "sealed-body";
-    let blob = put_result_blob(&sealed, id, &body_of(200_000, 5)).await;
+    let blob = put_result_blob(&sealed, id, &pattern(200_000, 5)).await;
     keep_result(&queue, id, &[], Some(&blob)).await;
     let url = format!("{}/async-calls/{id}/result", gateway.url);
     for range in [None, Some("bytes=0-9")] {

@@ -10,7 +10,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use common::{DEADLINE, Gateway, http};
+use common::{DEADLINE, Gateway, http, sha256_hex};
 use serde_json::Value;
 use test_support::nats_server::NatsServer;
 
@@ -197,15 +197,6 @@ async fn a_malformed_quotas_file_stops_the_gateway_at_start_naming_the_line() {
         error.contains(&file) && error.contains("line 3") && error.contains("brust"),
         "{error}"
     );
-}
-
-fn sha256_hex(token: &str) -> String {
-    let out = std::process::Command::new("sh")
-        .args(["-c", "printf %s \"$T\" | sha256sum"])
-        .env("T", token)
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout).unwrap()[..64].to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -10,27 +10,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{DEADLINE, Gateway, Worker, http};
+use common::{DEADLINE, Gateway, Worker, http, sha256_hex, token};
 use serde_json::Value;
 use test_support::nats_server::NatsServer;
 use test_support::stub::{StubBehavior, StubFunction};
-
-fn sha256_hex(token: &str) -> String {
-    let out = std::process::Command::new("sh")
-        .args(["-c", "printf %s \"$T\" | sha256sum"])
-        .env("T", token)
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout).unwrap()[..64].to_owned()
-}
-
-fn token() -> String {
-    format!(
-        "fa_{}{}",
-        uuid::Uuid::new_v4().simple(),
-        uuid::Uuid::new_v4().simple()
-    )
-}
 
 struct Api {
     client: reqwest::Client,

@@ -25,6 +25,7 @@ use tokio::io::AsyncReadExt;
 use crate::error::BenchError;
 use crate::sut::{Backend, ProcessUsage, SutOptions, SystemUnderTest};
 use test_support::nats_server::NatsServer;
+use test_support::payload::sha256;
 use test_support::stub::{CallbackReceiver, StubBehavior, StubFunction};
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -198,12 +199,6 @@ pub fn payload(len: usize) -> Vec<u8> {
     }
     out.truncate(len);
     out
-}
-
-fn sha256(bytes: &[u8]) -> Vec<u8> {
-    ring::digest::digest(&ring::digest::SHA256, bytes)
-        .as_ref()
-        .to_vec()
 }
 
 /// Runs the baselines and every backend of `opts`.

@@ -16,6 +16,7 @@
 //!   function or gateway that records every request, and [`CallbackReceiver`],
 //!   an HTTP server that records the callbacks it receives and can be stopped
 //!   and started again on the same port.
+//! - [`payload`]: [`payload::pattern`] bytes and their [`payload::sha256`] for the large-body tests.
 //! - [`open_loop`](mod@open_loop): [`open_loop()`], an open-loop load generator
 //!   measuring every latency from the request's intended send time.
 //! - [`audit`]: [`audit::audit_callbacks`], matching received callbacks to
@@ -31,6 +32,7 @@ mod error;
 pub mod nats_cluster;
 pub mod nats_server;
 pub mod open_loop;
+pub mod payload;
 pub mod stub;
 pub mod tls;
 

@@ -155,6 +155,27 @@ impl Worker {
     }
 }
 
+/// The SHA-256 of `token` in hex, by the system's `sha256sum` (an implementation independent of
+/// the gateway's), as a tokens file lists it.
+pub fn sha256_hex(token: &str) -> String {
+    let out = std::process::Command::new("sh")
+        .args(["-c", "printf %s \"$T\" | sha256sum"])
+        .env("T", token)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "sha256sum failed");
+    String::from_utf8(out.stdout).unwrap()[..64].to_owned()
+}
+
+/// A fresh API token (`fa_` and 64 random hex digits).
+pub fn token() -> String {
+    format!(
+        "fa_{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
 /// The gateway's blob store (the bucket of the `faas-async` stream), once the gateway made it.
 pub async fn blobs(nats_url: &str) -> queue_core::blobs::jetstream::JetStreamBlobs {
     let client = async_nats::connect(nats_url).await.unwrap();
