@@ -208,7 +208,13 @@ async fn main() -> anyhow::Result<()> {
         })?;
         let queue = Arc::new(queue);
         if let Some(WorkerCommand::Dlq { action }) = dlq {
-            return dead_letters(queue.as_ref(), action).await;
+            let blobs = SharedBlobs::files(
+                config.server.queue_dir.join(BLOB_DIR),
+                config.worker.encryption.sealing()?,
+            )
+            .await
+            .with_context(|| format!("cannot open the blob store in {dir}/{BLOB_DIR}"))?;
+            return dead_letters(queue.as_ref(), &blobs, action).await;
         }
         // One database for the queue and the worker's dedup state: one group commit covers
         // both (--state-dir is not used with the embedded queue).
@@ -250,7 +256,13 @@ async fn main() -> anyhow::Result<()> {
     let sealing = options.sealing.clone();
     let queue = JetStreamQueue::connect(options, "faas-async", stop.clone()).await?;
     if let Some(WorkerCommand::Dlq { action }) = dlq {
-        return dead_letters(queue.as_ref(), action).await;
+        let blobs = SharedBlobs::jetstream(
+            queue.context().clone(),
+            &config.worker.nats.stream,
+            None,
+            sealing,
+        );
+        return dead_letters(queue.as_ref(), &blobs, action).await;
     }
     // The gateway creates the bucket with the streams; a worker alone opens it as found.
     let blobs = if with_gateway {
@@ -276,9 +288,10 @@ async fn main() -> anyhow::Result<()> {
 
 async fn dead_letters<Q: CallQueue>(
     queue: &Q,
+    blobs: &SharedBlobs,
     action: queue_worker::config::DlqAction,
 ) -> anyhow::Result<()> {
-    queue_worker::dlq::run_command(queue, action, &mut std::io::stdout().lock())
+    queue_worker::dlq::run_command(queue, Some(blobs), action, &mut std::io::stdout().lock())
         .await
         .context("dead-letter command failed")
 }

@@ -422,12 +422,16 @@ pub async fn purge<Q: CallQueue>(
     let Some(selection) = within_view(&state, &view, selection).await? else {
         return Ok(axum::Json(json!({ "deleted": 0 })).into_response());
     };
-    let deleted = (state.queue)
+    let purged = (state.queue)
         .purge_dead_letters(&selection.selectors, selection.all)
         .await
         .map_err(|e| unavailable(&state, &e))?;
-    tracing::info!(deleted, "dead letters purged");
-    Ok(axum::Json(json!({ "deleted": deleted })).into_response())
+    // Nothing can replay them now: their stored bodies go too.
+    for call_id in purged.iter().filter_map(|e| e.call_id.as_deref()) {
+        crate::large::delete_call_blobs(&state, call_id).await;
+    }
+    tracing::info!(deleted = purged.len(), "dead letters purged");
+    Ok(axum::Json(json!({ "deleted": purged.len() })).into_response())
 }
 
 /// Pauses or resumes `name`. The authorization layer checked `admin:<its namespace>`; the

@@ -225,13 +225,8 @@ async fn delete_blob(blobs: &SharedBlobs, key: &BlobKey) {
 /// Deletes the blobs of `call_id` (its request body and result), if there is a blob store;
 /// failures are logged (the sweep removes what is left once the record is gone).
 pub(crate) async fn delete_call_blobs<Q>(state: &AppState<Q>, call_id: &str) {
-    let Some(blobs) = &state.blobs else {
-        return;
-    };
-    for role in [BlobRole::Request, BlobRole::Result] {
-        if let Ok(key) = BlobKey::for_call(call_id, role) {
-            delete_blob(blobs, &key).await;
-        }
+    if let Some(blobs) = &state.blobs {
+        queue_core::blobs::delete_call_blobs(blobs, call_id).await;
     }
 }
 

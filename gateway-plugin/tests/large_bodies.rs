@@ -451,6 +451,87 @@ async fn cancel_of_a_running_call_leaves_no_stored_result() {
     gateway.shutdown().await;
 }
 
+/// A dead-lettered call keeps its stored body (a replay needs it) until its dead letter is
+/// purged: then nothing can replay it, and the body is deleted with it (listed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn purging_a_dead_letter_deletes_its_stored_body() {
+    let nats = NatsServer::start().await.unwrap();
+    let function = StubFunction::start(StubBehavior {
+        fail_first: u32::MAX,
+        fail_status: 503,
+        ..StubBehavior::default()
+    })
+    .await
+    .unwrap();
+    let gateway = Gateway::start(&nats.url(), &["--max-body-bytes", "8MiB"]).await;
+    let worker = Worker::start_with(&nats.url(), &function.url(), &["--retry-max-attempts", "1"]);
+    let client = http();
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let response = client
+            .post(format!("{}/async-function/fails", gateway.url))
+            .body(pattern(MIB, 3))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+        ids.push(response.headers()["x-call-id"].to_str().unwrap().to_owned());
+    }
+    let letters = || async {
+        let r = client
+            .get(format!("{}/system/async/dead-letters", gateway.url))
+            .send()
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+        body.as_array()
+            .or_else(|| body["dead_letters"].as_array())
+            .map_or(0, Vec::len)
+    };
+    wait_for("both calls dead-lettered", || async {
+        letters().await == 2
+    })
+    .await;
+    let store = blobs(&nats.url()).await;
+    assert_eq!(store.list().await.unwrap().len(), 2, "kept for a replay");
+
+    // Purge one by its call id: its body goes, the other's stays.
+    let purge = client
+        .post(format!("{}/system/async/dead-letters/purge", gateway.url))
+        .header("content-type", "application/json")
+        .body(serde_json::json!({ "call_ids": [ids[0]] }).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(purge.status(), 200);
+    let answer: serde_json::Value = serde_json::from_slice(&purge.bytes().await.unwrap()).unwrap();
+    assert_eq!(answer["deleted"], 1, "{answer}");
+    let left: Vec<String> = store
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| b.key.call_id().to_owned())
+        .collect();
+    assert_eq!(left, [ids[1].clone()]);
+
+    // Purge all: nothing is left.
+    let purge = client
+        .post(format!("{}/system/async/dead-letters/purge", gateway.url))
+        .header("content-type", "application/json")
+        .body(serde_json::json!({ "all": true }).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(purge.status(), 200);
+    let answer: serde_json::Value = serde_json::from_slice(&purge.bytes().await.unwrap()).unwrap();
+    assert_eq!(answer["deleted"], 1, "{answer}");
+    assert!(store.list().await.unwrap().is_empty());
+    assert_eq!(letters().await, 0);
+    worker.shutdown().await;
+    gateway.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_sweep_removes_blobs_whose_record_is_gone_and_keeps_the_others() {
     use clap::Parser;

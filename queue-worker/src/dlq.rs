@@ -8,6 +8,7 @@ use std::io::Write;
 
 use crate::config::DlqAction;
 use queue_core::backend::{BackendError, CallQueue, DeadLetterEntry};
+use queue_core::blobs::SharedBlobs;
 
 /// Errors of the dead-letter commands.
 #[derive(Debug, thiserror::Error)]
@@ -23,9 +24,11 @@ pub enum DlqError {
     Json(#[from] serde_json::Error),
 }
 
-/// Runs one dead-letter command against `queue`, writing what it did to `out`.
+/// Runs one dead-letter command against `queue`, writing what it did to `out`. A purge also
+/// deletes the purged calls' stored bodies from `blobs` (nothing can replay them any more).
 pub async fn run_command<Q: CallQueue>(
     queue: &Q,
+    blobs: Option<&SharedBlobs>,
     action: DlqAction,
     out: &mut impl Write,
 ) -> Result<(), DlqError> {
@@ -67,8 +70,13 @@ pub async fn run_command<Q: CallQueue>(
             writeln!(out, "{} call(s) put back on the queue", replayed.len())?;
         }
         DlqAction::Purge { select, all } => {
-            let n = queue.purge_dead_letters(&select.selectors(), all).await?;
-            writeln!(out, "{n} dead letter(s) deleted")?;
+            let purged = queue.purge_dead_letters(&select.selectors(), all).await?;
+            if let Some(blobs) = blobs {
+                for call_id in purged.iter().filter_map(|e| e.call_id.as_deref()) {
+                    queue_core::blobs::delete_call_blobs(blobs, call_id).await;
+                }
+            }
+            writeln!(out, "{} dead letter(s) deleted", purged.len())?;
         }
     }
     queue.flush_before_exit().await;

@@ -628,7 +628,9 @@ mod cases {
         let left = q.dead_letters().await.unwrap();
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].call_id.as_deref(), Some(b.meta.call_id.as_str()));
-        assert_eq!(q.purge_dead_letters(&[], true).await.unwrap(), 1);
+        let purged = q.purge_dead_letters(&[], true).await.unwrap();
+        assert_eq!(purged.len(), 1, "the purged entries are returned");
+        assert_eq!(purged[0].call_id.as_deref(), Some(b.meta.call_id.as_str()));
         assert!(q.dead_letters().await.unwrap().is_empty());
     }
 

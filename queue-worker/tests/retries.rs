@@ -403,3 +403,83 @@ async fn a_hanging_callback_endpoint_times_out_and_the_call_is_dead_lettered_onc
     assert_eq!(letters[0].reason, "callback_failed");
     assert_eq!(letters[0].last_status, Some(200));
 }
+
+/// `queue-worker dlq purge` deletes the purged calls' stored bodies with their dead letters
+/// (nothing can replay them any more); another call's stored body stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_dlq_purge_command_deletes_the_purged_calls_stored_bodies() {
+    use queue_core::blobs::jetstream::JetStreamBlobs;
+    use queue_core::blobs::{BlobKey, BlobRole, BlobStore, PutOptions};
+
+    let f = Fixture::start(StubBehavior {
+        fail_first: u32::MAX,
+        fail_status: 500,
+        ..StubBehavior::default()
+    })
+    .await;
+    let args = f.worker_args("state", &["--retry-max-attempts", "1"]);
+    let worker = InProcessWorker::start(&args);
+    let id = f.publish("broken", b"keep me").await;
+    assert!(
+        wait_until(|| f.receiver.count() == 1).await,
+        "no dead-letter callback"
+    );
+    assert!(f.queue.wait_until_empty().await);
+    worker.shutdown().await;
+    // Blobs under this call's keys and another call's (the bucket as a gateway makes it).
+    let stream = f.queue.args.stream.clone();
+    let store = JetStreamBlobs::ensure(
+        &f.queue.js,
+        &stream,
+        queue_core::blobs::jetstream::BucketSettings {
+            replicas: 1,
+            max_bytes: 0,
+        },
+        queue_core::sealing::Sealing::off(),
+    )
+    .await
+    .unwrap();
+    for (call, role) in [
+        (id.as_str(), BlobRole::Request),
+        (id.as_str(), BlobRole::Result),
+        ("another-call", BlobRole::Request),
+    ] {
+        let key = BlobKey::for_call(call, role).unwrap();
+        let body = futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(
+            b"stored",
+        ))]);
+        store
+            .put(&key, body, PutOptions::at_most(1024))
+            .await
+            .unwrap();
+    }
+
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_queue-worker"))
+        .args(["dlq", "purge", "--all", "--nats-url", &f.queue.nats.url()])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("1 dead letter(s) deleted"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(f.queue.dead_letters().await.is_empty());
+    let left: Vec<String> = store
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.key.as_str().to_owned())
+        .collect();
+    assert_eq!(
+        left,
+        ["another-call.request"],
+        "only the purged call's blobs go"
+    );
+}

@@ -1097,13 +1097,13 @@ impl CallQueue for EmbeddedQueue {
         &self,
         selectors: &[DeadLetterSelector],
         all: bool,
-    ) -> Result<u64, BackendError> {
-        let mut deleted = 0;
+    ) -> Result<Vec<DeadLetterEntry>, BackendError> {
+        let mut deleted = Vec::new();
         for (entry, ..) in self.inner.dead_letter_entries()? {
             if entry.selected(selectors, all)
                 && self.inner.dead.remove(seq_key(entry.sequence))?.is_some()
             {
-                deleted += 1;
+                deleted.push(entry);
             }
         }
         self.inner.flusher.flush(&self.inner.db).await?;

@@ -1172,21 +1172,34 @@ impl CallQueue for JetStreamQueue {
         &self,
         selectors: &[DeadLetterSelector],
         all: bool,
-    ) -> Result<u64, BackendError> {
+    ) -> Result<Vec<DeadLetterEntry>, BackendError> {
         let mut stream = self.dead_letter_stream().await?;
+        let entries: Vec<DeadLetterEntry> = stream_messages(&mut stream)
+            .await?
+            .iter()
+            .map(entry_of)
+            .filter(|entry| entry.selected(selectors, all))
+            .collect();
         if all {
-            return Ok(stream.purge().await.map_err(request_err)?.purged);
-        }
-        let mut deleted = 0;
-        for msg in stream_messages(&mut stream).await? {
-            let entry = entry_of(&msg);
-            if entry.selected(selectors, false)
-                && stream
-                    .delete_message(entry.sequence)
+            // Up to the last one read: a dead letter arriving meanwhile stays (and is not
+            // reported as deleted).
+            if let Some(last) = entries.last() {
+                stream
+                    .purge()
+                    .sequence(last.sequence + 1)
                     .await
-                    .map_err(request_err)?
+                    .map_err(request_err)?;
+            }
+            return Ok(entries);
+        }
+        let mut deleted = Vec::new();
+        for entry in entries {
+            if stream
+                .delete_message(entry.sequence)
+                .await
+                .map_err(request_err)?
             {
-                deleted += 1;
+                deleted.push(entry);
             }
         }
         Ok(deleted)

@@ -387,12 +387,14 @@ pub trait CallQueue: CallRecords {
         all: bool,
     ) -> impl Future<Output = Result<Vec<DeadLetterEntry>, BackendError>> + Send;
 
-    /// Deletes the selected dead letters (every one with `all`). Returns how many.
+    /// Deletes the selected dead letters (every one with `all`: those there when the purge
+    /// began). Returns the deleted entries (their calls' stored bodies are the caller's to
+    /// delete, [`crate::blobs::delete_call_blobs`]).
     fn purge_dead_letters(
         &self,
         selectors: &[DeadLetterSelector],
         all: bool,
-    ) -> impl Future<Output = Result<u64, BackendError>> + Send;
+    ) -> impl Future<Output = Result<Vec<DeadLetterEntry>, BackendError>> + Send;
 
     /// Calls queued per function, with the age of the oldest.
     fn function_stats(

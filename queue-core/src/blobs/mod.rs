@@ -550,6 +550,26 @@ where
     Ok(report)
 }
 
+/// Deletes the blobs of `call_id` (its request body and its result), if it has any; a failure
+/// is logged, never returned (the sweep removes what is left once the call's record is gone).
+/// What a cancel and a dead-letter purge do.
+pub async fn delete_call_blobs(blobs: &SharedBlobs, call_id: &str) {
+    let store = match blobs.store().await {
+        Ok(store) => store,
+        Err(e) => {
+            tracing::warn!(call_id, error = %e, "could not delete the call's stored bodies: the blob store is out of reach");
+            return;
+        }
+    };
+    for role in [BlobRole::Request, BlobRole::Result] {
+        if let Ok(key) = BlobKey::for_call(call_id, role)
+            && let Err(e) = store.delete(&key).await
+        {
+            tracing::warn!(key = %key, error = %e, "could not delete a stored body");
+        }
+    }
+}
+
 /// The plaintext bytes stored per namespace, from a listing; blobs without a namespace are
 /// left out (counted by none).
 pub fn stored_bytes_by_namespace(entries: &[BlobEntry]) -> std::collections::HashMap<String, u64> {

@@ -67,8 +67,21 @@ async fn dead_letters(config: &WorkerConfig, action: DlqAction) -> anyhow::Resul
         records: config.records.clone(),
         sealing: config.encryption.sealing()?,
     };
+    let sealing = options.sealing.clone();
     let queue = JetStreamQueue::with_client(client, options, CancellationToken::new());
-    queue_worker::dlq::run_command(queue.as_ref(), action, &mut std::io::stdout().lock())
-        .await
-        .with_context(|| format!("dead letters in {}", nats.dead_letter_stream))
+    // The bucket as found (a purge deletes the purged calls' stored bodies).
+    let blobs = queue_core::blobs::SharedBlobs::jetstream(
+        queue.context().clone(),
+        &nats.stream,
+        None,
+        sealing,
+    );
+    queue_worker::dlq::run_command(
+        queue.as_ref(),
+        Some(&blobs),
+        action,
+        &mut std::io::stdout().lock(),
+    )
+    .await
+    .with_context(|| format!("dead letters in {}", nats.dead_letter_stream))
 }
