@@ -246,7 +246,25 @@ pub async fn sweep_blobs<Q: CallQueue>(
     let store = blobs.store().await?;
     queue_core::blobs::sweep(store, older_than, |key| async move {
         // A record that cannot be read now is not taken for a missing one.
-        matches!(queue.record_entry(key.call_id()).await, Ok(None))
+        match queue.record_entry(key.call_id()).await {
+            Ok(None) => true,
+            // One answer of a call that is done (and has been quiet as long) that its record
+            // does not keep: a worker crashed after storing it, or lost the call to another.
+            Ok(Some(entry)) if key.tag().is_some() => {
+                let quiet = queue_core::unix_nanos_now().saturating_sub(entry.record.updated_at)
+                    >= u64::try_from(older_than.as_nanos()).unwrap_or(u64::MAX);
+                entry.record.state.is_final()
+                    && quiet
+                    && matches!(
+                        queue.result(key.call_id()).await,
+                        Ok(kept) if kept
+                            .as_ref()
+                            .and_then(|r| r.stored.as_ref())
+                            .is_none_or(|stored| stored.key != key.as_str())
+                    )
+            }
+            _ => false,
+        }
     })
     .await
 }

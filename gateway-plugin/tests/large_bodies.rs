@@ -147,20 +147,28 @@ async fn a_64_mib_body_goes_through_the_blob_store_to_the_function_and_back() {
 
     // The response went to the store (above --inline-response-bytes), the small one did not;
     // the gateway streams it back, whole or by range.
-    let result_key = BlobKey::for_call(&call_id, BlobRole::Result).unwrap();
     let listed = store.list().await.unwrap();
     let kept = listed
         .iter()
-        .find(|b| b.key == result_key)
+        .find(|b| common::is_result_of(&b.key, &call_id))
         .expect("result stored");
+    assert!(
+        kept.key.tag().is_some(),
+        "the answer's own key: {}",
+        kept.key
+    );
     assert_eq!(kept.len, 64 * MIB as u64);
     assert_eq!(
         kept.namespace.as_deref(),
         Some("openfaas-fn"),
         "the worker's result names its namespace"
     );
-    let small_key = BlobKey::for_call(&small_id, BlobRole::Result).unwrap();
-    assert!(!listed.iter().any(|b| b.key == small_key), "{listed:?}");
+    assert!(
+        !listed
+            .iter()
+            .any(|b| common::is_result_of(&b.key, &small_id)),
+        "{listed:?}"
+    );
     let result_url = format!("{}/async-calls/{call_id}/result", gateway.url);
     let whole = client.get(&result_url).send().await.unwrap();
     assert_eq!(whole.status(), 200);
@@ -583,10 +591,28 @@ async fn the_sweep_removes_blobs_whose_record_is_gone_and_keeps_the_others() {
         )
         .await
         .unwrap();
+    // What a worker that crashed after storing an answer, or lost the call to another,
+    // would leave: answers no record names, of a finished call and of a queued one.
+    let stray = BlobKey::fresh_answer("finished-then-expired").unwrap();
+    let queued_stray = BlobKey::fresh_answer("still-queued").unwrap();
+    for key in [&stray, &queued_stray] {
+        store
+            .put(
+                key,
+                futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"x"))]),
+                queue_core::blobs::PutOptions::at_most(10),
+            )
+            .await
+            .unwrap();
+    }
     let listed = store.list().await.unwrap();
-    assert_eq!(listed.len(), 4, "{listed:?}");
-    let kept_result = BlobKey::for_call("finished-then-expired", BlobRole::Result).unwrap();
-    assert!(listed.iter().any(|b| b.key == kept_result), "{listed:?}");
+    assert_eq!(listed.len(), 6, "{listed:?}");
+    let kept_result = listed
+        .iter()
+        .find(|b| common::is_result_of(&b.key, "finished-then-expired") && b.key != stray)
+        .expect("the kept result")
+        .key
+        .clone();
 
     let config = gateway_plugin::GatewayConfig::try_parse_from([
         "gateway-plugin",
@@ -607,19 +633,42 @@ async fn the_sweep_removes_blobs_whose_record_is_gone_and_keeps_the_others() {
     )
     .await
     .unwrap();
-    // The finished call's record expires.
-    queue.delete_record("finished-then-expired").await.unwrap();
     let shared = queue_core::blobs::SharedBlobs::jetstream(
         queue.context().clone(),
         "faas-async",
         None,
         Sealing::off(),
     );
+    // While the finished call's record lives: its stray answer and the orphan go; the kept
+    // result its record names, the bodies, and the queued call's answer stay.
     let report = gateway_plugin::large::sweep_blobs(queue.as_ref(), &shared, Duration::ZERO)
         .await
         .unwrap();
-    // The expired call's body and kept result, and the orphan.
-    assert_eq!(report.orphans, 3, "{report:?}");
+    assert_eq!(report.orphans, 2, "{report:?}");
+    let left: Vec<BlobKey> = store
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|entry| entry.key)
+        .collect();
+    assert!(
+        left.contains(&kept_result) && left.contains(&queued_stray),
+        "{left:?}"
+    );
+    assert!(
+        !left.contains(&stray) && !left.contains(&orphan),
+        "{left:?}"
+    );
+    store.delete(&queued_stray).await.unwrap();
+
+    // The finished call's record expires.
+    queue.delete_record("finished-then-expired").await.unwrap();
+    let report = gateway_plugin::large::sweep_blobs(queue.as_ref(), &shared, Duration::ZERO)
+        .await
+        .unwrap();
+    // The expired call's body and kept result.
+    assert_eq!(report.orphans, 2, "{report:?}");
     let left: Vec<_> = store
         .list()
         .await
@@ -708,7 +757,6 @@ async fn with_encryption_keys_a_stored_body_is_sealed_and_still_round_trips() {
 
     // The echoed answer is kept in the store as the result, sealed with the same keys: no
     // record of the bucket holds it in clear, and the gateway serves it opened.
-    let result_key = BlobKey::for_call(&call_id, BlobRole::Result).unwrap();
     let store = blobs(&nats.url()).await;
     wait_for("the result to be kept", || async {
         store
@@ -716,9 +764,17 @@ async fn with_encryption_keys_a_stored_body_is_sealed_and_still_round_trips() {
             .await
             .unwrap()
             .iter()
-            .any(|b| b.key == result_key)
+            .any(|b| common::is_result_of(&b.key, &call_id))
     })
     .await;
+    let result_key = store
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|b| common::is_result_of(&b.key, &call_id))
+        .unwrap()
+        .key;
     let info = stream.get_info().await.unwrap();
     for sequence in info.state.first_sequence..=info.state.last_sequence {
         let Ok(message) = stream.get_raw_message(sequence).await else {

@@ -176,6 +176,11 @@ pub fn token() -> String {
     )
 }
 
+/// Whether `key` is a result (an answer) of `call_id`.
+pub fn is_result_of(key: &queue_core::blobs::BlobKey, call_id: &str) -> bool {
+    key.call_id() == call_id && key.role() == queue_core::blobs::BlobRole::Result
+}
+
 /// The gateway's blob store (the bucket of the `faas-async` stream), once the gateway made it.
 pub async fn blobs(nats_url: &str) -> queue_core::blobs::jetstream::JetStreamBlobs {
     let client = async_nats::connect(nats_url).await.unwrap();

@@ -80,9 +80,12 @@ use crate::sealing::{Keyring, Purpose, Sealing};
 pub const CHUNK_BYTES: usize = 128 * 1024;
 
 /// Longest blob key, in bytes. Any call id of up to 64 characters fits, whatever its
-/// characters; one of only letters, digits and `-` fits up to 191 (all of them, since call
-/// ids are at most 128 bytes).
-pub const MAX_KEY_LEN: usize = 200;
+/// characters, also with an answer's tag ([`BlobKey::for_answer`]); one of only letters,
+/// digits and `-` fits up to 191 (all of them, since call ids are at most 128 bytes).
+pub const MAX_KEY_LEN: usize = 216;
+
+/// Longest tag of an answer's key ([`BlobKey::for_answer`]), in hex digits.
+pub const MAX_TAG_LEN: usize = 16;
 
 /// Bytes a record adds to its chunk when encryption is off.
 const DIGEST_LEN: usize = 32;
@@ -131,7 +134,9 @@ pub enum KeyError {
     Malformed,
 }
 
-/// The name of a stored blob: a call id and a role, as `<escaped call id>.<role>`.
+/// The name of a stored blob: a call id and a role, as `<escaped call id>.<role>`, or for one
+/// answer of a function (one attempt's response, [`BlobKey::for_answer`])
+/// `<escaped call id>.result-<tag>`.
 ///
 /// The escaped call id keeps ASCII letters, digits and `-`; every other byte is `_` and two
 /// uppercase hex digits. A key is therefore only `[A-Za-z0-9_.-]`, has exactly one `.`, never
@@ -141,6 +146,7 @@ pub struct BlobKey {
     key: String,
     call_id: String,
     role: BlobRole,
+    tag: Option<String>,
 }
 
 impl BlobKey {
@@ -168,7 +174,37 @@ impl BlobKey {
             key,
             call_id: call_id.to_owned(),
             role,
+            tag: None,
         })
+    }
+
+    /// The key of one answer of `call_id`'s function (role [`BlobRole::Result`]), told apart
+    /// from any other answer of the same call by `tag` (1 to [`MAX_TAG_LEN`] lowercase hex
+    /// digits): two workers running the same call at once never write one blob, and neither
+    /// deletes the other's.
+    pub fn for_answer(call_id: &str, tag: &str) -> Result<Self, KeyError> {
+        if tag.is_empty()
+            || tag.len() > MAX_TAG_LEN
+            || !tag.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
+            return Err(KeyError::Malformed);
+        }
+        let mut base = Self::for_call(call_id, BlobRole::Result)?;
+        base.key.push('-');
+        base.key.push_str(tag);
+        if base.key.len() > MAX_KEY_LEN {
+            return Err(KeyError::TooLong {
+                len: base.key.len(),
+            });
+        }
+        base.tag = Some(tag.to_owned());
+        Ok(base)
+    }
+
+    /// A fresh answer key of `call_id`: a random tag of [`MAX_TAG_LEN`] digits.
+    pub fn fresh_answer(call_id: &str) -> Result<Self, KeyError> {
+        let tag = uuid::Uuid::new_v4().simple().to_string();
+        Self::for_answer(call_id, &tag[..MAX_TAG_LEN])
     }
 
     /// Reads a key back (a file or object name), refusing anything [`BlobKey::for_call`]
@@ -183,8 +219,12 @@ impl BlobKey {
         {
             return Err(KeyError::Malformed);
         }
-        let (escaped, role) = key.split_once('.').ok_or(KeyError::Malformed)?;
-        let role = BlobRole::parse(role).ok_or(KeyError::Malformed)?;
+        let (escaped, suffix) = key.split_once('.').ok_or(KeyError::Malformed)?;
+        let (role, tag) = match suffix.split_once('-') {
+            Some(("result", tag)) => (BlobRole::Result, Some(tag)),
+            Some(_) => return Err(KeyError::Malformed),
+            None => (BlobRole::parse(suffix).ok_or(KeyError::Malformed)?, None),
+        };
         let mut call_id = Vec::with_capacity(escaped.len());
         let mut bytes = escaped.bytes();
         while let Some(b) = bytes.next() {
@@ -208,7 +248,10 @@ impl BlobKey {
             }
         }
         let call_id = String::from_utf8(call_id).map_err(|_| KeyError::Malformed)?;
-        let parsed = Self::for_call(&call_id, role)?;
+        let parsed = match tag {
+            Some(tag) => Self::for_answer(&call_id, tag)?,
+            None => Self::for_call(&call_id, role)?,
+        };
         if parsed.key != key {
             return Err(KeyError::Malformed);
         }
@@ -228,6 +271,11 @@ impl BlobKey {
     /// What the blob is to its call.
     pub fn role(&self) -> BlobRole {
         self.role
+    }
+
+    /// The answer's tag, for a key of [`BlobKey::for_answer`].
+    pub fn tag(&self) -> Option<&str> {
+        self.tag.as_deref()
     }
 }
 
@@ -1074,6 +1122,46 @@ mod tests {
         ));
         assert!(BlobKey::for_call(&"/".repeat(64), BlobRole::Request).is_ok());
         assert!(BlobKey::for_call(&"a".repeat(128), BlobRole::Request).is_ok());
+    }
+
+    #[test]
+    fn answer_keys_carry_their_tag_and_every_call_id_fits() {
+        let key = BlobKey::for_answer("job-1", "0a1b2c3d4e5f6789").unwrap();
+        assert_eq!(key.as_str(), "job-1.result-0a1b2c3d4e5f6789");
+        assert_eq!(
+            (key.role(), key.tag()),
+            (BlobRole::Result, Some("0a1b2c3d4e5f6789"))
+        );
+        let parsed = BlobKey::parse(key.as_str()).unwrap();
+        assert_eq!(parsed, key);
+        assert_eq!(parsed.call_id(), "job-1");
+        assert_ne!(
+            BlobKey::fresh_answer("job-1").unwrap(),
+            BlobKey::fresh_answer("job-1").unwrap(),
+            "two answers of one call never share a key"
+        );
+        // The longest escaped id (64 characters, each escaped) and the longest tag fit; so
+        // does any id of letters, digits and '-' up to 128.
+        let widest = BlobKey::fresh_answer(&"/".repeat(64)).unwrap();
+        assert!(widest.as_str().len() <= MAX_KEY_LEN);
+        assert!(BlobKey::fresh_answer(&"a".repeat(128)).is_ok());
+        for tag in ["", "0A1B", "xyz", "0123456789abcdef0", "-1"] {
+            assert_eq!(
+                BlobKey::for_answer("job-1", tag),
+                Err(KeyError::Malformed),
+                "{tag:?}"
+            );
+        }
+        for bad in [
+            "job-1.result-",
+            "job-1.result-XYZ",
+            "job-1.request-abc",
+            "job-1.results-abc",
+            "job-1.result-abc-def",
+            "job-1.result-0123456789abcdef0",
+        ] {
+            assert!(BlobKey::parse(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
