@@ -248,25 +248,37 @@ pub async fn sweep_blobs<Q: CallQueue>(
         // A record that cannot be read now is not taken for a missing one.
         match queue.record_entry(key.call_id()).await {
             Ok(None) => true,
-            // One answer of a call that is done (and has been quiet as long) that its record
-            // does not keep: a worker crashed after storing it, or lost the call to another.
             Ok(Some(entry)) if key.tag().is_some() => {
-                let quiet = queue_core::unix_nanos_now().saturating_sub(entry.record.updated_at)
-                    >= u64::try_from(older_than.as_nanos()).unwrap_or(u64::MAX);
-                entry.record.state.is_final()
-                    && quiet
-                    && matches!(
-                        queue.result(key.call_id()).await,
-                        Ok(kept) if kept
-                            .as_ref()
-                            .and_then(|r| r.stored.as_ref())
-                            .is_none_or(|stored| stored.key != key.as_str())
-                    )
+                stray_answer(queue, &key, &entry.record, older_than).await
             }
             _ => false,
         }
     })
     .await
+}
+
+/// Whether `key`, one answer of a call whose record is `record`, is one that nobody needs:
+/// the call is done, has been quiet for `older_than`, and its record does not keep this
+/// answer (a worker crashed after storing it, or lost the call to another). A result that
+/// cannot be read now is taken for a kept one.
+async fn stray_answer<Q: CallQueue>(
+    queue: &Q,
+    key: &BlobKey,
+    record: &queue_core::records::CallRecord,
+    older_than: std::time::Duration,
+) -> bool {
+    let quiet = queue_core::unix_nanos_now().saturating_sub(record.updated_at)
+        >= u64::try_from(older_than.as_nanos()).unwrap_or(u64::MAX);
+    if !record.state.is_final() || !quiet {
+        return false;
+    }
+    match queue.result(key.call_id()).await {
+        Ok(kept) => kept
+            .as_ref()
+            .and_then(|r| r.stored.as_ref())
+            .is_none_or(|stored| stored.key != key.as_str()),
+        Err(_) => false,
+    }
 }
 
 /// Sweeps the blob store every [`SWEEP_EVERY`] until `stop` fires.

@@ -192,6 +192,21 @@ async fn a_64_mib_body_goes_through_the_blob_store_to_the_function_and_back() {
     gateway.shutdown().await;
 }
 
+/// Reads a raw connection's answer to its end: it must be a `413`; its JSON body.
+async fn refusal_413(mut raw: tokio::net::TcpStream) -> serde_json::Value {
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        DEADLINE,
+        tokio::io::AsyncReadExt::read_to_end(&mut raw, &mut answer),
+    )
+    .await
+    .expect("no answer to a body above the maximum")
+    .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
+    serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap_or_default()).unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_body_above_the_maximum_is_413_with_the_limit_and_leaves_nothing() {
     let nats = NatsServer::start().await.unwrap();
@@ -228,18 +243,7 @@ async fn a_body_above_the_maximum_is_413_with_the_limit_and_leaves_nothing() {
     }
     request.extend_from_slice(b"1\r\nx\r\n");
     raw.write_all(&request).await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(
-        DEADLINE,
-        tokio::io::AsyncReadExt::read_to_end(&mut raw, &mut answer),
-    )
-    .await
-    .expect("no answer to a streamed body above the maximum")
-    .unwrap();
-    let answer = String::from_utf8_lossy(&answer);
-    assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
-    let json: serde_json::Value =
-        serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap_or_default()).unwrap();
+    let json = refusal_413(raw).await;
     assert_eq!(json["error"], "body_too_large", "{json}");
     assert_eq!(json["max_bytes"], MIB as u64, "{json}");
 
@@ -267,18 +271,7 @@ async fn a_body_above_the_maximum_is_413_with_the_limit_and_leaves_nothing() {
     )
     .await
     .unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(
-        DEADLINE,
-        tokio::io::AsyncReadExt::read_to_end(&mut raw, &mut answer),
-    )
-    .await
-    .expect("no answer to an announced body above the maximum")
-    .unwrap();
-    let answer = String::from_utf8_lossy(&answer);
-    assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
-    let json: serde_json::Value =
-        serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap_or_default()).unwrap();
+    let json = refusal_413(raw).await;
     assert_eq!(json["error"], "body_too_large", "{json}");
     assert_eq!(json["max_bytes"], MIB as u64, "{json}");
     assert_eq!(queued(&nats.url()).await, 1);

@@ -112,6 +112,21 @@ async fn retry_after_on_429_is_honoured() {
     );
 }
 
+/// `queue-worker dlq <action> --all` against the fixture's NATS: it must succeed; its stdout.
+async fn dlq(f: &Fixture, action: &str) -> String {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_queue-worker"))
+        .args(["dlq", action, "--all", "--nats-url", &f.queue.nats.url()])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn permanent_failure_is_dead_lettered_with_a_final_callback_and_replayed_from_the_cli() {
     let f = Fixture::start(failing(u32::MAX, 500, &[])).await;
@@ -153,17 +168,8 @@ async fn permanent_failure_is_dead_lettered_with_a_final_callback_and_replayed_f
 
     // The function recovers; the operator replays the dead letter with the CLI.
     f.function.set_behavior(StubBehavior::default());
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_queue-worker"))
-        .args(["dlq", "replay", "--all", "--nats-url", &f.queue.nats.url()])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("1 call(s) put back"));
+    let out = dlq(&f, "replay").await;
+    assert!(out.contains("1 call(s) put back"), "{out}");
     assert!(
         wait_until(|| f.receiver.count() == 2).await,
         "no callback after the replay"
@@ -454,21 +460,8 @@ async fn the_dlq_purge_command_deletes_the_purged_calls_stored_bodies() {
             .unwrap();
     }
 
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_queue-worker"))
-        .args(["dlq", "purge", "--all", "--nats-url", &f.queue.nats.url()])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("1 dead letter(s) deleted"),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let out = dlq(&f, "purge").await;
+    assert!(out.contains("1 dead letter(s) deleted"), "{out}");
     assert!(f.queue.dead_letters().await.is_empty());
     let left: Vec<String> = store
         .list()
