@@ -537,6 +537,31 @@ impl JetStreamQueue {
     }
 }
 
+/// One pull of up to `max` deliveries from `consumer`, waiting up to `expires`. A pull that
+/// fails clears `bound` (the consumer or its stream may be gone: bind again next time).
+async fn pull_batch(
+    consumer: &PullConsumer,
+    bound: &Mutex<Option<PullConsumer>>,
+    max: usize,
+    expires: Duration,
+) -> Result<BoxStream<'static, Result<JetStreamDelivery, BackendError>>, BackendError> {
+    match consumer
+        .batch()
+        .max_messages(max)
+        .expires(expires)
+        .messages()
+        .await
+    {
+        Ok(batch) => Ok(batch
+            .map(|m| m.map(JetStreamDelivery::new).map_err(request_err))
+            .boxed()),
+        Err(e) => {
+            *bound.lock().await = None;
+            Err(request_err(e))
+        }
+    }
+}
+
 fn request_err(e: impl std::fmt::Display) -> BackendError {
     BackendError::Request(e.to_string())
 }
@@ -971,22 +996,7 @@ impl CallQueue for JetStreamQueue {
         expires: Duration,
     ) -> Result<BoxStream<'static, Result<JetStreamDelivery, BackendError>>, BackendError> {
         let consumer = self.bound_consumer().await?;
-        match consumer
-            .batch()
-            .max_messages(max)
-            .expires(expires)
-            .messages()
-            .await
-        {
-            Ok(batch) => Ok(batch
-                .map(|m| m.map(JetStreamDelivery::new).map_err(request_err))
-                .boxed()),
-            Err(e) => {
-                // The consumer or stream may be gone: bind again next time.
-                self.unbind().await;
-                Err(request_err(e))
-            }
-        }
+        pull_batch(&consumer, &self.consumer, max, expires).await
     }
 
     fn pulls_by_lane(&self) -> bool {
@@ -1316,21 +1326,7 @@ impl CallQueue for JetStreamQueue {
         expires: Duration,
     ) -> Result<BoxStream<'static, Result<JetStreamDelivery, BackendError>>, BackendError> {
         let consumer = self.bound_scheduler().await?;
-        match consumer
-            .batch()
-            .max_messages(max)
-            .expires(expires)
-            .messages()
-            .await
-        {
-            Ok(batch) => Ok(batch
-                .map(|m| m.map(JetStreamDelivery::new).map_err(request_err))
-                .boxed()),
-            Err(e) => {
-                *self.scheduler.lock().await = None;
-                Err(request_err(e))
-            }
-        }
+        pull_batch(&consumer, &self.scheduler, max, expires).await
     }
 
     async fn release_scheduled(
