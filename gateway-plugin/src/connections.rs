@@ -15,6 +15,11 @@
 //! - **Connection limit**: at most `max_connections` at once; one more is answered `503` and
 //!   closed at once (counted in `faas_async_gateway_connections_refused_total`) instead of
 //!   waiting in the kernel's backlog behind the ones that hold their slots.
+//! - **Lingering close**: a connection the gateway closes (after refusing a body it did not
+//!   read, `413`, or at shutdown) sends its FIN first, then reads and drops what the client
+//!   still sends, until the client closes, for at most `LINGER_TIME` and `LINGER_BYTES`.
+//!   Closing a socket with unread data makes the kernel reset the connection, and a client
+//!   still writing its body would then lose the answer already sent to it.
 
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
@@ -59,6 +64,11 @@ impl Default for ConnectionLimits {
         }
     }
 }
+
+/// How long a closing connection reads what its client still sends (see the module docs).
+pub const LINGER_TIME: Duration = Duration::from_secs(2);
+/// How much a closing connection reads and drops at most before it closes anyway.
+pub const LINGER_BYTES: usize = 16 * 1024 * 1024;
 
 /// What a connection refused at the limit is told before it is closed.
 const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\n\
@@ -162,7 +172,7 @@ async fn serve_one<I, S>(
     <S::ResBody as Body>::Error: Into<axum::BoxError>,
     S::Future: Send + 'static,
 {
-    let connection = http.serve_connection(TokioIo::new(io), service);
+    let connection = http.serve_connection(TokioIo::new(Lingering::new(io)), service);
     let mut connection = pin!(connection);
     tokio::select! {
         result = connection.as_mut() => {
@@ -251,5 +261,126 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// An IO whose shutdown is a lingering close: its FIN is sent, then what the peer still sends
+/// is read and dropped until it closes, for at most [`LINGER_TIME`] and [`LINGER_BYTES`].
+#[derive(Debug)]
+struct Lingering<I> {
+    io: I,
+    closing: Option<Closing>,
+}
+
+#[derive(Debug)]
+struct Closing {
+    fin_sent: bool,
+    left: usize,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<I> Lingering<I> {
+    fn new(io: I) -> Self {
+        Self { io, closing: None }
+    }
+}
+
+impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Lingering<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite
+    for Lingering<I>
+{
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let closing = this.closing.get_or_insert_with(|| Closing {
+            fin_sent: false,
+            left: LINGER_BYTES,
+            deadline: Box::pin(tokio::time::sleep(LINGER_TIME)),
+        });
+        if !closing.fin_sent {
+            std::task::ready!(Pin::new(&mut this.io).poll_shutdown(cx))?;
+            closing.fin_sent = true;
+        }
+        let mut scratch = [0u8; 8192];
+        loop {
+            if closing.left == 0 || closing.deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(()));
+            }
+            let room = closing.left.min(scratch.len());
+            let mut buf = tokio::io::ReadBuf::new(&mut scratch[..room]);
+            match Pin::new(&mut this.io).poll_read(cx, &mut buf) {
+                Poll::Pending => return Poll::Pending,
+                // The peer closed or reset: nothing is left to protect.
+                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => closing.left -= buf.filled().len(),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    // Paused time: the deadline never passes while the two sides take turns.
+    #[tokio::test(start_paused = true)]
+    async fn a_lingering_close_sends_its_fin_and_drains_until_the_peer_closes() {
+        let (ours, mut theirs) = tokio::io::duplex(64);
+        let mut io = Lingering::new(ours);
+        io.write_all(b"answer").await.unwrap();
+        let shutdown = tokio::spawn(async move { io.shutdown().await });
+        // The peer sees the answer, then the end of the stream (our FIN)...
+        let mut seen = Vec::new();
+        theirs.read_to_end(&mut seen).await.unwrap();
+        assert_eq!(seen, b"answer");
+        // ...and may still write: more than one buffer of it is read and dropped.
+        theirs.write_all(&[7u8; 1000]).await.unwrap();
+        assert!(!shutdown.is_finished(), "the close waits for the peer");
+        drop(theirs);
+        shutdown.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lingering_close_ends_at_its_deadline_when_the_peer_keeps_the_connection() {
+        let (ours, theirs) = tokio::io::duplex(64);
+        let mut io = Lingering::new(ours);
+        let started = tokio::time::Instant::now();
+        io.shutdown().await.unwrap();
+        assert_eq!(started.elapsed(), LINGER_TIME);
+        drop(theirs);
     }
 }
