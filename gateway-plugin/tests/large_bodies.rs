@@ -192,6 +192,22 @@ async fn a_64_mib_body_goes_through_the_blob_store_to_the_function_and_back() {
     gateway.shutdown().await;
 }
 
+/// A chunked `POST /async-function/echo` of `chunks` chunks of 64 KiB, then `tail` (the last
+/// chunk, or more bytes).
+fn chunked_post(address: &str, chunks: usize, tail: &[u8]) -> Vec<u8> {
+    let mut request = format!(
+        "POST /async-function/echo HTTP/1.1\r\nHost: {address}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    )
+    .into_bytes();
+    for _ in 0..chunks {
+        request.extend_from_slice(b"10000\r\n");
+        request.extend_from_slice(&[1u8; 64 * 1024]);
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(tail);
+    request
+}
+
 /// Reads a raw connection's answer to its end: it must be a `413`; its JSON body.
 async fn refusal_413(mut raw: tokio::net::TcpStream) -> serde_json::Value {
     let mut answer = Vec::new();
@@ -231,17 +247,9 @@ async fn a_body_above_the_maximum_is_413_with_the_limit_and_leaves_nothing() {
     // writing is the next test's).
     let address = gateway.url.trim_start_matches("http://").to_owned();
     let mut raw = tokio::net::TcpStream::connect(&address).await.unwrap();
-    let mut request = format!(
-        "POST /async-function/echo HTTP/1.1\r\nHost: {address}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
-    )
-    .into_bytes();
-    for _ in 0..16 {
-        request.extend_from_slice(b"10000\r\n");
-        request.extend_from_slice(&[1u8; 64 * 1024]);
-        request.extend_from_slice(b"\r\n");
-    }
-    request.extend_from_slice(b"1\r\nx\r\n");
-    raw.write_all(&request).await.unwrap();
+    raw.write_all(&chunked_post(&address, 16, b"1\r\nx\r\n"))
+        .await
+        .unwrap();
     let json = refusal_413(raw).await;
     assert_eq!(json["error"], "body_too_large", "{json}");
     assert_eq!(json["max_bytes"], MIB as u64, "{json}");
@@ -295,19 +303,7 @@ async fn a_client_still_writing_past_a_refusal_reads_the_413() {
         request.extend_from_slice(&vec![5u8; 3 * MIB]);
         request
     };
-    let streamed = {
-        let mut request = format!(
-            "POST /async-function/echo HTTP/1.1\r\nHost: {address}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
-        )
-        .into_bytes();
-        for _ in 0..48 {
-            request.extend_from_slice(b"10000\r\n");
-            request.extend_from_slice(&[6u8; 64 * 1024]);
-            request.extend_from_slice(b"\r\n");
-        }
-        request.extend_from_slice(b"0\r\n\r\n");
-        request
-    };
+    let streamed = chunked_post(&address, 48, b"0\r\n\r\n");
     for round in 0..5 {
         for (kind, request) in [("announced", &announced), ("streamed", &streamed)] {
             let mut raw = tokio::net::TcpStream::connect(&address).await.unwrap();
