@@ -288,7 +288,9 @@ async fn a_body_above_the_maximum_is_413_with_the_limit_and_leaves_nothing() {
 /// large, or streamed past the maximum) still reads the `413`: the gateway closes by sending its
 /// FIN and reading what comes until the client closes (`connections::Lingering`), where closing
 /// with unread data would reset the connection and lose the answer (a broken pipe or a reset
-/// for the client instead, seen once in CI before).
+/// for the client instead, seen once in CI before). 12 MiB is more than the loopback socket
+/// buffers hold, so the client is still writing when the gateway closes: without the lingering
+/// close this test fails at its first write (checked), and it stays under `LINGER_BYTES`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_still_writing_past_a_refusal_reads_the_413() {
     let nats = NatsServer::start().await.unwrap();
@@ -297,13 +299,13 @@ async fn a_client_still_writing_past_a_refusal_reads_the_413() {
     let announced = {
         let mut request = format!(
             "POST /async-function/echo HTTP/1.1\r\nHost: {address}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            3 * MIB
+            12 * MIB
         )
         .into_bytes();
-        request.extend_from_slice(&vec![5u8; 3 * MIB]);
+        request.extend_from_slice(&vec![5u8; 12 * MIB]);
         request
     };
-    let streamed = chunked_post(&address, 48, b"0\r\n\r\n");
+    let streamed = chunked_post(&address, 192, b"0\r\n\r\n");
     for round in 0..5 {
         for (kind, request) in [("announced", &announced), ("streamed", &streamed)] {
             let mut raw = tokio::net::TcpStream::connect(&address).await.unwrap();
