@@ -403,6 +403,12 @@ pub struct BenchOptions {
     /// worker's concurrency limit for the function is then sampled from its metrics and
     /// reported (the `adaptive` scenario; a system this run started only).
     pub function_capacity: Option<usize>,
+    /// Requests per baseline phase; `None`: `calls`.
+    pub baseline_calls: Option<usize>,
+    /// Sample the processes' resident memory and their stores' sizes this often through
+    /// the async path ([`crate::sampling`]); `None`: not sampled. A system this run started
+    /// only, and no worker kills (a restarted worker is another process).
+    pub sample_every: Option<Duration>,
 }
 
 impl Default for BenchOptions {
@@ -434,6 +440,8 @@ impl Default for BenchOptions {
             cluster: None,
             front_mode: false,
             function_capacity: None,
+            baseline_calls: None,
+            sample_every: None,
         }
     }
 }
@@ -547,6 +555,26 @@ impl BenchOptions {
                  function) and at least 1, not {capacity}"
             ));
         }
+        if let Some(n) = self.baseline_calls
+            && !(1..=MAX_CALLS).contains(&n)
+        {
+            return fail(format!("baseline-calls must be 1..={MAX_CALLS}, not {n}"));
+        }
+        if let Some(every) = self.sample_every {
+            if self.external.is_some() || self.kill_worker_every.is_some() {
+                return fail(
+                    "sample-every needs a system this run starts, without worker kills (a \
+                     restarted worker is another process)"
+                        .to_owned(),
+                );
+            }
+            if every < crate::sampling::MIN_EVERY {
+                return fail(format!(
+                    "sample-every must be at least {:?}, not {every:?}",
+                    crate::sampling::MIN_EVERY
+                ));
+            }
+        }
         if self.front_mode && (self.external.is_some() || self.cluster.is_some()) {
             return fail(
                 "front mode needs a system this run starts (its upstream is the stub function), \
@@ -577,14 +605,17 @@ impl BenchOptions {
                     "rate must be above 0 and at most {MAX_RATE}, not {rate}"
                 ));
             }
-            // Two open-loop phases of calls / rate each must fit.
+            // The open-loop baseline and the calls, at `rate` each, must fit.
             #[expect(clippy::cast_precision_loss, reason = "calls are at most MAX_CALLS")]
-            let schedule = 2.0 * self.measured_calls() as f64 / rate;
+            let schedule =
+                (self.baseline_options().measured_calls() + self.measured_calls()) as f64 / rate;
             if schedule >= self.time_limit.as_secs_f64() {
                 return fail(format!(
-                    "{} calls at {rate}/s take {schedule:.1} s in the two open-loop phases, \
-                     not less than the time-limit of {:?}",
-                    self.calls, self.time_limit
+                    "{} calls (and {} in the baseline) at {rate}/s take {schedule:.1} s in the \
+                     two open-loop phases, not less than the time-limit of {:?}",
+                    self.calls,
+                    self.baseline_options().calls,
+                    self.time_limit
                 ));
             }
         }
@@ -605,6 +636,14 @@ impl BenchOptions {
                 due.min(self.calls)
             }
             _ => self.calls,
+        }
+    }
+
+    /// The options of a baseline phase: `baseline_calls` requests, if given.
+    fn baseline_options(&self) -> Self {
+        Self {
+            calls: self.baseline_calls.unwrap_or(self.calls),
+            ..self.clone()
         }
     }
 
@@ -866,6 +905,8 @@ pub struct FrontModeReport {
 pub struct Report {
     /// Requests per phase.
     pub calls: u64,
+    /// Requests per baseline phase (`calls` unless `--baseline-calls` was given).
+    pub baseline_calls: u64,
     /// Concurrent client tasks of the closed loops.
     pub concurrency: u64,
     /// `closed`, or `open` for `baseline_http`, `accept` and `end_to_end`
@@ -927,6 +968,9 @@ pub struct Report {
     pub front_mode: Option<FrontModeReport>,
     /// The worker's concurrency limit over the run (`null` without `--function-capacity`).
     pub adaptive: Option<crate::adaptive::AdaptiveReport>,
+    /// Resident memory and store sizes through the async path (`null` without
+    /// `--sample-every`).
+    pub samples: Option<crate::sampling::SamplesReport>,
 }
 
 impl Report {
@@ -976,11 +1020,16 @@ impl Report {
         };
         let _ = writeln!(
             out,
-            "load-tests bench against {} (function {:?}): {} calls per phase after {} warm-up \
+            "load-tests bench against {} (function {:?}): {} calls per phase{} after {} warm-up \
              requests, {model}, worker max-inflight {}, body {} B, {} CPUs{}",
             self.target,
             self.function,
             self.calls,
+            if self.baseline_calls == self.calls {
+                String::new()
+            } else {
+                format!(" ({} per baseline)", self.baseline_calls)
+            },
             self.warmup.requests,
             self.max_inflight,
             self.body_bytes,
@@ -1263,6 +1312,9 @@ impl Report {
                 self.cpu_us_per_call
             );
         }
+        if let Some(samples) = &self.samples {
+            let _ = write!(out, "{samples}");
+        }
         if let Some(adaptive) = &self.adaptive {
             out.push_str(&adaptive.to_table());
         }
@@ -1309,17 +1361,18 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
             .and_then(|external| external.nats_url.clone())
     });
     let poster = Poster::new(client.clone(), opts.concurrency.max(1));
-    let baseline_http = measure_baseline_http(opts, &poster, &body).await?;
+    let baseline_opts = opts.baseline_options();
+    let baseline_http = measure_baseline_http(&baseline_opts, &poster, &body).await?;
     let (baseline_js_publish, baseline_js_pull_ack) = match &nats_url {
         Some(url) => {
-            let (publish, pull_ack) = measure_baseline_js(opts, url, &body).await?;
+            let (publish, pull_ack) = measure_baseline_js(&baseline_opts, url, &body).await?;
             (Some(publish), Some(pull_ack))
         }
         None => (None, None),
     };
     let (baseline_embedded_publish, baseline_embedded_pull_ack) =
         if opts.backend == Backend::Embedded && opts.external.is_none() {
-            let (publish, pull_ack) = measure_baseline_embedded(opts, &body).await?;
+            let (publish, pull_ack) = measure_baseline_embedded(&baseline_opts, &body).await?;
             (Some(publish), Some(pull_ack))
         } else {
             (None, None)
@@ -1339,6 +1392,7 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
         .unwrap_or_else(|| receiver.url());
     let mut front_mode = None;
     let mut adaptive = None;
+    let mut samples = None;
     let (path, idle, after_run, stub) = match (&opts.external, bin_dir, &nats_url) {
         (Some(external), _, _) => {
             let target = Target {
@@ -1410,6 +1464,9 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
                     }
                 }
             }
+            let sampler = opts.sample_every.map(|every| {
+                crate::sampling::Sampler::start(every, watched(&system, own_nats.as_ref()))
+            });
             let target = Target {
                 gateway_url: &gateway_url,
                 callback_url: &callback_url,
@@ -1445,6 +1502,9 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
                 }
                 _ => measuring.await,
             };
+            if let Some(sampler) = sampler {
+                samples = Some(sampler.finish().await);
+            }
             let after_run = system.usage();
             // Stop even when the measurement failed; its error comes first.
             let stopped = system.stop().await;
@@ -1524,11 +1584,11 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
             .as_ref()
             .map(|pull| ratio(end_to_end.rate_per_sec, pull.rate_per_sec)),
     };
-    let cut_by_duration = [accept.sent, baseline_http.sent]
-        .into_iter()
-        .any(|sent| sent < to_u64(opts.calls));
+    let cut_by_duration = accept.sent < to_u64(opts.calls)
+        || baseline_http.sent < to_u64(opts.baseline_options().calls);
     Ok(Report {
         calls: to_u64(opts.calls),
+        baseline_calls: to_u64(opts.baseline_options().calls),
         concurrency: to_u64(opts.concurrency),
         load_model: opts.load_model(),
         rate: opts.rate,
@@ -1560,6 +1620,7 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
         cluster,
         front_mode,
         adaptive,
+        samples,
     })
 }
 
@@ -1585,6 +1646,22 @@ impl OwnNats {
             Self::Cluster(cluster) => Some(cluster),
         }
     }
+}
+
+/// What `--sample-every` watches: the system's processes and its state directory, and the
+/// nats-server this run started (one server; a cluster's nodes are not sampled).
+fn watched(system: &SystemUnderTest, nats: Option<&OwnNats>) -> crate::sampling::Watched {
+    let mut processes: Vec<(String, u32)> = system
+        .measured()
+        .iter()
+        .filter_map(|p| Some((p.name.to_owned(), p.pid()?)))
+        .collect();
+    let mut dirs = vec![("state dir".to_owned(), system.state_dir().to_path_buf())];
+    if let Some(OwnNats::Single(server)) = nats {
+        processes.extend(server.pid().map(|pid| ("nats-server".to_owned(), pid)));
+        dirs.push(("NATS store".to_owned(), server.store_dir().to_path_buf()));
+    }
+    crate::sampling::Watched { processes, dirs }
 }
 
 /// The stub function's behaviour from the options.

@@ -9,12 +9,14 @@
 //! - [`sut`]: the system under test as processes (builds missing binaries under `cargo run`).
 //! - [`adaptive`]: the worker's concurrency limit over a run (the `adaptive` scenario).
 //! - [`fairness`]: `load-tests fairness`, a call's wait behind another function's backlog.
+//! - [`sampling`]: resident memory and store sizes through a run (`--sample-every`, soaks).
 
 pub mod adaptive;
 pub mod bench;
 mod error;
 pub mod fairness;
 pub mod large;
+pub mod sampling;
 pub mod sut;
 
 pub use test_support::*;

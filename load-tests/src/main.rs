@@ -231,6 +231,17 @@ struct BenchArgs {
     /// Requests per phase [default: 5000].
     #[arg(long, env = "LOAD_TESTS_CALLS", value_parser = RangedU64ValueParser::<usize>::new().range(1..=bench::MAX_CALLS as u64))]
     calls: Option<usize>,
+    /// Requests per baseline phase (raw HTTP, JetStream publish and pull+ack), when fewer than
+    /// --calls are enough for them: a soak of a million calls need not run its baselines
+    /// as long [default: --calls].
+    #[arg(long, env = "LOAD_TESTS_BASELINE_CALLS", value_parser = RangedU64ValueParser::<usize>::new().range(1..=bench::MAX_CALLS as u64))]
+    baseline_calls: Option<usize>,
+    /// Sample the resident memory of every process of the system under test (and of its
+    /// nats-server) and the sizes of their stores this often through the async path, and
+    /// print the series with each one's range after the warm-up (the first quarter of the
+    /// sampled time); at least 500ms [default: off].
+    #[arg(long, env = "LOAD_TESTS_SAMPLE_EVERY", value_parser = parse_duration)]
+    sample_every: Option<Duration>,
     /// Concurrent client tasks of the closed loops (every phase without
     /// --rate, baseline_js_publish with it) [default: 64].
     #[arg(long, env = "LOAD_TESTS_CONCURRENCY", value_parser = RangedU64ValueParser::<usize>::new().range(1..=bench::MAX_CONCURRENCY as u64))]
@@ -537,6 +548,8 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         cluster: base.cluster,
         front_mode: base.front_mode || args.front_mode,
         function_capacity: args.function_capacity.or(base.function_capacity),
+        baseline_calls: args.baseline_calls.or(base.baseline_calls),
+        sample_every: args.sample_every.or(base.sample_every),
     };
     // The self-contained system is the default; the flag only says so.
     let _ = args.self_contained;

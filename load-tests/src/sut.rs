@@ -260,6 +260,11 @@ impl SystemUnderTest {
         &self.processes
     }
 
+    /// The directory of the worker's state (the embedded backend's queue too).
+    pub fn state_dir(&self) -> &Path {
+        self._state_dir.path()
+    }
+
     /// Memory and CPU of every measured process.
     pub fn usage(&self) -> Vec<ProcessUsage> {
         self.processes

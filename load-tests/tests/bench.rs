@@ -495,3 +495,96 @@ async fn worker_kills_are_refused_on_the_embedded_backend() {
     let err = bench::run(&opts).await.unwrap_err();
     assert!(err.to_string().contains("kill-worker-every"), "{err}");
 }
+
+/// A soak's options in small: shorter baselines than the calls, and the processes and their
+/// stores sampled through the async path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn baseline_calls_and_samples_are_reported() {
+    let opts = BenchOptions {
+        calls: 300,
+        baseline_calls: Some(40),
+        sample_every: Some(Duration::from_millis(500)),
+        concurrency: 8,
+        max_inflight: 32,
+        time_limit: Duration::from_secs(120),
+        callback_timeout: Duration::from_secs(30),
+        warmup: 0,
+        accept_alone: false,
+        ..BenchOptions::default()
+    };
+    let report = bench::run(&opts).await.expect("bench run");
+    let table = report.to_table();
+    assert!(report.is_clean(), "{table}");
+    assert_eq!((report.calls, report.baseline_calls), (300, 40), "{table}");
+    assert_eq!(report.baseline_http.sent, 40, "{table}");
+    let publish = report.baseline_js_publish.as_ref().expect("measured");
+    assert_eq!(publish.sent, 40, "{table}");
+    assert_eq!(report.accept.sent, 300, "{table}");
+    assert_eq!(report.end_to_end.completed, 300, "{table}");
+    assert!(!report.cut_by_duration, "{table}");
+    assert!(
+        table.contains("300 calls per phase (40 per baseline)"),
+        "{table}"
+    );
+
+    let samples = report.samples.as_ref().expect("sampled");
+    assert!(!samples.seconds.is_empty(), "{table}");
+    let names: Vec<&str> = samples.series.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "gateway RSS",
+            "worker RSS",
+            "nats-server RSS",
+            "state dir",
+            "NATS store"
+        ],
+        "{table}"
+    );
+    for series in &samples.series {
+        assert_eq!(series.values.len(), samples.seconds.len(), "{table}");
+        // Every process ran and every store held files through the sampled time.
+        assert!(
+            series.values.iter().all(|v| v.is_some_and(|v| v > 0.0)),
+            "{}: {:?}\n{table}",
+            series.name,
+            series.values
+        );
+    }
+    assert_eq!(samples.steady().len(), 5, "{table}");
+    assert!(table.contains("samples every 0.5 s"), "{table}");
+    let json: serde_json::Value = serde_json::to_value(&report).unwrap();
+    assert_eq!(json["baseline_calls"], 40);
+    assert_eq!(json["samples"]["series"][2]["name"], "nats-server RSS");
+}
+
+#[tokio::test]
+async fn sampling_a_run_with_worker_kills_or_too_often_is_refused() {
+    for (opts, expected) in [
+        (
+            BenchOptions {
+                sample_every: Some(Duration::from_secs(1)),
+                kill_worker_every: Some(Duration::from_secs(2)),
+                ..BenchOptions::default()
+            },
+            "without worker kills",
+        ),
+        (
+            BenchOptions {
+                sample_every: Some(Duration::from_millis(100)),
+                ..BenchOptions::default()
+            },
+            "sample-every must be at least",
+        ),
+        (
+            BenchOptions {
+                baseline_calls: Some(0),
+                ..BenchOptions::default()
+            },
+            "baseline-calls must be",
+        ),
+    ] {
+        let err = bench::run(&opts).await.unwrap_err();
+        assert!(err.to_string().contains(expected), "{err}");
+    }
+}

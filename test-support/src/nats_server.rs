@@ -209,6 +209,15 @@ impl NatsServer {
         self.port
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .and_then(Child::id)
+    }
+
     /// The HTTP monitoring port, where it has one (cluster nodes).
     pub fn monitor_port(&self) -> Option<u16> {
         self.monitor_port
