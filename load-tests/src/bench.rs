@@ -2219,8 +2219,9 @@ async fn measure_async_path(
         .map(SystemUnderTest::usage)
         .unwrap_or_default();
 
+    // Taken, not cloned: a soak's callbacks are most of the harness's memory.
     let (callbacks, probe_callbacks): (Vec<_>, Vec<_>) =
-        receiver.callbacks().into_iter().partition(|callback| {
+        receiver.take_callbacks().into_iter().partition(|callback| {
             !callback
                 .call_id
                 .as_ref()

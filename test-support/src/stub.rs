@@ -744,7 +744,9 @@ async fn callback_handler(State(state): State<Arc<CallbackState>>, request: Requ
         let recorded = RecordedCallback {
             path: parts.uri.path().to_owned(),
             headers: header_pairs(&parts.headers),
-            body,
+            // A copy: the body read may be a slice of the connection's read buffer, which it
+            // would keep alive (kilobytes per kept callback; gigabytes over a soak).
+            body: Bytes::copy_from_slice(&body),
             call_id: call_id(&parts.headers),
             received_at,
         };
