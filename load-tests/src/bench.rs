@@ -568,6 +568,15 @@ impl BenchOptions {
                         .to_owned(),
                 );
             }
+            // The accept-alone phase stops the worker (restarts the embedded process) and
+            // starts it again: another process than the one sampled.
+            if self.accept_alone && self.rate.is_none() && self.cluster.is_none() {
+                return fail(
+                    "sample-every needs --no-accept-alone (or an open loop): the accept-alone \
+                     phase restarts the worker, and a restarted worker is another process"
+                        .to_owned(),
+                );
+            }
             if every < crate::sampling::MIN_EVERY {
                 return fail(format!(
                     "sample-every must be at least {:?}, not {every:?}",
@@ -1465,7 +1474,10 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
                 }
             }
             let sampler = opts.sample_every.map(|every| {
-                crate::sampling::Sampler::start(every, watched(&system, own_nats.as_ref()))
+                crate::sampling::Sampler::start(
+                    every,
+                    watched(&system, opts.backend, own_nats.as_ref()),
+                )
             });
             let target = Target {
                 gateway_url: &gateway_url,
@@ -1649,15 +1661,21 @@ impl OwnNats {
 }
 
 /// What `--sample-every` watches: the system's processes and its state directory, and the
-/// nats-server this run started (one server; a cluster's nodes are not sampled).
-fn watched(system: &SystemUnderTest, nats: Option<&OwnNats>) -> crate::sampling::Watched {
+/// nats-server this run started for the JetStream backend (one server; a cluster's nodes are
+/// not sampled).
+fn watched(
+    system: &SystemUnderTest,
+    backend: Backend,
+    nats: Option<&OwnNats>,
+) -> crate::sampling::Watched {
     let mut processes: Vec<(String, u32)> = system
         .measured()
         .iter()
         .filter_map(|p| Some((p.name.to_owned(), p.pid()?)))
         .collect();
     let mut dirs = vec![("state dir".to_owned(), system.state_dir().to_path_buf())];
-    if let Some(OwnNats::Single(server)) = nats {
+    // The embedded backend has a nats-server too, for nothing but the JetStream baselines.
+    if let (Some(OwnNats::Single(server)), Backend::JetStream) = (nats, backend) {
         processes.extend(server.pid().map(|pid| ("nats-server".to_owned(), pid)));
         dirs.push(("NATS store".to_owned(), server.store_dir().to_path_buf()));
     }

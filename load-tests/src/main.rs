@@ -239,7 +239,8 @@ struct BenchArgs {
     /// Sample the resident memory of every process of the system under test (and of its
     /// nats-server) and the sizes of their stores this often through the async path, and
     /// print the series with each one's range after the warm-up (the first quarter of the
-    /// sampled time); at least 500ms [default: off].
+    /// sampled time); at least 500ms, with --no-accept-alone or --rate, without worker kills
+    /// [default: off].
     #[arg(long, env = "LOAD_TESTS_SAMPLE_EVERY", value_parser = parse_duration)]
     sample_every: Option<Duration>,
     /// Concurrent client tasks of the closed loops (every phase without

@@ -572,9 +572,18 @@ async fn sampling_a_run_with_worker_kills_or_too_often_is_refused() {
         (
             BenchOptions {
                 sample_every: Some(Duration::from_millis(100)),
+                accept_alone: false,
                 ..BenchOptions::default()
             },
             "sample-every must be at least",
+        ),
+        (
+            BenchOptions {
+                sample_every: Some(Duration::from_secs(1)),
+                accept_alone: true,
+                ..BenchOptions::default()
+            },
+            "needs --no-accept-alone",
         ),
         (
             BenchOptions {
@@ -587,4 +596,35 @@ async fn sampling_a_run_with_worker_kills_or_too_often_is_refused() {
         let err = bench::run(&opts).await.unwrap_err();
         assert!(err.to_string().contains(expected), "{err}");
     }
+}
+
+/// On the embedded backend the one process and its state are sampled, not the nats-server
+/// the run starts for nothing but the JetStream baselines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn samples_of_the_embedded_backend_are_its_process_and_state() {
+    let opts = BenchOptions {
+        calls: 100,
+        sample_every: Some(Duration::from_millis(500)),
+        concurrency: 8,
+        max_inflight: 32,
+        time_limit: Duration::from_secs(120),
+        callback_timeout: Duration::from_secs(30),
+        backend: load_tests::sut::Backend::Embedded,
+        warmup: 0,
+        accept_alone: false,
+        ..BenchOptions::default()
+    };
+    let report = bench::run(&opts).await.expect("bench run");
+    let table = report.to_table();
+    assert!(report.is_clean(), "{table}");
+    let samples = report.samples.as_ref().expect("sampled");
+    let names: Vec<&str> = samples.series.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["faas-async RSS", "state dir"], "{table}");
+    assert!(
+        samples
+            .series
+            .iter()
+            .all(|s| !s.values.is_empty() && s.values.iter().all(|v| v.is_some_and(|v| v > 0.0))),
+        "{table}"
+    );
 }
