@@ -623,7 +623,7 @@ impl BenchOptions {
                     "{} calls (and {} in the baseline) at {rate}/s take {schedule:.1} s in the \
                      two open-loop phases, not less than the time-limit of {:?}",
                     self.calls,
-                    self.baseline_options().calls,
+                    self.baseline_calls(),
                     self.time_limit
                 ));
             }
@@ -648,10 +648,15 @@ impl BenchOptions {
         }
     }
 
-    /// The options of a baseline phase: `baseline_calls` requests, if given.
+    /// Requests per baseline phase: `baseline_calls`, or `calls`.
+    fn baseline_calls(&self) -> usize {
+        self.baseline_calls.unwrap_or(self.calls)
+    }
+
+    /// The options of a baseline phase: [`BenchOptions::baseline_calls`] requests.
     fn baseline_options(&self) -> Self {
         Self {
-            calls: self.baseline_calls.unwrap_or(self.calls),
+            calls: self.baseline_calls(),
             ..self.clone()
         }
     }
@@ -1596,11 +1601,11 @@ async fn run_unbounded(opts: &BenchOptions) -> Result<Report, BenchError> {
             .as_ref()
             .map(|pull| ratio(end_to_end.rate_per_sec, pull.rate_per_sec)),
     };
-    let cut_by_duration = accept.sent < to_u64(opts.calls)
-        || baseline_http.sent < to_u64(opts.baseline_options().calls);
+    let cut_by_duration =
+        accept.sent < to_u64(opts.calls) || baseline_http.sent < to_u64(opts.baseline_calls());
     Ok(Report {
         calls: to_u64(opts.calls),
-        baseline_calls: to_u64(opts.baseline_options().calls),
+        baseline_calls: to_u64(opts.baseline_calls()),
         concurrency: to_u64(opts.concurrency),
         load_model: opts.load_model(),
         rate: opts.rate,

@@ -496,21 +496,30 @@ async fn worker_kills_are_refused_on_the_embedded_backend() {
     assert!(err.to_string().contains("kill-worker-every"), "{err}");
 }
 
-/// A soak's options in small: shorter baselines than the calls, and the processes and their
-/// stores sampled through the async path.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn baseline_calls_and_samples_are_reported() {
-    let opts = BenchOptions {
-        calls: 300,
-        baseline_calls: Some(40),
+/// A small closed loop sampled every 500 ms, without the accept-alone phase (which
+/// restarts the sampled worker).
+fn sampled_small_run(calls: usize, backend: load_tests::sut::Backend) -> BenchOptions {
+    BenchOptions {
+        calls,
         sample_every: Some(Duration::from_millis(500)),
         concurrency: 8,
         max_inflight: 32,
         time_limit: Duration::from_secs(120),
         callback_timeout: Duration::from_secs(30),
+        backend,
         warmup: 0,
         accept_alone: false,
         ..BenchOptions::default()
+    }
+}
+
+/// A soak's options in small: shorter baselines than the calls, and the processes and their
+/// stores sampled through the async path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn baseline_calls_and_samples_are_reported() {
+    let opts = BenchOptions {
+        baseline_calls: Some(40),
+        ..sampled_small_run(300, load_tests::sut::Backend::JetStream)
     };
     let report = bench::run(&opts).await.expect("bench run");
     let table = report.to_table();
@@ -602,18 +611,7 @@ async fn sampling_a_run_with_worker_kills_or_too_often_is_refused() {
 /// the run starts for nothing but the JetStream baselines.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn samples_of_the_embedded_backend_are_its_process_and_state() {
-    let opts = BenchOptions {
-        calls: 100,
-        sample_every: Some(Duration::from_millis(500)),
-        concurrency: 8,
-        max_inflight: 32,
-        time_limit: Duration::from_secs(120),
-        callback_timeout: Duration::from_secs(30),
-        backend: load_tests::sut::Backend::Embedded,
-        warmup: 0,
-        accept_alone: false,
-        ..BenchOptions::default()
-    };
+    let opts = sampled_small_run(100, load_tests::sut::Backend::Embedded);
     let report = bench::run(&opts).await.expect("bench run");
     let table = report.to_table();
     assert!(report.is_clean(), "{table}");
