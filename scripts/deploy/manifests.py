@@ -328,6 +328,16 @@ def parse_seconds(value: str) -> float:
     return total
 
 
+def parse_bytes(value: str) -> int | None:
+    """A Kubernetes memory quantity (1Gi, 512Mi, 1G) or a Go GOMEMLIMIT (800MiB), in bytes."""
+    m = re.fullmatch(r"([0-9]+)(B|Ki|Mi|Gi|Ti|KiB|MiB|GiB|TiB|k|M|G|T)?", str(value))
+    if not m:
+        return None
+    unit = (m.group(2) or "B").removesuffix("B") or "B"
+    scale = {"B": 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    return int(m.group(1)) * scale[unit]
+
+
 CREDENTIALS_IN_URL = re.compile(r"://[^/\s,]*@")
 SECRETISH_NAME = re.compile(r"(PASSWORD|SECRET|TOKEN|_KEY$|CREDENTIAL)")
 
@@ -406,7 +416,17 @@ def check_pods(
                 tgps = spec.get("terminationGracePeriodSeconds", 30)
                 if not tgps > drain + pre:
                     f.add(cid, f"terminationGracePeriodSeconds {tgps} is not above the drain {drain}s + preStop {pre}s")
-            elif binary != "nats-server":
+            elif binary == "nats-server":
+                # Go's soft limit below the container's, so the collector runs before the OOM killer.
+                limit = parse_bytes(((c.get("resources") or {}).get("limits") or {}).get("memory", ""))
+                soft = next((e.get("value") for e in env if e["name"] == "GOMEMLIMIT"), None)
+                if limit is None:
+                    f.add(cid, "nats-server has no memory limit in a form this check reads")
+                elif soft is None or parse_bytes(soft) is None:
+                    f.add(cid, f"GOMEMLIMIT {soft!r} is not set to a size (four fifths of the {limit} byte limit)")
+                elif not 0.5 * limit <= parse_bytes(soft) < limit:
+                    f.add(cid, f"GOMEMLIMIT {soft} is not between half the memory limit and the limit")
+            else:
                 f.add(cid, f"unexpected command {c.get('command')}")
             mounts = {m["mountPath"] for m in c.get("volumeMounts") or []}
             if binary in env_names and "/tmp" not in mounts:
@@ -506,6 +526,7 @@ def check_values_refused(f: Failures) -> None:
         {"worker": {"settings": {"NATS_URL": "nats://x:4222"}}},
         {"containerSecurityContext": {"privileged": True}},
         {"podSecurityContext": {"runAsUser": 0}},
+        {"nats": {"goMemLimit": "most of it"}},
     ):
         try:
             chart.validate_schema(bad)
