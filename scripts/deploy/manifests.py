@@ -328,14 +328,19 @@ def parse_seconds(value: str) -> float:
     return total
 
 
-def parse_bytes(value: str) -> int | None:
-    """A Kubernetes memory quantity (1Gi, 512Mi, 1G) or a Go GOMEMLIMIT (800MiB), in bytes."""
-    m = re.fullmatch(r"([0-9]+)(B|Ki|Mi|Gi|Ti|KiB|MiB|GiB|TiB|k|M|G|T)?", str(value))
-    if not m:
-        return None
-    unit = (m.group(2) or "B").removesuffix("B") or "B"
-    scale = {"B": 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
-    return int(m.group(1)) * scale[unit]
+BYTE_SCALE = {"": 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def parse_quantity(value: str) -> int | None:
+    """A Kubernetes memory quantity (1Gi, 512Mi, 1G, 1000), in bytes."""
+    m = re.fullmatch(r"([0-9]+)(Ki|Mi|Gi|Ti|k|M|G|T)?", str(value))
+    return int(m.group(1)) * BYTE_SCALE[m.group(2) or ""] if m else None
+
+
+def parse_go_bytes(value: str) -> int | None:
+    """A size as Go's GOMEMLIMIT takes it (800MiB, 1GiB, 1000B, 1000), in bytes."""
+    m = re.fullmatch(r"([0-9]+)(?:(Ki|Mi|Gi|Ti)?B)?", str(value))
+    return int(m.group(1)) * BYTE_SCALE[m.group(2) or ""] if m else None
 
 
 CREDENTIALS_IN_URL = re.compile(r"://[^/\s,]*@")
@@ -418,13 +423,14 @@ def check_pods(
                     f.add(cid, f"terminationGracePeriodSeconds {tgps} is not above the drain {drain}s + preStop {pre}s")
             elif binary == "nats-server":
                 # Go's soft limit below the container's, so the collector runs before the OOM killer.
-                limit = parse_bytes(((c.get("resources") or {}).get("limits") or {}).get("memory", ""))
+                limit = parse_quantity(((c.get("resources") or {}).get("limits") or {}).get("memory", ""))
                 soft = next((e.get("value") for e in env if e["name"] == "GOMEMLIMIT"), None)
+                soft_bytes = parse_go_bytes(soft) if soft is not None else None
                 if limit is None:
                     f.add(cid, "nats-server has no memory limit in a form this check reads")
-                elif soft is None or parse_bytes(soft) is None:
-                    f.add(cid, f"GOMEMLIMIT {soft!r} is not set to a size (four fifths of the {limit} byte limit)")
-                elif not 0.5 * limit <= parse_bytes(soft) < limit:
+                elif soft_bytes is None:
+                    f.add(cid, f"GOMEMLIMIT {soft!r} is not a size Go reads (four fifths of the {limit} byte limit)")
+                elif not 0.5 * limit <= soft_bytes < limit:
                     f.add(cid, f"GOMEMLIMIT {soft} is not between half the memory limit and the limit")
             else:
                 f.add(cid, f"unexpected command {c.get('command')}")
