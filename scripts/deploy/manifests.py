@@ -445,6 +445,35 @@ def check_pods(
         f.add(where, "no workloads rendered")
 
 
+class Collected(Failures):
+    """Failures kept, not printed: for checking that a rule fires."""
+
+    def add(self, where: str, what: str) -> None:
+        self.items.append(f"{where}: {what}")
+
+
+def nats_containers(objs: list[tuple[str, dict]]) -> list[dict]:
+    return [
+        c
+        for _, obj in objs
+        for c in (pod_spec(obj) or {}).get("containers", [])
+        if (c.get("command") or [""])[0].rsplit("/", 1)[-1] == "nats-server"
+    ]
+
+
+def check_memory_rule_fires(f: Failures, objs: list[tuple[str, dict]], where: str) -> None:
+    """The GOMEMLIMIT rule of check_pods refuses what it is there to refuse."""
+    for value, why in ((None, "unset"), ("2GiB", "above the memory limit"), ("800Mi", "not in Go's form")):
+        bad = copy.deepcopy(objs)
+        for c in nats_containers(bad):
+            env = [e for e in c.get("env") or [] if e["name"] != "GOMEMLIMIT"]
+            c["env"] = env + ([{"name": "GOMEMLIMIT", "value": value}] if value else [])
+        seen = Collected()
+        check_pods(seen, bad, where, {})
+        if not any("GOMEMLIMIT" in item for item in seen.items):
+            f.add(where, f"the GOMEMLIMIT rule lets a nats-server with GOMEMLIMIT {why} through")
+
+
 def check_topology(f: Failures, objs: list[tuple[str, dict]], where: str, preset: str | None) -> None:
     kinds = {(o["kind"], o["metadata"]["name"]) for _, o in objs}
     need = {("Deployment", "faas-async-gateway"), ("Service", "faas-async-gateway"), ("StatefulSet", "faas-async-worker")}
@@ -575,6 +604,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         objs = objects_of(files, f, where)
         validate_schemas(f, objs, where)
         check_pods(f, objs, where, env_names)
+        if nats_containers(objs):
+            check_memory_rule_fires(f, objs, where)
         check_topology(f, objs, where, preset if not extra else None)
         counted += len(objs)
         kinds = sorted({o["kind"] for _, o in objs})
