@@ -131,6 +131,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return self._answer(503 if n == 1 else 200, b'{"attempt": %d}' % n, "application/json")
             if name == "bad":
                 return self._answer(400, b"bad input")
+            if name == "old":  # max age 1 ms: a delivery fast enough to run it is retried, then expires
+                return self._answer(503, b"too young to expire")
             return self._answer(404, b"no such function")
         if self.path.startswith("/callback"):
             if self.path == "/callback-gone":
